@@ -1,0 +1,32 @@
+//! banger-actors: the daemon's supervision tree.
+//!
+//! ```text
+//! RootSupervisor                       restarts a failed child (see below); stops the
+//!  │                                   daemon when a child fails too often
+//!  ├─ StoreActor                       the redb store; restarted with the same open
+//!  │                                   database handle, which the root keeps
+//!  └─ VmSupervisor                     restarted empty; it rebuilds its VmActors from
+//!      └─ VmActor × N  (later issues)  the store and from the host (pid files, sockets)
+//! ```
+//!
+//! Restart policy (one-for-one, every supervisor overrides `handle_supervisor_evt`; ractor's
+//! default would stop the supervisor when any child exits):
+//! - Root: a child that fails (panics, returns `Err` from a handler) or stops on its own is
+//!   restarted alone, at most [`root::MAX_RESTARTS`] times within [`root::RESTART_WINDOW`];
+//!   past that the root stops with the reason, and bangerd exits non-zero so systemd (or
+//!   the CLI's next call) starts it afresh from the store. During shutdown the root stops
+//!   first and takes its children with it, so nothing is restarted then.
+//! - VmSupervisor: one-for-one; a failed VmActor is restarted with its state rebuilt from
+//!   the store and the host; a VmActor that stops normally (its VM was deleted) is not.
+//!
+//! Actors return `Err` from `handle` only when their own state is broken and a restart is
+//! the cure; request failures travel back to the caller in the `RpcReplyPort` as the
+//! actor's `XxxError`. Blocking work (store transactions, which fsync) never runs inside
+//! `handle`: it runs on tokio's blocking pool and replies from there.
+
+pub mod root;
+pub mod store;
+pub mod vm_supervisor;
+
+pub use root::{RootSupervisor, Tree, TreeError};
+pub use store::{Store, StoreError, StoreInfo};

@@ -1,0 +1,363 @@
+//! The store: an embedded redb database with a schema version and forward-only migrations,
+//! and the StoreActor that serialises access to it from the tree.
+//!
+//! Why redb and not sled: sled 0.34 has had no release since 2021 and warns about space
+//! use and reliability; redb is ACID with a stable file format, which the forward-only
+//! schema promise below needs.
+//!
+//! Schema promise: a binary opens any store written by an older binary and migrates it
+//! forward, in order, one transaction per step. A store written by a *newer* binary is
+//! refused with [`StoreError::TooNew`] and never touched. `bangerd --check-migrations`
+//! runs the same migrations on a copy of the file (see [`check_migrations`]), so an update
+//! can be tested before the binaries are swapped.
+
+mod actor;
+mod migrations;
+
+pub use actor::{StoreActor, StoreMsg};
+pub use migrations::SCHEMA_VERSION;
+
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+/// Key/value metadata of the store itself: schema version, instance id, counters.
+pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+
+pub(crate) const KEY_SCHEMA: &str = "schema_version";
+pub(crate) const KEY_INSTANCE: &str = "instance_id";
+pub(crate) const KEY_CREATED: &str = "created_at";
+pub(crate) const KEY_STARTS: &str = "starts";
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "the store {path} is open in another process (is another bangerd running on the same state directory?)"
+    )]
+    Locked { path: PathBuf },
+    #[error(
+        "the store {path} has schema version {found}, written by a newer banger; this binary supports up to version {supported}. Upgrade banger (`banger update`) or point it at another state directory"
+    )]
+    TooNew {
+        path: PathBuf,
+        found: u32,
+        supported: u32,
+    },
+    #[error("the store {path} is corrupt: {detail}")]
+    Corrupt { path: PathBuf, detail: String },
+    #[error("cannot open the store {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: redb::DatabaseError,
+    },
+    #[error("migration of the store to schema version {to} failed")]
+    Migration {
+        to: u32,
+        #[source]
+        source: Box<StoreError>,
+    },
+    #[error("store i/o on {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("store transaction failed")]
+    Db(#[source] redb::Error),
+    #[error("the store actor is not running")]
+    Unavailable,
+}
+
+impl<E: Into<redb::Error>> From<E> for StoreError {
+    fn from(e: E) -> Self {
+        StoreError::Db(e.into())
+    }
+}
+
+/// What the store says about itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreInfo {
+    pub path: PathBuf,
+    pub schema_version: u32,
+    pub instance_id: String,
+    pub created_at: u64,
+    pub starts: u64,
+}
+
+/// An open store. Cheap to share behind an `Arc`; redb serialises write transactions.
+#[derive(Debug)]
+pub struct Store {
+    db: Database,
+    path: PathBuf,
+}
+
+/// The outcome of [`check_migrations`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MigrationCheck {
+    /// No store exists yet; one will be created at the current schema.
+    NoStore { would_create: u32 },
+    /// The store is at `from`; migrating it to `to` succeeded on a copy.
+    Ok { from: u32, to: u32 },
+}
+
+impl Store {
+    /// Open (or create) the store at `path` and migrate it forward to [`SCHEMA_VERSION`].
+    /// Blocking: call it from a blocking context.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let db = Database::create(path).map_err(|source| match source {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Locked {
+                path: path.to_owned(),
+            },
+            source => StoreError::Open {
+                path: path.to_owned(),
+                source,
+            },
+        })?;
+        let store = Store {
+            db,
+            path: path.to_owned(),
+        };
+        migrations::migrate(&store.db, &store.path)?;
+        Ok(store)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Count one more daemon start on this store and return the new count.
+    pub fn record_start(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_write()?;
+        let starts = {
+            let mut meta = txn.open_table(META)?;
+            let starts = match meta.get(KEY_STARTS)? {
+                Some(v) => decode_u64(&self.path, KEY_STARTS, v.value())?,
+                None => 0,
+            } + 1;
+            meta.insert(KEY_STARTS, starts.to_le_bytes().as_slice())?;
+            starts
+        };
+        txn.commit()?;
+        Ok(starts)
+    }
+
+    /// Read the store's metadata.
+    pub fn info(&self) -> Result<StoreInfo, StoreError> {
+        let txn = self.db.begin_read()?;
+        let meta = txn.open_table(META)?;
+        let get = |key: &str| -> Result<Vec<u8>, StoreError> {
+            meta.get(key)?
+                .map(|v| v.value().to_vec())
+                .ok_or_else(|| StoreError::Corrupt {
+                    path: self.path.clone(),
+                    detail: format!("meta key {key} missing"),
+                })
+        };
+        let schema = get(KEY_SCHEMA)?;
+        let instance = get(KEY_INSTANCE)?;
+        let created = get(KEY_CREATED)?;
+        let starts = match meta.get(KEY_STARTS)? {
+            Some(v) => decode_u64(&self.path, KEY_STARTS, v.value())?,
+            None => 0,
+        };
+        Ok(StoreInfo {
+            path: self.path.clone(),
+            schema_version: decode_u32(&self.path, KEY_SCHEMA, &schema)?,
+            instance_id: String::from_utf8(instance).map_err(|_| StoreError::Corrupt {
+                path: self.path.clone(),
+                detail: "instance id is not UTF-8".into(),
+            })?,
+            created_at: decode_u64(&self.path, KEY_CREATED, &created)?,
+            starts,
+        })
+    }
+}
+
+/// Test what opening `path` would do, without touching it: the file is copied to a
+/// temporary directory and the migrations run on the copy. Refuses a store written by a
+/// newer binary with [`StoreError::TooNew`].
+///
+/// The copy is taken while a running daemon may be writing; redb's two-phase commit makes
+/// a torn copy look like a crash image, which redb recovers on open, so the check stays
+/// meaningful without stopping the daemon.
+pub fn check_migrations(path: &Path) -> Result<MigrationCheck, StoreError> {
+    if !path.exists() {
+        return Ok(MigrationCheck::NoStore {
+            would_create: SCHEMA_VERSION,
+        });
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("banger-check-migrations")
+        .tempdir()
+        .map_err(|source| StoreError::Io {
+            path: std::env::temp_dir(),
+            source,
+        })?;
+    let copy = dir.path().join("store.redb");
+    std::fs::copy(path, &copy).map_err(|source| StoreError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    let from = {
+        let db = Database::create(&copy).map_err(|source| StoreError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        migrations::read_version(&db, path)?
+    };
+    if from > SCHEMA_VERSION {
+        return Err(StoreError::TooNew {
+            path: path.to_owned(),
+            found: from,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    let store = Store::open(&copy).map_err(|e| match e {
+        StoreError::Migration { to, source } => StoreError::Migration { to, source },
+        other => other,
+    })?;
+    drop(store);
+    Ok(MigrationCheck::Ok {
+        from,
+        to: SCHEMA_VERSION,
+    })
+}
+
+pub(crate) fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+pub(crate) fn decode_u32(path: &Path, key: &str, bytes: &[u8]) -> Result<u32, StoreError> {
+    let arr: [u8; 4] = bytes.try_into().map_err(|_| StoreError::Corrupt {
+        path: path.to_owned(),
+        detail: format!("meta key {key} has {} bytes, expected 4", bytes.len()),
+    })?;
+    Ok(u32::from_le_bytes(arr))
+}
+
+pub(crate) fn decode_u64(path: &Path, key: &str, bytes: &[u8]) -> Result<u64, StoreError> {
+    let arr: [u8; 8] = bytes.try_into().map_err(|_| StoreError::Corrupt {
+        path: path.to_owned(),
+        detail: format!("meta key {key} has {} bytes, expected 8", bytes.len()),
+    })?;
+    Ok(u64::from_le_bytes(arr))
+}
+
+/// Test support: force a store's schema version, e.g. to simulate a store written by a
+/// newer binary. Not used by the daemon.
+#[doc(hidden)]
+pub fn force_schema_version(path: &Path, version: u32) -> Result<(), StoreError> {
+    let db = Database::create(path).map_err(|source| StoreError::Open {
+        path: path.to_owned(),
+        source,
+    })?;
+    let txn = db.begin_write()?;
+    {
+        let mut meta = txn.open_table(META)?;
+        meta.insert(KEY_SCHEMA, version.to_le_bytes().as_slice())?;
+    }
+    txn.commit()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_store_is_at_current_schema_with_stable_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let first = {
+            let store = Store::open(&path).unwrap();
+            assert_eq!(store.record_start().unwrap(), 1);
+            store.info().unwrap()
+        };
+        assert_eq!(first.schema_version, SCHEMA_VERSION);
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.record_start().unwrap(), 2);
+        let second = store.info().unwrap();
+        assert_eq!(second.instance_id, first.instance_id);
+        assert_eq!(second.created_at, first.created_at);
+        assert_eq!(second.starts, 2);
+    }
+
+    #[test]
+    fn second_open_in_same_process_is_locked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let _a = Store::open(&path).unwrap();
+        match Store::open(&path) {
+            Err(StoreError::Locked { .. }) => {}
+            other => panic!("expected Locked, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn newer_schema_is_refused_and_left_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        drop(Store::open(&path).unwrap());
+        force_schema_version(&path, SCHEMA_VERSION + 3).unwrap();
+        let before = std::fs::read(&path).unwrap();
+        match Store::open(&path) {
+            Err(StoreError::TooNew {
+                found, supported, ..
+            }) => {
+                assert_eq!(found, SCHEMA_VERSION + 3);
+                assert_eq!(supported, SCHEMA_VERSION);
+            }
+            other => panic!("expected TooNew, got {other:?}"),
+        }
+        match check_migrations(&path) {
+            Err(StoreError::TooNew { .. }) => {}
+            other => panic!("expected TooNew, got {other:?}"),
+        }
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+    }
+
+    #[test]
+    fn check_migrations_reports_without_modifying() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        assert_eq!(
+            check_migrations(&path).unwrap(),
+            MigrationCheck::NoStore {
+                would_create: SCHEMA_VERSION
+            }
+        );
+        assert!(!path.exists());
+        drop(Store::open(&path).unwrap());
+        assert_eq!(
+            check_migrations(&path).unwrap(),
+            MigrationCheck::Ok {
+                from: SCHEMA_VERSION,
+                to: SCHEMA_VERSION
+            }
+        );
+    }
+
+    #[test]
+    fn a_store_left_at_an_older_schema_is_migrated_forward() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        drop(Store::open(&path).unwrap());
+        // Pretend the file was written at version 0 (before any migration ran).
+        force_schema_version(&path, 0).unwrap();
+        assert_eq!(
+            check_migrations(&path).unwrap(),
+            MigrationCheck::Ok {
+                from: 0,
+                to: SCHEMA_VERSION
+            }
+        );
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.info().unwrap().schema_version, SCHEMA_VERSION);
+    }
+}

@@ -1,0 +1,105 @@
+//! `banger daemon status|start|stop|socket`.
+
+use std::time::{Duration, Instant};
+
+use banger_api::DaemonRpcClient;
+
+use crate::cli::DaemonCmd;
+use crate::connect::{self, Target};
+use crate::exit::{self, CliError};
+use crate::render;
+
+pub async fn run(target: &Target, cmd: DaemonCmd) -> Result<u8, CliError> {
+    match cmd {
+        DaemonCmd::Status { json } => status(target, json).await,
+        DaemonCmd::Start => {
+            let client = connect::connect_or_start(target).await?;
+            let s = client.status().await?;
+            println!(
+                "bangerd {} is running (pid {}, socket {})",
+                s.version, s.pid, s.socket
+            );
+            Ok(exit::OK)
+        }
+        DaemonCmd::Stop => stop(target).await,
+        DaemonCmd::Socket { json } => {
+            let path = target.socket.display().to_string();
+            if json {
+                render::json(&serde_json::json!({ "socket": path, "system": target.system }))?;
+            } else {
+                println!("{path}");
+            }
+            Ok(exit::OK)
+        }
+    }
+}
+
+async fn status(target: &Target, json: bool) -> Result<u8, CliError> {
+    let client = match connect::connect(target).await {
+        Ok(c) => c,
+        Err(CliError::NotRunning { socket }) => {
+            if json {
+                render::json(&serde_json::json!({ "running": false, "socket": socket }))?;
+            } else {
+                println!(
+                    "bangerd is not running (socket {socket}); it starts on first use, or with `banger daemon start`"
+                );
+            }
+            return Ok(exit::UNAVAILABLE);
+        }
+        Err(e) => return Err(e),
+    };
+    let s = client.status().await?;
+    if json {
+        let mut v = serde_json::to_value(&s).map_err(|e| CliError::Other(e.to_string()))?;
+        v["running"] = serde_json::Value::Bool(true);
+        render::json(&v)?;
+        return Ok(exit::OK);
+    }
+    println!(
+        "bangerd {} (commit {}, built {}) is running",
+        s.version, s.commit, s.build_time
+    );
+    println!("  pid:     {}", s.pid);
+    println!(
+        "  mode:    {}",
+        serde_json::to_value(s.mode)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default()
+    );
+    println!("  socket:  {}", s.socket);
+    println!("  log:     {}", s.log_path);
+    println!("  uptime:  {}", render::duration(s.uptime_secs));
+    println!(
+        "  store:   {} (schema v{}, id {}, {} starts)",
+        s.store.path, s.store.schema_version, s.store.instance_id, s.store.starts
+    );
+    Ok(exit::OK)
+}
+
+async fn stop(target: &Target) -> Result<u8, CliError> {
+    let client = match connect::connect(target).await {
+        Ok(c) => c,
+        Err(CliError::NotRunning { .. }) => {
+            println!("bangerd is not running");
+            return Ok(exit::OK);
+        }
+        Err(e) => return Err(e),
+    };
+    let ack = client.stop().await?;
+    drop(client);
+    // Wait for the socket to go away: the daemon removes it once drained.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while target.socket.exists() {
+        if Instant::now() > deadline {
+            return Err(CliError::Other(format!(
+                "bangerd (pid {}) was asked to stop but its socket is still there after 20s",
+                ack.pid
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!("bangerd (pid {}) stopped", ack.pid);
+    Ok(exit::OK)
+}

@@ -1,0 +1,185 @@
+//! Finding, reaching and starting the daemon.
+//!
+//! The socket is, in order: `--socket`/`BANGER_SOCKET`; the system service's
+//! `/run/banger/bangerd.sock` if it exists; the user daemon's
+//! `$XDG_RUNTIME_DIR/banger/bangerd.sock`. Commands that need the daemon start a user
+//! daemon when none answers (like the docker/lima CLIs bring their backend up): `bangerd
+//! --background` is spawned from beside this executable (or `$BANGER_BANGERD`, or PATH),
+//! and the CLI waits until it answers `daemon.ping`. `BANGER_NO_AUTOSTART=1` turns that
+//! off. The system service is never started from here: that is systemd's job.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use banger_api::DaemonRpcClient;
+use jsonrpsee::async_client::{Client, ClientBuilder};
+use jsonrpsee::client_transport::ws::WsTransportClientBuilder;
+
+use crate::exit::CliError;
+
+/// How long to wait for a freshly started daemon to answer.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long one call may take before the CLI gives up (long operations stream progress).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Which daemon the CLI talks to.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub socket: PathBuf,
+    /// The system service (never auto-started).
+    pub system: bool,
+}
+
+impl Target {
+    pub fn resolve(flag: Option<PathBuf>) -> Target {
+        if let Some(socket) = flag {
+            return Target {
+                socket,
+                system: false,
+            };
+        }
+        let system = Path::new(banger_api::socket::SYSTEM_SOCKET);
+        if system.exists() {
+            return Target {
+                socket: system.to_owned(),
+                system: true,
+            };
+        }
+        let env = |k: &str| std::env::var(k).ok();
+        Target {
+            socket: banger_api::socket::user_socket(&env, nix::unistd::getuid().as_raw()),
+            system: false,
+        }
+    }
+
+    fn display(&self) -> String {
+        self.socket.display().to_string()
+    }
+}
+
+/// Connect without starting anything.
+pub async fn connect(target: &Target) -> Result<Client, CliError> {
+    let stream = match tokio::net::UnixStream::connect(&target.socket).await {
+        Ok(s) => s,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Err(CliError::NotRunning {
+                socket: target.display(),
+            });
+        }
+        Err(e) => {
+            let message = if e.kind() == std::io::ErrorKind::PermissionDenied {
+                format!("{e}; you need to be the owner, root, or in group `banger`")
+            } else {
+                e.to_string()
+            };
+            return Err(CliError::Connect {
+                socket: target.display(),
+                message,
+            });
+        }
+    };
+    let url = url::Url::parse("ws://bangerd/").expect("static url");
+    let (tx, rx) = WsTransportClientBuilder::default()
+        .max_request_size(64 * 1024 * 1024)
+        .max_response_size(64 * 1024 * 1024)
+        .build_with_stream(url, stream)
+        .await
+        .map_err(|e| CliError::Connect {
+            socket: target.display(),
+            message: e.to_string(),
+        })?;
+    Ok(ClientBuilder::default()
+        .request_timeout(REQUEST_TIMEOUT)
+        .build_with_tokio(tx, rx))
+}
+
+/// Connect, starting a user daemon first if none answers.
+pub async fn connect_or_start(target: &Target) -> Result<Client, CliError> {
+    match connect(target).await {
+        Err(CliError::NotRunning { socket })
+            if !target.system && std::env::var_os("BANGER_NO_AUTOSTART").is_none() =>
+        {
+            start(target).await.map_err(|e| match e {
+                CliError::NotRunning { .. } => CliError::NotRunning { socket },
+                e => e,
+            })
+        }
+        other => other,
+    }
+}
+
+fn bangerd_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("BANGER_BANGERD") {
+        return PathBuf::from(p);
+    }
+    if let Ok(exe) = std::env::current_exe()
+        && let Some(dir) = exe.parent()
+    {
+        let sibling = dir.join("bangerd");
+        if sibling.exists() {
+            return sibling;
+        }
+    }
+    PathBuf::from("bangerd")
+}
+
+/// Spawn `bangerd --background` and wait for it to answer.
+async fn start(target: &Target) -> Result<Client, CliError> {
+    let bin = bangerd_path();
+    let mut child = Command::new(&bin)
+        .arg("--background")
+        .arg("--socket")
+        .arg(&target.socket)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| CliError::StartFailed {
+            message: format!("cannot run {}: {e}", bin.display()),
+            log: "(none: it did not start)".into(),
+        })?;
+    let mut stderr = child.stderr.take().expect("piped");
+    let collector = std::thread::spawn(move || {
+        let mut out = String::new();
+        let _ = stderr.read_to_string(&mut out);
+        out
+    });
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        if let Ok(client) = connect(target).await
+            && client.ping().await.is_ok()
+        {
+            return Ok(client);
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let text = collector.join().unwrap_or_default();
+            let message = text
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .map(|l| l.trim_start_matches("bangerd: ").to_owned())
+                .unwrap_or_else(|| format!("it exited with {status}"));
+            return Err(CliError::StartFailed {
+                message,
+                log: "the message above (it stopped before logging started)".into(),
+            });
+        }
+        if Instant::now() > deadline {
+            return Err(CliError::StartFailed {
+                message: format!(
+                    "it did not answer on {} within {START_TIMEOUT:?}",
+                    target.display()
+                ),
+                log: "bangerd.log under $XDG_STATE_HOME/banger".into(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

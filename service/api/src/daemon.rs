@@ -1,0 +1,100 @@
+//! The `daemon.*` namespace: liveness, status and shutdown of bangerd itself.
+
+use serde::{Deserialize, Serialize};
+
+/// Answer to `daemon.ping`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pong {
+    /// The daemon's version (`CARGO_PKG_VERSION` of bangerd).
+    pub version: String,
+}
+
+/// How the daemon runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DaemonMode {
+    /// Started by a user (or by the CLI on first use), with XDG paths.
+    User,
+    /// Started by systemd as the system service, with `/var/lib/banger` and `/run/banger`.
+    System,
+}
+
+/// Answer to `daemon.status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DaemonStatus {
+    pub pid: u32,
+    pub version: String,
+    pub commit: String,
+    pub build_time: String,
+    pub mode: DaemonMode,
+    /// The Unix socket the daemon listens on.
+    pub socket: String,
+    /// The structured (JSON lines) log file.
+    pub log_path: String,
+    /// Seconds since the daemon started.
+    pub uptime_secs: u64,
+    /// When the daemon started, as seconds since the Unix epoch.
+    pub started_at: u64,
+    pub store: StoreStatus,
+}
+
+/// The daemon's store, as reported by `daemon.status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreStatus {
+    pub path: String,
+    /// Schema version of the database file.
+    pub schema_version: u32,
+    /// Random id written when the store was created; stable across restarts.
+    pub instance_id: String,
+    /// How many times a daemon has started on this store.
+    pub starts: u64,
+}
+
+/// Answer to `daemon.stop`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StopAck {
+    pub pid: u32,
+}
+
+#[cfg(any(feature = "server", feature = "client"))]
+mod rpc {
+    use super::{DaemonStatus, Pong, StopAck};
+
+    #[cfg_attr(
+        all(feature = "server", feature = "client"),
+        jsonrpsee::proc_macros::rpc(
+            server,
+            client,
+            namespace = "daemon",
+            namespace_separator = "."
+        )
+    )]
+    #[cfg_attr(
+        all(feature = "server", not(feature = "client")),
+        jsonrpsee::proc_macros::rpc(server, namespace = "daemon", namespace_separator = ".")
+    )]
+    #[cfg_attr(
+        all(feature = "client", not(feature = "server")),
+        jsonrpsee::proc_macros::rpc(client, namespace = "daemon", namespace_separator = ".")
+    )]
+    pub trait DaemonRpc {
+        /// Liveness check; answers with the daemon's version.
+        #[method(name = "ping")]
+        async fn ping(&self) -> jsonrpsee::core::RpcResult<Pong>;
+
+        /// Pid, version, socket, log path, uptime and store of the running daemon.
+        #[method(name = "status")]
+        async fn status(&self) -> jsonrpsee::core::RpcResult<DaemonStatus>;
+
+        /// Ask the daemon to shut down gracefully: in-flight requests finish, the socket
+        /// file is removed. Answers before the daemon exits.
+        #[method(name = "stop")]
+        async fn stop(&self) -> jsonrpsee::core::RpcResult<StopAck>;
+    }
+}
+
+#[cfg(feature = "client")]
+pub use rpc::DaemonRpcClient;
+#[cfg(feature = "server")]
+pub use rpc::DaemonRpcServer;

@@ -1,0 +1,5 @@
+include!("../scripts/build-info.rs");
+
+fn main() {
+    build_info();
+}

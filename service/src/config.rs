@@ -1,0 +1,271 @@
+//! bangerd's configuration: `config.toml` (see [`crate::paths`] for where), then
+//! `BANGER_*` environment overrides, validated before any actor starts.
+//!
+//! Every key of the file can be overridden from the environment: `BANGER_LOG_LEVEL=debug`
+//! sets `log_level`; a double underscore descends into a table
+//! (`BANGER_VM_DEFAULTS__VCPU=2`). Values are read as TOML when they parse as TOML
+//! (numbers, booleans) and as strings otherwise. An unknown key is an error, in the file
+//! and in the environment alike, so a typo never silently does nothing. A few `BANGER_*`
+//! variables are not config keys and are left alone: see [`NON_CONFIG_VARS`].
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::Deserialize;
+
+/// `BANGER_*` variables that are not config keys (read by the CLI, tests, or the build).
+pub const NON_CONFIG_VARS: &[&str] = &[
+    "BANGER_CONFIG",
+    "BANGER_SOCKET",
+    "BANGER_BANGERD",
+    "BANGER_COMMIT",
+    "BANGER_NO_AUTOSTART",
+];
+
+/// Prefix of variables reserved for the test suite.
+const TEST_PREFIX: &str = "BANGER_TEST_";
+
+/// The daemon's configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Tracing filter for `bangerd.log`: a level (`error`, `warn`, `info`, `debug`,
+    /// `trace`) or per-target directives (`info,banger_actors=debug`).
+    pub log_level: String,
+    /// Where the store, images and VM disks live.
+    pub data_dir: Option<PathBuf>,
+    /// Where `bangerd.log` is written.
+    pub log_dir: Option<PathBuf>,
+    /// Where downloads and layer blobs are cached.
+    pub cache_dir: Option<PathBuf>,
+    /// Name of the group whose members may use the daemon besides its owner and root.
+    pub socket_group: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            log_level: "info".into(),
+            data_dir: None,
+            log_dir: None,
+            cache_dir: None,
+            socket_group: "banger".into(),
+        }
+    }
+}
+
+/// Errors loading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid setting from the environment: {message}")]
+    Env { message: String },
+    #[error("invalid `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+impl Config {
+    /// Load `path` (a missing file means defaults unless `required`), apply the `BANGER_*`
+    /// overrides from `vars`, and validate.
+    pub fn load(
+        path: Option<&Path>,
+        required: bool,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut table = match path {
+            Some(path) => match std::fs::read_to_string(path) {
+                Ok(text) => toml::Table::from_str(&text).map_err(|e| ConfigError::Parse {
+                    path: path.to_owned(),
+                    message: e.message().to_owned(),
+                })?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
+                    toml::Table::new()
+                }
+                Err(source) => {
+                    return Err(ConfigError::Read {
+                        path: path.to_owned(),
+                        source,
+                    });
+                }
+            },
+            None => toml::Table::new(),
+        };
+        // Check the file alone first, so an error names the file and not the environment.
+        if let Some(path) = path {
+            Config::deserialize(toml::Value::Table(table.clone())).map_err(|e| {
+                ConfigError::Parse {
+                    path: path.to_owned(),
+                    message: e.message().to_owned(),
+                }
+            })?;
+        }
+        let mut overridden = Vec::new();
+        for (name, value) in vars {
+            let Some(key) = name.strip_prefix("BANGER_") else {
+                continue;
+            };
+            if NON_CONFIG_VARS.contains(&name.as_str()) || name.starts_with(TEST_PREFIX) {
+                continue;
+            }
+            let parts: Vec<String> = key.split("__").map(str::to_ascii_lowercase).collect();
+            if parts.iter().any(String::is_empty) {
+                return Err(ConfigError::Env {
+                    message: format!("{name}: malformed name"),
+                });
+            }
+            let parsed = toml::Table::from_str(&format!("v = {value}"))
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or(toml::Value::String(value.clone()));
+            insert(&mut table, &parts, parsed);
+            overridden.push(name);
+        }
+        let config =
+            Config::deserialize(toml::Value::Table(table)).map_err(|e| ConfigError::Env {
+                message: format!("{} (set by {})", e.message(), overridden.join(", ")),
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Check values beyond their types.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        tracing_subscriber::filter::Targets::from_str(&self.log_level).map_err(|e| {
+            ConfigError::Invalid {
+                key: "log_level",
+                message: format!("{e} (use error, warn, info, debug or trace)"),
+            }
+        })?;
+        for (key, dir) in [
+            ("data_dir", &self.data_dir),
+            ("log_dir", &self.log_dir),
+            ("cache_dir", &self.cache_dir),
+        ] {
+            if let Some(dir) = dir
+                && !dir.is_absolute()
+            {
+                return Err(ConfigError::Invalid {
+                    key,
+                    message: format!("{} is not an absolute path", dir.display()),
+                });
+            }
+        }
+        if self.socket_group.is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "socket_group",
+                message: "must not be empty".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn insert(table: &mut toml::Table, path: &[String], value: toml::Value) {
+    match path {
+        [last] => {
+            table.insert(last.clone(), value);
+        }
+        [first, rest @ ..] => {
+            let entry = table
+                .entry(first.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            if !entry.is_table() {
+                *entry = toml::Value::Table(toml::Table::new());
+            }
+            if let toml::Value::Table(t) = entry {
+                insert(t, rest, value);
+            }
+        }
+        [] => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(v: &[(&str, &str)]) -> Vec<(String, String)> {
+        v.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    }
+
+    fn write(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, text).unwrap();
+        (dir, path)
+    }
+
+    #[test]
+    fn missing_file_gives_defaults() {
+        let c = Config::load(Some(Path::new("/nonexistent/banger.toml")), false, vec![]).unwrap();
+        assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn missing_required_file_is_an_error() {
+        let e =
+            Config::load(Some(Path::new("/nonexistent/banger.toml")), true, vec![]).unwrap_err();
+        assert!(matches!(e, ConfigError::Read { .. }), "{e}");
+    }
+
+    #[test]
+    fn file_values_and_env_overrides() {
+        let (_d, path) = write("log_level = \"warn\"\ndata_dir = \"/srv/b\"\n");
+        let c = Config::load(Some(&path), true, vars(&[])).unwrap();
+        assert_eq!(c.log_level, "warn");
+        assert_eq!(c.data_dir, Some(PathBuf::from("/srv/b")));
+        let c = Config::load(
+            Some(&path),
+            true,
+            vars(&[
+                ("BANGER_LOG_LEVEL", "debug"),
+                ("BANGER_SOCKET", "/x"),
+                ("PATH", "/bin"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.log_level, "debug");
+    }
+
+    #[test]
+    fn unknown_key_in_file_names_the_file() {
+        let (_d, path) = write("log_lvl = \"warn\"\n");
+        let e = Config::load(Some(&path), true, vec![]).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("config.toml") && msg.contains("log_lvl"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn unknown_env_key_names_the_variable() {
+        let e = Config::load(None, false, vars(&[("BANGER_LOG_LVL", "debug")])).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("BANGER_LOG_LVL"), "{msg}");
+    }
+
+    #[test]
+    fn invalid_values_are_refused_before_start() {
+        let e = Config::load(None, false, vars(&[("BANGER_LOG_LEVEL", "loud")])).unwrap_err();
+        assert!(e.to_string().contains("log_level"), "{e}");
+        let e = Config::load(None, false, vars(&[("BANGER_DATA_DIR", "rel/dir")])).unwrap_err();
+        assert!(e.to_string().contains("absolute"), "{e}");
+        let (_d, path) = write("log_level = 3\n");
+        assert!(Config::load(Some(&path), true, vec![]).is_err());
+        let (_d, path) = write("this is not toml");
+        assert!(matches!(
+            Config::load(Some(&path), true, vec![]),
+            Err(ConfigError::Parse { .. })
+        ));
+    }
+}

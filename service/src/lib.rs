@@ -1,0 +1,157 @@
+//! bangerd: the banger daemon.
+//!
+//! [`Daemon::start`] takes the instance lock, opens (and migrates) the store and starts the
+//! supervision tree; [`Daemon::serve`] serves JSON-RPC on an injected listener until an
+//! injected shutdown future completes (or `daemon.stop` is called), then drains and stops
+//! the tree. `main.rs` only parses arguments, loads config, starts tracing and wires
+//! signals to the shutdown future, so tests run a real daemon on a socket in a tempdir.
+
+pub mod auth;
+pub mod config;
+pub mod lock;
+pub mod logging;
+pub mod paths;
+pub mod rpc;
+pub mod server;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::net::UnixListener;
+use tokio::sync::Notify;
+
+use banger_actors::{Store, StoreError, Tree, TreeError};
+
+use crate::auth::Access;
+use crate::config::Config;
+use crate::lock::{InstanceLock, LockError};
+use crate::paths::{Paths, PathsError};
+
+/// The daemon's version.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The commit it was built from.
+pub const COMMIT: &str = env!("BANGER_COMMIT");
+/// When it was built (RFC 3339, UTC).
+pub const BUILD_TIME: &str = env!("BANGER_BUILD_TIME");
+
+/// Errors starting or running the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error(transparent)]
+    Paths(#[from] PathsError),
+    #[error(transparent)]
+    Lock(#[from] LockError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Tree(#[from] TreeError),
+    #[error(transparent)]
+    Server(#[from] server::ServerError),
+    #[error("the supervision tree stopped unexpectedly")]
+    TreeStopped,
+}
+
+/// Everything [`Daemon::start`] needs, resolved and validated.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub config: Config,
+    pub paths: Paths,
+    pub access: Access,
+}
+
+impl Settings {
+    /// Settings for a daemon owned by the current user.
+    pub fn new(config: Config, paths: Paths) -> Settings {
+        let access = Access::new(nix::unistd::geteuid().as_raw(), &config.socket_group);
+        Settings {
+            config,
+            paths,
+            access,
+        }
+    }
+}
+
+/// A started daemon: lock held, store open, tree running.
+#[derive(Debug)]
+pub struct Daemon {
+    settings: Settings,
+    ctx: Arc<rpc::Ctx>,
+    tree_join: tokio::task::JoinHandle<()>,
+    _lock: InstanceLock,
+}
+
+impl Daemon {
+    /// Take the lock, open the store, start the tree.
+    pub async fn start(settings: Settings) -> Result<Daemon, ServiceError> {
+        settings.paths.create_dirs()?;
+        let lock = InstanceLock::acquire(&settings.paths.lock_file())?;
+        let store_path = settings.paths.store_file();
+        let store = tokio::task::spawn_blocking(move || Store::open(&store_path))
+            .await
+            .expect("store open does not panic")?;
+        let (tree, tree_join) = Tree::start(store).await?;
+        let starts = tree.record_start().await?;
+        let started_at = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        tracing::info!(
+            version = VERSION,
+            commit = COMMIT,
+            pid = std::process::id(),
+            starts,
+            data_dir = %settings.paths.data_dir.display(),
+            "bangerd started"
+        );
+        let ctx = Arc::new(rpc::Ctx {
+            tree,
+            paths: settings.paths.clone(),
+            started: Instant::now(),
+            started_at,
+            stop: Arc::new(Notify::new()),
+        });
+        Ok(Daemon {
+            settings,
+            ctx,
+            tree_join,
+            _lock: lock,
+        })
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// Serve on `listener` until `shutdown` completes, `daemon.stop` is called, or the
+    /// tree stops; then drain connections and stop the tree.
+    pub async fn serve(
+        mut self,
+        listener: UnixListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), ServiceError> {
+        let methods = rpc::methods(Arc::clone(&self.ctx));
+        let stop = Arc::clone(&self.ctx.stop);
+        let mut tree_died = false;
+        {
+            let tree_join = &mut self.tree_join;
+            let trigger = async {
+                tokio::select! {
+                    () = shutdown => {}
+                    () = stop.notified() => {}
+                    _ = tree_join => { tree_died = true; }
+                }
+            };
+            server::serve(listener, methods, self.settings.access.clone(), trigger).await;
+        }
+        tracing::info!("shutting down");
+        self.ctx.tree.stop();
+        if !tree_died {
+            let _ = tokio::time::timeout(Duration::from_secs(10), &mut self.tree_join).await;
+        }
+        if tree_died {
+            return Err(ServiceError::TreeStopped);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,145 @@
+//! `bangerd`: parse arguments, load config, start tracing, wire signals, run.
+#![allow(clippy::print_stderr)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+
+use banger_actors::store::{MigrationCheck, check_migrations};
+use banger_api::DaemonMode;
+use bangerd::config::Config;
+use bangerd::paths::{self, Paths};
+use bangerd::{Daemon, Settings, server};
+
+/// The banger daemon. Usually started for you: by the `banger` CLI on first use, or by
+/// systemd after `sudo banger system install`.
+#[derive(Debug, Parser)]
+#[command(version = VERSION, about, after_help = "Examples:\n  bangerd                       run a user daemon in the foreground\n  bangerd --check-migrations    check the store can be opened by this binary\n  sudo bangerd --system         run as the system service (systemd does this)")]
+struct Args {
+    /// Run as the system service (paths under /var/lib, /run/banger, /etc/banger).
+    #[arg(long)]
+    system: bool,
+    /// Config file (default: $XDG_CONFIG_HOME/banger/config.toml, or /etc/banger/config.toml).
+    #[arg(long, env = "BANGER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Socket to listen on (default: $XDG_RUNTIME_DIR/banger/bangerd.sock).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Check that this binary can open the store (migrating a copy), then exit:
+    /// 0 when it can, 1 when it cannot (e.g. the store was written by a newer banger).
+    #[arg(long)]
+    check_migrations: bool,
+    /// Started by the CLI: leave the terminal's session, and stop writing to stderr once
+    /// serving (everything goes to bangerd.log).
+    #[arg(long, hide = true)]
+    background: bool,
+}
+
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("BANGER_COMMIT"),
+    ", built ",
+    env!("BANGER_BUILD_TIME"),
+    ")"
+);
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("bangerd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<ExitCode> {
+    if args.background {
+        // Own session: a Ctrl-C in the terminal that started the CLI does not reach us.
+        let _ = nix::unistd::setsid();
+    }
+    let mode = if args.system {
+        DaemonMode::System
+    } else {
+        DaemonMode::User
+    };
+    let env = |k: &str| std::env::var(k).ok();
+    let config_path = args
+        .config
+        .clone()
+        .or_else(|| paths::config_file(mode, &env));
+    let config = Config::load(
+        config_path.as_deref(),
+        args.config.is_some(),
+        std::env::vars(),
+    )?;
+    let paths = Paths::resolve(mode, &config, args.socket.as_deref(), &env)?;
+
+    if args.check_migrations {
+        return Ok(match check_migrations(&paths.store_file()) {
+            Ok(MigrationCheck::NoStore { would_create }) => {
+                eprintln!(
+                    "no store at {} yet; it will be created at schema version {would_create}",
+                    paths.store_file().display()
+                );
+                ExitCode::SUCCESS
+            }
+            Ok(MigrationCheck::Ok { from, to }) => {
+                eprintln!(
+                    "store {}: schema version {from}, migrates to {to}: ok",
+                    paths.store_file().display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("bangerd: {:#}", anyhow::Error::from(e));
+                ExitCode::FAILURE
+            }
+        });
+    }
+
+    paths.create_dirs()?;
+    bangerd::logging::init(&paths.log_file(), &config.log_level)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("bangerd")
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let settings = Settings::new(config, paths);
+        let daemon = Daemon::start(settings).await?;
+        let (listener, socket) =
+            server::bind(&daemon.settings().paths.socket, &daemon.settings().access)?;
+        eprintln!(
+            "bangerd {} listening on {} (log: {})",
+            bangerd::VERSION,
+            socket.path().display(),
+            daemon.settings().paths.log_file().display()
+        );
+        if args.background
+            && let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null")
+        {
+            let _ = nix::unistd::dup2_stderr(&null);
+        }
+        let result = daemon.serve(listener, shutdown_signal()).await;
+        drop(socket);
+        result?;
+        tracing::info!("bangerd stopped");
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}

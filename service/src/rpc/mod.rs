@@ -1,0 +1,76 @@
+//! The RPC layer is an adapter: one module per namespace turns each call into a message
+//! to the tree, and every error becomes a JSON-RPC error here, in one place ([`RpcError`]
+//! → [`ErrorObjectOwned`]).
+
+pub mod daemon;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use jsonrpsee::RpcModule;
+use jsonrpsee::server::Methods;
+use jsonrpsee::types::ErrorObjectOwned;
+use tokio::sync::Notify;
+
+use banger_actors::{StoreError, Tree, TreeError};
+use banger_api::codes;
+
+use crate::paths::Paths;
+
+/// What the handlers share.
+#[derive(Debug)]
+pub struct Ctx {
+    pub tree: Tree,
+    pub paths: Paths,
+    pub started: Instant,
+    pub started_at: u64,
+    /// Notified by `daemon.stop`.
+    pub stop: Arc<Notify>,
+}
+
+/// Every error a handler can return.
+#[derive(Debug, thiserror::Error)]
+pub enum RpcError {
+    #[error(transparent)]
+    Tree(#[from] TreeError),
+    #[error("the daemon is shutting down")]
+    ShuttingDown,
+}
+
+impl From<RpcError> for ErrorObjectOwned {
+    fn from(err: RpcError) -> Self {
+        let code = match &err {
+            RpcError::Tree(TreeError::Store(StoreError::Unavailable)) => codes::STORE,
+            RpcError::Tree(TreeError::Store(_)) => codes::STORE,
+            RpcError::Tree(TreeError::Call(_)) | RpcError::Tree(TreeError::Spawn(_)) => {
+                codes::INTERNAL_ERROR
+            }
+            RpcError::ShuttingDown => codes::SHUTTING_DOWN,
+        };
+        if code == codes::INTERNAL_ERROR || code == codes::STORE {
+            tracing::error!(error = %error_chain(&err), "request failed");
+        }
+        ErrorObjectOwned::owned(code, error_chain(&err), None::<()>)
+    }
+}
+
+/// `err: cause: cause…`, so a client sees the whole story in one message.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        cur = e.source();
+    }
+    out
+}
+
+/// All namespaces, merged.
+pub fn methods(ctx: Arc<Ctx>) -> Methods {
+    let mut module = RpcModule::new(());
+    module
+        .merge(daemon::into_rpc(ctx))
+        .expect("method names are unique across namespaces");
+    module.into()
+}

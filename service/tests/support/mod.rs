@@ -1,0 +1,121 @@
+//! Test support: a real daemon on a socket in a tempdir, and clients for it.
+//! Shared by the integration tests and the benchmarks (`#[path]`-included).
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use banger_api::DaemonMode;
+use bangerd::config::Config;
+use bangerd::paths::Paths;
+use bangerd::{Daemon, Settings, server};
+use jsonrpsee::async_client::{Client, ClientBuilder};
+use jsonrpsee::client_transport::ws::WsTransportClientBuilder;
+use tokio::sync::oneshot;
+
+/// A daemon running in this process on a tempdir.
+pub struct TestDaemon {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub paths: Paths,
+    stop: Option<oneshot::Sender<()>>,
+    pub task: Option<tokio::task::JoinHandle<Result<(), bangerd::ServiceError>>>,
+}
+
+/// Paths all under `root`.
+pub fn paths_in(root: &Path) -> Paths {
+    Paths {
+        mode: DaemonMode::User,
+        data_dir: root.join("data"),
+        log_dir: root.join("log"),
+        cache_dir: root.join("cache"),
+        socket: root.join("run/bangerd.sock"),
+    }
+}
+
+impl TestDaemon {
+    pub async fn start() -> TestDaemon {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Self::start_in(dir).await
+    }
+
+    pub async fn start_in(dir: tempfile::TempDir) -> TestDaemon {
+        let paths = paths_in(dir.path());
+        let settings = Settings::new(Config::default(), paths.clone());
+        let daemon = Daemon::start(settings).await.expect("daemon starts");
+        let (listener, socket_file) =
+            server::bind(&paths.socket, &daemon.settings().access).expect("bind");
+        let (tx, rx) = oneshot::channel();
+        let task = tokio::spawn(async move {
+            let r = daemon
+                .serve(listener, async {
+                    let _ = rx.await;
+                })
+                .await;
+            drop(socket_file);
+            r
+        });
+        TestDaemon {
+            socket: paths.socket.clone(),
+            paths,
+            dir,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub async fn client(&self) -> Client {
+        client_for(&self.socket).await
+    }
+
+    /// Stop (as SIGTERM would) and wait until it has shut down.
+    pub async fn shutdown(mut self) -> tempfile::TempDir {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.expect("serve task").expect("clean shutdown");
+        }
+        self.dir
+    }
+}
+
+/// A WebSocket JSON-RPC client over the Unix socket, as the CLI makes it.
+pub async fn client_for(socket: &Path) -> Client {
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .expect("connect");
+    let (tx, rx) = WsTransportClientBuilder::default()
+        .max_request_size(64 * 1024 * 1024)
+        .build_with_stream(url::Url::parse("ws://bangerd/").unwrap(), stream)
+        .await
+        .expect("ws handshake");
+    ClientBuilder::default().build_with_tokio(tx, rx)
+}
+
+/// One raw HTTP/1.1 POST over the Unix socket; returns (status, body).
+pub async fn http_post(socket: &Path, body: &[u8]) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::UnixStream::connect(socket)
+        .await
+        .expect("connect");
+    let head = format!(
+        "POST / HTTP/1.1\r\nHost: bangerd\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.expect("write head");
+    // The server may answer (413) before reading a huge body; a write error then is fine.
+    let _ = s.write_all(body).await;
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out).await;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
