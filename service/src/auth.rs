@@ -104,17 +104,31 @@ fn supplementary_groups(pid: i32) -> Vec<u32> {
         .unwrap_or_default()
 }
 
-/// RPC middleware that answers every call of a denied connection with the denial.
+/// RPC middleware of one connection: answers every call of a denied connection with the
+/// denial, and refuses parameters sent to a method that takes none (jsonrpsee would
+/// silently ignore them, which hides client bugs).
 #[derive(Debug, Clone)]
 pub struct Gate<S> {
     inner: S,
     verdict: Verdict,
+    no_params: &'static [&'static str],
 }
 
 impl<S> Gate<S> {
-    pub fn new(inner: S, verdict: Verdict) -> Gate<S> {
-        Gate { inner, verdict }
+    pub fn new(inner: S, verdict: Verdict, no_params: &'static [&'static str]) -> Gate<S> {
+        Gate {
+            inner,
+            verdict,
+            no_params,
+        }
     }
+}
+
+/// Whether a request carries parameters (absent, `null`, `[]` and `{}` are none).
+fn has_params(req: &Request<'_>) -> bool {
+    req.params
+        .as_ref()
+        .is_some_and(|p| !matches!(p.get().trim(), "null" | "[]" | "{}" | ""))
 }
 
 fn denial(message: &str) -> ErrorObject<'static> {
@@ -139,10 +153,18 @@ where
     fn call<'a>(&self, req: Request<'a>) -> impl Future<Output = MethodResponse> + Send + 'a {
         let inner = self.inner.clone();
         let verdict = self.verdict.clone();
+        let no_params = self.no_params;
         async move {
             match verdict {
-                Verdict::Allowed => inner.call(req).await,
                 Verdict::Denied(msg) => MethodResponse::error(req.id.into_owned(), denial(&msg)),
+                Verdict::Allowed if no_params.contains(&req.method_name()) && has_params(&req) => {
+                    let msg = format!("{} takes no parameters", req.method_name());
+                    MethodResponse::error(
+                        req.id.into_owned(),
+                        ErrorObject::owned(codes::INVALID_PARAMS, msg, None::<()>),
+                    )
+                }
+                Verdict::Allowed => inner.call(req).await,
             }
         }
     }

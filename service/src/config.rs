@@ -137,12 +137,7 @@ impl Config {
 
     /// Check values beyond their types.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        tracing_subscriber::filter::Targets::from_str(&self.log_level).map_err(|e| {
-            ConfigError::Invalid {
-                key: "log_level",
-                message: format!("{e} (use error, warn, info, debug or trace)"),
-            }
-        })?;
+        validate_log_level(&self.log_level)?;
         for (key, dir) in [
             ("data_dir", &self.data_dir),
             ("log_dir", &self.log_dir),
@@ -165,6 +160,29 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// `level` or comma-separated `target=level` directives, each level one of tracing's. (A
+/// bare word is a *target* to `Targets`, so `loud` would pass it and log everything.)
+fn validate_log_level(value: &str) -> Result<(), ConfigError> {
+    const LEVELS: &[&str] = &["off", "error", "warn", "info", "debug", "trace"];
+    let bad = |message: String| ConfigError::Invalid {
+        key: "log_level",
+        message,
+    };
+    for directive in value.split(',') {
+        let level = directive
+            .rsplit_once('=')
+            .map_or(directive, |(_, l)| l)
+            .trim();
+        if !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+            return Err(bad(format!(
+                "{directive:?} is not a level (use off, error, warn, info, debug or trace, or target=level)"
+            )));
+        }
+    }
+    tracing_subscriber::filter::Targets::from_str(value).map_err(|e| bad(e.to_string()))?;
+    Ok(())
 }
 
 fn insert(table: &mut toml::Table, path: &[String], value: toml::Value) {
@@ -258,6 +276,12 @@ mod tests {
     fn invalid_values_are_refused_before_start() {
         let e = Config::load(None, false, vars(&[("BANGER_LOG_LEVEL", "loud")])).unwrap_err();
         assert!(e.to_string().contains("log_level"), "{e}");
+        Config::load(
+            None,
+            false,
+            vars(&[("BANGER_LOG_LEVEL", "info,banger_actors=debug")]),
+        )
+        .unwrap();
         let e = Config::load(None, false, vars(&[("BANGER_DATA_DIR", "rel/dir")])).unwrap_err();
         assert!(e.to_string().contains("absolute"), "{e}");
         let (_d, path) = write("log_level = 3\n");

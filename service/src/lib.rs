@@ -142,7 +142,14 @@ impl Daemon {
                     _ = tree_join => { tree_died = true; }
                 }
             };
-            server::serve(listener, methods, self.settings.access.clone(), trigger).await;
+            server::serve(
+                listener,
+                methods,
+                rpc::NO_PARAMS,
+                self.settings.access.clone(),
+                trigger,
+            )
+            .await;
         }
         tracing::info!("shutting down");
         self.ctx.tree.stop();

@@ -109,6 +109,7 @@ pub fn bind(path: &Path, access: &Access) -> Result<(UnixListener, SocketFile), 
 pub async fn serve(
     listener: UnixListener,
     methods: Methods,
+    no_params: &'static [&'static str],
     access: Access,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -145,8 +146,8 @@ pub async fn serve(
         if let crate::auth::Verdict::Denied(reason) = &verdict {
             tracing::warn!(?peer, %reason, "connection refused");
         }
-        let middleware =
-            RpcServiceBuilder::new().layer_fn(move |inner| Gate::new(inner, verdict.clone()));
+        let middleware = RpcServiceBuilder::new()
+            .layer_fn(move |inner| Gate::new(inner, verdict.clone(), no_params));
         let svc_builder = builder.clone().set_rpc_middleware(middleware);
         let methods = methods.clone();
         let stop = stop_handle.clone();

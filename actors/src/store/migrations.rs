@@ -33,7 +33,7 @@ fn v1_meta(txn: &WriteTransaction) -> Result<(), StoreError> {
 use redb::ReadableTable;
 
 /// The schema version recorded in `db`; 0 for a fresh file.
-pub(crate) fn read_version(db: &Database, path: &Path) -> Result<u32, StoreError> {
+pub(crate) fn read_version(db: &impl ReadableDatabase, path: &Path) -> Result<u32, StoreError> {
     let txn = db.begin_read()?;
     let meta = match txn.open_table(META) {
         Ok(t) => t,

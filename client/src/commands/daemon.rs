@@ -89,12 +89,12 @@ async fn stop(target: &Target) -> Result<u8, CliError> {
     };
     let ack = client.stop().await?;
     drop(client);
-    // Wait for the socket to go away: the daemon removes it once drained.
+    // Wait for the process to be gone (its lock and store released), not just the socket.
     let deadline = Instant::now() + Duration::from_secs(20);
-    while target.socket.exists() {
+    while target.socket.exists() || alive(ack.pid) {
         if Instant::now() > deadline {
             return Err(CliError::Other(format!(
-                "bangerd (pid {}) was asked to stop but its socket is still there after 20s",
+                "bangerd (pid {}) was asked to stop but is still running after 20s",
                 ack.pid
             )));
         }
@@ -102,4 +102,12 @@ async fn stop(target: &Target) -> Result<u8, CliError> {
     }
     println!("bangerd (pid {}) stopped", ack.pid);
     Ok(exit::OK)
+}
+
+/// Whether `pid` is a live process (a zombie waiting to be reaped counts as gone).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X'))
+    })
 }

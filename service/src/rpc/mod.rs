@@ -66,6 +66,10 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
     out
 }
 
+/// Methods that take no parameters; a call that sends some is refused with
+/// `INVALID_PARAMS` (see [`crate::auth::Gate`]). Checked against the module by a test.
+pub const NO_PARAMS: &[&str] = &["daemon.ping", "daemon.status", "daemon.stop"];
+
 /// All namespaces, merged.
 pub fn methods(ctx: Arc<Ctx>) -> Methods {
     let mut module = RpcModule::new(());

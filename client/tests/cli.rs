@@ -1,0 +1,431 @@
+//! End-to-end tests of the `banger` and `bangerd` binaries as a user runs them: real
+//! processes, real sockets, isolated XDG directories in a tempdir.
+//!
+//! `bangerd` is found beside `banger` in the target directory, as the CLI itself finds it
+//! for auto-start: run these through `cargo test --workspace` (the README's test command).
+//! Tests whose names start with `root_` need root (they switch uid) and fail without it.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+fn banger_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_banger"))
+}
+
+fn bangerd_bin() -> PathBuf {
+    let p = banger_bin().with_file_name("bangerd");
+    assert!(
+        p.exists(),
+        "{} is missing: build the workspace (cargo test --workspace)",
+        p.display()
+    );
+    p
+}
+
+/// An isolated home for one test; kills any daemon it started when dropped.
+struct Home {
+    dir: tempfile::TempDir,
+}
+
+impl Home {
+    fn new() -> Home {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("run")).unwrap();
+        Home { dir }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.path().join("run/banger/bangerd.sock")
+    }
+
+    fn store(&self) -> PathBuf {
+        self.path().join("data/banger/banger.redb")
+    }
+
+    fn lock(&self) -> PathBuf {
+        self.path().join("data/banger/bangerd.lock")
+    }
+
+    fn env(&self, cmd: &mut Command) {
+        for (k, _) in std::env::vars() {
+            if k.starts_with("BANGER_") || k.starts_with("XDG_") {
+                cmd.env_remove(k);
+            }
+        }
+        let p = self.path();
+        cmd.env("HOME", p)
+            .env("XDG_RUNTIME_DIR", p.join("run"))
+            .env("XDG_DATA_HOME", p.join("data"))
+            .env("XDG_STATE_HOME", p.join("state"))
+            .env("XDG_CACHE_HOME", p.join("cache"))
+            .env("XDG_CONFIG_HOME", p.join("config"))
+            .env("BANGER_SOCKET", self.socket());
+    }
+
+    fn banger(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new(banger_bin());
+        self.env(&mut cmd);
+        cmd.args(args).output().unwrap()
+    }
+
+    fn bangerd(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new(bangerd_bin());
+        self.env(&mut cmd);
+        cmd.args(args).output().unwrap()
+    }
+
+    fn daemon_pid(&self) -> Option<i32> {
+        std::fs::read_to_string(self.lock())
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+}
+
+impl Drop for Home {
+    fn drop(&mut self) {
+        if let Some(pid) = self.daemon_pid() {
+            let pid = nix::unistd::Pid::from_raw(pid);
+            if nix::sys::signal::kill(pid, None).is_ok() && is_bangerd(pid.as_raw()) {
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+    }
+}
+
+fn is_bangerd(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "bangerd")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", text(&out.stdout)))
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn version_flag_and_command() {
+    let home = Home::new();
+    let out = home.banger(&["--version"]);
+    assert!(out.status.success());
+    let s = text(&out.stdout);
+    assert!(
+        s.contains(env!("CARGO_PKG_VERSION")) && s.contains("commit") && s.contains("built"),
+        "{s}"
+    );
+
+    let out = home.banger(&["version", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v = json(&out);
+    assert_eq!(v["client"]["version"], env!("CARGO_PKG_VERSION"));
+    assert!(v["client"]["build_time"].as_str().unwrap().ends_with('Z'));
+    assert!(
+        v["daemon"].is_null(),
+        "no daemon was started for `version`: {v}"
+    );
+    assert!(!home.socket().exists());
+}
+
+#[test]
+fn completion_scripts() {
+    let home = Home::new();
+    for shell in ["bash", "zsh", "fish"] {
+        let out = home.banger(&["completion", shell]);
+        assert!(out.status.success(), "{shell}");
+        let s = text(&out.stdout);
+        assert!(
+            s.contains("banger") && s.contains("daemon") && s.contains("status"),
+            "{shell}: {s}"
+        );
+    }
+    let out = home.banger(&["completion", "tcsh"]);
+    assert_eq!(out.status.code(), Some(2), "unknown shell is a usage error");
+}
+
+#[test]
+fn help_has_examples() {
+    let home = Home::new();
+    for args in [
+        &["--help"][..],
+        &["daemon", "status", "--help"],
+        &["completion", "--help"],
+    ] {
+        let out = home.banger(args);
+        assert!(out.status.success());
+        assert!(text(&out.stdout).contains("Examples:"), "{args:?}");
+    }
+}
+
+#[test]
+fn default_socket_follows_xdg_runtime_dir() {
+    let home = Home::new();
+    let mut cmd = Command::new(banger_bin());
+    home.env(&mut cmd);
+    cmd.env_remove("BANGER_SOCKET");
+    let out = cmd.args(["daemon", "socket", "--json"]).output().unwrap();
+    let v = json(&out);
+    if Path::new("/run/banger/bangerd.sock").exists() {
+        assert_eq!(v["socket"], "/run/banger/bangerd.sock");
+        assert_eq!(v["system"], true);
+    } else {
+        assert_eq!(v["socket"], home.socket().display().to_string());
+        assert_eq!(v["system"], false);
+    }
+}
+
+#[test]
+fn lifecycle_autostart_status_second_daemon_sigterm() {
+    let home = Home::new();
+    // Not running: status says so, exits 3, starts nothing.
+    let out = home.banger(&["daemon", "status"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stdout));
+    assert!(text(&out.stdout).contains("not running"));
+    let out = home.banger(&["daemon", "status", "--json"]);
+    assert_eq!(json(&out)["running"], false);
+    assert!(!home.socket().exists());
+
+    // Start: the CLI spawns bangerd and waits for it.
+    let out = home.banger(&["daemon", "start"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = home.banger(&["daemon", "status", "--json"]);
+    assert!(out.status.success());
+    let v = json(&out);
+    assert_eq!(v["running"], true);
+    let pid = v["pid"].as_i64().unwrap() as i32;
+    assert!(is_bangerd(pid), "pid {pid} is a live bangerd");
+    assert_eq!(v["socket"], home.socket().display().to_string());
+    assert!(
+        Path::new(v["log_path"].as_str().unwrap()).exists(),
+        "log file exists"
+    );
+    let mode = std::fs::metadata(home.socket())
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o660);
+    // It runs in its own session, detached from ours.
+    assert_eq!(
+        nix::unistd::getsid(Some(nix::unistd::Pid::from_raw(pid)))
+            .unwrap()
+            .as_raw(),
+        pid
+    );
+
+    // Starting again is a no-op on the same daemon.
+    let out = home.banger(&["daemon", "start"]);
+    assert!(text(&out.stdout).contains(&pid.to_string()));
+
+    // A second bangerd on the same state refuses, clearly, and leaves the first serving.
+    let out = home.bangerd(&[]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("already running") && err.contains(&pid.to_string()),
+        "{err}"
+    );
+    assert!(home.banger(&["daemon", "status"]).status.success());
+
+    // SIGTERM: graceful, socket removed, status back to "not running".
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    wait_until("bangerd to exit", || !is_bangerd(pid));
+    assert!(!home.socket().exists(), "socket removed on SIGTERM");
+    assert_eq!(home.banger(&["daemon", "status"]).status.code(), Some(3));
+
+    // The log recorded it, as JSON lines.
+    let log = std::fs::read_to_string(home.path().join("state/banger/bangerd.log")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
+    assert_eq!(last["fields"]["message"], "bangerd stopped");
+    assert!(log.contains("SIGTERM received"));
+}
+
+#[test]
+fn stop_then_restart_keeps_the_store() {
+    let home = Home::new();
+    assert!(home.banger(&["daemon", "start"]).status.success());
+    let first = json(&home.banger(&["daemon", "status", "--json"]));
+    let out = home.banger(&["daemon", "stop"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("stopped"));
+    assert!(!home.socket().exists());
+    // Stopping a stopped daemon is fine.
+    assert!(home.banger(&["daemon", "stop"]).status.success());
+    assert!(home.banger(&["daemon", "start"]).status.success());
+    let second = json(&home.banger(&["daemon", "status", "--json"]));
+    assert_ne!(first["pid"], second["pid"]);
+    assert_eq!(
+        first["store"]["instance_id"],
+        second["store"]["instance_id"]
+    );
+    assert_eq!(second["store"]["starts"], 2);
+    home.banger(&["daemon", "stop"]);
+}
+
+#[test]
+fn check_migrations_and_a_store_from_a_newer_binary() {
+    let home = Home::new();
+    let out = home.bangerd(&["--check-migrations"]);
+    assert!(out.status.success());
+    assert!(
+        text(&out.stderr).contains("no store"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    assert!(home.banger(&["daemon", "start"]).status.success());
+    // Checking while the daemon runs works (it migrates a copy).
+    let out = home.bangerd(&["--check-migrations"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains(": ok"));
+    assert!(home.banger(&["daemon", "stop"]).status.success());
+
+    let newer = banger_actors::store::SCHEMA_VERSION + 1;
+    banger_actors::store::force_schema_version(&home.store(), newer).unwrap();
+    let before = std::fs::read(home.store()).unwrap();
+    let out = home.bangerd(&["--check-migrations"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("newer banger") && err.contains(&format!("schema version {newer}")),
+        "{err}"
+    );
+
+    // The daemon refuses to start on it, and the CLI shows why.
+    let out = home.banger(&["daemon", "start"]);
+    assert_eq!(out.status.code(), Some(3));
+    let err = text(&out.stderr);
+    assert!(err.contains("newer banger"), "{err}");
+    assert!(
+        std::fs::read(home.store()).unwrap() == before,
+        "store untouched"
+    );
+}
+
+#[test]
+fn a_bad_config_is_reported_before_anything_starts() {
+    let home = Home::new();
+    let cfg = home.path().join("config/banger");
+    std::fs::create_dir_all(&cfg).unwrap();
+    std::fs::write(cfg.join("config.toml"), "log_levle = \"debug\"\n").unwrap();
+    let out = home.banger(&["daemon", "start"]);
+    assert_eq!(out.status.code(), Some(3));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("config.toml") && err.contains("log_levle"),
+        "{err}"
+    );
+    assert!(!home.socket().exists());
+    assert!(
+        !home.store().exists(),
+        "no store created for a daemon that never started"
+    );
+
+    std::fs::write(cfg.join("config.toml"), "log_level = \"debug\"\n").unwrap();
+    let mut cmd = Command::new(banger_bin());
+    home.env(&mut cmd);
+    let out = cmd
+        .env("BANGER_LOG_LEVL", "x")
+        .args(["daemon", "start"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        text(&out.stderr).contains("BANGER_LOG_LEVL"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn no_autostart_when_asked() {
+    let home = Home::new();
+    let mut cmd = Command::new(banger_bin());
+    home.env(&mut cmd);
+    let out = cmd
+        .env("BANGER_NO_AUTOSTART", "1")
+        .args(["daemon", "start"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    assert!(text(&out.stderr).contains("not running"));
+    assert!(!home.socket().exists());
+}
+
+fn as_nobody(home: &Home, args: &[&str]) -> Output {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "root_ tests need root: run scripts/test.sh as root"
+    );
+    // setpriv (util-linux) also clears the supplementary groups, which std cannot do yet.
+    let mut cmd = Command::new("setpriv");
+    home.env(&mut cmd);
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(banger_bin())
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn root_a_uid_that_is_not_allowed_is_refused() {
+    let home = Home::new();
+    assert!(home.banger(&["daemon", "start"]).status.success());
+    // Let nobody reach the directory (the tempdir is 0700).
+    for dir in [
+        home.path(),
+        &home.path().join("run"),
+        &home.path().join("run/banger"),
+    ] {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    // With the socket at 0660, the kernel already refuses the connect.
+    let out = as_nobody(&home, &["daemon", "status"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr)
+            .to_lowercase()
+            .contains("permission denied"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // Loosen the socket: now the SO_PEERCRED check is the only wall, and it holds, with
+    // a JSON-RPC error (exit 5), not a hang.
+    std::fs::set_permissions(home.socket(), std::fs::Permissions::from_mode(0o666)).unwrap();
+    let t = Instant::now();
+    let out = as_nobody(&home, &["daemon", "status"]);
+    assert!(t.elapsed() < Duration::from_secs(10), "answered promptly");
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("permission denied") && err.contains("uid 65534"),
+        "{err}"
+    );
+    let out = as_nobody(&home, &["daemon", "stop"]);
+    assert_eq!(out.status.code(), Some(5));
+    // The daemon is still up and serves its owner.
+    assert!(home.banger(&["daemon", "status"]).status.success());
+    home.banger(&["daemon", "stop"]);
+}
