@@ -11,6 +11,9 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 scripts/rig/install-deps.sh
+scripts/rig/setup.sh
+echo "== guest binaries"
+scripts/build-guest.sh dev
 
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 echo "== rustfmt"

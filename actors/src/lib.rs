@@ -24,9 +24,16 @@
 //! actor's `XxxError`. Blocking work (store transactions, which fsync) never runs inside
 //! `handle`: it runs on tokio's blocking pool and replies from there.
 
+// VmError carries the driver's error (with its context) by value; requests are rare and
+// not on a hot path, so boxing it would only add noise.
+#![allow(clippy::result_large_err)]
+
+pub mod image;
 pub mod root;
 pub mod store;
+pub mod vm;
 pub mod vm_supervisor;
+pub mod vmm;
 
 pub use root::{RootSupervisor, Tree, TreeError};
 pub use store::{Store, StoreError, StoreInfo};

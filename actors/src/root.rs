@@ -7,8 +7,13 @@ use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
 
+use banger_api::{CreateVm, SpecDefaults, VmInfo};
+
+use crate::image::{ImageError, ImageRecord, KernelRecord};
 use crate::store::{Store, StoreActor, StoreError, StoreInfo, StoreMsg};
-use crate::vm_supervisor::{VmSupervisor, VmSupervisorMsg};
+use crate::vm::actor::{ProgressTx, VmEnv, VmError, VmMsg};
+use crate::vm_supervisor::{VmSettings, VmSupervisor, VmSupervisorArgs, VmSupervisorMsg};
+use crate::vmm::VmmConfig;
 
 /// At most this many restarts of one child within [`RESTART_WINDOW`]...
 pub const MAX_RESTARTS: usize = 5;
@@ -17,6 +22,7 @@ pub const RESTART_WINDOW: Duration = Duration::from_secs(60);
 
 /// How long a caller waits for an actor's answer before giving up.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+const CALL_MS: u64 = 30_000;
 
 /// Errors reaching the tree.
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +33,21 @@ pub enum TreeError {
     Call(&'static str),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Image(#[from] ImageError),
+}
+
+/// Everything the VM side of the tree needs besides the store.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub data_dir: std::path::PathBuf,
+    pub vmm: VmmConfig,
+    pub stop_timeout: Duration,
+    pub extra_cmdline: String,
+    pub tsc_khz: Option<u64>,
+    pub settings: VmSettings,
 }
 
 /// Current references to the tree's actors. A restart replaces the reference in place,
@@ -34,6 +55,8 @@ pub enum TreeError {
 #[derive(Debug, Clone)]
 pub struct Tree {
     root: ActorRef<RootMsg>,
+    db: Arc<Store>,
+    data_dir: std::path::PathBuf,
     store: Slot<StoreMsg>,
     vms: Slot<VmSupervisorMsg>,
 }
@@ -67,6 +90,7 @@ impl Child {
 #[derive(Debug)]
 pub struct RootArgs {
     store: Arc<Store>,
+    vm: VmConfig,
     store_ref: Slot<StoreMsg>,
     vms_ref: Slot<VmSupervisorMsg>,
 }
@@ -97,7 +121,21 @@ impl RootSupervisor {
                 r.get_cell()
             }
             Child::Vms => {
-                let (r, _) = Actor::spawn_linked(None, VmSupervisor, (), myself.get_cell()).await?;
+                let vm = &state.args.vm;
+                let env = Arc::new(VmEnv {
+                    store: Arc::clone(&state.args.store),
+                    vms_dir: vm.data_dir.join("vms"),
+                    vmm: vm.vmm.clone(),
+                    stop_timeout: vm.stop_timeout,
+                    extra_cmdline: vm.extra_cmdline.clone(),
+                    tsc_khz: vm.tsc_khz,
+                });
+                let args = VmSupervisorArgs {
+                    env,
+                    settings: vm.settings.clone(),
+                };
+                let (r, _) =
+                    Actor::spawn_linked(None, VmSupervisor, args, myself.get_cell()).await?;
                 *state.args.vms_ref.write().expect("tree lock") = Some(r.clone());
                 r.get_cell()
             }
@@ -186,11 +224,17 @@ impl Actor for RootSupervisor {
 impl Tree {
     /// Start the tree on an open store. Returns the tree handle and the root's join handle
     /// (which completes when the tree stops).
-    pub async fn start(store: Store) -> Result<(Tree, tokio::task::JoinHandle<()>), TreeError> {
+    pub async fn start(
+        store: Store,
+        vm: VmConfig,
+    ) -> Result<(Tree, tokio::task::JoinHandle<()>), TreeError> {
         let store_ref = Arc::new(RwLock::new(None));
         let vms_ref = Arc::new(RwLock::new(None));
+        let db = Arc::new(store);
+        let data_dir = vm.data_dir.clone();
         let args = RootArgs {
-            store: Arc::new(store),
+            store: Arc::clone(&db),
+            vm,
             store_ref: Arc::clone(&store_ref),
             vms_ref: Arc::clone(&vms_ref),
         };
@@ -199,6 +243,8 @@ impl Tree {
             .map_err(TreeError::Spawn)?;
         let tree = Tree {
             root,
+            db,
+            data_dir,
             store: store_ref,
             vms: vms_ref,
         };
@@ -238,6 +284,184 @@ impl Tree {
             .map_err(|_| TreeError::Call("vm-supervisor"))
     }
 
+    fn vms(&self) -> ActorRef<VmSupervisorMsg> {
+        live(&self.vms)
+    }
+
+    /// Defaults a new VM would get.
+    pub async fn vm_defaults(&self) -> Result<SpecDefaults, TreeError> {
+        ractor::call_t!(self.vms(), VmSupervisorMsg::Defaults, CALL_MS)
+            .map_err(|_| TreeError::Call("vm-supervisor"))
+    }
+
+    /// Create (and start) a VM; progress goes to `progress` while it boots.
+    pub async fn create_vm(
+        &self,
+        req: CreateVm,
+        progress: Option<ProgressTx>,
+    ) -> Result<VmInfo, TreeError> {
+        ractor::call!(self.vms(), |reply| VmSupervisorMsg::Create {
+            req,
+            progress,
+            reply
+        })
+        .map_err(|_| TreeError::Call("vm-supervisor"))?
+        .map_err(TreeError::Vm)
+    }
+
+    /// The actor of a VM.
+    pub async fn vm(&self, name: &str) -> Result<ActorRef<VmMsg>, TreeError> {
+        let vm = name.to_owned();
+        ractor::call_t!(
+            self.vms(),
+            |reply| VmSupervisorMsg::Get { vm, reply },
+            CALL_MS
+        )
+        .map_err(|_| TreeError::Call("vm-supervisor"))?
+        .map_err(TreeError::Vm)
+    }
+
+    /// Ask a VM something and wait for the answer (no timeout: a start or stop can be long).
+    pub async fn ask_vm<T>(
+        &self,
+        name: &str,
+        msg: impl FnOnce(ractor::RpcReplyPort<Result<T, VmError>>) -> VmMsg,
+    ) -> Result<T, TreeError>
+    where
+        T: Send + 'static,
+    {
+        let actor = self.vm(name).await?;
+        ractor::call!(actor, msg)
+            .map_err(|_| TreeError::Vm(VmError::Gone(name.into())))?
+            .map_err(TreeError::Vm)
+    }
+
+    pub async fn list_vms(&self) -> Result<Vec<VmInfo>, TreeError> {
+        ractor::call!(self.vms(), VmSupervisorMsg::List)
+            .map_err(|_| TreeError::Call("vm-supervisor"))?
+            .map_err(TreeError::Vm)
+    }
+
+    /// Run blocking store work on the blocking pool.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Store, &std::path::Path) -> Result<T, TreeError> + Send + 'static,
+    ) -> Result<T, TreeError> {
+        let (db, dir) = (Arc::clone(&self.db), self.data_dir.clone());
+        tokio::task::spawn_blocking(move || f(&db, &dir))
+            .await
+            .expect("store work does not panic")
+    }
+
+    /// Register a local ext4 file as an image.
+    pub async fn register_image(
+        &self,
+        name: String,
+        rootfs: std::path::PathBuf,
+        kernel: Option<String>,
+    ) -> Result<ImageRecord, TreeError> {
+        self.blocking(move |db, dir| {
+            crate::image::validate_name(&name)?;
+            if db.get_image(&name)?.is_some() {
+                return Err(
+                    StoreError::Conflict(format!("an image named {name} exists already")).into(),
+                );
+            }
+            let rec = crate::image::register_image(&dir.join("images"), &name, &rootfs, kernel)?;
+            db.put_image(&rec)?;
+            Ok(rec)
+        })
+        .await
+    }
+
+    pub async fn images(&self) -> Result<Vec<ImageRecord>, TreeError> {
+        self.blocking(|db, _| Ok(db.list_images()?)).await
+    }
+
+    pub async fn image(&self, name: String) -> Result<Option<ImageRecord>, TreeError> {
+        self.blocking(move |db, _| Ok(db.get_image(&name)?)).await
+    }
+
+    /// Delete an image no VM uses.
+    pub async fn delete_image(&self, name: String) -> Result<Option<ImageRecord>, TreeError> {
+        self.blocking(move |db, dir| {
+            let Some(rec) = db.get_image(&name)? else {
+                return Ok(None);
+            };
+            let users: Vec<String> = db
+                .list_vms()?
+                .into_iter()
+                .filter(|v| v.image == name)
+                .map(|v| v.name)
+                .collect();
+            if !users.is_empty() {
+                return Err(StoreError::Conflict(format!(
+                    "image {name} is used by vm {}; delete those first",
+                    users.join(", ")
+                ))
+                .into());
+            }
+            db.delete_image(&name)?;
+            let _ = std::fs::remove_dir_all(dir.join("images").join(&name));
+            Ok(Some(rec))
+        })
+        .await
+    }
+
+    /// Import a kernel from a directory.
+    pub async fn import_kernel(
+        &self,
+        name: String,
+        from: std::path::PathBuf,
+    ) -> Result<KernelRecord, TreeError> {
+        self.blocking(move |db, dir| {
+            crate::image::validate_name(&name)?;
+            if db.get_kernel(&name)?.is_some() {
+                return Err(
+                    StoreError::Conflict(format!("a kernel named {name} exists already")).into(),
+                );
+            }
+            let rec = crate::image::import_kernel(&dir.join("kernels"), &name, &from)?;
+            db.put_kernel(&rec)?;
+            Ok(rec)
+        })
+        .await
+    }
+
+    pub async fn kernels(&self) -> Result<Vec<KernelRecord>, TreeError> {
+        self.blocking(|db, _| Ok(db.list_kernels()?)).await
+    }
+
+    pub async fn kernel(&self, name: String) -> Result<Option<KernelRecord>, TreeError> {
+        self.blocking(move |db, _| Ok(db.get_kernel(&name)?)).await
+    }
+
+    /// Remove a kernel no VM uses.
+    pub async fn remove_kernel(&self, name: String) -> Result<Option<KernelRecord>, TreeError> {
+        self.blocking(move |db, dir| {
+            let Some(rec) = db.get_kernel(&name)? else {
+                return Ok(None);
+            };
+            let users: Vec<String> = db
+                .list_vms()?
+                .into_iter()
+                .filter(|v| v.kernel == name)
+                .map(|v| v.name)
+                .collect();
+            if !users.is_empty() {
+                return Err(StoreError::Conflict(format!(
+                    "kernel {name} is used by vm {}; delete those first",
+                    users.join(", ")
+                ))
+                .into());
+            }
+            db.delete_kernel(&name)?;
+            let _ = std::fs::remove_dir_all(dir.join("kernels").join(&name));
+            Ok(Some(rec))
+        })
+        .await
+    }
+
     /// Stop the whole tree (children first, by ractor's linking).
     pub fn stop(&self) {
         self.root.stop(Some("daemon shutting down".into()));
@@ -257,6 +481,41 @@ fn live<M>(slot: &Slot<M>) -> ActorRef<M> {
         .expect("children are spawned in the root's pre_start")
 }
 
+/// A VM config for tests: everything under `dir`, QEMU by default, no default image.
+#[doc(hidden)]
+pub fn test_vm_config(dir: &std::path::Path) -> VmConfig {
+    use crate::vmm::{
+        firecracker::FirecrackerConfig,
+        qemu::{Accel, QemuConfig},
+    };
+    VmConfig {
+        data_dir: dir.to_owned(),
+        vmm: VmmConfig {
+            firecracker: FirecrackerConfig {
+                jailer: "jailer".into(),
+                firecracker: "firecracker".into(),
+                chroot_base: dir.join("jail"),
+                uid: 0,
+                gid: 0,
+            },
+            qemu: QemuConfig {
+                qemu: "qemu-system-x86_64".into(),
+                vhost_vsock: "vhost-device-vsock".into(),
+                accel: Accel::Tcg,
+            },
+        },
+        stop_timeout: Duration::from_secs(30),
+        extra_cmdline: String::new(),
+        tsc_khz: None,
+        settings: VmSettings {
+            defaults: Default::default(),
+            host: crate::vm::spec::Host::detect(),
+            default_vmm: banger_api::VmmKind::Qemu,
+            default_image: None,
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -265,7 +524,9 @@ mod tests {
     async fn a_failed_store_actor_is_restarted_and_keeps_the_database() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("s.redb")).unwrap();
-        let (tree, _join) = Tree::start(store).await.unwrap();
+        let (tree, _join) = Tree::start(store, test_vm_config(dir.path()))
+            .await
+            .unwrap();
         let before = tree.store_info().await.unwrap();
         let old = tree.store_cell();
         old.kill();

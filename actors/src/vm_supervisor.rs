@@ -1,48 +1,270 @@
-//! VmSupervisor: parent of one VmActor per VM (added with the VM lifecycle). For now it
-//! owns no children; its restart policy is already the one VmActors will get:
-//! one-for-one, a failed VmActor is restarted with its state rebuilt from the store and
-//! the host, a VmActor that stops normally (VM deleted) is not.
+//! VmSupervisor: parent of one VmActor per VM. It creates VMs (validating the request and
+//! writing the record) and routes callers to the VM's actor; it never waits for a VM's
+//! own work, which happens in the VM's mailbox.
+//!
+//! Restart policy, one-for-one: a VmActor that fails is restarted with its state rebuilt
+//! from the store and the host (its pre_start re-adopts a live VMM), at most
+//! [`MAX_RESTARTS`] times in [`crate::root::RESTART_WINDOW`], after which that VM is left
+//! without an actor and reported in the log; a VmActor that stops normally (its VM was
+//! deleted) is dropped.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+
+use banger_api::{CreateVm, SpecDefaults, VmInfo, VmState, VmmKind};
+
+use crate::store::now_secs;
+use crate::vm::actor::{ProgressTx, Reply, VmActor, VmArgs, VmEnv, VmError, VmMsg};
+use crate::vm::model::{self, VmRecord};
+use crate::vm::spec;
+
+/// Restarts allowed per VM actor within the window.
+pub const MAX_RESTARTS: usize = 3;
 
 /// Messages of the VmSupervisor.
 #[derive(Debug)]
 pub enum VmSupervisorMsg {
+    Create {
+        req: CreateVm,
+        progress: Option<ProgressTx>,
+        reply: Reply<VmInfo>,
+    },
+    /// The actor of a VM, by name or id.
+    Get {
+        vm: String,
+        reply: RpcReplyPort<Result<ActorRef<VmMsg>, VmError>>,
+    },
+    List(Reply<Vec<VmInfo>>),
+    Defaults(RpcReplyPort<SpecDefaults>),
     /// Number of VM actors alive.
     Count(RpcReplyPort<usize>),
+}
+
+/// Settings of VM creation.
+#[derive(Debug, Clone)]
+pub struct VmSettings {
+    pub defaults: spec::ConfigDefaults,
+    pub host: spec::Host,
+    pub default_vmm: VmmKind,
+    pub default_image: Option<String>,
 }
 
 #[derive(Debug, Default)]
 pub struct VmSupervisor;
 
-/// State: the live children.
-#[derive(Debug, Default)]
+#[derive(Debug)]
+pub struct VmSupervisorArgs {
+    pub env: Arc<VmEnv>,
+    pub settings: VmSettings,
+}
+
+#[derive(Debug)]
 pub struct VmSupervisorState {
-    children: Vec<ractor::ActorCell>,
+    env: Arc<VmEnv>,
+    settings: VmSettings,
+    /// VM id → its actor.
+    actors: HashMap<String, ActorRef<VmMsg>>,
+    restarts: HashMap<String, VecDeque<Instant>>,
+}
+
+impl VmSupervisorState {
+    fn defaults(&self) -> SpecDefaults {
+        spec::defaults(
+            &self.settings.defaults,
+            &self.settings.host,
+            self.settings.default_vmm,
+        )
+    }
+
+    fn id_of(&self, cell: &ractor::ActorCell) -> Option<String> {
+        self.actors
+            .iter()
+            .find(|(_, a)| a.get_id() == cell.get_id())
+            .map(|(id, _)| id.clone())
+    }
+}
+
+impl VmSupervisor {
+    async fn spawn_vm(
+        myself: &ActorRef<VmSupervisorMsg>,
+        state: &mut VmSupervisorState,
+        id: &str,
+    ) -> Result<ActorRef<VmMsg>, ActorProcessingErr> {
+        let args = VmArgs {
+            id: id.to_owned(),
+            env: Arc::clone(&state.env),
+        };
+        let (actor, _) = Actor::spawn_linked(None, VmActor, args, myself.get_cell()).await?;
+        state.actors.insert(id.to_owned(), actor.clone());
+        Ok(actor)
+    }
+
+    /// Validate a create request into a record (blocking: reads the store).
+    fn new_record(state: &VmSupervisorState, req: &CreateVm) -> Result<VmRecord, VmError> {
+        let store = &state.env.store;
+        let id = model::new_id();
+        let name = match &req.name {
+            Some(n) => {
+                model::validate_name(n).map_err(VmError::Invalid)?;
+                n.clone()
+            }
+            None => model::generated_name(&id),
+        };
+        if store.find_vm(&name)?.is_some() {
+            return Err(VmError::Conflict(format!(
+                "a vm named {name} exists already; pick another --name, or delete it with `banger vm delete {name}`"
+            )));
+        }
+        let image_name = req
+            .image
+            .clone()
+            .or_else(|| state.settings.default_image.clone())
+            .ok_or_else(|| {
+                VmError::Invalid(
+                    "no image given and no default_image configured: pass --image, or register one with `banger image register`".into(),
+                )
+            })?;
+        let image = store.get_image(&image_name)?.ok_or_else(|| {
+            VmError::NotFound(format!("image {image_name} (see `banger image list`)"))
+        })?;
+        let kernel_name = req.kernel.clone().or(image.kernel.clone()).ok_or_else(|| {
+            VmError::Invalid(format!(
+                "image {image_name} names no kernel: pass --kernel (see `banger kernel list`)"
+            ))
+        })?;
+        if store.get_kernel(&kernel_name)?.is_none() {
+            return Err(VmError::NotFound(format!(
+                "kernel {kernel_name} (see `banger kernel list`)"
+            )));
+        }
+        let spec = spec::resolve(&state.defaults(), req.vcpu, req.memory_mib, req.disk_bytes)
+            .map_err(VmError::Invalid)?;
+        Ok(VmRecord {
+            id,
+            name,
+            image: image_name,
+            kernel: kernel_name,
+            vmm: req.vmm.unwrap_or(state.settings.default_vmm),
+            spec,
+            nat: req.nat,
+            state: VmState::Created,
+            error: None,
+            created_at: now_secs(),
+            started_at: None,
+            cmdline: None,
+            runtime: None,
+        })
+    }
 }
 
 impl Actor for VmSupervisor {
     type Msg = VmSupervisorMsg;
     type State = VmSupervisorState;
-    type Arguments = ();
+    type Arguments = VmSupervisorArgs;
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<Self::Msg>,
-        _args: (),
+        myself: ActorRef<Self::Msg>,
+        args: VmSupervisorArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        Ok(VmSupervisorState::default())
+        let mut state = VmSupervisorState {
+            env: args.env,
+            settings: args.settings,
+            actors: HashMap::new(),
+            restarts: HashMap::new(),
+        };
+        let store = Arc::clone(&state.env.store);
+        let vms = tokio::task::spawn_blocking(move || store.list_vms()).await??;
+        for vm in vms {
+            if let Err(e) = Self::spawn_vm(&myself, &mut state, &vm.id).await {
+                tracing::error!(vm = %vm.name, error = %e, "cannot start the vm's actor");
+            }
+        }
+        Ok(state)
     }
 
     async fn handle(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         msg: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             VmSupervisorMsg::Count(reply) => {
-                let _ = reply.send(state.children.len());
+                let _ = reply.send(state.actors.len());
+            }
+            VmSupervisorMsg::Defaults(reply) => {
+                let _ = reply.send(state.defaults());
+            }
+            VmSupervisorMsg::List(reply) => {
+                let actors: Vec<_> = state.actors.values().cloned().collect();
+                tokio::spawn(async move {
+                    let mut out = Vec::new();
+                    for a in actors {
+                        if let Ok(Ok(info)) = ractor::call_t!(a, VmMsg::Info, 10_000) {
+                            out.push(info);
+                        }
+                    }
+                    out.sort_by(|a: &VmInfo, b: &VmInfo| {
+                        (a.created_at, &a.name).cmp(&(b.created_at, &b.name))
+                    });
+                    let _ = reply.send(Ok(out));
+                });
+            }
+            VmSupervisorMsg::Get { vm, reply } => {
+                let store = Arc::clone(&state.env.store);
+                let key = vm.clone();
+                let found = tokio::task::spawn_blocking(move || store.find_vm(&key)).await?;
+                let result = match found {
+                    Ok(Some(rec)) => state
+                        .actors
+                        .get(&rec.id)
+                        .cloned()
+                        .ok_or_else(|| VmError::Gone(rec.name)),
+                    Ok(None) => Err(VmError::NotFound(vm)),
+                    Err(e) => Err(e.into()),
+                };
+                let _ = reply.send(result);
+            }
+            VmSupervisorMsg::Create {
+                req,
+                progress,
+                reply,
+            } => {
+                let rec = {
+                    // Reads only; quick. The supervisor's mailbox serialises name checks.
+                    match Self::new_record(state, &req) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
+                            return Ok(());
+                        }
+                    }
+                };
+                let store = Arc::clone(&state.env.store);
+                let to_store = rec.clone();
+                if let Err(e) = tokio::task::spawn_blocking(move || store.put_vm(&to_store)).await?
+                {
+                    let _ = reply.send(Err(e.into()));
+                    return Ok(());
+                }
+                tracing::info!(vm = %rec.name, id = %rec.id, "created");
+                if let Some(p) = &progress {
+                    let dir = crate::vm::disks::VmDir::new(&state.env.vms_dir, &rec.id);
+                    let _ = p.send(banger_api::Progress::Created {
+                        vm: crate::vm::actor::info_of(&rec, &dir),
+                    });
+                }
+                let actor = Self::spawn_vm(&myself, state, &rec.id).await?;
+                let msg = if req.no_start {
+                    VmMsg::Prepare { reply }
+                } else {
+                    VmMsg::Start { progress, reply }
+                };
+                let _ = actor.cast(msg);
             }
         }
         Ok(())
@@ -50,16 +272,33 @@ impl Actor for VmSupervisor {
 
     async fn handle_supervisor_evt(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         event: SupervisionEvent,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match event {
-            SupervisionEvent::ActorStarted(cell) => state.children.push(cell),
-            SupervisionEvent::ActorTerminated(cell, _, _)
-            | SupervisionEvent::ActorFailed(cell, _) => {
-                // Never stop ourselves because a VM actor ended (ractor's default would).
-                state.children.retain(|c| c.get_id() != cell.get_id());
+            SupervisionEvent::ActorTerminated(cell, _, _) => {
+                // Deleted: forget it (never stop ourselves, as ractor's default would).
+                if let Some(id) = state.id_of(&cell) {
+                    state.actors.remove(&id);
+                    state.restarts.remove(&id);
+                }
+            }
+            SupervisionEvent::ActorFailed(cell, reason) => {
+                let Some(id) = state.id_of(&cell) else {
+                    return Ok(());
+                };
+                state.actors.remove(&id);
+                let now = Instant::now();
+                let history = state.restarts.entry(id.clone()).or_default();
+                history.retain(|t| now.duration_since(*t) < crate::root::RESTART_WINDOW);
+                if history.len() >= MAX_RESTARTS {
+                    tracing::error!(vm = %id, %reason, "vm actor failed too often; leaving it stopped");
+                    return Ok(());
+                }
+                history.push_back(now);
+                tracing::warn!(vm = %id, %reason, "vm actor failed; restarting it from the store");
+                Self::spawn_vm(&myself, state, &id).await?;
             }
             _ => {}
         }

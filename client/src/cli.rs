@@ -23,6 +23,21 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Create, run and manage VMs.
+    #[command(subcommand)]
+    Vm(VmCmd),
+    /// List VMs (same as `banger vm list`).
+    Ps {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Manage images (root filesystems).
+    #[command(subcommand)]
+    Image(ImageCmd),
+    /// Manage guest kernels.
+    #[command(subcommand)]
+    Kernel(KernelCmd),
     /// Manage the banger daemon (bangerd).
     #[command(subcommand)]
     Daemon(DaemonCmd),
@@ -66,4 +81,195 @@ pub enum DaemonCmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Size flags shared by `vm create` and `vm set`.
+#[derive(Debug, clap::Args)]
+pub struct SizeArgs {
+    /// Number of vCPUs.
+    #[arg(long)]
+    pub vcpu: Option<u32>,
+    /// Memory, e.g. 2G or 512M.
+    #[arg(long, value_parser = parse_size)]
+    pub memory: Option<u64>,
+    /// Size of the work disk mounted at /root, e.g. 8G (sparse: costs only what is used).
+    #[arg(long = "disk-size", value_parser = parse_size)]
+    pub disk_size: Option<u64>,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    crate::commands::vm::parse_size(s)
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VmCmd {
+    /// Create a VM and start it (its size: flags, else [vm_defaults], else host-derived).
+    #[command(after_help = CREATE_HELP)]
+    Create {
+        /// Name (a-z, 0-9, '-'); generated when absent.
+        #[arg(long)]
+        name: Option<String>,
+        /// Image (default: the config's default_image_name).
+        #[arg(long)]
+        image: Option<String>,
+        /// Kernel (default: the image's).
+        #[arg(long)]
+        kernel: Option<String>,
+        #[command(flatten)]
+        size: SizeArgs,
+        /// VMM: firecracker or qemu (default: the config's default_vmm).
+        #[arg(long)]
+        vmm: Option<banger_api::VmmKind>,
+        /// Give the VM outbound network access through NAT.
+        #[arg(long)]
+        nat: bool,
+        /// Only create it (disks included); start it later with `banger vm start`.
+        #[arg(long)]
+        no_start: bool,
+        /// Print the VM as JSON when done.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a stopped VM.
+    #[command(after_help = "Examples:\n  banger vm start dev")]
+    Start { vm: String },
+    /// Stop a VM gracefully (Ctrl-Alt-Del, then SIGKILL after the timeout). Disks are kept.
+    #[command(after_help = "Examples:\n  banger vm stop dev\n  banger vm stop dev --timeout 5")]
+    Stop {
+        vm: String,
+        /// Seconds to wait for the guest before killing it (default: config stop_timeout_secs).
+        #[arg(long)]
+        timeout: Option<u64>,
+    },
+    /// Stop (if running) and start a VM.
+    Restart { vm: String },
+    /// Send a signal to a VM's VMM process (default KILL).
+    #[command(after_help = "Examples:\n  banger vm kill dev\n  banger vm kill dev --signal TERM")]
+    Kill {
+        vm: String,
+        #[arg(long, short = 's', default_value = "KILL")]
+        signal: String,
+    },
+    /// Delete VMs and their disks.
+    #[command(
+        visible_alias = "rm",
+        after_help = "Examples:\n  banger vm rm dev\n  banger vm rm -f dev other"
+    )]
+    Delete {
+        #[arg(required = true)]
+        vms: Vec<String>,
+        /// Kill running VMs first.
+        #[arg(long, short)]
+        force: bool,
+    },
+    /// Change a stopped VM's size (the work disk only grows), or its NAT.
+    #[command(
+        after_help = "Examples:\n  banger vm set dev --vcpu 4 --memory 4G\n  banger vm set dev --disk-size 20G"
+    )]
+    Set {
+        vm: String,
+        #[command(flatten)]
+        size: SizeArgs,
+        #[arg(long, overrides_with = "no_nat")]
+        nat: bool,
+        #[arg(long)]
+        no_nat: bool,
+    },
+    /// List VMs.
+    #[command(
+        visible_alias = "ls",
+        after_help = "Examples:\n  banger vm ls\n  banger vm ls --json | jq -r '.[].name'"
+    )]
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one VM.
+    Show {
+        vm: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Resource use of a VM (host-side VMM figures).
+    Stats {
+        vm: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a VM's console log; -f follows it until the VM stops.
+    #[command(after_help = "Examples:\n  banger vm logs dev\n  banger vm logs -f dev")]
+    Logs {
+        vm: String,
+        #[arg(long, short)]
+        follow: bool,
+        /// Only the last N bytes.
+        #[arg(long)]
+        tail: Option<u64>,
+    },
+    /// Delete all VMs that are not running.
+    #[command(
+        after_help = "Examples:\n  banger vm prune        list what would be deleted, and ask\n  banger vm prune -f     delete without asking"
+    )]
+    Prune {
+        /// Do not ask.
+        #[arg(long, short)]
+        force: bool,
+    },
+}
+
+const CREATE_HELP: &str = "Examples:\n  banger vm create --name dev\n  banger vm create --name big --vcpu 4 --memory 8G --disk-size 50G\n  banger vm create --vmm qemu --image debian";
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCmd {
+    /// Register a local ext4 root filesystem as an image.
+    #[command(
+        after_help = "Examples:\n  banger image register debian ./rootfs.ext4 --kernel cloud"
+    )]
+    Register {
+        name: String,
+        rootfs: PathBuf,
+        /// The kernel VMs of this image boot by default.
+        #[arg(long)]
+        kernel: Option<String>,
+    },
+    /// List images.
+    #[command(visible_alias = "ls")]
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show an image.
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete an image no VM uses.
+    #[command(visible_alias = "rm")]
+    Delete { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KernelCmd {
+    /// Import a kernel from a directory with vmlinux or vmlinuz, and optionally initrd and modules/.
+    #[command(after_help = "Examples:\n  banger kernel import cloud --from ./kernel-dir")]
+    Import {
+        name: String,
+        #[arg(long)]
+        from: PathBuf,
+    },
+    /// List kernels.
+    #[command(visible_alias = "ls")]
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a kernel.
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a kernel no VM uses.
+    Rm { name: String },
 }

@@ -35,6 +35,8 @@ pub enum CliError {
     #[error("{message}")]
     Rpc { code: i32, message: String },
     #[error("{0}")]
+    Usage(String),
+    #[error("{0}")]
     Other(String),
 }
 
@@ -53,6 +55,7 @@ impl CliError {
                 codes::SHUTTING_DOWN => UNAVAILABLE,
                 _ => FAILURE,
             },
+            CliError::Usage(_) => USAGE,
             CliError::Other(_) => FAILURE,
         }
     }

@@ -1,12 +1,11 @@
 //! banger-guest: what runs inside a VM, and the protocol the host speaks to it.
 //!
-//! Planned (issue "The guest side"): `banger-init` (PID 1 via `init=`: mounts, modules,
-//! overlayfs root, network from the kernel command line, then the image's init) and
-//! `banger-agent` (AF_VSOCK server: health, exec, ports, stats, files, tar, shutdown, host
-//! keys), plus the versioned wire protocol shared with `banger-actors`.
-//!
-//! Only the protocol version lives here today, so the host and guest halves have one place
-//! to agree on it.
+//! - [`init`]: the pure parts of `banger-init` (PID 1 via `init=`): command-line parsing,
+//!   disk discovery by filesystem label, module dependency order. The binary
+//!   (`src/bin/banger-init.rs`) performs the mounts and execs the image's init.
+//! - `banger-agent` and the versioned wire protocol come with the guest-agent issue.
+
+pub mod init;
 
 /// Version of the host↔agent protocol. The host refuses an agent with another major.
 pub const PROTOCOL_VERSION: u32 = 1;

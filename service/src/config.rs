@@ -40,6 +40,71 @@ pub struct Config {
     pub cache_dir: Option<PathBuf>,
     /// Name of the group whose members may use the daemon besides its owner and root.
     pub socket_group: String,
+    /// The image `vm create` uses when none is given.
+    pub default_image_name: Option<String>,
+    /// The VMM of new VMs: `firecracker` or `qemu`.
+    pub default_vmm: String,
+    /// Seconds `vm stop` waits for the guest to shut down before killing it.
+    pub stop_timeout_secs: u64,
+    /// Appended to every guest kernel command line.
+    pub kernel_cmdline_extra: String,
+    pub vm_defaults: VmDefaults,
+    pub firecracker: FirecrackerSection,
+    pub qemu: QemuSection,
+}
+
+/// `[vm_defaults]`: the size of new VMs (each falls back to a host-derived value, then a
+/// built-in one; `banger vm create --help` shows what applies and why).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmDefaults {
+    pub vcpu: Option<u32>,
+    /// e.g. `"2G"`, `"512M"`.
+    pub memory: Option<String>,
+    /// Work disk size, e.g. `"8G"`.
+    pub disk: Option<String>,
+}
+
+/// `[firecracker]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FirecrackerSection {
+    pub binary: PathBuf,
+    pub jailer: PathBuf,
+    /// uid/gid the jailer runs Firecracker as (default: the daemon's owner).
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+}
+
+impl Default for FirecrackerSection {
+    fn default() -> Self {
+        FirecrackerSection {
+            binary: "firecracker".into(),
+            jailer: "jailer".into(),
+            uid: None,
+            gid: None,
+        }
+    }
+}
+
+/// `[qemu]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QemuSection {
+    pub binary: PathBuf,
+    pub vhost_vsock: PathBuf,
+    /// `auto` (KVM when usable, else TCG), `kvm` or `tcg`.
+    pub accel: String,
+}
+
+impl Default for QemuSection {
+    fn default() -> Self {
+        QemuSection {
+            binary: "qemu-system-x86_64".into(),
+            vhost_vsock: "vhost-device-vsock".into(),
+            accel: "auto".into(),
+        }
+    }
 }
 
 impl Default for Config {
@@ -50,6 +115,13 @@ impl Default for Config {
             log_dir: None,
             cache_dir: None,
             socket_group: "banger".into(),
+            default_image_name: None,
+            default_vmm: "firecracker".into(),
+            stop_timeout_secs: 30,
+            kernel_cmdline_extra: String::new(),
+            vm_defaults: VmDefaults::default(),
+            firecracker: FirecrackerSection::default(),
+            qemu: QemuSection::default(),
         }
     }
 }
@@ -152,6 +224,46 @@ impl Config {
                 });
             }
         }
+        self.default_vmm
+            .parse::<banger_api::VmmKind>()
+            .map_err(|message| ConfigError::Invalid {
+                key: "default_vmm",
+                message,
+            })?;
+        if !matches!(self.qemu.accel.as_str(), "auto" | "kvm" | "tcg") {
+            return Err(ConfigError::Invalid {
+                key: "qemu.accel",
+                message: format!("{:?}: use auto, kvm or tcg", self.qemu.accel),
+            });
+        }
+        for (key, v) in [
+            ("vm_defaults.memory", &self.vm_defaults.memory),
+            ("vm_defaults.disk", &self.vm_defaults.disk),
+        ] {
+            if let Some(v) = v {
+                banger_actors::vm::spec::parse_size(v)
+                    .map_err(|message| ConfigError::Invalid { key, message })?;
+            }
+        }
+        let d = self.vm_spec_defaults();
+        let probe = banger_actors::vm::spec::defaults(
+            &d,
+            &banger_actors::vm::spec::Host {
+                cpus: None,
+                memory_bytes: None,
+            },
+            banger_api::VmmKind::Qemu,
+        );
+        banger_actors::vm::spec::validate(&probe.spec).map_err(|message| ConfigError::Invalid {
+            key: "vm_defaults",
+            message,
+        })?;
+        if self.stop_timeout_secs == 0 {
+            return Err(ConfigError::Invalid {
+                key: "stop_timeout_secs",
+                message: "must be at least 1".into(),
+            });
+        }
         if self.socket_group.is_empty() {
             return Err(ConfigError::Invalid {
                 key: "socket_group",
@@ -183,6 +295,21 @@ fn validate_log_level(value: &str) -> Result<(), ConfigError> {
     }
     tracing_subscriber::filter::Targets::from_str(value).map_err(|e| bad(e.to_string()))?;
     Ok(())
+}
+
+impl Config {
+    /// `[vm_defaults]` as the actors take it (sizes already validated).
+    pub fn vm_spec_defaults(&self) -> banger_actors::vm::spec::ConfigDefaults {
+        let size = |v: &Option<String>| {
+            v.as_deref()
+                .and_then(|s| banger_actors::vm::spec::parse_size(s).ok())
+        };
+        banger_actors::vm::spec::ConfigDefaults {
+            vcpu: self.vm_defaults.vcpu,
+            memory_mib: size(&self.vm_defaults.memory).map(|b| (b >> 20) as u32),
+            disk_bytes: size(&self.vm_defaults.disk),
+        }
+    }
 }
 
 fn insert(table: &mut toml::Table, path: &[String], value: toml::Value) {
@@ -220,6 +347,40 @@ mod tests {
         let path = dir.path().join("config.toml");
         std::fs::write(&path, text).unwrap();
         (dir, path)
+    }
+
+    #[test]
+    fn vm_sections() {
+        let (_d, path) = write(
+            "default_vmm = \"qemu\"\n[vm_defaults]\nvcpu = 2\nmemory = \"1G\"\ndisk = \"4G\"\n[qemu]\naccel = \"tcg\"\n",
+        );
+        let c = Config::load(Some(&path), true, vec![]).unwrap();
+        let d = c.vm_spec_defaults();
+        assert_eq!(
+            (d.vcpu, d.memory_mib, d.disk_bytes),
+            (Some(2), Some(1024), Some(4 << 30))
+        );
+        let c = Config::load(
+            None,
+            false,
+            vars(&[
+                ("BANGER_VM_DEFAULTS__VCPU", "3"),
+                ("BANGER_QEMU__ACCEL", "kvm"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.vm_defaults.vcpu, Some(3));
+        assert_eq!(c.qemu.accel, "kvm");
+        for bad in [
+            "default_vmm = \"xen\"\n",
+            "[qemu]\naccel = \"fast\"\n",
+            "[vm_defaults]\nmemory = \"lots\"\n",
+            "[vm_defaults]\nvcpu = 0\n",
+            "[vm_defaults]\ncpus = 2\n",
+        ] {
+            let (_d, path) = write(bad);
+            assert!(Config::load(Some(&path), true, vec![]).is_err(), "{bad}");
+        }
     }
 
     #[test]

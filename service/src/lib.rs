@@ -72,6 +72,54 @@ impl Settings {
     }
 }
 
+/// The VM side of the tree, from config and host.
+fn vm_config(settings: &Settings) -> banger_actors::root::VmConfig {
+    use banger_actors::vm::spec::Host;
+    use banger_actors::vm_supervisor::VmSettings;
+    use banger_actors::vmm::{VmmConfig, firecracker::FirecrackerConfig, qemu};
+    let c = &settings.config;
+    let accel = match c.qemu.accel.as_str() {
+        "kvm" => qemu::Accel::Kvm,
+        "tcg" => qemu::Accel::Tcg,
+        _ => qemu::Accel::Auto,
+    };
+    banger_actors::root::VmConfig {
+        data_dir: settings.paths.data_dir.clone(),
+        vmm: VmmConfig {
+            firecracker: FirecrackerConfig {
+                jailer: c.firecracker.jailer.clone(),
+                firecracker: c.firecracker.binary.clone(),
+                chroot_base: settings.paths.data_dir.join("jail"),
+                uid: c
+                    .firecracker
+                    .uid
+                    .unwrap_or_else(|| nix::unistd::geteuid().as_raw()),
+                gid: c
+                    .firecracker
+                    .gid
+                    .unwrap_or_else(|| nix::unistd::getegid().as_raw()),
+            },
+            qemu: qemu::QemuConfig {
+                qemu: c.qemu.binary.clone(),
+                vhost_vsock: c.qemu.vhost_vsock.clone(),
+                accel,
+            },
+        },
+        stop_timeout: Duration::from_secs(c.stop_timeout_secs),
+        extra_cmdline: c.kernel_cmdline_extra.clone(),
+        tsc_khz: qemu::host_tsc_khz(),
+        settings: VmSettings {
+            defaults: c.vm_spec_defaults(),
+            host: Host::detect(),
+            default_vmm: c
+                .default_vmm
+                .parse()
+                .unwrap_or(banger_api::VmmKind::Firecracker),
+            default_image: c.default_image_name.clone(),
+        },
+    }
+}
+
 /// A started daemon: lock held, store open, tree running.
 #[derive(Debug)]
 pub struct Daemon {
@@ -90,7 +138,7 @@ impl Daemon {
         let store = tokio::task::spawn_blocking(move || Store::open(&store_path))
             .await
             .expect("store open does not panic")?;
-        let (tree, tree_join) = Tree::start(store).await?;
+        let (tree, tree_join) = Tree::start(store, vm_config(&settings)).await?;
         let starts = tree.record_start().await?;
         let started_at = SystemTime::now()
             .duration_since(UNIX_EPOCH)

@@ -13,7 +13,7 @@ use super::{
 type Migration = fn(&WriteTransaction) -> Result<(), StoreError>;
 
 /// The migrations, in order. The schema version is their count.
-const MIGRATIONS: &[Migration] = &[v1_meta];
+const MIGRATIONS: &[Migration] = &[v1_meta, v2_vms_images_kernels];
 
 /// The schema version this binary writes.
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -27,6 +27,16 @@ fn v1_meta(txn: &WriteTransaction) -> Result<(), StoreError> {
         meta.insert(KEY_CREATED, now_secs().to_le_bytes().as_slice())?;
         meta.insert(KEY_STARTS, 0u64.to_le_bytes().as_slice())?;
     }
+    Ok(())
+}
+
+/// v2: VMs (with a name index), images and kernels.
+fn v2_vms_images_kernels(txn: &WriteTransaction) -> Result<(), StoreError> {
+    use super::records::{IMAGES, KERNELS, VM_NAMES, VMS};
+    txn.open_table(VMS)?;
+    txn.open_table(VM_NAMES)?;
+    txn.open_table(IMAGES)?;
+    txn.open_table(KERNELS)?;
     Ok(())
 }
 

@@ -13,6 +13,7 @@
 
 mod actor;
 mod migrations;
+mod records;
 
 pub use actor::{StoreActor, StoreMsg};
 pub use migrations::SCHEMA_VERSION;
@@ -69,6 +70,8 @@ pub enum StoreError {
     Db(#[source] redb::Error),
     #[error("the store actor is not running")]
     Unavailable,
+    #[error("{0}")]
+    Conflict(String),
 }
 
 impl<E: Into<redb::Error>> From<E> for StoreError {

@@ -1,7 +1,9 @@
 //! One module per command group; each turns parsed arguments into calls and output.
 
 pub mod daemon;
+pub mod image;
 pub mod version;
+pub mod vm;
 
 use clap::CommandFactory;
 
@@ -9,11 +11,56 @@ use crate::cli::{Cli, Command};
 use crate::connect::Target;
 use crate::exit::{self, CliError};
 
+/// Parse the command line. `vm create --help` shows the defaults that apply now, asked
+/// from the daemon (when one answers; nothing is started for help).
+pub async fn parse() -> Cli {
+    use clap::FromArgMatches;
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let mut cmd = Cli::command();
+    let words: Vec<&str> = args.iter().filter_map(|a| a.to_str()).collect();
+    let wants_create_help = words.windows(2).any(|w| w == ["vm", "create"])
+        && words.iter().any(|w| *w == "--help" || *w == "-h");
+    if wants_create_help {
+        let socket = words
+            .windows(2)
+            .find(|w| w[0] == "--socket")
+            .map(|w| std::path::PathBuf::from(w[1]))
+            .or_else(|| std::env::var_os("BANGER_SOCKET").map(Into::into));
+        let target = Target::resolve(socket);
+        let defaults = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+            let client = crate::connect::connect(&target).await.ok()?;
+            banger_api::VmRpcClient::defaults(&client).await.ok()
+        })
+        .await
+        .ok()
+        .flatten();
+        let text = match defaults {
+            Some(d) => vm::defaults_help(&d),
+            None => "Defaults: the daemon is not running, so they are not shown; start it with `banger daemon start`.".into(),
+        };
+        cmd = cmd.mut_subcommand("vm", |vm| {
+            vm.mut_subcommand("create", |c| {
+                let before = c
+                    .get_after_help()
+                    .map(|h| h.to_string())
+                    .unwrap_or_default();
+                c.after_help(format!("{before}\n\n{text}"))
+            })
+        });
+    }
+    let matches = cmd.get_matches_from(args);
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
 /// Run a parsed command line; returns the exit status.
 pub async fn run(cli: Cli) -> Result<u8, CliError> {
     let target = Target::resolve(cli.socket);
     match cli.command {
         Command::Daemon(cmd) => daemon::run(&target, cmd).await,
+        Command::Vm(cmd) => vm::run(&target, cmd).await,
+        Command::Ps { json } => vm::ps(&target, json).await,
+        Command::Image(cmd) => image::image(&target, cmd).await,
+        Command::Kernel(cmd) => image::kernel(&target, cmd).await,
         Command::Version { json } => version::run(&target, json).await,
         Command::Completion { shell } => {
             let mut cmd = Cli::command();

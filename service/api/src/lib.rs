@@ -14,6 +14,10 @@
 
 pub mod codes;
 pub mod daemon;
+pub mod image;
 pub mod socket;
+pub mod vm;
 
 pub use daemon::*;
+pub use image::*;
+pub use vm::*;

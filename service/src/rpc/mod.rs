@@ -2,7 +2,11 @@
 //! to the tree, and every error becomes a JSON-RPC error here, in one place ([`RpcError`]
 //! → [`ErrorObjectOwned`]).
 
+#![allow(clippy::result_large_err)]
+
 pub mod daemon;
+pub mod image;
+pub mod vm;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -28,20 +32,42 @@ pub struct Ctx {
     pub stop: Arc<Notify>,
 }
 
-/// Every error a handler can return.
+/// Every error a handler can return. (Large, as it carries the actors' errors by value;
+/// it lives only on the error path of a request.)
 #[derive(Debug, thiserror::Error)]
 pub enum RpcError {
     #[error(transparent)]
     Tree(#[from] TreeError),
     #[error("the daemon is shutting down")]
     ShuttingDown,
+    #[error("no {0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl From<banger_actors::vm::actor::VmError> for RpcError {
+    fn from(e: banger_actors::vm::actor::VmError) -> Self {
+        RpcError::Tree(TreeError::Vm(e))
+    }
 }
 
 impl From<RpcError> for ErrorObjectOwned {
     fn from(err: RpcError) -> Self {
         let code = match &err {
-            RpcError::Tree(TreeError::Store(StoreError::Unavailable)) => codes::STORE,
+            RpcError::Tree(TreeError::Vm(e)) => e.code(),
+            RpcError::Tree(TreeError::Image(banger_actors::image::ImageError::Name(_)))
+            | RpcError::Tree(TreeError::Image(banger_actors::image::ImageError::NotExt4 {
+                ..
+            }))
+            | RpcError::Tree(TreeError::Image(banger_actors::image::ImageError::NoKernel(_))) => {
+                codes::INVALID_ARGUMENT
+            }
+            RpcError::Tree(TreeError::Image(_)) => codes::INTERNAL_ERROR,
+            RpcError::Tree(TreeError::Store(StoreError::Conflict(_))) => codes::CONFLICT,
             RpcError::Tree(TreeError::Store(_)) => codes::STORE,
+            RpcError::NotFound(_) => codes::NOT_FOUND,
+            RpcError::Invalid(_) => codes::INVALID_ARGUMENT,
             RpcError::Tree(TreeError::Call(_)) | RpcError::Tree(TreeError::Spawn(_)) => {
                 codes::INTERNAL_ERROR
             }
@@ -68,13 +94,30 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
 
 /// Methods that take no parameters; a call that sends some is refused with
 /// `INVALID_PARAMS` (see [`crate::auth::Gate`]). Checked against the module by a test.
-pub const NO_PARAMS: &[&str] = &["daemon.ping", "daemon.status", "daemon.stop"];
+pub const NO_PARAMS: &[&str] = &[
+    "daemon.ping",
+    "daemon.status",
+    "daemon.stop",
+    "vm.defaults",
+    "vm.list",
+    "image.list",
+    "kernel.list",
+];
 
 /// All namespaces, merged.
 pub fn methods(ctx: Arc<Ctx>) -> Methods {
     let mut module = RpcModule::new(());
     module
-        .merge(daemon::into_rpc(ctx))
+        .merge(daemon::into_rpc(Arc::clone(&ctx)))
+        .expect("method names are unique across namespaces");
+    module
+        .merge(vm::into_rpc(Arc::clone(&ctx)))
+        .expect("method names are unique across namespaces");
+    module
+        .merge(image::image_rpc(Arc::clone(&ctx)))
+        .expect("method names are unique across namespaces");
+    module
+        .merge(image::kernel_rpc(ctx))
         .expect("method names are unique across namespaces");
     module.into()
 }

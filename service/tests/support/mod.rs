@@ -39,8 +39,12 @@ impl TestDaemon {
     }
 
     pub async fn start_in(dir: tempfile::TempDir) -> TestDaemon {
+        Self::start_with(dir, Config::default()).await
+    }
+
+    pub async fn start_with(dir: tempfile::TempDir, config: Config) -> TestDaemon {
         let paths = paths_in(dir.path());
-        let settings = Settings::new(Config::default(), paths.clone());
+        let settings = Settings::new(config, paths.clone());
         let daemon = Daemon::start(settings).await.expect("daemon starts");
         let (listener, socket_file) =
             server::bind(&paths.socket, &daemon.settings().access).expect("bind");

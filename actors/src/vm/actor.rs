@@ -1,0 +1,758 @@
+//! VmActor: one per VM. It owns the VM's record, its VMM process (through the driver),
+//! its disks and its console stream. Every operation on the VM goes through its mailbox;
+//! slow work (making disks, launching and configuring the VMM, waiting for a guest to shut
+//! down) runs in tasks that report back by message, so `stop` is never queued behind a
+//! launch. Store writes are short (one redb transaction) and are awaited on the blocking
+//! pool, so the state is persisted before a caller hears about it.
+//!
+//! Exactly one task watches a live VMM process (by pid + start time) and sends
+//! [`VmMsg::Exited`]; every way a VM stops (guest poweroff, `stop`, `kill`, a crash) ends
+//! there, where resources are released and waiters answered. Progress senders get
+//! `stage` events only; the caller turns the final answer into `done`/`failed`. Messages carry the start
+//! generation, so news about an earlier run is ignored.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tokio::sync::{broadcast, mpsc, watch};
+
+use banger_api::{LogEvent, Progress, SetVm, VmInfo, VmState, VmStats, codes};
+
+use super::cmdline::{self, CmdlineInputs};
+use super::disks::{self, DiskError, VmDir};
+use super::model::{self, Op, Runtime, VmRecord};
+use super::proc;
+use crate::store::{Store, StoreError, now_secs};
+use crate::vmm::{Driver, LaunchPlan, VmmConfig, VmmError};
+
+/// What every VM actor shares.
+#[derive(Debug)]
+pub struct VmEnv {
+    pub store: Arc<Store>,
+    pub vms_dir: PathBuf,
+    pub vmm: VmmConfig,
+    /// How long `stop` waits for the guest before SIGKILL, unless the caller says.
+    pub stop_timeout: Duration,
+    pub extra_cmdline: String,
+    pub tsc_khz: Option<u64>,
+}
+
+/// Errors of VM operations, each mapped to an RPC code by [`VmError::code`].
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("no vm named {0}; see `banger vm list`")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    #[error("vm {vm} failed to start; its console log is {log}")]
+    Start {
+        vm: String,
+        log: String,
+        #[source]
+        source: VmmError,
+    },
+    #[error("vm {0} was stopped while it was starting")]
+    StoppedWhileStarting(String),
+    #[error("the vm actor for {0} is gone")]
+    Gone(String),
+}
+
+impl VmError {
+    pub fn code(&self) -> i32 {
+        match self {
+            VmError::NotFound(_) => codes::NOT_FOUND,
+            VmError::Conflict(_) | VmError::StoppedWhileStarting(_) => codes::CONFLICT,
+            VmError::Invalid(_) => codes::INVALID_ARGUMENT,
+            VmError::Store(StoreError::Conflict(_)) => codes::CONFLICT,
+            VmError::Store(_) => codes::STORE,
+            VmError::Disk(DiskError::Shrink { .. }) => codes::INVALID_ARGUMENT,
+            VmError::Disk(_) | VmError::Start { .. } | VmError::Gone(_) => codes::INTERNAL_ERROR,
+        }
+    }
+}
+
+impl From<model::Refused> for VmError {
+    fn from(r: model::Refused) -> Self {
+        VmError::Conflict(r.0)
+    }
+}
+
+pub type Reply<T> = RpcReplyPort<Result<T, VmError>>;
+pub type ProgressTx = mpsc::UnboundedSender<Progress>;
+
+/// Messages of a VmActor.
+#[derive(Debug)]
+pub enum VmMsg {
+    Start {
+        progress: Option<ProgressTx>,
+        reply: Reply<VmInfo>,
+    },
+    /// Make the disks without starting (`vm create --no-start`).
+    Prepare {
+        reply: Reply<VmInfo>,
+    },
+    Stop {
+        timeout: Option<Duration>,
+        reply: Reply<VmInfo>,
+    },
+    Kill {
+        signal: nix::sys::signal::Signal,
+        reply: Reply<VmInfo>,
+    },
+    Delete {
+        force: bool,
+        reply: Reply<VmInfo>,
+    },
+    Set {
+        req: SetVm,
+        reply: Reply<VmInfo>,
+    },
+    Info(Reply<VmInfo>),
+    Stats(Reply<VmStats>),
+    /// The console so far (last 64 KiB) and, while the VM runs, a live stream.
+    Follow(RpcReplyPort<(String, Option<broadcast::Receiver<LogEvent>>)>),
+    // Internal, from the actor's own tasks.
+    Launched {
+        generation: u64,
+        result: Result<(Runtime, String), VmError>,
+    },
+    Prepared {
+        result: Result<(), VmError>,
+        reply: Reply<VmInfo>,
+    },
+    Exited {
+        generation: u64,
+    },
+}
+
+/// Arguments: the VM's id and the shared environment.
+#[derive(Debug)]
+pub struct VmArgs {
+    pub id: String,
+    pub env: Arc<VmEnv>,
+}
+
+#[derive(Debug, Default)]
+pub struct VmActor;
+
+/// The console stream: a broadcast of new bytes and how far it has read.
+#[derive(Debug)]
+struct Console {
+    tx: broadcast::Sender<LogEvent>,
+    /// Bytes of console.log already broadcast; locked while broadcasting so a new follower
+    /// gets each byte exactly once (from the backlog or from the stream).
+    offset: Arc<Mutex<u64>>,
+    stop: Option<watch::Sender<Option<VmState>>>,
+}
+
+#[derive(Debug)]
+pub struct VmActorState {
+    rec: VmRecord,
+    env: Arc<VmEnv>,
+    dir: VmDir,
+    generation: u64,
+    start_waiters: Vec<(Reply<VmInfo>, Option<ProgressTx>)>,
+    stop_waiters: Vec<Reply<VmInfo>>,
+    delete_after_exit: Option<Reply<VmInfo>>,
+    console: Console,
+}
+
+impl VmActorState {
+    fn driver(&self) -> Driver {
+        Driver::new(self.rec.vmm, &self.env.vmm)
+    }
+
+    fn info(&self) -> VmInfo {
+        info_of(&self.rec, &self.dir)
+    }
+
+    async fn persist(&self) -> Result<(), VmError> {
+        let (store, rec) = (Arc::clone(&self.env.store), self.rec.clone());
+        tokio::task::spawn_blocking(move || store.put_vm(&rec))
+            .await
+            .expect("store write does not panic")?;
+        Ok(())
+    }
+
+    fn check(&self, op: Op) -> Result<(), VmError> {
+        Ok(model::check(&self.rec.name, self.rec.state, op)?)
+    }
+}
+
+/// The wire view of a VM.
+pub fn info_of(rec: &VmRecord, dir: &VmDir) -> VmInfo {
+    VmInfo {
+        id: rec.id.clone(),
+        name: rec.name.clone(),
+        state: rec.state,
+        error: rec.error.clone(),
+        vmm: rec.vmm,
+        spec: rec.spec,
+        image: rec.image.clone(),
+        kernel: rec.kernel.clone(),
+        nat: rec.nat,
+        created_at: rec.created_at,
+        started_at: rec.started_at,
+        pid: rec.runtime.as_ref().map(|r| r.pid),
+        dir: dir.dir.display().to_string(),
+        console_log: dir.console().display().to_string(),
+        cmdline: rec.cmdline.clone(),
+    }
+}
+
+/// Build the launch plan (image and kernel from the store). Blocking.
+fn plan(env: &VmEnv, rec: &VmRecord, dir: &VmDir) -> Result<LaunchPlan, VmError> {
+    let image = env.store.get_image(&rec.image)?.ok_or_else(|| {
+        VmError::Invalid(format!(
+            "the image {} of vm {} is gone",
+            rec.image, rec.name
+        ))
+    })?;
+    let kernel = env.store.get_kernel(&rec.kernel)?.ok_or_else(|| {
+        VmError::Invalid(format!(
+            "the kernel {} of vm {} is gone",
+            rec.kernel, rec.name
+        ))
+    })?;
+    let cmdline = cmdline::build(&CmdlineInputs {
+        vmm: rec.vmm,
+        id: &rec.id,
+        name: &rec.name,
+        net: None,
+        tsc_khz: env.tsc_khz,
+        extra: &env.extra_cmdline,
+    });
+    Ok(LaunchPlan {
+        id: rec.id.clone(),
+        spec: rec.spec,
+        kernel: kernel.kernel,
+        initrd: kernel.initrd,
+        rootfs: image.rootfs,
+        overlay: dir.overlay(),
+        work: dir.work(),
+        cmdline,
+        console: dir.console(),
+        run_dir: dir.run_dir(),
+        tap: None,
+    })
+}
+
+/// Make the disks if this VM has none yet. Blocking.
+fn ensure_disks(dir: &VmDir, work_bytes: u64) -> Result<(), VmError> {
+    if dir.overlay().exists() && dir.work().exists() {
+        return Ok(());
+    }
+    disks::create(dir, work_bytes)?;
+    Ok(())
+}
+
+fn send_stage(progress: &[ProgressTx], stage: &str) {
+    for tx in progress {
+        let _ = tx.send(Progress::Stage {
+            stage: stage.into(),
+            detail: None,
+        });
+    }
+}
+
+impl VmActor {
+    /// Start the task that sends `Exited` once the VMM process is gone.
+    fn watch_exit(myself: &ActorRef<VmMsg>, state: &VmActorState) {
+        let Some(rt) = state.rec.runtime.clone() else {
+            return;
+        };
+        let generation = state.generation;
+        let me = myself.clone();
+        tokio::spawn(async move {
+            while proc::alive(rt.pid, rt.start_time) {
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            let _ = me.cast(VmMsg::Exited { generation });
+        });
+    }
+
+    /// Start following console.log from its current end.
+    fn start_console(state: &mut VmActorState) {
+        if state.console.stop.is_some() {
+            return;
+        }
+        let path = state.dir.console();
+        let start = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        *state.console.offset.lock().expect("console lock") = start;
+        let (stop_tx, mut stop_rx) = watch::channel(None);
+        state.console.stop = Some(stop_tx);
+        let (tx, offset) = (state.console.tx.clone(), Arc::clone(&state.console.offset));
+        tokio::spawn(async move {
+            let drain = |final_state: Option<VmState>| {
+                let mut off = offset.lock().expect("console lock");
+                if let Ok(bytes) = read_from(&path, *off)
+                    && !bytes.is_empty()
+                {
+                    *off += bytes.len() as u64;
+                    let _ = tx.send(LogEvent::Data {
+                        text: String::from_utf8_lossy(&bytes).into_owned(),
+                    });
+                }
+                if let Some(state) = final_state {
+                    let _ = tx.send(LogEvent::End { state });
+                }
+            };
+            loop {
+                tokio::select! {
+                    changed = stop_rx.changed() => {
+                        let end = if changed.is_ok() { *stop_rx.borrow() } else { None };
+                        drain(Some(end.unwrap_or(VmState::Stopped)));
+                        break;
+                    }
+                    () = tokio::time::sleep(Duration::from_millis(50)) => drain(None),
+                }
+            }
+        });
+    }
+
+    fn stop_console(state: &mut VmActorState) {
+        if let Some(stop) = state.console.stop.take() {
+            let _ = stop.send(Some(state.rec.state));
+        }
+    }
+
+    /// The VMM is gone: release everything, settle the state, answer waiters.
+    async fn on_exited(
+        myself: &ActorRef<VmMsg>,
+        state: &mut VmActorState,
+    ) -> Result<(), ActorProcessingErr> {
+        let rt = state.rec.runtime.take();
+        let driver = state.driver();
+        let (id, run) = (state.rec.id.clone(), state.dir.run_dir());
+        let _ = tokio::task::spawn_blocking(move || driver.cleanup(&id, rt.as_ref(), &run)).await;
+        let was = state.rec.state;
+        state.rec.state = VmState::Stopped;
+        if was == VmState::Running && state.stop_waiters.is_empty() {
+            tracing::info!(vm = %state.rec.name, "the guest shut down");
+        }
+        state.generation += 1;
+        state.persist().await?;
+        Self::stop_console(state);
+        let info = state.info();
+        for w in state.stop_waiters.drain(..) {
+            let _ = w.send(Ok(info.clone()));
+        }
+        if let Some(reply) = state.delete_after_exit.take() {
+            Self::delete_now(myself, state, reply).await?;
+        }
+        Ok(())
+    }
+
+    async fn delete_now(
+        myself: &ActorRef<VmMsg>,
+        state: &mut VmActorState,
+        reply: Reply<VmInfo>,
+    ) -> Result<(), ActorProcessingErr> {
+        let (dir, store, id) = (
+            state.dir.clone(),
+            Arc::clone(&state.env.store),
+            state.rec.id.clone(),
+        );
+        let result = tokio::task::spawn_blocking(move || -> Result<(), VmError> {
+            disks::remove(&dir)?;
+            store.delete_vm(&id)?;
+            Ok(())
+        })
+        .await
+        .expect("delete does not panic");
+        match result {
+            Ok(()) => {
+                tracing::info!(vm = %state.rec.name, "deleted");
+                let _ = reply.send(Ok(state.info()));
+                myself.stop(Some("deleted".into()));
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+        }
+        Ok(())
+    }
+
+    fn kill_now(state: &VmActorState, signal: nix::sys::signal::Signal) {
+        if let Some(rt) = &state.rec.runtime {
+            proc::signal(rt.pid, rt.start_time, signal);
+        }
+    }
+}
+
+/// Bytes of `path` from `offset` to its end.
+fn read_from(path: &std::path::Path, offset: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path)?;
+    let len = f.metadata()?.len();
+    if len <= offset {
+        return Ok(Vec::new());
+    }
+    f.seek(SeekFrom::Start(offset))?;
+    let mut buf = Vec::with_capacity((len - offset) as usize);
+    f.take(len - offset).read_to_end(&mut buf)?;
+    Ok(buf)
+}
+
+/// How much console history a new follower gets.
+const BACKLOG: u64 = 64 * 1024;
+
+impl Actor for VmActor {
+    type Msg = VmMsg;
+    type State = VmActorState;
+    type Arguments = VmArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<VmMsg>,
+        args: VmArgs,
+    ) -> Result<VmActorState, ActorProcessingErr> {
+        let (store, id) = (Arc::clone(&args.env.store), args.id.clone());
+        let rec = tokio::task::spawn_blocking(move || store.find_vm(&id))
+            .await??
+            .ok_or_else(|| format!("vm {} is not in the store", args.id))?;
+        let dir = VmDir::new(&args.env.vms_dir, &rec.id);
+        let mut state = VmActorState {
+            rec,
+            env: args.env,
+            dir,
+            generation: 0,
+            start_waiters: Vec::new(),
+            stop_waiters: Vec::new(),
+            delete_after_exit: None,
+            console: Console {
+                tx: broadcast::channel(256).0,
+                offset: Arc::new(Mutex::new(0)),
+                stop: None,
+            },
+        };
+        // Re-adopt a VM that was running when the daemon stopped, or release what it left.
+        if model::is_active(state.rec.state) {
+            let adopted = state
+                .rec
+                .runtime
+                .as_ref()
+                .is_some_and(|rt| proc::alive(rt.pid, rt.start_time));
+            if adopted {
+                tracing::info!(vm = %state.rec.name, pid = state.rec.runtime.as_ref().map(|r| r.pid), "re-adopted a running vm");
+                state.rec.state = VmState::Running;
+                state.persist().await?;
+                Self::watch_exit(&myself, &state);
+                Self::start_console(&mut state);
+            } else {
+                tracing::info!(vm = %state.rec.name, "the vm's process is gone; marking it stopped");
+                let rt = state.rec.runtime.take();
+                let driver = state.driver();
+                let (id, run) = (state.rec.id.clone(), state.dir.run_dir());
+                tokio::task::spawn_blocking(move || driver.cleanup(&id, rt.as_ref(), &run)).await?;
+                state.rec.state = VmState::Stopped;
+                state.persist().await?;
+            }
+        }
+        Ok(state)
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<VmMsg>,
+        msg: VmMsg,
+        state: &mut VmActorState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            VmMsg::Info(reply) => {
+                let _ = reply.send(Ok(state.info()));
+            }
+            VmMsg::Start { progress, reply } => {
+                if let Err(e) = state.check(Op::Start) {
+                    let _ = reply.send(Err(e));
+                    return Ok(());
+                }
+                state.generation += 1;
+                state.rec.state = VmState::Starting;
+                state.rec.error = None;
+                state.persist().await?;
+                let generation = state.generation;
+                let senders: Vec<ProgressTx> = progress.iter().cloned().collect();
+                state.start_waiters.push((reply, progress));
+                let (env, rec, dir, me) = (
+                    Arc::clone(&state.env),
+                    state.rec.clone(),
+                    state.dir.clone(),
+                    myself.clone(),
+                );
+                let driver = state.driver();
+                tracing::info!(vm = %rec.name, vmm = rec.vmm.as_str(), "starting");
+                tokio::spawn(async move {
+                    let result = async {
+                        send_stage(&senders, "disks");
+                        let plan = {
+                            let (env, rec, dir) = (Arc::clone(&env), rec.clone(), dir.clone());
+                            tokio::task::spawn_blocking(move || {
+                                ensure_disks(&dir, rec.spec.disk_bytes)?;
+                                plan(&env, &rec, &dir)
+                            })
+                            .await
+                            .expect("plan does not panic")?
+                        };
+                        let stage = |s: &str| send_stage(&senders, s);
+                        let rt = driver.launch(&plan, &stage).await.map_err(|source| {
+                            VmError::Start {
+                                vm: rec.name.clone(),
+                                log: plan.console.display().to_string(),
+                                source,
+                            }
+                        })?;
+                        Ok((rt, plan.cmdline))
+                    }
+                    .await;
+                    let _ = me.cast(VmMsg::Launched { generation, result });
+                });
+            }
+            VmMsg::Launched { generation, result } => {
+                if generation != state.generation {
+                    // A stale launch: make sure its process does not outlive it.
+                    if let Ok((rt, _)) = result {
+                        proc::signal(rt.pid, rt.start_time, nix::sys::signal::Signal::SIGKILL);
+                    }
+                    return Ok(());
+                }
+                match (state.rec.state, result) {
+                    (VmState::Starting, Ok((rt, cmdline))) => {
+                        state.rec.runtime = Some(rt);
+                        state.rec.cmdline = Some(cmdline);
+                        state.rec.state = VmState::Running;
+                        state.rec.started_at = Some(now_secs());
+                        state.persist().await?;
+                        Self::watch_exit(&myself, state);
+                        Self::start_console(state);
+                        let info = state.info();
+                        tracing::info!(vm = %info.name, pid = info.pid, "running");
+                        for (reply, _progress) in state.start_waiters.drain(..) {
+                            let _ = reply.send(Ok(info.clone()));
+                        }
+                    }
+                    (VmState::Stopping, Ok((rt, cmdline))) => {
+                        // Stopped while starting: it never ran for the caller.
+                        state.rec.runtime = Some(rt);
+                        state.rec.cmdline = Some(cmdline);
+                        Self::watch_exit(&myself, state);
+                        Self::kill_now(state, nix::sys::signal::Signal::SIGKILL);
+                        let name = state.rec.name.clone();
+                        for (reply, _) in state.start_waiters.drain(..) {
+                            let _ = reply.send(Err(VmError::StoppedWhileStarting(name.clone())));
+                        }
+                    }
+                    (was, Err(e)) => {
+                        let stopped = was == VmState::Stopping;
+                        state.rec.state = if stopped {
+                            VmState::Stopped
+                        } else {
+                            VmState::Error
+                        };
+                        state.rec.error = (!stopped).then(|| error_chain(&e));
+                        state.generation += 1;
+                        let driver = state.driver();
+                        let (id, run) = (state.rec.id.clone(), state.dir.run_dir());
+                        let _ =
+                            tokio::task::spawn_blocking(move || driver.cleanup(&id, None, &run))
+                                .await;
+                        state.persist().await?;
+                        tracing::warn!(vm = %state.rec.name, error = %error_chain(&e), "start failed");
+                        let message = error_chain(&e);
+                        let mut original = Some(e);
+                        for (reply, _progress) in state.start_waiters.drain(..) {
+                            let err = original
+                                .take()
+                                .unwrap_or_else(|| VmError::Conflict(message.clone()));
+                            let _ = reply.send(Err(err));
+                        }
+                        let info = state.info();
+                        for w in state.stop_waiters.drain(..) {
+                            let _ = w.send(Ok(info.clone()));
+                        }
+                        if let Some(reply) = state.delete_after_exit.take() {
+                            Self::delete_now(&myself, state, reply).await?;
+                        }
+                    }
+                    (_, Ok((rt, _))) => {
+                        proc::signal(rt.pid, rt.start_time, nix::sys::signal::Signal::SIGKILL);
+                    }
+                }
+            }
+            VmMsg::Prepare { reply } => {
+                let (dir, bytes, me) =
+                    (state.dir.clone(), state.rec.spec.disk_bytes, myself.clone());
+                tokio::spawn(async move {
+                    let result = tokio::task::spawn_blocking(move || ensure_disks(&dir, bytes))
+                        .await
+                        .expect("disks do not panic");
+                    let _ = me.cast(VmMsg::Prepared { result, reply });
+                });
+            }
+            VmMsg::Prepared { result, reply } => {
+                let _ = reply.send(result.map(|()| state.info()));
+            }
+            VmMsg::Stop { timeout, reply } => {
+                if let Err(e) = state.check(Op::Stop) {
+                    let _ = reply.send(Err(e));
+                    return Ok(());
+                }
+                state.stop_waiters.push(reply);
+                if state.rec.state != VmState::Running {
+                    // Starting: the launch finishes and is killed (see Launched);
+                    // Stopping: already on its way.
+                    if state.rec.state == VmState::Starting {
+                        state.rec.state = VmState::Stopping;
+                        state.persist().await?;
+                    }
+                    return Ok(());
+                }
+                state.rec.state = VmState::Stopping;
+                state.persist().await?;
+                let rt = state
+                    .rec
+                    .runtime
+                    .clone()
+                    .expect("a running vm has a runtime");
+                let driver = state.driver();
+                let timeout = timeout.unwrap_or(state.env.stop_timeout);
+                let name = state.rec.name.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = driver.request_shutdown(&rt).await {
+                        tracing::warn!(vm = %name, error = %error_chain(&e), "graceful shutdown request failed; killing");
+                    } else if proc::wait_gone(rt.pid, rt.start_time, timeout).await {
+                        return;
+                    } else {
+                        tracing::warn!(vm = %name, ?timeout, "the guest did not shut down in time; killing");
+                    }
+                    proc::signal(rt.pid, rt.start_time, nix::sys::signal::Signal::SIGKILL);
+                });
+            }
+            VmMsg::Kill { signal, reply } => {
+                if let Err(e) = state.check(Op::Kill) {
+                    let _ = reply.send(Err(e));
+                    return Ok(());
+                }
+                if state.rec.state == VmState::Starting {
+                    state.rec.state = VmState::Stopping;
+                    state.persist().await?;
+                    state.stop_waiters.push(reply);
+                    return Ok(());
+                }
+                Self::kill_now(state, signal);
+                if signal == nix::sys::signal::Signal::SIGKILL {
+                    state.stop_waiters.push(reply);
+                } else {
+                    let _ = reply.send(Ok(state.info()));
+                }
+            }
+            VmMsg::Delete { force, reply } => {
+                if let Err(e) = state.check(Op::Delete { force }) {
+                    let _ = reply.send(Err(e));
+                    return Ok(());
+                }
+                if model::is_active(state.rec.state) {
+                    state.delete_after_exit = Some(reply);
+                    if state.rec.state == VmState::Starting {
+                        state.rec.state = VmState::Stopping;
+                    }
+                    Self::kill_now(state, nix::sys::signal::Signal::SIGKILL);
+                    return Ok(());
+                }
+                Self::delete_now(&myself, state, reply).await?;
+            }
+            VmMsg::Set { req, reply } => {
+                let result = async {
+                    let resizing =
+                        req.vcpu.is_some() || req.memory_mib.is_some() || req.disk_bytes.is_some();
+                    if resizing {
+                        state.check(Op::Set)?;
+                    }
+                    let mut spec = state.rec.spec;
+                    spec.vcpu = req.vcpu.unwrap_or(spec.vcpu);
+                    spec.memory_mib = req.memory_mib.unwrap_or(spec.memory_mib);
+                    spec.disk_bytes = req.disk_bytes.unwrap_or(spec.disk_bytes);
+                    super::spec::validate(&spec).map_err(VmError::Invalid)?;
+                    if let Some(bytes) = req.disk_bytes
+                        && state.dir.work().exists()
+                    {
+                        let dir = state.dir.clone();
+                        tokio::task::spawn_blocking(move || disks::grow_work(&dir, bytes))
+                            .await
+                            .expect("resize does not panic")?;
+                    }
+                    state.rec.spec = spec;
+                    if let Some(nat) = req.nat {
+                        state.rec.nat = nat;
+                    }
+                    state.persist().await?;
+                    Ok(state.info())
+                }
+                .await;
+                let _ = reply.send(result);
+            }
+            VmMsg::Stats(reply) => {
+                let rt = state.rec.runtime.as_ref();
+                let usage = rt.and_then(|r| proc::usage(r.pid));
+                let _ = reply.send(Ok(VmStats {
+                    vm: state.rec.name.clone(),
+                    state: state.rec.state,
+                    pid: rt.map(|r| r.pid),
+                    vmm_rss_bytes: usage.map(|u| u.0),
+                    vmm_cpu_ms: usage.map(|u| u.1),
+                    uptime_secs: (state.rec.state == VmState::Running)
+                        .then(|| state.rec.started_at.map(|s| now_secs().saturating_sub(s)))
+                        .flatten(),
+                    overlay_allocated_bytes: disks::allocated(&state.dir.overlay()),
+                    work_allocated_bytes: disks::allocated(&state.dir.work()),
+                }));
+            }
+            VmMsg::Follow(reply) => {
+                let path = state.dir.console();
+                if state.console.stop.is_some() {
+                    let off = state.console.offset.lock().expect("console lock");
+                    let rx = state.console.tx.subscribe();
+                    let from = off.saturating_sub(BACKLOG);
+                    let backlog = read_range(&path, from, *off);
+                    drop(off);
+                    let _ = reply.send((backlog, Some(rx)));
+                } else {
+                    let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+                    let _ = reply.send((read_range(&path, len.saturating_sub(BACKLOG), len), None));
+                }
+            }
+            VmMsg::Exited { generation } => {
+                if generation == state.generation && state.rec.runtime.is_some() {
+                    Self::on_exited(&myself, state).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn read_range(path: &std::path::Path, from: u64, to: u64) -> String {
+    let bytes = read_from(path, from).unwrap_or_default();
+    let n = (to.saturating_sub(from) as usize).min(bytes.len());
+    String::from_utf8_lossy(&bytes[..n]).into_owned()
+}
+
+/// `err: cause: cause…`.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        cur = e.source();
+    }
+    out
+}

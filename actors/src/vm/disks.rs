@@ -1,0 +1,234 @@
+//! A VM's directory and disks. No device-mapper: the image's `rootfs.ext4` is attached
+//! read-only and shared; each VM gets two sparse ext4 files made by `mkfs.ext4` (about 10
+//! ms each, no root needed): the overlay (the upper layer of `/`, labelled `bg-overlay`)
+//! and the work disk (mounted at `/root`, labelled `bg-work`). Stop keeps both; delete
+//! removes the directory.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use super::cmdline::{OVERLAY_LABEL, WORK_LABEL};
+
+/// Size of the overlay disk: sparse, so it costs only what the guest writes to `/`.
+pub const OVERLAY_BYTES: u64 = 16 << 30;
+
+/// Errors making or changing disks.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error("cannot create {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{tool} failed on {path}: {output}")]
+    Tool {
+        tool: &'static str,
+        path: PathBuf,
+        output: String,
+    },
+    #[error("the work disk is {current} bytes; it can only grow (asked for {asked})")]
+    Shrink { current: u64, asked: u64 },
+}
+
+/// The files of one VM under `<data>/vms/<id>/`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmDir {
+    pub dir: PathBuf,
+}
+
+impl VmDir {
+    pub fn new(vms_dir: &Path, id: &str) -> VmDir {
+        VmDir {
+            dir: vms_dir.join(id),
+        }
+    }
+    pub fn overlay(&self) -> PathBuf {
+        self.dir.join("overlay.ext4")
+    }
+    pub fn work(&self) -> PathBuf {
+        self.dir.join("work.ext4")
+    }
+    pub fn console(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+    /// Runtime files (sockets, pid files) live in `run/`, emptied on every start.
+    pub fn run_dir(&self) -> PathBuf {
+        self.dir.join("run")
+    }
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DiskError {
+    let path = path.to_owned();
+    move |source| DiskError::Io { path, source }
+}
+
+fn run(tool: &'static str, cmd: &mut Command, path: &Path) -> Result<(), DiskError> {
+    let out = cmd.output().map_err(io(path))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(DiskError::Tool {
+            tool,
+            path: path.to_owned(),
+            output: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        })
+    }
+}
+
+fn mkfs_command(path: &Path, label: &str) -> Command {
+    let mut cmd = Command::new("mkfs.ext4");
+    cmd.args([
+        "-q",
+        "-F",
+        "-L",
+        label,
+        "-E",
+        "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
+    ])
+    .arg(path);
+    cmd
+}
+
+/// Make a sparse file of `bytes` and an empty ext4 on it.
+fn make_disk(path: &Path, bytes: u64, label: &str) -> Result<std::process::Child, DiskError> {
+    let f = std::fs::File::create(path).map_err(io(path))?;
+    f.set_len(bytes).map_err(io(path))?;
+    mkfs_command(path, label)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(io(path))
+}
+
+/// Create the VM directory with its two disks (both mkfs run in parallel). Blocking.
+pub fn create(vm: &VmDir, work_bytes: u64) -> Result<(), DiskError> {
+    std::fs::create_dir_all(vm.run_dir()).map_err(io(&vm.dir))?;
+    let overlay = make_disk(&vm.overlay(), OVERLAY_BYTES, OVERLAY_LABEL)?;
+    let work = make_disk(&vm.work(), work_bytes, WORK_LABEL)?;
+    for (child, path) in [(overlay, vm.overlay()), (work, vm.work())] {
+        let out = child.wait_with_output().map_err(io(&path))?;
+        if !out.status.success() {
+            return Err(DiskError::Tool {
+                tool: "mkfs.ext4",
+                path,
+                output: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            });
+        }
+    }
+    std::fs::File::create(vm.console()).map_err(io(&vm.console()))?;
+    Ok(())
+}
+
+/// Grow the work disk to `bytes` (the VM must be stopped). Blocking.
+pub fn grow_work(vm: &VmDir, bytes: u64) -> Result<(), DiskError> {
+    let path = vm.work();
+    let current = std::fs::metadata(&path).map_err(io(&path))?.len();
+    if bytes < current {
+        return Err(DiskError::Shrink {
+            current,
+            asked: bytes,
+        });
+    }
+    if bytes == current {
+        return Ok(());
+    }
+    // resize2fs insists on a freshly checked filesystem.
+    let out = Command::new("e2fsck")
+        .args(["-f", "-p"])
+        .arg(&path)
+        .output()
+        .map_err(io(&path))?;
+    // e2fsck: 0 clean, 1 errors corrected; anything else is a real problem.
+    if !matches!(out.status.code(), Some(0 | 1)) {
+        return Err(DiskError::Tool {
+            tool: "e2fsck",
+            path,
+            output: String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+        });
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .and_then(|f| f.set_len(bytes))
+        .map_err(io(&path))?;
+    run("resize2fs", Command::new("resize2fs").arg(&path), &path)
+}
+
+/// Bytes actually allocated on the host for `path` (sparse files report their size in
+/// `len`, their cost in blocks).
+pub fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path)
+        .map(|m| m.blocks() * 512)
+        .unwrap_or(0)
+}
+
+/// Remove everything of a VM. Blocking.
+pub fn remove(vm: &VmDir) -> Result<(), DiskError> {
+    match std::fs::remove_dir_all(&vm.dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(DiskError::Io {
+            path: vm.dir.clone(),
+            source: e,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn label(path: &Path) -> String {
+        let out = Command::new("e2label").arg(path).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    #[test]
+    fn disks_are_sparse_labelled_ext4_and_grow() {
+        let tmp = tempfile::tempdir().unwrap();
+        let vm = VmDir::new(tmp.path(), "abc");
+        create(&vm, 2 << 30).unwrap();
+        assert_eq!(std::fs::metadata(vm.work()).unwrap().len(), 2 << 30);
+        assert_eq!(
+            std::fs::metadata(vm.overlay()).unwrap().len(),
+            OVERLAY_BYTES
+        );
+        assert!(
+            allocated(&vm.work()) < 64 << 20,
+            "sparse: {}",
+            allocated(&vm.work())
+        );
+        assert!(allocated(&vm.overlay()) < 256 << 20, "sparse");
+        assert!(crate::image::is_ext4(&vm.work()).unwrap());
+        assert_eq!(label(&vm.work()), WORK_LABEL);
+        assert_eq!(label(&vm.overlay()), OVERLAY_LABEL);
+        assert!(vm.console().exists() && vm.run_dir().is_dir());
+
+        grow_work(&vm, 3 << 30).unwrap();
+        assert_eq!(std::fs::metadata(vm.work()).unwrap().len(), 3 << 30);
+        let out = Command::new("dumpe2fs")
+            .arg("-h")
+            .arg(vm.work())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let blocks: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("Block count:"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!(blocks * 4096, 3 << 30, "the filesystem grew too");
+        assert!(matches!(
+            grow_work(&vm, 1 << 30),
+            Err(DiskError::Shrink { .. })
+        ));
+
+        remove(&vm).unwrap();
+        assert!(!vm.dir.exists());
+        remove(&vm).unwrap();
+    }
+}

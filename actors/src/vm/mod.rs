@@ -1,0 +1,9 @@
+//! VMs: the persisted model and its state machine, disks, the kernel command line, host
+//! processes, and the VmActor that owns one VM.
+
+pub mod actor;
+pub mod cmdline;
+pub mod disks;
+pub mod model;
+pub mod proc;
+pub mod spec;

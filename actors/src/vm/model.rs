@@ -1,0 +1,216 @@
+//! The persisted shape of a VM, and the rules of its state machine.
+//!
+//! ```text
+//!            start                 guest up                stop
+//! created ─────────▶ starting ─────────────▶ running ─────────────▶ stopping
+//!    ▲                  │  │                   │  │                    │
+//!    │           failed │  │ stop/kill         │  │ kill / vmm exited  │ exited / timeout→kill
+//!    │                  ▼  ▼                   ▼  ▼                    ▼
+//!    │               error   ───────────▶ stopped ◀──────────────────────
+//!    │                 │ start               │ start
+//!    └─────────────────┴─────────────────────┘ (back to starting)
+//! ```
+//! Delete is allowed from created, stopped and error; a starting/running/stopping VM needs
+//! `force` (it is killed first). `set` of vcpu/memory/disk only while not running.
+
+use serde::{Deserialize, Serialize};
+
+use banger_api::{VmSpec, VmState, VmmKind};
+
+/// A VM as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRecord {
+    pub id: String,
+    pub name: String,
+    pub image: String,
+    pub kernel: String,
+    pub vmm: VmmKind,
+    pub spec: VmSpec,
+    pub nat: bool,
+    pub state: VmState,
+    pub error: Option<String>,
+    pub created_at: u64,
+    pub started_at: Option<u64>,
+    pub cmdline: Option<String>,
+    /// The VMM's processes while it runs; used to re-adopt it after a daemon restart.
+    pub runtime: Option<Runtime>,
+}
+
+/// Host processes and sockets of a running VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Runtime {
+    /// The VMM (firecracker, or qemu).
+    pub pid: i32,
+    /// Its start time in clock ticks since boot (/proc/<pid>/stat field 22): with the pid,
+    /// it identifies the process even if the pid is reused later.
+    pub start_time: u64,
+    /// Helper processes of the VM (vhost-device-vsock for QEMU), same identity rule.
+    pub helpers: Vec<(i32, u64)>,
+    /// The VMM control socket (Firecracker API, or QMP).
+    pub control_socket: String,
+    /// The hybrid vsock Unix socket (`CONNECT <port>\n`).
+    pub vsock_socket: String,
+}
+
+/// An operation a caller asks of a VM, for [`check`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Start,
+    Stop,
+    Kill,
+    Delete { force: bool },
+    Set,
+}
+
+/// Why an operation is refused in the current state (a conflict for the caller).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(pub String);
+
+/// Whether `op` is allowed in `state`; the message says what to do instead.
+pub fn check(name: &str, state: VmState, op: Op) -> Result<(), Refused> {
+    use VmState::*;
+    let refuse = |m: String| Err(Refused(m));
+    match (op, state) {
+        (Op::Start, Created | Stopped | Error) => Ok(()),
+        (Op::Start, Running) => refuse(format!("vm {name} is already running")),
+        (Op::Start, Starting) => refuse(format!("vm {name} is already starting")),
+        (Op::Start, Stopping) => refuse(format!(
+            "vm {name} is stopping; wait for it, or `banger vm kill {name}`"
+        )),
+        (Op::Stop, Starting | Running | Stopping) => Ok(()),
+        (Op::Stop, _) => refuse(format!("vm {name} is not running ({})", state.as_str())),
+        (Op::Kill, Starting | Running | Stopping) => Ok(()),
+        (Op::Kill, _) => refuse(format!("vm {name} is not running ({})", state.as_str())),
+        (Op::Delete { .. }, Created | Stopped | Error) => Ok(()),
+        (Op::Delete { force: true }, _) => Ok(()),
+        (Op::Delete { force: false }, _) => refuse(format!(
+            "vm {name} is {}; stop it first, or delete it with --force",
+            state.as_str()
+        )),
+        (Op::Set, Created | Stopped | Error) => Ok(()),
+        (Op::Set, _) => refuse(format!(
+            "vm {name} is {}; stop it to change its size",
+            state.as_str()
+        )),
+    }
+}
+
+/// Whether a VM in this state has (or may have) a VMM process.
+pub fn is_active(state: VmState) -> bool {
+    matches!(
+        state,
+        VmState::Starting | VmState::Running | VmState::Stopping
+    )
+}
+
+/// VM names: `[a-z0-9][a-z0-9-]{0,62}`, so `<name>.vm` is a valid DNS label.
+pub fn validate_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid vm name {name:?}: use 1-63 of a-z, 0-9 and '-', not starting or ending with '-'"
+        ))
+    }
+}
+
+/// A new VM id: 12 lowercase hex digits (fits `bg-<id>` tap names in IFNAMSIZ).
+pub fn new_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..12].to_owned()
+}
+
+/// A generated name: `<adjective>-<noun>`, like docker's, from the id's bits.
+pub fn generated_name(id: &str) -> String {
+    const ADJ: &[&str] = &[
+        "brave", "calm", "eager", "fancy", "gentle", "happy", "jolly", "keen", "lucky", "merry",
+        "nimble", "proud", "quick", "silly", "swift", "witty",
+    ];
+    const NOUN: &[&str] = &[
+        "otter", "falcon", "badger", "lynx", "heron", "marten", "puffin", "stoat", "wren", "bison",
+        "gecko", "ibex", "koala", "lemur", "newt", "orca",
+    ];
+    let n = u64::from_str_radix(id.get(..8).unwrap_or("0"), 16).unwrap_or(0);
+    format!(
+        "{}-{}-{}",
+        ADJ[(n % 16) as usize],
+        NOUN[((n >> 4) % 16) as usize],
+        id.get(..4).unwrap_or("0000")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use VmState::*;
+
+    const ALL: [VmState; 6] = [Created, Starting, Running, Stopping, Stopped, Error];
+
+    #[test]
+    fn start_only_from_rest() {
+        for s in ALL {
+            assert_eq!(
+                check("t", s, Op::Start).is_ok(),
+                matches!(s, Created | Stopped | Error),
+                "{s:?}"
+            );
+        }
+        assert!(
+            check("t", Running, Op::Start)
+                .unwrap_err()
+                .0
+                .contains("already running")
+        );
+    }
+
+    #[test]
+    fn stop_and_kill_only_when_active() {
+        for s in ALL {
+            assert_eq!(check("t", s, Op::Stop).is_ok(), is_active(s), "{s:?}");
+            assert_eq!(check("t", s, Op::Kill).is_ok(), is_active(s), "{s:?}");
+        }
+    }
+
+    #[test]
+    fn delete_of_an_active_vm_needs_force() {
+        for s in ALL {
+            assert_eq!(
+                check("t", s, Op::Delete { force: false }).is_ok(),
+                !is_active(s),
+                "{s:?}"
+            );
+            assert!(check("t", s, Op::Delete { force: true }).is_ok());
+        }
+        let msg = check("t", Running, Op::Delete { force: false })
+            .unwrap_err()
+            .0;
+        assert!(msg.contains("--force"), "{msg}");
+    }
+
+    #[test]
+    fn set_only_while_not_running() {
+        for s in ALL {
+            assert_eq!(check("t", s, Op::Set).is_ok(), !is_active(s), "{s:?}");
+        }
+    }
+
+    #[test]
+    fn names() {
+        for ok in ["a", "dev", "my-vm-2", &"x".repeat(63)] {
+            validate_name(ok).unwrap();
+        }
+        for bad in ["", "-a", "a-", "A", "a_b", "a.b", "../x", &"x".repeat(64)] {
+            assert!(validate_name(bad).is_err(), "{bad:?}");
+        }
+        let id = new_id();
+        assert_eq!(id.len(), 12);
+        validate_name(&generated_name(&id)).unwrap();
+    }
+}

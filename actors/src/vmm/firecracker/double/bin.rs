@@ -1,0 +1,83 @@
+//! `banger-fc-double`: a stand-in for `jailer ... -- firecracker --api-sock /api.sock`, so
+//! the Firecracker driver can be tested end to end against a real process. Everything it
+//! does is in `banger_actors::vmm::firecracker::double::process`; this parses the command
+//! line, reads the injected faults, and runs it.
+//!
+//! stdout is the guest's serial console (and `--help`); errors go to stderr, as the real
+//! jailer and Firecracker print them.
+
+// A binary's terminal output is its interface: the console on stdout, errors on stderr.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use std::process::ExitCode;
+
+use banger_actors::vmm::firecracker::double::process::{self, Invocation};
+use tokio::signal::unix::{SignalKind, signal};
+
+fn main() -> ExitCode {
+    // Read before anything else: the real jailer clears the environment before exec.
+    let faults = match std::env::var(process::FAIL_ENV) {
+        Ok(spec) => match process::parse_faults(&spec) {
+            Ok(faults) => faults,
+            Err(message) => {
+                eprintln!("{message}");
+                return ExitCode::from(2);
+            }
+        },
+        Err(_) => Vec::new(),
+    };
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match run(&args, &faults) {
+        Ok(code) => ExitCode::from(code),
+        Err(error) => {
+            eprintln!("{}", chain(&error));
+            ExitCode::from(error.exit_code())
+        }
+    }
+}
+
+fn run(args: &[String], faults: &[process::Fault]) -> Result<u8, process::ProcessError> {
+    let jailer = match process::parse_jailer_args(args)? {
+        Invocation::Print(text) => {
+            print!("{text}");
+            return Ok(0);
+        }
+        Invocation::Run(jailer) => jailer,
+    };
+    let jail = process::enter_jail(&jailer)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(process::ProcessError::Console)?;
+    runtime.block_on(async {
+        let shutdown = shutdown_signal().map_err(process::ProcessError::Console)?;
+        let mut stdout = std::io::stdout();
+        let outcome = process::serve(&jail, faults, &mut stdout, shutdown).await?;
+        Ok(outcome.exit_code())
+    })
+}
+
+/// Resolves to the number of the first SIGTERM or SIGINT. Registered before serving, so a
+/// signal never finds the default action once the API is up.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = i32>> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => SignalKind::terminate().as_raw_value(),
+            _ = int.recv() => SignalKind::interrupt().as_raw_value(),
+        }
+    })
+}
+
+/// The error and its causes, `: `-separated, as the jailer prints an error and its cause.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

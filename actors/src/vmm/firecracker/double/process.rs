@@ -1,0 +1,966 @@
+//! The jailer + Firecracker process around the API double: what `banger-fc-double` runs, so
+//! a driver can be tested end to end against a real process that it spawns, waits for,
+//! signals and cleans up after, exactly as it does `jailer ... -- --api-sock /api.sock`.
+//!
+//! As the jailer (Firecracker's `src/jailer/src/{main,env}.rs`): the command line is parsed
+//! by the rules of Firecracker's `utils::arg_parser` (`--name value`, `--` ends the jailer's
+//! arguments and the rest goes to Firecracker, unknown, duplicate, valueless and missing
+//! required arguments are refused with its messages); `--id` must be 1 to 64 alphanumerics
+//! or hyphens; `--exec-file` must be a file whose name contains `firecracker`;
+//! `--chroot-base-dir` must be a directory; uid, gid, cgroup, resource limit and parent
+//! cgroup values are checked. Then `<base>/<exec file name>/<id>/root` is created if
+//! missing, the exec file is copied into it, `/`, `/dev`, `/dev/net` and `/run` are made
+//! in it with mode 0700, and `<exec file name>.pid` records the pid, which stays the same
+//! across the jailer's exec. As Firecracker: its own arguments are parsed (the jailer
+//! passes `--id` and start times, then the arguments after `--`) and the API is served on
+//! `--api-sock` (default `/run/firecracker.socket`) with [`FirecrackerDouble`].
+//!
+//! Not modelled, because a test cannot rely on privileges: no chroot (every path is
+//! resolved under the jail root instead, as the jailed process would see it), no uid/gid
+//! switch (ownership is given only when running as root), no device nodes, no cgroups,
+//! rlimits or network namespace (their arguments are checked, not applied). Refused with a
+//! message: `--daemonize` and `--new-pid-ns` (they change which process the caller must
+//! track) and the Firecracker arguments that configure the VM outside the API
+//! (`--config-file`, `--no-api`, `--metadata`, `--log-path`, `--metrics-path`, ...).
+//!
+//! The guest: once `InstanceStart` is accepted, a few serial console lines go to stdout,
+//! the last being [`GUEST_RUNNING`]. The process exits 0 when the double has Exited (after
+//! `SendCtrlAltDel`), or `128 + signal` on SIGTERM/SIGINT. Before exiting it writes the
+//! requests and violations to `<root>/`[`RECORD_FILE`].
+//!
+//! Exit codes: 1 for the jailer's errors (the real jailer returns 1 for argument errors
+//! and panics on the others), 153 for Firecracker's argument errors
+//! (`FC_EXIT_CODE_ARG_PARSING`), 1 when the API socket cannot be bound.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Component, Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use super::{DoubleState, FirecrackerDouble, Spec};
+
+/// Where the record of requests and violations is written, in the jail root.
+pub const RECORD_FILE: &str = "double-record.json";
+/// The environment variable of injected API faults: `PATH_PREFIX:STATUS:MESSAGE`, several
+/// separated by `;` (each fails one request, see [`FirecrackerDouble::fail_next`]).
+pub const FAIL_ENV: &str = "BANGER_FC_DOUBLE_FAIL";
+/// The last console line of a booted guest.
+pub const GUEST_RUNNING: &str = "banger-fc-double: guest running";
+
+/// The jailer's exit code for its errors.
+const JAILER_ERROR: u8 = 1;
+/// `FC_EXIT_CODE_ARG_PARSING`.
+const FC_ARG_PARSING: u8 = 153;
+/// `FC_EXIT_CODE_GENERIC_ERROR`.
+const FC_GENERIC_ERROR: u8 = 1;
+/// Firecracker's default `--api-sock`.
+const DEFAULT_API_SOCK: &str = "/run/firecracker.socket";
+/// How often the process looks whether the double has exited.
+const EXIT_POLL: Duration = Duration::from_millis(10);
+/// The folders the jailer makes in the jail (`FOLDER_HIERARCHY`) and their mode.
+const FOLDERS: [&str; 4] = ["/", "/dev", "/dev/net", "/run"];
+const FOLDER_MODE: u32 = 0o700;
+
+/// A command line refused by `utils::arg_parser`; the messages are Firecracker's.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ArgError {
+    #[error("Argument '{0}' cannot be used together with argument '{1}'.")]
+    Forbidden(String, String),
+    #[error("Argument '{0}' required, but not found.")]
+    Missing(String),
+    #[error("The argument '{0}' requires a value, but none was supplied.")]
+    MissingValue(String),
+    #[error("Found argument '{0}' which wasn't expected, or isn't valid in this context.")]
+    Unexpected(String),
+    #[error("The argument '{0}' was provided more than once.")]
+    Duplicate(String),
+}
+
+/// Why the process stops. Messages are the jailer's and Firecracker's; the binary prints
+/// the chain of causes.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    #[error("Failed to parse arguments")]
+    JailerArguments(#[source] ArgError),
+    #[error("Arguments parsing error")]
+    FirecrackerArguments(#[source] ArgError),
+    #[error("Invalid instance ID: {0}")]
+    InvalidInstanceId(String),
+    #[error("Failed to canonicalize path {}", .0.display())]
+    Canonicalize(PathBuf, #[source] std::io::Error),
+    #[error("{} is not a file", .0.display())]
+    NotAFile(PathBuf),
+    #[error("{} is not a directory", .0.display())]
+    NotADirectory(PathBuf),
+    #[error(
+        "Invalid filename. The filename of `--exec-file` option must contain \"firecracker\": {0}"
+    )]
+    ExecFileName(String),
+    #[error("Invalid uid: {0}")]
+    Uid(String),
+    #[error("Invalid gid: {0}")]
+    Gid(String),
+    #[error("Parent cgroup path is invalid. Path should not be absolute or contain '..' or '.'")]
+    CgroupInvalidParentPath,
+    #[error("{0} is an invalid cgroup version specifier")]
+    CgroupInvalidVersion(String),
+    #[error("Invalid format for cgroups: {0}")]
+    CgroupFormat(String),
+    #[error("Cgroup invalid file: {0}")]
+    CgroupInvalidFile(String),
+    #[error("Invalid format for resources limits: {0}")]
+    ResLimitFormat(String),
+    #[error("Invalid limit value for resource: {0}: {1}")]
+    ResLimitValue(String, String),
+    #[error("Invalid resource argument: {0}")]
+    ResLimitArgument(String),
+    #[error("Failed to open file {}", .0.display())]
+    FileOpen(PathBuf, #[source] std::io::Error),
+    #[error("Failed to create directory {}", .0.display())]
+    CreateDir(PathBuf, #[source] std::io::Error),
+    #[error("Failed to copy {} to {}", .0.display(), .1.display())]
+    Copy(PathBuf, PathBuf, #[source] std::io::Error),
+    #[error("Failed to change permissions on {}", .0.display())]
+    Chmod(PathBuf, #[source] std::io::Error),
+    #[error("Failed to change owner for {}", .0.display())]
+    ChangeFileOwner(PathBuf, #[source] std::io::Error),
+    #[error("Failed to write to {}", .0.display())]
+    Write(PathBuf, #[source] std::io::Error),
+    #[error("Failed to open the API socket at {}", .0.display())]
+    ApiSocket(PathBuf, #[source] std::io::Error),
+    #[error("banger-fc-double does not model {0}")]
+    NotModelled(String),
+    #[error("banger-fc-double: cannot write the guest console")]
+    Console(#[source] std::io::Error),
+}
+
+impl ProcessError {
+    /// The exit code the real process would end with.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ProcessError::FirecrackerArguments(_) => FC_ARG_PARSING,
+            ProcessError::ApiSocket(..) | ProcessError::Console(_) => FC_GENERIC_ERROR,
+            _ => JAILER_ERROR,
+        }
+    }
+}
+
+/// One argument of an `utils::arg_parser` parser.
+#[derive(Debug, Clone, Copy)]
+struct ArgSpec {
+    name: &'static str,
+    required: bool,
+    takes_value: bool,
+    /// `allow_multiple`: may be given more than once, each with a value.
+    multiple: bool,
+    default: Option<&'static str>,
+    requires: Option<&'static str>,
+    forbids: &'static [&'static str],
+}
+
+/// An argument with a value (`Argument::new(name).takes_value(true)`).
+const fn arg(name: &'static str) -> ArgSpec {
+    ArgSpec {
+        name,
+        required: false,
+        takes_value: true,
+        multiple: false,
+        default: None,
+        requires: None,
+        forbids: &[],
+    }
+}
+
+/// A flag (`takes_value(false)`).
+const fn flag(name: &'static str) -> ArgSpec {
+    ArgSpec {
+        takes_value: false,
+        ..arg(name)
+    }
+}
+
+impl ArgSpec {
+    const fn required(self) -> ArgSpec {
+        ArgSpec {
+            required: true,
+            ..self
+        }
+    }
+
+    const fn multiple(self) -> ArgSpec {
+        ArgSpec {
+            multiple: true,
+            ..self
+        }
+    }
+
+    const fn default(self, value: &'static str) -> ArgSpec {
+        ArgSpec {
+            default: Some(value),
+            ..self
+        }
+    }
+
+    const fn requires(self, other: &'static str) -> ArgSpec {
+        ArgSpec {
+            requires: Some(other),
+            ..self
+        }
+    }
+
+    const fn forbids(self, others: &'static [&'static str]) -> ArgSpec {
+        ArgSpec {
+            forbids: others,
+            ..self
+        }
+    }
+}
+
+/// The jailer's `build_arg_parser`.
+const JAILER_ARGS: &[ArgSpec] = &[
+    arg("id").required(),
+    arg("exec-file").required(),
+    arg("uid").required(),
+    arg("gid").required(),
+    arg("chroot-base-dir").default("/srv/jailer"),
+    arg("netns"),
+    flag("daemonize"),
+    flag("new-pid-ns"),
+    arg("cgroup").multiple(),
+    arg("resource-limit").multiple(),
+    arg("cgroup-version").default("1"),
+    arg("parent-cgroup"),
+    flag("version"),
+];
+
+/// Firecracker's arguments (`src/firecracker/src/main.rs`).
+const FIRECRACKER_ARGS: &[ArgSpec] = &[
+    arg("api-sock").default(DEFAULT_API_SOCK),
+    arg("id").default("anonymous-instance"),
+    arg("seccomp-filter").forbids(&["no-seccomp"]),
+    flag("no-seccomp").forbids(&["seccomp-filter"]),
+    arg("start-time-us"),
+    arg("start-time-cpu-us"),
+    arg("parent-cpu-time-us"),
+    arg("config-file"),
+    arg("metadata"),
+    flag("no-api").requires("config-file"),
+    arg("log-path"),
+    arg("level").requires("log-path"),
+    arg("module").requires("log-path"),
+    flag("show-level").requires("log-path"),
+    flag("show-log-origin").requires("log-path"),
+    arg("metrics-path"),
+    flag("boot-timer"),
+    flag("version"),
+    arg("describe-snapshot"),
+    arg("http-api-max-payload-size"),
+    arg("mmds-size-limit"),
+    flag("enable-pci"),
+];
+
+/// Firecracker arguments that configure the VM outside the API, which the double refuses.
+const FIRECRACKER_NOT_MODELLED: &[&str] = &[
+    "config-file",
+    "metadata",
+    "no-api",
+    "log-path",
+    "metrics-path",
+    "describe-snapshot",
+];
+
+/// A parsed command line.
+#[derive(Debug, Default)]
+struct Parsed {
+    /// Values given, by argument name; a flag has one empty value.
+    given: BTreeMap<&'static str, Vec<String>>,
+    defaults: BTreeMap<&'static str, &'static str>,
+    /// After `--`.
+    extra: Vec<String>,
+    help: bool,
+    version: bool,
+}
+
+impl Parsed {
+    fn value(&self, name: &str) -> Option<&str> {
+        self.given
+            .get(name)
+            .and_then(|v| v.first())
+            .map(String::as_str)
+            .or_else(|| self.defaults.get(name).copied())
+    }
+
+    fn values(&self, name: &str) -> Vec<String> {
+        self.given.get(name).cloned().unwrap_or_default()
+    }
+
+    fn flag(&self, name: &str) -> bool {
+        self.given.contains_key(name)
+    }
+}
+
+/// `Arguments::parse` of `utils::arg_parser`; `args` excludes the program name.
+fn parse(specs: &[ArgSpec], args: &[String]) -> Result<Parsed, ArgError> {
+    let (args, extra) = match args.iter().position(|a| a == "--") {
+        Some(i) => (&args[..i], &args[i + 1..]),
+        None => (args, &[][..]),
+    };
+    let mut parsed = Parsed {
+        extra: extra.to_vec(),
+        defaults: specs
+            .iter()
+            .filter_map(|s| s.default.map(|d| (s.name, d)))
+            .collect(),
+        ..Parsed::default()
+    };
+    // `--help` and `--version` anywhere skip the rest of the parsing.
+    if args.iter().any(|a| a == "--help") {
+        parsed.help = true;
+        return Ok(parsed);
+    }
+    if args.iter().any(|a| a == "--version") {
+        parsed.version = true;
+        return Ok(parsed);
+    }
+    let mut iter = args.iter();
+    while let Some(arg) = iter.next() {
+        let name = arg
+            .strip_prefix("--")
+            .ok_or_else(|| ArgError::Unexpected(arg.clone()))?;
+        let spec = specs
+            .iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| ArgError::Unexpected(name.to_owned()))?;
+        if parsed.given.contains_key(spec.name) && !spec.multiple {
+            return Err(ArgError::Duplicate(spec.name.to_owned()));
+        }
+        let value = if spec.takes_value {
+            iter.next()
+                .filter(|v| !v.starts_with("--"))
+                .ok_or_else(|| ArgError::MissingValue(spec.name.to_owned()))?
+                .clone()
+        } else {
+            String::new()
+        };
+        parsed.given.entry(spec.name).or_default().push(value);
+    }
+    for spec in specs {
+        let given = parsed.given.contains_key(spec.name);
+        if spec.required && !given {
+            return Err(ArgError::Missing(spec.name.to_owned()));
+        }
+        if !given {
+            continue;
+        }
+        if let Some(other) = spec.requires
+            && !parsed.given.contains_key(other)
+        {
+            return Err(ArgError::Missing(other.to_owned()));
+        }
+        if let Some(other) = spec.forbids.iter().find(|o| parsed.given.contains_key(**o)) {
+            return Err(ArgError::Forbidden(
+                spec.name.to_owned(),
+                (*other).to_owned(),
+            ));
+        }
+    }
+    Ok(parsed)
+}
+
+/// `--help` text in `formatted_help`'s format.
+fn help(specs: &[ArgSpec]) -> String {
+    let mut text = String::new();
+    for spec in specs {
+        text.push_str("--");
+        text.push_str(spec.name);
+        if spec.takes_value {
+            text.push_str(&format!(" <{}>", spec.name));
+        }
+        text.push('\n');
+    }
+    text
+}
+
+/// What the jailer's command line asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Invocation {
+    /// Print this to stdout and exit 0.
+    Print(String),
+    Run(Box<JailerArgs>),
+}
+
+/// The jailer's arguments, as given (checked by [`enter_jail`], in the jailer's order).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JailerArgs {
+    pub id: String,
+    pub exec_file: String,
+    pub uid: String,
+    pub gid: String,
+    pub chroot_base_dir: String,
+    pub netns: Option<String>,
+    pub daemonize: bool,
+    pub new_pid_ns: bool,
+    pub cgroups: Vec<String>,
+    pub resource_limits: Vec<String>,
+    pub cgroup_version: String,
+    pub parent_cgroup: Option<String>,
+    /// The arguments after `--`, for Firecracker.
+    pub firecracker_args: Vec<String>,
+}
+
+/// Parse the jailer's command line (without the program name).
+pub fn parse_jailer_args(args: &[String]) -> Result<Invocation, ProcessError> {
+    let p = parse(JAILER_ARGS, args).map_err(ProcessError::JailerArguments)?;
+    let version = Spec::shared().version();
+    if p.help {
+        return Ok(Invocation::Print(format!(
+            "Jailer v{version}\n\n{}\n\nAny arguments after the -- separator will be supplied to the jailed binary.\n\n",
+            help(JAILER_ARGS)
+        )));
+    }
+    if p.version {
+        return Ok(Invocation::Print(format!("Jailer v{version}\n\n")));
+    }
+    let value = |name: &str| p.value(name).unwrap_or_default().to_owned();
+    Ok(Invocation::Run(Box::new(JailerArgs {
+        id: value("id"),
+        exec_file: value("exec-file"),
+        uid: value("uid"),
+        gid: value("gid"),
+        chroot_base_dir: value("chroot-base-dir"),
+        netns: p.value("netns").map(str::to_owned),
+        daemonize: p.flag("daemonize"),
+        new_pid_ns: p.flag("new-pid-ns"),
+        cgroups: p.values("cgroup"),
+        resource_limits: p.values("resource-limit"),
+        cgroup_version: value("cgroup-version"),
+        parent_cgroup: p.value("parent-cgroup").map(str::to_owned),
+        firecracker_args: p.extra.clone(),
+    })))
+}
+
+/// `validators::validate_instance_id`.
+fn validate_instance_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > 64 {
+        return Err(format!(
+            "invalid len ({});  the length must be between 1 and 64",
+            id.len()
+        ));
+    }
+    match id
+        .chars()
+        .enumerate()
+        .find(|(_, c)| !(*c == '-' || c.is_alphanumeric()))
+    {
+        Some((i, c)) => Err(format!("invalid char ({c}) at position {i}")),
+        None => Ok(()),
+    }
+}
+
+/// A path with no `.`, `..` or root component.
+fn is_plain_relative(path: &str) -> bool {
+    !Path::new(path).components().any(|c| {
+        matches!(
+            c,
+            Component::CurDir | Component::ParentDir | Component::RootDir
+        )
+    })
+}
+
+/// The jail, set up, with Firecracker's arguments parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Jail {
+    /// `<chroot base>/<exec file name>/<id>/root`, the jailed process's `/`.
+    pub root: PathBuf,
+    /// The API socket on the host.
+    pub api_socket: PathBuf,
+}
+
+/// What the jailer does before it execs Firecracker (`Env::new`, then `Env::run` minus the
+/// privileged steps), then Firecracker's argument parsing. Blocking.
+pub fn enter_jail(args: &JailerArgs) -> Result<Jail, ProcessError> {
+    use ProcessError as E;
+    validate_instance_id(&args.id).map_err(E::InvalidInstanceId)?;
+
+    let exec_file = std::fs::canonicalize(&args.exec_file)
+        .map_err(|e| E::Canonicalize(PathBuf::from(&args.exec_file), e))?;
+    if !exec_file.is_file() {
+        return Err(E::NotAFile(exec_file));
+    }
+    let exec_name = exec_file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if !exec_name.contains("firecracker") {
+        return Err(E::ExecFileName(exec_name));
+    }
+
+    let base = std::fs::canonicalize(&args.chroot_base_dir)
+        .map_err(|e| E::Canonicalize(PathBuf::from(&args.chroot_base_dir), e))?;
+    if !base.is_dir() {
+        return Err(E::NotADirectory(base));
+    }
+    let root = base.join(&exec_name).join(&args.id).join("root");
+
+    let uid: u32 = args.uid.parse().map_err(|_| E::Uid(args.uid.clone()))?;
+    let gid: u32 = args.gid.parse().map_err(|_| E::Gid(args.gid.clone()))?;
+    if args.daemonize {
+        return Err(E::NotModelled("--daemonize".into()));
+    }
+    if args.new_pid_ns {
+        return Err(E::NotModelled("--new-pid-ns".into()));
+    }
+    check_cgroups(args, &exec_name)?;
+    check_resource_limits(&args.resource_limits)?;
+
+    std::fs::create_dir_all(&root).map_err(|e| E::CreateDir(root.clone(), e))?;
+    let jailed_exec = root.join(&exec_name);
+    std::fs::copy(&exec_file, &jailed_exec).map_err(|e| E::Copy(exec_file, jailed_exec, e))?;
+    // The network namespace is joined only after the copy, as in `Env::run`; here only
+    // opened.
+    if let Some(netns) = &args.netns {
+        std::fs::File::open(netns).map_err(|e| E::FileOpen(PathBuf::from(netns), e))?;
+    }
+    for folder in FOLDERS {
+        let path = root.join(folder.trim_start_matches('/'));
+        std::fs::create_dir_all(&path).map_err(|e| E::CreateDir(path.clone(), e))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(FOLDER_MODE))
+            .map_err(|e| E::Chmod(path.clone(), e))?;
+        if nix::unistd::geteuid().is_root() {
+            nix::unistd::chown(
+                &path,
+                Some(nix::unistd::Uid::from_raw(uid)),
+                Some(nix::unistd::Gid::from_raw(gid)),
+            )
+            .map_err(|e| E::ChangeFileOwner(path.clone(), e.into()))?;
+        }
+    }
+    let pid_file = root.join(format!("{exec_name}.pid"));
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&pid_file)
+        .map_err(|e| E::FileOpen(pid_file.clone(), e))?;
+    write!(file, "{}", std::process::id()).map_err(|e| E::Write(pid_file.clone(), e))?;
+
+    // The exec: the jailer puts its own arguments before the caller's. Times are not
+    // measured; only their presence matters to Firecracker's parser.
+    let mut fc_args: Vec<String> = [
+        "--id",
+        &args.id,
+        "--start-time-us",
+        "0",
+        "--start-time-cpu-us",
+        "0",
+        "--parent-cpu-time-us",
+        "0",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    fc_args.extend(args.firecracker_args.iter().cloned());
+    let fc = parse(FIRECRACKER_ARGS, &fc_args).map_err(E::FirecrackerArguments)?;
+    if fc.help || fc.version {
+        return Err(E::NotModelled("firecracker --help or --version".into()));
+    }
+    if let Some(name) = FIRECRACKER_NOT_MODELLED.iter().find(|n| fc.flag(n)) {
+        return Err(E::NotModelled(format!("firecracker --{name}")));
+    }
+    let api_sock = fc.value("api-sock").unwrap_or(DEFAULT_API_SOCK);
+    let jail = Jail {
+        api_socket: root.join(api_sock.trim_start_matches('/')),
+        root,
+    };
+    Ok(jail)
+}
+
+/// The cgroup arguments, checked as `Env::new` does; none is applied.
+fn check_cgroups(args: &JailerArgs, exec_name: &str) -> Result<(), ProcessError> {
+    let parent = args.parent_cgroup.as_deref().unwrap_or(exec_name);
+    if !is_plain_relative(parent) {
+        return Err(ProcessError::CgroupInvalidParentPath);
+    }
+    let version: u8 = args
+        .cgroup_version
+        .parse()
+        .map_err(|_| ProcessError::CgroupInvalidVersion(args.cgroup_version.clone()))?;
+    // `CgroupBuilder::new` checks the version, and is used for v2 or when cgroups are given.
+    if (version == 2 || !args.cgroups.is_empty()) && !matches!(version, 1 | 2) {
+        return Err(ProcessError::CgroupInvalidVersion(
+            args.cgroup_version.clone(),
+        ));
+    }
+    for cgroup in &args.cgroups {
+        let parts: Vec<&str> = cgroup.split('=').collect();
+        if parts.len() != 2 || parts[1].is_empty() {
+            return Err(ProcessError::CgroupFormat(cgroup.clone()));
+        }
+        if !is_plain_relative(parts[0]) {
+            return Err(ProcessError::CgroupInvalidFile(cgroup.clone()));
+        }
+    }
+    Ok(())
+}
+
+/// `Env::parse_resource_limits`; none is applied.
+fn check_resource_limits(limits: &[String]) -> Result<(), ProcessError> {
+    for limit in limits {
+        let (name, value) = limit
+            .split_once('=')
+            .ok_or_else(|| ProcessError::ResLimitFormat(limit.clone()))?;
+        value
+            .parse::<u64>()
+            .map_err(|e| ProcessError::ResLimitValue(value.to_owned(), e.to_string()))?;
+        if !matches!(name, "fsize" | "no-file") {
+            return Err(ProcessError::ResLimitArgument(name.to_owned()));
+        }
+    }
+    Ok(())
+}
+
+/// A fault to inject into the API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fault {
+    pub path_prefix: String,
+    pub status: u16,
+    pub message: String,
+}
+
+/// Parse [`FAIL_ENV`]: `PATH_PREFIX:STATUS:MESSAGE[;...]`.
+pub fn parse_faults(spec: &str) -> Result<Vec<Fault>, String> {
+    spec.split(';')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|entry| {
+            let mut parts = entry.splitn(3, ':');
+            let (Some(path), Some(status), Some(message)) =
+                (parts.next(), parts.next(), parts.next())
+            else {
+                return Err(format!(
+                    "{FAIL_ENV}: {entry:?} is not PATH_PREFIX:STATUS:MESSAGE"
+                ));
+            };
+            let status = status
+                .parse::<u16>()
+                .ok()
+                .filter(|s| (400..600).contains(s))
+                .ok_or_else(|| format!("{FAIL_ENV}: {status:?} is not an error status"))?;
+            Ok(Fault {
+                path_prefix: path.to_owned(),
+                status,
+                message: message.to_owned(),
+            })
+        })
+        .collect()
+}
+
+/// How the process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The guest shut down (Ctrl+Alt+Del) and the double exited.
+    GuestExited,
+    /// Told to stop by this signal number.
+    Signalled(i32),
+}
+
+impl Outcome {
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Outcome::GuestExited => 0,
+            Outcome::Signalled(signal) => u8::try_from(128 + signal).unwrap_or(u8::MAX),
+        }
+    }
+}
+
+/// Serve the API in the jail until the guest exits or `shutdown` resolves (to a signal
+/// number), writing the guest's console to `console`; then write the record.
+pub async fn serve(
+    jail: &Jail,
+    faults: &[Fault],
+    console: &mut dyn Write,
+    shutdown: impl Future<Output = i32>,
+) -> Result<Outcome, ProcessError> {
+    let began = Instant::now();
+    let double = FirecrackerDouble::start(&jail.api_socket, Some(&jail.root))
+        .await
+        .map_err(|e| ProcessError::ApiSocket(jail.api_socket.clone(), e))?;
+    for fault in faults {
+        double.fail_next(&fault.path_prefix, fault.status, &fault.message);
+    }
+    let outcome = tokio::select! {
+        signal = shutdown => Ok(Outcome::Signalled(signal)),
+        guest = guest(&double, console) => guest.map(|()| Outcome::GuestExited),
+    };
+    let record = record(&double, began);
+    double.shutdown().await;
+    let path = jail.root.join(RECORD_FILE);
+    let partial = jail.root.join(format!("{RECORD_FILE}.partial"));
+    std::fs::write(&partial, format!("{record:#}\n"))
+        .and_then(|()| std::fs::rename(&partial, &path))
+        .map_err(|e| ProcessError::Write(path, e))?;
+    outcome
+}
+
+/// The guest: boots when `InstanceStart` is accepted, runs until the double exits.
+async fn guest(double: &FirecrackerDouble, console: &mut dyn Write) -> Result<(), ProcessError> {
+    double.instance_started().await;
+    let requests = double.requests();
+    let body_of = |path: &str| {
+        requests
+            .iter()
+            .rev()
+            .find(|r| r.path == path && (200..300).contains(&r.status))
+            .and_then(|r| r.body.clone())
+            .unwrap_or(Value::Null)
+    };
+    let (boot, machine) = (body_of("/boot-source"), body_of("/machine-config"));
+    let lines = [
+        "[    0.000000] Linux version (firecracker double)".to_owned(),
+        format!(
+            "[    0.000000] Command line: {}",
+            boot["boot_args"].as_str().unwrap_or_default()
+        ),
+        format!(
+            "[    0.000000] smpboot: {} CPUs, {} MiB",
+            machine["vcpu_count"].as_u64().unwrap_or(1),
+            machine["mem_size_mib"].as_u64().unwrap_or(128)
+        ),
+        GUEST_RUNNING.to_owned(),
+    ];
+    for line in lines {
+        writeln!(console, "{line}").map_err(ProcessError::Console)?;
+    }
+    console.flush().map_err(ProcessError::Console)?;
+    while double.state() != DoubleState::Exited {
+        tokio::time::sleep(EXIT_POLL).await;
+    }
+    Ok(())
+}
+
+/// The record: state, requests (with milliseconds since the process began serving), and
+/// violations.
+fn record(double: &FirecrackerDouble, began: Instant) -> Value {
+    let since = |at: Instant| at.saturating_duration_since(began).as_secs_f64() * 1000.0;
+    let requests: Vec<Value> = double
+        .requests()
+        .into_iter()
+        .map(|r| {
+            json!({
+                "method": r.method,
+                "path": r.path,
+                "body": r.body,
+                "status": r.status,
+                "at_ms": since(r.at),
+            })
+        })
+        .collect();
+    json!({
+        "state": format!("{:?}", double.state()),
+        "requests": requests,
+        "violations": double.violations(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(line: &str) -> Vec<String> {
+        line.split_whitespace().map(str::to_owned).collect()
+    }
+
+    const GOOD: &str = "--id vm-1 --exec-file /x/firecracker --uid 1 --gid 2 \
+                        --chroot-base-dir /j --cgroup-version 2 -- --api-sock /api.sock";
+
+    #[test]
+    fn the_jailer_command_line_parses_like_the_real_one() {
+        let Invocation::Run(a) = parse_jailer_args(&args(GOOD)).unwrap() else {
+            panic!("not a run");
+        };
+        assert_eq!(a.id, "vm-1");
+        assert_eq!(a.exec_file, "/x/firecracker");
+        assert_eq!((a.uid.as_str(), a.gid.as_str()), ("1", "2"));
+        assert_eq!(a.chroot_base_dir, "/j");
+        assert_eq!(a.cgroup_version, "2");
+        assert_eq!(a.firecracker_args, args("--api-sock /api.sock"));
+
+        let defaults = "--id a --exec-file f --uid 1 --gid 2 --cgroup x=1 --cgroup y=2";
+        let Invocation::Run(a) = parse_jailer_args(&args(defaults)).unwrap() else {
+            panic!("not a run");
+        };
+        assert_eq!(a.chroot_base_dir, "/srv/jailer");
+        assert_eq!(a.cgroup_version, "1");
+        assert_eq!(a.cgroups, args("x=1 y=2"));
+        assert!(a.firecracker_args.is_empty());
+
+        assert!(matches!(
+            parse_jailer_args(&args("--help")).unwrap(),
+            Invocation::Print(text) if text.contains("--exec-file <exec-file>")
+        ));
+    }
+
+    #[test]
+    fn the_jailer_refuses_bad_command_lines_with_its_messages() {
+        let refused = |line: &str| match parse_jailer_args(&args(line)) {
+            Err(ProcessError::JailerArguments(e)) => e.to_string(),
+            other => panic!("{line}: {other:?}"),
+        };
+        assert_eq!(
+            refused("--exec-file f --uid 1 --gid 2"),
+            "Argument 'id' required, but not found."
+        );
+        assert_eq!(
+            refused("--id a --exec-file f --uid 1 --gid 2 --bogus 1"),
+            "Found argument 'bogus' which wasn't expected, or isn't valid in this context."
+        );
+        assert_eq!(
+            refused("--id a stray --exec-file f --uid 1 --gid 2"),
+            "Found argument 'stray' which wasn't expected, or isn't valid in this context."
+        );
+        assert_eq!(
+            refused("--id a --id b --exec-file f --uid 1 --gid 2"),
+            "The argument 'id' was provided more than once."
+        );
+        assert_eq!(
+            refused("--id --exec-file f --uid 1 --gid 2"),
+            "The argument 'id' requires a value, but none was supplied."
+        );
+    }
+
+    #[test]
+    fn firecracker_arguments_follow_its_parser() {
+        let fc = parse(FIRECRACKER_ARGS, &args("--id a --api-sock /s")).unwrap();
+        assert_eq!(fc.value("api-sock"), Some("/s"));
+        let fc = parse(FIRECRACKER_ARGS, &args("--id a")).unwrap();
+        assert_eq!(fc.value("api-sock"), Some(DEFAULT_API_SOCK));
+        assert_eq!(
+            parse(FIRECRACKER_ARGS, &args("--id a --id b")).unwrap_err(),
+            ArgError::Duplicate("id".into())
+        );
+        assert_eq!(
+            parse(FIRECRACKER_ARGS, &args("--no-api")).unwrap_err(),
+            ArgError::Missing("config-file".into())
+        );
+        assert_eq!(
+            parse(FIRECRACKER_ARGS, &args("--no-seccomp --seccomp-filter f"))
+                .unwrap_err()
+                .to_string(),
+            "Argument 'seccomp-filter' cannot be used together with argument 'no-seccomp'."
+        );
+    }
+
+    #[test]
+    fn instance_ids_are_checked_like_the_jailer() {
+        assert!(validate_instance_id("0123456789ab").is_ok());
+        assert!(validate_instance_id("a-b-c").is_ok());
+        assert_eq!(
+            validate_instance_id("a_b").unwrap_err(),
+            "invalid char (_) at position 1"
+        );
+        assert_eq!(
+            validate_instance_id(&"a".repeat(65)).unwrap_err(),
+            "invalid len (65);  the length must be between 1 and 64"
+        );
+        assert!(validate_instance_id("").is_err());
+    }
+
+    /// The driver's arguments; `dir` holds the exec files in `bin/` and the jails in `jail/`.
+    fn jailer(dir: &Path, id: &str, exec: &str) -> JailerArgs {
+        JailerArgs {
+            id: id.into(),
+            exec_file: dir.join("bin").join(exec).display().to_string(),
+            uid: nix::unistd::getuid().as_raw().to_string(),
+            gid: nix::unistd::getgid().as_raw().to_string(),
+            chroot_base_dir: dir.join("jail").display().to_string(),
+            netns: None,
+            daemonize: false,
+            new_pid_ns: false,
+            cgroups: Vec::new(),
+            resource_limits: Vec::new(),
+            cgroup_version: "2".into(),
+            parent_cgroup: None,
+            firecracker_args: args("--api-sock /api.sock"),
+        }
+    }
+
+    #[test]
+    fn entering_the_jail_does_what_the_jailer_does_before_exec() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = std::fs::canonicalize(dir.path()).unwrap();
+        for sub in ["bin", "jail"] {
+            std::fs::create_dir(base.join(sub)).unwrap();
+        }
+        std::fs::write(base.join("bin/firecracker-v1"), b"binary").unwrap();
+        std::fs::write(base.join("bin/qemu"), b"binary").unwrap();
+
+        let jail = enter_jail(&jailer(&base, "vm-1", "firecracker-v1")).unwrap();
+        let root = base.join("jail/firecracker-v1/vm-1/root");
+        assert_eq!(jail.root, root);
+        assert_eq!(jail.api_socket, root.join("api.sock"));
+        assert_eq!(
+            std::fs::read(root.join("firecracker-v1")).unwrap(),
+            b"binary"
+        );
+        assert_eq!(
+            std::fs::read_to_string(root.join("firecracker-v1.pid")).unwrap(),
+            std::process::id().to_string()
+        );
+        for folder in ["dev/net", "run"] {
+            let mode = std::fs::metadata(root.join(folder)).unwrap().permissions();
+            assert_eq!(mode.mode() & 0o777, FOLDER_MODE, "{folder}");
+        }
+        // The pid file is created anew: a jail left over is refused, as by the jailer.
+        assert!(matches!(
+            enter_jail(&jailer(&base, "vm-1", "firecracker-v1")),
+            Err(ProcessError::FileOpen(..))
+        ));
+
+        let refused = |a: JailerArgs| enter_jail(&a).unwrap_err().to_string();
+        assert_eq!(
+            refused(jailer(&base, "vm_1", "firecracker-v1")),
+            "Invalid instance ID: invalid char (_) at position 2"
+        );
+        assert!(refused(jailer(&base, "vm-2", "qemu")).starts_with("Invalid filename."));
+        assert!(
+            refused(jailer(&base, "vm-2", "missing-firecracker"))
+                .starts_with("Failed to canonicalize path")
+        );
+        let mut a = jailer(&base, "vm-2", "firecracker-v1");
+        a.uid = "root".into();
+        assert_eq!(refused(a), "Invalid uid: root");
+        let mut a = jailer(&base, "vm-2", "firecracker-v1");
+        a.cgroups = vec!["cpu.max".into()];
+        assert_eq!(refused(a), "Invalid format for cgroups: cpu.max");
+        let mut a = jailer(&base, "vm-2", "firecracker-v1");
+        a.daemonize = true;
+        assert_eq!(refused(a), "banger-fc-double does not model --daemonize");
+        let mut a = jailer(&base, "vm-3", "firecracker-v1");
+        a.firecracker_args = args("--api-sock /a --id x");
+        let e = enter_jail(&a).unwrap_err();
+        assert_eq!(e.exit_code(), FC_ARG_PARSING);
+    }
+
+    #[test]
+    fn faults_parse_from_the_environment_format() {
+        assert_eq!(
+            parse_faults("/drives/work:400:Drive error: bad; /actions:500:x").unwrap(),
+            vec![
+                Fault {
+                    path_prefix: "/drives/work".into(),
+                    status: 400,
+                    message: "Drive error: bad".into()
+                },
+                Fault {
+                    path_prefix: "/actions".into(),
+                    status: 500,
+                    message: "x".into()
+                },
+            ]
+        );
+        assert!(parse_faults("/drives:204:fine").is_err());
+        assert!(parse_faults("/drives").is_err());
+    }
+}

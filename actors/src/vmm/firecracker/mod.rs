@@ -1,0 +1,427 @@
+//! The Firecracker driver: jailer, then the HTTP API.
+//!
+//! Jail layout (the jailer's own convention): `<chroot_base>/<exec name>/<id>/root/`. Before
+//! spawning, the driver hard-links the kernel, initrd and disks into `root/` (same
+//! filesystem as banger's data dir; a copy is refused, it would defeat sparse sharing) and
+//! creates the log and metrics files Firecracker opens but does not create.
+//!
+//! `--daemonize` is **not** used: the jailer's daemonize points stdio at /dev/null, which
+//! would lose the serial console. Instead the jailer is spawned in its own process group
+//! with stdout/stderr appended to the VM's `console.log`; it execs Firecracker, so the pid
+//! we record is Firecracker's, and the process outlives a daemon restart like a daemonized
+//! one would.
+//!
+//! API sequence (each answered 204 by Firecracker): logger, metrics, machine-config,
+//! boot-source, drives (rootfs read-only as root device, overlay, work), network interface
+//! (when the VM has a tap), vsock (hybrid, `vsock.sock` in the jail), then InstanceStart.
+//! Shutdown is `SendCtrlAltDel`; Firecracker exits when the guest reboots.
+
+#[cfg(feature = "test-double")]
+pub mod double;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+
+use super::{LaunchPlan, VmmError, tail, wait_for_path};
+use crate::vm::model::Runtime;
+use crate::vm::proc;
+
+/// The guest CID banger gives every VM (each VM has its own hybrid vsock socket).
+pub const GUEST_CID: u32 = 3;
+/// The API socket inside the jail.
+pub const API_SOCK: &str = "api.sock";
+/// The hybrid vsock socket inside the jail.
+pub const VSOCK_SOCK: &str = "vsock.sock";
+
+/// Firecracker settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FirecrackerConfig {
+    pub jailer: PathBuf,
+    pub firecracker: PathBuf,
+    /// `--chroot-base-dir` (under banger's data dir).
+    pub chroot_base: PathBuf,
+    /// uid/gid the jailer drops Firecracker to.
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// `<chroot_base>/<exec name>/<id>/root`.
+pub fn jail_root(c: &FirecrackerConfig, id: &str) -> PathBuf {
+    let exec = c
+        .firecracker
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "firecracker".into());
+    c.chroot_base.join(exec).join(id).join("root")
+}
+
+/// The jailer's command line.
+pub fn jailer_args(c: &FirecrackerConfig, id: &str) -> Vec<String> {
+    vec![
+        "--id".into(),
+        id.into(),
+        "--exec-file".into(),
+        c.firecracker.display().to_string(),
+        "--uid".into(),
+        c.uid.to_string(),
+        "--gid".into(),
+        c.gid.to_string(),
+        "--chroot-base-dir".into(),
+        c.chroot_base.display().to_string(),
+        "--cgroup-version".into(),
+        "2".into(),
+        "--".into(),
+        "--api-sock".into(),
+        format!("/{API_SOCK}"),
+    ]
+}
+
+fn setup(e: impl std::fmt::Display) -> VmmError {
+    VmmError::Setup(e.to_string())
+}
+
+/// Hard-link `from` into the jail as `name` (replacing a stale link).
+fn link_in(root: &Path, from: &Path, name: &str) -> Result<(), VmmError> {
+    let to = root.join(name);
+    let _ = std::fs::remove_file(&to);
+    std::fs::hard_link(from, &to).map_err(|e| {
+        setup(format!(
+            "cannot hard-link {} into the jail {}: {e} (banger's data directory and the jail must be on one filesystem)",
+            from.display(),
+            root.display()
+        ))
+    })
+}
+
+/// Make the jail and its files. Blocking.
+pub fn prepare_jail(c: &FirecrackerConfig, plan: &LaunchPlan) -> Result<PathBuf, VmmError> {
+    let root = jail_root(c, &plan.id);
+    // A jail left from an earlier run is rebuilt from scratch.
+    if let Some(instance) = root.parent() {
+        let _ = std::fs::remove_dir_all(instance);
+    }
+    std::fs::create_dir_all(&root).map_err(setup)?;
+    link_in(&root, &plan.kernel, "vmlinux")?;
+    if let Some(initrd) = &plan.initrd {
+        link_in(&root, initrd, "initrd")?;
+    }
+    link_in(&root, &plan.rootfs, "rootfs.ext4")?;
+    link_in(&root, &plan.overlay, "overlay.ext4")?;
+    link_in(&root, &plan.work, "work.ext4")?;
+    for f in ["firecracker.log", "metrics.json"] {
+        std::fs::File::create(root.join(f)).map_err(setup)?;
+    }
+    if nix::unistd::geteuid().is_root() {
+        let (uid, gid) = (
+            Some(nix::unistd::Uid::from_raw(c.uid)),
+            Some(nix::unistd::Gid::from_raw(c.gid)),
+        );
+        for f in [
+            "overlay.ext4",
+            "work.ext4",
+            "firecracker.log",
+            "metrics.json",
+        ] {
+            nix::unistd::chown(&root.join(f), uid, gid).map_err(setup)?;
+        }
+    }
+    Ok(root)
+}
+
+/// The API requests of a launch, in order: (method, path, body).
+pub fn api_sequence(plan: &LaunchPlan) -> Vec<(&'static str, String, Value)> {
+    let mut boot = json!({
+        "kernel_image_path": "vmlinux",
+        "boot_args": plan.cmdline,
+    });
+    if plan.initrd.is_some() {
+        boot["initrd_path"] = json!("initrd");
+    }
+    let drive = |id: &str, file: &str, root: bool, ro: bool| {
+        json!({
+            "drive_id": id,
+            "path_on_host": file,
+            "is_root_device": root,
+            "is_read_only": ro,
+        })
+    };
+    let mut seq = vec![
+        (
+            "PUT",
+            "/logger".to_owned(),
+            json!({"log_path": "firecracker.log", "level": "Info", "show_level": true, "show_log_origin": false}),
+        ),
+        (
+            "PUT",
+            "/metrics".to_owned(),
+            json!({"metrics_path": "metrics.json"}),
+        ),
+        (
+            "PUT",
+            "/machine-config".to_owned(),
+            json!({"vcpu_count": plan.spec.vcpu, "mem_size_mib": plan.spec.memory_mib, "smt": false}),
+        ),
+        ("PUT", "/boot-source".to_owned(), boot),
+        (
+            "PUT",
+            "/drives/rootfs".to_owned(),
+            drive("rootfs", "rootfs.ext4", true, true),
+        ),
+        (
+            "PUT",
+            "/drives/overlay".to_owned(),
+            drive("overlay", "overlay.ext4", false, false),
+        ),
+        (
+            "PUT",
+            "/drives/work".to_owned(),
+            drive("work", "work.ext4", false, false),
+        ),
+    ];
+    if let Some((tap, mac)) = &plan.tap {
+        seq.push((
+            "PUT",
+            "/network-interfaces/eth0".to_owned(),
+            json!({"iface_id": "eth0", "host_dev_name": tap, "guest_mac": mac}),
+        ));
+    }
+    seq.push((
+        "PUT",
+        "/vsock".to_owned(),
+        json!({"guest_cid": GUEST_CID, "uds_path": VSOCK_SOCK}),
+    ));
+    seq.push((
+        "PUT",
+        "/actions".to_owned(),
+        json!({"action_type": "InstanceStart"}),
+    ));
+    seq
+}
+
+/// A connection to Firecracker's API socket.
+pub struct Api {
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+}
+
+impl std::fmt::Debug for Api {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Api")
+    }
+}
+
+impl Api {
+    pub async fn connect(socket: &Path) -> Result<Api, VmmError> {
+        let io_err = |source| VmmError::Io {
+            what: format!("the firecracker API at {}", socket.display()),
+            source,
+        };
+        let stream = tokio::net::UnixStream::connect(socket)
+            .await
+            .map_err(io_err)?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| io_err(std::io::Error::other(e)))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(Api { sender })
+    }
+
+    /// Send one request; Ok on 2xx, else Firecracker's `fault_message`.
+    pub async fn call(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Option<Value>, VmmError> {
+        let io_err = |e: hyper::Error| VmmError::Io {
+            what: format!("firecracker API {method} {path}"),
+            source: std::io::Error::other(e),
+        };
+        let payload = body
+            .map(|b| serde_json::to_vec(b).expect("json"))
+            .unwrap_or_default();
+        let mut req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("Host", "localhost")
+            .header("Accept", "application/json");
+        if body.is_some() {
+            req = req.header("Content-Type", "application/json");
+        }
+        let req = req
+            .body(Full::new(Bytes::from(payload)))
+            .expect("valid request");
+        self.sender.ready().await.map_err(io_err)?;
+        let resp = self.sender.send_request(req).await.map_err(io_err)?;
+        let status = resp.status().as_u16();
+        let bytes = resp.into_body().collect().await.map_err(io_err)?.to_bytes();
+        let json: Option<Value> = serde_json::from_slice(&bytes).ok();
+        if (200..300).contains(&status) {
+            return Ok(json);
+        }
+        let fault = json
+            .as_ref()
+            .and_then(|j| j.get("fault_message"))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
+        Err(VmmError::Api {
+            method: method.into(),
+            path: path.into(),
+            status,
+            fault,
+        })
+    }
+}
+
+/// Launch: jail, jailer, API sequence.
+pub async fn launch(
+    c: &FirecrackerConfig,
+    plan: &LaunchPlan,
+    stage: &(dyn Fn(&str) + Send + Sync),
+) -> Result<Runtime, VmmError> {
+    stage("jail");
+    let root = {
+        let (c, plan) = (c.clone(), plan.clone());
+        tokio::task::spawn_blocking(move || prepare_jail(&c, &plan))
+            .await
+            .map_err(setup)??
+    };
+    stage("launch");
+    let console = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&plan.console)
+        .map_err(setup)?;
+    let console2 = console.try_clone().map_err(setup)?;
+    let (pid, start) = proc::spawn(
+        Command::new(&c.jailer)
+            .args(jailer_args(c, &plan.id))
+            .stdout(Stdio::from(console))
+            .stderr(Stdio::from(console2)),
+    )
+    .map_err(|source| VmmError::Spawn {
+        what: format!("the jailer {}", c.jailer.display()),
+        source,
+    })?;
+    let api_sock = root.join(API_SOCK);
+    let result = async {
+        wait_for_path(
+            &api_sock,
+            "the firecracker API socket",
+            Duration::from_secs(10),
+            || proc::alive(pid, start),
+            || tail(&plan.console, 5),
+        )
+        .await?;
+        stage("configure");
+        let mut api = Api::connect(&api_sock).await?;
+        for (method, path, body) in api_sequence(plan) {
+            if path == "/actions" {
+                stage("boot");
+            }
+            api.call(method, &path, Some(&body)).await?;
+        }
+        Ok(())
+    }
+    .await;
+    if let Err(e) = result {
+        proc::signal(pid, start, nix::sys::signal::Signal::SIGKILL);
+        return Err(e);
+    }
+    Ok(Runtime {
+        pid,
+        start_time: start,
+        helpers: Vec::new(),
+        control_socket: api_sock.display().to_string(),
+        vsock_socket: root.join(VSOCK_SOCK).display().to_string(),
+    })
+}
+
+/// SendCtrlAltDel.
+pub async fn request_shutdown(rt: &Runtime) -> Result<(), VmmError> {
+    let mut api = Api::connect(Path::new(&rt.control_socket)).await?;
+    api.call(
+        "PUT",
+        "/actions",
+        Some(&json!({"action_type": "SendCtrlAltDel"})),
+    )
+    .await
+    .map(drop)
+}
+
+/// Remove the VM's jail.
+pub fn cleanup(c: &FirecrackerConfig, id: &str) {
+    if let Some(instance) = jail_root(c, id).parent() {
+        let _ = std::fs::remove_dir_all(instance);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use banger_api::VmSpec;
+
+    pub(crate) fn plan(dir: &Path) -> LaunchPlan {
+        LaunchPlan {
+            id: "0123456789ab".into(),
+            spec: VmSpec {
+                vcpu: 2,
+                memory_mib: 512,
+                disk_bytes: 1 << 30,
+            },
+            kernel: dir.join("vmlinux"),
+            initrd: None,
+            rootfs: dir.join("rootfs.ext4"),
+            overlay: dir.join("overlay.ext4"),
+            work: dir.join("work.ext4"),
+            cmdline: "console=ttyS0".into(),
+            console: dir.join("console.log"),
+            run_dir: dir.join("run"),
+            tap: Some(("bg-0123456789ab".into(), "06:00:ac:1e:00:05".into())),
+        }
+    }
+
+    #[test]
+    fn jailer_command_line() {
+        let c = FirecrackerConfig {
+            jailer: "/usr/bin/jailer".into(),
+            firecracker: "/usr/bin/firecracker".into(),
+            chroot_base: "/var/lib/banger/jail".into(),
+            uid: 900,
+            gid: 901,
+        };
+        let args = jailer_args(&c, "abc");
+        assert_eq!(
+            args.join(" "),
+            "--id abc --exec-file /usr/bin/firecracker --uid 900 --gid 901 --chroot-base-dir /var/lib/banger/jail --cgroup-version 2 -- --api-sock /api.sock"
+        );
+        assert_eq!(
+            jail_root(&c, "abc"),
+            PathBuf::from("/var/lib/banger/jail/firecracker/abc/root")
+        );
+    }
+
+    #[test]
+    fn every_request_of_a_launch_conforms_to_the_published_spec() {
+        let spec = double::Spec::load();
+        let dir = tempfile::tempdir().unwrap();
+        let seq = api_sequence(&plan(dir.path()));
+        assert_eq!(
+            seq.last().unwrap().1,
+            "/actions",
+            "InstanceStart comes last"
+        );
+        for (method, path, body) in &seq {
+            spec.validate(method, path, Some(body))
+                .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        }
+    }
+}

@@ -1,0 +1,166 @@
+//! VMM drivers. A VmActor drives its VMM through [`Driver`], which has two real
+//! implementations sharing the same disks, kernel, command line and hybrid-vsock contract:
+//!
+//! - [`firecracker`]: the jailer (chroot with hard links, own uid/gid, cgroup) then
+//!   Firecracker's HTTP API on its Unix socket. Tested against [`firecracker::double`], a
+//!   test double of the jailer+firecracker process that checks every request against
+//!   Firecracker's published API spec.
+//! - [`qemu`]: `qemu-system-x86_64 -M microvm` (KVM when usable, TCG otherwise), virtio
+//!   block and net devices, vhost-user-vsock through `vhost-device-vsock` (which exposes the
+//!   same hybrid vsock Unix socket as Firecracker), controlled through QMP.
+//!
+//! Both spawn the VMM in its own process group with the serial console appended to the
+//! VM's `console.log`, so a VM outlives a daemon restart (`kill -9` included) and keeps
+//! logging; the daemon re-adopts it by pid + start time.
+
+pub mod firecracker;
+pub mod qemu;
+
+use std::path::PathBuf;
+
+use banger_api::{VmSpec, VmmKind};
+
+use crate::vm::model::Runtime;
+
+/// Everything a driver needs to launch one VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaunchPlan {
+    pub id: String,
+    pub spec: VmSpec,
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub rootfs: PathBuf,
+    pub overlay: PathBuf,
+    pub work: PathBuf,
+    pub cmdline: String,
+    pub console: PathBuf,
+    /// Emptied before launch; sockets and logs of the VMM processes.
+    pub run_dir: PathBuf,
+    /// Tap device and guest MAC, when the VM has a network.
+    pub tap: Option<(String, String)>,
+}
+
+/// Driver settings, resolved from config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmmConfig {
+    pub firecracker: firecracker::FirecrackerConfig,
+    pub qemu: qemu::QemuConfig,
+}
+
+/// Errors of the drivers.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("cannot run {what}")]
+    Spawn {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} exited during start-up: {detail}")]
+    Died { what: String, detail: String },
+    #[error("timed out waiting for {0}")]
+    Timeout(String),
+    #[error("firecracker refused {method} {path}: {status} {fault}")]
+    Api {
+        method: String,
+        path: String,
+        status: u16,
+        fault: String,
+    },
+    #[error("talking to {what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("QMP: {0}")]
+    Qmp(String),
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// The driver of one VMM kind.
+#[derive(Debug, Clone)]
+pub enum Driver {
+    Firecracker(firecracker::FirecrackerConfig),
+    Qemu(qemu::QemuConfig),
+}
+
+impl Driver {
+    pub fn new(kind: VmmKind, config: &VmmConfig) -> Driver {
+        match kind {
+            VmmKind::Firecracker => Driver::Firecracker(config.firecracker.clone()),
+            VmmKind::Qemu => Driver::Qemu(config.qemu.clone()),
+        }
+    }
+
+    /// Launch and configure the VMM, and start the guest. `stage` is told each step.
+    pub async fn launch(
+        &self,
+        plan: &LaunchPlan,
+        stage: &(dyn Fn(&str) + Send + Sync),
+    ) -> Result<Runtime, VmmError> {
+        match self {
+            Driver::Firecracker(c) => firecracker::launch(c, plan, stage).await,
+            Driver::Qemu(c) => qemu::launch(c, plan, stage).await,
+        }
+    }
+
+    /// Ask the guest to shut down (Ctrl-Alt-Del); the caller waits and kills on timeout.
+    pub async fn request_shutdown(&self, rt: &Runtime) -> Result<(), VmmError> {
+        match self {
+            Driver::Firecracker(_) => firecracker::request_shutdown(rt).await,
+            Driver::Qemu(_) => qemu::request_shutdown(rt).await,
+        }
+    }
+
+    /// Release what the VMM leaves behind once it is gone: helper processes, sockets, jail.
+    pub fn cleanup(&self, id: &str, rt: Option<&Runtime>, run_dir: &std::path::Path) {
+        if let Some(rt) = rt {
+            for (pid, start) in &rt.helpers {
+                crate::vm::proc::signal(*pid, *start, nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+        if let Driver::Firecracker(c) = self {
+            firecracker::cleanup(c, id);
+        }
+        if let Ok(entries) = std::fs::read_dir(run_dir) {
+            for e in entries.flatten() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
+/// Poll until `path` exists, `alive` stays true, up to `timeout`.
+pub(crate) async fn wait_for_path(
+    path: &std::path::Path,
+    what: &str,
+    timeout: std::time::Duration,
+    alive: impl Fn() -> bool,
+    died_detail: impl Fn() -> String,
+) -> Result<(), VmmError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if path.exists() {
+            return Ok(());
+        }
+        if !alive() {
+            return Err(VmmError::Died {
+                what: what.into(),
+                detail: died_detail(),
+            });
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(VmmError::Timeout(format!("{what} ({})", path.display())));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
+/// The last lines of a log file, for error messages.
+pub(crate) fn tail(path: &std::path::Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    all[all.len().saturating_sub(lines)..].join(" | ")
+}

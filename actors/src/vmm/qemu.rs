@@ -1,0 +1,436 @@
+//! The QEMU microvm driver, for hosts without Firecracker and for the test rig.
+//!
+//! Processes per VM: `vhost-device-vsock` (the vhost-user vsock backend; it exposes the
+//! guest's vsock as a hybrid Unix socket, `CONNECT <port>\n`, exactly like Firecracker's),
+//! then `qemu-system-x86_64 -M microvm`. Both run in their own process group. The serial
+//! console is appended to the VM's `console.log` by QEMU itself (a file chardev), so it
+//! survives a daemon restart. QMP (`run/qmp.sock`) is used for status and shutdown.
+//!
+//! Acceleration: KVM when `/dev/kvm` opens and is not PVM, TCG otherwise; `qemu_accel` in
+//! the config forces one. (On a PVM host, /dev/kvm answers but a stock guest kernel dies
+//! early: see RIG.md.) QMP is JSON lines; the handful of commands banger needs are spoken
+//! directly with serde_json rather than through a QAPI crate.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+use super::{LaunchPlan, VmmError, tail, wait_for_path};
+use crate::vm::model::Runtime;
+use crate::vm::proc;
+
+/// How QEMU accelerates the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+/// QEMU settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QemuConfig {
+    pub qemu: PathBuf,
+    pub vhost_vsock: PathBuf,
+    pub accel: Accel,
+}
+
+/// Whether KVM is usable for stock guest kernels here.
+pub fn kvm_usable() -> bool {
+    let opens = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    opens && !is_pvm()
+}
+
+/// A PVM host (nested paravirtualised KVM): the kvm_pvm module is loaded.
+pub fn is_pvm() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
+}
+
+fn accel_arg(a: Accel) -> &'static str {
+    match a {
+        Accel::Kvm => "kvm",
+        Accel::Tcg => "tcg",
+        Accel::Auto if kvm_usable() => "kvm",
+        Accel::Auto => "tcg",
+    }
+}
+
+/// The host's TSC frequency in kHz (microvm has no HPET; the guest needs
+/// `tsc_early_khz`). From sysfs when the kernel exports it, else from the boot log's
+/// "tsc: Refined TSC clocksource calibration" / "Detected ... MHz processor" lines, else
+/// from /proc/cpuinfo's "cpu MHz".
+pub fn host_tsc_khz() -> Option<u64> {
+    if let Ok(s) = std::fs::read_to_string("/sys/devices/system/cpu/cpu0/tsc_freq_khz")
+        && let Ok(k) = s.trim().parse()
+    {
+        return Some(k);
+    }
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let mhz: f64 = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("cpu MHz"))?
+        .trim_start_matches([' ', '\t', ':'])
+        .trim()
+        .parse()
+        .ok()?;
+    Some((mhz * 1000.0).round() as u64)
+}
+
+/// The QEMU command line.
+pub fn qemu_args(c: &QemuConfig, plan: &LaunchPlan) -> Vec<String> {
+    let run = &plan.run_dir;
+    let mem = plan.spec.memory_mib;
+    let accel = accel_arg(c.accel);
+    let mut a: Vec<String> = vec![
+        "-name".into(),
+        format!("banger-{}", plan.id),
+        "-M".into(),
+        "microvm,rtc=on,pit=on,pic=on".into(),
+        "-accel".into(),
+        accel.into(),
+        "-cpu".into(),
+        if accel == "kvm" { "host" } else { "max" }.into(),
+        "-m".into(),
+        format!("{mem}M"),
+        "-smp".into(),
+        plan.spec.vcpu.to_string(),
+        "-nodefaults".into(),
+        "-no-user-config".into(),
+        "-nographic".into(),
+        "-no-reboot".into(),
+        "-kernel".into(),
+        plan.kernel.display().to_string(),
+    ];
+    if let Some(initrd) = &plan.initrd {
+        a.extend(["-initrd".into(), initrd.display().to_string()]);
+    }
+    a.extend([
+        "-append".into(),
+        plan.cmdline.clone(),
+        "-chardev".into(),
+        format!("file,id=console,path={},append=on", plan.console.display()),
+        "-serial".into(),
+        "chardev:console".into(),
+    ]);
+    // The root filesystem first: the guest kernel's root=/dev/vda.
+    for (id, file, ro) in [
+        ("rootfs", &plan.rootfs, true),
+        ("overlay", &plan.overlay, false),
+        ("work", &plan.work, false),
+    ] {
+        a.extend([
+            "-drive".into(),
+            format!(
+                "id={id},file={},format=raw,if=none,readonly={}",
+                file.display(),
+                if ro { "on" } else { "off" }
+            ),
+            "-device".into(),
+            format!("virtio-blk-device,drive={id}"),
+        ]);
+    }
+    if let Some((tap, mac)) = &plan.tap {
+        a.extend([
+            "-netdev".into(),
+            format!("tap,id=n0,ifname={tap},script=no,downscript=no"),
+            "-device".into(),
+            format!("virtio-net-device,netdev=n0,mac={mac}"),
+        ]);
+    }
+    // vhost-user needs guest memory shared with the backend.
+    a.extend([
+        "-object".into(),
+        format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
+        "-numa".into(),
+        "node,memdev=mem".into(),
+        "-chardev".into(),
+        format!("socket,id=vsock,path={}", run.join("vhu.sock").display()),
+        "-device".into(),
+        "vhost-user-vsock-device,chardev=vsock".into(),
+        "-qmp".into(),
+        format!("unix:{},server=on,wait=off", run.join("qmp.sock").display()),
+    ]);
+    a
+}
+
+/// The vhost-device-vsock command line.
+pub fn vhost_args(plan: &LaunchPlan) -> Vec<String> {
+    vec![
+        "--guest-cid".into(),
+        "3".into(),
+        "--socket".into(),
+        plan.run_dir.join("vhu.sock").display().to_string(),
+        "--uds-path".into(),
+        plan.run_dir.join("vsock.sock").display().to_string(),
+    ]
+}
+
+fn setup(e: impl std::fmt::Display) -> VmmError {
+    VmmError::Setup(e.to_string())
+}
+
+fn log_file(path: &Path) -> Result<(Stdio, Stdio), VmmError> {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(setup)?;
+    let g = f.try_clone().map_err(setup)?;
+    Ok((Stdio::from(f), Stdio::from(g)))
+}
+
+/// Launch vhost-device-vsock and QEMU, wait for QMP, check the guest runs.
+pub async fn launch(
+    c: &QemuConfig,
+    plan: &LaunchPlan,
+    stage: &(dyn Fn(&str) + Send + Sync),
+) -> Result<Runtime, VmmError> {
+    stage("launch");
+    let run = &plan.run_dir;
+    let _ = std::fs::remove_dir_all(run);
+    std::fs::create_dir_all(run).map_err(setup)?;
+    let vhost_log = run.join("vhost-vsock.log");
+    let (out, err) = log_file(&vhost_log)?;
+    let (vpid, vstart) = proc::spawn(
+        Command::new(&c.vhost_vsock)
+            .args(vhost_args(plan))
+            .stdout(out)
+            .stderr(err),
+    )
+    .map_err(|source| VmmError::Spawn {
+        what: format!(
+            "{} (install it with `cargo install --locked vhost-device-vsock`)",
+            c.vhost_vsock.display()
+        ),
+        source,
+    })?;
+    let kill_vhost = || proc::signal(vpid, vstart, nix::sys::signal::Signal::SIGKILL);
+    if let Err(e) = wait_for_path(
+        &run.join("vhu.sock"),
+        "vhost-device-vsock",
+        Duration::from_secs(10),
+        || proc::alive(vpid, vstart),
+        || tail(&vhost_log, 3),
+    )
+    .await
+    {
+        kill_vhost();
+        return Err(e);
+    }
+    let qemu_log = run.join("qemu.log");
+    let (out, err) = log_file(&qemu_log)?;
+    let spawned = proc::spawn(
+        Command::new(&c.qemu)
+            .args(qemu_args(c, plan))
+            .stdout(out)
+            .stderr(err),
+    );
+    let (pid, start) = match spawned {
+        Ok(p) => p,
+        Err(source) => {
+            kill_vhost();
+            return Err(VmmError::Spawn {
+                what: c.qemu.display().to_string(),
+                source,
+            });
+        }
+    };
+    let result = async {
+        let qmp_path = run.join("qmp.sock");
+        wait_for_path(
+            &qmp_path,
+            "qemu",
+            Duration::from_secs(10),
+            || proc::alive(pid, start),
+            || tail(&qemu_log, 3),
+        )
+        .await?;
+        stage("boot");
+        let mut qmp = Qmp::connect(&qmp_path).await?;
+        let status = qmp.execute("query-status", None).await?;
+        match status.get("status").and_then(Value::as_str) {
+            Some("running") => Ok(()),
+            other => Err(VmmError::Qmp(format!(
+                "the guest is not running: {other:?}"
+            ))),
+        }
+    }
+    .await;
+    if let Err(e) = result {
+        proc::signal(pid, start, nix::sys::signal::Signal::SIGKILL);
+        kill_vhost();
+        return Err(e);
+    }
+    Ok(Runtime {
+        pid,
+        start_time: start,
+        helpers: vec![(vpid, vstart)],
+        control_socket: run.join("qmp.sock").display().to_string(),
+        vsock_socket: run.join("vsock.sock").display().to_string(),
+    })
+}
+
+/// Press the ACPI power button (`system_powerdown`). microvm has no keyboard controller,
+/// so Ctrl-Alt-Del (Firecracker's way) cannot reach the guest; the power button reaches
+/// systemd-logind in systemd images and banger-init otherwise, and the guest powers off,
+/// which ends QEMU.
+pub async fn request_shutdown(rt: &Runtime) -> Result<(), VmmError> {
+    let mut qmp = Qmp::connect(Path::new(&rt.control_socket)).await?;
+    qmp.execute("system_powerdown", None).await.map(drop)
+}
+
+/// A QMP session.
+#[derive(Debug)]
+pub struct Qmp {
+    reader: BufReader<tokio::net::unix::OwnedReadHalf>,
+    writer: tokio::net::unix::OwnedWriteHalf,
+}
+
+impl Qmp {
+    /// Connect, read the greeting, negotiate capabilities.
+    pub async fn connect(path: &Path) -> Result<Qmp, VmmError> {
+        let io = |source| VmmError::Io {
+            what: format!("QMP at {}", path.display()),
+            source,
+        };
+        let stream = tokio::net::UnixStream::connect(path).await.map_err(io)?;
+        let (r, w) = stream.into_split();
+        let mut qmp = Qmp {
+            reader: BufReader::new(r),
+            writer: w,
+        };
+        let greeting = qmp.read().await?;
+        if greeting.get("QMP").is_none() {
+            return Err(VmmError::Qmp(format!("unexpected greeting {greeting}")));
+        }
+        qmp.execute("qmp_capabilities", None).await?;
+        Ok(qmp)
+    }
+
+    async fn read(&mut self) -> Result<Value, VmmError> {
+        let mut line = String::new();
+        let n = tokio::time::timeout(Duration::from_secs(10), self.reader.read_line(&mut line))
+            .await
+            .map_err(|_| VmmError::Timeout("a QMP answer".into()))?
+            .map_err(|source| VmmError::Io {
+                what: "QMP".into(),
+                source,
+            })?;
+        if n == 0 {
+            return Err(VmmError::Qmp("QEMU closed the QMP connection".into()));
+        }
+        serde_json::from_str(&line).map_err(|e| VmmError::Qmp(format!("bad QMP line: {e}")))
+    }
+
+    /// Run one command and return its `return` value (events in between are skipped).
+    pub async fn execute(&mut self, cmd: &str, args: Option<Value>) -> Result<Value, VmmError> {
+        let mut msg = json!({ "execute": cmd });
+        if let Some(a) = args {
+            msg["arguments"] = a;
+        }
+        let mut line = serde_json::to_vec(&msg).expect("json");
+        line.push(b'\n');
+        self.writer
+            .write_all(&line)
+            .await
+            .map_err(|source| VmmError::Io {
+                what: "QMP".into(),
+                source,
+            })?;
+        loop {
+            let v = self.read().await?;
+            if let Some(r) = v.get("return") {
+                return Ok(r.clone());
+            }
+            if let Some(e) = v.get("error") {
+                return Err(VmmError::Qmp(format!("{cmd}: {e}")));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use banger_api::VmSpec;
+
+    fn plan() -> LaunchPlan {
+        LaunchPlan {
+            id: "0123456789ab".into(),
+            spec: VmSpec {
+                vcpu: 2,
+                memory_mib: 512,
+                disk_bytes: 1 << 30,
+            },
+            kernel: "/k/vmlinuz".into(),
+            initrd: Some("/k/initrd".into()),
+            rootfs: "/i/rootfs.ext4".into(),
+            overlay: "/v/overlay.ext4".into(),
+            work: "/v/work.ext4".into(),
+            cmdline: "console=ttyS0 root=/dev/vda ro".into(),
+            console: "/v/console.log".into(),
+            run_dir: "/v/run".into(),
+            tap: None,
+        }
+    }
+
+    fn cfg(accel: Accel) -> QemuConfig {
+        QemuConfig {
+            qemu: "qemu-system-x86_64".into(),
+            vhost_vsock: "vhost-device-vsock".into(),
+            accel,
+        }
+    }
+
+    #[test]
+    fn command_line_shape() {
+        let a = qemu_args(&cfg(Accel::Tcg), &plan()).join(" ");
+        for part in [
+            "-M microvm,rtc=on,pit=on,pic=on",
+            "-accel tcg -cpu max",
+            "-m 512M -smp 2",
+            "-no-reboot",
+            "-kernel /k/vmlinuz -initrd /k/initrd",
+            "-append console=ttyS0 root=/dev/vda ro",
+            "file,id=console,path=/v/console.log,append=on",
+            "id=rootfs,file=/i/rootfs.ext4,format=raw,if=none,readonly=on",
+            "id=work,file=/v/work.ext4,format=raw,if=none,readonly=off",
+            "memory-backend-memfd,id=mem,size=512M,share=on",
+            "socket,id=vsock,path=/v/run/vhu.sock",
+            "vhost-user-vsock-device,chardev=vsock",
+            "unix:/v/run/qmp.sock,server=on,wait=off",
+        ] {
+            assert!(a.contains(part), "missing {part:?} in {a}");
+        }
+        let root = a.find("id=rootfs").unwrap();
+        assert!(root < a.find("id=overlay").unwrap() && root < a.find("id=work").unwrap());
+        assert!(!a.contains("-netdev"));
+        let mut p = plan();
+        p.tap = Some(("bg-x".into(), "06:00:00:00:00:01".into()));
+        let a = qemu_args(&cfg(Accel::Kvm), &p).join(" ");
+        assert!(a.contains("-accel kvm -cpu host"));
+        assert!(a.contains("tap,id=n0,ifname=bg-x,script=no,downscript=no"));
+        assert!(a.contains("virtio-net-device,netdev=n0,mac=06:00:00:00:00:01"));
+    }
+
+    #[test]
+    fn vhost_command_line() {
+        assert_eq!(
+            vhost_args(&plan()).join(" "),
+            "--guest-cid 3 --socket /v/run/vhu.sock --uds-path /v/run/vsock.sock"
+        );
+    }
+
+    #[test]
+    fn tsc_khz_is_found_on_this_host() {
+        let khz = host_tsc_khz().expect("tsc khz");
+        assert!((100_000..10_000_000).contains(&khz), "{khz}");
+    }
+}

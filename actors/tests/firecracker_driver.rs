@@ -1,0 +1,369 @@
+//! The Firecracker driver end to end, as a real process: `firecracker::launch` spawns
+//! `banger-fc-double` as its jailer (a stand-in for `jailer ... -- firecracker` that serves
+//! the API double in the jail, see `double::process`), configures and boots it over the
+//! API socket, and shuts it down with Ctrl+Alt+Del. The double's record of what it was sent
+//! (`<jail root>/double-record.json`) is the probe.
+//!
+//! Needs neither root nor KVM. The binary is built by `cargo test` because the self
+//! dev-dependency turns on its required feature `test-double`.
+
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use banger_actors::vm::proc;
+use banger_actors::vmm::firecracker::double::process::{FAIL_ENV, GUEST_RUNNING, RECORD_FILE};
+use banger_actors::vmm::firecracker::{self, FirecrackerConfig};
+use banger_actors::vmm::{LaunchPlan, VmmError};
+use banger_api::VmSpec;
+use serde_json::{Value, json};
+use tempfile::TempDir;
+
+const DOUBLE: &str = env!("CARGO_BIN_EXE_banger-fc-double");
+const WAIT: Duration = Duration::from_secs(5);
+
+/// A VM's files and a jailer configuration, in one temporary directory (one filesystem, so
+/// the driver's hard links work).
+struct Rig {
+    dir: TempDir,
+    config: FirecrackerConfig,
+    plan: LaunchPlan,
+}
+
+fn rig(initrd: bool, tap: bool) -> Rig {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_owned();
+    for file in [
+        "vmlinux",
+        "initrd",
+        "rootfs.ext4",
+        "overlay.ext4",
+        "work.ext4",
+    ] {
+        std::fs::write(path.join(file), file.as_bytes()).unwrap();
+    }
+    // The jailer insists the exec file's name contains "firecracker"; it only copies it.
+    std::fs::write(path.join("firecracker"), b"not run by the double").unwrap();
+    std::fs::create_dir(path.join("jail")).unwrap();
+    let config = FirecrackerConfig {
+        jailer: PathBuf::from(DOUBLE),
+        firecracker: path.join("firecracker"),
+        chroot_base: path.join("jail"),
+        uid: nix::unistd::getuid().as_raw(),
+        gid: nix::unistd::getgid().as_raw(),
+    };
+    let plan = LaunchPlan {
+        id: "0123456789ab".into(),
+        spec: VmSpec {
+            vcpu: 2,
+            memory_mib: 384,
+            disk_bytes: 1 << 30,
+        },
+        kernel: path.join("vmlinux"),
+        initrd: initrd.then(|| path.join("initrd")),
+        rootfs: path.join("rootfs.ext4"),
+        overlay: path.join("overlay.ext4"),
+        work: path.join("work.ext4"),
+        cmdline: "console=ttyS0 reboot=k panic=1".into(),
+        console: path.join("console.log"),
+        run_dir: path.join("run"),
+        tap: tap.then(|| ("bg-0123456789ab".into(), "06:00:ac:1e:00:05".into())),
+    };
+    Rig { dir, config, plan }
+}
+
+impl Rig {
+    fn root(&self) -> PathBuf {
+        firecracker::jail_root(&self.config, &self.plan.id)
+    }
+
+    fn console(&self) -> String {
+        std::fs::read_to_string(&self.plan.console).unwrap_or_default()
+    }
+
+    /// Make the jailer a script that starts the double with `env` set (the test cannot set
+    /// its own environment: that is unsafe, and unsafe code is forbidden).
+    fn jailer_with_env(&mut self, env: &str, value: &str) {
+        let script = self.dir.path().join("jailer.sh");
+        std::fs::write(
+            &script,
+            format!("#!/bin/sh\n{env}='{value}' exec '{DOUBLE}' \"$@\"\n"),
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        self.config.jailer = script;
+    }
+}
+
+async fn poll_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !done() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Launch, check the running VM, shut it down, check what the double was sent, clean up.
+async fn launch_and_shut_down(initrd: bool, tap: bool) {
+    let rig = rig(initrd, tap);
+    let stages = Mutex::new(Vec::new());
+    let stage = |s: &str| stages.lock().unwrap().push(s.to_owned());
+
+    let rt = firecracker::launch(&rig.config, &rig.plan, &stage)
+        .await
+        .unwrap_or_else(|e| panic!("launch: {e}; console: {}", rig.console()));
+    assert_eq!(
+        *stages.lock().unwrap(),
+        ["jail", "launch", "configure", "boot"]
+    );
+    assert!(proc::alive(rt.pid, rt.start_time), "firecracker runs");
+
+    // The jailer's work: the recorded pid is the one that exec'd into Firecracker.
+    let root = rig.root();
+    assert_eq!(PathBuf::from(&rt.control_socket), root.join("api.sock"));
+    assert_eq!(
+        std::fs::read_to_string(root.join("firecracker.pid")).unwrap(),
+        rt.pid.to_string()
+    );
+    assert!(root.join("firecracker").is_file(), "exec file copied in");
+
+    // The vsock device's host socket, bound by `PUT /vsock` in the jail.
+    let vsock = Path::new(&rt.vsock_socket);
+    assert_eq!(vsock, root.join("vsock.sock"));
+    assert!(std::fs::metadata(vsock).unwrap().file_type().is_socket());
+    tokio::net::UnixStream::connect(vsock).await.unwrap();
+
+    // The guest's serial console, on the process's stdout, appended to console.log.
+    poll_until("the guest's console", || {
+        rig.console().contains(GUEST_RUNNING)
+    })
+    .await;
+    let console = rig.console();
+    assert!(console.contains("Linux version"), "{console}");
+    assert!(console.contains(&rig.plan.cmdline), "{console}");
+
+    firecracker::request_shutdown(&rt).await.unwrap();
+    assert!(
+        proc::wait_gone(rt.pid, rt.start_time, WAIT).await,
+        "firecracker exits after Ctrl+Alt+Del"
+    );
+
+    let record: Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join(RECORD_FILE)).unwrap()).unwrap();
+    assert_eq!(record["violations"], json!([]), "{record:#}");
+    assert_eq!(record["state"], "Exited");
+    let requests = record["requests"].as_array().unwrap();
+    let sent: Vec<String> = requests
+        .iter()
+        .map(|r| {
+            format!(
+                "{} {}",
+                r["method"].as_str().unwrap(),
+                r["path"].as_str().unwrap()
+            )
+        })
+        .collect();
+    let mut expected = vec![
+        "PUT /logger",
+        "PUT /metrics",
+        "PUT /machine-config",
+        "PUT /boot-source",
+        "PUT /drives/rootfs",
+        "PUT /drives/overlay",
+        "PUT /drives/work",
+    ];
+    if tap {
+        expected.push("PUT /network-interfaces/eth0");
+    }
+    expected.extend(["PUT /vsock", "PUT /actions", "PUT /actions"]);
+    assert_eq!(sent, expected);
+    assert!(requests.iter().all(|r| r["status"] == 204), "{record:#}");
+
+    let body = |path: &str| requests.iter().find(|r| r["path"] == path).unwrap()["body"].clone();
+    assert_eq!(
+        body("/machine-config"),
+        json!({"vcpu_count": rig.plan.spec.vcpu, "mem_size_mib": rig.plan.spec.memory_mib, "smt": false})
+    );
+    let boot = body("/boot-source");
+    assert_eq!(boot["boot_args"], rig.plan.cmdline.as_str());
+    assert_eq!(boot.get("initrd_path").is_some(), initrd, "{boot}");
+    if tap {
+        assert_eq!(
+            body("/network-interfaces/eth0"),
+            json!({"iface_id": "eth0", "host_dev_name": "bg-0123456789ab", "guest_mac": "06:00:ac:1e:00:05"})
+        );
+    }
+    let actions: Vec<&Value> = requests
+        .iter()
+        .filter(|r| r["path"] == "/actions")
+        .map(|r| &r["body"]["action_type"])
+        .collect();
+    assert_eq!(actions, [&json!("InstanceStart"), &json!("SendCtrlAltDel")]);
+
+    firecracker::cleanup(&rig.config, &rig.plan.id);
+    assert!(!root.exists());
+    assert!(
+        !rig.config
+            .chroot_base
+            .join("firecracker")
+            .join(&rig.plan.id)
+            .exists()
+    );
+}
+
+#[tokio::test]
+async fn launch_with_a_tap_boots_and_shuts_down_through_the_jailer() {
+    launch_and_shut_down(false, true).await;
+}
+
+#[tokio::test]
+async fn launch_with_an_initrd_and_no_network_boots_and_shuts_down() {
+    launch_and_shut_down(true, false).await;
+}
+
+#[tokio::test]
+async fn sigterm_stops_firecracker_and_leaves_the_record() {
+    let rig = rig(false, false);
+    let rt = firecracker::launch(&rig.config, &rig.plan, &|_| {})
+        .await
+        .unwrap();
+    assert!(proc::signal(
+        rt.pid,
+        rt.start_time,
+        nix::sys::signal::Signal::SIGTERM
+    ));
+    assert!(proc::wait_gone(rt.pid, rt.start_time, WAIT).await);
+    let record: Value =
+        serde_json::from_str(&std::fs::read_to_string(rig.root().join(RECORD_FILE)).unwrap())
+            .unwrap();
+    assert_eq!(record["violations"], json!([]));
+    assert_eq!(record["state"], "Running", "killed, not shut down");
+    firecracker::cleanup(&rig.config, &rig.plan.id);
+}
+
+#[tokio::test]
+async fn a_refused_api_request_fails_the_launch_and_kills_firecracker() {
+    let mut rig = rig(false, true);
+    rig.jailer_with_env(FAIL_ENV, "/drives/work:400:Drive error");
+
+    let error = firecracker::launch(&rig.config, &rig.plan, &|_| {})
+        .await
+        .unwrap_err();
+    match &error {
+        VmmError::Api {
+            method,
+            path,
+            status,
+            fault,
+        } => {
+            assert_eq!((method.as_str(), path.as_str()), ("PUT", "/drives/work"));
+            assert_eq!((*status, fault.as_str()), (400, "Drive error"));
+        }
+        other => panic!("not an API error: {other:?}"),
+    }
+    let message = error.to_string();
+    assert!(
+        message.contains("/drives/work") && message.contains("Drive error"),
+        "{message}"
+    );
+
+    // The process the driver spawned (its pid, from the jailer's pid file) was killed.
+    let pid: i32 = std::fs::read_to_string(rig.root().join("firecracker.pid"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let gone = match proc::start_time(pid) {
+        None => true,
+        Some(start) => proc::wait_gone(pid, start, WAIT).await,
+    };
+    assert!(gone, "firecracker {pid} still runs");
+    assert!(
+        !rig.console().contains(GUEST_RUNNING),
+        "the guest never booted"
+    );
+    firecracker::cleanup(&rig.config, &rig.plan.id);
+}
+
+#[tokio::test]
+async fn a_jailer_refusing_its_arguments_fails_the_launch_with_its_message() {
+    let mut rig = rig(false, false);
+    // An id the jailer refuses: it exits before making the API socket, and its message
+    // (stderr, appended to console.log) is in the driver's error.
+    rig.plan.id = "vm_1".into();
+    let error = firecracker::launch(&rig.config, &rig.plan, &|_| {})
+        .await
+        .unwrap_err();
+    assert!(matches!(error, VmmError::Died { .. }), "{error:?}");
+    assert!(
+        error
+            .to_string()
+            .contains("Invalid instance ID: invalid char (_) at position 2"),
+        "{error}"
+    );
+    firecracker::cleanup(&rig.config, &rig.plan.id);
+}
+
+/// Run the binary with a jailer command line; (exit code, stdout, stderr).
+fn jailer(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(DOUBLE).args(args).output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_jailer_refuses_a_bad_command_line_with_a_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let (exec, base) = (dir.path().join("firecracker"), dir.path().join("jail"));
+    std::fs::write(&exec, b"").unwrap();
+    std::fs::create_dir(&base).unwrap();
+    let (exec, base) = (exec.to_str().unwrap(), base.to_str().unwrap());
+    // The driver's command line, with `head` first and `fc` after Firecracker's arguments.
+    let with = |head: &[&str], exec: &str, fc: &[&str]| -> Vec<String> {
+        let mut args: Vec<&str> = head.to_vec();
+        args.extend(["--exec-file", exec, "--uid", "1", "--gid", "1"]);
+        args.extend(["--chroot-base-dir", base, "--cgroup-version", "2"]);
+        args.extend(["--", "--api-sock", "/api.sock"]);
+        args.extend(fc);
+        args.into_iter().map(str::to_owned).collect()
+    };
+    let cases: [(Vec<String>, i32, &str); 5] = [
+        (
+            with(&[], exec, &[]),
+            1,
+            "Failed to parse arguments: Argument 'id' required, but not found.",
+        ),
+        (
+            with(&["--id", "vm-1", "--bogus", "1"], exec, &[]),
+            1,
+            "Found argument 'bogus' which wasn't expected",
+        ),
+        (
+            with(&["--id", "vm_1"], exec, &[]),
+            1,
+            "Invalid instance ID: invalid char (_) at position 2",
+        ),
+        (
+            with(&["--id", "vm-1"], "/nonexistent/firecracker", &[]),
+            1,
+            "Failed to canonicalize path /nonexistent/firecracker: No such file or directory",
+        ),
+        (
+            // The jailer passes `--id` to Firecracker itself.
+            with(&["--id", "vm-1"], exec, &["--id", "x"]),
+            153,
+            "Arguments parsing error: The argument 'id' was provided more than once.",
+        ),
+    ];
+    for (args, code, message) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (status, stdout, stderr) = jailer(&args);
+        assert_eq!(status, Some(code), "{args:?}: {stderr}");
+        assert!(stderr.contains(message), "{args:?}: {stderr}");
+        assert_eq!(stdout, "", "{args:?}: nothing on the console");
+    }
+}

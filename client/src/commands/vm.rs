@@ -1,0 +1,395 @@
+//! `banger vm …` and `banger ps`.
+
+use std::io::{IsTerminal, Write};
+use std::time::Instant;
+
+use banger_api::{
+    CreateVm, LogEvent, Progress, SetVm, SpecDefaults, SpecSource, VmInfo, VmRpcClient, VmSpec,
+};
+use jsonrpsee::core::client::Subscription;
+
+use crate::cli::{SizeArgs, VmCmd};
+use crate::connect::{self, Target};
+use crate::exit::{self, CliError};
+use crate::render;
+
+/// Parse a size: `8G`, `512M`, `1.5G`, bytes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid size {s:?} (e.g. 8G, 512M)"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        _ => return Err(format!("invalid size unit in {s:?} (use K, M, G or T)")),
+    };
+    Ok((n * mult as f64) as u64)
+}
+
+/// `8 GiB`.
+pub fn bytes(b: u64) -> String {
+    for (u, m) in [
+        ("TiB", 1u64 << 40),
+        ("GiB", 1 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+    ] {
+        if b >= m {
+            let v = b as f64 / m as f64;
+            return if (v - v.round()).abs() < 0.05 {
+                format!("{} {u}", v.round() as u64)
+            } else {
+                format!("{v:.1} {u}")
+            };
+        }
+    }
+    format!("{b} B")
+}
+
+/// `2 vcpu · 2 GiB memory · 8 GiB disk`.
+pub fn spec_line(s: &VmSpec) -> String {
+    format!(
+        "{} vcpu · {} memory · {} disk",
+        s.vcpu,
+        bytes(u64::from(s.memory_mib) << 20),
+        bytes(s.disk_bytes)
+    )
+}
+
+fn source(s: SpecSource) -> &'static str {
+    match s {
+        SpecSource::Flag => "flag",
+        SpecSource::Config => "config [vm_defaults]",
+        SpecSource::Host => "auto, from this host",
+        SpecSource::Builtin => "built-in",
+    }
+}
+
+/// The text `vm create --help` appends: the defaults that apply now, and why.
+pub fn defaults_help(d: &SpecDefaults) -> String {
+    format!(
+        "Defaults now (from the daemon):\n  --vcpu       {}  ({})\n  --memory     {}  ({})\n  --disk-size  {}  ({})\n  --vmm        {}",
+        d.spec.vcpu,
+        source(d.vcpu_from),
+        bytes(u64::from(d.spec.memory_mib) << 20),
+        source(d.memory_from),
+        bytes(d.spec.disk_bytes),
+        source(d.disk_from),
+        d.vmm.as_str()
+    )
+}
+
+/// Follow a progress stream to its end, printing stages to stderr.
+async fn follow_progress(mut sub: Subscription<Progress>, quiet: bool) -> Result<VmInfo, CliError> {
+    let t0 = Instant::now();
+    let tty = std::io::stderr().is_terminal();
+    while let Some(item) = sub.next().await {
+        let item =
+            item.map_err(|e| CliError::Other(format!("lost the daemon's progress stream: {e}")))?;
+        match item {
+            Progress::Created { vm } => {
+                if !quiet {
+                    eprintln!("created {} ({})", vm.name, vm.id);
+                    eprintln!("spec: {}", spec_line(&vm.spec));
+                }
+            }
+            Progress::Stage { stage, detail } => {
+                if !quiet {
+                    let d = detail.map(|d| format!(": {d}")).unwrap_or_default();
+                    let ms = t0.elapsed().as_millis();
+                    if tty {
+                        eprintln!("  \u{2022} {stage}{d}  [{ms} ms]");
+                    } else {
+                        eprintln!("  - {stage}{d} [{ms} ms]");
+                    }
+                }
+            }
+            Progress::Done { vm } => {
+                if !quiet {
+                    eprintln!(
+                        "{} is {} ({:.1}s)",
+                        vm.name,
+                        vm.state.as_str(),
+                        t0.elapsed().as_secs_f64()
+                    );
+                }
+                return Ok(vm);
+            }
+            Progress::Failed { code, message } => return Err(CliError::Rpc { code, message }),
+        }
+    }
+    Err(CliError::Other(
+        "the daemon ended the progress stream without a result".into(),
+    ))
+}
+
+fn print_table(vms: &[VmInfo]) {
+    println!(
+        "{:<20} {:<9} {:<11} {:>4} {:>9} {:>9} {:<14} {:>8}",
+        "NAME", "STATE", "VMM", "VCPU", "MEMORY", "DISK", "IMAGE", "PID"
+    );
+    for v in vms {
+        println!(
+            "{:<20} {:<9} {:<11} {:>4} {:>9} {:>9} {:<14} {:>8}",
+            v.name,
+            v.state.as_str(),
+            v.vmm.as_str(),
+            v.spec.vcpu,
+            bytes(u64::from(v.spec.memory_mib) << 20),
+            bytes(v.spec.disk_bytes),
+            v.image,
+            v.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into())
+        );
+    }
+}
+
+fn print_vm(v: &VmInfo) {
+    println!("name:     {}", v.name);
+    println!("id:       {}", v.id);
+    println!("state:    {}", v.state.as_str());
+    if let Some(e) = &v.error {
+        println!("error:    {e}");
+    }
+    println!("vmm:      {}", v.vmm.as_str());
+    println!("spec:     {}", spec_line(&v.spec));
+    println!("image:    {}", v.image);
+    println!("kernel:   {}", v.kernel);
+    println!("nat:      {}", if v.nat { "on" } else { "off" });
+    if let Some(pid) = v.pid {
+        println!("pid:      {pid}");
+    }
+    println!("dir:      {}", v.dir);
+    println!("console:  {}", v.console_log);
+    if let Some(c) = &v.cmdline {
+        println!("cmdline:  {c}");
+    }
+}
+
+fn size_req(s: &SizeArgs) -> (Option<u32>, Option<u32>, Option<u64>) {
+    (s.vcpu, s.memory.map(|m| (m >> 20) as u32), s.disk_size)
+}
+
+pub async fn ps(target: &Target, json: bool) -> Result<u8, CliError> {
+    run(target, VmCmd::List { json }).await
+}
+
+pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
+    let client = connect::connect_or_start(target).await?;
+    match cmd {
+        VmCmd::Create {
+            name,
+            image,
+            kernel,
+            size,
+            vmm,
+            nat,
+            no_start,
+            json,
+        } => {
+            let (vcpu, memory_mib, disk_bytes) = size_req(&size);
+            let req = CreateVm {
+                name,
+                image,
+                kernel,
+                vcpu,
+                memory_mib,
+                disk_bytes,
+                vmm,
+                nat,
+                no_start,
+            };
+            let sub = client.create(req).await?;
+            let vm = follow_progress(sub, json).await?;
+            if json {
+                render::json(&vm)?;
+            } else {
+                println!("{}", vm.name);
+            }
+        }
+        VmCmd::Start { vm } => {
+            follow_progress(client.start(vm).await?, false).await?;
+        }
+        VmCmd::Restart { vm } => {
+            follow_progress(client.restart(vm).await?, false).await?;
+        }
+        VmCmd::Stop { vm, timeout } => {
+            let t0 = Instant::now();
+            let info = client.stop(vm, timeout).await?;
+            eprintln!(
+                "{} is {} ({:.1}s)",
+                info.name,
+                info.state.as_str(),
+                t0.elapsed().as_secs_f64()
+            );
+        }
+        VmCmd::Kill { vm, signal } => {
+            let info = client.kill(vm, Some(signal)).await?;
+            eprintln!("{} is {}", info.name, info.state.as_str());
+        }
+        VmCmd::Delete { vms, force } => {
+            let mut failed = None;
+            for vm in vms {
+                match client.delete(vm.clone(), force).await {
+                    Ok(info) => println!("{}", info.name),
+                    Err(e) => {
+                        let e = CliError::from(e);
+                        eprintln!("banger: {vm}: {e}");
+                        failed = Some(e.exit_code());
+                    }
+                }
+            }
+            if let Some(code) = failed {
+                return Ok(code);
+            }
+        }
+        VmCmd::Set {
+            vm,
+            size,
+            nat,
+            no_nat,
+        } => {
+            let (vcpu, memory_mib, disk_bytes) = size_req(&size);
+            let nat = if nat {
+                Some(true)
+            } else if no_nat {
+                Some(false)
+            } else {
+                None
+            };
+            if vcpu.is_none() && memory_mib.is_none() && disk_bytes.is_none() && nat.is_none() {
+                return Err(CliError::Usage(
+                    "nothing to set: pass --vcpu, --memory, --disk-size, --nat or --no-nat".into(),
+                ));
+            }
+            let info = client
+                .set(SetVm {
+                    vm,
+                    vcpu,
+                    memory_mib,
+                    disk_bytes,
+                    nat,
+                })
+                .await?;
+            eprintln!("{}: {}", info.name, spec_line(&info.spec));
+        }
+        VmCmd::List { json } => {
+            let vms = client.list().await?;
+            if json {
+                render::json(&vms)?;
+            } else {
+                print_table(&vms);
+            }
+        }
+        VmCmd::Show { vm, json } => {
+            let info = client.show(vm).await?;
+            if json {
+                render::json(&info)?;
+            } else {
+                print_vm(&info);
+            }
+        }
+        VmCmd::Stats { vm, json } => {
+            let s = client.stats(vm).await?;
+            if json {
+                render::json(&s)?;
+            } else {
+                println!("vm:           {} ({})", s.vm, s.state.as_str());
+                if let Some(pid) = s.pid {
+                    println!("vmm pid:      {pid}");
+                }
+                if let Some(rss) = s.vmm_rss_bytes {
+                    println!("vmm memory:   {} resident", bytes(rss));
+                }
+                if let Some(cpu) = s.vmm_cpu_ms {
+                    println!("vmm cpu:      {:.1}s", cpu as f64 / 1000.0);
+                }
+                if let Some(up) = s.uptime_secs {
+                    println!("uptime:       {}", render::duration(up));
+                }
+                println!(
+                    "overlay disk: {} used on the host",
+                    bytes(s.overlay_allocated_bytes)
+                );
+                println!(
+                    "work disk:    {} used on the host",
+                    bytes(s.work_allocated_bytes)
+                );
+            }
+        }
+        VmCmd::Logs { vm, follow, tail } => {
+            if !follow {
+                let text = client.logs(vm, tail).await?;
+                print!("{text}");
+                let _ = std::io::stdout().flush();
+                return Ok(exit::OK);
+            }
+            let mut sub = client.logs_follow(vm).await?;
+            let mut out = std::io::stdout();
+            while let Some(ev) = sub.next().await {
+                match ev.map_err(|e| CliError::Other(format!("lost the console stream: {e}")))? {
+                    LogEvent::Data { text } => {
+                        let _ = out.write_all(text.as_bytes());
+                        let _ = out.flush();
+                    }
+                    LogEvent::End { state } => {
+                        eprintln!("\n[banger: the vm is {}]", state.as_str());
+                        break;
+                    }
+                }
+            }
+        }
+        VmCmd::Prune { force } => {
+            let would = client.prune(true).await?;
+            if would.deleted.is_empty() {
+                eprintln!("nothing to prune");
+                return Ok(exit::OK);
+            }
+            if !force {
+                eprintln!("would delete: {}", would.deleted.join(", "));
+                if !std::io::stdin().is_terminal() {
+                    return Err(CliError::Usage(
+                        "not a terminal: pass --force to delete without asking".into(),
+                    ));
+                }
+                eprint!("delete these {} vms? [y/N] ", would.deleted.len());
+                let mut line = String::new();
+                let _ = std::io::stdin().read_line(&mut line);
+                if !matches!(line.trim(), "y" | "Y" | "yes") {
+                    eprintln!("nothing deleted");
+                    return Ok(exit::OK);
+                }
+            }
+            let done = client.prune(false).await?;
+            for name in done.deleted {
+                println!("{name}");
+            }
+        }
+    }
+    Ok(exit::OK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_spec_line() {
+        assert_eq!(parse_size("8G").unwrap(), 8 << 30);
+        assert_eq!(parse_size("512m").unwrap(), 512 << 20);
+        assert!(parse_size("lots").is_err());
+        let s = VmSpec {
+            vcpu: 2,
+            memory_mib: 2048,
+            disk_bytes: 8 << 30,
+        };
+        assert_eq!(spec_line(&s), "2 vcpu · 2 GiB memory · 8 GiB disk");
+    }
+}

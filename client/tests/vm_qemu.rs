@@ -1,0 +1,405 @@
+//! End-to-end VM tests on REAL guests, booted through the rig (QEMU microvm under TCG,
+//! the Debian cloud kernel, a debootstrap rootfs with banger-init injected). They need
+//! root, `scripts/rig/setup.sh` (the rig cache) and `scripts/build-guest.sh` (a static
+//! banger-init): `scripts/test.sh` does all three. Without them they fail, loudly.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+fn bin(name: &str) -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_BIN_EXE_banger")).with_file_name(name);
+    assert!(
+        p.exists(),
+        "{} is missing: build the workspace",
+        p.display()
+    );
+    p
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+/// KEY=VALUE lines of the rig's rig.env.
+fn rig() -> &'static std::collections::HashMap<String, String> {
+    static RIG: OnceLock<std::collections::HashMap<String, String>> = OnceLock::new();
+    RIG.get_or_init(|| {
+        let dir = std::env::var("BANGER_RIG_DIR").unwrap_or_else(|_| "/var/cache/banger-rig".into());
+        let text = std::fs::read_to_string(Path::new(&dir).join("rig.env")).unwrap_or_else(|e| {
+            panic!("the rig is not set up ({dir}/rig.env: {e}); run scripts/rig/setup.sh (scripts/test.sh does)")
+        });
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect()
+    })
+}
+
+/// The test image: the rig's rootfs with banger-init injected (built once per process).
+fn test_rootfs() -> &'static Path {
+    static IMG: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    &IMG.get_or_init(|| {
+        let init = repo().join("target/guest/banger-init");
+        assert!(
+            init.exists(),
+            "{} is missing: run scripts/build-guest.sh (scripts/test.sh does)",
+            init.display()
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("rootfs.ext4");
+        let ok = Command::new("cp")
+            .arg("--sparse=always")
+            .arg(&rig()["BANGER_RIG_ROOTFS"])
+            .arg(&img)
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        for cmd in [
+            "mkdir /usr/lib/banger".to_owned(),
+            format!("write {} /usr/lib/banger/banger-init", init.display()),
+            "sif /usr/lib/banger/banger-init mode 0100755".to_owned(),
+        ] {
+            let out = Command::new("debugfs")
+                .args(["-w", "-R", &cmd])
+                .arg(&img)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "debugfs {cmd}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        (dir, img)
+    })
+    .1
+}
+
+struct Home {
+    dir: tempfile::TempDir,
+}
+
+impl Home {
+    /// A daemon home configured for QEMU under TCG, with the rig's kernel and the test image.
+    fn new() -> Home {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "VM tests need root: run scripts/test.sh as root"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::create_dir_all(dir.path().join("run")).unwrap();
+        let cfg = dir.path().join("config/banger");
+        std::fs::create_dir_all(&cfg).unwrap();
+        std::fs::write(
+            cfg.join("config.toml"),
+            format!(
+                "default_vmm = \"qemu\"\ndefault_image_name = \"rig\"\nstop_timeout_secs = 30\n[qemu]\naccel = \"tcg\"\nbinary = \"{}\"\nvhost_vsock = \"{}\"\n[vm_defaults]\nvcpu = 1\nmemory = \"512M\"\ndisk = \"2G\"\n",
+                rig()["BANGER_RIG_QEMU"],
+                rig()["BANGER_RIG_VHOST_DEVICE_VSOCK"]
+            ),
+        )
+        .unwrap();
+        let home = Home { dir };
+        let kernel_dir = Path::new(&rig()["BANGER_RIG_KERNEL"])
+            .parent()
+            .unwrap()
+            .to_owned();
+        home.ok(&[
+            "kernel",
+            "import",
+            "rig",
+            "--from",
+            kernel_dir.to_str().unwrap(),
+        ]);
+        home.ok(&[
+            "image",
+            "register",
+            "rig",
+            test_rootfs().to_str().unwrap(),
+            "--kernel",
+            "rig",
+        ]);
+        home
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(bin("banger"));
+        for (k, _) in std::env::vars() {
+            if k.starts_with("BANGER_") || k.starts_with("XDG_") {
+                cmd.env_remove(k);
+            }
+        }
+        let p = self.dir.path();
+        cmd.env("HOME", p)
+            .env("XDG_RUNTIME_DIR", p.join("run"))
+            .env("XDG_DATA_HOME", p.join("data"))
+            .env("XDG_STATE_HOME", p.join("state"))
+            .env("XDG_CACHE_HOME", p.join("cache"))
+            .env("XDG_CONFIG_HOME", p.join("config"))
+            .env("BANGER_SOCKET", p.join("run/banger/bangerd.sock"))
+            .args(args);
+        cmd
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "banger {args:?} failed ({:?}): {}{}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        serde_json::from_str(&self.ok(args)).unwrap()
+    }
+
+    fn wait_console(&self, vm: &str, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let log = self.ok(&["vm", "logs", vm]);
+            if log.contains(needle) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{needle:?} never appeared on {vm}'s console:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    fn daemon_pid(&self) -> i32 {
+        self.json(&["daemon", "status", "--json"])["pid"]
+            .as_i64()
+            .unwrap() as i32
+    }
+}
+
+impl Drop for Home {
+    fn drop(&mut self) {
+        // Leave nothing behind even when a test failed half-way.
+        let _ = self.run(&["vm", "prune", "-f"]);
+        if let Ok(out) = self.cmd(&["vm", "ls", "--json"]).output()
+            && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        {
+            for vm in v.as_array().into_iter().flatten() {
+                let _ = self.run(&["vm", "rm", "-f", vm["name"].as_str().unwrap_or("")]);
+            }
+        }
+        let _ = self.run(&["daemon", "stop"]);
+    }
+}
+
+fn alive(pid: i64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(") ")
+            .is_some_and(|(_, r)| !r.starts_with('Z'))
+    })
+}
+
+fn code(out: &Output) -> Option<i32> {
+    out.status.code()
+}
+
+#[test]
+fn root_rig_vm_lifecycle_on_a_real_guest() {
+    let home = Home::new();
+    let image_before = std::fs::read(
+        home.json(&["image", "show", "rig", "--json"])["rootfs"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+
+    // create → running, with the spec line and stages on stderr.
+    let out = home.run(&["vm", "create", "--name", "t"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("spec: 1 vcpu · 512 MiB memory · 2 GiB disk"),
+        "{err}"
+    );
+    assert!(
+        err.contains("boot") && err.contains("t is running"),
+        "{err}"
+    );
+    let vm = home.json(&["vm", "show", "t", "--json"]);
+    assert_eq!(vm["state"], "running");
+    let pid = vm["pid"].as_i64().unwrap();
+    assert!(alive(pid));
+    assert!(
+        vm["cmdline"]
+            .as_str()
+            .unwrap()
+            .contains("init=/usr/lib/banger/banger-init")
+    );
+
+    // The guest really booted, and banger-init built its root.
+    home.wait_console("t", "banger-init: ready");
+    let log = home.ok(&["vm", "logs", "t"]);
+    assert!(
+        log.contains("Linux version"),
+        "kernel banner on the console"
+    );
+    assert!(log.contains("under an overlay on /dev/vd"), "{log}");
+    assert!(log.contains("/root: the work disk"), "{log}");
+
+    // Clear errors for what cannot be done.
+    let out = home.run(&["vm", "start", "t"]);
+    assert_eq!(code(&out), Some(6));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already running"));
+    let out = home.run(&["vm", "rm", "t"]);
+    assert_eq!(code(&out), Some(6));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--force"));
+    let out = home.run(&["vm", "create", "--name", "t", "--no-start"]);
+    assert_eq!(code(&out), Some(6));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("exists already"));
+    let out = home.run(&["vm", "show", "nope"]);
+    assert_eq!(code(&out), Some(4));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no vm named nope"));
+    let out = home.run(&["vm", "set", "t", "--vcpu", "2"]);
+    assert_eq!(code(&out), Some(6), "resizing a running vm is refused");
+
+    // Host-side stats.
+    let stats = home.json(&["vm", "stats", "t", "--json"]);
+    assert!(stats["vmm_rss_bytes"].as_u64().unwrap() > 10 << 20);
+    assert!(
+        stats["work_allocated_bytes"].as_u64().unwrap() < 256 << 20,
+        "sparse work disk"
+    );
+
+    // `logs -f` follows until the vm stops, then ends by itself.
+    let follower = home
+        .cmd(&["vm", "logs", "-f", "t"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+
+    // stop → stopped; every process is gone.
+    let vhost: Vec<i64> = String::from_utf8_lossy(
+        &Command::new("pgrep")
+            .args([
+                "-f",
+                &format!(
+                    "^[^ ]*vhost-device-vsock .*{}/run/vhu.sock",
+                    vm["dir"].as_str().unwrap()
+                ),
+            ])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .split_whitespace()
+    .filter_map(|p| p.parse().ok())
+    .collect();
+    assert_eq!(vhost.len(), 1, "one vhost-device-vsock for the vm");
+    let out = home.run(&["vm", "stop", "t", "--timeout", "3"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        home.json(&["vm", "show", "t", "--json"])["state"],
+        "stopped"
+    );
+    assert!(!alive(pid), "qemu is gone");
+    assert!(!alive(vhost[0]), "vhost-device-vsock is gone");
+    let followed = follower.wait_with_output().unwrap();
+    assert!(followed.status.success());
+    assert!(String::from_utf8_lossy(&followed.stdout).contains("banger-init: ready"));
+    assert!(String::from_utf8_lossy(&followed.stderr).contains("the vm is stopped"));
+
+    // Resize the work disk while stopped; start again from the same disks.
+    home.ok(&["vm", "set", "t", "--disk-size", "3G", "--vcpu", "2"]);
+    let vm = home.json(&["vm", "show", "t", "--json"]);
+    assert_eq!(vm["spec"]["vcpu"], 2);
+    assert_eq!(
+        std::fs::metadata(Path::new(vm["dir"].as_str().unwrap()).join("work.ext4"))
+            .unwrap()
+            .len(),
+        3 << 30
+    );
+
+    // delete → nothing left: no directory, no sockets, no processes.
+    let dir = PathBuf::from(vm["dir"].as_str().unwrap());
+    assert!(dir.exists());
+    home.ok(&["vm", "rm", "t"]);
+    assert!(!dir.exists(), "vm directory removed");
+    assert_eq!(code(&home.run(&["vm", "show", "t"])), Some(4));
+    assert!(
+        home.json(&["vm", "ls", "--json"])
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    // The shared image was never written to.
+    let image_after = std::fs::read(
+        home.json(&["image", "show", "rig", "--json"])["rootfs"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(
+        image_before == image_after,
+        "the image's rootfs is unchanged byte for byte"
+    );
+}
+
+#[test]
+fn root_rig_a_vm_survives_a_daemon_sigkill() {
+    let home = Home::new();
+    home.ok(&["vm", "create", "--name", "keep"]);
+    let pid = home.json(&["vm", "show", "keep", "--json"])["pid"]
+        .as_i64()
+        .unwrap();
+    home.wait_console("keep", "banger-init: ready");
+
+    let daemon = home.daemon_pid();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive(i64::from(daemon)) {
+        assert!(Instant::now() < deadline, "bangerd did not die");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(alive(pid), "the guest outlives the daemon");
+
+    // The next command starts a new daemon, which re-adopts the running VM.
+    let vm = home.json(&["vm", "show", "keep", "--json"]);
+    assert_ne!(home.daemon_pid(), daemon);
+    assert_eq!(vm["state"], "running");
+    assert_eq!(vm["pid"].as_i64().unwrap(), pid, "same VMM process");
+    // Its console is still captured.
+    let before = home.ok(&["vm", "logs", "keep"]).len();
+    assert!(before > 0);
+    let out = home.run(&["vm", "stop", "keep", "--timeout", "3"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!alive(pid));
+    home.ok(&["vm", "rm", "keep"]);
+}

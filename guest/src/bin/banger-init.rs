@@ -1,0 +1,365 @@
+//! banger-init: PID 1 of every banger guest (`init=/usr/lib/banger/banger-init`).
+//!
+//! The kernel (through the distribution's initrd when there is one) has mounted the image's
+//! root filesystem read-only at `/`. banger-init then:
+//! 1. mounts /proc, /sys, /dev (when the initrd has not), and a tmpfs at /run;
+//! 2. loads the modules it needs that are not built in (overlay, virtio_net, the virtio
+//!    vsock transport) from the image's /lib/modules, dependencies first;
+//! 3. mounts the VM's overlay disk (found by label, `banger.overlay=LABEL=bg-overlay`) and
+//!    builds an overlayfs with the read-only root as its lower layer, then switches into it
+//!    (move the mount onto `/`, chroot), so writes to `/` land on the overlay disk and the
+//!    image stays untouched;
+//! 4. mounts the work disk (`banger.work=LABEL=bg-work`) at /root;
+//! 5. sets the hostname from `banger.name`;
+//! 6. execs the image's init (`/sbin/init`, systemd) if it has one; otherwise it stays PID
+//!    1: it reaps orphans, turns Ctrl-Alt-Del (SIGINT, how both VMMs ask for a shutdown)
+//!    into a reboot (which makes the VMM exit) and SIGTERM/SIGPWR into a power-off.
+//!
+//! It says what it does on the console, prefixed `banger-init:`. A failure in steps 1–5
+//! is reported and the guest is powered off rather than left half set up.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use std::ffi::CString;
+use std::path::Path;
+
+use banger_guest::init::{find_device, load_order, param, parse_modules_dep};
+use nix::mount::{MsFlags, mount};
+use nix::sys::signal::{SigSet, Signal};
+
+fn say(msg: impl std::fmt::Display) {
+    println!("banger-init: {msg}");
+}
+
+fn mounted(target: &str) -> bool {
+    std::fs::read_to_string("/proc/self/mounts").is_ok_and(|m| {
+        m.lines()
+            .any(|l| l.split_whitespace().nth(1) == Some(target))
+    })
+}
+
+fn mount_fs(
+    source: &str,
+    target: &str,
+    fstype: &str,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<(), String> {
+    let _ = std::fs::create_dir_all(target);
+    mount(Some(source), target, Some(fstype), flags, data)
+        .map_err(|e| format!("mount {fstype} {source} on {target}: {e}"))
+}
+
+fn load_modules(wanted: &[&str]) {
+    let Ok(release) =
+        nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned())
+    else {
+        return;
+    };
+    let dir = Path::new("/lib/modules").join(&release);
+    let Ok(dep) = std::fs::read_to_string(dir.join("modules.dep")) else {
+        say(format!(
+            "no modules for {release} in the image; relying on built-in drivers"
+        ));
+        return;
+    };
+    for m in load_order(&parse_modules_dep(&dep), wanted) {
+        let path = dir.join(&m);
+        let Ok(file) = std::fs::File::open(&path) else {
+            continue;
+        };
+        match nix::kmod::finit_module(
+            &file,
+            &CString::default(),
+            nix::kmod::ModuleInitFlags::empty(),
+        ) {
+            Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
+            Err(e) => say(format!("cannot load {}: {e}", path.display())),
+        }
+    }
+}
+
+fn block_devices() -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir("/sys/class/block")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn setup(cmdline: &str) -> Result<(), String> {
+    if !mounted("/proc") {
+        mount_fs(
+            "proc",
+            "/proc",
+            "proc",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            None,
+        )?;
+    }
+    if !mounted("/sys") {
+        mount_fs(
+            "sysfs",
+            "/sys",
+            "sysfs",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            None,
+        )?;
+    }
+    if !mounted("/dev") {
+        mount_fs(
+            "devtmpfs",
+            "/dev",
+            "devtmpfs",
+            MsFlags::MS_NOSUID,
+            Some("mode=0755"),
+        )?;
+    }
+    if mounted("/run") {
+        // Left by the initrd: detach it, the new root gets a fresh one.
+        let _ = nix::mount::umount2("/run", nix::mount::MntFlags::MNT_DETACH);
+    }
+    mount_fs(
+        "tmpfs",
+        "/run",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755"),
+    )?;
+
+    // `button`: the ACPI power button, how QEMU microvm (no keyboard controller) asks for
+    // a shutdown.
+    load_modules(&[
+        "overlay",
+        "virtio_net",
+        "vmw_vsock_virtio_transport",
+        "button",
+    ]);
+
+    let devs = block_devices();
+    let overlay_spec = param(cmdline, "banger.overlay").unwrap_or("LABEL=bg-overlay");
+    let overlay_dev = find_device(overlay_spec, Path::new("/dev"), &devs)
+        .ok_or_else(|| format!("no disk matches {overlay_spec}"))?;
+    let disk = "/run/banger/overlay";
+    mount_fs(
+        &overlay_dev.display().to_string(),
+        disk,
+        "ext4",
+        MsFlags::MS_NOATIME,
+        None,
+    )?;
+    for d in ["upper", "work"] {
+        std::fs::create_dir_all(format!("{disk}/{d}")).map_err(|e| format!("{disk}/{d}: {e}"))?;
+    }
+    let newroot = "/run/banger/root";
+    mount_fs(
+        "overlay",
+        newroot,
+        "overlay",
+        MsFlags::empty(),
+        Some(&format!(
+            "lowerdir=/,upperdir={disk}/upper,workdir={disk}/work"
+        )),
+    )?;
+    say(format!(
+        "root: the image, read-only, under an overlay on {}",
+        overlay_dev.display()
+    ));
+    for m in ["/proc", "/sys", "/dev"] {
+        let target = format!("{newroot}{m}");
+        let _ = std::fs::create_dir_all(&target);
+        mount(
+            Some(m),
+            target.as_str(),
+            None::<&str>,
+            MsFlags::MS_MOVE,
+            None::<&str>,
+        )
+        .map_err(|e| format!("move {m}: {e}"))?;
+    }
+    std::env::set_current_dir(newroot).map_err(|e| format!("chdir {newroot}: {e}"))?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .map_err(|e| format!("move the new root onto /: {e}"))?;
+    nix::unistd::chroot(".").map_err(|e| format!("chroot: {e}"))?;
+    std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))?;
+    mount_fs(
+        "tmpfs",
+        "/run",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755"),
+    )?;
+    let _ = std::fs::create_dir_all("/dev/pts");
+    let _ = mount_fs(
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("gid=5,mode=620,ptmxmode=666"),
+    );
+
+    let work_spec = param(cmdline, "banger.work").unwrap_or("LABEL=bg-work");
+    match find_device(work_spec, Path::new("/dev"), &block_devices()) {
+        Some(dev) => {
+            mount_fs(
+                &dev.display().to_string(),
+                "/root",
+                "ext4",
+                MsFlags::MS_NOATIME,
+                None,
+            )?;
+            say(format!("/root: the work disk {}", dev.display()));
+        }
+        None => say(format!(
+            "no disk matches {work_spec}; /root stays on the overlay"
+        )),
+    }
+
+    if let Some(name) = param(cmdline, "banger.name") {
+        let _ = nix::unistd::sethostname(name);
+        let _ = std::fs::write("/etc/hostname", format!("{name}\n"));
+        say(format!("hostname {name}"));
+    }
+    Ok(())
+}
+
+fn power(action: nix::sys::reboot::RebootMode) -> ! {
+    nix::unistd::sync();
+    let _ = nix::sys::reboot::reboot(action);
+    // reboot() only returns on error; nothing else to do as PID 1.
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(3600));
+    }
+}
+
+/// Input devices named "Power Button" (the ACPI button driver's).
+fn power_buttons() -> Vec<std::path::PathBuf> {
+    let Ok(dir) = std::fs::read_dir("/sys/class/input") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("event"))
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("device/name"))
+                .is_ok_and(|n| n.trim() == "Power Button")
+        })
+        .map(|e| Path::new("/dev/input").join(e.file_name()))
+        .collect()
+}
+
+/// Turn a press of the power button into SIGPWR to ourselves.
+fn watch_power_button(dev: std::path::PathBuf) {
+    use std::io::Read;
+    const EV_KEY: u16 = 1;
+    const KEY_POWER: u16 = 116;
+    let _ = std::thread::Builder::new()
+        .name("power-button".into())
+        .spawn(move || {
+            let Ok(mut f) = std::fs::File::open(&dev) else {
+                return;
+            };
+            // struct input_event on 64-bit: timeval (16 bytes), u16 type, u16 code, i32 value.
+            let mut ev = [0u8; 24];
+            while f.read_exact(&mut ev).is_ok() {
+                let kind = u16::from_ne_bytes([ev[16], ev[17]]);
+                let code = u16::from_ne_bytes([ev[18], ev[19]]);
+                let value = i32::from_ne_bytes([ev[20], ev[21], ev[22], ev[23]]);
+                if kind == EV_KEY && code == KEY_POWER && value == 1 {
+                    say("power button pressed");
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(1), Signal::SIGPWR);
+                }
+            }
+        });
+}
+
+/// Stay PID 1: reap children, and shut down when asked.
+fn supervise() -> ! {
+    let mut set = SigSet::empty();
+    for s in [
+        Signal::SIGCHLD,
+        Signal::SIGINT,
+        Signal::SIGTERM,
+        Signal::SIGPWR,
+    ] {
+        set.add(s);
+    }
+    let _ = set.thread_block();
+    // The button driver registers its input device asynchronously after the module loads:
+    // keep looking for a while.
+    let _ = std::thread::Builder::new()
+        .name("power-button-scan".into())
+        .spawn(|| {
+            let mut seen = std::collections::HashSet::new();
+            for _ in 0..120 {
+                for dev in power_buttons() {
+                    if seen.insert(dev.clone()) {
+                        watch_power_button(dev);
+                    }
+                }
+                std::thread::sleep(std::time::Duration::from_millis(250));
+            }
+        });
+    say("ready");
+    loop {
+        match set.wait() {
+            Ok(Signal::SIGCHLD) => {
+                while let Ok(status) =
+                    nix::sys::wait::waitpid(None, Some(nix::sys::wait::WaitPidFlag::WNOHANG))
+                {
+                    if status == nix::sys::wait::WaitStatus::StillAlive {
+                        break;
+                    }
+                }
+            }
+            Ok(Signal::SIGINT) => {
+                say("ctrl-alt-del: rebooting (the VMM exits)");
+                power(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
+            }
+            Ok(_) => {
+                say("powering off");
+                power(nix::sys::reboot::RebootMode::RB_POWER_OFF);
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+fn main() {
+    if nix::unistd::getpid().as_raw() != 1 {
+        eprintln!("banger-init: must run as PID 1 (init=/usr/lib/banger/banger-init)");
+        std::process::exit(2);
+    }
+    // Ctrl-Alt-Del → SIGINT to us instead of an immediate reboot.
+    let _ = nix::sys::reboot::set_cad_enabled(false);
+    if !mounted("/proc") {
+        let _ = mount_fs(
+            "proc",
+            "/proc",
+            "proc",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            None,
+        );
+    }
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    say(format!("starting (banger {})", env!("CARGO_PKG_VERSION")));
+    if let Err(e) = setup(&cmdline) {
+        say(format!("setup failed: {e}; powering off"));
+        power(nix::sys::reboot::RebootMode::RB_POWER_OFF);
+    }
+    for init in ["/sbin/init", "/usr/sbin/init", "/lib/systemd/systemd"] {
+        let p = Path::new(init);
+        if p.exists()
+            && std::fs::canonicalize(p).ok().as_deref() != std::env::current_exe().ok().as_deref()
+        {
+            say(format!("exec {init}"));
+            let prog = CString::new(init).expect("static path");
+            let err = nix::unistd::execv(&prog, std::slice::from_ref(&prog));
+            say(format!("exec {init} failed: {err:?}; staying as init"));
+            break;
+        }
+    }
+    supervise();
+}

@@ -1,0 +1,302 @@
+//! The `vm.*` namespace: the lifecycle of VMs.
+
+use serde::{Deserialize, Serialize};
+
+/// Where a VM is in its life. Persisted; see `banger_actors::vm::state` for the transitions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmState {
+    /// Disks made, never started.
+    Created,
+    /// The VMM is being launched and configured, the guest is booting.
+    Starting,
+    Running,
+    /// Asked to shut down; waiting for the guest to exit.
+    Stopping,
+    Stopped,
+    /// Start failed or the VMM died unexpectedly; `error` says why.
+    Error,
+}
+
+impl VmState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::Created => "created",
+            VmState::Starting => "starting",
+            VmState::Running => "running",
+            VmState::Stopping => "stopping",
+            VmState::Stopped => "stopped",
+            VmState::Error => "error",
+        }
+    }
+}
+
+/// Which VMM runs a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmmKind {
+    /// Firecracker under the jailer (the default).
+    Firecracker,
+    /// QEMU `-M microvm` (KVM when it works, TCG otherwise), for hosts without Firecracker.
+    Qemu,
+}
+
+impl VmmKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmmKind::Firecracker => "firecracker",
+            VmmKind::Qemu => "qemu",
+        }
+    }
+}
+
+impl std::str::FromStr for VmmKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "firecracker" | "fc" => Ok(VmmKind::Firecracker),
+            "qemu" => Ok(VmmKind::Qemu),
+            other => Err(format!("unknown vmm {other:?} (use firecracker or qemu)")),
+        }
+    }
+}
+
+/// The size of a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSpec {
+    pub vcpu: u32,
+    pub memory_mib: u32,
+    /// Size of the persistent work disk mounted at /root (sparse on the host).
+    pub disk_bytes: u64,
+}
+
+/// Where a default came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SpecSource {
+    /// A command-line flag / request field.
+    Flag,
+    /// `[vm_defaults]` in the config.
+    Config,
+    /// Derived from the host (cpus/4 capped at 4, ram/8 capped at 8 GiB).
+    Host,
+    /// banger's built-in default.
+    Builtin,
+}
+
+/// The defaults a new VM gets, with where each came from (`vm.defaults`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpecDefaults {
+    pub spec: VmSpec,
+    pub vcpu_from: SpecSource,
+    pub memory_from: SpecSource,
+    pub disk_from: SpecSource,
+    pub vmm: VmmKind,
+}
+
+/// Request of `vm.create`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVm {
+    /// Name (`[a-z0-9][a-z0-9-]{0,62}`); generated when absent.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Image name; the config's default image when absent.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// Kernel name; the image's kernel when absent.
+    #[serde(default)]
+    pub kernel: Option<String>,
+    #[serde(default)]
+    pub vcpu: Option<u32>,
+    #[serde(default)]
+    pub memory_mib: Option<u32>,
+    #[serde(default)]
+    pub disk_bytes: Option<u64>,
+    #[serde(default)]
+    pub vmm: Option<VmmKind>,
+    #[serde(default)]
+    pub nat: bool,
+    /// Create only, do not start (`vm create --no-start`).
+    #[serde(default)]
+    pub no_start: bool,
+}
+
+/// Request of `vm.set` (only while stopped, except `nat`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetVm {
+    pub vm: String,
+    #[serde(default)]
+    pub vcpu: Option<u32>,
+    #[serde(default)]
+    pub memory_mib: Option<u32>,
+    /// Grow the work disk (never shrinks).
+    #[serde(default)]
+    pub disk_bytes: Option<u64>,
+    #[serde(default)]
+    pub nat: Option<bool>,
+}
+
+/// A VM as the daemon reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmInfo {
+    pub id: String,
+    pub name: String,
+    pub state: VmState,
+    /// Why the VM is in `error`, or why its last start failed.
+    pub error: Option<String>,
+    pub vmm: VmmKind,
+    pub spec: VmSpec,
+    pub image: String,
+    pub kernel: String,
+    pub nat: bool,
+    pub created_at: u64,
+    pub started_at: Option<u64>,
+    /// The VMM's pid while it runs.
+    pub pid: Option<i32>,
+    /// The VM's directory (disks, sockets, console log).
+    pub dir: String,
+    pub console_log: String,
+    /// The kernel command line of the current/last boot.
+    pub cmdline: Option<String>,
+}
+
+/// Host-side figures of a VM (`vm.stats`); guest figures come from the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmStats {
+    pub vm: String,
+    pub state: VmState,
+    pub pid: Option<i32>,
+    /// Resident memory of the VMM process.
+    pub vmm_rss_bytes: Option<u64>,
+    /// CPU time used by the VMM process (user + system).
+    pub vmm_cpu_ms: Option<u64>,
+    pub uptime_secs: Option<u64>,
+    /// Bytes actually allocated on the host for the overlay and work disks (sparse files).
+    pub overlay_allocated_bytes: u64,
+    pub work_allocated_bytes: u64,
+}
+
+/// A progress event of `vm.create`, `vm.start` and `vm.restart` (subscriptions). The stream
+/// always ends with `done` or `failed`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "lowercase")]
+pub enum Progress {
+    /// The VM exists (first event of `vm.create`): its name and resolved spec.
+    Created {
+        vm: VmInfo,
+    },
+    /// A stage began (`disks`, `launch`, `configure`, `boot`, …).
+    Stage {
+        stage: String,
+        detail: Option<String>,
+    },
+    Done {
+        vm: VmInfo,
+    },
+    Failed {
+        code: i32,
+        message: String,
+    },
+}
+
+/// An item of `vm.logs_follow`: console output, then `end` when the VM stops.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "lowercase")]
+pub enum LogEvent {
+    Data { text: String },
+    End { state: VmState },
+}
+
+/// Answer of `vm.prune`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pruned {
+    pub deleted: Vec<String>,
+}
+
+#[cfg(any(feature = "server", feature = "client"))]
+mod rpc {
+    use super::*;
+
+    #[cfg_attr(
+        all(feature = "server", feature = "client"),
+        jsonrpsee::proc_macros::rpc(server, client, namespace = "vm", namespace_separator = ".")
+    )]
+    #[cfg_attr(
+        all(feature = "server", not(feature = "client")),
+        jsonrpsee::proc_macros::rpc(server, namespace = "vm", namespace_separator = ".")
+    )]
+    #[cfg_attr(
+        all(feature = "client", not(feature = "server")),
+        jsonrpsee::proc_macros::rpc(client, namespace = "vm", namespace_separator = ".")
+    )]
+    pub trait VmRpc {
+        /// The defaults a VM created now would get, with their sources.
+        #[method(name = "defaults")]
+        async fn defaults(&self) -> jsonrpsee::core::RpcResult<SpecDefaults>;
+
+        /// Create (and, unless `no_start`, start) a VM, streaming progress.
+        #[subscription(name = "create" => "create.progress", unsubscribe = "create.unsubscribe", item = Progress)]
+        async fn create(&self, req: CreateVm) -> jsonrpsee::core::SubscriptionResult;
+
+        #[subscription(name = "start" => "start.progress", unsubscribe = "start.unsubscribe", item = Progress)]
+        async fn start(&self, vm: String) -> jsonrpsee::core::SubscriptionResult;
+
+        #[subscription(name = "restart" => "restart.progress", unsubscribe = "restart.unsubscribe", item = Progress)]
+        async fn restart(&self, vm: String) -> jsonrpsee::core::SubscriptionResult;
+
+        /// Graceful stop: Ctrl-Alt-Del to the guest, SIGKILL after `timeout_secs`.
+        #[method(name = "stop")]
+        async fn stop(
+            &self,
+            vm: String,
+            timeout_secs: Option<u64>,
+        ) -> jsonrpsee::core::RpcResult<VmInfo>;
+
+        /// Send a signal (default SIGKILL) to the VMM.
+        #[method(name = "kill")]
+        async fn kill(
+            &self,
+            vm: String,
+            signal: Option<String>,
+        ) -> jsonrpsee::core::RpcResult<VmInfo>;
+
+        /// Delete a VM and its disks. A running VM needs `force` (it is killed first).
+        #[method(name = "delete")]
+        async fn delete(&self, vm: String, force: bool) -> jsonrpsee::core::RpcResult<VmInfo>;
+
+        #[method(name = "set")]
+        async fn set(&self, req: SetVm) -> jsonrpsee::core::RpcResult<VmInfo>;
+
+        #[method(name = "list")]
+        async fn list(&self) -> jsonrpsee::core::RpcResult<Vec<VmInfo>>;
+
+        #[method(name = "show")]
+        async fn show(&self, vm: String) -> jsonrpsee::core::RpcResult<VmInfo>;
+
+        #[method(name = "stats")]
+        async fn stats(&self, vm: String) -> jsonrpsee::core::RpcResult<VmStats>;
+
+        /// The console log (the last `tail_bytes` of it when given).
+        #[method(name = "logs")]
+        async fn logs(
+            &self,
+            vm: String,
+            tail_bytes: Option<u64>,
+        ) -> jsonrpsee::core::RpcResult<String>;
+
+        /// Follow the console live; ends with `end` when the VM stops.
+        #[subscription(name = "logs_follow" => "logs_follow.data", unsubscribe = "logs_follow.unsubscribe", item = LogEvent)]
+        async fn logs_follow(&self, vm: String) -> jsonrpsee::core::SubscriptionResult;
+
+        /// Delete every stopped (or created, or failed) VM; `dry_run` only lists them.
+        #[method(name = "prune")]
+        async fn prune(&self, dry_run: bool) -> jsonrpsee::core::RpcResult<Pruned>;
+    }
+}
+
+#[cfg(feature = "client")]
+pub use rpc::VmRpcClient;
+#[cfg(feature = "server")]
+pub use rpc::VmRpcServer;

@@ -1,0 +1,123 @@
+//! Control-plane time of `vm create` with the Firecracker test double: from the RPC
+//! request until the daemon reports the VM running, which is after Firecracker answered
+//! InstanceStart (so it bounds "RPC in → InstanceStart sent" from above). Includes making
+//! the two sparse ext4 disks, the jail with its hard links, spawning the jailer stand-in,
+//! and the whole API sequence.
+//!
+//! Needs the double's binary: `cargo build -p banger-actors --features test-double --bin
+//! banger-fc-double` (the test suite builds it too). Run:
+//! `cargo bench -p bangerd --bench vm_create`.
+
+#![allow(clippy::print_stdout)]
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use banger_api::{
+    CreateVm, ImageRpcClient, ImportKernel, KernelRpcClient, Progress, RegisterImage, VmRpcClient,
+};
+
+fn double_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let target = exe
+        .ancestors()
+        .find(|p| p.join("debug").is_dir() || p.join("release").is_dir())
+        .unwrap()
+        .to_owned();
+    for profile in ["release", "debug"] {
+        let p = target.join(profile).join("banger-fc-double");
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!(
+        "build the double first: cargo build -p banger-actors --features test-double --bin banger-fc-double"
+    );
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let files = dir.path().join("files");
+        std::fs::create_dir_all(files.join("kernel")).unwrap();
+        std::fs::write(files.join("kernel/vmlinux"), b"not really a kernel").unwrap();
+        let fc = files.join("firecracker");
+        std::fs::write(&fc, b"#!/bin/false\n").unwrap();
+        let rootfs = files.join("rootfs.ext4");
+        std::fs::File::create(&rootfs)
+            .unwrap()
+            .set_len(16 << 20)
+            .unwrap();
+        assert!(
+            std::process::Command::new("mkfs.ext4")
+                .args(["-q", "-F"])
+                .arg(&rootfs)
+                .status()
+                .unwrap()
+                .success()
+        );
+
+        let mut config = bangerd::config::Config::default();
+        config.firecracker.jailer = double_bin();
+        config.firecracker.binary = fc;
+        let d = support::TestDaemon::start_with(dir, config).await;
+        let c = d.client().await;
+        c.import(ImportKernel {
+            name: "k".into(),
+            from: files.join("kernel").display().to_string(),
+        })
+        .await
+        .unwrap();
+        c.register(RegisterImage {
+            name: "img".into(),
+            rootfs: rootfs.display().to_string(),
+            kernel: Some("k".into()),
+        })
+        .await
+        .unwrap();
+
+        let n = 40;
+        let mut lat = Vec::new();
+        for i in 0..n {
+            let req = CreateVm {
+                name: Some(format!("b{i}")),
+                image: Some("img".into()),
+                vcpu: Some(1),
+                memory_mib: Some(256),
+                disk_bytes: Some(1 << 30),
+                ..Default::default()
+            };
+            let t0 = Instant::now();
+            let mut sub = c.create(req).await.unwrap();
+            loop {
+                match sub.next().await.unwrap().unwrap() {
+                    Progress::Done { .. } => break,
+                    Progress::Failed { message, .. } => panic!("{message}"),
+                    _ => {}
+                }
+            }
+            lat.push(t0.elapsed());
+            VmRpcClient::delete(&c, format!("b{i}"), true)
+                .await
+                .unwrap();
+        }
+        lat.sort();
+        let pick = |p: f64| lat[((lat.len() as f64 - 1.0) * p).round() as usize];
+        println!(
+            "vm create (firecracker double), {n} runs: p50 {:?}  p90 {:?}  min {:?}  max {:?}",
+            pick(0.5),
+            pick(0.9),
+            lat[0],
+            lat[lat.len() - 1]
+        );
+        drop(c);
+        d.shutdown().await;
+    });
+}

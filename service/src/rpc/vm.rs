@@ -1,0 +1,297 @@
+//! `vm.*`: each call becomes a message to the VmSupervisor or to the VM's own actor.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use jsonrpsee::core::{RpcResult, SubscriptionResult, async_trait};
+use jsonrpsee::types::ErrorObjectOwned;
+use jsonrpsee::{PendingSubscriptionSink, RpcModule, SubscriptionSink};
+use tokio::sync::mpsc;
+
+use banger_actors::TreeError;
+use banger_actors::vm::actor::{VmError, VmMsg};
+use banger_actors::vm::proc::parse_signal;
+use banger_api::{
+    CreateVm, LogEvent, Progress, Pruned, SetVm, SpecDefaults, VmInfo, VmRpcServer, VmState,
+    VmStats,
+};
+
+use super::{Ctx, RpcError};
+
+struct VmApi {
+    ctx: Arc<Ctx>,
+}
+
+pub(super) fn into_rpc(ctx: Arc<Ctx>) -> RpcModule<impl Send + Sync + 'static> {
+    VmApi { ctx }.into_rpc()
+}
+
+async fn send<T: serde::Serialize>(sink: &SubscriptionSink, item: &T) -> bool {
+    match serde_json::value::to_raw_value(item) {
+        Ok(raw) => sink.send(raw).await.is_ok(),
+        Err(_) => false,
+    }
+}
+
+/// Run a start-like operation, streaming its stages, and end the stream explicitly with
+/// `done` or `failed`.
+async fn progress_stream<F, Fut>(pending: PendingSubscriptionSink, op: F) -> SubscriptionResult
+where
+    F: FnOnce(mpsc::UnboundedSender<Progress>) -> Fut,
+    Fut: std::future::Future<Output = Result<VmInfo, TreeError>>,
+{
+    let sink = pending.accept().await?;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let fut = op(tx);
+    tokio::pin!(fut);
+    let result = loop {
+        tokio::select! {
+            biased;
+            Some(ev) = rx.recv() => { send(&sink, &ev).await; }
+            r = &mut fut => break r,
+        }
+    };
+    while let Ok(ev) = rx.try_recv() {
+        send(&sink, &ev).await;
+    }
+    let last = match result {
+        Ok(vm) => Progress::Done { vm },
+        Err(e) => {
+            let obj: ErrorObjectOwned = RpcError::from(e).into();
+            Progress::Failed {
+                code: obj.code(),
+                message: obj.message().to_owned(),
+            }
+        }
+    };
+    send(&sink, &last).await;
+    Ok(())
+}
+
+impl VmApi {
+    async fn start_vm(
+        ctx: &Ctx,
+        vm: &str,
+        progress: mpsc::UnboundedSender<Progress>,
+    ) -> Result<VmInfo, TreeError> {
+        ctx.tree
+            .ask_vm(vm, |reply| VmMsg::Start {
+                progress: Some(progress),
+                reply,
+            })
+            .await
+    }
+}
+
+#[async_trait]
+impl VmRpcServer for VmApi {
+    async fn defaults(&self) -> RpcResult<SpecDefaults> {
+        Ok(self.ctx.tree.vm_defaults().await.map_err(RpcError::from)?)
+    }
+
+    #[tracing::instrument(skip(self, pending), fields(vm = req.name.as_deref().unwrap_or("-")))]
+    async fn create(&self, pending: PendingSubscriptionSink, req: CreateVm) -> SubscriptionResult {
+        let tree = self.ctx.tree.clone();
+        progress_stream(
+            pending,
+            |tx| async move { tree.create_vm(req, Some(tx)).await },
+        )
+        .await
+    }
+
+    #[tracing::instrument(skip(self, pending))]
+    async fn start(&self, pending: PendingSubscriptionSink, vm: String) -> SubscriptionResult {
+        let ctx = Arc::clone(&self.ctx);
+        progress_stream(
+            pending,
+            |tx| async move { Self::start_vm(&ctx, &vm, tx).await },
+        )
+        .await
+    }
+
+    #[tracing::instrument(skip(self, pending))]
+    async fn restart(&self, pending: PendingSubscriptionSink, vm: String) -> SubscriptionResult {
+        let ctx = Arc::clone(&self.ctx);
+        progress_stream(pending, |tx| async move {
+            let _ = tx.send(Progress::Stage {
+                stage: "stop".into(),
+                detail: None,
+            });
+            let info = ctx.tree.ask_vm(&vm, VmMsg::Info).await?;
+            if banger_actors::vm::model::is_active(info.state) {
+                ctx.tree
+                    .ask_vm(&vm, |reply| VmMsg::Stop {
+                        timeout: None,
+                        reply,
+                    })
+                    .await?;
+            }
+            Self::start_vm(&ctx, &vm, tx).await
+        })
+        .await
+    }
+
+    #[tracing::instrument(skip(self))]
+    async fn stop(&self, vm: String, timeout_secs: Option<u64>) -> RpcResult<VmInfo> {
+        let timeout = timeout_secs.map(Duration::from_secs);
+        Ok(self
+            .ctx
+            .tree
+            .ask_vm(&vm, |reply| VmMsg::Stop { timeout, reply })
+            .await
+            .map_err(RpcError::from)?)
+    }
+
+    #[tracing::instrument(skip(self))]
+    async fn kill(&self, vm: String, signal: Option<String>) -> RpcResult<VmInfo> {
+        let signal = match signal {
+            Some(s) => parse_signal(&s).map_err(RpcError::Invalid)?,
+            None => nix::sys::signal::Signal::SIGKILL,
+        };
+        Ok(self
+            .ctx
+            .tree
+            .ask_vm(&vm, |reply| VmMsg::Kill { signal, reply })
+            .await
+            .map_err(RpcError::from)?)
+    }
+
+    #[tracing::instrument(skip(self))]
+    async fn delete(&self, vm: String, force: bool) -> RpcResult<VmInfo> {
+        Ok(self
+            .ctx
+            .tree
+            .ask_vm(&vm, |reply| VmMsg::Delete { force, reply })
+            .await
+            .map_err(RpcError::from)?)
+    }
+
+    #[tracing::instrument(skip(self))]
+    async fn set(&self, req: SetVm) -> RpcResult<VmInfo> {
+        let vm = req.vm.clone();
+        Ok(self
+            .ctx
+            .tree
+            .ask_vm(&vm, |reply| VmMsg::Set { req, reply })
+            .await
+            .map_err(RpcError::from)?)
+    }
+
+    async fn list(&self) -> RpcResult<Vec<VmInfo>> {
+        Ok(self.ctx.tree.list_vms().await.map_err(RpcError::from)?)
+    }
+
+    async fn show(&self, vm: String) -> RpcResult<VmInfo> {
+        Ok(self
+            .ctx
+            .tree
+            .ask_vm(&vm, VmMsg::Info)
+            .await
+            .map_err(RpcError::from)?)
+    }
+
+    async fn stats(&self, vm: String) -> RpcResult<VmStats> {
+        Ok(self
+            .ctx
+            .tree
+            .ask_vm(&vm, VmMsg::Stats)
+            .await
+            .map_err(RpcError::from)?)
+    }
+
+    async fn logs(&self, vm: String, tail_bytes: Option<u64>) -> RpcResult<String> {
+        let info = self
+            .ctx
+            .tree
+            .ask_vm(&vm, VmMsg::Info)
+            .await
+            .map_err(RpcError::from)?;
+        let bytes = tokio::fs::read(&info.console_log).await.unwrap_or_default();
+        let from = match tail_bytes {
+            Some(n) => bytes.len().saturating_sub(n as usize),
+            None => 0,
+        };
+        Ok(String::from_utf8_lossy(&bytes[from..]).into_owned())
+    }
+
+    async fn logs_follow(
+        &self,
+        pending: PendingSubscriptionSink,
+        vm: String,
+    ) -> SubscriptionResult {
+        let actor = match self.ctx.tree.vm(&vm).await {
+            Ok(a) => a,
+            Err(e) => {
+                let obj: ErrorObjectOwned = RpcError::from(e).into();
+                pending.reject(obj).await;
+                return Ok(());
+            }
+        };
+        let Ok((backlog, rx)) = ractor::call!(actor, VmMsg::Follow) else {
+            pending
+                .reject(ErrorObjectOwned::from(RpcError::from(VmError::Gone(vm))))
+                .await;
+            return Ok(());
+        };
+        let sink = pending.accept().await?;
+        if !backlog.is_empty() && !send(&sink, &LogEvent::Data { text: backlog }).await {
+            return Ok(());
+        }
+        let Some(mut rx) = rx else {
+            let state = ractor::call!(actor, VmMsg::Info)
+                .ok()
+                .and_then(Result::ok)
+                .map(|i| i.state)
+                .unwrap_or(VmState::Stopped);
+            send(&sink, &LogEvent::End { state }).await;
+            return Ok(());
+        };
+        loop {
+            tokio::select! {
+                ev = rx.recv() => match ev {
+                    Ok(ev) => {
+                        let end = matches!(ev, LogEvent::End { .. });
+                        if !send(&sink, &ev).await || end {
+                            break;
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        let note = format!("\n[banger: {n} console chunks dropped: this follower was too slow]\n");
+                        if !send(&sink, &LogEvent::Data { text: note }).await {
+                            break;
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                        send(&sink, &LogEvent::End { state: VmState::Stopped }).await;
+                        break;
+                    }
+                },
+                () = sink.closed() => break,
+            }
+        }
+        Ok(())
+    }
+
+    #[tracing::instrument(skip(self))]
+    async fn prune(&self, dry_run: bool) -> RpcResult<Pruned> {
+        let vms = self.ctx.tree.list_vms().await.map_err(RpcError::from)?;
+        let mut deleted = Vec::new();
+        for vm in vms
+            .into_iter()
+            .filter(|v| !banger_actors::vm::model::is_active(v.state))
+        {
+            if !dry_run {
+                self.ctx
+                    .tree
+                    .ask_vm(&vm.id, |reply| VmMsg::Delete {
+                        force: false,
+                        reply,
+                    })
+                    .await
+                    .map_err(RpcError::from)?;
+            }
+            deleted.push(vm.name);
+        }
+        Ok(Pruned { deleted })
+    }
+}
