@@ -429,3 +429,59 @@ fn root_a_uid_that_is_not_allowed_is_refused() {
     assert!(home.banger(&["daemon", "status"]).status.success());
     home.banger(&["daemon", "stop"]);
 }
+
+#[test]
+fn vm_create_help_shows_the_resolved_defaults_and_their_sources() {
+    let home = Home::new();
+    // Without a daemon, help says so rather than guessing (and starts nothing).
+    let out = home.banger(&["vm", "create", "--help"]);
+    assert!(out.status.success());
+    assert!(
+        text(&out.stdout).contains("daemon is not running"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(!home.socket().exists());
+
+    let cfg = home.path().join("config/banger");
+    std::fs::create_dir_all(&cfg).unwrap();
+    std::fs::write(cfg.join("config.toml"), "[vm_defaults]\nvcpu = 3\n").unwrap();
+    assert!(home.banger(&["daemon", "start"]).status.success());
+    let out = home.banger(&["vm", "create", "--help"]);
+    let help = text(&out.stdout);
+    assert!(help.contains("Defaults now"), "{help}");
+    assert!(
+        help.contains("--vcpu       3  (config [vm_defaults])"),
+        "{help}"
+    );
+    assert!(
+        help.contains("(auto, from this host)"),
+        "memory comes from the host: {help}"
+    );
+    assert!(help.contains("--disk-size  8 GiB  (built-in)"), "{help}");
+    home.banger(&["daemon", "stop"]);
+}
+
+#[test]
+fn vm_commands_fail_clearly_without_images() {
+    let home = Home::new();
+    let out = home.banger(&["vm", "create", "--name", "x"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("no image given"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = home.banger(&["vm", "create", "--image", "nope"]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
+    let out = home.banger(&["vm", "create", "--name", "Bad_Name", "--image", "x"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("invalid vm name"));
+    let out = home.banger(&["vm", "stop", "ghost"]);
+    assert_eq!(out.status.code(), Some(4));
+    let out = home.banger(&["vm", "ls", "--json"]);
+    assert_eq!(json(&out), serde_json::json!([]));
+    let out = home.banger(&["ps"]);
+    assert!(text(&out.stdout).starts_with("NAME"));
+    home.banger(&["daemon", "stop"]);
+}

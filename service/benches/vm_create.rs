@@ -85,6 +85,7 @@ fn main() {
 
         let n = 40;
         let mut lat = Vec::new();
+        let mut stages: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
         for i in 0..n {
             let req = CreateVm {
                 name: Some(format!("b{i}")),
@@ -96,11 +97,23 @@ fn main() {
             };
             let t0 = Instant::now();
             let mut sub = c.create(req).await.unwrap();
+            let mut last = ("rpc".to_owned(), t0);
             loop {
-                match sub.next().await.unwrap().unwrap() {
-                    Progress::Done { .. } => break,
+                let ev = sub.next().await.unwrap().unwrap();
+                let now = Instant::now();
+                let next = match &ev {
+                    Progress::Created { .. } => "created".to_owned(),
+                    Progress::Stage { stage, .. } => stage.clone(),
+                    Progress::Done { .. } => "running".to_owned(),
                     Progress::Failed { message, .. } => panic!("{message}"),
-                    _ => {}
+                };
+                stages
+                    .entry(format!("{} -> {next}", last.0))
+                    .or_default()
+                    .push((now - last.1).as_secs_f64() * 1000.0);
+                last = (next, now);
+                if matches!(ev, Progress::Done { .. }) {
+                    break;
                 }
             }
             lat.push(t0.elapsed());
@@ -117,6 +130,10 @@ fn main() {
             lat[0],
             lat[lat.len() - 1]
         );
+        for (k, mut v) in stages {
+            v.sort_by(f64::total_cmp);
+            println!("  {k:<24} p50 {:>6.2} ms", v[v.len() / 2]);
+        }
         drop(c);
         d.shutdown().await;
     });

@@ -154,7 +154,7 @@ pub(crate) async fn wait_for_path(
         if tokio::time::Instant::now() >= deadline {
             return Err(VmmError::Timeout(format!("{what} ({})", path.display())));
         }
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }
 }
 

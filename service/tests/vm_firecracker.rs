@@ -1,0 +1,297 @@
+//! The VM lifecycle through the daemon's RPC with the Firecracker driver, against the
+//! jailer+firecracker test double (`banger-fc-double`, built with banger-actors' tests):
+//! fast, no guest, every API request checked against Firecracker's published spec.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use banger_api::{
+    CreateVm, ImageRpcClient, ImportKernel, KernelRpcClient, LogEvent, Progress, RegisterImage,
+    SetVm, VmRpcClient, VmState, codes,
+};
+use jsonrpsee::async_client::Client;
+use jsonrpsee::core::client::Error as ClientError;
+
+fn double_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let p = dir.join("banger-fc-double");
+    assert!(
+        p.exists(),
+        "{} is missing: run the workspace's tests (cargo test --workspace builds it)",
+        p.display()
+    );
+    p
+}
+
+async fn setup() -> (support::TestDaemon, Client, tempfile::TempDir) {
+    setup_with(None).await
+}
+
+/// `fail`: a fault for the double (`PATH:STATUS:MESSAGE`), injected through a wrapper
+/// jailer script since the daemon's environment is not the test's to change.
+async fn setup_with(fail: Option<&str>) -> (support::TestDaemon, Client, tempfile::TempDir) {
+    use std::os::unix::fs::PermissionsExt;
+    let files = tempfile::tempdir().unwrap();
+    let f = files.path();
+    let jailer = match fail {
+        None => double_bin(),
+        Some(fault) => {
+            let script = f.join("jailer");
+            std::fs::write(
+                &script,
+                format!(
+                    "#!/bin/sh\nBANGER_FC_DOUBLE_FAIL='{fault}' exec {} \"$@\"\n",
+                    double_bin().display()
+                ),
+            )
+            .unwrap();
+            std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+            script
+        }
+    };
+    std::fs::create_dir_all(f.join("kernel")).unwrap();
+    std::fs::write(f.join("kernel/vmlinux"), b"kernel").unwrap();
+    std::fs::write(f.join("firecracker"), b"").unwrap();
+    let rootfs = f.join("rootfs.ext4");
+    std::fs::File::create(&rootfs)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    assert!(
+        std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(&rootfs)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mut config = bangerd::config::Config::default();
+    config.firecracker.jailer = jailer;
+    config.firecracker.binary = f.join("firecracker");
+    config.stop_timeout_secs = 5;
+    let d = support::TestDaemon::start_with(tempfile::tempdir().unwrap(), config).await;
+    let c = d.client().await;
+    c.import(ImportKernel {
+        name: "k".into(),
+        from: f.join("kernel").display().to_string(),
+    })
+    .await
+    .unwrap();
+    c.register(RegisterImage {
+        name: "img".into(),
+        rootfs: rootfs.display().to_string(),
+        kernel: Some("k".into()),
+    })
+    .await
+    .unwrap();
+    (d, c, files)
+}
+
+async fn create(c: &Client, req: CreateVm) -> Result<Vec<Progress>, (i32, String)> {
+    let mut sub = c.create(req).await.unwrap();
+    let mut events = Vec::new();
+    while let Some(ev) = sub.next().await {
+        let ev = ev.unwrap();
+        let end = matches!(ev, Progress::Done { .. } | Progress::Failed { .. });
+        if let Progress::Failed { code, message } = &ev {
+            return Err((*code, message.clone()));
+        }
+        events.push(ev);
+        if end {
+            break;
+        }
+    }
+    Ok(events)
+}
+
+fn code(e: ClientError) -> i32 {
+    match e {
+        ClientError::Call(o) => o.code(),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_with_the_firecracker_double() {
+    let (d, c, _files) = setup().await;
+    let req = CreateVm {
+        name: Some("fc".into()),
+        image: Some("img".into()),
+        vcpu: Some(2),
+        memory_mib: Some(256),
+        disk_bytes: Some(1 << 30),
+        ..Default::default()
+    };
+    let events = create(&c, req.clone()).await.unwrap();
+    let stages: Vec<String> = events
+        .iter()
+        .filter_map(|e| match e {
+            Progress::Stage { stage, .. } => Some(stage.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(stages, ["disks", "jail", "launch", "configure", "boot"]);
+    assert!(matches!(&events[0], Progress::Created { vm } if vm.name == "fc" && vm.spec.vcpu == 2));
+    let vm = VmRpcClient::show(&c, "fc".into()).await.unwrap();
+    assert_eq!(vm.state, VmState::Running);
+    let id = vm.id.clone();
+
+    // A duplicate name is refused; so is starting a running VM.
+    assert_eq!(
+        create(&c, req.clone()).await.unwrap_err().0,
+        codes::CONFLICT
+    );
+    let mut sub = c.start("fc".into()).await.unwrap();
+    assert!(matches!(
+        sub.next().await.unwrap().unwrap(),
+        Progress::Failed {
+            code: codes::CONFLICT,
+            ..
+        }
+    ));
+
+    // The console (the double's serial output) is captured and followable.
+    let log = c.logs("fc".into(), None).await.unwrap();
+    assert!(log.contains("banger-fc-double: guest running"), "{log}");
+    let mut follow = c.logs_follow("fc".into()).await.unwrap();
+    match follow.next().await.unwrap().unwrap() {
+        LogEvent::Data { text } => assert!(text.contains("guest running")),
+        other => panic!("{other:?}"),
+    }
+
+    // Graceful stop: SendCtrlAltDel, the double exits, the follower gets its end.
+    let stopped = c.stop("fc".into(), None).await.unwrap();
+    assert_eq!(stopped.state, VmState::Stopped);
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), follow.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+        {
+            LogEvent::End { state } => {
+                assert_eq!(state, VmState::Stopped);
+                break;
+            }
+            LogEvent::Data { .. } => {}
+        }
+    }
+    let jail = d.dir.path().join("data/jail/firecracker").join(&id);
+    assert!(
+        !jail.exists(),
+        "the jail is removed once firecracker is gone"
+    );
+
+    // Resize while stopped, then start again (a new jail) and kill it.
+    let set = c
+        .set(SetVm {
+            vm: "fc".into(),
+            vcpu: Some(1),
+            disk_bytes: Some(2 << 30),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(set.spec.vcpu, 1);
+    let mut sub = c.start("fc".into()).await.unwrap();
+    loop {
+        match sub.next().await.unwrap().unwrap() {
+            Progress::Done { vm } => {
+                assert_eq!(vm.state, VmState::Running);
+                break;
+            }
+            Progress::Failed { message, .. } => panic!("{message}"),
+            _ => {}
+        }
+    }
+    let killed = c.kill("fc".into(), None).await.unwrap();
+    assert_eq!(killed.state, VmState::Stopped);
+
+    // Unknown names, a bad signal, deleting, pruning.
+    assert_eq!(
+        code(VmRpcClient::show(&c, "nope".into()).await.unwrap_err()),
+        codes::NOT_FOUND
+    );
+    let mut sub = c.start("fc".into()).await.unwrap();
+    while let Some(Ok(ev)) = sub.next().await {
+        if matches!(ev, Progress::Done { .. }) {
+            break;
+        }
+    }
+    assert_eq!(
+        code(
+            c.kill("fc".into(), Some("SIGNOPE".into()))
+                .await
+                .unwrap_err()
+        ),
+        codes::INVALID_ARGUMENT
+    );
+    assert_eq!(
+        code(
+            VmRpcClient::delete(&c, "fc".into(), false)
+                .await
+                .unwrap_err()
+        ),
+        codes::CONFLICT
+    );
+    let gone = VmRpcClient::delete(&c, "fc".into(), true).await.unwrap();
+    assert_eq!(gone.name, "fc");
+    assert!(!d.dir.path().join("data/vms").join(&id).exists());
+    assert!(
+        !d.dir
+            .path()
+            .join("data/jail/firecracker")
+            .join(&id)
+            .exists()
+    );
+    assert!(VmRpcClient::list(&c).await.unwrap().is_empty());
+
+    create(
+        &c,
+        CreateVm {
+            name: Some("p1".into()),
+            image: Some("img".into()),
+            no_start: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let pruned = c.prune(false).await.unwrap();
+    assert_eq!(pruned.deleted, ["p1"]);
+    drop(c);
+    d.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_api_request_leaves_the_vm_in_error_with_the_reason() {
+    let (d, c, _files) = setup_with(Some("/boot-source:400:Boot source error: injected")).await;
+    let err = create(
+        &c,
+        CreateVm {
+            name: Some("bad".into()),
+            image: Some("img".into()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        err.1.contains("failed to start") && err.1.contains("console log"),
+        "{}",
+        err.1
+    );
+    let vm = VmRpcClient::show(&c, "bad".into()).await.unwrap();
+    assert_eq!(vm.state, VmState::Error);
+    let why = vm.error.unwrap();
+    assert!(
+        why.contains("/boot-source") && why.contains("injected"),
+        "{why}"
+    );
+    assert!(vm.pid.is_none());
+    drop(c);
+    d.shutdown().await;
+}
