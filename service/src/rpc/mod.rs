@@ -80,17 +80,7 @@ impl From<RpcError> for ErrorObjectOwned {
     }
 }
 
-/// `err: cause: cause…`, so a client sees the whole story in one message.
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        out.push_str(": ");
-        out.push_str(&e.to_string());
-        cur = e.source();
-    }
-    out
-}
+pub use banger_actors::vm::actor::error_chain;
 
 /// Methods that take no parameters; a call that sends some is refused with
 /// `INVALID_PARAMS` (see [`crate::auth::Gate`]). Checked against the module by a test.
