@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build the guest binaries (banger-init, later banger-agent) statically linked, so they
+# Build the guest binaries (banger-init, banger-agent) statically linked, so they
 # run on any distribution's userland, into target/guest/. Prints that directory.
 # An explicit --target keeps RUSTFLAGS away from build scripts and proc-macros.
 set -euo pipefail
@@ -10,7 +10,7 @@ RUSTFLAGS="-C target-feature=+crt-static" cargo build --quiet --locked -p banger
     --bins --target "$target" --profile "$profile" >&2
 dir="target/$target/$([ "$profile" = dev ] && echo debug || echo "$profile")"
 mkdir -p target/guest
-for bin in banger-init; do
+for bin in banger-init banger-agent; do
     cp "$dir/$bin" "target/guest/$bin.tmp" && mv "target/guest/$bin.tmp" "target/guest/$bin"
 done
 realpath target/guest

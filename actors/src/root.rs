@@ -47,6 +47,8 @@ pub struct VmConfig {
     pub stop_timeout: Duration,
     pub extra_cmdline: String,
     pub tsc_khz: Option<u64>,
+    /// See [`crate::vm::actor::VmEnv::agent_timeout`].
+    pub agent_timeout: Duration,
     pub settings: VmSettings,
 }
 
@@ -129,6 +131,7 @@ impl RootSupervisor {
                     stop_timeout: vm.stop_timeout,
                     extra_cmdline: vm.extra_cmdline.clone(),
                     tsc_khz: vm.tsc_khz,
+                    agent_timeout: vm.agent_timeout,
                 });
                 let args = VmSupervisorArgs {
                     env,
@@ -507,6 +510,7 @@ pub fn test_vm_config(dir: &std::path::Path) -> VmConfig {
         stop_timeout: Duration::from_secs(30),
         extra_cmdline: String::new(),
         tsc_khz: None,
+        agent_timeout: Duration::ZERO,
         settings: VmSettings {
             defaults: Default::default(),
             host: crate::vm::spec::Host::detect(),

@@ -196,6 +196,31 @@ pub enum VmCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Run a command in a running VM through its guest agent; exits with its status.
+    #[command(
+        after_help = "Examples:\n  banger vm exec dev -- uname -a\n  echo hi | banger vm exec dev -- cat\n  banger vm exec dev -w /root -e FOO=bar -- sh -c 'echo $FOO'"
+    )]
+    Exec {
+        vm: String,
+        /// Allocate a terminal (interactive programs).
+        #[arg(short = 't', long)]
+        tty: bool,
+        /// Environment variable for the command (repeatable).
+        #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
+        env: Vec<String>,
+        /// Working directory in the guest.
+        #[arg(short = 'w', long)]
+        workdir: Option<String>,
+        /// The command and its arguments (after `--`).
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
+    /// Listening TCP/UDP ports in a running VM, with their processes.
+    Ports {
+        vm: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Print a VM's console log; -f follows it until the VM stops.
     #[command(after_help = "Examples:\n  banger vm logs dev\n  banger vm logs -f dev")]
     Logs {

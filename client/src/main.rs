@@ -21,7 +21,7 @@ fn main() -> ExitCode {
         }
     };
     let cli = runtime.block_on(commands::parse());
-    match runtime.block_on(commands::run(cli)) {
+    let code = match runtime.block_on(commands::run(cli)) {
         Ok(code) => ExitCode::from(code),
         Err(err) => {
             eprintln!("banger: {err}");
@@ -30,5 +30,8 @@ fn main() -> ExitCode {
             }
             ExitCode::from(err.exit_code())
         }
-    }
+    };
+    // Do not wait for a read of stdin that `vm exec` left blocked.
+    runtime.shutdown_background();
+    code
 }

@@ -2,6 +2,7 @@
 //! the Debian cloud kernel, a debootstrap rootfs with banger-init injected). They need
 //! root, `scripts/rig/setup.sh` (the rig cache) and `scripts/build-guest.sh` (a static
 //! banger-init): `scripts/test.sh` does all three. Without them they fail, loudly.
+#![allow(clippy::print_stderr)] // the exec round-trip measurement is reported, not asserted
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -47,11 +48,14 @@ fn test_rootfs() -> &'static Path {
     static IMG: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
     &IMG.get_or_init(|| {
         let init = repo().join("target/guest/banger-init");
-        assert!(
-            init.exists(),
-            "{} is missing: run scripts/build-guest.sh (scripts/test.sh does)",
-            init.display()
-        );
+        let agent = repo().join("target/guest/banger-agent");
+        for b in [&init, &agent] {
+            assert!(
+                b.exists(),
+                "{} is missing: run scripts/build-guest.sh (scripts/test.sh does)",
+                b.display()
+            );
+        }
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("rootfs.ext4");
         let ok = Command::new("cp")
@@ -65,6 +69,8 @@ fn test_rootfs() -> &'static Path {
             "mkdir /usr/lib/banger".to_owned(),
             format!("write {} /usr/lib/banger/banger-init", init.display()),
             "sif /usr/lib/banger/banger-init mode 0100755".to_owned(),
+            format!("write {} /usr/lib/banger/banger-agent", agent.display()),
+            "sif /usr/lib/banger/banger-agent mode 0100755".to_owned(),
         ] {
             let out = Command::new("debugfs")
                 .args(["-w", "-R", &cmd])
@@ -206,6 +212,28 @@ impl Drop for Home {
     }
 }
 
+/// connect + hello + exec `true` + wait for its exit, straight over the hybrid socket.
+async fn exec_true(sock: &str) {
+    use banger_guest::{host, proto};
+    let mut c = host::connect(Path::new(sock)).await.unwrap();
+    let req = proto::Request::Exec(proto::ExecRequest {
+        argv: vec!["true".into()],
+        ..Default::default()
+    });
+    host::write_json(&mut c.stream, proto::Kind::Request, &req)
+        .await
+        .unwrap();
+    host::write_frame(&mut c.stream, proto::Kind::StdinEof, &[])
+        .await
+        .unwrap();
+    loop {
+        let f = host::read_frame(&mut c.stream).await.unwrap();
+        if f.kind == proto::Kind::Exit {
+            break;
+        }
+    }
+}
+
 fn alive(pid: i64) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
         s.rsplit_once(") ")
@@ -259,6 +287,114 @@ fn root_rig_vm_lifecycle_on_a_real_guest() {
     );
     assert!(log.contains("under an overlay on /dev/vd"), "{log}");
     assert!(log.contains("/root: the work disk"), "{log}");
+
+    // exec: both streams, the exit status, stdin.
+    let out = home.run(&[
+        "vm",
+        "exec",
+        "t",
+        "--",
+        "sh",
+        "-c",
+        "echo out; echo err >&2; exit 7",
+    ]);
+    assert_eq!(code(&out), Some(7));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "out\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n");
+    let mut cat = home
+        .cmd(&["vm", "exec", "t", "--", "cat"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        cat.stdin.take().unwrap().write_all(b"hi\n").unwrap();
+    }
+    let out = cat.wait_with_output().unwrap();
+    assert_eq!(
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        ),
+        (Some(0), "hi\n".into())
+    );
+    let out = home.run(&[
+        "vm",
+        "exec",
+        "t",
+        "-w",
+        "/root",
+        "-e",
+        "G=hello",
+        "--",
+        "sh",
+        "-c",
+        "echo $G; pwd",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello\n/root\n");
+
+    // A listener started in the guest shows in `vm ports`, with its process.
+    home.ok(&[
+        "vm",
+        "exec",
+        "t",
+        "--",
+        "sh",
+        "-c",
+        "socat -u TCP-LISTEN:8123,reuseaddr,fork OPEN:/dev/null >/dev/null 2>&1 </dev/null &",
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ports = home.json(&["vm", "ports", "t", "--json"]);
+        if let Some(p) = ports.as_array().unwrap().iter().find(|p| p["port"] == 8123) {
+            assert_eq!(p["proto"], "tcp");
+            assert_eq!(p["process"], "socat");
+            break;
+        }
+        assert!(Instant::now() < deadline, "8123 never listed: {ports}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // Guest figures are plausible for a 512 MiB, 2 GiB-disk VM.
+    let stats = home.json(&["vm", "stats", "t", "--json"]);
+    let g = &stats["guest"];
+    let mem = g["memory_total_bytes"].as_u64().unwrap();
+    assert!((256 << 20..=512 << 20).contains(&mem), "{stats}");
+    assert!(g["memory_available_bytes"].as_u64().unwrap() < mem);
+    let work = g["work_total_bytes"].as_u64().unwrap();
+    assert!((1 << 30..=2 << 30).contains(&work), "{stats}");
+    assert!(g["processes"].as_u64().unwrap() > 1 && g["uptime_secs"].as_u64().unwrap() > 0);
+
+    // Round-trip of a trivial exec through the vsock, measured (reported, not asserted).
+    let sock = vm["vsock_socket"].as_str().unwrap().to_owned();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut lat: Vec<Duration> = (0..20)
+        .map(|_| {
+            let t = Instant::now();
+            rt.block_on(exec_true(&sock));
+            t.elapsed()
+        })
+        .collect();
+    lat.sort();
+    eprintln!(
+        "exec `true` through vsock (connect + hello + exec + exit), 20 runs: p50 {:?}, min {:?}, max {:?}",
+        lat[10], lat[0], lat[19]
+    );
+
+    // Writes to / (the overlay) and /root (the work disk) must survive a stop/start.
+    home.ok(&[
+        "vm",
+        "exec",
+        "t",
+        "--",
+        "sh",
+        "-c",
+        "echo keep > /etc/banger-test && echo work > /root/work-test && sync",
+    ]);
 
     // Clear errors for what cannot be done.
     let out = home.run(&["vm", "start", "t"]);
@@ -337,6 +473,31 @@ fn root_rig_vm_lifecycle_on_a_real_guest() {
             .unwrap()
             .len(),
         3 << 30
+    );
+
+    home.ok(&["vm", "start", "t"]);
+    let out = home.ok(&[
+        "vm",
+        "exec",
+        "t",
+        "--",
+        "cat",
+        "/etc/banger-test",
+        "/root/work-test",
+    ]);
+    assert_eq!(out, "keep\nwork\n", "writes survive a stop/start");
+    let df = home.ok(&["vm", "exec", "t", "--", "sh", "-c", "df -k /root | tail -1"]);
+    let kb: u64 = df.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(
+        kb > 2 << 20,
+        "the grown work disk is seen by the guest: {df}"
+    );
+    let out = home.run(&["vm", "stop", "t"]);
+    assert!(out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("stopped ("),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 
     // delete → nothing left: no directory, no sockets, no processes.

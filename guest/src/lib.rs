@@ -3,9 +3,14 @@
 //! - [`init`]: the pure parts of `banger-init` (PID 1 via `init=`): command-line parsing,
 //!   disk discovery by filesystem label, module dependency order. The binary
 //!   (`src/bin/banger-init.rs`) performs the mounts and execs the image's init.
-//! - `banger-agent` and the versioned wire protocol come with the guest-agent issue.
+//! - [`proto`]: the versioned host↔agent wire protocol (framing, handshake, messages).
+//! - [`agent`]: the agent's request handling (`src/bin/banger-agent.rs` serves it on
+//!   vsock).
 
+pub mod agent;
+#[cfg(feature = "host")]
+pub mod host;
 pub mod init;
+pub mod proto;
 
-/// Version of the host↔agent protocol. The host refuses an agent with another major.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub use proto::PROTOCOL_VERSION;

@@ -67,6 +67,7 @@ fn main() {
         let mut config = bangerd::config::Config::default();
         config.firecracker.jailer = double_bin();
         config.firecracker.binary = fc;
+        config.agent_timeout_secs = 0;
         let d = support::TestDaemon::start_with(dir, config).await;
         let c = d.client().await;
         c.import(ImportKernel {

@@ -48,6 +48,9 @@ pub struct Config {
     pub stop_timeout_secs: u64,
     /// Appended to every guest kernel command line.
     pub kernel_cmdline_extra: String,
+    /// Seconds a start waits for the guest agent (banger-agent) to answer before it
+    /// reports the VM as running without it; 0 does not wait.
+    pub agent_timeout_secs: u64,
     pub vm_defaults: VmDefaults,
     pub firecracker: FirecrackerSection,
     pub qemu: QemuSection,
@@ -119,6 +122,7 @@ impl Default for Config {
             default_vmm: "firecracker".into(),
             stop_timeout_secs: 30,
             kernel_cmdline_extra: String::new(),
+            agent_timeout_secs: 120,
             vm_defaults: VmDefaults::default(),
             firecracker: FirecrackerSection::default(),
             qemu: QemuSection::default(),

@@ -108,6 +108,7 @@ fn vm_config(settings: &Settings) -> banger_actors::root::VmConfig {
         stop_timeout: Duration::from_secs(c.stop_timeout_secs),
         extra_cmdline: c.kernel_cmdline_extra.clone(),
         tsc_khz: qemu::host_tsc_khz(),
+        agent_timeout: Duration::from_secs(c.agent_timeout_secs),
         settings: VmSettings {
             defaults: c.vm_spec_defaults(),
             host: Host::detect(),

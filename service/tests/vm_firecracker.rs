@@ -72,6 +72,8 @@ async fn setup_with(fail: Option<&str>) -> (support::TestDaemon, Client, tempfil
     config.firecracker.jailer = jailer;
     config.firecracker.binary = f.join("firecracker");
     config.stop_timeout_secs = 5;
+    // The double has no guest, hence no agent to wait for.
+    config.agent_timeout_secs = 0;
     let d = support::TestDaemon::start_with(tempfile::tempdir().unwrap(), config).await;
     let c = d.client().await;
     c.import(ImportKernel {

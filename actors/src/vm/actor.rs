@@ -37,6 +37,9 @@ pub struct VmEnv {
     pub stop_timeout: Duration,
     pub extra_cmdline: String,
     pub tsc_khz: Option<u64>,
+    /// How long a start waits for the guest agent to answer before giving up on it; zero
+    /// reports the VM running as soon as the VMM runs the guest.
+    pub agent_timeout: Duration,
 }
 
 /// Errors of VM operations, each mapped to an RPC code by [`VmError::code`].
@@ -61,6 +64,18 @@ pub enum VmError {
     },
     #[error("vm {0} was stopped while it was starting")]
     StoppedWhileStarting(String),
+    #[error(
+        "vm {vm} runs, but its guest agent did not answer within {secs}s ({reason}); the VM is kept: see `banger vm logs {vm}`"
+    )]
+    AgentUnreachable {
+        vm: String,
+        secs: u64,
+        reason: String,
+    },
+    #[error("vm {vm} exited while it was booting; see `banger vm logs {vm}`")]
+    ExitedDuringBoot { vm: String },
+    #[error("vm {vm}: the guest agent: {reason}")]
+    Agent { vm: String, reason: String },
     #[error("the vm actor for {0} is gone")]
     Gone(String),
 }
@@ -74,7 +89,12 @@ impl VmError {
             VmError::Store(StoreError::Conflict(_)) => codes::CONFLICT,
             VmError::Store(_) => codes::STORE,
             VmError::Disk(DiskError::Shrink { .. }) => codes::INVALID_ARGUMENT,
-            VmError::Disk(_) | VmError::Start { .. } | VmError::Gone(_) => codes::INTERNAL_ERROR,
+            VmError::Disk(_)
+            | VmError::Start { .. }
+            | VmError::Gone(_)
+            | VmError::AgentUnreachable { .. }
+            | VmError::ExitedDuringBoot { .. }
+            | VmError::Agent { .. } => codes::INTERNAL_ERROR,
         }
     }
 }
@@ -131,6 +151,12 @@ pub enum VmMsg {
     Exited {
         generation: u64,
     },
+    AgentReady {
+        generation: u64,
+        result: Result<(), String>,
+    },
+    /// Listening ports, from the agent.
+    Ports(Reply<Vec<banger_api::Port>>),
 }
 
 /// Arguments: the VM's id and the shared environment.
@@ -205,6 +231,7 @@ pub fn info_of(rec: &VmRecord, dir: &VmDir) -> VmInfo {
         dir: dir.dir.display().to_string(),
         console_log: dir.console().display().to_string(),
         cmdline: rec.cmdline.clone(),
+        vsock_socket: rec.runtime.as_ref().map(|r| r.vsock_socket.clone()),
     }
 }
 
@@ -342,11 +369,43 @@ impl VmActor {
         state.persist().await?;
         Self::stop_console(state);
         let info = state.info();
+        for (reply, _) in state.start_waiters.drain(..) {
+            let _ = reply.send(Err(VmError::ExitedDuringBoot {
+                vm: info.name.clone(),
+            }));
+        }
         for w in state.stop_waiters.drain(..) {
             let _ = w.send(Ok(info.clone()));
         }
         if let Some(reply) = state.delete_after_exit.take() {
             Self::delete_now(myself, state, reply).await?;
+        }
+        Ok(())
+    }
+
+    /// The guest is up (or the agent gave up: `agent_error`): report running.
+    async fn now_running(
+        state: &mut VmActorState,
+        agent_error: Option<String>,
+    ) -> Result<(), ActorProcessingErr> {
+        state.rec.state = VmState::Running;
+        state.rec.started_at = Some(now_secs());
+        state.rec.error = agent_error
+            .as_ref()
+            .map(|e| format!("the guest agent did not answer: {e}"));
+        state.persist().await?;
+        let info = state.info();
+        tracing::info!(vm = %info.name, pid = info.pid, agent = agent_error.is_none(), "running");
+        let secs = state.env.agent_timeout.as_secs();
+        for (reply, _progress) in state.start_waiters.drain(..) {
+            let _ = reply.send(match &agent_error {
+                None => Ok(info.clone()),
+                Some(reason) => Err(VmError::AgentUnreachable {
+                    vm: info.name.clone(),
+                    secs,
+                    reason: reason.clone(),
+                }),
+            });
         }
         Ok(())
     }
@@ -528,15 +587,36 @@ impl Actor for VmActor {
                     (VmState::Starting, Ok((rt, cmdline))) => {
                         state.rec.runtime = Some(rt);
                         state.rec.cmdline = Some(cmdline);
-                        state.rec.state = VmState::Running;
-                        state.rec.started_at = Some(now_secs());
                         state.persist().await?;
                         Self::watch_exit(&myself, state);
                         Self::start_console(state);
-                        let info = state.info();
-                        tracing::info!(vm = %info.name, pid = info.pid, "running");
-                        for (reply, _progress) in state.start_waiters.drain(..) {
-                            let _ = reply.send(Ok(info.clone()));
+                        let timeout = state.env.agent_timeout;
+                        if timeout.is_zero() {
+                            Self::now_running(state, None).await?;
+                        } else {
+                            for p in state.start_waiters.iter().filter_map(|(_, p)| p.as_ref()) {
+                                let _ = p.send(Progress::Stage {
+                                    stage: "agent".into(),
+                                    detail: None,
+                                });
+                            }
+                            let sock = state
+                                .rec
+                                .runtime
+                                .as_ref()
+                                .map(|r| r.vsock_socket.clone())
+                                .unwrap_or_default();
+                            let me = myself.clone();
+                            tokio::spawn(async move {
+                                let result = banger_guest::host::wait_ready(
+                                    std::path::Path::new(&sock),
+                                    timeout,
+                                )
+                                .await
+                                .map(drop)
+                                .map_err(|e| error_chain(&e));
+                                let _ = me.cast(VmMsg::AgentReady { generation, result });
+                            });
                         }
                     }
                     (VmState::Stopping, Ok((rt, cmdline))) => {
@@ -626,7 +706,21 @@ impl Actor for VmActor {
                 let timeout = timeout.unwrap_or(state.env.stop_timeout);
                 let name = state.rec.name.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = driver.request_shutdown(&rt).await {
+                    // The agent first (a clean power-off from inside, for any image), then
+                    // the VMM's own way (Ctrl-Alt-Del, or the ACPI power button).
+                    let via_agent = banger_guest::host::call(
+                        std::path::Path::new(&rt.vsock_socket),
+                        &banger_guest::proto::Request::Shutdown { reboot: false },
+                        Duration::from_secs(3),
+                    )
+                    .await
+                    .is_ok();
+                    if via_agent {
+                        if proc::wait_gone(rt.pid, rt.start_time, timeout).await {
+                            return;
+                        }
+                        tracing::warn!(vm = %name, ?timeout, "the guest did not power off in time; killing");
+                    } else if let Err(e) = driver.request_shutdown(&rt).await {
                         tracing::warn!(vm = %name, error = %error_chain(&e), "graceful shutdown request failed; killing");
                     } else if proc::wait_gone(rt.pid, rt.start_time, timeout).await {
                         return;
@@ -702,7 +796,10 @@ impl Actor for VmActor {
             VmMsg::Stats(reply) => {
                 let rt = state.rec.runtime.as_ref();
                 let usage = rt.and_then(|r| proc::usage(r.pid));
-                let _ = reply.send(Ok(VmStats {
+                let sock = rt
+                    .filter(|_| state.rec.state == VmState::Running)
+                    .map(|r| r.vsock_socket.clone());
+                let mut stats = VmStats {
                     vm: state.rec.name.clone(),
                     state: state.rec.state,
                     pid: rt.map(|r| r.pid),
@@ -713,7 +810,22 @@ impl Actor for VmActor {
                         .flatten(),
                     overlay_allocated_bytes: disks::allocated(&state.dir.overlay()),
                     work_allocated_bytes: disks::allocated(&state.dir.work()),
-                }));
+                    guest: None,
+                };
+                tokio::spawn(async move {
+                    if let Some(sock) = sock
+                        && let Ok(banger_guest::proto::Response::Stats { stats: g }) =
+                            banger_guest::host::call(
+                                std::path::Path::new(&sock),
+                                &banger_guest::proto::Request::Stats,
+                                Duration::from_secs(5),
+                            )
+                            .await
+                    {
+                        stats.guest = Some(g);
+                    }
+                    let _ = reply.send(Ok(stats));
+                });
             }
             VmMsg::Follow(reply) => {
                 let path = state.dir.console();
@@ -728,6 +840,41 @@ impl Actor for VmActor {
                     let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
                     let _ = reply.send((read_range(&path, len.saturating_sub(BACKLOG), len), None));
                 }
+            }
+            VmMsg::AgentReady { generation, result } => {
+                if generation == state.generation && state.rec.state == VmState::Starting {
+                    Self::now_running(state, result.err()).await?;
+                }
+            }
+            VmMsg::Ports(reply) => {
+                let running = state.rec.state == VmState::Running;
+                let Some(rt) = state.rec.runtime.clone().filter(|_| running) else {
+                    let _ = reply.send(Err(VmError::Conflict(format!(
+                        "vm {} is not running",
+                        state.rec.name
+                    ))));
+                    return Ok(());
+                };
+                let vm = state.rec.name.clone();
+                tokio::spawn(async move {
+                    let r = banger_guest::host::call(
+                        std::path::Path::new(&rt.vsock_socket),
+                        &banger_guest::proto::Request::Ports,
+                        Duration::from_secs(10),
+                    )
+                    .await;
+                    let _ = reply.send(match r {
+                        Ok(banger_guest::proto::Response::Ports { ports }) => Ok(ports),
+                        Ok(other) => Err(VmError::Agent {
+                            vm,
+                            reason: format!("unexpected answer {other:?}"),
+                        }),
+                        Err(e) => Err(VmError::Agent {
+                            vm,
+                            reason: error_chain(&e),
+                        }),
+                    });
+                });
             }
             VmMsg::Exited { generation } => {
                 if generation == state.generation && state.rec.runtime.is_some() {

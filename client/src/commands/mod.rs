@@ -1,6 +1,7 @@
 //! One module per command group; each turns parsed arguments into calls and output.
 
 pub mod daemon;
+pub mod exec;
 pub mod image;
 pub mod version;
 pub mod vm;

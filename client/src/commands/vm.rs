@@ -285,6 +285,30 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
                 );
             }
         }
+        VmCmd::Exec {
+            vm,
+            tty,
+            env,
+            workdir,
+            cmd,
+        } => {
+            return super::exec::run(&client, &vm, tty, env, workdir, cmd).await;
+        }
+        VmCmd::Ports { vm, json } => {
+            let ports = client.ports(vm).await?;
+            if json {
+                render::json(&ports)?;
+            } else {
+                println!("{:<5} {:<28} {:>6}  PROCESS", "PROTO", "ADDRESS", "PORT");
+                for p in ports {
+                    let who = match (p.process, p.pid) {
+                        (Some(n), Some(pid)) => format!("{n} ({pid})"),
+                        _ => "-".into(),
+                    };
+                    println!("{:<5} {:<28} {:>6}  {who}", p.proto, p.address, p.port);
+                }
+            }
+        }
         VmCmd::Logs { vm, follow, tail } => {
             if !follow {
                 let text = client.logs(vm, tail).await?;

@@ -11,7 +11,8 @@
 //!    image stays untouched;
 //! 4. mounts the work disk (`banger.work=LABEL=bg-work`) at /root;
 //! 5. sets the hostname from `banger.name`;
-//! 6. execs the image's init (`/sbin/init`, systemd) if it has one; otherwise it stays PID
+//! 6. starts banger-agent (`/usr/lib/banger/banger-agent`, vsock);
+//! 7. execs the image's init (`/sbin/init`, systemd) if it has one; otherwise it stays PID
 //!    1: it reaps orphans, turns Ctrl-Alt-Del (SIGINT, how both VMMs ask for a shutdown)
 //!    into a reboot (which makes the VMM exit) and SIGTERM/SIGPWR into a power-off.
 //!
@@ -226,6 +227,28 @@ fn setup(cmdline: &str) -> Result<(), String> {
     Ok(())
 }
 
+const AGENT: &str = "/usr/lib/banger/banger-agent";
+
+/// Start the guest agent (its output goes to the console).
+fn spawn_agent() -> Option<i32> {
+    if !Path::new(AGENT).exists() {
+        say(format!(
+            "{AGENT} is missing: `banger vm exec` will not work"
+        ));
+        return None;
+    }
+    match std::process::Command::new(AGENT)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+    {
+        Ok(child) => Some(child.id() as i32),
+        Err(e) => {
+            say(format!("cannot start {AGENT}: {e}"));
+            None
+        }
+    }
+}
+
 fn power(action: nix::sys::reboot::RebootMode) -> ! {
     nix::unistd::sync();
     let _ = nix::sys::reboot::reboot(action);
@@ -275,8 +298,8 @@ fn watch_power_button(dev: std::path::PathBuf) {
         });
 }
 
-/// Stay PID 1: reap children, and shut down when asked.
-fn supervise() -> ! {
+/// Stay PID 1: reap children (restarting the agent if it dies), and shut down when asked.
+fn supervise(mut agent: Option<i32>) -> ! {
     let mut set = SigSet::empty();
     for s in [
         Signal::SIGCHLD,
@@ -309,8 +332,13 @@ fn supervise() -> ! {
                 while let Ok(status) =
                     nix::sys::wait::waitpid(None, Some(nix::sys::wait::WaitPidFlag::WNOHANG))
                 {
-                    if status == nix::sys::wait::WaitStatus::StillAlive {
+                    let Some(pid) = status.pid() else {
                         break;
+                    };
+                    if Some(pid.as_raw()) == agent {
+                        say(format!("the agent exited ({status:?}); restarting it"));
+                        std::thread::sleep(std::time::Duration::from_millis(500));
+                        agent = spawn_agent();
                     }
                 }
             }
@@ -349,6 +377,7 @@ fn main() {
         say(format!("setup failed: {e}; powering off"));
         power(nix::sys::reboot::RebootMode::RB_POWER_OFF);
     }
+    let agent = spawn_agent();
     for init in ["/sbin/init", "/usr/sbin/init", "/lib/systemd/systemd"] {
         let p = Path::new(init);
         if p.exists()
@@ -361,5 +390,5 @@ fn main() {
             break;
         }
     }
-    supervise();
+    supervise(agent);
 }

@@ -2,6 +2,9 @@
 
 use serde::{Deserialize, Serialize};
 
+/// What the guest agent reports (types of the host↔agent protocol).
+pub use banger_guest::proto::{GuestStats, Port};
+
 /// Where a VM is in its life. Persisted; see `banger_actors::vm::state` for the transitions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -160,10 +163,14 @@ pub struct VmInfo {
     pub console_log: String,
     /// The kernel command line of the current/last boot.
     pub cmdline: Option<String>,
+    /// The hybrid vsock Unix socket while the VM runs (`CONNECT <port>\n`); `vm exec`
+    /// talks to the guest agent through it directly.
+    #[serde(default)]
+    pub vsock_socket: Option<String>,
 }
 
 /// Host-side figures of a VM (`vm.stats`); guest figures come from the agent.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VmStats {
     pub vm: String,
     pub state: VmState,
@@ -176,6 +183,9 @@ pub struct VmStats {
     /// Bytes actually allocated on the host for the overlay and work disks (sparse files).
     pub overlay_allocated_bytes: u64,
     pub work_allocated_bytes: u64,
+    /// The guest's own figures, from its agent (absent when it does not answer).
+    #[serde(default)]
+    pub guest: Option<GuestStats>,
 }
 
 /// A progress event of `vm.create`, `vm.start` and `vm.restart` (subscriptions). The stream
@@ -277,6 +287,10 @@ mod rpc {
 
         #[method(name = "stats")]
         async fn stats(&self, vm: String) -> jsonrpsee::core::RpcResult<VmStats>;
+
+        /// Listening TCP/UDP sockets in the guest, with their processes (from the agent).
+        #[method(name = "ports")]
+        async fn ports(&self, vm: String) -> jsonrpsee::core::RpcResult<Vec<Port>>;
 
         /// The console log (the last `tail_bytes` of it when given).
         #[method(name = "logs")]

@@ -199,6 +199,15 @@ impl VmRpcServer for VmApi {
             .map_err(RpcError::from)?)
     }
 
+    async fn ports(&self, vm: String) -> RpcResult<Vec<banger_api::Port>> {
+        Ok(self
+            .ctx
+            .tree
+            .ask_vm(&vm, VmMsg::Ports)
+            .await
+            .map_err(RpcError::from)?)
+    }
+
     async fn logs(&self, vm: String, tail_bytes: Option<u64>) -> RpcResult<String> {
         let info = self
             .ctx

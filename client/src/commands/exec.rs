@@ -1,0 +1,143 @@
+//! `banger vm exec`: the CLI asks the daemon where the VM's vsock socket is, then talks to
+//! the guest agent through it directly, so output streams without a hop through the
+//! daemon (like `docker exec` hijacking its connection). Reaching the socket needs the
+//! same rights as reaching the daemon (owner, root, or group `banger`).
+
+use std::io::Write;
+
+use banger_api::{VmRpcClient, VmState, codes};
+use banger_guest::host;
+use banger_guest::proto::{self, ExecRequest, ExitStatus, Kind, Request, SignalMsg};
+use jsonrpsee::async_client::Client;
+use tokio::io::AsyncReadExt;
+
+use crate::exit::CliError;
+
+fn agent_err(vm: &str, e: impl std::fmt::Display) -> CliError {
+    CliError::Other(format!(
+        "cannot reach vm {vm}'s guest agent: {e}; check `banger vm logs {vm}`"
+    ))
+}
+
+/// Run `cmd` in `vm`; the result is the command's exit status (128+N for a signal).
+pub async fn run(
+    client: &Client,
+    vm: &str,
+    tty: bool,
+    env: Vec<String>,
+    workdir: Option<String>,
+    cmd: Vec<String>,
+) -> Result<u8, CliError> {
+    let env = env
+        .into_iter()
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) => Ok((k.to_owned(), v.to_owned())),
+            None => Err(CliError::Usage(format!("--env {kv}: use KEY=VALUE"))),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let info = client.show(vm.to_owned()).await?;
+    if info.state != VmState::Running {
+        return Err(CliError::Rpc {
+            code: codes::CONFLICT,
+            message: format!(
+                "vm {vm} is {}; start it with `banger vm start {vm}`",
+                info.state.as_str()
+            ),
+        });
+    }
+    let sock = info
+        .vsock_socket
+        .ok_or_else(|| agent_err(vm, "the vm has no vsock socket"))?;
+    let conn = host::connect(std::path::Path::new(&sock))
+        .await
+        .map_err(|e| agent_err(vm, e))?;
+    let mut stream = conn.stream;
+    host::write_json(
+        &mut stream,
+        Kind::Request,
+        &Request::Exec(ExecRequest {
+            argv: cmd,
+            env,
+            cwd: workdir,
+            tty,
+            rows: 0,
+            cols: 0,
+        }),
+    )
+    .await
+    .map_err(|e| agent_err(vm, e))?;
+    debug_assert!(stream.buffer().is_empty());
+    let (mut rx, mut tx) = stream.into_inner().into_split();
+
+    // Host → guest: stdin, then its end; Ctrl-C as a signal.
+    let (frames_tx, mut frames) = tokio::sync::mpsc::channel::<(Kind, Vec<u8>)>(16);
+    let stdin_tx = frames_tx.clone();
+    tokio::spawn(async move {
+        let mut stdin = tokio::io::stdin();
+        let mut buf = vec![0u8; 32 * 1024];
+        loop {
+            match stdin.read(&mut buf).await {
+                Ok(0) | Err(_) => {
+                    let _ = stdin_tx.send((Kind::StdinEof, Vec::new())).await;
+                    break;
+                }
+                Ok(n) => {
+                    if stdin_tx
+                        .send((Kind::Stdin, buf[..n].to_vec()))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    tokio::spawn(async move {
+        while tokio::signal::ctrl_c().await.is_ok() {
+            let msg = serde_json::to_vec(&SignalMsg { signal: 2 }).expect("json");
+            if frames_tx.send((Kind::Signal, msg)).await.is_err() {
+                break;
+            }
+        }
+    });
+    tokio::spawn(async move {
+        while let Some((kind, payload)) = frames.recv().await {
+            if host::write_frame(&mut tx, kind, &payload).await.is_err() {
+                break;
+            }
+        }
+    });
+
+    // Guest → host: output, then the exit status.
+    let mut out = std::io::stdout();
+    let mut err = std::io::stderr();
+    loop {
+        let frame = host::read_frame(&mut rx)
+            .await
+            .map_err(|e| agent_err(vm, e))?;
+        match frame.kind {
+            Kind::Stdout => {
+                let _ = out.write_all(&frame.payload);
+                let _ = out.flush();
+            }
+            Kind::Stderr => {
+                let _ = err.write_all(&frame.payload);
+                let _ = err.flush();
+            }
+            Kind::Exit => {
+                let status: ExitStatus =
+                    proto::expect_json(&frame, Kind::Exit).map_err(|e| agent_err(vm, e))?;
+                return Ok(match (status.code, status.signal) {
+                    (Some(c), _) => c.clamp(0, 255) as u8,
+                    (None, Some(s)) => (128 + s).clamp(0, 255) as u8,
+                    (None, None) => 1,
+                });
+            }
+            _ => {
+                let e = proto::expect_json::<ExitStatus>(&frame, Kind::Exit).unwrap_err();
+                return Err(CliError::Other(format!("vm {vm}: {e}")));
+            }
+        }
+    }
+}

@@ -1,0 +1,378 @@
+//! The agent's request handling, generic over the connection so it runs over vsock in the
+//! guest and over socketpairs in tests. One request per connection (see [`crate::proto`]).
+//!
+//! `exec` without a tty: the child's stdin, stdout and stderr are pipes; two threads send
+//! its output as `Stdout`/`Stderr` frames, the connection's reader feeds `Stdin`, closes
+//! stdin on `StdinEof` and forwards `Signal`s to the command's process group; `Exit` comes
+//! after the output (a background process that keeps the pipes open delays it by 500 ms at
+//! most, like `ssh` would not). A tty exec is refused for now with a clear error.
+
+pub mod sys;
+
+use std::io::{Read, Write};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+
+use crate::proto::{
+    self, ErrorMsg, ExecRequest, ExitStatus, Kind, ProtoError, Request, Response, SignalMsg,
+};
+
+/// A connection the agent can split between threads.
+pub trait Conn: Read + Write + Send + 'static {
+    fn try_clone_conn(&self) -> std::io::Result<Self>
+    where
+        Self: Sized;
+    /// Stop both directions (unblocks a reader in another thread).
+    fn shutdown_conn(&self);
+}
+
+impl Conn for std::os::unix::net::UnixStream {
+    fn try_clone_conn(&self) -> std::io::Result<Self> {
+        self.try_clone()
+    }
+    fn shutdown_conn(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// The agent's name and version, as sent in `Hello`.
+pub fn software() -> String {
+    format!("banger-agent {}", env!("CARGO_PKG_VERSION"))
+}
+
+/// Serve one connection: handshake, one request. Errors are reported to the host as an
+/// `Error` frame when the connection still allows it.
+pub fn serve<C: Conn>(mut conn: C) -> Result<(), ProtoError> {
+    proto::server_hello(&mut conn, &software())?;
+    let frame = proto::read_frame(&mut conn)?;
+    let req: Request = match proto::expect_json(&frame, Kind::Request) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = proto::write_json(
+                &mut conn,
+                Kind::Error,
+                &ErrorMsg {
+                    message: e.to_string(),
+                },
+            );
+            return Err(e);
+        }
+    };
+    let answer = match req {
+        Request::Exec(e) => return exec(conn, e),
+        Request::Health => Ok(Response::Health {
+            software: software(),
+            uptime_secs: sys::uptime_secs(),
+        }),
+        Request::Ports => Ok(Response::Ports {
+            ports: sys::listening_ports(),
+        }),
+        Request::Stats => Ok(Response::Stats {
+            stats: sys::stats(),
+        }),
+        Request::HostKeys => Ok(Response::HostKeys {
+            keys: sys::host_keys(),
+        }),
+        Request::Shutdown { reboot } => {
+            proto::write_json(&mut conn, Kind::Response, &Response::ShuttingDown)?;
+            sys::shutdown(reboot);
+            return Ok(());
+        }
+    };
+    match answer {
+        Ok(r) => proto::write_json(&mut conn, Kind::Response, &r),
+        Err(message) => proto::write_json(&mut conn, Kind::Error, &ErrorMsg { message }),
+    }
+}
+
+fn exec<C: Conn>(mut conn: C, req: ExecRequest) -> Result<(), ProtoError> {
+    let fail =
+        |conn: &mut C, message: String| proto::write_json(conn, Kind::Error, &ErrorMsg { message });
+    if req.tty {
+        return fail(
+            &mut conn,
+            "tty exec is not supported by this agent yet; run without -t".into(),
+        );
+    }
+    let Some((prog, args)) = req.argv.split_first() else {
+        return fail(&mut conn, "exec needs a command".into());
+    };
+    let mut cmd = Command::new(prog);
+    // Its own process group, so a forwarded signal reaches `sh -c` and what it started.
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    cmd.args(args)
+        .envs(req.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(cwd) = &req.cwd {
+        cmd.current_dir(cwd);
+    }
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => return fail(&mut conn, format!("cannot run {prog}: {e}")),
+    };
+    let pid = child.id() as i32;
+    let writer = Arc::new(Mutex::new(conn.try_clone_conn()?));
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let pump = |mut from: Box<dyn Read + Send>, kind: Kind, w: Arc<Mutex<C>>| {
+        let done = done_tx.clone();
+        std::thread::spawn(move || {
+            let _done = done;
+            let mut buf = vec![0u8; 32 * 1024];
+            loop {
+                match from.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        let mut w = w.lock().expect("writer lock");
+                        if proto::write_frame(&mut *w, kind, &buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        })
+    };
+    let out = pump(
+        Box::new(child.stdout.take().expect("piped")),
+        Kind::Stdout,
+        Arc::clone(&writer),
+    );
+    let err = pump(
+        Box::new(child.stderr.take().expect("piped")),
+        Kind::Stderr,
+        Arc::clone(&writer),
+    );
+    // The host's frames: stdin, its end, signals.
+    let mut stdin = child.stdin.take();
+    let mut reader = conn;
+    let reader_conn = reader.try_clone_conn()?;
+    let input = std::thread::spawn(move || {
+        while let Ok(frame) = proto::read_frame(&mut reader) {
+            match frame.kind {
+                Kind::Stdin => {
+                    if let Some(s) = stdin.as_mut()
+                        && s.write_all(&frame.payload).is_err()
+                    {
+                        stdin = None;
+                    }
+                }
+                Kind::StdinEof => stdin = None,
+                Kind::Signal => {
+                    if let Ok(s) = serde_json::from_slice::<SignalMsg>(&frame.payload)
+                        && let Ok(sig) = nix::sys::signal::Signal::try_from(s.signal)
+                    {
+                        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), sig);
+                    }
+                }
+                _ => {}
+            }
+        }
+    });
+    let status = child.wait()?;
+    // Output still buffered in the pipes is sent; a background process that keeps them
+    // open does not hold the exit back for more than a moment.
+    drop(done_tx);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(500);
+    while done_rx
+        .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+        .is_ok()
+    {}
+    let _ = (out, err);
+    let exit = {
+        use std::os::unix::process::ExitStatusExt;
+        ExitStatus {
+            code: status.code(),
+            signal: status.signal(),
+        }
+    };
+    {
+        let mut w = writer.lock().expect("writer lock");
+        proto::write_json(&mut *w, Kind::Exit, &exit)?;
+    }
+    reader_conn.shutdown_conn();
+    let _ = input.join();
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{Frame, GuestStats};
+    use std::os::unix::net::UnixStream;
+
+    fn agent() -> UnixStream {
+        let (host, guest) = UnixStream::pair().unwrap();
+        std::thread::spawn(move || {
+            let _ = serve(guest);
+        });
+        host
+    }
+
+    fn request(req: &Request) -> UnixStream {
+        let mut s = agent();
+        proto::client_hello(&mut s, "test").unwrap();
+        proto::write_json(&mut s, Kind::Request, req).unwrap();
+        s
+    }
+
+    /// Run an exec to its end: (stdout, stderr, exit).
+    fn run(req: ExecRequest, stdin: Option<&[u8]>) -> (Vec<u8>, Vec<u8>, ExitStatus) {
+        let mut s = request(&Request::Exec(req));
+        if let Some(data) = stdin {
+            proto::write_frame(&mut s, Kind::Stdin, data).unwrap();
+            proto::write_frame(&mut s, Kind::StdinEof, &[]).unwrap();
+        }
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        loop {
+            let f: Frame = proto::read_frame(&mut s).unwrap();
+            match f.kind {
+                Kind::Stdout => out.extend(f.payload),
+                Kind::Stderr => err.extend(f.payload),
+                Kind::Exit => return (out, err, proto::expect_json(&f, Kind::Exit).unwrap()),
+                Kind::Error => panic!("{}", String::from_utf8_lossy(&f.payload)),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+
+    fn sh(script: &str) -> ExecRequest {
+        ExecRequest {
+            argv: vec!["sh".into(), "-c".into(), script.into()],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn exec_streams_both_outputs_and_the_exit_status() {
+        let (out, err, exit) = run(sh("echo out; echo err >&2; exit 7"), None);
+        assert_eq!(out, b"out\n");
+        assert_eq!(err, b"err\n");
+        assert_eq!(
+            exit,
+            ExitStatus {
+                code: Some(7),
+                signal: None
+            }
+        );
+    }
+
+    #[test]
+    fn exec_feeds_stdin_env_and_cwd() {
+        let (out, _, exit) = run(
+            ExecRequest {
+                argv: vec!["cat".into()],
+                ..Default::default()
+            },
+            Some(b"hi\n"),
+        );
+        assert_eq!((out.as_slice(), exit.code), (&b"hi\n"[..], Some(0)));
+        let mut req = sh("echo $GREETING; pwd");
+        req.env = vec![("GREETING".into(), "hello".into())];
+        req.cwd = Some("/tmp".into());
+        let (out, _, _) = run(req, None);
+        assert_eq!(String::from_utf8(out).unwrap(), "hello\n/tmp\n");
+    }
+
+    #[test]
+    fn exec_reports_signals_and_forwards_them() {
+        let mut s = request(&Request::Exec(sh("echo started; sleep 30")));
+        assert_eq!(proto::read_frame(&mut s).unwrap().payload, b"started\n");
+        proto::write_json(&mut s, Kind::Signal, &SignalMsg { signal: 15 }).unwrap();
+        loop {
+            let f = proto::read_frame(&mut s).unwrap();
+            if f.kind == Kind::Exit {
+                let e: ExitStatus = proto::expect_json(&f, Kind::Exit).unwrap();
+                assert_eq!(
+                    e,
+                    ExitStatus {
+                        code: None,
+                        signal: Some(15)
+                    }
+                );
+                break;
+            }
+        }
+    }
+
+    #[test]
+    fn exec_of_a_missing_program_is_a_clear_error() {
+        let mut s = request(&Request::Exec(ExecRequest {
+            argv: vec!["/no/such".into()],
+            ..Default::default()
+        }));
+        let err = proto::expect_json::<ExitStatus>(&proto::read_frame(&mut s).unwrap(), Kind::Exit)
+            .unwrap_err();
+        assert!(err.to_string().contains("cannot run /no/such"), "{err}");
+        let mut s = request(&Request::Exec(ExecRequest {
+            argv: vec!["sh".into()],
+            tty: true,
+            ..Default::default()
+        }));
+        let err = proto::expect_json::<ExitStatus>(&proto::read_frame(&mut s).unwrap(), Kind::Exit)
+            .unwrap_err();
+        assert!(err.to_string().contains("tty"), "{err}");
+    }
+
+    #[test]
+    fn health_stats_and_ports_answer() {
+        let mut s = request(&Request::Health);
+        let r: Response =
+            proto::expect_json(&proto::read_frame(&mut s).unwrap(), Kind::Response).unwrap();
+        assert!(
+            matches!(r, Response::Health { software, .. } if software.starts_with("banger-agent"))
+        );
+        let mut s = request(&Request::Stats);
+        let r: Response =
+            proto::expect_json(&proto::read_frame(&mut s).unwrap(), Kind::Response).unwrap();
+        let Response::Stats {
+            stats:
+                GuestStats {
+                    memory_total_bytes,
+                    root_total_bytes,
+                    uptime_secs,
+                    processes,
+                    ..
+                },
+        } = r
+        else {
+            panic!("{r:?}");
+        };
+        assert!(memory_total_bytes > 0 && root_total_bytes > 0 && uptime_secs > 0 && processes > 0);
+
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut s = request(&Request::Ports);
+        let r: Response =
+            proto::expect_json(&proto::read_frame(&mut s).unwrap(), Kind::Response).unwrap();
+        let Response::Ports { ports } = r else {
+            panic!()
+        };
+        let mine = ports
+            .iter()
+            .find(|p| p.port == port && p.proto == "tcp")
+            .expect("our listener is listed");
+        assert_eq!(mine.address, "127.0.0.1");
+        assert_eq!(mine.pid, Some(std::process::id() as i32));
+        assert!(mine.process.is_some());
+    }
+
+    #[test]
+    fn a_bad_request_gets_an_error_and_the_agent_survives() {
+        let mut s = agent();
+        proto::client_hello(&mut s, "test").unwrap();
+        proto::write_frame(&mut s, Kind::Request, br#"{"op":"rm_rf"}"#).unwrap();
+        let f = proto::read_frame(&mut s).unwrap();
+        assert_eq!(f.kind, Kind::Error);
+        // Garbage instead of a hello, and a connection closed half-way: no panic, no hang.
+        let mut s = agent();
+        s.write_all(&[0, 0, 0, 3, 0x55, 1, 2]).unwrap();
+        let _ = proto::read_frame(&mut s);
+        let mut s = agent();
+        s.write_all(&[0, 0, 1]).unwrap();
+        drop(s);
+        // A fresh connection still works.
+        let mut s = request(&Request::Health);
+        assert_eq!(proto::read_frame(&mut s).unwrap().kind, Kind::Response);
+    }
+}
