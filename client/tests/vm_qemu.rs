@@ -334,6 +334,23 @@ fn root_rig_vm_lifecycle_on_a_real_guest() {
     ]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "hello\n/root\n");
 
+    // -t: a pseudo-terminal in the guest (stdin here is not a terminal, so no raw mode).
+    let out = home.run(&[
+        "vm",
+        "exec",
+        "-t",
+        "t",
+        "--",
+        "sh",
+        "-c",
+        "tty; test -t 1 && echo isatty",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("/dev/pts/") && text.contains("isatty"),
+        "{text}"
+    );
+
     // A listener started in the guest shows in `vm ports`, with its process.
     home.ok(&[
         "vm",

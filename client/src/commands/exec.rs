@@ -19,6 +19,33 @@ fn agent_err(vm: &str, e: impl std::fmt::Display) -> CliError {
     ))
 }
 
+/// The local terminal in raw mode for a `-t` exec; restored when dropped.
+struct RawMode {
+    saved: nix::sys::termios::Termios,
+}
+
+impl RawMode {
+    fn enable() -> Option<RawMode> {
+        use nix::sys::termios::{SetArg, cfmakeraw, tcgetattr, tcsetattr};
+        let stdin = std::io::stdin();
+        let saved = tcgetattr(&stdin).ok()?;
+        let mut raw = saved.clone();
+        cfmakeraw(&mut raw);
+        tcsetattr(&stdin, SetArg::TCSANOW, &raw).ok()?;
+        Some(RawMode { saved })
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        let _ = nix::sys::termios::tcsetattr(
+            std::io::stdin(),
+            nix::sys::termios::SetArg::TCSANOW,
+            &self.saved,
+        );
+    }
+}
+
 /// Run `cmd` in `vm`; the result is the command's exit status (128+N for a signal).
 pub async fn run(
     client: &Client,
@@ -52,6 +79,12 @@ pub async fn run(
         .await
         .map_err(|e| agent_err(vm, e))?;
     let mut stream = conn.stream;
+    let size = if tty {
+        terminal_size::terminal_size()
+    } else {
+        None
+    };
+    let (cols, rows) = size.map(|(w, h)| (w.0, h.0)).unwrap_or((0, 0));
     host::write_json(
         &mut stream,
         Kind::Request,
@@ -60,8 +93,8 @@ pub async fn run(
             env,
             cwd: workdir,
             tty,
-            rows: 0,
-            cols: 0,
+            rows,
+            cols,
         }),
     )
     .await
@@ -93,6 +126,29 @@ pub async fn run(
             }
         }
     });
+    // On a terminal in raw mode, Ctrl-C travels as a byte; track window size instead.
+    let raw = if tty { RawMode::enable() } else { None };
+    if tty {
+        let resize_tx = frames_tx.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let Ok(mut winch) = signal(SignalKind::window_change()) else {
+                return;
+            };
+            while winch.recv().await.is_some() {
+                if let Some((w, h)) = terminal_size::terminal_size() {
+                    let msg = serde_json::to_vec(&proto::ResizeMsg {
+                        rows: h.0,
+                        cols: w.0,
+                    })
+                    .expect("json");
+                    if resize_tx.send((Kind::Resize, msg)).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+    }
     tokio::spawn(async move {
         while tokio::signal::ctrl_c().await.is_ok() {
             let msg = serde_json::to_vec(&SignalMsg { signal: 2 }).expect("json");
@@ -126,6 +182,7 @@ pub async fn run(
                 let _ = err.flush();
             }
             Kind::Exit => {
+                drop(raw);
                 let status: ExitStatus =
                     proto::expect_json(&frame, Kind::Exit).map_err(|e| agent_err(vm, e))?;
                 return Ok(match (status.code, status.signal) {

@@ -5,9 +5,11 @@
 //! its output as `Stdout`/`Stderr` frames, the connection's reader feeds `Stdin`, closes
 //! stdin on `StdinEof` and forwards `Signal`s to the command's process group; `Exit` comes
 //! after the output (a background process that keeps the pipes open delays it by 500 ms at
-//! most, like `ssh` would not). A tty exec is refused for now with a clear error.
+//! most). With `tty`, the command runs on a pseudo-terminal as a session leader (see
+//! [`tty`]): one output stream, `Resize` sets the window size.
 
 pub mod sys;
+mod tty;
 
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
@@ -89,10 +91,7 @@ fn exec<C: Conn>(mut conn: C, req: ExecRequest) -> Result<(), ProtoError> {
     let fail =
         |conn: &mut C, message: String| proto::write_json(conn, Kind::Error, &ErrorMsg { message });
     if req.tty {
-        return fail(
-            &mut conn,
-            "tty exec is not supported by this agent yet; run without -t".into(),
-        );
+        return tty::exec(conn, req);
     }
     let Some((prog, args)) = req.argv.split_first() else {
         return fail(&mut conn, "exec needs a command".into());
@@ -196,12 +195,12 @@ fn exec<C: Conn>(mut conn: C, req: ExecRequest) -> Result<(), ProtoError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests_support {
     use super::*;
-    use crate::proto::{Frame, GuestStats};
     use std::os::unix::net::UnixStream;
 
-    fn agent() -> UnixStream {
+    /// Serve one connection on a thread; return the host end.
+    pub fn agent() -> UnixStream {
         let (host, guest) = UnixStream::pair().unwrap();
         std::thread::spawn(move || {
             let _ = serve(guest);
@@ -209,12 +208,37 @@ mod tests {
         host
     }
 
-    fn request(req: &Request) -> UnixStream {
+    /// Shake hands and send `req`.
+    pub fn request(req: &Request) -> UnixStream {
         let mut s = agent();
         proto::client_hello(&mut s, "test").unwrap();
         proto::write_json(&mut s, Kind::Request, req).unwrap();
         s
     }
+
+    /// All output frames (both streams) and the exit status.
+    pub fn read_all(mut s: UnixStream) -> (Vec<u8>, ExitStatus) {
+        let mut out = Vec::new();
+        loop {
+            let f = proto::read_frame(&mut s).unwrap();
+            match f.kind {
+                Kind::Stdout | Kind::Stderr => out.extend(f.payload),
+                Kind::Exit => return (out, proto::expect_json(&f, Kind::Exit).unwrap()),
+                other => panic!(
+                    "unexpected {other:?}: {}",
+                    String::from_utf8_lossy(&f.payload)
+                ),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{Frame, GuestStats};
+
+    use super::tests_support::{agent, request};
 
     /// Run an exec to its end: (stdout, stderr, exit).
     fn run(req: ExecRequest, stdin: Option<&[u8]>) -> (Vec<u8>, Vec<u8>, ExitStatus) {
@@ -305,13 +329,13 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("cannot run /no/such"), "{err}");
         let mut s = request(&Request::Exec(ExecRequest {
-            argv: vec!["sh".into()],
+            argv: vec!["/no/such".into()],
             tty: true,
             ..Default::default()
         }));
         let err = proto::expect_json::<ExitStatus>(&proto::read_frame(&mut s).unwrap(), Kind::Exit)
             .unwrap_err();
-        assert!(err.to_string().contains("tty"), "{err}");
+        assert!(err.to_string().contains("cannot run /no/such"), "{err}");
     }
 
     #[test]
