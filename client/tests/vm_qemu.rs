@@ -402,6 +402,51 @@ fn root_rig_vm_lifecycle_on_a_real_guest() {
         lat[10], lat[0], lat[19]
     );
 
+    // A tree goes into the guest as a tar stream and comes back out.
+    let tree = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(tree.path().join("src")).unwrap();
+    std::fs::write(
+        tree.path().join("src/main.c"),
+        b"int main(void) { return 0; }\n",
+    )
+    .unwrap();
+    std::fs::write(tree.path().join("Makefile"), b"test:\n\ttrue\n").unwrap();
+    let mut archive = Vec::new();
+    {
+        let mut b = tar::Builder::new(&mut archive);
+        b.append_dir_all(".", tree.path()).unwrap();
+        b.finish().unwrap();
+    }
+    rt.block_on(banger_guest::host::upload(
+        Path::new(&sock),
+        &banger_guest::proto::Request::TarIn {
+            dir: "/root/repo".into(),
+        },
+        archive.as_slice(),
+    ))
+    .unwrap();
+    assert_eq!(
+        home.ok(&["vm", "exec", "t", "--", "cat", "/root/repo/src/main.c"]),
+        "int main(void) { return 0; }\n"
+    );
+    let mut back = Vec::new();
+    rt.block_on(banger_guest::host::tar_out(
+        Path::new(&sock),
+        "/root/repo",
+        &mut back,
+    ))
+    .unwrap();
+    let names: Vec<String> = tar::Archive::new(back.as_slice())
+        .entries()
+        .unwrap()
+        .map(|e| e.unwrap().path().unwrap().display().to_string())
+        .collect();
+    assert!(
+        names.iter().any(|n| n.ends_with("src/main.c"))
+            && names.iter().any(|n| n.ends_with("Makefile")),
+        "{names:?}"
+    );
+
     // Writes to / (the overlay) and /root (the work disk) must survive a stop/start.
     home.ok(&[
         "vm",

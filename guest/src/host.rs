@@ -158,6 +158,103 @@ pub async fn call_as<T: DeserializeOwned>(
     })
 }
 
+/// Send `data` as `Stdin` frames then `StdinEof` (64 KiB frames).
+async fn send_stream<R: tokio::io::AsyncRead + Unpin>(
+    c: &mut AgentConn,
+    mut data: R,
+) -> Result<(), HostError> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = data.read(&mut buf).await.map_err(ProtoError::Io)?;
+        if n == 0 {
+            break;
+        }
+        write_frame(&mut c.stream, Kind::Stdin, &buf[..n]).await?;
+    }
+    write_frame(&mut c.stream, Kind::StdinEof, &[]).await?;
+    Ok(())
+}
+
+/// Copy `Stdout` frames into `out` until `Exit`.
+async fn receive_stream<W: tokio::io::AsyncWrite + Unpin>(
+    c: &mut AgentConn,
+    out: &mut W,
+) -> Result<u64, HostError> {
+    let mut total = 0;
+    loop {
+        let f = read_frame(&mut c.stream).await?;
+        match f.kind {
+            Kind::Stdout => {
+                out.write_all(&f.payload).await.map_err(ProtoError::Io)?;
+                total += f.payload.len() as u64;
+            }
+            Kind::Exit => {
+                out.flush().await.map_err(ProtoError::Io)?;
+                return Ok(total);
+            }
+            _ => {
+                proto::expect_json::<proto::ExitStatus>(&f, Kind::Exit)?;
+            }
+        }
+    }
+}
+
+/// A request that uploads a stream and gets one response (`FilePut`, `TarIn`).
+pub async fn upload<R: tokio::io::AsyncRead + Unpin>(
+    socket: &Path,
+    req: &Request,
+    data: R,
+) -> Result<Response, HostError> {
+    let mut c = connect(socket).await?;
+    write_json(&mut c.stream, Kind::Request, req).await?;
+    send_stream(&mut c, data).await?;
+    Ok(proto::expect_json(
+        &read_frame(&mut c.stream).await?,
+        Kind::Response,
+    )?)
+}
+
+/// `FileGet`: the file's bytes into `out`; returns (size, mode).
+pub async fn get_file<W: tokio::io::AsyncWrite + Unpin>(
+    socket: &Path,
+    path: &str,
+    out: &mut W,
+) -> Result<(u64, u32), HostError> {
+    let mut c = connect(socket).await?;
+    write_json(
+        &mut c.stream,
+        Kind::Request,
+        &Request::FileGet { path: path.into() },
+    )
+    .await?;
+    let info: Response = proto::expect_json(&read_frame(&mut c.stream).await?, Kind::Response)?;
+    let Response::FileInfo { size, mode } = info else {
+        return Err(ProtoError::BadPayload {
+            kind: Kind::Response,
+            message: format!("{info:?}"),
+        }
+        .into());
+    };
+    receive_stream(&mut c, out).await?;
+    Ok((size, mode))
+}
+
+/// `TarOut`: a tar stream of `dir` into `out`; returns its length.
+pub async fn tar_out<W: tokio::io::AsyncWrite + Unpin>(
+    socket: &Path,
+    dir: &str,
+    out: &mut W,
+) -> Result<u64, HostError> {
+    let mut c = connect(socket).await?;
+    write_json(
+        &mut c.stream,
+        Kind::Request,
+        &Request::TarOut { dir: dir.into() },
+    )
+    .await?;
+    receive_stream(&mut c, out).await
+}
+
 /// Wait until the agent answers `health`, retrying while the guest boots.
 pub async fn wait_ready(socket: &Path, timeout: Duration) -> Result<Response, HostError> {
     let deadline = tokio::time::Instant::now() + timeout;
@@ -202,6 +299,43 @@ mod tests {
             }
         });
         path
+    }
+
+    #[tokio::test]
+    async fn files_and_trees_through_the_hybrid_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = fake_vsock(dir.path());
+        let target = dir.path().join("put.txt").display().to_string();
+        let r = upload(
+            &sock,
+            &Request::FilePut {
+                path: target.clone(),
+                mode: Some(0o600),
+            },
+            &b"content"[..],
+        )
+        .await
+        .unwrap();
+        assert_eq!(r, Response::Written { bytes: 7 });
+        let mut back = Vec::new();
+        assert_eq!(
+            get_file(&sock, &target, &mut back).await.unwrap(),
+            (7, 0o600)
+        );
+        assert_eq!(back, b"content");
+        let mut tarball = Vec::new();
+        let n = tar_out(&sock, &dir.path().display().to_string(), &mut tarball)
+            .await
+            .unwrap();
+        assert_eq!(n as usize, tarball.len());
+        let into = dir.path().join("copy").display().to_string();
+        upload(&sock, &Request::TarIn { dir: into }, tarball.as_slice())
+            .await
+            .unwrap();
+        assert_eq!(
+            std::fs::read(dir.path().join("copy/put.txt")).unwrap(),
+            b"content"
+        );
     }
 
     #[tokio::test]

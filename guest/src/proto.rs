@@ -226,6 +226,25 @@ pub enum Request {
     Shutdown {
         reboot: bool,
     },
+    /// Write a file: the host sends its bytes as `Stdin` frames, then `StdinEof`; the
+    /// agent writes a temporary file and renames it into place, then answers `Written`.
+    FilePut {
+        path: String,
+        mode: Option<u32>,
+    },
+    /// Read a file: `FileInfo`, then its bytes as `Stdout` frames, then `Exit` (code 0).
+    FileGet {
+        path: String,
+    },
+    /// Unpack a tar stream (sent like `FilePut`) into `dir`, which is created if needed;
+    /// entries that would land outside `dir` are refused. Answers `Written`.
+    TarIn {
+        dir: String,
+    },
+    /// Pack `dir` as a tar stream: `Stdout` frames, then `Exit` (code 0).
+    TarOut {
+        dir: String,
+    },
 }
 
 /// `exec`.
@@ -300,6 +319,8 @@ pub enum Response {
     Stats { stats: GuestStats },
     HostKeys { keys: Vec<String> },
     ShuttingDown,
+    Written { bytes: u64 },
+    FileInfo { size: u64, mode: u32 },
 }
 
 /// The host side of the handshake on a connected stream.

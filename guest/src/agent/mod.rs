@@ -8,6 +8,7 @@
 //! most). With `tty`, the command runs on a pseudo-terminal as a session leader (see
 //! [`tty`]): one output stream, `Resize` sets the window size.
 
+mod files;
 pub mod sys;
 mod tty;
 
@@ -75,6 +76,10 @@ pub fn serve<C: Conn>(mut conn: C) -> Result<(), ProtoError> {
         Request::HostKeys => Ok(Response::HostKeys {
             keys: sys::host_keys(),
         }),
+        Request::FilePut { path, mode } => return files::put(&mut conn, &path, mode),
+        Request::FileGet { path } => return files::get(&mut conn, &path),
+        Request::TarIn { dir } => return files::tar_in(&mut conn, &dir),
+        Request::TarOut { dir } => return files::tar_out(&mut conn, &dir),
         Request::Shutdown { reboot } => {
             proto::write_json(&mut conn, Kind::Response, &Response::ShuttingDown)?;
             sys::shutdown(reboot);
