@@ -41,6 +41,16 @@ pub enum Command {
     /// Manage the banger daemon (bangerd).
     #[command(subcommand)]
     Daemon(DaemonCmd),
+    /// Check the host, the daemon and running VMs; one line per check with what to do.
+    /// Exits 1 when a check fails.
+    #[command(
+        after_help = "Examples:\n  banger doctor\n  banger doctor --json | jq '.[] | select(.status != \"ok\")'"
+    )]
+    Doctor {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the versions of this CLI and of the running daemon.
     #[command(after_help = "Examples:\n  banger version\n  banger version --json")]
     Version {

@@ -485,3 +485,75 @@ fn vm_commands_fail_clearly_without_images() {
     assert!(text(&out.stdout).starts_with("NAME"));
     home.banger(&["daemon", "stop"]);
 }
+
+#[test]
+fn doctor_tells_the_truth_about_this_host() {
+    let home = Home::new();
+    assert!(home.banger(&["daemon", "start"]).status.success());
+    let out = home.banger(&["doctor", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+    let checks = json(&out);
+    let get = |name: &str| {
+        checks
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} check: {checks}"))
+            .clone()
+    };
+    assert_eq!(get("architecture")["detail"], std::env::consts::ARCH);
+    let kvm = get("kvm");
+    if Path::new("/sys/module/kvm_pvm").exists() {
+        assert_eq!(kvm["status"], "warn");
+        assert!(kvm["detail"].as_str().unwrap().contains("PVM"), "{kvm}");
+    }
+    assert_eq!(get("daemon")["status"], "ok");
+    assert_eq!(get("version drift")["status"], "ok");
+    assert!(get("socket")["detail"].as_str().unwrap().contains("0660"));
+    let defaults = get("vm defaults")["detail"].as_str().unwrap().to_owned();
+    assert!(
+        defaults.contains("(auto)") && defaults.contains("(builtin)"),
+        "{defaults}"
+    );
+    // The human form: one line per check, ok/warn/FAIL first.
+    let out = home.banger(&["doctor"]);
+    for line in text(&out.stdout).lines().filter(|l| !l.starts_with(' ')) {
+        assert!(
+            ["ok ", "warn", "FAIL"].iter().any(|p| line.starts_with(p)),
+            "{line}"
+        );
+    }
+    home.banger(&["daemon", "stop"]);
+}
+
+#[test]
+fn root_doctor_fails_for_a_user_who_cannot_use_kvm() {
+    let home = Home::new();
+    if !Path::new("/dev/kvm").exists() {
+        // No KVM at all is a warning (QEMU with TCG still works), not a failure.
+        let checks = json(&home.banger(&["doctor", "--json"]));
+        let kvm = checks
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "kvm")
+            .unwrap()
+            .clone();
+        assert_eq!(kvm["status"], "warn");
+        return;
+    }
+    std::fs::set_permissions(home.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = as_nobody(&home, &["doctor", "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    let checks = json(&out);
+    let kvm = checks
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "kvm")
+        .unwrap()
+        .clone();
+    assert_eq!(kvm["status"], "fail");
+    assert!(kvm["hint"].as_str().unwrap().contains("kvm group"), "{kvm}");
+}

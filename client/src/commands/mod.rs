@@ -1,6 +1,7 @@
 //! One module per command group; each turns parsed arguments into calls and output.
 
 pub mod daemon;
+pub mod doctor;
 pub mod exec;
 pub mod image;
 pub mod version;
@@ -63,6 +64,7 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
         Command::Image(cmd) => image::image(&target, cmd).await,
         Command::Kernel(cmd) => image::kernel(&target, cmd).await,
         Command::Version { json } => version::run(&target, json).await,
+        Command::Doctor { json } => doctor::run(&target, json).await,
         Command::Completion { shell } => {
             let mut cmd = Cli::command();
             clap_complete::generate(shell, &mut cmd, "banger", &mut std::io::stdout());

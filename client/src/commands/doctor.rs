@@ -1,0 +1,397 @@
+//! `banger doctor`: one line per check — ok, warn or fail — with what to do. Checks the
+//! host (architecture, KVM and whether it is nested PVM, VMMs, tools), the daemon (running,
+//! version drift, store schema, socket permissions, VM defaults and where they come from)
+//! and running VMs' agents. Exits 1 when a check fails. Checks of parts banger does not
+//! have yet (the confined helper, bridge, NAT, DNS, ssh-config, updates) are not listed.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use banger_api::{DaemonRpcClient, SpecSource, VmRpcClient, VmState};
+use serde::Serialize;
+
+use crate::connect::{self, Target};
+use crate::exit::{self, CliError};
+use crate::render;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    Ok,
+    Warn,
+    Fail,
+}
+
+/// One check's result.
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    pub name: String,
+    pub status: Level,
+    pub detail: String,
+    /// What to do about it (warn and fail only).
+    pub hint: Option<String>,
+}
+
+fn check(name: &str, status: Level, detail: impl Into<String>, hint: Option<&str>) -> Check {
+    Check {
+        name: name.into(),
+        status,
+        detail: detail.into(),
+        hint: hint.map(str::to_owned),
+    }
+}
+
+/// `name` on PATH (or a path that exists).
+fn which(name: &str) -> Option<PathBuf> {
+    let p = Path::new(name);
+    if p.is_absolute() {
+        return p.exists().then(|| p.to_owned());
+    }
+    std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|d| d.join(name))
+            .find(|c| {
+                std::fs::metadata(c)
+                    .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            })
+    })
+}
+
+/// First line of `<bin> --version`.
+fn version_of(bin: &Path) -> Option<String> {
+    let out = std::process::Command::new(bin)
+        .arg("--version")
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(if out.stdout.is_empty() {
+        &out.stderr
+    } else {
+        &out.stdout
+    })
+    .into_owned();
+    text.lines().next().map(|l| l.trim().to_owned())
+}
+
+/// Host checks (no daemon needed).
+pub fn host_checks() -> Vec<Check> {
+    let mut out = Vec::new();
+    let arch = std::env::consts::ARCH;
+    out.push(match arch {
+        "x86_64" | "aarch64" => check("architecture", Level::Ok, arch, None),
+        other => check(
+            "architecture",
+            Level::Fail,
+            other,
+            Some("banger runs on x86_64 and aarch64 hosts"),
+        ),
+    });
+    let kvm = Path::new("/dev/kvm");
+    let pvm = Path::new("/sys/module/kvm_pvm").exists();
+    let usable = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(kvm)
+        .is_ok();
+    out.push(match (kvm.exists(), usable, pvm) {
+        (true, true, true) => check(
+            "kvm",
+            Level::Warn,
+            "/dev/kvm is PVM (nested paravirtualised KVM): stock guest kernels die early under it",
+            Some("QEMU VMs run under TCG here (slow but real); Firecracker needs a PVM-enabled guest kernel"),
+        ),
+        (true, true, false) => check("kvm", Level::Ok, "/dev/kvm is usable", None),
+        (true, false, _) => check(
+            "kvm",
+            Level::Fail,
+            "/dev/kvm exists but this user cannot open it",
+            Some("add yourself to the kvm group (`sudo usermod -aG kvm $USER`), or use the system service"),
+        ),
+        (false, _, _) => check(
+            "kvm",
+            Level::Warn,
+            "no /dev/kvm: no hardware virtualisation",
+            Some("only `--vmm qemu` with TCG (slow) works; enable virtualisation in firmware or the hypervisor"),
+        ),
+    });
+    for (name, bin, hint) in [
+        (
+            "firecracker",
+            "firecracker",
+            "install Firecracker (github releases), or set default_vmm = \"qemu\"",
+        ),
+        (
+            "jailer",
+            "jailer",
+            "the jailer ships with Firecracker's release tarball",
+        ),
+        (
+            "qemu",
+            "qemu-system-x86_64",
+            "install qemu-system-x86 for `--vmm qemu`",
+        ),
+        (
+            "vhost-device-vsock",
+            "vhost-device-vsock",
+            "`cargo install --locked vhost-device-vsock` (QEMU VMs need it for the agent)",
+        ),
+    ] {
+        out.push(match which(bin) {
+            Some(p) => check(
+                name,
+                Level::Ok,
+                format!(
+                    "{} ({})",
+                    version_of(&p).unwrap_or_else(|| "version unknown".into()),
+                    p.display()
+                ),
+                None,
+            ),
+            None => check(name, Level::Warn, format!("{bin} not found"), Some(hint)),
+        });
+    }
+    let tools = [
+        "mkfs.ext4",
+        "e2fsck",
+        "resize2fs",
+        "debugfs",
+        "nft",
+        "ip",
+        "ssh",
+    ];
+    let missing: Vec<&str> = tools
+        .iter()
+        .copied()
+        .filter(|t| {
+            which(t)
+                .or_else(|| which(&format!("/usr/sbin/{t}")))
+                .is_none()
+        })
+        .collect();
+    out.push(if missing.is_empty() {
+        check("host tools", Level::Ok, tools.join(", "), None)
+    } else if missing
+        .iter()
+        .any(|t| ["mkfs.ext4", "e2fsck", "resize2fs"].contains(t))
+    {
+        check(
+            "host tools",
+            Level::Fail,
+            format!("missing: {}", missing.join(", ")),
+            Some("install e2fsprogs (and nftables, iproute2, openssh-client)"),
+        )
+    } else {
+        check(
+            "host tools",
+            Level::Warn,
+            format!("missing: {}", missing.join(", ")),
+            Some("install nftables, iproute2 and openssh-client"),
+        )
+    });
+    out
+}
+
+fn source(s: SpecSource) -> &'static str {
+    match s {
+        SpecSource::Flag => "flag",
+        SpecSource::Config => "config",
+        SpecSource::Host => "auto",
+        SpecSource::Builtin => "builtin",
+    }
+}
+
+/// Daemon and VM checks.
+async fn daemon_checks(target: &Target) -> Vec<Check> {
+    let mut out = Vec::new();
+    let client = match connect::connect(target).await {
+        Ok(c) => c,
+        Err(CliError::NotRunning { socket }) => {
+            out.push(check(
+                "daemon",
+                Level::Warn,
+                format!("not running (socket {socket})"),
+                Some("it starts on first use, or `banger daemon start`"),
+            ));
+            return out;
+        }
+        Err(e) => {
+            out.push(check(
+                "daemon",
+                Level::Fail,
+                e.to_string(),
+                e.hint().as_deref(),
+            ));
+            return out;
+        }
+    };
+    let status = match client.status().await {
+        Ok(s) => s,
+        Err(e) => {
+            out.push(check(
+                "daemon",
+                Level::Fail,
+                CliError::from(e).to_string(),
+                None,
+            ));
+            return out;
+        }
+    };
+    out.push(check(
+        "daemon",
+        Level::Ok,
+        format!(
+            "bangerd {} pid {} ({:?})",
+            status.version, status.pid, status.mode
+        )
+        .to_lowercase(),
+        None,
+    ));
+    let cli = super::version::VERSION;
+    out.push(
+        if status.version == cli && status.commit == super::version::COMMIT {
+            check(
+                "version drift",
+                Level::Ok,
+                format!("cli and daemon both {cli}"),
+                None,
+            )
+        } else {
+            check(
+                "version drift",
+                Level::Warn,
+                format!(
+                    "cli {cli} ({}), daemon {} ({})",
+                    super::version::COMMIT,
+                    status.version,
+                    status.commit
+                ),
+                Some("restart the daemon: `banger daemon stop` (it restarts on next use)"),
+            )
+        },
+    );
+    out.push(check(
+        "store",
+        Level::Ok,
+        format!(
+            "{} (schema v{}, {} starts)",
+            status.store.path, status.store.schema_version, status.store.starts
+        ),
+        None,
+    ));
+    out.push(match std::fs::metadata(&status.socket) {
+        Ok(m) => {
+            let mode = m.permissions().mode() & 0o777;
+            let group = nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(m.gid()))
+                .ok()
+                .flatten()
+                .map(|g| g.name)
+                .unwrap_or_else(|| m.gid().to_string());
+            if mode == 0o660 {
+                check(
+                    "socket",
+                    Level::Ok,
+                    format!("{} mode 0660 group {group}", status.socket),
+                    None,
+                )
+            } else {
+                check(
+                    "socket",
+                    Level::Warn,
+                    format!("{} mode {mode:04o} group {group}", status.socket),
+                    Some("restart the daemon; it makes its socket 0660"),
+                )
+            }
+        }
+        Err(e) => check(
+            "socket",
+            Level::Fail,
+            format!("{}: {e}", status.socket),
+            None,
+        ),
+    });
+    if let Ok(d) = client.defaults().await {
+        out.push(check(
+            "vm defaults",
+            Level::Ok,
+            format!(
+                "vcpu {} ({}) · memory {} MiB ({}) · disk {} ({}) · vmm {}",
+                d.spec.vcpu,
+                source(d.vcpu_from),
+                d.spec.memory_mib,
+                source(d.memory_from),
+                super::vm::bytes(d.spec.disk_bytes),
+                source(d.disk_from),
+                d.vmm.as_str()
+            ),
+            None,
+        ));
+        if d.vmm == banger_api::VmmKind::Firecracker && which("firecracker").is_none() {
+            out.push(check(
+                "default vmm",
+                Level::Warn,
+                "the default vmm is firecracker, which is not installed",
+                Some("set default_vmm = \"qemu\" in the config, or install Firecracker"),
+            ));
+        }
+    }
+    if let Ok(vms) = VmRpcClient::list(&client).await {
+        for vm in vms.into_iter().filter(|v| v.state == VmState::Running) {
+            let name = format!("agent of {}", vm.name);
+            let Some(sock) = vm.vsock_socket else {
+                continue;
+            };
+            let health = banger_guest::host::call(
+                Path::new(&sock),
+                &banger_guest::proto::Request::Health,
+                Duration::from_secs(3),
+            )
+            .await;
+            out.push(match health {
+                Ok(banger_guest::proto::Response::Health { software, .. }) => {
+                    let same = software.ends_with(cli);
+                    check(
+                        &name,
+                        if same { Level::Ok } else { Level::Warn },
+                        software,
+                        (!same).then_some("rebuild the image with this banger's agent"),
+                    )
+                }
+                Ok(other) => check(
+                    &name,
+                    Level::Warn,
+                    format!("unexpected answer {other:?}"),
+                    None,
+                ),
+                Err(e) => check(
+                    &name,
+                    Level::Warn,
+                    e.to_string(),
+                    Some("see `banger vm logs`"),
+                ),
+            });
+        }
+    }
+    out
+}
+
+pub async fn run(target: &Target, json: bool) -> Result<u8, CliError> {
+    let mut checks = host_checks();
+    checks.extend(daemon_checks(target).await);
+    let failed = checks.iter().any(|c| c.status == Level::Fail);
+    if json {
+        render::json(&checks)?;
+    } else {
+        for c in &checks {
+            let tag = match c.status {
+                Level::Ok => "ok  ",
+                Level::Warn => "warn",
+                Level::Fail => "FAIL",
+            };
+            println!("{tag}  {:<18} {}", c.name, c.detail);
+            if let Some(h) = &c.hint {
+                println!("      {:<18} → {h}", "");
+            }
+        }
+    }
+    Ok(if failed { exit::FAILURE } else { exit::OK })
+}
