@@ -27,12 +27,15 @@ fn double_bin() -> PathBuf {
 }
 
 async fn setup() -> (support::TestDaemon, Client, tempfile::TempDir) {
-    setup_with(None).await
+    setup_with(None, 0).await
 }
 
 /// `fail`: a fault for the double (`PATH:STATUS:MESSAGE`), injected through a wrapper
 /// jailer script since the daemon's environment is not the test's to change.
-async fn setup_with(fail: Option<&str>) -> (support::TestDaemon, Client, tempfile::TempDir) {
+async fn setup_with(
+    fail: Option<&str>,
+    agent_timeout_secs: u64,
+) -> (support::TestDaemon, Client, tempfile::TempDir) {
     use std::os::unix::fs::PermissionsExt;
     let files = tempfile::tempdir().unwrap();
     let f = files.path();
@@ -72,8 +75,8 @@ async fn setup_with(fail: Option<&str>) -> (support::TestDaemon, Client, tempfil
     config.firecracker.jailer = jailer;
     config.firecracker.binary = f.join("firecracker");
     config.stop_timeout_secs = 5;
-    // The double has no guest, hence no agent to wait for.
-    config.agent_timeout_secs = 0;
+    // The double has no guest, hence no agent: 0 does not wait for one.
+    config.agent_timeout_secs = agent_timeout_secs;
     let d = support::TestDaemon::start_with(tempfile::tempdir().unwrap(), config).await;
     let c = d.client().await;
     c.import(ImportKernel {
@@ -270,7 +273,7 @@ async fn lifecycle_with_the_firecracker_double() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_api_request_leaves_the_vm_in_error_with_the_reason() {
-    let (d, c, _files) = setup_with(Some("/boot-source:400:Boot source error: injected")).await;
+    let (d, c, _files) = setup_with(Some("/boot-source:400:Boot source error: injected"), 0).await;
     let err = create(
         &c,
         CreateVm {
@@ -294,6 +297,48 @@ async fn a_refused_api_request_leaves_the_vm_in_error_with_the_reason() {
         "{why}"
     );
     assert!(vm.pid.is_none());
+    drop(c);
+    d.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_waiting_for_its_agent_can_be_stopped_and_the_create_says_why() {
+    // With an agent wait, a guest whose agent never answers stays `starting`...
+    let (d, c, _files) = setup_with(None, 60).await;
+    let c2 = d.client().await;
+    let create = tokio::spawn(async move {
+        create(
+            &c2,
+            CreateVm {
+                name: Some("slow".into()),
+                image: Some("img".into()),
+                ..Default::default()
+            },
+        )
+        .await
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(vm) = VmRpcClient::show(&c, "slow".into()).await
+            && vm.state == VmState::Starting
+            && vm.pid.is_some()
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never reached `starting` with a VMM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // ...and a stop then ends it (through the VMM: there is no agent to ask).
+    let stopped = tokio::time::timeout(Duration::from_secs(20), c.stop("slow".into(), Some(3)))
+        .await
+        .expect("stop does not hang")
+        .unwrap();
+    assert_eq!(stopped.state, VmState::Stopped);
+    let err = create.await.unwrap().unwrap_err();
+    assert!(err.1.contains("exited while it was booting"), "{}", err.1);
     drop(c);
     d.shutdown().await;
 }

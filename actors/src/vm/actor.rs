@@ -686,22 +686,24 @@ impl Actor for VmActor {
                     return Ok(());
                 }
                 state.stop_waiters.push(reply);
-                if state.rec.state != VmState::Running {
-                    // Starting: the launch finishes and is killed (see Launched);
-                    // Stopping: already on its way.
-                    if state.rec.state == VmState::Starting {
-                        state.rec.state = VmState::Stopping;
-                        state.persist().await?;
-                    }
-                    return Ok(());
+                let was = state.rec.state;
+                if was == VmState::Starting || was == VmState::Stopping {
+                    state.rec.state = VmState::Stopping;
+                    state.persist().await?;
                 }
-                state.rec.state = VmState::Stopping;
-                state.persist().await?;
-                let rt = state
+                let Some(rt) = state
                     .rec
                     .runtime
                     .clone()
-                    .expect("a running vm has a runtime");
+                    .filter(|_| was != VmState::Stopping)
+                else {
+                    // Still launching: the launch finishes and is killed (see Launched).
+                    // Already stopping: on its way.
+                    return Ok(());
+                };
+                // Running, or launched and waiting for its agent: shut it down.
+                state.rec.state = VmState::Stopping;
+                state.persist().await?;
                 let driver = state.driver();
                 let timeout = timeout.unwrap_or(state.env.stop_timeout);
                 let name = state.rec.name.clone();
@@ -735,7 +737,8 @@ impl Actor for VmActor {
                     let _ = reply.send(Err(e));
                     return Ok(());
                 }
-                if state.rec.state == VmState::Starting {
+                if state.rec.state == VmState::Starting && state.rec.runtime.is_none() {
+                    // Still launching: the launch finishes and is killed (see Launched).
                     state.rec.state = VmState::Stopping;
                     state.persist().await?;
                     state.stop_waiters.push(reply);
