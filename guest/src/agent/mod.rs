@@ -162,39 +162,47 @@ fn exec<C: Conn>(mut conn: C, req: ExecRequest) -> Result<(), ProtoError> {
                     }
                 }
                 Kind::StdinEof => stdin = None,
-                Kind::Signal => {
-                    if let Ok(s) = serde_json::from_slice::<SignalMsg>(&frame.payload)
-                        && let Ok(sig) = nix::sys::signal::Signal::try_from(s.signal)
-                    {
-                        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), sig);
-                    }
-                }
+                Kind::Signal => forward_signal(&frame.payload, pid),
                 _ => {}
             }
         }
     });
     let status = child.wait()?;
-    // Output still buffered in the pipes is sent; a background process that keeps them
-    // open does not hold the exit back for more than a moment.
     drop(done_tx);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(500);
-    while done_rx
-        .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
-        .is_ok()
-    {}
     let _ = (out, err);
-    let exit = {
-        use std::os::unix::process::ExitStatusExt;
-        ExitStatus {
-            code: status.code(),
-            signal: status.signal(),
-        }
+    finish(status, &done_rx, &writer, &reader_conn, input)
+}
+
+/// Forward a `Signal` frame's signal to the command's process group.
+pub(super) fn forward_signal(payload: &[u8], pid: i32) {
+    if let Ok(s) = serde_json::from_slice::<SignalMsg>(payload)
+        && let Ok(sig) = nix::sys::signal::Signal::try_from(s.signal)
+    {
+        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), sig);
+    }
+}
+
+/// After the command exited: let its remaining output go out (a background process that
+/// keeps the pipes open holds the exit back 500 ms at most: `outputs_done` disconnects when
+/// every output pump has ended), send `Exit`, and end the input thread.
+pub(super) fn finish<C: Conn>(
+    status: std::process::ExitStatus,
+    outputs_done: &std::sync::mpsc::Receiver<()>,
+    writer: &Mutex<C>,
+    reader: &C,
+    input: std::thread::JoinHandle<()>,
+) -> Result<(), ProtoError> {
+    use std::os::unix::process::ExitStatusExt;
+    let _ = outputs_done.recv_timeout(std::time::Duration::from_millis(500));
+    let exit = ExitStatus {
+        code: status.code(),
+        signal: status.signal(),
     };
     {
         let mut w = writer.lock().expect("writer lock");
         proto::write_json(&mut *w, Kind::Exit, &exit)?;
     }
-    reader_conn.shutdown_conn();
+    reader.shutdown_conn();
     let _ = input.join();
     Ok(())
 }

@@ -10,9 +10,7 @@ use std::sync::{Arc, Mutex};
 use nix::pty::{Winsize, openpty};
 
 use super::Conn;
-use crate::proto::{
-    self, ErrorMsg, ExecRequest, ExitStatus, Kind, ProtoError, ResizeMsg, SignalMsg,
-};
+use crate::proto::{self, ErrorMsg, ExecRequest, Kind, ProtoError, ResizeMsg};
 
 nix::ioctl_write_ptr_bad!(set_winsize, nix::libc::TIOCSWINSZ, Winsize);
 
@@ -136,35 +134,15 @@ pub(super) fn exec<C: Conn>(mut conn: C, req: ExecRequest) -> Result<(), ProtoEr
                             resize(&master, r.rows, r.cols);
                         }
                     }
-                    Kind::Signal => {
-                        if let Ok(s) = serde_json::from_slice::<SignalMsg>(&frame.payload)
-                            && let Ok(sig) = nix::sys::signal::Signal::try_from(s.signal)
-                        {
-                            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), sig);
-                        }
-                    }
+                    Kind::Signal => super::forward_signal(&frame.payload, pid),
                     _ => {}
                 }
             }
         })
     };
     let status = child.wait()?;
-    let _ = done_rx.recv_timeout(std::time::Duration::from_millis(500));
     let _ = out;
-    let exit = {
-        use std::os::unix::process::ExitStatusExt;
-        ExitStatus {
-            code: status.code(),
-            signal: status.signal(),
-        }
-    };
-    {
-        let mut w = writer.lock().expect("writer lock");
-        proto::write_json(&mut *w, Kind::Exit, &exit)?;
-    }
-    reader_conn.shutdown_conn();
-    let _ = input.join();
-    Ok(())
+    super::finish(status, &done_rx, &writer, &reader_conn, input)
 }
 
 #[cfg(test)]
