@@ -5,8 +5,10 @@
 //!  │                                   daemon when a child fails too often
 //!  ├─ StoreActor                       the redb store; restarted with the same open
 //!  │                                   database handle, which the root keeps
-//!  └─ VmSupervisor                     restarted empty; it rebuilds its VmActors from
-//!      └─ VmActor × N  (later issues)  the store and from the host (pid files, sockets)
+//!  ├─ VmSupervisor                     restarted empty; it rebuilds its VmActors from
+//!  │   └─ VmActor × N                  the store and from the host (pid + start time)
+//!  └─ DnsActor                         the `.vm` resolver; restarted with the same name
+//!                                      table (kept by the root, written by VmSupervisor)
 //! ```
 //!
 //! Restart policy (one-for-one, every supervisor overrides `handle_supervisor_evt`; ractor's
@@ -29,6 +31,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod image;
+pub mod net;
 pub mod root;
 pub mod store;
 pub mod vm;

@@ -10,6 +10,7 @@ use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
 use banger_api::{CreateVm, SpecDefaults, VmInfo};
 
 use crate::image::{ImageError, ImageRecord, KernelRecord};
+use crate::net::dns::{DnsActor, DnsMsg};
 use crate::store::{Store, StoreActor, StoreError, StoreInfo, StoreMsg};
 use crate::vm::actor::{ProgressTx, VmEnv, VmError, VmMsg};
 use crate::vm_supervisor::{VmSettings, VmSupervisor, VmSupervisorArgs, VmSupervisorMsg};
@@ -49,6 +50,8 @@ pub struct VmConfig {
     pub tsc_khz: Option<u64>,
     /// See [`crate::vm::actor::VmEnv::agent_timeout`].
     pub agent_timeout: Duration,
+    /// Where the `.vm` resolver listens (None: off).
+    pub dns_listen: Option<std::net::SocketAddr>,
     pub settings: VmSettings,
 }
 
@@ -61,6 +64,7 @@ pub struct Tree {
     data_dir: std::path::PathBuf,
     store: Slot<StoreMsg>,
     vms: Slot<VmSupervisorMsg>,
+    dns: Slot<DnsMsg>,
 }
 
 /// The current reference to one child, written by the root whenever it (re)spawns it.
@@ -77,6 +81,7 @@ pub struct RootSupervisor;
 enum Child {
     Store,
     Vms,
+    Dns,
 }
 
 impl Child {
@@ -84,6 +89,7 @@ impl Child {
         match self {
             Child::Store => "store",
             Child::Vms => "vm-supervisor",
+            Child::Dns => "dns",
         }
     }
 }
@@ -95,6 +101,10 @@ pub struct RootArgs {
     vm: VmConfig,
     store_ref: Slot<StoreMsg>,
     vms_ref: Slot<VmSupervisorMsg>,
+    dns_ref: Slot<DnsMsg>,
+    /// The `.vm` names, shared by the VM supervisor and the DNS actor; kept here so a
+    /// restart of either keeps it.
+    dns_table: crate::net::dns::Table,
 }
 
 #[derive(Debug)]
@@ -136,10 +146,17 @@ impl RootSupervisor {
                 let args = VmSupervisorArgs {
                     env,
                     settings: vm.settings.clone(),
+                    dns: Arc::clone(&state.args.dns_table),
                 };
                 let (r, _) =
                     Actor::spawn_linked(None, VmSupervisor, args, myself.get_cell()).await?;
                 *state.args.vms_ref.write().expect("tree lock") = Some(r.clone());
+                r.get_cell()
+            }
+            Child::Dns => {
+                let args = (state.args.vm.dns_listen, Arc::clone(&state.args.dns_table));
+                let (r, _) = Actor::spawn_linked(None, DnsActor, args, myself.get_cell()).await?;
+                *state.args.dns_ref.write().expect("tree lock") = Some(r.clone());
                 r.get_cell()
             }
         };
@@ -165,10 +182,12 @@ impl Actor for RootSupervisor {
             restarts: vec![
                 (Child::Store, VecDeque::new()),
                 (Child::Vms, VecDeque::new()),
+                (Child::Dns, VecDeque::new()),
             ],
         };
         Self::spawn_child(&myself, &mut state, Child::Store).await?;
         Self::spawn_child(&myself, &mut state, Child::Vms).await?;
+        Self::spawn_child(&myself, &mut state, Child::Dns).await?;
         Ok(state)
     }
 
@@ -233,6 +252,7 @@ impl Tree {
     ) -> Result<(Tree, tokio::task::JoinHandle<()>), TreeError> {
         let store_ref = Arc::new(RwLock::new(None));
         let vms_ref = Arc::new(RwLock::new(None));
+        let dns_ref = Arc::new(RwLock::new(None));
         let db = Arc::new(store);
         let data_dir = vm.data_dir.clone();
         let args = RootArgs {
@@ -240,6 +260,8 @@ impl Tree {
             vm,
             store_ref: Arc::clone(&store_ref),
             vms_ref: Arc::clone(&vms_ref),
+            dns_ref: Arc::clone(&dns_ref),
+            dns_table: Default::default(),
         };
         let (root, join) = Actor::spawn(None, RootSupervisor, args)
             .await
@@ -250,6 +272,7 @@ impl Tree {
             data_dir,
             store: store_ref,
             vms: vms_ref,
+            dns: dns_ref,
         };
         Ok((tree, join))
     }
@@ -285,6 +308,13 @@ impl Tree {
         let vms = live(&self.vms);
         ractor::call_t!(vms, VmSupervisorMsg::Count, CALL_TIMEOUT.as_millis() as u64)
             .map_err(|_| TreeError::Call("vm-supervisor"))
+    }
+
+    /// Where the `.vm` resolver listens, if it does.
+    pub async fn dns_addr(&self) -> Option<std::net::SocketAddr> {
+        ractor::call_t!(live(&self.dns), DnsMsg::Addr, CALL_MS)
+            .ok()
+            .flatten()
     }
 
     fn vms(&self) -> ActorRef<VmSupervisorMsg> {
@@ -511,11 +541,13 @@ pub fn test_vm_config(dir: &std::path::Path) -> VmConfig {
         extra_cmdline: String::new(),
         tsc_khz: None,
         agent_timeout: Duration::ZERO,
+        dns_listen: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
         settings: VmSettings {
             defaults: Default::default(),
             host: crate::vm::spec::Host::detect(),
             default_vmm: banger_api::VmmKind::Qemu,
             default_image: None,
+            subnet: "172.30.0.0/24".parse().expect("valid subnet"),
         },
     }
 }

@@ -50,6 +50,7 @@ pub struct VmSettings {
     pub host: spec::Host,
     pub default_vmm: VmmKind,
     pub default_image: Option<String>,
+    pub subnet: crate::net::lease::Subnet,
 }
 
 #[derive(Debug, Default)]
@@ -59,6 +60,8 @@ pub struct VmSupervisor;
 pub struct VmSupervisorArgs {
     pub env: Arc<VmEnv>,
     pub settings: VmSettings,
+    /// The `.vm` names the resolver answers, kept in step with the VMs.
+    pub dns: crate::net::dns::Table,
 }
 
 #[derive(Debug)]
@@ -68,6 +71,27 @@ pub struct VmSupervisorState {
     /// VM id → its actor.
     actors: HashMap<String, ActorRef<VmMsg>>,
     restarts: HashMap<String, VecDeque<Instant>>,
+    dns: crate::net::dns::Table,
+    /// VM id → (name, address), to update `dns` when a VM goes.
+    names: HashMap<String, String>,
+}
+
+impl VmSupervisorState {
+    fn publish(&mut self, rec: &VmRecord) {
+        if let Some(ip) = rec.ip.as_deref().and_then(|ip| ip.parse().ok()) {
+            self.dns
+                .write()
+                .expect("dns table lock")
+                .insert(rec.name.clone(), ip);
+        }
+        self.names.insert(rec.id.clone(), rec.name.clone());
+    }
+
+    fn unpublish(&mut self, id: &str) {
+        if let Some(name) = self.names.remove(id) {
+            self.dns.write().expect("dns table lock").remove(&name);
+        }
+    }
 }
 
 impl VmSupervisorState {
@@ -142,6 +166,18 @@ impl VmSupervisor {
         }
         let spec = spec::resolve(&state.defaults(), req.vcpu, req.memory_mib, req.disk_bytes)
             .map_err(VmError::Invalid)?;
+        let used: std::collections::HashSet<std::net::Ipv4Addr> = store
+            .list_vms()?
+            .iter()
+            .filter_map(|v| v.ip.as_deref()?.parse().ok())
+            .collect();
+        let subnet = state.settings.subnet;
+        let ip = subnet.allocate(&id, &used).ok_or_else(|| {
+            VmError::Conflict(format!(
+                "no free address left in {subnet} ({} vms); delete some, or configure a larger [network] subnet",
+                subnet.capacity()
+            ))
+        })?;
         Ok(VmRecord {
             id,
             name,
@@ -156,6 +192,7 @@ impl VmSupervisor {
             started_at: None,
             cmdline: None,
             runtime: None,
+            ip: Some(ip.to_string()),
         })
     }
 }
@@ -175,10 +212,13 @@ impl Actor for VmSupervisor {
             settings: args.settings,
             actors: HashMap::new(),
             restarts: HashMap::new(),
+            dns: args.dns,
+            names: HashMap::new(),
         };
         let store = Arc::clone(&state.env.store);
         let vms = tokio::task::spawn_blocking(move || store.list_vms()).await??;
         for vm in vms {
+            state.publish(&vm);
             if let Err(e) = Self::spawn_vm(&myself, &mut state, &vm.id).await {
                 tracing::error!(vm = %vm.name, error = %e, "cannot start the vm's actor");
             }
@@ -251,7 +291,8 @@ impl Actor for VmSupervisor {
                     let _ = reply.send(Err(e.into()));
                     return Ok(());
                 }
-                tracing::info!(vm = %rec.name, id = %rec.id, "created");
+                tracing::info!(vm = %rec.name, id = %rec.id, ip = rec.ip.as_deref(), "created");
+                state.publish(&rec);
                 if let Some(p) = &progress {
                     let dir = crate::vm::disks::VmDir::new(&state.env.vms_dir, &rec.id);
                     let _ = p.send(banger_api::Progress::Created {
@@ -282,6 +323,7 @@ impl Actor for VmSupervisor {
                 if let Some(id) = state.id_of(&cell) {
                     state.actors.remove(&id);
                     state.restarts.remove(&id);
+                    state.unpublish(&id);
                 }
             }
             SupervisionEvent::ActorFailed(cell, reason) => {

@@ -65,7 +65,9 @@ impl Home {
             .env("XDG_STATE_HOME", p.join("state"))
             .env("XDG_CACHE_HOME", p.join("cache"))
             .env("XDG_CONFIG_HOME", p.join("config"))
-            .env("BANGER_SOCKET", self.socket());
+            .env("BANGER_SOCKET", self.socket())
+            // Many test daemons run at once: each resolver on a free port.
+            .env("BANGER_DNS_LISTEN", "127.0.0.1:0");
     }
 
     fn banger(&self, args: &[&str]) -> Output {
@@ -510,6 +512,7 @@ fn doctor_tells_the_truth_about_this_host() {
     }
     assert_eq!(get("daemon")["status"], "ok");
     assert_eq!(get("version drift")["status"], "ok");
+    assert_eq!(get("dns")["status"], "ok");
     assert!(get("socket")["detail"].as_str().unwrap().contains("0660"));
     let defaults = get("vm defaults")["detail"].as_str().unwrap().to_owned();
     assert!(

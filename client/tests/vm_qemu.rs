@@ -107,7 +107,7 @@ impl Home {
         std::fs::write(
             cfg.join("config.toml"),
             format!(
-                "default_vmm = \"qemu\"\ndefault_image_name = \"rig\"\nstop_timeout_secs = 30\n[qemu]\naccel = \"tcg\"\nbinary = \"{}\"\nvhost_vsock = \"{}\"\n[vm_defaults]\nvcpu = 1\nmemory = \"512M\"\ndisk = \"2G\"\n",
+                "default_vmm = \"qemu\"\ndefault_image_name = \"rig\"\nstop_timeout_secs = 30\ndns_listen = \"127.0.0.1:0\"\n[qemu]\naccel = \"tcg\"\nbinary = \"{}\"\nvhost_vsock = \"{}\"\n[vm_defaults]\nvcpu = 1\nmemory = \"512M\"\ndisk = \"2G\"\n",
                 rig()["BANGER_RIG_QEMU"],
                 rig()["BANGER_RIG_VHOST_DEVICE_VSOCK"]
             ),

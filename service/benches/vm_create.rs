@@ -64,7 +64,7 @@ fn main() {
                 .success()
         );
 
-        let mut config = bangerd::config::Config::default();
+        let mut config = support::test_config();
         config.firecracker.jailer = double_bin();
         config.firecracker.binary = fc;
         config.agent_timeout_secs = 0;

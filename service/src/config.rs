@@ -51,6 +51,9 @@ pub struct Config {
     /// Seconds a start waits for the guest agent (banger-agent) to answer before it
     /// reports the VM as running without it; 0 does not wait.
     pub agent_timeout_secs: u64,
+    /// Where the `.vm` resolver listens (`dig @127.0.0.1 -p 42069 dev.vm`); empty: off.
+    pub dns_listen: String,
+    pub network: NetworkSection,
     pub vm_defaults: VmDefaults,
     pub firecracker: FirecrackerSection,
     pub qemu: QemuSection,
@@ -66,6 +69,22 @@ pub struct VmDefaults {
     pub memory: Option<String>,
     /// Work disk size, e.g. `"8G"`.
     pub disk: Option<String>,
+}
+
+/// `[network]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkSection {
+    /// The VM subnet; the bridge takes its first address, VMs the others.
+    pub subnet: String,
+}
+
+impl Default for NetworkSection {
+    fn default() -> Self {
+        NetworkSection {
+            subnet: "172.30.0.0/24".into(),
+        }
+    }
 }
 
 /// `[firecracker]`.
@@ -123,6 +142,8 @@ impl Default for Config {
             stop_timeout_secs: 30,
             kernel_cmdline_extra: String::new(),
             agent_timeout_secs: 120,
+            dns_listen: "127.0.0.1:42069".into(),
+            network: NetworkSection::default(),
             vm_defaults: VmDefaults::default(),
             firecracker: FirecrackerSection::default(),
             qemu: QemuSection::default(),
@@ -262,6 +283,24 @@ impl Config {
             key: "vm_defaults",
             message,
         })?;
+        if !self.dns_listen.is_empty() {
+            self.dns_listen
+                .parse::<std::net::SocketAddr>()
+                .map_err(|e| ConfigError::Invalid {
+                    key: "dns_listen",
+                    message: format!(
+                        "{:?}: {e} (use host:port, or \"\" to turn it off)",
+                        self.dns_listen
+                    ),
+                })?;
+        }
+        self.network
+            .subnet
+            .parse::<banger_actors::net::lease::Subnet>()
+            .map_err(|message| ConfigError::Invalid {
+                key: "network.subnet",
+                message,
+            })?;
         if self.stop_timeout_secs == 0 {
             return Err(ConfigError::Invalid {
                 key: "stop_timeout_secs",

@@ -109,6 +109,7 @@ fn vm_config(settings: &Settings) -> banger_actors::root::VmConfig {
         extra_cmdline: c.kernel_cmdline_extra.clone(),
         tsc_khz: qemu::host_tsc_khz(),
         agent_timeout: Duration::from_secs(c.agent_timeout_secs),
+        dns_listen: c.dns_listen.parse().ok(),
         settings: VmSettings {
             defaults: c.vm_spec_defaults(),
             host: Host::detect(),
@@ -117,6 +118,11 @@ fn vm_config(settings: &Settings) -> banger_actors::root::VmConfig {
                 .parse()
                 .unwrap_or(banger_api::VmmKind::Firecracker),
             default_image: c.default_image_name.clone(),
+            subnet: c
+                .network
+                .subnet
+                .parse()
+                .expect("validated when the config was loaded"),
         },
     }
 }

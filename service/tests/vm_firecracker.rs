@@ -71,7 +71,7 @@ async fn setup_with(
             .unwrap()
             .success()
     );
-    let mut config = bangerd::config::Config::default();
+    let mut config = support::test_config();
     config.firecracker.jailer = jailer;
     config.firecracker.binary = f.join("firecracker");
     config.stop_timeout_secs = 5;
@@ -339,6 +339,129 @@ async fn a_vm_waiting_for_its_agent_can_be_stopped_and_the_create_says_why() {
     assert_eq!(stopped.state, VmState::Stopped);
     let err = create.await.unwrap().unwrap_err();
     assert!(err.1.contains("exited while it was booting"), "{}", err.1);
+    drop(c);
+    d.shutdown().await;
+}
+
+/// `dig` against the daemon's resolver: (status, answer addresses).
+fn dig(port: u16, name: &str) -> (String, Vec<String>) {
+    let out = std::process::Command::new("dig")
+        .args([
+            "@127.0.0.1",
+            "-p",
+            &port.to_string(),
+            name,
+            "A",
+            "+time=2",
+            "+tries=1",
+        ])
+        .output()
+        .expect("dig (dnsutils, installed by scripts/rig/setup.sh)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let status = text
+        .split("status: ")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .unwrap_or_else(|| panic!("no status in dig output:\n{text}"))
+        .to_owned();
+    let answers = text
+        .lines()
+        .skip_while(|l| !l.starts_with(";; ANSWER SECTION"))
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .filter_map(|l| l.split_whitespace().last().map(str::to_owned))
+        .collect();
+    (status, answers)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_and_vm_names_in_dns() {
+    use banger_api::DaemonRpcClient;
+    let (d, c, _files) = setup().await;
+    let port: u16 = c
+        .status()
+        .await
+        .unwrap()
+        .dns
+        .expect("resolver listening")
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+
+    // 20 VMs created concurrently: 20 distinct addresses in the subnet.
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let socket = d.socket.clone();
+        tasks.push(tokio::spawn(async move {
+            let c = support::client_for(&socket).await;
+            create(
+                &c,
+                CreateVm {
+                    name: Some(format!("n{i}")),
+                    image: Some("img".into()),
+                    no_start: true,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap()
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let vms = VmRpcClient::list(&c).await.unwrap();
+    let ips: std::collections::HashSet<String> =
+        vms.iter().map(|v| v.ip.clone().unwrap()).collect();
+    assert_eq!(ips.len(), 20, "distinct leases");
+    assert!(
+        ips.iter()
+            .all(|ip| ip.starts_with("172.30.0.") && ip != "172.30.0.1")
+    );
+
+    // dig answers from the VM table.
+    let n3 = vms
+        .iter()
+        .find(|v| v.name == "n3")
+        .unwrap()
+        .ip
+        .clone()
+        .unwrap();
+    assert_eq!(dig(port, "n3.vm"), ("NOERROR".into(), vec![n3.clone()]));
+    assert_eq!(dig(port, "N3.VM.").1, vec![n3.clone()]);
+    assert_eq!(dig(port, "ghost.vm").0, "NXDOMAIN");
+    assert_eq!(dig(port, "example.com").0, "REFUSED");
+
+    // Garbage, an oversized datagram and a flood do not stop it.
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let target = format!("127.0.0.1:{port}");
+    for i in 0..5_000u32 {
+        let junk: Vec<u8> = (0..(i % 64))
+            .map(|b| (b as u8).wrapping_mul(31) ^ i as u8)
+            .collect();
+        let _ = sock.send_to(&junk, &target).await;
+    }
+    let _ = sock.send_to(&vec![0xab; 60_000], &target).await;
+    assert_eq!(dig(port, "n3.vm").1, vec![n3.clone()], "still answering");
+
+    // Deleting releases the lease and the name; the next VM may take the address again.
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let socket = d.socket.clone();
+        tasks.push(tokio::spawn(async move {
+            let c = support::client_for(&socket).await;
+            VmRpcClient::delete(&c, format!("n{i}"), false)
+                .await
+                .unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert!(VmRpcClient::list(&c).await.unwrap().is_empty());
+    assert_eq!(dig(port, "n3.vm").0, "NXDOMAIN");
     drop(c);
     d.shutdown().await;
 }

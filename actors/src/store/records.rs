@@ -207,6 +207,7 @@ mod tests {
             started_at: None,
             cmdline: None,
             runtime: None,
+            ip: None,
         }
     }
 

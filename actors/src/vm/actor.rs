@@ -232,6 +232,7 @@ pub fn info_of(rec: &VmRecord, dir: &VmDir) -> VmInfo {
         console_log: dir.console().display().to_string(),
         cmdline: rec.cmdline.clone(),
         vsock_socket: rec.runtime.as_ref().map(|r| r.vsock_socket.clone()),
+        ip: rec.ip.clone(),
     }
 }
 

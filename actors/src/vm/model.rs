@@ -34,6 +34,9 @@ pub struct VmRecord {
     pub cmdline: Option<String>,
     /// The VMM's processes while it runs; used to re-adopt it after a daemon restart.
     pub runtime: Option<Runtime>,
+    /// The VM's IPv4 lease (see `net::lease`); it lives and dies with the record.
+    #[serde(default)]
+    pub ip: Option<String>,
 }
 
 /// Host processes and sockets of a running VM.

@@ -269,6 +269,23 @@ async fn daemon_checks(target: &Target) -> Vec<Check> {
             )
         },
     );
+    out.push(match &status.dns {
+        Some(addr) => {
+            let (host, port) = addr.rsplit_once(':').unwrap_or(("127.0.0.1", "42069"));
+            check(
+                "dns",
+                Level::Ok,
+                format!(".vm resolver on {addr} (`dig @{host} -p {port} <vm>.vm`)"),
+                None,
+            )
+        }
+        None => check(
+            "dns",
+            Level::Warn,
+            "the .vm resolver is not listening",
+            Some("its port is taken, or dns_listen is empty: see bangerd.log"),
+        ),
+    });
     out.push(check(
         "store",
         Level::Ok,

@@ -37,6 +37,9 @@ pub struct DaemonStatus {
     /// When the daemon started, as seconds since the Unix epoch.
     pub started_at: u64,
     pub store: StoreStatus,
+    /// Where the `.vm` resolver listens (None: disabled, or its port was taken).
+    #[serde(default)]
+    pub dns: Option<String>,
 }
 
 /// The daemon's store, as reported by `daemon.status`.

@@ -167,6 +167,9 @@ pub struct VmInfo {
     /// talks to the guest agent through it directly.
     #[serde(default)]
     pub vsock_socket: Option<String>,
+    /// The VM's IPv4 address (its lease), and the name `<name>.vm` resolves to it.
+    #[serde(default)]
+    pub ip: Option<String>,
 }
 
 /// Host-side figures of a VM (`vm.stats`); guest figures come from the agent.

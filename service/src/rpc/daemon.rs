@@ -39,6 +39,7 @@ impl DaemonRpcServer for DaemonApi {
             log_path: paths.log_file().display().to_string(),
             uptime_secs: self.ctx.started.elapsed().as_secs(),
             started_at: self.ctx.started_at,
+            dns: self.ctx.tree.dns_addr().await.map(|a| a.to_string()),
             store: StoreStatus {
                 path: store.path.display().to_string(),
                 schema_version: store.schema_version,

@@ -21,6 +21,14 @@ pub struct TestDaemon {
     pub task: Option<tokio::task::JoinHandle<Result<(), bangerd::ServiceError>>>,
 }
 
+/// The default config, with the `.vm` resolver on a free port (tests run many daemons).
+pub fn test_config() -> Config {
+    Config {
+        dns_listen: "127.0.0.1:0".into(),
+        ..Config::default()
+    }
+}
+
 /// Paths all under `root`.
 pub fn paths_in(root: &Path) -> Paths {
     Paths {
@@ -39,7 +47,7 @@ impl TestDaemon {
     }
 
     pub async fn start_in(dir: tempfile::TempDir) -> TestDaemon {
-        Self::start_with(dir, Config::default()).await
+        Self::start_with(dir, test_config()).await
     }
 
     pub async fn start_with(dir: tempfile::TempDir, config: Config) -> TestDaemon {
