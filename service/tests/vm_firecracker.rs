@@ -465,3 +465,54 @@ async fn leases_and_vm_names_in_dns() {
     drop(c);
     d.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chatty_console_is_rotated_and_logs_still_show_it() {
+    use std::io::Write;
+    let (d, c, _files) = setup().await;
+    create(
+        &c,
+        CreateVm {
+            name: Some("chatty".into()),
+            image: Some("img".into()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let vm = VmRpcClient::show(&c, "chatty".into()).await.unwrap();
+    // Append like the VMM does (O_APPEND), past the 8 MiB cap.
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&vm.console_log)
+        .unwrap();
+    let line = [b'x'; 1023];
+    for _ in 0..9 * 1024 {
+        f.write_all(&line).unwrap();
+        f.write_all(b"\n").unwrap();
+    }
+    f.write_all(b"the last line\n").unwrap();
+    let old = format!("{}.1", vm.console_log);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !std::path::Path::new(&old).exists() {
+        assert!(std::time::Instant::now() < deadline, "never rotated");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        std::fs::metadata(&vm.console_log).unwrap().len() < 1 << 20,
+        "current generation emptied"
+    );
+    f.write_all(b"after the rotation\n").unwrap();
+    let logs = c.logs("chatty".into(), None).await.unwrap();
+    assert!(logs.contains("banger-fc-double: guest running") && logs.contains("the last line"));
+    assert!(
+        logs.ends_with("after the rotation\n"),
+        "{}",
+        &logs[logs.len() - 100..]
+    );
+    VmRpcClient::delete(&c, "chatty".into(), true)
+        .await
+        .unwrap();
+    drop(c);
+    d.shutdown().await;
+}

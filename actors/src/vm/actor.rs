@@ -313,6 +313,7 @@ impl VmActor {
             return;
         }
         let path = state.dir.console();
+        let old = state.dir.console_old();
         let start = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         *state.console.offset.lock().expect("console lock") = start;
         let (stop_tx, mut stop_rx) = watch::channel(None);
@@ -328,6 +329,10 @@ impl VmActor {
                     let _ = tx.send(LogEvent::Data {
                         text: String::from_utf8_lossy(&bytes).into_owned(),
                     });
+                }
+                // Keep the console bounded: a chatty guest must not fill the disk.
+                if disks::rotate_console(&path, &old, disks::CONSOLE_MAX).unwrap_or(false) {
+                    *off = 0;
                 }
                 if let Some(state) = final_state {
                     let _ = tx.send(LogEvent::End { state });

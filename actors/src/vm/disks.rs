@@ -52,6 +52,10 @@ impl VmDir {
     pub fn console(&self) -> PathBuf {
         self.dir.join("console.log")
     }
+    /// The previous console generation (see [`rotate_console`]).
+    pub fn console_old(&self) -> PathBuf {
+        self.dir.join("console.log.1")
+    }
     /// Runtime files (sockets, pid files) live in `run/`, emptied on every start.
     pub fn run_dir(&self) -> PathBuf {
         self.dir.join("run")
@@ -155,6 +159,25 @@ pub fn grow_work(vm: &VmDir, bytes: u64) -> Result<(), DiskError> {
     run("resize2fs", Command::new("resize2fs").arg(&path), &path)
 }
 
+/// Largest console.log before it is rotated.
+pub const CONSOLE_MAX: u64 = 8 << 20;
+
+/// Copy-truncate rotation: when `console` is over `max`, copy it to `old` and empty it.
+/// The VMM keeps writing through its O_APPEND descriptor, so its next bytes land at the new
+/// start of the file. Bytes written between the copy and the truncation are in neither
+/// generation's live stream but are kept in `old`. Returns whether it rotated.
+pub fn rotate_console(console: &Path, old: &Path, max: u64) -> std::io::Result<bool> {
+    if std::fs::metadata(console)?.len() <= max {
+        return Ok(false);
+    }
+    std::fs::copy(console, old)?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(console)?
+        .set_len(0)?;
+    Ok(true)
+}
+
 /// Bytes actually allocated on the host for `path` (sparse files report their size in
 /// `len`, their cost in blocks).
 pub fn allocated(path: &Path) -> u64 {
@@ -183,6 +206,32 @@ mod tests {
     fn label(path: &Path) -> String {
         let out = Command::new("e2label").arg(path).output().unwrap();
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    #[test]
+    fn the_console_rotates_and_the_writer_carries_on_at_the_start() {
+        use std::io::Write;
+        let tmp = tempfile::tempdir().unwrap();
+        let vm = VmDir::new(tmp.path(), "abc");
+        std::fs::create_dir_all(&vm.dir).unwrap();
+        // The VMM's side: an O_APPEND descriptor that stays open.
+        let mut vmm = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(vm.console())
+            .unwrap();
+        vmm.write_all(&[b'a'; 1000]).unwrap();
+        assert!(!rotate_console(&vm.console(), &vm.console_old(), 4096).unwrap());
+        vmm.write_all(&[b'b'; 4000]).unwrap();
+        assert!(rotate_console(&vm.console(), &vm.console_old(), 4096).unwrap());
+        assert_eq!(std::fs::metadata(vm.console_old()).unwrap().len(), 5000);
+        assert_eq!(std::fs::metadata(vm.console()).unwrap().len(), 0);
+        vmm.write_all(b"next line\n").unwrap();
+        assert_eq!(
+            std::fs::read(vm.console()).unwrap(),
+            b"next line\n",
+            "no hole, no old bytes"
+        );
     }
 
     #[test]

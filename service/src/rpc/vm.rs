@@ -215,7 +215,10 @@ impl VmRpcServer for VmApi {
             .ask_vm(&vm, VmMsg::Info)
             .await
             .map_err(RpcError::from)?;
-        let bytes = tokio::fs::read(&info.console_log).await.unwrap_or_default();
+        // The previous generation (console.log.1, after a rotation) first, then the current.
+        let old = format!("{}.1", info.console_log);
+        let mut bytes = tokio::fs::read(&old).await.unwrap_or_default();
+        bytes.extend(tokio::fs::read(&info.console_log).await.unwrap_or_default());
         let from = match tail_bytes {
             Some(n) => bytes.len().saturating_sub(n as usize),
             None => 0,
