@@ -105,23 +105,70 @@ fn make_disk(path: &Path, bytes: u64, label: &str) -> Result<std::process::Child
         .map_err(io(path))
 }
 
-/// Create the VM directory with its two disks (both mkfs run in parallel). Blocking.
-pub fn create(vm: &VmDir, work_bytes: u64) -> Result<(), DiskError> {
-    std::fs::create_dir_all(vm.run_dir()).map_err(io(&vm.dir))?;
-    let overlay = make_disk(&vm.overlay(), OVERLAY_BYTES, OVERLAY_LABEL)?;
-    let work = make_disk(&vm.work(), work_bytes, WORK_LABEL)?;
-    for (child, path) in [(overlay, vm.overlay()), (work, vm.work())] {
-        let out = child.wait_with_output().map_err(io(&path))?;
-        if !out.status.success() {
-            return Err(DiskError::Tool {
-                tool: "mkfs.ext4",
-                path,
-                output: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-            });
+/// Both `mkfs.ext4` of a new VM, running.
+#[derive(Debug)]
+pub struct DiskJob {
+    children: Vec<(std::process::Child, PathBuf)>,
+}
+
+impl DiskJob {
+    /// Wait for both to finish. Blocking. On failure the disk files are removed, so a
+    /// later start makes them afresh instead of booting half-made disks.
+    pub fn wait(self) -> Result<(), DiskError> {
+        let mut first_err = None;
+        let paths: Vec<PathBuf> = self.children.iter().map(|(_, p)| p.clone()).collect();
+        for (child, path) in self.children {
+            let out = child.wait_with_output().map_err(io(&path));
+            let err = match out {
+                Ok(out) if out.status.success() => None,
+                Ok(out) => Some(DiskError::Tool {
+                    tool: "mkfs.ext4",
+                    path,
+                    output: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+                }),
+                Err(e) => Some(e),
+            };
+            if first_err.is_none() {
+                first_err = err;
+            }
+        }
+        match first_err {
+            None => Ok(()),
+            Some(e) => {
+                for p in paths {
+                    let _ = std::fs::remove_file(p);
+                }
+                Err(e)
+            }
         }
     }
+}
+
+/// Make the VM directory, the console file and the two sparse files, and start both
+/// `mkfs.ext4`. The files exist when this returns (so they can be linked or opened by
+/// path); their filesystems are ready once [`DiskJob::wait`] returns. Blocking, brief.
+pub fn start_create(vm: &VmDir, work_bytes: u64) -> Result<DiskJob, DiskError> {
+    std::fs::create_dir_all(vm.run_dir()).map_err(io(&vm.dir))?;
     std::fs::File::create(vm.console()).map_err(io(&vm.console()))?;
-    Ok(())
+    let overlay = make_disk(&vm.overlay(), OVERLAY_BYTES, OVERLAY_LABEL)?;
+    let work = match make_disk(&vm.work(), work_bytes, WORK_LABEL) {
+        Ok(w) => w,
+        Err(e) => {
+            let _ = DiskJob {
+                children: vec![(overlay, vm.overlay())],
+            }
+            .wait();
+            return Err(e);
+        }
+    };
+    Ok(DiskJob {
+        children: vec![(overlay, vm.overlay()), (work, vm.work())],
+    })
+}
+
+/// Create the VM directory with its two disks (both mkfs run in parallel). Blocking.
+pub fn create(vm: &VmDir, work_bytes: u64) -> Result<(), DiskError> {
+    start_create(vm, work_bytes)?.wait()
 }
 
 /// Grow the work disk to `bytes` (the VM must be stopped). Blocking.
@@ -206,6 +253,27 @@ mod tests {
     fn label(path: &Path) -> String {
         let out = Command::new("e2label").arg(path).output().unwrap();
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    #[test]
+    fn a_failed_mkfs_leaves_no_half_made_disk() {
+        let tmp = tempfile::tempdir().unwrap();
+        let vm = VmDir::new(tmp.path(), "abc");
+        // 4 KiB is too small for an ext4 filesystem: mkfs refuses it.
+        let err = create(&vm, 4096).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                DiskError::Tool {
+                    tool: "mkfs.ext4",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(!vm.work().exists() && !vm.overlay().exists());
+        create(&vm, 64 << 20).unwrap();
+        assert!(crate::image::is_ext4(&vm.work()).unwrap());
     }
 
     #[test]
