@@ -105,70 +105,40 @@ fn make_disk(path: &Path, bytes: u64, label: &str) -> Result<std::process::Child
         .map_err(io(path))
 }
 
-/// Both `mkfs.ext4` of a new VM, running.
-#[derive(Debug)]
-pub struct DiskJob {
-    children: Vec<(std::process::Child, PathBuf)>,
-}
-
-impl DiskJob {
-    /// Wait for both to finish. Blocking. On failure the disk files are removed, so a
-    /// later start makes them afresh instead of booting half-made disks.
-    pub fn wait(self) -> Result<(), DiskError> {
-        let mut first_err = None;
-        let paths: Vec<PathBuf> = self.children.iter().map(|(_, p)| p.clone()).collect();
-        for (child, path) in self.children {
-            let out = child.wait_with_output().map_err(io(&path));
-            let err = match out {
-                Ok(out) if out.status.success() => None,
-                Ok(out) => Some(DiskError::Tool {
+/// Create the VM directory with its two disks (both mkfs run in parallel). Blocking.
+/// If either mkfs fails, both disk files are removed, so a later start makes them afresh
+/// instead of booting half-made disks.
+pub fn create(vm: &VmDir, work_bytes: u64) -> Result<(), DiskError> {
+    std::fs::create_dir_all(vm.run_dir()).map_err(io(&vm.dir))?;
+    std::fs::File::create(vm.console()).map_err(io(&vm.console()))?;
+    let result = (|| {
+        let overlay = make_disk(&vm.overlay(), OVERLAY_BYTES, OVERLAY_LABEL)?;
+        let mut children = vec![(overlay, vm.overlay())];
+        // If the second cannot start, the first is still waited for (and reaped).
+        let mut err = match make_disk(&vm.work(), work_bytes, WORK_LABEL) {
+            Ok(w) => {
+                children.push((w, vm.work()));
+                None
+            }
+            Err(e) => Some(e),
+        };
+        for (child, path) in children {
+            let out = child.wait_with_output().map_err(io(&path))?;
+            if !out.status.success() && err.is_none() {
+                err = Some(DiskError::Tool {
                     tool: "mkfs.ext4",
                     path,
                     output: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-                }),
-                Err(e) => Some(e),
-            };
-            if first_err.is_none() {
-                first_err = err;
+                });
             }
         }
-        match first_err {
-            None => Ok(()),
-            Some(e) => {
-                for p in paths {
-                    let _ = std::fs::remove_file(p);
-                }
-                Err(e)
-            }
-        }
+        err.map_or(Ok(()), Err)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(vm.overlay());
+        let _ = std::fs::remove_file(vm.work());
     }
-}
-
-/// Make the VM directory, the console file and the two sparse files, and start both
-/// `mkfs.ext4`. The files exist when this returns (so they can be linked or opened by
-/// path); their filesystems are ready once [`DiskJob::wait`] returns. Blocking, brief.
-pub fn start_create(vm: &VmDir, work_bytes: u64) -> Result<DiskJob, DiskError> {
-    std::fs::create_dir_all(vm.run_dir()).map_err(io(&vm.dir))?;
-    std::fs::File::create(vm.console()).map_err(io(&vm.console()))?;
-    let overlay = make_disk(&vm.overlay(), OVERLAY_BYTES, OVERLAY_LABEL)?;
-    let work = match make_disk(&vm.work(), work_bytes, WORK_LABEL) {
-        Ok(w) => w,
-        Err(e) => {
-            let _ = DiskJob {
-                children: vec![(overlay, vm.overlay())],
-            }
-            .wait();
-            return Err(e);
-        }
-    };
-    Ok(DiskJob {
-        children: vec![(overlay, vm.overlay()), (work, vm.work())],
-    })
-}
-
-/// Create the VM directory with its two disks (both mkfs run in parallel). Blocking.
-pub fn create(vm: &VmDir, work_bytes: u64) -> Result<(), DiskError> {
-    start_create(vm, work_bytes)?.wait()
+    result
 }
 
 /// Grow the work disk to `bytes` (the VM must be stopped). Blocking.
