@@ -481,27 +481,29 @@ async fn a_chatty_console_is_rotated_and_logs_still_show_it() {
     .await
     .unwrap();
     let vm = VmRpcClient::show(&c, "chatty".into()).await.unwrap();
-    // Append like the VMM does (O_APPEND), past the 8 MiB cap.
+    // Append like the VMM does (O_APPEND), past the 8 MiB cap, in one write: the rotation
+    // then sees all of it or none (copy-truncate loses what lands between its copy and its
+    // truncation).
     let mut f = std::fs::OpenOptions::new()
         .append(true)
         .open(&vm.console_log)
         .unwrap();
-    let line = [b'x'; 1023];
+    let mut chunk = Vec::with_capacity(9 << 20);
     for _ in 0..9 * 1024 {
-        f.write_all(&line).unwrap();
-        f.write_all(b"\n").unwrap();
+        chunk.extend_from_slice(&[b'x'; 1023]);
+        chunk.push(b'\n');
     }
-    f.write_all(b"the last line\n").unwrap();
+    chunk.extend_from_slice(b"the last line\n");
+    f.write_all(&chunk).unwrap();
     let old = format!("{}.1", vm.console_log);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !std::path::Path::new(&old).exists() {
+    // Rotated: the old generation exists and the current one has been emptied.
+    while !(std::path::Path::new(&old).exists()
+        && std::fs::metadata(&vm.console_log).unwrap().len() < 1 << 20)
+    {
         assert!(std::time::Instant::now() < deadline, "never rotated");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(
-        std::fs::metadata(&vm.console_log).unwrap().len() < 1 << 20,
-        "current generation emptied"
-    );
     f.write_all(b"after the rotation\n").unwrap();
     let logs = c.logs("chatty".into(), None).await.unwrap();
     assert!(logs.contains("banger-fc-double: guest running") && logs.contains("the last line"));

@@ -181,8 +181,8 @@ pub const CONSOLE_MAX: u64 = 8 << 20;
 
 /// Copy-truncate rotation: when `console` is over `max`, copy it to `old` and empty it.
 /// The VMM keeps writing through its O_APPEND descriptor, so its next bytes land at the new
-/// start of the file. Bytes written between the copy and the truncation are in neither
-/// generation's live stream but are kept in `old`. Returns whether it rotated.
+/// start of the file. As with logrotate's copytruncate, bytes the VMM writes between the
+/// copy and the truncation are lost (a window of one file copy). Returns whether it rotated.
 pub fn rotate_console(console: &Path, old: &Path, max: u64) -> std::io::Result<bool> {
     if std::fs::metadata(console)?.len() <= max {
         return Ok(false);
