@@ -158,9 +158,78 @@ pub(crate) async fn wait_for_path(
     }
 }
 
+/// Run `connect` until it stops failing with "connection refused": a server's socket path
+/// appears at bind(2), a moment before listen(2), and a connect in between is refused.
+/// Gives up when `alive` turns false or after `timeout`.
+pub(crate) async fn connect_when_listening<T, F, Fut>(
+    timeout: std::time::Duration,
+    alive: impl Fn() -> bool,
+    mut connect: F,
+) -> Result<T, VmmError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, VmmError>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match connect().await {
+            Err(VmmError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::ConnectionRefused
+                    && alive()
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// The last lines of a log file, for error messages.
 pub(crate) fn tail(path: &std::path::Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     all[all.len().saturating_sub(lines)..].join(" | ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    async fn connect(path: &std::path::Path) -> Result<tokio::net::UnixStream, VmmError> {
+        tokio::net::UnixStream::connect(path)
+            .await
+            .map_err(|source| VmmError::Io {
+                what: "test".into(),
+                source,
+            })
+    }
+
+    #[tokio::test]
+    async fn a_socket_that_is_not_listening_yet_is_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        // A socket path nobody listens on: connects are refused, as between bind and listen.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        let later = path.clone();
+        let server = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            std::fs::remove_file(&later).unwrap();
+            let l = tokio::net::UnixListener::bind(&later).unwrap();
+            l.accept().await.unwrap();
+        });
+        connect_when_listening(Duration::from_secs(5), || true, || connect(&path))
+            .await
+            .expect("connected once it listened");
+        server.await.unwrap();
+
+        // While the process is gone, a refusal is final.
+        let gone = dir.path().join("gone.sock");
+        drop(std::os::unix::net::UnixListener::bind(&gone).unwrap());
+        let err = connect_when_listening(Duration::from_secs(5), || false, || connect(&gone))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, VmmError::Io { .. }));
+    }
 }

@@ -253,7 +253,12 @@ pub async fn launch(
         )
         .await?;
         stage("boot");
-        let mut qmp = Qmp::connect(&qmp_path).await?;
+        let mut qmp = super::connect_when_listening(
+            Duration::from_secs(10),
+            || proc::alive(pid, start),
+            || Qmp::connect(&qmp_path),
+        )
+        .await?;
         let status = qmp.execute("query-status", None).await?;
         match status.get("status").and_then(Value::as_str) {
             Some("running") => Ok(()),

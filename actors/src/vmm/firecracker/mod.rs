@@ -322,7 +322,12 @@ pub async fn launch(
         )
         .await?;
         stage("configure");
-        let mut api = Api::connect(&api_sock).await?;
+        let mut api = super::connect_when_listening(
+            Duration::from_secs(10),
+            || proc::alive(pid, start),
+            || Api::connect(&api_sock),
+        )
+        .await?;
         for (method, path, body) in api_sequence(plan) {
             if path == "/actions" {
                 stage("boot");
