@@ -91,16 +91,9 @@ fn block_devices() -> Vec<String> {
     v
 }
 
+/// Everything up to the image's init. /proc is mounted already (by `main`, to read the
+/// command line).
 fn setup(cmdline: &str) -> Result<(), String> {
-    if !mounted("/proc") {
-        mount_fs(
-            "proc",
-            "/proc",
-            "proc",
-            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-            None,
-        )?;
-    }
     if !mounted("/sys") {
         mount_fs(
             "sysfs",
