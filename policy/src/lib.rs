@@ -1,12 +1,25 @@
-//! banger-policy: the privileged helper (issue "The confined privileged helper").
+//! banger-policy: the privileged helper.
 //!
-//! bangerd, started as root, re-executes itself as this helper over a socketpair, then
-//! drops to the owner user. The helper clears its environment and fds, keeps only the
-//! capabilities its operations need, applies landlock and seccomp profiles kept as data in
-//! this crate, and accepts only a closed, validated request enum.
+//! bangerd, started as root, re-executes itself as this helper (`bangerd __helper`) over a
+//! socketpair, then drops to the owner user with no capabilities. The helper cleans its
+//! process, keeps only the capabilities its operations need, applies landlock and seccomp
+//! profiles kept as data in `profiles/`, and accepts only the closed, validated
+//! [`Request`] enum; each request runs in a fresh forked worker. See [`helper`] for the
+//! process, [`request`] for the checks, [`confine`] for the confinement, [`ops`] for what
+//! each request does.
 //!
-//! Names the helper will accept are banger's own; the rules live here from the start so
-//! every crate that makes names agrees with the one that checks them.
+//! Names the helper will accept are banger's own; the rules live here so every crate that
+//! makes names agrees with the one that checks them.
+
+pub mod client;
+pub mod confine;
+pub mod helper;
+pub mod ops;
+pub mod request;
+pub mod wire;
+
+pub use client::{Helper, HelperError};
+pub use request::{Confinement, HelperConfig, Refusal, Reply, Request};
 
 /// Prefix of every tap device banger creates (`bg-<vmid>`), within IFNAMSIZ.
 pub const TAP_PREFIX: &str = "bg-";

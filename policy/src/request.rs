@@ -1,0 +1,457 @@
+//! The closed set of things the helper does, and the checks every request passes before
+//! the helper acts on it. Names must be banger's own (`bg-<id>` taps, the configured
+//! bridge, the `banger` nft table), addresses must lie in banger's subnet, paths under
+//! banger's state directories, pids must be banger's VMMs.
+
+use std::net::Ipv4Addr;
+use std::path::{Component, Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::is_banger_tap;
+
+/// What the helper is told at start (on its command line, before any request): the
+/// limits its requests are checked against. bangerd builds it from its config.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HelperConfig {
+    /// The bridge (`banger0` by default).
+    pub bridge: String,
+    /// The bridge's address (the VMs' gateway) and the subnet's prefix length.
+    pub gateway: Ipv4Addr,
+    pub prefix: u8,
+    /// banger's state directories (data dir, runtime dir): the only paths it may touch
+    /// besides the system paths in the landlock profile.
+    pub state_dirs: Vec<PathBuf>,
+    /// Where jails live (`<jail_base>/firecracker/<vm-id>`); under a state dir.
+    pub jail_base: PathBuf,
+    /// The uids a tap may be given to (the owner user, the jailer's uid).
+    pub tap_uids: Vec<u32>,
+    /// The VMM executables a signalled process must be running (absolute paths).
+    pub vmm_binaries: Vec<PathBuf>,
+    /// `resolvectl`, when systemd-resolved is there to route `.vm` (absolute path).
+    #[serde(default)]
+    pub resolvectl: Option<PathBuf>,
+    /// `nft` (absolute path).
+    pub nft: PathBuf,
+}
+
+impl HelperConfig {
+    /// The subnet's network address.
+    pub fn network(&self) -> Ipv4Addr {
+        let mask = u32::MAX
+            .checked_shl(32 - u32::from(self.prefix))
+            .unwrap_or(0);
+        Ipv4Addr::from(u32::from(self.gateway) & mask)
+    }
+
+    /// Check the config itself (bangerd does, before it spawns the helper).
+    pub fn validate(&self) -> Result<(), Refusal> {
+        if !(8..=30).contains(&self.prefix) {
+            return Err(Refusal(format!(
+                "subnet prefix /{} must be between /8 and /30",
+                self.prefix
+            )));
+        }
+        if !valid_ifname(&self.bridge) || is_banger_tap(&self.bridge) {
+            return Err(Refusal(format!(
+                "{:?} is not a usable bridge name",
+                self.bridge
+            )));
+        }
+        for p in self
+            .state_dirs
+            .iter()
+            .chain([&self.jail_base, &self.nft])
+            .chain(&self.vmm_binaries)
+            .chain(self.resolvectl.as_ref())
+        {
+            if !p.is_absolute() || p.components().any(|c| c == Component::ParentDir) {
+                return Err(Refusal(format!(
+                    "{} must be an absolute path without `..`",
+                    p.display()
+                )));
+            }
+        }
+        if self.state_dirs.iter().any(|d| d == Path::new("/")) {
+            return Err(Refusal("a state directory cannot be /".into()));
+        }
+        if !self
+            .state_dirs
+            .iter()
+            .any(|d| self.jail_base.starts_with(d))
+        {
+            return Err(Refusal(format!(
+                "the jail base {} is not under a state directory",
+                self.jail_base.display()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A request to the helper. Closed: there is no "run this" variant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Create the bridge if missing, give it the gateway address, bring it up.
+    EnsureBridge,
+    /// Create a persistent tap owned by `uid` (so the VMM opens it unprivileged).
+    CreateTap { name: String, uid: u32 },
+    /// Put a tap on the bridge and bring it up.
+    AttachTap { name: String },
+    /// Delete a tap (absent is fine).
+    DeleteTap { name: String },
+    /// Masquerade one VM's traffic leaving the subnet; enables IPv4 forwarding.
+    NatAdd { vm: String, ip: Ipv4Addr },
+    /// Remove one VM's NAT; disables forwarding again if banger enabled it and no VM is
+    /// left with NAT.
+    NatRemove { vm: String },
+    /// Signal a VMM process of banger's (identified by pid and start time).
+    Signal {
+        pid: i32,
+        start_time: u64,
+        signal: i32,
+    },
+    /// Remove a VM's jail directory.
+    CleanJail { vm: String },
+    /// Point systemd-resolved at banger's resolver for `.vm` names on the bridge.
+    ResolvedRoute { port: u16 },
+    /// The helper's confinement as the kernel reports it (for `banger doctor`).
+    Status,
+}
+
+impl Request {
+    /// The request's name, for logs and errors.
+    pub fn op(&self) -> &'static str {
+        match self {
+            Request::EnsureBridge => "ensure_bridge",
+            Request::CreateTap { .. } => "create_tap",
+            Request::AttachTap { .. } => "attach_tap",
+            Request::DeleteTap { .. } => "delete_tap",
+            Request::NatAdd { .. } => "nat_add",
+            Request::NatRemove { .. } => "nat_remove",
+            Request::Signal { .. } => "signal",
+            Request::CleanJail { .. } => "clean_jail",
+            Request::ResolvedRoute { .. } => "resolved_route",
+            Request::Status => "status",
+        }
+    }
+
+    /// Check the request against the helper's limits; nothing is touched here except
+    /// `/proc` reads for pid checks.
+    pub fn validate(&self, cfg: &HelperConfig) -> Result<(), Refusal> {
+        match self {
+            Request::EnsureBridge | Request::Status => Ok(()),
+            Request::CreateTap { name, uid } => {
+                tap(name)?;
+                if !cfg.tap_uids.contains(uid) {
+                    return Err(Refusal(format!(
+                        "uid {uid} may not own a tap (allowed: {:?})",
+                        cfg.tap_uids
+                    )));
+                }
+                Ok(())
+            }
+            Request::AttachTap { name } | Request::DeleteTap { name } => tap(name),
+            Request::NatAdd { vm, ip } => {
+                vm_id(vm)?;
+                let host = u32::from(*ip);
+                let net = u32::from(cfg.network());
+                let last = net | (u32::MAX >> cfg.prefix);
+                if host <= net || host >= last || *ip == cfg.gateway {
+                    return Err(Refusal(format!(
+                        "{ip} is not a VM address in {}/{}",
+                        cfg.network(),
+                        cfg.prefix
+                    )));
+                }
+                Ok(())
+            }
+            Request::NatRemove { vm } | Request::CleanJail { vm } => vm_id(vm),
+            Request::Signal {
+                pid,
+                start_time,
+                signal,
+            } => {
+                if nix::sys::signal::Signal::try_from(*signal).is_err() {
+                    return Err(Refusal(format!("{signal} is not a signal")));
+                }
+                banger_vmm_process(cfg, *pid, *start_time)
+            }
+            Request::ResolvedRoute { port } => {
+                if cfg.resolvectl.is_none() {
+                    return Err(Refusal(
+                        "systemd-resolved is not in use on this host; nothing to route".into(),
+                    ));
+                }
+                if *port == 0 {
+                    return Err(Refusal("port 0 is not a resolver port".into()));
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Why the helper refused a request (validation), as opposed to failing at it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+#[error("{0}")]
+pub struct Refusal(pub String);
+
+/// The helper's answer to one request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Reply {
+    Done,
+    /// The request was refused by validation: nothing was touched.
+    Refused {
+        reason: String,
+    },
+    /// The operation failed part way (its own clean-up ran).
+    Failed {
+        reason: String,
+    },
+    /// The worker handling the request died or hung; a fresh one takes the next request.
+    WorkerDied {
+        reason: String,
+    },
+    Status(Confinement),
+}
+
+/// The confinement in force in the helper, read back from the kernel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Confinement {
+    pub uid: u32,
+    /// `Seccomp:` of /proc/self/status (2 = filter).
+    pub seccomp_mode: u32,
+    pub no_new_privs: bool,
+    /// Effective and bounding capabilities, by name.
+    pub caps_effective: Vec<String>,
+    pub caps_bounding: Vec<String>,
+    /// `fully enforced`, `partially enforced`, or `not enforced` (kernel without landlock).
+    pub landlock: String,
+}
+
+fn tap(name: &str) -> Result<(), Refusal> {
+    if is_banger_tap(name) {
+        Ok(())
+    } else {
+        Err(Refusal(format!(
+            "{name:?} is not a banger tap (bg-<vm id>)"
+        )))
+    }
+}
+
+/// VM ids are 12 lowercase hex digits.
+pub fn vm_id(id: &str) -> Result<(), Refusal> {
+    if id.len() == 12
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        Ok(())
+    } else {
+        Err(Refusal(format!("{id:?} is not a banger vm id")))
+    }
+}
+
+fn valid_ifname(name: &str) -> bool {
+    (1..=15).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// A pid is banger's when it is alive with that start time, runs as one of the VM uids
+/// (the owner, the jailer's uid), its command line names a path under a state directory
+/// (its VM's sockets and disks live there), and, where the helper may read it (it keeps
+/// no CAP_SYS_PTRACE, so only for its own uid), its executable is a configured VMM.
+fn banger_vmm_process(cfg: &HelperConfig, pid: i32, start_time: u64) -> Result<(), Refusal> {
+    let refuse = |why: &str| Err(Refusal(format!("pid {pid} {why}")));
+    if pid <= 1 {
+        return refuse("is not a VM process");
+    }
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return refuse("does not exist");
+    };
+    // The comm field may hold spaces and parentheses: fields restart after the last ')'.
+    let started = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(19))
+        .and_then(|s| s.parse::<u64>().ok());
+    if started != Some(start_time) {
+        return refuse("is not the process banger started (start time differs)");
+    }
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let uid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u32>().ok());
+    match uid {
+        Some(uid) if cfg.tap_uids.contains(&uid) => {}
+        Some(uid) => return refuse(&format!("runs as uid {uid}, not as a VM user")),
+        None => return refuse("has no readable status"),
+    }
+    if let Ok(exe) = std::fs::read_link(format!("/proc/{pid}/exe"))
+        && !cfg
+            .vmm_binaries
+            .iter()
+            .any(|b| *b == exe || std::fs::canonicalize(b).is_ok_and(|c| c == exe))
+    {
+        return refuse(&format!("runs {}, not a VMM banger uses", exe.display()));
+    }
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let mentions_state = cmdline.split(|b| *b == 0).any(|arg| {
+        let arg = String::from_utf8_lossy(arg);
+        cfg.state_dirs.iter().any(|d| {
+            let d = d.to_string_lossy();
+            arg.contains(d.as_ref())
+        })
+    });
+    if !mentions_state {
+        return refuse("is not one of banger's VMs (its command line names no banger path)");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn config(dir: &Path) -> HelperConfig {
+        HelperConfig {
+            bridge: "banger0".into(),
+            gateway: Ipv4Addr::new(172, 30, 0, 1),
+            prefix: 24,
+            state_dirs: vec![dir.to_owned()],
+            jail_base: dir.join("jail"),
+            tap_uids: vec![1000],
+            vmm_binaries: vec!["/bin/sleep".into()],
+            resolvectl: None,
+            nft: "/usr/sbin/nft".into(),
+        }
+    }
+
+    #[test]
+    fn taps_must_be_banger_names_and_owned_by_allowed_uids() {
+        let cfg = config(Path::new("/var/lib/banger"));
+        let ok = Request::CreateTap {
+            name: "bg-0123456789ab".into(),
+            uid: 1000,
+        };
+        assert_eq!(ok.validate(&cfg), Ok(()));
+        for name in ["eth0", "banger0", "bg-../../x", "bg-0123456789abcd"] {
+            let r = Request::DeleteTap { name: name.into() }.validate(&cfg);
+            assert!(r.unwrap_err().0.contains("not a banger tap"), "{name}");
+        }
+        let r = Request::CreateTap {
+            name: "bg-1".into(),
+            uid: 0,
+        }
+        .validate(&cfg);
+        assert!(r.unwrap_err().0.contains("may not own a tap"));
+    }
+
+    #[test]
+    fn nat_only_for_vm_addresses_in_the_subnet() {
+        let cfg = config(Path::new("/var/lib/banger"));
+        let vm = "0123456789ab".to_string();
+        let nat = |ip: [u8; 4]| Request::NatAdd {
+            vm: vm.clone(),
+            ip: ip.into(),
+        };
+        assert_eq!(nat([172, 30, 0, 5]).validate(&cfg), Ok(()));
+        for bad in [
+            [172, 30, 0, 1],
+            [172, 30, 0, 0],
+            [172, 30, 0, 255],
+            [10, 0, 0, 5],
+        ] {
+            assert!(nat(bad).validate(&cfg).is_err(), "{bad:?}");
+        }
+        let r = Request::NatAdd {
+            vm: "../../etc".into(),
+            ip: [172, 30, 0, 5].into(),
+        };
+        assert!(
+            r.validate(&cfg)
+                .unwrap_err()
+                .0
+                .contains("not a banger vm id")
+        );
+    }
+
+    fn start_time(pid: i32) -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let rest = stat.rsplit_once(')').unwrap().1;
+        rest.split_whitespace().nth(19).unwrap().parse().unwrap()
+    }
+
+    #[test]
+    fn signals_only_reach_banger_vmm_processes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path());
+        // /bin/sh stands in for a VMM binary: it keeps running with any arguments.
+        cfg.vmm_binaries = vec!["/bin/sh".into()];
+        cfg.tap_uids = vec![nix::unistd::getuid().as_raw()];
+        let spawn = |extra: Option<&Path>| {
+            let mut c = std::process::Command::new("/bin/sh");
+            c.args(["-c", "while :; do sleep 1; done"]);
+            c.args(extra);
+            c.spawn().unwrap()
+        };
+        let mut ours = spawn(Some(dir.path()));
+        let mut foreign = spawn(None);
+        let mut other_binary = std::process::Command::new("/bin/sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let sig = |pid: u32, start_time: u64| Request::Signal {
+            pid: pid as i32,
+            start_time,
+            signal: 15,
+        };
+        let (p, f, o) = (ours.id(), foreign.id(), other_binary.id());
+        assert_eq!(sig(p, start_time(p as i32)).validate(&cfg), Ok(()));
+        let refused = |r: Request| r.validate(&cfg).unwrap_err().0;
+        assert!(refused(sig(p, start_time(p as i32) + 1)).contains("start time"));
+        assert!(refused(sig(f, start_time(f as i32))).contains("no banger path"));
+        assert!(refused(sig(o, start_time(o as i32))).contains("not a VMM"));
+        assert!(refused(sig(1, 0)).contains("not a VM process"));
+        let mut other_uid = cfg.clone();
+        other_uid.tap_uids = vec![4242];
+        let r = sig(p, start_time(p as i32))
+            .validate(&other_uid)
+            .unwrap_err()
+            .0;
+        assert!(r.contains("not as a VM user"), "{r}");
+        assert!(
+            refused(Request::Signal {
+                pid: p as i32,
+                start_time: 0,
+                signal: 999
+            })
+            .contains("not a signal")
+        );
+        for c in [&mut ours, &mut foreign, &mut other_binary] {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    #[test]
+    fn config_paths_must_be_absolute_and_jail_under_state() {
+        let mut cfg = config(Path::new("/var/lib/banger"));
+        assert_eq!(cfg.validate(), Ok(()));
+        cfg.jail_base = "/srv/jail".into();
+        assert!(cfg.validate().is_err());
+        let mut cfg = config(Path::new("/var/lib/banger"));
+        cfg.state_dirs.push("relative".into());
+        assert!(cfg.validate().is_err());
+        let mut cfg = config(Path::new("/var/lib/banger"));
+        cfg.state_dirs = vec!["/".into()];
+        cfg.jail_base = "/jail".into();
+        assert!(cfg.validate().is_err());
+    }
+}
