@@ -11,6 +11,7 @@ pub mod config;
 pub mod lock;
 pub mod logging;
 pub mod paths;
+pub mod privilege;
 pub mod rpc;
 pub mod server;
 
@@ -110,6 +111,7 @@ fn vm_config(settings: &Settings) -> banger_actors::root::VmConfig {
         tsc_khz: qemu::host_tsc_khz(),
         agent_timeout: Duration::from_secs(c.agent_timeout_secs),
         dns_listen: c.dns_listen.parse().ok(),
+        guest_dns: None,
         settings: VmSettings {
             defaults: c.vm_spec_defaults(),
             host: Host::detect(),
@@ -123,8 +125,18 @@ fn vm_config(settings: &Settings) -> banger_actors::root::VmConfig {
                 .subnet
                 .parse()
                 .expect("validated when the config was loaded"),
+            network: c.vm_defaults.network.unwrap_or(true),
         },
     }
+}
+
+/// What bangerd prepares as root before it drops privileges.
+#[derive(Debug, Default)]
+pub struct Privileged {
+    /// The confined helper (see [`privilege`]).
+    pub helper: Option<banger_policy::Helper>,
+    /// The guests' resolver socket on the bridge address, port 53.
+    pub guest_dns: Option<banger_actors::net::dns::GuestDns>,
 }
 
 /// A started daemon: lock held, store open, tree running.
@@ -137,15 +149,25 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Take the lock, open the store, start the tree.
+    /// Take the lock, open the store, start the tree (without a privileged helper).
     pub async fn start(settings: Settings) -> Result<Daemon, ServiceError> {
+        Self::start_with(settings, Privileged::default()).await
+    }
+
+    /// As [`Daemon::start`], with what bangerd set up as root before dropping privileges.
+    pub async fn start_with(
+        settings: Settings,
+        privileged: Privileged,
+    ) -> Result<Daemon, ServiceError> {
         settings.paths.create_dirs()?;
         let lock = InstanceLock::acquire(&settings.paths.lock_file())?;
         let store_path = settings.paths.store_file();
         let store = tokio::task::spawn_blocking(move || Store::open(&store_path))
             .await
             .expect("store open does not panic")?;
-        let (tree, tree_join) = Tree::start(store, vm_config(&settings)).await?;
+        let mut vm = vm_config(&settings);
+        vm.guest_dns = privileged.guest_dns;
+        let (tree, tree_join) = Tree::start(store, vm, privileged.helper).await?;
         let starts = tree.record_start().await?;
         let started_at = SystemTime::now()
             .duration_since(UNIX_EPOCH)

@@ -11,7 +11,7 @@ use banger_actors::store::{MigrationCheck, check_migrations};
 use banger_api::DaemonMode;
 use bangerd::config::Config;
 use bangerd::paths::{self, Paths};
-use bangerd::{Daemon, Settings, server};
+use bangerd::{Daemon, Privileged, Settings, privilege, server};
 
 /// The banger daemon. Usually started for you: by the `banger` CLI on first use, or by
 /// systemd after `sudo banger system install`.
@@ -47,6 +47,18 @@ const VERSION: &str = concat!(
 );
 
 fn main() -> ExitCode {
+    // The privileged helper is this same binary (see bangerd::privilege).
+    let mut argv = std::env::args();
+    match argv.nth(1).as_deref() {
+        Some(banger_policy::helper::HELPER_ARG) => {
+            return banger_policy::helper::main(&argv.next().unwrap_or_default());
+        }
+        Some(banger_policy::helper::SELFTEST_ARG) => {
+            let config = argv.next().unwrap_or_default();
+            return banger_policy::helper::selftest(&config, &argv.next().unwrap_or_default());
+        }
+        _ => {}
+    }
     let args = Args::parse();
     match run(args) {
         Ok(code) => code,
@@ -103,6 +115,17 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
 
     paths.create_dirs()?;
+    let mut privileged = Privileged::default();
+    if nix::unistd::geteuid().is_root() {
+        // Before any thread exists: fork the helper, then become the owner.
+        let owner = privilege::owner(&config, &env)?;
+        let helper_config = privilege::helper_config(&config, &paths, owner);
+        let mut helper = privilege::start_helper(&helper_config)?;
+        // The guests' resolver listens on the bridge's port 53, which only root may bind.
+        privileged.guest_dns = privilege::bind_guest_dns(&mut helper, &helper_config);
+        privileged.helper = Some(helper);
+        privilege::drop_to(owner, &paths)?;
+    }
     bangerd::logging::init(&paths.log_file(), &config.log_level)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -111,7 +134,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let settings = Settings::new(config, paths);
-        let daemon = Daemon::start(settings).await?;
+        let daemon = Daemon::start_with(settings, privileged).await?;
         let (listener, socket) =
             server::bind(&daemon.settings().paths.socket, &daemon.settings().access)?;
         eprintln!(

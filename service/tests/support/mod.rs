@@ -23,10 +23,13 @@ pub struct TestDaemon {
 
 /// The default config, with the `.vm` resolver on a free port (tests run many daemons).
 pub fn test_config() -> Config {
-    Config {
+    let mut c = Config {
         dns_listen: "127.0.0.1:0".into(),
         ..Config::default()
-    }
+    };
+    // In-process daemons have no privileged helper: VMs without a network.
+    c.vm_defaults.network = Some(false);
+    c
 }
 
 /// Paths all under `root`.
@@ -51,9 +54,38 @@ impl TestDaemon {
     }
 
     pub async fn start_with(dir: tempfile::TempDir, config: Config) -> TestDaemon {
+        Self::start_privileged(dir, config, None).await
+    }
+
+    /// With a privileged helper running in the network namespace `netns` (root only):
+    /// what `bangerd` does when started as root, with the host effects kept inside the
+    /// namespace.
+    pub async fn start_in_netns(dir: tempfile::TempDir, config: Config, netns: &str) -> TestDaemon {
+        Self::start_privileged(dir, config, Some(netns)).await
+    }
+
+    async fn start_privileged(
+        dir: tempfile::TempDir,
+        config: Config,
+        netns: Option<&str>,
+    ) -> TestDaemon {
         let paths = paths_in(dir.path());
+        let mut privileged = bangerd::Privileged::default();
+        if let Some(ns) = netns {
+            paths.create_dirs().expect("dirs");
+            let owner = bangerd::privilege::Owner {
+                uid: nix::unistd::geteuid(),
+                gid: nix::unistd::getegid(),
+            };
+            let cfg = bangerd::privilege::helper_config(&config, &paths, owner);
+            let mut cmd = std::process::Command::new("ip");
+            cmd.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_bangerd")]);
+            privileged.helper = Some(banger_policy::Helper::spawn(cmd, &cfg).expect("helper"));
+        }
         let settings = Settings::new(config, paths.clone());
-        let daemon = Daemon::start(settings).await.expect("daemon starts");
+        let daemon = Daemon::start_with(settings, privileged)
+            .await
+            .expect("daemon starts");
         let (listener, socket_file) =
             server::bind(&paths.socket, &daemon.settings().access).expect("bind");
         let (tx, rx) = oneshot::channel();
@@ -130,4 +162,45 @@ pub async fn http_post(socket: &Path, body: &[u8]) -> (u16, String) {
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
     (status, body)
+}
+
+/// A network namespace, deleted on drop.
+pub struct Netns(pub String);
+
+impl Netns {
+    pub fn new(tag: &str) -> Netns {
+        let name = format!("bgt-{tag}-{}", std::process::id());
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(std::process::Stdio::null())
+            .status();
+        let ok = std::process::Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "ip netns add {name}");
+        Netns(name)
+    }
+
+    pub fn sh(&self, cmd: &str) -> String {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.0, "sh", "-c", cmd])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    }
+
+    pub fn helper(&self, cfg: &banger_policy::HelperConfig) -> banger_policy::Helper {
+        let mut cmd = std::process::Command::new("ip");
+        cmd.args(["netns", "exec", &self.0, env!("CARGO_BIN_EXE_bangerd")]);
+        banger_policy::Helper::spawn(cmd, cfg).expect("helper starts")
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
+    }
 }

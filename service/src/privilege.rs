@@ -1,0 +1,240 @@
+//! Started as root, bangerd forks its privileged helper (banger-policy) and then drops to
+//! the owner user with no capabilities at all; everything privileged afterwards goes
+//! through the helper. Started as anyone else, it has no helper, and operations that
+//! need one (a VM's tap, NAT) fail with an error that says how to get one.
+//!
+//! The owner is `owner` in the config (a name or uid), else the user that ran `sudo`
+//! (`SUDO_UID`/`SUDO_GID`), else root itself, still with every capability dropped (from
+//! the bounding set too, so programs it runs cannot regain them).
+
+use std::os::unix::fs::chown;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use banger_policy::{Helper, HelperConfig};
+use nix::unistd::{Gid, Uid, User};
+
+use crate::config::Config;
+use crate::paths::Paths;
+
+/// Errors of the privilege split.
+#[derive(Debug, thiserror::Error)]
+pub enum PrivilegeError {
+    #[error("owner {0:?} is neither a user on this host nor a uid")]
+    UnknownOwner(String),
+    #[error("cannot find this executable to start the helper")]
+    Exe(#[source] std::io::Error),
+    #[error(transparent)]
+    Helper(#[from] banger_policy::HelperError),
+    #[error("the helper's configuration is invalid: {0}")]
+    HelperConfig(banger_policy::Refusal),
+    #[error("cannot hand {path} to the owner")]
+    Chown {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("dropping privileges: {0}")]
+    Drop(String),
+}
+
+/// Who bangerd becomes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owner {
+    pub uid: Uid,
+    pub gid: Gid,
+}
+
+/// Resolve the owner (see the module docs).
+pub fn owner(
+    config: &Config,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Owner, PrivilegeError> {
+    if let Some(o) = &config.owner {
+        if let Ok(Some(u)) = User::from_name(o) {
+            return Ok(Owner {
+                uid: u.uid,
+                gid: u.gid,
+            });
+        }
+        let uid: u32 = o
+            .parse()
+            .map_err(|_| PrivilegeError::UnknownOwner(o.clone()))?;
+        let gid = User::from_uid(Uid::from_raw(uid))
+            .ok()
+            .flatten()
+            .map(|u| u.gid)
+            .unwrap_or(Gid::from_raw(uid));
+        return Ok(Owner {
+            uid: Uid::from_raw(uid),
+            gid,
+        });
+    }
+    let sudo = |k: &str| env(k).and_then(|v| v.parse::<u32>().ok());
+    if let (Some(uid), Some(gid)) = (sudo("SUDO_UID"), sudo("SUDO_GID")) {
+        return Ok(Owner {
+            uid: Uid::from_raw(uid),
+            gid: Gid::from_raw(gid),
+        });
+    }
+    Ok(Owner {
+        uid: Uid::from_raw(0),
+        gid: Gid::from_raw(0),
+    })
+}
+
+/// An executable by name on PATH (or as given, when it is a path).
+pub fn find_program(name: &Path) -> Option<PathBuf> {
+    if name.components().count() > 1 {
+        return name.is_file().then(|| name.to_owned());
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/sbin".into()])
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// The helper's limits, from the config and paths.
+pub fn helper_config(config: &Config, paths: &Paths, owner: Owner) -> HelperConfig {
+    let subnet: banger_actors::net::lease::Subnet = config
+        .network
+        .subnet
+        .parse()
+        .expect("validated when the config was loaded");
+    let fc_uid = config.firecracker.uid.unwrap_or(owner.uid.as_raw());
+    let mut tap_uids = vec![owner.uid.as_raw()];
+    if fc_uid != owner.uid.as_raw() {
+        tap_uids.push(fc_uid);
+    }
+    let vmm_binaries = [
+        &config.firecracker.binary,
+        &config.qemu.binary,
+        &config.qemu.vhost_vsock,
+    ]
+    .into_iter()
+    .filter_map(|b| find_program(b))
+    .collect();
+    let resolvectl = Path::new("/run/systemd/resolve")
+        .exists()
+        .then(|| find_program(Path::new("resolvectl")))
+        .flatten();
+    let mut state_dirs = vec![paths.data_dir.clone()];
+    if let Some(run) = paths.socket.parent() {
+        state_dirs.push(run.to_owned());
+    }
+    HelperConfig {
+        bridge: config.network.bridge.clone(),
+        gateway: subnet.gateway(),
+        prefix: subnet.prefix,
+        state_dirs,
+        jail_base: paths.data_dir.join("jail"),
+        tap_uids,
+        vmm_binaries,
+        resolvectl,
+        nft: find_program(Path::new("nft")).unwrap_or_else(|| "/usr/sbin/nft".into()),
+    }
+}
+
+/// Start the helper: this executable, `__helper`, the config.
+pub fn start_helper(cfg: &HelperConfig) -> Result<Helper, PrivilegeError> {
+    cfg.validate().map_err(PrivilegeError::HelperConfig)?;
+    let exe = std::env::current_exe().map_err(PrivilegeError::Exe)?;
+    Ok(Helper::spawn(Command::new(exe), cfg)?)
+}
+
+/// Give banger's directories to the owner, then become the owner with no capabilities.
+/// Must run before any thread is started.
+pub fn drop_to(owner: Owner, paths: &Paths) -> Result<(), PrivilegeError> {
+    let dirs = [
+        Some(paths.data_dir.as_path()),
+        Some(paths.log_dir.as_path()),
+        Some(paths.cache_dir.as_path()),
+        paths.socket.parent(),
+    ];
+    // The bounding set first, while CAP_SETPCAP is still held.
+    for cap in caps::all() {
+        if caps::has_cap(None, caps::CapSet::Bounding, cap).unwrap_or(false) {
+            caps::drop(None, caps::CapSet::Bounding, cap)
+                .map_err(|e| PrivilegeError::Drop(format!("bounding set: {e}")))?;
+        }
+    }
+    if !owner.uid.is_root() {
+        for dir in dirs.into_iter().flatten() {
+            chown(dir, Some(owner.uid.as_raw()), Some(owner.gid.as_raw())).map_err(|source| {
+                PrivilegeError::Chown {
+                    path: dir.to_owned(),
+                    source,
+                }
+            })?;
+        }
+        let log = paths.log_file();
+        if log.exists() {
+            let _ = chown(&log, Some(owner.uid.as_raw()), Some(owner.gid.as_raw()));
+        }
+        let err = |what: &str, e: nix::Error| PrivilegeError::Drop(format!("{what}: {e}"));
+        let groups = User::from_uid(owner.uid)
+            .ok()
+            .flatten()
+            .and_then(|u| {
+                let name = std::ffi::CString::new(u.name).ok()?;
+                nix::unistd::getgrouplist(&name, owner.gid).ok()
+            })
+            .unwrap_or_else(|| vec![owner.gid]);
+        nix::unistd::setgroups(&groups).map_err(|e| err("setgroups", e))?;
+        nix::unistd::setresgid(owner.gid, owner.gid, owner.gid).map_err(|e| err("setgid", e))?;
+        nix::unistd::setresuid(owner.uid, owner.uid, owner.uid).map_err(|e| err("setuid", e))?;
+    }
+    // Whatever the uid: no capabilities, now or after any exec.
+    let none = caps::CapsHashSet::new();
+    for set in [
+        caps::CapSet::Inheritable,
+        caps::CapSet::Effective,
+        caps::CapSet::Permitted,
+    ] {
+        caps::set(None, set, &none).map_err(|e| PrivilegeError::Drop(format!("{set:?}: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Make the bridge and bind the guests' resolver on its address, port 53. A failure is
+/// logged to stderr and the daemon goes on (guests then have no resolver; doctor says so).
+pub fn bind_guest_dns(
+    helper: &mut Helper,
+    cfg: &HelperConfig,
+) -> Option<banger_actors::net::dns::GuestDns> {
+    #![allow(clippy::print_stderr)]
+    match helper.call(&banger_policy::Request::EnsureBridge) {
+        Ok(banger_policy::Reply::Done) => {}
+        other => {
+            eprintln!("bangerd: cannot set up bridge {}: {other:?}", cfg.bridge);
+            return None;
+        }
+    }
+    let socket = match std::net::UdpSocket::bind((cfg.gateway, 53)) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!(
+                "bangerd: cannot listen on {}:53 for guests' DNS: {e}",
+                cfg.gateway
+            );
+            return None;
+        }
+    };
+    if cfg.resolvectl.is_some() {
+        // systemd-resolved runs: route `.vm` to this resolver for the host too.
+        match helper.call(&banger_policy::Request::ResolvedRoute { port: 53 }) {
+            Ok(banger_policy::Reply::Done) => {}
+            other => eprintln!("bangerd: cannot route .vm through systemd-resolved: {other:?}"),
+        }
+    }
+    let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let upstreams = banger_actors::net::dns::upstreams(&resolv)
+        .into_iter()
+        .filter(|u| u.ip() != std::net::IpAddr::V4(cfg.gateway))
+        .collect();
+    Some(banger_actors::net::dns::GuestDns {
+        socket: std::sync::Arc::new(socket),
+        upstreams,
+    })
+}

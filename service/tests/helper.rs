@@ -1,0 +1,361 @@
+//! The privileged helper, for real: `bangerd __helper` started as root inside a network
+//! namespace this test creates (never the host's own), driven through banger-policy's
+//! client. Needs root (tests are named `root_*`); run by scripts/test.sh.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use banger_policy::helper::SelfTest;
+use banger_policy::{Helper, HelperConfig, Reply, Request};
+
+mod support;
+use support::Netns;
+
+fn config(state: &Path) -> HelperConfig {
+    HelperConfig {
+        bridge: "banger0".into(),
+        gateway: Ipv4Addr::new(172, 30, 0, 1),
+        prefix: 24,
+        state_dirs: vec![state.to_owned()],
+        jail_base: state.join("jail"),
+        tap_uids: vec![1000],
+        vmm_binaries: vec!["/bin/sh".into()],
+        resolvectl: None,
+        nft: "/usr/sbin/nft".into(),
+    }
+}
+
+fn done(h: &mut Helper, r: Request) {
+    let what = format!("{r:?}");
+    assert_eq!(h.call(&r).unwrap(), Reply::Done, "{what}");
+}
+
+fn refused(h: &mut Helper, r: Request) -> String {
+    match h.call(&r).unwrap() {
+        Reply::Refused { reason } => reason,
+        other => panic!("{r:?} was not refused: {other:?}"),
+    }
+}
+
+#[test]
+fn root_helper_builds_and_removes_bridge_taps_and_nat_in_a_netns() {
+    let ns = Netns::new("ops");
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = ns.helper(&config(dir.path()));
+    assert_eq!(ns.sh("cat /proc/sys/net/ipv4/ip_forward").trim(), "0");
+
+    done(&mut h, Request::EnsureBridge);
+    done(&mut h, Request::EnsureBridge); // idempotent
+    let bridge = ns.sh("ip -o addr show dev banger0; ip -o link show banger0");
+    assert!(bridge.contains("inet 172.30.0.1/24"), "{bridge}");
+    assert!(
+        bridge.contains("state UP") || bridge.contains(",UP"),
+        "{bridge}"
+    );
+
+    let (tap1, tap2) = ("bg-0123456789ab", "bg-0123456789ac");
+    for tap in [tap1, tap2] {
+        done(
+            &mut h,
+            Request::CreateTap {
+                name: tap.into(),
+                uid: 1000,
+            },
+        );
+        done(&mut h, Request::AttachTap { name: tap.into() });
+    }
+    let link = ns.sh(&format!("ip -d link show {tap1}"));
+    assert!(link.contains("master banger0"), "{link}");
+    assert!(link.contains("tun type tap"), "{link}");
+    assert_eq!(
+        ns.sh(&format!("cat /sys/class/net/{tap1}/owner")).trim(),
+        "1000"
+    );
+    assert!(link.contains("persist on"), "{link}");
+
+    let (vm1, vm2) = ("0123456789ab", "0123456789ac");
+    done(
+        &mut h,
+        Request::NatAdd {
+            vm: vm1.into(),
+            ip: Ipv4Addr::new(172, 30, 0, 5),
+        },
+    );
+    done(
+        &mut h,
+        Request::NatAdd {
+            vm: vm1.into(),
+            ip: Ipv4Addr::new(172, 30, 0, 5),
+        },
+    );
+    done(
+        &mut h,
+        Request::NatAdd {
+            vm: vm2.into(),
+            ip: Ipv4Addr::new(172, 30, 0, 6),
+        },
+    );
+    let rules = ns.sh("nft list table ip banger");
+    assert_eq!(
+        rules.matches("masquerade").count(),
+        2,
+        "one rule per vm: {rules}"
+    );
+    assert!(
+        rules.contains("ip saddr 172.30.0.5 ip daddr != 172.30.0.0/24 masquerade"),
+        "{rules}"
+    );
+    assert_eq!(ns.sh("cat /proc/sys/net/ipv4/ip_forward").trim(), "1");
+
+    done(&mut h, Request::NatRemove { vm: vm1.into() });
+    let rules = ns.sh("nft list table ip banger");
+    assert!(
+        !rules.contains("172.30.0.5") && rules.contains("172.30.0.6"),
+        "{rules}"
+    );
+    assert_eq!(ns.sh("cat /proc/sys/net/ipv4/ip_forward").trim(), "1");
+    done(&mut h, Request::NatRemove { vm: vm2.into() });
+    done(&mut h, Request::NatRemove { vm: vm2.into() }); // absent is fine
+    assert_eq!(
+        ns.sh("nft list ruleset").trim(),
+        "",
+        "banger's table is gone"
+    );
+    assert_eq!(
+        ns.sh("cat /proc/sys/net/ipv4/ip_forward").trim(),
+        "0",
+        "forwarding back off"
+    );
+
+    for tap in [tap1, tap2] {
+        done(&mut h, Request::DeleteTap { name: tap.into() });
+        done(&mut h, Request::DeleteTap { name: tap.into() });
+    }
+    let links = ns.sh("ip -o link");
+    assert!(!links.contains("bg-"), "{links}");
+}
+
+#[test]
+fn root_helper_refuses_what_is_not_bangers() {
+    let ns = Netns::new("refuse");
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = ns.helper(&config(dir.path()));
+    // A link that is not banger's, in the helper's own namespace.
+    ns.sh("ip link add eth9 type veth peer name eth9p");
+    let r = refused(
+        &mut h,
+        Request::DeleteTap {
+            name: "eth9".into(),
+        },
+    );
+    assert!(r.contains("not a banger tap"), "{r}");
+    assert!(ns.sh("ip -o link").contains("eth9"), "eth9 is still there");
+    let r = refused(
+        &mut h,
+        Request::CreateTap {
+            name: "bg-1".into(),
+            uid: 0,
+        },
+    );
+    assert!(r.contains("may not own a tap"), "{r}");
+    let r = refused(
+        &mut h,
+        Request::CleanJail {
+            vm: "../../etc".into(),
+        },
+    );
+    assert!(r.contains("not a banger vm id"), "{r}");
+    let r = refused(
+        &mut h,
+        Request::NatAdd {
+            vm: "0123456789ab".into(),
+            ip: Ipv4Addr::new(8, 8, 8, 8),
+        },
+    );
+    assert!(r.contains("not a VM address"), "{r}");
+    // A process that is not one of banger's VMs survives a signal request.
+    let mut victim = Command::new("/bin/sh")
+        .args(["-c", "while :; do sleep 1; done"])
+        .spawn()
+        .unwrap();
+    let pid = victim.id() as i32;
+    let r = refused(
+        &mut h,
+        Request::Signal {
+            pid,
+            start_time: start_time(pid),
+            signal: 9,
+        },
+    );
+    assert!(r.contains("not as a VM user"), "{r}");
+    assert!(
+        victim.try_wait().unwrap().is_none(),
+        "the process was not signalled"
+    );
+    // One running as a VM user whose command line names the state dir is signalled.
+    let mut vmm = std::os::unix::process::CommandExt::uid(
+        Command::new("/bin/sh")
+            .args(["-c", "while :; do sleep 1; done"])
+            .arg(dir.path()),
+        1000,
+    )
+    .spawn()
+    .unwrap();
+    let vpid = vmm.id() as i32;
+    done(
+        &mut h,
+        Request::Signal {
+            pid: vpid,
+            start_time: start_time(vpid),
+            signal: 9,
+        },
+    );
+    assert!(vmm.wait().unwrap().code().is_none(), "killed by a signal");
+    victim.kill().unwrap();
+    victim.wait().unwrap();
+    // A jail dir outside the jail base cannot be named; one inside is removed.
+    let jail = dir.path().join("jail/firecracker/0123456789ab/root");
+    std::fs::create_dir_all(&jail).unwrap();
+    done(
+        &mut h,
+        Request::CleanJail {
+            vm: "0123456789ab".into(),
+        },
+    );
+    assert!(!jail.exists());
+}
+
+fn start_time(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    stat.rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .nth(19)
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+fn status_field(pid: u32, name: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(name)?
+                .strip_prefix(':')
+                .map(|v| v.trim().to_owned())
+        })
+        .unwrap()
+}
+
+#[test]
+fn root_the_running_helper_is_confined() {
+    let ns = Netns::new("conf");
+    let dir = tempfile::tempdir().unwrap();
+    let h = ns.helper(&config(dir.path()));
+    // Read by the test from /proc, not from the helper's own report. `ip netns exec`
+    // execs the helper in place, so the child's pid is the helper's.
+    let pid = h.pid();
+    assert_eq!(status_field(pid, "Seccomp"), "2", "seccomp filter mode");
+    assert_eq!(status_field(pid, "NoNewPrivs"), "1");
+    let want: u64 = [12u32, 5, 1, 3] // NET_ADMIN, KILL, DAC_OVERRIDE, FOWNER
+        .iter()
+        .map(|b| 1u64 << b)
+        .sum();
+    for set in ["CapEff", "CapPrm", "CapBnd"] {
+        let got = u64::from_str_radix(&status_field(pid, set), 16).unwrap();
+        assert_eq!(got, want, "{set} of the helper");
+    }
+    assert_eq!(status_field(pid, "CapInh"), "0000000000000000");
+    let c = h.confinement();
+    assert_eq!(c.landlock, "fully enforced");
+    // Its environment is empty.
+    let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    assert!(env.is_empty(), "{}", String::from_utf8_lossy(&env));
+}
+
+#[test]
+fn root_inside_the_helper_confinement_paths_and_syscalls_are_denied() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    let outside = dir.path().join("outside.txt");
+    std::fs::write(&outside, "not for the helper").unwrap();
+    let cfg = serde_json::to_string(&config(&state)).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_bangerd"))
+        .arg(banger_policy::helper::SELFTEST_ARG)
+        .arg(cfg)
+        .arg(&outside)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let t: SelfTest = serde_json::from_slice(&out.stdout).unwrap();
+    // Root could read that file and make that call: only the confinement stops them.
+    assert_eq!(
+        t.open_outside, "EACCES",
+        "landlock denies a path outside its rules"
+    );
+    assert_eq!(t.denied_syscall, "EPERM", "seccomp denies keyctl");
+    assert_eq!(t.write_state_dir, "ok", "the state dir stays usable");
+    assert_eq!(t.confinement.seccomp_mode, 2);
+}
+
+#[test]
+fn root_a_dead_worker_fails_only_its_request() {
+    let ns = Netns::new("worker");
+    let dir = tempfile::tempdir().unwrap();
+    // resolvectl stands in for a privileged operation that hangs.
+    let hang = dir.path().join("resolvectl");
+    std::fs::write(&hang, "#!/bin/sh\nexec sleep 60\n").unwrap();
+    std::fs::set_permissions(&hang, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mut cfg = config(dir.path());
+    cfg.resolvectl = Some(hang.clone());
+    let mut h = ns.helper(&cfg);
+    let helper_pid = h.pid();
+    let killer = std::thread::spawn(move || {
+        // Find the worker (the helper's child) once its `sleep` runs, and kill it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            assert!(Instant::now() < deadline, "no worker appeared");
+            let children =
+                std::fs::read_to_string(format!("/proc/{helper_pid}/task/{helper_pid}/children"))
+                    .unwrap_or_default();
+            if let Some(worker) = children.split_whitespace().next() {
+                let grandchildren =
+                    std::fs::read_to_string(format!("/proc/{worker}/task/{worker}/children"))
+                        .unwrap_or_default();
+                if !grandchildren.trim().is_empty() {
+                    let w: i32 = worker.parse().unwrap();
+                    nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(w),
+                        nix::sys::signal::Signal::SIGKILL,
+                    )
+                    .unwrap();
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    let reply = h.call(&Request::ResolvedRoute { port: 42069 }).unwrap();
+    killer.join().unwrap();
+    match reply {
+        Reply::WorkerDied { reason } => assert!(reason.contains("killed by SIGKILL"), "{reason}"),
+        other => panic!("expected WorkerDied, got {other:?}"),
+    }
+    // The helper itself lives on and serves the next request.
+    assert!(h.alive());
+    assert!(matches!(
+        h.call(&Request::Status).unwrap(),
+        Reply::Status(_)
+    ));
+    done(&mut h, Request::EnsureBridge);
+    let _ = PathBuf::new();
+}
