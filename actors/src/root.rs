@@ -11,6 +11,9 @@ use banger_api::{CreateVm, SpecDefaults, VmInfo};
 
 use crate::image::{ImageError, ImageRecord, KernelRecord};
 use crate::net::dns::{DnsActor, DnsMsg};
+use crate::net::host::{
+    HelperActor, HelperMsg, HostNet, NatActor, NatMsg, NetActor, NetMsg, SharedHelper,
+};
 use crate::store::{Store, StoreActor, StoreError, StoreInfo, StoreMsg};
 use crate::vm::actor::{ProgressTx, VmEnv, VmError, VmMsg};
 use crate::vm_supervisor::{VmSettings, VmSupervisor, VmSupervisorArgs, VmSupervisorMsg};
@@ -52,6 +55,8 @@ pub struct VmConfig {
     pub agent_timeout: Duration,
     /// Where the `.vm` resolver listens (None: off).
     pub dns_listen: Option<std::net::SocketAddr>,
+    /// The guests' resolver on the bridge (bound by bangerd as root), if any.
+    pub guest_dns: Option<crate::net::dns::GuestDns>,
     pub settings: VmSettings,
 }
 
@@ -65,6 +70,7 @@ pub struct Tree {
     store: Slot<StoreMsg>,
     vms: Slot<VmSupervisorMsg>,
     dns: Slot<DnsMsg>,
+    net: HostNet,
 }
 
 /// The current reference to one child, written by the root whenever it (re)spawns it.
@@ -80,6 +86,9 @@ pub struct RootSupervisor;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Child {
     Store,
+    Helper,
+    Net,
+    Nat,
     Vms,
     Dns,
 }
@@ -88,6 +97,9 @@ impl Child {
     fn name(self) -> &'static str {
         match self {
             Child::Store => "store",
+            Child::Helper => "helper",
+            Child::Net => "net",
+            Child::Nat => "nat",
             Child::Vms => "vm-supervisor",
             Child::Dns => "dns",
         }
@@ -102,6 +114,9 @@ pub struct RootArgs {
     store_ref: Slot<StoreMsg>,
     vms_ref: Slot<VmSupervisorMsg>,
     dns_ref: Slot<DnsMsg>,
+    net: HostNet,
+    /// The privileged helper process (None: bangerd is not root).
+    helper: SharedHelper,
     /// The `.vm` names, shared by the VM supervisor and the DNS actor; kept here so a
     /// restart of either keeps it.
     dns_table: crate::net::dns::Table,
@@ -132,6 +147,29 @@ impl RootSupervisor {
                 *state.args.store_ref.write().expect("tree lock") = Some(r.clone());
                 r.get_cell()
             }
+            Child::Helper => {
+                let (r, _) = Actor::spawn_linked(
+                    None,
+                    HelperActor,
+                    Arc::clone(&state.args.helper),
+                    myself.get_cell(),
+                )
+                .await?;
+                *state.args.net.helper.write().expect("tree lock") = Some(r.clone());
+                r.get_cell()
+            }
+            Child::Net => {
+                let helper = Arc::clone(&state.args.net.helper);
+                let (r, _) = Actor::spawn_linked(None, NetActor, helper, myself.get_cell()).await?;
+                *state.args.net.net.write().expect("tree lock") = Some(r.clone());
+                r.get_cell()
+            }
+            Child::Nat => {
+                let helper = Arc::clone(&state.args.net.helper);
+                let (r, _) = Actor::spawn_linked(None, NatActor, helper, myself.get_cell()).await?;
+                *state.args.net.nat.write().expect("tree lock") = Some(r.clone());
+                r.get_cell()
+            }
             Child::Vms => {
                 let vm = &state.args.vm;
                 let env = Arc::new(VmEnv {
@@ -142,6 +180,9 @@ impl RootSupervisor {
                     extra_cmdline: vm.extra_cmdline.clone(),
                     tsc_khz: vm.tsc_khz,
                     agent_timeout: vm.agent_timeout,
+                    net: state.args.net.clone(),
+                    subnet: vm.settings.subnet,
+                    qemu_tap_uid: nix::unistd::geteuid().as_raw(),
                 });
                 let args = VmSupervisorArgs {
                     env,
@@ -154,7 +195,11 @@ impl RootSupervisor {
                 r.get_cell()
             }
             Child::Dns => {
-                let args = (state.args.vm.dns_listen, Arc::clone(&state.args.dns_table));
+                let args = (
+                    state.args.vm.dns_listen,
+                    Arc::clone(&state.args.dns_table),
+                    state.args.vm.guest_dns.clone(),
+                );
                 let (r, _) = Actor::spawn_linked(None, DnsActor, args, myself.get_cell()).await?;
                 *state.args.dns_ref.write().expect("tree lock") = Some(r.clone());
                 r.get_cell()
@@ -179,15 +224,19 @@ impl Actor for RootSupervisor {
         let mut state = RootState {
             args,
             children: Vec::new(),
-            restarts: vec![
-                (Child::Store, VecDeque::new()),
-                (Child::Vms, VecDeque::new()),
-                (Child::Dns, VecDeque::new()),
-            ],
+            restarts: Vec::new(),
         };
-        Self::spawn_child(&myself, &mut state, Child::Store).await?;
-        Self::spawn_child(&myself, &mut state, Child::Vms).await?;
-        Self::spawn_child(&myself, &mut state, Child::Dns).await?;
+        for child in [
+            Child::Store,
+            Child::Helper,
+            Child::Net,
+            Child::Nat,
+            Child::Vms,
+            Child::Dns,
+        ] {
+            state.restarts.push((child, VecDeque::new()));
+            Self::spawn_child(&myself, &mut state, child).await?;
+        }
         Ok(state)
     }
 
@@ -249,7 +298,13 @@ impl Tree {
     pub async fn start(
         store: Store,
         vm: VmConfig,
+        helper: Option<banger_policy::Helper>,
     ) -> Result<(Tree, tokio::task::JoinHandle<()>), TreeError> {
+        let net = HostNet {
+            net: Arc::new(RwLock::new(None::<ActorRef<NetMsg>>)),
+            nat: Arc::new(RwLock::new(None::<ActorRef<NatMsg>>)),
+            helper: Arc::new(RwLock::new(None::<ActorRef<HelperMsg>>)),
+        };
         let store_ref = Arc::new(RwLock::new(None));
         let vms_ref = Arc::new(RwLock::new(None));
         let dns_ref = Arc::new(RwLock::new(None));
@@ -261,6 +316,8 @@ impl Tree {
             store_ref: Arc::clone(&store_ref),
             vms_ref: Arc::clone(&vms_ref),
             dns_ref: Arc::clone(&dns_ref),
+            net: net.clone(),
+            helper: Arc::new(std::sync::Mutex::new(helper)),
             dns_table: Default::default(),
         };
         let (root, join) = Actor::spawn(None, RootSupervisor, args)
@@ -273,6 +330,7 @@ impl Tree {
             store: store_ref,
             vms: vms_ref,
             dns: dns_ref,
+            net,
         };
         Ok((tree, join))
     }
@@ -315,6 +373,11 @@ impl Tree {
         ractor::call_t!(live(&self.dns), DnsMsg::Addr, CALL_MS)
             .ok()
             .flatten()
+    }
+
+    /// The privileged helper's confinement, when bangerd has a helper.
+    pub async fn helper_confinement(&self) -> Option<banger_policy::Confinement> {
+        self.net.confinement().await
     }
 
     fn vms(&self) -> ActorRef<VmSupervisorMsg> {
@@ -542,12 +605,14 @@ pub fn test_vm_config(dir: &std::path::Path) -> VmConfig {
         tsc_khz: None,
         agent_timeout: Duration::ZERO,
         dns_listen: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
+        guest_dns: None,
         settings: VmSettings {
             defaults: Default::default(),
             host: crate::vm::spec::Host::detect(),
             default_vmm: banger_api::VmmKind::Qemu,
             default_image: None,
             subnet: "172.30.0.0/24".parse().expect("valid subnet"),
+            network: false,
         },
     }
 }
@@ -560,7 +625,7 @@ mod tests {
     async fn a_failed_store_actor_is_restarted_and_keeps_the_database() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("s.redb")).unwrap();
-        let (tree, _join) = Tree::start(store, test_vm_config(dir.path()))
+        let (tree, _join) = Tree::start(store, test_vm_config(dir.path()), None)
             .await
             .unwrap();
         let before = tree.store_info().await.unwrap();

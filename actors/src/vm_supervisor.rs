@@ -51,6 +51,8 @@ pub struct VmSettings {
     pub default_vmm: VmmKind,
     pub default_image: Option<String>,
     pub subnet: crate::net::lease::Subnet,
+    /// Whether VMs get a network unless the request says.
+    pub network: bool,
 }
 
 #[derive(Debug, Default)]
@@ -166,18 +168,29 @@ impl VmSupervisor {
         }
         let spec = spec::resolve(&state.defaults(), req.vcpu, req.memory_mib, req.disk_bytes)
             .map_err(VmError::Invalid)?;
-        let used: std::collections::HashSet<std::net::Ipv4Addr> = store
-            .list_vms()?
-            .iter()
-            .filter_map(|v| v.ip.as_deref()?.parse().ok())
-            .collect();
-        let subnet = state.settings.subnet;
-        let ip = subnet.allocate(&id, &used).ok_or_else(|| {
-            VmError::Conflict(format!(
-                "no free address left in {subnet} ({} vms); delete some, or configure a larger [network] subnet",
-                subnet.capacity()
-            ))
-        })?;
+        let network = req.network.unwrap_or(state.settings.network);
+        if req.nat && !network {
+            return Err(VmError::Invalid(
+                "--nat needs a network: drop --no-network".into(),
+            ));
+        }
+        let ip = if network {
+            let used: std::collections::HashSet<std::net::Ipv4Addr> = store
+                .list_vms()?
+                .iter()
+                .filter_map(|v| v.ip.as_deref()?.parse().ok())
+                .collect();
+            let subnet = state.settings.subnet;
+            let ip = subnet.allocate(&id, &used).ok_or_else(|| {
+                VmError::Conflict(format!(
+                    "no free address left in {subnet} ({} vms); delete some, or configure a larger [network] subnet",
+                    subnet.capacity()
+                ))
+            })?;
+            Some(ip.to_string())
+        } else {
+            None
+        };
         Ok(VmRecord {
             id,
             name,
@@ -192,7 +205,7 @@ impl VmSupervisor {
             started_at: None,
             cmdline: None,
             runtime: None,
-            ip: Some(ip.to_string()),
+            ip,
         })
     }
 }

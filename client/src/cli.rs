@@ -133,6 +133,13 @@ pub enum VmCmd {
         /// Give the VM outbound network access through NAT.
         #[arg(long)]
         nat: bool,
+        /// No network at all: no tap, no address, no `<vm>.vm` (vsock still works, so
+        /// `vm exec` does too). Needs no privileges.
+        #[arg(long, conflicts_with = "nat")]
+        no_network: bool,
+        /// A network even when the config's `[vm_defaults] network` is false.
+        #[arg(long, conflicts_with = "no_network")]
+        network: bool,
         /// Only create it (disks included); start it later with `banger vm start`.
         #[arg(long)]
         no_start: bool,

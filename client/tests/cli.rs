@@ -67,7 +67,9 @@ impl Home {
             .env("XDG_CONFIG_HOME", p.join("config"))
             .env("BANGER_SOCKET", self.socket())
             // Many test daemons run at once: each resolver on a free port.
-            .env("BANGER_DNS_LISTEN", "127.0.0.1:0");
+            .env("BANGER_DNS_LISTEN", "127.0.0.1:0")
+            // Never the host's own network: network tests make their own namespaces.
+            .env("BANGER_VM_DEFAULTS__NETWORK", "false");
     }
 
     fn banger(&self, args: &[&str]) -> Output {

@@ -90,11 +90,19 @@ fn test_rootfs() -> &'static Path {
 
 struct Home {
     dir: tempfile::TempDir,
+    /// A daemon this test started itself (in a network namespace).
+    daemon: Option<std::process::Child>,
 }
 
 impl Home {
     /// A daemon home configured for QEMU under TCG, with the rig's kernel and the test image.
     fn new() -> Home {
+        Self::in_netns(None)
+    }
+
+    /// With `Some(ns)`, VMs have networks and the daemon runs as root inside `ns`.
+    fn in_netns(netns: Option<&str>) -> Home {
+        let network = netns.is_some();
         assert!(
             nix::unistd::geteuid().is_root(),
             "VM tests need root: run scripts/test.sh as root"
@@ -107,13 +115,16 @@ impl Home {
         std::fs::write(
             cfg.join("config.toml"),
             format!(
-                "default_vmm = \"qemu\"\ndefault_image_name = \"rig\"\nstop_timeout_secs = 30\ndns_listen = \"127.0.0.1:0\"\n[qemu]\naccel = \"tcg\"\nbinary = \"{}\"\nvhost_vsock = \"{}\"\n[vm_defaults]\nvcpu = 1\nmemory = \"512M\"\ndisk = \"2G\"\n",
+                "default_vmm = \"qemu\"\ndefault_image_name = \"rig\"\nstop_timeout_secs = 30\ndns_listen = \"127.0.0.1:0\"\n[qemu]\naccel = \"tcg\"\nbinary = \"{}\"\nvhost_vsock = \"{}\"\n[vm_defaults]\nvcpu = 1\nmemory = \"512M\"\ndisk = \"2G\"\nnetwork = {network}\n",
                 rig()["BANGER_RIG_QEMU"],
                 rig()["BANGER_RIG_VHOST_DEVICE_VSOCK"]
             ),
         )
         .unwrap();
-        let home = Home { dir };
+        let mut home = Home { dir, daemon: None };
+        if let Some(ns) = netns {
+            home.daemon = Some(home.start_daemon_in(ns));
+        }
         let kernel_dir = Path::new(&rig()["BANGER_RIG_KERNEL"])
             .parent()
             .unwrap()
@@ -134,6 +145,32 @@ impl Home {
             "rig",
         ]);
         home
+    }
+
+    /// Start bangerd as root inside `ns` (so QEMU opens its taps there), as systemd
+    /// would start it: it forks its helper, then drops its capabilities.
+    fn start_daemon_in(&self, ns: &str) -> std::process::Child {
+        let cmd = self.cmd(&[]);
+        let mut daemon = Command::new("ip");
+        daemon.args(["netns", "exec", ns]).arg(bin("bangerd"));
+        for (k, v) in cmd.get_envs() {
+            match v {
+                Some(v) => daemon.env(k, v),
+                None => daemon.env_remove(k),
+            };
+        }
+        daemon
+            .arg("--socket")
+            .arg(self.dir.path().join("run/banger/bangerd.sock"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = daemon.spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.dir.path().join("run/banger/bangerd.sock").exists() {
+            assert!(Instant::now() < deadline, "bangerd did not start in {ns}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        child
     }
 
     fn cmd(&self, args: &[&str]) -> Command {
@@ -209,6 +246,9 @@ impl Drop for Home {
             }
         }
         let _ = self.run(&["daemon", "stop"]);
+        if let Some(mut d) = self.daemon.take() {
+            let _ = d.wait();
+        }
     }
 }
 
@@ -223,9 +263,8 @@ async fn exec_true(sock: &str) {
     host::write_json(&mut c.stream, proto::Kind::Request, &req)
         .await
         .unwrap();
-    host::write_frame(&mut c.stream, proto::Kind::StdinEof, &[])
-        .await
-        .unwrap();
+    // `true` may have exited (and the agent closed its side) before this lands.
+    let _ = host::write_frame(&mut c.stream, proto::Kind::StdinEof, &[]).await;
     loop {
         let f = host::read_frame(&mut c.stream).await.unwrap();
         if f.kind == proto::Kind::Exit {
@@ -625,4 +664,148 @@ fn root_rig_a_vm_survives_a_daemon_sigkill() {
     );
     assert!(!alive(pid));
     home.ok(&["vm", "rm", "keep"]);
+}
+
+/// Runs `cmd` in the network namespace `ns`.
+fn in_ns(ns: &str, cmd: &str) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "sh", "-c", cmd])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Two namespaces: `host` (bangerd, its bridge, and an uplink) and `outside` (an
+/// address beyond the VM subnet, 10.99.0.1, with no route back to the VMs).
+struct Topology {
+    host: String,
+    outside: String,
+}
+
+impl Topology {
+    fn new() -> Topology {
+        let pid = std::process::id();
+        let t = Topology {
+            host: format!("bgt-gh-{pid}"),
+            outside: format!("bgt-go-{pid}"),
+        };
+        for ns in [&t.host, &t.outside] {
+            let _ = Command::new("ip")
+                .args(["netns", "del", ns])
+                .stderr(Stdio::null())
+                .status();
+            assert!(
+                Command::new("ip")
+                    .args(["netns", "add", ns])
+                    .status()
+                    .unwrap()
+                    .success()
+            );
+        }
+        in_ns(
+            &t.host,
+            &format!(
+                "ip link add up0 type veth peer name up1 netns {o} && ip addr add 10.99.0.2/24 dev up0 && ip link set up0 up && ip link set lo up",
+                o = t.outside
+            ),
+        );
+        in_ns(
+            &t.outside,
+            "ip addr add 10.99.0.1/24 dev up1 && ip link set up1 up && ip link set lo up",
+        );
+        t
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        for ns in [&self.host, &self.outside] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+#[test]
+fn root_rig_guests_get_addresses_names_and_nat_only_when_asked() {
+    let topo = Topology::new();
+    let home = Home::in_netns(Some(&topo.host));
+    home.ok(&["vm", "create", "--name", "a", "--nat"]);
+    home.ok(&["vm", "create", "--name", "b"]);
+    let ip = |vm: &str| {
+        home.json(&["vm", "show", vm, "--json"])["ip"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let (ip_a, ip_b) = (ip("a"), ip("b"));
+    let sh = |vm: &str, cmd: &str| home.run(&["vm", "exec", vm, "--", "sh", "-c", cmd]);
+
+    // Each guest has its lease on eth0 and a default route through the bridge.
+    for (vm, addr) in [("a", &ip_a), ("b", &ip_b)] {
+        let out = sh(vm, "ip -4 -o addr show eth0; ip route show default");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains(&format!("inet {addr}/24")), "{vm}: {text}");
+        assert!(text.contains("default via 172.30.0.1"), "{vm}: {text}");
+        let out = sh(vm, "ping -c 1 -W 5 172.30.0.1");
+        assert_eq!(
+            code(&out),
+            Some(0),
+            "{vm} pings the bridge: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    // The guests' resolver on the bridge knows the other VM's name.
+    let out = sh("a", "getent hosts b.vm");
+    assert_eq!(
+        code(&out),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with(&ip_b),
+        "{:?}",
+        out
+    );
+    // The host side: taps on the bridge, and the one NAT rule.
+    let links = in_ns(&topo.host, "ip -o link show master banger0");
+    assert_eq!(links.matches("bg-").count(), 2, "{links}");
+    let rules = in_ns(&topo.host, "nft list table ip banger");
+    assert!(
+        rules.contains(&format!("ip saddr {ip_a} ")) && !rules.contains(&ip_b),
+        "{rules}"
+    );
+
+    // Outside the subnet: a (with --nat) gets there, b does not.
+    let out = sh("a", "ping -c 1 -W 5 10.99.0.1");
+    assert_eq!(
+        code(&out),
+        Some(0),
+        "a with NAT reaches 10.99.0.1: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = sh("b", "ping -c 1 -W 3 10.99.0.1");
+    assert_ne!(code(&out), Some(0), "b without NAT must not get an answer");
+
+    // `vm set --nat` on the running b: now it does.
+    home.ok(&["vm", "set", "b", "--nat"]);
+    let out = sh("b", "ping -c 1 -W 5 10.99.0.1");
+    assert_eq!(
+        code(&out),
+        Some(0),
+        "b after set --nat: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    // Delete both: nothing left on the host side.
+    home.ok(&["vm", "rm", "-f", "a"]);
+    home.ok(&["vm", "rm", "-f", "b"]);
+    let links = in_ns(&topo.host, "ip -o link");
+    assert!(!links.contains("bg-"), "{links}");
+    assert_eq!(in_ns(&topo.host, "nft list ruleset").trim(), "");
 }

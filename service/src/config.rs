@@ -53,6 +53,10 @@ pub struct Config {
     pub agent_timeout_secs: u64,
     /// Where the `.vm` resolver listens (`dig @127.0.0.1 -p 42069 dev.vm`); empty: off.
     pub dns_listen: String,
+    /// The user bangerd runs as after it started as root and forked its privileged
+    /// helper (a name or a uid). Unset: the user `sudo` was run by (`SUDO_UID`), else
+    /// root with every capability dropped. `banger system install` sets it.
+    pub owner: Option<String>,
     pub network: NetworkSection,
     pub vm_defaults: VmDefaults,
     pub firecracker: FirecrackerSection,
@@ -69,6 +73,9 @@ pub struct VmDefaults {
     pub memory: Option<String>,
     /// Work disk size, e.g. `"8G"`.
     pub disk: Option<String>,
+    /// Whether new VMs get a network (a tap on the bridge, an address, `<vm>.vm`);
+    /// default true. `vm create --no-network` / `--network` override it per VM.
+    pub network: Option<bool>,
 }
 
 /// `[network]`.
@@ -77,12 +84,15 @@ pub struct VmDefaults {
 pub struct NetworkSection {
     /// The VM subnet; the bridge takes its first address, VMs the others.
     pub subnet: String,
+    /// The bridge's name.
+    pub bridge: String,
 }
 
 impl Default for NetworkSection {
     fn default() -> Self {
         NetworkSection {
             subnet: "172.30.0.0/24".into(),
+            bridge: "banger0".into(),
         }
     }
 }
@@ -143,6 +153,7 @@ impl Default for Config {
             kernel_cmdline_extra: String::new(),
             agent_timeout_secs: 120,
             dns_listen: "127.0.0.1:42069".into(),
+            owner: None,
             network: NetworkSection::default(),
             vm_defaults: VmDefaults::default(),
             firecracker: FirecrackerSection::default(),
@@ -301,6 +312,22 @@ impl Config {
                 key: "network.subnet",
                 message,
             })?;
+        let bridge = &self.network.bridge;
+        if bridge.is_empty()
+            || bridge.len() > 15
+            || !bridge
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            || bridge.starts_with(banger_policy::TAP_PREFIX)
+        {
+            return Err(ConfigError::Invalid {
+                key: "network.bridge",
+                message: format!(
+                    "{bridge:?} is not a usable interface name (1-15 of [A-Za-z0-9_-], not starting with {})",
+                    banger_policy::TAP_PREFIX
+                ),
+            });
+        }
         if self.stop_timeout_secs == 0 {
             return Err(ConfigError::Invalid {
                 key: "stop_timeout_secs",

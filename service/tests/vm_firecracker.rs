@@ -36,6 +36,14 @@ async fn setup_with(
     fail: Option<&str>,
     agent_timeout_secs: u64,
 ) -> (support::TestDaemon, Client, tempfile::TempDir) {
+    setup_in(fail, agent_timeout_secs, None).await
+}
+
+async fn setup_in(
+    fail: Option<&str>,
+    agent_timeout_secs: u64,
+    netns: Option<&str>,
+) -> (support::TestDaemon, Client, tempfile::TempDir) {
     use std::os::unix::fs::PermissionsExt;
     let files = tempfile::tempdir().unwrap();
     let f = files.path();
@@ -77,7 +85,13 @@ async fn setup_with(
     config.stop_timeout_secs = 5;
     // The double has no guest, hence no agent: 0 does not wait for one.
     config.agent_timeout_secs = agent_timeout_secs;
-    let d = support::TestDaemon::start_with(tempfile::tempdir().unwrap(), config).await;
+    let d = match netns {
+        None => support::TestDaemon::start_with(tempfile::tempdir().unwrap(), config).await,
+        Some(ns) => {
+            config.vm_defaults.network = Some(true);
+            support::TestDaemon::start_in_netns(tempfile::tempdir().unwrap(), config, ns).await
+        }
+    };
     let c = d.client().await;
     c.import(ImportKernel {
         name: "k".into(),
@@ -401,6 +415,8 @@ async fn leases_and_vm_names_in_dns() {
                 CreateVm {
                     name: Some(format!("n{i}")),
                     image: Some("img".into()),
+                    // A lease comes with a network; not started, so no tap is needed.
+                    network: Some(true),
                     no_start: true,
                     ..Default::default()
                 },
@@ -515,6 +531,131 @@ async fn a_chatty_console_is_rotated_and_logs_still_show_it() {
     VmRpcClient::delete(&c, "chatty".into(), true)
         .await
         .unwrap();
+    drop(c);
+    d.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_helper_a_networked_vm_says_how_to_get_one() {
+    let (d, c, _files) = setup().await;
+    let err = create(
+        &c,
+        CreateVm {
+            name: Some("net".into()),
+            image: Some("img".into()),
+            network: Some(true),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.0, banger_api::codes::PERMISSION_DENIED, "{err:?}");
+    assert!(err.1.contains("sudo banger system install"), "{}", err.1);
+    assert!(err.1.contains("--no-network"), "{}", err.1);
+    // --nat without a network is refused up front.
+    let err = create(
+        &c,
+        CreateVm {
+            name: Some("nat".into()),
+            image: Some("img".into()),
+            nat: true,
+            network: Some(false),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.0, banger_api::codes::INVALID_ARGUMENT, "{err:?}");
+    drop(c);
+    d.shutdown().await;
+}
+
+/// As root: the daemon with its helper in a namespace this test makes. Twenty VMs (half
+/// with --nat) started and deleted concurrently leave no tap, no nft rule, no lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_taps_and_nat_follow_twenty_concurrent_vms_in_a_netns() {
+    let ns = support::Netns::new("fc20");
+    let (d, c, _files) = setup_in(None, 0, Some(&ns.0)).await;
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let socket = d.socket.clone();
+        tasks.push(tokio::spawn(async move {
+            let c = support::client_for(&socket).await;
+            create(
+                &c,
+                CreateVm {
+                    name: Some(format!("v{i}")),
+                    image: Some("img".into()),
+                    nat: i % 2 == 0,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap()
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let vms = VmRpcClient::list(&c).await.unwrap();
+    assert_eq!(vms.len(), 20);
+    let links = ns.sh("ip -o link show master banger0");
+    for v in &vms {
+        assert_eq!(v.state, VmState::Running, "{}", v.name);
+        assert!(
+            links.contains(&format!("bg-{}", v.id)),
+            "tap of {}: {links}",
+            v.name
+        );
+        let cmdline = v.cmdline.clone().unwrap();
+        let ip = v.ip.clone().unwrap();
+        assert!(cmdline.contains(&format!("banger.ip={ip}/24")), "{cmdline}");
+        assert!(cmdline.contains("banger.gw=172.30.0.1"), "{cmdline}");
+    }
+    let rules = ns.sh("nft list table ip banger");
+    assert_eq!(rules.matches("masquerade").count(), 10, "{rules}");
+    let v0 = vms.iter().find(|v| v.name == "v0").unwrap();
+    assert!(
+        rules.contains(&format!("ip saddr {} ", v0.ip.clone().unwrap())),
+        "{rules}"
+    );
+    assert_eq!(ns.sh("cat /proc/sys/net/ipv4/ip_forward").trim(), "1");
+
+    // `vm set --no-nat` on a running VM drops its rule at once.
+    VmRpcClient::set(
+        &c,
+        banger_api::SetVm {
+            vm: "v0".into(),
+            nat: Some(false),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let rules = ns.sh("nft list table ip banger");
+    assert_eq!(rules.matches("masquerade").count(), 9, "{rules}");
+
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let socket = d.socket.clone();
+        tasks.push(tokio::spawn(async move {
+            let c = support::client_for(&socket).await;
+            VmRpcClient::delete(&c, format!("v{i}"), true)
+                .await
+                .unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert!(
+        VmRpcClient::list(&c).await.unwrap().is_empty(),
+        "no vm, no lease"
+    );
+    let links = ns.sh("ip -o link");
+    assert!(!links.contains("bg-"), "no tap left: {links}");
+    assert_eq!(ns.sh("nft list ruleset").trim(), "", "no nft rule left");
+    assert_eq!(ns.sh("cat /proc/sys/net/ipv4/ip_forward").trim(), "0");
     drop(c);
     d.shutdown().await;
 }

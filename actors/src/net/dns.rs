@@ -81,6 +81,103 @@ pub fn answer(packet: &[u8], table: &HashMap<String, Ipv4Addr>) -> Option<Vec<u8
 
 /// Serve `socket` until the task is dropped. Packets are read into a 4 KiB buffer; bigger
 /// datagrams arrive truncated and are answered FORMERR (or dropped).
+/// Whether a query asks about the `.vm` zone (None: not a parsable query).
+pub fn asks_vm_zone(packet: &[u8]) -> Option<bool> {
+    let m = Message::from_vec(packet).ok()?;
+    let q = m.queries.first()?;
+    let name = q.name().to_ascii().to_ascii_lowercase();
+    let name = name.trim_end_matches('.');
+    Some(name == ZONE || name.ends_with(".vm"))
+}
+
+/// The host's upstream resolvers, from a resolv.conf text (port 53).
+pub fn upstreams(resolv_conf: &str) -> Vec<SocketAddr> {
+    resolv_conf
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|a| a.trim().parse::<std::net::IpAddr>().ok())
+        .map(|ip| SocketAddr::new(ip, 53))
+        .collect()
+}
+
+/// How long a forwarded query waits for an upstream.
+const FORWARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+/// Forwarded queries in flight at once; more are dropped (the guest retries).
+const FORWARD_MAX: usize = 256;
+
+/// Ask the upstreams in turn; their answer verbatim, or SERVFAIL.
+async fn forward(packet: Vec<u8>, upstreams: &[SocketAddr]) -> Option<Vec<u8>> {
+    for up in upstreams {
+        let bind: SocketAddr = if up.is_ipv4() {
+            ([0, 0, 0, 0], 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let Ok(sock) = tokio::net::UdpSocket::bind(bind).await else {
+            continue;
+        };
+        if sock.connect(up).await.is_err() || sock.send(&packet).await.is_err() {
+            continue;
+        }
+        let mut buf = vec![0u8; 4096];
+        if let Ok(Ok(n)) = tokio::time::timeout(FORWARD_TIMEOUT, sock.recv(&mut buf)).await {
+            buf.truncate(n);
+            return Some(buf);
+        }
+    }
+    let q = Message::from_vec(&packet).ok()?;
+    let mut resp = Message::response(q.metadata.id, q.metadata.op_code);
+    resp.metadata.recursion_desired = q.metadata.recursion_desired;
+    resp.metadata.response_code = ResponseCode::ServFail;
+    for query in q.queries {
+        resp.add_query(query);
+    }
+    resp.to_vec().ok()
+}
+
+/// The guests' resolver (on the bridge address, port 53): `.vm` from the table, every
+/// other name forwarded to the host's upstream resolvers.
+pub async fn serve_guests(socket: tokio::net::UdpSocket, table: Table, upstreams: Vec<SocketAddr>) {
+    let socket = std::sync::Arc::new(socket);
+    let upstreams = std::sync::Arc::new(upstreams);
+    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(FORWARD_MAX));
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let (n, from): (usize, SocketAddr) = match socket.recv_from(&mut buf).await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::debug!(error = %e, "guest dns recv");
+                continue;
+            }
+        };
+        let packet = &buf[..n];
+        if asks_vm_zone(packet) == Some(false) {
+            let Ok(permit) = std::sync::Arc::clone(&permits).try_acquire_owned() else {
+                continue;
+            };
+            let (socket, upstreams, packet) = (
+                std::sync::Arc::clone(&socket),
+                std::sync::Arc::clone(&upstreams),
+                packet.to_vec(),
+            );
+            tokio::spawn(async move {
+                if let Some(reply) = forward(packet, &upstreams).await {
+                    let _ = socket.send_to(&reply, from).await;
+                }
+                drop(permit);
+            });
+            continue;
+        }
+        let reply = {
+            let t = table.read().expect("dns table lock");
+            answer(packet, &t)
+        };
+        if let Some(reply) = reply {
+            let _ = socket.send_to(&reply, from).await;
+        }
+    }
+}
+
 pub async fn serve(socket: tokio::net::UdpSocket, table: Table) {
     let mut buf = vec![0u8; 4096];
     loop {
@@ -158,6 +255,71 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn guests_get_vm_names_and_everything_else_forwarded_upstream() {
+        // A real upstream on loopback that answers every A query with 192.0.2.1.
+        let up = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let up_addr = up.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            while let Ok((n, from)) = up.recv_from(&mut buf).await {
+                let q = Message::from_vec(&buf[..n]).unwrap();
+                let mut r = Message::response(q.metadata.id, OpCode::Query);
+                r.add_query(q.queries[0].clone());
+                r.add_answer(Record::from_rdata(
+                    q.queries[0].name().clone(),
+                    60,
+                    RData::A(A(Ipv4Addr::new(192, 0, 2, 1))),
+                ));
+                let _ = up.send_to(&r.to_vec().unwrap(), from).await;
+            }
+        });
+        let guest = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let guest_addr = guest.local_addr().unwrap();
+        let t: Table = Arc::new(RwLock::new(table()));
+        tokio::spawn(serve_guests(guest, t, vec![up_addr]));
+        let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let ask = |name: &'static str| {
+            let client = &client;
+            async move {
+                let mut q = Message::query();
+                q.metadata.id = 7;
+                q.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+                client
+                    .send_to(&q.to_vec().unwrap(), guest_addr)
+                    .await
+                    .unwrap();
+                let mut buf = vec![0u8; 4096];
+                let n =
+                    tokio::time::timeout(std::time::Duration::from_secs(5), client.recv(&mut buf))
+                        .await
+                        .expect("an answer")
+                        .unwrap();
+                Message::from_vec(&buf[..n]).unwrap()
+            }
+        };
+        let r = ask("web.vm.").await;
+        assert_eq!(r.answers[0].data, RData::A(A(Ipv4Addr::new(172, 30, 0, 7))));
+        let r = ask("example.com.").await;
+        assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+        assert_eq!(r.answers[0].data, RData::A(A(Ipv4Addr::new(192, 0, 2, 1))));
+        assert_eq!(r.metadata.id, 7);
+        assert_eq!(
+            ask("ghost.vm.").await.metadata.response_code,
+            ResponseCode::NXDomain
+        );
+    }
+
+    #[test]
+    fn upstreams_from_resolv_conf() {
+        let u =
+            upstreams("# x\nnameserver 10.0.0.2\nnameserver ::1\nsearch lan\nnameserver bogus\n");
+        assert_eq!(
+            u,
+            vec!["10.0.0.2:53".parse().unwrap(), "[::1]:53".parse().unwrap()]
+        );
+    }
+
     #[test]
     fn garbage_gets_formerr_or_silence() {
         assert_eq!(answer(&[1, 2, 3], &table()), None);
@@ -197,23 +359,53 @@ pub enum DnsMsg {
 pub struct DnsState {
     addr: Option<SocketAddr>,
     task: Option<tokio::task::JoinHandle<()>>,
+    guest_task: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// The guest-facing listener: a socket bound (as root, before bangerd dropped
+/// privileges) on the bridge address, port 53, and the upstreams to forward to.
+#[derive(Debug, Clone)]
+pub struct GuestDns {
+    pub socket: Arc<std::net::UdpSocket>,
+    pub upstreams: Vec<SocketAddr>,
+}
+
+fn start_guest(guest: Option<&GuestDns>, table: &Table) -> Option<tokio::task::JoinHandle<()>> {
+    let g = guest?;
+    let sock = g
+        .socket
+        .try_clone()
+        .and_then(|s| {
+            s.set_nonblocking(true)?;
+            tokio::net::UdpSocket::from_std(s)
+        })
+        .map_err(|e| tracing::error!(error = %e, "guest dns socket"))
+        .ok()?;
+    tracing::info!(addr = ?sock.local_addr().ok(), upstreams = ?g.upstreams, "dns resolver for guests listening");
+    Some(tokio::spawn(serve_guests(
+        sock,
+        Arc::clone(table),
+        g.upstreams.clone(),
+    )))
 }
 
 impl ractor::Actor for DnsActor {
     type Msg = DnsMsg;
     type State = DnsState;
-    /// Where to listen (None: disabled), and the table to answer from.
-    type Arguments = (Option<SocketAddr>, Table);
+    /// Where to listen (None: disabled), the table to answer from, the guests' listener.
+    type Arguments = (Option<SocketAddr>, Table, Option<GuestDns>);
 
     async fn pre_start(
         &self,
         _myself: ractor::ActorRef<DnsMsg>,
-        (listen, table): Self::Arguments,
+        (listen, table, guest): Self::Arguments,
     ) -> Result<DnsState, ractor::ActorProcessingErr> {
+        let guest_task = start_guest(guest.as_ref(), &table);
         let Some(listen) = listen else {
             return Ok(DnsState {
                 addr: None,
                 task: None,
+                guest_task,
             });
         };
         match tokio::net::UdpSocket::bind(listen).await {
@@ -223,6 +415,7 @@ impl ractor::Actor for DnsActor {
                 Ok(DnsState {
                     addr,
                     task: Some(tokio::spawn(serve(socket, table))),
+                    guest_task,
                 })
             }
             Err(e) => {
@@ -230,6 +423,7 @@ impl ractor::Actor for DnsActor {
                 Ok(DnsState {
                     addr: None,
                     task: None,
+                    guest_task,
                 })
             }
         }
@@ -240,7 +434,10 @@ impl ractor::Actor for DnsActor {
         _myself: ractor::ActorRef<DnsMsg>,
         state: &mut DnsState,
     ) -> Result<(), ractor::ActorProcessingErr> {
-        if let Some(t) = state.task.take() {
+        for t in [state.task.take(), state.guest_task.take()]
+            .into_iter()
+            .flatten()
+        {
             t.abort();
         }
         Ok(())

@@ -1,5 +1,6 @@
-//! Guest networking that needs no privilege: IPv4 leases and the `.vm` DNS resolver.
-//! (Bridge, taps and NAT need the privileged helper and come with it.)
+//! Guest networking: IPv4 leases and the `.vm` DNS resolver need no privilege.
+//! Bridge, taps and NAT go through the privileged helper: [`host`].
 
 pub mod dns;
+pub mod host;
 pub mod lease;

@@ -40,6 +40,11 @@ pub struct VmEnv {
     /// How long a start waits for the guest agent to answer before giving up on it; zero
     /// reports the VM running as soon as the VMM runs the guest.
     pub agent_timeout: Duration,
+    /// Taps and NAT, through the privileged helper.
+    pub net: crate::net::host::HostNet,
+    pub subnet: crate::net::lease::Subnet,
+    /// Who owns a QEMU VM's tap: the daemon's own uid (QEMU runs as the daemon).
+    pub qemu_tap_uid: u32,
 }
 
 /// Errors of VM operations, each mapped to an RPC code by [`VmError::code`].
@@ -78,6 +83,12 @@ pub enum VmError {
     Agent { vm: String, reason: String },
     #[error("the vm actor for {0} is gone")]
     Gone(String),
+    #[error("vm {vm}: {source}")]
+    Net {
+        vm: String,
+        #[source]
+        source: crate::net::host::NetError,
+    },
 }
 
 impl VmError {
@@ -95,6 +106,11 @@ impl VmError {
             | VmError::AgentUnreachable { .. }
             | VmError::ExitedDuringBoot { .. }
             | VmError::Agent { .. } => codes::INTERNAL_ERROR,
+            VmError::Net {
+                source: crate::net::host::NetError::Unprivileged(_),
+                ..
+            } => codes::PERMISSION_DENIED,
+            VmError::Net { .. } => codes::INTERNAL_ERROR,
         }
     }
 }
@@ -236,8 +252,25 @@ pub fn info_of(rec: &VmRecord, dir: &VmDir) -> VmInfo {
     }
 }
 
+/// The guest's side of its network: address, gateway, resolver (the bridge address,
+/// where banger's resolver answers `.vm` and forwards the rest).
+fn guest_net(env: &VmEnv, rec: &VmRecord) -> Option<cmdline::GuestNet> {
+    let ip: std::net::Ipv4Addr = rec.ip.as_deref()?.parse().ok()?;
+    let gw = env.subnet.gateway();
+    Some(cmdline::GuestNet {
+        address_cidr: format!("{ip}/{}", env.subnet.prefix),
+        gateway: gw.to_string(),
+        dns: gw.to_string(),
+    })
+}
+
 /// Build the launch plan (image and kernel from the store). Blocking.
-fn plan(env: &VmEnv, rec: &VmRecord, dir: &VmDir) -> Result<LaunchPlan, VmError> {
+fn plan(
+    env: &VmEnv,
+    rec: &VmRecord,
+    dir: &VmDir,
+    tap: Option<String>,
+) -> Result<LaunchPlan, VmError> {
     let image = env.store.get_image(&rec.image)?.ok_or_else(|| {
         VmError::Invalid(format!(
             "the image {} of vm {} is gone",
@@ -254,7 +287,7 @@ fn plan(env: &VmEnv, rec: &VmRecord, dir: &VmDir) -> Result<LaunchPlan, VmError>
         vmm: rec.vmm,
         id: &rec.id,
         name: &rec.name,
-        net: None,
+        net: guest_net(env, rec).as_ref(),
         tsc_khz: env.tsc_khz,
         extra: &env.extra_cmdline,
     });
@@ -269,7 +302,12 @@ fn plan(env: &VmEnv, rec: &VmRecord, dir: &VmDir) -> Result<LaunchPlan, VmError>
         cmdline,
         console: dir.console(),
         run_dir: dir.run_dir(),
-        tap: None,
+        tap: tap.zip(
+            rec.ip
+                .as_deref()
+                .and_then(|ip| ip.parse().ok())
+                .map(crate::net::lease::mac_for),
+        ),
     })
 }
 
@@ -280,6 +318,50 @@ fn ensure_disks(dir: &VmDir, work_bytes: u64) -> Result<(), VmError> {
     }
     disks::create(dir, work_bytes)?;
     Ok(())
+}
+
+/// Make the VM's tap (and NAT) when it has a network; the tap's name.
+async fn setup_net(
+    env: &VmEnv,
+    rec: &VmRecord,
+    progress: &[ProgressTx],
+) -> Result<Option<String>, VmError> {
+    let Some(ip) = rec.ip.as_deref().and_then(|ip| ip.parse().ok()) else {
+        return Ok(None);
+    };
+    send_stage(progress, "network");
+    let uid = match rec.vmm {
+        banger_api::VmmKind::Firecracker => env.vmm.firecracker.uid,
+        banger_api::VmmKind::Qemu => env.qemu_tap_uid,
+    };
+    let net_err = |source| VmError::Net {
+        vm: rec.name.clone(),
+        source,
+    };
+    let tap = env.net.attach(&rec.id, uid).await.map_err(net_err)?;
+    if rec.nat
+        && let Err(e) = env.net.nat(&rec.id, Some(ip)).await
+    {
+        let _ = env.net.detach(&rec.id).await;
+        return Err(net_err(e));
+    }
+    Ok(Some(tap))
+}
+
+/// Remove the VM's tap and NAT (after its VMM is gone). Failures are logged: a tap left
+/// behind is removed by the next start or by delete.
+async fn release_net(env: &VmEnv, rec: &VmRecord) {
+    if rec.ip.is_none() {
+        return;
+    }
+    if let Err(e) = env.net.detach(&rec.id).await {
+        tracing::warn!(vm = %rec.name, error = %error_chain(&e), "removing the tap");
+    }
+    if rec.nat
+        && let Err(e) = env.net.nat(&rec.id, None).await
+    {
+        tracing::warn!(vm = %rec.name, error = %error_chain(&e), "removing NAT");
+    }
 }
 
 fn send_stage(progress: &[ProgressTx], stage: &str) {
@@ -366,6 +448,7 @@ impl VmActor {
         let driver = state.driver();
         let (id, run) = (state.rec.id.clone(), state.dir.run_dir());
         let _ = tokio::task::spawn_blocking(move || driver.cleanup(&id, rt.as_ref(), &run)).await;
+        release_net(&state.env, &state.rec).await;
         let was = state.rec.state;
         state.rec.state = VmState::Stopped;
         if was == VmState::Running && state.stop_waiters.is_empty() {
@@ -518,6 +601,7 @@ impl Actor for VmActor {
                 let driver = state.driver();
                 let (id, run) = (state.rec.id.clone(), state.dir.run_dir());
                 tokio::task::spawn_blocking(move || driver.cleanup(&id, rt.as_ref(), &run)).await?;
+                release_net(&state.env, &state.rec).await;
                 state.rec.state = VmState::Stopped;
                 state.persist().await?;
             }
@@ -557,12 +641,13 @@ impl Actor for VmActor {
                 tracing::info!(vm = %rec.name, vmm = rec.vmm.as_str(), "starting");
                 tokio::spawn(async move {
                     let result = async {
+                        let tap = setup_net(&env, &rec, &senders).await?;
                         send_stage(&senders, "disks");
                         let plan = {
                             let (env, rec, dir) = (Arc::clone(&env), rec.clone(), dir.clone());
                             tokio::task::spawn_blocking(move || {
                                 ensure_disks(&dir, rec.spec.disk_bytes)?;
-                                plan(&env, &rec, &dir)
+                                plan(&env, &rec, &dir, tap)
                             })
                             .await
                             .expect("plan does not panic")?
@@ -578,6 +663,9 @@ impl Actor for VmActor {
                         Ok((rt, plan.cmdline))
                     }
                     .await;
+                    if result.is_err() {
+                        release_net(&env, &rec).await;
+                    }
                     let _ = me.cast(VmMsg::Launched { generation, result });
                 });
             }
@@ -793,7 +881,28 @@ impl Actor for VmActor {
                             .expect("resize does not panic")?;
                     }
                     state.rec.spec = spec;
-                    if let Some(nat) = req.nat {
+                    if let Some(nat) = req.nat
+                        && nat != state.rec.nat
+                    {
+                        let ip = state.rec.ip.as_deref().and_then(|ip| ip.parse().ok());
+                        if nat && ip.is_none() {
+                            return Err(VmError::Invalid(format!(
+                                "vm {} has no network (created with --no-network), so no NAT",
+                                state.rec.name
+                            )));
+                        }
+                        // Running (or starting): change the rules now; stopped: at start.
+                        if state.rec.runtime.is_some() {
+                            state
+                                .env
+                                .net
+                                .nat(&state.rec.id, if nat { ip } else { None })
+                                .await
+                                .map_err(|source| VmError::Net {
+                                    vm: state.rec.name.clone(),
+                                    source,
+                                })?;
+                        }
                         state.rec.nat = nat;
                     }
                     state.persist().await?;

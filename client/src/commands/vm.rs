@@ -152,10 +152,17 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
             size,
             vmm,
             nat,
+            no_network,
+            network,
             no_start,
             json,
         } => {
             let (vcpu, memory_mib, disk_bytes) = size_req(&size);
+            let network = match (network, no_network) {
+                (true, _) => Some(true),
+                (_, true) => Some(false),
+                _ => None,
+            };
             let req = CreateVm {
                 name,
                 image,
@@ -165,6 +172,7 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
                 disk_bytes,
                 vmm,
                 nat,
+                network,
                 no_start,
             };
             let sub = client.create(req).await?;

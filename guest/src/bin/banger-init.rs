@@ -215,9 +215,62 @@ fn setup(cmdline: &str) -> Result<(), String> {
     if let Some(name) = param(cmdline, "banger.name") {
         let _ = nix::unistd::sethostname(name);
         let _ = std::fs::write("/etc/hostname", format!("{name}\n"));
+        // So the guest resolves its own name without a resolver.
+        let hosts = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
+        if !hosts
+            .lines()
+            .any(|l| l.split_whitespace().skip(1).any(|h| h == name))
+        {
+            let _ = std::fs::write(
+                "/etc/hosts",
+                format!(
+                    "{hosts}{}127.0.1.1 {name}\n",
+                    if hosts.is_empty() || hosts.ends_with('\n') {
+                        ""
+                    } else {
+                        "\n"
+                    }
+                ),
+            );
+        }
         say(format!("hostname {name}"));
     }
+    network(cmdline);
     Ok(())
+}
+
+/// Configure the network from `banger.ip`/`banger.gw`/`banger.dns`. A failure is said on
+/// the console and boot goes on: the agent still answers over vsock.
+fn network(cmdline: &str) {
+    use banger_guest::init::net;
+    let cfg = match net::NetConfig::from_cmdline(cmdline) {
+        Ok(Some(c)) => c,
+        Ok(None) => return,
+        Err(e) => {
+            say(format!("network: {e}; left unconfigured"));
+            return;
+        }
+    };
+    let Some(nic) = net::first_nic() else {
+        say("network: no network device (is virtio_net loaded?); left unconfigured");
+        return;
+    };
+    match net::configure(&cfg, &nic) {
+        Ok(()) => say(format!(
+            "network: {nic} {}/{}{}",
+            cfg.address,
+            cfg.prefix,
+            cfg.gateway.map(|g| format!(" via {g}")).unwrap_or_default()
+        )),
+        Err(e) => say(format!("network: {nic}: {e}")),
+    }
+    if let Some(dns) = cfg.dns {
+        // Often a symlink into systemd-resolved's runtime dir: replace it with a file.
+        let _ = std::fs::remove_file("/etc/resolv.conf");
+        if let Err(e) = std::fs::write("/etc/resolv.conf", net::resolv_conf(dns)) {
+            say(format!("network: /etc/resolv.conf: {e}"));
+        }
+    }
 }
 
 const AGENT: &str = "/usr/lib/banger/banger-agent";

@@ -1,5 +1,7 @@
 //! Pure helpers of banger-init, unit-tested on the host.
 
+pub mod net;
+
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 

@@ -120,6 +120,9 @@ pub struct CreateVm {
     pub vmm: Option<VmmKind>,
     #[serde(default)]
     pub nat: bool,
+    /// A network (tap, address, `<vm>.vm`): the daemon's default when absent.
+    #[serde(default)]
+    pub network: Option<bool>,
     /// Create only, do not start (`vm create --no-start`).
     #[serde(default)]
     pub no_start: bool,

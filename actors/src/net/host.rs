@@ -1,0 +1,333 @@
+//! Host networking through the privileged helper: [`HelperActor`] (the only path to the
+//! helper process), [`NetActor`] (the bridge and one tap per VM) and [`NatActor`]
+//! (masquerade rules for VMs with `--nat`). VM actors reach them through [`HostNet`].
+//!
+//! Without a helper (bangerd was not started as root) every operation fails with
+//! [`NetError::Unprivileged`], which says what to do; VMs created with `--no-network`
+//! need none of this.
+//!
+//! Restart policy: these actors keep no state that the host does not also hold (a tap
+//! exists or not; NAT rules carry the VM id), so a restarted actor simply carries on.
+//! The helper runs every request in a fresh worker, so a crashed operation fails only
+//! that request; if the helper process itself is gone, calls fail with
+//! [`NetError::Helper`] naming the way out (restart bangerd).
+
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex, RwLock};
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+
+use banger_policy::{Confinement, Helper, HelperError, Reply, Request};
+
+/// Errors of host networking.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum NetError {
+    #[error(
+        "{0} needs bangerd's privileged helper, and this bangerd was not started as root: run `sudo banger system install` (or start bangerd as root), or create the VM with --no-network"
+    )]
+    Unprivileged(String),
+    #[error("the privileged helper refused {op}: {reason}")]
+    Refused { op: String, reason: String },
+    #[error("{op} failed: {reason}")]
+    Failed { op: String, reason: String },
+    #[error("{op}: {reason}; the next request gets a fresh worker")]
+    WorkerDied { op: String, reason: String },
+    #[error("{op}: {reason}")]
+    Helper { op: String, reason: String },
+    #[error("the {0} actor did not answer")]
+    Call(&'static str),
+}
+
+/// The helper process, shared so the actor can hand it to a blocking task.
+pub type SharedHelper = Arc<Mutex<Option<Helper>>>;
+
+#[derive(Debug)]
+pub enum HelperMsg {
+    Call {
+        request: Request,
+        reply: RpcReplyPort<Result<(), NetError>>,
+    },
+    Status(RpcReplyPort<Option<Confinement>>),
+}
+
+/// The only way to the helper: requests are sent one at a time, from a blocking task.
+#[derive(Debug, Default)]
+pub struct HelperActor;
+
+impl Actor for HelperActor {
+    type Msg = HelperMsg;
+    type State = SharedHelper;
+    type Arguments = SharedHelper;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<HelperMsg>,
+        helper: SharedHelper,
+    ) -> Result<SharedHelper, ActorProcessingErr> {
+        Ok(helper)
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<HelperMsg>,
+        msg: HelperMsg,
+        helper: &mut SharedHelper,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            HelperMsg::Status(reply) => {
+                let c = helper
+                    .lock()
+                    .expect("helper lock")
+                    .as_ref()
+                    .map(|h| h.confinement().clone());
+                let _ = reply.send(c);
+            }
+            HelperMsg::Call { request, reply } => {
+                let shared = Arc::clone(helper);
+                // Awaited here on purpose: the helper serves one request at a time, and
+                // this keeps them in order. Each takes milliseconds.
+                let result = tokio::task::spawn_blocking(move || call(&shared, &request))
+                    .await
+                    .expect("helper call does not panic");
+                let _ = reply.send(result);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn call(shared: &SharedHelper, request: &Request) -> Result<(), NetError> {
+    let op = request.op().to_owned();
+    let mut guard = shared.lock().expect("helper lock");
+    let Some(helper) = guard.as_mut() else {
+        return Err(NetError::Unprivileged(describe(request)));
+    };
+    match helper.call(request) {
+        Ok(Reply::Done | Reply::Status(_)) => Ok(()),
+        Ok(Reply::Refused { reason }) => Err(NetError::Refused { op, reason }),
+        Ok(Reply::Failed { reason }) => Err(NetError::Failed { op, reason }),
+        Ok(Reply::WorkerDied { reason }) => Err(NetError::WorkerDied { op, reason }),
+        Err(e @ HelperError::Gone(_)) => {
+            tracing::error!(error = %e, "the privileged helper is gone");
+            Err(NetError::Helper {
+                op,
+                reason: e.to_string(),
+            })
+        }
+        Err(e) => Err(NetError::Helper {
+            op,
+            reason: e.to_string(),
+        }),
+    }
+}
+
+fn describe(request: &Request) -> String {
+    match request {
+        Request::EnsureBridge => "setting up the bridge".into(),
+        Request::CreateTap { .. } | Request::AttachTap { .. } => "a VM network (its tap)".into(),
+        Request::DeleteTap { .. } => "removing a tap".into(),
+        Request::NatAdd { .. } | Request::NatRemove { .. } => "NAT (--nat)".into(),
+        other => other.op().replace('_', " "),
+    }
+}
+
+/// The current reference to an actor, replaced in place when it is restarted.
+pub type Slot<M> = Arc<RwLock<Option<ActorRef<M>>>>;
+
+fn live<M>(slot: &Slot<M>) -> Option<ActorRef<M>> {
+    slot.read().expect("slot lock").clone()
+}
+
+async fn helper_call(slot: &Slot<HelperMsg>, request: Request) -> Result<(), NetError> {
+    let helper = live(slot).ok_or(NetError::Call("helper"))?;
+    ractor::call!(helper, |reply| HelperMsg::Call { request, reply })
+        .map_err(|_| NetError::Call("helper"))?
+}
+
+/// The tap name of a VM.
+pub fn tap_name(vm_id: &str) -> String {
+    format!("{}{vm_id}", banger_policy::TAP_PREFIX)
+}
+
+#[derive(Debug)]
+pub enum NetMsg {
+    /// Make the VM's tap (owned by `uid`) and put it on the bridge; answers its name.
+    Attach {
+        vm: String,
+        uid: u32,
+        reply: RpcReplyPort<Result<String, NetError>>,
+    },
+    Detach {
+        vm: String,
+        reply: RpcReplyPort<Result<(), NetError>>,
+    },
+}
+
+/// The bridge and the taps.
+#[derive(Debug, Default)]
+pub struct NetActor;
+
+#[derive(Debug)]
+pub struct NetState {
+    helper: Slot<HelperMsg>,
+    bridge_ready: bool,
+}
+
+impl Actor for NetActor {
+    type Msg = NetMsg;
+    type State = NetState;
+    type Arguments = Slot<HelperMsg>;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<NetMsg>,
+        helper: Slot<HelperMsg>,
+    ) -> Result<NetState, ActorProcessingErr> {
+        Ok(NetState {
+            helper,
+            bridge_ready: false,
+        })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<NetMsg>,
+        msg: NetMsg,
+        state: &mut NetState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            NetMsg::Attach { vm, uid, reply } => {
+                let result = async {
+                    if !state.bridge_ready {
+                        helper_call(&state.helper, Request::EnsureBridge).await?;
+                        state.bridge_ready = true;
+                    }
+                    let name = tap_name(&vm);
+                    helper_call(
+                        &state.helper,
+                        Request::CreateTap {
+                            name: name.clone(),
+                            uid,
+                        },
+                    )
+                    .await?;
+                    let attached =
+                        helper_call(&state.helper, Request::AttachTap { name: name.clone() }).await;
+                    let attached = match attached {
+                        // The bridge went away under us (someone deleted it): once more.
+                        Err(NetError::Failed { .. }) => {
+                            helper_call(&state.helper, Request::EnsureBridge).await?;
+                            helper_call(&state.helper, Request::AttachTap { name: name.clone() })
+                                .await
+                        }
+                        other => other,
+                    };
+                    if let Err(e) = attached {
+                        let _ = helper_call(&state.helper, Request::DeleteTap { name }).await;
+                        return Err(e);
+                    }
+                    Ok(name)
+                }
+                .await;
+                let _ = reply.send(result);
+            }
+            NetMsg::Detach { vm, reply } => {
+                let r = helper_call(
+                    &state.helper,
+                    Request::DeleteTap {
+                        name: tap_name(&vm),
+                    },
+                )
+                .await;
+                let _ = reply.send(r);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+pub enum NatMsg {
+    Set {
+        vm: String,
+        /// Some: masquerade this address; None: remove the VM's NAT.
+        ip: Option<Ipv4Addr>,
+        reply: RpcReplyPort<Result<(), NetError>>,
+    },
+}
+
+/// NAT rules, one per VM with `--nat`.
+#[derive(Debug, Default)]
+pub struct NatActor;
+
+impl Actor for NatActor {
+    type Msg = NatMsg;
+    type State = Slot<HelperMsg>;
+    type Arguments = Slot<HelperMsg>;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<NatMsg>,
+        helper: Slot<HelperMsg>,
+    ) -> Result<Slot<HelperMsg>, ActorProcessingErr> {
+        Ok(helper)
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<NatMsg>,
+        msg: NatMsg,
+        helper: &mut Slot<HelperMsg>,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            NatMsg::Set { vm, ip, reply } => {
+                let request = match ip {
+                    Some(ip) => Request::NatAdd { vm, ip },
+                    None => Request::NatRemove { vm },
+                };
+                let _ = reply.send(helper_call(helper, request).await);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a VM actor uses: the live NetActor and NatActor.
+#[derive(Debug, Clone)]
+pub struct HostNet {
+    pub net: Slot<NetMsg>,
+    pub nat: Slot<NatMsg>,
+    pub helper: Slot<HelperMsg>,
+}
+
+impl HostNet {
+    /// Make and attach the VM's tap; its name.
+    pub async fn attach(&self, vm: &str, uid: u32) -> Result<String, NetError> {
+        let net = live(&self.net).ok_or(NetError::Call("net"))?;
+        let vm = vm.to_owned();
+        ractor::call!(net, |reply| NetMsg::Attach { vm, uid, reply })
+            .map_err(|_| NetError::Call("net"))?
+    }
+
+    /// Remove the VM's tap (absent is fine).
+    pub async fn detach(&self, vm: &str) -> Result<(), NetError> {
+        let net = live(&self.net).ok_or(NetError::Call("net"))?;
+        let vm = vm.to_owned();
+        ractor::call!(net, |reply| NetMsg::Detach { vm, reply })
+            .map_err(|_| NetError::Call("net"))?
+    }
+
+    /// Add (Some) or remove (None) the VM's NAT.
+    pub async fn nat(&self, vm: &str, ip: Option<Ipv4Addr>) -> Result<(), NetError> {
+        let nat = live(&self.nat).ok_or(NetError::Call("nat"))?;
+        let vm = vm.to_owned();
+        ractor::call!(nat, |reply| NatMsg::Set { vm, ip, reply })
+            .map_err(|_| NetError::Call("nat"))?
+    }
+
+    /// The helper's confinement, when there is a helper.
+    pub async fn confinement(&self) -> Option<Confinement> {
+        let helper = live(&self.helper)?;
+        ractor::call!(helper, HelperMsg::Status).ok().flatten()
+    }
+}
