@@ -12,6 +12,7 @@ use banger_api::{CreateVm, SpecDefaults, VmInfo};
 use crate::image::{ImageError, ImageRecord, KernelRecord};
 use crate::net::dns::{DnsActor, DnsMsg};
 use crate::store::{Store, StoreActor, StoreError, StoreInfo, StoreMsg};
+use crate::updater::actor::{UpdaterActor, UpdaterError, UpdaterMsg};
 use crate::vm::actor::{ProgressTx, VmEnv, VmError, VmMsg};
 use crate::vm_supervisor::{VmSettings, VmSupervisor, VmSupervisorArgs, VmSupervisorMsg};
 use crate::vmm::VmmConfig;
@@ -38,6 +39,8 @@ pub enum TreeError {
     Vm(#[from] VmError),
     #[error(transparent)]
     Image(#[from] ImageError),
+    #[error(transparent)]
+    Updater(#[from] UpdaterError),
 }
 
 /// Everything the VM side of the tree needs besides the store.
@@ -65,6 +68,7 @@ pub struct Tree {
     store: Slot<StoreMsg>,
     vms: Slot<VmSupervisorMsg>,
     dns: Slot<DnsMsg>,
+    updater: Slot<UpdaterMsg>,
 }
 
 /// The current reference to one child, written by the root whenever it (re)spawns it.
@@ -82,6 +86,7 @@ enum Child {
     Store,
     Vms,
     Dns,
+    Updater,
 }
 
 impl Child {
@@ -90,6 +95,7 @@ impl Child {
             Child::Store => "store",
             Child::Vms => "vm-supervisor",
             Child::Dns => "dns",
+            Child::Updater => "updater",
         }
     }
 }
@@ -102,6 +108,7 @@ pub struct RootArgs {
     store_ref: Slot<StoreMsg>,
     vms_ref: Slot<VmSupervisorMsg>,
     dns_ref: Slot<DnsMsg>,
+    updater_ref: Slot<UpdaterMsg>,
     /// The `.vm` names, shared by the VM supervisor and the DNS actor; kept here so a
     /// restart of either keeps it.
     dns_table: crate::net::dns::Table,
@@ -159,6 +166,13 @@ impl RootSupervisor {
                 *state.args.dns_ref.write().expect("tree lock") = Some(r.clone());
                 r.get_cell()
             }
+            Child::Updater => {
+                let vms = Arc::clone(&state.args.vms_ref);
+                let (r, _) =
+                    Actor::spawn_linked(None, UpdaterActor, vms, myself.get_cell()).await?;
+                *state.args.updater_ref.write().expect("tree lock") = Some(r.clone());
+                r.get_cell()
+            }
         };
         state.children.retain(|(c, _)| *c != child);
         state.children.push((child, cell));
@@ -183,11 +197,13 @@ impl Actor for RootSupervisor {
                 (Child::Store, VecDeque::new()),
                 (Child::Vms, VecDeque::new()),
                 (Child::Dns, VecDeque::new()),
+                (Child::Updater, VecDeque::new()),
             ],
         };
         Self::spawn_child(&myself, &mut state, Child::Store).await?;
         Self::spawn_child(&myself, &mut state, Child::Vms).await?;
         Self::spawn_child(&myself, &mut state, Child::Dns).await?;
+        Self::spawn_child(&myself, &mut state, Child::Updater).await?;
         Ok(state)
     }
 
@@ -253,6 +269,7 @@ impl Tree {
         let store_ref = Arc::new(RwLock::new(None));
         let vms_ref = Arc::new(RwLock::new(None));
         let dns_ref = Arc::new(RwLock::new(None));
+        let updater_ref = Arc::new(RwLock::new(None));
         let db = Arc::new(store);
         let data_dir = vm.data_dir.clone();
         let args = RootArgs {
@@ -261,6 +278,7 @@ impl Tree {
             store_ref: Arc::clone(&store_ref),
             vms_ref: Arc::clone(&vms_ref),
             dns_ref: Arc::clone(&dns_ref),
+            updater_ref: Arc::clone(&updater_ref),
             dns_table: Default::default(),
         };
         let (root, join) = Actor::spawn(None, RootSupervisor, args)
@@ -273,6 +291,7 @@ impl Tree {
             store: store_ref,
             vms: vms_ref,
             dns: dns_ref,
+            updater: updater_ref,
         };
         Ok((tree, join))
     }
@@ -315,6 +334,18 @@ impl Tree {
         ractor::call_t!(live(&self.dns), DnsMsg::Addr, CALL_MS)
             .ok()
             .flatten()
+    }
+
+    /// The update gate: may `banger update` to `version` proceed now? Refused while a VM
+    /// operation is in flight unless `force`; answers the VMs that were in flight.
+    pub async fn update_gate(&self, version: String, force: bool) -> Result<Vec<String>, TreeError> {
+        ractor::call!(live(&self.updater), |reply| UpdaterMsg::Gate {
+            version,
+            force,
+            reply
+        })
+        .map_err(|_| TreeError::Call("updater"))?
+        .map_err(TreeError::Updater)
     }
 
     fn vms(&self) -> ActorRef<VmSupervisorMsg> {
