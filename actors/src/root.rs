@@ -338,7 +338,11 @@ impl Tree {
 
     /// The update gate: may `banger update` to `version` proceed now? Refused while a VM
     /// operation is in flight unless `force`; answers the VMs that were in flight.
-    pub async fn update_gate(&self, version: String, force: bool) -> Result<Vec<String>, TreeError> {
+    pub async fn update_gate(
+        &self,
+        version: String,
+        force: bool,
+    ) -> Result<Vec<String>, TreeError> {
         ractor::call!(live(&self.updater), |reply| UpdaterMsg::Gate {
             version,
             force,

@@ -61,7 +61,10 @@ pub enum HttpError {
 }
 
 /// A byte stream hyper can speak HTTP on (plain TCP or TLS).
-pub(super) trait IoStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+pub(super) trait IoStream:
+    tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send
+{
+}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> IoStream for T {}
 
 async fn timed<T>(
@@ -139,7 +142,9 @@ async fn get_once(url: &url::Url) -> Result<hyper::Response<hyper::body::Incomin
 }
 
 /// GET with redirects; a non-2xx final status is an error.
-async fn get(url: &url::Url) -> Result<(url::Url, hyper::Response<hyper::body::Incoming>), HttpError> {
+async fn get(
+    url: &url::Url,
+) -> Result<(url::Url, hyper::Response<hyper::body::Incoming>), HttpError> {
     let mut url = url.clone();
     for _ in 0..=MAX_REDIRECTS {
         let resp = get_once(&url).await?;
@@ -181,10 +186,13 @@ pub async fn get_bytes(url: &url::Url, limit: u64) -> Result<Vec<u8>, HttpError>
     let mut body = resp.into_body();
     let mut out = Vec::new();
     while let Some(frame) = timed(&url, async {
-        body.frame().await.transpose().map_err(|source| HttpError::Request {
-            url: url.to_string(),
-            source,
-        })
+        body.frame()
+            .await
+            .transpose()
+            .map_err(|source| HttpError::Request {
+                url: url.to_string(),
+                source,
+            })
     })
     .await?
     {
@@ -226,10 +234,13 @@ async fn download_inner(
     let mut hasher = Sha256::new();
     let mut len = 0u64;
     while let Some(frame) = timed(&url, async {
-        body.frame().await.transpose().map_err(|source| HttpError::Request {
-            url: url.to_string(),
-            source,
-        })
+        body.frame()
+            .await
+            .transpose()
+            .map_err(|source| HttpError::Request {
+                url: url.to_string(),
+                source,
+            })
     })
     .await?
     {
@@ -252,8 +263,10 @@ async fn download_inner(
 /// Lower-case hex.
 pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }

@@ -250,7 +250,11 @@ impl Staged {
 }
 
 /// Verify `sums` with the base64 DER signature `sig_b64`.
-pub fn verify_signature(key: &VerifyingKey, sums: &[u8], sig_b64: &[u8]) -> Result<(), UpdateError> {
+pub fn verify_signature(
+    key: &VerifyingKey,
+    sums: &[u8],
+    sig_b64: &[u8],
+) -> Result<(), UpdateError> {
     use base64::Engine;
     let text: Vec<u8> = sig_b64
         .iter()
@@ -261,7 +265,8 @@ pub fn verify_signature(key: &VerifyingKey, sums: &[u8], sig_b64: &[u8]) -> Resu
         .decode(&text)
         .map_err(|e| UpdateError::SignatureFormat(e.to_string()))?;
     let sig = Signature::from_der(&der).map_err(|e| UpdateError::SignatureFormat(e.to_string()))?;
-    key.verify(sums, &sig).map_err(|_| UpdateError::BadSignature)
+    key.verify(sums, &sig)
+        .map_err(|_| UpdateError::BadSignature)
 }
 
 /// The hash `SHA256SUMS` gives for `file` (`<hex>  <name>` or `<hex> *<name>` lines).
@@ -290,14 +295,21 @@ pub async fn stage(
             .join(rel_url)
             .map_err(|e| UpdateError::Manifest(format!("bad URL {rel_url}: {e}")))
     };
-    let (tar_url, sums_url, sig_url) = (join(tar_rel)?, join(&rel.sha256sums)?, join(&rel.signature)?);
+    let (tar_url, sums_url, sig_url) = (
+        join(tar_rel)?,
+        join(&rel.sha256sums)?,
+        join(&rel.signature)?,
+    );
     let tar_name = tar_url
         .path_segments()
         .and_then(|mut s| s.next_back())
         .filter(|n| !n.is_empty())
         .ok_or_else(|| UpdateError::Manifest(format!("no file name in {tar_url}")))?
         .to_owned();
-    let expected_name = format!("banger-{}-{arch}-linux.tar.gz", rel.version.trim_start_matches('v'));
+    let expected_name = format!(
+        "banger-{}-{arch}-linux.tar.gz",
+        rel.version.trim_start_matches('v')
+    );
     if tar_name != expected_name {
         return Err(UpdateError::Manifest(format!(
             "the tarball of {} must be named {expected_name}, not {tar_name}",
@@ -319,7 +331,8 @@ pub async fn stage(
         })?;
     verify_signature(&src.key, &sums, &sig)?;
     let sums = String::from_utf8_lossy(&sums);
-    let expected = listed_hash(&sums, &tar_name).ok_or_else(|| UpdateError::NotListed(tar_name.clone()))?;
+    let expected =
+        listed_hash(&sums, &tar_name).ok_or_else(|| UpdateError::NotListed(tar_name.clone()))?;
 
     let io = |what, path: &Path| {
         let path = path.to_owned();
@@ -394,7 +407,11 @@ fn unpack(tarball: &Path, to: &Path) -> Result<(), UpdateError> {
             source,
         })?;
         std::io::copy(&mut entry, &mut out).map_err(|e| bad(format!("{name}: {e}")))?;
-        let mode = if BINARIES.contains(&name.as_str()) { 0o755 } else { 0o644 };
+        let mode = if BINARIES.contains(&name.as_str()) {
+            0o755
+        } else {
+            0o644
+        };
         std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(mode)).map_err(
             |source| UpdateError::Io {
                 what: "chmod",
@@ -413,7 +430,10 @@ fn unpack(tarball: &Path, to: &Path) -> Result<(), UpdateError> {
 }
 
 /// Run the staged `bangerd --check-migrations` with `args` (e.g. `--system`, `--config`).
-pub async fn check_migrations(staged: &Staged, args: &[std::ffi::OsString]) -> Result<String, UpdateError> {
+pub async fn check_migrations(
+    staged: &Staged,
+    args: &[std::ffi::OsString],
+) -> Result<String, UpdateError> {
     let bin = staged.file("bangerd");
     let out = tokio::process::Command::new(&bin)
         .arg("--check-migrations")
@@ -427,8 +447,15 @@ pub async fn check_migrations(staged: &Staged, args: &[std::ffi::OsString]) -> R
         })?;
     let text = String::from_utf8_lossy(&out.stderr).trim().to_owned();
     if !out.status.success() {
-        let last = text.lines().last().unwrap_or("no message").trim_start_matches("bangerd: ");
-        return Err(UpdateError::Migrations(format!("{} ({})", last, out.status)));
+        let last = text
+            .lines()
+            .last()
+            .unwrap_or("no message")
+            .trim_start_matches("bangerd: ");
+        return Err(UpdateError::Migrations(format!(
+            "{} ({})",
+            last, out.status
+        )));
     }
     Ok(text)
 }
@@ -546,9 +573,7 @@ pub async fn apply<S: ServiceControl>(
     };
     tracing::warn!(%reason, "update failed after the swap; rolling back");
     let rollback = match swapped.rollback() {
-        Err(e) => format!(
-            "rolling back FAILED ({e}); reinstall with scripts/install.sh"
-        ),
+        Err(e) => format!("rolling back FAILED ({e}); reinstall with scripts/install.sh"),
         Ok(()) => match service.restart().await {
             Ok(()) => "rolled back to the previous binaries, and the daemon runs them again".into(),
             Err(e) => format!(
@@ -592,14 +617,30 @@ mod tests {
             version: "0.2.0".into(),
             commit: "abc".into(),
         };
-        let m = manifest("0.3.0", vec![rel("0.1.0", None), rel("0.2.0", Some("abc")), rel("0.3.0", None)]);
-        assert_eq!(choose(&m, None, &cur).unwrap(), Choice::Update(rel("0.3.0", None)));
+        let m = manifest(
+            "0.3.0",
+            vec![
+                rel("0.1.0", None),
+                rel("0.2.0", Some("abc")),
+                rel("0.3.0", None),
+            ],
+        );
+        assert_eq!(
+            choose(&m, None, &cur).unwrap(),
+            Choice::Update(rel("0.3.0", None))
+        );
         assert_eq!(
             choose(&m, Some("v0.2.0"), &cur).unwrap(),
             Choice::UpToDate(rel("0.2.0", Some("abc")))
         );
-        assert_eq!(choose(&m, Some("0.1.0"), &cur).unwrap(), Choice::Update(rel("0.1.0", None)));
-        assert!(matches!(choose(&m, Some("9.9.9"), &cur), Err(UpdateError::NoSuchVersion(_))));
+        assert_eq!(
+            choose(&m, Some("0.1.0"), &cur).unwrap(),
+            Choice::Update(rel("0.1.0", None))
+        );
+        assert!(matches!(
+            choose(&m, Some("9.9.9"), &cur),
+            Err(UpdateError::NoSuchVersion(_))
+        ));
         let old = manifest("0.1.0", vec![rel("0.1.0", None)]);
         let err = choose(&old, None, &cur).unwrap_err();
         assert!(err.to_string().contains("--to 0.1.0"), "{err}");
@@ -611,8 +652,14 @@ mod tests {
     #[test]
     fn listed_hash_reads_sha256sum_output() {
         let h = "a".repeat(64);
-        let sums = format!("{h}  banger-0.2.0-x86_64-linux.tar.gz\n{}  *other\n", "b".repeat(64));
-        assert_eq!(listed_hash(&sums, "banger-0.2.0-x86_64-linux.tar.gz"), Some(h));
+        let sums = format!(
+            "{h}  banger-0.2.0-x86_64-linux.tar.gz\n{}  *other\n",
+            "b".repeat(64)
+        );
+        assert_eq!(
+            listed_hash(&sums, "banger-0.2.0-x86_64-linux.tar.gz"),
+            Some(h)
+        );
         assert_eq!(listed_hash(&sums, "other"), Some("b".repeat(64)));
         assert_eq!(listed_hash(&sums, "banger-0.2.0"), None);
         assert_eq!(listed_hash("zz  x\n", "x"), None);

@@ -22,7 +22,9 @@ fn config() -> Result<Arc<rustls::ClientConfig>, std::io::Error> {
                 let _ = roots.add(cert);
             }
             if roots.is_empty() {
-                return Err("no CA certificates found on this host (install ca-certificates)".into());
+                return Err(
+                    "no CA certificates found on this host (install ca-certificates)".into(),
+                );
             }
             let provider = Arc::new(rustls::crypto::ring::default_provider());
             rustls::ClientConfig::builder_with_provider(provider)
