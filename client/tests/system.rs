@@ -44,7 +44,9 @@ fn systemd_analyze_verify(unit: &Path) -> Output {
         .arg(unit)
         .current_dir(unit.parent().unwrap())
         .output()
-        .expect("systemd-analyze (Debian's systemd package; scripts/rig/install-deps.sh installs it)")
+        .expect(
+            "systemd-analyze (Debian's systemd package; scripts/rig/install-deps.sh installs it)",
+        )
 }
 
 #[test]
@@ -54,7 +56,10 @@ fn root_install_status_uninstall_in_a_prefix() {
     let out = run(&["system", "install", "--root", root, "--owner", "alice"]);
     assert!(out.status.success(), "install: {}", text(&out.stderr));
     let said = text(&out.stdout);
-    assert!(said.contains("bangerd.service") && said.contains("owner alice"), "{said}");
+    assert!(
+        said.contains("bangerd.service") && said.contains("owner alice"),
+        "{said}"
+    );
 
     let bin = dir.path().join("usr/local/bin");
     for b in ["banger", "bangerd"] {
@@ -88,7 +93,10 @@ fn root_install_status_uninstall_in_a_prefix() {
     assert_eq!(s["unit_current"], true);
     assert_eq!(s["owner"], "alice");
     assert_eq!(s["enabled"], "enabled");
-    assert!(s["bangerd"].as_str().unwrap().starts_with("bangerd "), "{s}");
+    assert!(
+        s["bangerd"].as_str().unwrap().starts_with("bangerd "),
+        "{s}"
+    );
 
     // The unit as installed passes systemd-analyze verify (ExecStart pointed into the
     // prefix, where the binary is: verify checks it exists and is executable).
@@ -157,7 +165,11 @@ fn install_without_root_or_owner_is_refused_with_what_to_do() {
         // As root: no owner (no SUDO_USER, no --owner) is the refusal to show.
         let out = run(&["system", "install"]);
         assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
-        assert!(text(&out.stderr).contains("--owner"), "{}", text(&out.stderr));
+        assert!(
+            text(&out.stderr).contains("--owner"),
+            "{}",
+            text(&out.stderr)
+        );
     } else {
         let out = run(&["system", "install", "--owner", "x"]);
         assert_eq!(out.status.code(), Some(5));

@@ -160,9 +160,9 @@ struct Spec {
 struct World {
     dir: tempfile::TempDir,
     server: Server,
-    /// The commit each binary was built with (`banger` and `bangerd` may differ)...
+    /// The commit each built binary carries (`banger` and `bangerd` may differ)...
     old: [String; 2],
-    /// ...and the one its "new release" copy reports.
+    /// ...and the one its "new release" copy reports (the same for both).
     new: [String; 2],
     /// = old[1] and new[1]: bangerd's, what the daemon answers.
     old_commit: String,
@@ -185,13 +185,11 @@ impl World {
             .map(|c| if c == 'f' { 'e' } else { 'f' })
             .collect();
         let new = [one.clone(), one];
+        // The installed build: one commit for both binaries (bangerd's), as a real
+        // install has (a workspace build may stamp them with different commits).
         for (i, b) in BINS.iter().enumerate() {
-            patched_copy(
-                &built(b),
-                &dir.path().join("prefix/bin").join(b),
-                &old[i],
-                &old[i],
-            );
+            let dest = dir.path().join("prefix/bin").join(b);
+            patched_copy(&built(b), &dest, &old[i], &old[1]);
         }
         let (old_commit, new_commit) = (old[1].clone(), new[1].clone());
         let key_pem = key(1)
@@ -223,7 +221,11 @@ impl World {
     }
 
     fn cmd(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(self.bin("banger"));
+        self.cmd_of(&self.bin("banger"), args)
+    }
+
+    fn cmd_of(&self, program: &Path, args: &[&str]) -> Command {
+        let mut cmd = Command::new(program);
         for (k, _) in std::env::vars() {
             if k.starts_with("BANGER_") || k.starts_with("XDG_") {
                 cmd.env_remove(k);
@@ -407,6 +409,19 @@ fn a_good_release_installs_and_the_new_version_answers() {
     let w = World::new();
     w.publish("0.1.0", Spec::default());
     let old_pid = w.start_daemon();
+    // `banger version` shows the daemon's build when it differs (the new CLI, old daemon)...
+    let v = w
+        .cmd_of(&w.path().join("build/banger"), &["version"])
+        .output()
+        .unwrap();
+    let said = text(&v.stdout);
+    assert!(
+        said.contains(&format!("commit {}", w.old_commit)) && said.contains("another build"),
+        "{said}"
+    );
+    // ...and not when it is the same.
+    let said = text(&w.banger(&["version"]).stdout);
+    assert!(said.contains("bangerd same build"), "{said}");
 
     let check = w.banger(&["update", "--check", "--json"]);
     assert!(check.status.success(), "{}", text(&check.stderr));
