@@ -325,6 +325,65 @@ pub fn status(layout: &Layout, systemctl: &dyn Systemctl) -> Status {
     }
 }
 
+/// `banger doctor`'s line about the system service: not installed (fine: a user daemon
+/// is used), installed but stale, disabled, or not running, with what to do.
+pub fn doctor_check(layout: &Layout, systemctl: &dyn Systemctl) -> super::doctor::Check {
+    use super::doctor::{Check, Level};
+    let c = |status, detail: String, hint: Option<&str>| Check {
+        name: "system-service".into(),
+        status,
+        detail,
+        hint: hint.map(str::to_owned),
+    };
+    let s = status(layout, systemctl);
+    if !s.installed {
+        return c(
+            Level::Ok,
+            "not installed: the CLI starts a user daemon".into(),
+            None,
+        );
+    }
+    let owner = s.owner.as_deref().unwrap_or("(no owner drop-in)");
+    if s.bangerd.is_none() {
+        return c(
+            Level::Fail,
+            format!("{} is installed but {}/bangerd is missing", s.unit, layout.bin_dir().display()),
+            Some("re-run `sudo banger system install`, or remove it with `sudo banger system uninstall`"),
+        );
+    }
+    if !s.unit_current {
+        return c(
+            Level::Warn,
+            format!("{} differs from the unit this banger ships", s.unit),
+            Some("re-run `sudo banger system install` to refresh it"),
+        );
+    }
+    if s.enabled != "enabled" {
+        return c(
+            Level::Warn,
+            format!("installed (owner {owner}) but {}: it will not start at boot", s.enabled),
+            Some("`sudo systemctl enable bangerd.service`"),
+        );
+    }
+    match s.active.as_str() {
+        "active" => c(
+            Level::Ok,
+            format!("installed, enabled and running (owner {owner}, {})", s.bangerd.unwrap_or_default()),
+            None,
+        ),
+        "unknown" => c(
+            Level::Warn,
+            format!("installed and enabled (owner {owner}); its state cannot be read (is systemd PID 1 here?)"),
+            Some("`systemctl status bangerd.service`"),
+        ),
+        other => c(
+            Level::Fail,
+            format!("installed and enabled (owner {owner}) but {other}"),
+            Some("see `journalctl -u bangerd.service`, then `sudo banger system restart`"),
+        ),
+    }
+}
+
 /// Parsed `system` subcommands (see `cli::SystemCmd`).
 pub async fn run(cmd: crate::cli::SystemCmd) -> Result<u8, CliError> {
     use crate::cli::SystemCmd;
@@ -583,6 +642,33 @@ mod tests {
         assert!(stop < disable, "{calls:?}");
         // Uninstalling again is a no-op, not an error.
         assert!(uninstall(&layout, &sd).unwrap().removed.is_empty());
+    }
+
+    #[test]
+    fn doctor_reports_the_service_state_with_what_to_do() {
+        use crate::commands::doctor::Level;
+        let (dir, layout, src) = root();
+        let sd = FakeSystemd::new(dir.path());
+        let ck = doctor_check(&layout, &sd);
+        assert_eq!((ck.status, ck.detail.contains("not installed")), (Level::Ok, true));
+        install(&layout, &sd, &src, "alice").unwrap();
+        // Enabled but not running (PID 1 has not started it): a failure, with the way out.
+        let ck = doctor_check(&layout, &sd);
+        assert_eq!(ck.status, Level::Fail, "{ck:?}");
+        assert!(ck.detail.contains("inactive") && ck.hint.unwrap().contains("journalctl"));
+        sd.restart(UNIT).unwrap();
+        let ck = doctor_check(&layout, &sd);
+        assert_eq!(ck.status, Level::Ok, "{ck:?}");
+        assert!(ck.detail.contains("owner alice") && ck.detail.contains("bangerd 9.9.9"));
+        sd.disable(UNIT).unwrap();
+        assert_eq!(doctor_check(&layout, &sd).status, Level::Warn);
+        sd.enable(UNIT).unwrap();
+        std::fs::write(layout.unit_file(), "[Service]\nExecStart=/x\n[Install]\nWantedBy=multi-user.target\n").unwrap();
+        let ck = doctor_check(&layout, &sd);
+        assert_eq!(ck.status, Level::Warn);
+        assert!(ck.hint.unwrap().contains("system install"));
+        std::fs::remove_file(layout.bin_dir().join("bangerd")).unwrap();
+        assert_eq!(doctor_check(&layout, &sd).status, Level::Fail);
     }
 
     #[test]
