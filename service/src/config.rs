@@ -20,6 +20,9 @@ pub const NON_CONFIG_VARS: &[&str] = &[
     "BANGER_BANGERD",
     "BANGER_COMMIT",
     "BANGER_NO_AUTOSTART",
+    // The owner user of the system service, set by `banger system install` in
+    // bangerd.service.d/owner.conf: who bangerd drops to after forking the helper.
+    "BANGER_OWNER",
 ];
 
 /// Prefix of variables reserved for the test suite.
@@ -451,6 +454,7 @@ mod tests {
             vars(&[
                 ("BANGER_LOG_LEVEL", "debug"),
                 ("BANGER_SOCKET", "/x"),
+                ("BANGER_OWNER", "alice"),
                 ("PATH", "/bin"),
             ]),
         )
