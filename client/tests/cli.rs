@@ -519,7 +519,10 @@ fn doctor_tells_the_truth_about_this_host() {
     if !Path::new("/etc/systemd/system/bangerd.service").exists() {
         let svc = get("system-service");
         assert_eq!(svc["status"], "ok");
-        assert!(svc["detail"].as_str().unwrap().contains("not installed"), "{svc}");
+        assert!(
+            svc["detail"].as_str().unwrap().contains("not installed"),
+            "{svc}"
+        );
     }
     let defaults = get("vm defaults")["detail"].as_str().unwrap().to_owned();
     assert!(

@@ -546,7 +546,10 @@ async fn the_update_gate_refuses_while_a_vm_is_starting_unless_forced() {
         .await
         .is_ok_and(|vm| vm.state == VmState::Starting && vm.pid.is_some())
     {
-        assert!(std::time::Instant::now() < deadline, "never reached `starting`");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never reached `starting`"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // Starting: refused with CONFLICT, naming the VM and saying how to proceed.

@@ -347,8 +347,14 @@ pub fn doctor_check(layout: &Layout, systemctl: &dyn Systemctl) -> super::doctor
     if s.bangerd.is_none() {
         return c(
             Level::Fail,
-            format!("{} is installed but {}/bangerd is missing", s.unit, layout.bin_dir().display()),
-            Some("re-run `sudo banger system install`, or remove it with `sudo banger system uninstall`"),
+            format!(
+                "{} is installed but {}/bangerd is missing",
+                s.unit,
+                layout.bin_dir().display()
+            ),
+            Some(
+                "re-run `sudo banger system install`, or remove it with `sudo banger system uninstall`",
+            ),
         );
     }
     if !s.unit_current {
@@ -361,19 +367,27 @@ pub fn doctor_check(layout: &Layout, systemctl: &dyn Systemctl) -> super::doctor
     if s.enabled != "enabled" {
         return c(
             Level::Warn,
-            format!("installed (owner {owner}) but {}: it will not start at boot", s.enabled),
+            format!(
+                "installed (owner {owner}) but {}: it will not start at boot",
+                s.enabled
+            ),
             Some("`sudo systemctl enable bangerd.service`"),
         );
     }
     match s.active.as_str() {
         "active" => c(
             Level::Ok,
-            format!("installed, enabled and running (owner {owner}, {})", s.bangerd.unwrap_or_default()),
+            format!(
+                "installed, enabled and running (owner {owner}, {})",
+                s.bangerd.unwrap_or_default()
+            ),
             None,
         ),
         "unknown" => c(
             Level::Warn,
-            format!("installed and enabled (owner {owner}); its state cannot be read (is systemd PID 1 here?)"),
+            format!(
+                "installed and enabled (owner {owner}); its state cannot be read (is systemd PID 1 here?)"
+            ),
             Some("`systemctl status bangerd.service`"),
         ),
         other => c(
@@ -650,7 +664,10 @@ mod tests {
         let (dir, layout, src) = root();
         let sd = FakeSystemd::new(dir.path());
         let ck = doctor_check(&layout, &sd);
-        assert_eq!((ck.status, ck.detail.contains("not installed")), (Level::Ok, true));
+        assert_eq!(
+            (ck.status, ck.detail.contains("not installed")),
+            (Level::Ok, true)
+        );
         install(&layout, &sd, &src, "alice").unwrap();
         // Enabled but not running (PID 1 has not started it): a failure, with the way out.
         let ck = doctor_check(&layout, &sd);
@@ -663,7 +680,11 @@ mod tests {
         sd.disable(UNIT).unwrap();
         assert_eq!(doctor_check(&layout, &sd).status, Level::Warn);
         sd.enable(UNIT).unwrap();
-        std::fs::write(layout.unit_file(), "[Service]\nExecStart=/x\n[Install]\nWantedBy=multi-user.target\n").unwrap();
+        std::fs::write(
+            layout.unit_file(),
+            "[Service]\nExecStart=/x\n[Install]\nWantedBy=multi-user.target\n",
+        )
+        .unwrap();
         let ck = doctor_check(&layout, &sd);
         assert_eq!(ck.status, Level::Warn);
         assert!(ck.hint.unwrap().contains("system install"));
