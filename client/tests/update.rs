@@ -591,3 +591,169 @@ fn a_release_failing_its_check_after_the_restart_is_rolled_back() {
     );
     assert_ne!(s["pid"].as_i64().unwrap(), pid);
 }
+
+/// Run `openssl` with `args` in `dir`, asserting success.
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        text(&out.stderr)
+    );
+}
+
+/// `openssl s_server -WWW` serving `root` over TLS on 127.0.0.1; killed on drop.
+struct TlsServer {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl TlsServer {
+    /// A CA and a leaf for localhost/127.0.0.1 in `dir` (`ca.pem`, `leaf.pem`, `leaf.key`).
+    fn start(dir: &Path, root: &Path) -> TlsServer {
+        openssl(
+            dir,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=banger test CA",
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign",
+            ],
+        );
+        openssl(
+            dir,
+            &[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                "leaf.key",
+                "-out",
+                "leaf.csr",
+                "-subj",
+                "/CN=localhost",
+            ],
+        );
+        std::fs::write(dir.join("leaf.ext"), "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n").unwrap();
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "leaf.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                "leaf.pem",
+                "-days",
+                "1",
+                "-extfile",
+                "leaf.ext",
+            ],
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("openssl")
+            .args(["s_server", "-quiet", "-WWW", "-accept"])
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("-cert")
+            .arg(dir.join("leaf.pem"))
+            .arg("-key")
+            .arg(dir.join("leaf.key"))
+            .current_dir(root)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "s_server did not listen"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        TlsServer { child, port }
+    }
+}
+
+impl Drop for TlsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn releases_come_over_https_trusting_the_hosts_ca_store_only() {
+    let w = World::new();
+    w.publish("0.1.0", Spec::default());
+    let pki = w.path().join("pki");
+    std::fs::create_dir_all(&pki).unwrap();
+    let tls = TlsServer::start(&pki, &w.path().join("www"));
+    let url = format!("https://localhost:{}/releases/manifest.json", tls.port);
+    let before = w.snapshot();
+    // The host's CA store (rustls-native-certs honours SSL_CERT_FILE) trusts the test CA:
+    // the release downloads and verifies over TLS.
+    let out = w
+        .cmd(&["update", "--dry-run"])
+        .env("BANGER_TEST_UPDATE_MANIFEST_URL", &url)
+        .env("SSL_CERT_FILE", pki.join("ca.pem"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "update over https: {}",
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stdout).contains("verified"),
+        "{}",
+        text(&out.stdout)
+    );
+    // A server whose certificate the host does not trust is refused.
+    let out = w
+        .cmd(&["update", "--check"])
+        .env("BANGER_TEST_UPDATE_MANIFEST_URL", &url)
+        .env("SSL_CERT_FILE", "/etc/ssl/certs/ca-certificates.crt")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("TLS failed") && err.contains("UnknownIssuer"),
+        "{err}"
+    );
+    assert_eq!(w.snapshot(), before);
+    assert!(w.staging_left().is_empty());
+}

@@ -13,6 +13,8 @@ command -v groupadd >/dev/null || need_apt+=(passwd)
 command -v strip >/dev/null || need_apt+=(binutils)
 command -v perl >/dev/null || need_apt+=(perl-base)
 command -v openssl >/dev/null || need_apt+=(openssl)
+[ -f /etc/ssl/certs/ca-certificates.crt ] || need_apt+=(ca-certificates)   # https update test
+command -v curl >/dev/null || need_apt+=(curl)                             # install.sh
 
 if [ "${#need_apt[@]}" -gt 0 ]; then
     echo "== installing: ${need_apt[*]}"
