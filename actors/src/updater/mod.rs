@@ -110,6 +110,8 @@ pub enum UpdateError {
         "refusing to go from {current} down to {target}; name the version with `--to {target}` to downgrade on purpose"
     )]
     Downgrade { current: String, target: String },
+    #[error("another `banger update` is replacing the binaries in {0}; wait for it to finish")]
+    Busy(PathBuf),
     #[error("the daemon did not restart on the new binaries ({reason}); {rollback}")]
     Restart { reason: String, rollback: String },
     #[error("the new release failed its check after the restart ({reason}); {rollback}")]
@@ -552,12 +554,26 @@ pub trait ServiceControl {
     fn verify(&self, release: &Release) -> impl Future<Output = Result<(), String>>;
 }
 
+/// An exclusive `flock` on the directory itself (no lock file left in a bin directory):
+/// two `banger update` runs never swap the same binaries at once.
+pub fn lock_bin_dir(bin_dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, UpdateError> {
+    use nix::fcntl::{Flock, FlockArg};
+    let dir = std::fs::File::open(bin_dir).map_err(|source| UpdateError::Io {
+        what: "open",
+        path: bin_dir.to_owned(),
+        source,
+    })?;
+    Flock::lock(dir, FlockArg::LockExclusiveNonblock)
+        .map_err(|_| UpdateError::Busy(bin_dir.to_owned()))
+}
+
 /// Swap in `staged`, restart, verify; roll back and restart again on failure.
 pub async fn apply<S: ServiceControl>(
     staged: &Staged,
     bin_dir: &Path,
     service: &S,
 ) -> Result<(), UpdateError> {
+    let _lock = lock_bin_dir(bin_dir)?;
     let mut swapped = swap(staged, bin_dir)?;
     let failure = match service.restart().await {
         Err(reason) => Some((true, reason)),
@@ -663,6 +679,79 @@ mod tests {
         assert_eq!(listed_hash(&sums, "other"), Some("b".repeat(64)));
         assert_eq!(listed_hash(&sums, "banger-0.2.0"), None);
         assert_eq!(listed_hash("zz  x\n", "x"), None);
+    }
+
+    /// A .tar.gz at `path` with (name, kind) entries: 'f' file, 'l' symlink to /etc/passwd.
+    fn tarball(path: &Path, entries: &[(&str, char)]) {
+        let gz = flate2::write::GzEncoder::new(
+            std::fs::File::create(path).unwrap(),
+            flate2::Compression::fast(),
+        );
+        let mut t = tar::Builder::new(gz);
+        for (name, kind) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_mode(0o755);
+            if *kind == 'l' {
+                h.set_entry_type(tar::EntryType::Symlink);
+                h.set_size(0);
+                t.append_link(&mut h, name, "/etc/passwd").unwrap();
+            } else {
+                h.set_size(2);
+                h.set_cksum();
+                // `append_data` refuses `..`; write the raw name for the hostile cases.
+                h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+                h.set_cksum();
+                t.append(&h, &b"ok"[..]).unwrap();
+            }
+        }
+        t.into_inner().unwrap().finish().unwrap();
+    }
+
+    #[test]
+    fn unpack_takes_exactly_the_expected_regular_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let tgz = dir.path().join("r.tar.gz");
+        tarball(
+            &tgz,
+            &[("banger", 'f'), ("bangerd", 'f'), ("bangerd.service", 'f')],
+        );
+        let out = dir.path().join("ok");
+        unpack(&tgz, &out).unwrap();
+        assert_eq!(std::fs::read(out.join("banger")).unwrap(), b"ok");
+        for (case, entries) in [
+            (
+                "traversal",
+                vec![("banger", 'f'), ("bangerd", 'f'), ("../evil", 'f')],
+            ),
+            (
+                "extra file",
+                vec![("banger", 'f'), ("bangerd", 'f'), ("hook.sh", 'f')],
+            ),
+            ("symlink", vec![("banger", 'f'), ("bangerd", 'l')]),
+            ("missing bangerd", vec![("banger", 'f')]),
+            (
+                "duplicate",
+                vec![("banger", 'f'), ("banger", 'f'), ("bangerd", 'f')],
+            ),
+        ] {
+            tarball(&tgz, &entries);
+            let to = dir.path().join(case);
+            let err = unpack(&tgz, &to).unwrap_err();
+            assert!(matches!(err, UpdateError::Tarball(_)), "{case}: {err}");
+            assert!(!dir.path().join("evil").exists(), "{case}");
+        }
+    }
+
+    #[test]
+    fn a_second_update_of_the_same_bin_dir_is_refused_while_one_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = lock_bin_dir(dir.path()).unwrap();
+        let err = lock_bin_dir(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("another `banger update`"), "{err}");
+        drop(held);
+        lock_bin_dir(dir.path()).unwrap();
+        // Nothing is left in the directory.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 
     #[test]
