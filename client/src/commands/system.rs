@@ -514,8 +514,30 @@ pub async fn run(cmd: crate::cli::SystemCmd) -> Result<u8, CliError> {
             }
             let systemctl = SystemctlCmd { root: None };
             systemctl.restart(UNIT).map_err(SystemError::Systemd)?;
-            println!("bangerd.service restarted");
-            Ok(exit::OK)
+            // Answering on the socket, not just "started" by systemd.
+            let target = crate::connect::Target {
+                socket: PathBuf::from(banger_api::socket::SYSTEM_SOCKET),
+                system: true,
+            };
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            loop {
+                if let Ok(c) = crate::connect::connect(&target).await
+                    && let Ok(s) = banger_api::DaemonRpcClient::status(&c).await
+                {
+                    println!(
+                        "bangerd.service restarted: bangerd {} (pid {}) answers",
+                        s.version, s.pid
+                    );
+                    return Ok(exit::OK);
+                }
+                if std::time::Instant::now() > deadline {
+                    return Err(CliError::Other(format!(
+                        "bangerd.service was restarted but does not answer on {} after 30s; see `journalctl -u bangerd.service`",
+                        target.socket.display()
+                    )));
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
         }
     }
 }

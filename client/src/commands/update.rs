@@ -194,6 +194,7 @@ pub async fn run(target: &Target, opts: Opts) -> Result<u8, CliError> {
 
     let baseline = doctor_failures(&bin_dir.join("banger"), target).await;
     let service = Restarter {
+        systemctl: Box::new(crate::systemd::SystemctlCmd { root: None }),
         target: target.clone(),
         bin_dir: bin_dir.clone(),
         was_running: daemon.is_some(),
@@ -252,6 +253,8 @@ async fn doctor_failures(bin: &Path, target: &Target) -> Result<BTreeSet<String>
 /// Restart and check, for the system service or a user daemon.
 #[derive(Debug)]
 struct Restarter {
+    /// How the system service is restarted (the real `systemctl` in the binary).
+    systemctl: Box<dyn crate::systemd::Systemctl>,
     target: Target,
     bin_dir: PathBuf,
     was_running: bool,
@@ -310,8 +313,7 @@ impl Restarter {
 impl ServiceControl for Restarter {
     async fn restart(&self) -> Result<(), String> {
         if self.target.system {
-            use crate::systemd::Systemctl;
-            crate::systemd::SystemctlCmd { root: None }.restart(super::system::UNIT)?;
+            self.systemctl.restart(super::system::UNIT)?;
             return self.wait_answer().await.map(drop);
         }
         if !self.was_running {
