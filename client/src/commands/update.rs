@@ -412,3 +412,38 @@ impl ServiceControl for Restarter {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::systemd::{FakeSystemd, Systemctl};
+
+    /// The system service is restarted through the injected Systemctl; a unit that fails
+    /// to start is reported with systemd's words (and `apply` then rolls back).
+    #[tokio::test]
+    async fn the_system_service_restart_goes_through_systemctl() {
+        let dir = tempfile::tempdir().unwrap();
+        let units = dir.path().join("etc/systemd/system");
+        std::fs::create_dir_all(&units).unwrap();
+        std::fs::write(
+            units.join(super::super::system::UNIT),
+            super::super::system::UNIT_TEXT,
+        )
+        .unwrap();
+        let fake = FakeSystemd::new(dir.path());
+        fake.daemon_reload().unwrap();
+        fake.fail_starts(super::super::system::UNIT);
+        let r = Restarter {
+            systemctl: Box::new(fake),
+            target: Target {
+                socket: dir.path().join("no.sock"),
+                system: true,
+            },
+            bin_dir: dir.path().to_owned(),
+            was_running: true,
+            baseline: Ok(BTreeSet::new()),
+        };
+        let err = r.restart().await.unwrap_err();
+        assert!(err.contains("bangerd.service failed"), "{err}");
+    }
+}
