@@ -118,9 +118,10 @@ pub enum UpdateError {
     Verify { reason: String, rollback: String },
 }
 
-/// The release manifest.
+/// The release manifest. Unknown fields are ignored, on purpose: every banger ever shipped
+/// reads this file, so additions must not break old clients; a change old clients must
+/// not misread bumps `schema`, which they refuse with a message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Manifest {
     pub schema: u32,
     pub latest: String,
@@ -129,7 +130,6 @@ pub struct Manifest {
 
 /// One release in the manifest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Release {
     pub version: String,
     /// The commit it was built from (what the new daemon must report after the restart).
@@ -663,6 +663,16 @@ mod tests {
         // Same version, another commit: a rebuild is an update.
         let m = manifest("0.2.0", vec![rel("0.2.0", Some("def"))]);
         assert!(matches!(choose(&m, None, &cur).unwrap(), Choice::Update(_)));
+    }
+
+    #[test]
+    fn manifests_with_new_fields_still_parse() {
+        let m: Manifest = serde_json::from_str(
+            r#"{"schema":1,"latest":"0.2.0","mirrors":["x"],"releases":[{"version":"0.2.0",
+            "tarballs":{"x86_64":"a"},"sha256sums":"s","signature":"g","notes":"n"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(m.releases[0].version, "0.2.0");
     }
 
     #[test]
