@@ -37,6 +37,25 @@ fn build_info() {
         println!("cargo:rerun-if-changed={git_dir}/HEAD");
         println!("cargo:rerun-if-changed={git_dir}/refs/heads");
     }
+    // In a worktree, branch refs live in the common dir, not in the worktree's git dir:
+    // watch the checked-out branch's ref there, so a commit refreshes BANGER_COMMIT.
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .args(["-C", &manifest])
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .map(|s| s.trim().to_owned())
+    };
+    if let (Some(common), Some(head)) = (
+        git(&["rev-parse", "--path-format=absolute", "--git-common-dir"]),
+        git(&["symbolic-ref", "-q", "HEAD"]),
+    ) {
+        println!("cargo:rerun-if-changed={common}/{head}");
+        println!("cargo:rerun-if-changed={common}/packed-refs");
+    }
     println!("cargo:rerun-if-env-changed=BANGER_COMMIT");
     println!("cargo:rerun-if-env-changed=SOURCE_DATE_EPOCH");
 }

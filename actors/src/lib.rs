@@ -7,8 +7,10 @@
 //!  │                                   database handle, which the root keeps
 //!  ├─ VmSupervisor                     restarted empty; it rebuilds its VmActors from
 //!  │   └─ VmActor × N                  the store and from the host (pid + start time)
-//!  └─ DnsActor                         the `.vm` resolver; restarted with the same name
-//!                                      table (kept by the root, written by VmSupervisor)
+//!  ├─ DnsActor                         the `.vm` resolver; restarted with the same name
+//!  │                                   table (kept by the root, written by VmSupervisor)
+//!  └─ UpdaterActor                     the update gate (no VM operation in flight);
+//!                                      restarted empty (see `updater` for the rest)
 //! ```
 //!
 //! Restart policy (one-for-one, every supervisor overrides `handle_supervisor_evt`; ractor's
@@ -34,6 +36,7 @@ pub mod image;
 pub mod net;
 pub mod root;
 pub mod store;
+pub mod updater;
 pub mod vm;
 pub mod vm_supervisor;
 pub mod vmm;

@@ -15,6 +15,7 @@ use crate::net::host::{
     HelperActor, HelperMsg, HostNet, NatActor, NatMsg, NetActor, NetMsg, SharedHelper,
 };
 use crate::store::{Store, StoreActor, StoreError, StoreInfo, StoreMsg};
+use crate::updater::actor::{UpdaterActor, UpdaterError, UpdaterMsg};
 use crate::vm::actor::{ProgressTx, VmEnv, VmError, VmMsg};
 use crate::vm_supervisor::{VmSettings, VmSupervisor, VmSupervisorArgs, VmSupervisorMsg};
 use crate::vmm::VmmConfig;
@@ -41,6 +42,8 @@ pub enum TreeError {
     Vm(#[from] VmError),
     #[error(transparent)]
     Image(#[from] ImageError),
+    #[error(transparent)]
+    Updater(#[from] UpdaterError),
 }
 
 /// Everything the VM side of the tree needs besides the store.
@@ -71,6 +74,7 @@ pub struct Tree {
     vms: Slot<VmSupervisorMsg>,
     dns: Slot<DnsMsg>,
     net: HostNet,
+    updater: Slot<UpdaterMsg>,
 }
 
 /// The current reference to one child, written by the root whenever it (re)spawns it.
@@ -91,6 +95,7 @@ enum Child {
     Nat,
     Vms,
     Dns,
+    Updater,
 }
 
 impl Child {
@@ -102,6 +107,7 @@ impl Child {
             Child::Nat => "nat",
             Child::Vms => "vm-supervisor",
             Child::Dns => "dns",
+            Child::Updater => "updater",
         }
     }
 }
@@ -117,6 +123,7 @@ pub struct RootArgs {
     net: HostNet,
     /// The privileged helper process (None: bangerd is not root).
     helper: SharedHelper,
+    updater_ref: Slot<UpdaterMsg>,
     /// The `.vm` names, shared by the VM supervisor and the DNS actor; kept here so a
     /// restart of either keeps it.
     dns_table: crate::net::dns::Table,
@@ -204,6 +211,13 @@ impl RootSupervisor {
                 *state.args.dns_ref.write().expect("tree lock") = Some(r.clone());
                 r.get_cell()
             }
+            Child::Updater => {
+                let vms = Arc::clone(&state.args.vms_ref);
+                let (r, _) =
+                    Actor::spawn_linked(None, UpdaterActor, vms, myself.get_cell()).await?;
+                *state.args.updater_ref.write().expect("tree lock") = Some(r.clone());
+                r.get_cell()
+            }
         };
         state.children.retain(|(c, _)| *c != child);
         state.children.push((child, cell));
@@ -233,6 +247,7 @@ impl Actor for RootSupervisor {
             Child::Nat,
             Child::Vms,
             Child::Dns,
+            Child::Updater,
         ] {
             state.restarts.push((child, VecDeque::new()));
             Self::spawn_child(&myself, &mut state, child).await?;
@@ -308,6 +323,7 @@ impl Tree {
         let store_ref = Arc::new(RwLock::new(None));
         let vms_ref = Arc::new(RwLock::new(None));
         let dns_ref = Arc::new(RwLock::new(None));
+        let updater_ref = Arc::new(RwLock::new(None));
         let db = Arc::new(store);
         let data_dir = vm.data_dir.clone();
         let args = RootArgs {
@@ -318,6 +334,7 @@ impl Tree {
             dns_ref: Arc::clone(&dns_ref),
             net: net.clone(),
             helper: Arc::new(std::sync::Mutex::new(helper)),
+            updater_ref: Arc::clone(&updater_ref),
             dns_table: Default::default(),
         };
         let (root, join) = Actor::spawn(None, RootSupervisor, args)
@@ -331,6 +348,7 @@ impl Tree {
             vms: vms_ref,
             dns: dns_ref,
             net,
+            updater: updater_ref,
         };
         Ok((tree, join))
     }
@@ -378,6 +396,22 @@ impl Tree {
     /// The privileged helper's confinement, when bangerd has a helper.
     pub async fn helper_confinement(&self) -> Option<banger_policy::Confinement> {
         self.net.confinement().await
+    }
+
+    /// The update gate: may `banger update` to `version` proceed now? Refused while a VM
+    /// operation is in flight unless `force`; answers the VMs that were in flight.
+    pub async fn update_gate(
+        &self,
+        version: String,
+        force: bool,
+    ) -> Result<Vec<String>, TreeError> {
+        ractor::call!(live(&self.updater), |reply| UpdaterMsg::Gate {
+            version,
+            force,
+            reply
+        })
+        .map_err(|_| TreeError::Call("updater"))?
+        .map_err(TreeError::Updater)
     }
 
     fn vms(&self) -> ActorRef<VmSupervisorMsg> {

@@ -41,6 +41,28 @@ pub enum Command {
     /// Manage the banger daemon (bangerd).
     #[command(subcommand)]
     Daemon(DaemonCmd),
+    /// Install, inspect or remove the systemd service (needs root).
+    #[command(subcommand)]
+    System(SystemCmd),
+    /// Update banger to the latest signed release (or the one named with --to).
+    #[command(after_help = UPDATE_HELP)]
+    Update {
+        /// Only say whether an update is available.
+        #[arg(long)]
+        check: bool,
+        /// Install this version (e.g. v0.3.1); allows going back to an older one.
+        #[arg(long, value_name = "vX.Y.Z")]
+        to: Option<String>,
+        /// Download, verify and stage it, run its migration check, then stop.
+        #[arg(long)]
+        dry_run: bool,
+        /// Update even while a VM is starting or stopping.
+        #[arg(long)]
+        force: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check the host, the daemon and running VMs; one line per check with what to do.
     /// Exits 1 when a check fails.
     #[command(
@@ -91,7 +113,54 @@ pub enum DaemonCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Same as `banger system install`.
+    Install(InstallArgs),
+    /// Same as `banger system uninstall`.
+    Uninstall(RootArgs),
+    /// Same as `banger system restart`.
+    Restart,
 }
+
+/// Flags of `system install`.
+#[derive(Debug, clap::Args)]
+pub struct InstallArgs {
+    /// The user the daemon drops to (default: the user who ran sudo).
+    #[arg(long)]
+    pub owner: Option<String>,
+    #[command(flatten)]
+    pub root: RootArgs,
+}
+
+/// The root prefix of `system` commands.
+#[derive(Debug, clap::Args)]
+pub struct RootArgs {
+    /// Install into this directory instead of / (for images and tests): systemctl runs
+    /// offline on it and nothing is started.
+    #[arg(long, hide = true, value_name = "DIR")]
+    pub root: Option<PathBuf>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SystemCmd {
+    /// Install banger and bangerd to /usr/local/bin and enable bangerd.service.
+    #[command(
+        after_help = "Examples:\n  sudo banger system install\n  sudo banger system install --owner alice\n\nIt copies the banger and bangerd beside this executable, writes\n/etc/systemd/system/bangerd.service (+ bangerd.service.d/owner.conf), creates the group\n`banger` (its members may use the socket /run/banger/bangerd.sock), and starts the service."
+    )]
+    Install(InstallArgs),
+    /// Show whether the service is installed, enabled and running.
+    #[command(after_help = "Examples:\n  banger system status\n  banger system status --json")]
+    Status(RootArgs),
+    /// Restart bangerd.service (VMs keep running).
+    Restart,
+    /// Stop and remove the service and binaries; your data, logs and config stay.
+    #[command(after_help = "Examples:\n  sudo banger system uninstall")]
+    Uninstall(RootArgs),
+}
+
+const UPDATE_HELP: &str = "Examples:\n  banger update --check\n  sudo banger update                 (the system service)\n  banger update --to v0.3.1 --dry-run\n\nReleases come from the URL built into banger and must carry a valid signature by\nbanger's release key; the tarball's SHA-256 must match the signed SHA256SUMS. The\nbinaries beside this banger are replaced (rename), the daemon restarted and checked\n(version, doctor); if that fails the previous binaries are put back.";
 
 /// Size flags shared by `vm create` and `vm set`.
 #[derive(Debug, clap::Args)]

@@ -37,6 +37,8 @@ pub enum CliError {
     #[error("{0}")]
     Usage(String),
     #[error("{0}")]
+    Permission(String),
+    #[error("{0}")]
     Other(String),
 }
 
@@ -56,6 +58,7 @@ impl CliError {
                 _ => FAILURE,
             },
             CliError::Usage(_) => USAGE,
+            CliError::Permission(_) => PERMISSION,
             CliError::Other(_) => FAILURE,
         }
     }

@@ -6,6 +6,7 @@ mod commands;
 mod connect;
 mod exit;
 mod render;
+mod systemd;
 
 use std::process::ExitCode;
 

@@ -516,6 +516,16 @@ fn doctor_tells_the_truth_about_this_host() {
     assert_eq!(get("version drift")["status"], "ok");
     assert_eq!(get("dns")["status"], "ok");
     assert!(get("socket")["detail"].as_str().unwrap().contains("0660"));
+    // The system service: this host has none installed (the tests install only into
+    // temporary roots), and doctor says so.
+    if !Path::new("/etc/systemd/system/bangerd.service").exists() {
+        let svc = get("system-service");
+        assert_eq!(svc["status"], "ok");
+        assert!(
+            svc["detail"].as_str().unwrap().contains("not installed"),
+            "{svc}"
+        );
+    }
     let defaults = get("vm defaults")["detail"].as_str().unwrap().to_owned();
     assert!(
         defaults.contains("(auto)") && defaults.contains("(builtin)"),

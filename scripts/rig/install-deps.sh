@@ -6,6 +6,15 @@ set -euo pipefail
 need_apt=()
 command -v setpriv >/dev/null || need_apt+=(util-linux)   # run a client as `nobody`
 command -v git >/dev/null || need_apt+=(git)
+# system install/update tests: systemd-analyze verify + offline systemctl, groupadd,
+# strip (test releases), perl (patching a build's commit), openssl (publish/install scripts)
+command -v systemd-analyze >/dev/null || need_apt+=(systemd)
+command -v groupadd >/dev/null || need_apt+=(passwd)
+command -v strip >/dev/null || need_apt+=(binutils)
+command -v perl >/dev/null || need_apt+=(perl-base)
+command -v openssl >/dev/null || need_apt+=(openssl)
+[ -f /etc/ssl/certs/ca-certificates.crt ] || need_apt+=(ca-certificates)   # https update test
+command -v curl >/dev/null || need_apt+=(curl)                             # install.sh
 
 if [ "${#need_apt[@]}" -gt 0 ]; then
     echo "== installing: ${need_apt[*]}"

@@ -478,11 +478,14 @@ mod tests {
             vars(&[
                 ("BANGER_LOG_LEVEL", "debug"),
                 ("BANGER_SOCKET", "/x"),
+                ("BANGER_OWNER", "alice"),
                 ("PATH", "/bin"),
             ]),
         )
         .unwrap();
         assert_eq!(c.log_level, "debug");
+        // `banger system install` sets the owner this way (bangerd.service.d/owner.conf).
+        assert_eq!(c.owner.as_deref(), Some("alice"));
     }
 
     #[test]

@@ -659,3 +659,59 @@ async fn root_taps_and_nat_follow_twenty_concurrent_vms_in_a_netns() {
     drop(c);
     d.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_update_gate_refuses_while_a_vm_is_starting_unless_forced() {
+    use banger_api::{UpdateGate, UpdateRpcClient};
+    let (d, c, _files) = setup_with(None, 60).await;
+    let gate = |force| UpdateGate {
+        version: "9.9.9".into(),
+        force,
+    };
+    // Nothing in flight: granted.
+    assert!(c.gate(gate(false)).await.unwrap().in_flight.is_empty());
+    let c2 = d.client().await;
+    let create = tokio::spawn(async move {
+        create(
+            &c2,
+            CreateVm {
+                name: Some("busy".into()),
+                image: Some("img".into()),
+                ..Default::default()
+            },
+        )
+        .await
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !VmRpcClient::show(&c, "busy".into())
+        .await
+        .is_ok_and(|vm| vm.state == VmState::Starting && vm.pid.is_some())
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never reached `starting`"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Starting: refused with CONFLICT, naming the VM and saying how to proceed.
+    let err = c.gate(gate(false)).await.unwrap_err();
+    let ClientError::Call(obj) = err else {
+        panic!("{err:?}")
+    };
+    assert_eq!(obj.code(), codes::CONFLICT);
+    assert!(
+        obj.message().contains("busy starting") && obj.message().contains("--force"),
+        "{}",
+        obj.message()
+    );
+    // Forced: granted, and the VMs in flight are reported.
+    assert_eq!(
+        c.gate(gate(true)).await.unwrap().in_flight,
+        vec!["busy starting".to_owned()]
+    );
+    c.stop("busy".into(), Some(3)).await.unwrap();
+    let _ = create.await;
+    assert!(c.gate(gate(false)).await.unwrap().in_flight.is_empty());
+    drop(c);
+    d.shutdown().await;
+}

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use banger_api::DaemonRpcClient;
 
-use crate::cli::DaemonCmd;
+use crate::cli::{DaemonCmd, SystemCmd};
 use crate::connect::{self, Target};
 use crate::exit::{self, CliError};
 use crate::render;
@@ -22,6 +22,10 @@ pub async fn run(target: &Target, cmd: DaemonCmd) -> Result<u8, CliError> {
             Ok(exit::OK)
         }
         DaemonCmd::Stop => stop(target).await,
+        // `banger daemon install|uninstall|restart` are `banger system …`.
+        DaemonCmd::Install(a) => super::system::run(SystemCmd::Install(a)).await,
+        DaemonCmd::Uninstall(a) => super::system::run(SystemCmd::Uninstall(a)).await,
+        DaemonCmd::Restart => super::system::run(SystemCmd::Restart).await,
         DaemonCmd::Socket { json } => {
             let path = target.socket.display().to_string();
             if json {

@@ -394,6 +394,10 @@ async fn daemon_checks(target: &Target) -> Vec<Check> {
 pub async fn run(target: &Target, json: bool) -> Result<u8, CliError> {
     let mut checks = host_checks();
     checks.extend(daemon_checks(target).await);
+    checks.push(super::system::doctor_check(
+        &super::system::Layout::new(None),
+        &crate::systemd::SystemctlCmd { root: None },
+    ));
     let failed = checks.iter().any(|c| c.status == Level::Fail);
     if json {
         render::json(&checks)?;

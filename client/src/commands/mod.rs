@@ -4,6 +4,8 @@ pub mod daemon;
 pub mod doctor;
 pub mod exec;
 pub mod image;
+pub mod system;
+pub mod update;
 pub mod version;
 pub mod vm;
 
@@ -59,6 +61,26 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
     let target = Target::resolve(cli.socket);
     match cli.command {
         Command::Daemon(cmd) => daemon::run(&target, cmd).await,
+        Command::System(cmd) => system::run(cmd).await,
+        Command::Update {
+            check,
+            to,
+            dry_run,
+            force,
+            json,
+        } => {
+            update::run(
+                &target,
+                update::Opts {
+                    check,
+                    to,
+                    dry_run,
+                    force,
+                    json,
+                },
+            )
+            .await
+        }
         Command::Vm(cmd) => vm::run(&target, cmd).await,
         Command::Ps { json } => vm::ps(&target, json).await,
         Command::Image(cmd) => image::image(&target, cmd).await,

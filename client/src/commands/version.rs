@@ -35,6 +35,8 @@ struct Versions {
     client: Build,
     /// The running daemon's build, if one answers (it is not started for this).
     daemon: Option<Build>,
+    /// Where `banger update` looks for releases (compiled in).
+    release_manifest: &'static str,
 }
 
 pub async fn run(target: &Target, json: bool) -> Result<u8, CliError> {
@@ -57,6 +59,7 @@ pub async fn run(target: &Target, json: bool) -> Result<u8, CliError> {
             build_time: BUILD_TIME.into(),
         },
         daemon,
+        release_manifest: super::update::MANIFEST_URL,
     };
     if json {
         render::json(&v)?;
@@ -67,16 +70,22 @@ pub async fn run(target: &Target, json: bool) -> Result<u8, CliError> {
         v.client.version, v.client.commit, v.client.build_time
     );
     match &v.daemon {
+        Some(d) if d.version == v.client.version && d.commit == v.client.commit => {
+            println!("bangerd same build (running)");
+        }
         Some(d) => {
             println!(
                 "bangerd {} (commit {}, built {})",
                 d.version, d.commit, d.build_time
             );
-            if d.version != v.client.version || d.commit != v.client.commit {
-                println!(
-                    "note: the daemon runs another build; restart it with `banger daemon stop` (it restarts on next use)"
-                );
-            }
+            let how = if target.system {
+                "`sudo banger system restart`"
+            } else {
+                "`banger daemon stop` (it restarts on next use)"
+            };
+            println!(
+                "note: the running daemon is another build than this CLI; restart it with {how}"
+            );
         }
         None => println!("bangerd not running"),
     }

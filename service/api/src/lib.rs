@@ -17,8 +17,10 @@ pub mod daemon;
 pub mod image;
 pub mod socket;
 pub mod units;
+pub mod update;
 pub mod vm;
 
 pub use daemon::*;
 pub use image::*;
+pub use update::*;
 pub use vm::*;

@@ -6,6 +6,7 @@
 
 pub mod daemon;
 pub mod image;
+pub mod update;
 pub mod vm;
 
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use jsonrpsee::server::Methods;
 use jsonrpsee::types::ErrorObjectOwned;
 use tokio::sync::Notify;
 
+use banger_actors::updater::actor::UpdaterError;
 use banger_actors::{StoreError, Tree, TreeError};
 use banger_api::codes;
 
@@ -64,6 +66,8 @@ impl From<RpcError> for ErrorObjectOwned {
                 codes::INVALID_ARGUMENT
             }
             RpcError::Tree(TreeError::Image(_)) => codes::INTERNAL_ERROR,
+            RpcError::Tree(TreeError::Updater(UpdaterError::Busy(_))) => codes::CONFLICT,
+            RpcError::Tree(TreeError::Updater(_)) => codes::INTERNAL_ERROR,
             RpcError::Tree(TreeError::Store(StoreError::Conflict(_))) => codes::CONFLICT,
             RpcError::Tree(TreeError::Store(_)) => codes::STORE,
             RpcError::NotFound(_) => codes::NOT_FOUND,
@@ -105,6 +109,9 @@ pub fn methods(ctx: Arc<Ctx>) -> Methods {
         .expect("method names are unique across namespaces");
     module
         .merge(image::image_rpc(Arc::clone(&ctx)))
+        .expect("method names are unique across namespaces");
+    module
+        .merge(update::into_rpc(Arc::clone(&ctx)))
         .expect("method names are unique across namespaces");
     module
         .merge(image::kernel_rpc(ctx))
