@@ -516,6 +516,27 @@ fn doctor_tells_the_truth_about_this_host() {
     assert_eq!(get("version drift")["status"], "ok");
     assert_eq!(get("dns")["status"], "ok");
     assert!(get("socket")["detail"].as_str().unwrap().contains("0660"));
+    if nix::unistd::geteuid().is_root() {
+        // Started as root, the daemon forked its helper, confined.
+        let helper = get("helper");
+        assert_eq!(helper["status"], "ok", "{helper}");
+        let detail = helper["detail"].as_str().unwrap();
+        assert!(
+            detail.contains("seccomp filter") && detail.contains("landlock fully enforced"),
+            "{detail}"
+        );
+        // ... and changed nothing on the host's network: the bridge comes with the first
+        // VM that has a network (this daemon's VMs have none).
+        let bridge = std::process::Command::new("ip")
+            .args(["link", "show", "banger0"])
+            .output()
+            .unwrap();
+        assert!(
+            !bridge.status.success(),
+            "a root daemon made banger0 on the host"
+        );
+        assert_eq!(get("bridge")["status"], "warn");
+    }
     // The system service: this host has none installed (the tests install only into
     // temporary roots), and doctor says so.
     if !Path::new("/etc/systemd/system/bangerd.service").exists() {

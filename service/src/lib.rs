@@ -166,6 +166,15 @@ impl Daemon {
             .await
             .expect("store open does not panic")?;
         let mut vm = vm_config(&settings);
+        let network = banger_api::NetworkStatus {
+            bridge: settings.config.network.bridge.clone(),
+            subnet: settings.config.network.subnet.clone(),
+            guest_dns: privileged
+                .guest_dns
+                .as_ref()
+                .and_then(|g| g.socket.local_addr().ok())
+                .map(|a| a.to_string()),
+        };
         vm.guest_dns = privileged.guest_dns;
         let (tree, tree_join) = Tree::start(store, vm, privileged.helper).await?;
         let starts = tree.record_start().await?;
@@ -187,6 +196,7 @@ impl Daemon {
             started: Instant::now(),
             started_at,
             stop: Arc::new(Notify::new()),
+            network,
         });
         Ok(Daemon {
             settings,

@@ -120,10 +120,9 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         // Before any thread exists: fork the helper, then become the owner.
         let owner = privilege::owner(&config, &env)?;
         let helper_config = privilege::helper_config(&config, &paths, owner);
-        let mut helper = privilege::start_helper(&helper_config)?;
+        privileged.helper = Some(privilege::start_helper(&helper_config)?);
         // The guests' resolver listens on the bridge's port 53, which only root may bind.
-        privileged.guest_dns = privilege::bind_guest_dns(&mut helper, &helper_config);
-        privileged.helper = Some(helper);
+        privileged.guest_dns = privilege::bind_guest_dns(&helper_config);
         privilege::drop_to(owner, &paths)?;
     }
     bangerd::logging::init(&paths.log_file(), &config.log_level)?;

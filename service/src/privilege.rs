@@ -197,21 +197,28 @@ pub fn drop_to(owner: Owner, paths: &Paths) -> Result<(), PrivilegeError> {
     Ok(())
 }
 
-/// Make the bridge and bind the guests' resolver on its address, port 53. A failure is
-/// logged to stderr and the daemon goes on (guests then have no resolver; doctor says so).
-pub fn bind_guest_dns(
-    helper: &mut Helper,
-    cfg: &HelperConfig,
-) -> Option<banger_actors::net::dns::GuestDns> {
+/// Bind the guests' resolver on the bridge address, port 53 (only root may), with
+/// IP_FREEBIND: the bridge itself is made later, by the first VM that needs a network, so a
+/// daemon that never runs a networked VM changes nothing on the host. A failure is logged
+/// to stderr and the daemon goes on (guests then have no resolver; doctor says so).
+pub fn bind_guest_dns(cfg: &HelperConfig) -> Option<banger_actors::net::dns::GuestDns> {
     #![allow(clippy::print_stderr)]
-    match helper.call(&banger_policy::Request::EnsureBridge) {
-        Ok(banger_policy::Reply::Done) => {}
-        other => {
-            eprintln!("bangerd: cannot set up bridge {}: {other:?}", cfg.bridge);
-            return None;
-        }
-    }
-    let socket = match std::net::UdpSocket::bind((cfg.gateway, 53)) {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrIn, bind, setsockopt, socket, sockopt,
+    };
+    let bound = (|| -> nix::Result<std::net::UdpSocket> {
+        let fd = socket(
+            AddressFamily::Inet,
+            SockType::Datagram,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )?;
+        setsockopt(&fd, sockopt::IpFreebind, &true)?;
+        let addr = SockaddrIn::from(std::net::SocketAddrV4::new(cfg.gateway, 53));
+        bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr)?;
+        Ok(std::net::UdpSocket::from(fd))
+    })();
+    let socket = match bound {
         Ok(s) => s,
         Err(e) => {
             eprintln!(
@@ -221,13 +228,6 @@ pub fn bind_guest_dns(
             return None;
         }
     };
-    if cfg.resolvectl.is_some() {
-        // systemd-resolved runs: route `.vm` to this resolver for the host too.
-        match helper.call(&banger_policy::Request::ResolvedRoute { port: 53 }) {
-            Ok(banger_policy::Reply::Done) => {}
-            other => eprintln!("bangerd: cannot route .vm through systemd-resolved: {other:?}"),
-        }
-    }
     let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
     let upstreams = banger_actors::net::dns::upstreams(&resolv)
         .into_iter()

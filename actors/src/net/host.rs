@@ -201,6 +201,15 @@ impl Actor for NetActor {
                     if !state.bridge_ready {
                         helper_call(&state.helper, Request::EnsureBridge).await?;
                         state.bridge_ready = true;
+                        // Where systemd-resolved runs, route `.vm` to the bridge's resolver
+                        // (the helper refuses when resolved is not in use: nothing to do).
+                        match helper_call(&state.helper, Request::ResolvedRoute { port: 53 }).await
+                        {
+                            Ok(()) | Err(NetError::Refused { .. }) => {}
+                            Err(e) => {
+                                tracing::warn!(error = %e, "routing .vm through systemd-resolved")
+                            }
+                        }
                     }
                     let name = tap_name(&vm);
                     helper_call(

@@ -201,6 +201,137 @@ fn source(s: SpecSource) -> &'static str {
 }
 
 /// Daemon and VM checks.
+/// The helper's confinement, the bridge, NAT forwarding, the guests' resolver and the
+/// host's `.vm` routing, from the daemon's status and the host.
+fn network_checks(status: &banger_api::DaemonStatus) -> Vec<Check> {
+    let mut out = Vec::new();
+    out.push(match &status.helper {
+        None => check(
+            "helper",
+            Level::Warn,
+            "no privileged helper: this bangerd was not started as root, so VMs with a network cannot start",
+            Some("`sudo banger system install`, or create VMs with --no-network"),
+        ),
+        Some(h) => {
+            let confined = h.seccomp_mode == 2 && h.no_new_privs && h.landlock == "fully enforced";
+            let detail = format!(
+                "uid {}, seccomp {}, landlock {}, capabilities {}",
+                h.uid,
+                if h.seccomp_mode == 2 { "filter" } else { "OFF" },
+                h.landlock,
+                h.caps_effective
+                    .iter()
+                    .map(|c| c.trim_start_matches("CAP_").to_lowercase())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
+            if confined {
+                check("helper", Level::Ok, format!("confined: {detail}"), None)
+            } else {
+                check(
+                    "helper",
+                    Level::Fail,
+                    format!("not fully confined: {detail}"),
+                    Some("a kernel without landlock or seccomp? see `bangerd __helper-selftest` in README"),
+                )
+            }
+        }
+    });
+    let Some(net) = &status.network else {
+        return out;
+    };
+    let addr = std::process::Command::new("ip")
+        .args(["-4", "-o", "addr", "show", "dev", &net.bridge])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let inet = addr
+        .split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .map(str::to_owned);
+    out.push(match inet {
+        Some(inet) => check(
+            "bridge",
+            Level::Ok,
+            format!("{} {inet} (subnet {})", net.bridge, net.subnet),
+            None,
+        ),
+        None if status.helper.is_some() => check(
+            "bridge",
+            Level::Warn,
+            format!("{} does not exist", net.bridge),
+            Some("the helper makes it when a VM with a network starts; see bangerd.log if one did"),
+        ),
+        None => check(
+            "bridge",
+            Level::Warn,
+            format!("{} does not exist (no helper to make it)", net.bridge),
+            Some("`sudo banger system install`"),
+        ),
+    });
+    let forwarding = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward")
+        .map(|s| s.trim() == "1")
+        .unwrap_or(false);
+    out.push(check(
+        "nat",
+        Level::Ok,
+        if forwarding {
+            "IPv4 forwarding on (VMs created with --nat reach beyond the subnet)"
+        } else {
+            "IPv4 forwarding off: no VM has --nat (banger turns it on when one does)"
+        },
+        None,
+    ));
+    out.push(match &net.guest_dns {
+        Some(a) => check(
+            "guest dns",
+            Level::Ok,
+            format!("guests resolve .vm and forward the rest through {a}"),
+            None,
+        ),
+        None => check(
+            "guest dns",
+            Level::Warn,
+            "no resolver for guests (needs the helper, and port 53 on the bridge address free)",
+            Some("guests then resolve nothing; see bangerd.log"),
+        ),
+    });
+    let resolved = std::path::Path::new("/run/systemd/resolve").exists();
+    out.push(if !resolved {
+        check(
+            "resolved routing",
+            Level::Ok,
+            "systemd-resolved is not in use: on the host, resolve <vm>.vm with `dig @127.0.0.1 -p 42069`, or `banger vm show`",
+            None,
+        )
+    } else {
+        let domains = std::process::Command::new("resolvectl")
+            .args(["domain", &net.bridge])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        if domains.contains("~vm") {
+            check(
+                "resolved routing",
+                Level::Ok,
+                format!("systemd-resolved sends .vm to {}", net.bridge),
+                None,
+            )
+        } else {
+            check(
+                "resolved routing",
+                Level::Warn,
+                "systemd-resolved does not route .vm to banger",
+                Some("restart the service (`sudo banger system restart`): bangerd sets it up at start"),
+            )
+        }
+    });
+    out
+}
+
 async fn daemon_checks(target: &Target) -> Vec<Check> {
     let mut out = Vec::new();
     let client = match connect::connect(target).await {
@@ -286,6 +417,7 @@ async fn daemon_checks(target: &Target) -> Vec<Check> {
             Some("its port is taken, or dns_listen is empty: see bangerd.log"),
         ),
     });
+    out.extend(network_checks(&status));
     out.push(check(
         "store",
         Level::Ok,

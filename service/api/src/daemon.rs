@@ -40,6 +40,34 @@ pub struct DaemonStatus {
     /// Where the `.vm` resolver listens (None: disabled, or its port was taken).
     #[serde(default)]
     pub dns: Option<String>,
+    /// The privileged helper's confinement (None: bangerd was not started as root).
+    #[serde(default)]
+    pub helper: Option<HelperStatus>,
+    /// The VM network's settings.
+    #[serde(default)]
+    pub network: Option<NetworkStatus>,
+}
+
+/// The confinement the privileged helper reported, as the kernel showed it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelperStatus {
+    pub uid: u32,
+    /// 2 = a seccomp filter is installed.
+    pub seccomp_mode: u32,
+    pub no_new_privs: bool,
+    pub caps_effective: Vec<String>,
+    /// `fully enforced`, `partially enforced` or `not enforced`.
+    pub landlock: String,
+}
+
+/// The VM network as configured.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkStatus {
+    pub bridge: String,
+    pub subnet: String,
+    /// Where guests' DNS is answered (the bridge address, port 53), when it is.
+    #[serde(default)]
+    pub guest_dns: Option<String>,
 }
 
 /// The daemon's store, as reported by `daemon.status`.

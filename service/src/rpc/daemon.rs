@@ -40,6 +40,19 @@ impl DaemonRpcServer for DaemonApi {
             uptime_secs: self.ctx.started.elapsed().as_secs(),
             started_at: self.ctx.started_at,
             dns: self.ctx.tree.dns_addr().await.map(|a| a.to_string()),
+            helper: self
+                .ctx
+                .tree
+                .helper_confinement()
+                .await
+                .map(|c| banger_api::HelperStatus {
+                    uid: c.uid,
+                    seccomp_mode: c.seccomp_mode,
+                    no_new_privs: c.no_new_privs,
+                    caps_effective: c.caps_effective,
+                    landlock: c.landlock,
+                }),
+            network: Some(self.ctx.network.clone()),
             store: StoreStatus {
                 path: store.path.display().to_string(),
                 schema_version: store.schema_version,

@@ -32,6 +32,8 @@ pub struct Ctx {
     pub started_at: u64,
     /// Notified by `daemon.stop`.
     pub stop: Arc<Notify>,
+    /// The VM network as configured (for `daemon.status`).
+    pub network: banger_api::NetworkStatus,
 }
 
 /// Every error a handler can return. (Large, as it carries the actors' errors by value;
