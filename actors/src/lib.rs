@@ -7,8 +7,11 @@
 //!  │                                   database handle, which the root keeps
 //!  ├─ VmSupervisor                     restarted empty; it rebuilds its VmActors from
 //!  │   └─ VmActor × N                  the store and from the host (pid + start time)
-//!  └─ DnsActor                         the `.vm` resolver; restarted with the same name
-//!                                      table (kept by the root, written by VmSupervisor)
+//!  ├─ DnsActor                         the `.vm` resolver; restarted with the same name
+//!  │                                   table (kept by the root, written by VmSupervisor)
+//!  └─ PullActor                        image and kernel pulls, coalesced by key; restarted
+//!                                      empty (pulls in flight fail; their staging dirs are
+//!                                      swept), with the same blob cache (kept by the root)
 //! ```
 //!
 //! Restart policy (one-for-one, every supervisor overrides `handle_supervisor_evt`; ractor's
@@ -32,6 +35,7 @@
 
 pub mod image;
 pub mod net;
+pub mod pull;
 pub mod root;
 pub mod store;
 pub mod vm;

@@ -11,6 +11,7 @@ use banger_api::{CreateVm, SpecDefaults, VmInfo};
 
 use crate::image::{ImageError, ImageRecord, KernelRecord};
 use crate::net::dns::{DnsActor, DnsMsg};
+use crate::pull::{PullActor, PullConfig, PullEnv, PullError, PullMsg};
 use crate::store::{Store, StoreActor, StoreError, StoreInfo, StoreMsg};
 use crate::vm::actor::{ProgressTx, VmEnv, VmError, VmMsg};
 use crate::vm_supervisor::{VmSettings, VmSupervisor, VmSupervisorArgs, VmSupervisorMsg};
@@ -38,6 +39,8 @@ pub enum TreeError {
     Vm(#[from] VmError),
     #[error(transparent)]
     Image(#[from] ImageError),
+    #[error(transparent)]
+    Pull(#[from] Arc<PullError>),
 }
 
 /// Everything the VM side of the tree needs besides the store.
@@ -53,6 +56,8 @@ pub struct VmConfig {
     /// Where the `.vm` resolver listens (None: off).
     pub dns_listen: Option<std::net::SocketAddr>,
     pub settings: VmSettings,
+    /// Image and kernel pulls (catalogs, registries, caches).
+    pub pull: PullConfig,
 }
 
 /// Current references to the tree's actors. A restart replaces the reference in place,
@@ -65,6 +70,9 @@ pub struct Tree {
     store: Slot<StoreMsg>,
     vms: Slot<VmSupervisorMsg>,
     dns: Slot<DnsMsg>,
+    pulls: Slot<PullMsg>,
+    pull_env: Arc<PullEnv>,
+    default_image: Option<String>,
 }
 
 /// The current reference to one child, written by the root whenever it (re)spawns it.
@@ -82,6 +90,7 @@ enum Child {
     Store,
     Vms,
     Dns,
+    Pull,
 }
 
 impl Child {
@@ -90,6 +99,7 @@ impl Child {
             Child::Store => "store",
             Child::Vms => "vm-supervisor",
             Child::Dns => "dns",
+            Child::Pull => "pull",
         }
     }
 }
@@ -102,6 +112,9 @@ pub struct RootArgs {
     store_ref: Slot<StoreMsg>,
     vms_ref: Slot<VmSupervisorMsg>,
     dns_ref: Slot<DnsMsg>,
+    pull_ref: Slot<PullMsg>,
+    /// Kept here so a restarted PullActor shares the blob cache's locks with the tree.
+    pull_env: Arc<PullEnv>,
     /// The `.vm` names, shared by the VM supervisor and the DNS actor; kept here so a
     /// restart of either keeps it.
     dns_table: crate::net::dns::Table,
@@ -159,6 +172,12 @@ impl RootSupervisor {
                 *state.args.dns_ref.write().expect("tree lock") = Some(r.clone());
                 r.get_cell()
             }
+            Child::Pull => {
+                let env = Arc::clone(&state.args.pull_env);
+                let (r, _) = Actor::spawn_linked(None, PullActor, env, myself.get_cell()).await?;
+                *state.args.pull_ref.write().expect("tree lock") = Some(r.clone());
+                r.get_cell()
+            }
         };
         state.children.retain(|(c, _)| *c != child);
         state.children.push((child, cell));
@@ -183,11 +202,13 @@ impl Actor for RootSupervisor {
                 (Child::Store, VecDeque::new()),
                 (Child::Vms, VecDeque::new()),
                 (Child::Dns, VecDeque::new()),
+                (Child::Pull, VecDeque::new()),
             ],
         };
         Self::spawn_child(&myself, &mut state, Child::Store).await?;
         Self::spawn_child(&myself, &mut state, Child::Vms).await?;
         Self::spawn_child(&myself, &mut state, Child::Dns).await?;
+        Self::spawn_child(&myself, &mut state, Child::Pull).await?;
         Ok(state)
     }
 
@@ -253,14 +274,19 @@ impl Tree {
         let store_ref = Arc::new(RwLock::new(None));
         let vms_ref = Arc::new(RwLock::new(None));
         let dns_ref = Arc::new(RwLock::new(None));
+        let pull_ref = Arc::new(RwLock::new(None));
         let db = Arc::new(store);
         let data_dir = vm.data_dir.clone();
+        let default_image = vm.settings.default_image.clone();
+        let pull_env = PullEnv::new(vm.pull.clone(), Arc::clone(&db));
         let args = RootArgs {
             store: Arc::clone(&db),
             vm,
             store_ref: Arc::clone(&store_ref),
             vms_ref: Arc::clone(&vms_ref),
             dns_ref: Arc::clone(&dns_ref),
+            pull_ref: Arc::clone(&pull_ref),
+            pull_env: Arc::clone(&pull_env),
             dns_table: Default::default(),
         };
         let (root, join) = Actor::spawn(None, RootSupervisor, args)
@@ -273,6 +299,9 @@ impl Tree {
             store: store_ref,
             vms: vms_ref,
             dns: dns_ref,
+            pulls: pull_ref,
+            pull_env,
+            default_image,
         };
         Ok((tree, join))
     }
@@ -327,12 +356,16 @@ impl Tree {
             .map_err(|_| TreeError::Call("vm-supervisor"))
     }
 
-    /// Create (and start) a VM; progress goes to `progress` while it boots.
+    /// Create (and start) a VM; progress goes to `progress` while it boots. A missing image
+    /// that the catalog has (the default image, typically) is pulled first, and then the
+    /// kernel its record names if that is missing and in the kernel catalog: both show as a
+    /// `pull` stage.
     pub async fn create_vm(
         &self,
         req: CreateVm,
         progress: Option<ProgressTx>,
     ) -> Result<VmInfo, TreeError> {
+        self.auto_pull(&req, progress.as_ref()).await?;
         ractor::call!(self.vms(), |reply| VmSupervisorMsg::Create {
             req,
             progress,
@@ -340,6 +373,118 @@ impl Tree {
         })
         .map_err(|_| TreeError::Call("vm-supervisor"))?
         .map_err(TreeError::Vm)
+    }
+
+    async fn auto_pull(
+        &self,
+        req: &CreateVm,
+        progress: Option<&ProgressTx>,
+    ) -> Result<(), TreeError> {
+        let Some(image) = req.image.clone().or_else(|| self.default_image.clone()) else {
+            return Ok(());
+        };
+        let catalogs = Arc::clone(&self.pull_env.config.catalogs);
+        let stage = |detail: String| {
+            if let Some(p) = progress {
+                let _ = p.send(banger_api::Progress::Stage {
+                    stage: "pull".into(),
+                    detail: Some(detail),
+                });
+            }
+        };
+        let record = match self.image(image.clone()).await? {
+            Some(r) => r,
+            None if catalogs.image(&image).is_some() => {
+                stage(format!("image {image} (not here yet; from the catalog)"));
+                let req = banger_api::PullImage {
+                    source: image.clone(),
+                    ..Default::default()
+                };
+                match self.pull_image(req, None).await {
+                    Ok(r) => r,
+                    // Pulled meanwhile by someone else: fine.
+                    Err(TreeError::Pull(e)) if matches!(*e, PullError::Exists(_)) => {
+                        match self.image(image.clone()).await? {
+                            Some(r) => r,
+                            None => return Err(TreeError::Pull(e)),
+                        }
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            None => return Ok(()),
+        };
+        let Some(kernel) = req.kernel.clone().or(record.kernel) else {
+            return Ok(());
+        };
+        if self.kernel(kernel.clone()).await?.is_none() && catalogs.kernel(&kernel).is_some() {
+            stage(format!("kernel {kernel} (not here yet; from the catalog)"));
+            match self.pull_kernel(kernel, None).await {
+                Ok(_) => {}
+                Err(TreeError::Pull(e)) if matches!(*e, PullError::Exists(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn pulls(&self) -> ActorRef<PullMsg> {
+        live(&self.pulls)
+    }
+
+    /// Pull an image (catalog or OCI) through the PullActor.
+    pub async fn pull_image(
+        &self,
+        req: banger_api::PullImage,
+        events: Option<crate::pull::EventTx>,
+    ) -> Result<ImageRecord, TreeError> {
+        ractor::call!(self.pulls(), |reply| PullMsg::Image { req, events, reply })
+            .map_err(|_| TreeError::Call("pull"))?
+            .map_err(TreeError::Pull)
+    }
+
+    /// Pull a kernel from the kernel catalog through the PullActor.
+    pub async fn pull_kernel(
+        &self,
+        name: String,
+        events: Option<crate::pull::EventTx>,
+    ) -> Result<KernelRecord, TreeError> {
+        ractor::call!(self.pulls(), |reply| PullMsg::Kernel {
+            name,
+            events,
+            reply
+        })
+        .map_err(|_| TreeError::Call("pull"))?
+        .map_err(TreeError::Pull)
+    }
+
+    /// Keys of the pulls in flight.
+    pub async fn pulls_in_flight(&self) -> Result<Vec<String>, TreeError> {
+        ractor::call_t!(self.pulls(), PullMsg::InFlight, CALL_MS)
+            .map_err(|_| TreeError::Call("pull"))
+    }
+
+    /// The image and kernel catalogs in use.
+    pub fn catalogs(&self) -> Arc<crate::pull::catalog::Catalogs> {
+        Arc::clone(&self.pull_env.config.catalogs)
+    }
+
+    /// Layer blobs in the cache.
+    pub async fn blob_cache_list(&self) -> Result<Vec<banger_api::CachedBlob>, TreeError> {
+        let env = Arc::clone(&self.pull_env);
+        tokio::task::spawn_blocking(move || env.blobs.list())
+            .await
+            .map_err(|_| TreeError::Call("pull"))?
+            .map_err(|e| TreeError::Pull(Arc::new(e)))
+    }
+
+    /// Empty the layer cache (blobs being fetched stay).
+    pub async fn blob_cache_prune(&self) -> Result<banger_api::CachePruned, TreeError> {
+        let env = Arc::clone(&self.pull_env);
+        tokio::task::spawn_blocking(move || env.blobs.prune())
+            .await
+            .map_err(|_| TreeError::Call("pull"))?
+            .map_err(|e| TreeError::Pull(Arc::new(e)))
     }
 
     /// The actor of a VM.
@@ -548,6 +693,16 @@ pub fn test_vm_config(dir: &std::path::Path) -> VmConfig {
             default_vmm: banger_api::VmmKind::Qemu,
             default_image: None,
             subnet: "172.30.0.0/24".parse().expect("valid subnet"),
+        },
+        pull: PullConfig {
+            data_dir: dir.to_owned(),
+            cache_dir: dir.join("cache"),
+            catalogs: Arc::new(
+                crate::pull::catalog::Catalogs::embedded()
+                    .expect("the embedded catalogs are valid"),
+            ),
+            insecure_registries: Vec::new(),
+            guest_binaries_dir: dir.join("guest"),
         },
     }
 }

@@ -267,12 +267,39 @@ pub enum ImageCmd {
         #[arg(long)]
         kernel: Option<String>,
     },
-    /// List images.
+    /// Pull an image from the catalog or from an OCI registry, with a progress bar on a
+    /// terminal.
+    #[command(
+        after_help = "Examples:\n  banger image pull debian-bookworm              a catalog image (see `banger image list --available`)\n  banger image pull debian:bookworm --name deb    Docker Hub (docker.io/library/debian:bookworm)\n  banger image pull ghcr.io/org/app@sha256:…      any registry, by digest\n  banger image pull 127.0.0.1:5000/dev:1 --size 2G --kernel-ref cloud\n\nPlain-HTTP registries must be listed in the daemon's config: [images] insecure_registries = [\"127.0.0.1:5000\"]."
+    )]
+    Pull {
+        /// A catalog name or an OCI reference.
+        source: String,
+        /// The image's name (default: the catalog name, or `<repo>-<tag>`).
+        #[arg(long)]
+        name: Option<String>,
+        /// The kernel VMs of this image boot by default.
+        #[arg(long = "kernel-ref")]
+        kernel_ref: Option<String>,
+        /// Size of the ext4 built from an OCI image (default: the content plus headroom).
+        #[arg(long, value_parser = parse_size)]
+        size: Option<u64>,
+        /// Print the image as JSON when done.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List images (`--available`: the catalog).
     #[command(visible_alias = "ls")]
     List {
         #[arg(long)]
         json: bool,
+        /// List the catalog instead of the images here.
+        #[arg(long)]
+        available: bool,
     },
+    /// The layer cache of OCI pulls.
+    #[command(subcommand)]
+    Cache(CacheCmd),
     /// Show an image.
     Show {
         name: String,
@@ -285,7 +312,28 @@ pub enum ImageCmd {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum CacheCmd {
+    /// Layer blobs in the cache, most recently used first.
+    #[command(visible_alias = "ls")]
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove every cached layer blob (images already pulled are not affected).
+    Prune,
+}
+
+#[derive(Debug, Subcommand)]
 pub enum KernelCmd {
+    /// Pull a kernel from the kernel catalog.
+    #[command(
+        after_help = "Examples:\n  banger kernel pull cloud-6.1\n  banger kernel list --available"
+    )]
+    Pull {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Import a kernel from a directory with vmlinux or vmlinuz, and optionally initrd and modules/.
     #[command(after_help = "Examples:\n  banger kernel import cloud --from ./kernel-dir")]
     Import {
@@ -293,11 +341,14 @@ pub enum KernelCmd {
         #[arg(long)]
         from: PathBuf,
     },
-    /// List kernels.
+    /// List kernels (`--available`: the catalog).
     #[command(visible_alias = "ls")]
     List {
         #[arg(long)]
         json: bool,
+        /// List the catalog instead of the kernels here.
+        #[arg(long)]
+        available: bool,
     },
     /// Show a kernel.
     Show {

@@ -48,6 +48,8 @@ pub enum ServiceError {
     Tree(#[from] TreeError),
     #[error(transparent)]
     Server(#[from] server::ServerError),
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
     #[error("the supervision tree stopped unexpectedly")]
     TreeStopped,
 }
@@ -72,8 +74,23 @@ impl Settings {
     }
 }
 
+/// Where the guest binaries are: the config's directory, else beside this executable when
+/// they are there, else `/usr/lib/banger`.
+fn guest_binaries_dir(config: &Config) -> std::path::PathBuf {
+    if let Some(d) = &config.images.guest_binaries_dir {
+        return d.clone();
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|p| p.to_owned()))
+        .filter(|d| d.join("banger-init").is_file())
+        .unwrap_or_else(|| "/usr/lib/banger".into())
+}
+
 /// The VM side of the tree, from config and host.
-fn vm_config(settings: &Settings) -> banger_actors::root::VmConfig {
+fn vm_config(
+    settings: &Settings,
+) -> Result<banger_actors::root::VmConfig, config::ConfigError> {
     use banger_actors::vm::spec::Host;
     use banger_actors::vm_supervisor::VmSettings;
     use banger_actors::vmm::{VmmConfig, firecracker::FirecrackerConfig, qemu};
@@ -83,7 +100,8 @@ fn vm_config(settings: &Settings) -> banger_actors::root::VmConfig {
         "tcg" => qemu::Accel::Tcg,
         _ => qemu::Accel::Auto,
     };
-    banger_actors::root::VmConfig {
+    let catalogs = std::sync::Arc::new(c.catalogs()?);
+    Ok(banger_actors::root::VmConfig {
         data_dir: settings.paths.data_dir.clone(),
         vmm: VmmConfig {
             firecracker: FirecrackerConfig {
@@ -124,7 +142,14 @@ fn vm_config(settings: &Settings) -> banger_actors::root::VmConfig {
                 .parse()
                 .expect("validated when the config was loaded"),
         },
-    }
+        pull: banger_actors::pull::PullConfig {
+            data_dir: settings.paths.data_dir.clone(),
+            cache_dir: settings.paths.cache_dir.clone(),
+            catalogs,
+            insecure_registries: c.images.insecure_registries.clone(),
+            guest_binaries_dir: guest_binaries_dir(c),
+        },
+    })
 }
 
 /// A started daemon: lock held, store open, tree running.
@@ -145,7 +170,7 @@ impl Daemon {
         let store = tokio::task::spawn_blocking(move || Store::open(&store_path))
             .await
             .expect("store open does not panic")?;
-        let (tree, tree_join) = Tree::start(store, vm_config(&settings)).await?;
+        let (tree, tree_join) = Tree::start(store, vm_config(&settings)?).await?;
         let starts = tree.record_start().await?;
         let started_at = SystemTime::now()
             .duration_since(UNIX_EPOCH)

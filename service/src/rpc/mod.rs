@@ -64,6 +64,7 @@ impl From<RpcError> for ErrorObjectOwned {
                 codes::INVALID_ARGUMENT
             }
             RpcError::Tree(TreeError::Image(_)) => codes::INTERNAL_ERROR,
+            RpcError::Tree(TreeError::Pull(e)) => e.code(),
             RpcError::Tree(TreeError::Store(StoreError::Conflict(_))) => codes::CONFLICT,
             RpcError::Tree(TreeError::Store(_)) => codes::STORE,
             RpcError::NotFound(_) => codes::NOT_FOUND,
@@ -92,6 +93,10 @@ pub const NO_PARAMS: &[&str] = &[
     "vm.list",
     "image.list",
     "kernel.list",
+    "image.available",
+    "image.cache_list",
+    "image.cache_prune",
+    "kernel.available",
 ];
 
 /// All namespaces, merged.
