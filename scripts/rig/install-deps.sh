@@ -6,6 +6,12 @@ set -euo pipefail
 need_apt=()
 command -v setpriv >/dev/null || need_apt+=(util-linux)   # run a client as `nobody`
 command -v git >/dev/null || need_apt+=(git)
+# Image pulls (issue 5): a real registry, image assembly and push, ext4 build and checks.
+command -v docker-registry >/dev/null || need_apt+=(docker-registry)
+command -v umoci >/dev/null || need_apt+=(umoci)
+command -v skopeo >/dev/null || need_apt+=(skopeo)
+command -v debugfs >/dev/null || need_apt+=(e2fsprogs)
+command -v zstd >/dev/null || need_apt+=(zstd)
 
 if [ "${#need_apt[@]}" -gt 0 ]; then
     echo "== installing: ${need_apt[*]}"

@@ -88,9 +88,7 @@ fn guest_binaries_dir(config: &Config) -> std::path::PathBuf {
 }
 
 /// The VM side of the tree, from config and host.
-fn vm_config(
-    settings: &Settings,
-) -> Result<banger_actors::root::VmConfig, config::ConfigError> {
+fn vm_config(settings: &Settings) -> Result<banger_actors::root::VmConfig, config::ConfigError> {
     use banger_actors::vm::spec::Host;
     use banger_actors::vm_supervisor::VmSettings;
     use banger_actors::vmm::{VmmConfig, firecracker::FirecrackerConfig, qemu};

@@ -276,3 +276,386 @@ pub fn read_all(mut r: impl Read) -> Vec<u8> {
     r.read_to_end(&mut v).unwrap();
     v
 }
+
+/// An entry of a hand-made OCI layer.
+#[derive(Debug, Clone)]
+pub struct E {
+    pub name: String,
+    pub kind: K,
+    pub mode: u32,
+    pub uid: u64,
+    pub gid: u64,
+    pub xattr: Option<(String, Vec<u8>)>,
+}
+
+#[derive(Debug, Clone)]
+pub enum K {
+    File(Vec<u8>),
+    Dir,
+    Symlink(String),
+    Hard(String),
+    Char,
+}
+
+impl E {
+    fn new(name: &str, kind: K, mode: u32) -> E {
+        E {
+            name: name.into(),
+            kind,
+            mode,
+            uid: 0,
+            gid: 0,
+            xattr: None,
+        }
+    }
+    pub fn file(name: &str, data: &[u8]) -> E {
+        E::new(name, K::File(data.to_vec()), 0o644)
+    }
+    pub fn dir(name: &str) -> E {
+        E::new(name, K::Dir, 0o755)
+    }
+    pub fn symlink(name: &str, target: &str) -> E {
+        E::new(name, K::Symlink(target.into()), 0o777)
+    }
+    pub fn hard(name: &str, target: &str) -> E {
+        E::new(name, K::Hard(target.into()), 0o644)
+    }
+    pub fn chardev(name: &str) -> E {
+        E::new(name, K::Char, 0o666)
+    }
+    pub fn mode(mut self, m: u32) -> E {
+        self.mode = m;
+        self
+    }
+    pub fn owner(mut self, uid: u64, gid: u64) -> E {
+        self.uid = uid;
+        self.gid = gid;
+        self
+    }
+    pub fn xattr(mut self, k: &str, v: &[u8]) -> E {
+        self.xattr = Some((k.into(), v.to_vec()));
+        self
+    }
+}
+
+/// An uncompressed layer tar of `entries`, names and link targets written raw.
+pub fn layer(entries: &[E]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for e in entries {
+        if let Some((k, v)) = &e.xattr {
+            let key = format!("SCHILY.xattr.{k}");
+            b.append_pax_extensions([(key.as_str(), v.as_slice())])
+                .unwrap();
+        }
+        let mut h = tar::Header::new_gnu();
+        let data: &[u8] = match &e.kind {
+            K::File(d) => {
+                h.set_entry_type(tar::EntryType::Regular);
+                d
+            }
+            K::Dir => {
+                h.set_entry_type(tar::EntryType::Directory);
+                &[]
+            }
+            K::Symlink(t) => {
+                h.set_entry_type(tar::EntryType::Symlink);
+                set_raw(&mut h.as_old_mut().linkname, t);
+                &[]
+            }
+            K::Hard(t) => {
+                h.set_entry_type(tar::EntryType::Link);
+                set_raw(&mut h.as_old_mut().linkname, t);
+                &[]
+            }
+            K::Char => {
+                h.set_entry_type(tar::EntryType::Char);
+                &[]
+            }
+        };
+        set_raw(&mut h.as_old_mut().name, &e.name);
+        h.set_mode(e.mode);
+        h.set_uid(e.uid);
+        h.set_gid(e.gid);
+        h.set_mtime(1_700_000_000);
+        h.set_size(data.len() as u64);
+        h.set_cksum();
+        b.append(&h, data).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+/// Debian's `docker-registry`, run as a plain process on 127.0.0.1:<free port> with its
+/// own config and storage; killed when dropped. Its access log is kept to count requests.
+pub struct Registry {
+    child: std::process::Child,
+    pub addr: String,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Registry {
+    pub fn start() -> Registry {
+        let dir = tempfile::tempdir().unwrap();
+        let port = {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let addr = format!("127.0.0.1:{port}");
+        let config = dir.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .unwrap();
+        let log = dir.path().join("registry.log");
+        let out = std::fs::File::create(&log).unwrap();
+        let child = std::process::Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("docker-registry (apt install docker-registry; scripts/rig/install-deps.sh)");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(&addr).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the registry did not start: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Registry {
+            child,
+            addr,
+            log,
+            _dir: dir,
+        }
+    }
+
+    fn count(&self, needle: &str) -> usize {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    /// GETs of blobs of `repo` so far.
+    pub fn blob_gets(&self, repo: &str) -> usize {
+        self.count(&format!("\"GET /v2/{repo}/blobs/sha256:"))
+    }
+
+    /// GETs of manifests of `repo` so far.
+    pub fn manifest_gets(&self, repo: &str) -> usize {
+        self.count(&format!("\"GET /v2/{repo}/manifests/"))
+    }
+
+    /// Build an image of `layers` (uncompressed tars) with umoci and push it with skopeo to
+    /// `repo:tag` (`v2s2`: as a Docker v2 schema 2 manifest). Returns the reference.
+    pub fn push(
+        &self,
+        work: &Path,
+        repo: &str,
+        tag: &str,
+        layers: &[Vec<u8>],
+        arch: &str,
+        v2s2: bool,
+    ) -> String {
+        let layout = work.join(format!("layout-{}", uuid_like()));
+        run("umoci", &["init", "--layout", layout.to_str().unwrap()]);
+        let image = format!("{}:t", layout.display());
+        run("umoci", &["new", "--image", &image]);
+        run(
+            "umoci",
+            &[
+                "config",
+                "--image",
+                &image,
+                "--architecture",
+                arch,
+                "--os",
+                "linux",
+            ],
+        );
+        for (i, l) in layers.iter().enumerate() {
+            let f = work.join(format!("layer-{}-{i}.tar", uuid_like()));
+            std::fs::write(&f, l).unwrap();
+            run(
+                "umoci",
+                &["raw", "add-layer", "--image", &image, f.to_str().unwrap()],
+            );
+        }
+        let reference = format!("{}/{repo}:{tag}", self.addr);
+        let mut args = vec![
+            "--insecure-policy",
+            "copy",
+            "--quiet",
+            "--dest-tls-verify=false",
+        ];
+        if v2s2 {
+            args.extend(["--format", "v2s2"]);
+        }
+        let src = format!("oci:{image}");
+        let dst = format!("docker://{reference}");
+        args.extend([src.as_str(), dst.as_str()]);
+        run("skopeo", &args);
+        reference
+    }
+
+    /// The raw manifest of `reference` (digest, size, bytes).
+    pub fn manifest(&self, reference: &str) -> (String, usize, Vec<u8>) {
+        let o = std::process::Command::new("skopeo")
+            .args([
+                "--insecure-policy",
+                "inspect",
+                "--tls-verify=false",
+                "--raw",
+            ])
+            .arg(format!("docker://{reference}"))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        (
+            format!("sha256:{}", sha256(&o.stdout)),
+            o.stdout.len(),
+            o.stdout,
+        )
+    }
+
+    /// PUT an OCI image index of `platforms` ((reference, arch)) as `repo:tag`.
+    pub fn push_index(&self, repo: &str, tag: &str, platforms: &[(&str, &str)]) -> String {
+        let manifests: Vec<_> = platforms
+            .iter()
+            .map(|(r, arch)| {
+                let (digest, size, _) = self.manifest(r);
+                serde_json::json!({
+                    "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                    "digest": digest, "size": size,
+                    "platform": {"architecture": arch, "os": "linux"}
+                })
+            })
+            .collect();
+        let body = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": manifests
+        })
+        .to_string();
+        let mut s = TcpStream::connect(&self.addr).unwrap();
+        write!(
+            s,
+            "PUT /v2/{repo}/manifests/{tag} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/vnd.oci.image.index.v1+json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            self.addr,
+            body.len()
+        )
+        .unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        assert!(resp.starts_with("HTTP/1.1 201"), "{resp}");
+        format!("{}/{repo}:{tag}", self.addr)
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn uuid_like() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+pub fn run(cmd: &str, args: &[&str]) {
+    let o = std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(
+        o.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// One inode of an ext4 as debugfs reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    pub inode: u64,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// The whole tree of `image` (path → node), read with debugfs `ls -p`, lost+found left out.
+pub fn ext4_tree(image: &Path) -> std::collections::BTreeMap<String, Node> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut dirs = vec![String::new()];
+    while let Some(dir) = dirs.pop() {
+        let o = std::process::Command::new("debugfs")
+            .arg("-R")
+            .arg(format!("ls -p \"/{dir}\""))
+            .arg(image)
+            .output()
+            .unwrap();
+        for line in String::from_utf8_lossy(&o.stdout).lines() {
+            // /inode/mode/uid/gid/name/size/
+            let f: Vec<&str> = line.split('/').collect();
+            if f.len() < 7 || f[5] == "." || f[5] == ".." || f[5].is_empty() {
+                continue;
+            }
+            let path = if dir.is_empty() {
+                f[5].to_owned()
+            } else {
+                format!("{dir}/{}", f[5])
+            };
+            if path == "lost+found" {
+                continue;
+            }
+            let node = Node {
+                inode: f[1].parse().unwrap(),
+                mode: u32::from_str_radix(f[2], 8).unwrap(),
+                uid: f[3].parse().unwrap(),
+                gid: f[4].parse().unwrap(),
+            };
+            if node.mode & 0o170000 == 0o040000 {
+                dirs.push(path.clone());
+            }
+            out.insert(path, node);
+        }
+    }
+    out
+}
+
+/// debugfs `cat` of a file in `image`.
+pub fn ext4_cat(image: &Path, path: &str) -> Vec<u8> {
+    std::process::Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("cat \"{path}\""))
+        .arg(image)
+        .output()
+        .unwrap()
+        .stdout
+}
+
+/// debugfs output of one request (e.g. `stat /x`, `ea_get /x user.k`).
+pub fn debugfs(image: &Path, request: &str) -> String {
+    let o = std::process::Command::new("debugfs")
+        .arg("-R")
+        .arg(request)
+        .arg(image)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
