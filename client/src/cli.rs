@@ -38,6 +38,9 @@ pub enum Command {
     /// Manage guest kernels.
     #[command(subcommand)]
     Kernel(KernelCmd),
+    /// Tools for banger's own release work (not needed to use banger).
+    #[command(subcommand, hide = true)]
+    Internal(InternalCmd),
     /// Manage the banger daemon (bangerd).
     #[command(subcommand)]
     Daemon(DaemonCmd),
@@ -309,6 +312,46 @@ pub enum ImageCmd {
     /// Delete an image no VM uses.
     #[command(visible_alias = "rm")]
     Delete { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum InternalCmd {
+    /// Build a catalog bundle (.tar.zst): an image from a root filesystem tar (e.g. `docker
+    /// export`), or a kernel from a directory. Prints the catalog entry's sha256 and size.
+    #[command(
+        after_help = "Examples:\n  banger internal make-bundle --rootfs-tar rootfs.tar --name debian-bookworm --kernel-ref cloud-6.1 --out debian-bookworm-x86_64.tar.zst\n  banger internal make-bundle --kernel-dir ./kernel --out cloud-6.1-x86_64.tar.zst"
+    )]
+    MakeBundle {
+        /// An image from this root filesystem tar (plain, gzip or zstd).
+        #[arg(
+            long,
+            conflicts_with = "kernel_dir",
+            required_unless_present = "kernel_dir"
+        )]
+        rootfs_tar: Option<PathBuf>,
+        /// A kernel from this directory (vmlinux or vmlinuz, optional initrd and modules/).
+        #[arg(long)]
+        kernel_dir: Option<PathBuf>,
+        /// The image's name, written to its manifest.
+        #[arg(long, default_value = "image")]
+        name: String,
+        /// The kernel the image boots, written to its manifest.
+        #[arg(long = "kernel-ref")]
+        kernel_ref: Option<String>,
+        /// Where banger-init and banger-agent are (default: beside this banger, else
+        /// /usr/lib/banger).
+        #[arg(long)]
+        guest_dir: Option<PathBuf>,
+        /// Size of the ext4 (default: the content plus headroom).
+        #[arg(long, value_parser = parse_size)]
+        size: Option<u64>,
+        /// The bundle to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

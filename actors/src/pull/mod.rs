@@ -22,6 +22,7 @@ pub mod bundle;
 pub mod catalog;
 pub mod ext4;
 pub mod layers;
+pub mod make;
 pub mod oci;
 
 use std::collections::HashMap;
