@@ -206,6 +206,13 @@ async fn ten_concurrent_pulls_share_one_download() {
     let mut names = Vec::new();
     for t in tasks {
         let events = t.await.unwrap().expect("every pull succeeds");
+        // Every waiter hears the progress, joiners included.
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, PullEvent::Stage { stage, .. } if stage == "download" || stage == "publish")),
+            "{events:?}"
+        );
         match events.last() {
             Some(PullEvent::Image { image }) => names.push(image.name.clone()),
             other => panic!("{other:?}"),
