@@ -341,6 +341,48 @@ async fn ten_concurrent_pulls_of_one_reference_download_once() {
     s.d.shutdown().await;
 }
 
+#[tokio::test]
+async fn a_blob_download_cut_short_leaves_no_partial_and_a_retry_works() {
+    let reg = Registry::start();
+    let proxy = pulls::CuttingProxy::start(&reg.addr, 1000);
+    let work = tempfile::tempdir().unwrap();
+    let mut config = support::test_config();
+    config.images.insecure_registries = vec![reg.addr.clone(), proxy.addr.clone()];
+    config.images.guest_binaries_dir = Some(guest_dir(work.path()));
+    let d = support::TestDaemon::start_with(tempfile::tempdir().unwrap(), config).await;
+    let c = d.client().await;
+    let big: Vec<u8> = (0..200_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let direct = reg.push(
+        work.path(),
+        "test/cut",
+        "v1",
+        &[pulls::layer(&[E::file("big", &big)])],
+        "amd64",
+        false,
+    );
+    let proxied = direct.replace(&reg.addr, &proxy.addr);
+    let (_, msg) = pull(&c, &proxied, Some("cut")).await.unwrap_err();
+    assert!(msg.contains("download of") && msg.contains("blob sha256:"), "{msg}");
+    for dir in [
+        d.paths.data_dir.join("images"),
+        d.paths.cache_dir.join("blobs/sha256"),
+    ] {
+        let left = pulls::leftovers(&dir);
+        assert!(left.is_empty(), "left in {}: {left:?}", dir.display());
+    }
+    assert!(
+        ImageRpcClient::cache_list(&c).await.unwrap().is_empty(),
+        "nothing cached"
+    );
+    assert!(ImageRpcClient::list(&c).await.unwrap().is_empty());
+    // Straight from the registry it works: nothing half-made was kept in the way.
+    let img = pull(&c, &direct, Some("cut")).await.expect("retry");
+    assert_eq!(pulls::ext4_cat(Path::new(&img.rootfs), "/big"), big);
+    d.shutdown().await;
+}
+
 /// The path a daemon that is not root takes: owners recorded while replaying, then set in
 /// the ext4 with debugfs. Same tree as with chown.
 #[test]

@@ -148,7 +148,10 @@ impl BlobCache {
             while let Some(chunk) = stream.next().await {
                 let chunk = chunk.map_err(|e| PullError::Download {
                     url: format!("{} blob {}", reference.whole(), desc.digest),
-                    detail: e.to_string(),
+                    detail: format!(
+                        "{} (try again: the layers already fetched are kept)",
+                        crate::vm::actor::error_chain(&e)
+                    ),
                 })?;
                 hasher.update(&chunk);
                 got += chunk.len() as u64;

@@ -659,3 +659,77 @@ pub fn debugfs(image: &Path, request: &str) -> String {
         .unwrap();
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
+
+/// A reverse proxy in front of a registry that cuts every blob response after `cut` bytes
+/// of body (a download that dies half-way). One request per connection.
+pub struct CuttingProxy {
+    pub addr: String,
+}
+
+impl CuttingProxy {
+    pub fn start(upstream: &str, cut: usize) -> CuttingProxy {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let upstream = upstream.to_owned();
+        std::thread::spawn(move || {
+            for c in l.incoming().flatten() {
+                let upstream = upstream.clone();
+                std::thread::spawn(move || {
+                    let _ = proxy_one(c, &upstream, cut);
+                });
+            }
+        });
+        CuttingProxy { addr }
+    }
+}
+
+fn read_head(r: &mut impl BufRead) -> std::io::Result<Vec<String>> {
+    let mut lines = Vec::new();
+    loop {
+        let mut l = String::new();
+        if r.read_line(&mut l)? == 0 || l.trim().is_empty() {
+            return Ok(lines);
+        }
+        lines.push(l.trim_end().to_owned());
+    }
+}
+
+fn proxy_one(client: TcpStream, upstream: &str, cut: usize) -> std::io::Result<()> {
+    let mut cr = BufReader::new(client.try_clone()?);
+    let head = read_head(&mut cr)?;
+    let Some(first) = head.first() else {
+        return Ok(());
+    };
+    let is_blob = first.starts_with("GET ") && first.contains("/blobs/sha256:");
+    let mut up = TcpStream::connect(upstream)?;
+    let mut req = String::new();
+    for l in &head {
+        if !l.to_ascii_lowercase().starts_with("connection:") {
+            req.push_str(l);
+            req.push_str("\r\n");
+        }
+    }
+    req.push_str("Connection: close\r\n\r\n");
+    up.write_all(req.as_bytes())?;
+    let mut ur = BufReader::new(up);
+    let resp = read_head(&mut ur)?;
+    let mut client = client;
+    let mut out = String::new();
+    for l in &resp {
+        if !l.to_ascii_lowercase().starts_with("connection:") {
+            out.push_str(l);
+            out.push_str("\r\n");
+        }
+    }
+    out.push_str("Connection: close\r\n\r\n");
+    client.write_all(out.as_bytes())?;
+    if is_blob && resp.first().is_some_and(|s| s.contains(" 200")) {
+        let mut buf = vec![0u8; cut];
+        let n = ur.read(&mut buf)?;
+        client.write_all(&buf[..n])?;
+    } else {
+        std::io::copy(&mut ur, &mut client)?;
+    }
+    client.flush()?;
+    client.shutdown(std::net::Shutdown::Both)
+}
