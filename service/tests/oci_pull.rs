@@ -364,7 +364,10 @@ async fn a_blob_download_cut_short_leaves_no_partial_and_a_retry_works() {
     );
     let proxied = direct.replace(&reg.addr, &proxy.addr);
     let (_, msg) = pull(&c, &proxied, Some("cut")).await.unwrap_err();
-    assert!(msg.contains("download of") && msg.contains("blob sha256:"), "{msg}");
+    assert!(
+        msg.contains("download of") && msg.contains("blob sha256:"),
+        "{msg}"
+    );
     for dir in [
         d.paths.data_dir.join("images"),
         d.paths.cache_dir.join("blobs/sha256"),

@@ -823,3 +823,81 @@ async fn pull_kernel(
     })
     .await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn staging_is_removed_unless_published_and_sweep_clears_leftovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Staging::new(dir.path(), "img").unwrap();
+        let p = s.path().to_owned();
+        std::fs::write(p.join("f"), b"x").unwrap();
+        drop(s);
+        assert!(!p.exists(), "dropped staging is removed");
+        let s = Staging::new(dir.path(), "img").unwrap();
+        std::fs::write(s.path().join("f"), b"x").unwrap();
+        s.publish(&dir.path().join("img")).unwrap();
+        assert_eq!(std::fs::read(dir.path().join("img/f")).unwrap(), b"x");
+
+        // What a crash leaves: a staging dir and a partial blob; kept: everything else.
+        std::fs::create_dir(dir.path().join(".staging-x-123")).unwrap();
+        std::fs::write(dir.path().join(".abc-1.partial"), b"p").unwrap();
+        sweep(dir.path());
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(left, ["img"]);
+    }
+
+    #[test]
+    fn sources_resolve_to_catalog_entries_or_references() {
+        let c = catalog::Catalogs::embedded().unwrap();
+        let name = c.images[0].name.clone();
+        let p = plan_image(
+            &c,
+            &PullImage {
+                source: name.clone(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(matches!(p.source, ImageSource::Catalog(_)));
+        assert_eq!(p.kernel_ref, c.images[0].kernel_ref);
+        let p = plan_image(
+            &c,
+            &PullImage {
+                source: "debian:bookworm".into(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        match &p.source {
+            ImageSource::Oci(r) => assert_eq!(r.whole(), "docker.io/library/debian:bookworm"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(p.name, "debian-bookworm");
+        let e = plan_image(
+            &c,
+            &PullImage {
+                source: "nosuch".into(),
+                ..Default::default()
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("available: ") && e.contains(&name), "{e}");
+        let e = plan_image(
+            &c,
+            &PullImage {
+                source: name,
+                size_bytes: Some(1 << 30),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert!(matches!(e, PullError::Size(_)), "{e}");
+    }
+}
