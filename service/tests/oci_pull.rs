@@ -296,6 +296,16 @@ async fn hostile_layers_are_refused_and_leave_nothing() {
         .await
         .unwrap_err();
     assert!(msg.contains("registry error for"), "{msg}");
+    // A plain-HTTP registry that the config does not list: the error says what to set.
+    let mut config = support::test_config();
+    config.images.guest_binaries_dir = Some(guest_dir(s.work.path()));
+    let strict = support::TestDaemon::start_with(tempfile::tempdir().unwrap(), config).await;
+    let sc = strict.client().await;
+    let (_, msg) = pull(&sc, &format!("{}/test/traversal:v1", s.reg.addr), None)
+        .await
+        .unwrap_err();
+    assert!(msg.contains("insecure_registries"), "{msg}");
+    strict.shutdown().await;
     let (code, msg) = pull(&s.c, "Bad/Reference:!!", None).await.unwrap_err();
     assert_eq!(code, codes::INVALID_ARGUMENT, "{msg}");
     assert!(msg.contains("invalid image reference"), "{msg}");

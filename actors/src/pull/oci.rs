@@ -283,7 +283,19 @@ pub async fn pull(
     let (manifest, digest) = client
         .pull_image_manifest(&reference, &RegistryAuth::Anonymous)
         .await
-        .map_err(|e| registry_err(&reference, &e))?;
+        .map_err(|e| {
+            let mut err = registry_err(&reference, &e);
+            let registry = reference.resolve_registry();
+            if let PullError::Registry { detail, .. } = &mut err
+                && detail.contains("Connect")
+                && !env.config.insecure_registries.iter().any(|r| r == registry)
+            {
+                detail.push_str(&format!(
+                    " (a registry served over plain HTTP must be listed in the daemon's config: [images] insecure_registries = [\"{registry}\"])"
+                ));
+            }
+            err
+        })?;
     let total: u64 = manifest.layers.iter().map(|l| l.size.max(0) as u64).sum();
     rep.stage(
         "download",
