@@ -9,8 +9,16 @@
 //!  │   └─ VmActor × N                  the store and from the host (pid + start time)
 //!  ├─ DnsActor                         the `.vm` resolver; restarted with the same name
 //!  │                                   table (kept by the root, written by VmSupervisor)
-//!  └─ UpdaterActor                     the update gate (no VM operation in flight);
-//!                                      restarted empty (see `updater` for the rest)
+//!  ├─ HelperActor                      the only path to the privileged helper process;
+//!  │                                   restarted with the same process (kept by the root)
+//!  ├─ NetActor                         the bridge and one tap per VM, via HelperActor;
+//!  │                                   restarted empty (taps live on the host)
+//!  ├─ NatActor                         per-VM masquerade rules, via HelperActor; stateless
+//!  ├─ UpdaterActor                     the update gate (no VM operation in flight);
+//!  │                                   restarted empty (see `updater` for the rest)
+//!  └─ PullActor                        image and kernel pulls, coalesced by key; restarted
+//!                                      empty (pulls in flight fail; their staging dirs are
+//!                                      swept), with the same blob cache (kept by the root)
 //! ```
 //!
 //! Restart policy (one-for-one, every supervisor overrides `handle_supervisor_evt`; ractor's
@@ -34,6 +42,7 @@
 
 pub mod image;
 pub mod net;
+pub mod pull;
 pub mod root;
 pub mod store;
 pub mod updater;

@@ -14,6 +14,7 @@ use crate::net::dns::{DnsActor, DnsMsg};
 use crate::net::host::{
     HelperActor, HelperMsg, HostNet, NatActor, NatMsg, NetActor, NetMsg, SharedHelper,
 };
+use crate::pull::{PullActor, PullConfig, PullEnv, PullError, PullMsg};
 use crate::store::{Store, StoreActor, StoreError, StoreInfo, StoreMsg};
 use crate::updater::actor::{UpdaterActor, UpdaterError, UpdaterMsg};
 use crate::vm::actor::{ProgressTx, VmEnv, VmError, VmMsg};
@@ -44,6 +45,8 @@ pub enum TreeError {
     Image(#[from] ImageError),
     #[error(transparent)]
     Updater(#[from] UpdaterError),
+    #[error(transparent)]
+    Pull(#[from] Arc<PullError>),
 }
 
 /// Everything the VM side of the tree needs besides the store.
@@ -61,6 +64,8 @@ pub struct VmConfig {
     /// The guests' resolver on the bridge (bound by bangerd as root), if any.
     pub guest_dns: Option<crate::net::dns::GuestDns>,
     pub settings: VmSettings,
+    /// Image and kernel pulls (catalogs, registries, caches).
+    pub pull: PullConfig,
 }
 
 /// Current references to the tree's actors. A restart replaces the reference in place,
@@ -75,6 +80,9 @@ pub struct Tree {
     dns: Slot<DnsMsg>,
     net: HostNet,
     updater: Slot<UpdaterMsg>,
+    pulls: Slot<PullMsg>,
+    pull_env: Arc<PullEnv>,
+    default_image: Option<String>,
 }
 
 /// The current reference to one child, written by the root whenever it (re)spawns it.
@@ -96,6 +104,7 @@ enum Child {
     Vms,
     Dns,
     Updater,
+    Pull,
 }
 
 impl Child {
@@ -108,6 +117,7 @@ impl Child {
             Child::Vms => "vm-supervisor",
             Child::Dns => "dns",
             Child::Updater => "updater",
+            Child::Pull => "pull",
         }
     }
 }
@@ -124,6 +134,9 @@ pub struct RootArgs {
     /// The privileged helper process (None: bangerd is not root).
     helper: SharedHelper,
     updater_ref: Slot<UpdaterMsg>,
+    pull_ref: Slot<PullMsg>,
+    /// Kept here so a restarted PullActor shares the blob cache's locks with the tree.
+    pull_env: Arc<PullEnv>,
     /// The `.vm` names, shared by the VM supervisor and the DNS actor; kept here so a
     /// restart of either keeps it.
     dns_table: crate::net::dns::Table,
@@ -218,6 +231,12 @@ impl RootSupervisor {
                 *state.args.updater_ref.write().expect("tree lock") = Some(r.clone());
                 r.get_cell()
             }
+            Child::Pull => {
+                let env = Arc::clone(&state.args.pull_env);
+                let (r, _) = Actor::spawn_linked(None, PullActor, env, myself.get_cell()).await?;
+                *state.args.pull_ref.write().expect("tree lock") = Some(r.clone());
+                r.get_cell()
+            }
         };
         state.children.retain(|(c, _)| *c != child);
         state.children.push((child, cell));
@@ -248,6 +267,7 @@ impl Actor for RootSupervisor {
             Child::Vms,
             Child::Dns,
             Child::Updater,
+            Child::Pull,
         ] {
             state.restarts.push((child, VecDeque::new()));
             Self::spawn_child(&myself, &mut state, child).await?;
@@ -324,8 +344,11 @@ impl Tree {
         let vms_ref = Arc::new(RwLock::new(None));
         let dns_ref = Arc::new(RwLock::new(None));
         let updater_ref = Arc::new(RwLock::new(None));
+        let pull_ref = Arc::new(RwLock::new(None));
         let db = Arc::new(store);
         let data_dir = vm.data_dir.clone();
+        let default_image = vm.settings.default_image.clone();
+        let pull_env = PullEnv::new(vm.pull.clone(), Arc::clone(&db));
         let args = RootArgs {
             store: Arc::clone(&db),
             vm,
@@ -335,6 +358,8 @@ impl Tree {
             net: net.clone(),
             helper: Arc::new(std::sync::Mutex::new(helper)),
             updater_ref: Arc::clone(&updater_ref),
+            pull_ref: Arc::clone(&pull_ref),
+            pull_env: Arc::clone(&pull_env),
             dns_table: Default::default(),
         };
         let (root, join) = Actor::spawn(None, RootSupervisor, args)
@@ -349,6 +374,9 @@ impl Tree {
             dns: dns_ref,
             net,
             updater: updater_ref,
+            pulls: pull_ref,
+            pull_env,
+            default_image,
         };
         Ok((tree, join))
     }
@@ -424,12 +452,16 @@ impl Tree {
             .map_err(|_| TreeError::Call("vm-supervisor"))
     }
 
-    /// Create (and start) a VM; progress goes to `progress` while it boots.
+    /// Create (and start) a VM; progress goes to `progress` while it boots. A missing image
+    /// that the catalog has (the default image, typically) is pulled first, and then the
+    /// kernel its record names if that is missing and in the kernel catalog: both show as a
+    /// `pull` stage.
     pub async fn create_vm(
         &self,
         req: CreateVm,
         progress: Option<ProgressTx>,
     ) -> Result<VmInfo, TreeError> {
+        self.auto_pull(&req, progress.as_ref()).await?;
         ractor::call!(self.vms(), |reply| VmSupervisorMsg::Create {
             req,
             progress,
@@ -437,6 +469,118 @@ impl Tree {
         })
         .map_err(|_| TreeError::Call("vm-supervisor"))?
         .map_err(TreeError::Vm)
+    }
+
+    async fn auto_pull(
+        &self,
+        req: &CreateVm,
+        progress: Option<&ProgressTx>,
+    ) -> Result<(), TreeError> {
+        let Some(image) = req.image.clone().or_else(|| self.default_image.clone()) else {
+            return Ok(());
+        };
+        let catalogs = Arc::clone(&self.pull_env.config.catalogs);
+        let stage = |detail: String| {
+            if let Some(p) = progress {
+                let _ = p.send(banger_api::Progress::Stage {
+                    stage: "pull".into(),
+                    detail: Some(detail),
+                });
+            }
+        };
+        let record = match self.image(image.clone()).await? {
+            Some(r) => r,
+            None if catalogs.image(&image).is_some() => {
+                stage(format!("image {image} (not here yet; from the catalog)"));
+                let req = banger_api::PullImage {
+                    source: image.clone(),
+                    ..Default::default()
+                };
+                match self.pull_image(req, None).await {
+                    Ok(r) => r,
+                    // Pulled meanwhile by someone else: fine.
+                    Err(TreeError::Pull(e)) if matches!(*e, PullError::Exists(_)) => {
+                        match self.image(image.clone()).await? {
+                            Some(r) => r,
+                            None => return Err(TreeError::Pull(e)),
+                        }
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            None => return Ok(()),
+        };
+        let Some(kernel) = req.kernel.clone().or(record.kernel) else {
+            return Ok(());
+        };
+        if self.kernel(kernel.clone()).await?.is_none() && catalogs.kernel(&kernel).is_some() {
+            stage(format!("kernel {kernel} (not here yet; from the catalog)"));
+            match self.pull_kernel(kernel, None).await {
+                Ok(_) => {}
+                Err(TreeError::Pull(e)) if matches!(*e, PullError::Exists(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn pulls(&self) -> ActorRef<PullMsg> {
+        live(&self.pulls)
+    }
+
+    /// Pull an image (catalog or OCI) through the PullActor.
+    pub async fn pull_image(
+        &self,
+        req: banger_api::PullImage,
+        events: Option<crate::pull::EventTx>,
+    ) -> Result<ImageRecord, TreeError> {
+        ractor::call!(self.pulls(), |reply| PullMsg::Image { req, events, reply })
+            .map_err(|_| TreeError::Call("pull"))?
+            .map_err(TreeError::Pull)
+    }
+
+    /// Pull a kernel from the kernel catalog through the PullActor.
+    pub async fn pull_kernel(
+        &self,
+        name: String,
+        events: Option<crate::pull::EventTx>,
+    ) -> Result<KernelRecord, TreeError> {
+        ractor::call!(self.pulls(), |reply| PullMsg::Kernel {
+            name,
+            events,
+            reply
+        })
+        .map_err(|_| TreeError::Call("pull"))?
+        .map_err(TreeError::Pull)
+    }
+
+    /// Keys of the pulls in flight.
+    pub async fn pulls_in_flight(&self) -> Result<Vec<String>, TreeError> {
+        ractor::call_t!(self.pulls(), PullMsg::InFlight, CALL_MS)
+            .map_err(|_| TreeError::Call("pull"))
+    }
+
+    /// The image and kernel catalogs in use.
+    pub fn catalogs(&self) -> Arc<crate::pull::catalog::Catalogs> {
+        Arc::clone(&self.pull_env.config.catalogs)
+    }
+
+    /// Layer blobs in the cache.
+    pub async fn blob_cache_list(&self) -> Result<Vec<banger_api::CachedBlob>, TreeError> {
+        let env = Arc::clone(&self.pull_env);
+        tokio::task::spawn_blocking(move || env.blobs.list())
+            .await
+            .map_err(|_| TreeError::Call("pull"))?
+            .map_err(|e| TreeError::Pull(Arc::new(e)))
+    }
+
+    /// Empty the layer cache (blobs being fetched stay).
+    pub async fn blob_cache_prune(&self) -> Result<banger_api::CachePruned, TreeError> {
+        let env = Arc::clone(&self.pull_env);
+        tokio::task::spawn_blocking(move || env.blobs.prune())
+            .await
+            .map_err(|_| TreeError::Call("pull"))?
+            .map_err(|e| TreeError::Pull(Arc::new(e)))
     }
 
     /// The actor of a VM.
@@ -647,6 +791,16 @@ pub fn test_vm_config(dir: &std::path::Path) -> VmConfig {
             default_image: None,
             subnet: "172.30.0.0/24".parse().expect("valid subnet"),
             network: false,
+        },
+        pull: PullConfig {
+            data_dir: dir.to_owned(),
+            cache_dir: dir.join("cache"),
+            catalogs: Arc::new(
+                crate::pull::catalog::Catalogs::embedded()
+                    .expect("the embedded catalogs are valid"),
+            ),
+            insecure_registries: Vec::new(),
+            guest_binaries_dir: dir.join("guest"),
         },
     }
 }

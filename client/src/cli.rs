@@ -38,6 +38,9 @@ pub enum Command {
     /// Manage guest kernels.
     #[command(subcommand)]
     Kernel(KernelCmd),
+    /// Tools for banger's own release work (not needed to use banger).
+    #[command(subcommand, hide = true)]
+    Internal(InternalCmd),
     /// Manage the banger daemon (bangerd).
     #[command(subcommand)]
     Daemon(DaemonCmd),
@@ -343,12 +346,39 @@ pub enum ImageCmd {
         #[arg(long)]
         kernel: Option<String>,
     },
-    /// List images.
+    /// Pull an image from the catalog or from an OCI registry, with a progress bar on a
+    /// terminal.
+    #[command(
+        after_help = "Examples:\n  banger image pull debian-bookworm              a catalog image (see `banger image list --available`)\n  banger image pull debian:bookworm --name deb    Docker Hub (docker.io/library/debian:bookworm)\n  banger image pull ghcr.io/org/app@sha256:…      any registry, by digest\n  banger image pull 127.0.0.1:5000/dev:1 --size 2G --kernel-ref cloud\n\nPlain-HTTP registries must be listed in the daemon's config: [images] insecure_registries = [\"127.0.0.1:5000\"]."
+    )]
+    Pull {
+        /// A catalog name or an OCI reference.
+        source: String,
+        /// The image's name (default: the catalog name, or `<repo>-<tag>`).
+        #[arg(long)]
+        name: Option<String>,
+        /// The kernel VMs of this image boot by default.
+        #[arg(long = "kernel-ref")]
+        kernel_ref: Option<String>,
+        /// Size of the ext4 built from an OCI image (default: the content plus headroom).
+        #[arg(long, value_parser = parse_size)]
+        size: Option<u64>,
+        /// Print the image as JSON when done.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List images (`--available`: the catalog).
     #[command(visible_alias = "ls")]
     List {
         #[arg(long)]
         json: bool,
+        /// List the catalog instead of the images here.
+        #[arg(long)]
+        available: bool,
     },
+    /// The layer cache of OCI pulls.
+    #[command(subcommand)]
+    Cache(CacheCmd),
     /// Show an image.
     Show {
         name: String,
@@ -361,7 +391,68 @@ pub enum ImageCmd {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum InternalCmd {
+    /// Build a catalog bundle (.tar.zst): an image from a root filesystem tar (e.g. `docker
+    /// export`), or a kernel from a directory. Prints the catalog entry's sha256 and size.
+    #[command(
+        after_help = "Examples:\n  banger internal make-bundle --rootfs-tar rootfs.tar --name debian-bookworm --kernel-ref cloud-6.1 --out debian-bookworm-x86_64.tar.zst\n  banger internal make-bundle --kernel-dir ./kernel --out cloud-6.1-x86_64.tar.zst"
+    )]
+    MakeBundle {
+        /// An image from this root filesystem tar (plain, gzip or zstd).
+        #[arg(
+            long,
+            conflicts_with = "kernel_dir",
+            required_unless_present = "kernel_dir"
+        )]
+        rootfs_tar: Option<PathBuf>,
+        /// A kernel from this directory (vmlinux or vmlinuz, optional initrd and modules/).
+        #[arg(long)]
+        kernel_dir: Option<PathBuf>,
+        /// The image's name, written to its manifest.
+        #[arg(long, default_value = "image")]
+        name: String,
+        /// The kernel the image boots, written to its manifest.
+        #[arg(long = "kernel-ref")]
+        kernel_ref: Option<String>,
+        /// Where banger-init and banger-agent are (default: beside this banger, else
+        /// /usr/lib/banger).
+        #[arg(long)]
+        guest_dir: Option<PathBuf>,
+        /// Size of the ext4 (default: the content plus headroom).
+        #[arg(long, value_parser = parse_size)]
+        size: Option<u64>,
+        /// The bundle to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CacheCmd {
+    /// Layer blobs in the cache, most recently used first.
+    #[command(visible_alias = "ls")]
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove every cached layer blob (images already pulled are not affected).
+    Prune,
+}
+
+#[derive(Debug, Subcommand)]
 pub enum KernelCmd {
+    /// Pull a kernel from the kernel catalog.
+    #[command(
+        after_help = "Examples:\n  banger kernel pull cloud-6.1\n  banger kernel list --available"
+    )]
+    Pull {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Import a kernel from a directory with vmlinux or vmlinuz, and optionally initrd and modules/.
     #[command(after_help = "Examples:\n  banger kernel import cloud --from ./kernel-dir")]
     Import {
@@ -369,11 +460,14 @@ pub enum KernelCmd {
         #[arg(long)]
         from: PathBuf,
     },
-    /// List kernels.
+    /// List kernels (`--available`: the catalog).
     #[command(visible_alias = "ls")]
     List {
         #[arg(long)]
         json: bool,
+        /// List the catalog instead of the kernels here.
+        #[arg(long)]
+        available: bool,
     },
     /// Show a kernel.
     Show {

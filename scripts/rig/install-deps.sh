@@ -15,6 +15,12 @@ command -v perl >/dev/null || need_apt+=(perl-base)
 command -v openssl >/dev/null || need_apt+=(openssl)
 [ -f /etc/ssl/certs/ca-certificates.crt ] || need_apt+=(ca-certificates)   # https update test
 command -v curl >/dev/null || need_apt+=(curl)                             # install.sh
+# Image pulls (issue 5): a real registry, image assembly and push, ext4 build and checks.
+command -v docker-registry >/dev/null || need_apt+=(docker-registry)
+command -v umoci >/dev/null || need_apt+=(umoci)
+command -v skopeo >/dev/null || need_apt+=(skopeo)
+command -v debugfs >/dev/null || need_apt+=(e2fsprogs)
+command -v zstd >/dev/null || need_apt+=(zstd)
 
 if [ "${#need_apt[@]}" -gt 0 ]; then
     echo "== installing: ${need_apt[*]}"

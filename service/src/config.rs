@@ -61,6 +61,22 @@ pub struct Config {
     pub vm_defaults: VmDefaults,
     pub firecracker: FirecrackerSection,
     pub qemu: QemuSection,
+    pub images: ImagesSection,
+}
+
+/// `[images]`: pulls.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImagesSection {
+    /// An image catalog file to use instead of the one built into bangerd.
+    pub catalog: Option<PathBuf>,
+    /// A kernel catalog file to use instead of the one built into bangerd.
+    pub kernel_catalog: Option<PathBuf>,
+    /// Registries (`host:port`) reached over plain HTTP, e.g. `["127.0.0.1:5000"]`.
+    pub insecure_registries: Vec<String>,
+    /// Where `banger-init` and `banger-agent` are taken from for OCI images. Default: beside
+    /// the bangerd executable when they are there, else `/usr/lib/banger`.
+    pub guest_binaries_dir: Option<PathBuf>,
 }
 
 /// `[vm_defaults]`: the size of new VMs (each falls back to a host-derived value, then a
@@ -158,6 +174,7 @@ impl Default for Config {
             vm_defaults: VmDefaults::default(),
             firecracker: FirecrackerSection::default(),
             qemu: QemuSection::default(),
+            images: ImagesSection::default(),
         }
     }
 }
@@ -334,6 +351,29 @@ impl Config {
                 message: "must be at least 1".into(),
             });
         }
+        for (key, p) in [
+            ("images.catalog", &self.images.catalog),
+            ("images.kernel_catalog", &self.images.kernel_catalog),
+            ("images.guest_binaries_dir", &self.images.guest_binaries_dir),
+        ] {
+            if let Some(p) = p
+                && !p.is_absolute()
+            {
+                return Err(ConfigError::Invalid {
+                    key,
+                    message: format!("{} is not an absolute path", p.display()),
+                });
+            }
+        }
+        self.catalogs()?;
+        for r in &self.images.insecure_registries {
+            if r.is_empty() || r.contains(['/', ' ']) {
+                return Err(ConfigError::Invalid {
+                    key: "images.insecure_registries",
+                    message: format!("{r:?}: use host or host:port"),
+                });
+            }
+        }
         if self.socket_group.is_empty() {
             return Err(ConfigError::Invalid {
                 key: "socket_group",
@@ -368,6 +408,18 @@ fn validate_log_level(value: &str) -> Result<(), ConfigError> {
 }
 
 impl Config {
+    /// The image and kernel catalogs: the configured files, else the embedded ones.
+    pub fn catalogs(&self) -> Result<banger_actors::pull::catalog::Catalogs, ConfigError> {
+        banger_actors::pull::catalog::Catalogs::load(
+            self.images.catalog.as_deref(),
+            self.images.kernel_catalog.as_deref(),
+        )
+        .map_err(|e| ConfigError::Invalid {
+            key: "images.catalog",
+            message: banger_actors::vm::actor::error_chain(&e),
+        })
+    }
+
     /// `[vm_defaults]` as the actors take it (sizes already validated).
     pub fn vm_spec_defaults(&self) -> banger_actors::vm::spec::ConfigDefaults {
         let size = |v: &Option<String>| {
@@ -451,6 +503,27 @@ mod tests {
             let (_d, path) = write(bad);
             assert!(Config::load(Some(&path), true, vec![]).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn images_section() {
+        let dir = tempfile::tempdir().unwrap();
+        let cat = dir.path().join("images.json");
+        std::fs::write(&cat, r#"{"version":1,"images":[]}"#).unwrap();
+        let (_d, path) = write(&format!(
+            "[images]\ncatalog = \"{}\"\ninsecure_registries = [\"127.0.0.1:5000\"]\n",
+            cat.display()
+        ));
+        let c = Config::load(Some(&path), true, vec![]).unwrap();
+        assert!(c.catalogs().unwrap().images.is_empty());
+        assert_eq!(c.images.insecure_registries, ["127.0.0.1:5000"]);
+        std::fs::write(&cat, r#"{"version":1,"images":[{"name":"x"}]}"#).unwrap();
+        let e = Config::load(Some(&path), true, vec![])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("images.catalog"), "{e}");
+        let (_d, path) = write("[images]\ncatalog = \"rel.json\"\n");
+        assert!(Config::load(Some(&path), true, vec![]).is_err());
     }
 
     #[test]

@@ -49,6 +49,8 @@ pub enum ServiceError {
     Tree(#[from] TreeError),
     #[error(transparent)]
     Server(#[from] server::ServerError),
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
     #[error("the supervision tree stopped unexpectedly")]
     TreeStopped,
 }
@@ -73,8 +75,21 @@ impl Settings {
     }
 }
 
+/// Where the guest binaries are: the config's directory, else beside this executable when
+/// they are there, else `/usr/lib/banger`.
+fn guest_binaries_dir(config: &Config) -> std::path::PathBuf {
+    if let Some(d) = &config.images.guest_binaries_dir {
+        return d.clone();
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|p| p.to_owned()))
+        .filter(|d| d.join("banger-init").is_file())
+        .unwrap_or_else(|| "/usr/lib/banger".into())
+}
+
 /// The VM side of the tree, from config and host.
-fn vm_config(settings: &Settings) -> banger_actors::root::VmConfig {
+fn vm_config(settings: &Settings) -> Result<banger_actors::root::VmConfig, config::ConfigError> {
     use banger_actors::vm::spec::Host;
     use banger_actors::vm_supervisor::VmSettings;
     use banger_actors::vmm::{VmmConfig, firecracker::FirecrackerConfig, qemu};
@@ -84,7 +99,8 @@ fn vm_config(settings: &Settings) -> banger_actors::root::VmConfig {
         "tcg" => qemu::Accel::Tcg,
         _ => qemu::Accel::Auto,
     };
-    banger_actors::root::VmConfig {
+    let catalogs = std::sync::Arc::new(c.catalogs()?);
+    Ok(banger_actors::root::VmConfig {
         data_dir: settings.paths.data_dir.clone(),
         vmm: VmmConfig {
             firecracker: FirecrackerConfig {
@@ -127,7 +143,14 @@ fn vm_config(settings: &Settings) -> banger_actors::root::VmConfig {
                 .expect("validated when the config was loaded"),
             network: c.vm_defaults.network.unwrap_or(true),
         },
-    }
+        pull: banger_actors::pull::PullConfig {
+            data_dir: settings.paths.data_dir.clone(),
+            cache_dir: settings.paths.cache_dir.clone(),
+            catalogs,
+            insecure_registries: c.images.insecure_registries.clone(),
+            guest_binaries_dir: guest_binaries_dir(c),
+        },
+    })
 }
 
 /// What bangerd prepares as root before it drops privileges.
@@ -165,7 +188,7 @@ impl Daemon {
         let store = tokio::task::spawn_blocking(move || Store::open(&store_path))
             .await
             .expect("store open does not panic")?;
-        let mut vm = vm_config(&settings);
+        let mut vm = vm_config(&settings)?;
         let network = banger_api::NetworkStatus {
             bridge: settings.config.network.bridge.clone(),
             subnet: settings.config.network.subnet.clone(),

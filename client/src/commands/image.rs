@@ -1,8 +1,15 @@
 //! `banger image …` and `banger kernel …`.
 
-use banger_api::{ImageRpcClient, ImportKernel, KernelRpcClient, RegisterImage};
+use std::io::{IsTerminal, Write};
+use std::time::Instant;
 
-use crate::cli::{ImageCmd, KernelCmd};
+use banger_api::{
+    CatalogEntry, ImageRpcClient, ImportKernel, KernelRpcClient, PullEvent, PullImage, PullKernel,
+    RegisterImage,
+};
+use jsonrpsee::core::client::Subscription;
+
+use crate::cli::{CacheCmd, ImageCmd, KernelCmd};
 use crate::commands::vm::bytes;
 use crate::connect::{self, Target};
 use crate::exit::{self, CliError};
@@ -14,9 +21,180 @@ fn absolute(p: &std::path::Path) -> Result<String, CliError> {
         .map_err(|e| CliError::Usage(format!("{}: {e}", p.display())))
 }
 
+/// Follow a pull to its end. On a terminal, stages go to stderr and downloads draw a
+/// progress bar there; piped, nothing but the result is printed (by the caller).
+pub async fn follow_pull(mut sub: Subscription<PullEvent>) -> Result<PullEvent, CliError> {
+    let tty = std::io::stderr().is_terminal();
+    let t0 = Instant::now();
+    let mut bar = Bar::default();
+    while let Some(item) = sub.next().await {
+        let item =
+            item.map_err(|e| CliError::Other(format!("lost the daemon's progress stream: {e}")))?;
+        match item {
+            PullEvent::Stage { stage, detail } => {
+                if tty {
+                    bar.clear();
+                    let d = detail.map(|d| format!(": {d}")).unwrap_or_default();
+                    eprintln!(
+                        "  \u{2022} {stage}{d}  [{:.1}s]",
+                        t0.elapsed().as_secs_f64()
+                    );
+                }
+            }
+            PullEvent::Bytes { done, total } => {
+                if tty {
+                    bar.draw(done, total);
+                }
+            }
+            PullEvent::Failed { code, message } => {
+                bar.clear();
+                return Err(CliError::Rpc { code, message });
+            }
+            done @ (PullEvent::Image { .. } | PullEvent::Kernel { .. }) => {
+                bar.clear();
+                if tty {
+                    eprintln!("done in {:.1}s", t0.elapsed().as_secs_f64());
+                }
+                return Ok(done);
+            }
+        }
+    }
+    bar.clear();
+    Err(CliError::Other(
+        "the daemon ended the pull's stream without a result".into(),
+    ))
+}
+
+/// A one-line progress bar on stderr.
+#[derive(Debug, Default)]
+struct Bar {
+    drawn: bool,
+    started: Option<(Instant, u64)>,
+}
+
+impl Bar {
+    fn draw(&mut self, done: u64, total: Option<u64>) {
+        let (t0, base) = *self.started.get_or_insert((Instant::now(), done));
+        let secs = t0.elapsed().as_secs_f64().max(0.001);
+        let rate = (done.saturating_sub(base)) as f64 / secs;
+        let width = terminal_size::terminal_size()
+            .map(|(w, _)| w.0 as usize)
+            .unwrap_or(80);
+        let text = match total.filter(|t| *t > 0) {
+            Some(t) => {
+                let frac = (done as f64 / t as f64).min(1.0);
+                let cells = width.saturating_sub(50).clamp(10, 40);
+                let full = (frac * cells as f64) as usize;
+                format!(
+                    "  [{}{}] {:>3}% {} / {}  {}/s",
+                    "#".repeat(full),
+                    "-".repeat(cells - full),
+                    (frac * 100.0) as u32,
+                    bytes(done),
+                    bytes(t),
+                    bytes(rate as u64)
+                )
+            }
+            None => format!("  {}  {}/s", bytes(done), bytes(rate as u64)),
+        };
+        let mut err = std::io::stderr();
+        let _ = write!(err, "\r\x1b[2K{text}");
+        let _ = err.flush();
+        self.drawn = true;
+    }
+
+    fn clear(&mut self) {
+        if self.drawn {
+            let mut err = std::io::stderr();
+            let _ = write!(err, "\r\x1b[2K");
+            let _ = err.flush();
+            self.drawn = false;
+        }
+    }
+}
+
+fn print_catalog(entries: &[CatalogEntry], json: bool) -> Result<(), CliError> {
+    if json {
+        return render::json(&entries);
+    }
+    println!("{:<24} {:>9} {:<16} DESCRIPTION", "NAME", "SIZE", "KERNEL");
+    for e in entries {
+        println!(
+            "{:<24} {:>9} {:<16} {}",
+            e.name,
+            bytes(e.size),
+            e.kernel_ref.as_deref().unwrap_or("-"),
+            e.description
+        );
+    }
+    Ok(())
+}
+
 pub async fn image(target: &Target, cmd: ImageCmd) -> Result<u8, CliError> {
     let client = connect::connect_or_start(target).await?;
     match cmd {
+        ImageCmd::Pull {
+            source,
+            name,
+            kernel_ref,
+            size,
+            json,
+        } => {
+            let sub = ImageRpcClient::pull(
+                &client,
+                PullImage {
+                    source,
+                    name,
+                    kernel_ref,
+                    size_bytes: size,
+                },
+            )
+            .await?;
+            if let PullEvent::Image { image } = follow_pull(sub).await? {
+                if json {
+                    render::json(&image)?;
+                } else {
+                    println!("{}", image.name);
+                }
+            }
+        }
+        ImageCmd::List {
+            json,
+            available: true,
+        } => {
+            let all = ImageRpcClient::available(&client).await?;
+            print_catalog(&all, json)?;
+        }
+        ImageCmd::Cache(CacheCmd::List { json }) => {
+            let all = client.cache_list().await?;
+            if json {
+                render::json(&all)?;
+            } else {
+                println!("{:<71} {:>9}  USED", "DIGEST", "SIZE");
+                for b in all {
+                    println!(
+                        "{:<71} {:>9}  {} ago",
+                        b.digest,
+                        bytes(b.size_bytes),
+                        render::duration(
+                            std::time::SystemTime::now()
+                                .duration_since(std::time::UNIX_EPOCH)
+                                .map(|d| d.as_secs())
+                                .unwrap_or(0)
+                                .saturating_sub(b.used_at)
+                        )
+                    );
+                }
+            }
+        }
+        ImageCmd::Cache(CacheCmd::Prune) => {
+            let p = client.cache_prune().await?;
+            println!(
+                "removed {} blobs, {} freed",
+                p.removed.len(),
+                bytes(p.freed_bytes)
+            );
+        }
         ImageCmd::Register {
             name,
             rootfs,
@@ -32,7 +210,7 @@ pub async fn image(target: &Target, cmd: ImageCmd) -> Result<u8, CliError> {
                 .await?;
             println!("{}", i.name);
         }
-        ImageCmd::List { json } => {
+        ImageCmd::List { json, .. } => {
             let all = ImageRpcClient::list(&client).await?;
             if json {
                 render::json(&all)?;
@@ -78,7 +256,24 @@ pub async fn kernel(target: &Target, cmd: KernelCmd) -> Result<u8, CliError> {
             let k = client.import(ImportKernel { name, from }).await?;
             println!("{}", k.name);
         }
-        KernelCmd::List { json } => {
+        KernelCmd::Pull { name, json } => {
+            let sub = KernelRpcClient::pull(&client, PullKernel { name }).await?;
+            if let PullEvent::Kernel { kernel } = follow_pull(sub).await? {
+                if json {
+                    render::json(&kernel)?;
+                } else {
+                    println!("{}", kernel.name);
+                }
+            }
+        }
+        KernelCmd::List {
+            json,
+            available: true,
+        } => {
+            let all = KernelRpcClient::available(&client).await?;
+            print_catalog(&all, json)?;
+        }
+        KernelCmd::List { json, .. } => {
             let all = KernelRpcClient::list(&client).await?;
             if json {
                 render::json(&all)?;

@@ -4,6 +4,7 @@ pub mod daemon;
 pub mod doctor;
 pub mod exec;
 pub mod image;
+pub mod internal;
 pub mod system;
 pub mod update;
 pub mod version;
@@ -85,6 +86,7 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
         Command::Ps { json } => vm::ps(&target, json).await,
         Command::Image(cmd) => image::image(&target, cmd).await,
         Command::Kernel(cmd) => image::kernel(&target, cmd).await,
+        Command::Internal(cmd) => internal::run(cmd).await,
         Command::Version { json } => version::run(&target, json).await,
         Command::Doctor { json } => doctor::run(&target, json).await,
         Command::Completion { shell } => {

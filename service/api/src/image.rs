@@ -1,5 +1,5 @@
-//! The `image.*` and `kernel.*` namespaces (registration of local files for now; catalog and
-//! OCI pulls come with the images issue).
+//! The `image.*` and `kernel.*` namespaces: local registration, catalog and OCI pulls
+//! (subscriptions streaming [`PullEvent`]s), the catalogs and the layer cache.
 
 use serde::{Deserialize, Serialize};
 
@@ -46,6 +46,99 @@ pub struct ImportKernel {
     pub from: String,
 }
 
+/// Request of `image.pull`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PullImage {
+    /// A catalog name (`banger image list --available`) or an OCI reference
+    /// (`debian:bookworm`, `ghcr.io/org/img@sha256:…`, `127.0.0.1:5000/x:y`).
+    pub source: String,
+    /// The image's name in banger (default: the catalog name, or the reference's last path
+    /// component and tag, e.g. `debian-bookworm`).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The kernel VMs of this image boot by default (default: the catalog's `kernel_ref`;
+    /// none for an OCI image).
+    #[serde(default)]
+    pub kernel_ref: Option<String>,
+    /// Size of the built ext4 for an OCI pull (default: the content plus headroom).
+    #[serde(default)]
+    pub size_bytes: Option<u64>,
+}
+
+/// Request of `kernel.pull`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PullKernel {
+    /// A kernel catalog name (`banger kernel list --available`).
+    pub name: String,
+}
+
+/// An item of the `image.pull` and `kernel.pull` subscriptions. The stream always ends with
+/// `image`, `kernel` or `failed`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "lowercase")]
+pub enum PullEvent {
+    /// A stage began (`resolve`, `download`, `unpack`, `mkfs`, `publish`, …).
+    Stage {
+        stage: String,
+        detail: Option<String>,
+    },
+    /// Bytes downloaded so far (of `total` when known), across the whole pull.
+    Bytes {
+        done: u64,
+        total: Option<u64>,
+    },
+    /// Done: the image now in the store.
+    Image {
+        image: ImageInfo,
+    },
+    /// Done: the kernel now in the store.
+    Kernel {
+        kernel: KernelInfo,
+    },
+    Failed {
+        code: i32,
+        message: String,
+    },
+}
+
+/// An entry of an embedded (or configured) catalog.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CatalogEntry {
+    pub name: String,
+    /// `x86_64`.
+    pub arch: String,
+    /// Where the `.tar.zst` bundle is downloaded from.
+    pub url: String,
+    /// The bundle's sha256 (hex).
+    pub sha256: String,
+    /// The bundle's size in bytes (compressed, as downloaded).
+    pub size: u64,
+    /// For images: the kernel catalog entry VMs of this image boot.
+    #[serde(default)]
+    pub kernel_ref: Option<String>,
+    pub description: String,
+}
+
+/// A layer blob in the digest-addressed cache (`image cache list`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CachedBlob {
+    /// `sha256:…`.
+    pub digest: String,
+    pub size_bytes: u64,
+    /// Last time a pull used it (seconds since the epoch).
+    pub used_at: u64,
+}
+
+/// Answer of `image.cache_prune`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CachePruned {
+    pub removed: Vec<String>,
+    pub freed_bytes: u64,
+}
+
 #[cfg(any(feature = "server", feature = "client"))]
 mod rpc {
     use super::*;
@@ -76,6 +169,23 @@ mod rpc {
         async fn show(&self, name: String) -> jsonrpsee::core::RpcResult<ImageInfo>;
         #[method(name = "delete")]
         async fn delete(&self, name: String) -> jsonrpsee::core::RpcResult<ImageInfo>;
+
+        /// Pull a catalog image or an OCI image, streaming progress; ends with `image` or
+        /// `failed`. Concurrent pulls of the same source share one download.
+        #[subscription(name = "pull" => "pull.progress", unsubscribe = "pull.unsubscribe", item = PullEvent)]
+        async fn pull(&self, req: PullImage) -> jsonrpsee::core::SubscriptionResult;
+
+        /// The image catalog.
+        #[method(name = "available")]
+        async fn available(&self) -> jsonrpsee::core::RpcResult<Vec<CatalogEntry>>;
+
+        /// Layer blobs in the cache.
+        #[method(name = "cache_list")]
+        async fn cache_list(&self) -> jsonrpsee::core::RpcResult<Vec<CachedBlob>>;
+
+        /// Remove cached layer blobs (all of them; pulls in flight keep theirs).
+        #[method(name = "cache_prune")]
+        async fn cache_prune(&self) -> jsonrpsee::core::RpcResult<CachePruned>;
     }
 
     #[cfg_attr(
@@ -104,6 +214,15 @@ mod rpc {
         async fn show(&self, name: String) -> jsonrpsee::core::RpcResult<KernelInfo>;
         #[method(name = "rm")]
         async fn rm(&self, name: String) -> jsonrpsee::core::RpcResult<KernelInfo>;
+
+        /// Pull a kernel from the kernel catalog, streaming progress; ends with `kernel` or
+        /// `failed`.
+        #[subscription(name = "pull" => "pull.progress", unsubscribe = "pull.unsubscribe", item = PullEvent)]
+        async fn pull(&self, req: PullKernel) -> jsonrpsee::core::SubscriptionResult;
+
+        /// The kernel catalog.
+        #[method(name = "available")]
+        async fn available(&self) -> jsonrpsee::core::RpcResult<Vec<CatalogEntry>>;
     }
 }
 

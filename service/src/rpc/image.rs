@@ -1,12 +1,17 @@
-//! `image.*` and `kernel.*`: local registration for now.
+//! `image.*` and `kernel.*`: local registration, pulls (subscriptions that stream
+//! [`PullEvent`]s and end with the result), the catalogs and the layer cache.
 
 use std::sync::Arc;
 
-use jsonrpsee::RpcModule;
-use jsonrpsee::core::{RpcResult, async_trait};
+use jsonrpsee::core::{RpcResult, SubscriptionResult, async_trait};
+use jsonrpsee::types::ErrorObjectOwned;
+use jsonrpsee::{PendingSubscriptionSink, RpcModule};
+use tokio::sync::mpsc;
 
+use banger_actors::TreeError;
 use banger_api::{
-    ImageInfo, ImageRpcServer, ImportKernel, KernelInfo, KernelRpcServer, RegisterImage,
+    CachePruned, CachedBlob, CatalogEntry, ImageInfo, ImageRpcServer, ImportKernel, KernelInfo,
+    KernelRpcServer, PullEvent, PullImage, PullKernel, RegisterImage,
 };
 
 use super::{Ctx, RpcError};
@@ -38,8 +43,84 @@ fn absolute(path: &str) -> Result<std::path::PathBuf, RpcError> {
     }
 }
 
+/// Run a pull, streaming its events, and end the stream explicitly with the result (the
+/// last item is `image`, `kernel` or `failed`). A caller that goes away does not stop the
+/// pull: others may be waiting on it.
+async fn pull_stream<F, Fut>(pending: PendingSubscriptionSink, op: F) -> SubscriptionResult
+where
+    F: FnOnce(mpsc::UnboundedSender<PullEvent>) -> Fut,
+    Fut: std::future::Future<Output = Result<PullEvent, TreeError>>,
+{
+    let sink = pending.accept().await?;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let fut = op(tx);
+    tokio::pin!(fut);
+    let send = |ev: PullEvent| {
+        let sink = &sink;
+        async move {
+            if let Ok(raw) = serde_json::value::to_raw_value(&ev) {
+                let _ = sink.send(raw).await;
+            }
+        }
+    };
+    let result = loop {
+        tokio::select! {
+            biased;
+            Some(ev) = rx.recv() => send(ev).await,
+            r = &mut fut => break r,
+        }
+    };
+    while let Ok(ev) = rx.try_recv() {
+        send(ev).await;
+    }
+    let last = result.unwrap_or_else(|e| {
+        let obj: ErrorObjectOwned = RpcError::from(e).into();
+        PullEvent::Failed {
+            code: obj.code(),
+            message: obj.message().to_owned(),
+        }
+    });
+    send(last).await;
+    Ok(())
+}
+
 #[async_trait]
 impl ImageRpcServer for ImageApi {
+    #[tracing::instrument(skip(self, pending), fields(source = %req.source))]
+    async fn pull(&self, pending: PendingSubscriptionSink, req: PullImage) -> SubscriptionResult {
+        let tree = self.ctx.tree.clone();
+        pull_stream(pending, |tx| async move {
+            let rec = tree.pull_image(req, Some(tx)).await?;
+            Ok(PullEvent::Image {
+                image: (&rec).into(),
+            })
+        })
+        .await
+    }
+
+    async fn available(&self) -> RpcResult<Vec<CatalogEntry>> {
+        Ok(self.ctx.tree.catalogs().images.clone())
+    }
+
+    async fn cache_list(&self) -> RpcResult<Vec<CachedBlob>> {
+        Ok(self
+            .ctx
+            .tree
+            .blob_cache_list()
+            .await
+            .map_err(RpcError::from)?)
+    }
+
+    #[tracing::instrument(skip(self))]
+    async fn cache_prune(&self) -> RpcResult<CachePruned> {
+        Ok(self
+            .ctx
+            .tree
+            .blob_cache_prune()
+            .await
+            .map_err(RpcError::from)?)
+    }
+
     #[tracing::instrument(skip(self))]
     async fn register(&self, req: RegisterImage) -> RpcResult<ImageInfo> {
         let rootfs = absolute(&req.rootfs)?;
@@ -100,6 +181,22 @@ impl ImageRpcServer for ImageApi {
 
 #[async_trait]
 impl KernelRpcServer for KernelApi {
+    #[tracing::instrument(skip(self, pending), fields(kernel = %req.name))]
+    async fn pull(&self, pending: PendingSubscriptionSink, req: PullKernel) -> SubscriptionResult {
+        let tree = self.ctx.tree.clone();
+        pull_stream(pending, |tx| async move {
+            let rec = tree.pull_kernel(req.name, Some(tx)).await?;
+            Ok(PullEvent::Kernel {
+                kernel: (&rec).into(),
+            })
+        })
+        .await
+    }
+
+    async fn available(&self) -> RpcResult<Vec<CatalogEntry>> {
+        Ok(self.ctx.tree.catalogs().kernels.clone())
+    }
+
     #[tracing::instrument(skip(self))]
     async fn import(&self, req: ImportKernel) -> RpcResult<KernelInfo> {
         let from = absolute(&req.from)?;

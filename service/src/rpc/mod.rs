@@ -70,6 +70,7 @@ impl From<RpcError> for ErrorObjectOwned {
             RpcError::Tree(TreeError::Image(_)) => codes::INTERNAL_ERROR,
             RpcError::Tree(TreeError::Updater(UpdaterError::Busy(_))) => codes::CONFLICT,
             RpcError::Tree(TreeError::Updater(_)) => codes::INTERNAL_ERROR,
+            RpcError::Tree(TreeError::Pull(e)) => e.code(),
             RpcError::Tree(TreeError::Store(StoreError::Conflict(_))) => codes::CONFLICT,
             RpcError::Tree(TreeError::Store(_)) => codes::STORE,
             RpcError::NotFound(_) => codes::NOT_FOUND,
@@ -98,6 +99,10 @@ pub const NO_PARAMS: &[&str] = &[
     "vm.list",
     "image.list",
     "kernel.list",
+    "image.available",
+    "image.cache_list",
+    "image.cache_prune",
+    "kernel.available",
 ];
 
 /// All namespaces, merged.
