@@ -809,3 +809,102 @@ fn root_rig_guests_get_addresses_names_and_nat_only_when_asked() {
     assert!(!links.contains("bg-"), "{links}");
     assert_eq!(in_ns(&topo.host, "nft list ruleset").trim(), "");
 }
+
+/// A copy of the test image changed by debugfs commands (as root, no mount).
+fn image_variant(dir: &Path, name: &str, cmds: &[String]) -> PathBuf {
+    let img = dir.join(name);
+    assert!(
+        Command::new("cp")
+            .arg("--sparse=always")
+            .arg(test_rootfs())
+            .arg(&img)
+            .status()
+            .unwrap()
+            .success()
+    );
+    for cmd in cmds {
+        let out = Command::new("debugfs")
+            .args(["-w", "-R", cmd])
+            .arg(&img)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "debugfs {cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    img
+}
+
+#[test]
+fn root_rig_an_image_without_sshd_gets_it_installed_once_on_first_boot() {
+    let home = Home::new();
+    // A container-like image: no sshd, and an apt-get that stands in for the package
+    // manager and its mirror (no mirror is reachable from the test's namespaces): it logs
+    // its arguments to the work disk and "installs" an sshd.
+    let files = tempfile::tempdir().unwrap();
+    let apt = files.path().join("apt-get");
+    std::fs::write(
+        &apt,
+        r#"#!/bin/sh
+echo "apt-get $*" >> /root/apt.log
+case "$*" in
+*openssh-server*) printf '#!/bin/sh\nexit 0\n' > /usr/sbin/sshd; chmod 755 /usr/sbin/sshd ;;
+esac
+"#,
+    )
+    .unwrap();
+    let img = image_variant(
+        files.path(),
+        "bare.ext4",
+        &[
+            "rm /usr/sbin/sshd".into(),
+            "rm /usr/bin/apt-get".into(),
+            format!("write {} /usr/bin/apt-get", apt.display()),
+            "sif /usr/bin/apt-get mode 0100755".into(),
+        ],
+    );
+    home.ok(&[
+        "image",
+        "register",
+        "bare",
+        img.to_str().unwrap(),
+        "--kernel",
+        "rig",
+    ]);
+    home.ok(&["vm", "create", "--name", "fb", "--image", "bare"]);
+    home.wait_console("fb", "first boot: sshd installed");
+    let log = home.ok(&["vm", "logs", "fb"]);
+    assert!(
+        log.contains("first boot: this image has no sshd; installing openssh-server with apt-get"),
+        "{log}"
+    );
+    let out = home.ok(&["vm", "exec", "fb", "--", "cat", "/root/apt.log"]);
+    assert_eq!(
+        out,
+        "apt-get update\napt-get install -y --no-install-recommends openssh-server\n"
+    );
+    home.ok(&[
+        "vm",
+        "exec",
+        "fb",
+        "--",
+        "test",
+        "-f",
+        "/var/lib/banger/firstboot-sshd",
+    ]);
+    // Once: a second boot finds the marker (on the overlay) and does nothing.
+    home.ok(&["vm", "stop", "fb"]);
+    home.ok(&["vm", "start", "fb"]);
+    home.ok(&["vm", "exec", "fb", "--", "true"]);
+    let out = home.ok(&["vm", "exec", "fb", "--", "cat", "/root/apt.log"]);
+    assert_eq!(out.lines().count(), 2, "{out}");
+    let log = home.ok(&["vm", "logs", "fb"]);
+    assert_eq!(
+        log.matches("first boot: this image has no sshd").count(),
+        1,
+        "{log}"
+    );
+    home.ok(&["vm", "rm", "-f", "fb"]);
+}

@@ -273,6 +273,28 @@ fn network(cmdline: &str) {
     }
 }
 
+/// An image without sshd: install it in the background, once (see `init::firstboot`).
+fn first_boot(has_init: bool) {
+    let Some(plan) = banger_guest::init::firstboot::plan(Path::new("/"), has_init) else {
+        return;
+    };
+    say(format!(
+        "first boot: this image has no sshd; installing openssh-server with {} in the background (once; it needs a package mirror: create the VM with --nat)",
+        plan.manager
+    ));
+    let spawned = std::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(format!(
+            "if {script}; then echo 'banger-init: first boot: sshd installed'; else echo 'banger-init: first boot: installing sshd failed; it is tried again at the next boot'; fi",
+            script = plan.script
+        ))
+        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        .spawn();
+    if let Err(e) = spawned {
+        say(format!("first boot: cannot run /bin/sh: {e}"));
+    }
+}
+
 const AGENT: &str = "/usr/lib/banger/banger-agent";
 
 /// Start the guest agent (its output goes to the console).
@@ -424,7 +446,14 @@ fn main() {
         power(nix::sys::reboot::RebootMode::RB_POWER_OFF);
     }
     let agent = spawn_agent();
-    for init in ["/sbin/init", "/usr/sbin/init", "/lib/systemd/systemd"] {
+    let inits = ["/sbin/init", "/usr/sbin/init", "/lib/systemd/systemd"];
+    let has_init = inits.iter().any(|i| {
+        let p = Path::new(i);
+        p.exists()
+            && std::fs::canonicalize(p).ok().as_deref() != std::env::current_exe().ok().as_deref()
+    });
+    first_boot(has_init);
+    for init in inits {
         let p = Path::new(init);
         if p.exists()
             && std::fs::canonicalize(p).ok().as_deref() != std::env::current_exe().ok().as_deref()

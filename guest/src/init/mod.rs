@@ -1,5 +1,6 @@
 //! Pure helpers of banger-init, unit-tested on the host.
 
+pub mod firstboot;
 pub mod net;
 
 use std::collections::{HashMap, HashSet};
