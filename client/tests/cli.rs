@@ -525,17 +525,6 @@ fn doctor_tells_the_truth_about_this_host() {
             detail.contains("seccomp filter") && detail.contains("landlock fully enforced"),
             "{detail}"
         );
-        // ... and changed nothing on the host's network: the bridge comes with the first
-        // VM that has a network (this daemon's VMs have none).
-        let bridge = std::process::Command::new("ip")
-            .args(["link", "show", "banger0"])
-            .output()
-            .unwrap();
-        assert!(
-            !bridge.status.success(),
-            "a root daemon made banger0 on the host"
-        );
-        assert_eq!(get("bridge")["status"], "warn");
     }
     // The system service: this host has none installed (the tests install only into
     // temporary roots), and doctor says so.
@@ -592,4 +581,60 @@ fn root_doctor_fails_for_a_user_who_cannot_use_kvm() {
         .clone();
     assert_eq!(kvm["status"], "fail");
     assert!(kvm["hint"].as_str().unwrap().contains("kvm group"), "{kvm}");
+}
+
+#[test]
+fn root_a_root_daemon_changes_no_network_until_a_vm_needs_one() {
+    // In a namespace of its own, so the check is exact (the host may run a real banger).
+    let ns = format!("bgt-cli-{}", std::process::id());
+    let _ = Command::new("ip")
+        .args(["netns", "del", &ns])
+        .stderr(std::process::Stdio::null())
+        .status();
+    assert!(
+        Command::new("ip")
+            .args(["netns", "add", &ns])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let home = Home::new();
+    let mut cmd = Command::new("ip");
+    home.env(&mut cmd);
+    let out = cmd
+        .args(["netns", "exec", &ns])
+        .arg(bangerd_bin())
+        .arg("--background")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !home.banger(&["daemon", "status"]).status.success() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "bangerd did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // It forked its confined helper and bound the guests' resolver, and made no link.
+    let status = json(&home.banger(&["daemon", "status", "--json"]));
+    assert_eq!(status["helper"]["seccomp_mode"], 2, "{status}");
+    assert!(
+        status["network"]["guest_dns"]
+            .as_str()
+            .unwrap()
+            .ends_with(":53"),
+        "{status}"
+    );
+    let links = Command::new("ip")
+        .args(["-n", &ns, "-o", "link"])
+        .output()
+        .unwrap();
+    let links = text(&links.stdout);
+    assert_eq!(links.lines().count(), 1, "only lo: {links}");
+    assert!(home.banger(&["daemon", "stop"]).status.success());
+    let mut out = out;
+    let _ = out.wait();
+    let _ = Command::new("ip").args(["netns", "del", &ns]).status();
 }
