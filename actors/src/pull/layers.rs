@@ -32,9 +32,20 @@ pub enum Owners {
 }
 
 impl Owners {
-    /// `Chown` when the process is root.
+    /// `Chown` when the process may chown (CAP_CHOWN in force: root that kept its
+    /// capabilities). A root bangerd drops every capability after forking its helper, so
+    /// it records owners like any unprivileged daemon.
     pub fn detect() -> Owners {
-        if nix::unistd::geteuid().is_root() {
+        let cap_eff = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("CapEff:"))
+                    .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            })
+            .unwrap_or(0);
+        // CAP_CHOWN is capability 0.
+        if cap_eff & 1 != 0 {
             Owners::Chown
         } else {
             Owners::Record
