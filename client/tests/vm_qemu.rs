@@ -809,3 +809,248 @@ fn root_rig_guests_get_addresses_names_and_nat_only_when_asked() {
     assert!(!links.contains("bg-"), "{links}");
     assert_eq!(in_ns(&topo.host, "nft list ruleset").trim(), "");
 }
+
+fn git_in(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .env("GIT_AUTHOR_NAME", "t")
+        .env("GIT_AUTHOR_EMAIL", "t@t")
+        .env("GIT_COMMITTER_NAME", "t")
+        .env("GIT_COMMITTER_EMAIL", "t@t")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Every file under `dir` except `.git`, with its bytes and executable bit.
+fn tree_of(dir: &Path) -> std::collections::BTreeMap<String, (Vec<u8>, bool)> {
+    let mut m = std::collections::BTreeMap::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            if e.file_name() == ".git" {
+                continue;
+            }
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let exec = p.metadata().unwrap().permissions().mode() & 0o111 != 0;
+                let rel = p.strip_prefix(dir).unwrap().display().to_string();
+                m.insert(rel, (std::fs::read(&p).unwrap(), exec));
+            }
+        }
+    }
+    m
+}
+
+/// `vm run` on real guests: a command's output and status, `--rm`, `--timings`, a repo
+/// shipped to /root/repo; then workspace export of edits made in the guest, applied with
+/// `git apply` on a host clone. Three boots.
+#[test]
+fn root_rig_vm_run_commands_repos_and_workspace_export() {
+    let home = Home::new();
+    let vms = |home: &Home| home.json(&["vm", "ls", "--json"]).as_array().unwrap().len();
+
+    // -- uname -a: the guest's kernel, exit 0, and the VM is gone.
+    let out = home.run(&["vm", "run", "--rm", "--timings", "--", "uname", "-a"]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(code(&out), Some(0), "{stdout}{stderr}");
+    assert!(stdout.starts_with("Linux "), "{stdout}");
+    let ver = &rig()["BANGER_RIG_KERNEL_VERSION"];
+    assert!(stdout.contains(ver), "{stdout} is not the rig kernel {ver}");
+    let timings = stderr
+        .lines()
+        .find(|l| l.starts_with("timings:"))
+        .unwrap_or_else(|| panic!("{stderr}"));
+    for stage in ["create", "boot", "command", "delete", "total"] {
+        assert!(timings.contains(stage), "{timings}");
+    }
+    eprintln!("vm run --rm -- uname -a: {timings}");
+    assert_eq!(vms(&home), 0, "--rm left the VM behind");
+
+    // -- false: its status, and --rm deletes on failure too.
+    let out = home.run(&["vm", "run", "--rm", "--", "false"]);
+    assert_eq!(
+        code(&out),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        vms(&home),
+        0,
+        "--rm left the VM behind after a failing command"
+    );
+
+    // A repo shipped to /root/repo; the command runs there. Kept (no --rm) for export.
+    let src = tempfile::tempdir().unwrap();
+    let repo = src.path().join("proj");
+    std::fs::create_dir(&repo).unwrap();
+    git_in(&repo, &["init", "-q", "-b", "main"]);
+    std::fs::write(repo.join("hello.txt"), "hi\n").unwrap();
+    std::fs::write(repo.join("gone.txt"), "delete me\n").unwrap();
+    std::fs::write(repo.join("run.sh"), "#!/bin/sh\necho ran\n").unwrap();
+    std::fs::set_permissions(repo.join("run.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(repo.join(".gitignore"), "*.log\n").unwrap();
+    std::fs::write(repo.join("blob.bin"), [0u8, 1, 2, 255, 0, 7]).unwrap();
+    git_in(&repo, &["add", "-A"]);
+    git_in(&repo, &["commit", "-q", "-m", "init"]);
+    std::fs::write(repo.join("untracked.txt"), "new\n").unwrap();
+    std::fs::write(repo.join("noise.log"), "ignored\n").unwrap();
+    let out = home.run(&[
+        "vm", "run", "--name", "ws", repo.to_str().unwrap(), "--",
+        "sh", "-c", "pwd; ./run.sh; cat hello.txt untracked.txt; test -e noise.log && echo LEAK; test -f .git/HEAD && echo git",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        code(&out),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout, "/root/repo\nran\nhi\nnew\ngit\n");
+
+    // Edit, add (a binary file too), delete, chmod in the guest; export; apply on a clone.
+    home.ok(&[
+        "vm", "exec", "ws", "-w", "/root/repo", "--", "sh", "-c",
+        "echo changed >> hello.txt && rm gone.txt && mkdir -p sub && printf 'bin\\000\\377\\001' > sub/new.bin \
+         && printf '\\000\\000' >> blob.bin && chmod -x run.sh && echo x > more.log",
+    ]);
+    let index_before = home.ok(&[
+        "vm",
+        "exec",
+        "ws",
+        "--",
+        "sha256sum",
+        "/root/repo/.git/index",
+    ]);
+    let diff_path = src.path().join("changes.diff");
+    home.ok(&[
+        "vm",
+        "workspace",
+        "export",
+        "ws",
+        "--out",
+        diff_path.to_str().unwrap(),
+    ]);
+    let index_after = home.ok(&[
+        "vm",
+        "exec",
+        "ws",
+        "--",
+        "sha256sum",
+        "/root/repo/.git/index",
+    ]);
+    assert_eq!(
+        index_before, index_after,
+        "export touched the guest's index"
+    );
+    let diff = std::fs::read_to_string(&diff_path).unwrap();
+    assert!(diff.contains("GIT binary patch"), "{diff}");
+    assert!(
+        !diff.contains("more.log"),
+        "an ignored file was exported:\n{diff}"
+    );
+
+    // The expected tree: the guest's, read back through the agent.
+    let guest_tar = src.path().join("guest.tar");
+    let t = tokio::runtime::Runtime::new().unwrap();
+    let sock = home.json(&["vm", "show", "ws", "--json"])["vsock_socket"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    t.block_on(async {
+        let mut f = tokio::fs::File::create(&guest_tar).await.unwrap();
+        banger_guest::host::tar_out(Path::new(&sock), "/root/repo", &mut f)
+            .await
+            .unwrap();
+    });
+    let guest_tree = src.path().join("guest");
+    let mut a = tar::Archive::new(std::fs::File::open(&guest_tar).unwrap());
+    a.set_preserve_permissions(true);
+    a.unpack(&guest_tree).unwrap();
+    std::fs::remove_file(guest_tree.join("more.log")).unwrap();
+    std::fs::remove_file(guest_tree.join("noise.log")).ok();
+
+    // The clone starts from the shipped state (the commit + the untracked file).
+    let clone = src.path().join("clone");
+    git_in(
+        src.path(),
+        &[
+            "clone",
+            "-q",
+            repo.to_str().unwrap(),
+            clone.to_str().unwrap(),
+        ],
+    );
+    std::fs::write(clone.join("untracked.txt"), "new\n").unwrap();
+    let applied = Command::new("git")
+        .arg("-C")
+        .arg(&clone)
+        .args(["apply", "--whitespace=nowarn"])
+        .arg(&diff_path)
+        .output()
+        .unwrap();
+    assert!(
+        applied.status.success(),
+        "git apply: {}\n{diff}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
+    assert_eq!(
+        tree_of(&clone),
+        tree_of(&guest_tree),
+        "the diff did not reproduce the guest's tree:\n{diff}"
+    );
+    assert!(!clone.join("gone.txt").exists());
+
+    // prepare --branch --from: the guest's HEAD is a new branch at that ref.
+    let first = git_in(&repo, &["rev-parse", "HEAD"]).trim().to_owned();
+    home.ok(&[
+        "vm",
+        "workspace",
+        "prepare",
+        "ws",
+        repo.to_str().unwrap(),
+        "--from",
+        "main",
+        "--branch",
+        "try",
+    ]);
+    let head = home.ok(&[
+        "vm",
+        "exec",
+        "ws",
+        "--",
+        "cat",
+        "/root/repo/.git/HEAD",
+        "/root/repo/.git/refs/heads/try",
+    ]);
+    assert_eq!(head, format!("ref: refs/heads/try\n{first}\n"));
+    let bad = home.run(&[
+        "vm",
+        "workspace",
+        "prepare",
+        "ws",
+        repo.to_str().unwrap(),
+        "--from",
+        "nope",
+    ]);
+    assert_eq!(
+        code(&bad),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    home.ok(&["vm", "rm", "-f", "ws"]);
+}

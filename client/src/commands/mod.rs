@@ -4,10 +4,12 @@ pub mod daemon;
 pub mod doctor;
 pub mod exec;
 pub mod image;
+pub mod run;
 pub mod system;
 pub mod update;
 pub mod version;
 pub mod vm;
+pub mod workspace;
 
 use clap::CommandFactory;
 

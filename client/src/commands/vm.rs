@@ -8,7 +8,7 @@ use banger_api::{
 };
 use jsonrpsee::core::client::Subscription;
 
-use crate::cli::{SizeArgs, VmCmd};
+use crate::cli::{SizeArgs, VmCmd, WorkspaceCmd};
 use crate::connect::{self, Target};
 use crate::exit::{self, CliError};
 use crate::render;
@@ -182,6 +182,51 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
             } else {
                 println!("{}", vm.name);
             }
+        }
+        VmCmd::Run {
+            path,
+            name,
+            image,
+            size,
+            vmm,
+            nat,
+            no_network,
+            rm,
+            full_copy,
+            timings,
+            cmd,
+        } => {
+            let opts = super::run::Opts {
+                path,
+                name,
+                image,
+                size,
+                vmm,
+                nat,
+                no_network,
+                rm,
+                full_copy,
+                timings,
+                cmd,
+            };
+            return super::run::run(&client, opts).await;
+        }
+        VmCmd::Workspace(WorkspaceCmd::Prepare {
+            vm,
+            path,
+            branch,
+            from,
+            full_copy,
+        }) => {
+            let opts = super::workspace::Opts {
+                branch,
+                from,
+                full_copy,
+            };
+            super::workspace::run_prepare(&client, &vm, &path, &opts).await?;
+        }
+        VmCmd::Workspace(WorkspaceCmd::Export { vm, out }) => {
+            super::workspace::run_export(&client, &vm, out.as_deref()).await?;
         }
         VmCmd::Start { vm } => {
             follow_progress(client.start(vm).await?, false).await?;
