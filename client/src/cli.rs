@@ -80,6 +80,23 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Let plain `ssh <vm>.vm` (and scp, rsync) reach banger's VMs: writes banger's own
+    /// `Host *.vm` block and ONE `Include` line at the top of ~/.ssh/config.
+    #[command(
+        name = "ssh-config",
+        after_help = "Examples:\n  banger ssh-config && ssh dev.vm\n  banger ssh-config --uninstall      remove the Include line and banger's block"
+    )]
+    SshConfig {
+        /// Remove the Include line and the managed file.
+        #[arg(long)]
+        uninstall: bool,
+    },
+    /// ssh's ProxyCommand: splice stdin/stdout with sshd in the VM, through its agent.
+    #[command(name = "__ssh-proxy", hide = true)]
+    SshProxy {
+        /// `<vm>` or `<vm>.vm`.
+        host: String,
+    },
     /// Print a shell completion script.
     #[command(
         after_help = "Examples:\n  banger completion bash > ~/.local/share/bash-completion/completions/banger\n  banger completion zsh > \"${fpath[1]}/_banger\"\n  banger completion fish > ~/.config/fish/completions/banger.fish"
@@ -340,6 +357,17 @@ pub enum VmCmd {
         workdir: Option<String>,
         /// The command and its arguments (after `--`).
         #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
+    /// ssh into a running VM as root (banger's key and known_hosts, over the VM's vsock:
+    /// works without a network); with `-- cmd`, run it and exit with its status.
+    #[command(
+        after_help = "Examples:\n  banger vm ssh dev\n  banger vm ssh dev -- uname -a\n\nFor plain `ssh dev.vm`, scp and rsync: `banger ssh-config`."
+    )]
+    Ssh {
+        vm: String,
+        /// The command and its arguments (after `--`).
+        #[arg(last = true)]
         cmd: Vec<String>,
     },
     /// Listening TCP/UDP ports in a running VM, with their processes.

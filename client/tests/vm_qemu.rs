@@ -1054,3 +1054,223 @@ fn root_rig_vm_run_commands_repos_and_workspace_export() {
     );
     home.ok(&["vm", "rm", "-f", "ws"]);
 }
+
+/// ssh on a real guest with no network: the daemon's key in authorized_keys, sshd
+/// key-only, host keys learned into banger's known_hosts (strict checking), `vm ssh`,
+/// `banger ssh-config` then plain `ssh <vm>.vm` (with the user config it wrote), and an
+/// interactive `vm run --rm` driven through tmux. Two boots.
+#[test]
+fn root_rig_ssh_over_vsock_ssh_config_and_interactive_vm_run() {
+    let home = Home::new();
+    home.ok(&["vm", "create", "--name", "s"]);
+
+    // vm ssh -- cmd: its output and its status.
+    assert_eq!(home.ok(&["vm", "ssh", "s", "--", "hostname"]), "s\n");
+    let out = home.run(&["vm", "ssh", "s", "--", "sh", "-c", "exit 3"]);
+    assert_eq!(
+        code(&out),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The key, the guest's sshd settings, the learned host key.
+    let key = home.json(&["daemon", "status", "--json"])["ssh_key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let public = std::fs::read_to_string(format!("{key}.pub")).unwrap();
+    let auth = home.ok(&[
+        "vm",
+        "exec",
+        "s",
+        "--",
+        "stat",
+        "-c",
+        "%a %U",
+        "/root/.ssh",
+        "/root/.ssh/authorized_keys",
+    ]);
+    assert_eq!(auth, "700 root\n600 root\n");
+    let keys = home.ok(&["vm", "exec", "s", "--", "cat", "/root/.ssh/authorized_keys"]);
+    assert_eq!(keys.trim(), public.trim());
+    let sshd = home.ok(&["vm", "exec", "s", "--", "/usr/sbin/sshd", "-T"]);
+    for line in [
+        "permitrootlogin without-password",
+        "passwordauthentication no",
+        "kbdinteractiveauthentication no",
+    ] {
+        assert!(
+            sshd.lines().any(|l| l == line),
+            "sshd -T lacks {line:?}:\n{sshd}"
+        );
+    }
+    let kh_path = home.dir.path().join("state/banger/ssh/known_hosts");
+    let kh = std::fs::read_to_string(&kh_path).unwrap();
+    let host_key = home.ok(&[
+        "vm",
+        "exec",
+        "s",
+        "--",
+        "cat",
+        "/etc/ssh/ssh_host_ed25519_key.pub",
+    ]);
+    let blob = host_key.split_whitespace().nth(1).unwrap();
+    assert_eq!(kh, format!("s.vm ssh-ed25519 {blob}\n"));
+
+    // Strict checking is on: a wrong key for s.vm is refused.
+    std::fs::write(
+        &kh_path,
+        "s.vm ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMvJ3bJ+r3yRmaq0YVsDq6wiURrWk8r0nJ0u3P1uAU0N\n",
+    )
+    .unwrap();
+    let out = Command::new("ssh")
+        .envs(
+            home.cmd(&[])
+                .get_envs()
+                .filter_map(|(k, v)| v.map(|v| (k.to_owned(), v.to_owned()))),
+        )
+        .args([
+            "-i",
+            &key,
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "BatchMode=yes",
+        ])
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}.bad", kh_path.display()))
+        .arg("-o")
+        .arg(format!(
+            "ProxyCommand={} __ssh-proxy %n",
+            bin("banger").display()
+        ))
+        .args(["root@s.vm", "true"])
+        .output()
+        .unwrap();
+    assert_ne!(code(&out), Some(0), "ssh accepted an unknown host key");
+    std::fs::write(format!("{}.bad", kh_path.display()), "").ok();
+
+    // ssh-config: one Include, idempotent, then plain ssh with that config.
+    std::fs::create_dir_all(home.dir.path().join(".ssh")).unwrap();
+    std::fs::write(
+        home.dir.path().join(".ssh/config"),
+        "Host other\n    User me\n",
+    )
+    .unwrap();
+    home.ok(&["ssh-config"]);
+    home.ok(&["ssh-config"]);
+    let user_config = home.dir.path().join(".ssh/config");
+    let text = std::fs::read_to_string(&user_config).unwrap();
+    assert_eq!(text.matches("Include ").count(), 1, "{text}");
+    assert!(text.starts_with("# added by `banger ssh-config`"), "{text}");
+    assert!(text.ends_with("Host other\n    User me\n"), "{text}");
+    // OpenSSH finds ~/.ssh/config through the passwd entry, not $HOME: name it with -F.
+    let out = Command::new("ssh")
+        .envs(
+            home.cmd(&[])
+                .get_envs()
+                .filter_map(|(k, v)| v.map(|v| (k.to_owned(), v.to_owned()))),
+        )
+        .arg("-F")
+        .arg(&user_config)
+        .args([
+            "-o",
+            "BatchMode=yes",
+            "s.vm",
+            "--",
+            "cat",
+            "/proc/sys/kernel/hostname",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "s\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    home.ok(&["ssh-config", "--uninstall"]);
+    assert_eq!(
+        std::fs::read_to_string(&user_config).unwrap(),
+        "Host other\n    User me\n"
+    );
+    home.ok(&["vm", "rm", "-f", "s"]);
+
+    // Interactive `vm run --rm` in tmux: a shell prompt, a command, exit, VM gone.
+    let sock = format!("banger-test-{}", std::process::id());
+    let mut line = String::from("env");
+    for (k, v) in home.cmd(&[]).get_envs() {
+        if let Some(v) = v {
+            line.push_str(&format!(
+                " {}='{}'",
+                k.to_string_lossy(),
+                v.to_string_lossy()
+            ));
+        }
+    }
+    line.push_str(&format!(
+        " {} vm run --rm --name it; echo banger-run-exited-$?; sleep 60",
+        bin("banger").display()
+    ));
+    let tmux = |args: &[&str]| {
+        Command::new("tmux")
+            .arg("-L")
+            .arg(&sock)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let started = tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        "t",
+        "-x",
+        "120",
+        "-y",
+        "40",
+        &line,
+    ]);
+    assert!(
+        started.status.success(),
+        "{}",
+        String::from_utf8_lossy(&started.stderr)
+    );
+    let pane = |tmux: &dyn Fn(&[&str]) -> Output| {
+        String::from_utf8_lossy(&tmux(&["capture-pane", "-p", "-t", "t"]).stdout).into_owned()
+    };
+    let wait_for = |needle: &str| {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let p = pane(&tmux);
+            if p.contains(needle) {
+                return p;
+            }
+            assert!(Instant::now() < deadline, "{needle:?} never appeared:\n{p}");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    };
+    wait_for("root@it:~#");
+    tmux(&[
+        "send-keys",
+        "-t",
+        "t",
+        "echo banger-$((6*7)); hostname",
+        "Enter",
+    ]);
+    let p = wait_for("banger-42");
+    assert!(p.contains("\nit"), "{p}");
+    tmux(&["send-keys", "-t", "t", "exit", "Enter"]);
+    wait_for("banger-run-exited-0");
+    tmux(&["kill-server"]);
+    assert!(
+        home.json(&["vm", "ls", "--json"])
+            .as_array()
+            .unwrap()
+            .is_empty(),
+        "vm run --rm left the VM behind"
+    );
+}

@@ -57,6 +57,9 @@ pub struct Config {
     /// helper (a name or a uid). Unset: the user `sudo` was run by (`SUDO_UID`), else
     /// root with every capability dropped. `banger system install` sets it.
     pub owner: Option<String>,
+    /// banger's ssh key (private key; `.pub` beside it), made with `ssh-keygen` on first
+    /// use when missing. Default: `<data_dir>/ssh/id_ed25519`.
+    pub ssh_key_path: Option<PathBuf>,
     pub network: NetworkSection,
     pub vm_defaults: VmDefaults,
     pub firecracker: FirecrackerSection,
@@ -154,6 +157,7 @@ impl Default for Config {
             agent_timeout_secs: 120,
             dns_listen: "127.0.0.1:42069".into(),
             owner: None,
+            ssh_key_path: None,
             network: NetworkSection::default(),
             vm_defaults: VmDefaults::default(),
             firecracker: FirecrackerSection::default(),
@@ -250,6 +254,7 @@ impl Config {
             ("data_dir", &self.data_dir),
             ("log_dir", &self.log_dir),
             ("cache_dir", &self.cache_dir),
+            ("ssh_key_path", &self.ssh_key_path),
         ] {
             if let Some(dir) = dir
                 && !dir.is_absolute()

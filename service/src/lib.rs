@@ -73,6 +73,15 @@ impl Settings {
     }
 }
 
+/// banger's ssh key: the config's `ssh_key_path`, else `<data_dir>/ssh/id_ed25519`.
+pub fn ssh_key_path(settings: &Settings) -> std::path::PathBuf {
+    settings
+        .config
+        .ssh_key_path
+        .clone()
+        .unwrap_or_else(|| settings.paths.data_dir.join("ssh/id_ed25519"))
+}
+
 /// The VM side of the tree, from config and host.
 fn vm_config(settings: &Settings) -> banger_actors::root::VmConfig {
     use banger_actors::vm::spec::Host;
@@ -110,6 +119,7 @@ fn vm_config(settings: &Settings) -> banger_actors::root::VmConfig {
         extra_cmdline: c.kernel_cmdline_extra.clone(),
         tsc_khz: qemu::host_tsc_khz(),
         agent_timeout: Duration::from_secs(c.agent_timeout_secs),
+        ssh_key: Some(ssh_key_path(settings)),
         dns_listen: c.dns_listen.parse().ok(),
         guest_dns: None,
         settings: VmSettings {
@@ -184,6 +194,7 @@ impl Daemon {
         let ctx = Arc::new(rpc::Ctx {
             tree,
             paths: settings.paths.clone(),
+            ssh_key: ssh_key_path(&settings),
             started: Instant::now(),
             started_at,
             stop: Arc::new(Notify::new()),

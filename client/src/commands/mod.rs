@@ -5,6 +5,7 @@ pub mod doctor;
 pub mod exec;
 pub mod image;
 pub mod run;
+pub mod ssh;
 pub mod system;
 pub mod update;
 pub mod version;
@@ -89,6 +90,18 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
         Command::Kernel(cmd) => image::kernel(&target, cmd).await,
         Command::Version { json } => version::run(&target, json).await,
         Command::Doctor { json } => doctor::run(&target, json).await,
+        Command::SshConfig { uninstall } => {
+            let client = if uninstall {
+                None
+            } else {
+                Some(crate::connect::connect_or_start(&target).await?)
+            };
+            ssh::ssh_config(&target, client.as_ref(), uninstall).await
+        }
+        Command::SshProxy { host } => {
+            let client = crate::connect::connect_or_start(&target).await?;
+            ssh::proxy(&client, &host).await
+        }
         Command::Completion { shell } => {
             let mut cmd = Cli::command();
             clap_complete::generate(shell, &mut cmd, "banger", &mut std::io::stdout());

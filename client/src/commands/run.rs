@@ -1,7 +1,8 @@
 //! `banger vm run [path] [-- cmd]`: create and boot a VM (through `vm.create` and its
 //! progress stream), optionally ship a repo to /root/repo, then run the command through
-//! the agent (exiting with its status) or open an interactive session; `--rm` deletes the
-//! VM afterwards, whatever the status.
+//! the agent (exiting with its status) or open an interactive ssh session (see
+//! [`super::ssh`]; in /root/repo when a path was shipped); `--rm` deletes the VM
+//! afterwards, whatever the status.
 //!
 //! When the guest never becomes reachable (create fails after the VM exists), the VM is
 //! kept even with `--rm`, so `banger vm logs <name>` can show why.
@@ -19,6 +20,7 @@ use jsonrpsee::async_client::Client;
 
 use crate::cli::SizeArgs;
 use crate::commands::workspace::{self, GUEST_REPO};
+use crate::connect::Target;
 use crate::exit::CliError;
 
 /// The flags of `vm run`.
@@ -100,7 +102,7 @@ async fn create(
 }
 
 /// `banger vm run`.
-pub async fn run(client: &Client, o: Opts) -> Result<u8, CliError> {
+pub async fn run(client: &Client, target: &Target, o: Opts) -> Result<u8, CliError> {
     let start = Instant::now();
     let mut t = Timings::default();
     let req = CreateVm {
@@ -134,7 +136,7 @@ pub async fn run(client: &Client, o: Opts) -> Result<u8, CliError> {
         Err((None, e)) => return Err(e),
     };
     let name = vm.name.clone();
-    let result = session(client, &o, &vm, &mut t).await;
+    let result = session(client, target, &o, &vm, &mut t).await;
     if o.rm {
         let t1 = Instant::now();
         match client.delete(name.clone(), true).await {
@@ -153,6 +155,7 @@ pub async fn run(client: &Client, o: Opts) -> Result<u8, CliError> {
 
 async fn session(
     client: &Client,
+    target: &Target,
     o: &Opts,
     vm: &banger_api::VmInfo,
     t: &mut Timings,
@@ -176,17 +179,12 @@ async fn session(
     }
     let t1 = Instant::now();
     let status = if o.cmd.is_empty() {
-        // Interactive: a login shell on a terminal, through the agent.
-        let dir = workdir.unwrap_or_else(|| "/root".into());
-        super::exec::run(
-            client,
-            name,
-            true,
-            Vec::new(),
-            Some(dir),
-            vec!["/bin/bash".into(), "-l".into()],
-        )
-        .await?
+        // Interactive: ssh (through the agent's vsock, so no network is needed).
+        let remote = workdir
+            .as_ref()
+            .map(|dir| format!("cd {dir} && exec \"${{SHELL:-/bin/sh}}\" -l"));
+        let c = super::ssh::ssh_command(client, target, name, remote.as_deref(), true).await?;
+        super::ssh::run_ssh(c).await?
     } else {
         super::exec::run(client, name, false, Vec::new(), workdir, o.cmd.clone()).await?
     };

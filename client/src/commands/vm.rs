@@ -209,7 +209,7 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
                 timings,
                 cmd,
             };
-            return super::run::run(&client, opts).await;
+            return super::run::run(&client, target, opts).await;
         }
         VmCmd::Workspace(WorkspaceCmd::Prepare {
             vm,
@@ -346,6 +346,9 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
             cmd,
         } => {
             return super::exec::run(&client, &vm, tty, env, workdir, cmd).await;
+        }
+        VmCmd::Ssh { vm, cmd } => {
+            return super::ssh::vm_ssh(&client, target, &vm, &cmd).await;
         }
         VmCmd::Ports { vm, json } => {
             let ports = client.ports(vm).await?;

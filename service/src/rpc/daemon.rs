@@ -40,6 +40,7 @@ impl DaemonRpcServer for DaemonApi {
             uptime_secs: self.ctx.started.elapsed().as_secs(),
             started_at: self.ctx.started_at,
             dns: self.ctx.tree.dns_addr().await.map(|a| a.to_string()),
+            ssh_key: Some(self.ctx.ssh_key.display().to_string()),
             store: StoreStatus {
                 path: store.path.display().to_string(),
                 schema_version: store.schema_version,
