@@ -58,6 +58,8 @@ pub struct VmConfig {
     pub agent_timeout: Duration,
     /// banger's ssh key (private key path), installed into guests; None: no ssh.
     pub ssh_key: Option<std::path::PathBuf>,
+    /// `[[file_sync]]`: copied into each new VM's /root at its first boot.
+    pub file_sync: Vec<crate::vm::sshkey::FileSync>,
     /// Where the `.vm` resolver listens (None: off).
     pub dns_listen: Option<std::net::SocketAddr>,
     /// The guests' resolver on the bridge (bound by bangerd as root), if any.
@@ -196,6 +198,7 @@ impl RootSupervisor {
                         .ssh_key
                         .clone()
                         .map(|p| Arc::new(crate::vm::sshkey::SshKey::new(p))),
+                    file_sync: vm.file_sync.clone(),
                 });
                 let args = VmSupervisorArgs {
                     env,
@@ -645,6 +648,7 @@ pub fn test_vm_config(dir: &std::path::Path) -> VmConfig {
         tsc_khz: None,
         agent_timeout: Duration::ZERO,
         ssh_key: None,
+        file_sync: Vec::new(),
         dns_listen: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
         guest_dns: None,
         settings: VmSettings {

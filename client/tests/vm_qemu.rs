@@ -102,6 +102,11 @@ impl Home {
 
     /// With `Some(ns)`, VMs have networks and the daemon runs as root inside `ns`.
     fn in_netns(netns: Option<&str>) -> Home {
+        Self::with_config(netns, "", "")
+    }
+
+    /// `top` goes first in the config (top-level keys); `extra` last (start it with a table).
+    fn with_config(netns: Option<&str>, top: &str, extra: &str) -> Home {
         let network = netns.is_some();
         assert!(
             nix::unistd::geteuid().is_root(),
@@ -115,7 +120,7 @@ impl Home {
         std::fs::write(
             cfg.join("config.toml"),
             format!(
-                "default_vmm = \"qemu\"\ndefault_image_name = \"rig\"\nstop_timeout_secs = 30\ndns_listen = \"127.0.0.1:0\"\n[qemu]\naccel = \"tcg\"\nbinary = \"{}\"\nvhost_vsock = \"{}\"\n[vm_defaults]\nvcpu = 1\nmemory = \"512M\"\ndisk = \"2G\"\nnetwork = {network}\n",
+                "{top}default_vmm = \"qemu\"\ndefault_image_name = \"rig\"\nstop_timeout_secs = 30\ndns_listen = \"127.0.0.1:0\"\n[qemu]\naccel = \"tcg\"\nbinary = \"{}\"\nvhost_vsock = \"{}\"\n[vm_defaults]\nvcpu = 1\nmemory = \"512M\"\ndisk = \"2G\"\nnetwork = {network}\n{extra}",
                 rig()["BANGER_RIG_QEMU"],
                 rig()["BANGER_RIG_VHOST_DEVICE_VSOCK"]
             ),
@@ -1058,11 +1063,25 @@ fn root_rig_vm_run_commands_repos_and_workspace_export() {
 /// ssh on a real guest with no network: the daemon's key in authorized_keys, sshd
 /// key-only, host keys learned into banger's known_hosts (strict checking), `vm ssh`,
 /// `banger ssh-config` then plain `ssh <vm>.vm` (with the user config it wrote), and an
-/// interactive `vm run --rm` driven through tmux. Two boots.
+/// interactive `vm run --rm` driven through tmux. Two boots. Also `[[file_sync]]`:
+/// a file (with its mode) and a directory copied into the new VM's /root.
 #[test]
 fn root_rig_ssh_over_vsock_ssh_config_and_interactive_vm_run() {
-    let home = Home::new();
+    let sync = tempfile::tempdir().unwrap();
+    std::fs::write(sync.path().join("gitconfig"), "[user]\n\tname = t\n").unwrap();
+    std::fs::create_dir(sync.path().join("app")).unwrap();
+    std::fs::write(sync.path().join("app/settings.json"), "{}").unwrap();
+    let extra = format!(
+        "[[file_sync]]\nhost = \"{0}/gitconfig\"\nguest = \"~/.gitconfig\"\nmode = 0o600\n[[file_sync]]\nhost = \"{0}/app\"\nguest = \"/root/.config/app\"\n[[file_sync]]\nhost = \"{0}/missing\"\nguest = \"~/missing\"\n",
+        sync.path().display()
+    );
+    let home = Home::with_config(None, "", &extra);
     home.ok(&["vm", "create", "--name", "s"]);
+    let synced = home.ok(&[
+        "vm", "exec", "s", "--", "sh", "-c",
+        "stat -c '%a %U' /root/.gitconfig && cat /root/.gitconfig /root/.config/app/settings.json; test -e /root/missing || echo no-missing",
+    ]);
+    assert_eq!(synced, "600 root\n[user]\n\tname = t\n{}no-missing\n");
 
     // vm ssh -- cmd: its output and its status.
     assert_eq!(home.ok(&["vm", "ssh", "s", "--", "hostname"]), "s\n");
@@ -1273,4 +1292,18 @@ fn root_rig_ssh_over_vsock_ssh_config_and_interactive_vm_run() {
             .is_empty(),
         "vm run --rm left the VM behind"
     );
+}
+
+/// `vm run --rm` on a guest whose agent does not answer in time (a 1 s agent timeout on
+/// a TCG boot): the VM is kept and the error says where to look. (The guest is killed by
+/// the test's cleanup well before its boot ends.)
+#[test]
+fn root_rig_vm_run_keeps_an_unreachable_vm_and_says_where_to_look() {
+    let home = Home::with_config(None, "agent_timeout_secs = 1\n", "");
+    let out = home.run(&["vm", "run", "--rm", "--name", "late", "--", "true"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(code(&out), Some(1), "{err}");
+    assert!(err.contains("see `banger vm logs late`"), "{err}");
+    let vms = home.json(&["vm", "ls", "--json"]);
+    assert_eq!(vms[0]["name"], "late", "{vms}");
 }

@@ -120,6 +120,17 @@ fn vm_config(settings: &Settings) -> banger_actors::root::VmConfig {
         tsc_khz: qemu::host_tsc_khz(),
         agent_timeout: Duration::from_secs(c.agent_timeout_secs),
         ssh_key: Some(ssh_key_path(settings)),
+        file_sync: c
+            .file_sync
+            .iter()
+            .filter_map(|f| {
+                Some(banger_actors::vm::sshkey::FileSync {
+                    host: f.host.clone(),
+                    guest: f.guest_relative()?.to_owned(),
+                    mode: f.mode,
+                })
+            })
+            .collect(),
         dns_listen: c.dns_listen.parse().ok(),
         guest_dns: None,
         settings: VmSettings {
@@ -175,6 +186,9 @@ impl Daemon {
         let store = tokio::task::spawn_blocking(move || Store::open(&store_path))
             .await
             .expect("store open does not panic")?;
+        for w in settings.config.warnings() {
+            tracing::warn!("{w}");
+        }
         let mut vm = vm_config(&settings);
         vm.guest_dns = privileged.guest_dns;
         let (tree, tree_join) = Tree::start(store, vm, privileged.helper).await?;

@@ -47,6 +47,8 @@ pub struct VmEnv {
     pub qemu_tap_uid: u32,
     /// banger's ssh key, put into each guest's authorized_keys once its agent answers.
     pub ssh_key: Option<Arc<super::sshkey::SshKey>>,
+    /// `[[file_sync]]`, copied into /root at a VM's first boot.
+    pub file_sync: Vec<super::sshkey::FileSync>,
 }
 
 /// Errors of VM operations, each mapped to an RPC code by [`VmError::code`].
@@ -716,6 +718,12 @@ impl Actor for VmActor {
                             let me = myself.clone();
                             let ssh_key = state.env.ssh_key.clone();
                             let vm_name = state.rec.name.clone();
+                            // started_at is set once running: None means the first boot.
+                            let file_sync = if state.rec.started_at.is_none() {
+                                state.env.file_sync.clone()
+                            } else {
+                                Vec::new()
+                            };
                             tokio::spawn(async move {
                                 let result = banger_guest::host::wait_ready(
                                     std::path::Path::new(&sock),
@@ -732,6 +740,16 @@ impl Actor for VmActor {
                                         install_ssh_key(&key, std::path::Path::new(&sock)).await
                                     {
                                         tracing::warn!(vm = %vm_name, error = %error_chain(&e), "installing the ssh key");
+                                    }
+                                }
+                                if result.is_ok() && !file_sync.is_empty() {
+                                    for (what, e) in super::sshkey::sync_files(
+                                        std::path::Path::new(&sock),
+                                        file_sync,
+                                    )
+                                    .await
+                                    {
+                                        tracing::warn!(vm = %vm_name, file = %what, error = %e, "file_sync");
                                     }
                                 }
                                 let _ = me.cast(VmMsg::AgentReady { generation, result });

@@ -159,6 +159,79 @@ pub async fn install(sock: &Path, key: &str) -> Result<(), SshKeyError> {
     Ok(())
 }
 
+/// A `[[file_sync]]` entry, validated by the config: `guest` is relative to /root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileSync {
+    pub host: PathBuf,
+    pub guest: String,
+    pub mode: Option<u32>,
+}
+
+/// The tar of the entries that exist on the host (directories recursively), and what was
+/// skipped and why.
+pub fn file_sync_tar(entries: &[FileSync]) -> (Vec<u8>, Vec<(String, String)>) {
+    let mut skipped = Vec::new();
+    let mut b = tar::Builder::new(Vec::new());
+    b.follow_symlinks(true);
+    for f in entries {
+        let what = f.host.display().to_string();
+        let meta = match std::fs::metadata(&f.host) {
+            Ok(m) => m,
+            Err(e) => {
+                skipped.push((what, format!("skipped: {e}")));
+                continue;
+            }
+        };
+        let r = if meta.is_dir() {
+            b.append_dir_all(&f.guest, &f.host)
+        } else {
+            match std::fs::read(&f.host) {
+                Ok(bytes) => {
+                    use std::os::unix::fs::PermissionsExt;
+                    let mut h = tar::Header::new_gnu();
+                    h.set_metadata(&meta);
+                    h.set_mode(f.mode.unwrap_or(meta.permissions().mode() & 0o7777));
+                    h.set_uid(0);
+                    h.set_gid(0);
+                    h.set_size(bytes.len() as u64);
+                    b.append_data(&mut h, &f.guest, bytes.as_slice())
+                }
+                Err(e) => Err(e),
+            }
+        };
+        if let Err(e) = r {
+            skipped.push((what, format!("skipped: {e}")));
+        }
+    }
+    (b.into_inner().unwrap_or_default(), skipped)
+}
+
+/// Copy `entries` into the guest's /root; returns the problems (none is fatal).
+pub async fn sync_files(sock: &Path, entries: Vec<FileSync>) -> Vec<(String, String)> {
+    let (tarball, mut problems) =
+        match tokio::task::spawn_blocking(move || file_sync_tar(&entries)).await {
+            Ok(r) => r,
+            Err(e) => return vec![("file_sync".into(), e.to_string())],
+        };
+    let sent = tokio::time::timeout(
+        Duration::from_secs(120),
+        host::upload(
+            sock,
+            &Request::TarIn {
+                dir: "/root".into(),
+            },
+            tarball.as_slice(),
+        ),
+    )
+    .await;
+    match sent {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => problems.push(("file_sync".into(), e.to_string())),
+        Err(_) => problems.push(("file_sync".into(), "timed out".into())),
+    }
+    problems
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,6 +243,48 @@ mod tests {
         let other = "ssh-rsa AAAAother me@laptop";
         assert_eq!(with_key(other, k).unwrap(), format!("{other}\n{k}\n"));
         assert!(with_key(&format!("{other}\nssh-ed25519 AAAAkey renamed\n"), k).is_none());
+    }
+
+    #[test]
+    fn file_sync_tars_files_with_their_mode_and_dirs_and_skips_missing_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("gitconfig"), "[user]\n").unwrap();
+        std::fs::create_dir(dir.path().join("conf")).unwrap();
+        std::fs::write(dir.path().join("conf/a"), "a").unwrap();
+        let entries = vec![
+            FileSync {
+                host: dir.path().join("gitconfig"),
+                guest: ".gitconfig".into(),
+                mode: Some(0o600),
+            },
+            FileSync {
+                host: dir.path().join("conf"),
+                guest: ".config/app".into(),
+                mode: None,
+            },
+            FileSync {
+                host: dir.path().join("missing"),
+                guest: "x".into(),
+                mode: None,
+            },
+        ];
+        let (tarball, skipped) = file_sync_tar(&entries);
+        assert_eq!(skipped.len(), 1);
+        assert!(skipped[0].0.ends_with("missing"));
+        let mut a = tar::Archive::new(tarball.as_slice());
+        let got: Vec<(String, u32)> = a
+            .entries()
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (
+                    e.path().unwrap().display().to_string(),
+                    e.header().mode().unwrap(),
+                )
+            })
+            .collect();
+        assert!(got.contains(&(".gitconfig".into(), 0o600)), "{got:?}");
+        assert!(got.iter().any(|(p, _)| p == ".config/app/a"), "{got:?}");
     }
 
     #[test]

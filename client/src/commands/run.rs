@@ -135,6 +135,13 @@ pub async fn run(client: &Client, target: &Target, o: Opts) -> Result<u8, CliErr
         }
         Err((None, e)) => return Err(e),
     };
+    if let Some(e) = &vm.error {
+        // Running, but the agent never answered within agent_timeout_secs.
+        let name = &vm.name;
+        return Err(CliError::Other(format!(
+            "vm {name} did not become reachable ({e}); it is kept (even with --rm): see `banger vm logs {name}`, then `banger vm rm -f {name}`"
+        )));
+    }
     let name = vm.name.clone();
     let result = session(client, target, &o, &vm, &mut t).await;
     if o.rm {
