@@ -932,6 +932,31 @@ fn root_rig_vm_run_commands_repos_and_workspace_export() {
         "echo changed >> hello.txt && rm gone.txt && mkdir -p sub && printf 'bin\\000\\377\\001' > sub/new.bin \
          && printf '\\000\\000' >> blob.bin && chmod -x run.sh && echo x > more.log",
     ]);
+    // A workspace operation holding the VM's workspace lock makes the next one wait.
+    let vm_dir = home.json(&["vm", "show", "ws", "--json"])["dir"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let held = nix::fcntl::Flock::lock(
+        std::fs::File::open(&vm_dir).unwrap(),
+        nix::fcntl::FlockArg::LockExclusive,
+    )
+    .unwrap();
+    let waiting = home
+        .cmd(&["vm", "workspace", "export", "ws"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    drop(held);
+    let waited = waiting.wait_with_output().unwrap();
+    assert!(waited.status.success());
+    assert!(
+        String::from_utf8_lossy(&waited.stderr).contains("waiting for another workspace"),
+        "{}",
+        String::from_utf8_lossy(&waited.stderr)
+    );
     let index_before = home.ok(&[
         "vm",
         "exec",

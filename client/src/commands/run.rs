@@ -180,6 +180,7 @@ async fn session(
             full_copy: o.full_copy,
             ..Default::default()
         };
+        let _lock = workspace::lock(vm).await?;
         workspace::prepare(name, std::path::Path::new(&sock), path, &opts).await?;
         t.0.push(("ship", t1.elapsed()));
         workdir = Some(GUEST_REPO.to_owned());

@@ -21,7 +21,10 @@
 //!   guest's own index is never read or written. Ignored files are left out, as `git add`
 //!   leaves them out.
 //! - **Locks.** This runs in the CLI straight over the VM's vsock socket, never through the
-//!   VM's actor, so a long import never holds its lifecycle mailbox.
+//!   VM's actor, so a long import never holds its lifecycle mailbox. Instead, `prepare` and
+//!   `export` hold a per-VM workspace lock: an exclusive `flock` on the VM's directory
+//!   (`banger vm show` names it), so two imports into one VM (or an export during an
+//!   import) take turns, across processes, and a crashed CLI releases it with its fd.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -336,6 +339,30 @@ fn write_tar<W: Write>(p: &Plan, w: W) -> std::io::Result<()> {
     b.into_inner()?.flush()
 }
 
+/// The per-VM workspace lock (see the module docs); waits, saying so, when it is held.
+pub async fn lock(info: &VmInfo) -> Result<nix::fcntl::Flock<std::fs::File>, CliError> {
+    use nix::fcntl::{Flock, FlockArg};
+    let open = || {
+        std::fs::File::open(&info.dir)
+            .map_err(|e| io_err(format!("vm {}'s directory {}", info.name, info.dir), e))
+    };
+    match Flock::lock(open()?, FlockArg::LockExclusiveNonblock) {
+        Ok(l) => Ok(l),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+            eprintln!(
+                "banger: waiting for another workspace prepare/export on vm {} to finish",
+                info.name
+            );
+            let f = open()?;
+            tokio::task::spawn_blocking(move || Flock::lock(f, FlockArg::LockExclusive))
+                .await
+                .map_err(|e| io_err("the workspace lock", e))?
+                .map_err(|(_, e)| io_err("the workspace lock", e))
+        }
+        Err((_, e)) => Err(io_err("the workspace lock", e)),
+    }
+}
+
 /// The VM's agent socket, when it is running.
 pub async fn agent_socket(client: &Client, vm: &str) -> Result<(VmInfo, PathBuf), CliError> {
     let info = client.show(vm.to_owned()).await?;
@@ -451,7 +478,8 @@ pub async fn run_prepare(
     path: &Path,
     opts: &Opts,
 ) -> Result<(), CliError> {
-    let (_, sock) = agent_socket(client, vm).await?;
+    let (info, sock) = agent_socket(client, vm).await?;
+    let _lock = lock(&info).await?;
     let shipped = prepare(vm, &sock, path, opts).await?;
     let base = shipped
         .base
@@ -467,8 +495,11 @@ pub async fn run_prepare(
 
 /// `vm workspace export`.
 pub async fn run_export(client: &Client, vm: &str, out: Option<&Path>) -> Result<(), CliError> {
-    let (_, sock) = agent_socket(client, vm).await?;
-    let diff = export(vm, &sock).await?;
+    let (info, sock) = agent_socket(client, vm).await?;
+    let diff = {
+        let _lock = lock(&info).await?;
+        export(vm, &sock).await?
+    };
     match out {
         Some(p) => std::fs::write(p, &diff).map_err(|e| io_err(p.display(), e))?,
         None => {
