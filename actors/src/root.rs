@@ -59,6 +59,10 @@ pub struct VmConfig {
     pub tsc_khz: Option<u64>,
     /// See [`crate::vm::actor::VmEnv::agent_timeout`].
     pub agent_timeout: Duration,
+    /// banger's ssh key (private key path), installed into guests; None: no ssh.
+    pub ssh_key: Option<std::path::PathBuf>,
+    /// `[[file_sync]]`: copied into each new VM's /root at its first boot.
+    pub file_sync: Vec<crate::vm::sshkey::FileSync>,
     /// Where the `.vm` resolver listens (None: off).
     pub dns_listen: Option<std::net::SocketAddr>,
     /// The guests' resolver on the bridge (bound by bangerd as root), if any.
@@ -203,6 +207,11 @@ impl RootSupervisor {
                     net: state.args.net.clone(),
                     subnet: vm.settings.subnet,
                     qemu_tap_uid: nix::unistd::geteuid().as_raw(),
+                    ssh_key: vm
+                        .ssh_key
+                        .clone()
+                        .map(|p| Arc::new(crate::vm::sshkey::SshKey::new(p))),
+                    file_sync: vm.file_sync.clone(),
                 });
                 let args = VmSupervisorArgs {
                     env,
@@ -782,6 +791,8 @@ pub fn test_vm_config(dir: &std::path::Path) -> VmConfig {
         extra_cmdline: String::new(),
         tsc_khz: None,
         agent_timeout: Duration::ZERO,
+        ssh_key: None,
+        file_sync: Vec::new(),
         dns_listen: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
         guest_dns: None,
         settings: VmSettings {

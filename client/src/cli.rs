@@ -83,6 +83,23 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Let plain `ssh <vm>.vm` (and scp, rsync) reach banger's VMs: writes banger's own
+    /// `Host *.vm` block and ONE `Include` line at the top of ~/.ssh/config.
+    #[command(
+        name = "ssh-config",
+        after_help = "Examples:\n  banger ssh-config && ssh dev.vm\n  banger ssh-config --uninstall      remove the Include line and banger's block"
+    )]
+    SshConfig {
+        /// Remove the Include line and the managed file.
+        #[arg(long)]
+        uninstall: bool,
+    },
+    /// ssh's ProxyCommand: splice stdin/stdout with sshd in the VM, through its agent.
+    #[command(name = "__ssh-proxy", hide = true)]
+    SshProxy {
+        /// `<vm>` or `<vm>.vm`.
+        host: String,
+    },
     /// Print a shell completion script.
     #[command(
         after_help = "Examples:\n  banger completion bash > ~/.local/share/bash-completion/completions/banger\n  banger completion zsh > \"${fpath[1]}/_banger\"\n  banger completion fish > ~/.config/fish/completions/banger.fish"
@@ -219,6 +236,47 @@ pub enum VmCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Create and boot a VM, then run a command in it (exits with its status), or open an
+    /// interactive shell; with a path, that repo is shipped to /root/repo first.
+    #[command(after_help = RUN_HELP)]
+    Run {
+        /// A directory (a git repo: tracked and untracked-not-ignored files plus .git) to
+        /// ship to /root/repo; the command then runs there.
+        path: Option<PathBuf>,
+        /// Name (a-z, 0-9, '-'); generated when absent.
+        #[arg(long)]
+        name: Option<String>,
+        /// Image (default: the config's default_image_name).
+        #[arg(long)]
+        image: Option<String>,
+        #[command(flatten)]
+        size: SizeArgs,
+        /// VMM: firecracker or qemu (default: the config's default_vmm).
+        #[arg(long)]
+        vmm: Option<banger_api::VmmKind>,
+        /// Give the VM outbound network access through NAT.
+        #[arg(long)]
+        nat: bool,
+        /// No network at all (vsock still works, so commands and shells do too).
+        #[arg(long, conflicts_with = "nat")]
+        no_network: bool,
+        /// Delete the VM when the command or session ends, whatever its status.
+        #[arg(long)]
+        rm: bool,
+        /// Ship the whole directory (ignored files and submodules included).
+        #[arg(long)]
+        full_copy: bool,
+        /// Print how long each stage took (create, boot to agent ready, ship, command,
+        /// delete) to stderr; also BANGER_TIMINGS=1.
+        #[arg(long, env = "BANGER_TIMINGS")]
+        timings: bool,
+        /// The command and its arguments (after `--`); none: an interactive shell.
+        #[arg(last = true)]
+        cmd: Vec<String>,
+    },
+    /// Ship a git repo into a VM, or export what changed in it there.
+    #[command(subcommand)]
+    Workspace(WorkspaceCmd),
     /// Start a stopped VM.
     #[command(after_help = "Examples:\n  banger vm start dev")]
     Start { vm: String },
@@ -304,6 +362,17 @@ pub enum VmCmd {
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
     },
+    /// ssh into a running VM as root (banger's key and known_hosts, over the VM's vsock:
+    /// works without a network); with `-- cmd`, run it and exit with its status.
+    #[command(
+        after_help = "Examples:\n  banger vm ssh dev\n  banger vm ssh dev -- uname -a\n\nFor plain `ssh dev.vm`, scp and rsync: `banger ssh-config`."
+    )]
+    Ssh {
+        vm: String,
+        /// The command and its arguments (after `--`).
+        #[arg(last = true)]
+        cmd: Vec<String>,
+    },
     /// Listening TCP/UDP ports in a running VM, with their processes.
     Ports {
         vm: String,
@@ -328,6 +397,42 @@ pub enum VmCmd {
         /// Do not ask.
         #[arg(long, short)]
         force: bool,
+    },
+}
+
+const RUN_HELP: &str = "Examples:\n  banger vm run --rm -- uname -a          boot, run, exit with its status, delete\n  banger vm run --rm . -- make test       ship this repo to /root/repo and test it there\n  banger vm run --name dev                an interactive shell in a new VM\n  banger vm run --timings --rm -- true    how long each stage takes\n\nIf the guest never becomes reachable the VM is kept (even with --rm): see `banger vm logs <name>`.";
+
+/// `banger vm workspace …`.
+#[derive(Debug, Subcommand)]
+pub enum WorkspaceCmd {
+    /// Ship a git repo to /root/repo in a running VM: tracked and untracked-not-ignored
+    /// files (or the whole tree with --full-copy) and its .git, so the guest has a repo.
+    #[command(
+        after_help = "Examples:\n  banger vm workspace prepare dev .\n  banger vm workspace prepare dev ~/src/app --from v1.2 --branch try-fix\n  banger vm workspace prepare dev . --full-copy"
+    )]
+    Prepare {
+        vm: String,
+        path: PathBuf,
+        /// Check out a new branch of this name at the shipped ref in the guest.
+        #[arg(long)]
+        branch: Option<String>,
+        /// Ship the tree of this commit/tag/branch instead of the working tree.
+        #[arg(long, value_name = "REF")]
+        from: Option<String>,
+        /// Ship the whole directory (ignored files and submodules included).
+        #[arg(long, conflicts_with = "from")]
+        full_copy: bool,
+    },
+    /// A binary git diff (`git apply`-able) of everything changed in the VM's /root/repo
+    /// since the shipped ref; the guest's own index is not touched.
+    #[command(
+        after_help = "Examples:\n  banger vm workspace export dev > changes.diff\n  banger vm workspace export dev --out changes.diff && git apply changes.diff"
+    )]
+    Export {
+        vm: String,
+        /// Write the diff here instead of stdout.
+        #[arg(long, short)]
+        out: Option<PathBuf>,
     },
 }
 

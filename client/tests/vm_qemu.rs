@@ -102,6 +102,11 @@ impl Home {
 
     /// With `Some(ns)`, VMs have networks and the daemon runs as root inside `ns`.
     fn in_netns(netns: Option<&str>) -> Home {
+        Self::with_config(netns, "", "")
+    }
+
+    /// `top` goes first in the config (top-level keys); `extra` last (start it with a table).
+    fn with_config(netns: Option<&str>, top: &str, extra: &str) -> Home {
         let network = netns.is_some();
         assert!(
             nix::unistd::geteuid().is_root(),
@@ -115,7 +120,7 @@ impl Home {
         std::fs::write(
             cfg.join("config.toml"),
             format!(
-                "default_vmm = \"qemu\"\ndefault_image_name = \"rig\"\nstop_timeout_secs = 30\ndns_listen = \"127.0.0.1:0\"\n[qemu]\naccel = \"tcg\"\nbinary = \"{}\"\nvhost_vsock = \"{}\"\n[vm_defaults]\nvcpu = 1\nmemory = \"512M\"\ndisk = \"2G\"\nnetwork = {network}\n",
+                "{top}default_vmm = \"qemu\"\ndefault_image_name = \"rig\"\nstop_timeout_secs = 30\ndns_listen = \"127.0.0.1:0\"\n[qemu]\naccel = \"tcg\"\nbinary = \"{}\"\nvhost_vsock = \"{}\"\n[vm_defaults]\nvcpu = 1\nmemory = \"512M\"\ndisk = \"2G\"\nnetwork = {network}\n{extra}",
                 rig()["BANGER_RIG_QEMU"],
                 rig()["BANGER_RIG_VHOST_DEVICE_VSOCK"]
             ),
@@ -907,4 +912,522 @@ esac
         "{log}"
     );
     home.ok(&["vm", "rm", "-f", "fb"]);
+}
+
+fn git_in(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .env("GIT_AUTHOR_NAME", "t")
+        .env("GIT_AUTHOR_EMAIL", "t@t")
+        .env("GIT_COMMITTER_NAME", "t")
+        .env("GIT_COMMITTER_EMAIL", "t@t")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Every file under `dir` except `.git`, with its bytes and executable bit.
+fn tree_of(dir: &Path) -> std::collections::BTreeMap<String, (Vec<u8>, bool)> {
+    let mut m = std::collections::BTreeMap::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            if e.file_name() == ".git" {
+                continue;
+            }
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let exec = p.metadata().unwrap().permissions().mode() & 0o111 != 0;
+                let rel = p.strip_prefix(dir).unwrap().display().to_string();
+                m.insert(rel, (std::fs::read(&p).unwrap(), exec));
+            }
+        }
+    }
+    m
+}
+
+/// `vm run` on real guests: a command's output and status, `--rm`, `--timings`, a repo
+/// shipped to /root/repo; then workspace export of edits made in the guest, applied with
+/// `git apply` on a host clone. Three boots.
+#[test]
+fn root_rig_vm_run_commands_repos_and_workspace_export() {
+    let home = Home::new();
+    let vms = |home: &Home| home.json(&["vm", "ls", "--json"]).as_array().unwrap().len();
+
+    // -- uname -a: the guest's kernel, exit 0, and the VM is gone.
+    let out = home.run(&["vm", "run", "--rm", "--timings", "--", "uname", "-a"]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(code(&out), Some(0), "{stdout}{stderr}");
+    assert!(stdout.starts_with("Linux "), "{stdout}");
+    let ver = &rig()["BANGER_RIG_KERNEL_VERSION"];
+    assert!(stdout.contains(ver), "{stdout} is not the rig kernel {ver}");
+    let timings = stderr
+        .lines()
+        .find(|l| l.starts_with("timings:"))
+        .unwrap_or_else(|| panic!("{stderr}"));
+    for stage in ["create", "boot", "command", "delete", "total"] {
+        assert!(timings.contains(stage), "{timings}");
+    }
+    eprintln!("vm run --rm -- uname -a: {timings}");
+    assert_eq!(vms(&home), 0, "--rm left the VM behind");
+
+    // -- false: its status, and --rm deletes on failure too.
+    let out = home.run(&["vm", "run", "--rm", "--", "false"]);
+    assert_eq!(
+        code(&out),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        vms(&home),
+        0,
+        "--rm left the VM behind after a failing command"
+    );
+
+    // A repo shipped to /root/repo; the command runs there. Kept (no --rm) for export.
+    let src = tempfile::tempdir().unwrap();
+    let repo = src.path().join("proj");
+    std::fs::create_dir(&repo).unwrap();
+    git_in(&repo, &["init", "-q", "-b", "main"]);
+    std::fs::write(repo.join("hello.txt"), "hi\n").unwrap();
+    std::fs::write(repo.join("gone.txt"), "delete me\n").unwrap();
+    std::fs::write(repo.join("run.sh"), "#!/bin/sh\necho ran\n").unwrap();
+    std::fs::set_permissions(repo.join("run.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(repo.join(".gitignore"), "*.log\n").unwrap();
+    std::fs::write(repo.join("blob.bin"), [0u8, 1, 2, 255, 0, 7]).unwrap();
+    git_in(&repo, &["add", "-A"]);
+    git_in(&repo, &["commit", "-q", "-m", "init"]);
+    std::fs::write(repo.join("untracked.txt"), "new\n").unwrap();
+    std::fs::write(repo.join("noise.log"), "ignored\n").unwrap();
+    let out = home.run(&[
+        "vm", "run", "--name", "ws", repo.to_str().unwrap(), "--",
+        "sh", "-c", "pwd; ./run.sh; cat hello.txt untracked.txt; test -e noise.log && echo LEAK; test -f .git/HEAD && echo git",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        code(&out),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout, "/root/repo\nran\nhi\nnew\ngit\n");
+
+    // Edit, add (a binary file too), delete, chmod in the guest; export; apply on a clone.
+    home.ok(&[
+        "vm", "exec", "ws", "-w", "/root/repo", "--", "sh", "-c",
+        "echo changed >> hello.txt && rm gone.txt && mkdir -p sub && printf 'bin\\000\\377\\001' > sub/new.bin \
+         && printf '\\000\\000' >> blob.bin && chmod -x run.sh && echo x > more.log",
+    ]);
+    // A workspace operation holding the VM's workspace lock makes the next one wait.
+    let vm_dir = home.json(&["vm", "show", "ws", "--json"])["dir"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let held = nix::fcntl::Flock::lock(
+        std::fs::File::open(&vm_dir).unwrap(),
+        nix::fcntl::FlockArg::LockExclusive,
+    )
+    .unwrap();
+    let waiting = home
+        .cmd(&["vm", "workspace", "export", "ws"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    drop(held);
+    let waited = waiting.wait_with_output().unwrap();
+    assert!(waited.status.success());
+    assert!(
+        String::from_utf8_lossy(&waited.stderr).contains("waiting for another workspace"),
+        "{}",
+        String::from_utf8_lossy(&waited.stderr)
+    );
+    let index_before = home.ok(&[
+        "vm",
+        "exec",
+        "ws",
+        "--",
+        "sha256sum",
+        "/root/repo/.git/index",
+    ]);
+    let diff_path = src.path().join("changes.diff");
+    home.ok(&[
+        "vm",
+        "workspace",
+        "export",
+        "ws",
+        "--out",
+        diff_path.to_str().unwrap(),
+    ]);
+    let index_after = home.ok(&[
+        "vm",
+        "exec",
+        "ws",
+        "--",
+        "sha256sum",
+        "/root/repo/.git/index",
+    ]);
+    assert_eq!(
+        index_before, index_after,
+        "export touched the guest's index"
+    );
+    let diff = std::fs::read_to_string(&diff_path).unwrap();
+    assert!(diff.contains("GIT binary patch"), "{diff}");
+    assert!(
+        !diff.contains("more.log"),
+        "an ignored file was exported:\n{diff}"
+    );
+
+    // The expected tree: the guest's, read back through the agent.
+    let guest_tar = src.path().join("guest.tar");
+    let t = tokio::runtime::Runtime::new().unwrap();
+    let sock = home.json(&["vm", "show", "ws", "--json"])["vsock_socket"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    t.block_on(async {
+        let mut f = tokio::fs::File::create(&guest_tar).await.unwrap();
+        banger_guest::host::tar_out(Path::new(&sock), "/root/repo", &mut f)
+            .await
+            .unwrap();
+    });
+    let guest_tree = src.path().join("guest");
+    let mut a = tar::Archive::new(std::fs::File::open(&guest_tar).unwrap());
+    a.set_preserve_permissions(true);
+    a.unpack(&guest_tree).unwrap();
+    std::fs::remove_file(guest_tree.join("more.log")).unwrap();
+    std::fs::remove_file(guest_tree.join("noise.log")).ok();
+
+    // The clone starts from the shipped state (the commit + the untracked file).
+    let clone = src.path().join("clone");
+    git_in(
+        src.path(),
+        &[
+            "clone",
+            "-q",
+            repo.to_str().unwrap(),
+            clone.to_str().unwrap(),
+        ],
+    );
+    std::fs::write(clone.join("untracked.txt"), "new\n").unwrap();
+    let applied = Command::new("git")
+        .arg("-C")
+        .arg(&clone)
+        .args(["apply", "--whitespace=nowarn"])
+        .arg(&diff_path)
+        .output()
+        .unwrap();
+    assert!(
+        applied.status.success(),
+        "git apply: {}\n{diff}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
+    assert_eq!(
+        tree_of(&clone),
+        tree_of(&guest_tree),
+        "the diff did not reproduce the guest's tree:\n{diff}"
+    );
+    assert!(!clone.join("gone.txt").exists());
+
+    // prepare --branch --from: the guest's HEAD is a new branch at that ref.
+    let first = git_in(&repo, &["rev-parse", "HEAD"]).trim().to_owned();
+    home.ok(&[
+        "vm",
+        "workspace",
+        "prepare",
+        "ws",
+        repo.to_str().unwrap(),
+        "--from",
+        "main",
+        "--branch",
+        "try",
+    ]);
+    let head = home.ok(&[
+        "vm",
+        "exec",
+        "ws",
+        "--",
+        "cat",
+        "/root/repo/.git/HEAD",
+        "/root/repo/.git/refs/heads/try",
+    ]);
+    assert_eq!(head, format!("ref: refs/heads/try\n{first}\n"));
+    let bad = home.run(&[
+        "vm",
+        "workspace",
+        "prepare",
+        "ws",
+        repo.to_str().unwrap(),
+        "--from",
+        "nope",
+    ]);
+    assert_eq!(
+        code(&bad),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    home.ok(&["vm", "rm", "-f", "ws"]);
+}
+
+/// ssh on a real guest with no network: the daemon's key in authorized_keys, sshd
+/// key-only, host keys learned into banger's known_hosts (strict checking), `vm ssh`,
+/// `banger ssh-config` then plain `ssh <vm>.vm` (with the user config it wrote), and an
+/// interactive `vm run --rm` driven through tmux. Two boots. Also `[[file_sync]]`:
+/// a file (with its mode) and a directory copied into the new VM's /root.
+#[test]
+fn root_rig_ssh_over_vsock_ssh_config_and_interactive_vm_run() {
+    let sync = tempfile::tempdir().unwrap();
+    std::fs::write(sync.path().join("gitconfig"), "[user]\n\tname = t\n").unwrap();
+    std::fs::create_dir(sync.path().join("app")).unwrap();
+    std::fs::write(sync.path().join("app/settings.json"), "{}").unwrap();
+    let extra = format!(
+        "[[file_sync]]\nhost = \"{0}/gitconfig\"\nguest = \"~/.gitconfig\"\nmode = 0o600\n[[file_sync]]\nhost = \"{0}/app\"\nguest = \"/root/.config/app\"\n[[file_sync]]\nhost = \"{0}/missing\"\nguest = \"~/missing\"\n",
+        sync.path().display()
+    );
+    let home = Home::with_config(None, "", &extra);
+    home.ok(&["vm", "create", "--name", "s"]);
+    let synced = home.ok(&[
+        "vm", "exec", "s", "--", "sh", "-c",
+        "stat -c '%a %U' /root/.gitconfig && cat /root/.gitconfig /root/.config/app/settings.json; test -e /root/missing || echo no-missing",
+    ]);
+    assert_eq!(synced, "600 root\n[user]\n\tname = t\n{}no-missing\n");
+
+    // vm ssh -- cmd: its output and its status.
+    assert_eq!(home.ok(&["vm", "ssh", "s", "--", "hostname"]), "s\n");
+    let out = home.run(&["vm", "ssh", "s", "--", "sh", "-c", "exit 3"]);
+    assert_eq!(
+        code(&out),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The key, the guest's sshd settings, the learned host key.
+    let key = home.json(&["daemon", "status", "--json"])["ssh_key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let public = std::fs::read_to_string(format!("{key}.pub")).unwrap();
+    let auth = home.ok(&[
+        "vm",
+        "exec",
+        "s",
+        "--",
+        "stat",
+        "-c",
+        "%a %U",
+        "/root/.ssh",
+        "/root/.ssh/authorized_keys",
+    ]);
+    assert_eq!(auth, "700 root\n600 root\n");
+    let keys = home.ok(&["vm", "exec", "s", "--", "cat", "/root/.ssh/authorized_keys"]);
+    assert_eq!(keys.trim(), public.trim());
+    let sshd = home.ok(&["vm", "exec", "s", "--", "/usr/sbin/sshd", "-T"]);
+    for line in [
+        "permitrootlogin without-password",
+        "passwordauthentication no",
+        "kbdinteractiveauthentication no",
+    ] {
+        assert!(
+            sshd.lines().any(|l| l == line),
+            "sshd -T lacks {line:?}:\n{sshd}"
+        );
+    }
+    let kh_path = home.dir.path().join("state/banger/ssh/known_hosts");
+    let kh = std::fs::read_to_string(&kh_path).unwrap();
+    let host_key = home.ok(&[
+        "vm",
+        "exec",
+        "s",
+        "--",
+        "cat",
+        "/etc/ssh/ssh_host_ed25519_key.pub",
+    ]);
+    let blob = host_key.split_whitespace().nth(1).unwrap();
+    assert_eq!(kh, format!("s.vm ssh-ed25519 {blob}\n"));
+
+    // Strict checking is on: a wrong key for s.vm is refused.
+    std::fs::write(
+        &kh_path,
+        "s.vm ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMvJ3bJ+r3yRmaq0YVsDq6wiURrWk8r0nJ0u3P1uAU0N\n",
+    )
+    .unwrap();
+    let out = Command::new("ssh")
+        .envs(
+            home.cmd(&[])
+                .get_envs()
+                .filter_map(|(k, v)| v.map(|v| (k.to_owned(), v.to_owned()))),
+        )
+        .args([
+            "-i",
+            &key,
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "BatchMode=yes",
+        ])
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}.bad", kh_path.display()))
+        .arg("-o")
+        .arg(format!(
+            "ProxyCommand={} __ssh-proxy %n",
+            bin("banger").display()
+        ))
+        .args(["root@s.vm", "true"])
+        .output()
+        .unwrap();
+    assert_ne!(code(&out), Some(0), "ssh accepted an unknown host key");
+    std::fs::write(format!("{}.bad", kh_path.display()), "").ok();
+
+    // ssh-config: one Include, idempotent, then plain ssh with that config.
+    std::fs::create_dir_all(home.dir.path().join(".ssh")).unwrap();
+    std::fs::write(
+        home.dir.path().join(".ssh/config"),
+        "Host other\n    User me\n",
+    )
+    .unwrap();
+    home.ok(&["ssh-config"]);
+    home.ok(&["ssh-config"]);
+    let user_config = home.dir.path().join(".ssh/config");
+    let text = std::fs::read_to_string(&user_config).unwrap();
+    assert_eq!(text.matches("Include ").count(), 1, "{text}");
+    assert!(text.starts_with("# added by `banger ssh-config`"), "{text}");
+    assert!(text.ends_with("Host other\n    User me\n"), "{text}");
+    // OpenSSH finds ~/.ssh/config through the passwd entry, not $HOME: name it with -F.
+    let out = Command::new("ssh")
+        .envs(
+            home.cmd(&[])
+                .get_envs()
+                .filter_map(|(k, v)| v.map(|v| (k.to_owned(), v.to_owned()))),
+        )
+        .arg("-F")
+        .arg(&user_config)
+        .args([
+            "-o",
+            "BatchMode=yes",
+            "s.vm",
+            "--",
+            "cat",
+            "/proc/sys/kernel/hostname",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "s\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    home.ok(&["ssh-config", "--uninstall"]);
+    assert_eq!(
+        std::fs::read_to_string(&user_config).unwrap(),
+        "Host other\n    User me\n"
+    );
+    home.ok(&["vm", "rm", "-f", "s"]);
+
+    // Interactive `vm run --rm` in tmux: a shell prompt, a command, exit, VM gone.
+    let sock = format!("banger-test-{}", std::process::id());
+    let mut line = String::from("env");
+    for (k, v) in home.cmd(&[]).get_envs() {
+        if let Some(v) = v {
+            line.push_str(&format!(
+                " {}='{}'",
+                k.to_string_lossy(),
+                v.to_string_lossy()
+            ));
+        }
+    }
+    line.push_str(&format!(
+        " {} vm run --rm --name it; echo banger-run-exited-$?; sleep 60",
+        bin("banger").display()
+    ));
+    let tmux = |args: &[&str]| {
+        Command::new("tmux")
+            .arg("-L")
+            .arg(&sock)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let started = tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        "t",
+        "-x",
+        "120",
+        "-y",
+        "40",
+        &line,
+    ]);
+    assert!(
+        started.status.success(),
+        "{}",
+        String::from_utf8_lossy(&started.stderr)
+    );
+    let pane = |tmux: &dyn Fn(&[&str]) -> Output| {
+        String::from_utf8_lossy(&tmux(&["capture-pane", "-p", "-t", "t"]).stdout).into_owned()
+    };
+    let wait_for = |needle: &str| {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let p = pane(&tmux);
+            if p.contains(needle) {
+                return p;
+            }
+            assert!(Instant::now() < deadline, "{needle:?} never appeared:\n{p}");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    };
+    wait_for("root@it:~#");
+    tmux(&[
+        "send-keys",
+        "-t",
+        "t",
+        "echo banger-$((6*7)); hostname",
+        "Enter",
+    ]);
+    let p = wait_for("banger-42");
+    assert!(p.contains("\nit"), "{p}");
+    tmux(&["send-keys", "-t", "t", "exit", "Enter"]);
+    wait_for("banger-run-exited-0");
+    tmux(&["kill-server"]);
+    assert!(
+        home.json(&["vm", "ls", "--json"])
+            .as_array()
+            .unwrap()
+            .is_empty(),
+        "vm run --rm left the VM behind"
+    );
+}
+
+/// `vm run --rm` on a guest whose agent does not answer in time (a 1 s agent timeout on
+/// a TCG boot): the VM is kept and the error says where to look. (The guest is killed by
+/// the test's cleanup well before its boot ends.)
+#[test]
+fn root_rig_vm_run_keeps_an_unreachable_vm_and_says_where_to_look() {
+    let home = Home::with_config(None, "agent_timeout_secs = 1\n", "");
+    let out = home.run(&["vm", "run", "--rm", "--name", "late", "--", "true"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(code(&out), Some(1), "{err}");
+    assert!(err.contains("see `banger vm logs late`"), "{err}");
+    let vms = home.json(&["vm", "ls", "--json"]);
+    assert_eq!(vms[0]["name"], "late", "{vms}");
 }

@@ -245,6 +245,13 @@ pub enum Request {
     TarOut {
         dir: String,
     },
+    /// Open a TCP connection to `127.0.0.1:port` in the guest (sshd for `banger vm ssh`).
+    /// Answers `Connected` (or `Error`), after which the connection carries raw bytes both
+    /// ways, unframed, until either side closes. Added within protocol version 1: an agent
+    /// that predates it answers `Error` (unknown op), which the host reports.
+    TcpConnect {
+        port: u16,
+    },
 }
 
 /// `exec`.
@@ -321,6 +328,7 @@ pub enum Response {
     ShuttingDown,
     Written { bytes: u64 },
     FileInfo { size: u64, mode: u32 },
+    Connected,
 }
 
 /// The host side of the handshake on a connected stream.
@@ -375,6 +383,20 @@ pub fn server_hello(s: &mut (impl Read + Write), software: &str) -> Result<Hello
 mod tests {
     use super::*;
     use std::io::Cursor;
+
+    #[test]
+    fn tcp_connect_has_a_stable_wire_form() {
+        let req = Request::TcpConnect { port: 22 };
+        let json = serde_json::to_string(&req).unwrap();
+        assert_eq!(json, r#"{"op":"tcp_connect","port":22}"#);
+        assert_eq!(serde_json::from_str::<Request>(&json).unwrap(), req);
+        assert_eq!(
+            serde_json::to_string(&Response::Connected).unwrap(),
+            r#"{"op":"connected"}"#
+        );
+        // A port out of range is refused, not truncated.
+        assert!(serde_json::from_str::<Request>(r#"{"op":"tcp_connect","port":70000}"#).is_err());
+    }
 
     #[test]
     fn frames_round_trip() {

@@ -57,6 +57,12 @@ pub struct Config {
     /// helper (a name or a uid). Unset: the user `sudo` was run by (`SUDO_UID`), else
     /// root with every capability dropped. `banger system install` sets it.
     pub owner: Option<String>,
+    /// banger's ssh key (private key; `.pub` beside it), made with `ssh-keygen` on first
+    /// use when missing. Default: `<data_dir>/ssh/id_ed25519`.
+    pub ssh_key_path: Option<PathBuf>,
+    /// `[[file_sync]]`: host files or directories copied into each new VM's /root when it
+    /// first boots.
+    pub file_sync: Vec<FileSync>,
     pub network: NetworkSection,
     pub vm_defaults: VmDefaults,
     pub firecracker: FirecrackerSection,
@@ -77,6 +83,59 @@ pub struct ImagesSection {
     /// Where `banger-init` and `banger-agent` are taken from for OCI images. Default: beside
     /// the bangerd executable when they are there, else `/usr/lib/banger`.
     pub guest_binaries_dir: Option<PathBuf>,
+}
+
+/// One `[[file_sync]]` entry: `host = "/home/me/.gitconfig"`, `guest = "~/.gitconfig"`,
+/// optional `mode = 0o600` (of the copied file). Validated at load: `host` absolute,
+/// `guest` under `~/` or `/root/`, no `..` in either; a missing host path is only a
+/// warning (it is skipped when VMs are created).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSync {
+    pub host: PathBuf,
+    pub guest: String,
+    pub mode: Option<u32>,
+}
+
+impl FileSync {
+    /// The guest path relative to /root (`~/.gitconfig` → `.gitconfig`).
+    pub fn guest_relative(&self) -> Option<&str> {
+        let rel = self
+            .guest
+            .strip_prefix("~/")
+            .or_else(|| self.guest.strip_prefix("/root/"))?
+            .trim_start_matches('/');
+        (!rel.is_empty()).then_some(rel)
+    }
+
+    fn check(&self, i: usize) -> Result<(), ConfigError> {
+        let bad = |message: String| ConfigError::Invalid {
+            key: "file_sync",
+            message: format!("entry {}: {message}", i + 1),
+        };
+        let dotdot = |p: &str| p.split('/').any(|c| c == "..");
+        if !self.host.is_absolute() {
+            return Err(bad(format!(
+                "host path {} is not absolute",
+                self.host.display()
+            )));
+        }
+        if dotdot(&self.host.to_string_lossy()) || dotdot(&self.guest) {
+            return Err(bad("paths must not contain `..`".into()));
+        }
+        if self.guest_relative().is_none() {
+            return Err(bad(format!(
+                "guest path {:?} must be under ~/ or /root/ (e.g. \"~/.gitconfig\")",
+                self.guest
+            )));
+        }
+        if let Some(m) = self.mode
+            && m > 0o7777
+        {
+            return Err(bad(format!("mode {m:o} is not a file mode (e.g. 0o600)")));
+        }
+        Ok(())
+    }
 }
 
 /// `[vm_defaults]`: the size of new VMs (each falls back to a host-derived value, then a
@@ -170,6 +229,8 @@ impl Default for Config {
             agent_timeout_secs: 120,
             dns_listen: "127.0.0.1:42069".into(),
             owner: None,
+            ssh_key_path: None,
+            file_sync: Vec::new(),
             network: NetworkSection::default(),
             vm_defaults: VmDefaults::default(),
             firecracker: FirecrackerSection::default(),
@@ -267,6 +328,7 @@ impl Config {
             ("data_dir", &self.data_dir),
             ("log_dir", &self.log_dir),
             ("cache_dir", &self.cache_dir),
+            ("ssh_key_path", &self.ssh_key_path),
         ] {
             if let Some(dir) = dir
                 && !dir.is_absolute()
@@ -374,6 +436,9 @@ impl Config {
                 });
             }
         }
+        for (i, f) in self.file_sync.iter().enumerate() {
+            f.check(i)?;
+        }
         if self.socket_group.is_empty() {
             return Err(ConfigError::Invalid {
                 key: "socket_group",
@@ -386,6 +451,23 @@ impl Config {
 
 /// `level` or comma-separated `target=level` directives, each level one of tracing's. (A
 /// bare word is a *target* to `Targets`, so `loud` would pass it and log everything.)
+impl Config {
+    /// Problems that do not stop the daemon (logged at start-up): `[[file_sync]]` host
+    /// paths that do not exist.
+    pub fn warnings(&self) -> Vec<String> {
+        self.file_sync
+            .iter()
+            .filter(|f| !f.host.exists())
+            .map(|f| {
+                format!(
+                    "file_sync: {} does not exist; it is skipped when VMs are created",
+                    f.host.display()
+                )
+            })
+            .collect()
+    }
+}
+
 fn validate_log_level(value: &str) -> Result<(), ConfigError> {
     const LEVELS: &[&str] = &["off", "error", "warn", "info", "debug", "trace"];
     let bad = |message: String| ConfigError::Invalid {
@@ -524,6 +606,38 @@ mod tests {
         assert!(e.contains("images.catalog"), "{e}");
         let (_d, path) = write("[images]\ncatalog = \"rel.json\"\n");
         assert!(Config::load(Some(&path), true, vec![]).is_err());
+    }
+
+    #[test]
+    fn file_sync_entries_are_validated_at_load() {
+        let (_d, path) = write(
+            "[[file_sync]]\nhost = \"/etc/hostname\"\nguest = \"~/.hostname\"\nmode = 0o600\n[[file_sync]]\nhost = \"/nonexistent/x\"\nguest = \"/root/x/y\"\n",
+        );
+        let c = Config::load(Some(&path), true, vec![]).unwrap();
+        assert_eq!(c.file_sync.len(), 2);
+        assert_eq!(c.file_sync[0].guest_relative(), Some(".hostname"));
+        assert_eq!(c.file_sync[0].mode, Some(0o600));
+        assert_eq!(c.file_sync[1].guest_relative(), Some("x/y"));
+        // A missing host path is a warning, not an error.
+        let w = c.warnings();
+        assert_eq!(w.len(), 1);
+        assert!(w[0].contains("/nonexistent/x"), "{w:?}");
+        for (entry, says) in [
+            ("host = \"rel/x\"\nguest = \"~/x\"", "not absolute"),
+            ("host = \"/a/../b\"\nguest = \"~/x\"", "`..`"),
+            ("host = \"/a\"\nguest = \"~/../etc/passwd\"", "`..`"),
+            ("host = \"/a\"\nguest = \"/etc/x\"", "under ~/ or /root/"),
+            ("host = \"/a\"\nguest = \"/root\"", "under ~/ or /root/"),
+            (
+                "host = \"/a\"\nguest = \"~/x\"\nmode = 0o17777",
+                "not a file mode",
+            ),
+            ("host = \"/a\"\nguest = \"~/x\"\ncolor = 1", "unknown field"),
+        ] {
+            let (_d, path) = write(&format!("[[file_sync]]\n{entry}\n"));
+            let e = Config::load(Some(&path), true, vec![]).unwrap_err();
+            assert!(e.to_string().contains(says), "{entry}: {e}");
+        }
     }
 
     #[test]

@@ -88,6 +88,15 @@ fn guest_binaries_dir(config: &Config) -> std::path::PathBuf {
         .unwrap_or_else(|| "/usr/lib/banger".into())
 }
 
+/// banger's ssh key: the config's `ssh_key_path`, else `<data_dir>/ssh/id_ed25519`.
+pub fn ssh_key_path(settings: &Settings) -> std::path::PathBuf {
+    settings
+        .config
+        .ssh_key_path
+        .clone()
+        .unwrap_or_else(|| settings.paths.data_dir.join("ssh/id_ed25519"))
+}
+
 /// The VM side of the tree, from config and host.
 fn vm_config(settings: &Settings) -> Result<banger_actors::root::VmConfig, config::ConfigError> {
     use banger_actors::vm::spec::Host;
@@ -126,6 +135,18 @@ fn vm_config(settings: &Settings) -> Result<banger_actors::root::VmConfig, confi
         extra_cmdline: c.kernel_cmdline_extra.clone(),
         tsc_khz: qemu::host_tsc_khz(),
         agent_timeout: Duration::from_secs(c.agent_timeout_secs),
+        ssh_key: Some(ssh_key_path(settings)),
+        file_sync: c
+            .file_sync
+            .iter()
+            .filter_map(|f| {
+                Some(banger_actors::vm::sshkey::FileSync {
+                    host: f.host.clone(),
+                    guest: f.guest_relative()?.to_owned(),
+                    mode: f.mode,
+                })
+            })
+            .collect(),
         dns_listen: c.dns_listen.parse().ok(),
         guest_dns: None,
         settings: VmSettings {
@@ -188,6 +209,9 @@ impl Daemon {
         let store = tokio::task::spawn_blocking(move || Store::open(&store_path))
             .await
             .expect("store open does not panic")?;
+        for w in settings.config.warnings() {
+            tracing::warn!("{w}");
+        }
         let mut vm = vm_config(&settings)?;
         let network = banger_api::NetworkStatus {
             bridge: settings.config.network.bridge.clone(),
@@ -216,6 +240,7 @@ impl Daemon {
         let ctx = Arc::new(rpc::Ctx {
             tree,
             paths: settings.paths.clone(),
+            ssh_key: ssh_key_path(&settings),
             started: Instant::now(),
             started_at,
             stop: Arc::new(Notify::new()),

@@ -45,6 +45,10 @@ pub struct VmEnv {
     pub subnet: crate::net::lease::Subnet,
     /// Who owns a QEMU VM's tap: the daemon's own uid (QEMU runs as the daemon).
     pub qemu_tap_uid: u32,
+    /// banger's ssh key, put into each guest's authorized_keys once its agent answers.
+    pub ssh_key: Option<Arc<super::sshkey::SshKey>>,
+    /// `[[file_sync]]`, copied into /root at a VM's first boot.
+    pub file_sync: Vec<super::sshkey::FileSync>,
 }
 
 /// Errors of VM operations, each mapped to an RPC code by [`VmError::code`].
@@ -362,6 +366,17 @@ async fn release_net(env: &VmEnv, rec: &VmRecord) {
     {
         tracing::warn!(vm = %rec.name, error = %error_chain(&e), "removing NAT");
     }
+}
+
+async fn install_ssh_key(
+    key: &Arc<super::sshkey::SshKey>,
+    sock: &std::path::Path,
+) -> Result<(), super::sshkey::SshKeyError> {
+    let k = Arc::clone(key);
+    let public = tokio::task::spawn_blocking(move || k.public_key())
+        .await
+        .map_err(|e| super::sshkey::SshKeyError::Spawn(std::io::Error::other(e)))??;
+    super::sshkey::install(sock, &public).await
 }
 
 fn send_stage(progress: &[ProgressTx], stage: &str) {
@@ -701,6 +716,14 @@ impl Actor for VmActor {
                                 .map(|r| r.vsock_socket.clone())
                                 .unwrap_or_default();
                             let me = myself.clone();
+                            let ssh_key = state.env.ssh_key.clone();
+                            let vm_name = state.rec.name.clone();
+                            // started_at is set once running: None means the first boot.
+                            let file_sync = if state.rec.started_at.is_none() {
+                                state.env.file_sync.clone()
+                            } else {
+                                Vec::new()
+                            };
                             tokio::spawn(async move {
                                 let result = banger_guest::host::wait_ready(
                                     std::path::Path::new(&sock),
@@ -709,6 +732,26 @@ impl Actor for VmActor {
                                 .await
                                 .map(drop)
                                 .map_err(|e| error_chain(&e));
+                                if result.is_ok()
+                                    && let Some(key) = ssh_key
+                                {
+                                    // Not fatal: the VM works without ssh (vm exec).
+                                    if let Err(e) =
+                                        install_ssh_key(&key, std::path::Path::new(&sock)).await
+                                    {
+                                        tracing::warn!(vm = %vm_name, error = %error_chain(&e), "installing the ssh key");
+                                    }
+                                }
+                                if result.is_ok() && !file_sync.is_empty() {
+                                    for (what, e) in super::sshkey::sync_files(
+                                        std::path::Path::new(&sock),
+                                        file_sync,
+                                    )
+                                    .await
+                                    {
+                                        tracing::warn!(vm = %vm_name, file = %what, error = %e, "file_sync");
+                                    }
+                                }
                                 let _ = me.cast(VmMsg::AgentReady { generation, result });
                             });
                         }

@@ -7,3 +7,4 @@ pub mod disks;
 pub mod model;
 pub mod proc;
 pub mod spec;
+pub mod sshkey;

@@ -5,10 +5,13 @@ pub mod doctor;
 pub mod exec;
 pub mod image;
 pub mod internal;
+pub mod run;
+pub mod ssh;
 pub mod system;
 pub mod update;
 pub mod version;
 pub mod vm;
+pub mod workspace;
 
 use clap::CommandFactory;
 
@@ -89,6 +92,18 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
         Command::Internal(cmd) => internal::run(cmd).await,
         Command::Version { json } => version::run(&target, json).await,
         Command::Doctor { json } => doctor::run(&target, json).await,
+        Command::SshConfig { uninstall } => {
+            let client = if uninstall {
+                None
+            } else {
+                Some(crate::connect::connect_or_start(&target).await?)
+            };
+            ssh::ssh_config(&target, client.as_ref(), uninstall).await
+        }
+        Command::SshProxy { host } => {
+            let client = crate::connect::connect_or_start(&target).await?;
+            ssh::proxy(&client, &host).await
+        }
         Command::Completion { shell } => {
             let mut cmd = Cli::command();
             clap_complete::generate(shell, &mut cmd, "banger", &mut std::io::stdout());

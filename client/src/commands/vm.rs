@@ -8,7 +8,7 @@ use banger_api::{
 };
 use jsonrpsee::core::client::Subscription;
 
-use crate::cli::{SizeArgs, VmCmd};
+use crate::cli::{SizeArgs, VmCmd, WorkspaceCmd};
 use crate::connect::{self, Target};
 use crate::exit::{self, CliError};
 use crate::render;
@@ -183,6 +183,51 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
                 println!("{}", vm.name);
             }
         }
+        VmCmd::Run {
+            path,
+            name,
+            image,
+            size,
+            vmm,
+            nat,
+            no_network,
+            rm,
+            full_copy,
+            timings,
+            cmd,
+        } => {
+            let opts = super::run::Opts {
+                path,
+                name,
+                image,
+                size,
+                vmm,
+                nat,
+                no_network,
+                rm,
+                full_copy,
+                timings,
+                cmd,
+            };
+            return super::run::run(&client, target, opts).await;
+        }
+        VmCmd::Workspace(WorkspaceCmd::Prepare {
+            vm,
+            path,
+            branch,
+            from,
+            full_copy,
+        }) => {
+            let opts = super::workspace::Opts {
+                branch,
+                from,
+                full_copy,
+            };
+            super::workspace::run_prepare(&client, &vm, &path, &opts).await?;
+        }
+        VmCmd::Workspace(WorkspaceCmd::Export { vm, out }) => {
+            super::workspace::run_export(&client, &vm, out.as_deref()).await?;
+        }
         VmCmd::Start { vm } => {
             follow_progress(client.start(vm).await?, false).await?;
         }
@@ -301,6 +346,9 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
             cmd,
         } => {
             return super::exec::run(&client, &vm, tty, env, workdir, cmd).await;
+        }
+        VmCmd::Ssh { vm, cmd } => {
+            return super::ssh::vm_ssh(&client, target, &vm, &cmd).await;
         }
         VmCmd::Ports { vm, json } => {
             let ports = client.ports(vm).await?;

@@ -80,6 +80,7 @@ pub fn serve<C: Conn>(mut conn: C) -> Result<(), ProtoError> {
         Request::FileGet { path } => return files::get(&mut conn, &path),
         Request::TarIn { dir } => return files::tar_in(&mut conn, &dir),
         Request::TarOut { dir } => return files::tar_out(&mut conn, &dir),
+        Request::TcpConnect { port } => return tcp_connect(conn, port),
         Request::Shutdown { reboot } => {
             proto::write_json(&mut conn, Kind::Response, &Response::ShuttingDown)?;
             sys::shutdown(reboot);
@@ -90,6 +91,30 @@ pub fn serve<C: Conn>(mut conn: C) -> Result<(), ProtoError> {
         Ok(r) => proto::write_json(&mut conn, Kind::Response, &r),
         Err(message) => proto::write_json(&mut conn, Kind::Error, &ErrorMsg { message }),
     }
+}
+
+/// `TcpConnect`: splice the connection with a TCP connection to 127.0.0.1:`port`.
+fn tcp_connect<C: Conn>(mut conn: C, port: u16) -> Result<(), ProtoError> {
+    let tcp = match std::net::TcpStream::connect(("127.0.0.1", port)) {
+        Ok(s) => s,
+        Err(e) => {
+            let message = format!("cannot connect to 127.0.0.1:{port} in the guest: {e}");
+            return proto::write_json(&mut conn, Kind::Error, &ErrorMsg { message });
+        }
+    };
+    proto::write_json(&mut conn, Kind::Response, &Response::Connected)?;
+    let mut to_host = conn.try_clone_conn()?;
+    let mut from_tcp = tcp.try_clone()?;
+    let out = std::thread::spawn(move || {
+        let _ = std::io::copy(&mut from_tcp, &mut to_host);
+        // The guest side ended: the session is over.
+        to_host.shutdown_conn();
+    });
+    let mut to_tcp = &tcp;
+    let _ = std::io::copy(&mut conn, &mut to_tcp);
+    let _ = tcp.shutdown(std::net::Shutdown::Write);
+    let _ = out.join();
+    Ok(())
 }
 
 fn exec<C: Conn>(mut conn: C, req: ExecRequest) -> Result<(), ProtoError> {
@@ -392,6 +417,41 @@ mod tests {
         assert_eq!(mine.address, "127.0.0.1");
         assert_eq!(mine.pid, Some(std::process::id() as i32));
         assert!(mine.process.is_some());
+    }
+
+    #[test]
+    fn tcp_connect_splices_both_ways_and_refuses_a_closed_port() {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            s.write_all(b"SSH-2.0-test\r\n").unwrap();
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).unwrap();
+            s.write_all(&got).unwrap();
+        });
+        let mut s = request(&Request::TcpConnect { port });
+        let f = proto::read_frame(&mut s).unwrap();
+        assert_eq!(
+            proto::expect_json::<Response>(&f, Kind::Response).unwrap(),
+            Response::Connected
+        );
+        s.write_all(b"hello").unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut back = Vec::new();
+        s.read_to_end(&mut back).unwrap();
+        assert_eq!(back, b"SSH-2.0-test\r\nhello");
+        server.join().unwrap();
+
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = closed.local_addr().unwrap().port();
+        drop(closed);
+        let mut s = request(&Request::TcpConnect { port });
+        let f = proto::read_frame(&mut s).unwrap();
+        assert!(
+            matches!(proto::expect_json::<Response>(&f, Kind::Response), Err(ProtoError::Remote(m)) if m.contains("cannot connect")),
+        );
     }
 
     #[test]

@@ -85,22 +85,28 @@ pub fn parse_net_table(text: &str, proto: &str) -> Vec<(String, u16, u64)> {
 
 /// Listening TCP and UDP sockets, with their processes.
 pub fn listening_ports() -> Vec<Port> {
-    let owners = socket_owners();
-    let mut out = Vec::new();
+    let mut sockets = Vec::new();
     for proto in ["tcp", "tcp6", "udp", "udp6"] {
         let Ok(text) = std::fs::read_to_string(format!("/proc/net/{proto}")) else {
             continue;
         };
-        for (address, port, inode) in parse_net_table(&text, proto) {
-            let owner = owners.get(&inode);
-            out.push(Port {
-                proto: proto.into(),
-                address,
-                port,
-                pid: owner.map(|o| o.0),
-                process: owner.map(|o| o.1.clone()),
-            });
+        for s in parse_net_table(&text, proto) {
+            sockets.push((proto, s));
         }
+    }
+    // Owners after the tables: a socket listed above already has its fd, so a listener
+    // that appeared between the two reads is not left without its process.
+    let owners = socket_owners();
+    let mut out = Vec::new();
+    for (proto, (address, port, inode)) in sockets {
+        let owner = owners.get(&inode);
+        out.push(Port {
+            proto: proto.into(),
+            address,
+            port,
+            pid: owner.map(|o| o.0),
+            process: owner.map(|o| o.1.clone()),
+        });
     }
     out.sort_by(|a, b| (a.port, &a.proto).cmp(&(b.port, &b.proto)));
     out

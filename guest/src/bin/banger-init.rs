@@ -12,9 +12,13 @@
 //! 4. mounts the work disk (`banger.work=LABEL=bg-work`) at /root;
 //! 5. sets the hostname from `banger.name`;
 //! 6. starts banger-agent (`/usr/lib/banger/banger-agent`, vsock);
-//! 7. execs the image's init (`/sbin/init`, systemd) if it has one; otherwise it stays PID
-//!    1: it reaps orphans, turns Ctrl-Alt-Del (SIGINT, how both VMMs ask for a shutdown)
-//!    into a reboot (which makes the VMM exit) and SIGTERM/SIGPWR into a power-off.
+//! 7. when the image has sshd, writes `/etc/ssh/sshd_config.d/banger.conf` (root login by
+//!    key only: `PermitRootLogin prohibit-password`, no password or keyboard-interactive);
+//! 8. execs the image's init (`/sbin/init`, systemd) if it has one; otherwise it stays PID
+//!    1: it makes an ed25519 host key if the image has none (once per VM: it lands on the
+//!    overlay disk), starts `sshd -D` and restarts it (and the agent) when they die, reaps
+//!    orphans, turns Ctrl-Alt-Del (SIGINT, how both VMMs ask for a shutdown) into a reboot
+//!    (which makes the VMM exit) and SIGTERM/SIGPWR into a power-off.
 //!
 //! It says what it does on the console, prefixed `banger-init:`. A failure in steps 1–5
 //! is reported and the guest is powered off rather than left half set up.
@@ -243,6 +247,9 @@ fn setup(cmdline: &str) -> Result<(), String> {
 /// the console and boot goes on: the agent still answers over vsock.
 fn network(cmdline: &str) {
     use banger_guest::init::net;
+    if let Err(e) = net::loopback_up() {
+        say(format!("network: lo: {e}"));
+    }
     let cfg = match net::NetConfig::from_cmdline(cmdline) {
         Ok(Some(c)) => c,
         Ok(None) => return,
@@ -317,6 +324,77 @@ fn spawn_agent() -> Option<i32> {
     }
 }
 
+const SSHD: &str = "/usr/sbin/sshd";
+/// Key-only root login, whatever the image's sshd_config says (Debian's includes
+/// `sshd_config.d/*.conf` first, and the first value of a keyword wins).
+const SSHD_CONF: &str = "# written by banger-init at every boot\nPermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n";
+
+/// The sshd drop-in, for sshd started by us or by the image's init.
+fn ssh_config() {
+    if !Path::new(SSHD).exists() {
+        return;
+    }
+    let dir = Path::new("/etc/ssh/sshd_config.d");
+    if let Err(e) = std::fs::create_dir_all(dir)
+        .and_then(|()| std::fs::write(dir.join("banger.conf"), SSHD_CONF))
+    {
+        say(format!(
+            "ssh: cannot write {}/banger.conf: {e}",
+            dir.display()
+        ));
+    }
+}
+
+/// Host key (if none) and `/run/sshd`, before sshd starts. Runs before the reaping loop,
+/// so waiting for ssh-keygen here cannot race with it.
+fn prepare_sshd() -> bool {
+    if !Path::new(SSHD).exists() {
+        return false;
+    }
+    let has_key = std::fs::read_dir("/etc/ssh").is_ok_and(|d| {
+        d.flatten().any(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.starts_with("ssh_host_") && n.ends_with("_key")
+        })
+    });
+    if !has_key {
+        // ed25519 only: RSA key generation takes seconds on a slow (emulated) CPU.
+        let ok = std::process::Command::new("ssh-keygen")
+            .args([
+                "-q",
+                "-t",
+                "ed25519",
+                "-N",
+                "",
+                "-f",
+                "/etc/ssh/ssh_host_ed25519_key",
+            ])
+            .stdin(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            say("ssh: cannot make a host key (ssh-keygen failed); sshd not started");
+            return false;
+        }
+    }
+    let _ = std::fs::create_dir_all("/run/sshd");
+    true
+}
+
+fn spawn_sshd() -> Option<i32> {
+    match std::process::Command::new(SSHD)
+        .args(["-D", "-e"])
+        .stdin(std::process::Stdio::null())
+        .spawn()
+    {
+        Ok(child) => Some(child.id() as i32),
+        Err(e) => {
+            say(format!("cannot start {SSHD}: {e}"));
+            None
+        }
+    }
+}
+
 fn power(action: nix::sys::reboot::RebootMode) -> ! {
     nix::unistd::sync();
     let _ = nix::sys::reboot::reboot(action);
@@ -367,7 +445,7 @@ fn watch_power_button(dev: std::path::PathBuf) {
 }
 
 /// Stay PID 1: reap children (restarting the agent if it dies), and shut down when asked.
-fn supervise(mut agent: Option<i32>) -> ! {
+fn supervise(mut agent: Option<i32>, mut sshd: Option<i32>) -> ! {
     let mut set = SigSet::empty();
     for s in [
         Signal::SIGCHLD,
@@ -407,6 +485,10 @@ fn supervise(mut agent: Option<i32>) -> ! {
                         say(format!("the agent exited ({status:?}); restarting it"));
                         std::thread::sleep(std::time::Duration::from_millis(500));
                         agent = spawn_agent();
+                    } else if sshd.is_some() && Some(pid.as_raw()) == sshd {
+                        say(format!("sshd exited ({status:?}); restarting it"));
+                        std::thread::sleep(std::time::Duration::from_millis(500));
+                        sshd = spawn_sshd();
                     }
                 }
             }
@@ -452,6 +534,7 @@ fn main() {
         p.exists()
             && std::fs::canonicalize(p).ok().as_deref() != std::env::current_exe().ok().as_deref()
     });
+    ssh_config();
     first_boot(has_init);
     for init in inits {
         let p = Path::new(init);
@@ -465,5 +548,6 @@ fn main() {
             break;
         }
     }
-    supervise(agent);
+    let sshd = if prepare_sshd() { spawn_sshd() } else { None };
+    supervise(agent, sshd);
 }

@@ -198,6 +198,12 @@ fn index(name: &str) -> io::Result<u32> {
     nix::net::if_::if_nametoindex(name).map_err(|e| err(name, e))
 }
 
+/// Bring up `lo` alone: every guest needs it (sshd for `vm ssh` is reached on
+/// 127.0.0.1 through the agent), with a network or without.
+pub fn loopback_up() -> io::Result<()> {
+    Rtnl::connect()?.up(index("lo")?)
+}
+
 /// Bring the network up as `cfg` says, on link `nic`.
 pub fn configure(cfg: &NetConfig, nic: &str) -> io::Result<()> {
     let mut rtnl = Rtnl::connect()?;

@@ -40,6 +40,9 @@ pub struct DaemonStatus {
     /// Where the `.vm` resolver listens (None: disabled, or its port was taken).
     #[serde(default)]
     pub dns: Option<String>,
+    /// banger's ssh private key (`.pub` beside it); made when the first VM needs it.
+    #[serde(default)]
+    pub ssh_key: Option<String>,
     /// The privileged helper's confinement (None: bangerd was not started as root).
     #[serde(default)]
     pub helper: Option<HelperStatus>,

@@ -53,6 +53,7 @@ impl DaemonRpcServer for DaemonApi {
                     landlock: c.landlock,
                 }),
             network: Some(self.ctx.network.clone()),
+            ssh_key: Some(self.ctx.ssh_key.display().to_string()),
             store: StoreStatus {
                 path: store.path.display().to_string(),
                 schema_version: store.schema_version,

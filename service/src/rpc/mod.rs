@@ -28,6 +28,8 @@ use crate::paths::Paths;
 pub struct Ctx {
     pub tree: Tree,
     pub paths: Paths,
+    /// banger's ssh key (reported by `daemon.status` for `vm ssh` and `ssh-config`).
+    pub ssh_key: std::path::PathBuf,
     pub started: Instant,
     pub started_at: u64,
     /// Notified by `daemon.stop`.

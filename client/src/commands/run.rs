@@ -1,0 +1,201 @@
+//! `banger vm run [path] [-- cmd]`: create and boot a VM (through `vm.create` and its
+//! progress stream), optionally ship a repo to /root/repo, then run the command through
+//! the agent (exiting with its status) or open an interactive ssh session (see
+//! [`super::ssh`]; in /root/repo when a path was shipped); `--rm` deletes the VM
+//! afterwards, whatever the status.
+//!
+//! When the guest never becomes reachable (create fails after the VM exists), the VM is
+//! kept even with `--rm`, so `banger vm logs <name>` can show why.
+//!
+//! `--timings` (or `BANGER_TIMINGS=1`) prints the stages to stderr: `create` (the control
+//! plane: from the request to the VMM launched, i.e. the daemon's `agent` stage), `boot`
+//! (from there until the agent answers: the guest's own boot), `ship`, `command`,
+//! `delete`, and the total.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use banger_api::{CreateVm, Progress, VmRpcClient};
+use jsonrpsee::async_client::Client;
+
+use crate::cli::SizeArgs;
+use crate::commands::workspace::{self, GUEST_REPO};
+use crate::connect::Target;
+use crate::exit::CliError;
+
+/// The flags of `vm run`.
+#[derive(Debug)]
+pub struct Opts {
+    pub path: Option<PathBuf>,
+    pub name: Option<String>,
+    pub image: Option<String>,
+    pub size: SizeArgs,
+    pub vmm: Option<banger_api::VmmKind>,
+    pub nat: bool,
+    pub no_network: bool,
+    pub rm: bool,
+    pub full_copy: bool,
+    pub timings: bool,
+    pub cmd: Vec<String>,
+}
+
+#[derive(Default)]
+struct Timings(Vec<(&'static str, Duration)>);
+
+impl Timings {
+    fn print(&self, total: Duration) {
+        let mut line = String::from("timings:");
+        for (stage, d) in &self.0 {
+            line.push_str(&format!(" {stage} {} ms ·", d.as_millis()));
+        }
+        line.push_str(&format!(" total {} ms", total.as_millis()));
+        eprintln!("{line}");
+    }
+}
+
+/// Create + boot, following the progress stream; `Err((name, e))` carries the VM's name
+/// when it was created before the failure.
+async fn create(
+    client: &Client,
+    req: CreateVm,
+    t: &mut Timings,
+) -> Result<banger_api::VmInfo, (Option<String>, CliError)> {
+    let t0 = Instant::now();
+    let mut sub = client.create(req).await.map_err(|e| (None, e.into()))?;
+    let mut name = None;
+    let mut launched = None;
+    while let Some(item) = sub.next().await {
+        let item = item.map_err(|e| {
+            (
+                name.clone(),
+                CliError::Other(format!("lost the daemon's progress stream: {e}")),
+            )
+        })?;
+        match item {
+            Progress::Created { vm } => {
+                eprintln!("banger: created {} ({})", vm.name, vm.id);
+                name = Some(vm.name);
+            }
+            Progress::Stage { stage, .. } => {
+                if stage == "agent" {
+                    launched = Some(Instant::now());
+                    t.0.push(("create", t0.elapsed()));
+                }
+            }
+            Progress::Done { vm } => {
+                if let Some(l) = launched {
+                    t.0.push(("boot", l.elapsed()));
+                } else {
+                    t.0.push(("create", t0.elapsed()));
+                }
+                return Ok(vm);
+            }
+            Progress::Failed { code, message } => {
+                return Err((name, CliError::Rpc { code, message }));
+            }
+        }
+    }
+    Err((
+        name,
+        CliError::Other("the daemon ended the progress stream without a result".into()),
+    ))
+}
+
+/// `banger vm run`.
+pub async fn run(client: &Client, target: &Target, o: Opts) -> Result<u8, CliError> {
+    let start = Instant::now();
+    let mut t = Timings::default();
+    let req = CreateVm {
+        name: o.name.clone(),
+        image: o.image.clone(),
+        kernel: None,
+        vcpu: o.size.vcpu,
+        memory_mib: o.size.memory.map(|m| (m >> 20) as u32),
+        disk_bytes: o.size.disk_size,
+        vmm: o.vmm,
+        nat: o.nat,
+        network: o.no_network.then_some(false),
+        no_start: false,
+    };
+    // Check the path before creating anything.
+    if let Some(p) = &o.path
+        && !p.is_dir()
+    {
+        return Err(CliError::Usage(format!(
+            "{} is not a directory (vm run ships a directory to {GUEST_REPO})",
+            p.display()
+        )));
+    }
+    let vm = match create(client, req, &mut t).await {
+        Ok(vm) => vm,
+        Err((Some(name), e)) => {
+            return Err(CliError::Other(format!(
+                "vm {name} did not become reachable: {e}; it is kept (even with --rm): see `banger vm logs {name}`, then `banger vm rm -f {name}`"
+            )));
+        }
+        Err((None, e)) => return Err(e),
+    };
+    if let Some(e) = &vm.error {
+        // Running, but the agent never answered within agent_timeout_secs.
+        let name = &vm.name;
+        return Err(CliError::Other(format!(
+            "vm {name} did not become reachable ({e}); it is kept (even with --rm): see `banger vm logs {name}`, then `banger vm rm -f {name}`"
+        )));
+    }
+    let name = vm.name.clone();
+    let result = session(client, target, &o, &vm, &mut t).await;
+    if o.rm {
+        let t1 = Instant::now();
+        match client.delete(name.clone(), true).await {
+            Ok(_) => t.0.push(("delete", t1.elapsed())),
+            Err(e) => eprintln!(
+                "banger: deleting vm {name}: {}; remove it with `banger vm rm -f {name}`",
+                CliError::from(e)
+            ),
+        }
+    }
+    if o.timings {
+        t.print(start.elapsed());
+    }
+    result
+}
+
+async fn session(
+    client: &Client,
+    target: &Target,
+    o: &Opts,
+    vm: &banger_api::VmInfo,
+    t: &mut Timings,
+) -> Result<u8, CliError> {
+    let name = &vm.name;
+    let mut workdir = None;
+    if let Some(path) = &o.path {
+        let sock = vm.vsock_socket.clone().ok_or_else(|| {
+            CliError::Other(format!(
+                "vm {name} has no vsock socket; see `banger vm logs {name}`"
+            ))
+        })?;
+        let t1 = Instant::now();
+        let opts = workspace::Opts {
+            full_copy: o.full_copy,
+            ..Default::default()
+        };
+        let _lock = workspace::lock(vm).await?;
+        workspace::prepare(name, std::path::Path::new(&sock), path, &opts).await?;
+        t.0.push(("ship", t1.elapsed()));
+        workdir = Some(GUEST_REPO.to_owned());
+    }
+    let t1 = Instant::now();
+    let status = if o.cmd.is_empty() {
+        // Interactive: ssh (through the agent's vsock, so no network is needed).
+        let remote = workdir
+            .as_ref()
+            .map(|dir| format!("cd {dir} && exec \"${{SHELL:-/bin/sh}}\" -l"));
+        let c = super::ssh::ssh_command(client, target, name, remote.as_deref(), true).await?;
+        super::ssh::run_ssh(c).await?
+    } else {
+        super::exec::run(client, name, false, Vec::new(), workdir, o.cmd.clone()).await?
+    };
+    t.0.push(("command", t1.elapsed()));
+    Ok(status)
+}
