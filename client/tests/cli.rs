@@ -515,6 +515,16 @@ fn doctor_tells_the_truth_about_this_host() {
     assert_eq!(get("daemon")["status"], "ok");
     assert_eq!(get("version drift")["status"], "ok");
     assert_eq!(get("dns")["status"], "ok");
+    // No `banger ssh-config` in this HOME yet: a warning that says what to run.
+    let ssh = get("ssh-config");
+    assert_eq!(ssh["status"], "warn", "{ssh}");
+    assert!(
+        ssh["hint"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("banger ssh-config"),
+        "{ssh}"
+    );
     assert!(get("socket")["detail"].as_str().unwrap().contains("0660"));
     if nix::unistd::geteuid().is_root() {
         // Started as root, the daemon forked its helper, confined.

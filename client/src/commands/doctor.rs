@@ -237,6 +237,17 @@ fn network_checks(status: &banger_api::DaemonStatus) -> Vec<Check> {
             }
         }
     });
+    let (installed, detail) = super::ssh::doctor_state();
+    out.push(if installed {
+        check("ssh-config", Level::Ok, detail, None)
+    } else {
+        check(
+            "ssh-config",
+            Level::Warn,
+            detail,
+            Some("`banger ssh-config` makes plain `ssh <vm>.vm`, scp and rsync work"),
+        )
+    });
     let Some(net) = &status.network else {
         return out;
     };

@@ -317,6 +317,37 @@ fn without_include(existing: &str, include: &str) -> Option<String> {
     Some(out)
 }
 
+/// For `banger doctor`: whether `~/.ssh/config` includes banger's file, and that file
+/// exists. (installed, detail)
+pub fn doctor_state() -> (bool, String) {
+    let (Ok(dir), Ok(home)) = (ssh_dir(), home()) else {
+        return (false, "HOME is not set".into());
+    };
+    let managed = dir.join("config");
+    let include = format!("Include \"{}\"", managed.display());
+    let user_config = home.join(".ssh/config");
+    let included =
+        std::fs::read_to_string(&user_config).is_ok_and(|t| t.lines().any(|l| l.trim() == include));
+    match (included, managed.is_file()) {
+        (true, true) => (
+            true,
+            format!("{} includes {}", user_config.display(), managed.display()),
+        ),
+        (true, false) => (
+            false,
+            format!(
+                "{} includes {}, which is missing",
+                user_config.display(),
+                managed.display()
+            ),
+        ),
+        (false, _) => (
+            false,
+            format!("{} has no banger Include", user_config.display()),
+        ),
+    }
+}
+
 /// `banger ssh-config [--uninstall]`.
 pub async fn ssh_config(
     target: &Target,
