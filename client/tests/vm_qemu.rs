@@ -108,6 +108,13 @@ impl Home {
     /// `top` goes first in the config (top-level keys); `extra` last (start it with a table).
     fn with_config(netns: Option<&str>, top: &str, extra: &str) -> Home {
         let network = netns.is_some();
+        // Several TCG guests boot at once on two cores in the test run: give their agents
+        // more than the default 120 s before a start is reported as unreachable.
+        let top = if top.contains("agent_timeout_secs") {
+            top.to_owned()
+        } else {
+            format!("agent_timeout_secs = 300\n{top}")
+        };
         assert!(
             nix::unistd::geteuid().is_root(),
             "VM tests need root: run scripts/test.sh as root"
