@@ -58,31 +58,17 @@ fn test_rootfs() -> &'static Path {
         }
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("rootfs.ext4");
-        let ok = Command::new("cp")
-            .arg("--sparse=always")
-            .arg(&rig()["BANGER_RIG_ROOTFS"])
-            .arg(&img)
-            .status()
-            .unwrap();
-        assert!(ok.success());
-        for cmd in [
-            "mkdir /usr/lib/banger".to_owned(),
-            format!("write {} /usr/lib/banger/banger-init", init.display()),
-            "sif /usr/lib/banger/banger-init mode 0100755".to_owned(),
-            format!("write {} /usr/lib/banger/banger-agent", agent.display()),
-            "sif /usr/lib/banger/banger-agent mode 0100755".to_owned(),
-        ] {
-            let out = Command::new("debugfs")
-                .args(["-w", "-R", &cmd])
-                .arg(&img)
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "debugfs {cmd}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+        copy_and_edit(
+            Path::new(&rig()["BANGER_RIG_ROOTFS"]),
+            &img,
+            &[
+                "mkdir /usr/lib/banger".to_owned(),
+                format!("write {} /usr/lib/banger/banger-init", init.display()),
+                "sif /usr/lib/banger/banger-init mode 0100755".to_owned(),
+                format!("write {} /usr/lib/banger/banger-agent", agent.display()),
+                "sif /usr/lib/banger/banger-agent mode 0100755".to_owned(),
+            ],
+        );
         (dir, img)
     })
     .1
@@ -822,14 +808,14 @@ fn root_rig_guests_get_addresses_names_and_nat_only_when_asked() {
     assert_eq!(in_ns(&topo.host, "nft list ruleset").trim(), "");
 }
 
-/// A copy of the test image changed by debugfs commands (as root, no mount).
-fn image_variant(dir: &Path, name: &str, cmds: &[String]) -> PathBuf {
-    let img = dir.join(name);
+/// Copy the ext4 image `src` to `img` (sparse) and change the copy with debugfs commands
+/// (as root, no mount).
+fn copy_and_edit(src: &Path, img: &Path, cmds: &[String]) {
     assert!(
         Command::new("cp")
             .arg("--sparse=always")
-            .arg(test_rootfs())
-            .arg(&img)
+            .arg(src)
+            .arg(img)
             .status()
             .unwrap()
             .success()
@@ -837,7 +823,7 @@ fn image_variant(dir: &Path, name: &str, cmds: &[String]) -> PathBuf {
     for cmd in cmds {
         let out = Command::new("debugfs")
             .args(["-w", "-R", cmd])
-            .arg(&img)
+            .arg(img)
             .output()
             .unwrap();
         assert!(
@@ -846,6 +832,12 @@ fn image_variant(dir: &Path, name: &str, cmds: &[String]) -> PathBuf {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+/// A copy of the test image changed by debugfs commands.
+fn image_variant(dir: &Path, name: &str, cmds: &[String]) -> PathBuf {
+    let img = dir.join(name);
+    copy_and_edit(test_rootfs(), &img, cmds);
     img
 }
 

@@ -9,7 +9,7 @@
 
 #![allow(unsafe_code)]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use caps::{CapSet, Capability};
@@ -214,11 +214,6 @@ pub fn report() -> Confinement {
             .cloned()
             .unwrap_or_else(|| "not applied".into()),
     }
-}
-
-/// Whether `path` lies beneath one of `dirs` (lexically; callers pass absolute paths).
-pub fn beneath(path: &Path, dirs: &[PathBuf]) -> bool {
-    dirs.iter().any(|d| path.starts_with(d))
 }
 
 #[cfg(test)]
