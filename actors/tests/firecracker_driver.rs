@@ -13,6 +13,7 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use banger_actors::net::host::HostNet;
 use banger_actors::vm::proc;
 use banger_actors::vmm::firecracker::double::process::{FAIL_ENV, GUEST_RUNNING, RECORD_FILE};
 use banger_actors::vmm::firecracker::{self, FirecrackerConfig};
@@ -111,7 +112,7 @@ async fn launch_and_shut_down(initrd: bool, tap: bool) {
     let stages = Mutex::new(Vec::new());
     let stage = |s: &str| stages.lock().unwrap().push(s.to_owned());
 
-    let rt = firecracker::launch(&rig.config, &rig.plan, &stage)
+    let rt = firecracker::launch(&rig.config, &rig.plan, &HostNet::default(), &stage)
         .await
         .unwrap_or_else(|e| panic!("launch: {e}; console: {}", rig.console()));
     assert_eq!(
@@ -226,7 +227,7 @@ async fn launch_with_an_initrd_and_no_network_boots_and_shuts_down() {
 #[tokio::test]
 async fn sigterm_stops_firecracker_and_leaves_the_record() {
     let rig = rig(false, false);
-    let rt = firecracker::launch(&rig.config, &rig.plan, &|_| {})
+    let rt = firecracker::launch(&rig.config, &rig.plan, &HostNet::default(), &|_| {})
         .await
         .unwrap();
     assert!(proc::signal(
@@ -248,7 +249,7 @@ async fn a_refused_api_request_fails_the_launch_and_kills_firecracker() {
     let mut rig = rig(false, true);
     rig.jailer_with_env(FAIL_ENV, "/drives/work:400:Drive error");
 
-    let error = firecracker::launch(&rig.config, &rig.plan, &|_| {})
+    let error = firecracker::launch(&rig.config, &rig.plan, &HostNet::default(), &|_| {})
         .await
         .unwrap_err();
     match &error {
@@ -292,7 +293,7 @@ async fn a_jailer_refusing_its_arguments_fails_the_launch_with_its_message() {
     // An id the jailer refuses: it exits before making the API socket, and its message
     // (stderr, appended to console.log) is in the driver's error.
     rig.plan.id = "vm_1".into();
-    let error = firecracker::launch(&rig.config, &rig.plan, &|_| {})
+    let error = firecracker::launch(&rig.config, &rig.plan, &HostNet::default(), &|_| {})
         .await
         .unwrap_err();
     assert!(matches!(error, VmmError::Died { .. }), "{error:?}");

@@ -23,8 +23,37 @@ use crate::request::Confinement;
 
 /// The capability and landlock profile (`profiles/helper.json`).
 pub const PROFILE: &str = include_str!("../profiles/helper.json");
-/// The seccomp profile, in seccompiler's JSON form (`profiles/helper-seccomp.json`).
+/// The seccomp profiles, in seccompiler's JSON form (`profiles/helper-seccomp.json`):
+/// `helper` and `launcher`.
 pub const SECCOMP: &str = include_str!("../profiles/helper-seccomp.json");
+/// The jailer launcher's capabilities (`profiles/launcher.json`); see [`crate::launcher`].
+pub const LAUNCHER_PROFILE: &str = include_str!("../profiles/launcher.json");
+
+/// The launcher's profile: capabilities only (landlock would forbid the jailer's mounts).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LauncherProfile {
+    #[serde(default)]
+    pub comment: String,
+    pub capabilities: Vec<String>,
+}
+
+impl LauncherProfile {
+    pub fn load() -> Result<LauncherProfile, ConfineError> {
+        serde_json::from_str(LAUNCHER_PROFILE).map_err(ConfineError::Profile)
+    }
+
+    pub fn caps(&self) -> Result<Vec<Capability>, ConfineError> {
+        parse_caps(&self.capabilities)
+    }
+}
+
+fn parse_caps(names: &[String]) -> Result<Vec<Capability>, ConfineError> {
+    names
+        .iter()
+        .map(|c| c.parse().map_err(|_| ConfineError::UnknownCap(c.clone())))
+        .collect()
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -70,23 +99,28 @@ impl Profile {
     }
 
     pub fn caps(&self) -> Result<Vec<Capability>, ConfineError> {
-        self.capabilities
-            .iter()
-            .map(|c| c.parse().map_err(|_| ConfineError::UnknownCap(c.clone())))
-            .collect()
+        parse_caps(&self.capabilities)
     }
 }
 
-/// Close every fd above stderr except `keep` (the helper's socket to bangerd).
-pub fn close_inherited_fds(keep: Option<i32>) -> Result<(), ConfineError> {
-    let ranges: Vec<(u32, u32)> = match keep.and_then(|k| u32::try_from(k).ok()) {
-        Some(k) if k >= 3 => vec![(3, k - 1), (k + 1, u32::MAX)],
-        _ => vec![(3, u32::MAX)],
-    };
-    for (first, last) in ranges {
-        if first > last {
-            continue;
+/// Close every fd above stderr except those in `keep` (the helper's sockets).
+pub fn close_inherited_fds(keep: &[i32]) -> Result<(), ConfineError> {
+    let mut keep: Vec<u32> = keep
+        .iter()
+        .filter_map(|k| u32::try_from(*k).ok())
+        .filter(|k| *k >= 3)
+        .collect();
+    keep.sort_unstable();
+    let mut first = 3u32;
+    let mut ranges = Vec::new();
+    for k in keep {
+        if k > first {
+            ranges.push((first, k - 1));
         }
+        first = k + 1;
+    }
+    ranges.push((first, u32::MAX));
+    for (first, last) in ranges {
         // SAFETY: close_range only closes descriptors; nothing in this single-threaded
         // process holds a descriptor in these ranges that it will use again.
         let rc = unsafe { nix::libc::close_range(first, last, 0) };
@@ -156,27 +190,40 @@ pub fn landlock(profile: &Profile, state_dirs: &[PathBuf]) -> Result<String, Con
     .to_owned())
 }
 
-/// Install the seccomp filter named `helper` from [`SECCOMP`].
-pub fn seccomp() -> Result<(), ConfineError> {
+/// Install the seccomp filter `name` (`helper` or `launcher`) from [`SECCOMP`].
+pub fn seccomp(name: &str) -> Result<(), ConfineError> {
     let arch = seccompiler::TargetArch::try_from(std::env::consts::ARCH)
         .map_err(|e| ConfineError::SeccompCompile(seccompiler::Error::Backend(e)))?;
     let mut filters = seccompiler::compile_from_json(SECCOMP.as_bytes(), arch)
         .map_err(ConfineError::SeccompCompile)?;
     let filter = filters
-        .remove("helper")
-        .expect("the seccomp profile defines `helper`");
+        .remove(name)
+        .unwrap_or_else(|| panic!("the seccomp profile defines `{name}`"));
     seccompiler::apply_filter(&filter).map_err(ConfineError::Seccomp)
 }
 
 /// Everything, in order. After this the process serves requests only.
-pub fn apply(state_dirs: &[PathBuf], keep_fd: Option<i32>) -> Result<(), ConfineError> {
-    close_inherited_fds(keep_fd)?;
+pub fn apply(state_dirs: &[PathBuf], keep_fds: &[i32]) -> Result<(), ConfineError> {
+    close_inherited_fds(keep_fds)?;
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let profile = Profile::load()?;
     drop_caps(&profile.caps()?)?;
     let status = landlock(&profile, state_dirs)?;
     let _ = LANDLOCK.set(status);
-    seccomp()
+    seccomp("helper")
+}
+
+/// The launcher's confinement (see [`crate::launcher`]): fds, umask, its capabilities in
+/// every set, its seccomp filter. No landlock, on purpose: the jailer it starts must mount.
+/// The umask is the conventional 022, which the jailer expects: the directories it makes
+/// above the jail (`<base>/<exec name>/<id>`) must stay traversable for Firecracker's
+/// user and bangerd; the jail itself it makes 0700 and hands to the VM user.
+pub fn apply_launcher(keep_fd: i32) -> Result<(), ConfineError> {
+    close_inherited_fds(&[keep_fd])?;
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+    drop_caps(&LauncherProfile::load()?.caps()?)?;
+    let _ = LANDLOCK.set("not applied (the jailer must mount)".into());
+    seccomp("launcher")
 }
 
 /// The confinement in force, read back from the kernel (`/proc/self/status`).
@@ -227,5 +274,12 @@ mod tests {
         let arch = seccompiler::TargetArch::try_from(std::env::consts::ARCH).unwrap();
         let f = seccompiler::compile_from_json(SECCOMP.as_bytes(), arch).unwrap();
         assert!(f.contains_key("helper"));
+        assert!(f.contains_key("launcher"));
+        let l = LauncherProfile::load().unwrap().caps().unwrap();
+        assert!(l.contains(&Capability::CAP_SYS_ADMIN));
+        assert!(
+            !l.contains(&Capability::CAP_NET_ADMIN),
+            "no network from the launcher"
+        );
     }
 }

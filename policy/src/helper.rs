@@ -18,6 +18,7 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{ForkResult, fork};
 use serde::{Deserialize, Serialize};
 
+use crate::launcher::Launcher;
 use crate::request::{Confinement, HelperConfig, Reply, Request};
 use crate::wire::{read_frame, write_frame};
 
@@ -74,7 +75,18 @@ pub fn main(config_json: &str) -> ExitCode {
     if !nix::unistd::geteuid().is_root() {
         return fatal(&mut sock, "the helper must start as root".into());
     }
-    if let Err(e) = crate::confine::apply(&cfg.state_dirs, Some(sock.as_raw_fd())) {
+    // The launcher is forked before the helper confines itself: it needs what the helper's
+    // confinement takes away (see `launcher`).
+    let mut launcher = match cfg.jailer {
+        None => None,
+        Some(_) => match Launcher::fork(&cfg) {
+            Ok(l) => Some(l),
+            Err(e) => return fatal(&mut sock, format!("cannot start the jailer launcher: {e}")),
+        },
+    };
+    let mut keep = vec![sock.as_raw_fd()];
+    keep.extend(launcher.as_ref().map(Launcher::fd));
+    if let Err(e) = crate::confine::apply(&cfg.state_dirs, &keep) {
         return fatal(&mut sock, error_chain(&e));
     }
     if write_frame(
@@ -87,7 +99,7 @@ pub fn main(config_json: &str) -> ExitCode {
     {
         return ExitCode::FAILURE;
     }
-    serve(&cfg, &mut sock)
+    serve(&cfg, &mut sock, launcher.as_mut())
 }
 
 /// What [`selftest`] saw, printed as JSON.
@@ -117,7 +129,7 @@ pub fn selftest(config_json: &str, outside: &str) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Err(e) = crate::confine::apply(&cfg.state_dirs, None) {
+    if let Err(e) = crate::confine::apply(&cfg.state_dirs, &[]) {
         let _ = writeln!(std::io::stderr(), "confinement failed: {}", error_chain(&e));
         return ExitCode::FAILURE;
     }
@@ -160,7 +172,11 @@ pub fn selftest(config_json: &str, outside: &str) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn serve(cfg: &HelperConfig, sock: &mut UnixStream) -> ExitCode {
+fn serve(
+    cfg: &HelperConfig,
+    sock: &mut UnixStream,
+    mut launcher: Option<&mut Launcher>,
+) -> ExitCode {
     loop {
         let env: Envelope = match read_frame(sock) {
             Ok(Some(e)) => e,
@@ -181,9 +197,17 @@ fn serve(cfg: &HelperConfig, sock: &mut UnixStream) -> ExitCode {
             }
             Err(_) => return ExitCode::FAILURE,
         };
-        let reply = match env.request.validate(cfg) {
-            Err(refusal) => Reply::Refused { reason: refusal.0 },
-            Ok(()) => run_in_worker(cfg, &env.request),
+        let reply = match (
+            env.request.validate(cfg),
+            &env.request,
+            launcher.as_deref_mut(),
+        ) {
+            (Err(refusal), _, _) => Reply::Refused { reason: refusal.0 },
+            // The jailer's work needs the launcher's confinement, not the helper's.
+            (Ok(()), Request::SpawnJailer { .. } | Request::CleanJail { .. }, Some(l)) => {
+                l.call(env.id, &env.request)
+            }
+            (Ok(()), _, _) => run_in_worker(cfg, &env.request, crate::ops::execute),
         };
         if write_frame(sock, &Message::Answer { id: env.id, reply }).is_err() {
             return ExitCode::FAILURE;
@@ -191,8 +215,12 @@ fn serve(cfg: &HelperConfig, sock: &mut UnixStream) -> ExitCode {
     }
 }
 
-/// Run one request in a forked worker and collect its reply.
-fn run_in_worker(cfg: &HelperConfig, req: &Request) -> Reply {
+/// Run one request in a forked worker (`execute` in the child) and collect its reply.
+pub(crate) fn run_in_worker(
+    cfg: &HelperConfig,
+    req: &Request,
+    execute: fn(&HelperConfig, &Request) -> Reply,
+) -> Reply {
     let (mut rx, mut tx) = match UnixStream::pair() {
         Ok(p) => p,
         Err(e) => {
@@ -212,7 +240,7 @@ fn run_in_worker(cfg: &HelperConfig, req: &Request) -> Reply {
             // Its own process group, so whatever it runs goes with it (see below).
             let _ =
                 nix::unistd::setpgid(nix::unistd::Pid::from_raw(0), nix::unistd::Pid::from_raw(0));
-            let reply = crate::ops::execute(cfg, req);
+            let reply = execute(cfg, req);
             let code = if write_frame(&mut tx, &reply).is_ok() {
                 0
             } else {
@@ -258,7 +286,7 @@ fn run_in_worker(cfg: &HelperConfig, req: &Request) -> Reply {
     }
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
     while let Some(c) = src {

@@ -6,7 +6,7 @@
 //! profiles kept as data in `profiles/`, and accepts only the closed, validated
 //! [`Request`] enum; each request runs in a fresh forked worker. See [`helper`] for the
 //! process, [`request`] for the checks, [`confine`] for the confinement, [`ops`] for what
-//! each request does.
+//! each request does, [`launcher`] for the jailer's separately confined launcher.
 //!
 //! Names the helper will accept are banger's own; the rules live here so every crate that
 //! makes names agrees with the one that checks them.
@@ -14,12 +14,14 @@
 pub mod client;
 pub mod confine;
 pub mod helper;
+pub mod jail;
+pub mod launcher;
 pub mod ops;
 pub mod request;
 pub mod wire;
 
 pub use client::{Helper, HelperError};
-pub use request::{Confinement, HelperConfig, Refusal, Reply, Request};
+pub use request::{Confinement, HelperConfig, JailerConfig, Refusal, Reply, Request};
 
 /// Prefix of every tap device banger creates (`bg-<vmid>`), within IFNAMSIZ.
 pub const TAP_PREFIX: &str = "bg-";

@@ -34,6 +34,25 @@ pub struct HelperConfig {
     pub resolvectl: Option<PathBuf>,
     /// `nft` (absolute path).
     pub nft: PathBuf,
+    /// Firecracker's jailer, when VMs may use Firecracker: the helper's launcher spawns it
+    /// (see [`crate::launcher`]). None: `spawn_jailer` is refused.
+    #[serde(default)]
+    pub jailer: Option<JailerConfig>,
+}
+
+/// What the launcher runs for `spawn_jailer`: everything on the jailer's command line
+/// comes from here and the VM id, nothing from the request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JailerConfig {
+    /// The jailer executable (absolute).
+    pub jailer: PathBuf,
+    /// The Firecracker executable the jailer copies into the jail (absolute).
+    pub firecracker: PathBuf,
+    /// The uid/gid the jailer runs Firecracker as: bangerd's owner, which must reach the
+    /// API socket inside the jail (the jailer makes the jail private to this uid).
+    pub uid: u32,
+    pub gid: u32,
 }
 
 impl HelperConfig {
@@ -65,6 +84,7 @@ impl HelperConfig {
             .chain([&self.jail_base, &self.nft])
             .chain(&self.vmm_binaries)
             .chain(self.resolvectl.as_ref())
+            .chain(self.jailer.iter().flat_map(|j| [&j.jailer, &j.firecracker]))
         {
             if !p.is_absolute() || p.components().any(|c| c == Component::ParentDir) {
                 return Err(Refusal(format!(
@@ -84,6 +104,14 @@ impl HelperConfig {
             return Err(Refusal(format!(
                 "the jail base {} is not under a state directory",
                 self.jail_base.display()
+            )));
+        }
+        if let Some(j) = &self.jailer
+            && !self.tap_uids.contains(&j.uid)
+        {
+            return Err(Refusal(format!(
+                "the jailer's uid {} is not a VM user (allowed: {:?})",
+                j.uid, self.tap_uids
             )));
         }
         Ok(())
@@ -113,8 +141,12 @@ pub enum Request {
         start_time: u64,
         signal: i32,
     },
-    /// Remove a VM's jail directory.
+    /// Remove a VM's jail directory (and the cgroup the jailer made for it).
     CleanJail { vm: String },
+    /// Start the jailer for a VM (its jail prepared by bangerd under `jail_base`), with
+    /// stdout and stderr appended to `console`, a file under a state directory opened with
+    /// the owner's permissions. Answered with [`Reply::Spawned`].
+    SpawnJailer { vm: String, console: PathBuf },
     /// Point systemd-resolved at banger's resolver for `.vm` names on the bridge.
     ResolvedRoute { port: u16 },
     /// The helper's confinement as the kernel reports it (for `banger doctor`).
@@ -133,6 +165,7 @@ impl Request {
             Request::NatRemove { .. } => "nat_remove",
             Request::Signal { .. } => "signal",
             Request::CleanJail { .. } => "clean_jail",
+            Request::SpawnJailer { .. } => "spawn_jailer",
             Request::ResolvedRoute { .. } => "resolved_route",
             Request::Status => "status",
         }
@@ -169,6 +202,15 @@ impl Request {
                 Ok(())
             }
             Request::NatRemove { vm } | Request::CleanJail { vm } => vm_id(vm),
+            Request::SpawnJailer { vm, console } => {
+                vm_id(vm)?;
+                if cfg.jailer.is_none() {
+                    return Err(Refusal(
+                        "this helper was started without a jailer: Firecracker VMs are not available".into(),
+                    ));
+                }
+                under_state_dir(cfg, console)
+            }
             Request::Signal {
                 pid,
                 start_time,
@@ -217,6 +259,12 @@ pub enum Reply {
         reason: String,
     },
     Status(Confinement),
+    /// `spawn_jailer`: the jailer runs (it execs Firecracker in place, so this is
+    /// Firecracker's pid), identified by pid and start time.
+    Spawned {
+        pid: i32,
+        start_time: u64,
+    },
 }
 
 /// The confinement in force in the helper, read back from the kernel.
@@ -256,6 +304,24 @@ pub fn vm_id(id: &str) -> Result<(), Refusal> {
     }
 }
 
+/// An absolute path without `..` beneath one of the state directories (not one of them).
+fn under_state_dir(cfg: &HelperConfig, path: &Path) -> Result<(), Refusal> {
+    let clean = path.is_absolute() && !path.components().any(|c| c == Component::ParentDir);
+    if clean
+        && cfg
+            .state_dirs
+            .iter()
+            .any(|d| path.starts_with(d) && path != d)
+    {
+        Ok(())
+    } else {
+        Err(Refusal(format!(
+            "{} is not a path under banger's state directories",
+            path.display()
+        )))
+    }
+}
+
 fn valid_ifname(name: &str) -> bool {
     (1..=15).contains(&name.len())
         && name
@@ -288,8 +354,17 @@ fn banger_vmm_process(cfg: &HelperConfig, pid: i32, start_time: u64) -> Result<(
         .lines()
         .find_map(|l| l.strip_prefix("Uid:"))
         .and_then(|v| v.split_whitespace().next()?.parse::<u32>().ok());
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
     match uid {
         Some(uid) if cfg.tap_uids.contains(&uid) => {}
+        // The jailer runs as root until it execs Firecracker as the VM user; a launch that
+        // fails in between must still be stoppable. Only root can start a root process
+        // whose command line is the configured jailer on banger's jail base.
+        Some(0) if is_our_jailer(cfg, &args) => return Ok(()),
         Some(uid) => return refuse(&format!("runs as uid {uid}, not as a VM user")),
         None => return refuse("has no readable status"),
     }
@@ -301,9 +376,7 @@ fn banger_vmm_process(cfg: &HelperConfig, pid: i32, start_time: u64) -> Result<(
     {
         return refuse(&format!("runs {}, not a VMM banger uses", exe.display()));
     }
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let mentions_state = cmdline.split(|b| *b == 0).any(|arg| {
-        let arg = String::from_utf8_lossy(arg);
+    let mentions_state = args.iter().any(|arg| {
         cfg.state_dirs.iter().any(|d| {
             let d = d.to_string_lossy();
             arg.contains(d.as_ref())
@@ -313,6 +386,18 @@ fn banger_vmm_process(cfg: &HelperConfig, pid: i32, start_time: u64) -> Result<(
         return refuse("is not one of banger's VMs (its command line names no banger path)");
     }
     Ok(())
+}
+
+/// `argv` is the configured jailer's, with banger's jail base as its chroot base.
+fn is_our_jailer(cfg: &HelperConfig, argv: &[String]) -> bool {
+    let Some(j) = &cfg.jailer else {
+        return false;
+    };
+    let base = cfg.jail_base.display().to_string();
+    argv.first().is_some_and(|a| Path::new(a) == j.jailer)
+        && argv
+            .windows(2)
+            .any(|w| w[0] == "--chroot-base-dir" && w[1] == base)
 }
 
 #[cfg(test)]
@@ -330,6 +415,7 @@ mod tests {
             vmm_binaries: vec!["/bin/sleep".into()],
             resolvectl: None,
             nft: "/usr/sbin/nft".into(),
+            jailer: None,
         }
     }
 
@@ -453,5 +539,76 @@ mod tests {
         cfg.state_dirs = vec!["/".into()];
         cfg.jail_base = "/jail".into();
         assert!(cfg.validate().is_err());
+    }
+
+    #[test]
+    fn spawn_jailer_needs_a_jailer_a_vm_id_and_a_console_under_state() {
+        let mut cfg = config(Path::new("/var/lib/banger"));
+        let spawn = |vm: &str, console: &str| Request::SpawnJailer {
+            vm: vm.into(),
+            console: console.into(),
+        };
+        let ok = spawn(
+            "0123456789ab",
+            "/var/lib/banger/vms/0123456789ab/console.log",
+        );
+        assert!(
+            ok.validate(&cfg)
+                .unwrap_err()
+                .0
+                .contains("without a jailer")
+        );
+        cfg.jailer = Some(JailerConfig {
+            jailer: "/usr/bin/jailer".into(),
+            firecracker: "/usr/bin/firecracker".into(),
+            uid: 1000,
+            gid: 1000,
+        });
+        assert_eq!(ok.validate(&cfg), Ok(()));
+        for bad in [
+            "/etc/passwd",
+            "/var/lib/banger",
+            "/var/lib/banger/../../etc/passwd",
+            "relative/console.log",
+            "/var/lib/bangerx/console.log",
+        ] {
+            let r = spawn("0123456789ab", bad).validate(&cfg).unwrap_err().0;
+            assert!(r.contains("not a path under"), "{bad}: {r}");
+        }
+        let r = spawn("x/../y", "/var/lib/banger/c")
+            .validate(&cfg)
+            .unwrap_err()
+            .0;
+        assert!(r.contains("not a banger vm id"), "{r}");
+        // The jailer's uid must be one a VM may run as.
+        cfg.jailer.as_mut().unwrap().uid = 4242;
+        assert!(cfg.validate().unwrap_err().0.contains("not a VM user"));
+    }
+
+    #[test]
+    fn a_root_process_is_ours_only_as_the_configured_jailer_on_our_jail_base() {
+        let mut cfg = config(Path::new("/var/lib/banger"));
+        let argv = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let jailer = argv(&[
+            "/usr/bin/jailer",
+            "--id",
+            "0123456789ab",
+            "--chroot-base-dir",
+            "/var/lib/banger/jail",
+        ]);
+        assert!(!is_our_jailer(&cfg, &jailer), "no jailer configured");
+        cfg.jailer = Some(JailerConfig {
+            jailer: "/usr/bin/jailer".into(),
+            firecracker: "/usr/bin/firecracker".into(),
+            uid: 1000,
+            gid: 1000,
+        });
+        assert!(is_our_jailer(&cfg, &jailer));
+        let mut other_base = jailer.clone();
+        other_base[4] = "/srv/jailer".into();
+        assert!(!is_our_jailer(&cfg, &other_base));
+        let mut other_prog = jailer.clone();
+        other_prog[0] = "/usr/bin/sleep".into();
+        assert!(!is_our_jailer(&cfg, &other_prog));
     }
 }

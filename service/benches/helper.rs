@@ -27,6 +27,7 @@ fn main() {
         vmm_binaries: Vec::new(),
         resolvectl: None,
         nft: "/usr/sbin/nft".into(),
+        jailer: None,
     };
     let mut h = ns.helper(&cfg);
     let mut call = |r: Request| {

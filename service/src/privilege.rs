@@ -119,6 +119,20 @@ pub fn helper_config(config: &Config, paths: &Paths, owner: Owner) -> HelperConf
         .exists()
         .then(|| find_program(Path::new("resolvectl")))
         .flatten();
+    // The launcher runs the jailer as root; Firecracker then runs as the owner (or the
+    // configured uid), which must be able to reach the API socket bangerd talks to.
+    let jailer = match (
+        find_program(&config.firecracker.jailer),
+        find_program(&config.firecracker.binary),
+    ) {
+        (Some(jailer), Some(firecracker)) => Some(banger_policy::JailerConfig {
+            jailer,
+            firecracker,
+            uid: fc_uid,
+            gid: config.firecracker.gid.unwrap_or(owner.gid.as_raw()),
+        }),
+        _ => None,
+    };
     let mut state_dirs = vec![paths.data_dir.clone()];
     if let Some(run) = paths.socket.parent() {
         state_dirs.push(run.to_owned());
@@ -133,6 +147,7 @@ pub fn helper_config(config: &Config, paths: &Paths, owner: Owner) -> HelperConf
         vmm_binaries,
         resolvectl,
         nft: find_program(Path::new("nft")).unwrap_or_else(|| "/usr/sbin/nft".into()),
+        jailer,
     }
 }
 

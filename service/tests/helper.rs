@@ -24,6 +24,7 @@ fn config(state: &Path) -> HelperConfig {
         vmm_binaries: vec!["/bin/sh".into()],
         resolvectl: None,
         nft: "/usr/sbin/nft".into(),
+        jailer: None,
     }
 }
 
@@ -357,4 +358,174 @@ fn root_a_dead_worker_fails_only_its_request() {
         Reply::Status(_)
     ));
     done(&mut h, Request::EnsureBridge);
+}
+
+fn double_bin() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let p = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("banger-fc-double");
+    assert!(
+        p.exists(),
+        "{} is missing: run the workspace's tests",
+        p.display()
+    );
+    p
+}
+
+/// The helper's jailer launcher: the jailer (the Firecracker double, which models the
+/// jailer's drop to `--uid` when root) starts with exactly the launcher's bounding set
+/// and seccomp filter, becomes the VM user, logs to the console file opened as that user;
+/// the jail it made as root is removed through the helper; foreign paths are refused.
+#[test]
+fn root_the_launcher_starts_the_jailer_confined_and_cleans_its_jail() {
+    use std::os::unix::fs::PermissionsExt;
+    const VM_UID: u32 = 65534;
+    let ns = Netns::new("jail");
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let vm_dir = state.join("vms/0123456789ab");
+    std::fs::create_dir_all(&vm_dir).unwrap();
+    std::os::unix::fs::chown(&vm_dir, Some(VM_UID), Some(VM_UID)).unwrap();
+    let firecracker = state.join("bin/firecracker");
+    std::fs::create_dir_all(firecracker.parent().unwrap()).unwrap();
+    std::fs::write(&firecracker, b"").unwrap();
+    std::fs::create_dir_all(state.join("jail")).unwrap();
+    let mut cfg = config(&state);
+    cfg.tap_uids = vec![VM_UID];
+    cfg.jailer = Some(banger_policy::JailerConfig {
+        jailer: double_bin(),
+        firecracker: firecracker.clone(),
+        uid: VM_UID,
+        gid: VM_UID,
+    });
+    let mut h = ns.helper(&cfg);
+    let console = vm_dir.join("console.log");
+
+    let reply = h
+        .call(&Request::SpawnJailer {
+            vm: "0123456789ab".into(),
+            console: console.clone(),
+        })
+        .unwrap();
+    let Reply::Spawned {
+        pid,
+        start_time: started,
+    } = reply
+    else {
+        panic!("not spawned: {reply:?}");
+    };
+    assert_eq!(start_time(pid), started);
+    let jail = state.join("jail/firecracker/0123456789ab");
+    let api = jail.join("root/api.sock");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !api.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "no API socket; console: {:?}",
+            std::fs::read_to_string(&console)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let pid_u = pid as u32;
+    // Read from /proc: what the jailer (then Firecracker) inherited from the launcher.
+    assert_eq!(status_field(pid_u, "Seccomp"), "2", "seccomp filter mode");
+    assert_eq!(status_field(pid_u, "NoNewPrivs"), "1");
+    // CHOWN, DAC_OVERRIDE, FOWNER, MKNOD, SETGID, SETUID, SYS_ADMIN, SYS_CHROOT.
+    let want: u64 = [0u32, 1, 3, 27, 6, 7, 21, 18]
+        .iter()
+        .map(|b| 1u64 << b)
+        .sum();
+    let bounding = u64::from_str_radix(&status_field(pid_u, "CapBnd"), 16).unwrap();
+    assert_eq!(bounding, want, "bounding set of the jailer: {bounding:x}");
+    assert_eq!(
+        status_field(pid_u, "Uid").split_whitespace().next(),
+        Some("65534"),
+        "Firecracker runs as the VM user"
+    );
+    assert_eq!(status_field(pid_u, "CapEff"), "0000000000000000");
+    let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+    assert!(env.is_empty(), "{}", String::from_utf8_lossy(&env));
+    // Its own session, so nothing that ends the helper's worker reaches it.
+    let sid = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let sid: i32 = sid
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .nth(3)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(sid, pid, "the jailer leads its own session");
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        std::fs::metadata(&console).unwrap().uid(),
+        VM_UID,
+        "console made as the VM user"
+    );
+
+    // A console the VM user may not open, one outside the state dirs, a bad id.
+    let foreign = state.join("root-only");
+    std::fs::create_dir(&foreign).unwrap();
+    std::fs::set_permissions(&foreign, std::fs::Permissions::from_mode(0o700)).unwrap();
+    match h
+        .call(&Request::SpawnJailer {
+            vm: "0123456789ac".into(),
+            console: foreign.join("console.log"),
+        })
+        .unwrap()
+    {
+        Reply::Failed { reason } => assert!(reason.contains("as the owner"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(!foreign.join("console.log").exists());
+    assert!(
+        !state.join("jail/firecracker/0123456789ac").exists(),
+        "no jailer ran"
+    );
+    let r = refused(
+        &mut h,
+        Request::SpawnJailer {
+            vm: "0123456789ab".into(),
+            console: "/etc/banger-console".into(),
+        },
+    );
+    assert!(r.contains("not a path under banger's state"), "{r}");
+    let r = refused(
+        &mut h,
+        Request::SpawnJailer {
+            vm: "../../etc".into(),
+            console: console.clone(),
+        },
+    );
+    assert!(r.contains("not a banger vm id"), "{r}");
+
+    // Stopped through the helper, then its jail (made by the jailer as root) is removed.
+    done(
+        &mut h,
+        Request::Signal {
+            pid,
+            start_time: started,
+            signal: 15,
+        },
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z")) {
+        assert!(Instant::now() < deadline, "the jailer did not stop");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(jail.exists());
+    done(
+        &mut h,
+        Request::CleanJail {
+            vm: "0123456789ab".into(),
+        },
+    );
+    assert!(!jail.exists(), "the jail is gone");
 }

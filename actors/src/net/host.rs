@@ -45,7 +45,7 @@ pub type SharedHelper = Arc<Mutex<Option<Helper>>>;
 pub enum HelperMsg {
     Call {
         request: Request,
-        reply: RpcReplyPort<Result<(), NetError>>,
+        reply: RpcReplyPort<Result<Reply, NetError>>,
     },
     Status(RpcReplyPort<Option<Confinement>>),
 }
@@ -96,14 +96,14 @@ impl Actor for HelperActor {
     }
 }
 
-fn call(shared: &SharedHelper, request: &Request) -> Result<(), NetError> {
+fn call(shared: &SharedHelper, request: &Request) -> Result<Reply, NetError> {
     let op = request.op().to_owned();
     let mut guard = shared.lock().expect("helper lock");
     let Some(helper) = guard.as_mut() else {
         return Err(NetError::Unprivileged(describe(request)));
     };
     match helper.call(request) {
-        Ok(Reply::Done | Reply::Status(_)) => Ok(()),
+        Ok(r @ (Reply::Done | Reply::Status(_) | Reply::Spawned { .. })) => Ok(r),
         Ok(Reply::Refused { reason }) => Err(NetError::Refused { op, reason }),
         Ok(Reply::Failed { reason }) => Err(NetError::Failed { op, reason }),
         Ok(Reply::WorkerDied { reason }) => Err(NetError::WorkerDied { op, reason }),
@@ -127,6 +127,7 @@ fn describe(request: &Request) -> String {
         Request::CreateTap { .. } | Request::AttachTap { .. } => "a VM network (its tap)".into(),
         Request::DeleteTap { .. } => "removing a tap".into(),
         Request::NatAdd { .. } | Request::NatRemove { .. } => "NAT (--nat)".into(),
+        Request::SpawnJailer { .. } => "starting Firecracker's jailer".into(),
         other => other.op().replace('_', " "),
     }
 }
@@ -139,6 +140,10 @@ fn live<M>(slot: &Slot<M>) -> Option<ActorRef<M>> {
 }
 
 async fn helper_call(slot: &Slot<HelperMsg>, request: Request) -> Result<(), NetError> {
+    helper_reply(slot, request).await.map(drop)
+}
+
+async fn helper_reply(slot: &Slot<HelperMsg>, request: Request) -> Result<Reply, NetError> {
     let helper = live(slot).ok_or(NetError::Call("helper"))?;
     ractor::call!(helper, |reply| HelperMsg::Call { request, reply })
         .map_err(|_| NetError::Call("helper"))?
@@ -301,8 +306,9 @@ impl Actor for NatActor {
     }
 }
 
-/// What a VM actor uses: the live NetActor and NatActor.
-#[derive(Debug, Clone)]
+/// What a VM actor uses: the live NetActor and NatActor, and the helper for the jailer and
+/// for signals its own uid cannot send. `HostNet::default()` has none of them: no helper.
+#[derive(Debug, Clone, Default)]
 pub struct HostNet {
     pub net: Slot<NetMsg>,
     pub nat: Slot<NatMsg>,
@@ -338,5 +344,70 @@ impl HostNet {
     pub async fn confinement(&self) -> Option<Confinement> {
         let helper = live(&self.helper)?;
         ractor::call!(helper, HelperMsg::Status).ok().flatten()
+    }
+
+    /// Whether a privileged helper runs (bangerd was started as root).
+    pub async fn privileged(&self) -> bool {
+        self.confinement().await.is_some()
+    }
+
+    /// Start Firecracker's jailer for VM `vm` through the helper's launcher, output
+    /// appended to `console`: its (pid, start time). None when there is no helper (the
+    /// caller spawns the jailer itself).
+    pub async fn spawn_jailer(
+        &self,
+        vm: &str,
+        console: &std::path::Path,
+    ) -> Result<Option<(i32, u64)>, NetError> {
+        if !self.privileged().await {
+            return Ok(None);
+        }
+        let request = Request::SpawnJailer {
+            vm: vm.to_owned(),
+            console: console.to_owned(),
+        };
+        match helper_reply(&self.helper, request).await? {
+            Reply::Spawned { pid, start_time } => Ok(Some((pid, start_time))),
+            other => Err(NetError::Helper {
+                op: "spawn_jailer".into(),
+                reason: format!("unexpected answer {other:?}"),
+            }),
+        }
+    }
+
+    /// Remove a Firecracker VM's jail and cgroup through the helper (a no-op without one:
+    /// the driver removed what its own uid can).
+    pub async fn clean_jail(&self, vm: &str) -> Result<(), NetError> {
+        if !self.privileged().await {
+            return Ok(());
+        }
+        helper_call(&self.helper, Request::CleanJail { vm: vm.to_owned() }).await
+    }
+
+    /// Signal a VM process if it is still the one started at `start`: directly, or through
+    /// the helper when this uid may not (a jailer that has not yet become the VM user).
+    /// Whether the signal was sent.
+    pub async fn signal(&self, pid: i32, start: u64, signal: nix::sys::signal::Signal) -> bool {
+        match crate::vm::proc::try_signal(pid, start, signal) {
+            Ok(sent) => sent,
+            Err(nix::errno::Errno::EPERM) if self.privileged().await => {
+                let request = Request::Signal {
+                    pid,
+                    start_time: start,
+                    signal: signal as i32,
+                };
+                match helper_call(&self.helper, request).await {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::warn!(pid, error = %e, "the helper did not signal the VM process");
+                        false
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(pid, error = %e, "cannot signal the VM process");
+                false
+            }
+        }
     }
 }

@@ -379,6 +379,18 @@ async fn install_ssh_key(
     super::sshkey::install(sock, &public).await
 }
 
+/// Release what the VMM left behind (its helper processes, sockets, jail) once it is gone;
+/// a Firecracker jail holds what the jailer made as root, which the helper removes.
+async fn release_vmm(state: &VmActorState, rt: Option<Runtime>) {
+    let driver = state.driver();
+    let (id, run) = (state.rec.id.clone(), state.dir.run_dir());
+    let firecracker = matches!(driver, Driver::Firecracker(_));
+    let _ = tokio::task::spawn_blocking(move || driver.cleanup(&id, rt.as_ref(), &run)).await;
+    if firecracker && let Err(e) = state.env.net.clean_jail(&state.rec.id).await {
+        tracing::warn!(vm = %state.rec.name, error = %e, "the helper did not clean the jail");
+    }
+}
+
 fn send_stage(progress: &[ProgressTx], stage: &str) {
     for tx in progress {
         let _ = tx.send(Progress::Stage {
@@ -460,9 +472,7 @@ impl VmActor {
         state: &mut VmActorState,
     ) -> Result<(), ActorProcessingErr> {
         let rt = state.rec.runtime.take();
-        let driver = state.driver();
-        let (id, run) = (state.rec.id.clone(), state.dir.run_dir());
-        let _ = tokio::task::spawn_blocking(move || driver.cleanup(&id, rt.as_ref(), &run)).await;
+        release_vmm(state, rt).await;
         release_net(&state.env, &state.rec).await;
         let was = state.rec.state;
         state.rec.state = VmState::Stopped;
@@ -544,9 +554,9 @@ impl VmActor {
         Ok(())
     }
 
-    fn kill_now(state: &VmActorState, signal: nix::sys::signal::Signal) {
+    async fn kill_now(state: &VmActorState, signal: nix::sys::signal::Signal) {
         if let Some(rt) = &state.rec.runtime {
-            proc::signal(rt.pid, rt.start_time, signal);
+            state.env.net.signal(rt.pid, rt.start_time, signal).await;
         }
     }
 }
@@ -613,9 +623,7 @@ impl Actor for VmActor {
             } else {
                 tracing::info!(vm = %state.rec.name, "the vm's process is gone; marking it stopped");
                 let rt = state.rec.runtime.take();
-                let driver = state.driver();
-                let (id, run) = (state.rec.id.clone(), state.dir.run_dir());
-                tokio::task::spawn_blocking(move || driver.cleanup(&id, rt.as_ref(), &run)).await?;
+                release_vmm(&state, rt).await;
                 release_net(&state.env, &state.rec).await;
                 state.rec.state = VmState::Stopped;
                 state.persist().await?;
@@ -668,13 +676,15 @@ impl Actor for VmActor {
                             .expect("plan does not panic")?
                         };
                         let stage = |s: &str| send_stage(&senders, s);
-                        let rt = driver.launch(&plan, &stage).await.map_err(|source| {
-                            VmError::Start {
-                                vm: rec.name.clone(),
-                                log: plan.console.display().to_string(),
-                                source,
-                            }
-                        })?;
+                        let rt =
+                            driver
+                                .launch(&plan, &env.net, &stage)
+                                .await
+                                .map_err(|source| VmError::Start {
+                                    vm: rec.name.clone(),
+                                    log: plan.console.display().to_string(),
+                                    source,
+                                })?;
                         Ok((rt, plan.cmdline))
                     }
                     .await;
@@ -688,7 +698,8 @@ impl Actor for VmActor {
                 if generation != state.generation {
                     // A stale launch: make sure its process does not outlive it.
                     if let Ok((rt, _)) = result {
-                        proc::signal(rt.pid, rt.start_time, nix::sys::signal::Signal::SIGKILL);
+                        let sig = nix::sys::signal::Signal::SIGKILL;
+                        state.env.net.signal(rt.pid, rt.start_time, sig).await;
                     }
                     return Ok(());
                 }
@@ -761,7 +772,7 @@ impl Actor for VmActor {
                         state.rec.runtime = Some(rt);
                         state.rec.cmdline = Some(cmdline);
                         Self::watch_exit(&myself, state);
-                        Self::kill_now(state, nix::sys::signal::Signal::SIGKILL);
+                        Self::kill_now(state, nix::sys::signal::Signal::SIGKILL).await;
                         let name = state.rec.name.clone();
                         for (reply, _) in state.start_waiters.drain(..) {
                             let _ = reply.send(Err(VmError::StoppedWhileStarting(name.clone())));
@@ -776,11 +787,7 @@ impl Actor for VmActor {
                         };
                         state.rec.error = (!stopped).then(|| error_chain(&e));
                         state.generation += 1;
-                        let driver = state.driver();
-                        let (id, run) = (state.rec.id.clone(), state.dir.run_dir());
-                        let _ =
-                            tokio::task::spawn_blocking(move || driver.cleanup(&id, None, &run))
-                                .await;
+                        release_vmm(state, None).await;
                         state.persist().await?;
                         tracing::warn!(vm = %state.rec.name, error = %error_chain(&e), "start failed");
                         let message = error_chain(&e);
@@ -800,7 +807,8 @@ impl Actor for VmActor {
                         }
                     }
                     (_, Ok((rt, _))) => {
-                        proc::signal(rt.pid, rt.start_time, nix::sys::signal::Signal::SIGKILL);
+                        let sig = nix::sys::signal::Signal::SIGKILL;
+                        state.env.net.signal(rt.pid, rt.start_time, sig).await;
                     }
                 }
             }
@@ -844,6 +852,7 @@ impl Actor for VmActor {
                 let driver = state.driver();
                 let timeout = timeout.unwrap_or(state.env.stop_timeout);
                 let name = state.rec.name.clone();
+                let host = state.env.net.clone();
                 tokio::spawn(async move {
                     // The agent first (a clean power-off from inside, for any image), then
                     // the VMM's own way (Ctrl-Alt-Del, or the ACPI power button).
@@ -866,7 +875,8 @@ impl Actor for VmActor {
                     } else {
                         tracing::warn!(vm = %name, ?timeout, "the guest did not shut down in time; killing");
                     }
-                    proc::signal(rt.pid, rt.start_time, nix::sys::signal::Signal::SIGKILL);
+                    host.signal(rt.pid, rt.start_time, nix::sys::signal::Signal::SIGKILL)
+                        .await;
                 });
             }
             VmMsg::Kill { signal, reply } => {
@@ -881,7 +891,7 @@ impl Actor for VmActor {
                     state.stop_waiters.push(reply);
                     return Ok(());
                 }
-                Self::kill_now(state, signal);
+                Self::kill_now(state, signal).await;
                 if signal == nix::sys::signal::Signal::SIGKILL {
                     state.stop_waiters.push(reply);
                 } else {
@@ -898,7 +908,7 @@ impl Actor for VmActor {
                     if state.rec.state == VmState::Starting {
                         state.rec.state = VmState::Stopping;
                     }
-                    Self::kill_now(state, nix::sys::signal::Signal::SIGKILL);
+                    Self::kill_now(state, nix::sys::signal::Signal::SIGKILL).await;
                     return Ok(());
                 }
                 Self::delete_now(&myself, state, reply).await?;

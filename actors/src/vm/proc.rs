@@ -26,7 +26,24 @@ pub fn alive(pid: i32, start: u64) -> bool {
 
 /// Send `signal` to the process if it is still the one we started.
 pub fn signal(pid: i32, start: u64, signal: nix::sys::signal::Signal) -> bool {
-    alive(pid, start) && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).is_ok()
+    try_signal(pid, start, signal).unwrap_or(false)
+}
+
+/// As [`signal`], with the error when the kernel refused (EPERM: another uid's process).
+/// Ok(false): the process is gone.
+pub fn try_signal(
+    pid: i32,
+    start: u64,
+    signal: nix::sys::signal::Signal,
+) -> Result<bool, nix::errno::Errno> {
+    if !alive(pid, start) {
+        return Ok(false);
+    }
+    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal) {
+        Ok(()) => Ok(true),
+        Err(nix::errno::Errno::ESRCH) => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// Wait (polling) until the process is gone, up to `timeout`. True if it is gone.

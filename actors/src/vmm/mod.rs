@@ -95,13 +95,15 @@ impl Driver {
     }
 
     /// Launch and configure the VMM, and start the guest. `stage` is told each step.
+    /// `host` starts the jailer through the privileged helper when there is one.
     pub async fn launch(
         &self,
         plan: &LaunchPlan,
+        host: &crate::net::host::HostNet,
         stage: &(dyn Fn(&str) + Send + Sync),
     ) -> Result<Runtime, VmmError> {
         match self {
-            Driver::Firecracker(c) => firecracker::launch(c, plan, stage).await,
+            Driver::Firecracker(c) => firecracker::launch(c, plan, host, stage).await,
             Driver::Qemu(c) => qemu::launch(c, plan, stage).await,
         }
     }

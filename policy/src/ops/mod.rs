@@ -21,6 +21,8 @@ pub fn execute(cfg: &HelperConfig, req: &Request) -> Reply {
         Request::NatRemove { vm } => nat(cfg).remove(vm),
         Request::Signal { pid, signal, .. } => signal_vm(*pid, *signal),
         Request::CleanJail { vm } => clean_jail(cfg, vm),
+        // Forwarded to the launcher by the helper; never run in a helper worker.
+        Request::SpawnJailer { .. } => Err(io::Error::other("spawn_jailer is the launcher's")),
         Request::ResolvedRoute { port } => resolved_route(cfg, *port),
         Request::Status => return Reply::Status(crate::confine::report()),
     };
@@ -84,8 +86,18 @@ fn signal_vm(pid: i32, signal: i32) -> io::Result<()> {
 }
 
 fn clean_jail(cfg: &HelperConfig, vm: &str) -> io::Result<()> {
-    let dir = cfg.jail_base.join("firecracker").join(vm);
-    match std::fs::symlink_metadata(&dir) {
+    let firecracker = cfg
+        .jailer
+        .as_ref()
+        .map_or(std::path::Path::new("firecracker"), |j| {
+            j.firecracker.as_path()
+        });
+    remove_jail_dir(&crate::jail::instance_dir(&cfg.jail_base, firecracker, vm))
+}
+
+/// Remove a jail instance directory (absent is fine; a non-directory is left alone).
+pub fn remove_jail_dir(dir: &std::path::Path) -> io::Result<()> {
+    match std::fs::symlink_metadata(dir) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),
         Ok(m) if !m.is_dir() => Err(io::Error::other(format!(
@@ -93,7 +105,7 @@ fn clean_jail(cfg: &HelperConfig, vm: &str) -> io::Result<()> {
             dir.display()
         ))),
         // remove_dir_all does not follow symlinks inside the tree.
-        Ok(_) => std::fs::remove_dir_all(&dir),
+        Ok(_) => std::fs::remove_dir_all(dir),
     }
 }
 

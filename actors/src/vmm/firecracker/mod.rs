@@ -29,13 +29,14 @@ use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 
 use super::{LaunchPlan, VmmError, tail, wait_for_path};
+use crate::net::host::HostNet;
 use crate::vm::model::Runtime;
 use crate::vm::proc;
 
 /// The guest CID banger gives every VM (each VM has its own hybrid vsock socket).
 pub const GUEST_CID: u32 = 3;
 /// The API socket inside the jail.
-pub const API_SOCK: &str = "api.sock";
+pub const API_SOCK: &str = banger_policy::jail::API_SOCK;
 /// The hybrid vsock socket inside the jail.
 pub const VSOCK_SOCK: &str = "vsock.sock";
 
@@ -53,33 +54,12 @@ pub struct FirecrackerConfig {
 
 /// `<chroot_base>/<exec name>/<id>/root`.
 pub fn jail_root(c: &FirecrackerConfig, id: &str) -> PathBuf {
-    let exec = c
-        .firecracker
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "firecracker".into());
-    c.chroot_base.join(exec).join(id).join("root")
+    banger_policy::jail::instance_dir(&c.chroot_base, &c.firecracker, id).join("root")
 }
 
-/// The jailer's command line.
+/// The jailer's command line (the launcher builds the same one: [`banger_policy::jail`]).
 pub fn jailer_args(c: &FirecrackerConfig, id: &str) -> Vec<String> {
-    vec![
-        "--id".into(),
-        id.into(),
-        "--exec-file".into(),
-        c.firecracker.display().to_string(),
-        "--uid".into(),
-        c.uid.to_string(),
-        "--gid".into(),
-        c.gid.to_string(),
-        "--chroot-base-dir".into(),
-        c.chroot_base.display().to_string(),
-        "--cgroup-version".into(),
-        "2".into(),
-        "--".into(),
-        "--api-sock".into(),
-        format!("/{API_SOCK}"),
-    ]
+    banger_policy::jail::jailer_args(&c.firecracker, c.uid, c.gid, &c.chroot_base, id)
 }
 
 fn setup(e: impl std::fmt::Display) -> VmmError {
@@ -281,10 +261,13 @@ impl Api {
     }
 }
 
-/// Launch: jail, jailer, API sequence.
+/// Launch: jail, jailer, API sequence. With a privileged helper (`host`), the helper's
+/// launcher starts the jailer (it needs root; bangerd has dropped to its owner), else
+/// bangerd spawns it itself.
 pub async fn launch(
     c: &FirecrackerConfig,
     plan: &LaunchPlan,
+    host: &HostNet,
     stage: &(dyn Fn(&str) + Send + Sync),
 ) -> Result<Runtime, VmmError> {
     stage("jail");
@@ -295,22 +278,32 @@ pub async fn launch(
             .map_err(setup)??
     };
     stage("launch");
-    let console = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&plan.console)
-        .map_err(setup)?;
-    let console2 = console.try_clone().map_err(setup)?;
-    let (pid, start) = proc::spawn(
-        Command::new(&c.jailer)
-            .args(jailer_args(c, &plan.id))
-            .stdout(Stdio::from(console))
-            .stderr(Stdio::from(console2)),
-    )
-    .map_err(|source| VmmError::Spawn {
+    let spawn_err = |source| VmmError::Spawn {
         what: format!("the jailer {}", c.jailer.display()),
         source,
-    })?;
+    };
+    let through_helper = host
+        .spawn_jailer(&plan.id, &plan.console)
+        .await
+        .map_err(|e| spawn_err(std::io::Error::other(e)))?;
+    let (pid, start) = match through_helper {
+        Some(spawned) => spawned,
+        None => {
+            let console = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&plan.console)
+                .map_err(setup)?;
+            let console2 = console.try_clone().map_err(setup)?;
+            proc::spawn(
+                Command::new(&c.jailer)
+                    .args(jailer_args(c, &plan.id))
+                    .stdout(Stdio::from(console))
+                    .stderr(Stdio::from(console2)),
+            )
+            .map_err(spawn_err)?
+        }
+    };
     let api_sock = root.join(API_SOCK);
     let result = async {
         wait_for_path(
@@ -338,7 +331,10 @@ pub async fn launch(
     }
     .await;
     if let Err(e) = result {
-        proc::signal(pid, start, nix::sys::signal::Signal::SIGKILL);
+        // The jailer may still be root here (it becomes the VM user just before Firecracker
+        // runs): `host` goes through the helper when our uid may not signal it.
+        host.signal(pid, start, nix::sys::signal::Signal::SIGKILL)
+            .await;
         return Err(e);
     }
     Ok(Runtime {

@@ -45,6 +45,7 @@ fn run(args: &[String], faults: &[process::Fault]) -> Result<u8, process::Proces
         Invocation::Run(jailer) => jailer,
     };
     let jail = process::enter_jail(&jailer)?;
+    process::drop_privileges(&jailer)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

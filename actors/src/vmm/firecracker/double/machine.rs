@@ -695,7 +695,10 @@ impl Vmm {
             let path = body["path_on_host"].as_str().ok_or_else(|| {
                 "Drive config error: Unable to create the virtio block device: path_on_host is required for a virtio-block drive.".to_owned()
             })?;
-            self.existing(path).map_err(|e| {
+            // Firecracker opens the backing file here, read-write unless read-only, as the
+            // user the jailer made it: a drive that user may not write is refused now.
+            let writable = body["is_read_only"] != true;
+            self.openable(path, writable).map_err(|e| {
                 format!("Drive config error: Unable to create the virtio block device: Virtio backend error: Error manipulating the backing file: {e} {path}")
             })?;
         }
@@ -850,6 +853,16 @@ impl Vmm {
             Some(root) => root.join(path.trim_start_matches('/')),
             None => PathBuf::from(path),
         }
+    }
+
+    /// A file Firecracker opens (read, and write when `write`) but does not create.
+    fn openable(&self, path: &str, write: bool) -> std::io::Result<PathBuf> {
+        let host = self.host_path(path);
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(write)
+            .open(&host)?;
+        Ok(host)
     }
 
     /// The host path of a file Firecracker opens but does not create.

@@ -15,9 +15,11 @@
 //! passes `--id` and start times, then the arguments after `--`) and the API is served on
 //! `--api-sock` (default `/run/firecracker.socket`) with [`FirecrackerDouble`].
 //!
-//! Not modelled, because a test cannot rely on privileges: no chroot (every path is
-//! resolved under the jail root instead, as the jailed process would see it), no uid/gid
-//! switch (ownership is given only when running as root), no device nodes, no cgroups,
+//! When run as root (as the real jailer must be), it then becomes `--uid`/`--gid` before
+//! "exec'ing" Firecracker, so the API is served, the drives opened and the socket made as
+//! that user, as with the real thing. Not modelled, because a test cannot rely on
+//! privileges: no chroot (every path is resolved under the jail root instead, as the jailed
+//! process would see it), no uid/gid switch when not root, no device nodes, no cgroups,
 //! rlimits or network namespace (their arguments are checked, not applied). Refused with a
 //! message: `--daemonize` and `--new-pid-ns` (they change which process the caller must
 //! track) and the Firecracker arguments that configure the VM outside the API
@@ -134,6 +136,8 @@ pub enum ProcessError {
     ApiSocket(PathBuf, #[source] std::io::Error),
     #[error("banger-fc-double does not model {0}")]
     NotModelled(String),
+    #[error("Failed to drop privileges to {0}")]
+    Privileges(String, #[source] std::io::Error),
     #[error("banger-fc-double: cannot write the guest console")]
     Console(#[source] std::io::Error),
 }
@@ -575,6 +579,35 @@ pub fn enter_jail(args: &JailerArgs) -> Result<Jail, ProcessError> {
         root,
     };
     Ok(jail)
+}
+
+/// The jailer's last step before it execs Firecracker: become `--uid`/`--gid` (supplementary
+/// groups cleared). Done only when the double runs as root, as the real jailer does
+/// unconditionally (it requires root); the process then serves the API as that user, so
+/// files it must open (drives, logs) have to be that user's.
+pub fn drop_privileges(args: &JailerArgs) -> Result<(), ProcessError> {
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(());
+    }
+    let err = |what: &str, e: nix::Error| {
+        ProcessError::Privileges(
+            format!("uid {} gid {} ({what})", args.uid, args.gid),
+            e.into(),
+        )
+    };
+    let uid: u32 = args
+        .uid
+        .parse()
+        .map_err(|_| ProcessError::Uid(args.uid.clone()))?;
+    let gid: u32 = args
+        .gid
+        .parse()
+        .map_err(|_| ProcessError::Gid(args.gid.clone()))?;
+    let gid = nix::unistd::Gid::from_raw(gid);
+    nix::unistd::setgroups(&[gid]).map_err(|e| err("setgroups", e))?;
+    nix::unistd::setresgid(gid, gid, gid).map_err(|e| err("setgid", e))?;
+    let uid = nix::unistd::Uid::from_raw(uid);
+    nix::unistd::setresuid(uid, uid, uid).map_err(|e| err("setuid", e))
 }
 
 /// The cgroup arguments, checked as `Env::new` does; none is applied.
