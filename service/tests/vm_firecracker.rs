@@ -715,3 +715,167 @@ async fn the_update_gate_refuses_while_a_vm_is_starting_unless_forced() {
     drop(c);
     d.shutdown().await;
 }
+
+fn proc_status(pid: u32, name: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| Some(l.strip_prefix(name)?.strip_prefix(':')?.trim().to_owned()))
+        .unwrap_or_default()
+}
+
+/// As root, the real `bangerd` binary (in a namespace this test makes), as `sudo banger
+/// system install` runs it: it forks its helper, drops to its owner (`nobody` here) with
+/// no capability, and still runs Firecracker VMs: the helper's launcher starts the jailer
+/// (the double, which drops to the owner as the jailer does), stop/kill/delete work, and
+/// each jail the jailer made as root is removed through the helper.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_a_bangerd_dropped_to_its_owner_runs_firecracker_vms_through_the_launcher() {
+    use std::os::unix::fs::{PermissionsExt, chown};
+    const OWNER: u32 = 65534;
+    let ns = support::Netns::new("fcown");
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    std::fs::set_permissions(h, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let files = h.join("files");
+    std::fs::create_dir_all(files.join("kernel")).unwrap();
+    std::fs::write(files.join("kernel/vmlinux"), b"kernel").unwrap();
+    std::fs::write(files.join("firecracker"), b"").unwrap();
+    let rootfs = files.join("rootfs.ext4");
+    std::fs::File::create(&rootfs)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    assert!(
+        std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(&rootfs)
+            .status()
+            .unwrap()
+            .success()
+    );
+    for p in [
+        &files,
+        &files.join("kernel"),
+        &files.join("kernel/vmlinux"),
+        &rootfs,
+    ] {
+        chown(p, Some(OWNER), Some(OWNER)).unwrap();
+    }
+    // The owner's own XDG directories, as in a user's home.
+    for d in ["run", "data", "state", "cache", "config"] {
+        std::fs::create_dir_all(h.join(d)).unwrap();
+        chown(h.join(d), Some(OWNER), Some(OWNER)).unwrap();
+    }
+    std::fs::create_dir_all(h.join("config/banger")).unwrap();
+    std::fs::write(
+        h.join("config/banger/config.toml"),
+        format!(
+            "owner = \"{OWNER}\"\ndefault_vmm = \"firecracker\"\nagent_timeout_secs = 0\n\
+             stop_timeout_secs = 5\ndns_listen = \"127.0.0.1:0\"\n\
+             [firecracker]\njailer = \"{}\"\nbinary = \"{}\"\n[vm_defaults]\nnetwork = true\n",
+            double_bin().display(),
+            files.join("firecracker").display()
+        ),
+    )
+    .unwrap();
+    let mut daemon = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns.0, env!("CARGO_BIN_EXE_bangerd")])
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", h)
+        .env("XDG_RUNTIME_DIR", h.join("run"))
+        .env("XDG_DATA_HOME", h.join("data"))
+        .env("XDG_STATE_HOME", h.join("state"))
+        .env("XDG_CACHE_HOME", h.join("cache"))
+        .env("XDG_CONFIG_HOME", h.join("config"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(h.join("bangerd.err")).unwrap())
+        .spawn()
+        .unwrap();
+    let socket = h.join("run/banger/bangerd.sock");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !socket.exists() {
+        assert!(
+            std::time::Instant::now() < deadline && daemon.try_wait().unwrap().is_none(),
+            "bangerd did not start: {}",
+            std::fs::read_to_string(h.join("bangerd.err")).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // `ip netns exec` execs in place: the child is bangerd, now the owner with nothing.
+    let pid = daemon.id();
+    assert_eq!(
+        proc_status(pid, "Uid").split_whitespace().next(),
+        Some("65534")
+    );
+    assert_eq!(proc_status(pid, "CapBnd"), "0000000000000000");
+
+    let c = support::client_for(&socket).await;
+    c.import(ImportKernel {
+        name: "k".into(),
+        from: files.join("kernel").display().to_string(),
+    })
+    .await
+    .unwrap();
+    c.register(RegisterImage {
+        name: "img".into(),
+        rootfs: rootfs.display().to_string(),
+        kernel: Some("k".into()),
+    })
+    .await
+    .unwrap();
+    let req = |name: &str| CreateVm {
+        name: Some(name.into()),
+        image: Some("img".into()),
+        ..Default::default()
+    };
+    create(&c, req("a")).await.unwrap();
+    let a = VmRpcClient::show(&c, "a".into()).await.unwrap();
+    assert_eq!(a.state, VmState::Running, "{:?}", a.error);
+    let vm_pid = a.pid.unwrap() as u32;
+    // Not bangerd's child: a process of bangerd's (empty bounding set) could not hold
+    // these; the launcher's set, its filter, and the owner's uid after the jailer's drop.
+    let want: u64 = [0u32, 1, 3, 27, 6, 7, 21, 18]
+        .iter()
+        .map(|b| 1u64 << b)
+        .sum();
+    assert_eq!(
+        u64::from_str_radix(&proc_status(vm_pid, "CapBnd"), 16).unwrap(),
+        want
+    );
+    assert_eq!(proc_status(vm_pid, "Seccomp"), "2");
+    assert_eq!(
+        proc_status(vm_pid, "Uid").split_whitespace().next(),
+        Some("65534")
+    );
+    let links = ns.sh("ip -o link show master banger0");
+    assert!(links.contains(&format!("bg-{}", a.id)), "{links}");
+    let jail = |id: &str| h.join("data/banger/jail/firecracker").join(id);
+    assert!(jail(&a.id).join("root/api.sock").exists());
+
+    // Graceful stop, then the jail (made by the jailer as root) is gone.
+    let stopped = c.stop("a".into(), None).await.unwrap();
+    assert_eq!(stopped.state, VmState::Stopped);
+    assert!(!jail(&a.id).exists(), "jail left after stop");
+
+    // Another one killed, then both deleted: nothing left.
+    create(&c, req("b")).await.unwrap();
+    let b = VmRpcClient::show(&c, "b".into()).await.unwrap();
+    assert_eq!(b.state, VmState::Running, "{:?}", b.error);
+    let killed = c.kill("b".into(), None).await.unwrap();
+    assert_eq!(killed.state, VmState::Stopped);
+    assert!(!jail(&b.id).exists(), "jail left after kill");
+    for v in ["a", "b"] {
+        VmRpcClient::delete(&c, v.into(), true).await.unwrap();
+    }
+    let links = ns.sh("ip -o link");
+    assert!(!links.contains("bg-"), "{links}");
+    drop(c);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(daemon.wait().unwrap().success());
+}
