@@ -637,6 +637,16 @@ fn root_a_root_daemon_changes_no_network_until_a_vm_needs_one() {
             .ends_with(":53"),
         "{status}"
     );
+    // The guests' resolver listens over UDP and TCP (answers too big for a datagram).
+    let listening = Command::new("ip")
+        .args(["netns", "exec", &ns, "ss", "-Hlntu", "sport = :53"])
+        .output()
+        .unwrap();
+    let listening = text(&listening.stdout);
+    assert!(
+        listening.contains("udp") && listening.contains("tcp"),
+        "{listening}"
+    );
     let links = Command::new("ip")
         .args(["-n", &ns, "-o", "link"])
         .output()

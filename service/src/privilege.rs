@@ -233,7 +233,7 @@ pub fn bind_guest_dns(cfg: &HelperConfig) -> Option<banger_actors::net::dns::Gue
         bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr)?;
         Ok(std::net::UdpSocket::from(fd))
     })();
-    let socket = match bound {
+    let udp = match bound {
         Ok(s) => s,
         Err(e) => {
             eprintln!(
@@ -243,13 +243,36 @@ pub fn bind_guest_dns(cfg: &HelperConfig) -> Option<banger_actors::net::dns::Gue
             return None;
         }
     };
+    // The same address over TCP, for answers that do not fit a UDP datagram.
+    let tcp = (|| -> nix::Result<std::net::TcpListener> {
+        let fd = socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )?;
+        setsockopt(&fd, sockopt::IpFreebind, &true)?;
+        setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+        let addr = SockaddrIn::from(std::net::SocketAddrV4::new(cfg.gateway, 53));
+        bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr)?;
+        nix::sys::socket::listen(&fd, nix::sys::socket::Backlog::new(128)?)?;
+        Ok(std::net::TcpListener::from(fd))
+    })()
+    .map_err(|e| {
+        eprintln!(
+            "bangerd: cannot listen on {}:53/tcp for guests' DNS: {e}",
+            cfg.gateway
+        );
+    })
+    .ok();
     let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
     let upstreams = banger_actors::net::dns::upstreams(&resolv)
         .into_iter()
         .filter(|u| u.ip() != std::net::IpAddr::V4(cfg.gateway))
         .collect();
     Some(banger_actors::net::dns::GuestDns {
-        socket: std::sync::Arc::new(socket),
+        socket: std::sync::Arc::new(udp),
+        tcp: tcp.map(std::sync::Arc::new),
         upstreams,
     })
 }

@@ -178,6 +178,92 @@ pub async fn serve_guests(socket: tokio::net::UdpSocket, table: Table, upstreams
     }
 }
 
+/// How long a guest's TCP connection may sit idle between queries.
+const TCP_IDLE: std::time::Duration = std::time::Duration::from_secs(10);
+/// Guests' TCP connections served at once; more wait in the kernel's backlog.
+const TCP_MAX: usize = 64;
+
+/// One DNS message over TCP: a 2-byte big-endian length, then the message (RFC 1035 4.2.2).
+async fn read_tcp_message<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let len = r.read_u16().await?;
+    let mut msg = vec![0u8; usize::from(len)];
+    r.read_exact(&mut msg).await?;
+    Ok(msg)
+}
+
+async fn write_tcp_message<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut W,
+    msg: &[u8],
+) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let len = u16::try_from(msg.len()).map_err(|_| std::io::Error::other("message too long"))?;
+    let mut frame = Vec::with_capacity(msg.len() + 2);
+    frame.extend_from_slice(&len.to_be_bytes());
+    frame.extend_from_slice(msg);
+    w.write_all(&frame).await
+}
+
+/// Ask the upstreams in turn over TCP (the guest asked over TCP, typically after a
+/// truncated UDP answer); their answer verbatim, or SERVFAIL.
+async fn forward_tcp(packet: Vec<u8>, upstreams: &[SocketAddr]) -> Option<Vec<u8>> {
+    for up in upstreams {
+        let exchange = async {
+            let mut conn = tokio::net::TcpStream::connect(up).await?;
+            write_tcp_message(&mut conn, &packet).await?;
+            read_tcp_message(&mut conn).await
+        };
+        if let Ok(Ok(reply)) = tokio::time::timeout(FORWARD_TIMEOUT, exchange).await {
+            return Some(reply);
+        }
+    }
+    forward(packet, &[]).await
+}
+
+/// The guests' resolver over TCP (same address and port as over UDP): `.vm` from the
+/// table, the rest forwarded to the upstreams over TCP. Several queries may follow on one
+/// connection; an idle or malformed connection is closed, the listener goes on.
+pub async fn serve_guests_tcp(
+    listener: tokio::net::TcpListener,
+    table: Table,
+    upstreams: Vec<SocketAddr>,
+) {
+    let upstreams = std::sync::Arc::new(upstreams);
+    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(TCP_MAX));
+    loop {
+        let Ok(permit) = std::sync::Arc::clone(&permits).acquire_owned().await else {
+            return;
+        };
+        let mut conn = match listener.accept().await {
+            Ok((c, _)) => c,
+            Err(e) => {
+                tracing::debug!(error = %e, "guest dns accept");
+                continue;
+            }
+        };
+        let (table, upstreams) = (Arc::clone(&table), std::sync::Arc::clone(&upstreams));
+        tokio::spawn(async move {
+            while let Ok(Ok(packet)) =
+                tokio::time::timeout(TCP_IDLE, read_tcp_message(&mut conn)).await
+            {
+                let reply = if asks_vm_zone(&packet) == Some(false) {
+                    forward_tcp(packet, &upstreams).await
+                } else {
+                    let t = table.read().expect("dns table lock");
+                    answer(&packet, &t)
+                };
+                let Some(reply) = reply else {
+                    break;
+                };
+                if write_tcp_message(&mut conn, &reply).await.is_err() {
+                    break;
+                }
+            }
+            drop(permit);
+        });
+    }
+}
+
 pub async fn serve(socket: tokio::net::UdpSocket, table: Table) {
     let mut buf = vec![0u8; 4096];
     loop {
@@ -310,6 +396,64 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn guests_over_tcp_get_vm_names_forwarded_names_and_survive_garbage() {
+        // A real upstream on loopback, over TCP, answering every A query with 192.0.2.2.
+        let up = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let up_addr = up.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut c, _)) = up.accept().await {
+                tokio::spawn(async move {
+                    while let Ok(q) = read_tcp_message(&mut c).await {
+                        let q = Message::from_vec(&q).unwrap();
+                        let mut r = Message::response(q.metadata.id, OpCode::Query);
+                        r.add_query(q.queries[0].clone());
+                        r.add_answer(Record::from_rdata(
+                            q.queries[0].name().clone(),
+                            60,
+                            RData::A(A(Ipv4Addr::new(192, 0, 2, 2))),
+                        ));
+                        write_tcp_message(&mut c, &r.to_vec().unwrap())
+                            .await
+                            .unwrap();
+                    }
+                });
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let t: Table = Arc::new(RwLock::new(table()));
+        tokio::spawn(serve_guests_tcp(listener, t, vec![up_addr]));
+
+        // Garbage first: a length with nothing behind it, then a closed connection.
+        {
+            use tokio::io::AsyncWriteExt;
+            let mut bad = tokio::net::TcpStream::connect(addr).await.unwrap();
+            bad.write_all(&[0xff, 0xff, 1, 2, 3]).await.unwrap();
+        }
+        // Two queries on one connection: a VM name and a forwarded one.
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut ask = async |name: &str| {
+            let mut q = Message::query();
+            q.metadata.id = 9;
+            q.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+            write_tcp_message(&mut c, &q.to_vec().unwrap())
+                .await
+                .unwrap();
+            let r =
+                tokio::time::timeout(std::time::Duration::from_secs(5), read_tcp_message(&mut c))
+                    .await
+                    .expect("an answer")
+                    .unwrap();
+            Message::from_vec(&r).unwrap()
+        };
+        let r = ask("web.vm.").await;
+        assert_eq!(r.answers[0].data, RData::A(A(Ipv4Addr::new(172, 30, 0, 7))));
+        let r = ask("example.com.").await;
+        assert_eq!(r.answers[0].data, RData::A(A(Ipv4Addr::new(192, 0, 2, 2))));
+        assert_eq!(r.metadata.id, 9);
+    }
+
     #[test]
     fn upstreams_from_resolv_conf() {
         let u =
@@ -367,11 +511,22 @@ pub struct DnsState {
 #[derive(Debug, Clone)]
 pub struct GuestDns {
     pub socket: Arc<std::net::UdpSocket>,
+    /// The same address over TCP (answers too large for UDP are retried there).
+    pub tcp: Option<Arc<std::net::TcpListener>>,
     pub upstreams: Vec<SocketAddr>,
 }
 
 fn start_guest(guest: Option<&GuestDns>, table: &Table) -> Option<tokio::task::JoinHandle<()>> {
     let g = guest?;
+    let tcp = g.tcp.as_ref().and_then(|l| {
+        l.try_clone()
+            .and_then(|l| {
+                l.set_nonblocking(true)?;
+                tokio::net::TcpListener::from_std(l)
+            })
+            .map_err(|e| tracing::error!(error = %e, "guest dns tcp listener"))
+            .ok()
+    });
     let sock = g
         .socket
         .try_clone()
@@ -381,12 +536,19 @@ fn start_guest(guest: Option<&GuestDns>, table: &Table) -> Option<tokio::task::J
         })
         .map_err(|e| tracing::error!(error = %e, "guest dns socket"))
         .ok()?;
-    tracing::info!(addr = ?sock.local_addr().ok(), upstreams = ?g.upstreams, "dns resolver for guests listening");
-    Some(tokio::spawn(serve_guests(
-        sock,
-        Arc::clone(table),
-        g.upstreams.clone(),
-    )))
+    tracing::info!(addr = ?sock.local_addr().ok(), tcp = tcp.is_some(), upstreams = ?g.upstreams, "dns resolver for guests listening");
+    let (table, upstreams) = (Arc::clone(table), g.upstreams.clone());
+    Some(tokio::spawn(async move {
+        match tcp {
+            Some(l) => {
+                tokio::join!(
+                    serve_guests(sock, Arc::clone(&table), upstreams.clone()),
+                    serve_guests_tcp(l, table, upstreams)
+                );
+            }
+            None => serve_guests(sock, table, upstreams).await,
+        }
+    }))
 }
 
 impl ractor::Actor for DnsActor {
