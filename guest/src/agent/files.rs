@@ -277,7 +277,8 @@ impl<W: Write> Packer<'_, W> {
             if ft.is_dir() {
                 self.xattrs(&abs)?;
                 let h = Self::header(&meta, tar::EntryType::Directory);
-                self.b.append_data(&mut h.clone(), &name, std::io::empty())?;
+                self.b
+                    .append_data(&mut h.clone(), &name, std::io::empty())?;
                 if self.descend(&abs, &meta) {
                     self.dir(&name)?;
                 }
