@@ -333,7 +333,18 @@ pub async fn promote(
         "pack",
         Some(format!("vm {}: / through its guest agent", plan.vm)),
     );
-    let owner_list = unpack(&plan, tree.clone(), guest_dir, rep).await?;
+    let owner_list = match unpack(&plan, tree.clone(), guest_dir, rep).await {
+        Ok(o) => o,
+        Err(e) => {
+            // Removing a half-replayed root is blocking work.
+            let _ = blocking(move || {
+                drop(staging);
+                Ok(())
+            })
+            .await;
+            return Err(e);
+        }
+    };
     let store = Arc::clone(&env.store);
     let images = env.config.images_dir();
     let rep2 = rep.clone();
