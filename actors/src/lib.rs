@@ -16,9 +16,10 @@
 //!  ├─ NatActor                         per-VM masquerade rules, via HelperActor; stateless
 //!  ├─ UpdaterActor                     the update gate (no VM operation in flight);
 //!  │                                   restarted empty (see `updater` for the rest)
-//!  └─ PullActor                        image and kernel pulls, coalesced by key; restarted
-//!                                      empty (pulls in flight fail; their staging dirs are
-//!                                      swept), with the same blob cache (kept by the root)
+//!  └─ PullActor                        image and kernel pulls and image promotes, coalesced
+//!                                      by key; restarted empty (pulls in flight fail; their
+//!                                      staging dirs are swept), with the same blob cache
+//!                                      (kept by the root)
 //! ```
 //!
 //! Restart policy (one-for-one, every supervisor overrides `handle_supervisor_evt`; ractor's

@@ -548,6 +548,52 @@ impl Tree {
             .map_err(TreeError::Pull)
     }
 
+    /// `image promote`: make the running VM `req.vm`'s root filesystem image `req.name`
+    /// (through the PullActor, which runs it like a pull: see [`crate::pull::promote`]). An
+    /// unknown VM is not found; a VM that is not running is a conflict that says to start
+    /// it (only the running guest sees its merged root).
+    pub async fn promote_image(
+        &self,
+        req: banger_api::PromoteImage,
+        events: Option<crate::pull::EventTx>,
+    ) -> Result<ImageRecord, TreeError> {
+        crate::image::validate_name(&req.name)?;
+        if let Some(size) = req.size_bytes
+            && size < crate::pull::ext4::MIN_SIZE
+        {
+            return Err(TreeError::Pull(Arc::new(PullError::Size(format!(
+                "{size} bytes is below the minimum of {} MiB",
+                crate::pull::ext4::MIN_SIZE >> 20
+            )))));
+        }
+        let info = self.ask_vm(&req.vm, VmMsg::Info).await?;
+        let socket = match (info.state, info.vsock_socket) {
+            (banger_api::VmState::Running, Some(s)) => s,
+            (state, _) => {
+                return Err(TreeError::Vm(VmError::Conflict(format!(
+                    "vm {vm} is {state}: promote reads the running guest's root filesystem; start it with `banger vm start {vm}`",
+                    vm = info.name,
+                    state = state.as_str()
+                ))));
+            }
+        };
+        let plan = crate::pull::promote::PromotePlan {
+            vm: info.name,
+            vm_id: info.id,
+            socket: socket.into(),
+            kernel: info.kernel,
+            name: req.name,
+            size_bytes: req.size_bytes,
+        };
+        ractor::call!(self.pulls(), |reply| PullMsg::Promote {
+            plan,
+            events,
+            reply
+        })
+        .map_err(|_| TreeError::Call("pull"))?
+        .map_err(TreeError::Pull)
+    }
+
     /// Pull a kernel from the kernel catalog through the PullActor.
     pub async fn pull_kernel(
         &self,

@@ -472,6 +472,23 @@ pub enum ImageCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Make a running VM's root filesystem a new image (like `docker commit`); VMs made
+    /// from it boot the VM's kernel.
+    #[command(
+        after_help = "Examples:\n  banger image promote dev dev-tools              dev's / as the image dev-tools\n  banger vm create --name dev2 --image dev-tools\n  banger image promote dev snap --size 4G --json\n\nThe VM must be running: its guest agent packs /. Left out: the contents of /proc, /sys,\n/dev, /run, /tmp, /lost+found and /root (the VM's work disk: new VMs get their own), other\nmounted filesystems, and per-VM identity (ssh host keys, /etc/machine-id, the VM's name)."
+    )]
+    Promote {
+        /// The running VM.
+        vm: String,
+        /// The new image's name.
+        name: String,
+        /// Size of the image's ext4 (default: the content plus headroom).
+        #[arg(long, value_parser = parse_size)]
+        size: Option<u64>,
+        /// Print the image as JSON when done.
+        #[arg(long)]
+        json: bool,
+    },
     /// List images (`--available`: the catalog).
     #[command(visible_alias = "ls")]
     List {

@@ -1430,3 +1430,192 @@ fn root_rig_vm_run_keeps_an_unreachable_vm_and_says_where_to_look() {
     let vms = home.json(&["vm", "ls", "--json"]);
     assert_eq!(vms[0]["name"], "late", "{vms}");
 }
+
+/// `debugfs -R cmd` on an ext4 image (read-only), its stdout.
+fn debugfs(img: &str, cmd: &str) -> String {
+    let out = Command::new("debugfs")
+        .args(["-R", cmd, img])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "debugfs {cmd}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Names in a directory of an ext4 image, without `.` and `..`.
+fn ext4_ls(img: &str, dir: &str) -> Vec<String> {
+    let mut names: Vec<String> = debugfs(img, &format!("ls {dir}"))
+        .split_whitespace()
+        .filter(|w| !w.starts_with('(') && w.parse::<u64>().is_err())
+        .filter(|w| *w != "." && *w != "..")
+        .map(str::to_owned)
+        .collect();
+    names.sort();
+    names
+}
+
+/// Entries of `<data>/images` (published images and any staging leftovers).
+fn image_dirs(home: &Home) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(home.dir.path().join("data/banger/images"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn root_rig_image_promote_makes_a_running_guests_root_an_image_that_boots() {
+    let guest_dir = repo().join("target/guest");
+    let home = Home::with_config(
+        None,
+        "",
+        &format!(
+            "[images]\nguest_binaries_dir = \"{}\"\n",
+            guest_dir.display()
+        ),
+    );
+
+    // An unknown VM: not found (exit 4), and nothing is made.
+    let out = home.run(&["image", "promote", "nosuch", "img"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(code(&out), Some(4), "{err}");
+    assert!(err.contains("no vm named nosuch"), "{err}");
+
+    home.ok(&["vm", "create", "--name", "src"]);
+    // What the image must carry (owner, mode, setuid, a hard link, a symlink), and what it
+    // must not (/tmp, the work disk at /root, another mounted filesystem, the identity).
+    home.ok(&[
+        "vm",
+        "exec",
+        "src",
+        "--",
+        "sh",
+        "-ec",
+        "mkdir -p /opt/promoted
+         echo hello > /opt/promoted/data
+         chown 1234:2345 /opt/promoted/data
+         chmod 0640 /opt/promoted/data
+         cp /bin/true /opt/promoted/suid
+         chmod 4755 /opt/promoted/suid
+         ln /opt/promoted/data /opt/promoted/data.link
+         ln -s data /opt/promoted/data.sym
+         echo junk > /tmp/scratch
+         echo mine > /root/only-here
+         mkdir -p /mnt/other && mount -t tmpfs none /mnt/other && echo x > /mnt/other/inside
+         echo 0123456789abcdef0123456789abcdef > /etc/machine-id
+         test -f /etc/ssh/ssh_host_ed25519_key",
+    ]);
+    let src_key = home.ok(&[
+        "vm",
+        "exec",
+        "src",
+        "--",
+        "cat",
+        "/etc/ssh/ssh_host_ed25519_key.pub",
+    ]);
+
+    let t0 = Instant::now();
+    let out = home.run(&["image", "promote", "src", "promoted", "--json"]);
+    let secs = t0.elapsed().as_secs_f64();
+    assert!(
+        out.status.success(),
+        "promote: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let image: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(image["name"], "promoted");
+    assert_eq!(image["kernel"], "rig", "the VM's kernel");
+    let rootfs = image["rootfs"].as_str().unwrap().to_owned();
+    let used = String::from_utf8_lossy(
+        &Command::new("du")
+            .args(["-sm", &rootfs])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .split_whitespace()
+    .next()
+    .unwrap_or("?")
+    .to_owned();
+    eprintln!(
+        "image promote of a running TCG guest: {secs:.1} s, ext4 of {} MiB ({used} MiB used)",
+        image["size_bytes"].as_u64().unwrap() >> 20
+    );
+
+    // The image itself, read on the host: mount points and /tmp empty, no identity.
+    for d in [
+        "/proc",
+        "/sys",
+        "/dev",
+        "/run",
+        "/tmp",
+        "/root",
+        "/mnt/other",
+    ] {
+        assert_eq!(ext4_ls(&rootfs, d), Vec::<String>::new(), "{d} is empty");
+    }
+    assert!(
+        !ext4_ls(&rootfs, "/etc/ssh")
+            .iter()
+            .any(|n| n.starts_with("ssh_host_")),
+        "no ssh host keys"
+    );
+    assert_eq!(debugfs(&rootfs, "cat /etc/machine-id"), "");
+    assert!(!ext4_ls(&rootfs, "/etc").contains(&"hostname".to_owned()));
+    assert!(!debugfs(&rootfs, "cat /etc/hosts").contains("127.0.1.1 src"));
+
+    // The same name again: a conflict (exit 6) that leaves no staging directory behind.
+    let out = home.run(&["image", "promote", "src", "promoted"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(code(&out), Some(6), "{err}");
+    assert!(err.contains("exists already"), "{err}");
+    assert_eq!(image_dirs(&home), ["promoted", "rig"]);
+
+    // A VM made from it boots and finds the files as they were.
+    home.ok(&["vm", "create", "--name", "dst", "--image", "promoted"]);
+    let stat = |path: &str| {
+        home.ok(&["vm", "exec", "dst", "--", "stat", "-c", "%a %u %g %i", path])
+            .trim()
+            .to_owned()
+    };
+    let data = stat("/opt/promoted/data");
+    assert_eq!(&data[..data.rfind(' ').unwrap()], "640 1234 2345");
+    assert_eq!(
+        stat("/opt/promoted/data.link"),
+        data,
+        "a hard link, same inode"
+    );
+    assert!(
+        stat("/opt/promoted/suid").starts_with("4755 0 0 "),
+        "setuid kept"
+    );
+    assert_eq!(
+        home.ok(&["vm", "exec", "dst", "--", "cat", "/opt/promoted/data.sym"]),
+        "hello\n"
+    );
+    home.ok(&["vm", "exec", "dst", "--", "/opt/promoted/suid"]);
+    for absent in ["/tmp/scratch", "/root/only-here", "/mnt/other/inside"] {
+        home.ok(&["vm", "exec", "dst", "--", "test", "!", "-e", absent]);
+    }
+    assert_eq!(home.ok(&["vm", "exec", "dst", "--", "hostname"]), "dst\n");
+    let dst_key = home.ok(&[
+        "vm",
+        "exec",
+        "dst",
+        "--",
+        "cat",
+        "/etc/ssh/ssh_host_ed25519_key.pub",
+    ]);
+    assert_ne!(src_key, dst_key, "a host key of its own");
+    home.ok(&["vm", "rm", "-f", "dst"]);
+
+    // A stopped VM: a conflict that says how to start it; nothing is made.
+    home.ok(&["vm", "stop", "src"]);
+    let out = home.run(&["image", "promote", "src", "again"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(code(&out), Some(6), "{err}");
+    assert!(err.contains("banger vm start src"), "{err}");
+    assert_eq!(image_dirs(&home), ["promoted", "rig"]);
+    home.ok(&["vm", "rm", "-f", "src"]);
+    home.ok(&["image", "rm", "promoted"]);
+}

@@ -245,13 +245,31 @@ pub async fn tar_out<W: tokio::io::AsyncWrite + Unpin>(
     dir: &str,
     out: &mut W,
 ) -> Result<u64, HostError> {
+    let req = Request::TarOut {
+        dir: dir.into(),
+        exclude: Vec::new(),
+        one_file_system: false,
+        xattrs: false,
+    };
+    tar_out_with(socket, &req, out).await
+}
+
+/// A `TarOut` request with its options (see [`Request::TarOut`]) into `out`; returns the
+/// stream's length. Any other request is refused here, before it is sent.
+pub async fn tar_out_with<W: tokio::io::AsyncWrite + Unpin>(
+    socket: &Path,
+    req: &Request,
+    out: &mut W,
+) -> Result<u64, HostError> {
+    if !matches!(req, Request::TarOut { .. }) {
+        return Err(ProtoError::BadPayload {
+            kind: Kind::Request,
+            message: "tar_out_with takes a tar_out request".into(),
+        }
+        .into());
+    }
     let mut c = connect(socket).await?;
-    write_json(
-        &mut c.stream,
-        Kind::Request,
-        &Request::TarOut { dir: dir.into() },
-    )
-    .await?;
+    write_json(&mut c.stream, Kind::Request, req).await?;
     receive_stream(&mut c, out).await
 }
 

@@ -241,9 +241,24 @@ pub enum Request {
     TarIn {
         dir: String,
     },
-    /// Pack `dir` as a tar stream: `Stdout` frames, then `Exit` (code 0).
+    /// Pack `dir` as a tar stream: `Stdout` frames, then `Exit` (code 0). Hard links are
+    /// packed as links to the first name seen. The other fields were added within protocol
+    /// version 1, default off and are left out of the request when off, so a host talks to
+    /// an older agent as before; an older agent refuses a request that sets them (unknown
+    /// field), which the host reports.
     TarOut {
         dir: String,
+        /// Absolute paths whose contents are left out; the directory itself is packed (like
+        /// a mount point), so the tree keeps its shape.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        exclude: Vec<String>,
+        /// Do not descend into a directory on another filesystem than `dir` (`tar
+        /// --one-file-system`): such a directory is packed empty.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        one_file_system: bool,
+        /// Pack extended attributes as PAX `SCHILY.xattr.*` records.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        xattrs: bool,
     },
     /// Open a TCP connection to `127.0.0.1:port` in the guest (sshd for `banger vm ssh`).
     /// Answers `Connected` (or `Error`), after which the connection carries raw bytes both
@@ -396,6 +411,33 @@ mod tests {
         );
         // A port out of range is refused, not truncated.
         assert!(serde_json::from_str::<Request>(r#"{"op":"tcp_connect","port":70000}"#).is_err());
+    }
+
+    #[test]
+    fn tar_out_options_are_left_out_when_off_and_optional_when_read() {
+        // What a host of before the options sends, and what a host sends with them off:
+        // the same bytes, so an older agent understands it.
+        let plain = r#"{"op":"tar_out","dir":"/root/repo"}"#;
+        let req = Request::TarOut {
+            dir: "/root/repo".into(),
+            exclude: Vec::new(),
+            one_file_system: false,
+            xattrs: false,
+        };
+        assert_eq!(serde_json::to_string(&req).unwrap(), plain);
+        assert_eq!(serde_json::from_str::<Request>(plain).unwrap(), req);
+        let full = Request::TarOut {
+            dir: "/".into(),
+            exclude: vec!["/proc".into()],
+            one_file_system: true,
+            xattrs: true,
+        };
+        let json = serde_json::to_string(&full).unwrap();
+        assert_eq!(
+            json,
+            r#"{"op":"tar_out","dir":"/","exclude":["/proc"],"one_file_system":true,"xattrs":true}"#
+        );
+        assert_eq!(serde_json::from_str::<Request>(&json).unwrap(), full);
     }
 
     #[test]

@@ -87,6 +87,17 @@ impl Replay {
 
     /// Apply one uncompressed layer tar.
     pub fn apply(&mut self, layer: impl Read) -> Result<(), String> {
+        self.apply_inner(layer, true)
+    }
+
+    /// Apply a plain tar of a whole tree (a running guest's root, for `image promote`):
+    /// the same checks and what is kept, but `.wh.` names are files like any other, not
+    /// whiteouts (a merged root has none left).
+    pub fn apply_tree(&mut self, tree: impl Read) -> Result<(), String> {
+        self.apply_inner(tree, false)
+    }
+
+    fn apply_inner(&mut self, layer: impl Read, whiteouts: bool) -> Result<(), String> {
         let mut archive = tar::Archive::new(layer);
         let mut this_layer: HashSet<PathBuf> = HashSet::new();
         let mut opaque: Vec<PathBuf> = Vec::new();
@@ -107,12 +118,12 @@ impl Replay {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
             let parent = rel.parent().unwrap_or(Path::new("")).to_owned();
-            if file_name == ".wh..wh..opq" {
+            if whiteouts && file_name == ".wh..wh..opq" {
                 self.check_parents(&rel, false)?;
                 opaque.push(parent);
                 continue;
             }
-            if let Some(hidden) = file_name.strip_prefix(".wh.") {
+            if whiteouts && let Some(hidden) = file_name.strip_prefix(".wh.") {
                 self.check_parents(&rel, false)?;
                 self.remove(&parent.join(hidden))?;
                 continue;
@@ -279,6 +290,11 @@ impl Replay {
                 }
                 std::fs::hard_link(&target_abs, &abs)
                     .map_err(|e| format!("cannot create {shown}: {e}"))?;
+                // One inode, one owner: debugfs sets it through every name, so every name
+                // must carry the file's (or the last one written would reset it to root).
+                if let Some(o) = self.recorded.get(&target_rel).copied() {
+                    self.recorded.insert(rel.to_owned(), o);
+                }
             }
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
                 super::bundle::write_sparse(entry, &abs, 0o600)

@@ -1,4 +1,6 @@
-//! PullActor: every image and kernel pull goes through it.
+//! PullActor: every image and kernel pull goes through it, and so does `image promote`
+//! (a running VM's root made into an image, [`promote`]): the same staging, coalescing
+//! and progress events.
 //!
 //! A pull is keyed by what it makes: `image:<source>-><name>` for an image (the source is
 //! the catalog name, or the OCI reference written out in full, e.g.
@@ -24,6 +26,7 @@ pub mod ext4;
 pub mod layers;
 pub mod make;
 pub mod oci;
+pub mod promote;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -109,6 +112,8 @@ pub enum PullError {
     Store(#[from] StoreError),
     #[error("the pull task failed: {0}")]
     Task(String),
+    #[error("vm {vm}: cannot read its root filesystem through the guest agent: {detail}")]
+    Guest { vm: String, detail: String },
 }
 
 impl PullError {
@@ -424,6 +429,12 @@ pub enum PullMsg {
     },
     /// Keys of the pulls in flight.
     InFlight(RpcReplyPort<Vec<String>>),
+    /// `image promote`: a running VM's root becomes an image (see [`promote`]).
+    Promote {
+        plan: promote::PromotePlan,
+        events: Option<EventTx>,
+        reply: RpcReplyPort<PullResult<ImageRecord>>,
+    },
 }
 
 /// What a pull made.
@@ -609,6 +620,22 @@ impl Actor for PullActor {
                         }
                     }
                 }
+            }
+            PullMsg::Promote {
+                plan,
+                events,
+                reply,
+            } => {
+                let key = plan.key();
+                state.join_or_start(
+                    &myself,
+                    key,
+                    Waiter::Image(reply),
+                    events,
+                    |env, rep| async move {
+                        promote::promote(&env, plan, &rep).await.map(Pulled::Image)
+                    },
+                );
             }
             PullMsg::InFlight(reply) => {
                 let _ = reply.send(state.inflight.keys().cloned().collect());

@@ -4,8 +4,8 @@ use std::io::{IsTerminal, Write};
 use std::time::Instant;
 
 use banger_api::{
-    CatalogEntry, ImageRpcClient, ImportKernel, KernelRpcClient, PullEvent, PullImage, PullKernel,
-    RegisterImage,
+    CatalogEntry, ImageRpcClient, ImportKernel, KernelRpcClient, PromoteImage, PullEvent,
+    PullImage, PullKernel, RegisterImage,
 };
 use jsonrpsee::core::client::Subscription;
 
@@ -21,7 +21,7 @@ fn absolute(p: &std::path::Path) -> Result<String, CliError> {
         .map_err(|e| CliError::Usage(format!("{}: {e}", p.display())))
 }
 
-/// Follow a pull to its end. On a terminal, stages go to stderr and downloads draw a
+/// Follow a pull (or a promote) to its end. On a terminal, stages go to stderr and downloads draw a
 /// progress bar there; piped, nothing but the result is printed (by the caller).
 pub async fn follow_pull(mut sub: Subscription<PullEvent>) -> Result<PullEvent, CliError> {
     let tty = std::io::stderr().is_terminal();
@@ -150,6 +150,27 @@ pub async fn image(target: &Target, cmd: ImageCmd) -> Result<u8, CliError> {
                 },
             )
             .await?;
+            if let PullEvent::Image { image } = follow_pull(sub).await? {
+                if json {
+                    render::json(&image)?;
+                } else {
+                    println!("{}", image.name);
+                }
+            }
+        }
+        ImageCmd::Promote {
+            vm,
+            name,
+            size,
+            json,
+        } => {
+            let sub = client
+                .promote(PromoteImage {
+                    vm,
+                    name,
+                    size_bytes: size,
+                })
+                .await?;
             if let PullEvent::Image { image } = follow_pull(sub).await? {
                 if json {
                     render::json(&image)?;

@@ -8,7 +8,7 @@
 //! most). With `tty`, the command runs on a pseudo-terminal as a session leader (see
 //! [`tty`]): one output stream, `Resize` sets the window size.
 
-mod files;
+pub mod files;
 pub mod sys;
 mod tty;
 
@@ -79,7 +79,19 @@ pub fn serve<C: Conn>(mut conn: C) -> Result<(), ProtoError> {
         Request::FilePut { path, mode } => return files::put(&mut conn, &path, mode),
         Request::FileGet { path } => return files::get(&mut conn, &path),
         Request::TarIn { dir } => return files::tar_in(&mut conn, &dir),
-        Request::TarOut { dir } => return files::tar_out(&mut conn, &dir),
+        Request::TarOut {
+            dir,
+            exclude,
+            one_file_system,
+            xattrs,
+        } => {
+            let opts = files::PackOptions {
+                exclude: exclude.into_iter().map(Into::into).collect(),
+                one_file_system,
+                xattrs,
+            };
+            return files::tar_out(&mut conn, &dir, &opts);
+        }
         Request::TcpConnect { port } => return tcp_connect(conn, port),
         Request::Shutdown { reboot } => {
             proto::write_json(&mut conn, Kind::Response, &Response::ShuttingDown)?;

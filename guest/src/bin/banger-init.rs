@@ -13,10 +13,11 @@
 //! 5. sets the hostname from `banger.name`;
 //! 6. starts banger-agent (`/usr/lib/banger/banger-agent`, vsock);
 //! 7. when the image has sshd, writes `/etc/ssh/sshd_config.d/banger.conf` (root login by
-//!    key only: `PermitRootLogin prohibit-password`, no password or keyboard-interactive);
+//!    key only: `PermitRootLogin prohibit-password`, no password or keyboard-interactive),
+//!    and makes an ed25519 host key if it has none (once per VM: it lands on the overlay
+//!    disk; promoted images ship without host keys);
 //! 8. execs the image's init (`/sbin/init`, systemd) if it has one; otherwise it stays PID
-//!    1: it makes an ed25519 host key if the image has none (once per VM: it lands on the
-//!    overlay disk), starts `sshd -D` and restarts it (and the agent) when they die, reaps
+//!    1: it starts `sshd -D` and restarts it (and the agent) when they die, reaps
 //!    orphans, turns Ctrl-Alt-Del (SIGINT, how both VMMs ask for a shutdown) into a reboot
 //!    (which makes the VMM exit) and SIGTERM/SIGPWR into a power-off.
 //!
@@ -348,8 +349,19 @@ fn ssh_config() {
 /// Host key (if none) and `/run/sshd`, before sshd starts. Runs before the reaping loop,
 /// so waiting for ssh-keygen here cannot race with it.
 fn prepare_sshd() -> bool {
-    if !Path::new(SSHD).exists() {
+    if !Path::new(SSHD).exists() || !host_key() {
         return false;
+    }
+    let _ = std::fs::create_dir_all("/run/sshd");
+    true
+}
+
+/// An ed25519 host key when the image has sshd and no host key at all (a promoted image
+/// has none: `banger image promote` strips them; the key lands on this VM's overlay, so
+/// once per VM). False when one was needed and could not be made.
+fn host_key() -> bool {
+    if !Path::new(SSHD).exists() {
+        return true;
     }
     let has_key = std::fs::read_dir("/etc/ssh").is_ok_and(|d| {
         d.flatten().any(|e| {
@@ -376,8 +388,8 @@ fn prepare_sshd() -> bool {
             say("ssh: cannot make a host key (ssh-keygen failed); sshd not started");
             return false;
         }
+        say("ssh: made an ed25519 host key (the image has none)");
     }
-    let _ = std::fs::create_dir_all("/run/sshd");
     true
 }
 
@@ -536,6 +548,10 @@ fn main() {
     });
     ssh_config();
     first_boot(has_init);
+    if has_init {
+        // The image's init starts sshd; make sure it has a key to start with.
+        host_key();
+    }
     for init in inits {
         let p = Path::new(init);
         if p.exists()

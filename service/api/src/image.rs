@@ -1,5 +1,6 @@
-//! The `image.*` and `kernel.*` namespaces: local registration, catalog and OCI pulls
-//! (subscriptions streaming [`PullEvent`]s), the catalogs and the layer cache.
+//! The `image.*` and `kernel.*` namespaces: local registration, catalog and OCI pulls and
+//! `image.promote` (subscriptions streaming [`PullEvent`]s), the catalogs and the layer
+//! cache.
 
 use serde::{Deserialize, Serialize};
 
@@ -62,6 +63,19 @@ pub struct PullImage {
     #[serde(default)]
     pub kernel_ref: Option<String>,
     /// Size of the built ext4 for an OCI pull (default: the content plus headroom).
+    #[serde(default)]
+    pub size_bytes: Option<u64>,
+}
+
+/// Request of `image.promote`: make a running VM's root filesystem a new image.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PromoteImage {
+    /// The VM (running: its guest agent packs its root).
+    pub vm: String,
+    /// The new image's name.
+    pub name: String,
+    /// Size of the built ext4 (default: the content plus headroom).
     #[serde(default)]
     pub size_bytes: Option<u64>,
 }
@@ -174,6 +188,11 @@ mod rpc {
         /// `failed`. Concurrent pulls of the same source share one download.
         #[subscription(name = "pull" => "pull.progress", unsubscribe = "pull.unsubscribe", item = PullEvent)]
         async fn pull(&self, req: PullImage) -> jsonrpsee::core::SubscriptionResult;
+
+        /// Make a running VM's root filesystem a new image (its kernel: the VM's), streaming
+        /// progress like a pull; ends with `image` or `failed`.
+        #[subscription(name = "promote" => "promote.progress", unsubscribe = "promote.unsubscribe", item = PullEvent)]
+        async fn promote(&self, req: PromoteImage) -> jsonrpsee::core::SubscriptionResult;
 
         /// The image catalog.
         #[method(name = "available")]

@@ -1,5 +1,5 @@
-//! `image.*` and `kernel.*`: local registration, pulls (subscriptions that stream
-//! [`PullEvent`]s and end with the result), the catalogs and the layer cache.
+//! `image.*` and `kernel.*`: local registration, pulls and promotes (subscriptions that
+//! stream [`PullEvent`]s and end with the result), the catalogs and the layer cache.
 
 use std::sync::Arc;
 
@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use banger_actors::TreeError;
 use banger_api::{
     CachePruned, CachedBlob, CatalogEntry, ImageInfo, ImageRpcServer, ImportKernel, KernelInfo,
-    KernelRpcServer, PullEvent, PullImage, PullKernel, RegisterImage,
+    KernelRpcServer, PromoteImage, PullEvent, PullImage, PullKernel, RegisterImage,
 };
 
 use super::{Ctx, RpcError};
@@ -91,6 +91,22 @@ impl ImageRpcServer for ImageApi {
         let tree = self.ctx.tree.clone();
         pull_stream(pending, |tx| async move {
             let rec = tree.pull_image(req, Some(tx)).await?;
+            Ok(PullEvent::Image {
+                image: (&rec).into(),
+            })
+        })
+        .await
+    }
+
+    #[tracing::instrument(skip(self, pending), fields(vm = %req.vm, image = %req.name))]
+    async fn promote(
+        &self,
+        pending: PendingSubscriptionSink,
+        req: PromoteImage,
+    ) -> SubscriptionResult {
+        let tree = self.ctx.tree.clone();
+        pull_stream(pending, |tx| async move {
+            let rec = tree.promote_image(req, Some(tx)).await?;
             Ok(PullEvent::Image {
                 image: (&rec).into(),
             })
