@@ -44,9 +44,11 @@ fn rig() -> &'static std::collections::HashMap<String, String> {
 }
 
 /// The test image: the rig's rootfs with banger-init injected (built once per process).
+/// It lives in cargo's target tmp dir under one fixed name, rebuilt by each run: a static
+/// is never dropped, so a TempDir here would leave a 1 GiB sparse copy behind every run.
 fn test_rootfs() -> &'static Path {
-    static IMG: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
-    &IMG.get_or_init(|| {
+    static IMG: OnceLock<PathBuf> = OnceLock::new();
+    IMG.get_or_init(|| {
         let init = repo().join("target/guest/banger-init");
         let agent = repo().join("target/guest/banger-agent");
         for b in [&init, &agent] {
@@ -56,8 +58,7 @@ fn test_rootfs() -> &'static Path {
                 b.display()
             );
         }
-        let dir = tempfile::tempdir().unwrap();
-        let img = dir.path().join("rootfs.ext4");
+        let img = Path::new(env!("CARGO_TARGET_TMPDIR")).join("vm_qemu-rootfs.ext4");
         copy_and_edit(
             Path::new(&rig()["BANGER_RIG_ROOTFS"]),
             &img,
@@ -69,9 +70,8 @@ fn test_rootfs() -> &'static Path {
                 "sif /usr/lib/banger/banger-agent mode 0100755".to_owned(),
             ],
         );
-        (dir, img)
+        img
     })
-    .1
 }
 
 struct Home {
