@@ -59,8 +59,54 @@ impl Target {
     }
 }
 
-/// Connect without starting anything.
+/// Connect without starting anything. A daemon that is going away (killed, or at the end
+/// of a stop) can still accept a connection and then drop it during the handshake; that is
+/// retried for a moment, after which the socket refuses and this says "not running".
 pub async fn connect(target: &Target) -> Result<Client, CliError> {
+    let mut tries = 0;
+    loop {
+        match connect_once(target).await {
+            Err(Handshake::Dropped(_)) if tries < 50 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(Handshake::Dropped(e)) => {
+                return Err(CliError::Connect {
+                    socket: target.display(),
+                    message: e.to_string(),
+                });
+            }
+            Err(Handshake::Other(e)) => return Err(e),
+            Ok(c) => return Ok(c),
+        }
+    }
+}
+
+/// Why one connection attempt failed.
+enum Handshake {
+    /// The daemon closed the connection during the handshake.
+    Dropped(std::io::Error),
+    Other(CliError),
+}
+
+/// The io error under a handshake failure when it says the peer went away.
+fn dropped(e: &jsonrpsee::client_transport::ws::WsHandshakeError) -> Option<std::io::Error> {
+    use jsonrpsee::client_transport::ws::WsHandshakeError as W;
+    let io = match e {
+        W::Io(io) => io,
+        W::Transport(t) => std::error::Error::source(t)?.downcast_ref::<std::io::Error>()?,
+        _ => return None,
+    };
+    matches!(
+        io.kind(),
+        std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::BrokenPipe
+            | std::io::ErrorKind::UnexpectedEof
+    )
+    .then(|| std::io::Error::new(io.kind(), io.to_string()))
+}
+
+async fn connect_once(target: &Target) -> Result<Client, Handshake> {
     let stream = match tokio::net::UnixStream::connect(&target.socket).await {
         Ok(s) => s,
         Err(e)
@@ -69,9 +115,9 @@ pub async fn connect(target: &Target) -> Result<Client, CliError> {
                 std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
             ) =>
         {
-            return Err(CliError::NotRunning {
+            return Err(Handshake::Other(CliError::NotRunning {
                 socket: target.display(),
-            });
+            }));
         }
         Err(e) => {
             let message = if e.kind() == std::io::ErrorKind::PermissionDenied {
@@ -79,10 +125,10 @@ pub async fn connect(target: &Target) -> Result<Client, CliError> {
             } else {
                 e.to_string()
             };
-            return Err(CliError::Connect {
+            return Err(Handshake::Other(CliError::Connect {
                 socket: target.display(),
                 message,
-            });
+            }));
         }
     };
     let url = url::Url::parse("ws://bangerd/").expect("static url");
@@ -91,9 +137,12 @@ pub async fn connect(target: &Target) -> Result<Client, CliError> {
         .max_response_size(64 * 1024 * 1024)
         .build_with_stream(url, stream)
         .await
-        .map_err(|e| CliError::Connect {
-            socket: target.display(),
-            message: e.to_string(),
+        .map_err(|e| match dropped(&e) {
+            Some(io) => Handshake::Dropped(io),
+            None => Handshake::Other(CliError::Connect {
+                socket: target.display(),
+                message: e.to_string(),
+            }),
         })?;
     Ok(ClientBuilder::default()
         .request_timeout(REQUEST_TIMEOUT)
@@ -181,5 +230,32 @@ async fn start(target: &Target) -> Result<Client, CliError> {
             });
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A daemon that is going away accepts a connection, drops it, then stops listening:
+    /// that is "not running" (so the CLI may start one), not a connection error.
+    #[tokio::test]
+    async fn a_daemon_dying_during_the_handshake_reads_as_not_running() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("bangerd.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let dying = std::thread::spawn(move || {
+            let (conn, _) = listener.accept().unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+            drop(conn);
+            drop(listener);
+        });
+        let target = Target {
+            socket,
+            system: false,
+        };
+        let err = connect(&target).await.err().expect("no daemon");
+        dying.join().unwrap();
+        assert!(matches!(err, CliError::NotRunning { .. }), "{err:?}");
     }
 }

@@ -198,12 +198,22 @@ impl Home {
         let out = self.run(args);
         assert!(
             out.status.success(),
-            "banger {args:?} failed ({:?}): {}{}",
+            "banger {args:?} failed ({:?}): {}{}\n--- the end of bangerd.log ---\n{}",
             out.status.code(),
             String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+            String::from_utf8_lossy(&out.stderr),
+            self.daemon_log_tail(40)
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The last `n` lines of the daemon's log, for failure messages (the home is removed
+    /// when the test ends).
+    fn daemon_log_tail(&self, n: usize) -> String {
+        let log = std::fs::read_to_string(self.dir.path().join("state/banger/bangerd.log"))
+            .unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
     }
 
     fn json(&self, args: &[&str]) -> serde_json::Value {

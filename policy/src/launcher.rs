@@ -55,6 +55,18 @@ impl Launcher {
         match unsafe { fork() }.map_err(std::io::Error::from)? {
             ForkResult::Child => {
                 drop(ours);
+                // The helper's stdin is its socket to bangerd: the launcher must not keep
+                // that open (bangerd would not see the helper go), nor bangerd's stderr.
+                if let Ok(null) = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open("/dev/null")
+                {
+                    for fd in 0..=2 {
+                        // SAFETY: dup2 onto the standard descriptors of this process.
+                        unsafe { nix::libc::dup2(null.as_raw_fd(), fd) };
+                    }
+                }
                 let code = serve(cfg, theirs);
                 std::process::exit(code);
             }

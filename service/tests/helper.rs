@@ -406,6 +406,24 @@ fn root_the_launcher_starts_the_jailer_confined_and_cleans_its_jail() {
     });
     let mut h = ns.helper(&cfg);
     let console = vm_dir.join("console.log");
+    // The launcher is the helper's child; it holds none of the helper's standard fds (its
+    // stdin is the helper's socket to bangerd, which must close when the helper dies).
+    let children =
+        std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", h.pid())).unwrap();
+    let launcher: u32 = children
+        .split_whitespace()
+        .next()
+        .expect("a launcher")
+        .parse()
+        .unwrap();
+    for fd in 0..=2 {
+        let target = std::fs::read_link(format!("/proc/{launcher}/fd/{fd}")).unwrap();
+        assert_eq!(target, Path::new("/dev/null"), "launcher fd {fd}");
+    }
+    let fds = std::fs::read_dir(format!("/proc/{launcher}/fd"))
+        .unwrap()
+        .count();
+    assert_eq!(fds, 4, "0-2 and its socket to the helper");
 
     let reply = h
         .call(&Request::SpawnJailer {

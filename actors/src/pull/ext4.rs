@@ -135,3 +135,25 @@ pub fn set_owners(image: &Path, owners: &[(PathBuf, u64, u64)]) -> Result<(), St
     }
     Ok(())
 }
+
+/// `tree` → `rootfs` (sized from the content with headroom unless `size`), then the
+/// recorded owners set with debugfs (the `owners` stage) when there are any, then `tree`
+/// removed. Shared by OCI pulls and promotes. Answers the image's size.
+pub fn build(
+    tree: &Path,
+    rootfs: &Path,
+    size: Option<u64>,
+    owners: &[(PathBuf, u64, u64)],
+    rep: &super::Reporter,
+) -> Result<u64, super::PullError> {
+    use super::PullError;
+    let (bytes, inodes) = content_size(tree).map_err(PullError::io(tree))?;
+    let size = size.unwrap_or_else(|| auto_size(bytes, inodes));
+    mkfs(tree, rootfs, size, inodes).map_err(PullError::Build)?;
+    if !owners.is_empty() {
+        rep.stage("owners", Some("debugfs".into()));
+        set_owners(rootfs, owners).map_err(PullError::Build)?;
+    }
+    std::fs::remove_dir_all(tree).map_err(PullError::io(tree))?;
+    Ok(size)
+}

@@ -345,14 +345,7 @@ pub async fn pull(
         let owner_list = build_tree(&tree, &layers, &whole, &guest_dir, owners)?;
         rep2.stage("mkfs", None);
         let rootfs = staging.path().join("rootfs.ext4");
-        let (bytes, inodes) = super::ext4::content_size(&tree).map_err(PullError::io(&tree))?;
-        let size = size.unwrap_or_else(|| super::ext4::auto_size(bytes, inodes));
-        super::ext4::mkfs(&tree, &rootfs, size, inodes).map_err(PullError::Build)?;
-        if !owner_list.is_empty() {
-            rep2.stage("owners", Some("debugfs".into()));
-            super::ext4::set_owners(&rootfs, &owner_list).map_err(PullError::Build)?;
-        }
-        std::fs::remove_dir_all(&tree).map_err(PullError::io(&tree))?;
+        let size = super::ext4::build(&tree, &rootfs, size, &owner_list, &rep2)?;
         let manifest = serde_json::json!({
             "name": name,
             "arch": "x86_64",

@@ -21,6 +21,18 @@ fn absolute(p: &std::path::Path) -> Result<String, CliError> {
         .map_err(|e| CliError::Usage(format!("{}: {e}", p.display())))
 }
 
+/// The image a pull or promote made: its name, or all of it with `--json`.
+fn print_image(event: PullEvent, json: bool) -> Result<(), CliError> {
+    if let PullEvent::Image { image } = event {
+        if json {
+            render::json(&image)?;
+        } else {
+            println!("{}", image.name);
+        }
+    }
+    Ok(())
+}
+
 /// Follow a pull (or a promote) to its end. On a terminal, stages go to stderr and downloads draw a
 /// progress bar there; piped, nothing but the result is printed (by the caller).
 pub async fn follow_pull(mut sub: Subscription<PullEvent>) -> Result<PullEvent, CliError> {
@@ -150,13 +162,7 @@ pub async fn image(target: &Target, cmd: ImageCmd) -> Result<u8, CliError> {
                 },
             )
             .await?;
-            if let PullEvent::Image { image } = follow_pull(sub).await? {
-                if json {
-                    render::json(&image)?;
-                } else {
-                    println!("{}", image.name);
-                }
-            }
+            print_image(follow_pull(sub).await?, json)?;
         }
         ImageCmd::Promote {
             vm,
@@ -171,13 +177,7 @@ pub async fn image(target: &Target, cmd: ImageCmd) -> Result<u8, CliError> {
                     size_bytes: size,
                 })
                 .await?;
-            if let PullEvent::Image { image } = follow_pull(sub).await? {
-                if json {
-                    render::json(&image)?;
-                } else {
-                    println!("{}", image.name);
-                }
-            }
+            print_image(follow_pull(sub).await?, json)?;
         }
         ImageCmd::List {
             json,
