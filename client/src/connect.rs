@@ -254,7 +254,9 @@ mod tests {
             socket,
             system: false,
         };
-        let err = connect(&target).await.err().expect("no daemon");
+        let Err(err) = connect(&target).await else {
+            panic!("connected to no daemon");
+        };
         dying.join().unwrap();
         assert!(matches!(err, CliError::NotRunning { .. }), "{err:?}");
     }
