@@ -221,7 +221,10 @@ impl Home {
     }
 
     fn wait_console(&self, vm: &str, needle: &str) {
-        let deadline = Instant::now() + Duration::from_secs(120);
+        // As long as the agents get: eight TCG guests share two cores in the test run, and
+        // some console lines follow slow guest work (first boot's `ssh-keygen -A` makes an
+        // RSA key under emulation).
+        let deadline = Instant::now() + Duration::from_secs(300);
         loop {
             let log = self.ok(&["vm", "logs", vm]);
             if log.contains(needle) {
