@@ -206,7 +206,7 @@ impl Request {
                 vm_id(vm)?;
                 if cfg.jailer.is_none() {
                     return Err(Refusal(
-                        "this helper was started without a jailer: Firecracker VMs are not available".into(),
+                        "bangerd found no Firecracker jailer when it started (`[firecracker] jailer` and `binary`): install Firecracker's release (jailer included) and restart bangerd, or use `--vmm qemu`".into(),
                     ));
                 }
                 under_state_dir(cfg, console)
@@ -556,7 +556,7 @@ mod tests {
             ok.validate(&cfg)
                 .unwrap_err()
                 .0
-                .contains("without a jailer")
+                .contains("found no Firecracker jailer")
         );
         cfg.jailer = Some(JailerConfig {
             jailer: "/usr/bin/jailer".into(),
