@@ -303,7 +303,8 @@ fn check_migrations_and_a_store_from_a_newer_binary() {
     let out = home.bangerd(&["--check-migrations"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains(": ok"));
-    assert!(home.banger(&["daemon", "stop"]).status.success());
+    let out = home.banger(&["daemon", "stop"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
 
     let newer = banger_actors::store::SCHEMA_VERSION + 1;
     banger_actors::store::force_schema_version(&home.store(), newer).unwrap();

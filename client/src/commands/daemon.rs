@@ -91,20 +91,26 @@ async fn stop(target: &Target) -> Result<u8, CliError> {
         }
         Err(e) => return Err(e),
     };
-    let ack = client.stop().await?;
+    // Its pid first: a daemon that stops may close the connection before its answer to
+    // `stop` is written, which is not a failure to stop.
+    let pid = client.status().await?.pid;
+    let pid = match client.stop().await {
+        Ok(ack) => ack.pid,
+        Err(jsonrpsee::core::client::Error::RestartNeeded(_)) => pid,
+        Err(e) => return Err(e.into()),
+    };
     drop(client);
     // Wait for the process to be gone (its lock and store released), not just the socket.
     let deadline = Instant::now() + Duration::from_secs(20);
-    while target.socket.exists() || alive(ack.pid) {
+    while target.socket.exists() || alive(pid) {
         if Instant::now() > deadline {
             return Err(CliError::Other(format!(
-                "bangerd (pid {}) was asked to stop but is still running after 20s",
-                ack.pid
+                "bangerd (pid {pid}) was asked to stop but is still running after 20s"
             )));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    println!("bangerd (pid {}) stopped", ack.pid);
+    println!("bangerd (pid {pid}) stopped");
     Ok(exit::OK)
 }
 
