@@ -597,6 +597,13 @@ fn root_doctor_fails_for_a_user_who_cannot_use_kvm() {
 #[test]
 fn root_a_root_daemon_changes_no_network_until_a_vm_needs_one() {
     // In a namespace of its own, so the check is exact (the host may run a real banger).
+    /// Deleted when dropped, also when an assertion fails.
+    struct Netns(String);
+    impl Drop for Netns {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
     let ns = format!("bgt-cli-{}", std::process::id());
     let _ = Command::new("ip")
         .args(["netns", "del", &ns])
@@ -609,6 +616,7 @@ fn root_a_root_daemon_changes_no_network_until_a_vm_needs_one() {
             .unwrap()
             .success()
     );
+    let _guard = Netns(ns.clone());
     let home = Home::new();
     let mut cmd = Command::new("ip");
     home.env(&mut cmd);
@@ -657,5 +665,4 @@ fn root_a_root_daemon_changes_no_network_until_a_vm_needs_one() {
     assert!(home.banger(&["daemon", "stop"]).status.success());
     let mut out = out;
     let _ = out.wait();
-    let _ = Command::new("ip").args(["netns", "del", &ns]).status();
 }
