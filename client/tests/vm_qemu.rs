@@ -1398,7 +1398,9 @@ fn root_rig_ssh_over_vsock_ssh_config_and_interactive_vm_run() {
         String::from_utf8_lossy(&tmux(&["capture-pane", "-p", "-t", "t"]).stdout).into_owned()
     };
     let wait_for = |needle: &str| {
-        let deadline = Instant::now() + Duration::from_secs(120);
+        // A whole boot happens before the prompt: as long as an agent gets (TCG, four
+        // guests on two cores in the test run).
+        let deadline = Instant::now() + Duration::from_secs(300);
         loop {
             let p = pane(&tmux);
             if p.contains(needle) {
