@@ -204,7 +204,11 @@ impl Daemon {
         privileged: Privileged,
     ) -> Result<Daemon, ServiceError> {
         settings.paths.create_dirs()?;
-        let lock = InstanceLock::acquire(&settings.paths.lock_file())?;
+        // Blocking: it may wait for a dying predecessor's lock (lock.rs).
+        let lock_file = settings.paths.lock_file();
+        let lock = tokio::task::spawn_blocking(move || InstanceLock::acquire(&lock_file))
+            .await
+            .expect("lock acquire does not panic")?;
         let store_path = settings.paths.store_file();
         let store = tokio::task::spawn_blocking(move || Store::open(&store_path))
             .await
