@@ -6,6 +6,8 @@
 //! umoci and pushed with skopeo to a `docker-registry` the test runs on 127.0.0.1; bangerd
 //! pulls it (replay, banger-init/agent injected, mkfs.ext4 -d) and boots it under QEMU.
 
+#[path = "support/guests.rs"]
+mod guests;
 #[path = "../../service/tests/pulls/mod.rs"]
 mod pulls;
 
@@ -34,6 +36,8 @@ fn repo() -> PathBuf {
 
 struct Home {
     dir: tempfile::TempDir,
+    /// The guest slot this test holds while it boots (see `support/guests.rs`).
+    _slot: guests::Slots,
 }
 
 impl Home {
@@ -148,7 +152,10 @@ fn root_a_pulled_oci_image_boots_and_its_agent_answers() {
         ),
     )
     .unwrap();
-    let home = Home { dir };
+    let home = Home {
+        dir,
+        _slot: guests::acquire(1),
+    };
     let kernel_dir = Path::new(&rig("BANGER_RIG_KERNEL"))
         .parent()
         .unwrap()
@@ -173,7 +180,9 @@ fn root_a_pulled_oci_image_boots_and_its_agent_answers() {
     assert_eq!(name.trim(), "pulled");
     let pull_secs = t0.elapsed().as_secs_f64();
 
+    let t0 = Instant::now();
     let out = home.run(&["vm", "create", "--name", "pulled", "--image", "pulled"]);
+    guests::guest_wait(&guests::test_name(), "vm-create", t0.elapsed());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),

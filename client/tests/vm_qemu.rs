@@ -4,6 +4,9 @@
 //! banger-init): `scripts/test.sh` does all three. Without them they fail, loudly.
 #![allow(clippy::print_stderr)] // the exec round-trip measurement is reported, not asserted
 
+#[path = "support/guests.rs"]
+mod guests;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -74,33 +77,36 @@ fn test_rootfs() -> &'static Path {
     })
 }
 
+/// The longest a test waits for a guest (a boot, a console line, a prompt): the daemon's
+/// default agent timeout. Guests boot at most one per core, so the slowest wait measured
+/// (`scripts/flaky.sh` prints it) stays far below this; a wait that needs more is a bug.
+const GUEST_WAIT: Duration = Duration::from_secs(120);
+
 struct Home {
     dir: tempfile::TempDir,
     /// A daemon this test started itself (in a network namespace).
     daemon: Option<std::process::Child>,
+    /// The guest slots this test holds (see `support/guests.rs`); freed after `drop`.
+    _slots: guests::Slots,
 }
 
 impl Home {
     /// A daemon home configured for QEMU under TCG, with the rig's kernel and the test image.
     fn new() -> Home {
-        Self::in_netns(None)
-    }
-
-    /// With `Some(ns)`, VMs have networks and the daemon runs as root inside `ns`.
-    fn in_netns(netns: Option<&str>) -> Home {
-        Self::with_config(netns, "", "")
+        Self::with_config(None, "", "")
     }
 
     /// `top` goes first in the config (top-level keys); `extra` last (start it with a table).
     fn with_config(netns: Option<&str>, top: &str, extra: &str) -> Home {
+        Self::with_guests(1, netns, top, extra)
+    }
+
+    /// Like `with_config`, for a test that runs `guests` guests at once: it holds that many
+    /// guest slots (the machine-wide limit on concurrent TCG guests) while it runs. With
+    /// `Some(ns)`, VMs have networks and the daemon runs as root inside `ns`.
+    fn with_guests(guests: usize, netns: Option<&str>, top: &str, extra: &str) -> Home {
         let network = netns.is_some();
-        // Several TCG guests boot at once on two cores in the test run: give their agents
-        // more than the default 120 s before a start is reported as unreachable.
-        let top = if top.contains("agent_timeout_secs") {
-            top.to_owned()
-        } else {
-            format!("agent_timeout_secs = 300\n{top}")
-        };
+        let slots = guests::acquire(guests);
         assert!(
             nix::unistd::geteuid().is_root(),
             "VM tests need root: run scripts/test.sh as root"
@@ -119,7 +125,11 @@ impl Home {
             ),
         )
         .unwrap();
-        let mut home = Home { dir, daemon: None };
+        let mut home = Home {
+            dir,
+            daemon: None,
+            _slots: slots,
+        };
         if let Some(ns) = netns {
             home.daemon = Some(home.start_daemon_in(ns));
         }
@@ -191,7 +201,15 @@ impl Home {
     }
 
     fn run(&self, args: &[&str]) -> Output {
-        self.cmd(args).output().unwrap()
+        let t0 = Instant::now();
+        let out = self.cmd(args).output().unwrap();
+        // The commands that wait for a guest's agent: record how long, for the margin.
+        if let ["vm", verb @ ("create" | "run" | "start" | "restart"), ..] = args
+            && !args.contains(&"--no-start")
+        {
+            guests::guest_wait(&guests::test_name(), &format!("vm-{verb}"), t0.elapsed());
+        }
+        out
     }
 
     fn ok(&self, args: &[&str]) -> String {
@@ -221,13 +239,19 @@ impl Home {
     }
 
     fn wait_console(&self, vm: &str, needle: &str) {
-        // As long as the agents get: eight TCG guests share two cores in the test run, and
-        // some console lines follow slow guest work (first boot's `ssh-keygen -A` makes an
-        // RSA key under emulation).
-        let deadline = Instant::now() + Duration::from_secs(300);
+        // As long as an agent gets (the daemon's default agent_timeout_secs): guests boot at
+        // most one per core (`support/guests.rs`), and the slowest console line the tests
+        // wait for follows first boot's `ssh-keygen -A` under emulation.
+        let t0 = Instant::now();
+        let deadline = t0 + GUEST_WAIT;
         loop {
             let log = self.ok(&["vm", "logs", vm]);
             if log.contains(needle) {
+                guests::guest_wait(
+                    &guests::test_name(),
+                    &format!("console:{needle}"),
+                    t0.elapsed(),
+                );
                 return;
             }
             assert!(
@@ -281,6 +305,51 @@ async fn exec_true(sock: &str) {
         if f.kind == proto::Kind::Exit {
             break;
         }
+    }
+}
+
+/// A child's output stream, collected by a thread, so a test can wait until the child has
+/// printed something (the exact point it needs) instead of sleeping and hoping.
+struct Collected(
+    std::sync::Arc<std::sync::Mutex<String>>,
+    std::thread::JoinHandle<()>,
+);
+
+impl Collected {
+    fn new(mut from: impl std::io::Read + Send + 'static) -> Collected {
+        let text = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let sink = text.clone();
+        let reader = std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = from.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        Collected(text, reader)
+    }
+
+    /// Wait until the output contains `needle` (at most `GUEST_WAIT`).
+    fn wait_for(&self, needle: &str) {
+        let t0 = Instant::now();
+        while !self.0.lock().unwrap().contains(needle) {
+            assert!(
+                t0.elapsed() < GUEST_WAIT,
+                "{needle:?} never appeared: {}",
+                self.0.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Everything, once the stream has ended.
+    fn finish(self) -> String {
+        self.1.join().unwrap();
+        std::mem::take(&mut *self.0.lock().unwrap())
     }
 }
 
@@ -532,14 +601,17 @@ fn root_rig_vm_lifecycle_on_a_real_guest() {
         "sparse work disk"
     );
 
-    // `logs -f` follows until the vm stops, then ends by itself.
-    let follower = home
+    // `logs -f` follows until the vm stops, then ends by itself. The stop comes once the
+    // follower has printed the log so far (it is following by then).
+    let mut follower = home
         .cmd(&["vm", "logs", "-f", "t"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    let followed_out = Collected::new(follower.stdout.take().unwrap());
+    let followed_err = Collected::new(follower.stderr.take().unwrap());
+    followed_out.wait_for("banger-init: ready");
 
     // stop → stopped; every process is gone.
     let vhost: Vec<i64> = String::from_utf8_lossy(
@@ -571,10 +643,10 @@ fn root_rig_vm_lifecycle_on_a_real_guest() {
     );
     assert!(!alive(pid), "qemu is gone");
     assert!(!alive(vhost[0]), "vhost-device-vsock is gone");
-    let followed = follower.wait_with_output().unwrap();
-    assert!(followed.status.success());
-    assert!(String::from_utf8_lossy(&followed.stdout).contains("banger-init: ready"));
-    assert!(String::from_utf8_lossy(&followed.stderr).contains("the vm is stopped"));
+    assert!(follower.wait().unwrap().success());
+    assert!(followed_out.finish().contains("banger-init: ready"));
+    let followed_err = followed_err.finish();
+    assert!(followed_err.contains("the vm is stopped"), "{followed_err}");
 
     // Resize the work disk while stopped; start again from the same disks.
     home.ok(&["vm", "set", "t", "--disk-size", "3G", "--vcpu", "2"]);
@@ -744,7 +816,7 @@ impl Drop for Topology {
 #[test]
 fn root_rig_guests_get_addresses_names_and_nat_only_when_asked() {
     let topo = Topology::new();
-    let home = Home::in_netns(Some(&topo.host));
+    let home = Home::with_guests(2, Some(&topo.host), "", "");
     home.ok(&["vm", "create", "--name", "a", "--nat"]);
     home.ok(&["vm", "create", "--name", "b"]);
     let ip = |vm: &str| {
@@ -1053,20 +1125,20 @@ fn root_rig_vm_run_commands_repos_and_workspace_export() {
         nix::fcntl::FlockArg::LockExclusive,
     )
     .unwrap();
-    let waiting = home
+    let mut waiting = home
         .cmd(&["vm", "workspace", "export", "ws"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_secs(2));
+    let waiting_err = Collected::new(waiting.stderr.take().unwrap());
+    // It says it waits (and so has found the lock held) before the lock is let go.
+    waiting_err.wait_for("waiting for another workspace");
     drop(held);
-    let waited = waiting.wait_with_output().unwrap();
-    assert!(waited.status.success());
     assert!(
-        String::from_utf8_lossy(&waited.stderr).contains("waiting for another workspace"),
+        waiting.wait().unwrap().success(),
         "{}",
-        String::from_utf8_lossy(&waited.stderr)
+        waiting_err.finish()
     );
     let index_before = home.ok(&[
         "vm",
@@ -1397,20 +1469,22 @@ fn root_rig_ssh_over_vsock_ssh_config_and_interactive_vm_run() {
     let pane = |tmux: &dyn Fn(&[&str]) -> Output| {
         String::from_utf8_lossy(&tmux(&["capture-pane", "-p", "-t", "t"]).stdout).into_owned()
     };
-    let wait_for = |needle: &str| {
-        // A whole boot happens before the prompt: as long as an agent gets (TCG, four
-        // guests on two cores in the test run).
-        let deadline = Instant::now() + Duration::from_secs(300);
+    // Wait until the pane satisfies `done` (its whole text), never asserting on output that
+    // may still be in flight: each step below waits for exactly what it checks.
+    let wait_until = |what: &str, done: &dyn Fn(&str) -> bool| {
+        let t0 = Instant::now();
         loop {
             let p = pane(&tmux);
-            if p.contains(needle) {
+            if done(&p) {
+                guests::guest_wait(&guests::test_name(), what, t0.elapsed());
                 return p;
             }
-            assert!(Instant::now() < deadline, "{needle:?} never appeared:\n{p}");
+            assert!(t0.elapsed() < GUEST_WAIT, "{what} never appeared:\n{p}");
             std::thread::sleep(Duration::from_millis(300));
         }
     };
-    wait_for("root@it:~#");
+    // A whole boot happens before the prompt.
+    wait_until("prompt", &|p| p.contains("root@it:~#"));
     tmux(&[
         "send-keys",
         "-t",
@@ -1418,10 +1492,18 @@ fn root_rig_ssh_over_vsock_ssh_config_and_interactive_vm_run() {
         "echo banger-$((6*7)); hostname",
         "Enter",
     ]);
-    let p = wait_for("banger-42");
-    assert!(p.contains("\nit"), "{p}");
+    // The echo's line and then hostname's: both printed lines, in order (the typed command
+    // line holds neither `banger-42` nor a line that is just `it`).
+    let printed = |p: &str| {
+        let lines: Vec<&str> = p.lines().map(str::trim_end).collect();
+        lines
+            .iter()
+            .position(|l| *l == "banger-42")
+            .is_some_and(|i| lines[i + 1..].contains(&"it"))
+    };
+    wait_until("hostname", &printed);
     tmux(&["send-keys", "-t", "t", "exit", "Enter"]);
-    wait_for("banger-run-exited-0");
+    wait_until("exit", &|p| p.contains("banger-run-exited-0"));
     tmux(&["kill-server"]);
     assert!(
         home.json(&["vm", "ls", "--json"])
@@ -1481,7 +1563,8 @@ fn image_dirs(home: &Home) -> Vec<String> {
 #[test]
 fn root_rig_image_promote_makes_a_running_guests_root_an_image_that_boots() {
     let guest_dir = repo().join("target/guest");
-    let home = Home::with_config(
+    let home = Home::with_guests(
+        2,
         None,
         "",
         &format!(
