@@ -74,37 +74,14 @@ installed() { # pkg...: true when every package is installed
     done
 }
 
-# --- QEMU from bookworm-backports, with a private sources dir ---------------------------
-# The machine's qemu-utils comes from backports, so bookworm's qemu-system-x86 conflicts.
-# The global apt configuration is left untouched: the private dir holds a backports
-# sources file plus links to the machine's own sources files (backports packages depend on
-# bookworm ones, so apt must see both), and list cleanup is off so an update through the
-# private dir never deletes lists the global configuration uses.
+# --- QEMU (from bookworm-backports where the host's qemu-utils is: scripts/lib/install-qemu.sh)
+# shellcheck source=../lib/install-qemu.sh
+. "$HERE/../lib/install-qemu.sh"
 APT_PRIVATE=$RIG/apt/sources.list.d
-apt_private() {
-    apt-get -o Dir::Etc::sourceparts="$APT_PRIVATE" -o Dir::Etc::sourcelist=/dev/null \
-        -o APT::Get::List-Cleanup=false "$@"
-}
 APT_UPDATED=0
 if ! installed qemu-system-x86 || ! command -v qemu-system-x86_64 >/dev/null; then
-    step "installing qemu-system-x86 from $SUITE-backports (private sources dir $APT_PRIVATE)"
-    mkdir -p "$APT_PRIVATE"
-    cat >"$APT_PRIVATE/backports.sources" <<EOF
-Types: deb
-URIs: $MIRROR
-Suites: $SUITE-backports
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-EOF
-    find "$APT_PRIVATE" -type l -delete
-    for f in /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list; do
-        [ -f "$f" ] && ln -s "$f" "$APT_PRIVATE/system-$(basename "$f")"
-    done
-    if [ -s /etc/apt/sources.list ]; then
-        ln -s /etc/apt/sources.list "$APT_PRIVATE/system-sources.list"
-    fi
-    quiet apt_private update
-    quiet apt_private install -y --no-install-recommends -t "$SUITE-backports" qemu-system-x86
+    step "installing qemu-system-x86 (private sources dir $APT_PRIVATE)"
+    quiet install_qemu "$APT_PRIVATE" "$MIRROR" backports
     APT_UPDATED=1
     done_step
 fi
