@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# From a fresh clone to a running sandbox, in one command:
+#
+#   sudo scripts/quickstart.sh            # then: banger vm run
+#
+# 1. installs the host packages with apt: QEMU (unless Firecracker and its jailer are
+#    installed), mmdebstrap + uidmap (the default image is built locally from Debian's
+#    packages), e2fsprogs, nftables, iproute2, openssh-client, and vhost-device-vsock (QEMU's
+#    agent channel; `cargo install`);
+# 2. builds banger from this checkout (release) and installs `banger` and `bangerd` in
+#    /usr/local/bin, and the static guest binaries in /usr/lib/banger;
+# 3. runs the daemon as the system service for the invoking user (`banger system install`);
+#    where systemd is not PID 1 (a container), it starts `bangerd --system` as root in the
+#    background instead, and says so;
+# 4. runs `banger vm run --rm --no-network -- uname -a` as that user: the first run builds
+#    the default image (debian-bookworm, once, a few minutes) and prints the guest's kernel
+#    line. No network for this smoke run, so nothing changes on the host's interfaces.
+#
+# Idempotent: a second run skips what is done (it still ends with a sandbox). Options:
+#   --no-run        stop after installing (skip step 4)
+#   --user NAME     the user the daemon serves (default: $SUDO_USER, else root)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+HERE=$(pwd)
+VHOST_VSOCK_VERSION=0.3.0
+RUN=1
+USER_NAME=${SUDO_USER:-root}
+while [ $# -gt 0 ]; do
+    case $1 in
+    --no-run) RUN=0; shift ;;
+    --user) USER_NAME=$2; shift 2 ;;
+    -h | --help) sed -n '2,22p' "$0"; exit 0 ;;
+    *) echo "quickstart: unknown option $1 (see --help)" >&2; exit 2 ;;
+    esac
+done
+
+T0=$SECONDS
+say() { echo "quickstart: $*"; }
+die() { echo "quickstart: $*" >&2; exit 1; }
+[ "$(id -u)" = 0 ] || die "run it with sudo: it installs packages and the system service"
+id "$USER_NAME" >/dev/null 2>&1 || die "no user $USER_NAME (--user)"
+as_user() { if [ "$USER_NAME" = root ]; then "$@"; else runuser -u "$USER_NAME" -- "$@"; fi; }
+export DEBIAN_FRONTEND=noninteractive
+export PATH="$PATH:/usr/sbin:/sbin:/usr/local/bin"
+
+# --- 1. host packages --------------------------------------------------------------------
+command -v apt-get >/dev/null ||
+    die "this script installs with apt (Debian, Ubuntu); elsewhere install QEMU (qemu-system-x86_64), mmdebstrap, uidmap, e2fsprogs, nftables, iproute2, openssh-client with your package manager, then re-run it"
+installed() { [ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null)" = installed ]; }
+LOG=$(mktemp /tmp/banger-quickstart.XXXXXX.log)
+quiet() { "$@" >>"$LOG" 2>&1 || { tail -n 30 "$LOG" >&2; die "failed: $* (log: $LOG)"; }; }
+
+if command -v firecracker >/dev/null && command -v jailer >/dev/null; then
+    say "Firecracker and its jailer are installed: VMs use them where KVM runs stock guests (default_vmm = \"auto\")"
+elif ! command -v qemu-system-x86_64 >/dev/null; then
+    say "installing QEMU (no Firecracker here; banger uses QEMU microvm)"
+    # shellcheck source=lib/install-qemu.sh
+    . "$HERE/scripts/lib/install-qemu.sh"
+    quiet install_qemu /var/cache/banger/apt/sources.list.d
+fi
+missing=()
+for p in mmdebstrap uidmap e2fsprogs nftables iproute2 openssh-client ca-certificates; do
+    installed "$p" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    say "installing ${missing[*]}"
+    quiet apt-get update
+    quiet apt-get install -y --no-install-recommends "${missing[@]}"
+fi
+
+# Builds run as the invoking user, with their toolchain.
+CARGO=$(as_user bash -lc 'command -v cargo' 2>/dev/null || true)
+[ -n "$CARGO" ] || CARGO=$(command -v cargo || true)
+[ -n "$CARGO" ] || die "cargo not found: install Rust (https://rustup.rs) as $USER_NAME, then re-run"
+if command -v qemu-system-x86_64 >/dev/null && ! command -v vhost-device-vsock >/dev/null; then
+    say "cargo install vhost-device-vsock $VHOST_VSOCK_VERSION (QEMU's vsock channel; about a minute)"
+    quiet "$CARGO" install --locked --quiet --root /usr/local vhost-device-vsock --version "$VHOST_VSOCK_VERSION"
+fi
+
+# --- 2. build and install banger -----------------------------------------------------------
+say "building banger (release; the first build takes several minutes)"
+quiet as_user "$CARGO" build --release --locked -p banger -p bangerd
+quiet as_user env PATH="$(dirname "$CARGO"):$PATH" scripts/build-guest.sh release
+install_if_changed() { # src dst mode
+    if ! cmp -s "$1" "$2"; then
+        install -D -m "$3" "$1" "$2.new" && mv -f "$2.new" "$2"
+        echo "  installed $2"
+    fi
+}
+for b in banger bangerd; do install_if_changed "target/release/$b" "/usr/local/bin/$b" 0755; done
+for b in banger-init banger-agent; do install_if_changed "target/guest/$b" "/usr/lib/banger/$b" 0755; done
+
+# --- 3. the daemon -------------------------------------------------------------------------
+BANGER=/usr/local/bin/banger
+if [ -d /run/systemd/system ] && [ "$(cat /proc/1/comm 2>/dev/null)" = systemd ]; then
+    say "installing the system service for $USER_NAME"
+    quiet "$BANGER" system install --owner "$USER_NAME"
+elif [ -S /run/banger/bangerd.sock ] && "$BANGER" daemon status >/dev/null 2>&1; then
+    say "systemd is not PID 1 here: the background bangerd --system is already running"
+else
+    say "systemd is not PID 1 here (a container?): starting bangerd --system as root in the background instead (log: /var/log/banger/bangerd.log)"
+    mkdir -p /run/banger /var/lib/banger /var/cache/banger /var/log/banger /etc/banger
+    chmod 0755 /run/banger
+    getent group banger >/dev/null || groupadd --system banger
+    BANGER_OWNER=$USER_NAME setsid /usr/local/bin/bangerd --system \
+        </dev/null >>/var/log/banger/bangerd.out 2>&1 &
+    for _ in $(seq 1 100); do
+        [ -S /run/banger/bangerd.sock ] && break
+        sleep 0.1
+    done
+    [ -S /run/banger/bangerd.sock ] || die "bangerd did not start: see /var/log/banger/bangerd.log and /var/log/banger/bangerd.out"
+fi
+say "host set up in $((SECONDS - T0)) s"
+
+# --- 4. the first sandbox ------------------------------------------------------------------
+[ "$RUN" = 1 ] || exit 0
+say "banger vm run --rm --no-network -- uname -a"
+as_user "$BANGER" vm run --rm --no-network -- uname -a
+say "done in $((SECONDS - T0)) s. Next: \`banger vm run\` (a shell in a fresh sandbox), \`banger vm run --nat -- curl -sI https://deb.debian.org\` (with a network and NAT), \`banger --help\`."
