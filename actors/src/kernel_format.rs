@@ -710,7 +710,11 @@ pub mod fixture {
             x ^= x << 13;
             x ^= x >> 17;
             x ^= x << 5;
-            e.push(if x % 4 == 0 { (x >> 8) as u8 } else { 0x90 });
+            e.push(if x.is_multiple_of(4) {
+                (x >> 8) as u8
+            } else {
+                0x90
+            });
         }
         e
     }
@@ -956,7 +960,11 @@ mod tests {
         let out = dir.path().join("vmlinux");
         let t = std::time::Instant::now();
         let format = convert(&kernel, &out).unwrap();
-        eprintln!("{} converted in {:?}", kernel.display(), t.elapsed());
+        // The time is worth seeing in the test's output (`--nocapture`).
+        #[allow(clippy::print_stderr)]
+        {
+            eprintln!("{} converted in {:?}", kernel.display(), t.elapsed());
+        }
         assert_eq!(
             format,
             KernelFormat::BzImage {
