@@ -2,11 +2,14 @@
 //! `<data>/kernels/<name>/`, recorded in the store. This module registers local files;
 //! catalog and OCI pulls build on it.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use banger_api::{ImageInfo, KernelInfo};
+
+use crate::kernel_format::{KernelFormat, KernelFormatError};
 
 /// A stored image.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -18,14 +21,60 @@ pub struct ImageRecord {
     pub registered_at: u64,
 }
 
-/// A stored kernel.
+/// A stored kernel. Fields after `registered_at` came with the format checks
+/// ([`crate::kernel_format`]); records written before them load with their defaults.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KernelRecord {
     pub name: String,
+    /// The kernel file as given (`vmlinux`, or `vmlinuz` for a bzImage); QEMU boots it.
     pub kernel: PathBuf,
     pub initrd: Option<PathBuf>,
     pub modules: Option<PathBuf>,
     pub registered_at: u64,
+    /// The ELF Firecracker boots (`kernel` itself for an ELF). None in a record made before
+    /// kernels were checked: see [`KernelRecord::firecracker_kernel`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vmlinux: Option<PathBuf>,
+    /// What `kernel` is; None in a record made before kernels were checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<KernelFormat>,
+    /// The kernel's build config, kept beside it when one was given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<PathBuf>,
+    /// The options of `config` that decide which VMMs it suits
+    /// ([`crate::kernel_format::OPTIONS`]), read once at import.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub options: BTreeMap<String, String>,
+}
+
+impl KernelRecord {
+    /// The ELF vmlinux to hand Firecracker. A record from before the format checks has no
+    /// `vmlinux`: its `kernel` is used when it is an ELF. Blocking (may read 64 bytes).
+    pub fn firecracker_kernel(&self) -> Result<PathBuf, ImageError> {
+        if let Some(v) = &self.vmlinux {
+            return Ok(v.clone());
+        }
+        match crate::kernel_format::is_elf(&self.kernel) {
+            Ok(true) => Ok(self.kernel.clone()),
+            Ok(false) => Err(ImageError::NoElf(self.name.clone())),
+            Err(source) => Err(ImageError::Read {
+                path: self.kernel.clone(),
+                source,
+            }),
+        }
+    }
+
+    /// Which VMMs this kernel suits, and why.
+    pub fn fits(&self) -> Vec<banger_api::KernelFit> {
+        let has_elf = self.vmlinux.is_some() || self.format == Some(KernelFormat::Elf);
+        crate::kernel_format::fits(crate::kernel_format::FitInput {
+            options: self.config.as_ref().map(|_| &self.options),
+            format: self.format,
+            has_elf,
+            has_initrd: self.initrd.is_some(),
+            has_modules: self.modules.is_some(),
+        })
+    }
 }
 
 impl From<&ImageRecord> for ImageInfo {
@@ -48,6 +97,10 @@ impl From<&KernelRecord> for KernelInfo {
             initrd: r.initrd.as_ref().map(|p| p.display().to_string()),
             modules: r.modules.as_ref().map(|p| p.display().to_string()),
             registered_at: r.registered_at,
+            format: r.format.map(|f| f.to_string()),
+            vmlinux: r.vmlinux.as_ref().map(|p| p.display().to_string()),
+            config: r.config.as_ref().map(|p| p.display().to_string()),
+            fits: r.fits(),
         }
     }
 }
@@ -61,6 +114,12 @@ pub enum ImageError {
     NotExt4 { path: PathBuf },
     #[error("{0} has no vmlinux or vmlinuz")]
     NoKernel(PathBuf),
+    #[error(
+        "kernel {0} has no ELF vmlinux for Firecracker: re-import it (`banger kernel rm {0}`, then `banger kernel import`), or use --vmm qemu"
+    )]
+    NoElf(String),
+    #[error(transparent)]
+    Format(#[from] KernelFormatError),
     #[error("cannot read {path}")]
     Read {
         path: PathBuf,
@@ -167,58 +226,272 @@ pub fn register_image(
     })
 }
 
-/// Import a kernel from `from` (holding `vmlinux` or `vmlinuz`, optional `initrd` and
-/// `modules/`) as `name` under `kernels_dir` (blocking).
+/// The files a kernel is made of, wherever they are: a `kernel import` directory, or the
+/// `/boot` and `/lib/modules` of a tree an image build made.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KernelFiles {
+    /// An ELF vmlinux or a bzImage (`/boot/vmlinuz-<version>`).
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    /// The modules tree (`lib/modules/<version>`).
+    pub modules: Option<PathBuf>,
+    /// The kernel's build config (`/boot/config-<version>`).
+    pub config: Option<PathBuf>,
+}
+
+/// Import a kernel from `from` (holding `vmlinux` or `vmlinuz`, optional `initrd`,
+/// `modules/` and `config`) as `name` under `kernels_dir` (blocking). See [`add_kernel`].
 pub fn import_kernel(
     kernels_dir: &Path,
     name: &str,
     from: &Path,
 ) -> Result<KernelRecord, ImageError> {
-    validate_name(name)?;
-    let image = ["vmlinux", "vmlinuz"]
+    let kernel = ["vmlinux", "vmlinuz"]
         .iter()
         .map(|f| from.join(f))
         .find(|p| p.is_file())
         .ok_or_else(|| ImageError::NoKernel(from.to_owned()))?;
+    let file = |name: &str| Some(from.join(name)).filter(|p| p.is_file());
+    add_kernel(
+        kernels_dir,
+        name,
+        &KernelFiles {
+            kernel,
+            initrd: file("initrd"),
+            modules: Some(from.join("modules")).filter(|p| p.is_dir()),
+            config: file("config"),
+        },
+    )
+}
+
+/// Make kernel `name` under `kernels_dir` from `files` (blocking): copied into
+/// `<kernels_dir>/<name>/` (`initrd`, `modules/`, `config`), the kernel checked and, for a
+/// bzImage, converted ([`crate::kernel_format::settle_in`]): `vmlinux` is then the ELF
+/// Firecracker boots and `vmlinuz` the bzImage as given. A file that is neither is refused
+/// and nothing is left. `kernel import` and image builds (with `/boot/vmlinuz-*`, its
+/// initrd, `/lib/modules/<version>` and `/boot/config-*`) both come through here.
+pub fn add_kernel(
+    kernels_dir: &Path,
+    name: &str,
+    files: &KernelFiles,
+) -> Result<KernelRecord, ImageError> {
+    validate_name(name)?;
     let dir = kernels_dir.join(name);
     let tmp = kernels_dir.join(format!(".{name}.partial"));
     let _ = std::fs::remove_dir_all(&tmp);
+    let result = fill_kernel_dir(&tmp, files);
+    let (settled, has_initrd, has_modules, options) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+    };
     let write_err = |path: &Path| {
         let path = path.to_owned();
         move |source| ImageError::Write { path, source }
     };
-    std::fs::create_dir_all(&tmp).map_err(write_err(&tmp))?;
-    let kernel_name = image.file_name().expect("joined a file name").to_owned();
-    copy_sparse(&image, &tmp.join(&kernel_name))?;
-    let initrd = from.join("initrd");
-    let has_initrd = initrd.is_file();
-    if has_initrd {
-        copy_sparse(&initrd, &tmp.join("initrd"))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::rename(&tmp, &dir).map_err(write_err(&dir))?;
+    let in_dir = |p: &Path| dir.join(p.file_name().expect("a file in the kernel dir"));
+    Ok(KernelRecord {
+        name: name.into(),
+        kernel: in_dir(&settled.kernel),
+        initrd: has_initrd.then(|| dir.join("initrd")),
+        modules: has_modules.then(|| dir.join("modules")),
+        registered_at: crate::store::now_secs(),
+        vmlinux: Some(in_dir(&settled.vmlinux)),
+        format: Some(settled.format),
+        config: options.is_some().then(|| dir.join("config")),
+        options: options.unwrap_or_default(),
+    })
+}
+
+type Filled = (
+    crate::kernel_format::Settled,
+    bool,
+    bool,
+    Option<BTreeMap<String, String>>,
+);
+
+/// Copy `files` into the new directory `tmp` and settle the kernel there.
+fn fill_kernel_dir(tmp: &Path, files: &KernelFiles) -> Result<Filled, ImageError> {
+    let write_err = |path: &Path| {
+        let path = path.to_owned();
+        move |source| ImageError::Write { path, source }
+    };
+    std::fs::create_dir_all(tmp).map_err(write_err(tmp))?;
+    // The name says what it should be; settle_in finds out what it is.
+    let given = match files.kernel.file_name().and_then(|n| n.to_str()) {
+        Some("vmlinux") => "vmlinux",
+        _ => "vmlinuz",
+    };
+    copy_sparse(&files.kernel, &tmp.join(given))?;
+    let settled = crate::kernel_format::settle_in(tmp, given).map_err(|e| match e {
+        // Name the file the user gave, not banger's copy.
+        KernelFormatError::Refused { detail, .. } => {
+            ImageError::Format(KernelFormatError::Refused {
+                path: files.kernel.clone(),
+                detail,
+            })
+        }
+        other => ImageError::Format(other),
+    })?;
+    if let Some(initrd) = &files.initrd {
+        copy_sparse(initrd, &tmp.join("initrd"))?;
     }
-    let modules = from.join("modules");
-    let has_modules = modules.is_dir();
-    if has_modules {
+    let options = match &files.config {
+        Some(config) => {
+            let text = std::fs::read_to_string(config).map_err(|source| ImageError::Read {
+                path: config.clone(),
+                source,
+            })?;
+            std::fs::write(tmp.join("config"), &text).map_err(write_err(&tmp.join("config")))?;
+            Some(crate::kernel_format::config_options(&text))
+        }
+        None => None,
+    };
+    if let Some(modules) = &files.modules {
         let status = std::process::Command::new("cp")
             .arg("-a")
-            .arg(&modules)
+            .arg(modules)
             .arg(tmp.join("modules"))
             .status()
-            .map_err(write_err(&tmp))?;
+            .map_err(write_err(tmp))?;
         if !status.success() {
-            let _ = std::fs::remove_dir_all(&tmp);
             return Err(ImageError::Write {
-                path: tmp,
+                path: tmp.to_owned(),
                 source: std::io::Error::other("copying modules failed"),
             });
         }
     }
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::rename(&tmp, &dir).map_err(write_err(&dir))?;
-    Ok(KernelRecord {
-        name: name.into(),
-        kernel: dir.join(kernel_name),
-        initrd: has_initrd.then(|| dir.join("initrd")),
-        modules: has_modules.then(|| dir.join("modules")),
-        registered_at: crate::store::now_secs(),
-    })
+    Ok((
+        settled,
+        files.initrd.is_some(),
+        files.modules.is_some(),
+        options,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel_format::fixture::{bzimage, lz4_legacy, minimal_elf};
+
+    /// What an image build hands over: `/boot/vmlinuz-<v>`, its initrd, `/boot/config-<v>`
+    /// and `/lib/modules/<v>`, names and all.
+    #[test]
+    fn a_kernel_from_a_built_tree_is_converted_and_its_config_read() {
+        let t = tempfile::tempdir().unwrap();
+        let boot = t.path().join("root/boot");
+        let modules = t.path().join("root/lib/modules/6.1.0-1-cloud-amd64");
+        std::fs::create_dir_all(&boot).unwrap();
+        std::fs::create_dir_all(modules.join("kernel")).unwrap();
+        std::fs::write(modules.join("kernel/virtio_net.ko"), b"ko").unwrap();
+        let elf = minimal_elf(100_000);
+        let bz = bzimage(&lz4_legacy(&elf));
+        std::fs::write(boot.join("vmlinuz-6.1.0-1-cloud-amd64"), &bz).unwrap();
+        std::fs::write(boot.join("initrd.img-6.1.0-1-cloud-amd64"), b"initrd").unwrap();
+        std::fs::write(
+            boot.join("config-6.1.0-1-cloud-amd64"),
+            "CONFIG_VIRTIO_NET=m\nCONFIG_OVERLAY_FS=m\nCONFIG_UNRELATED=y\n",
+        )
+        .unwrap();
+        let kernels = t.path().join("kernels");
+        std::fs::create_dir_all(&kernels).unwrap();
+        let rec = add_kernel(
+            &kernels,
+            "bookworm",
+            &KernelFiles {
+                kernel: boot.join("vmlinuz-6.1.0-1-cloud-amd64"),
+                initrd: Some(boot.join("initrd.img-6.1.0-1-cloud-amd64")),
+                modules: Some(modules),
+                config: Some(boot.join("config-6.1.0-1-cloud-amd64")),
+            },
+        )
+        .unwrap();
+        let dir = kernels.join("bookworm");
+        assert_eq!(rec.kernel, dir.join("vmlinuz"));
+        assert_eq!(std::fs::read(&rec.kernel).unwrap(), bz);
+        assert_eq!(rec.vmlinux.as_deref(), Some(dir.join("vmlinux").as_path()));
+        assert_eq!(std::fs::read(dir.join("vmlinux")).unwrap(), elf);
+        assert_eq!(rec.firecracker_kernel().unwrap(), dir.join("vmlinux"));
+        assert_eq!(
+            std::fs::read(dir.join("modules/kernel/virtio_net.ko")).unwrap(),
+            b"ko"
+        );
+        assert_eq!(rec.config.as_deref(), Some(dir.join("config").as_path()));
+        assert_eq!(
+            rec.options.keys().collect::<Vec<_>>(),
+            ["CONFIG_OVERLAY_FS", "CONFIG_VIRTIO_NET"]
+        );
+        let info = KernelInfo::from(&rec);
+        assert_eq!(
+            info.fits[0].fits,
+            Some(false),
+            "no virtio-mmio in that config"
+        );
+        // A refused kernel leaves nothing, not even the staging directory.
+        std::fs::write(boot.join("vmlinuz-bad"), b"nope").unwrap();
+        let e = add_kernel(
+            &kernels,
+            "bad",
+            &KernelFiles {
+                kernel: boot.join("vmlinuz-bad"),
+                ..Default::default()
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains(&boot.join("vmlinuz-bad").display().to_string()),
+            "{e}"
+        );
+        let left: Vec<_> = std::fs::read_dir(&kernels)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, ["bookworm"]);
+    }
+
+    /// A record the store kept from before the format checks (the fields it had then) still
+    /// loads; Firecracker gets its kernel when that is an ELF, and a clear refusal when it is
+    /// a bzImage.
+    #[test]
+    fn an_old_kernel_record_loads_and_says_whether_firecracker_can_boot_it() {
+        let t = tempfile::tempdir().unwrap();
+        let elf = t.path().join("vmlinux");
+        std::fs::write(&elf, minimal_elf(4096)).unwrap();
+        let bz = t.path().join("vmlinuz");
+        std::fs::write(&bz, bzimage(&lz4_legacy(&minimal_elf(4096)))).unwrap();
+        let old = |name: &str, kernel: &Path| {
+            let json = format!(
+                r#"{{"name":"{name}","kernel":"{}","initrd":null,"modules":null,"registered_at":1}}"#,
+                kernel.display()
+            );
+            serde_json::from_str::<KernelRecord>(&json).unwrap()
+        };
+        let e = old("e", &elf);
+        assert_eq!(
+            (e.vmlinux.clone(), e.format, e.config.clone()),
+            (None, None, None)
+        );
+        assert_eq!(e.firecracker_kernel().unwrap(), elf);
+        let b = old("b", &bz);
+        let err = b.firecracker_kernel().unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "kernel b has no ELF vmlinux for Firecracker: re-import it (`banger kernel rm b`, then `banger kernel import`), or use --vmm qemu"
+        );
+        let info = KernelInfo::from(&b);
+        assert_eq!(info.fits[0].fits, Some(false));
+        assert_eq!(info.fits[1].reasons, ["unknown (no config)"]);
+        // And what is written now reads back whole.
+        let mut now = b.clone();
+        now.vmlinux = Some(elf.clone());
+        now.format = Some(KernelFormat::Elf);
+        let back: KernelRecord =
+            serde_json::from_slice(&serde_json::to_vec(&now).unwrap()).unwrap();
+        assert_eq!(back, now);
+    }
 }

@@ -42,6 +42,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod image;
+pub mod kernel_format;
 pub mod net;
 pub mod pull;
 pub mod root;

@@ -161,10 +161,16 @@ impl VmSupervisor {
                 "image {image_name} names no kernel: pass --kernel (see `banger kernel list`)"
             ))
         })?;
-        if store.get_kernel(&kernel_name)?.is_none() {
+        let Some(kernel) = store.get_kernel(&kernel_name)? else {
             return Err(VmError::NotFound(format!(
                 "kernel {kernel_name} (see `banger kernel list`)"
             )));
+        };
+        let vmm = req.vmm.unwrap_or(state.settings.default_vmm);
+        if vmm == banger_api::VmmKind::Firecracker {
+            kernel
+                .firecracker_kernel()
+                .map_err(|e| VmError::Invalid(crate::vm::actor::error_chain(&e)))?;
         }
         let spec = spec::resolve(&state.defaults(), req.vcpu, req.memory_mib, req.disk_bytes)
             .map_err(VmError::Invalid)?;
@@ -196,7 +202,7 @@ impl VmSupervisor {
             name,
             image: image_name,
             kernel: kernel_name,
-            vmm: req.vmm.unwrap_or(state.settings.default_vmm),
+            vmm,
             spec,
             nat: req.nat,
             state: VmState::Created,

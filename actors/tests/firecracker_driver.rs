@@ -36,13 +36,12 @@ struct Rig {
 fn rig(initrd: bool, tap: bool) -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().to_owned();
-    for file in [
-        "vmlinux",
-        "initrd",
-        "rootfs.ext4",
-        "overlay.ext4",
-        "work.ext4",
-    ] {
+    std::fs::write(
+        path.join("vmlinux"),
+        banger_actors::kernel_format::fixture::minimal_elf(4096),
+    )
+    .unwrap();
+    for file in ["initrd", "rootfs.ext4", "overlay.ext4", "work.ext4"] {
         std::fs::write(path.join(file), file.as_bytes()).unwrap();
     }
     // The jailer insists the exec file's name contains "firecracker"; it only copies it.
@@ -285,6 +284,34 @@ async fn a_refused_api_request_fails_the_launch_and_kills_firecracker() {
         "the guest never booted"
     );
     firecracker::cleanup(&rig.config, &rig.plan.id);
+}
+
+/// The driver never hands Firecracker a kernel that is not an ELF vmlinux: a bzImage in the
+/// plan is refused before the jail is made or the jailer runs. (Were it passed on, the
+/// double, like Firecracker, would refuse InstanceStart: `Invalid Elf magic number`.)
+#[tokio::test]
+async fn a_kernel_that_is_not_an_elf_is_refused_before_firecracker_runs() {
+    use banger_actors::kernel_format::fixture::{bzimage, lz4_legacy, minimal_elf};
+    let mut rig = rig(false, false);
+    let bz = rig.dir.path().join("vmlinuz");
+    std::fs::write(&bz, bzimage(&lz4_legacy(&minimal_elf(4096)))).unwrap();
+    rig.plan.kernel = bz.clone();
+    let stages = Mutex::new(Vec::new());
+    let stage = |s: &str| stages.lock().unwrap().push(s.to_owned());
+    let error = firecracker::launch(&rig.config, &rig.plan, &HostNet::default(), &stage)
+        .await
+        .unwrap_err();
+    let message = error.to_string();
+    assert!(
+        message.contains(&format!(
+            "the kernel {} is not an ELF vmlinux (no ELF magic",
+            bz.display()
+        )) && message.contains("re-import the kernel"),
+        "{message}"
+    );
+    assert_eq!(*stages.lock().unwrap(), ["jail"]);
+    assert!(!rig.root().exists(), "no jail made");
+    assert!(rig.console().is_empty(), "the jailer never ran");
 }
 
 #[tokio::test]

@@ -575,7 +575,12 @@ pub enum KernelCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Import a kernel from a directory with vmlinux or vmlinuz, and optionally initrd and modules/.
+    /// Import a kernel from a directory with vmlinux or vmlinuz, and optionally initrd, modules/ and config.
+    ///
+    /// The kernel must be an uncompressed x86-64 ELF vmlinux or a bzImage (vmlinuz) whose
+    /// payload is LZ4, gzip, xz or zstd: a bzImage is kept for QEMU and converted to an ELF
+    /// for Firecracker; anything else is refused (exit status 2). `config` (Debian's
+    /// /boot/config-<version>) lets `kernel show` say which VMMs the kernel suits.
     #[command(after_help = "Examples:\n  banger kernel import cloud --from ./kernel-dir")]
     Import {
         name: String,
@@ -591,7 +596,7 @@ pub enum KernelCmd {
         #[arg(long)]
         available: bool,
     },
-    /// Show a kernel.
+    /// Show a kernel: its files, and which VMMs it suits and why (from its config).
     Show {
         name: String,
         #[arg(long)]

@@ -74,6 +74,94 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// A bzImage (an LZ4 payload, as Debian's vmlinuz) written under `dir`.
+fn tmp_bz(dir: &Path) -> PathBuf {
+    use banger_actors::kernel_format::fixture::{bzimage, lz4_legacy, minimal_elf};
+    let p = dir.join("bzImage");
+    std::fs::write(&p, bzimage(&lz4_legacy(&minimal_elf(64 << 10)))).unwrap();
+    p
+}
+
+/// `kernel import` as a user runs it: a file that is not a kernel exits 2 (a usage error,
+/// README's exit-status table) naming the file and what banger takes; a bzImage with its
+/// config imports, and `kernel show` says which VMMs it suits, in text and `--json`.
+#[test]
+fn kernel_import_refuses_a_non_kernel_with_status_2_and_show_says_which_vmms_it_suits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let home = Home::new(pulls::catalogs(tmp.path(), &[], &[]));
+    let junk = tmp.path().join("junk");
+    std::fs::create_dir_all(&junk).unwrap();
+    std::fs::write(junk.join("vmlinuz"), vec![0x5au8; 10_000]).unwrap();
+    let out = home.banger(&["kernel", "import", "j", "--from", junk.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "{} is not a kernel banger can use",
+            junk.join("vmlinuz").display()
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains("uncompressed x86-64 ELF vmlinux, or a bzImage"),
+        "{err}"
+    );
+
+    let src = tmp.path().join("k");
+    std::fs::create_dir_all(src.join("modules/6.1.0")).unwrap();
+    std::fs::rename(tmp_bz(tmp.path()), src.join("vmlinuz")).unwrap();
+    std::fs::write(src.join("initrd"), b"initrd").unwrap();
+    std::fs::copy(
+        "/boot/config-6.1.0-57-cloud-amd64",
+        src.join("config"),
+    )
+    .or_else(|_| {
+        // Another kernel version: Debian's options for these, as 6.1's cloud kernel has them.
+        std::fs::write(
+            src.join("config"),
+            "CONFIG_VIRTIO_MMIO=m\n# CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES is not set\nCONFIG_ACPI=y\nCONFIG_PCI=y\n\
+             CONFIG_SERIAL_8250_CONSOLE=y\nCONFIG_VIRTIO_BLK=m\nCONFIG_VIRTIO_NET=m\n\
+             CONFIG_VIRTIO_VSOCKETS=m\nCONFIG_OVERLAY_FS=m\n",
+        )
+        .map(|_| 0)
+    })
+    .unwrap();
+    let out = home.banger(&["kernel", "import", "cloud", "--from", src.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = home.banger(&["kernel", "show", "cloud"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let shown = text(&out.stdout);
+    assert!(
+        shown.contains("(bzImage (LZ4 (legacy frame) payload))"),
+        "{shown}"
+    );
+    assert!(shown.contains("kernels/cloud/vmlinux\n"), "{shown}");
+    assert!(
+        shown.contains("  firecracker  yes: ELF vmlinux; virtio-mmio (module), devices from ACPI; serial console; virtio-blk (module); virtio-net (module); vsock transport (module); overlayfs (module)\n"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("  qemu         yes: bzImage; virtio-mmio (module)"),
+        "{shown}"
+    );
+    let out = home.banger(&["kernel", "show", "cloud", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["fits"][0]["vmm"], "firecracker");
+    assert_eq!(v["fits"][0]["fits"], true);
+    assert!(
+        v["vmlinux"]
+            .as_str()
+            .unwrap()
+            .ends_with("kernels/cloud/vmlinux")
+    );
+    assert!(
+        v["config"]
+            .as_str()
+            .unwrap()
+            .ends_with("kernels/cloud/config")
+    );
+}
+
 #[test]
 fn pulls_from_the_command_line() {
     let tmp = tempfile::tempdir().unwrap();
@@ -184,7 +272,7 @@ fn make_bundle_builds_bundles_that_pull() {
     std::fs::write(guest.join("banger-agent"), b"agent").unwrap();
     let kdir = t.join("kernel");
     std::fs::create_dir_all(kdir.join("modules/6.1/kernel")).unwrap();
-    std::fs::write(kdir.join("vmlinuz"), b"bzImage").unwrap();
+    std::fs::write(kdir.join("vmlinuz"), std::fs::read(tmp_bz(t)).unwrap()).unwrap();
     std::fs::write(kdir.join("modules/6.1/kernel/a.ko"), b"ko").unwrap();
     std::os::unix::fs::symlink("/usr/src/linux", kdir.join("modules/6.1/build")).unwrap();
 

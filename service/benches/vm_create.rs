@@ -47,7 +47,12 @@ fn main() {
         let dir = tempfile::tempdir().unwrap();
         let files = dir.path().join("files");
         std::fs::create_dir_all(files.join("kernel")).unwrap();
-        std::fs::write(files.join("kernel/vmlinux"), b"not really a kernel").unwrap();
+        // The double loads the kernel at InstanceStart as Firecracker does: a real (tiny) ELF.
+        std::fs::write(
+            files.join("kernel/vmlinux"),
+            banger_actors::kernel_format::fixture::minimal_elf(4096),
+        )
+        .unwrap();
         let fc = files.join("firecracker");
         std::fs::write(&fc, b"#!/bin/false\n").unwrap();
         let rootfs = files.join("rootfs.ext4");

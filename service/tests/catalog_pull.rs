@@ -161,7 +161,20 @@ async fn image_and_kernel_bundles_are_pulled_published_and_recorded() {
         panic!("{events:?}")
     };
     let kdir = s.d.paths.data_dir.join("kernels/k1");
-    assert_eq!(kernel.kernel, kdir.join("vmlinux").display().to_string());
+    // The bzImage as shipped (QEMU boots it), and beside it the ELF it carries.
+    assert_eq!(kernel.kernel, kdir.join("vmlinuz").display().to_string());
+    assert_eq!(
+        kernel.vmlinux.as_deref(),
+        Some(kdir.join("vmlinux").to_str().unwrap())
+    );
+    assert_eq!(
+        kernel.format.as_deref(),
+        Some("bzImage (LZ4 (legacy frame) payload)")
+    );
+    assert_eq!(
+        std::fs::read(kdir.join("vmlinux")).unwrap(),
+        pulls::kernel_elf()
+    );
     assert_eq!(
         kernel.initrd.as_deref(),
         Some(kdir.join("initrd").to_str().unwrap())
@@ -270,6 +283,8 @@ async fn hostile_and_broken_bundles_are_refused_and_leave_nothing() {
         Raw::Symlink("modules/link", "."),
         Raw::File("modules/link/file", b"x"),
     ]);
+    // A kernel file that is neither an ELF nor a bzImage: refused at the pull, not at boot.
+    let k_junk = hostile(&[Raw::File("vmlinuz", b"not a kernel at all")]);
     let mut wrong_sha = good.clone();
     let n = wrong_sha.len();
     wrong_sha[n / 2] ^= 0xff;
@@ -307,6 +322,7 @@ async fn hostile_and_broken_bundles_are_refused_and_leave_nothing() {
             ("k1", "/k1", Serve::Body(k_escape.clone()), k_escape),
             ("k2", "/k2", Serve::Body(k_hardlink.clone()), k_hardlink),
             ("k3", "/k3", Serve::Body(k_through.clone()), k_through),
+            ("k4", "/k4", Serve::Body(k_junk.clone()), k_junk),
         ],
         None,
     )
@@ -347,6 +363,10 @@ async fn hostile_and_broken_bundles_are_refused_and_leave_nothing() {
         ),
         ("k2", "hard link"),
         ("k3", "goes through modules/link, which is not a directory"),
+        (
+            "k4",
+            "bad kernel bundle: vmlinuz is not a kernel banger can use: neither an ELF vmlinux",
+        ),
     ] {
         let (_, msg) = pull_kernel(&s.c, name).await.unwrap_err();
         assert!(msg.contains(want), "{name}: {msg:?} should say {want:?}");
@@ -362,7 +382,7 @@ async fn hostile_and_broken_bundles_are_refused_and_leave_nothing() {
     assert!(msg.contains("available: extra, trav, abs"), "{msg}");
     let (code, msg) = pull_kernel(&s.c, "nosuch").await.unwrap_err();
     assert_eq!(code, codes::NOT_FOUND);
-    assert!(msg.contains("available: k1, k2, k3"), "{msg}");
+    assert!(msg.contains("available: k1, k2, k3, k4"), "{msg}");
     // The daemon is still up.
     assert_eq!(ImageRpcClient::available(&s.c).await.unwrap().len(), 8);
     s.d.shutdown().await;

@@ -7,6 +7,7 @@ mod support;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use banger_actors::kernel_format::fixture::{bzimage, lz4_legacy, minimal_elf};
 use banger_api::{
     CreateVm, ImageRpcClient, ImportKernel, KernelRpcClient, LogEvent, Progress, RegisterImage,
     SetVm, VmRpcClient, VmState, codes,
@@ -64,7 +65,7 @@ async fn setup_in(
         }
     };
     std::fs::create_dir_all(f.join("kernel")).unwrap();
-    std::fs::write(f.join("kernel/vmlinux"), b"kernel").unwrap();
+    std::fs::write(f.join("kernel/vmlinux"), minimal_elf(4096)).unwrap();
     std::fs::write(f.join("firecracker"), b"").unwrap();
     let rootfs = f.join("rootfs.ext4");
     std::fs::File::create(&rootfs)
@@ -281,6 +282,136 @@ async fn lifecycle_with_the_firecracker_double() {
     .unwrap();
     let pruned = c.prune(false).await.unwrap();
     assert_eq!(pruned.deleted, ["p1"]);
+    drop(c);
+    d.shutdown().await;
+}
+
+/// `kernel import` of a bzImage (an LZ4 payload, as Debian's vmlinuz): kept as `vmlinuz`
+/// for QEMU, converted to `vmlinux` for Firecracker, and a Firecracker VM of it boots: the
+/// double loads the kernel at InstanceStart as Firecracker's ELF loader does, so handing it
+/// the bzImage would fail the start with `Invalid Elf magic number`. `kernel show` says
+/// which VMMs it suits from its config. Files that are not kernels are refused, as usage
+/// errors, and leave nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_imported_bzimage_boots_under_firecracker_as_its_elf() {
+    let (d, c, files) = setup().await;
+    let elf = minimal_elf(256 << 10);
+    let src = files.path().join("bz");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("vmlinuz"), bzimage(&lz4_legacy(&elf))).unwrap();
+    std::fs::write(
+        src.join("config"),
+        "CONFIG_VIRTIO_MMIO=y\nCONFIG_VIRTIO_MMIO_CMDLINE_DEVICES=y\nCONFIG_SERIAL_8250_CONSOLE=y\n\
+         CONFIG_VIRTIO_BLK=y\nCONFIG_VIRTIO_NET=y\nCONFIG_VIRTIO_VSOCKETS=y\n# CONFIG_OVERLAY_FS is not set\n",
+    )
+    .unwrap();
+    let k = c
+        .import(ImportKernel {
+            name: "bz".into(),
+            from: src.display().to_string(),
+        })
+        .await
+        .unwrap();
+    let kdir = d.dir.path().join("data/kernels/bz");
+    assert_eq!(k.kernel, kdir.join("vmlinuz").display().to_string());
+    assert_eq!(k.vmlinux, Some(kdir.join("vmlinux").display().to_string()));
+    assert_eq!(
+        k.format.as_deref(),
+        Some("bzImage (LZ4 (legacy frame) payload)")
+    );
+    assert_eq!(std::fs::read(kdir.join("vmlinux")).unwrap(), elf);
+    assert_eq!(
+        std::fs::read(kdir.join("vmlinuz")).unwrap(),
+        std::fs::read(src.join("vmlinuz")).unwrap()
+    );
+    let shown = KernelRpcClient::show(&c, "bz".into()).await.unwrap();
+    assert_eq!(shown, k);
+    assert_eq!(shown.fits.len(), 2);
+    for fit in &shown.fits {
+        assert_eq!(fit.fits, Some(false), "{fit:?}");
+        assert_eq!(
+            fit.reasons,
+            ["overlayfs: CONFIG_OVERLAY_FS is not set"],
+            "{fit:?}"
+        );
+    }
+
+    c.register(RegisterImage {
+        name: "bzimg".into(),
+        rootfs: files.path().join("rootfs.ext4").display().to_string(),
+        kernel: Some("bz".into()),
+    })
+    .await
+    .unwrap();
+    create(
+        &c,
+        CreateVm {
+            name: Some("bzvm".into()),
+            image: Some("bzimg".into()),
+            vmm: Some(banger_api::VmmKind::Firecracker),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap_or_else(|(code, msg)| panic!("{code}: {msg}"));
+    let vm = VmRpcClient::show(&c, "bzvm".into()).await.unwrap();
+    assert_eq!(vm.state, VmState::Running, "{:?}", vm.error);
+    let jail = d.dir.path().join("data/jail/firecracker").join(&vm.id);
+    assert_eq!(
+        std::fs::read(jail.join("root/vmlinux")).unwrap(),
+        elf,
+        "Firecracker was given the ELF"
+    );
+    VmRpcClient::delete(&c, "bzvm".into(), true).await.unwrap();
+
+    // Not kernels: random bytes, a truncated bzImage. Refused naming the file; nothing kept.
+    let whole = bzimage(&lz4_legacy(&elf));
+    let noise: Vec<u8> = (0..50_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    for (name, bytes, want) in [
+        ("noise", noise, "neither an ELF vmlinux"),
+        (
+            "cut",
+            whole[..whole.len() / 2].to_vec(),
+            "a truncated bzImage",
+        ),
+    ] {
+        let dir = files.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("vmlinuz"), bytes).unwrap();
+        let e = c
+            .import(ImportKernel {
+                name: name.into(),
+                from: dir.display().to_string(),
+            })
+            .await
+            .unwrap_err();
+        let ClientError::Call(obj) = e else {
+            panic!("{e:?}")
+        };
+        assert_eq!(
+            obj.code(),
+            codes::INVALID_ARGUMENT,
+            "{name}: {}",
+            obj.message()
+        );
+        let msg = obj.message();
+        assert!(
+            msg.contains(&dir.join("vmlinuz").display().to_string()),
+            "{msg}"
+        );
+        assert!(
+            msg.contains(want) && msg.contains("uncompressed x86-64 ELF vmlinux"),
+            "{msg}"
+        );
+        assert!(!d.dir.path().join("data/kernels").join(name).exists());
+    }
+    let left: Vec<_> = std::fs::read_dir(d.dir.path().join("data/kernels"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(left.len(), 2, "only k and bz: {left:?}");
     drop(c);
     d.shutdown().await;
 }
@@ -739,7 +870,7 @@ async fn root_a_bangerd_dropped_to_its_owner_runs_firecracker_vms_through_the_la
     std::fs::set_permissions(h, std::fs::Permissions::from_mode(0o755)).unwrap();
     let files = h.join("files");
     std::fs::create_dir_all(files.join("kernel")).unwrap();
-    std::fs::write(files.join("kernel/vmlinux"), b"kernel").unwrap();
+    std::fs::write(files.join("kernel/vmlinux"), minimal_elf(4096)).unwrap();
     std::fs::write(files.join("firecracker"), b"").unwrap();
     let rootfs = files.join("rootfs.ext4");
     std::fs::File::create(&rootfs)

@@ -4,8 +4,11 @@
 //! What a bundle may hold (anything else is refused, and the staging directory removed):
 //! - image: exactly `rootfs.ext4` (an ext4 file) and `manifest.json` (a JSON object; its
 //!   optional `kernel_ref` names the kernel), both regular files;
-//! - kernel: `vmlinux` (or `vmlinuz`, for QEMU), optional `initrd`, optional `modules/`
-//!   tree of directories, regular files and symlinks that stay inside `modules/`.
+//! - kernel: `vmlinux` or `vmlinuz`, optional `initrd`, optional `config` (the kernel's
+//!   build config), optional `modules/` tree of directories, regular files and symlinks that
+//!   stay inside `modules/`. The kernel is checked and, for a bzImage, converted as
+//!   `kernel import` does ([`crate::kernel_format::settle_in`]): `vmlinux` is then the ELF
+//!   Firecracker boots, `vmlinuz` the bzImage as shipped; anything else refuses the bundle.
 //!
 //! Entries may start with `./`. Absolute paths, `..`, hard links, devices, fifos, links that
 //! leave the bundle, duplicates and entries through a symlink are refused. Modes are reduced
@@ -142,6 +145,10 @@ pub struct Unpacked {
     pub modules: bool,
     /// Image: the manifest's `kernel_ref`.
     pub kernel_ref: Option<String>,
+    /// Kernel: what the kernel file is (`main`); the ELF is always `vmlinux`.
+    pub format: Option<crate::kernel_format::KernelFormat>,
+    /// Kernel: the bundle has a `config`.
+    pub config: bool,
 }
 
 /// Read the bundle from `input` and unpack it into `staging` (an empty directory). Blocking.
@@ -240,7 +247,7 @@ fn unpack_entries(
                 is_file && (path == Path::new("rootfs.ext4") || path == Path::new("manifest.json"))
             }
             BundleKind::Kernel => {
-                let top = ["vmlinux", "vmlinuz", "initrd"]
+                let top = ["vmlinux", "vmlinuz", "initrd", "config"]
                     .iter()
                     .any(|f| path == Path::new(f));
                 if top {
@@ -256,7 +263,7 @@ fn unpack_entries(
             let what = match kind {
                 BundleKind::Image => "only rootfs.ext4 and manifest.json",
                 BundleKind::Kernel => {
-                    "only vmlinux (or vmlinuz), initrd and a modules/ tree of files, directories and symlinks inside it"
+                    "only vmlinux (or vmlinuz), initrd, config and a modules/ tree of files, directories and symlinks inside it"
                 }
             };
             return Err(bad(
@@ -337,6 +344,8 @@ fn unpack_entries(
                     .get("kernel_ref")
                     .and_then(|v| v.as_str())
                     .map(str::to_owned),
+                format: None,
+                config: false,
             })
         }
         BundleKind::Kernel => {
@@ -345,16 +354,34 @@ fn unpack_entries(
                 .filter(|f| seen.contains(Path::new(f)))
                 .collect::<Vec<_>>();
             let main = match main.as_slice() {
-                [one] => PathBuf::from(one),
+                [one] => **one,
                 [] => return Err(bad(kind, "vmlinux is missing")),
                 _ => return Err(bad(kind, "holds both vmlinux and vmlinuz; keep one")),
             };
+            use crate::kernel_format::KernelFormatError;
+            let settled = crate::kernel_format::settle_in(staging, main).map_err(|e| match e {
+                KernelFormatError::Refused { detail, .. } => bad(
+                    kind,
+                    format!(
+                        "{main} is not a kernel banger can use: {detail}; {}",
+                        crate::kernel_format::ACCEPTED
+                    ),
+                ),
+                KernelFormatError::Read { path, source }
+                | KernelFormatError::Write { path, source } => PullError::Io { path, source },
+            })?;
             Ok(Unpacked {
-                main,
+                main: settled
+                    .kernel
+                    .strip_prefix(staging)
+                    .unwrap_or(&settled.kernel)
+                    .to_owned(),
                 initrd: seen.contains(Path::new("initrd")),
                 modules: seen.contains(Path::new("modules"))
                     || seen.iter().any(|p| p.starts_with("modules")),
                 kernel_ref: None,
+                format: Some(settled.format),
+                config: seen.contains(Path::new("config")),
             })
         }
     }

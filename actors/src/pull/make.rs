@@ -123,7 +123,7 @@ pub fn image_bundle(
 }
 
 /// Build a kernel bundle from a directory with `vmlinux` or `vmlinuz`, and optionally
-/// `initrd` and `modules/`.
+/// `initrd`, `config` and `modules/`.
 pub fn kernel_bundle(from: &Path, out: &Path) -> Result<Made, PullError> {
     let main: Vec<&str> = ["vmlinux", "vmlinuz"]
         .into_iter()
@@ -145,8 +145,10 @@ pub fn kernel_bundle(from: &Path, out: &Path) -> Result<Made, PullError> {
         }
     };
     let mut files = vec![(main.to_owned(), from.join(main))];
-    if from.join("initrd").is_file() {
-        files.push(("initrd".into(), from.join("initrd")));
+    for extra in ["initrd", "config"] {
+        if from.join(extra).is_file() {
+            files.push((extra.into(), from.join(extra)));
+        }
     }
     let mut skipped = Vec::new();
     let modules = from.join("modules");

@@ -838,12 +838,23 @@ async fn pull_kernel(
     blocking(move || {
         let dest = kernels.join(&name);
         staging.publish(&dest)?;
+        let config = unpacked.config.then(|| dest.join("config"));
+        let options = match &config {
+            Some(c) => crate::kernel_format::config_options(
+                &std::fs::read_to_string(c).map_err(PullError::io(c))?,
+            ),
+            None => Default::default(),
+        };
         let rec = KernelRecord {
             name,
             kernel: dest.join(&unpacked.main),
             initrd: unpacked.initrd.then(|| dest.join("initrd")),
             modules: unpacked.modules.then(|| dest.join("modules")),
             registered_at: crate::store::now_secs(),
+            vmlinux: Some(dest.join("vmlinux")),
+            format: unpacked.format,
+            config,
+            options,
         };
         store.put_kernel(&rec)?;
         Ok(rec)

@@ -295,10 +295,18 @@ fn plan(
         tsc_khz: env.tsc_khz,
         extra: &env.extra_cmdline,
     });
+    // Firecracker boots only the ELF; QEMU the kernel as given (a bzImage boots with its
+    // initrd as on real hardware).
+    let kernel_file = match rec.vmm {
+        banger_api::VmmKind::Firecracker => kernel
+            .firecracker_kernel()
+            .map_err(|e| VmError::Invalid(crate::vm::actor::error_chain(&e)))?,
+        banger_api::VmmKind::Qemu => kernel.kernel,
+    };
     Ok(LaunchPlan {
         id: rec.id.clone(),
         spec: rec.spec,
-        kernel: kernel.kernel,
+        kernel: kernel_file,
         initrd: kernel.initrd,
         rootfs: image.rootfs,
         overlay: dir.overlay(),

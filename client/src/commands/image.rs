@@ -4,8 +4,8 @@ use std::io::{IsTerminal, Write};
 use std::time::Instant;
 
 use banger_api::{
-    CatalogEntry, ImageRpcClient, ImportKernel, KernelRpcClient, PromoteImage, PullEvent,
-    PullImage, PullKernel, RegisterImage,
+    CatalogEntry, ImageRpcClient, ImportKernel, KernelInfo, KernelRpcClient, PromoteImage,
+    PullEvent, PullImage, PullKernel, RegisterImage,
 };
 use jsonrpsee::core::client::Subscription;
 
@@ -315,13 +315,7 @@ pub async fn kernel(target: &Target, cmd: KernelCmd) -> Result<u8, CliError> {
             if json {
                 render::json(&k)?;
             } else {
-                println!(
-                    "name:    {}\nkernel:  {}\ninitrd:  {}\nmodules: {}",
-                    k.name,
-                    k.kernel,
-                    k.initrd.as_deref().unwrap_or("-"),
-                    k.modules.as_deref().unwrap_or("-")
-                );
+                print!("{}", kernel_text(&k));
             }
         }
         KernelCmd::Rm { name } => {
@@ -330,4 +324,81 @@ pub async fn kernel(target: &Target, cmd: KernelCmd) -> Result<u8, CliError> {
         }
     }
     Ok(exit::OK)
+}
+
+/// `kernel show`: the files, then one line per VMM saying whether the kernel suits it and
+/// why (what it has when it fits, what it lacks when it does not).
+fn kernel_text(k: &KernelInfo) -> String {
+    let mut out = format!(
+        "name:    {}\nkernel:  {}{}\nvmlinux: {}\ninitrd:  {}\nmodules: {}\nconfig:  {}\nvmms:\n",
+        k.name,
+        k.kernel,
+        k.format
+            .as_deref()
+            .map(|f| format!(" ({f})"))
+            .unwrap_or_default(),
+        k.vmlinux
+            .as_deref()
+            .unwrap_or("- (Firecracker cannot boot it: re-import it)"),
+        k.initrd.as_deref().unwrap_or("-"),
+        k.modules.as_deref().unwrap_or("-"),
+        k.config.as_deref().unwrap_or("-"),
+    );
+    for fit in &k.fits {
+        let verdict = match fit.fits {
+            Some(true) => "yes: ",
+            Some(false) => "no: ",
+            None => "",
+        };
+        out.push_str(&format!(
+            "  {:<12} {verdict}{}\n",
+            fit.vmm.as_str(),
+            fit.reasons.join("; ")
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use banger_api::{KernelFit, VmmKind};
+
+    #[test]
+    fn kernel_show_says_which_vmms_it_suits_and_why() {
+        let k = KernelInfo {
+            name: "cloud".into(),
+            kernel: "/k/vmlinuz".into(),
+            initrd: Some("/k/initrd".into()),
+            modules: None,
+            registered_at: 0,
+            format: Some("bzImage (LZ4 (legacy frame) payload)".into()),
+            vmlinux: Some("/k/vmlinux".into()),
+            config: None,
+            fits: vec![
+                KernelFit {
+                    vmm: VmmKind::Firecracker,
+                    fits: Some(false),
+                    reasons: vec!["a: x".into(), "b: y".into()],
+                },
+                KernelFit {
+                    vmm: VmmKind::Qemu,
+                    fits: None,
+                    reasons: vec!["unknown (no config)".into()],
+                },
+            ],
+        };
+        assert_eq!(
+            kernel_text(&k),
+            "name:    cloud\n\
+             kernel:  /k/vmlinuz (bzImage (LZ4 (legacy frame) payload))\n\
+             vmlinux: /k/vmlinux\n\
+             initrd:  /k/initrd\n\
+             modules: -\n\
+             config:  -\n\
+             vmms:\n  \
+             firecracker  no: a: x; b: y\n  \
+             qemu         unknown (no config)\n"
+        );
+    }
 }

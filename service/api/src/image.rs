@@ -16,15 +16,42 @@ pub struct ImageInfo {
     pub registered_at: u64,
 }
 
-/// A kernel: `vmlinux` (or a bzImage for QEMU), optional initrd and modules.
+/// A kernel: the kernel file as given (an ELF `vmlinux`, or a bzImage `vmlinuz`), the ELF
+/// Firecracker boots, optional initrd, modules and build config.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KernelInfo {
     pub name: String,
+    /// The kernel file as given; QEMU boots it.
     pub kernel: String,
     pub initrd: Option<String>,
     /// Directory of modules (`lib/modules/<version>`), if the kernel needs them.
     pub modules: Option<String>,
     pub registered_at: u64,
+    /// What `kernel` is: `ELF vmlinux`, or `bzImage (<compression> payload)`; None for a
+    /// kernel recorded before banger checked formats.
+    #[serde(default)]
+    pub format: Option<String>,
+    /// The uncompressed ELF `vmlinux` Firecracker boots (`kernel` itself when that is an
+    /// ELF, else converted from the bzImage at import). None: Firecracker cannot boot it.
+    #[serde(default)]
+    pub vmlinux: Option<String>,
+    /// The kernel's build config (`config` in the import directory), if given.
+    #[serde(default)]
+    pub config: Option<String>,
+    /// Which VMMs the kernel suits and why, one entry per VMM.
+    #[serde(default)]
+    pub fits: Vec<KernelFit>,
+}
+
+/// Whether a kernel suits one VMM, from its format and its build config.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelFit {
+    pub vmm: crate::VmmKind,
+    /// Some(true): it has what the VMM and banger's guest need; Some(false): it lacks
+    /// something (see `reasons`); None: unknown (no config was given).
+    pub fits: Option<bool>,
+    /// What it has when it fits; what it lacks when it does not.
+    pub reasons: Vec<String>,
 }
 
 /// Request of `image.register`: take a local ext4 file as an image.
@@ -39,7 +66,8 @@ pub struct RegisterImage {
 }
 
 /// Request of `kernel.import`: take a kernel from a directory holding `vmlinux` or
-/// `vmlinuz`, and optionally `initrd` and `modules/`.
+/// `vmlinuz`, and optionally `initrd`, `modules/` and `config` (the kernel's build config).
+/// A bzImage is kept and converted to an ELF for Firecracker; anything else is refused.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ImportKernel {

@@ -66,9 +66,11 @@ impl From<RpcError> for ErrorObjectOwned {
             | RpcError::Tree(TreeError::Image(banger_actors::image::ImageError::NotExt4 {
                 ..
             }))
-            | RpcError::Tree(TreeError::Image(banger_actors::image::ImageError::NoKernel(_))) => {
-                codes::INVALID_ARGUMENT
-            }
+            | RpcError::Tree(TreeError::Image(banger_actors::image::ImageError::NoKernel(_)))
+            | RpcError::Tree(TreeError::Image(banger_actors::image::ImageError::NoElf(_)))
+            | RpcError::Tree(TreeError::Image(banger_actors::image::ImageError::Format(
+                banger_actors::kernel_format::KernelFormatError::Refused { .. },
+            ))) => codes::INVALID_ARGUMENT,
             RpcError::Tree(TreeError::Image(_)) => codes::INTERNAL_ERROR,
             RpcError::Tree(TreeError::Updater(UpdaterError::Busy(_))) => codes::CONFLICT,
             RpcError::Tree(TreeError::Updater(_)) => codes::INTERNAL_ERROR,

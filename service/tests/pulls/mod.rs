@@ -141,18 +141,25 @@ pub fn image_bundle(dir: &Path, kernel: &str) -> Vec<u8> {
     out
 }
 
-/// An honest kernel bundle: vmlinux, initrd, modules/ with a symlink inside it.
+/// The ELF inside [`kernel_bundle`]'s bzImage.
+pub fn kernel_elf() -> Vec<u8> {
+    banger_actors::kernel_format::fixture::minimal_elf(64 << 10)
+}
+
+/// An honest kernel bundle: vmlinuz (a bzImage whose LZ4 payload is [`kernel_elf`], as
+/// Debian's), initrd, modules/ with a symlink inside it.
 pub fn kernel_bundle(dir: &Path) -> Vec<u8> {
+    use banger_actors::kernel_format::fixture::{bzimage, lz4_legacy};
     let k = dir.join("kernel-src");
     std::fs::create_dir_all(k.join("modules/6.1.0/kernel")).unwrap();
-    std::fs::write(k.join("vmlinux"), vec![0x7fu8; 4096]).unwrap();
+    std::fs::write(k.join("vmlinuz"), bzimage(&lz4_legacy(&kernel_elf()))).unwrap();
     std::fs::write(k.join("initrd"), b"initrd").unwrap();
     std::fs::write(k.join("modules/6.1.0/kernel/virtio.ko"), b"module").unwrap();
     std::os::unix::fs::symlink("kernel/virtio.ko", k.join("modules/6.1.0/alias.ko")).unwrap();
     let mut out = Vec::new();
     banger_actors::pull::bundle::make_bundle(
         &[
-            ("vmlinux".into(), k.join("vmlinux")),
+            ("vmlinuz".into(), k.join("vmlinuz")),
             ("initrd".into(), k.join("initrd")),
             ("modules".into(), k.join("modules")),
         ],

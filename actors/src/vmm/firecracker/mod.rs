@@ -79,8 +79,28 @@ fn link_in(root: &Path, from: &Path, name: &str) -> Result<(), VmmError> {
     })
 }
 
+/// Refuse a kernel Firecracker cannot load: its x86-64 loader takes only an ELF vmlinux
+/// and answers anything else `Invalid Elf magic number` at InstanceStart. The plan names
+/// the kernel record's ELF (see [`crate::image::KernelRecord::firecracker_kernel`]); this
+/// catches a file that changed since, before any process is started.
+pub fn check_kernel(kernel: &Path) -> Result<(), VmmError> {
+    use std::io::Read;
+    let mut head = Vec::with_capacity(64);
+    std::fs::File::open(kernel)
+        .and_then(|f| f.take(64).read_to_end(&mut head))
+        .map_err(|e| setup(format!("cannot read the kernel {}: {e}", kernel.display())))?;
+    match crate::kernel_format::elf_problem(&head) {
+        None => Ok(()),
+        Some(problem) => Err(setup(format!(
+            "the kernel {} is not an ELF vmlinux ({problem}), the only kind Firecracker boots: re-import the kernel (banger converts a bzImage), or use --vmm qemu",
+            kernel.display()
+        ))),
+    }
+}
+
 /// Make the jail and its files. Blocking.
 pub fn prepare_jail(c: &FirecrackerConfig, plan: &LaunchPlan) -> Result<PathBuf, VmmError> {
+    check_kernel(&plan.kernel)?;
     let root = jail_root(c, &plan.id);
     // A jail left from an earlier run is rebuilt from scratch.
     if let Some(instance) = root.parent() {

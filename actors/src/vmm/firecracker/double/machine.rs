@@ -637,12 +637,18 @@ impl Vmm {
     fn action(&mut self, action: &str, at: Instant) -> Result<Answer, String> {
         match action {
             "InstanceStart" => {
-                if self.resources.boot_source.is_none() {
+                let Some(boot) = &self.resources.boot_source else {
                     return Err(
                         "Start microvm error: Cannot start microvm without kernel configuration."
                             .into(),
                     );
-                }
+                };
+                let kernel = self.host_path(boot["kernel_image_path"].as_str().unwrap_or_default());
+                load_elf_kernel(&kernel).map_err(|e| {
+                    format!(
+                        "Start microvm error: System configuration error: Cannot load kernel due to invalid memory configuration or invalid kernel image: Kernel Loader: failed to load ELF kernel image: Kernel Loader: {e}"
+                    )
+                })?;
                 self.state = DoubleState::Running;
                 let mut answer = Answer::empty();
                 answer.effect = Effect::Started(at);
@@ -871,6 +877,45 @@ impl Vmm {
         std::fs::metadata(&host)?;
         Ok(host)
     }
+}
+
+/// What Firecracker's x86-64 kernel loader checks before it copies a kernel into guest
+/// memory at InstanceStart (`linux-loader` 0.13 `Elf::load`, which Firecracker v1.13.1's
+/// `arch::x86_64::load_kernel` calls with the 1 MiB high-memory start): the 64-byte ELF
+/// header, its magic, little-endian data, 56-byte program headers at an offset past the
+/// header, an entry point above 1 MiB, and program headers that can be read. Errors are
+/// linux-loader's own texts; the caller adds Firecracker's prefix.
+fn load_elf_kernel(kernel: &Path) -> Result<(), &'static str> {
+    use std::io::{Read, Seek, SeekFrom};
+    const HIMEM_START: u64 = 0x10_0000;
+    let mut f = std::fs::File::open(kernel).map_err(|_| "Unable to read elf header")?;
+    let mut ehdr = [0u8; 64];
+    f.read_exact(&mut ehdr)
+        .map_err(|_| "Unable to read elf header")?;
+    let u16_at = |at: usize| u16::from_le_bytes([ehdr[at], ehdr[at + 1]]);
+    let u64_at = |at: usize| u64::from_le_bytes(ehdr[at..at + 8].try_into().expect("8 bytes"));
+    if &ehdr[..4] != b"\x7fELF" {
+        return Err("Invalid Elf magic number");
+    }
+    if ehdr[5] != 1 {
+        return Err("Trying to load big-endian binary on little-endian machine");
+    }
+    if u16_at(54) != 56 {
+        return Err("Invalid program header size");
+    }
+    let phoff = u64_at(32);
+    if phoff < 64 {
+        return Err("Invalid program header offset");
+    }
+    if u64_at(24) < HIMEM_START {
+        return Err("Invalid entry address");
+    }
+    f.seek(SeekFrom::Start(phoff))
+        .map_err(|_| "Unable to seek to program header")?;
+    let mut phdrs = vec![0u8; 56 * u16_at(56) as usize];
+    f.read_exact(&mut phdrs)
+        .map_err(|_| "Unable to read program header")?;
+    Ok(())
 }
 
 /// A host-initiated vsock connection: read `CONNECT <port>\n`, then close, since no guest

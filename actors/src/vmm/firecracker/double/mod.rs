@@ -5,7 +5,9 @@
 //! keep-alive on the API Unix socket, records every request, and lists every request it
 //! refused in [`FirecrackerDouble::violations`]: a correct driver causes none.
 //!
-//! There is no VM behind it. `InstanceStart` moves it to Running; `SendCtrlAltDel` to a
+//! There is no VM behind it. `InstanceStart` reads the kernel as Firecracker's x86-64
+//! loader does and answers 400 with Firecracker's message to a file that is not an ELF
+//! vmlinux (a bzImage gets `Invalid Elf magic number`), else moves it to Running; `SendCtrlAltDel` to a
 //! running guest makes it exit shortly after, as a guest that shuts down would: the API
 //! socket stops accepting and is removed. The vsock device's host socket is bound at
 //! `PUT /vsock`, as Firecracker does; a connection to it is read (`CONNECT <port>\n`) and

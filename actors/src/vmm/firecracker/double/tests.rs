@@ -25,14 +25,12 @@ async fn jail() -> Jail {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root");
     std::fs::create_dir(&root).unwrap();
-    for file in [
-        "vmlinux",
-        "initrd",
-        "rootfs.ext4",
-        "data.ext4",
-        "fc.log",
-        "fc.metrics",
-    ] {
+    std::fs::write(
+        root.join("vmlinux"),
+        crate::kernel_format::fixture::minimal_elf(4096),
+    )
+    .unwrap();
+    for file in ["initrd", "rootfs.ext4", "data.ext4", "fc.log", "fc.metrics"] {
         std::fs::write(root.join(file), b"").unwrap();
     }
     let socket = dir.path().join("api.sock");
@@ -361,6 +359,74 @@ async fn instance_start_without_a_boot_source_is_refused() {
         started.await.is_err(),
         "instance_started resolved without a start"
     );
+}
+
+/// Firecracker v1.13.1 loads the kernel at InstanceStart with linux-loader's ELF loader:
+/// Debian's vmlinuz (a bzImage) gets this 400, word for word, and the VM does not start.
+/// The ELF banger converts it to is accepted.
+#[tokio::test]
+async fn instance_start_refuses_a_kernel_that_is_not_an_elf_as_firecracker_does() {
+    use crate::kernel_format::fixture::{bzimage, lz4_legacy, minimal_elf};
+    let elf = minimal_elf(64 << 10);
+    let cases: [(&str, Vec<u8>, &str); 4] = [
+        (
+            "bzImage",
+            bzimage(&lz4_legacy(&elf)),
+            "Invalid Elf magic number",
+        ),
+        ("short", b"\x7fELF".to_vec(), "Unable to read elf header"),
+        (
+            "big-endian",
+            {
+                let mut e = elf.clone();
+                e[5] = 2;
+                e
+            },
+            "Trying to load big-endian binary on little-endian machine",
+        ),
+        (
+            "low entry",
+            {
+                let mut e = elf.clone();
+                e[24..32].copy_from_slice(&0x1000u64.to_le_bytes());
+                e
+            },
+            "Invalid entry address",
+        ),
+    ];
+    for (what, bytes, cause) in cases {
+        let jail = jail().await;
+        std::fs::write(jail.root.join("vmlinux"), &bytes).unwrap();
+        let mut client = Client::connect(&jail.socket).await;
+        configure(&mut client).await;
+        let (status, answer) = client
+            .send(
+                "PUT",
+                "/actions",
+                Some(json!({"action_type": "InstanceStart"})),
+            )
+            .await;
+        assert_eq!(status, 400, "{what}");
+        assert_eq!(
+            fault(&answer),
+            format!(
+                "Start microvm error: System configuration error: Cannot load kernel due to invalid memory configuration or invalid kernel image: Kernel Loader: failed to load ELF kernel image: Kernel Loader: {cause}"
+            ),
+            "{what}"
+        );
+        Spec::shared()
+            .check_response("PUT", "/actions", status, answer.as_ref().unwrap())
+            .unwrap();
+        assert_eq!(jail.double.state(), DoubleState::NotStarted, "{what}");
+        assert_eq!(jail.double.violations().len(), 1, "{what}");
+    }
+    // The same kernel converted: accepted.
+    let jail = jail().await;
+    let converted = crate::kernel_format::vmlinux_of(&bzimage(&lz4_legacy(&elf))).unwrap();
+    std::fs::write(jail.root.join("vmlinux"), converted.1).unwrap();
+    boot(&jail).await;
+    assert_eq!(jail.double.state(), DoubleState::Running);
+    assert_eq!(jail.double.violations(), Vec::<String>::new());
 }
 
 #[tokio::test]
