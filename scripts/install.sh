@@ -9,7 +9,9 @@
 #
 # Options:
 #   --version V    install V (default: the manifest's latest)
-#   --prefix DIR   install into DIR/bin (default: /usr/local as root, else ~/.local)
+#   --prefix DIR   install into DIR/bin, and the static guest binaries (banger-init,
+#                  banger-agent) into DIR/lib/banger, where bangerd looks for them
+#                  (default: /usr/local as root, else ~/.local)
 #   --system       after installing, run `banger system install` (root)
 #   --url URL      the manifest (default below; file:// works, for mirrors)
 #   --key FILE     trust this public key instead of the one below (your own mirror)
@@ -33,7 +35,7 @@ while [ $# -gt 0 ]; do
         --system) system=1; shift ;;
         --url) url="$2"; shift 2 ;;
         --key) keyfile="$2"; shift 2 ;;
-        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
         *) die "unknown option $1 (see --help)" ;;
     esac
 done
@@ -73,16 +75,15 @@ actual="$(sha256sum "$work/$name" | cut -d' ' -f1)"
 [ "$actual" = "$expected" ] || die "$name: SHA-256 $actual does not match the signed $expected: not installing"
 
 mkdir "$work/x"
-tar -xzf "$work/$name" -C "$work/x" --no-same-owner banger bangerd \
-    || die "$name does not hold banger and bangerd"
-mkdir -p "$prefix/bin"
-for b in bangerd banger; do
-    # Through a temporary file and a rename: a running binary is never half-written.
-    cp "$work/x/$b" "$prefix/bin/.$b.new"
-    chmod 0755 "$prefix/bin/.$b.new"
-    mv -f "$prefix/bin/.$b.new" "$prefix/bin/$b"
-done
-echo "installed banger $version into $prefix/bin (signature and SHA-256 verified)"
+tar -xzf "$work/$name" -C "$work/x" --no-same-owner banger bangerd banger-init banger-agent \
+    || die "$name does not hold banger, bangerd and the guest binaries banger-init and banger-agent"
+# Through a temporary file and a rename: a running binary is never half-written.
+put() { cp "$work/x/$1" "$2/.$1.new" && chmod 0755 "$2/.$1.new" && mv -f "$2/.$1.new" "$2/$1"; }
+mkdir -p "$prefix/bin" "$prefix/lib/banger"
+# The guest binaries first: a new bangerd must find its own (static) ones beside it.
+for b in banger-init banger-agent; do put "$b" "$prefix/lib/banger"; done
+for b in bangerd banger; do put "$b" "$prefix/bin"; done
+echo "installed banger $version into $prefix/bin, its guest binaries into $prefix/lib/banger (signature and SHA-256 verified)"
 
 if [ "$system" = 1 ]; then
     "$prefix/bin/banger" system install

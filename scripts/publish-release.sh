@@ -5,7 +5,10 @@
 #   scripts/publish-release.sh --version 0.2.0 --key release-key.pem --out ./releases
 #
 # Produces, in OUT:
-#   v0.2.0/banger-0.2.0-<arch>-linux.tar.gz   banger, bangerd, bangerd.service
+#   v0.2.0/banger-0.2.0-<arch>-linux.tar.gz   banger, bangerd, bangerd.service, and the
+#                                             static guest binaries banger-init and
+#                                             banger-agent (install.sh puts them in
+#                                             <prefix>/lib/banger, where bangerd looks)
 #   v0.2.0/SHA256SUMS                         sha256sum of the tarball(s)
 #   v0.2.0/SHA256SUMS.sig                     base64 of an ECDSA P-256 DER signature of
 #                                             SHA256SUMS (what `cosign sign-blob` makes)
@@ -20,11 +23,13 @@
 #   --pubkey FILE    public key to check the signature with (default: scripts/release-key.pub)
 #   --out DIR        where the release tree lives (created; other releases in it are kept)
 #   --bin-dir DIR    take banger/bangerd from DIR instead of building target/release
+#   --guest-dir DIR  take the static banger-init/banger-agent from DIR instead of building
+#                    them with scripts/build-guest.sh release
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
 repo="$(dirname "$here")"
-version="" key="" cosign_key="" out="" bin_dir="" pubkey="$here/release-key.pub"
+version="" key="" cosign_key="" out="" bin_dir="" guest_dir="" pubkey="$here/release-key.pub"
 
 die() { echo "publish-release: $*" >&2; exit 1; }
 
@@ -36,6 +41,7 @@ while [ $# -gt 0 ]; do
         --pubkey) pubkey="$2"; shift 2 ;;
         --out) out="$2"; shift 2 ;;
         --bin-dir) bin_dir="$2"; shift 2 ;;
+        --guest-dir) guest_dir="$2"; shift 2 ;;
         -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
         *) die "unknown option $1 (see --help)" ;;
     esac
@@ -53,6 +59,15 @@ fi
 for b in banger bangerd; do
     [ -x "$bin_dir/$b" ] || die "$bin_dir/$b is missing"
 done
+if [ -z "$guest_dir" ]; then
+    guest_dir="$("$here/build-guest.sh" release)"
+fi
+for b in banger-init banger-agent; do
+    [ -x "$guest_dir/$b" ] || die "$guest_dir/$b is missing (scripts/build-guest.sh release)"
+    if readelf -lW "$guest_dir/$b" | grep -q 'Requesting program interpreter'; then
+        die "$guest_dir/$b is dynamically linked; guest binaries must be static (scripts/build-guest.sh release)"
+    fi
+done
 reported="$("$bin_dir/bangerd" --version)"
 case "$reported" in
     "bangerd $version "*) ;;
@@ -67,12 +82,13 @@ mkdir -p "$rel"
 stage="$(mktemp -d)"
 trap 'rm -rf "$stage"' EXIT
 install -m 0755 "$bin_dir/banger" "$bin_dir/bangerd" "$stage/"
+install -m 0755 "$guest_dir/banger-init" "$guest_dir/banger-agent" "$stage/"
 install -m 0644 "$repo/systemd/bangerd.service" "$stage/"
 # Reproducible: fixed owner, order and times.
 mtime="@${SOURCE_DATE_EPOCH:-$(git -C "$repo" log -1 --format=%ct 2>/dev/null || date +%s)}"
 tar --create --gzip --file "$rel/$name" --directory "$stage" \
     --owner=0 --group=0 --numeric-owner --mtime="$mtime" --sort=name \
-    banger bangerd bangerd.service
+    banger banger-agent banger-init bangerd bangerd.service
 echo "$commit" > "$rel/COMMIT"
 
 (cd "$rel" && sha256sum banger-*-linux.tar.gz > SHA256SUMS)

@@ -844,7 +844,13 @@ pub fn test_vm_config(dir: &std::path::Path) -> VmConfig {
         settings: VmSettings {
             defaults: Default::default(),
             host: crate::vm::spec::Host::detect(),
-            default_vmm: banger_api::VmmKind::Qemu,
+            default_vmm: banger_api::VmmChoice::Qemu,
+            vmm_probe: Arc::new(crate::vmm::choose::FakeProbe {
+                firecracker: false,
+                jailer: false,
+                kvm: crate::vmm::choose::Kvm::Missing,
+                jailing: crate::vmm::choose::Jailing::NoHelper,
+            }),
             default_image: None,
             subnet: "172.30.0.0/24".parse().expect("valid subnet"),
             network: false,

@@ -7,6 +7,11 @@
 //! [`MAX_RESTARTS`] times in [`crate::root::RESTART_WINDOW`], after which that VM is left
 //! without an actor and reported in the log; a VmActor that stops normally (its VM was
 //! deleted) is dropped.
+//!
+//! The VMM of a new VM is resolved here, once: the request's `vmm`, else `default_vmm`,
+//! with `auto` decided for this host by [`crate::vmm::choose::decide`] at that moment and
+//! the concrete VMM written into the record. An emulated VM (QEMU under TCG) gets one
+//! `warning` stage on the create's progress stream and a warning in the daemon log.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -14,7 +19,7 @@ use std::time::Instant;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 
-use banger_api::{CreateVm, SpecDefaults, VmInfo, VmState, VmmKind};
+use banger_api::{CreateVm, SpecDefaults, VmInfo, VmState, VmmChoice};
 
 use crate::store::now_secs;
 use crate::vm::actor::{ProgressTx, Reply, VmActor, VmArgs, VmEnv, VmError, VmMsg};
@@ -48,7 +53,10 @@ pub enum VmSupervisorMsg {
 pub struct VmSettings {
     pub defaults: spec::ConfigDefaults,
     pub host: spec::Host,
-    pub default_vmm: VmmKind,
+    /// `default_vmm`: what a request that names no VMM gets (`auto` resolved per create).
+    pub default_vmm: VmmChoice,
+    /// What `auto` looks at ([`crate::vmm::choose::RealProbe`] in the daemon).
+    pub vmm_probe: Arc<dyn crate::vmm::choose::HostProbe>,
     pub default_image: Option<String>,
     pub subnet: crate::net::lease::Subnet,
     /// Whether VMs get a network unless the request says.
@@ -97,12 +105,23 @@ impl VmSupervisorState {
 }
 
 impl VmSupervisorState {
-    fn defaults(&self) -> SpecDefaults {
-        spec::defaults(
-            &self.settings.defaults,
-            &self.settings.host,
-            self.settings.default_vmm,
+    /// The VMM a VM asking for `choice` gets now.
+    fn vmm_for(&self, choice: Option<VmmChoice>) -> crate::vmm::choose::Decision {
+        crate::vmm::choose::decide(
+            choice.unwrap_or(self.settings.default_vmm),
+            self.env.vmm.qemu.accel,
+            self.settings.vmm_probe.as_ref(),
         )
+    }
+
+    fn defaults(&self) -> SpecDefaults {
+        let vmm = self.vmm_for(None);
+        SpecDefaults {
+            vmm_choice: self.settings.default_vmm,
+            vmm_reason: vmm.reason,
+            vmm_emulated: vmm.emulated,
+            ..spec::defaults(&self.settings.defaults, &self.settings.host, vmm.vmm)
+        }
     }
 
     fn id_of(&self, cell: &ractor::ActorCell) -> Option<String> {
@@ -128,8 +147,12 @@ impl VmSupervisor {
         Ok(actor)
     }
 
-    /// Validate a create request into a record (blocking: reads the store).
-    fn new_record(state: &VmSupervisorState, req: &CreateVm) -> Result<VmRecord, VmError> {
+    /// Validate a create request into a record (blocking: reads the store), with the
+    /// decision on its VMM.
+    fn new_record(
+        state: &VmSupervisorState,
+        req: &CreateVm,
+    ) -> Result<(VmRecord, crate::vmm::choose::Decision), VmError> {
         let store = &state.env.store;
         let id = model::new_id();
         let name = match &req.name {
@@ -166,14 +189,19 @@ impl VmSupervisor {
                 "kernel {kernel_name} (see `banger kernel list`)"
             )));
         };
-        let vmm = req.vmm.unwrap_or(state.settings.default_vmm);
-        if vmm == banger_api::VmmKind::Firecracker {
+        let vmm = state.vmm_for(req.vmm);
+        if vmm.vmm == banger_api::VmmKind::Firecracker {
             kernel
                 .firecracker_kernel()
                 .map_err(|e| VmError::Invalid(crate::vm::actor::error_chain(&e)))?;
         }
-        let spec = spec::resolve(&state.defaults(), req.vcpu, req.memory_mib, req.disk_bytes)
-            .map_err(VmError::Invalid)?;
+        let spec = spec::resolve(
+            &spec::defaults(&state.settings.defaults, &state.settings.host, vmm.vmm),
+            req.vcpu,
+            req.memory_mib,
+            req.disk_bytes,
+        )
+        .map_err(VmError::Invalid)?;
         let network = req.network.unwrap_or(state.settings.network);
         if req.nat && !network {
             return Err(VmError::Invalid(
@@ -197,12 +225,12 @@ impl VmSupervisor {
         } else {
             None
         };
-        Ok(VmRecord {
+        let record = VmRecord {
             id,
             name,
             image: image_name,
             kernel: kernel_name,
-            vmm,
+            vmm: vmm.vmm,
             spec,
             nat: req.nat,
             state: VmState::Created,
@@ -212,7 +240,8 @@ impl VmSupervisor {
             cmdline: None,
             runtime: None,
             ip,
-        })
+        };
+        Ok((record, vmm))
     }
 }
 
@@ -293,7 +322,7 @@ impl Actor for VmSupervisor {
                 progress,
                 reply,
             } => {
-                let rec = {
+                let (rec, vmm) = {
                     // Reads only; quick. The supervisor's mailbox serialises name checks.
                     match Self::new_record(state, &req) {
                         Ok(r) => r,
@@ -310,13 +339,23 @@ impl Actor for VmSupervisor {
                     let _ = reply.send(Err(e.into()));
                     return Ok(());
                 }
-                tracing::info!(vm = %rec.name, id = %rec.id, ip = rec.ip.as_deref(), "created");
+                tracing::info!(vm = %rec.name, id = %rec.id, ip = rec.ip.as_deref(), vmm = rec.vmm.as_str(), reason = %vmm.reason, "created");
+                let warning = vmm.warning();
+                if let Some(w) = &warning {
+                    tracing::warn!(vm = %rec.name, "{w}");
+                }
                 state.publish(&rec);
                 if let Some(p) = &progress {
                     let dir = crate::vm::disks::VmDir::new(&state.env.vms_dir, &rec.id);
                     let _ = p.send(banger_api::Progress::Created {
                         vm: crate::vm::actor::info_of(&rec, &dir),
                     });
+                    if let Some(w) = warning {
+                        let _ = p.send(banger_api::Progress::Stage {
+                            stage: "warning".into(),
+                            detail: Some(w),
+                        });
+                    }
                 }
                 let actor = Self::spawn_vm(&myself, state, &rec.id).await?;
                 let msg = if req.no_start {

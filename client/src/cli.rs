@@ -216,9 +216,13 @@ pub enum VmCmd {
         kernel: Option<String>,
         #[command(flatten)]
         size: SizeArgs,
-        /// VMM: firecracker or qemu (default: the config's default_vmm).
-        #[arg(long)]
-        vmm: Option<banger_api::VmmKind>,
+        /// VMM: auto, firecracker or qemu (default: the config's default_vmm, itself
+        /// `auto` unless set). `auto` picks Firecracker when it and its jailer are installed,
+        /// /dev/kvm runs stock guests and bangerd has its privileged helper; else QEMU with
+        /// KVM; else QEMU under TCG (emulated, slow). Decided when the VM is created; the VM
+        /// keeps it.
+        #[arg(long, value_name = "VMM")]
+        vmm: Option<banger_api::VmmChoice>,
         /// Give the VM outbound network access through NAT.
         #[arg(long)]
         nat: bool,
@@ -251,9 +255,13 @@ pub enum VmCmd {
         image: Option<String>,
         #[command(flatten)]
         size: SizeArgs,
-        /// VMM: firecracker or qemu (default: the config's default_vmm).
-        #[arg(long)]
-        vmm: Option<banger_api::VmmKind>,
+        /// VMM: auto, firecracker or qemu (default: the config's default_vmm, itself
+        /// `auto` unless set). `auto` picks Firecracker when it and its jailer are installed,
+        /// /dev/kvm runs stock guests and bangerd has its privileged helper; else QEMU with
+        /// KVM; else QEMU under TCG (emulated, slow). Decided when the VM is created; the VM
+        /// keeps it.
+        #[arg(long, value_name = "VMM")]
+        vmm: Option<banger_api::VmmChoice>,
         /// Give the VM outbound network access through NAT.
         #[arg(long)]
         nat: bool,
@@ -267,8 +275,19 @@ pub enum VmCmd {
         #[arg(long)]
         full_copy: bool,
         /// Print how long each stage took (create, boot to agent ready, ship, command,
-        /// delete) to stderr; also BANGER_TIMINGS=1.
-        #[arg(long, env = "BANGER_TIMINGS")]
+        /// delete) to stderr; also BANGER_TIMINGS=1. Takes an optional value:
+        /// `--timings=no`; 1/0, yes/no, true/false and on/off are all understood.
+        #[arg(
+            long,
+            env = "BANGER_TIMINGS",
+            value_name = "BOOL",
+            num_args = 0..=1,
+            require_equals = true,
+            default_missing_value = "true",
+            default_value = "false",
+            value_parser = clap::builder::BoolishValueParser::new(),
+            hide_possible_values = true
+        )]
         timings: bool,
         /// The command and its arguments (after `--`); none: an interactive shell.
         #[arg(last = true)]

@@ -7,6 +7,10 @@
 //! --background` is spawned from beside this executable (or `$BANGER_BANGERD`, or PATH),
 //! and the CLI waits until it answers `daemon.ping`. `BANGER_NO_AUTOSTART=1` turns that
 //! off. The system service is never started from here: that is systemd's job.
+//!
+//! The daemon inherits the CLI's environment (so `BANGER_LOG_LEVEL=debug banger ps` starts
+//! a daemon that logs at debug: real config keys are meant for it), minus the variables
+//! only the CLI reads ([`CLI_ONLY_VARS`]): those never reach the daemon's config.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -164,6 +168,25 @@ pub async fn connect_or_start(target: &Target) -> Result<Client, CliError> {
     }
 }
 
+/// `BANGER_*` variables read by the CLI alone; removed from an auto-started daemon's
+/// environment. (`BANGER_SOCKET` is passed as `--socket` instead.)
+pub const CLI_ONLY_VARS: &[&str] = &[
+    "BANGER_TIMINGS",
+    "BANGER_SOCKET",
+    "BANGER_BANGERD",
+    "BANGER_NO_AUTOSTART",
+];
+
+/// The command that starts a user daemon for `socket`.
+fn daemon_command(bin: &Path, socket: &Path) -> Command {
+    let mut cmd = Command::new(bin);
+    cmd.arg("--background").arg("--socket").arg(socket);
+    for v in CLI_ONLY_VARS {
+        cmd.env_remove(v);
+    }
+    cmd
+}
+
 fn bangerd_path() -> PathBuf {
     if let Some(p) = std::env::var_os("BANGER_BANGERD") {
         return PathBuf::from(p);
@@ -182,10 +205,7 @@ fn bangerd_path() -> PathBuf {
 /// Spawn `bangerd --background` and wait for it to answer.
 async fn start(target: &Target) -> Result<Client, CliError> {
     let bin = bangerd_path();
-    let mut child = Command::new(&bin)
-        .arg("--background")
-        .arg("--socket")
-        .arg(&target.socket)
+    let mut child = daemon_command(&bin, &target.socket)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -236,6 +256,24 @@ async fn start(target: &Target) -> Result<Client, CliError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_autostarted_daemon_gets_none_of_the_cli_only_variables() {
+        let cmd = daemon_command(Path::new("/x/bangerd"), Path::new("/run/b.sock"));
+        let removed: Vec<_> = cmd
+            .get_envs()
+            .filter(|(_, v)| v.is_none())
+            .map(|(k, _)| k.to_string_lossy().into_owned())
+            .collect();
+        for v in ["BANGER_TIMINGS", "BANGER_SOCKET", "BANGER_NO_AUTOSTART"] {
+            assert!(
+                removed.iter().any(|r| r == v),
+                "{v} reaches the daemon: {removed:?}"
+            );
+        }
+        let args: Vec<_> = cmd.get_args().map(|a| a.to_string_lossy()).collect();
+        assert_eq!(args, ["--background", "--socket", "/run/b.sock"]);
+    }
 
     /// A daemon that is going away accepts a connection, drops it, then stops listening:
     /// that is "not running" (so the CLI may start one), not a connection error.

@@ -363,6 +363,177 @@ fn a_bad_config_is_reported_before_anything_starts() {
     );
 }
 
+/// `BANGER_TIMINGS` is the CLI's: with any boolean spelling it parses, and a daemon the
+/// CLI starts does not take it for a config key (it once refused to start: "unknown
+/// field `timings`").
+#[test]
+fn banger_timings_works_with_an_autostarted_daemon() {
+    let home = Home::new();
+    for value in ["1", "0", "yes", "no", "on", "off", "true", "false"] {
+        let mut cmd = Command::new(banger_bin());
+        home.env(&mut cmd);
+        let out = cmd
+            .env("BANGER_TIMINGS", value)
+            .args(["vm", "run", "--image", "nope", "--no-network", "--", "true"])
+            .output()
+            .unwrap();
+        let err = text(&out.stderr);
+        // The daemon started (or was already up) and answered: the image does not exist.
+        assert_eq!(out.status.code(), Some(4), "BANGER_TIMINGS={value}: {err}");
+        assert!(err.contains("nope"), "BANGER_TIMINGS={value}: {err}");
+    }
+    assert!(home.banger(&["daemon", "status"]).status.success());
+    let mut cmd = Command::new(banger_bin());
+    home.env(&mut cmd);
+    let out = cmd
+        .env("BANGER_TIMINGS", "maybe")
+        .args(["vm", "run", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    // The flag takes the same values, and none.
+    for flag in ["--timings", "--timings=yes", "--timings=0"] {
+        let out = home.banger(&["vm", "run", flag, "--image", "nope", "--", "true"]);
+        assert_eq!(out.status.code(), Some(4), "{flag}: {}", text(&out.stderr));
+    }
+    home.banger(&["daemon", "stop"]);
+}
+
+/// The first `/boot/vmlinuz-*` (the rig installs linux-image-cloud-amd64).
+fn host_kernel() -> PathBuf {
+    std::fs::read_dir("/boot")
+        .ok()
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("vmlinuz-")
+        })
+        .expect("no /boot/vmlinuz-*: install linux-image-cloud-amd64 (scripts/rig/setup.sh does)")
+}
+
+/// With neither `--vmm` nor `default_vmm`, `auto` is resolved by the daemon's real probes
+/// when the VM is created, and the record keeps the result. On this machine's kind
+/// (no Firecracker installed, PVM /dev/kvm) that is QEMU under TCG, said on a warning line.
+#[test]
+fn vm_create_without_a_vmm_resolves_auto_for_this_host() {
+    let home = Home::new();
+    let work = home.path().join("work");
+    std::fs::create_dir_all(work.join("kernel")).unwrap();
+    std::fs::copy(host_kernel(), work.join("kernel/vmlinuz")).unwrap();
+    let rootfs = work.join("rootfs.ext4");
+    let mkfs = Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(&rootfs)
+        .arg("16M")
+        .output()
+        .unwrap();
+    assert!(mkfs.status.success(), "{}", text(&mkfs.stderr));
+    let ok = |args: &[&str]| {
+        let out = home.banger(args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+        out
+    };
+    ok(&[
+        "kernel",
+        "import",
+        "k",
+        "--from",
+        work.join("kernel").to_str().unwrap(),
+    ]);
+    ok(&[
+        "image",
+        "register",
+        "img",
+        rootfs.to_str().unwrap(),
+        "--kernel",
+        "k",
+    ]);
+    let out = ok(&[
+        "vm",
+        "create",
+        "--name",
+        "a",
+        "--image",
+        "img",
+        "--no-start",
+        "--json",
+    ]);
+    let vm = json(&out);
+    let firecracker_here = Command::new("sh")
+        .args(["-c", "command -v firecracker"])
+        .output()
+        .unwrap()
+        .status
+        .success();
+    if !firecracker_here {
+        assert_eq!(vm["vmm"], "qemu", "{vm}");
+    }
+    let pvm = Path::new("/sys/module/kvm_pvm").exists();
+    let err = text(&out.stderr);
+    if pvm {
+        assert_eq!(vm["vmm"], "qemu", "{vm}");
+        assert!(
+            err.contains("warning:") && err.contains("emulated"),
+            "an emulated VM is said to be one: {err}"
+        );
+    }
+    // The record keeps it: `vm show` later says the same.
+    let shown = json(&ok(&["vm", "show", "a", "--json"]));
+    assert_eq!(shown["vmm"], vm["vmm"]);
+    // An explicit --vmm still wins.
+    let out = ok(&[
+        "vm",
+        "create",
+        "--name",
+        "b",
+        "--image",
+        "img",
+        "--no-start",
+        "--json",
+        "--vmm",
+        "firecracker",
+    ]);
+    assert_eq!(json(&out)["vmm"], "firecracker");
+    home.banger(&["daemon", "stop"]);
+}
+
+#[test]
+fn doctor_fails_when_the_configured_vmm_is_not_installed() {
+    let home = Home::new();
+    let cfg = home.path().join("config/banger");
+    std::fs::create_dir_all(&cfg).unwrap();
+    std::fs::write(cfg.join("config.toml"), "default_vmm = \"firecracker\"\n").unwrap();
+    assert!(home.banger(&["daemon", "start"]).status.success());
+    let out = home.banger(&["doctor", "--json"]);
+    let checks = json(&out);
+    let fc = checks
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "firecracker")
+        .unwrap()
+        .clone();
+    let installed = Command::new("sh")
+        .args(["-c", "command -v firecracker"])
+        .output()
+        .unwrap()
+        .status
+        .success();
+    if installed {
+        assert_eq!(fc["status"], "ok", "{fc}");
+    } else {
+        assert_eq!(out.status.code(), Some(1), "{checks}");
+        assert_eq!(fc["status"], "fail", "{fc}");
+        assert!(fc["hint"].as_str().unwrap().contains("auto"), "{fc}");
+    }
+    home.banger(&["daemon", "stop"]);
+}
+
 #[test]
 fn no_autostart_when_asked() {
     let home = Home::new();
@@ -464,6 +635,18 @@ fn vm_create_help_shows_the_resolved_defaults_and_their_sources() {
         "memory comes from the host: {help}"
     );
     assert!(help.contains("--disk-size  8 GiB  (built-in)"), "{help}");
+    // What `auto` picks here, and why.
+    let vmm = help
+        .lines()
+        .find(|l| l.trim_start().starts_with("--vmm        "))
+        .unwrap_or_else(|| panic!("no --vmm default: {help}"));
+    assert!(vmm.contains("auto: "), "{vmm}");
+    if Path::new("/sys/module/kvm_pvm").exists() {
+        assert!(
+            vmm.contains("--vmm        qemu") && vmm.contains("TCG") && vmm.contains("PVM"),
+            "{vmm}"
+        );
+    }
     home.banger(&["daemon", "stop"]);
 }
 
@@ -512,6 +695,17 @@ fn doctor_tells_the_truth_about_this_host() {
     if Path::new("/sys/module/kvm_pvm").exists() {
         assert_eq!(kvm["status"], "warn");
         assert!(kvm["detail"].as_str().unwrap().contains("PVM"), "{kvm}");
+    }
+    // The VMM new VMs get (auto here), and why; QEMU under TCG on a PVM host.
+    let vmm = get("vmm");
+    let vmm_detail = vmm["detail"].as_str().unwrap();
+    assert!(vmm_detail.contains("auto: "), "{vmm}");
+    if Path::new("/sys/module/kvm_pvm").exists() {
+        assert_eq!(vmm["status"], "warn", "{vmm}");
+        assert!(
+            vmm_detail.starts_with("new VMs get qemu") && vmm_detail.contains("TCG"),
+            "{vmm}"
+        );
     }
     assert_eq!(get("daemon")["status"], "ok");
     assert_eq!(get("version drift")["status"], "ok");

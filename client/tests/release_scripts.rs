@@ -28,6 +28,35 @@ fn sh(cmd: &mut Command) -> Output {
     cmd.output().unwrap()
 }
 
+/// A static executable standing in for the guest binaries (busybox-static, a rig
+/// dependency), and a dynamically linked one.
+const STATIC_ELF: &str = "/bin/busybox";
+const DYNAMIC_ELF: &str = "/bin/true";
+
+/// Run publish-release.sh on the key and binaries under `d`, with guest binaries copied
+/// from `guest_from` into `d/guest-<name>`.
+fn publish(d: &Path, guest_from: &str) -> Output {
+    let guest = d.join(format!(
+        "guest-{}",
+        Path::new(guest_from).file_name().unwrap().to_string_lossy()
+    ));
+    std::fs::create_dir_all(&guest).unwrap();
+    for b in ["banger-init", "banger-agent"] {
+        std::fs::copy(guest_from, guest.join(b)).unwrap();
+    }
+    sh(Command::new(repo().join("scripts/publish-release.sh"))
+        .args(["--version", env!("CARGO_PKG_VERSION"), "--key"])
+        .arg(d.join("k.pem"))
+        .arg("--pubkey")
+        .arg(d.join("k.pub"))
+        .arg("--out")
+        .arg(d.join("out"))
+        .arg("--bin-dir")
+        .arg(d.join("bin"))
+        .arg("--guest-dir")
+        .arg(guest))
+}
+
 /// A key pair, stripped binaries, and a published release under `dir`.
 struct Published {
     dir: tempfile::TempDir,
@@ -72,15 +101,7 @@ impl Published {
             assert!(st.success());
         }
         let version = env!("CARGO_PKG_VERSION").to_owned();
-        let out = sh(Command::new(repo().join("scripts/publish-release.sh"))
-            .args(["--version", &version, "--key"])
-            .arg(d.join("k.pem"))
-            .arg("--pubkey")
-            .arg(d.join("k.pub"))
-            .arg("--out")
-            .arg(d.join("out"))
-            .arg("--bin-dir")
-            .arg(d.join("bin")));
+        let out = publish(d, STATIC_ELF);
         assert!(
             out.status.success(),
             "publish-release: {}{}",
@@ -168,6 +189,26 @@ fn a_published_release_is_what_update_reads_and_install_sh_installs_it() {
     }
     let v = sh(Command::new(prefix.join("bin/bangerd")).arg("--version"));
     assert!(text(&v.stdout).starts_with(&format!("bangerd {}", p.version)));
+    // The static guest binaries, where bangerd looks beside <prefix>/bin/bangerd.
+    for b in ["banger-init", "banger-agent"] {
+        assert_eq!(
+            std::fs::read(prefix.join("lib/banger").join(b)).unwrap(),
+            std::fs::read(STATIC_ELF).unwrap(),
+            "{b}"
+        );
+    }
+}
+
+#[test]
+fn publish_release_refuses_dynamically_linked_guest_binaries() {
+    let p = Published::new();
+    let out = publish(p.dir.path(), DYNAMIC_ELF);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("banger-init is dynamically linked") && err.contains("build-guest.sh"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -1,32 +1,90 @@
 //! bangerd's configuration: `config.toml` (see [`crate::paths`] for where), then
 //! `BANGER_*` environment overrides, validated before any actor starts.
 //!
-//! Every key of the file can be overridden from the environment: `BANGER_LOG_LEVEL=debug`
+//! Every leaf key of the file can be overridden from the environment: `BANGER_LOG_LEVEL=debug`
 //! sets `log_level`; a double underscore descends into a table
 //! (`BANGER_VM_DEFAULTS__VCPU=2`). Values are read as TOML when they parse as TOML
-//! (numbers, booleans) and as strings otherwise. An unknown key is an error, in the file
-//! and in the environment alike, so a typo never silently does nothing. A few `BANGER_*`
-//! variables are not config keys and are left alone: see [`NON_CONFIG_VARS`].
+//! (numbers, booleans, arrays) and as strings otherwise. An unknown key in the file is an
+//! error.
+//!
+//! The environment is read through an explicit table of keys, [`env_keys`], derived from
+//! [`Config`]'s own serde field names (the default config serialised and walked), so it can
+//! never drift from the struct: only those variables become config. Every other `BANGER_*`
+//! variable is left alone — `BANGER_TIMINGS` belongs to the CLI, `BANGER_SOCKET` to both
+//! programs, and a daemon started by the CLI inherits them — except one that looks like a
+//! typo of a key (edit distance at most [`TYPO_DISTANCE`] from a key's variable, e.g.
+//! `BANGER_LOG_LEVLE`), which is an error naming the nearest key, so a misspelt override
+//! never silently does nothing. The variables the programs themselves read
+//! ([`NON_CONFIG_VARS`], `BANGER_TEST_*`) are never taken for typos.
+//!
+//! (A layered-config crate such as `figment` was considered: it would still need this key
+//! list to ignore foreign `BANGER_*` variables and has no typo check, so the table is
+//! simpler and adds nothing to the build.)
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-/// `BANGER_*` variables that are not config keys (read by the CLI, tests, or the build).
+/// `BANGER_*` variables that are not config keys (read by the CLI, tests, or the build);
+/// never mistaken for a misspelt key.
 pub const NON_CONFIG_VARS: &[&str] = &[
     "BANGER_CONFIG",
     "BANGER_SOCKET",
     "BANGER_BANGERD",
     "BANGER_COMMIT",
+    "BANGER_BUILD_TIME",
     "BANGER_NO_AUTOSTART",
+    "BANGER_TIMINGS",
 ];
 
 /// Prefix of variables reserved for the test suite.
 const TEST_PREFIX: &str = "BANGER_TEST_";
 
+/// A `BANGER_*` variable this close (Levenshtein) to a key's variable is taken for a typo.
+pub const TYPO_DISTANCE: usize = 2;
+
+/// One config key that can be set from the environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvKey {
+    /// The key's path in the file, e.g. `["vm_defaults", "vcpu"]`.
+    pub path: Vec<String>,
+    /// Its variable, e.g. `BANGER_VM_DEFAULTS__VCPU`.
+    pub var: String,
+}
+
+impl EnvKey {
+    /// The key as the file spells it: `vm_defaults.vcpu`.
+    pub fn key(&self) -> String {
+        self.path.join(".")
+    }
+}
+
+/// The table of environment keys: every leaf of [`Config`] (a table descends; anything
+/// else, arrays included, is a leaf), from its serde field names.
+pub fn env_keys() -> Vec<EnvKey> {
+    fn walk(v: &serde_json::Value, path: &mut Vec<String>, out: &mut Vec<EnvKey>) {
+        if let serde_json::Value::Object(map) = v {
+            for (k, child) in map {
+                path.push(k.clone());
+                walk(child, path, out);
+                path.pop();
+            }
+        } else if !path.is_empty() {
+            out.push(EnvKey {
+                path: path.clone(),
+                var: format!("BANGER_{}", path.join("__").to_ascii_uppercase()),
+            });
+        }
+    }
+    let value = serde_json::to_value(Config::default()).expect("the default config serialises");
+    let mut out = Vec::new();
+    walk(&value, &mut Vec::new(), &mut out);
+    out
+}
+
 /// The daemon's configuration.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Tracing filter for `bangerd.log`: a level (`error`, `warn`, `info`, `debug`,
@@ -42,7 +100,9 @@ pub struct Config {
     pub socket_group: String,
     /// The image `vm create` uses when none is given.
     pub default_image_name: Option<String>,
-    /// The VMM of new VMs: `firecracker` or `qemu`.
+    /// The VMM of new VMs: `auto` (the default: Firecracker where it can run jailed on
+    /// real KVM, else QEMU with KVM, else QEMU under TCG; resolved when each VM is
+    /// created, see `banger_actors::vmm::choose`), `firecracker` or `qemu`.
     pub default_vmm: String,
     /// Seconds `vm stop` waits for the guest to shut down before killing it.
     pub stop_timeout_secs: u64,
@@ -71,7 +131,7 @@ pub struct Config {
 }
 
 /// `[images]`: pulls.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ImagesSection {
     /// An image catalog file to use instead of the one built into bangerd.
@@ -89,7 +149,7 @@ pub struct ImagesSection {
 /// optional `mode = 0o600` (of the copied file). Validated at load: `host` absolute,
 /// `guest` under `~/` or `/root/`, no `..` in either; a missing host path is only a
 /// warning (it is skipped when VMs are created).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileSync {
     pub host: PathBuf,
@@ -140,7 +200,7 @@ impl FileSync {
 
 /// `[vm_defaults]`: the size of new VMs (each falls back to a host-derived value, then a
 /// built-in one; `banger vm create --help` shows what applies and why).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmDefaults {
     pub vcpu: Option<u32>,
@@ -154,7 +214,7 @@ pub struct VmDefaults {
 }
 
 /// `[network]`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NetworkSection {
     /// The VM subnet; the bridge takes its first address, VMs the others.
@@ -173,7 +233,7 @@ impl Default for NetworkSection {
 }
 
 /// `[firecracker]`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FirecrackerSection {
     pub binary: PathBuf,
@@ -195,7 +255,7 @@ impl Default for FirecrackerSection {
 }
 
 /// `[qemu]`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct QemuSection {
     pub binary: PathBuf,
@@ -223,7 +283,7 @@ impl Default for Config {
             cache_dir: None,
             socket_group: "banger".into(),
             default_image_name: None,
-            default_vmm: "firecracker".into(),
+            default_vmm: "auto".into(),
             stop_timeout_secs: 30,
             kernel_cmdline_extra: String::new(),
             agent_timeout_secs: 120,
@@ -253,6 +313,14 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("invalid setting from the environment: {message}")]
     Env { message: String },
+    #[error(
+        "{var} is not a config variable: did you mean {nearest} (the key `{key}`)? Unset it, or fix its name"
+    )]
+    EnvTypo {
+        var: String,
+        nearest: String,
+        key: String,
+    },
     #[error("invalid `{key}`: {message}")]
     Invalid { key: &'static str, message: String },
 }
@@ -292,25 +360,21 @@ impl Config {
                 }
             })?;
         }
+        let keys = env_keys();
         let mut overridden = Vec::new();
         for (name, value) in vars {
-            let Some(key) = name.strip_prefix("BANGER_") else {
+            if !name.starts_with("BANGER_") {
+                continue;
+            }
+            let Some(key) = keys.iter().find(|k| k.var == name) else {
+                check_not_a_typo(&name, &keys)?;
                 continue;
             };
-            if NON_CONFIG_VARS.contains(&name.as_str()) || name.starts_with(TEST_PREFIX) {
-                continue;
-            }
-            let parts: Vec<String> = key.split("__").map(str::to_ascii_lowercase).collect();
-            if parts.iter().any(String::is_empty) {
-                return Err(ConfigError::Env {
-                    message: format!("{name}: malformed name"),
-                });
-            }
             let parsed = toml::Table::from_str(&format!("v = {value}"))
                 .ok()
                 .and_then(|mut t| t.remove("v"))
                 .unwrap_or(toml::Value::String(value.clone()));
-            insert(&mut table, &parts, parsed);
+            insert(&mut table, &key.path, parsed);
             overridden.push(name);
         }
         let config =
@@ -340,7 +404,7 @@ impl Config {
             }
         }
         self.default_vmm
-            .parse::<banger_api::VmmKind>()
+            .parse::<banger_api::VmmChoice>()
             .map_err(|message| ConfigError::Invalid {
                 key: "default_vmm",
                 message,
@@ -513,6 +577,26 @@ impl Config {
             memory_mib: size(&self.vm_defaults.memory).map(|b| (b >> 20) as u32),
             disk_bytes: size(&self.vm_defaults.disk),
         }
+    }
+}
+
+/// A `BANGER_*` variable that is no key: an error when it is within [`TYPO_DISTANCE`] of
+/// a key's variable (and not one the programs read themselves), else ignored.
+fn check_not_a_typo(name: &str, keys: &[EnvKey]) -> Result<(), ConfigError> {
+    if NON_CONFIG_VARS.contains(&name) || name.starts_with(TEST_PREFIX) {
+        return Ok(());
+    }
+    let nearest = keys
+        .iter()
+        .map(|k| (strsim::levenshtein(name, &k.var), k))
+        .min_by_key(|(d, _)| *d);
+    match nearest {
+        Some((d, k)) if d <= TYPO_DISTANCE => Err(ConfigError::EnvTypo {
+            var: name.to_owned(),
+            nearest: k.var.clone(),
+            key: k.key(),
+        }),
+        _ => Ok(()),
     }
 }
 
@@ -691,6 +775,131 @@ mod tests {
         let e = Config::load(None, false, vars(&[("BANGER_LOG_LVL", "debug")])).unwrap_err();
         let msg = e.to_string();
         assert!(msg.contains("BANGER_LOG_LVL"), "{msg}");
+    }
+
+    #[test]
+    fn only_real_keys_are_read_from_the_environment() {
+        // The CLI's own variables and anything else BANGER_* that is no key: left alone
+        // (BANGER_TIMINGS=1 once stopped an auto-started daemon: "unknown field `timings`").
+        let c = Config::load(
+            None,
+            false,
+            vars(&[
+                ("BANGER_TIMINGS", "1"),
+                ("BANGER_SOCKET", "/x.sock"),
+                ("BANGER_NO_AUTOSTART", "1"),
+                ("BANGER_TEST_UPDATE_KEY", "k"),
+                ("BANGER_SOMETHING_ELSE_ENTIRELY", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c, Config::default());
+        // A real key still overrides, nested ones and arrays included.
+        let c = Config::load(
+            None,
+            false,
+            vars(&[
+                ("BANGER_TIMINGS", "1"),
+                ("BANGER_DEFAULT_VMM", "qemu"),
+                ("BANGER_IMAGES__INSECURE_REGISTRIES", "[\"127.0.0.1:5000\"]"),
+                ("BANGER_VM_DEFAULTS__NETWORK", "false"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.default_vmm, "qemu");
+        assert_eq!(c.images.insecure_registries, ["127.0.0.1:5000"]);
+        assert_eq!(c.vm_defaults.network, Some(false));
+    }
+
+    #[test]
+    fn a_misspelt_variable_names_the_nearest_key() {
+        for (typo, nearest, key) in [
+            ("BANGER_LOG_LEVLE", "BANGER_LOG_LEVEL", "log_level"),
+            (
+                "BANGER_VM_DEFAULTS_VCPU",
+                "BANGER_VM_DEFAULTS__VCPU",
+                "vm_defaults.vcpu",
+            ),
+            ("BANGER_QEMU__ACEL", "BANGER_QEMU__ACCEL", "qemu.accel"),
+        ] {
+            let e = Config::load(None, false, vars(&[(typo, "x")])).unwrap_err();
+            match &e {
+                ConfigError::EnvTypo {
+                    var,
+                    nearest: n,
+                    key: k,
+                } => {
+                    assert_eq!((var.as_str(), n.as_str(), k.as_str()), (typo, nearest, key));
+                }
+                other => panic!("{typo}: {other:?}"),
+            }
+            let msg = e.to_string();
+            assert!(msg.contains(typo) && msg.contains(nearest), "{msg}");
+        }
+    }
+
+    #[test]
+    fn the_env_table_is_every_leaf_of_the_config() {
+        let keys = env_keys();
+        let vars: Vec<&str> = keys.iter().map(|k| k.var.as_str()).collect();
+        for v in [
+            "BANGER_LOG_LEVEL",
+            "BANGER_DEFAULT_VMM",
+            "BANGER_OWNER",
+            "BANGER_SSH_KEY_PATH",
+            "BANGER_NETWORK__BRIDGE",
+            "BANGER_VM_DEFAULTS__MEMORY",
+            "BANGER_FIRECRACKER__UID",
+            "BANGER_QEMU__VHOST_VSOCK",
+            "BANGER_IMAGES__GUEST_BINARIES_DIR",
+        ] {
+            assert!(vars.contains(&v), "{v} missing from {vars:?}");
+        }
+        assert!(!vars.contains(&"BANGER_NETWORK"), "tables are not leaves");
+        // Every key is one the file accepts at that path (a string value parses for each).
+        for k in &keys {
+            let mut t = toml::Table::new();
+            insert(&mut t, &k.path, toml::Value::String("x".into()));
+            let e = Config::deserialize(toml::Value::Table(t)).err();
+            let msg = e.map(|e| e.message().to_owned()).unwrap_or_default();
+            assert!(!msg.contains("unknown field"), "{}: {msg}", k.var);
+        }
+        // What the programs read is never a key.
+        for v in NON_CONFIG_VARS {
+            assert!(!vars.contains(v), "{v}");
+        }
+    }
+
+    /// The sample in the guide's Configuration section (docs/guide.md) must load as it is.
+    #[test]
+    fn the_guides_sample_config_is_accepted() {
+        let guide = include_str!("../../docs/guide.md");
+        let section = &guide[guide
+            .find("### Configuration")
+            .expect("docs/guide.md has a Configuration section")..];
+        let start = section.find("```toml\n").expect("with a toml block") + "```toml\n".len();
+        let len = section[start..].find("```").expect("that ends");
+        let sample = &section[start..start + len];
+        let (_d, path) = write(sample);
+        let c = Config::load(Some(&path), true, vec![])
+            .unwrap_or_else(|e| panic!("docs/guide.md's sample config is refused: {e}"));
+        assert_eq!(c.default_vmm, "auto");
+        assert!(c.ssh_key_path.is_some() && !c.images.insecure_registries.is_empty());
+    }
+
+    #[test]
+    fn the_default_vmm_is_auto() {
+        assert_eq!(Config::default().default_vmm, "auto");
+        for ok in ["auto", "firecracker", "qemu"] {
+            let (_d, path) = write(&format!("default_vmm = \"{ok}\"\n"));
+            Config::load(Some(&path), true, vec![]).unwrap();
+        }
+        let (_d, path) = write("default_vmm = \"xen\"\n");
+        let e = Config::load(Some(&path), true, vec![]).unwrap_err();
+        assert!(
+            e.to_string().contains("use auto, firecracker or qemu"),
+            "{e}"
+        );
     }
 
     #[test]

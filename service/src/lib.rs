@@ -16,6 +16,7 @@ pub mod rpc;
 pub mod server;
 
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -75,21 +76,56 @@ impl Settings {
     }
 }
 
-/// Where the guest binaries are: the config's directory, else beside this executable when
-/// they are there, else `/usr/lib/banger`.
-fn guest_binaries_dir(config: &Config) -> std::path::PathBuf {
+/// Where the guest binaries (`banger-init`, `banger-agent`) are taken from, in order:
+///
+/// 1. `[images] guest_binaries_dir` when set — as given: the user named it, so wrong files
+///    there are an error when an image needs them, never skipped;
+/// 2. beside the bangerd executable;
+/// 3. `<bangerd's dir>/../lib/banger` (where `scripts/install.sh` puts them beside
+///    `<prefix>/bin/bangerd`);
+/// 4. `/usr/lib/banger`.
+///
+/// Guest binaries must be static (see `banger_actors::pull::guest`). A location of 2–3
+/// that holds `banger-init` but not two static binaries is skipped with a warning in the
+/// log, and the lookup goes on: a plain `cargo build` leaves dynamically linked ones beside
+/// bangerd, and a user who installed the static ones elsewhere expects those to be used
+/// rather than an error. When no location has them, the last one is used, so the error a
+/// pull then reports names it and says how to get static ones.
+fn guest_binaries_dir(config: &Config) -> PathBuf {
+    let exe = std::env::current_exe().ok();
+    find_guest_binaries(config, exe.as_deref(), Path::new(SYSTEM_GUEST_DIR))
+}
+
+/// The system-wide guest binaries directory.
+pub const SYSTEM_GUEST_DIR: &str = "/usr/lib/banger";
+
+/// [`guest_binaries_dir`] for an executable at `exe` and a system directory `system`.
+fn find_guest_binaries(config: &Config, exe: Option<&Path>, system: &Path) -> PathBuf {
+    use banger_actors::pull::guest;
     if let Some(d) = &config.images.guest_binaries_dir {
         return d.clone();
     }
-    std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().map(|p| p.to_owned()))
-        .filter(|d| d.join("banger-init").is_file())
-        .unwrap_or_else(|| "/usr/lib/banger".into())
+    let beside = exe.and_then(Path::parent);
+    let candidates = beside
+        .map(|d| vec![d.to_owned(), d.join("../lib/banger")])
+        .unwrap_or_default();
+    for dir in candidates {
+        if !dir.join(guest::NAMES[0]).exists() {
+            continue;
+        }
+        match guest::check_dir(&dir) {
+            Ok(()) => return dir,
+            Err(e) => tracing::warn!(
+                dir = %dir.display(),
+                "skipping these guest binaries: {e}"
+            ),
+        }
+    }
+    system.to_owned()
 }
 
 /// banger's ssh key: the config's `ssh_key_path`, else `<data_dir>/ssh/id_ed25519`.
-pub fn ssh_key_path(settings: &Settings) -> std::path::PathBuf {
+pub fn ssh_key_path(settings: &Settings) -> PathBuf {
     settings
         .config
         .ssh_key_path
@@ -97,8 +133,12 @@ pub fn ssh_key_path(settings: &Settings) -> std::path::PathBuf {
         .unwrap_or_else(|| settings.paths.data_dir.join("ssh/id_ed25519"))
 }
 
-/// The VM side of the tree, from config and host.
-fn vm_config(settings: &Settings) -> Result<banger_actors::root::VmConfig, config::ConfigError> {
+/// The VM side of the tree, from config and host. `jailing`: whether the privileged
+/// helper can start Firecracker's jailer (what `default_vmm = "auto"` needs).
+fn vm_config(
+    settings: &Settings,
+    jailing: banger_actors::vmm::choose::Jailing,
+) -> Result<banger_actors::root::VmConfig, config::ConfigError> {
     use banger_actors::vm::spec::Host;
     use banger_actors::vm_supervisor::VmSettings;
     use banger_actors::vmm::{VmmConfig, firecracker::FirecrackerConfig, qemu};
@@ -152,10 +192,12 @@ fn vm_config(settings: &Settings) -> Result<banger_actors::root::VmConfig, confi
         settings: VmSettings {
             defaults: c.vm_spec_defaults(),
             host: Host::detect(),
-            default_vmm: c
-                .default_vmm
-                .parse()
-                .unwrap_or(banger_api::VmmKind::Firecracker),
+            default_vmm: c.default_vmm.parse().unwrap_or_default(),
+            vmm_probe: std::sync::Arc::new(banger_actors::vmm::choose::RealProbe {
+                firecracker: c.firecracker.binary.clone(),
+                jailer: c.firecracker.jailer.clone(),
+                jailing,
+            }),
             default_image: c.default_image_name.clone(),
             subnet: c
                 .network
@@ -181,6 +223,9 @@ pub struct Privileged {
     pub helper: Option<banger_policy::Helper>,
     /// The guests' resolver socket on the bridge address, port 53.
     pub guest_dns: Option<banger_actors::net::dns::GuestDns>,
+    /// Whether the helper was given Firecracker's jailer (it and firecracker were found
+    /// when it started): only then can Firecracker VMs run jailed.
+    pub helper_jails: bool,
 }
 
 /// A started daemon: lock held, store open, tree running.
@@ -216,7 +261,13 @@ impl Daemon {
         for w in settings.config.warnings() {
             tracing::warn!("{w}");
         }
-        let mut vm = vm_config(&settings)?;
+        use banger_actors::vmm::choose::Jailing;
+        let jailing = match (&privileged.helper, privileged.helper_jails) {
+            (None, _) => Jailing::NoHelper,
+            (Some(_), false) => Jailing::HelperWithoutJailer,
+            (Some(_), true) => Jailing::Ready,
+        };
+        let mut vm = vm_config(&settings, jailing)?;
         let network = banger_api::NetworkStatus {
             bridge: settings.config.network.bridge.clone(),
             subnet: settings.config.network.subnet.clone(),
@@ -299,5 +350,68 @@ impl Daemon {
             return Err(ServiceError::TreeStopped);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `<root>/bin/bangerd` with the guest binaries `beside` it (copies of `beside_from`)
+    /// and in `<root>/lib/banger` (copies of `lib_from`), when given.
+    fn layout(beside_from: Option<&str>, lib_from: Option<&str>) -> (tempfile::TempDir, PathBuf) {
+        let root = tempfile::tempdir().unwrap();
+        let bin = root.path().join("bin");
+        let lib = root.path().join("lib/banger");
+        for (dir, from) in [(&bin, beside_from), (&lib, lib_from)] {
+            std::fs::create_dir_all(dir).unwrap();
+            if let Some(from) = from {
+                for n in banger_actors::pull::guest::NAMES {
+                    std::fs::copy(from, dir.join(n)).unwrap();
+                }
+            }
+        }
+        let exe = bin.join("bangerd");
+        (root, exe)
+    }
+
+    // /bin/busybox is static (busybox-static, a rig dependency), /bin/true dynamic.
+    const STATIC: &str = "/bin/busybox";
+    const DYNAMIC: &str = "/bin/true";
+
+    #[test]
+    fn static_guest_binaries_beside_bangerd_are_used() {
+        let (root, exe) = layout(Some(STATIC), Some(STATIC));
+        let system = root.path().join("system");
+        let got = find_guest_binaries(&Config::default(), Some(&exe), &system);
+        assert_eq!(got, exe.parent().unwrap());
+    }
+
+    #[test]
+    fn dynamic_guest_binaries_beside_bangerd_are_skipped_for_the_installed_ones() {
+        // What `cargo build --release` leaves, with install.sh's static ones in ../lib/banger.
+        let (root, exe) = layout(Some(DYNAMIC), Some(STATIC));
+        let system = root.path().join("system");
+        let got = find_guest_binaries(&Config::default(), Some(&exe), &system);
+        assert_eq!(got, exe.parent().unwrap().join("../lib/banger"));
+        // Nothing static anywhere: the system directory, whose error a pull then reports.
+        let (root, exe) = layout(Some(DYNAMIC), None);
+        let system = root.path().join("system");
+        assert_eq!(
+            find_guest_binaries(&Config::default(), Some(&exe), &system),
+            system
+        );
+    }
+
+    #[test]
+    fn a_configured_guest_binaries_dir_is_taken_as_given() {
+        let (root, exe) = layout(Some(STATIC), None);
+        let mut config = Config::default();
+        let mine = root.path().join("mine");
+        config.images.guest_binaries_dir = Some(mine.clone());
+        assert_eq!(
+            find_guest_binaries(&config, Some(&exe), Path::new("/nonexistent")),
+            mine
+        );
     }
 }

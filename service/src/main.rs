@@ -121,6 +121,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         let owner = privilege::owner(&config, &env)?;
         let helper_config = privilege::helper_config(&config, &paths, owner);
         privileged.helper = Some(privilege::start_helper(&helper_config)?);
+        privileged.helper_jails = helper_config.jailer.is_some();
         // The guests' resolver listens on the bridge's port 53, which only root may bind.
         privileged.guest_dns = privilege::bind_guest_dns(&helper_config);
         privilege::drop_to(owner, &paths)?;

@@ -55,13 +55,7 @@ pub fn image_bundle(
     size: Option<u64>,
 ) -> Result<Made, PullError> {
     crate::image::validate_name(name)?;
-    for b in super::oci::GUEST_BINARIES {
-        if !guest_dir.join(b).is_file() {
-            return Err(PullError::GuestBinaries {
-                path: guest_dir.join(b),
-            });
-        }
-    }
+    super::guest::check_dir(guest_dir)?;
     let parent = out
         .parent()
         .filter(|p| !p.as_os_str().is_empty())

@@ -23,6 +23,7 @@
 pub mod bundle;
 pub mod catalog;
 pub mod ext4;
+pub mod guest;
 pub mod layers;
 pub mod make;
 pub mod oci;
@@ -102,6 +103,8 @@ pub enum PullError {
         "the guest binaries are missing: {path} not found (run scripts/build-guest.sh, or set [images] guest_binaries_dir)"
     )]
     GuestBinaries { path: PathBuf },
+    #[error(transparent)]
+    GuestBinary(#[from] guest::GuestBinaryError),
     #[error("i/o error on {path}")]
     Io {
         path: PathBuf,

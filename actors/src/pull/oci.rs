@@ -35,7 +35,7 @@ use crate::image::ImageRecord;
 
 /// Where banger's guest binaries go inside an OCI image.
 pub const GUEST_DIR: &str = "usr/lib/banger";
-pub const GUEST_BINARIES: [&str; 2] = ["banger-init", "banger-agent"];
+pub const GUEST_BINARIES: [&str; 2] = super::guest::NAMES;
 
 /// The default image name for a reference: its last path component and its tag (or the
 /// start of its digest), e.g. `docker.io/library/debian:bookworm` → `debian-bookworm`.
@@ -272,11 +272,10 @@ pub async fn pull(
     rep: &Reporter,
 ) -> Result<ImageRecord, PullError> {
     let guest_dir = env.config.guest_binaries_dir.clone();
-    for b in GUEST_BINARIES {
-        let p = guest_dir.join(b);
-        if !p.is_file() {
-            return Err(PullError::GuestBinaries { path: p });
-        }
+    {
+        // Both there and static (see `super::guest`), before anything is downloaded.
+        let dir = guest_dir.clone();
+        blocking(move || Ok(super::guest::check_dir(&dir)?)).await?;
     }
     rep.stage("resolve", Some(reference.whole()));
     let client = client(&env.config.insecure_registries);

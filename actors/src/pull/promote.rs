@@ -318,10 +318,18 @@ pub async fn promote(
     })
     .await?;
     let guest_dir = env.config.guest_binaries_dir.clone();
-    let guest_dir = GUEST_BINARIES
-        .iter()
-        .all(|b| guest_dir.join(b).is_file())
-        .then_some(guest_dir);
+    // Only static ones replace the VM's own (see `super::guest`); else the VM's are kept.
+    let checked = {
+        let dir = guest_dir.clone();
+        blocking(move || Ok(super::guest::check_dir(&dir))).await?
+    };
+    let guest_dir = match checked {
+        Ok(()) => Some(guest_dir),
+        Err(e) => {
+            tracing::info!(vm = %plan.vm, "keeping the vm's own guest binaries: {e}");
+            None
+        }
+    };
     let tree = staging.path().join("tree");
     {
         use std::os::unix::fs::PermissionsExt;

@@ -67,6 +67,9 @@ pub fn defaults(cfg: &ConfigDefaults, host: &Host, vmm: VmmKind) -> SpecDefaults
         memory_from,
         disk_from,
         vmm,
+        vmm_choice: vmm.into(),
+        vmm_reason: String::new(),
+        vmm_emulated: false,
     }
 }
 

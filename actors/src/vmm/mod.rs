@@ -9,10 +9,15 @@
 //!   block and net devices, vhost-user-vsock through `vhost-device-vsock` (which exposes the
 //!   same hybrid vsock Unix socket as Firecracker), controlled through QMP.
 //!
+//! Which of the two a new VM gets is [`choose`]'s rule (`default_vmm = "auto"`: Firecracker
+//! where it can run jailed on real KVM, else QEMU with KVM, else QEMU under TCG), resolved
+//! once, at VM create; the record keeps the concrete VMM.
+//!
 //! Both spawn the VMM in its own process group with the serial console appended to the
 //! VM's `console.log`, so a VM outlives a daemon restart (`kill -9` included) and keeps
 //! logging; the daemon re-adopts it by pid + start time.
 
+pub mod choose;
 pub mod firecracker;
 pub mod qemu;
 

@@ -38,14 +38,9 @@ pub struct QemuConfig {
     pub accel: Accel,
 }
 
-/// Whether KVM is usable for stock guest kernels here.
+/// Whether KVM is usable for stock guest kernels here (see [`super::choose::Kvm`]).
 pub fn kvm_usable() -> bool {
-    let opens = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    opens && !is_pvm()
+    super::choose::Kvm::probe().usable()
 }
 
 /// A PVM host (nested paravirtualised KVM): the kvm_pvm module is loaded.

@@ -1,14 +1,20 @@
 //! `banger doctor`: one line per check — ok, warn or fail — with what to do. Checks the
-//! host (architecture, KVM and whether it is nested PVM, VMMs, tools), the daemon (running,
-//! version drift, store schema, socket permissions, VM defaults and where they come from)
-//! and running VMs' agents. Exits 1 when a check fails. Checks of parts banger does not
-//! have yet (the confined helper, bridge, NAT, DNS, ssh-config, updates) are not listed.
+//! host (architecture, KVM and whether it is nested PVM, tools), the VMM new VMs get and
+//! why (`default_vmm = "auto"` resolved by the same rule as the daemon's,
+//! `banger_actors::vmm::choose`), the daemon (running, version drift, store schema, socket
+//! permissions, VM defaults and where they come from) and running VMs' agents. Exits 1 when
+//! a check fails — among them a missing binary of the VMM new VMs get (a configured
+//! `default_vmm = "firecracker"` without Firecracker installed fails). The other VMM's
+//! binaries are listed, and not needed. The VMM is the daemon's answer when it runs; else
+//! what a daemon started now with `default_vmm = "auto"` would pick (doctor does not read
+//! the daemon's config). Checks of parts banger does not have yet are not listed.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use banger_api::{DaemonRpcClient, SpecSource, VmRpcClient, VmState};
+use banger_actors::vmm::choose::{self, Decision, Jailing, Kvm};
+use banger_api::{DaemonRpcClient, SpecDefaults, SpecSource, VmRpcClient, VmState, VmmKind};
 use serde::Serialize;
 
 use crate::connect::{self, Target};
@@ -86,57 +92,136 @@ pub fn host_checks() -> Vec<Check> {
             Some("banger runs on x86_64 and aarch64 hosts"),
         ),
     });
-    let kvm = Path::new("/dev/kvm");
-    let pvm = Path::new("/sys/module/kvm_pvm").exists();
-    let usable = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(kvm)
-        .is_ok();
-    out.push(match (kvm.exists(), usable, pvm) {
-        (true, true, true) => check(
+    out.push(match Kvm::probe() {
+        Kvm::Pvm => check(
             "kvm",
             Level::Warn,
             "/dev/kvm is PVM (nested paravirtualised KVM): stock guest kernels die early under it",
             Some("QEMU VMs run under TCG here (slow but real); Firecracker needs a PVM-enabled guest kernel"),
         ),
-        (true, true, false) => check("kvm", Level::Ok, "/dev/kvm is usable", None),
-        (true, false, _) => check(
+        Kvm::Usable => check("kvm", Level::Ok, "/dev/kvm is usable", None),
+        Kvm::NoAccess => check(
             "kvm",
             Level::Fail,
             "/dev/kvm exists but this user cannot open it",
             Some("add yourself to the kvm group (`sudo usermod -aG kvm $USER`), or use the system service"),
         ),
-        (false, _, _) => check(
+        Kvm::Missing => check(
             "kvm",
             Level::Warn,
             "no /dev/kvm: no hardware virtualisation",
             Some("only `--vmm qemu` with TCG (slow) works; enable virtualisation in firmware or the hypervisor"),
         ),
     });
-    for (name, bin, hint) in [
+    out
+}
+
+/// What doctor knows of the VMM new VMs get.
+#[derive(Debug, Clone)]
+pub struct VmmView {
+    pub decision: Decision,
+    /// Where the answer comes from, as a clause.
+    pub from: &'static str,
+}
+
+impl VmmView {
+    /// The daemon's own answer (`vm.defaults`).
+    fn of_daemon(d: &SpecDefaults) -> VmmView {
+        VmmView {
+            decision: Decision {
+                vmm: d.vmm,
+                emulated: d.vmm_emulated,
+                reason: d.vmm_reason.clone(),
+            },
+            from: "the daemon's answer",
+        }
+    }
+
+    /// Without a daemon: what one started now by this user with `default_vmm = "auto"`
+    /// would pick (started as root, it has the helper, given the jailer when installed).
+    fn local() -> VmmView {
+        let (fc, jailer) = (Path::new("firecracker"), Path::new("jailer"));
+        let jailing = if !nix::unistd::geteuid().is_root() {
+            Jailing::NoHelper
+        } else if choose::find_program(fc).is_some() && choose::find_program(jailer).is_some() {
+            Jailing::Ready
+        } else {
+            Jailing::HelperWithoutJailer
+        };
+        let probe = choose::RealProbe {
+            firecracker: fc.into(),
+            jailer: jailer.into(),
+            jailing,
+        };
+        VmmView {
+            decision: choose::decide(
+                banger_api::VmmChoice::Auto,
+                banger_actors::vmm::qemu::Accel::Auto,
+                &probe,
+            ),
+            from: "the daemon is not running: what it would pick with default_vmm = auto",
+        }
+    }
+}
+
+/// The VMM check and one check per VMM binary: those of the VMM new VMs get must be
+/// installed (fail), the other VMM's are listed and not needed. `find` locates a program.
+pub fn vmm_checks(view: &VmmView, find: &dyn Fn(&str) -> Option<PathBuf>) -> Vec<Check> {
+    let d = &view.decision;
+    let mut out = vec![if d.emulated {
+        check(
+            "vmm",
+            Level::Warn,
+            format!(
+                "new VMs get {}: {} ({})",
+                d.vmm.as_str(),
+                d.reason,
+                view.from
+            ),
+            Some(
+                "VMs work but are emulated and slow; a host whose /dev/kvm runs stock guests gives QEMU with KVM, or Firecracker when it is installed",
+            ),
+        )
+    } else {
+        check(
+            "vmm",
+            Level::Ok,
+            format!(
+                "new VMs get {}: {} ({})",
+                d.vmm.as_str(),
+                d.reason,
+                view.from
+            ),
+            None,
+        )
+    }];
+    for (name, bin, vmm, hint) in [
         (
             "firecracker",
             "firecracker",
-            "install Firecracker (github releases), or set default_vmm = \"qemu\"",
+            VmmKind::Firecracker,
+            "install Firecracker's release (firecracker and jailer, github.com/firecracker-microvm/firecracker/releases), or set default_vmm = \"auto\"",
         ),
         (
             "jailer",
             "jailer",
+            VmmKind::Firecracker,
             "the jailer ships with Firecracker's release tarball",
         ),
         (
             "qemu",
             "qemu-system-x86_64",
-            "install qemu-system-x86 for `--vmm qemu`",
+            VmmKind::Qemu,
+            "install QEMU (`apt-get install qemu-system-x86`)",
         ),
         (
             "vhost-device-vsock",
             "vhost-device-vsock",
+            VmmKind::Qemu,
             "`cargo install --locked vhost-device-vsock` (QEMU VMs need it for the agent)",
         ),
     ] {
-        out.push(match which(bin) {
+        out.push(match find(bin) {
             Some(p) => check(
                 name,
                 Level::Ok,
@@ -147,9 +232,29 @@ pub fn host_checks() -> Vec<Check> {
                 ),
                 None,
             ),
-            None => check(name, Level::Warn, format!("{bin} not found"), Some(hint)),
+            None if vmm == d.vmm => check(
+                name,
+                Level::Fail,
+                format!("{bin} not found, and new VMs get {}", d.vmm.as_str()),
+                Some(hint),
+            ),
+            None => check(
+                name,
+                Level::Ok,
+                format!(
+                    "{bin} not found (not needed: new VMs get {})",
+                    d.vmm.as_str()
+                ),
+                None,
+            ),
         });
     }
+    out
+}
+
+/// Tools besides the VMMs.
+fn tool_checks() -> Vec<Check> {
+    let mut out = Vec::new();
     let tools = [
         "mkfs.ext4",
         "e2fsck",
@@ -232,7 +337,7 @@ fn network_checks(status: &banger_api::DaemonStatus) -> Vec<Check> {
                     "helper",
                     Level::Fail,
                     format!("not fully confined: {detail}"),
-                    Some("a kernel without landlock or seccomp? see `bangerd __helper-selftest` in README"),
+                    Some("a kernel without landlock or seccomp? see `bangerd __helper-selftest` in docs/guide.md"),
                 )
             }
         }
@@ -343,7 +448,8 @@ fn network_checks(status: &banger_api::DaemonStatus) -> Vec<Check> {
     out
 }
 
-async fn daemon_checks(target: &Target) -> Vec<Check> {
+/// Daemon and VM checks, and the daemon's VM defaults when it answers.
+async fn daemon_checks(target: &Target) -> (Vec<Check>, Option<SpecDefaults>) {
     let mut out = Vec::new();
     let client = match connect::connect(target).await {
         Ok(c) => c,
@@ -354,7 +460,7 @@ async fn daemon_checks(target: &Target) -> Vec<Check> {
                 format!("not running (socket {socket})"),
                 Some("it starts on first use, or `banger daemon start`"),
             ));
-            return out;
+            return (out, None);
         }
         Err(e) => {
             out.push(check(
@@ -363,7 +469,7 @@ async fn daemon_checks(target: &Target) -> Vec<Check> {
                 e.to_string(),
                 e.hint().as_deref(),
             ));
-            return out;
+            return (out, None);
         }
     };
     let status = match client.status().await {
@@ -375,7 +481,7 @@ async fn daemon_checks(target: &Target) -> Vec<Check> {
                 CliError::from(e).to_string(),
                 None,
             ));
-            return out;
+            return (out, None);
         }
     };
     out.push(check(
@@ -469,7 +575,8 @@ async fn daemon_checks(target: &Target) -> Vec<Check> {
             None,
         ),
     });
-    if let Ok(d) = client.defaults().await {
+    let defaults = client.defaults().await.ok();
+    if let Some(d) = &defaults {
         out.push(check(
             "vm defaults",
             Level::Ok,
@@ -485,14 +592,6 @@ async fn daemon_checks(target: &Target) -> Vec<Check> {
             ),
             None,
         ));
-        if d.vmm == banger_api::VmmKind::Firecracker && which("firecracker").is_none() {
-            out.push(check(
-                "default vmm",
-                Level::Warn,
-                "the default vmm is firecracker, which is not installed",
-                Some("set default_vmm = \"qemu\" in the config, or install Firecracker"),
-            ));
-        }
     }
     if let Ok(vms) = VmRpcClient::list(&client).await {
         for vm in vms.into_iter().filter(|v| v.state == VmState::Running) {
@@ -531,12 +630,19 @@ async fn daemon_checks(target: &Target) -> Vec<Check> {
             });
         }
     }
-    out
+    (out, defaults)
 }
 
 pub async fn run(target: &Target, json: bool) -> Result<u8, CliError> {
+    let (daemon, defaults) = daemon_checks(target).await;
+    let view = match &defaults {
+        Some(d) => VmmView::of_daemon(d),
+        None => VmmView::local(),
+    };
     let mut checks = host_checks();
-    checks.extend(daemon_checks(target).await);
+    checks.extend(vmm_checks(&view, &which));
+    checks.extend(tool_checks());
+    checks.extend(daemon);
     checks.push(super::system::doctor_check(
         &super::system::Layout::new(None),
         &crate::systemd::SystemctlCmd { root: None },
@@ -558,4 +664,69 @@ pub async fn run(target: &Target, json: bool) -> Result<u8, CliError> {
         }
     }
     Ok(if failed { exit::FAILURE } else { exit::OK })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(vmm: VmmKind, emulated: bool) -> VmmView {
+        VmmView {
+            decision: Decision {
+                vmm,
+                emulated,
+                reason: "why".into(),
+            },
+            from: "test",
+        }
+    }
+
+    fn status<'a>(checks: &'a [Check], name: &str) -> &'a Check {
+        checks.iter().find(|c| c.name == name).unwrap()
+    }
+
+    /// A host where only `installed` are found (each at /bin/true, which runs, so the
+    /// version probe has something to run).
+    fn only(installed: &'static [&'static str]) -> impl Fn(&str) -> Option<PathBuf> {
+        move |bin| installed.contains(&bin).then(|| PathBuf::from("/bin/true"))
+    }
+
+    #[test]
+    fn a_missing_binary_of_the_chosen_vmm_fails_and_the_other_vmm_is_not_needed() {
+        let find = only(&["qemu-system-x86_64"]);
+        let c = vmm_checks(&view(VmmKind::Firecracker, false), &find);
+        assert_eq!(status(&c, "firecracker").status, Level::Fail);
+        assert_eq!(status(&c, "jailer").status, Level::Fail);
+        assert!(
+            status(&c, "firecracker")
+                .hint
+                .as_deref()
+                .unwrap()
+                .contains("auto")
+        );
+        assert_eq!(status(&c, "qemu").status, Level::Ok);
+        let vsock = status(&c, "vhost-device-vsock");
+        assert_eq!(vsock.status, Level::Ok, "not needed for firecracker");
+        assert!(vsock.detail.contains("not needed"), "{}", vsock.detail);
+
+        let c = vmm_checks(&view(VmmKind::Qemu, false), &find);
+        assert_eq!(status(&c, "firecracker").status, Level::Ok);
+        assert_eq!(status(&c, "qemu").status, Level::Ok);
+        assert_eq!(status(&c, "vhost-device-vsock").status, Level::Fail);
+        assert_eq!(status(&c, "vmm").status, Level::Ok);
+    }
+
+    #[test]
+    fn an_emulated_vmm_is_a_warning_that_says_why() {
+        let find = only(&["qemu-system-x86_64", "vhost-device-vsock"]);
+        let c = vmm_checks(&view(VmmKind::Qemu, true), &find);
+        let vmm = status(&c, "vmm");
+        assert_eq!(vmm.status, Level::Warn);
+        assert!(
+            vmm.detail.contains("new VMs get qemu: why"),
+            "{}",
+            vmm.detail
+        );
+        assert!(c.iter().all(|c| c.status != Level::Fail));
+    }
 }

@@ -30,7 +30,7 @@ pub struct Opts {
     pub name: Option<String>,
     pub image: Option<String>,
     pub size: SizeArgs,
-    pub vmm: Option<banger_api::VmmKind>,
+    pub vmm: Option<banger_api::VmmChoice>,
     pub nat: bool,
     pub no_network: bool,
     pub rm: bool,
@@ -76,7 +76,11 @@ async fn create(
                 eprintln!("banger: created {} ({})", vm.name, vm.id);
                 name = Some(vm.name);
             }
-            Progress::Stage { stage, .. } => {
+            Progress::Stage { stage, detail } => {
+                if stage == "warning" {
+                    // e.g. the VM is emulated (QEMU under TCG) and slow.
+                    eprintln!("banger: warning: {}", detail.unwrap_or_default());
+                }
                 if stage == "agent" {
                     launched = Some(Instant::now());
                     t.0.push(("create", t0.elapsed()));

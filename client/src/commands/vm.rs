@@ -37,14 +37,19 @@ fn source(s: SpecSource) -> &'static str {
 /// The text `vm create --help` appends: the defaults that apply now, and why.
 pub fn defaults_help(d: &SpecDefaults) -> String {
     format!(
-        "Defaults now (from the daemon):\n  --vcpu       {}  ({})\n  --memory     {}  ({})\n  --disk-size  {}  ({})\n  --vmm        {}",
+        "Defaults now (from the daemon):\n  --vcpu       {}  ({})\n  --memory     {}  ({})\n  --disk-size  {}  ({})\n  --vmm        {}  ({})",
         d.spec.vcpu,
         source(d.vcpu_from),
         bytes(u64::from(d.spec.memory_mib) << 20),
         source(d.memory_from),
         bytes(d.spec.disk_bytes),
         source(d.disk_from),
-        d.vmm.as_str()
+        d.vmm.as_str(),
+        if d.vmm_reason.is_empty() {
+            format!("default_vmm = {}", d.vmm_choice.as_str())
+        } else {
+            d.vmm_reason.clone()
+        }
     )
 }
 
@@ -61,6 +66,10 @@ async fn follow_progress(mut sub: Subscription<Progress>, quiet: bool) -> Result
                     eprintln!("created {} ({})", vm.name, vm.id);
                     eprintln!("spec: {}", spec_line(&vm.spec));
                 }
+            }
+            Progress::Stage { stage, detail } if stage == "warning" => {
+                // Shown even with --json (on stderr): e.g. the VM is emulated and slow.
+                eprintln!("warning: {}", detail.unwrap_or_default());
             }
             Progress::Stage { stage, detail } => {
                 if !quiet {

@@ -64,6 +64,62 @@ impl std::str::FromStr for VmmKind {
     }
 }
 
+/// Which VMM a VM should get, as asked (`--vmm`, `default_vmm`): a concrete one, or
+/// `auto`, which the daemon resolves for its host when the VM is created (the VM's record
+/// stores the [`VmmKind`] chosen, so a VM never changes VMM afterwards). Serialised like
+/// [`VmmKind`] plus `"auto"`, so a request naming a concrete VMM reads the same as before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmmChoice {
+    /// Firecracker when it, its jailer, KVM for stock guests and the privileged helper are
+    /// all there; else QEMU with KVM; else QEMU under TCG (emulated, slow).
+    #[default]
+    Auto,
+    Firecracker,
+    Qemu,
+}
+
+impl VmmChoice {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmmChoice::Auto => "auto",
+            VmmChoice::Firecracker => "firecracker",
+            VmmChoice::Qemu => "qemu",
+        }
+    }
+
+    /// The concrete VMM asked for, if one was.
+    pub fn kind(self) -> Option<VmmKind> {
+        match self {
+            VmmChoice::Auto => None,
+            VmmChoice::Firecracker => Some(VmmKind::Firecracker),
+            VmmChoice::Qemu => Some(VmmKind::Qemu),
+        }
+    }
+}
+
+impl From<VmmKind> for VmmChoice {
+    fn from(k: VmmKind) -> VmmChoice {
+        match k {
+            VmmKind::Firecracker => VmmChoice::Firecracker,
+            VmmKind::Qemu => VmmChoice::Qemu,
+        }
+    }
+}
+
+impl std::str::FromStr for VmmChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(VmmChoice::Auto),
+            other => other
+                .parse::<VmmKind>()
+                .map(VmmChoice::from)
+                .map_err(|_| format!("unknown vmm {other:?} (use auto, firecracker or qemu)")),
+        }
+    }
+}
+
 /// The size of a VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmSpec {
@@ -88,13 +144,23 @@ pub enum SpecSource {
 }
 
 /// The defaults a new VM gets, with where each came from (`vm.defaults`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SpecDefaults {
     pub spec: VmSpec,
     pub vcpu_from: SpecSource,
     pub memory_from: SpecSource,
     pub disk_from: SpecSource,
+    /// The VMM a VM created now gets (`auto` resolved for this host).
     pub vmm: VmmKind,
+    /// What was asked for (`default_vmm`), before `auto` was resolved.
+    #[serde(default)]
+    pub vmm_choice: VmmChoice,
+    /// Why that VMM, in a sentence (e.g. "auto: /dev/kvm is PVM ..., so QEMU under TCG").
+    #[serde(default)]
+    pub vmm_reason: String,
+    /// Whether such a VM is emulated (QEMU under TCG): it works, slowly.
+    #[serde(default)]
+    pub vmm_emulated: bool,
 }
 
 /// Request of `vm.create`.
@@ -116,8 +182,10 @@ pub struct CreateVm {
     pub memory_mib: Option<u32>,
     #[serde(default)]
     pub disk_bytes: Option<u64>,
+    /// The VMM (`auto` resolved by the daemon for its host); the config's default_vmm
+    /// when absent.
     #[serde(default)]
-    pub vmm: Option<VmmKind>,
+    pub vmm: Option<VmmChoice>,
     #[serde(default)]
     pub nat: bool,
     /// A network (tap, address, `<vm>.vm`): the daemon's default when absent.

@@ -29,6 +29,8 @@ pub fn test_config() -> Config {
     };
     // In-process daemons have no privileged helper: VMs without a network.
     c.vm_defaults.network = Some(false);
+    // Their VMs run on the Firecracker double; `auto` would pick QEMU without a helper.
+    c.default_vmm = "firecracker".into();
     c
 }
 
@@ -81,6 +83,7 @@ impl TestDaemon {
             let mut cmd = std::process::Command::new("ip");
             cmd.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_bangerd")]);
             privileged.helper = Some(banger_policy::Helper::spawn(cmd, &cfg).expect("helper"));
+            privileged.helper_jails = cfg.jailer.is_some();
         }
         let settings = Settings::new(config, paths.clone());
         let daemon = Daemon::start_with(settings, privileged)
