@@ -348,7 +348,7 @@ async fn an_imported_bzimage_boots_under_firecracker_as_its_elf() {
         CreateVm {
             name: Some("bzvm".into()),
             image: Some("bzimg".into()),
-            vmm: Some(banger_api::VmmKind::Firecracker),
+            vmm: Some(banger_api::VmmChoice::Firecracker),
             ..Default::default()
         },
     )
