@@ -636,10 +636,12 @@ fn vm_create_help_shows_the_resolved_defaults_and_their_sources() {
     );
     assert!(help.contains("--disk-size  8 GiB  (built-in)"), "{help}");
     // What `auto` picks here, and why.
-    let vmm = help
-        .lines()
-        .find(|l| l.trim_start().starts_with("--vmm        "))
+    // (clap wraps help text: join the lines from there on.)
+    let at = help
+        .rfind("--vmm        ")
         .unwrap_or_else(|| panic!("no --vmm default: {help}"));
+    let vmm = help[at..].split_whitespace().collect::<Vec<_>>().join(" ");
+    let vmm = vmm.replacen("--vmm ", "--vmm        ", 1);
     assert!(vmm.contains("auto: "), "{vmm}");
     if Path::new("/sys/module/kvm_pvm").exists() {
         assert!(
