@@ -268,8 +268,14 @@ fn make_bundle_builds_bundles_that_pull() {
     std::fs::write(t.join("rootfs.tar"), &rootfs).unwrap();
     let guest = t.join("guest");
     std::fs::create_dir_all(&guest).unwrap();
-    std::fs::write(guest.join("banger-init"), b"init").unwrap();
-    std::fs::write(guest.join("banger-agent"), b"agent").unwrap();
+    // Small static ELFs (guest binaries must be static), told apart by their length.
+    let init = banger_actors::kernel_format::fixture::minimal_elf(4096);
+    std::fs::write(guest.join("banger-init"), &init).unwrap();
+    std::fs::write(
+        guest.join("banger-agent"),
+        banger_actors::kernel_format::fixture::minimal_elf(8192),
+    )
+    .unwrap();
     let kdir = t.join("kernel");
     std::fs::create_dir_all(kdir.join("modules/6.1/kernel")).unwrap();
     std::fs::write(kdir.join("vmlinuz"), std::fs::read(tmp_bz(t)).unwrap()).unwrap();
@@ -330,7 +336,7 @@ fn make_bundle_builds_bundles_that_pull() {
     assert_eq!(pulls::ext4_cat(&rootfs, "/etc/hello"), b"golden\n");
     assert_eq!(
         pulls::ext4_cat(&rootfs, "/usr/lib/banger/banger-init"),
-        b"init"
+        init
     );
     let tree = pulls::ext4_tree(&rootfs);
     assert!(!tree.contains_key(".dockerenv"));

@@ -116,8 +116,10 @@ fn main() {
         let w = work.path();
         let guest = w.join("guest");
         std::fs::create_dir_all(&guest).unwrap();
-        std::fs::write(guest.join("banger-init"), b"init").unwrap();
-        std::fs::write(guest.join("banger-agent"), b"agent").unwrap();
+        // Guest binaries must be static ELFs; small stand-ins do.
+        let elf = banger_actors::kernel_format::fixture::minimal_elf(4096);
+        std::fs::write(guest.join("banger-init"), &elf).unwrap();
+        std::fs::write(guest.join("banger-agent"), &elf).unwrap();
         let reg = Registry::start();
         let layers = layers();
         let raw: usize = layers.iter().map(Vec::len).sum();

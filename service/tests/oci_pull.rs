@@ -19,13 +19,21 @@ struct Setup {
     work: tempfile::TempDir,
 }
 
-/// Stand-ins for banger-init and banger-agent (their content is not what these tests are
-/// about; the boot test uses the real ones).
+/// Stand-ins for banger-init and banger-agent: small static ELFs (pulls refuse a guest
+/// binary that is not one), told apart by their length; the boot test uses the real ones.
+fn stand_in_init() -> Vec<u8> {
+    banger_actors::kernel_format::fixture::minimal_elf(4096)
+}
+
 fn guest_dir(work: &Path) -> PathBuf {
     let g = work.join("guest");
     std::fs::create_dir_all(&g).unwrap();
-    std::fs::write(g.join("banger-init"), b"#!init\n").unwrap();
-    std::fs::write(g.join("banger-agent"), b"#!agent\n").unwrap();
+    std::fs::write(g.join("banger-init"), stand_in_init()).unwrap();
+    std::fs::write(
+        g.join("banger-agent"),
+        banger_actors::kernel_format::fixture::minimal_elf(8192),
+    )
+    .unwrap();
     g
 }
 
@@ -139,7 +147,7 @@ fn check_tree(image: &Path) {
     assert_eq!(pulls::ext4_cat(image, "/opt/new"), b"n");
     assert_eq!(
         pulls::ext4_cat(image, "/usr/lib/banger/banger-init"),
-        b"#!init\n"
+        stand_in_init()
     );
     let stat = pulls::debugfs(image, "stat /etc/localtime");
     assert!(
