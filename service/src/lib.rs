@@ -35,6 +35,9 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 pub const COMMIT: &str = env!("BANGER_COMMIT");
 /// When it was built (RFC 3339, UTC).
 pub const BUILD_TIME: &str = env!("BANGER_BUILD_TIME");
+/// The image of VMs created without `--image` when the config names none
+/// (`default_image_name`): the catalog's lean recipe, built locally on first use.
+pub const DEFAULT_IMAGE: &str = "debian-bookworm";
 
 /// Errors starting or running the daemon.
 #[derive(Debug, thiserror::Error)]
@@ -156,7 +159,12 @@ fn vm_config(settings: &Settings) -> Result<banger_actors::root::VmConfig, confi
                 .default_vmm
                 .parse()
                 .unwrap_or(banger_api::VmmKind::Firecracker),
-            default_image: c.default_image_name.clone(),
+            // Unset: the catalog's lean recipe image, built on first use; `""` means none.
+            default_image: match c.default_image_name.as_deref() {
+                None => Some(DEFAULT_IMAGE.to_owned()),
+                Some("") => None,
+                Some(name) => Some(name.to_owned()),
+            },
             subnet: c
                 .network
                 .subnet
@@ -170,6 +178,7 @@ fn vm_config(settings: &Settings) -> Result<banger_actors::root::VmConfig, confi
             catalogs,
             insecure_registries: c.images.insecure_registries.clone(),
             guest_binaries_dir: guest_binaries_dir(c),
+            mirror: c.images.mirror.clone(),
         },
     })
 }

@@ -158,6 +158,7 @@ pub fn host_checks() -> Vec<Check> {
         "nft",
         "ip",
         "ssh",
+        "mmdebstrap",
     ];
     let missing: Vec<&str> = tools
         .iter()
