@@ -802,9 +802,9 @@ pub async fn build(
             }
             r
         };
-        if replayed.is_err() {
-            let _ = child.kill();
-        }
+        // On a refused entry or a full disk the tar's pipe is closed above: mmdebstrap's
+        // tar gets EPIPE and mmdebstrap removes its own tree. Not a kill: its namespace's
+        // processes would outlive it, holding stderr open, with their tree left behind.
         let status = child.wait().map_err(PullError::io(Path::new("mmdebstrap")))?;
         let _ = follower.join();
         let said = said.lock().expect("said lock");
