@@ -500,12 +500,38 @@ impl Tree {
         let record = match self.image(image.clone()).await? {
             Some(r) => r,
             None if catalogs.image(&image).is_some() => {
-                stage(format!("image {image} (not here yet; from the catalog)"));
+                let entry = catalogs.image(&image).expect("just checked");
+                let events = if entry.bundle.is_none() && entry.recipe.is_some() {
+                    let (mirror, _) = crate::pull::build::default_mirror(&self.pull_env.config);
+                    stage(format!("building {image} from {mirror}, once"));
+                    // The build's own stages, as `pull` stages of the create.
+                    progress.cloned().map(|p| {
+                        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+                        tokio::spawn(async move {
+                            while let Some(ev) = rx.recv().await {
+                                if let banger_api::PullEvent::Stage { stage, detail } = ev {
+                                    let detail = match detail {
+                                        Some(d) => format!("{stage}: {d}"),
+                                        None => stage,
+                                    };
+                                    let _ = p.send(banger_api::Progress::Stage {
+                                        stage: "pull".into(),
+                                        detail: Some(detail),
+                                    });
+                                }
+                            }
+                        });
+                        tx
+                    })
+                } else {
+                    stage(format!("image {image} (not here yet; from the catalog)"));
+                    None
+                };
                 let req = banger_api::PullImage {
                     source: image.clone(),
                     ..Default::default()
                 };
-                match self.pull_image(req, None).await {
+                match self.pull_image(req, events).await {
                     Ok(r) => r,
                     // Pulled meanwhile by someone else: fine.
                     Err(TreeError::Pull(e)) if matches!(*e, PullError::Exists(_)) => {
@@ -592,6 +618,18 @@ impl Tree {
         })
         .map_err(|_| TreeError::Call("pull"))?
         .map_err(TreeError::Pull)
+    }
+
+    /// `image build`: an image and its kernel from a mirror, through the PullActor (see
+    /// [`crate::pull::build`]).
+    pub async fn build_image(
+        &self,
+        req: banger_api::BuildImage,
+        events: Option<crate::pull::EventTx>,
+    ) -> Result<ImageRecord, TreeError> {
+        ractor::call!(self.pulls(), |reply| PullMsg::Build { req, events, reply })
+            .map_err(|_| TreeError::Call("pull"))?
+            .map_err(TreeError::Pull)
     }
 
     /// Pull a kernel from the kernel catalog through the PullActor.
@@ -864,6 +902,7 @@ pub fn test_vm_config(dir: &std::path::Path) -> VmConfig {
             ),
             insecure_registries: Vec::new(),
             guest_binaries_dir: dir.join("guest"),
+            mirror: None,
         },
     }
 }

@@ -484,9 +484,43 @@ pub enum ImageCmd {
         /// The kernel VMs of this image boot by default.
         #[arg(long = "kernel-ref")]
         kernel_ref: Option<String>,
-        /// Size of the ext4 built from an OCI image (default: the content plus headroom).
+        /// Size of the ext4 built from an OCI image or a recipe (default: the content plus
+        /// headroom).
         #[arg(long, value_parser = parse_size)]
         size: Option<u64>,
+        /// Build a catalog image from its recipe even when it has a bundle.
+        #[arg(long)]
+        build: bool,
+        /// Print the image as JSON when done.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Build an image and its kernel from a Debian-family mirror with mmdebstrap
+    /// (unprivileged; packages are cached across builds).
+    #[command(
+        after_help = "Examples:\n  banger image build deb                         bookworm with banger's guest packages and the cloud kernel\n  banger image build dev --include git,build-essential,curl --size 4G\n  banger image build trixie --suite trixie --mirror http://deb.debian.org/debian\n\nThe mirror: --mirror, else [images] mirror, else the host's apt sources on Debian, else\nhttp://deb.debian.org/debian. The kernel the package installs becomes a kernel record named\nafter the image (--kernel to name it), and its modules stay in the image. Needs mmdebstrap\nand uidmap, and a subordinate id range (/etc/subuid, /etc/subgid) for bangerd's user."
+    )]
+    Build {
+        /// The image's name.
+        name: String,
+        /// The distribution's suite.
+        #[arg(long)]
+        suite: Option<String>,
+        /// The mirror (an http(s) URL).
+        #[arg(long)]
+        mirror: Option<String>,
+        /// Packages to install, comma-separated (banger's guest packages always are).
+        #[arg(long, value_delimiter = ',')]
+        include: Vec<String>,
+        /// Size of the image's ext4 (default: the content plus headroom).
+        #[arg(long, value_parser = parse_size)]
+        size: Option<u64>,
+        /// The kernel package (default linux-image-cloud-amd64).
+        #[arg(long = "kernel-package")]
+        kernel_package: Option<String>,
+        /// The kernel record's name (default: the image's).
+        #[arg(long)]
+        kernel: Option<String>,
         /// Print the image as JSON when done.
         #[arg(long)]
         json: bool,

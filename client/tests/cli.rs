@@ -655,6 +655,10 @@ fn vm_create_help_shows_the_resolved_defaults_and_their_sources() {
 #[test]
 fn vm_commands_fail_clearly_without_images() {
     let home = Home::new();
+    // `""`: no default image (unset, it is the catalog's debian-bookworm, built on first use).
+    let cfg = home.path().join("config/banger");
+    std::fs::create_dir_all(&cfg).unwrap();
+    std::fs::write(cfg.join("config.toml"), "default_image_name = \"\"\n").unwrap();
     let out = home.banger(&["vm", "create", "--name", "x"]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
     assert!(

@@ -21,6 +21,9 @@ command -v umoci >/dev/null || need_apt+=(umoci)
 command -v skopeo >/dev/null || need_apt+=(skopeo)
 command -v debugfs >/dev/null || need_apt+=(e2fsprogs)
 command -v zstd >/dev/null || need_apt+=(zstd)
+# Local image builds (`banger image build`): mmdebstrap in unshare mode needs newuidmap.
+command -v mmdebstrap >/dev/null || need_apt+=(mmdebstrap)
+command -v newuidmap >/dev/null || need_apt+=(uidmap)
 
 if [ "${#need_apt[@]}" -gt 0 ]; then
     echo "== installing: ${need_apt[*]}"

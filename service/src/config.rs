@@ -143,6 +143,9 @@ pub struct ImagesSection {
     /// Where `banger-init` and `banger-agent` are taken from for OCI images. Default: beside
     /// the bangerd executable when they are there, else `/usr/lib/banger`.
     pub guest_binaries_dir: Option<PathBuf>,
+    /// The Debian-family mirror of `image build` and recipe images. Default: the host's own
+    /// apt sources when the host is Debian, else `http://deb.debian.org/debian`.
+    pub mirror: Option<String>,
 }
 
 /// One `[[file_sync]]` entry: `host = "/home/me/.gitconfig"`, `guest = "~/.gitconfig"`,

@@ -36,6 +36,9 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 pub const COMMIT: &str = env!("BANGER_COMMIT");
 /// When it was built (RFC 3339, UTC).
 pub const BUILD_TIME: &str = env!("BANGER_BUILD_TIME");
+/// The image of VMs created without `--image` when the config names none
+/// (`default_image_name`): the catalog's lean recipe, built locally on first use.
+pub const DEFAULT_IMAGE: &str = "debian-bookworm";
 
 /// Errors starting or running the daemon.
 #[derive(Debug, thiserror::Error)]
@@ -198,7 +201,12 @@ fn vm_config(
                 jailer: c.firecracker.jailer.clone(),
                 jailing,
             }),
-            default_image: c.default_image_name.clone(),
+            // Unset: the catalog's lean recipe image, built on first use; `""` means none.
+            default_image: match c.default_image_name.as_deref() {
+                None => Some(DEFAULT_IMAGE.to_owned()),
+                Some("") => None,
+                Some(name) => Some(name.to_owned()),
+            },
             subnet: c
                 .network
                 .subnet
@@ -212,6 +220,7 @@ fn vm_config(
             catalogs,
             insecure_registries: c.images.insecure_registries.clone(),
             guest_binaries_dir: guest_binaries_dir(c),
+            mirror: c.images.mirror.clone(),
         },
     })
 }

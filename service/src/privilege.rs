@@ -5,7 +5,10 @@
 //!
 //! The owner is `owner` in the config (a name or uid), else the user that ran `sudo`
 //! (`SUDO_UID`/`SUDO_GID`), else root itself, still with every capability dropped (from
-//! the bounding set too, so programs it runs cannot regain them).
+//! the bounding set too, so programs it runs cannot regain them). A normal owner's
+//! bounding set keeps CAP_SETUID, CAP_SETGID, CAP_DAC_OVERRIDE and CAP_SYS_ADMIN only
+//! (no other set holds them), for the setuid `newuidmap` and `newgidmap` of unprivileged
+//! image builds (mmdebstrap's unshare mode); see [`drop_to`].
 
 use std::os::unix::fs::chown;
 use std::path::{Path, PathBuf};
@@ -167,9 +170,24 @@ pub fn drop_to(owner: Owner, paths: &Paths) -> Result<(), PrivilegeError> {
         Some(paths.cache_dir.as_path()),
         paths.socket.parent(),
     ];
-    // The bounding set first, while CAP_SETPCAP is still held.
+    // The bounding set first, while CAP_SETPCAP is still held. A normal owner keeps
+    // CAP_SETUID, CAP_SETGID, CAP_DAC_OVERRIDE and CAP_SYS_ADMIN there, held by bangerd in
+    // no other set (so it has no capability itself): they are what the setuid-root
+    // `newuidmap`/`newgidmap` need (measured: without any one of them the map write is
+    // refused) to map the owner's subordinate ids for `image build` (mmdebstrap's unshare
+    // mode, see banger_actors::pull::build). A setuid program bangerd runs can then gain
+    // no more than it could in any login session of the owner. Root keeps nothing: a root
+    // bangerd refuses builds.
+    let keep = |cap: caps::Capability| {
+        use caps::Capability::*;
+        !owner.uid.is_root()
+            && matches!(
+                cap,
+                CAP_SETUID | CAP_SETGID | CAP_DAC_OVERRIDE | CAP_SYS_ADMIN
+            )
+    };
     for cap in caps::all() {
-        if caps::has_cap(None, caps::CapSet::Bounding, cap).unwrap_or(false) {
+        if !keep(cap) && caps::has_cap(None, caps::CapSet::Bounding, cap).unwrap_or(false) {
             caps::drop(None, caps::CapSet::Bounding, cap)
                 .map_err(|e| PrivilegeError::Drop(format!("bounding set: {e}")))?;
         }

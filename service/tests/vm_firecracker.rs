@@ -940,7 +940,11 @@ async fn root_a_bangerd_dropped_to_its_owner_runs_firecracker_vms_through_the_la
         proc_status(pid, "Uid").split_whitespace().next(),
         Some("65534")
     );
-    assert_eq!(proc_status(pid, "CapBnd"), "0000000000000000");
+    // No capability; the bounding set keeps SETUID, SETGID, DAC_OVERRIDE and SYS_ADMIN
+    // only, for the setuid newuidmap/newgidmap of image builds.
+    assert_eq!(proc_status(pid, "CapBnd"), "00000000002000c2");
+    assert_eq!(proc_status(pid, "CapEff"), "0000000000000000");
+    assert_eq!(proc_status(pid, "CapPrm"), "0000000000000000");
 
     let c = support::client_for(&socket).await;
     c.import(ImportKernel {
@@ -965,7 +969,7 @@ async fn root_a_bangerd_dropped_to_its_owner_runs_firecracker_vms_through_the_la
     let a = VmRpcClient::show(&c, "a".into()).await.unwrap();
     assert_eq!(a.state, VmState::Running, "{:?}", a.error);
     let vm_pid = a.pid.unwrap() as u32;
-    // Not bangerd's child: a process of bangerd's (empty bounding set) could not hold
+    // Not bangerd's child: a process of bangerd's (its bounding set: what newuidmap needs) could not hold
     // these; the launcher's set, its filter, and the owner's uid after the jailer's drop.
     let want: u64 = [0u32, 1, 3, 27, 6, 7, 21, 18]
         .iter()

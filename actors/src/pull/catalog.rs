@@ -2,30 +2,40 @@
 //! (`images/images.json`, `images/kernels.json`), or files named by the config
 //! (`[images] catalog`, `kernel_catalog`), validated before the daemon uses them.
 //!
-//! Schema (one object per file):
+//! Schema version 2 (one object per file):
 //! ```json
-//! { "version": 1, "images": [ { "name": "debian-bookworm", "arch": "x86_64",
-//!   "url": "https://…/debian-bookworm-x86_64.tar.zst", "sha256": "<64 hex>",
-//!   "size": 123456, "kernel_ref": "cloud-6.1", "description": "…" } ] }
+//! { "version": 2, "images": [ { "name": "debian-bookworm", "arch": "x86_64",
+//!   "recipe": { "suite": "bookworm", "packages": ["systemd", "…"],
+//!               "kernel_package": "linux-image-cloud-amd64" },
+//!   "bundle": { "url": "https://…/debian-bookworm-x86_64.tar.zst", "sha256": "<64 hex>",
+//!               "size": 123456 },
+//!   "kernel_ref": "cloud-6.1", "description": "…" } ] }
 //! ```
-//! The kernel file has `"kernels"` instead of `"images"` and no `kernel_ref`. Names follow
-//! the image name rules; `sha256` is 64 lowercase hex digits; `size` is the bundle's size in
-//! bytes; an image's `kernel_ref` must name an entry of the kernel catalog. Unknown fields
-//! are errors.
+//! An image entry has a `bundle`, a `recipe` or both: `image pull` downloads the bundle
+//! when there is one and builds the recipe otherwise (`--build` forces the recipe, see
+//! [`super::build`]). A bundle needs a `kernel_ref` naming an entry of the kernel
+//! catalog; an image built from its recipe boots the kernel the recipe installed, so a
+//! recipe-only entry has no `kernel_ref`. The kernel file has `"kernels"` instead of
+//! `"images"`, bundle-only entries and no `kernel_ref`. Names follow the image name rules;
+//! `sha256` is 64 lowercase hex digits; `size` is the bundle's size in bytes; suites and
+//! package names follow Debian's rules. Unknown fields are errors.
+//!
+//! Version 1 files (the bundle's `url`, `sha256` and `size` at the top of each entry) are
+//! still read, as bundle-only entries.
 
 use std::path::Path;
 
 use serde::Deserialize;
 
-use banger_api::CatalogEntry;
+use banger_api::{Bundle, CatalogEntry, Recipe};
 
 /// The embedded image catalog.
 pub const EMBEDDED_IMAGES: &str = include_str!("../../../images/images.json");
 /// The embedded kernel catalog.
 pub const EMBEDDED_KERNELS: &str = include_str!("../../../images/kernels.json");
 
-/// The only catalog schema version this binary reads.
-pub const CATALOG_VERSION: u32 = 1;
+/// The catalog schema version this binary writes; it also reads version 1.
+pub const CATALOG_VERSION: u32 = 2;
 
 /// Errors loading a catalog.
 #[derive(Debug, thiserror::Error)]
@@ -40,18 +50,92 @@ pub enum CatalogError {
     Invalid { what: &'static str, message: String },
 }
 
+/// An entry as written, in either schema version.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEntry {
+    name: String,
+    arch: String,
+    // Version 1.
+    url: Option<String>,
+    sha256: Option<String>,
+    size: Option<u64>,
+    // Version 2.
+    bundle: Option<Bundle>,
+    recipe: Option<Recipe>,
+    kernel_ref: Option<String>,
+    description: String,
+}
+
+impl RawEntry {
+    fn into_entry(self, what: &'static str, version: u32) -> Result<CatalogEntry, CatalogError> {
+        let bad = |message: String| CatalogError::Invalid {
+            what,
+            message: format!("entry {:?}: {message}", self.name),
+        };
+        let flat = self.url.is_some() || self.sha256.is_some() || self.size.is_some();
+        let bundle = match version {
+            1 => {
+                if self.bundle.is_some() || self.recipe.is_some() {
+                    return Err(bad(
+                        "bundle and recipe are version 2 fields (write \"version\": 2)".into(),
+                    ));
+                }
+                match (self.url.clone(), self.sha256.clone(), self.size) {
+                    (Some(url), Some(sha256), Some(size)) => Some(Bundle { url, sha256, size }),
+                    _ => return Err(bad("a version 1 entry needs url, sha256 and size".into())),
+                }
+            }
+            _ => {
+                if flat {
+                    return Err(bad(
+                        "url, sha256 and size go inside \"bundle\" in version 2".into(),
+                    ));
+                }
+                self.bundle.clone()
+            }
+        };
+        Ok(CatalogEntry {
+            name: self.name,
+            arch: self.arch,
+            bundle,
+            recipe: self.recipe,
+            kernel_ref: self.kernel_ref,
+            description: self.description,
+        })
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ImageFile {
     version: u32,
-    images: Vec<CatalogEntry>,
+    images: Vec<RawEntry>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct KernelFile {
     version: u32,
-    kernels: Vec<CatalogEntry>,
+    kernels: Vec<RawEntry>,
+}
+
+fn entries(
+    what: &'static str,
+    version: u32,
+    raw: Vec<RawEntry>,
+) -> Result<Vec<CatalogEntry>, CatalogError> {
+    if !(1..=CATALOG_VERSION).contains(&version) {
+        return Err(CatalogError::Invalid {
+            what,
+            message: format!(
+                "version {version}; this banger reads versions 1 to {CATALOG_VERSION} (update banger)"
+            ),
+        });
+    }
+    raw.into_iter()
+        .map(|e| e.into_entry(what, version))
+        .collect()
 }
 
 /// Both catalogs, validated.
@@ -92,22 +176,11 @@ impl Catalogs {
             what: "kernel",
             message: e.to_string(),
         })?;
-        for (what, v) in [("image", img.version), ("kernel", ker.version)] {
-            if v != CATALOG_VERSION {
-                return Err(CatalogError::Invalid {
-                    what,
-                    message: format!(
-                        "version {v}; this banger reads version {CATALOG_VERSION} (update banger)"
-                    ),
-                });
-            }
-        }
-        validate("kernel", &ker.kernels, None)?;
-        validate("image", &img.images, Some(&ker.kernels))?;
-        Ok(Catalogs {
-            images: img.images,
-            kernels: ker.kernels,
-        })
+        let kernels = entries("kernel", ker.version, ker.kernels)?;
+        let images = entries("image", img.version, img.images)?;
+        validate("kernel", &kernels, None)?;
+        validate("image", &images, Some(&kernels))?;
+        Ok(Catalogs { images, kernels })
     }
 
     pub fn image(&self, name: &str) -> Option<&CatalogEntry> {
@@ -150,27 +223,56 @@ fn validate(
         if e.arch != "x86_64" {
             return Err(bad(&e.name, format!("arch {:?}: only x86_64", e.arch)));
         }
-        let url = url_scheme(&e.url);
-        if !matches!(url, Some("http" | "https")) {
-            return Err(bad(&e.name, format!("url {:?} is not http(s)", e.url)));
+        if let Some(b) = &e.bundle {
+            let url = url_scheme(&b.url);
+            if !matches!(url, Some("http" | "https")) {
+                return Err(bad(&e.name, format!("url {:?} is not http(s)", b.url)));
+            }
+            if b.sha256.len() != 64
+                || !b
+                    .sha256
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            {
+                return Err(bad(&e.name, "sha256 is not 64 lowercase hex digits".into()));
+            }
+            if b.size == 0 {
+                return Err(bad(&e.name, "size is 0".into()));
+            }
         }
-        if e.sha256.len() != 64
-            || !e
-                .sha256
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        {
-            return Err(bad(&e.name, "sha256 is not 64 lowercase hex digits".into()));
-        }
-        if e.size == 0 {
-            return Err(bad(&e.name, "size is 0".into()));
+        match (&e.bundle, &e.recipe, kernels) {
+            (None, None, _) => {
+                return Err(bad(
+                    &e.name,
+                    "has neither a bundle nor a recipe: nothing could ever be fetched".into(),
+                ));
+            }
+            (_, Some(_), None) => {
+                return Err(bad(
+                    &e.name,
+                    "a kernel comes as a bundle, not a recipe".into(),
+                ));
+            }
+            (_, Some(r), Some(_)) => {
+                super::build::validate_recipe(r).map_err(|err| bad(&e.name, err.to_string()))?
+            }
+            _ => {}
         }
         if e.description.trim().is_empty() {
             return Err(bad(&e.name, "description is empty".into()));
         }
         match (kernels, &e.kernel_ref) {
             (None, Some(_)) => return Err(bad(&e.name, "a kernel has no kernel_ref".into())),
-            (Some(_), None) => return Err(bad(&e.name, "kernel_ref is missing".into())),
+            (Some(_), None) if e.bundle.is_some() => {
+                return Err(bad(&e.name, "kernel_ref is missing".into()));
+            }
+            (Some(_), Some(_)) if e.bundle.is_none() => {
+                return Err(bad(
+                    &e.name,
+                    "kernel_ref is for a bundle; a recipe's image boots the kernel it installs"
+                        .into(),
+                ));
+            }
             (Some(k), Some(r)) if !k.iter().any(|k| &k.name == r) => {
                 return Err(bad(
                     &e.name,
@@ -208,9 +310,107 @@ mod tests {
     }
 
     #[test]
-    fn the_embedded_catalogs_are_valid() {
+    fn the_embedded_catalogs_are_valid_and_fetchable() {
         let c = Catalogs::embedded().unwrap();
-        assert!(!c.images.is_empty() && !c.kernels.is_empty());
+        assert!(!c.images.is_empty());
+        let lean = c.image("debian-bookworm").expect("the default image");
+        let dev = c.image("debian-bookworm-dev").expect("the dev image");
+        for e in [lean, dev] {
+            let r = e.recipe.as_ref().expect("built from a recipe");
+            for p in [
+                "systemd",
+                "openssh-server",
+                "ca-certificates",
+                "curl",
+                "iproute2",
+                "git",
+                "sudo",
+                "less",
+            ] {
+                assert!(r.packages.iter().any(|x| x == p), "{} lacks {p}", e.name);
+            }
+        }
+        let dev_r = dev.recipe.as_ref().unwrap();
+        assert!(dev_r.packages.iter().any(|p| p == "docker.io"));
+        assert!(dev_r.packages.iter().any(|p| p == "build-essential"));
+        // No placeholder: every bundle there is must be somewhere real.
+        for e in c.images.iter().chain(&c.kernels) {
+            if let Some(b) = &e.bundle {
+                assert!(
+                    !b.url.contains("example.invalid"),
+                    "{}: placeholder url",
+                    e.name
+                );
+                assert_ne!(b.sha256, "0".repeat(64), "{}: placeholder sha256", e.name);
+            }
+        }
+    }
+
+    fn v2(images: serde_json::Value, kernels: serde_json::Value) -> (String, String) {
+        (
+            serde_json::json!({"version": 2, "images": images}).to_string(),
+            serde_json::json!({"version": 2, "kernels": kernels}).to_string(),
+        )
+    }
+
+    #[test]
+    fn version_2_entries_have_a_bundle_a_recipe_or_both() {
+        let bundle = serde_json::json!({"url": "http://127.0.0.1:1/x.tar.zst", "sha256": "ab".repeat(32), "size": 10});
+        let recipe = serde_json::json!({"suite": "bookworm", "packages": ["git"]});
+        let k = serde_json::json!([{"name": "k", "arch": "x86_64", "bundle": bundle, "description": "d"}]);
+        let (i, kk) = v2(
+            serde_json::json!([
+                {"name": "b", "arch": "x86_64", "bundle": bundle, "kernel_ref": "k", "description": "d"},
+                {"name": "r", "arch": "x86_64", "recipe": recipe, "description": "d"},
+                {"name": "both", "arch": "x86_64", "bundle": bundle, "recipe": recipe, "kernel_ref": "k", "description": "d"},
+            ]),
+            k.clone(),
+        );
+        let c = Catalogs::parse(&i, &kk).unwrap();
+        assert!(c.image("b").unwrap().recipe.is_none());
+        assert_eq!(
+            c.image("r").unwrap().recipe.as_ref().unwrap().packages,
+            ["git"]
+        );
+        assert!(c.image("r").unwrap().bundle.is_none());
+        assert!(c.image("both").unwrap().bundle.is_some());
+        let cases = [
+            (
+                serde_json::json!({"name": "x", "arch": "x86_64", "description": "d"}),
+                "neither a bundle nor a recipe",
+            ),
+            (
+                serde_json::json!({"name": "x", "arch": "x86_64", "recipe": recipe, "kernel_ref": "k", "description": "d"}),
+                "kernel_ref is for a bundle",
+            ),
+            (
+                serde_json::json!({"name": "x", "arch": "x86_64", "bundle": bundle, "description": "d"}),
+                "kernel_ref is missing",
+            ),
+            (
+                serde_json::json!({"name": "x", "arch": "x86_64", "recipe": {"suite": "bookworm", "packages": ["a,b"]}, "description": "d"}),
+                "invalid package name",
+            ),
+            (
+                serde_json::json!({"name": "x", "arch": "x86_64", "recipe": {"suite": "Bad/Suite", "packages": []}, "description": "d"}),
+                "invalid suite",
+            ),
+            (
+                serde_json::json!({"name": "x", "arch": "x86_64", "url": "http://a/b", "sha256": "ab".repeat(32), "size": 1, "kernel_ref": "k", "description": "d"}),
+                "inside \"bundle\"",
+            ),
+        ];
+        for (e, want) in cases {
+            let (i, kk) = v2(serde_json::json!([e]), k.clone());
+            let err = Catalogs::parse(&i, &kk).unwrap_err().to_string();
+            assert!(err.contains(want), "{err:?} should mention {want:?}");
+        }
+        let (i, kk) = v2(
+            serde_json::json!([]),
+            serde_json::json!([{"name": "k", "arch": "x86_64", "recipe": recipe, "description": "d"}]),
+        );
+        let err = Catalogs::parse(&i, &kk).unwrap_err().to_string();
+        assert!(err.contains("a kernel comes as a bundle"), "{err}");
     }
 
     #[test]
@@ -221,6 +421,13 @@ mod tests {
         );
         let c = Catalogs::parse(&i, &k).unwrap();
         assert_eq!(c.image("img").unwrap().kernel_ref.as_deref(), Some("k"));
+        // A version 1 entry is a bundle-only entry.
+        let b = c.image("img").unwrap().bundle.as_ref().unwrap();
+        assert_eq!(
+            (b.url.as_str(), b.size),
+            ("http://127.0.0.1:1/x.tar.zst", 10)
+        );
+        assert!(c.image("img").unwrap().recipe.is_none());
         assert!(c.image("nope").is_none());
         assert_eq!(names(&c.kernels), "k");
     }
@@ -286,11 +493,11 @@ mod tests {
                 .contains("no kernel_ref")
         );
         let err = Catalogs::parse(
-            r#"{"version":2,"images":[]}"#,
+            r#"{"version":3,"images":[]}"#,
             r#"{"version":1,"kernels":[]}"#,
         )
         .unwrap_err()
         .to_string();
-        assert!(err.contains("version 2"), "{err}");
+        assert!(err.contains("version 3"), "{err}");
     }
 }

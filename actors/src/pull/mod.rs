@@ -20,6 +20,7 @@
 //! (their callers get "the pull actor did not answer") and their staging directories are
 //! swept on start.
 
+pub mod build;
 pub mod bundle;
 pub mod catalog;
 pub mod ext4;
@@ -37,7 +38,7 @@ use std::time::Duration;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::mpsc;
 
-use banger_api::{CatalogEntry, PullEvent, PullImage, codes};
+use banger_api::{BuildImage, CatalogEntry, PullEvent, PullImage, codes};
 
 use crate::image::{ImageError, ImageRecord, KernelRecord};
 use crate::store::{Store, StoreError};
@@ -117,6 +118,8 @@ pub enum PullError {
     Task(String),
     #[error("vm {vm}: cannot read its root filesystem through the guest agent: {detail}")]
     Guest { vm: String, detail: String },
+    #[error(transparent)]
+    Recipe(#[from] build::BuildError),
 }
 
 impl PullError {
@@ -128,6 +131,7 @@ impl PullError {
             PullError::Reference { .. } | PullError::Name(_) | PullError::Size(_) => {
                 codes::INVALID_ARGUMENT
             }
+            PullError::Recipe(e) if e.is_invalid_argument() => codes::INVALID_ARGUMENT,
             PullError::Store(_) => codes::STORE,
             _ => codes::INTERNAL_ERROR,
         }
@@ -152,6 +156,8 @@ pub struct PullConfig {
     pub insecure_registries: Vec<String>,
     /// Where `banger-init` and `banger-agent` are taken from for OCI images.
     pub guest_binaries_dir: PathBuf,
+    /// `[images] mirror`: the Debian-family mirror of local builds (see [`build`]).
+    pub mirror: Option<String>,
 }
 
 impl PullConfig {
@@ -165,6 +171,11 @@ impl PullConfig {
 
     pub fn blobs_dir(&self) -> PathBuf {
         self.cache_dir.join("blobs").join("sha256")
+    }
+
+    /// The `.deb` cache of local builds.
+    pub fn debs_dir(&self) -> PathBuf {
+        self.cache_dir.join("debs")
     }
 }
 
@@ -329,8 +340,11 @@ pub fn sweep(dir: &Path) {
 /// What an image pull resolves to.
 #[derive(Debug, Clone)]
 pub enum ImageSource {
+    /// A catalog entry's bundle.
     Catalog(CatalogEntry),
     Oci(oci_client::Reference),
+    /// A catalog entry's recipe, built locally ([`build`]).
+    Recipe(Box<build::BuildPlan>),
 }
 
 /// A resolved image pull.
@@ -347,6 +361,8 @@ impl ImagePlan {
         let src = match &self.source {
             ImageSource::Catalog(e) => format!("catalog:{}", e.name),
             ImageSource::Oci(r) => format!("oci:{}", r.whole()),
+            // Builds of one name share the work, whatever asked for them.
+            ImageSource::Recipe(p) => return p.key(),
         };
         format!("image:{src}->{}", self.name)
     }
@@ -357,10 +373,39 @@ fn looks_like_reference(source: &str) -> bool {
     source.contains([':', '/', '@'])
 }
 
-/// Resolve a request: a catalog entry, or an OCI reference; the image's name.
-pub fn plan_image(catalogs: &Catalogs, req: &PullImage) -> Result<ImagePlan, PullError> {
+/// Resolve a request: a catalog entry (its bundle, else its recipe; `build` forces the
+/// recipe), or an OCI reference; the image's name.
+pub fn plan_image(config: &PullConfig, req: &PullImage) -> Result<ImagePlan, PullError> {
+    let catalogs = &config.catalogs;
     let source = if let Some(e) = catalogs.image(&req.source) {
-        ImageSource::Catalog(e.clone())
+        match (&e.bundle, &e.recipe) {
+            (Some(_), _) if !req.build => ImageSource::Catalog(e.clone()),
+            (_, Some(recipe)) => {
+                let name = req.name.clone().unwrap_or_else(|| e.name.clone());
+                let plan = build::plan_recipe(
+                    config,
+                    &name,
+                    recipe,
+                    None,
+                    req.kernel_ref.clone(),
+                    req.size_bytes,
+                )?;
+                return Ok(ImagePlan {
+                    name,
+                    kernel_ref: Some(plan.kernel_name.clone()),
+                    size_bytes: req.size_bytes,
+                    source: ImageSource::Recipe(Box::new(plan)),
+                });
+            }
+            _ => {
+                return Err(PullError::Reference {
+                    reference: req.source.clone(),
+                    detail:
+                        "--build: this catalog entry has no recipe; pull its bundle without --build"
+                            .into(),
+                });
+            }
+        }
     } else if looks_like_reference(&req.source) {
         let r: oci_client::Reference =
             req.source
@@ -378,15 +423,22 @@ pub fn plan_image(catalogs: &Catalogs, req: &PullImage) -> Result<ImagePlan, Pul
             hint: " (an OCI image needs a tag or a registry, e.g. debian:bookworm)",
         });
     };
+    if req.build {
+        return Err(PullError::Reference {
+            reference: req.source.clone(),
+            detail: "--build applies to catalog images with a recipe (`banger image list --available`); use `banger image build` for your own".into(),
+        });
+    }
     let name = match (&req.name, &source) {
         (Some(n), _) => n.clone(),
         (None, ImageSource::Catalog(e)) => e.name.clone(),
         (None, ImageSource::Oci(r)) => oci::default_name(r),
+        (None, ImageSource::Recipe(p)) => p.name.clone(),
     };
     crate::image::validate_name(&name)?;
     let kernel_ref = req.kernel_ref.clone().or(match &source {
         ImageSource::Catalog(e) => e.kernel_ref.clone(),
-        ImageSource::Oci(_) => None,
+        _ => None,
     });
     if let Some(k) = &kernel_ref {
         crate::image::validate_name(k)?;
@@ -394,7 +446,7 @@ pub fn plan_image(catalogs: &Catalogs, req: &PullImage) -> Result<ImagePlan, Pul
     if let Some(size) = req.size_bytes {
         if matches!(source, ImageSource::Catalog(_)) {
             return Err(PullError::Size(
-                "--size applies to OCI pulls; a catalog image comes with its own ext4".into(),
+                "--size applies to OCI pulls and builds; a catalog bundle comes with its own ext4 (--build builds its recipe)".into(),
             ));
         }
         if size < ext4::MIN_SIZE {
@@ -432,6 +484,12 @@ pub enum PullMsg {
     },
     /// Keys of the pulls in flight.
     InFlight(RpcReplyPort<Vec<String>>),
+    /// `image build`: an image and its kernel built from a mirror (see [`build`]).
+    Build {
+        req: BuildImage,
+        events: Option<EventTx>,
+        reply: RpcReplyPort<PullResult<ImageRecord>>,
+    },
     /// `image promote`: a running VM's root becomes an image (see [`promote`]).
     Promote {
         plan: promote::PromotePlan,
@@ -553,7 +611,7 @@ impl Actor for PullActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             PullMsg::Image { req, events, reply } => {
-                let plan = match plan_image(&state.env.config.catalogs, &req) {
+                let plan = match plan_image(&state.env.config, &req) {
                     Ok(p) => p,
                     Err(e) => {
                         let _ = reply.send(Err(Arc::new(e)));
@@ -640,6 +698,22 @@ impl Actor for PullActor {
                     },
                 );
             }
+            PullMsg::Build { req, events, reply } => {
+                let plan = match build::plan(&state.env.config, &req) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        let _ = reply.send(Err(Arc::new(e)));
+                        return Ok(());
+                    }
+                };
+                state.join_or_start(
+                    &myself,
+                    plan.key(),
+                    Waiter::Image(reply),
+                    events,
+                    |env, rep| async move { build::build(&env, plan, &rep).await.map(Pulled::Image) },
+                );
+            }
             PullMsg::InFlight(reply) => {
                 let _ = reply.send(state.inflight.keys().cloned().collect());
             }
@@ -676,6 +750,7 @@ async fn pull_image(
     match plan.source.clone() {
         ImageSource::Catalog(entry) => pull_catalog_image(env, &plan, entry, rep).await,
         ImageSource::Oci(reference) => oci::pull(env, &plan, reference, rep).await,
+        ImageSource::Recipe(b) => build::build(env, *b, rep).await,
     }
 }
 
@@ -688,6 +763,10 @@ async fn download_bundle(
     staging: PathBuf,
     rep: &Reporter,
 ) -> Result<bundle::Unpacked, PullError> {
+    let entry = entry.bundle.as_ref().ok_or_else(|| PullError::Download {
+        url: entry.name.clone(),
+        detail: "the catalog entry has no bundle".into(),
+    })?;
     rep.stage("download", Some(entry.url.clone()));
     let download_err = |detail: String| PullError::Download {
         url: entry.url.clone(),
@@ -893,52 +972,119 @@ mod tests {
         assert_eq!(left, ["img"]);
     }
 
+    fn config_with(catalogs: catalog::Catalogs) -> PullConfig {
+        PullConfig {
+            data_dir: "/d".into(),
+            cache_dir: "/c".into(),
+            catalogs: Arc::new(catalogs),
+            insecure_registries: vec![],
+            guest_binaries_dir: "/g".into(),
+            mirror: Some("http://mirror.example/debian".into()),
+        }
+    }
+
     #[test]
     fn sources_resolve_to_catalog_entries_or_references() {
-        let c = catalog::Catalogs::embedded().unwrap();
-        let name = c.images[0].name.clone();
-        let p = plan_image(
-            &c,
-            &PullImage {
-                source: name.clone(),
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let bundle = banger_api::Bundle {
+            url: "http://127.0.0.1:1/b.tar.zst".into(),
+            sha256: "ab".repeat(32),
+            size: 1,
+        };
+        let kernel = CatalogEntry {
+            name: "k".into(),
+            arch: "x86_64".into(),
+            bundle: Some(bundle.clone()),
+            recipe: None,
+            kernel_ref: None,
+            description: "d".into(),
+        };
+        let both = CatalogEntry {
+            name: "both".into(),
+            bundle: Some(bundle),
+            recipe: Some(banger_api::Recipe {
+                suite: "bookworm".into(),
+                packages: vec!["git".into()],
+                kernel_package: None,
+            }),
+            kernel_ref: Some("k".into()),
+            ..kernel.clone()
+        };
+        let recipe_only = CatalogEntry {
+            name: "built".into(),
+            bundle: None,
+            kernel_ref: None,
+            ..both.clone()
+        };
+        let c = config_with(catalog::Catalogs {
+            images: vec![both.clone(), recipe_only],
+            kernels: vec![kernel],
+        });
+        let pull = |source: &str, build: bool| {
+            plan_image(
+                &c,
+                &PullImage {
+                    source: source.into(),
+                    build,
+                    ..Default::default()
+                },
+            )
+        };
+        // A bundle when there is one …
+        let p = pull("both", false).unwrap();
         assert!(matches!(p.source, ImageSource::Catalog(_)));
-        assert_eq!(p.kernel_ref, c.images[0].kernel_ref);
-        let p = plan_image(
-            &c,
-            &PullImage {
-                source: "debian:bookworm".into(),
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        assert_eq!(p.kernel_ref.as_deref(), Some("k"));
+        // … else the recipe, and --build forces it; both keyed by the image name, as
+        // `image build` is.
+        for (src, build) in [("built", false), ("both", true)] {
+            let p = pull(src, build).unwrap();
+            let ImageSource::Recipe(b) = &p.source else {
+                panic!("{src}: {:?}", p.source)
+            };
+            assert_eq!(b.mirror, "http://mirror.example/debian");
+            assert_eq!(b.mirror_from, "[images] mirror");
+            assert_eq!(b.kernel_name, src);
+            assert_eq!(b.kernel_package, build::DEFAULT_KERNEL_PACKAGE);
+            assert_eq!(p.key(), format!("image:build->{src}"));
+            let direct = build::plan(
+                &c,
+                &BuildImage {
+                    name: src.into(),
+                    include: vec!["git".into()],
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            assert_eq!(direct.key(), p.key());
+        }
+        let e = pull("debian:bookworm", true).unwrap_err().to_string();
+        assert!(e.contains("--build applies to catalog images"), "{e}");
+        let p = pull("debian:bookworm", false).unwrap();
         match &p.source {
             ImageSource::Oci(r) => assert_eq!(r.whole(), "docker.io/library/debian:bookworm"),
             other => panic!("{other:?}"),
         }
         assert_eq!(p.name, "debian-bookworm");
+        let e = pull("nosuch", false).unwrap_err().to_string();
+        assert!(e.contains("available: both, built"), "{e}");
         let e = plan_image(
             &c,
             &PullImage {
-                source: "nosuch".into(),
-                ..Default::default()
-            },
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(e.contains("available: ") && e.contains(&name), "{e}");
-        let e = plan_image(
-            &c,
-            &PullImage {
-                source: name,
+                source: "both".into(),
                 size_bytes: Some(1 << 30),
                 ..Default::default()
             },
         )
         .unwrap_err();
         assert!(matches!(e, PullError::Size(_)), "{e}");
+        let e = build::plan(
+            &c,
+            &BuildImage {
+                name: "x".into(),
+                mirror: Some("ftp://x".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert_eq!(e.code(), codes::INVALID_ARGUMENT, "{e}");
     }
 }

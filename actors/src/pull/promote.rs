@@ -111,7 +111,7 @@ fn real_parents(root: &Path, rel: &Path) -> bool {
 }
 
 /// `rel` as a regular file of the tree (not a link), if it is one.
-fn regular(root: &Path, rel: &str) -> Option<PathBuf> {
+pub(super) fn regular(root: &Path, rel: &str) -> Option<PathBuf> {
     let rel = Path::new(rel);
     if !real_parents(root, rel) {
         return None;
@@ -124,7 +124,7 @@ fn regular(root: &Path, rel: &str) -> Option<PathBuf> {
 }
 
 /// Rewrite a regular file in place (same inode: its mode and recorded owner stay).
-fn rewrite(path: &Path, text: &str) -> Result<(), String> {
+pub(super) fn rewrite(path: &Path, text: &str) -> Result<(), String> {
     use std::io::Write;
     let mut f = std::fs::OpenOptions::new()
         .write(true)

@@ -263,6 +263,7 @@ fn tool_checks() -> Vec<Check> {
         "nft",
         "ip",
         "ssh",
+        "mmdebstrap",
     ];
     let missing: Vec<&str> = tools
         .iter()

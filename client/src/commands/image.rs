@@ -4,8 +4,8 @@ use std::io::{IsTerminal, Write};
 use std::time::Instant;
 
 use banger_api::{
-    CatalogEntry, ImageRpcClient, ImportKernel, KernelInfo, KernelRpcClient, PromoteImage,
-    PullEvent, PullImage, PullKernel, RegisterImage,
+    BuildImage, CatalogEntry, ImageRpcClient, ImportKernel, KernelInfo, KernelRpcClient,
+    PromoteImage, PullEvent, PullImage, PullKernel, RegisterImage,
 };
 use jsonrpsee::core::client::Subscription;
 
@@ -129,14 +129,30 @@ fn print_catalog(entries: &[CatalogEntry], json: bool) -> Result<(), CliError> {
     if json {
         return render::json(&entries);
     }
-    println!("{:<24} {:>9} {:<16} DESCRIPTION", "NAME", "SIZE", "KERNEL");
+    println!(
+        "{:<24} {:<14} {:>9} {:<16} DESCRIPTION",
+        "NAME", "FROM", "SIZE", "KERNEL"
+    );
     for e in entries {
+        let from = match (&e.bundle, &e.recipe) {
+            (Some(_), Some(_)) => "bundle,recipe".to_owned(),
+            (Some(_), None) => "bundle".to_owned(),
+            (None, Some(r)) => format!("recipe:{}", r.suite),
+            (None, None) => "-".to_owned(),
+        };
+        let size = e
+            .bundle
+            .as_ref()
+            .map(|b| bytes(b.size))
+            .unwrap_or("-".into());
+        let kernel = match (&e.kernel_ref, &e.recipe) {
+            (Some(k), _) => k.clone(),
+            (None, Some(_)) => "(built)".into(),
+            (None, None) => "-".into(),
+        };
         println!(
-            "{:<24} {:>9} {:<16} {}",
-            e.name,
-            bytes(e.size),
-            e.kernel_ref.as_deref().unwrap_or("-"),
-            e.description
+            "{:<24} {:<14} {:>9} {:<16} {}",
+            e.name, from, size, kernel, e.description
         );
     }
     Ok(())
@@ -150,6 +166,7 @@ pub async fn image(target: &Target, cmd: ImageCmd) -> Result<u8, CliError> {
             name,
             kernel_ref,
             size,
+            build,
             json,
         } => {
             let sub = ImageRpcClient::pull(
@@ -159,9 +176,33 @@ pub async fn image(target: &Target, cmd: ImageCmd) -> Result<u8, CliError> {
                     name,
                     kernel_ref,
                     size_bytes: size,
+                    build,
                 },
             )
             .await?;
+            print_image(follow_pull(sub).await?, json)?;
+        }
+        ImageCmd::Build {
+            name,
+            suite,
+            mirror,
+            include,
+            size,
+            kernel_package,
+            kernel,
+            json,
+        } => {
+            let sub = client
+                .build(BuildImage {
+                    name,
+                    suite,
+                    mirror,
+                    include,
+                    size_bytes: size,
+                    kernel_package,
+                    kernel,
+                })
+                .await?;
             print_image(follow_pull(sub).await?, json)?;
         }
         ImageCmd::Promote {

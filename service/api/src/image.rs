@@ -90,9 +90,41 @@ pub struct PullImage {
     /// none for an OCI image).
     #[serde(default)]
     pub kernel_ref: Option<String>,
-    /// Size of the built ext4 for an OCI pull (default: the content plus headroom).
+    /// Size of the built ext4 for an OCI pull or a recipe build (default: the content plus
+    /// headroom).
     #[serde(default)]
     pub size_bytes: Option<u64>,
+    /// Build a catalog image from its recipe even when it has a bundle.
+    #[serde(default)]
+    pub build: bool,
+}
+
+/// Request of `image.build`: an image (and its kernel) built locally from a Debian-family
+/// mirror with mmdebstrap.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuildImage {
+    /// The image's name.
+    pub name: String,
+    /// The distribution's suite (default `bookworm`).
+    #[serde(default)]
+    pub suite: Option<String>,
+    /// The mirror (default: `[images] mirror`, else the host's own apt sources when the
+    /// host is Debian, else `http://deb.debian.org/debian`).
+    #[serde(default)]
+    pub mirror: Option<String>,
+    /// Packages installed on top of what banger's guest side needs.
+    #[serde(default)]
+    pub include: Vec<String>,
+    /// Size of the built ext4 (default: the content plus headroom).
+    #[serde(default)]
+    pub size_bytes: Option<u64>,
+    /// The kernel package installed into the tree (default `linux-image-cloud-amd64`).
+    #[serde(default)]
+    pub kernel_package: Option<String>,
+    /// The name of the kernel record made from it (default: the image's name).
+    #[serde(default)]
+    pub kernel: Option<String>,
 }
 
 /// Request of `image.promote`: make a running VM's root filesystem a new image.
@@ -145,23 +177,48 @@ pub enum PullEvent {
     },
 }
 
-/// An entry of an embedded (or configured) catalog.
+/// An entry of an embedded (or configured) catalog: a published `bundle`, a `recipe` to
+/// build it from (images only), or both.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CatalogEntry {
     pub name: String,
     /// `x86_64`.
     pub arch: String,
-    /// Where the `.tar.zst` bundle is downloaded from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bundle: Option<Bundle>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recipe: Option<Recipe>,
+    /// For images with a bundle: the kernel catalog entry VMs of this image boot (an image
+    /// built from its recipe boots the kernel the recipe installed).
+    #[serde(default)]
+    pub kernel_ref: Option<String>,
+    pub description: String,
+}
+
+/// A published `.tar.zst` bundle.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Bundle {
+    /// Where the bundle is downloaded from.
     pub url: String,
     /// The bundle's sha256 (hex).
     pub sha256: String,
     /// The bundle's size in bytes (compressed, as downloaded).
     pub size: u64,
-    /// For images: the kernel catalog entry VMs of this image boot.
+}
+
+/// How to build an image locally (`banger image build` with these arguments).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    /// The distribution's suite, e.g. `bookworm`.
+    pub suite: String,
+    /// Packages installed on top of what banger's guest side needs.
+    pub packages: Vec<String>,
+    /// The kernel package (default `linux-image-cloud-amd64`).
     #[serde(default)]
-    pub kernel_ref: Option<String>,
-    pub description: String,
+    pub kernel_package: Option<String>,
 }
 
 /// A layer blob in the digest-addressed cache (`image cache list`).
@@ -216,6 +273,12 @@ mod rpc {
         /// `failed`. Concurrent pulls of the same source share one download.
         #[subscription(name = "pull" => "pull.progress", unsubscribe = "pull.unsubscribe", item = PullEvent)]
         async fn pull(&self, req: PullImage) -> jsonrpsee::core::SubscriptionResult;
+
+        /// Build an image and its kernel from a Debian-family mirror (mmdebstrap), streaming
+        /// progress like a pull; ends with `image` or `failed`. Concurrent builds of one
+        /// name share the work.
+        #[subscription(name = "build" => "build.progress", unsubscribe = "build.unsubscribe", item = PullEvent)]
+        async fn build(&self, req: BuildImage) -> jsonrpsee::core::SubscriptionResult;
 
         /// Make a running VM's root filesystem a new image (its kernel: the VM's), streaming
         /// progress like a pull; ends with `image` or `failed`.

@@ -10,8 +10,8 @@ use tokio::sync::mpsc;
 
 use banger_actors::TreeError;
 use banger_api::{
-    CachePruned, CachedBlob, CatalogEntry, ImageInfo, ImageRpcServer, ImportKernel, KernelInfo,
-    KernelRpcServer, PromoteImage, PullEvent, PullImage, PullKernel, RegisterImage,
+    BuildImage, CachePruned, CachedBlob, CatalogEntry, ImageInfo, ImageRpcServer, ImportKernel,
+    KernelInfo, KernelRpcServer, PromoteImage, PullEvent, PullImage, PullKernel, RegisterImage,
 };
 
 use super::{Ctx, RpcError};
@@ -91,6 +91,18 @@ impl ImageRpcServer for ImageApi {
         let tree = self.ctx.tree.clone();
         pull_stream(pending, |tx| async move {
             let rec = tree.pull_image(req, Some(tx)).await?;
+            Ok(PullEvent::Image {
+                image: (&rec).into(),
+            })
+        })
+        .await
+    }
+
+    #[tracing::instrument(skip(self, pending), fields(image = %req.name))]
+    async fn build(&self, pending: PendingSubscriptionSink, req: BuildImage) -> SubscriptionResult {
+        let tree = self.ctx.tree.clone();
+        pull_stream(pending, |tx| async move {
+            let rec = tree.build_image(req, Some(tx)).await?;
             Ok(PullEvent::Image {
                 image: (&rec).into(),
             })
