@@ -80,29 +80,49 @@ fi
 # --- 2. build and install banger -----------------------------------------------------------
 say "building banger (release; the first build takes several minutes)"
 quiet as_user "$CARGO" build --release --locked -p banger -p bangerd
-quiet as_user env PATH="$(dirname "$CARGO"):$PATH" scripts/build-guest.sh release
+quiet as_user env -u CARGO_TARGET_DIR PATH="$(dirname "$CARGO"):$PATH" scripts/build-guest.sh release
 install_if_changed() { # src dst mode
     if ! cmp -s "$1" "$2"; then
         install -D -m "$3" "$1" "$2.new" && mv -f "$2.new" "$2"
         echo "  installed $2"
     fi
 }
-for b in banger bangerd; do install_if_changed "target/release/$b" "/usr/local/bin/$b" 0755; done
+for b in banger bangerd; do install_if_changed "${CARGO_TARGET_DIR:-target}/release/$b" "/usr/local/bin/$b" 0755; done
 for b in banger-init banger-agent; do install_if_changed "target/guest/$b" "/usr/lib/banger/$b" 0755; done
 
 # --- 3. the daemon -------------------------------------------------------------------------
 BANGER=/usr/local/bin/banger
+# bangerd drops to its owner after forking its helper, and builds images as that user with
+# mmdebstrap in unshare mode, which needs a subordinate uid/gid range. Run as root without
+# sudo, the owner is a dedicated system user `banger` (root may still use the daemon).
+OWNER=$USER_NAME
+getent group banger >/dev/null || groupadd --system banger
+if [ "$OWNER" = root ]; then
+    OWNER=banger
+    if ! id banger >/dev/null 2>&1; then
+        say "creating the system user banger (the daemon's owner; root uses the daemon too)"
+        useradd --system --gid banger --home-dir /var/lib/banger --no-create-home \
+            --shell /usr/sbin/nologin banger
+    fi
+fi
+for f in subuid subgid; do
+    if ! grep -q "^$OWNER:" "/etc/$f" 2>/dev/null; then
+        start=$(awk -F: 'BEGIN { m = 100000 } { e = $2 + $3; if (e > m) m = e } END { print m }' "/etc/$f" 2>/dev/null || echo 100000)
+        say "giving $OWNER the subordinate ${f#sub} range $start-$((start + 65535)) (image builds)"
+        if [ "$f" = subuid ]; then quiet usermod --add-subuids "$start-$((start + 65535))" "$OWNER"
+        else quiet usermod --add-subgids "$start-$((start + 65535))" "$OWNER"; fi
+    fi
+done
 if [ -d /run/systemd/system ] && [ "$(cat /proc/1/comm 2>/dev/null)" = systemd ]; then
-    say "installing the system service for $USER_NAME"
-    quiet "$BANGER" system install --owner "$USER_NAME"
+    say "installing the system service for $OWNER"
+    quiet "$BANGER" system install --owner "$OWNER"
 elif [ -S /run/banger/bangerd.sock ] && "$BANGER" daemon status >/dev/null 2>&1; then
     say "systemd is not PID 1 here: the background bangerd --system is already running"
 else
     say "systemd is not PID 1 here (a container?): starting bangerd --system as root in the background instead (log: /var/log/banger/bangerd.log)"
     mkdir -p /run/banger /var/lib/banger /var/cache/banger /var/log/banger /etc/banger
     chmod 0755 /run/banger
-    getent group banger >/dev/null || groupadd --system banger
-    BANGER_OWNER=$USER_NAME setsid /usr/local/bin/bangerd --system \
+    BANGER_OWNER=$OWNER setsid /usr/local/bin/bangerd --system \
         </dev/null >>/var/log/banger/bangerd.out 2>&1 &
     for _ in $(seq 1 100); do
         [ -S /run/banger/bangerd.sock ] && break

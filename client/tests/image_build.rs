@@ -2,8 +2,8 @@
 //! image booted under the rig (QEMU microvm under TCG) with its agent as the probe; and
 //! the failures (an unknown suite, a mirror that does not answer, a package that does not
 //! exist, a cut download) against a mirror proxy this test runs. (A full disk during the
-//! build is not covered yet: the daemon ended the build's stream on that path; see the
-//! CHANGELOG's known issues.)
+//! build is not covered yet: on that path the daemon ended the build's stream without a
+//! result, cause not found; the open first-run issue says so.)
 //!
 //! They need root (the daemon drops to a dedicated unprivileged user, `banger-build`,
 //! with a subordinate id range, made here if missing: bangerd never builds as root, see
