@@ -72,7 +72,13 @@ fi
 CARGO=$(as_user bash -lc 'command -v cargo' 2>/dev/null || true)
 [ -n "$CARGO" ] || CARGO=$(command -v cargo || true)
 [ -n "$CARGO" ] || die "cargo not found: install Rust (https://rustup.rs) as $USER_NAME, then re-run"
-if command -v qemu-system-x86_64 >/dev/null && ! command -v vhost-device-vsock >/dev/null; then
+# The daemon runs with a system PATH as an unprivileged owner: a copy in a user's own cargo
+# bin (say /root/.cargo/bin) is neither on it nor readable, so it goes to /usr/local/bin.
+if command -v qemu-system-x86_64 >/dev/null && [ ! -x /usr/local/bin/vhost-device-vsock ] &&
+    [ -x "$(command -v vhost-device-vsock || true)" ]; then
+    install -m 0755 "$(command -v vhost-device-vsock)" /usr/local/bin/vhost-device-vsock
+fi
+if command -v qemu-system-x86_64 >/dev/null && [ ! -x /usr/local/bin/vhost-device-vsock ]; then
     say "cargo install vhost-device-vsock $VHOST_VSOCK_VERSION (QEMU's vsock channel; about a minute)"
     quiet "$CARGO" install --locked --quiet --root /usr/local vhost-device-vsock --version "$VHOST_VSOCK_VERSION"
 fi
@@ -122,7 +128,8 @@ else
     say "systemd is not PID 1 here (a container?): starting bangerd --system as root in the background instead (log: /var/log/banger/bangerd.log)"
     mkdir -p /run/banger /var/lib/banger /var/cache/banger /var/log/banger /etc/banger
     chmod 0755 /run/banger
-    BANGER_OWNER=$OWNER setsid /usr/local/bin/bangerd --system \
+    BANGER_OWNER=$OWNER PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+        setsid /usr/local/bin/bangerd --system \
         </dev/null >>/var/log/banger/bangerd.out 2>&1 &
     for _ in $(seq 1 100); do
         [ -S /run/banger/bangerd.sock ] && break
