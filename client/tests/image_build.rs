@@ -1,9 +1,8 @@
 //! `banger image build` end to end: mmdebstrap against Debian's real mirror, the built
 //! image booted under the rig (QEMU microvm under TCG) with its agent as the probe; and
 //! the failures (an unknown suite, a mirror that does not answer, a package that does not
-//! exist, a cut download) against a mirror proxy this test runs. (A full disk during the
-//! build is not covered yet: on that path the daemon ended the build's stream without a
-//! result, cause not found; the open first-run issue says so.)
+//! exist, a cut download) against a mirror proxy this test runs, and a full disk (a small
+//! tmpfs as the data dir).
 //!
 //! They need root (the daemon drops to a dedicated unprivileged user, `banger-build`,
 //! with a subordinate id range, made here if missing: bangerd never builds as root, see
@@ -512,6 +511,41 @@ fn root_image_build_failures_name_their_cause_and_leave_nothing() {
     let err = home.build_fails(&["bad", "--mirror", "ftp://mirror/debian"]);
     assert!(err.contains("invalid mirror"), "{err}");
     home.assert_clean("bad input");
+}
+
+/// Unmounts the tmpfs when the test ends, however it ends.
+struct Mounted(PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn root_image_build_on_a_full_disk_fails_clearly_and_leaves_nothing() {
+    let _serial = serial();
+    let cache = persistent_cache();
+    let home = Home::new(&cache, "");
+    let (uid, gid) = build_user();
+    let data = home.dir.path().join("data");
+    run_ok(Command::new("mount").args([
+        "-t",
+        "tmpfs",
+        "-o",
+        &format!("size=96m,mode=0755,uid={uid},gid={gid}"),
+        "banger-test-full",
+        data.to_str().unwrap(),
+    ]));
+    let _guard = Mounted(data.clone());
+    let err = home.build_fails(&["full"]);
+    assert!(
+        err.contains("no space left on the disk holding") && err.contains(data.to_str().unwrap()),
+        "{err}\n{}",
+        home.log_tail(20)
+    );
+    home.assert_clean("full disk");
+    let _ = home.run(&["daemon", "stop"]);
 }
 
 #[test]

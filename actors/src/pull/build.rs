@@ -777,6 +777,11 @@ pub async fn build(
             }
         };
         let mut cmd = command(&plan, debs.as_deref());
+        // Its own process group: when writing its tar fails (we closed the pipe: a full
+        // disk, a refused entry), mmdebstrap tears down its helpers with SIGHUP to its
+        // whole process group, which would otherwise be bangerd's own (the daemon died
+        // on a full disk).
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
