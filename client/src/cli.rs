@@ -147,6 +147,10 @@ pub struct InstallArgs {
     /// The user the daemon drops to (default: the user who ran sudo).
     #[arg(long)]
     pub owner: Option<String>,
+    /// Take the static guest binaries (banger-init, banger-agent) from DIR (default: beside
+    /// this banger, its ../lib/banger, or a checkout's target/guest).
+    #[arg(long, value_name = "DIR")]
+    pub guest_dir: Option<PathBuf>,
     #[command(flatten)]
     pub root: RootArgs,
 }

@@ -67,6 +67,17 @@ fn root_install_status_uninstall_in_a_prefix() {
         let built = std::fs::read(banger().with_file_name(b)).unwrap();
         assert!(installed == built, "{b} is not the built binary");
     }
+    // The static guest binaries, from the checkout's target/guest (scripts/build-guest.sh;
+    // the dynamic ones beside the test's banger are skipped), go where the installed
+    // bangerd looks: /usr/local/bin/../lib/banger.
+    let target_guest = banger().parent().unwrap().join("../guest");
+    for b in ["banger-init", "banger-agent"] {
+        let installed = std::fs::read(dir.path().join("usr/local/lib/banger").join(b)).unwrap();
+        assert!(
+            installed == std::fs::read(target_guest.join(b)).unwrap(),
+            "{b} is not the static build in target/guest"
+        );
+    }
     let unit = dir.path().join("etc/systemd/system/bangerd.service");
     assert_eq!(
         std::fs::read_to_string(&unit).unwrap(),
@@ -128,6 +139,7 @@ fn root_install_status_uninstall_in_a_prefix() {
     assert!(said.contains(&data.display().to_string()), "{said}");
     assert!(said.contains("kept your data"), "{said}");
     assert!(!unit.exists() && !bin.join("bangerd").exists() && !bin.join("banger").exists());
+    assert!(!dir.path().join("usr/local/lib/banger").exists());
     assert!(link.symlink_metadata().is_err(), "still enabled");
     assert_eq!(std::fs::read(data.join("banger.redb")).unwrap(), b"store");
     let st = run(&["system", "status", "--root", root]);

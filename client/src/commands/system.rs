@@ -2,7 +2,9 @@
 //! the systemd service.
 //!
 //! Install copies `banger` and `bangerd` (the ones beside this executable) to
-//! `/usr/local/bin` (each through a temporary file and `rename(2)`), writes
+//! `/usr/local/bin` (each through a temporary file and `rename(2)`), the static guest
+//! binaries `banger-init` and `banger-agent` to `/usr/local/lib/banger` (where the installed
+//! bangerd looks: `<its dir>/../lib/banger`; see [`find_guest_binaries`]), writes
 //! `/etc/systemd/system/bangerd.service` (embedded from `systemd/` at build time) and a
 //! drop-in `bangerd.service.d/owner.conf` that names the owner user (`--owner`, else
 //! `$SUDO_USER`) as `BANGER_OWNER`, creates the system group `banger` (members may use the
@@ -32,6 +34,8 @@ pub const UNIT: &str = "bangerd.service";
 pub const UNIT_TEXT: &str = include_str!("../../../systemd/bangerd.service");
 /// Binaries installed, in order.
 pub const BINARIES: &[&str] = &["bangerd", "banger"];
+/// The guest binaries, installed beside the host ones' `../lib/banger`.
+pub const GUEST_BINARIES: [&str; 2] = banger_actors::pull::guest::NAMES;
 
 /// Where an install puts things, under `root`.
 #[derive(Debug, Clone)]
@@ -52,6 +56,11 @@ impl Layout {
 
     pub fn bin_dir(&self) -> PathBuf {
         self.at("/usr/local/bin")
+    }
+
+    /// Where the installed bangerd finds the guest binaries (`<bin_dir>/../lib/banger`).
+    pub fn guest_dir(&self) -> PathBuf {
+        self.at("/usr/local/lib/banger")
     }
 
     pub fn unit_file(&self) -> PathBuf {
@@ -96,6 +105,12 @@ pub enum SystemError {
         "cannot find {0} beside this banger: install from a build (target/release) or a release tarball"
     )]
     MissingBinary(PathBuf),
+    #[error(
+        "no static guest binaries (banger-init, banger-agent) to install: looked in {looked}; build them with `scripts/build-guest.sh release` (into target/guest/) or pass --guest-dir DIR"
+    )]
+    NoGuestBinaries { looked: String },
+    #[error("{0}")]
+    GuestBinary(#[from] banger_actors::pull::guest::GuestBinaryError),
     #[error("cannot {what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -185,10 +200,45 @@ fn ensure_group(layout: &Layout) -> Result<bool, SystemError> {
     Ok(true)
 }
 
+/// Where install takes the static guest binaries from: `given` (`--guest-dir`), which must
+/// hold them, else the first of `from` (a release tarball's layout), `from/../lib/banger`
+/// (an installed prefix) and `from/../guest` (a checkout: `target/release` beside the
+/// `target/guest` that `scripts/build-guest.sh` fills) that holds static ones. A plain
+/// `cargo build` leaves dynamically linked ones beside banger: those are skipped, never
+/// installed.
+pub fn find_guest_binaries(from: &Path, given: Option<&Path>) -> Result<PathBuf, SystemError> {
+    use banger_actors::pull::guest;
+    if let Some(d) = given {
+        guest::check_dir(d)?;
+        return Ok(d.to_owned());
+    }
+    let candidates = [
+        from.to_owned(),
+        from.join("../lib/banger"),
+        from.join("../guest"),
+    ];
+    for d in &candidates {
+        if guest::check_dir(d).is_ok() {
+            return Ok(d.clone());
+        }
+    }
+    Err(SystemError::NoGuestBinaries {
+        looked: candidates
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+    })
+}
+
 /// What install did.
 #[derive(Debug, Serialize)]
 pub struct Installed {
     pub binaries: Vec<String>,
+    /// The guest binaries installed (none when static ones are already in
+    /// /usr/lib/banger and none were at hand), and where from (or where they already are).
+    pub guest_binaries: Vec<String>,
+    pub guest_binaries_from: String,
     pub unit: String,
     pub owner: String,
     pub group_created: bool,
@@ -200,11 +250,26 @@ pub fn install(
     layout: &Layout,
     systemctl: &dyn Systemctl,
     from: &Path,
+    guest_from: Option<&Path>,
     owner: &str,
 ) -> Result<Installed, SystemError> {
     if !user_exists(layout, owner) {
         return Err(SystemError::UnknownOwner(owner.into()));
     }
+    // Checked before anything is written: an install without them would give a service
+    // that cannot make an image. Static ones already in /usr/lib/banger (a distribution
+    // package, scripts/quickstart.sh) serve when none are at hand.
+    let system_guest = layout.at("/usr/lib/banger");
+    let guest_from = match find_guest_binaries(from, guest_from) {
+        Ok(d) => Some(d),
+        Err(SystemError::NoGuestBinaries { .. })
+            if guest_from.is_none()
+                && banger_actors::pull::guest::check_dir(&system_guest).is_ok() =>
+        {
+            None
+        }
+        Err(e) => return Err(e),
+    };
     let bin_dir = layout.bin_dir();
     let mut binaries = Vec::new();
     for name in BINARIES {
@@ -219,6 +284,16 @@ pub fn install(
             write_atomic(&dest, &bytes, 0o755)?;
         }
         binaries.push(dest.display().to_string());
+    }
+    let mut guest_binaries = Vec::new();
+    for name in GUEST_BINARIES.iter().filter(|_| guest_from.is_some()) {
+        let guest_from = guest_from.as_deref().expect("filtered");
+        let (src, dest) = (guest_from.join(name), layout.guest_dir().join(name));
+        let bytes = std::fs::read(&src).map_err(io("read", &src))?;
+        if std::fs::read(&dest).ok().as_deref() != Some(&bytes[..]) {
+            write_atomic(&dest, &bytes, 0o755)?;
+        }
+        guest_binaries.push(dest.display().to_string());
     }
     write_atomic(&layout.unit_file(), UNIT_TEXT.as_bytes(), 0o644)?;
     write_atomic(
@@ -236,6 +311,8 @@ pub fn install(
     }
     Ok(Installed {
         binaries,
+        guest_binaries,
+        guest_binaries_from: guest_from.unwrap_or(system_guest).display().to_string(),
         unit: layout.unit_file().display().to_string(),
         owner: owner.into(),
         group_created,
@@ -262,6 +339,7 @@ pub fn uninstall(layout: &Layout, systemctl: &dyn Systemctl) -> Result<Uninstall
     let mut removed = Vec::new();
     let mut paths = vec![layout.owner_dropin(), unit];
     paths.extend(BINARIES.iter().map(|b| layout.bin_dir().join(b)));
+    paths.extend(GUEST_BINARIES.iter().map(|b| layout.guest_dir().join(b)));
     for p in paths {
         match std::fs::remove_file(&p) {
             Ok(()) => removed.push(p.display().to_string()),
@@ -270,6 +348,7 @@ pub fn uninstall(layout: &Layout, systemctl: &dyn Systemctl) -> Result<Uninstall
         }
     }
     let _ = std::fs::remove_dir(layout.dropin_dir());
+    let _ = std::fs::remove_dir(layout.guest_dir());
     systemctl.daemon_reload().map_err(SystemError::Systemd)?;
     let kept = layout
         .kept()
@@ -406,6 +485,7 @@ pub async fn run(cmd: crate::cli::SystemCmd) -> Result<u8, CliError> {
     match cmd {
         SystemCmd::Install(crate::cli::InstallArgs {
             owner,
+            guest_dir,
             root: crate::cli::RootArgs { root, json },
         }) => {
             let layout = root_of(&root);
@@ -420,12 +500,21 @@ pub async fn run(cmd: crate::cli::SystemCmd) -> Result<u8, CliError> {
                 .and_then(|e| e.parent().map(Path::to_owned))
                 .unwrap_or_default();
             let systemctl = SystemctlCmd { root: root.clone() };
-            let done = install(&layout, &systemctl, &from, &owner)?;
+            let done = install(&layout, &systemctl, &from, guest_dir.as_deref(), &owner)?;
             if json {
                 render::json(&done)?;
             } else {
                 for b in &done.binaries {
                     println!("installed {b}");
+                }
+                for b in &done.guest_binaries {
+                    println!("installed {b} (from {})", done.guest_binaries_from);
+                }
+                if done.guest_binaries.is_empty() {
+                    println!(
+                        "guest binaries: using those in {}",
+                        done.guest_binaries_from
+                    );
                 }
                 println!("installed {} (owner {})", done.unit, done.owner);
                 if done.group_created {
@@ -547,6 +636,8 @@ mod tests {
     use super::*;
     use crate::systemd::FakeSystemd;
 
+    const BUSYBOX: &str = "/bin/busybox";
+
     /// A root with an owner account and the binaries to install in `src/`.
     fn root() -> (tempfile::TempDir, Layout, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
@@ -564,6 +655,10 @@ mod tests {
             std::fs::write(src.join(b), format!("#!/bin/sh\necho {b} 9.9.9\n")).unwrap();
             std::fs::set_permissions(src.join(b), std::fs::Permissions::from_mode(0o755)).unwrap();
         }
+        // Static guest binaries: busybox-static's (the rig installs it) passes the check.
+        for b in GUEST_BINARIES {
+            std::fs::copy(BUSYBOX, src.join(b)).unwrap();
+        }
         let layout = Layout::new(Some(dir.path().join("")));
         (dir, layout, src)
     }
@@ -572,7 +667,7 @@ mod tests {
     fn install_puts_binaries_unit_owner_and_group_in_place_and_enables() {
         let (dir, layout, src) = root();
         let sd = FakeSystemd::new(dir.path());
-        let done = install(&layout, &sd, &src, "alice").unwrap();
+        let done = install(&layout, &sd, &src, None, "alice").unwrap();
         for b in BINARIES {
             let p = layout.bin_dir().join(b);
             assert_eq!(
@@ -593,6 +688,14 @@ mod tests {
                 .unwrap()
                 .contains("BANGER_OWNER=alice")
         );
+        for b in GUEST_BINARIES {
+            let p = layout.guest_dir().join(b);
+            assert_eq!(std::fs::read(&p).unwrap(), std::fs::read(BUSYBOX).unwrap());
+            assert_eq!(
+                std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+                0o755
+            );
+        }
         assert!(done.group_created);
         assert!(group_exists(&layout));
         // Reload before enable (else systemd does not know the unit), and enabled for boot.
@@ -609,7 +712,7 @@ mod tests {
         assert_eq!(st.owner.as_deref(), Some("alice"));
         assert_eq!(st.bangerd.as_deref(), Some("bangerd 9.9.9"));
         // Idempotent: a second install keeps the group and succeeds.
-        let again = install(&layout, &sd, &src, "alice").unwrap();
+        let again = install(&layout, &sd, &src, None, "alice").unwrap();
         assert!(!again.group_created);
         assert_eq!(
             std::fs::read_to_string(dir.path().join("etc/group"))
@@ -624,29 +727,78 @@ mod tests {
     fn install_refuses_an_unknown_owner_and_missing_binaries_without_writing() {
         let (dir, layout, src) = root();
         let sd = FakeSystemd::new(dir.path());
-        let e = install(&layout, &sd, &src, "mallory").unwrap_err();
+        let e = install(&layout, &sd, &src, None, "mallory").unwrap_err();
         assert!(e.to_string().contains("mallory"), "{e}");
         std::fs::remove_file(src.join("banger")).unwrap();
-        let e = install(&layout, &sd, &src, "alice").unwrap_err();
+        let e = install(&layout, &sd, &src, None, "alice").unwrap_err();
         assert!(matches!(e, SystemError::MissingBinary(_)), "{e}");
         assert!(!layout.unit_file().exists());
         assert!(sd.calls().is_empty());
     }
 
     #[test]
+    fn install_takes_only_static_guest_binaries_and_refuses_without_any() {
+        let (dir, layout, src) = root();
+        let sd = FakeSystemd::new(dir.path());
+        // Dynamically linked ones beside banger (a plain `cargo build`) are skipped, and a
+        // checkout's target/guest (beside target/release) is taken instead.
+        for b in GUEST_BINARIES {
+            std::fs::copy("/bin/true", src.join(b)).unwrap();
+        }
+        let none = install(&layout, &sd, &src, None, "alice").unwrap_err();
+        assert!(
+            matches!(none, SystemError::NoGuestBinaries { .. }),
+            "{none}"
+        );
+        assert!(
+            none.to_string().contains("scripts/build-guest.sh"),
+            "{none}"
+        );
+        assert!(!layout.unit_file().exists() && !layout.bin_dir().exists());
+        assert!(sd.calls().is_empty());
+        let checkout = dir.path().join("guest");
+        std::fs::create_dir_all(&checkout).unwrap();
+        for b in GUEST_BINARIES {
+            std::fs::copy(BUSYBOX, checkout.join(b)).unwrap();
+        }
+        let done = install(&layout, &sd, &src, None, "alice").unwrap();
+        assert_eq!(Path::new(&done.guest_binaries_from), src.join("../guest"));
+        assert_eq!(
+            std::fs::read(layout.guest_dir().join("banger-agent")).unwrap(),
+            std::fs::read(BUSYBOX).unwrap()
+        );
+        // --guest-dir is taken as given: dynamic ones there are an error naming the file.
+        let e = install(&layout, &sd, &src, Some(&src), "alice").unwrap_err();
+        assert!(e.to_string().contains("dynamically linked"), "{e}");
+        // None at hand, but static ones already in /usr/lib/banger: those serve.
+        std::fs::remove_dir_all(&checkout).unwrap();
+        std::fs::remove_dir_all(layout.guest_dir()).unwrap();
+        let system = dir.path().join("usr/lib/banger");
+        std::fs::create_dir_all(&system).unwrap();
+        for b in GUEST_BINARIES {
+            std::fs::copy(BUSYBOX, system.join(b)).unwrap();
+        }
+        let done = install(&layout, &sd, &src, None, "alice").unwrap();
+        assert!(done.guest_binaries.is_empty());
+        assert_eq!(Path::new(&done.guest_binaries_from), system);
+        assert!(!layout.guest_dir().exists());
+    }
+
+    #[test]
     fn uninstall_removes_what_install_wrote_and_keeps_data() {
         let (dir, layout, src) = root();
         let sd = FakeSystemd::new(dir.path());
-        install(&layout, &sd, &src, "alice").unwrap();
+        install(&layout, &sd, &src, None, "alice").unwrap();
         sd.restart(UNIT).unwrap();
         let data = dir.path().join("var/lib/banger");
         std::fs::create_dir_all(&data).unwrap();
         std::fs::write(data.join("banger.redb"), b"store").unwrap();
         let done = uninstall(&layout, &sd).unwrap();
-        assert_eq!(done.removed.len(), 4, "{:?}", done.removed);
+        assert_eq!(done.removed.len(), 6, "{:?}", done.removed);
         for b in BINARIES {
             assert!(!layout.bin_dir().join(b).exists());
         }
+        assert!(!layout.guest_dir().exists());
         assert!(!layout.unit_file().exists());
         assert!(!layout.dropin_dir().exists());
         assert!(
@@ -690,7 +842,7 @@ mod tests {
             (ck.status, ck.detail.contains("not installed")),
             (Level::Ok, true)
         );
-        install(&layout, &sd, &src, "alice").unwrap();
+        install(&layout, &sd, &src, None, "alice").unwrap();
         // Enabled but not running (PID 1 has not started it): a failure, with the way out.
         let ck = doctor_check(&layout, &sd);
         assert_eq!(ck.status, Level::Fail, "{ck:?}");
