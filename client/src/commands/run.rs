@@ -7,7 +7,12 @@
 //! When the guest never becomes reachable (create fails after the VM exists), the VM is
 //! kept even with `--rm`, so `banger vm logs <name>` can show why.
 //!
-//! `--timings` (or `BANGER_TIMINGS=1`) prints the stages to stderr: `create` (the control
+//! An image that is not here yet (the default one on a first run, built from Debian's
+//! packages; or one from a catalog) is said so on stderr, one line per stage of its pull
+//! or build, as docker says "Unable to find image … locally" and shows its pull.
+//!
+//! `--timings` (or `BANGER_TIMINGS=1`) prints the stages to stderr: `image` (only when the
+//! image had to be pulled or built first), `create` (the control
 //! plane: from the request to the VMM launched, i.e. the daemon's `agent` stage), `boot`
 //! (from there until the agent answers: the guest's own boot), `ship`, `command`,
 //! `delete`, and the total.
@@ -60,10 +65,11 @@ async fn create(
     req: CreateVm,
     t: &mut Timings,
 ) -> Result<banger_api::VmInfo, (Option<String>, CliError)> {
-    let t0 = Instant::now();
+    let mut t0 = Instant::now();
     let mut sub = client.create(req).await.map_err(|e| (None, e.into()))?;
     let mut name = None;
     let mut launched = None;
+    let mut pulling = false;
     while let Some(item) = sub.next().await {
         let item = item.map_err(|e| {
             (
@@ -77,6 +83,15 @@ async fn create(
                 name = Some(vm.name);
             }
             Progress::Stage { stage, detail } => {
+                if let Some(line) = pull_line(&stage, detail.as_deref()) {
+                    eprintln!("{line}");
+                    pulling = true;
+                    continue;
+                }
+                if std::mem::take(&mut pulling) {
+                    t.0.push(("image", t0.elapsed()));
+                    t0 = Instant::now();
+                }
                 if stage == "warning" {
                     // e.g. the VM is emulated (QEMU under TCG) and slow.
                     eprintln!("banger: warning: {}", detail.unwrap_or_default());
@@ -103,6 +118,13 @@ async fn create(
         name,
         CliError::Other("the daemon ended the progress stream without a result".into()),
     ))
+}
+
+/// The line `vm run` prints for a stage of the create, when it is one of the image's pull
+/// or build (the daemon's `pull` stages): the user waits minutes on a first run and must
+/// see why. Other stages stay quiet (see `--timings`).
+fn pull_line(stage: &str, detail: Option<&str>) -> Option<String> {
+    (stage == "pull").then(|| format!("banger: {}", detail.unwrap_or("pulling the image")))
 }
 
 /// `banger vm run`.
@@ -202,4 +224,26 @@ async fn session(
     };
     t.0.push(("command", t1.elapsed()));
     Ok(status)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_images_pull_and_build_stages_are_said_and_the_others_are_not() {
+        assert_eq!(
+            pull_line(
+                "pull",
+                Some("building debian-bookworm from http://m/debian, once")
+            ),
+            Some("banger: building debian-bookworm from http://m/debian, once".into())
+        );
+        assert_eq!(
+            pull_line("pull", Some("mkfs")).as_deref(),
+            Some("banger: mkfs")
+        );
+        assert_eq!(pull_line("agent", Some("waiting")), None);
+        assert_eq!(pull_line("warning", Some("emulated")), None);
+    }
 }
