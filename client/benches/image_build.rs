@@ -104,7 +104,17 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::create_dir_all(dir.path().join("config/banger")).unwrap();
-    std::fs::create_dir_all(dir.path().join("run")).unwrap();
+    // bangerd (as root) hands its own directories to the owner; their parents must let
+    // the owner in (as in client/tests/image_build.rs).
+    for d in ["run", "data", "state"] {
+        std::fs::create_dir_all(dir.path().join(d)).unwrap();
+        std::os::unix::fs::chown(
+            dir.path().join(d),
+            Some(user.uid.as_raw()),
+            Some(user.gid.as_raw()),
+        )
+        .unwrap();
+    }
     std::fs::write(
         dir.path().join("config/banger/config.toml"),
         format!(
