@@ -163,7 +163,18 @@ pub fn execute(cfg: &HelperConfig, req: &Request) -> Reply {
         };
     };
     let result = match req {
-        Request::SpawnJailer { vm, console } => spawn(cfg, j, vm, console),
+        Request::SpawnJailer {
+            vm,
+            console,
+            vcpu,
+            memory_mib,
+        } => {
+            let limits = crate::cgroup::Limits {
+                vcpu: *vcpu,
+                memory_mib: *memory_mib,
+            };
+            spawn(cfg, j, vm, console, limits)
+        }
         Request::CleanJail { vm } => clean(cfg, j, vm).map(|()| Reply::Done),
         other => Err(format!("the launcher does not do {}", other.op())),
     };
@@ -192,12 +203,31 @@ fn open_console(j: &JailerConfig, console: &Path) -> Result<OwnedFd, String> {
     })
 }
 
-fn spawn(cfg: &HelperConfig, j: &JailerConfig, vm: &str, console: &Path) -> Result<Reply, String> {
+fn spawn(
+    cfg: &HelperConfig,
+    j: &JailerConfig,
+    vm: &str,
+    console: &Path,
+    limits: crate::cgroup::Limits,
+) -> Result<Reply, String> {
+    if let Some(problem) = crate::jail::nodev_problem(&cfg.jail_base) {
+        return Err(problem);
+    }
     let console = open_console(j, console)?;
+    // Looked up at each launch, in the launcher's mount namespace (the jailer's).
+    let cgroups = crate::cgroup::detect_host();
     let prog = CString::new(j.jailer.as_os_str().as_encoded_bytes())
         .map_err(|_| "the jailer path holds a NUL byte".to_owned())?;
     let mut argv = vec![prog.clone()];
-    for a in crate::jail::jailer_args(&j.firecracker, j.uid, j.gid, &cfg.jail_base, vm) {
+    for a in crate::jail::jailer_args(
+        &j.firecracker,
+        j.uid,
+        j.gid,
+        &cfg.jail_base,
+        vm,
+        &cgroups,
+        limits,
+    ) {
         argv.push(CString::new(a).map_err(|_| "an argument holds a NUL byte".to_owned())?);
     }
     let env: [CString; 0] = [];
@@ -258,15 +288,11 @@ fn start_time(pid: i32) -> Option<u64> {
         .ok()
 }
 
-/// Remove the VM's jail (device nodes and folders the jailer made as root included) and
-/// the cgroup the jailer left behind. Absent is fine.
-fn clean(cfg: &HelperConfig, j: &JailerConfig, vm: &str) -> Result<(), String> {
-    let dir = crate::jail::instance_dir(&cfg.jail_base, &j.firecracker, vm);
-    crate::ops::remove_jail_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let cgroup = crate::jail::cgroup_dir(&j.firecracker, vm);
-    match std::fs::remove_dir(&cgroup) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(format!("the VM's cgroup {}: {e}", cgroup.display())),
+/// Remove the VM's jail (device nodes and folders the jailer made as root included), under
+/// whatever exec name it was made, and the cgroup the jailer left behind. Absent is fine.
+fn clean(cfg: &HelperConfig, _j: &JailerConfig, vm: &str) -> Result<(), String> {
+    for dir in crate::jail::instance_dirs(&cfg.jail_base, vm) {
+        crate::ops::remove_jail_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     }
+    crate::cgroup::remove_vm_dirs(&crate::cgroup::detect_host().vm_dirs(vm))
 }

@@ -32,7 +32,7 @@ async fn setup() -> (support::TestDaemon, Client, tempfile::TempDir) {
 }
 
 /// `fail`: a fault for the double (`PATH:STATUS:MESSAGE`), injected through a wrapper
-/// jailer script since the daemon's environment is not the test's to change.
+/// script since the daemon's environment is not the test's to change.
 async fn setup_with(
     fail: Option<&str>,
     agent_timeout_secs: u64,
@@ -40,6 +40,13 @@ async fn setup_with(
     setup_in(fail, agent_timeout_secs, None).await
 }
 
+/// The exec name every jail is made under: the file `firecracker` links to, as a release
+/// is installed (`firecracker -> firecracker-v1.13.1-x86_64`), and as the jailer names it.
+const EXEC_NAME: &str = "firecracker-v1.13.1-x86_64";
+
+/// Without a helper (`netns` None) Firecracker runs unjailed: `firecracker` is the double
+/// itself (a hard link, under Firecracker's name). With one, the double is the jailer and
+/// `firecracker` only the exec file it copies into each jail (empty: the double is 150 MB).
 async fn setup_in(
     fail: Option<&str>,
     agent_timeout_secs: u64,
@@ -48,15 +55,23 @@ async fn setup_in(
     use std::os::unix::fs::PermissionsExt;
     let files = tempfile::tempdir().unwrap();
     let f = files.path();
-    let jailer = match fail {
-        None => double_bin(),
+    let versioned = f.join(EXEC_NAME);
+    if netns.is_some() {
+        std::fs::write(&versioned, b"").unwrap();
+    } else if std::fs::hard_link(double_bin(), &versioned).is_err() {
+        std::fs::copy(double_bin(), &versioned).unwrap();
+    }
+    std::os::unix::fs::symlink(&versioned, f.join("firecracker")).unwrap();
+    let firecracker = match fail {
+        None => f.join("firecracker"),
         Some(fault) => {
-            let script = f.join("jailer");
+            // Run as Firecracker (its name in argv[0]) with the fault in its environment.
+            let script = f.join("firecracker-with-fault");
             std::fs::write(
                 &script,
                 format!(
-                    "#!/bin/sh\nBANGER_FC_DOUBLE_FAIL='{fault}' exec {} \"$@\"\n",
-                    double_bin().display()
+                    "#!/bin/bash\nBANGER_FC_DOUBLE_FAIL='{fault}' exec -a \"$0\" {} \"$@\"\n",
+                    versioned.display()
                 ),
             )
             .unwrap();
@@ -66,7 +81,6 @@ async fn setup_in(
     };
     std::fs::create_dir_all(f.join("kernel")).unwrap();
     std::fs::write(f.join("kernel/vmlinux"), minimal_elf(4096)).unwrap();
-    std::fs::write(f.join("firecracker"), b"").unwrap();
     let rootfs = f.join("rootfs.ext4");
     std::fs::File::create(&rootfs)
         .unwrap()
@@ -81,8 +95,8 @@ async fn setup_in(
             .success()
     );
     let mut config = support::test_config();
-    config.firecracker.jailer = jailer;
-    config.firecracker.binary = f.join("firecracker");
+    config.firecracker.jailer = double_bin();
+    config.firecracker.binary = firecracker;
     config.stop_timeout_secs = 5;
     // The double has no guest, hence no agent: 0 does not wait for one.
     config.agent_timeout_secs = agent_timeout_secs;
@@ -158,6 +172,16 @@ async fn lifecycle_with_the_firecracker_double() {
     let vm = VmRpcClient::show(&c, "fc".into()).await.unwrap();
     assert_eq!(vm.state, VmState::Running);
     let id = vm.id.clone();
+    // No privileged helper: Firecracker runs unjailed (the jailer needs root), a plain
+    // child of bangerd, and `vm show` and the daemon's status say so.
+    let isolation = vm.isolation.clone().unwrap_or_default();
+    assert!(
+        isolation.starts_with("unjailed: no privileged helper"),
+        "{isolation}"
+    );
+    let status = banger_api::DaemonRpcClient::status(&c).await.unwrap();
+    let fc = status.firecracker.unwrap();
+    assert!(!fc.jailed && fc.isolation == isolation, "{fc:?}");
 
     // A duplicate name is refused; so is starting a running VM.
     assert_eq!(
@@ -199,7 +223,7 @@ async fn lifecycle_with_the_firecracker_double() {
             LogEvent::Data { .. } => {}
         }
     }
-    let jail = d.dir.path().join("data/jail/firecracker").join(&id);
+    let jail = d.dir.path().join("data/jail").join(EXEC_NAME).join(&id);
     assert!(
         !jail.exists(),
         "the jail is removed once firecracker is gone"
@@ -263,7 +287,8 @@ async fn lifecycle_with_the_firecracker_double() {
     assert!(
         !d.dir
             .path()
-            .join("data/jail/firecracker")
+            .join("data/jail")
+            .join(EXEC_NAME)
             .join(&id)
             .exists()
     );
@@ -356,7 +381,7 @@ async fn an_imported_bzimage_boots_under_firecracker_as_its_elf() {
     .unwrap_or_else(|(code, msg)| panic!("{code}: {msg}"));
     let vm = VmRpcClient::show(&c, "bzvm".into()).await.unwrap();
     assert_eq!(vm.state, VmState::Running, "{:?}", vm.error);
-    let jail = d.dir.path().join("data/jail/firecracker").join(&vm.id);
+    let jail = d.dir.path().join("data/jail").join(EXEC_NAME).join(&vm.id);
     assert_eq!(
         std::fs::read(jail.join("root/vmlinux")).unwrap(),
         elf,
@@ -743,6 +768,26 @@ async fn root_taps_and_nat_follow_twenty_concurrent_vms_in_a_netns() {
         assert!(cmdline.contains(&format!("banger.ip={ip}/24")), "{cmdline}");
         assert!(cmdline.contains("banger.gw=172.30.0.1"), "{cmdline}");
     }
+    // Each VM is jailed in its own cgroup (the version this host has), limited by its
+    // spec, holding its Firecracker.
+    let cgroups = banger_policy::cgroup::detect_host();
+    let mut vm_cgroups = Vec::new();
+    for v in &vms {
+        let isolation = v.isolation.clone().unwrap_or_default();
+        assert!(isolation.starts_with("jailed"), "{isolation}");
+        for dir in cgroups.vm_dirs(&v.id) {
+            let procs = std::fs::read_to_string(dir.join("tasks"))
+                .or_else(|_| std::fs::read_to_string(dir.join("cgroup.procs")))
+                .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+            let pid = v.pid.unwrap().to_string();
+            assert!(procs.lines().any(|l| l == pid), "{}: {procs}", dir.display());
+            vm_cgroups.push(dir);
+        }
+    }
+    if !matches!(cgroups, banger_policy::cgroup::Layout::None { .. }) {
+        assert_eq!(vm_cgroups.len() % 20, 0);
+        assert!(!vm_cgroups.is_empty());
+    }
     let rules = ns.sh("nft list table ip banger");
     assert_eq!(rules.matches("masquerade").count(), 10, "{rules}");
     let v0 = vms.iter().find(|v| v.name == "v0").unwrap();
@@ -785,6 +830,13 @@ async fn root_taps_and_nat_follow_twenty_concurrent_vms_in_a_netns() {
     );
     let links = ns.sh("ip -o link");
     assert!(!links.contains("bg-"), "no tap left: {links}");
+    for dir in &vm_cgroups {
+        assert!(!dir.exists(), "cgroup left: {}", dir.display());
+    }
+    let jails = std::fs::read_dir(d.dir.path().join("data/jail").join(EXEC_NAME))
+        .map(|r| r.count())
+        .unwrap_or(0);
+    assert_eq!(jails, 0, "no jail left");
     assert_eq!(ns.sh("nft list ruleset").trim(), "", "no nft rule left");
     assert_eq!(ns.sh("cat /proc/sys/net/ipv4/ip_forward").trim(), "0");
     drop(c);

@@ -29,6 +29,20 @@ impl DaemonRpcServer for DaemonApi {
     async fn status(&self) -> RpcResult<DaemonStatus> {
         let store = self.ctx.tree.store_info().await.map_err(RpcError::from)?;
         let paths = &self.ctx.paths;
+        let helper = self.ctx.tree.helper_confinement().await;
+        let jail_base = paths.data_dir.join("jail");
+        let cgroups = banger_policy::cgroup::detect_host();
+        let firecracker = banger_api::FirecrackerStatus {
+            jailed: helper.is_some(),
+            isolation: if helper.is_some() {
+                banger_actors::vmm::firecracker::jailed(&cgroups)
+            } else {
+                banger_actors::vmm::firecracker::UNJAILED.to_owned()
+            },
+            cgroups: cgroups.describe(),
+            nodev: banger_policy::jail::nodev_problem(&jail_base),
+            jail_base: jail_base.display().to_string(),
+        };
         Ok(DaemonStatus {
             pid: std::process::id(),
             version: crate::VERSION.into(),
@@ -40,12 +54,8 @@ impl DaemonRpcServer for DaemonApi {
             uptime_secs: self.ctx.started.elapsed().as_secs(),
             started_at: self.ctx.started_at,
             dns: self.ctx.tree.dns_addr().await.map(|a| a.to_string()),
-            helper: self
-                .ctx
-                .tree
-                .helper_confinement()
-                .await
-                .map(|c| banger_api::HelperStatus {
+            firecracker: Some(firecracker),
+            helper: helper.map(|c| banger_api::HelperStatus {
                     uid: c.uid,
                     seccomp_mode: c.seccomp_mode,
                     no_new_privs: c.no_new_privs,
