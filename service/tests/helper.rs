@@ -595,3 +595,61 @@ fn root_the_launcher_starts_the_jailer_confined_and_cleans_its_jail() {
         assert!(!d.exists(), "the VM's cgroup {} is gone", d.display());
     }
 }
+
+/// A jail base on a `nodev` mount cannot hold the jailer's /dev/kvm and /dev/net/tun:
+/// the launcher refuses to start the jailer, naming the path and what to do, before any
+/// process runs. (The mount is a tmpfs of the test's, unmounted on drop.)
+#[test]
+fn root_the_launcher_refuses_a_jail_base_on_a_nodev_mount() {
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let ns = Netns::new("nodev");
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let jail = state.join("jail");
+    std::fs::create_dir_all(&jail).unwrap();
+    let ok = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "nodev,size=8m", "tmpfs"])
+        .arg(&jail)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "mount a nodev tmpfs");
+    let _mounted = Unmount(jail.clone());
+    let firecracker = state.join("bin/firecracker");
+    std::fs::create_dir_all(firecracker.parent().unwrap()).unwrap();
+    std::fs::write(&firecracker, b"").unwrap();
+    let uid = nix::unistd::getuid().as_raw();
+    let mut cfg = config(&state);
+    cfg.tap_uids = vec![uid];
+    cfg.jailer = Some(banger_policy::JailerConfig {
+        jailer: double_bin(),
+        firecracker,
+        uid,
+        gid: uid,
+    });
+    let mut h = ns.helper(&cfg);
+    let console = state.join("console.log");
+    match h
+        .call(&Request::SpawnJailer {
+            vm: "0123456789ab".into(),
+            console: console.clone(),
+            vcpu: 1,
+            memory_mib: 128,
+        })
+        .unwrap()
+    {
+        Reply::Failed { reason } => assert!(
+            reason.contains(&format!("the jail base {} is on a nodev mount", jail.display()))
+                && reason.contains("remount"),
+            "{reason}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert!(!console.exists(), "no jailer ran");
+    assert_eq!(std::fs::read_dir(&jail).unwrap().count(), 0, "no jail made");
+}
