@@ -497,6 +497,32 @@ mod tests {
         );
     }
 
+    /// A bare name (the config's default `firecracker`) is resolved on PATH before it
+    /// reaches the jailer, which would canonicalise it relative to its working directory,
+    /// or the unjailed spawn. (`sh` stands in for a binary every PATH has.)
+    #[test]
+    fn a_bare_binary_name_is_resolved_on_path_first() {
+        let c = FirecrackerConfig {
+            jailer: "/usr/bin/jailer".into(),
+            firecracker: "sh".into(),
+            chroot_base: "/j".into(),
+            uid: 1,
+            gid: 1,
+        };
+        let resolved = firecracker_binary(&c);
+        assert!(resolved.is_absolute() && resolved.ends_with("sh"), "{resolved:?}");
+        let none = banger_policy::cgroup::Layout::None { why: "x".into() };
+        let limits = banger_policy::cgroup::Limits {
+            vcpu: 1,
+            memory_mib: 128,
+        };
+        let args = jailer_args(&c, "abc", &none, limits);
+        assert_eq!(args[3], resolved.display().to_string(), "{args:?}");
+        // The jail is named after what the name resolves to (sh may link to dash).
+        let name = banger_policy::jail::exec_name(&resolved);
+        assert_eq!(jail_root(&c, "abc"), Path::new("/j").join(name).join("abc/root"));
+    }
+
     #[test]
     fn every_request_of_a_launch_conforms_to_the_published_spec() {
         let spec = double::Spec::load();
