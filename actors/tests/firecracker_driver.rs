@@ -412,9 +412,7 @@ fn jailer_dirs(owner: u32) -> (TempDir, PathBuf, PathBuf) {
 }
 
 fn jailer_line(id: &str, exec: &Path, base: &Path, uid: u32, extra: &[&str]) -> Vec<String> {
-    let mut args: Vec<String> = ["--id", id, "--exec-file"]
-        .map(str::to_owned)
-        .to_vec();
+    let mut args: Vec<String> = ["--id", id, "--exec-file"].map(str::to_owned).to_vec();
     args.push(exec.display().to_string());
     args.extend(["--uid", &uid.to_string(), "--gid", &uid.to_string()].map(str::to_owned));
     args.push("--chroot-base-dir".into());
@@ -480,15 +478,22 @@ fn root_the_jailer_makes_device_nodes_that_a_nodev_jail_base_cannot_open() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     let kvm = base.join("firecracker/vm-1/root/dev/kvm");
     assert!(
-        stderr.contains(&format!("Failed to open the jail's device node {}", kvm.display()))
-            && stderr.contains("Permission denied"),
+        stderr.contains(&format!(
+            "Failed to open the jail's device node {}",
+            kvm.display()
+        )) && stderr.contains("Permission denied"),
         "{stderr}"
     );
     let meta = std::fs::metadata(&kvm).unwrap();
     assert!(meta.file_type().is_char_device());
     assert_eq!(std::os::unix::fs::MetadataExt::uid(&meta), uid);
     let tun = base.join("firecracker/vm-1/root/dev/net/tun");
-    assert!(std::fs::metadata(&tun).unwrap().file_type().is_char_device());
+    assert!(
+        std::fs::metadata(&tun)
+            .unwrap()
+            .file_type()
+            .is_char_device()
+    );
     drop(_mounted);
     drop(dir);
 }

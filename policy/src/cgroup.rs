@@ -262,7 +262,8 @@ cgroup /sys/fs/cgroup/systemd cgroup rw,relatime,name=systemd 0 0
 cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
 ";
     /// Older hybrid layout (Ubuntu 20.04): cpu and cpuacct share a mount, `none` sources.
-    const HYBRID_SHARED: &str = "none /sys/fs/cgroup/unified cgroup2 rw,nosuid,nodev,noexec,relatime,nsdelegate 0 0
+    const HYBRID_SHARED: &str =
+        "none /sys/fs/cgroup/unified cgroup2 rw,nosuid,nodev,noexec,relatime,nsdelegate 0 0
 none /sys/fs/cgroup/cpu,cpuacct cgroup rw,nosuid,nodev,noexec,relatime,cpu,cpuacct 0 0
 none /sys/fs/cgroup/memory cgroup rw,nosuid,nodev,noexec,relatime,memory 0 0
 ";
@@ -272,7 +273,9 @@ proc /proc proc rw,relatime 0 0
 sysfs /sys sysfs rw,relatime 0 0
 ";
 
-    fn controllers(of: &'static [(&'static str, &'static str)]) -> impl Fn(&Path) -> Option<String> {
+    fn controllers(
+        of: &'static [(&'static str, &'static str)],
+    ) -> impl Fn(&Path) -> Option<String> {
         move |dir| {
             of.iter()
                 .find(|(d, _)| Path::new(d) == dir)
@@ -348,7 +351,10 @@ sysfs /sys sysfs rw,relatime 0 0
         // A second cgroup2 mount with controllers does not count: the jailer stops at the
         // first one.
         let text = format!("{HYBRID}cgroup2 /mnt/other cgroup2 rw 0 0\n");
-        let text = text.replace("cgroup /sys/fs/cgroup/memory cgroup rw,relatime,memory 0 0\n", "");
+        let text = text.replace(
+            "cgroup /sys/fs/cgroup/memory cgroup rw,relatime,memory 0 0\n",
+            "",
+        );
         let layout = detect(
             &text,
             &controllers(&[("/sys/fs/cgroup/unified", ""), ("/mnt/other", "memory cpu")]),
@@ -370,7 +376,14 @@ sysfs /sys sysfs rw,relatime 0 0
             panic!("{layout:?}")
         };
         assert!(why.contains("ip netns exec"), "{why}");
-        assert!(layout.jailer_args(Limits { vcpu: 1, memory_mib: 128 }).is_empty());
+        assert!(
+            layout
+                .jailer_args(Limits {
+                    vcpu: 1,
+                    memory_mib: 128
+                })
+                .is_empty()
+        );
         assert!(layout.vm_dirs("abc").is_empty());
         assert!(layout.describe().starts_with("no per-VM cgroup"));
     }

@@ -92,11 +92,7 @@ pub fn jailer_args(
         jail_base.display().to_string(),
     ];
     args.extend(cgroups.jailer_args(limits));
-    args.extend([
-        "--".into(),
-        "--api-sock".into(),
-        format!("/{API_SOCK}"),
-    ]);
+    args.extend(["--".into(), "--api-sock".into(), format!("/{API_SOCK}")]);
     args
 }
 
@@ -117,7 +113,10 @@ mod tests {
             PathBuf::from("/j/firecracker-v1.13.1-x86_64/abc")
         );
         // A path that does not resolve keeps its own name.
-        assert_eq!(exec_name(Path::new("/nonexistent/firecracker")), "firecracker");
+        assert_eq!(
+            exec_name(Path::new("/nonexistent/firecracker")),
+            "firecracker"
+        );
     }
 
     #[test]
@@ -188,7 +187,11 @@ mod tests {
                 .status()
                 .unwrap()
                 .success();
-            assert!(ok, "mount -t tmpfs -o {options} {} (needs root)", dir.display());
+            assert!(
+                ok,
+                "mount -t tmpfs -o {options} {} (needs root)",
+                dir.display()
+            );
             TmpMount(dir.to_owned())
         }
     }

@@ -445,7 +445,10 @@ fn root_the_launcher_starts_the_jailer_confined_and_cleans_its_jail() {
     };
     assert_eq!(start_time(pid), started);
     let jail = state.join("jail/firecracker-v1.13.1-x86_64/0123456789ab");
-    assert!(!state.join("jail/firecracker").exists(), "not named after the link");
+    assert!(
+        !state.join("jail/firecracker").exists(),
+        "not named after the link"
+    );
     let api = jail.join("root/api.sock");
     let deadline = Instant::now() + Duration::from_secs(10);
     while !api.exists() {
@@ -495,7 +498,11 @@ fn root_the_launcher_starts_the_jailer_confined_and_cleans_its_jail() {
         let tasks = std::fs::read_to_string(d.join("tasks"))
             .or_else(|_| std::fs::read_to_string(d.join("cgroup.procs")))
             .unwrap_or_else(|e| panic!("{}: {e} ({cgroups:?})", d.display()));
-        assert!(tasks.lines().any(|l| l == pid.to_string()), "{}: {tasks}", d.display());
+        assert!(
+            tasks.lines().any(|l| l == pid.to_string()),
+            "{}: {tasks}",
+            d.display()
+        );
     }
     let limits = banger_policy::cgroup::Limits {
         vcpu: 2,
@@ -545,7 +552,9 @@ fn root_the_launcher_starts_the_jailer_confined_and_cleans_its_jail() {
     }
     assert!(!foreign.join("console.log").exists());
     assert!(
-        !state.join("jail/firecracker-v1.13.1-x86_64/0123456789ac").exists(),
+        !state
+            .join("jail/firecracker-v1.13.1-x86_64/0123456789ac")
+            .exists(),
         "no jailer ran"
     );
     let r = refused(
@@ -644,8 +653,10 @@ fn root_the_launcher_refuses_a_jail_base_on_a_nodev_mount() {
         .unwrap()
     {
         Reply::Failed { reason } => assert!(
-            reason.contains(&format!("the jail base {} is on a nodev mount", jail.display()))
-                && reason.contains("remount"),
+            reason.contains(&format!(
+                "the jail base {} is on a nodev mount",
+                jail.display()
+            )) && reason.contains("remount"),
             "{reason}"
         ),
         other => panic!("{other:?}"),

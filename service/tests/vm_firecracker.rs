@@ -780,7 +780,11 @@ async fn root_taps_and_nat_follow_twenty_concurrent_vms_in_a_netns() {
                 .or_else(|_| std::fs::read_to_string(dir.join("cgroup.procs")))
                 .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
             let pid = v.pid.unwrap().to_string();
-            assert!(procs.lines().any(|l| l == pid), "{}: {procs}", dir.display());
+            assert!(
+                procs.lines().any(|l| l == pid),
+                "{}: {procs}",
+                dir.display()
+            );
             vm_cgroups.push(dir);
         }
     }

@@ -461,7 +461,9 @@ fn firecracker_checks(status: &banger_api::DaemonStatus) -> Vec<Check> {
             "firecracker jail",
             Level::Warn,
             fc.isolation.clone(),
-            Some("`sudo banger system install` runs bangerd with its privileged helper, which starts each Firecracker VM under the jailer"),
+            Some(
+                "`sudo banger system install` runs bangerd with its privileged helper, which starts each Firecracker VM under the jailer",
+            ),
         )
     }];
     let no_cgroup = fc.cgroups.starts_with("no per-VM cgroup");
@@ -753,7 +755,9 @@ mod tests {
             .unwrap();
             s.firecracker = Some(banger_api::FirecrackerStatus {
                 jailed,
-                isolation: if jailed { "jailed by the helper's launcher".into() } else {
+                isolation: if jailed {
+                    "jailed by the helper's launcher".into()
+                } else {
                     "unjailed: no privileged helper".into()
                 },
                 cgroups: cgroups.into(),
@@ -765,9 +769,17 @@ mod tests {
         let c = firecracker_checks(&status(false, None, "cgroup v1 (memory at /m, cpu at /c)"));
         let jail = status_of(&c, "firecracker jail");
         assert_eq!(jail.status, Level::Warn);
-        assert!(jail.detail.contains("unjailed: no privileged helper"), "{}", jail.detail);
+        assert!(
+            jail.detail.contains("unjailed: no privileged helper"),
+            "{}",
+            jail.detail
+        );
         assert_eq!(status_of(&c, "jail base").status, Level::Ok);
-        let c = firecracker_checks(&status(true, Some("the jail base /data/jail is on a nodev mount"), "no per-VM cgroup: none"));
+        let c = firecracker_checks(&status(
+            true,
+            Some("the jail base /data/jail is on a nodev mount"),
+            "no per-VM cgroup: none",
+        ));
         assert_eq!(status_of(&c, "firecracker jail").status, Level::Ok);
         assert_eq!(status_of(&c, "cgroups").status, Level::Warn);
         let base = status_of(&c, "jail base");

@@ -56,12 +56,12 @@ impl DaemonRpcServer for DaemonApi {
             dns: self.ctx.tree.dns_addr().await.map(|a| a.to_string()),
             firecracker: Some(firecracker),
             helper: helper.map(|c| banger_api::HelperStatus {
-                    uid: c.uid,
-                    seccomp_mode: c.seccomp_mode,
-                    no_new_privs: c.no_new_privs,
-                    caps_effective: c.caps_effective,
-                    landlock: c.landlock,
-                }),
+                uid: c.uid,
+                seccomp_mode: c.seccomp_mode,
+                no_new_privs: c.no_new_privs,
+                caps_effective: c.caps_effective,
+                landlock: c.landlock,
+            }),
             network: Some(self.ctx.network.clone()),
             ssh_key: Some(self.ctx.ssh_key.display().to_string()),
             store: StoreStatus {

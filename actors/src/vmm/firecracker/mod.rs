@@ -355,12 +355,17 @@ pub async fn launch(
         UNJAILED.to_owned()
     };
     let (pid, start) = if privileged {
-        host.spawn_jailer(&plan.id, &plan.console, plan.spec.vcpu, plan.spec.memory_mib)
-            .await
-            .map_err(|e| VmmError::Spawn {
-                what: format!("the jailer {}", c.jailer.display()),
-                source: std::io::Error::other(e),
-            })?
+        host.spawn_jailer(
+            &plan.id,
+            &plan.console,
+            plan.spec.vcpu,
+            plan.spec.memory_mib,
+        )
+        .await
+        .map_err(|e| VmmError::Spawn {
+            what: format!("the jailer {}", c.jailer.display()),
+            source: std::io::Error::other(e),
+        })?
     } else {
         let binary = firecracker_binary(c);
         let console = std::fs::OpenOptions::new()
@@ -510,7 +515,10 @@ mod tests {
             gid: 1,
         };
         let resolved = firecracker_binary(&c);
-        assert!(resolved.is_absolute() && resolved.ends_with("sh"), "{resolved:?}");
+        assert!(
+            resolved.is_absolute() && resolved.ends_with("sh"),
+            "{resolved:?}"
+        );
         let none = banger_policy::cgroup::Layout::None { why: "x".into() };
         let limits = banger_policy::cgroup::Limits {
             vcpu: 1,
@@ -520,7 +528,10 @@ mod tests {
         assert_eq!(args[3], resolved.display().to_string(), "{args:?}");
         // The jail is named after what the name resolves to (sh may link to dash).
         let name = banger_policy::jail::exec_name(&resolved);
-        assert_eq!(jail_root(&c, "abc"), Path::new("/j").join(name).join("abc/root"));
+        assert_eq!(
+            jail_root(&c, "abc"),
+            Path::new("/j").join(name).join("abc/root")
+        );
     }
 
     #[test]

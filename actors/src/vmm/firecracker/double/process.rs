@@ -614,7 +614,9 @@ pub fn enter_jail(args: &JailerArgs) -> Result<Jail, ProcessError> {
 pub fn firecracker_alone(args: &[String], cwd: &Path) -> Result<Jail, ProcessError> {
     let fc = parse(FIRECRACKER_ARGS, args).map_err(ProcessError::FirecrackerArguments)?;
     if fc.help || fc.version {
-        return Err(ProcessError::NotModelled("firecracker --help or --version".into()));
+        return Err(ProcessError::NotModelled(
+            "firecracker --help or --version".into(),
+        ));
     }
     if let Some(name) = FIRECRACKER_NOT_MODELLED.iter().find(|n| fc.flag(n)) {
         return Err(ProcessError::NotModelled(format!("firecracker --{name}")));
@@ -635,7 +637,7 @@ pub fn firecracker_alone(args: &[String], cwd: &Path) -> Result<Jail, ProcessErr
 pub fn runs_as_firecracker(argv0: &str) -> bool {
     Path::new(argv0)
         .file_name()
-        .is_some_and(|n| n.to_string_lossy().contains("firecracker") && !n.to_string_lossy().contains("fc-double"))
+        .is_some_and(|n| n.to_string_lossy().contains("firecracker"))
 }
 
 /// The device nodes the jailer makes in every jail: (path in the jail, major, minor).
@@ -659,8 +661,16 @@ pub fn isolate(
     let made = setup_cgroups(args, &exec_name, proc_mounts, std::process::id())?;
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
         .map_err(|e| ProcessError::UnshareNewNs(e.into()))?;
-    let uid = nix::unistd::Uid::from_raw(args.uid.parse().map_err(|_| ProcessError::Uid(args.uid.clone()))?);
-    let gid = nix::unistd::Gid::from_raw(args.gid.parse().map_err(|_| ProcessError::Gid(args.gid.clone()))?);
+    let uid = nix::unistd::Uid::from_raw(
+        args.uid
+            .parse()
+            .map_err(|_| ProcessError::Uid(args.uid.clone()))?,
+    );
+    let gid = nix::unistd::Gid::from_raw(
+        args.gid
+            .parse()
+            .map_err(|_| ProcessError::Gid(args.gid.clone()))?,
+    );
     for (path, major, minor) in DEVICES {
         let node = jail.root.join(path);
         let name = format!("/{path}");
@@ -682,7 +692,11 @@ pub fn isolate(
 /// let through, as the double runs no VM.
 pub fn open_kvm(jail: &Jail) -> Result<(), ProcessError> {
     let kvm = jail.root.join("dev/kvm");
-    match std::fs::OpenOptions::new().read(true).write(true).open(&kvm) {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&kvm)
+    {
         Ok(_) => Ok(()),
         Err(e) if matches!(e.raw_os_error(), Some(nix::libc::ENXIO | nix::libc::ENODEV)) => Ok(()),
         Err(e) => Err(ProcessError::OpenDevice(kvm, e)),
@@ -743,7 +757,11 @@ pub fn setup_cgroups(
     let mounts = cgroup_mounts(proc_mounts)?;
     let v2 = mounts.iter().find(|m| m.v2).map(|m| m.dir.clone());
     let v1: Vec<&CgroupMount> = mounts.iter().filter(|m| !m.v2).collect();
-    let found = if version == "2" { v2.is_some() } else { !v1.is_empty() };
+    let found = if version == "2" {
+        v2.is_some()
+    } else {
+        !v1.is_empty()
+    };
     if !found {
         return Err(E::CgroupHierarchyMissing(
             "No hierarchy found for this cgroup version.".into(),
@@ -768,7 +786,8 @@ pub fn setup_cgroups(
             .ok_or_else(|| E::CgroupInvalidFile(file.to_owned()))?;
         let hierarchy = if version == "2" {
             let root = v2.clone().expect("found");
-            let offered = std::fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
+            let offered =
+                std::fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
             if !offered.split_whitespace().any(|c| c == controller) {
                 return Err(E::CgroupControllerUnavailable(controller.to_owned()));
             }
@@ -800,7 +819,10 @@ pub fn setup_cgroups(
                         .collect();
                     ancestors.reverse();
                     for a in ancestors {
-                        write_special(&a.join("cgroup.subtree_control"), &format!("+{controller}"))?;
+                        write_special(
+                            &a.join("cgroup.subtree_control"),
+                            &format!("+{controller}"),
+                        )?;
                     }
                     enabled.push(controller);
                 }
@@ -819,7 +841,11 @@ pub fn setup_cgroups(
         }
     }
     for (location, _) in &cgroups {
-        let procs = if version == "2" { "cgroup.procs" } else { "tasks" };
+        let procs = if version == "2" {
+            "cgroup.procs"
+        } else {
+            "tasks"
+        };
         write_special(&location.join(procs), &pid.to_string())?;
     }
     Ok(cgroups.into_iter().map(|(l, _)| l).collect())
@@ -1225,7 +1251,11 @@ mod tests {
     fn mock_cgroups(mounts: &str) -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let table = dir.path().join("mounts");
-        std::fs::write(&table, mounts.replace("{}", &dir.path().display().to_string())).unwrap();
+        std::fs::write(
+            &table,
+            mounts.replace("{}", &dir.path().display().to_string()),
+        )
+        .unwrap();
         (dir, table)
     }
 
@@ -1242,14 +1272,18 @@ mod tests {
         let (dir, table) = mock_cgroups("cgroup2 {}/unified cgroup2 rw,nsdelegate 0 0\n");
         let root = dir.path().join("unified");
         std::fs::create_dir_all(root.join("banger")).unwrap();
-        std::fs::write(root.join("cgroup.controllers"), "cpuset cpu io memory pids\n").unwrap();
+        std::fs::write(
+            root.join("cgroup.controllers"),
+            "cpuset cpu io memory pids\n",
+        )
+        .unwrap();
         for d in [root.clone(), root.join("banger")] {
             std::fs::write(d.join("cgroup.subtree_control"), "").unwrap();
         }
         let a = with_cgroups("2", &["memory.max=603979776", "cpu.max=225000 100000"]);
         let made = setup_cgroups(&a, "firecracker", &table, 4242).unwrap();
         let vm = root.join("banger/vm-1");
-        assert_eq!(made, [vm.clone()]);
+        assert_eq!(made, std::slice::from_ref(&vm));
         let read = |p: PathBuf| std::fs::read_to_string(p).unwrap();
         assert_eq!(read(vm.join("memory.max")), "603979776\n");
         assert_eq!(read(vm.join("cpu.max")), "225000 100000\n");
@@ -1283,10 +1317,17 @@ mod tests {
         }
         let a = with_cgroups(
             "1",
-            &["memory.limit_in_bytes=335544320", "cpu.cfs_period_us=100000", "cpu.cfs_quota_us=125000"],
+            &[
+                "memory.limit_in_bytes=335544320",
+                "cpu.cfs_period_us=100000",
+                "cpu.cfs_quota_us=125000",
+            ],
         );
         let made = setup_cgroups(&a, "firecracker", &table, 7).unwrap();
-        let (mem, cpu) = (dir.path().join("memory/banger/vm-1"), dir.path().join("cpu/banger/vm-1"));
+        let (mem, cpu) = (
+            dir.path().join("memory/banger/vm-1"),
+            dir.path().join("cpu/banger/vm-1"),
+        );
         assert_eq!(made, [mem.clone(), cpu.clone()]);
         let read = |p: PathBuf| std::fs::read_to_string(p).unwrap();
         assert_eq!(read(mem.join("memory.limit_in_bytes")), "335544320\n");
@@ -1308,8 +1349,13 @@ mod tests {
             e.to_string(),
             "Hierarchy not found: No hierarchy found for this cgroup version."
         );
-        let e = setup_cgroups(&with_cgroups("1", &["memory.limit_in_bytes=1"]), "firecracker", &table, 1)
-            .unwrap_err();
+        let e = setup_cgroups(
+            &with_cgroups("1", &["memory.limit_in_bytes=1"]),
+            "firecracker",
+            &table,
+            1,
+        )
+        .unwrap_err();
         assert!(matches!(e, ProcessError::CgroupHierarchyMissing(_)), "{e}");
         // Version 1 with no file touches no hierarchy.
         assert_eq!(
@@ -1324,7 +1370,11 @@ mod tests {
         assert!(runs_as_firecracker("firecracker-v1.13.1-x86_64"));
         assert!(!runs_as_firecracker("/target/debug/banger-fc-double"));
         assert!(!runs_as_firecracker("/usr/bin/jailer"));
-        let jail = firecracker_alone(&args("--id vm-1 --api-sock /abs/api.sock"), Path::new("/vm")).unwrap();
+        let jail = firecracker_alone(
+            &args("--id vm-1 --api-sock /abs/api.sock"),
+            Path::new("/vm"),
+        )
+        .unwrap();
         assert_eq!(jail.root, PathBuf::from("/vm"));
         assert_eq!(jail.api_socket, PathBuf::from("/abs/api.sock"));
         let jail = firecracker_alone(&args("--api-sock api.sock"), Path::new("/vm")).unwrap();
