@@ -1070,3 +1070,84 @@ async fn root_a_bangerd_dropped_to_its_owner_runs_firecracker_vms_through_the_la
     .unwrap();
     assert!(daemon.wait().unwrap().success());
 }
+
+/// Not a test: `vm create` through the RPC until it is answered `done` (the double has
+/// answered InstanceStart; no agent to wait for), N times in a row, jailed with per-VM
+/// cgroups through the helper in a netns (with a tap each), and unjailed without a helper.
+/// Prints p50/p90. Run with `--ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement; run explicitly"]
+async fn root_bench_vm_create_control_plane() {
+    async fn measure(c: &Client, n: usize, tag: &str) -> Vec<Duration> {
+        let mut times = Vec::new();
+        let mut stages: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
+        for i in 0..n {
+            let t = std::time::Instant::now();
+            let mut sub = c
+                .create(CreateVm {
+                    name: Some(format!("{tag}{i}")),
+                    image: Some("img".into()),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            let mut last = (String::from("rpc"), t.elapsed());
+            while let Some(ev) = sub.next().await {
+                let name = match ev.unwrap() {
+                    Progress::Stage { stage, .. } => stage,
+                    Progress::Done { .. } => "done".into(),
+                    Progress::Failed { message, .. } => panic!("{message}"),
+                    _ => continue,
+                };
+                let now = t.elapsed();
+                stages
+                    .entry(last.0.clone())
+                    .or_default()
+                    .push((now - last.1).as_secs_f64() * 1e3);
+                let end = name == "done";
+                last = (name, now);
+                if end {
+                    break;
+                }
+            }
+            times.push(t.elapsed());
+        }
+        #[allow(clippy::print_stdout)]
+        for (stage, mut ms) in stages {
+            ms.sort_by(f64::total_cmp);
+            println!("  {tag} {stage} -> next: p50 {:.1} ms", ms[ms.len() / 2]);
+        }
+        for i in 0..n {
+            VmRpcClient::delete(c, format!("{tag}{i}"), true)
+                .await
+                .unwrap();
+        }
+        times.sort();
+        times
+    }
+    let report = |what: &str, t: &[Duration]| {
+        #[allow(clippy::print_stdout)]
+        {
+            println!(
+                "{what}: n={} p50={:.1} ms p90={:.1} ms max={:.1} ms",
+                t.len(),
+                t[t.len() / 2].as_secs_f64() * 1e3,
+                t[t.len() * 9 / 10].as_secs_f64() * 1e3,
+                t[t.len() - 1].as_secs_f64() * 1e3
+            );
+        }
+    };
+    let ns = support::Netns::new("fcbench");
+    let (d, c, _files) = setup_in(None, 0, Some(&ns.0)).await;
+    measure(&c, 3, "w").await;
+    let jailed = measure(&c, 30, "j").await;
+    report("jailed, cgroups, tap", &jailed);
+    drop(c);
+    d.shutdown().await;
+    let (d, c, _files) = setup().await;
+    measure(&c, 3, "w").await;
+    let unjailed = measure(&c, 30, "u").await;
+    report("unjailed, no network", &unjailed);
+    drop(c);
+    d.shutdown().await;
+}
