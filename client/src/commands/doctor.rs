@@ -461,7 +461,7 @@ fn firecracker_checks(status: &banger_api::DaemonStatus) -> Vec<Check> {
             "firecracker jail",
             Level::Warn,
             fc.isolation.clone(),
-            Some(
+            fc.isolation.starts_with("unjailed").then_some(
                 "`sudo banger system install` runs bangerd with its privileged helper, which starts each Firecracker VM under the jailer",
             ),
         )

@@ -32,12 +32,13 @@ impl DaemonRpcServer for DaemonApi {
         let helper = self.ctx.tree.helper_confinement().await;
         let jail_base = paths.data_dir.join("jail");
         let cgroups = banger_policy::cgroup::detect_host();
+        use banger_actors::vmm::{choose::Jailing, firecracker as fc};
         let firecracker = banger_api::FirecrackerStatus {
-            jailed: helper.is_some(),
-            isolation: if helper.is_some() {
-                banger_actors::vmm::firecracker::jailed(&cgroups)
-            } else {
-                banger_actors::vmm::firecracker::UNJAILED.to_owned()
+            jailed: self.ctx.jailing == Jailing::Ready,
+            isolation: match self.ctx.jailing {
+                Jailing::Ready => fc::jailed(&cgroups),
+                Jailing::NoHelper => fc::UNJAILED.to_owned(),
+                Jailing::HelperWithoutJailer => "none: the helper found no jailer when bangerd started, so Firecracker VMs are refused; install Firecracker's release (jailer included) and restart bangerd".to_owned(),
             },
             cgroups: cgroups.describe(),
             nodev: banger_policy::jail::nodev_problem(&jail_base),
