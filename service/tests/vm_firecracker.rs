@@ -1151,3 +1151,152 @@ async fn root_bench_vm_create_control_plane() {
     drop(c);
     d.shutdown().await;
 }
+
+/// The real `bangerd` started by hand by a user (`nobody` here, as root makes it): no
+/// privileged helper, so no jailer (which needs root); a `--no-network` Firecracker VM
+/// still runs, Firecracker as a plain child of bangerd, as that user, and `vm show` says
+/// it is unjailed. Stop and delete leave nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_a_user_bangerd_runs_firecracker_unjailed_without_the_helper() {
+    use std::os::unix::fs::{PermissionsExt, chown};
+    const USER: u32 = 65534;
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    std::fs::set_permissions(h, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let files = h.join("files");
+    std::fs::create_dir_all(files.join("kernel")).unwrap();
+    std::fs::write(files.join("kernel/vmlinux"), minimal_elf(4096)).unwrap();
+    let versioned = files.join(EXEC_NAME);
+    if std::fs::hard_link(double_bin(), &versioned).is_err() {
+        std::fs::copy(double_bin(), &versioned).unwrap();
+    }
+    std::os::unix::fs::symlink(&versioned, files.join("firecracker")).unwrap();
+    let rootfs = files.join("rootfs.ext4");
+    std::fs::File::create(&rootfs)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    assert!(
+        std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(&rootfs)
+            .status()
+            .unwrap()
+            .success()
+    );
+    for p in [
+        &files,
+        &files.join("kernel"),
+        &files.join("kernel/vmlinux"),
+        &rootfs,
+    ] {
+        chown(p, Some(USER), Some(USER)).unwrap();
+    }
+    for d in ["run", "data", "state", "cache", "config"] {
+        std::fs::create_dir_all(h.join(d)).unwrap();
+        chown(h.join(d), Some(USER), Some(USER)).unwrap();
+    }
+    std::fs::create_dir_all(h.join("config/banger")).unwrap();
+    std::fs::write(
+        h.join("config/banger/config.toml"),
+        format!(
+            "default_vmm = \"firecracker\"\nagent_timeout_secs = 0\nstop_timeout_secs = 5\n\
+             dns_listen = \"127.0.0.1:0\"\n[firecracker]\njailer = \"{}\"\nbinary = \"{}\"\n\
+             [vm_defaults]\nnetwork = false\n",
+            double_bin().display(),
+            files.join("firecracker").display()
+        ),
+    )
+    .unwrap();
+    // setpriv execs bangerd in place as the user, supplementary groups cleared.
+    let daemon = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(env!("CARGO_BIN_EXE_bangerd"))
+        .env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
+        .env("HOME", h)
+        .env("XDG_RUNTIME_DIR", h.join("run"))
+        .env("XDG_DATA_HOME", h.join("data"))
+        .env("XDG_STATE_HOME", h.join("state"))
+        .env("XDG_CACHE_HOME", h.join("cache"))
+        .env("XDG_CONFIG_HOME", h.join("config"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(h.join("bangerd.err")).unwrap())
+        .spawn()
+        .unwrap();
+    // A failing assertion must not leave the daemon running (a reaped one is left alone).
+    struct Reap(std::process::Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            if let Ok(None) = self.0.try_wait() {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+    }
+    let mut daemon = Reap(daemon);
+    let socket = h.join("run/banger/bangerd.sock");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !socket.exists() {
+        assert!(
+            std::time::Instant::now() < deadline && daemon.0.try_wait().unwrap().is_none(),
+            "bangerd did not start: {}",
+            std::fs::read_to_string(h.join("bangerd.err")).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let c = support::client_for(&socket).await;
+    c.import(ImportKernel {
+        name: "k".into(),
+        from: files.join("kernel").display().to_string(),
+    })
+    .await
+    .unwrap();
+    c.register(RegisterImage {
+        name: "img".into(),
+        rootfs: rootfs.display().to_string(),
+        kernel: Some("k".into()),
+    })
+    .await
+    .unwrap();
+    create(
+        &c,
+        CreateVm {
+            name: Some("u".into()),
+            image: Some("img".into()),
+            network: Some(false),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap_or_else(|(code, msg)| panic!("{code}: {msg}"));
+    let vm = VmRpcClient::show(&c, "u".into()).await.unwrap();
+    assert_eq!(vm.state, VmState::Running, "{:?}", vm.error);
+    assert_eq!(
+        vm.isolation.as_deref(),
+        Some(banger_actors::vmm::firecracker::UNJAILED)
+    );
+    let pid = vm.pid.unwrap() as u32;
+    // Firecracker itself (the double under Firecracker's name), bangerd's child, as the user.
+    assert_eq!(proc_status(pid, "PPid"), daemon.0.id().to_string());
+    assert_eq!(
+        proc_status(pid, "Uid").split_whitespace().next(),
+        Some("65534")
+    );
+    let jail = h.join("data/banger/jail").join(EXEC_NAME).join(&vm.id);
+    assert!(jail.join("root/api.sock").exists());
+    let stopped = c.stop("u".into(), None).await.unwrap();
+    assert_eq!(stopped.state, VmState::Stopped);
+    assert!(
+        !jail.exists(),
+        "the VM's directory is removed once Firecracker is gone"
+    );
+    VmRpcClient::delete(&c, "u".into(), true).await.unwrap();
+    drop(c);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.0.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(daemon.0.wait().unwrap().success());
+}
