@@ -12,10 +12,13 @@
 //! landlock, on purpose and said so in `banger doctor`.
 //!
 //! It takes only `spawn_jailer` and `clean_jail`, forwarded by the helper after validation
-//! and validated again here. The command line comes from the helper's config and the VM id
-//! ([`crate::jail::jailer_args`]); the request names only the VM and its console file,
-//! which is opened with the owner's file-system uid (`setfsuid`), so a path the owner
-//! could not open itself is refused. Each request runs in a fresh worker, as in the helper.
+//! and validated again here. The command line comes from the helper's config, the VM id,
+//! the VM's limits and the host's cgroup layout as the launcher sees it at each launch
+//! ([`crate::jail::jailer_args`], [`crate::cgroup`]); the request names only the VM, its
+//! console file, which is opened with the owner's file-system uid (`setfsuid`), so a path
+//! the owner could not open itself is refused, and its vCPU and memory limits (bounded).
+//! A jail base on a `nodev` mount is refused before anything runs (the jailer's device
+//! nodes could not be opened there). Each request runs in a fresh worker, as in the helper.
 //!
 //! Spawn: the worker forks the jailer's process, which starts a session of its own (so it
 //! survives the worker, the helper and bangerd, like a daemonised jailer would, and

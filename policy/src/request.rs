@@ -23,7 +23,8 @@ pub struct HelperConfig {
     /// banger's state directories (data dir, runtime dir): the only paths it may touch
     /// besides the system paths in the landlock profile.
     pub state_dirs: Vec<PathBuf>,
-    /// Where jails live (`<jail_base>/firecracker/<vm-id>`); under a state dir.
+    /// Where jails live (`<jail_base>/<exec name>/<vm-id>`, see [`crate::jail`]); under a
+    /// state dir.
     pub jail_base: PathBuf,
     /// The uids a tap may be given to (the owner user, the jailer's uid).
     pub tap_uids: Vec<u32>,
