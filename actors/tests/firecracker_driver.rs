@@ -1,8 +1,10 @@
-//! The Firecracker driver end to end, as a real process: `firecracker::launch` spawns
-//! `banger-fc-double` as its jailer (a stand-in for `jailer ... -- firecracker` that serves
-//! the API double in the jail, see `double::process`), configures and boots it over the
-//! API socket, and shuts it down with Ctrl+Alt+Del. The double's record of what it was sent
-//! (`<jail root>/double-record.json`) is the probe.
+//! The Firecracker driver end to end, as a real process, without a privileged helper:
+//! `firecracker::launch` runs Firecracker unjailed (the jailer needs root), here
+//! `banger-fc-double` under a Firecracker name (a hard link `firecracker-v1.13.1-x86_64`,
+//! reached through the symlink `firecracker`, as a release is installed), configures and
+//! boots it over the API socket, and shuts it down with Ctrl+Alt+Del. The double's record
+//! of what it was sent (`<jail root>/double-record.json`) is the probe. The jailed path
+//! (through the helper's launcher) is tested in bangerd's `vm_firecracker` and `helper`.
 //!
 //! Needs neither root nor KVM. The binary is built by `cargo test` because the self
 //! dev-dependency turns on its required feature `test-double`.
@@ -44,11 +46,15 @@ fn rig(initrd: bool, tap: bool) -> Rig {
     for file in ["initrd", "rootfs.ext4", "overlay.ext4", "work.ext4"] {
         std::fs::write(path.join(file), file.as_bytes()).unwrap();
     }
-    // The jailer insists the exec file's name contains "firecracker"; it only copies it.
-    std::fs::write(path.join("firecracker"), b"not run by the double").unwrap();
+    // Firecracker as a release installs it: a versioned file and a symlink to it.
+    let versioned = path.join("firecracker-v1.13.1-x86_64");
+    if std::fs::hard_link(DOUBLE, &versioned).is_err() {
+        std::fs::copy(DOUBLE, &versioned).unwrap();
+    }
+    std::os::unix::fs::symlink(&versioned, path.join("firecracker")).unwrap();
     std::fs::create_dir(path.join("jail")).unwrap();
     let config = FirecrackerConfig {
-        jailer: PathBuf::from(DOUBLE),
+        jailer: PathBuf::from("/nonexistent/jailer"),
         firecracker: path.join("firecracker"),
         chroot_base: path.join("jail"),
         uid: nix::unistd::getuid().as_raw(),
@@ -83,17 +89,18 @@ impl Rig {
         std::fs::read_to_string(&self.plan.console).unwrap_or_default()
     }
 
-    /// Make the jailer a script that starts the double with `env` set (the test cannot set
-    /// its own environment: that is unsafe, and unsafe code is forbidden).
-    fn jailer_with_env(&mut self, env: &str, value: &str) {
-        let script = self.dir.path().join("jailer.sh");
+    /// Make Firecracker a script that starts the double (under its own, Firecracker's,
+    /// name) with `env` set (the test cannot set its own environment: that is unsafe, and
+    /// unsafe code is forbidden).
+    fn firecracker_with_env(&mut self, env: &str, value: &str) {
+        let script = self.dir.path().join("firecracker.sh");
         std::fs::write(
             &script,
-            format!("#!/bin/sh\n{env}='{value}' exec '{DOUBLE}' \"$@\"\n"),
+            format!("#!/bin/bash\n{env}='{value}' exec -a \"$0\" '{DOUBLE}' \"$@\"\n"),
         )
         .unwrap();
         std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-        self.config.jailer = script;
+        self.config.firecracker = script;
     }
 }
 
@@ -120,14 +127,22 @@ async fn launch_and_shut_down(initrd: bool, tap: bool) {
     );
     assert!(proc::alive(rt.pid, rt.start_time), "firecracker runs");
 
-    // The jailer's work: the recorded pid is the one that exec'd into Firecracker.
+    // Unjailed: a plain child process in the VM's directory, named after the binary the
+    // symlink points to (as the jailer names a jail); no jailer's pid file, no copy.
     let root = rig.root();
-    assert_eq!(PathBuf::from(&rt.control_socket), root.join("api.sock"));
     assert_eq!(
-        std::fs::read_to_string(root.join("firecracker.pid")).unwrap(),
-        rt.pid.to_string()
+        root,
+        rig.config
+            .chroot_base
+            .join("firecracker-v1.13.1-x86_64")
+            .join(&rig.plan.id)
+            .join("root")
     );
-    assert!(root.join("firecracker").is_file(), "exec file copied in");
+    assert_eq!(PathBuf::from(&rt.control_socket), root.join("api.sock"));
+    assert!(!root.join("firecracker-v1.13.1-x86_64.pid").exists());
+    assert_eq!(rt.isolation.as_deref(), Some(firecracker::UNJAILED));
+    let cwd = std::fs::read_link(format!("/proc/{}/cwd", rt.pid)).unwrap();
+    assert_eq!(cwd, root, "paths in requests resolve in the VM's directory");
 
     // The vsock device's host socket, bound by `PUT /vsock` in the jail.
     let vsock = Path::new(&rt.vsock_socket);
@@ -204,17 +219,11 @@ async fn launch_and_shut_down(initrd: bool, tap: bool) {
 
     firecracker::cleanup(&rig.config, &rig.plan.id);
     assert!(!root.exists());
-    assert!(
-        !rig.config
-            .chroot_base
-            .join("firecracker")
-            .join(&rig.plan.id)
-            .exists()
-    );
+    assert!(root.parent().is_some_and(|p| !p.exists()));
 }
 
 #[tokio::test]
-async fn launch_with_a_tap_boots_and_shuts_down_through_the_jailer() {
+async fn launch_with_a_tap_boots_and_shuts_down_unjailed() {
     launch_and_shut_down(false, true).await;
 }
 
@@ -246,7 +255,7 @@ async fn sigterm_stops_firecracker_and_leaves_the_record() {
 #[tokio::test]
 async fn a_refused_api_request_fails_the_launch_and_kills_firecracker() {
     let mut rig = rig(false, true);
-    rig.jailer_with_env(FAIL_ENV, "/drives/work:400:Drive error");
+    rig.firecracker_with_env(FAIL_ENV, "/drives/work:400:Drive error");
 
     let error = firecracker::launch(&rig.config, &rig.plan, &HostNet::default(), &|_| {})
         .await
@@ -269,16 +278,11 @@ async fn a_refused_api_request_fails_the_launch_and_kills_firecracker() {
         "{message}"
     );
 
-    // The process the driver spawned (its pid, from the jailer's pid file) was killed.
-    let pid: i32 = std::fs::read_to_string(rig.root().join("firecracker.pid"))
-        .unwrap()
-        .parse()
-        .unwrap();
-    let gone = match proc::start_time(pid) {
-        None => true,
-        Some(start) => proc::wait_gone(pid, start, WAIT).await,
-    };
-    assert!(gone, "firecracker {pid} still runs");
+    // The process the driver spawned was killed: nothing serves the API socket.
+    poll_until("firecracker killed", || {
+        std::os::unix::net::UnixStream::connect(rig.root().join("api.sock")).is_err()
+    })
+    .await;
     assert!(
         !rig.console().contains(GUEST_RUNNING),
         "the guest never booted"
@@ -315,9 +319,9 @@ async fn a_kernel_that_is_not_an_elf_is_refused_before_firecracker_runs() {
 }
 
 #[tokio::test]
-async fn a_jailer_refusing_its_arguments_fails_the_launch_with_its_message() {
+async fn firecracker_refusing_its_arguments_fails_the_launch_with_its_message() {
     let mut rig = rig(false, false);
-    // An id the jailer refuses: it exits before making the API socket, and its message
+    // An id Firecracker refuses: it exits before making the API socket, and its message
     // (stderr, appended to console.log) is in the driver's error.
     rig.plan.id = "vm_1".into();
     let error = firecracker::launch(&rig.config, &rig.plan, &HostNet::default(), &|_| {})
@@ -394,4 +398,102 @@ fn the_jailer_refuses_a_bad_command_line_with_a_message() {
         assert!(stderr.contains(message), "{args:?}: {stderr}");
         assert_eq!(stdout, "", "{args:?}: nothing on the console");
     }
+}
+
+/// A jail base and an exec file for the jailer double, usable by uid `owner`.
+fn jailer_dirs(owner: u32) -> (TempDir, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (exec, base) = (dir.path().join("firecracker"), dir.path().join("jail"));
+    std::fs::write(&exec, b"").unwrap();
+    std::fs::create_dir(&base).unwrap();
+    std::os::unix::fs::chown(&base, Some(owner), Some(owner)).unwrap();
+    (dir, exec, base)
+}
+
+fn jailer_line(id: &str, exec: &Path, base: &Path, uid: u32, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = ["--id", id, "--exec-file"].map(str::to_owned).to_vec();
+    args.push(exec.display().to_string());
+    args.extend(["--uid", &uid.to_string(), "--gid", &uid.to_string()].map(str::to_owned));
+    args.push("--chroot-base-dir".into());
+    args.push(base.display().to_string());
+    args.extend(extra.iter().map(|s| (*s).to_owned()));
+    args.extend(["--", "--api-sock", "/api.sock"].map(str::to_owned));
+    args
+}
+
+/// The jailer needs root (it unshares a mount namespace, pivots, mknods): run by a user it
+/// fails as the real one does, before Firecracker runs. (As root, the test becomes
+/// `nobody` for the child.)
+#[test]
+fn root_the_jailer_refuses_to_run_unprivileged_as_the_real_one_fails() {
+    use std::os::unix::process::CommandExt;
+    const NOBODY: u32 = 65534;
+    let (dir, exec, base) = jailer_dirs(NOBODY);
+    let out = Command::new(DOUBLE)
+        .args(jailer_line("vm-1", &exec, &base, NOBODY, &[]))
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("Failed to unshare into new mount namespace: Operation not permitted"),
+        "{stderr}"
+    );
+    assert!(
+        !base.join("firecracker/vm-1/root/api.sock").exists(),
+        "no API"
+    );
+    drop(dir);
+}
+
+/// As root the jailer double mknods the jail's /dev/kvm and /dev/net/tun for the VM user,
+/// and Firecracker's open of /dev/kvm fails on a `nodev` mount.
+#[test]
+fn root_the_jailer_makes_device_nodes_that_a_nodev_jail_base_cannot_open() {
+    use std::os::unix::fs::FileTypeExt;
+    let uid = 65534;
+    let (dir, exec, base) = jailer_dirs(uid);
+    let ok = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "nodev,size=8m", "tmpfs"])
+        .arg(&base)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "mount a nodev tmpfs (needs root)");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _mounted = Unmount(base.clone());
+    let out = Command::new(DOUBLE)
+        .args(jailer_line("vm-1", &exec, &base, uid, &[]))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let kvm = base.join("firecracker/vm-1/root/dev/kvm");
+    assert!(
+        stderr.contains(&format!(
+            "Failed to open the jail's device node {}",
+            kvm.display()
+        )) && stderr.contains("Permission denied"),
+        "{stderr}"
+    );
+    let meta = std::fs::metadata(&kvm).unwrap();
+    assert!(meta.file_type().is_char_device());
+    assert_eq!(std::os::unix::fs::MetadataExt::uid(&meta), uid);
+    let tun = base.join("firecracker/vm-1/root/dev/net/tun");
+    assert!(
+        std::fs::metadata(&tun)
+            .unwrap()
+            .file_type()
+            .is_char_device()
+    );
+    drop(_mounted);
+    drop(dir);
 }

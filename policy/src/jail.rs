@@ -2,21 +2,30 @@
 //! Firecracker inside it) and the launcher (which starts the jailer): one definition of
 //! the command line and of where the jailer puts things.
 //!
-//! Jail layout (the jailer's own): `<jail base>/<exec name>/<id>/root/`, the chroot. With
-//! `--cgroup-version 2` the jailer puts Firecracker in `<cgroup root>/<exec name>/<id>`
-//! (parent cgroup: the exec file's name) and leaves it there when Firecracker exits: the
-//! launcher removes it with the jail.
+//! Jail layout (the jailer's own, `Env::new` and `validate_exec_file` in
+//! `src/jailer/src/env.rs`): `<jail base>/<exec name>/<id>/root/`, the chroot, where the
+//! exec name is the file name of the **canonicalised** `--exec-file`: with
+//! `/usr/local/bin/firecracker -> firecracker-v1.13.1-x86_64` the jail is
+//! `<jail base>/firecracker-v1.13.1-x86_64/<id>/root`. [`exec_name`] resolves the same way,
+//! and clean-up looks under every exec name ([`instance_dirs`]), so a binary upgraded (its
+//! symlink moved) while a VM ran does not leave that VM's jail behind.
+//!
+//! The jailer mknods `/dev/kvm` and `/dev/net/tun` in the jail, and Firecracker opens them:
+//! a jail base on a `nodev` mount makes that open fail, so [`nodev_problem`] is checked at
+//! launch and in `banger doctor`. The per-VM cgroup is [`crate::cgroup`]'s.
 
 use std::path::{Path, PathBuf};
 
+use crate::cgroup::{Layout, Limits};
+
 /// The API socket inside the jail.
 pub const API_SOCK: &str = "api.sock";
-/// Where cgroup v2 is mounted.
-pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
-/// The Firecracker executable's file name (`firecracker` unless renamed).
+/// The Firecracker executable's file name as the jailer sees it: the last component of
+/// its canonical path (`firecracker` if it cannot be resolved, which the jailer refuses).
 pub fn exec_name(firecracker: &Path) -> String {
-    firecracker
+    let resolved = std::fs::canonicalize(firecracker).unwrap_or_else(|_| firecracker.to_owned());
+    resolved
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "firecracker".into())
@@ -27,20 +36,50 @@ pub fn instance_dir(jail_base: &Path, firecracker: &Path, id: &str) -> PathBuf {
     jail_base.join(exec_name(firecracker)).join(id)
 }
 
-/// The cgroup the jailer makes for the VM.
-pub fn cgroup_dir(firecracker: &Path, id: &str) -> PathBuf {
-    Path::new(CGROUP_ROOT).join(exec_name(firecracker)).join(id)
+/// Every `<jail base>/<name>/<id>` that exists, whatever the exec name was when the VM
+/// started (clean-up). `id` must already be a checked VM id.
+pub fn instance_dirs(jail_base: &Path, id: &str) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(jail_base) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.path().join(id))
+        .filter(|d| std::fs::symlink_metadata(d).is_ok())
+        .collect()
 }
 
-/// The jailer's arguments (after argv[0]) for VM `id`.
+/// Why device nodes made under `dir` (or, while it does not exist yet, its nearest
+/// existing ancestor) could not be opened: the mount it is on is `nodev`. None when fine.
+pub fn nodev_problem(dir: &Path) -> Option<String> {
+    let mut probe = dir;
+    while std::fs::symlink_metadata(probe).is_err() {
+        probe = probe.parent()?;
+    }
+    let stat = nix::sys::statvfs::statvfs(probe).ok()?;
+    stat.flags()
+        .contains(nix::sys::statvfs::FsFlags::ST_NODEV)
+        .then(|| {
+            format!(
+                "the jail base {} is on a nodev mount: the jailer makes /dev/kvm and /dev/net/tun in each jail, and Firecracker cannot open device nodes there. Move banger's data directory (XDG_DATA_HOME, or the system service's /var/lib/banger) to a mount without nodev, or remount it with `mount -o remount,dev`",
+                dir.display()
+            )
+        })
+}
+
+/// The jailer's arguments (after argv[0]) for VM `id`: `cgroups` is the host's layout
+/// (see [`crate::cgroup`]), `limits` the VM's.
 pub fn jailer_args(
     firecracker: &Path,
     uid: u32,
     gid: u32,
     jail_base: &Path,
     id: &str,
+    cgroups: &Layout,
+    limits: Limits,
 ) -> Vec<String> {
-    vec![
+    let mut args: Vec<String> = vec![
         "--id".into(),
         id.into(),
         "--exec-file".into(),
@@ -51,10 +90,135 @@ pub fn jailer_args(
         gid.to_string(),
         "--chroot-base-dir".into(),
         jail_base.display().to_string(),
-        "--cgroup-version".into(),
-        "2".into(),
-        "--".into(),
-        "--api-sock".into(),
-        format!("/{API_SOCK}"),
-    ]
+    ];
+    args.extend(cgroups.jailer_args(limits));
+    args.extend(["--".into(), "--api-sock".into(), format!("/{API_SOCK}")]);
+    args
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_symlinked_binary_names_the_jail_after_its_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("firecracker-v1.13.1-x86_64");
+        std::fs::write(&real, b"").unwrap();
+        let link = dir.path().join("firecracker");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        assert_eq!(exec_name(&link), "firecracker-v1.13.1-x86_64");
+        assert_eq!(
+            instance_dir(Path::new("/j"), &link, "abc"),
+            PathBuf::from("/j/firecracker-v1.13.1-x86_64/abc")
+        );
+        // A path that does not resolve keeps its own name.
+        assert_eq!(
+            exec_name(Path::new("/nonexistent/firecracker")),
+            "firecracker"
+        );
+    }
+
+    #[test]
+    fn clean_up_finds_a_jail_under_any_exec_name() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["firecracker", "firecracker-v1.13.1-x86_64"] {
+            std::fs::create_dir_all(dir.path().join(name).join("abc/root")).unwrap();
+        }
+        std::fs::create_dir_all(dir.path().join("other/xyz")).unwrap();
+        let mut found = instance_dirs(dir.path(), "abc");
+        found.sort();
+        assert_eq!(
+            found,
+            [
+                dir.path().join("firecracker/abc"),
+                dir.path().join("firecracker-v1.13.1-x86_64/abc")
+            ]
+        );
+        assert!(instance_dirs(&dir.path().join("missing"), "abc").is_empty());
+    }
+
+    #[test]
+    fn the_command_line_carries_the_cgroup_of_the_layout() {
+        let layout = Layout::V1 {
+            memory: "/sys/fs/cgroup/memory".into(),
+            cpu: "/sys/fs/cgroup/cpu".into(),
+        };
+        let limits = Limits {
+            vcpu: 1,
+            memory_mib: 128,
+        };
+        let args = jailer_args(
+            Path::new("/usr/bin/firecracker"),
+            900,
+            901,
+            Path::new("/j"),
+            "abc",
+            &layout,
+            limits,
+        );
+        assert_eq!(
+            args.join(" "),
+            "--id abc --exec-file /usr/bin/firecracker --uid 900 --gid 901 --chroot-base-dir /j \
+             --cgroup-version 1 --parent-cgroup banger --cgroup memory.limit_in_bytes=201326592 \
+             --cgroup cpu.cfs_period_us=100000 --cgroup cpu.cfs_quota_us=125000 -- --api-sock /api.sock"
+        );
+        let none = Layout::None { why: "x".into() };
+        let args = jailer_args(
+            Path::new("/usr/bin/firecracker"),
+            900,
+            901,
+            Path::new("/j"),
+            "abc",
+            &none,
+            limits,
+        );
+        assert!(!args.iter().any(|a| a.starts_with("--cgroup")), "{args:?}");
+    }
+
+    /// A tmpfs mounted for a test, unmounted when dropped (even when the test fails).
+    pub(crate) struct TmpMount(pub PathBuf);
+
+    impl TmpMount {
+        pub(crate) fn new(dir: &Path, options: &str) -> TmpMount {
+            let ok = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", options, "tmpfs"])
+                .arg(dir)
+                .status()
+                .unwrap()
+                .success();
+            assert!(
+                ok,
+                "mount -t tmpfs -o {options} {} (needs root)",
+                dir.display()
+            );
+            TmpMount(dir.to_owned())
+        }
+    }
+
+    impl Drop for TmpMount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+
+    #[test]
+    fn root_a_jail_base_on_a_nodev_mount_is_named_with_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let (nodev, dev) = (dir.path().join("nodev"), dir.path().join("dev"));
+        std::fs::create_dir(&nodev).unwrap();
+        std::fs::create_dir(&dev).unwrap();
+        let _a = TmpMount::new(&nodev, "nodev,size=1m");
+        let _b = TmpMount::new(&dev, "dev,size=1m");
+        // The jail base need not exist yet: its nearest ancestor's mount decides.
+        let base = nodev.join("banger/jail");
+        let problem = nodev_problem(&base).expect("nodev is seen");
+        assert!(
+            problem.contains(&base.display().to_string())
+                && problem.contains("nodev")
+                && problem.contains("remount"),
+            "{problem}"
+        );
+        assert_eq!(nodev_problem(&dev.join("banger/jail")), None);
+    }
 }

@@ -12,10 +12,13 @@
 //! landlock, on purpose and said so in `banger doctor`.
 //!
 //! It takes only `spawn_jailer` and `clean_jail`, forwarded by the helper after validation
-//! and validated again here. The command line comes from the helper's config and the VM id
-//! ([`crate::jail::jailer_args`]); the request names only the VM and its console file,
-//! which is opened with the owner's file-system uid (`setfsuid`), so a path the owner
-//! could not open itself is refused. Each request runs in a fresh worker, as in the helper.
+//! and validated again here. The command line comes from the helper's config, the VM id,
+//! the VM's limits and the host's cgroup layout as the launcher sees it at each launch
+//! ([`crate::jail::jailer_args`], [`crate::cgroup`]); the request names only the VM, its
+//! console file, which is opened with the owner's file-system uid (`setfsuid`), so a path
+//! the owner could not open itself is refused, and its vCPU and memory limits (bounded).
+//! A jail base on a `nodev` mount is refused before anything runs (the jailer's device
+//! nodes could not be opened there). Each request runs in a fresh worker, as in the helper.
 //!
 //! Spawn: the worker forks the jailer's process, which starts a session of its own (so it
 //! survives the worker, the helper and bangerd, like a daemonised jailer would, and
@@ -163,7 +166,18 @@ pub fn execute(cfg: &HelperConfig, req: &Request) -> Reply {
         };
     };
     let result = match req {
-        Request::SpawnJailer { vm, console } => spawn(cfg, j, vm, console),
+        Request::SpawnJailer {
+            vm,
+            console,
+            vcpu,
+            memory_mib,
+        } => {
+            let limits = crate::cgroup::Limits {
+                vcpu: *vcpu,
+                memory_mib: *memory_mib,
+            };
+            spawn(cfg, j, vm, console, limits)
+        }
         Request::CleanJail { vm } => clean(cfg, j, vm).map(|()| Reply::Done),
         other => Err(format!("the launcher does not do {}", other.op())),
     };
@@ -192,12 +206,31 @@ fn open_console(j: &JailerConfig, console: &Path) -> Result<OwnedFd, String> {
     })
 }
 
-fn spawn(cfg: &HelperConfig, j: &JailerConfig, vm: &str, console: &Path) -> Result<Reply, String> {
+fn spawn(
+    cfg: &HelperConfig,
+    j: &JailerConfig,
+    vm: &str,
+    console: &Path,
+    limits: crate::cgroup::Limits,
+) -> Result<Reply, String> {
+    if let Some(problem) = crate::jail::nodev_problem(&cfg.jail_base) {
+        return Err(problem);
+    }
     let console = open_console(j, console)?;
+    // Looked up at each launch, in the launcher's mount namespace (the jailer's).
+    let cgroups = crate::cgroup::detect_host();
     let prog = CString::new(j.jailer.as_os_str().as_encoded_bytes())
         .map_err(|_| "the jailer path holds a NUL byte".to_owned())?;
     let mut argv = vec![prog.clone()];
-    for a in crate::jail::jailer_args(&j.firecracker, j.uid, j.gid, &cfg.jail_base, vm) {
+    for a in crate::jail::jailer_args(
+        &j.firecracker,
+        j.uid,
+        j.gid,
+        &cfg.jail_base,
+        vm,
+        &cgroups,
+        limits,
+    ) {
         argv.push(CString::new(a).map_err(|_| "an argument holds a NUL byte".to_owned())?);
     }
     let env: [CString; 0] = [];
@@ -258,15 +291,11 @@ fn start_time(pid: i32) -> Option<u64> {
         .ok()
 }
 
-/// Remove the VM's jail (device nodes and folders the jailer made as root included) and
-/// the cgroup the jailer left behind. Absent is fine.
-fn clean(cfg: &HelperConfig, j: &JailerConfig, vm: &str) -> Result<(), String> {
-    let dir = crate::jail::instance_dir(&cfg.jail_base, &j.firecracker, vm);
-    crate::ops::remove_jail_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let cgroup = crate::jail::cgroup_dir(&j.firecracker, vm);
-    match std::fs::remove_dir(&cgroup) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(format!("the VM's cgroup {}: {e}", cgroup.display())),
+/// Remove the VM's jail (device nodes and folders the jailer made as root included), under
+/// whatever exec name it was made, and the cgroup the jailer left behind. Absent is fine.
+fn clean(cfg: &HelperConfig, _j: &JailerConfig, vm: &str) -> Result<(), String> {
+    for dir in crate::jail::instance_dirs(&cfg.jail_base, vm) {
+        crate::ops::remove_jail_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     }
+    crate::cgroup::remove_vm_dirs(&crate::cgroup::detect_host().vm_dirs(vm))
 }

@@ -11,6 +11,7 @@
 //! Names the helper will accept are banger's own; the rules live here so every crate that
 //! makes names agrees with the one that checks them.
 
+pub mod cgroup;
 pub mod client;
 pub mod confine;
 pub mod helper;

@@ -23,7 +23,8 @@ pub struct HelperConfig {
     /// banger's state directories (data dir, runtime dir): the only paths it may touch
     /// besides the system paths in the landlock profile.
     pub state_dirs: Vec<PathBuf>,
-    /// Where jails live (`<jail_base>/firecracker/<vm-id>`); under a state dir.
+    /// Where jails live (`<jail_base>/<exec name>/<vm-id>`, see [`crate::jail`]); under a
+    /// state dir.
     pub jail_base: PathBuf,
     /// The uids a tap may be given to (the owner user, the jailer's uid).
     pub tap_uids: Vec<u32>,
@@ -145,8 +146,15 @@ pub enum Request {
     CleanJail { vm: String },
     /// Start the jailer for a VM (its jail prepared by bangerd under `jail_base`), with
     /// stdout and stderr appended to `console`, a file under a state directory opened with
-    /// the owner's permissions. Answered with [`Reply::Spawned`].
-    SpawnJailer { vm: String, console: PathBuf },
+    /// the owner's permissions, and the VM's cgroup limited to `vcpu` CPUs and
+    /// `memory_mib` of guest RAM (see [`crate::cgroup::Limits`]). Answered with
+    /// [`Reply::Spawned`].
+    SpawnJailer {
+        vm: String,
+        console: PathBuf,
+        vcpu: u32,
+        memory_mib: u32,
+    },
     /// Point systemd-resolved at banger's resolver for `.vm` names on the bridge.
     ResolvedRoute { port: u16 },
     /// The helper's confinement as the kernel reports it (for `banger doctor`).
@@ -202,8 +210,20 @@ impl Request {
                 Ok(())
             }
             Request::NatRemove { vm } | Request::CleanJail { vm } => vm_id(vm),
-            Request::SpawnJailer { vm, console } => {
+            Request::SpawnJailer {
+                vm,
+                console,
+                vcpu,
+                memory_mib,
+            } => {
                 vm_id(vm)?;
+                // Firecracker's own bounds: 1 to 32 vCPUs; memory at least 1 MiB, and no
+                // more than a host could have (1 TiB keeps the byte count in range).
+                if !(1..=32).contains(vcpu) || !(1..=1 << 20).contains(memory_mib) {
+                    return Err(Refusal(format!(
+                        "{vcpu} vCPUs and {memory_mib} MiB are not limits of a VM"
+                    )));
+                }
                 if cfg.jailer.is_none() {
                     return Err(Refusal(
                         "bangerd found no Firecracker jailer when it started (`[firecracker] jailer` and `binary`): install Firecracker's release (jailer included) and restart bangerd, or use `--vmm qemu`".into(),
@@ -547,6 +567,8 @@ mod tests {
         let spawn = |vm: &str, console: &str| Request::SpawnJailer {
             vm: vm.into(),
             console: console.into(),
+            vcpu: 2,
+            memory_mib: 512,
         };
         let ok = spawn(
             "0123456789ab",
@@ -580,6 +602,18 @@ mod tests {
             .unwrap_err()
             .0;
         assert!(r.contains("not a banger vm id"), "{r}");
+        for (vcpu, memory_mib) in [(0, 512), (33, 512), (1, 0)] {
+            let r = Request::SpawnJailer {
+                vm: "0123456789ab".into(),
+                console: "/var/lib/banger/c".into(),
+                vcpu,
+                memory_mib,
+            }
+            .validate(&cfg)
+            .unwrap_err()
+            .0;
+            assert!(r.contains("not limits of a VM"), "{r}");
+        }
         // The jailer's uid must be one a VM may run as.
         cfg.jailer.as_mut().unwrap().uid = 4242;
         assert!(cfg.validate().unwrap_err().0.contains("not a VM user"));

@@ -309,6 +309,7 @@ impl Daemon {
             started_at,
             stop: Arc::new(Notify::new()),
             network,
+            jailing,
         });
         Ok(Daemon {
             settings,

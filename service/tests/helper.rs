@@ -3,7 +3,7 @@
 //! client. Needs root (tests are named `root_*`); run by scripts/test.sh.
 
 use std::net::Ipv4Addr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -392,9 +392,12 @@ fn root_the_launcher_starts_the_jailer_confined_and_cleans_its_jail() {
     let vm_dir = state.join("vms/0123456789ab");
     std::fs::create_dir_all(&vm_dir).unwrap();
     std::os::unix::fs::chown(&vm_dir, Some(VM_UID), Some(VM_UID)).unwrap();
+    // Installed as a release is: a versioned file, and `firecracker` linking to it. The
+    // jailer names the jail after the link's target.
     let firecracker = state.join("bin/firecracker");
     std::fs::create_dir_all(firecracker.parent().unwrap()).unwrap();
-    std::fs::write(&firecracker, b"").unwrap();
+    std::fs::write(state.join("bin/firecracker-v1.13.1-x86_64"), b"").unwrap();
+    std::os::unix::fs::symlink("firecracker-v1.13.1-x86_64", &firecracker).unwrap();
     std::fs::create_dir_all(state.join("jail")).unwrap();
     let mut cfg = config(&state);
     cfg.tap_uids = vec![VM_UID];
@@ -429,6 +432,8 @@ fn root_the_launcher_starts_the_jailer_confined_and_cleans_its_jail() {
         .call(&Request::SpawnJailer {
             vm: "0123456789ab".into(),
             console: console.clone(),
+            vcpu: 2,
+            memory_mib: 256,
         })
         .unwrap();
     let Reply::Spawned {
@@ -439,7 +444,11 @@ fn root_the_launcher_starts_the_jailer_confined_and_cleans_its_jail() {
         panic!("not spawned: {reply:?}");
     };
     assert_eq!(start_time(pid), started);
-    let jail = state.join("jail/firecracker/0123456789ab");
+    let jail = state.join("jail/firecracker-v1.13.1-x86_64/0123456789ab");
+    assert!(
+        !state.join("jail/firecracker").exists(),
+        "not named after the link"
+    );
     let api = jail.join("root/api.sock");
     let deadline = Instant::now() + Duration::from_secs(10);
     while !api.exists() {
@@ -481,6 +490,43 @@ fn root_the_launcher_starts_the_jailer_confined_and_cleans_its_jail() {
         .parse()
         .unwrap();
     assert_eq!(sid, pid, "the jailer leads its own session");
+    // The VM's own cgroup, in the version this host has (v1 memory and cpu on a hybrid
+    // host), with the limits of its spec, holding Firecracker.
+    let cgroups = banger_policy::cgroup::detect_host();
+    let dirs = cgroups.vm_dirs("0123456789ab");
+    for d in &dirs {
+        let tasks = std::fs::read_to_string(d.join("tasks"))
+            .or_else(|_| std::fs::read_to_string(d.join("cgroup.procs")))
+            .unwrap_or_else(|e| panic!("{}: {e} ({cgroups:?})", d.display()));
+        assert!(
+            tasks.lines().any(|l| l == pid.to_string()),
+            "{}: {tasks}",
+            d.display()
+        );
+    }
+    let limits = banger_policy::cgroup::Limits {
+        vcpu: 2,
+        memory_mib: 256,
+    };
+    match &cgroups {
+        banger_policy::cgroup::Layout::V1 { memory, cpu } => {
+            let read = |p: PathBuf| std::fs::read_to_string(p).unwrap().trim().to_owned();
+            let vm = |h: &Path| h.join("banger/0123456789ab");
+            assert_eq!(
+                read(vm(memory).join("memory.limit_in_bytes")),
+                limits.memory_bytes().to_string()
+            );
+            assert_eq!(
+                read(vm(cpu).join("cpu.cfs_quota_us")),
+                limits.cpu_quota_us().to_string()
+            );
+        }
+        banger_policy::cgroup::Layout::V2 { root } => {
+            let max = std::fs::read_to_string(root.join("banger/0123456789ab/memory.max")).unwrap();
+            assert_eq!(max.trim(), limits.memory_bytes().to_string());
+        }
+        banger_policy::cgroup::Layout::None { .. } => assert!(dirs.is_empty()),
+    }
     use std::os::unix::fs::MetadataExt;
     assert_eq!(
         std::fs::metadata(&console).unwrap().uid(),
@@ -496,6 +542,8 @@ fn root_the_launcher_starts_the_jailer_confined_and_cleans_its_jail() {
         .call(&Request::SpawnJailer {
             vm: "0123456789ac".into(),
             console: foreign.join("console.log"),
+            vcpu: 1,
+            memory_mib: 128,
         })
         .unwrap()
     {
@@ -504,7 +552,9 @@ fn root_the_launcher_starts_the_jailer_confined_and_cleans_its_jail() {
     }
     assert!(!foreign.join("console.log").exists());
     assert!(
-        !state.join("jail/firecracker/0123456789ac").exists(),
+        !state
+            .join("jail/firecracker-v1.13.1-x86_64/0123456789ac")
+            .exists(),
         "no jailer ran"
     );
     let r = refused(
@@ -512,6 +562,8 @@ fn root_the_launcher_starts_the_jailer_confined_and_cleans_its_jail() {
         Request::SpawnJailer {
             vm: "0123456789ab".into(),
             console: "/etc/banger-console".into(),
+            vcpu: 1,
+            memory_mib: 128,
         },
     );
     assert!(r.contains("not a path under banger's state"), "{r}");
@@ -520,6 +572,8 @@ fn root_the_launcher_starts_the_jailer_confined_and_cleans_its_jail() {
         Request::SpawnJailer {
             vm: "../../etc".into(),
             console: console.clone(),
+            vcpu: 1,
+            memory_mib: 128,
         },
     );
     assert!(r.contains("not a banger vm id"), "{r}");
@@ -546,4 +600,67 @@ fn root_the_launcher_starts_the_jailer_confined_and_cleans_its_jail() {
         },
     );
     assert!(!jail.exists(), "the jail is gone");
+    for d in &dirs {
+        assert!(!d.exists(), "the VM's cgroup {} is gone", d.display());
+    }
+}
+
+/// A jail base on a `nodev` mount cannot hold the jailer's /dev/kvm and /dev/net/tun:
+/// the launcher refuses to start the jailer, naming the path and what to do, before any
+/// process runs. (The mount is a tmpfs of the test's, unmounted on drop.)
+#[test]
+fn root_the_launcher_refuses_a_jail_base_on_a_nodev_mount() {
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let ns = Netns::new("nodev");
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let jail = state.join("jail");
+    std::fs::create_dir_all(&jail).unwrap();
+    let ok = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "nodev,size=8m", "tmpfs"])
+        .arg(&jail)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "mount a nodev tmpfs");
+    let _mounted = Unmount(jail.clone());
+    let firecracker = state.join("bin/firecracker");
+    std::fs::create_dir_all(firecracker.parent().unwrap()).unwrap();
+    std::fs::write(&firecracker, b"").unwrap();
+    let uid = nix::unistd::getuid().as_raw();
+    let mut cfg = config(&state);
+    cfg.tap_uids = vec![uid];
+    cfg.jailer = Some(banger_policy::JailerConfig {
+        jailer: double_bin(),
+        firecracker,
+        uid,
+        gid: uid,
+    });
+    let mut h = ns.helper(&cfg);
+    let console = state.join("console.log");
+    match h
+        .call(&Request::SpawnJailer {
+            vm: "0123456789ab".into(),
+            console: console.clone(),
+            vcpu: 1,
+            memory_mib: 128,
+        })
+        .unwrap()
+    {
+        Reply::Failed { reason } => assert!(
+            reason.contains(&format!(
+                "the jail base {} is on a nodev mount",
+                jail.display()
+            )) && reason.contains("remount"),
+            "{reason}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert!(!console.exists(), "no jailer ran");
+    assert_eq!(std::fs::read_dir(&jail).unwrap().count(), 0, "no jail made");
 }

@@ -352,22 +352,24 @@ impl HostNet {
     }
 
     /// Start Firecracker's jailer for VM `vm` through the helper's launcher, output
-    /// appended to `console`: its (pid, start time). None when there is no helper (the
-    /// caller spawns the jailer itself).
+    /// appended to `console`, its cgroup limited to `vcpu` CPUs and `memory_mib` of guest
+    /// RAM: its (pid, start time). Only with a helper: without one, Firecracker runs
+    /// unjailed (the jailer needs root), see `vmm::firecracker`.
     pub async fn spawn_jailer(
         &self,
         vm: &str,
         console: &std::path::Path,
-    ) -> Result<Option<(i32, u64)>, NetError> {
-        if !self.privileged().await {
-            return Ok(None);
-        }
+        vcpu: u32,
+        memory_mib: u32,
+    ) -> Result<(i32, u64), NetError> {
         let request = Request::SpawnJailer {
             vm: vm.to_owned(),
             console: console.to_owned(),
+            vcpu,
+            memory_mib,
         };
         match helper_reply(&self.helper, request).await? {
-            Reply::Spawned { pid, start_time } => Ok(Some((pid, start_time))),
+            Reply::Spawned { pid, start_time } => Ok((pid, start_time)),
             other => Err(NetError::Helper {
                 op: "spawn_jailer".into(),
                 reason: format!("unexpected answer {other:?}"),

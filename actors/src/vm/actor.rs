@@ -253,6 +253,7 @@ pub fn info_of(rec: &VmRecord, dir: &VmDir) -> VmInfo {
         cmdline: rec.cmdline.clone(),
         vsock_socket: rec.runtime.as_ref().map(|r| r.vsock_socket.clone()),
         ip: rec.ip.clone(),
+        isolation: rec.runtime.as_ref().and_then(|r| r.isolation.clone()),
     }
 }
 

@@ -53,6 +53,10 @@ pub struct Runtime {
     pub control_socket: String,
     /// The hybrid vsock Unix socket (`CONNECT <port>\n`).
     pub vsock_socket: String,
+    /// How the VMM is confined, for `vm show` (Firecracker: jailed and its cgroup, or
+    /// unjailed and why). None for QEMU and for records older than this field.
+    #[serde(default)]
+    pub isolation: Option<String>,
 }
 
 /// An operation a caller asks of a VM, for [`check`].

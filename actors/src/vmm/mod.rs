@@ -1,8 +1,9 @@
 //! VMM drivers. A VmActor drives its VMM through [`Driver`], which has two real
 //! implementations sharing the same disks, kernel, command line and hybrid-vsock contract:
 //!
-//! - [`firecracker`]: the jailer (chroot with hard links, own uid/gid, cgroup) then
-//!   Firecracker's HTTP API on its Unix socket. Tested against [`firecracker::double`], a
+//! - [`firecracker`]: the jailer (chroot with hard links, own uid/gid, per-VM cgroup)
+//!   through the privileged helper, or Firecracker unjailed without one, then Firecracker's
+//!   HTTP API on its Unix socket. Tested against [`firecracker::double`], a
 //!   test double of the jailer+firecracker process that checks every request against
 //!   Firecracker's published API spec.
 //! - [`qemu`]: `qemu-system-x86_64 -M microvm` (KVM when usable, TCG otherwise), virtio

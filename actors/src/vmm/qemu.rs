@@ -274,6 +274,7 @@ pub async fn launch(
         helpers: vec![(vpid, vstart)],
         control_socket: run.join("qmp.sock").display().to_string(),
         vsock_socket: run.join("vsock.sock").display().to_string(),
+        isolation: None,
     })
 }
 

@@ -449,6 +449,57 @@ fn network_checks(status: &banger_api::DaemonStatus) -> Vec<Check> {
     out
 }
 
+/// How Firecracker VMs run here: jailed or not, their cgroup, the jail base's mount.
+fn firecracker_checks(status: &banger_api::DaemonStatus) -> Vec<Check> {
+    let Some(fc) = &status.firecracker else {
+        return Vec::new();
+    };
+    let mut out = vec![if fc.jailed {
+        check("firecracker jail", Level::Ok, fc.isolation.clone(), None)
+    } else {
+        check(
+            "firecracker jail",
+            Level::Warn,
+            fc.isolation.clone(),
+            fc.isolation.starts_with("unjailed").then_some(
+                "`sudo banger system install` runs bangerd with its privileged helper, which starts each Firecracker VM under the jailer",
+            ),
+        )
+    }];
+    let no_cgroup = fc.cgroups.starts_with("no per-VM cgroup");
+    out.push(match (fc.jailed, no_cgroup) {
+        (true, true) => check(
+            "cgroups",
+            Level::Warn,
+            fc.cgroups.clone(),
+            Some("Firecracker VMs run without memory or CPU limits; mount cgroup2 with the memory and cpu controllers (or cgroup v1 memory and cpu)"),
+        ),
+        (true, false) => check("cgroups", Level::Ok, fc.cgroups.clone(), None),
+        (false, _) => check(
+            "cgroups",
+            Level::Ok,
+            format!("{} (used once VMs are jailed)", fc.cgroups),
+            None,
+        ),
+    });
+    out.push(match (&fc.nodev, fc.jailed) {
+        (Some(problem), true) => check("jail base", Level::Fail, problem.clone(), None),
+        (Some(problem), false) => check(
+            "jail base",
+            Level::Warn,
+            format!("{problem} (matters once VMs are jailed)"),
+            None,
+        ),
+        (None, _) => check(
+            "jail base",
+            Level::Ok,
+            format!("{} allows device nodes", fc.jail_base),
+            None,
+        ),
+    });
+    out
+}
+
 /// Daemon and VM checks, and the daemon's VM defaults when it answers.
 async fn daemon_checks(target: &Target) -> (Vec<Check>, Option<SpecDefaults>) {
     let mut out = Vec::new();
@@ -536,6 +587,7 @@ async fn daemon_checks(target: &Target) -> (Vec<Check>, Option<SpecDefaults>) {
         ),
     });
     out.extend(network_checks(&status));
+    out.extend(firecracker_checks(&status));
     out.push(check(
         "store",
         Level::Ok,
@@ -690,6 +742,53 @@ mod tests {
     /// version probe has something to run).
     fn only(installed: &'static [&'static str]) -> impl Fn(&str) -> Option<PathBuf> {
         move |bin| installed.contains(&bin).then(|| PathBuf::from("/bin/true"))
+    }
+
+    #[test]
+    fn doctor_says_when_firecracker_runs_unjailed_and_when_the_jail_base_is_nodev() {
+        let status = |jailed: bool, nodev: Option<&str>, cgroups: &str| {
+            let mut s: banger_api::DaemonStatus = serde_json::from_value(serde_json::json!({
+                "pid": 1, "version": "v", "commit": "c", "build_time": "b", "mode": "user",
+                "socket": "s", "log_path": "l", "uptime_secs": 0, "started_at": 0,
+                "store": {"path": "p", "schema_version": 1, "instance_id": "i", "starts": 1},
+            }))
+            .unwrap();
+            s.firecracker = Some(banger_api::FirecrackerStatus {
+                jailed,
+                isolation: if jailed {
+                    "jailed by the helper's launcher".into()
+                } else {
+                    "unjailed: no privileged helper".into()
+                },
+                cgroups: cgroups.into(),
+                jail_base: "/data/jail".into(),
+                nodev: nodev.map(str::to_owned),
+            });
+            s
+        };
+        let c = firecracker_checks(&status(false, None, "cgroup v1 (memory at /m, cpu at /c)"));
+        let jail = status_of(&c, "firecracker jail");
+        assert_eq!(jail.status, Level::Warn);
+        assert!(
+            jail.detail.contains("unjailed: no privileged helper"),
+            "{}",
+            jail.detail
+        );
+        assert_eq!(status_of(&c, "jail base").status, Level::Ok);
+        let c = firecracker_checks(&status(
+            true,
+            Some("the jail base /data/jail is on a nodev mount"),
+            "no per-VM cgroup: none",
+        ));
+        assert_eq!(status_of(&c, "firecracker jail").status, Level::Ok);
+        assert_eq!(status_of(&c, "cgroups").status, Level::Warn);
+        let base = status_of(&c, "jail base");
+        assert_eq!(base.status, Level::Fail);
+        assert!(base.detail.contains("nodev"), "{}", base.detail);
+    }
+
+    fn status_of<'a>(checks: &'a [Check], name: &str) -> &'a Check {
+        checks.iter().find(|c| c.name == name).unwrap()
     }
 
     #[test]

@@ -136,6 +136,9 @@ fn print_vm(v: &VmInfo) {
     if let Some(pid) = v.pid {
         println!("pid:      {pid}");
     }
+    if let Some(i) = &v.isolation {
+        println!("isolation: {i}");
+    }
     println!("dir:      {}", v.dir);
     println!("console:  {}", v.console_log);
     if let Some(c) = &v.cmdline {

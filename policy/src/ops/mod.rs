@@ -86,13 +86,10 @@ fn signal_vm(pid: i32, signal: i32) -> io::Result<()> {
 }
 
 fn clean_jail(cfg: &HelperConfig, vm: &str) -> io::Result<()> {
-    let firecracker = cfg
-        .jailer
-        .as_ref()
-        .map_or(std::path::Path::new("firecracker"), |j| {
-            j.firecracker.as_path()
-        });
-    remove_jail_dir(&crate::jail::instance_dir(&cfg.jail_base, firecracker, vm))
+    for dir in crate::jail::instance_dirs(&cfg.jail_base, vm) {
+        remove_jail_dir(&dir)?;
+    }
+    Ok(())
 }
 
 /// Remove a jail instance directory (absent is fine; a non-directory is left alone).

@@ -49,6 +49,26 @@ pub struct DaemonStatus {
     /// The VM network's settings.
     #[serde(default)]
     pub network: Option<NetworkStatus>,
+    /// How Firecracker VMs run on this host, as the daemon sees it.
+    #[serde(default)]
+    pub firecracker: Option<FirecrackerStatus>,
+}
+
+/// How Firecracker VMs run: jailed (through the helper) or not, the cgroup each gets, and
+/// whether the jail base can hold the device nodes the jailer makes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FirecrackerStatus {
+    /// Whether the privileged helper starts the jailer (else Firecracker runs unjailed).
+    pub jailed: bool,
+    /// What `vm show` says of a Firecracker VM started now.
+    pub isolation: String,
+    /// The host's cgroup layout as the jailer would find it, and what a jailed VM gets.
+    pub cgroups: String,
+    /// Where jails are made.
+    pub jail_base: String,
+    /// Why device nodes cannot work there (a `nodev` mount), with what to do.
+    #[serde(default)]
+    pub nodev: Option<String>,
 }
 
 /// The confinement the privileged helper reported, as the kernel showed it.

@@ -241,6 +241,10 @@ pub struct VmInfo {
     /// The VM's IPv4 address (its lease), and the name `<name>.vm` resolves to it.
     #[serde(default)]
     pub ip: Option<String>,
+    /// How the running VMM is confined: for Firecracker, `jailed ...` with its cgroup, or
+    /// `unjailed: <why>`. None for QEMU and for a VM that is not running.
+    #[serde(default)]
+    pub isolation: Option<String>,
 }
 
 /// Host-side figures of a VM (`vm.stats`); guest figures come from the agent.

@@ -36,6 +36,8 @@ pub struct Ctx {
     pub stop: Arc<Notify>,
     /// The VM network as configured (for `daemon.status`).
     pub network: banger_api::NetworkStatus,
+    /// Whether the helper starts Firecracker's jailer (for `daemon.status`).
+    pub jailing: banger_actors::vmm::choose::Jailing,
 }
 
 /// Every error a handler can return. (Large, as it carries the actors' errors by value;

@@ -1,15 +1,32 @@
-//! The Firecracker driver: jailer, then the HTTP API.
+//! The Firecracker driver: a jail (or, without the privileged helper, a plain directory),
+//! Firecracker, then the HTTP API.
 //!
-//! Jail layout (the jailer's own convention): `<chroot_base>/<exec name>/<id>/root/`. Before
-//! spawning, the driver hard-links the kernel, initrd and disks into `root/` (same
-//! filesystem as banger's data dir; a copy is refused, it would defeat sparse sharing) and
-//! creates the log and metrics files Firecracker opens but does not create.
+//! Jail layout (the jailer's own convention): `<chroot_base>/<exec name>/<id>/root/`, the
+//! exec name being the file name of the canonicalised Firecracker binary (see
+//! [`banger_policy::jail`]). Before spawning, the driver hard-links the kernel, initrd and
+//! disks into `root/` (same filesystem as banger's data dir; a copy is refused, it would
+//! defeat sparse sharing) and creates the log and metrics files Firecracker opens but does
+//! not create. Every path sent to the API is relative to `root/`.
+//!
+//! **Jailed or not.** The jailer needs root: it unshares a mount namespace, bind-mounts
+//! and pivots into the jail, mknods `/dev/kvm` and `/dev/net/tun`, writes the cgroup tree
+//! and becomes the VM user (Firecracker's `src/jailer/src/{env,chroot}.rs`). So:
+//! - with the privileged helper, its launcher starts the jailer, with the VM's cgroup
+//!   (`--cgroup` limits from the spec under `--parent-cgroup banger`, in the cgroup version
+//!   this host has, see [`banger_policy::cgroup`]);
+//! - without it (a bangerd started by hand as a user), Firecracker runs **unjailed**, as a
+//!   plain child process the way `firectl` runs it: `firecracker --id <id> --api-sock
+//!   <root>/api.sock` with `root/` as its working directory, so the same relative paths
+//!   work. No chroot, no per-VM cgroup, bangerd's uid. `vm show` and `doctor` say so.
+//!
+//! A bare binary name (`firecracker`, the default) is resolved on PATH first: the jailer
+//! canonicalises `--exec-file` relative to its own working directory.
 //!
 //! `--daemonize` is **not** used: the jailer's daemonize points stdio at /dev/null, which
-//! would lose the serial console. Instead the jailer is spawned in its own process group
-//! with stdout/stderr appended to the VM's `console.log`; it execs Firecracker, so the pid
-//! we record is Firecracker's, and the process outlives a daemon restart like a daemonized
-//! one would.
+//! would lose the serial console. Instead the process is spawned in its own process group
+//! (or session, by the launcher) with stdout/stderr appended to the VM's `console.log`; the
+//! jailer execs Firecracker, so the pid we record is Firecracker's, and the process
+//! outlives a daemon restart like a daemonized one would.
 //!
 //! API sequence (each answered 204 by Firecracker): logger, metrics, machine-config,
 //! boot-source, drives (rootfs read-only as root device, overlay, work), network interface
@@ -52,14 +69,43 @@ pub struct FirecrackerConfig {
     pub gid: u32,
 }
 
-/// `<chroot_base>/<exec name>/<id>/root`.
-pub fn jail_root(c: &FirecrackerConfig, id: &str) -> PathBuf {
-    banger_policy::jail::instance_dir(&c.chroot_base, &c.firecracker, id).join("root")
+/// The Firecracker binary: a bare name looked up on PATH (then /usr/sbin, /sbin), a path
+/// as given.
+pub fn firecracker_binary(c: &FirecrackerConfig) -> PathBuf {
+    super::choose::find_program(&c.firecracker).unwrap_or_else(|| c.firecracker.clone())
 }
 
-/// The jailer's command line (the launcher builds the same one: [`banger_policy::jail`]).
-pub fn jailer_args(c: &FirecrackerConfig, id: &str) -> Vec<String> {
-    banger_policy::jail::jailer_args(&c.firecracker, c.uid, c.gid, &c.chroot_base, id)
+/// `<chroot_base>/<exec name>/<id>/root`, where the jailer makes it (the exec name of the
+/// canonicalised binary).
+pub fn jail_root(c: &FirecrackerConfig, id: &str) -> PathBuf {
+    banger_policy::jail::instance_dir(&c.chroot_base, &firecracker_binary(c), id).join("root")
+}
+
+/// The jailer's command line for a VM limited to `limits`, on a host with `cgroups` (the
+/// launcher builds the same one: [`banger_policy::jail`]).
+pub fn jailer_args(
+    c: &FirecrackerConfig,
+    id: &str,
+    cgroups: &banger_policy::cgroup::Layout,
+    limits: banger_policy::cgroup::Limits,
+) -> Vec<String> {
+    banger_policy::jail::jailer_args(
+        &firecracker_binary(c),
+        c.uid,
+        c.gid,
+        &c.chroot_base,
+        id,
+        cgroups,
+        limits,
+    )
+}
+
+/// What `vm show` says of a Firecracker VM run without the jailer.
+pub const UNJAILED: &str = "unjailed: no privileged helper (Firecracker runs as a plain child of bangerd: no chroot, no cgroup of its own, bangerd's uid)";
+
+/// What `vm show` says of a jailed Firecracker VM on a host with `cgroups`.
+pub fn jailed(cgroups: &banger_policy::cgroup::Layout) -> String {
+    format!("jailed by the helper's launcher; {}", cgroups.describe())
 }
 
 fn setup(e: impl std::fmt::Display) -> VmmError {
@@ -283,7 +329,7 @@ impl Api {
 
 /// Launch: jail, jailer, API sequence. With a privileged helper (`host`), the helper's
 /// launcher starts the jailer (it needs root; bangerd has dropped to its owner), else
-/// bangerd spawns it itself.
+/// bangerd runs Firecracker itself, unjailed (see the module docs).
 pub async fn launch(
     c: &FirecrackerConfig,
     plan: &LaunchPlan,
@@ -298,31 +344,50 @@ pub async fn launch(
             .map_err(setup)??
     };
     stage("launch");
-    let spawn_err = |source| VmmError::Spawn {
-        what: format!("the jailer {}", c.jailer.display()),
-        source,
-    };
-    let through_helper = host
-        .spawn_jailer(&plan.id, &plan.console)
-        .await
-        .map_err(|e| spawn_err(std::io::Error::other(e)))?;
-    let (pid, start) = match through_helper {
-        Some(spawned) => spawned,
-        None => {
-            let console = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&plan.console)
-                .map_err(setup)?;
-            let console2 = console.try_clone().map_err(setup)?;
-            proc::spawn(
-                Command::new(&c.jailer)
-                    .args(jailer_args(c, &plan.id))
-                    .stdout(Stdio::from(console))
-                    .stderr(Stdio::from(console2)),
-            )
-            .map_err(spawn_err)?
+    let privileged = host.privileged().await;
+    let isolation = if privileged {
+        // The launcher checks too; here the error reaches the user before any process.
+        if let Some(problem) = banger_policy::jail::nodev_problem(&c.chroot_base) {
+            return Err(setup(problem));
         }
+        jailed(&banger_policy::cgroup::detect_host())
+    } else {
+        UNJAILED.to_owned()
+    };
+    let (pid, start) = if privileged {
+        host.spawn_jailer(
+            &plan.id,
+            &plan.console,
+            plan.spec.vcpu,
+            plan.spec.memory_mib,
+        )
+        .await
+        .map_err(|e| VmmError::Spawn {
+            what: format!("the jailer {}", c.jailer.display()),
+            source: std::io::Error::other(e),
+        })?
+    } else {
+        let binary = firecracker_binary(c);
+        let console = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&plan.console)
+            .map_err(setup)?;
+        let console2 = console.try_clone().map_err(setup)?;
+        proc::spawn(
+            Command::new(&binary)
+                .arg("--id")
+                .arg(&plan.id)
+                .arg("--api-sock")
+                .arg(root.join(API_SOCK))
+                .current_dir(&root)
+                .stdout(Stdio::from(console))
+                .stderr(Stdio::from(console2)),
+        )
+        .map_err(|source| VmmError::Spawn {
+            what: format!("firecracker {}", binary.display()),
+            source,
+        })?
     };
     let api_sock = root.join(API_SOCK);
     let result = async {
@@ -363,6 +428,7 @@ pub async fn launch(
         helpers: Vec::new(),
         control_socket: api_sock.display().to_string(),
         vsock_socket: root.join(VSOCK_SOCK).display().to_string(),
+        isolation: Some(isolation),
     })
 }
 
@@ -378,9 +444,10 @@ pub async fn request_shutdown(rt: &Runtime) -> Result<(), VmmError> {
     .map(drop)
 }
 
-/// Remove the VM's jail.
+/// Remove the VM's jail, under whatever exec name it was made (what this uid can: a jail
+/// the jailer made as root is the helper's to remove).
 pub fn cleanup(c: &FirecrackerConfig, id: &str) {
-    if let Some(instance) = jail_root(c, id).parent() {
+    for instance in banger_policy::jail::instance_dirs(&c.chroot_base, id) {
         let _ = std::fs::remove_dir_all(instance);
     }
 }
@@ -419,14 +486,51 @@ mod tests {
             uid: 900,
             gid: 901,
         };
-        let args = jailer_args(&c, "abc");
+        let none = banger_policy::cgroup::Layout::None { why: "x".into() };
+        let limits = banger_policy::cgroup::Limits {
+            vcpu: 1,
+            memory_mib: 128,
+        };
+        let args = jailer_args(&c, "abc", &none, limits);
         assert_eq!(
             args.join(" "),
-            "--id abc --exec-file /usr/bin/firecracker --uid 900 --gid 901 --chroot-base-dir /var/lib/banger/jail --cgroup-version 2 -- --api-sock /api.sock"
+            "--id abc --exec-file /usr/bin/firecracker --uid 900 --gid 901 --chroot-base-dir /var/lib/banger/jail -- --api-sock /api.sock"
         );
         assert_eq!(
             jail_root(&c, "abc"),
             PathBuf::from("/var/lib/banger/jail/firecracker/abc/root")
+        );
+    }
+
+    /// A bare name (the config's default `firecracker`) is resolved on PATH before it
+    /// reaches the jailer, which would canonicalise it relative to its working directory,
+    /// or the unjailed spawn. (`sh` stands in for a binary every PATH has.)
+    #[test]
+    fn a_bare_binary_name_is_resolved_on_path_first() {
+        let c = FirecrackerConfig {
+            jailer: "/usr/bin/jailer".into(),
+            firecracker: "sh".into(),
+            chroot_base: "/j".into(),
+            uid: 1,
+            gid: 1,
+        };
+        let resolved = firecracker_binary(&c);
+        assert!(
+            resolved.is_absolute() && resolved.ends_with("sh"),
+            "{resolved:?}"
+        );
+        let none = banger_policy::cgroup::Layout::None { why: "x".into() };
+        let limits = banger_policy::cgroup::Limits {
+            vcpu: 1,
+            memory_mib: 128,
+        };
+        let args = jailer_args(&c, "abc", &none, limits);
+        assert_eq!(args[3], resolved.display().to_string(), "{args:?}");
+        // The jail is named after what the name resolves to (sh may link to dash).
+        let name = banger_policy::jail::exec_name(&resolved);
+        assert_eq!(
+            jail_root(&c, "abc"),
+            Path::new("/j").join(name).join("abc/root")
         );
     }
 

@@ -1,5 +1,6 @@
 //! `banger-fc-double`: a stand-in for `jailer ... -- firecracker --api-sock /api.sock`, so
-//! the Firecracker driver can be tested end to end against a real process. Everything it
+//! the Firecracker driver can be tested end to end against a real process; run under a
+//! name containing `firecracker`, a stand-in for Firecracker alone (no jailer). Everything it
 //! does is in `banger_actors::vmm::firecracker::double::process`; this parses the command
 //! line, reads the injected faults, and runs it.
 //!
@@ -26,8 +27,14 @@ fn main() -> ExitCode {
         },
         Err(_) => Vec::new(),
     };
+    let argv0 = std::env::args().next().unwrap_or_default();
     let args: Vec<String> = std::env::args().skip(1).collect();
-    match run(&args, &faults) {
+    let result = if process::runs_as_firecracker(&argv0) {
+        run_alone(&args, &faults)
+    } else {
+        run(&args, &faults)
+    };
+    match result {
         Ok(code) => ExitCode::from(code),
         Err(error) => {
             eprintln!("{}", chain(&error));
@@ -45,7 +52,20 @@ fn run(args: &[String], faults: &[process::Fault]) -> Result<u8, process::Proces
         Invocation::Run(jailer) => jailer,
     };
     let jail = process::enter_jail(&jailer)?;
+    process::isolate(&jailer, &jail, std::path::Path::new("/proc/mounts"))?;
     process::drop_privileges(&jailer)?;
+    process::open_kvm(&jail)?;
+    serve(&jail, faults)
+}
+
+/// Firecracker without the jailer: serve in the working directory.
+fn run_alone(args: &[String], faults: &[process::Fault]) -> Result<u8, process::ProcessError> {
+    let cwd = std::env::current_dir().map_err(process::ProcessError::Console)?;
+    let jail = process::firecracker_alone(args, &cwd)?;
+    serve(&jail, faults)
+}
+
+fn serve(jail: &process::Jail, faults: &[process::Fault]) -> Result<u8, process::ProcessError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -53,7 +73,7 @@ fn run(args: &[String], faults: &[process::Fault]) -> Result<u8, process::Proces
     runtime.block_on(async {
         let shutdown = shutdown_signal().map_err(process::ProcessError::Console)?;
         let mut stdout = std::io::stdout();
-        let outcome = process::serve(&jail, faults, &mut stdout, shutdown).await?;
+        let outcome = process::serve(jail, faults, &mut stdout, shutdown).await?;
         Ok(outcome.exit_code())
     })
 }

@@ -18,7 +18,9 @@
 //! network, and the MMDS `ipv4_address` format.
 //!
 //! [`process`] wraps the double in a jailer + Firecracker process, the `banger-fc-double`
-//! binary, for end-to-end tests of the driver.
+//! binary, for end-to-end tests of the driver: as the jailer it needs root, makes the VM's
+//! cgroups and device nodes for real, and fails unprivileged as the jailer does; run under
+//! a name containing `firecracker` it is Firecracker alone (the driver's unjailed mode).
 
 mod machine;
 pub mod process;

@@ -15,15 +15,28 @@
 //! passes `--id` and start times, then the arguments after `--`) and the API is served on
 //! `--api-sock` (default `/run/firecracker.socket`) with [`FirecrackerDouble`].
 //!
-//! When run as root (as the real jailer must be), it then becomes `--uid`/`--gid` before
-//! "exec'ing" Firecracker, so the API is served, the drives opened and the socket made as
-//! that user, as with the real thing. Not modelled, because a test cannot rely on
-//! privileges: no chroot (every path is resolved under the jail root instead, as the jailed
-//! process would see it), no uid/gid switch when not root, no device nodes, no cgroups,
-//! rlimits or network namespace (their arguments are checked, not applied). Refused with a
-//! message: `--daemonize` and `--new-pid-ns` (they change which process the caller must
-//! track) and the Firecracker arguments that configure the VM outside the API
-//! (`--config-file`, `--no-api`, `--metadata`, `--log-path`, `--metrics-path`, ...).
+//! Then the jailer's privileged steps, for real ([`isolate`], `Env::run` and `chroot.rs`):
+//! the cgroups (found in `/proc/mounts` as the jailer's `cgroup.rs` finds them: the first
+//! `cgroup2` line for v2, v1 controllers by mount option; with `--cgroup` files the VM's
+//! cgroup `<hierarchy>/<parent cgroup>/<id>` is made, the files written, the pid attached;
+//! v2 without `--cgroup` joins `<v2>/<parent>` only if it exists; no hierarchy at all is
+//! `CgroupHierarchyMissing`), then `unshare(CLONE_NEWNS)`, which fails unprivileged with
+//! the jailer's `Failed to unshare into new mount namespace: Operation not permitted`, then
+//! `/dev/net/tun` and `/dev/kvm` mknod'ed in the jail for the VM user. It then becomes
+//! `--uid`/`--gid` before "exec'ing" Firecracker, so the API is served, the drives opened
+//! and the socket made as that user, as with the real thing, and opens the jail's
+//! `/dev/kvm` as Firecracker does, which fails on a `nodev` mount. Not modelled: the bind
+//! mount and `pivot_root` (every path is resolved under the jail root instead, as the
+//! jailed process would see it), rlimits and the network namespace (their arguments are
+//! checked, not applied). Refused with a message: `--daemonize` and `--new-pid-ns` (they
+//! change which process the caller must track) and the Firecracker arguments that
+//! configure the VM outside the API (`--config-file`, `--no-api`, `--metadata`,
+//! `--log-path`, `--metrics-path`, ...).
+//!
+//! Run under a name containing `firecracker` (a link or copy of the binary, as a driver
+//! runs Firecracker without the jailer), it is Firecracker alone: its arguments are parsed
+//! ([`firecracker_alone`]), paths are relative to its working directory, nothing is
+//! isolated.
 //!
 //! The guest: once `InstanceStart` is accepted, a few serial console lines go to stdout,
 //! the last being [`GUEST_RUNNING`]. The process exits 0 when the double has Exited (after
@@ -136,6 +149,20 @@ pub enum ProcessError {
     ApiSocket(PathBuf, #[source] std::io::Error),
     #[error("banger-fc-double does not model {0}")]
     NotModelled(String),
+    #[error("Hierarchy not found: {0}")]
+    CgroupHierarchyMissing(String),
+    #[error("Controller {0} is unavailable")]
+    CgroupControllerUnavailable(String),
+    #[error("Failed to write to cgroups file: {0}")]
+    CgroupWrite(std::io::Error),
+    #[error("Failed to inherit cgroups configurations from file {file} in path {path}", path = .0.display(), file = .1)]
+    CgroupInheritFromParent(PathBuf, String),
+    #[error("Failed to unshare into new mount namespace: {0}")]
+    UnshareNewNs(std::io::Error),
+    #[error("Failed to create {1} via mknod inside the jail: {0}")]
+    MknodDev(std::io::Error, String),
+    #[error("Failed to open the jail's device node {}", .0.display())]
+    OpenDevice(PathBuf, #[source] std::io::Error),
     #[error("Failed to drop privileges to {0}")]
     Privileges(String, #[source] std::io::Error),
     #[error("banger-fc-double: cannot write the guest console")]
@@ -581,6 +608,249 @@ pub fn enter_jail(args: &JailerArgs) -> Result<Jail, ProcessError> {
     Ok(jail)
 }
 
+/// Firecracker started without the jailer (`firecracker --id <id> --api-sock <path>`, as
+/// `firectl` runs it): its own arguments, the API socket relative to the working directory
+/// `cwd`, which is also where relative paths in requests resolve.
+pub fn firecracker_alone(args: &[String], cwd: &Path) -> Result<Jail, ProcessError> {
+    let fc = parse(FIRECRACKER_ARGS, args).map_err(ProcessError::FirecrackerArguments)?;
+    if fc.help || fc.version {
+        return Err(ProcessError::NotModelled(
+            "firecracker --help or --version".into(),
+        ));
+    }
+    if let Some(name) = FIRECRACKER_NOT_MODELLED.iter().find(|n| fc.flag(n)) {
+        return Err(ProcessError::NotModelled(format!("firecracker --{name}")));
+    }
+    // Firecracker checks its id as the jailer does (and panics on a bad one).
+    validate_instance_id(fc.value("id").unwrap_or_default())
+        .map_err(ProcessError::InvalidInstanceId)?;
+    let api_sock = fc.value("api-sock").unwrap_or(DEFAULT_API_SOCK);
+    Ok(Jail {
+        root: cwd.to_owned(),
+        api_socket: cwd.join(api_sock),
+    })
+}
+
+/// Whether the binary runs as Firecracker alone: its name says `firecracker`, as the
+/// binary a driver runs without the jailer does (the jailer is `jailer`, or this binary's
+/// own name).
+pub fn runs_as_firecracker(argv0: &str) -> bool {
+    Path::new(argv0)
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().contains("firecracker"))
+}
+
+/// The device nodes the jailer makes in every jail: (path in the jail, major, minor).
+const DEVICES: [(&str, u64, u64); 2] = [("dev/net/tun", 10, 200), ("dev/kvm", 10, 232)];
+
+/// The jailer's privileged steps before Firecracker runs, for real: the VM's cgroups
+/// (from the mount table at `proc_mounts`), a mount namespace of its own, the device nodes
+/// in the jail. Unprivileged, this fails as the jailer does. The cgroups it made.
+pub fn isolate(
+    args: &JailerArgs,
+    jail: &Jail,
+    proc_mounts: &Path,
+) -> Result<Vec<PathBuf>, ProcessError> {
+    let exec_name = jail
+        .root
+        .parent()
+        .and_then(Path::parent)
+        .and_then(Path::file_name)
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let made = setup_cgroups(args, &exec_name, proc_mounts, std::process::id())?;
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
+        .map_err(|e| ProcessError::UnshareNewNs(e.into()))?;
+    let uid = nix::unistd::Uid::from_raw(
+        args.uid
+            .parse()
+            .map_err(|_| ProcessError::Uid(args.uid.clone()))?,
+    );
+    let gid = nix::unistd::Gid::from_raw(
+        args.gid
+            .parse()
+            .map_err(|_| ProcessError::Gid(args.gid.clone()))?,
+    );
+    for (path, major, minor) in DEVICES {
+        let node = jail.root.join(path);
+        let name = format!("/{path}");
+        nix::sys::stat::mknod(
+            &node,
+            nix::sys::stat::SFlag::S_IFCHR,
+            nix::sys::stat::Mode::S_IRUSR | nix::sys::stat::Mode::S_IWUSR,
+            nix::sys::stat::makedev(major, minor),
+        )
+        .map_err(|e| ProcessError::MknodDev(e.into(), name.clone()))?;
+        nix::unistd::chown(&node, Some(uid), Some(gid))
+            .map_err(|e| ProcessError::ChangeFileOwner(PathBuf::from(&name), e.into()))?;
+    }
+    Ok(made)
+}
+
+/// What Firecracker does with its jail's `/dev/kvm`: open it. On a `nodev` mount the node
+/// is there but the open is refused; a host without the KVM driver (no such device) is
+/// let through, as the double runs no VM.
+pub fn open_kvm(jail: &Jail) -> Result<(), ProcessError> {
+    let kvm = jail.root.join("dev/kvm");
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&kvm)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if matches!(e.raw_os_error(), Some(nix::libc::ENXIO | nix::libc::ENODEV)) => Ok(()),
+        Err(e) => Err(ProcessError::OpenDevice(kvm, e)),
+    }
+}
+
+/// A cgroup mount of the mount table, as the jailer's regex reads it.
+struct CgroupMount {
+    dir: PathBuf,
+    v2: bool,
+    options: String,
+}
+
+/// The cgroup lines of `/proc/mounts`: `<src> <dir> cgroup[2] <options> 0 0`.
+fn cgroup_mounts(proc_mounts: &Path) -> Result<Vec<CgroupMount>, ProcessError> {
+    let text = std::fs::read_to_string(proc_mounts)
+        .map_err(|e| ProcessError::FileOpen(proc_mounts.to_owned(), e))?;
+    Ok(text
+        .lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            match f[..] {
+                [_, dir, "cgroup", options, "0", "0"] => Some(CgroupMount {
+                    dir: dir.into(),
+                    v2: false,
+                    options: options.into(),
+                }),
+                [_, dir, "cgroup2", options, "0", "0"] => Some(CgroupMount {
+                    dir: dir.into(),
+                    v2: true,
+                    options: options.into(),
+                }),
+                _ => None,
+            }
+        })
+        .collect())
+}
+
+/// Write `value` and a newline, as the jailer's `writeln_special`.
+fn write_special(path: &Path, value: &str) -> Result<(), ProcessError> {
+    std::fs::write(path, format!("{value}\n")).map_err(|e| ProcessError::Write(path.to_owned(), e))
+}
+
+/// The jailer's cgroup steps (`Env::new` and `CgroupConfiguration::setup`) for process
+/// `pid`: the cgroup directories made.
+pub fn setup_cgroups(
+    args: &JailerArgs,
+    exec_name: &str,
+    proc_mounts: &Path,
+    pid: u32,
+) -> Result<Vec<PathBuf>, ProcessError> {
+    use ProcessError as E;
+    let parent = PathBuf::from(args.parent_cgroup.as_deref().unwrap_or(exec_name));
+    let version = args.cgroup_version.as_str();
+    if args.cgroups.is_empty() && version != "2" {
+        return Ok(Vec::new());
+    }
+    let mounts = cgroup_mounts(proc_mounts)?;
+    let v2 = mounts.iter().find(|m| m.v2).map(|m| m.dir.clone());
+    let v1: Vec<&CgroupMount> = mounts.iter().filter(|m| !m.v2).collect();
+    let found = if version == "2" {
+        v2.is_some()
+    } else {
+        !v1.is_empty()
+    };
+    if !found {
+        return Err(E::CgroupHierarchyMissing(
+            "No hierarchy found for this cgroup version.".into(),
+        ));
+    }
+    if args.cgroups.is_empty() {
+        // v2 with no --cgroup: join the parent cgroup, only if it exists.
+        let dir = v2.expect("found").join(&parent);
+        if dir.exists() {
+            std::fs::write(dir.join("cgroup.procs"), pid.to_string()).map_err(E::CgroupWrite)?;
+        }
+        return Ok(Vec::new());
+    }
+    // (location, properties) per hierarchy, in the order first named.
+    let mut cgroups: Vec<(PathBuf, Vec<(String, String)>)> = Vec::new();
+    for cgroup in &args.cgroups {
+        let (file, value) = cgroup.split_once('=').expect("checked by enter_jail");
+        let controller = file
+            .split('.')
+            .next()
+            .filter(|_| file.contains('.'))
+            .ok_or_else(|| E::CgroupInvalidFile(file.to_owned()))?;
+        let hierarchy = if version == "2" {
+            let root = v2.clone().expect("found");
+            let offered =
+                std::fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
+            if !offered.split_whitespace().any(|c| c == controller) {
+                return Err(E::CgroupControllerUnavailable(controller.to_owned()));
+            }
+            root
+        } else {
+            v1.iter()
+                .find(|m| m.options.split(',').any(|o| o == controller))
+                .map(|m| m.dir.clone())
+                .ok_or_else(|| E::CgroupControllerUnavailable(controller.to_owned()))?
+        };
+        let location = hierarchy.join(&parent).join(&args.id);
+        match cgroups.iter_mut().find(|(l, _)| *l == location) {
+            Some((_, props)) => props.push((file.to_owned(), value.to_owned())),
+            None => cgroups.push((location, vec![(file.to_owned(), value.to_owned())])),
+        }
+    }
+    for (location, props) in &cgroups {
+        std::fs::create_dir_all(location).map_err(|e| E::CreateDir(location.clone(), e))?;
+        let mut enabled: Vec<&str> = Vec::new();
+        for (file, value) in props {
+            if version == "2" {
+                // Enable the controller in every parent, top down, as the jailer does.
+                let controller = file.split('.').next().unwrap_or_default();
+                if !enabled.contains(&controller) {
+                    let mut ancestors: Vec<&Path> = location
+                        .ancestors()
+                        .skip(1)
+                        .take_while(|a| a.join("cgroup.subtree_control").exists())
+                        .collect();
+                    ancestors.reverse();
+                    for a in ancestors {
+                        write_special(
+                            &a.join("cgroup.subtree_control"),
+                            &format!("+{controller}"),
+                        )?;
+                    }
+                    enabled.push(controller);
+                }
+            } else {
+                // v1: the child's file starts from the parent's value.
+                let inherited = location
+                    .parent()
+                    .map(|p| p.join(file))
+                    .and_then(|f| std::fs::read_to_string(f).ok())
+                    .and_then(|t| t.lines().next().map(str::to_owned))
+                    .filter(|l| !l.is_empty())
+                    .ok_or_else(|| E::CgroupInheritFromParent(location.clone(), file.clone()))?;
+                write_special(&location.join(file), &inherited)?;
+            }
+            write_special(&location.join(file), value)?;
+        }
+    }
+    for (location, _) in &cgroups {
+        let procs = if version == "2" {
+            "cgroup.procs"
+        } else {
+            "tasks"
+        };
+        write_special(&location.join(procs), &pid.to_string())?;
+    }
+    Ok(cgroups.into_iter().map(|(l, _)| l).collect())
+}
+
 /// The jailer's last step before it execs Firecracker: become `--uid`/`--gid` (supplementary
 /// groups cleared). Done only when the double runs as root, as the real jailer does
 /// unconditionally (it requires root); the process then serves the API as that user, so
@@ -974,6 +1244,142 @@ mod tests {
         a.firecracker_args = args("--api-sock /a --id x");
         let e = enter_jail(&a).unwrap_err();
         assert_eq!(e.exit_code(), FC_ARG_PARSING);
+    }
+
+    /// A cgroup file system in a temporary directory, as the jailer's own tests mock one:
+    /// `mounts` is the mount table, with `{}` standing for the directory.
+    fn mock_cgroups(mounts: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let table = dir.path().join("mounts");
+        std::fs::write(
+            &table,
+            mounts.replace("{}", &dir.path().display().to_string()),
+        )
+        .unwrap();
+        (dir, table)
+    }
+
+    fn with_cgroups(version: &str, cgroups: &[&str]) -> JailerArgs {
+        let mut a = jailer(Path::new("/x"), "vm-1", "firecracker");
+        a.cgroup_version = version.into();
+        a.parent_cgroup = Some("banger".into());
+        a.cgroups = cgroups.iter().map(|c| (*c).to_owned()).collect();
+        a
+    }
+
+    #[test]
+    fn cgroups_v2_are_made_enabled_top_down_written_and_joined() {
+        let (dir, table) = mock_cgroups("cgroup2 {}/unified cgroup2 rw,nsdelegate 0 0\n");
+        let root = dir.path().join("unified");
+        std::fs::create_dir_all(root.join("banger")).unwrap();
+        std::fs::write(
+            root.join("cgroup.controllers"),
+            "cpuset cpu io memory pids\n",
+        )
+        .unwrap();
+        for d in [root.clone(), root.join("banger")] {
+            std::fs::write(d.join("cgroup.subtree_control"), "").unwrap();
+        }
+        let a = with_cgroups("2", &["memory.max=603979776", "cpu.max=225000 100000"]);
+        let made = setup_cgroups(&a, "firecracker", &table, 4242).unwrap();
+        let vm = root.join("banger/vm-1");
+        assert_eq!(made, std::slice::from_ref(&vm));
+        let read = |p: PathBuf| std::fs::read_to_string(p).unwrap();
+        assert_eq!(read(vm.join("memory.max")), "603979776\n");
+        assert_eq!(read(vm.join("cpu.max")), "225000 100000\n");
+        assert_eq!(read(vm.join("cgroup.procs")), "4242\n");
+        // Each controller enabled in every parent (the last write is what a file shows).
+        assert_eq!(read(root.join("cgroup.subtree_control")), "+cpu\n");
+        assert_eq!(read(root.join("banger/cgroup.subtree_control")), "+cpu\n");
+
+        // A controller the hierarchy does not offer (a hybrid host's unified mount).
+        std::fs::write(root.join("cgroup.controllers"), "").unwrap();
+        let e = setup_cgroups(&a, "firecracker", &table, 1).unwrap_err();
+        assert_eq!(e.to_string(), "Controller memory is unavailable");
+    }
+
+    #[test]
+    fn cgroups_v1_are_found_by_controller_and_start_from_the_parents_value() {
+        let (dir, table) = mock_cgroups(
+            "cgroup {}/cpu cgroup rw,relatime,cpu 0 0\n\
+             cgroup {}/memory cgroup rw,relatime,memory 0 0\n\
+             cgroup2 {}/unified cgroup2 rw,relatime 0 0\n",
+        );
+        for (c, files) in [
+            ("cpu", &["cpu.cfs_period_us", "cpu.cfs_quota_us"][..]),
+            ("memory", &["memory.limit_in_bytes"][..]),
+        ] {
+            let parent = dir.path().join(c).join("banger");
+            std::fs::create_dir_all(&parent).unwrap();
+            for f in files {
+                std::fs::write(parent.join(f), "-1\n").unwrap();
+            }
+        }
+        let a = with_cgroups(
+            "1",
+            &[
+                "memory.limit_in_bytes=335544320",
+                "cpu.cfs_period_us=100000",
+                "cpu.cfs_quota_us=125000",
+            ],
+        );
+        let made = setup_cgroups(&a, "firecracker", &table, 7).unwrap();
+        let (mem, cpu) = (
+            dir.path().join("memory/banger/vm-1"),
+            dir.path().join("cpu/banger/vm-1"),
+        );
+        assert_eq!(made, [mem.clone(), cpu.clone()]);
+        let read = |p: PathBuf| std::fs::read_to_string(p).unwrap();
+        assert_eq!(read(mem.join("memory.limit_in_bytes")), "335544320\n");
+        assert_eq!(read(cpu.join("cpu.cfs_quota_us")), "125000\n");
+        assert_eq!(read(mem.join("tasks")), "7\n");
+        assert_eq!(read(cpu.join("tasks")), "7\n");
+        // A controller no v1 hierarchy has.
+        let a = with_cgroups("1", &["pids.max=10"]);
+        let e = setup_cgroups(&a, "firecracker", &table, 7).unwrap_err();
+        assert_eq!(e.to_string(), "Controller pids is unavailable");
+    }
+
+    #[test]
+    fn no_hierarchy_fails_v2_even_without_cgroup_files_as_under_ip_netns_exec() {
+        // `ip netns exec` mounts a fresh sysfs: no cgroup line at all.
+        let (_dir, table) = mock_cgroups("sysfs /sys sysfs rw 0 0\nproc /proc proc rw 0 0\n");
+        let e = setup_cgroups(&with_cgroups("2", &[]), "firecracker", &table, 1).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "Hierarchy not found: No hierarchy found for this cgroup version."
+        );
+        let e = setup_cgroups(
+            &with_cgroups("1", &["memory.limit_in_bytes=1"]),
+            "firecracker",
+            &table,
+            1,
+        )
+        .unwrap_err();
+        assert!(matches!(e, ProcessError::CgroupHierarchyMissing(_)), "{e}");
+        // Version 1 with no file touches no hierarchy.
+        assert_eq!(
+            setup_cgroups(&with_cgroups("1", &[]), "firecracker", &table, 1).unwrap(),
+            Vec::<PathBuf>::new()
+        );
+    }
+
+    #[test]
+    fn the_binary_is_firecracker_alone_under_a_firecracker_name() {
+        assert!(runs_as_firecracker("/usr/local/bin/firecracker"));
+        assert!(runs_as_firecracker("firecracker-v1.13.1-x86_64"));
+        assert!(!runs_as_firecracker("/target/debug/banger-fc-double"));
+        assert!(!runs_as_firecracker("/usr/bin/jailer"));
+        let jail = firecracker_alone(
+            &args("--id vm-1 --api-sock /abs/api.sock"),
+            Path::new("/vm"),
+        )
+        .unwrap();
+        assert_eq!(jail.root, PathBuf::from("/vm"));
+        assert_eq!(jail.api_socket, PathBuf::from("/abs/api.sock"));
+        let jail = firecracker_alone(&args("--api-sock api.sock"), Path::new("/vm")).unwrap();
+        assert_eq!(jail.api_socket, PathBuf::from("/vm/api.sock"));
+        assert!(firecracker_alone(&args("--id vm_1"), Path::new("/vm")).is_err());
     }
 
     #[test]
