@@ -34,8 +34,10 @@ fn build_info() {
         .and_then(|o| String::from_utf8(o.stdout).ok())
     {
         let git_dir = git_dir.trim();
+        // HEAD, and (below) only the checked-out branch's ref: watching all of refs/heads
+        // rebuilt (and re-linked, with LTO: minutes) both binaries whenever any other
+        // branch moved, so a second quick start was not quick.
         println!("cargo:rerun-if-changed={git_dir}/HEAD");
-        println!("cargo:rerun-if-changed={git_dir}/refs/heads");
     }
     // In a worktree, branch refs live in the common dir, not in the worktree's git dir:
     // watch the checked-out branch's ref there, so a commit refreshes BANGER_COMMIT.
