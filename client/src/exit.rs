@@ -9,6 +9,7 @@
 //! | 4 | the named object does not exist |
 //! | 5 | permission denied |
 //! | 6 | conflict: exists already, or in the wrong state |
+//! | 141 | stdout was closed by its reader (`banger ps \| head -1`): nothing is said |
 //!
 //! `banger vm run -- cmd` and `banger vm exec` exit with the command's own status.
 
@@ -22,6 +23,8 @@ pub const UNAVAILABLE: u8 = 3;
 pub const NOT_FOUND: u8 = 4;
 pub const PERMISSION: u8 = 5;
 pub const CONFLICT: u8 = 6;
+/// 128 + SIGPIPE: what a shell reports for a writer whose reader went away.
+pub const BROKEN_PIPE: u8 = 141;
 
 /// Errors of the CLI.
 #[derive(Debug, thiserror::Error)]

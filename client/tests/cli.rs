@@ -164,6 +164,35 @@ fn completion_scripts() {
     assert_eq!(out.status.code(), Some(2), "unknown shell is a usage error");
 }
 
+/// `banger ps | head -1`: once the reader has gone, writing fails with EPIPE. The CLI
+/// ends quietly with 141 (what a shell shows for SIGPIPE), never a panic (101 and a
+/// backtrace). The pipe's read end is closed before the command starts, so its first
+/// write fails.
+#[test]
+fn a_closed_stdout_ends_the_cli_quietly() {
+    let home = Home::new();
+    let closed_pipe = || {
+        let (read, write) = nix::unistd::pipe().unwrap();
+        drop(read);
+        std::process::Stdio::from(write)
+    };
+    for args in [
+        &["completion", "bash"][..],
+        &["version"],
+        &["ps"],
+        &["ps", "--json"],
+        &["vm", "ls", "--json"],
+    ] {
+        let mut cmd = Command::new(banger_bin());
+        home.env(&mut cmd);
+        let out = cmd.args(args).stdout(closed_pipe()).output().unwrap();
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(141), "{args:?}: {err}");
+        assert_eq!(err, "", "{args:?} says nothing");
+    }
+    home.banger(&["daemon", "stop"]);
+}
+
 #[test]
 fn help_has_examples() {
     let home = Home::new();

@@ -710,9 +710,9 @@ pub async fn run(target: &Target, json: bool) -> Result<u8, CliError> {
                 Level::Warn => "warn",
                 Level::Fail => "FAIL",
             };
-            println!("{tag}  {:<18} {}", c.name, c.detail);
+            outln!("{tag}  {:<18} {}", c.name, c.detail);
             if let Some(h) = &c.hint {
-                println!("      {:<18} → {h}", "");
+                outln!("      {:<18} → {h}", "");
             }
         }
     }

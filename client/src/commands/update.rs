@@ -117,7 +117,7 @@ pub async fn run(target: &Target, opts: Opts) -> Result<u8, CliError> {
         if opts.json {
             render::json(&out)?;
         } else if available {
-            println!(
+            outln!(
                 "banger {} is available (this is {} commit {}); install it with `banger update`{}",
                 release.version,
                 cur.version,
@@ -125,7 +125,7 @@ pub async fn run(target: &Target, opts: Opts) -> Result<u8, CliError> {
                 if target.system { " under sudo" } else { "" }
             );
         } else {
-            println!(
+            outln!(
                 "banger {} (commit {}) is up to date",
                 cur.version, cur.commit
             );
@@ -184,7 +184,7 @@ pub async fn run(target: &Target, opts: Opts) -> Result<u8, CliError> {
                 "installed": false,
             }))?;
         } else {
-            println!(
+            outln!(
                 "banger {}: signature and SHA-256 verified ({}), staged, migration check passed ({migrations}); nothing installed (--dry-run)",
                 release.version, staged.sha256
             );
@@ -212,7 +212,7 @@ pub async fn run(target: &Target, opts: Opts) -> Result<u8, CliError> {
             "installed": true,
         }))?;
     } else {
-        println!(
+        outln!(
             "updated banger {} -> {} in {}{}",
             cur.version,
             release.version,
