@@ -709,6 +709,56 @@ fn vm_commands_fail_clearly_without_images() {
     home.banger(&["daemon", "stop"]);
 }
 
+/// A name that names nothing reads the same whatever its kind and whichever command
+/// met it: `no <kind> named <name>; see \`banger <kind> list\``, exit 4. (It once read
+/// "no vm named image nope (see `banger image list`); see `banger vm list`", and
+/// `vm rm nope` said "nope: no vm named nope".)
+#[test]
+fn a_missing_name_has_one_message_shape() {
+    let home = Home::new();
+    let work = home.path().join("work");
+    std::fs::create_dir_all(work.join("kernel")).unwrap();
+    std::fs::copy(host_kernel(), work.join("kernel/vmlinuz")).unwrap();
+    let rootfs = work.join("rootfs.ext4");
+    let mkfs = Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(&rootfs)
+        .arg("16M")
+        .output()
+        .unwrap();
+    assert!(mkfs.status.success(), "{}", text(&mkfs.stderr));
+    let kernel_dir = work.join("kernel");
+    for args in [
+        &["kernel", "import", "k", "--from", kernel_dir.to_str().unwrap()][..],
+        &["image", "register", "img", rootfs.to_str().unwrap(), "--kernel", "k"],
+    ] {
+        let out = home.banger(args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+    }
+    let vm = "no vm named nope; see `banger vm list`";
+    let image = "no image named nope; see `banger image list`";
+    let kernel = "no kernel named nope; see `banger kernel list`";
+    for (args, said) in [
+        (&["vm", "create", "--image", "nope", "--no-start"][..], image),
+        (
+            &["vm", "create", "--image", "img", "--kernel", "nope", "--no-start"],
+            kernel,
+        ),
+        (&["vm", "rm", "nope"], vm),
+        (&["vm", "show", "nope"], vm),
+        (&["vm", "stop", "nope"], vm),
+        (&["image", "show", "nope"], image),
+        (&["image", "delete", "nope"], image),
+        (&["kernel", "show", "nope"], kernel),
+        (&["kernel", "rm", "nope"], kernel),
+    ] {
+        let out = home.banger(args);
+        assert_eq!(out.status.code(), Some(4), "{args:?}: {}", text(&out.stderr));
+        assert_eq!(text(&out.stderr), format!("banger: {said}\n"), "{args:?}");
+    }
+    home.banger(&["daemon", "stop"]);
+}
+
 #[test]
 fn doctor_tells_the_truth_about_this_host() {
     let home = Home::new();

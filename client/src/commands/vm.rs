@@ -267,7 +267,12 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
                     Ok(info) => outln!("{}", info.name),
                     Err(e) => {
                         let e = CliError::from(e);
-                        eprintln!("banger: {vm}: {e}");
+                        // The daemon's messages name the VM; say which one when not.
+                        if e.to_string().contains(vm.as_str()) {
+                            eprintln!("banger: {e}");
+                        } else {
+                            eprintln!("banger: vm {vm}: {e}");
+                        }
                         failed = Some(e.exit_code());
                     }
                 }

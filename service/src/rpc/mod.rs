@@ -48,8 +48,8 @@ pub enum RpcError {
     Tree(#[from] TreeError),
     #[error("the daemon is shutting down")]
     ShuttingDown,
-    #[error("no {0}")]
-    NotFound(String),
+    #[error(transparent)]
+    NotFound(#[from] banger_actors::NotFound),
     #[error("{0}")]
     Invalid(String),
 }
