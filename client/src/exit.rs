@@ -33,8 +33,13 @@ pub enum CliError {
     NotRunning { socket: String },
     #[error("cannot reach bangerd at {socket}: {message}")]
     Connect { socket: String, message: String },
+    /// `log`: where to read more, when it wrote a log (not when it stopped before that,
+    /// e.g. on a config it refused: then `message` is its own last word).
     #[error("bangerd failed to start: {message}")]
-    StartFailed { message: String, log: String },
+    StartFailed {
+        message: String,
+        log: Option<String>,
+    },
     #[error("{message}")]
     Rpc { code: i32, message: String },
     #[error("{0}")]
@@ -72,7 +77,9 @@ impl CliError {
             CliError::NotRunning { .. } => {
                 Some("start it with `banger daemon start` (other commands start it for you)".into())
             }
-            CliError::StartFailed { log, .. } => Some(format!("see the daemon log: {log}")),
+            CliError::StartFailed { log: Some(log), .. } => {
+                Some(format!("see the daemon log: {log}"))
+            }
             CliError::Connect { .. } => Some(
                 "check `banger daemon status`; a stale socket is replaced when bangerd starts"
                     .into(),

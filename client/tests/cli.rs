@@ -376,6 +376,20 @@ fn a_bad_config_is_reported_before_anything_starts() {
         "no store created for a daemon that never started"
     );
 
+    // A wrong type names the key, the file and its line, and the CLI sends nobody to a
+    // log the daemon never wrote.
+    std::fs::write(cfg.join("config.toml"), "# mine\nlog_level = 5\n").unwrap();
+    let out = home.banger(&["ps"]);
+    assert_eq!(out.status.code(), Some(3));
+    let err = text(&out.stderr);
+    assert_eq!(
+        err,
+        format!(
+            "banger: bangerd failed to start: invalid config file {}, line 2, key `log_level`: invalid type: integer `5`, expected a string\n",
+            cfg.join("config.toml").display()
+        )
+    );
+
     std::fs::write(cfg.join("config.toml"), "log_level = \"debug\"\n").unwrap();
     let mut cmd = Command::new(banger_bin());
     home.env(&mut cmd);
