@@ -577,6 +577,78 @@ fn doctor_fails_when_the_configured_vmm_is_not_installed() {
     home.banger(&["daemon", "stop"]);
 }
 
+/// Without a daemon, doctor reads the config bangerd would read: one that bangerd
+/// refuses (so every command exits 3) fails doctor, naming the key and line, and a
+/// configured VMM that is not installed fails it too. (It once said "warn daemon not
+/// running → it starts on first use" and exited 0 for both.) Doctor starts no daemon.
+#[test]
+fn doctor_without_a_daemon_checks_the_config_it_would_start_with() {
+    let home = Home::new();
+    let cfg = home.path().join("config/banger");
+    std::fs::create_dir_all(&cfg).unwrap();
+    let get = |checks: &serde_json::Value, name: &str| {
+        checks
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} check: {checks}"))
+            .clone()
+    };
+
+    std::fs::write(cfg.join("config.toml"), "[vm_defaults]\nvcpu = \"x\"\n").unwrap();
+    assert_eq!(home.banger(&["ps"]).status.code(), Some(3), "bangerd refuses it");
+    let out = home.banger(&["doctor", "--json"]);
+    let checks = json(&out);
+    assert_eq!(out.status.code(), Some(1), "{checks}");
+    let config = get(&checks, "config");
+    assert_eq!(config["status"], "fail", "{config}");
+    let detail = config["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("config.toml, line 2, key `vm_defaults.vcpu`"),
+        "{detail}"
+    );
+    let daemon = get(&checks, "daemon");
+    assert_eq!(daemon["status"], "fail", "{daemon}");
+    assert!(daemon["detail"].as_str().unwrap().contains("cannot start"), "{daemon}");
+
+    std::fs::write(cfg.join("config.toml"), "default_vmm = \"firecracker\"\n").unwrap();
+    let out = home.banger(&["doctor", "--json"]);
+    let checks = json(&out);
+    assert_eq!(get(&checks, "config")["status"], "ok", "{checks}");
+    assert!(
+        get(&checks, "vmm")["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("new VMs get firecracker"),
+        "{checks}"
+    );
+    let installed = Command::new("sh")
+        .args(["-c", "command -v firecracker"])
+        .output()
+        .unwrap()
+        .status
+        .success();
+    if !installed {
+        assert_eq!(out.status.code(), Some(1), "{checks}");
+        assert_eq!(get(&checks, "firecracker")["status"], "fail", "{checks}");
+    }
+
+    // Binaries are the config's: a QEMU that is not where it says fails.
+    std::fs::write(
+        cfg.join("config.toml"),
+        "default_vmm = \"qemu\"\n[qemu]\nbinary = \"/nonexistent/qemu\"\n",
+    )
+    .unwrap();
+    let out = home.banger(&["doctor", "--json"]);
+    let checks = json(&out);
+    assert_eq!(out.status.code(), Some(1), "{checks}");
+    let qemu = get(&checks, "qemu");
+    assert_eq!(qemu["status"], "fail", "{qemu}");
+    assert!(qemu["detail"].as_str().unwrap().contains("/nonexistent/qemu"), "{qemu}");
+    assert!(!home.socket().exists(), "doctor started no daemon");
+}
+
 #[test]
 fn no_autostart_when_asked() {
     let home = Home::new();

@@ -692,6 +692,21 @@ impl Config {
         })
     }
 
+    /// `[qemu] accel` as the driver takes it (validated: `auto`, `kvm` or `tcg`).
+    pub fn qemu_accel(&self) -> banger_actors::vmm::qemu::Accel {
+        use banger_actors::vmm::qemu::Accel;
+        match self.qemu.accel.as_str() {
+            "kvm" => Accel::Kvm,
+            "tcg" => Accel::Tcg,
+            _ => Accel::Auto,
+        }
+    }
+
+    /// `default_vmm` (validated when loaded).
+    pub fn vmm_choice(&self) -> banger_api::VmmChoice {
+        self.default_vmm.parse().unwrap_or_default()
+    }
+
     /// `[vm_defaults]` as the actors take it (sizes already validated).
     pub fn vm_spec_defaults(&self) -> banger_actors::vm::spec::ConfigDefaults {
         let size = |v: &Option<String>| {
