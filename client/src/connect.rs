@@ -123,15 +123,15 @@ async fn connect_once(target: &Target) -> Result<Client, Handshake> {
                 socket: target.display(),
             }));
         }
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            return Err(Handshake::Other(CliError::SocketDenied {
+                socket: target.display(),
+            }));
+        }
         Err(e) => {
-            let message = if e.kind() == std::io::ErrorKind::PermissionDenied {
-                format!("{e}; you need to be the owner, root, or in group `banger`")
-            } else {
-                e.to_string()
-            };
             return Err(Handshake::Other(CliError::Connect {
                 socket: target.display(),
-                message,
+                message: e.to_string(),
             }));
         }
     };

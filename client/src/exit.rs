@@ -33,6 +33,9 @@ pub enum CliError {
     NotRunning { socket: String },
     #[error("cannot reach bangerd at {socket}: {message}")]
     Connect { socket: String, message: String },
+    /// The kernel refused to let us open the socket (its mode and group decide).
+    #[error("permission denied: this user may not use bangerd's socket {socket}")]
+    SocketDenied { socket: String },
     /// `log`: where to read more, when it wrote a log (not when it stopped before that,
     /// e.g. on a config it refused: then `message` is its own last word).
     #[error("bangerd failed to start: {message}")]
@@ -66,7 +69,7 @@ impl CliError {
                 _ => FAILURE,
             },
             CliError::Usage(_) => USAGE,
-            CliError::Permission(_) => PERMISSION,
+            CliError::Permission(_) | CliError::SocketDenied { .. } => PERMISSION,
             CliError::Other(_) => FAILURE,
         }
     }
@@ -77,6 +80,9 @@ impl CliError {
             CliError::NotRunning { .. } => {
                 Some("start it with `banger daemon start` (other commands start it for you)".into())
             }
+            CliError::SocketDenied { .. } => Some(
+                "its owner, root and members of its group (`banger` for the system service) may use it: `sudo usermod -aG banger $USER`, then log in again".into(),
+            ),
             CliError::StartFailed { log: Some(log), .. } => {
                 Some(format!("see the daemon log: {log}"))
             }

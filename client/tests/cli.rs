@@ -691,16 +691,16 @@ fn root_a_uid_that_is_not_allowed_is_refused() {
     ] {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
-    // With the socket at 0660, the kernel already refuses the connect.
+    // With the socket at 0660, the kernel already refuses the connect: a permission
+    // error (5) that says who may use it, not "unavailable" (3) with a stale-socket hint.
     let out = as_nobody(&home, &["daemon", "status"]);
-    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{err}");
     assert!(
-        text(&out.stderr)
-            .to_lowercase()
-            .contains("permission denied"),
-        "{}",
-        text(&out.stderr)
+        err.contains("permission denied") && err.contains("group"),
+        "{err}"
     );
+    assert!(!err.contains("stale"), "{err}");
 
     // Loosen the socket: now the SO_PEERCRED check is the only wall, and it holds, with
     // a JSON-RPC error (exit 5), not a hang.
@@ -842,6 +842,57 @@ fn a_missing_name_has_one_message_shape() {
         assert_eq!(out.status.code(), Some(4), "{args:?}: {}", text(&out.stderr));
         assert_eq!(text(&out.stderr), format!("banger: {said}\n"), "{args:?}");
     }
+    home.banger(&["daemon", "stop"]);
+}
+
+/// What does not exist is "not found" (4) and says so: a `kernel import --from`
+/// directory that is missing (it was a usage error saying the directory had no vmlinux),
+/// a rootfs to register that is missing (it was 1), and a kernel to register with that
+/// was never imported (it was accepted).
+#[test]
+fn a_missing_path_or_kernel_to_import_or_register_is_not_found() {
+    let home = Home::new();
+    let work = home.path().join("work");
+    std::fs::create_dir_all(work.join("empty")).unwrap();
+    let rootfs = work.join("rootfs.ext4");
+    let mkfs = Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(&rootfs)
+        .arg("16M")
+        .output()
+        .unwrap();
+    assert!(mkfs.status.success(), "{}", text(&mkfs.stderr));
+    let missing = work.join("nope");
+    let missing = missing.to_str().unwrap();
+    let empty = work.join("empty");
+    for (args, code, said) in [
+        (
+            &["kernel", "import", "k", "--from", missing][..],
+            4,
+            format!("banger: the kernel directory {missing} does not exist\n"),
+        ),
+        (
+            &["kernel", "import", "k", "--from", empty.to_str().unwrap()],
+            2,
+            format!("banger: {} has no vmlinux or vmlinuz\n", empty.display()),
+        ),
+        (
+            &["image", "register", "i", missing],
+            4,
+            format!("banger: the rootfs {missing} does not exist\n"),
+        ),
+        (
+            &["image", "register", "i", rootfs.to_str().unwrap(), "--kernel", "nope"],
+            4,
+            "banger: no kernel named nope; see `banger kernel list`\n".into(),
+        ),
+    ] {
+        let out = home.banger(args);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {}", text(&out.stderr));
+        assert_eq!(text(&out.stderr), said, "{args:?}");
+    }
+    let out = home.banger(&["image", "ls", "--json"]);
+    assert_eq!(json(&out), serde_json::json!([]), "nothing was registered");
     home.banger(&["daemon", "stop"]);
 }
 
