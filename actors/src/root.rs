@@ -473,6 +473,9 @@ impl Tree {
         req: CreateVm,
         progress: Option<ProgressTx>,
     ) -> Result<VmInfo, TreeError> {
+        // A size the VM could never have is refused before minutes of pulling for it.
+        crate::vm::spec::validate_given(req.vcpu, req.memory_mib, req.disk_bytes)
+            .map_err(VmError::Invalid)?;
         self.auto_pull(&req, progress.as_ref()).await?;
         ractor::call!(self.vms(), |reply| VmSupervisorMsg::Create {
             req,

@@ -193,7 +193,7 @@ pub struct SizeArgs {
     #[arg(long)]
     pub vcpu: Option<u32>,
     /// Memory, e.g. 2G or 512M.
-    #[arg(long, value_parser = parse_size)]
+    #[arg(long, value_parser = parse_memory)]
     pub memory: Option<u64>,
     /// Size of the work disk mounted at /root, e.g. 8G (sparse: costs only what is used).
     #[arg(long = "disk-size", value_parser = parse_size)]
@@ -202,6 +202,19 @@ pub struct SizeArgs {
 
 fn parse_size(s: &str) -> Result<u64, String> {
     crate::commands::vm::parse_size(s)
+}
+
+/// Memory goes to the daemon in whole MiB: a size that is not one (`--memory 1` is one
+/// byte, which would arrive as 0 MiB) is refused here, in the user's units.
+fn parse_memory(s: &str) -> Result<u64, String> {
+    let bytes = parse_size(s)?;
+    if bytes % (1 << 20) != 0 {
+        return Err(format!(
+            "{s:?} is {}, not a whole number of MiB: give a unit, e.g. 2G or 512M",
+            crate::commands::vm::bytes(bytes)
+        ));
+    }
+    Ok(bytes)
 }
 
 #[derive(Debug, Subcommand)]

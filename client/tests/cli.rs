@@ -799,9 +799,8 @@ fn vm_commands_fail_clearly_without_images() {
 /// met it: `no <kind> named <name>; see \`banger <kind> list\``, exit 4. (It once read
 /// "no vm named image nope (see `banger image list`); see `banger vm list`", and
 /// `vm rm nope` said "nope: no vm named nope".)
-#[test]
-fn a_missing_name_has_one_message_shape() {
-    let home = Home::new();
+/// Kernel `k` (the host's) and image `img` (an empty 16 MiB ext4) in `home`'s daemon.
+fn import_k_and_register_img(home: &Home) {
     let work = home.path().join("work");
     std::fs::create_dir_all(work.join("kernel")).unwrap();
     std::fs::copy(host_kernel(), work.join("kernel/vmlinuz")).unwrap();
@@ -821,6 +820,12 @@ fn a_missing_name_has_one_message_shape() {
         let out = home.banger(args);
         assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
     }
+}
+
+#[test]
+fn a_missing_name_has_one_message_shape() {
+    let home = Home::new();
+    import_k_and_register_img(&home);
     let vm = "no vm named nope; see `banger vm list`";
     let image = "no image named nope; see `banger image list`";
     let kernel = "no kernel named nope; see `banger kernel list`";
@@ -842,6 +847,44 @@ fn a_missing_name_has_one_message_shape() {
         assert_eq!(out.status.code(), Some(4), "{args:?}: {}", text(&out.stderr));
         assert_eq!(text(&out.stderr), format!("banger: {said}\n"), "{args:?}");
     }
+    home.banger(&["daemon", "stop"]);
+}
+
+/// Sizes in errors are in the user's units, and a size no VM can have is refused before
+/// the default image is pulled for it. (`--memory 1` said "not 0 MiB", `--disk-size 100T`
+/// gave bytes, `vm set --disk-size 1G` "8589934592 bytes … asked for 1073741824".)
+#[test]
+fn sizes_in_errors_are_in_human_units() {
+    let home = Home::new();
+    for (args, said) in [
+        (
+            &["vm", "create", "--memory", "1", "--no-start"][..],
+            "\"1\" is 1 B, not a whole number of MiB: give a unit, e.g. 2G or 512M",
+        ),
+        (
+            &["vm", "create", "--memory", "64M", "--no-start"],
+            "banger: memory must be 128 MiB to 1 TiB, not 64 MiB\n",
+        ),
+        (
+            &["vm", "create", "--disk-size", "100T", "--no-start"],
+            "banger: disk must be 256 MiB to 16 TiB, not 100 TiB\n",
+        ),
+    ] {
+        let out = home.banger(args);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(said), "{args:?}: {err}");
+        assert!(!err.contains("pull"), "refused before any pull: {err}");
+    }
+    import_k_and_register_img(&home);
+    let out = home.banger(&["vm", "create", "--name", "a", "--image", "img", "--no-start"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = home.banger(&["vm", "set", "a", "--disk-size", "1G"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stderr),
+        "banger: the work disk is 8 GiB; it can only grow (asked for 1 GiB)\n"
+    );
     home.banger(&["daemon", "stop"]);
 }
 
