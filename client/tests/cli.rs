@@ -649,6 +649,56 @@ fn doctor_without_a_daemon_checks_the_config_it_would_start_with() {
     assert!(!home.socket().exists(), "doctor started no daemon");
 }
 
+/// `ssh-config --uninstall` leaves nothing behind: a `~/.ssh/config` that held only
+/// banger's Include (one `ssh-config` created) is removed, not left empty; one with the
+/// user's own lines keeps exactly those.
+#[test]
+fn ssh_config_uninstall_leaves_no_empty_config() {
+    let home = Home::new();
+    let user_config = home.path().join(".ssh/config");
+    let out = home.banger(&["ssh-config"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(std::fs::read_to_string(&user_config).unwrap().contains("Include"));
+    let out = home.banger(&["ssh-config", "--uninstall"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(!user_config.exists(), "{} is left behind", user_config.display());
+
+    let mine = "Host foo\n    User me\n";
+    std::fs::write(&user_config, mine).unwrap();
+    assert!(home.banger(&["ssh-config"]).status.success());
+    assert!(home.banger(&["ssh-config", "--uninstall"]).status.success());
+    assert_eq!(std::fs::read_to_string(&user_config).unwrap(), mine);
+    home.banger(&["daemon", "stop"]);
+}
+
+/// Small things a new user met: `vm shell` (lima's word) is `vm ssh`; an empty image
+/// reference and an `update --to` that is no version are usage errors, before the
+/// daemon or the network is asked anything.
+#[test]
+fn small_usage_errors_and_aliases() {
+    let home = Home::new();
+    let out = home.banger(&["vm", "shell", "--help"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("ssh into a running VM"), "{}", text(&out.stdout));
+
+    let out = home.banger(&["image", "pull", ""]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(!text(&out.stderr).contains("catalog"), "{}", text(&out.stderr));
+
+    let mut cmd = Command::new(banger_bin());
+    home.env(&mut cmd);
+    // Nothing listens here: a fetch would fail with a connection error instead.
+    let out = cmd
+        .env("BANGER_TEST_UPDATE_MANIFEST_URL", "http://127.0.0.1:9/manifest.json")
+        .args(["update", "--to", "1.2"])
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("MAJOR.MINOR.PATCH"), "{err}");
+    assert!(!home.socket().exists(), "no daemon was started");
+}
+
 #[test]
 fn no_autostart_when_asked() {
     let home = Home::new();
@@ -836,6 +886,8 @@ fn a_missing_name_has_one_message_shape() {
             kernel,
         ),
         (&["vm", "rm", "nope"], vm),
+        // No `stop` stage before the error.
+        (&["vm", "restart", "nope"], vm),
         (&["vm", "show", "nope"], vm),
         (&["vm", "stop", "nope"], vm),
         (&["image", "show", "nope"], image),
