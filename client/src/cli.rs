@@ -218,7 +218,9 @@ fn parse_version(s: &str) -> Result<String, String> {
             .iter()
             .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
     let pre_ok = pre.is_none_or(|p| {
-        !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+        !p.is_empty()
+            && p.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
     });
     if numbers && pre_ok {
         Ok(s.to_owned())
@@ -713,7 +715,9 @@ mod tests {
         for ok in ["v0.3.1", "0.3.1", "v1.0.0-rc.1", "10.20.30"] {
             assert_eq!(parse_version(ok).as_deref(), Ok(ok), "{ok}");
         }
-        for bad in ["1.2", "v1", "", "v", "1.2.x", "1.2.3.4", "v1.2.3-", "latest", "1..2"] {
+        for bad in [
+            "1.2", "v1", "", "v", "1.2.x", "1.2.3.4", "v1.2.3-", "latest", "1..2",
+        ] {
             let e = parse_version(bad).unwrap_err();
             assert!(e.contains("MAJOR.MINOR.PATCH"), "{bad}: {e}");
         }

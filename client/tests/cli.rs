@@ -597,7 +597,11 @@ fn doctor_without_a_daemon_checks_the_config_it_would_start_with() {
     };
 
     std::fs::write(cfg.join("config.toml"), "[vm_defaults]\nvcpu = \"x\"\n").unwrap();
-    assert_eq!(home.banger(&["ps"]).status.code(), Some(3), "bangerd refuses it");
+    assert_eq!(
+        home.banger(&["ps"]).status.code(),
+        Some(3),
+        "bangerd refuses it"
+    );
     let out = home.banger(&["doctor", "--json"]);
     let checks = json(&out);
     assert_eq!(out.status.code(), Some(1), "{checks}");
@@ -610,7 +614,10 @@ fn doctor_without_a_daemon_checks_the_config_it_would_start_with() {
     );
     let daemon = get(&checks, "daemon");
     assert_eq!(daemon["status"], "fail", "{daemon}");
-    assert!(daemon["detail"].as_str().unwrap().contains("cannot start"), "{daemon}");
+    assert!(
+        daemon["detail"].as_str().unwrap().contains("cannot start"),
+        "{daemon}"
+    );
 
     std::fs::write(cfg.join("config.toml"), "default_vmm = \"firecracker\"\n").unwrap();
     let out = home.banger(&["doctor", "--json"]);
@@ -645,7 +652,13 @@ fn doctor_without_a_daemon_checks_the_config_it_would_start_with() {
     assert_eq!(out.status.code(), Some(1), "{checks}");
     let qemu = get(&checks, "qemu");
     assert_eq!(qemu["status"], "fail", "{qemu}");
-    assert!(qemu["detail"].as_str().unwrap().contains("/nonexistent/qemu"), "{qemu}");
+    assert!(
+        qemu["detail"]
+            .as_str()
+            .unwrap()
+            .contains("/nonexistent/qemu"),
+        "{qemu}"
+    );
     assert!(!home.socket().exists(), "doctor started no daemon");
 }
 
@@ -658,10 +671,18 @@ fn ssh_config_uninstall_leaves_no_empty_config() {
     let user_config = home.path().join(".ssh/config");
     let out = home.banger(&["ssh-config"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(std::fs::read_to_string(&user_config).unwrap().contains("Include"));
+    assert!(
+        std::fs::read_to_string(&user_config)
+            .unwrap()
+            .contains("Include")
+    );
     let out = home.banger(&["ssh-config", "--uninstall"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(!user_config.exists(), "{} is left behind", user_config.display());
+    assert!(
+        !user_config.exists(),
+        "{} is left behind",
+        user_config.display()
+    );
 
     let mine = "Host foo\n    User me\n";
     std::fs::write(&user_config, mine).unwrap();
@@ -679,17 +700,28 @@ fn small_usage_errors_and_aliases() {
     let home = Home::new();
     let out = home.banger(&["vm", "shell", "--help"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(text(&out.stdout).contains("ssh into a running VM"), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("ssh into a running VM"),
+        "{}",
+        text(&out.stdout)
+    );
 
     let out = home.banger(&["image", "pull", ""]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
-    assert!(!text(&out.stderr).contains("catalog"), "{}", text(&out.stderr));
+    assert!(
+        !text(&out.stderr).contains("catalog"),
+        "{}",
+        text(&out.stderr)
+    );
 
     let mut cmd = Command::new(banger_bin());
     home.env(&mut cmd);
     // Nothing listens here: a fetch would fail with a connection error instead.
     let out = cmd
-        .env("BANGER_TEST_UPDATE_MANIFEST_URL", "http://127.0.0.1:9/manifest.json")
+        .env(
+            "BANGER_TEST_UPDATE_MANIFEST_URL",
+            "http://127.0.0.1:9/manifest.json",
+        )
         .args(["update", "--to", "1.2"])
         .output()
         .unwrap();
@@ -864,8 +896,21 @@ fn import_k_and_register_img(home: &Home) {
     assert!(mkfs.status.success(), "{}", text(&mkfs.stderr));
     let kernel_dir = work.join("kernel");
     for args in [
-        &["kernel", "import", "k", "--from", kernel_dir.to_str().unwrap()][..],
-        &["image", "register", "img", rootfs.to_str().unwrap(), "--kernel", "k"],
+        &[
+            "kernel",
+            "import",
+            "k",
+            "--from",
+            kernel_dir.to_str().unwrap(),
+        ][..],
+        &[
+            "image",
+            "register",
+            "img",
+            rootfs.to_str().unwrap(),
+            "--kernel",
+            "k",
+        ],
     ] {
         let out = home.banger(args);
         assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
@@ -880,9 +925,20 @@ fn a_missing_name_has_one_message_shape() {
     let image = "no image named nope; see `banger image list`";
     let kernel = "no kernel named nope; see `banger kernel list`";
     for (args, said) in [
-        (&["vm", "create", "--image", "nope", "--no-start"][..], image),
         (
-            &["vm", "create", "--image", "img", "--kernel", "nope", "--no-start"],
+            &["vm", "create", "--image", "nope", "--no-start"][..],
+            image,
+        ),
+        (
+            &[
+                "vm",
+                "create",
+                "--image",
+                "img",
+                "--kernel",
+                "nope",
+                "--no-start",
+            ],
             kernel,
         ),
         (&["vm", "rm", "nope"], vm),
@@ -896,7 +952,12 @@ fn a_missing_name_has_one_message_shape() {
         (&["kernel", "rm", "nope"], kernel),
     ] {
         let out = home.banger(args);
-        assert_eq!(out.status.code(), Some(4), "{args:?}: {}", text(&out.stderr));
+        assert_eq!(
+            out.status.code(),
+            Some(4),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
         assert_eq!(text(&out.stderr), format!("banger: {said}\n"), "{args:?}");
     }
     home.banger(&["daemon", "stop"]);
@@ -929,7 +990,15 @@ fn sizes_in_errors_are_in_human_units() {
         assert!(!err.contains("pull"), "refused before any pull: {err}");
     }
     import_k_and_register_img(&home);
-    let out = home.banger(&["vm", "create", "--name", "a", "--image", "img", "--no-start"]);
+    let out = home.banger(&[
+        "vm",
+        "create",
+        "--name",
+        "a",
+        "--image",
+        "img",
+        "--no-start",
+    ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let out = home.banger(&["vm", "set", "a", "--disk-size", "1G"]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
@@ -977,13 +1046,25 @@ fn a_missing_path_or_kernel_to_import_or_register_is_not_found() {
             format!("banger: the rootfs {missing} does not exist\n"),
         ),
         (
-            &["image", "register", "i", rootfs.to_str().unwrap(), "--kernel", "nope"],
+            &[
+                "image",
+                "register",
+                "i",
+                rootfs.to_str().unwrap(),
+                "--kernel",
+                "nope",
+            ],
             4,
             "banger: no kernel named nope; see `banger kernel list`\n".into(),
         ),
     ] {
         let out = home.banger(args);
-        assert_eq!(out.status.code(), Some(code), "{args:?}: {}", text(&out.stderr));
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
         assert_eq!(text(&out.stderr), said, "{args:?}");
     }
     let out = home.banger(&["image", "ls", "--json"]);

@@ -532,12 +532,11 @@ impl Config {
             ("vm_defaults.disk", &self.vm_defaults.disk),
         ] {
             if let Some(v) = v {
-                banger_actors::vm::spec::parse_size(v)
-                    .map_err(|message| ConfigError::Invalid {
-                        key,
-                        message,
-                        from: None,
-                    })?;
+                banger_actors::vm::spec::parse_size(v).map_err(|message| ConfigError::Invalid {
+                    key,
+                    message,
+                    from: None,
+                })?;
             }
         }
         let d = self.vm_spec_defaults();
@@ -938,14 +937,16 @@ mod tests {
             ),
             ("\nthis is not toml\n", "config.toml, line 2: "),
             // Right type, wrong value: the key, then where it was set.
+            ("\n\ndefault_vmm = \"xen\"\n", "invalid `default_vmm` ("),
             (
                 "\n\ndefault_vmm = \"xen\"\n",
-                "invalid `default_vmm` (",
+                "config.toml, line 3): unknown vmm",
             ),
-            ("\n\ndefault_vmm = \"xen\"\n", "config.toml, line 3): unknown vmm"),
         ] {
             let (_d, path) = write(text);
-            let e = Config::load(Some(&path), true, vec![]).unwrap_err().to_string();
+            let e = Config::load(Some(&path), true, vec![])
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(says), "{text:?}: {e}");
             assert!(e.contains(&path.display().to_string()), "{text:?}: {e}");
         }

@@ -17,7 +17,9 @@ pub async fn run(target: &Target, cmd: DaemonCmd) -> Result<u8, CliError> {
             let s = client.status().await?;
             outln!(
                 "bangerd {} is running (pid {}, socket {})",
-                s.version, s.pid, s.socket
+                s.version,
+                s.pid,
+                s.socket
             );
             Ok(exit::OK)
         }
@@ -62,7 +64,9 @@ async fn status(target: &Target, json: bool) -> Result<u8, CliError> {
     }
     outln!(
         "bangerd {} (commit {}, built {}) is running",
-        s.version, s.commit, s.build_time
+        s.version,
+        s.commit,
+        s.build_time
     );
     outln!("  pid:     {}", s.pid);
     outln!(
@@ -77,7 +81,10 @@ async fn status(target: &Target, json: bool) -> Result<u8, CliError> {
     outln!("  uptime:  {}", render::duration(s.uptime_secs));
     outln!(
         "  store:   {} (schema v{}, id {}, {} starts)",
-        s.store.path, s.store.schema_version, s.store.instance_id, s.store.starts
+        s.store.path,
+        s.store.schema_version,
+        s.store.instance_id,
+        s.store.starts
     );
     Ok(exit::OK)
 }

@@ -553,7 +553,9 @@ fn config_check(target: &Target) -> (Check, Option<Config>) {
                 "config",
                 Level::Fail,
                 e.to_string(),
-                Some("fix it: bangerd refuses to start on it, so every command that needs the daemon fails (exit 3)"),
+                Some(
+                    "fix it: bangerd refuses to start on it, so every command that needs the daemon fails (exit 3)",
+                ),
             ),
             None,
         ),
@@ -867,7 +869,11 @@ mod tests {
     #[test]
     fn a_missing_binary_of_the_chosen_vmm_fails_and_the_other_vmm_is_not_needed() {
         let find = only(&["qemu-system-x86_64"]);
-        let c = vmm_checks(&view(VmmKind::Firecracker, false), &Config::default(), &find);
+        let c = vmm_checks(
+            &view(VmmKind::Firecracker, false),
+            &Config::default(),
+            &find,
+        );
         assert_eq!(status(&c, "firecracker").status, Level::Fail);
         assert_eq!(status(&c, "jailer").status, Level::Fail);
         assert!(

@@ -131,7 +131,10 @@ fn print_catalog(entries: &[CatalogEntry], json: bool) -> Result<(), CliError> {
     }
     outln!(
         "{:<24} {:<14} {:>9} {:<16} DESCRIPTION",
-        "NAME", "FROM", "SIZE", "KERNEL"
+        "NAME",
+        "FROM",
+        "SIZE",
+        "KERNEL"
     );
     for e in entries {
         let from = match (&e.bundle, &e.recipe) {
@@ -152,7 +155,11 @@ fn print_catalog(entries: &[CatalogEntry], json: bool) -> Result<(), CliError> {
         };
         outln!(
             "{:<24} {:<14} {:>9} {:<16} {}",
-            e.name, from, size, kernel, e.description
+            e.name,
+            from,
+            size,
+            kernel,
+            e.description
         );
     }
     Ok(())

@@ -365,15 +365,13 @@ pub async fn ssh_config(
         if let Some(text) = without_include(&existing, &include) {
             if text.trim().is_empty() {
                 // Nothing but our lines (typically a file `ssh-config` created): gone.
-                std::fs::remove_file(&user_config)
-                    .map_err(|e| io_err(user_config.display(), e))?;
+                std::fs::remove_file(&user_config).map_err(|e| io_err(user_config.display(), e))?;
                 eprintln!(
                     "removed {} (it held only banger's Include)",
                     user_config.display()
                 );
             } else {
-                std::fs::write(&user_config, text)
-                    .map_err(|e| io_err(user_config.display(), e))?;
+                std::fs::write(&user_config, text).map_err(|e| io_err(user_config.display(), e))?;
                 eprintln!("removed banger's Include from {}", user_config.display());
             }
         } else {

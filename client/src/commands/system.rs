@@ -615,7 +615,8 @@ pub async fn run(cmd: crate::cli::SystemCmd) -> Result<u8, CliError> {
                 {
                     outln!(
                         "bangerd.service restarted: bangerd {} (pid {}) answers",
-                        s.version, s.pid
+                        s.version,
+                        s.pid
                     );
                     return Ok(exit::OK);
                 }

@@ -127,7 +127,8 @@ pub async fn run(target: &Target, opts: Opts) -> Result<u8, CliError> {
         } else {
             outln!(
                 "banger {} (commit {}) is up to date",
-                cur.version, cur.commit
+                cur.version,
+                cur.commit
             );
         }
         return Ok(exit::OK);
@@ -186,7 +187,8 @@ pub async fn run(target: &Target, opts: Opts) -> Result<u8, CliError> {
         } else {
             outln!(
                 "banger {}: signature and SHA-256 verified ({}), staged, migration check passed ({migrations}); nothing installed (--dry-run)",
-                release.version, staged.sha256
+                release.version,
+                staged.sha256
             );
         }
         return Ok(exit::OK);

@@ -67,7 +67,9 @@ pub async fn run(target: &Target, json: bool) -> Result<u8, CliError> {
     }
     outln!(
         "banger  {} (commit {}, built {})",
-        v.client.version, v.client.commit, v.client.build_time
+        v.client.version,
+        v.client.commit,
+        v.client.build_time
     );
     match &v.daemon {
         Some(d) if d.version == v.client.version && d.commit == v.client.commit => {
@@ -76,7 +78,9 @@ pub async fn run(target: &Target, json: bool) -> Result<u8, CliError> {
         Some(d) => {
             outln!(
                 "bangerd {} (commit {}, built {})",
-                d.version, d.commit, d.build_time
+                d.version,
+                d.commit,
+                d.build_time
             );
             let how = if target.system {
                 "`sudo banger system restart`"

@@ -104,7 +104,14 @@ async fn follow_progress(mut sub: Subscription<Progress>, quiet: bool) -> Result
 fn print_table(vms: &[VmInfo]) {
     outln!(
         "{:<20} {:<9} {:<11} {:>4} {:>9} {:>9} {:<14} {:>8}",
-        "NAME", "STATE", "VMM", "VCPU", "MEMORY", "DISK", "IMAGE", "PID"
+        "NAME",
+        "STATE",
+        "VMM",
+        "VCPU",
+        "MEMORY",
+        "DISK",
+        "IMAGE",
+        "PID"
     );
     for v in vms {
         outln!(
