@@ -114,6 +114,9 @@ pub enum ImageError {
     NotExt4 { path: PathBuf },
     #[error("{0} has no vmlinux or vmlinuz")]
     NoKernel(PathBuf),
+    /// A path the caller gave does not exist (not found: the CLI exits 4).
+    #[error("{what} {path} does not exist")]
+    Missing { what: &'static str, path: PathBuf },
     #[error(
         "kernel {0} has no ELF vmlinux for Firecracker: re-import it (`banger kernel rm {0}`, then `banger kernel import`), or use --vmm qemu"
     )]
@@ -199,6 +202,12 @@ pub fn register_image(
     kernel: Option<String>,
 ) -> Result<ImageRecord, ImageError> {
     validate_name(name)?;
+    if !rootfs.exists() {
+        return Err(ImageError::Missing {
+            what: "the rootfs",
+            path: rootfs.to_owned(),
+        });
+    }
     if !is_ext4(rootfs)? {
         return Err(ImageError::NotExt4 {
             path: rootfs.to_owned(),
@@ -246,6 +255,12 @@ pub fn import_kernel(
     name: &str,
     from: &Path,
 ) -> Result<KernelRecord, ImageError> {
+    if !from.exists() {
+        return Err(ImageError::Missing {
+            what: "the kernel directory",
+            path: from.to_owned(),
+        });
+    }
     let kernel = ["vmlinux", "vmlinuz"]
         .iter()
         .map(|f| from.join(f))

@@ -44,6 +44,7 @@
 pub mod image;
 pub mod kernel_format;
 pub mod net;
+pub mod not_found;
 pub mod pull;
 pub mod root;
 pub mod store;
@@ -52,5 +53,6 @@ pub mod vm;
 pub mod vm_supervisor;
 pub mod vmm;
 
+pub use not_found::NotFound;
 pub use root::{RootSupervisor, Tree, TreeError};
 pub use store::{Store, StoreError, StoreInfo};

@@ -43,6 +43,9 @@ pub enum TreeError {
     Vm(#[from] VmError),
     #[error(transparent)]
     Image(#[from] ImageError),
+    /// A name given with a request names nothing (`image register --kernel nope`).
+    #[error(transparent)]
+    NotFound(#[from] crate::not_found::NotFound),
     #[error(transparent)]
     Updater(#[from] UpdaterError),
     #[error(transparent)]
@@ -470,6 +473,9 @@ impl Tree {
         req: CreateVm,
         progress: Option<ProgressTx>,
     ) -> Result<VmInfo, TreeError> {
+        // A size the VM could never have is refused before minutes of pulling for it.
+        crate::vm::spec::validate_given(req.vcpu, req.memory_mib, req.disk_bytes)
+            .map_err(VmError::Invalid)?;
         self.auto_pull(&req, progress.as_ref()).await?;
         ractor::call!(self.vms(), |reply| VmSupervisorMsg::Create {
             req,
@@ -733,6 +739,11 @@ impl Tree {
                 return Err(
                     StoreError::Conflict(format!("an image named {name} exists already")).into(),
                 );
+            }
+            if let Some(k) = &kernel
+                && db.get_kernel(k)?.is_none()
+            {
+                return Err(crate::not_found::NotFound::kernel(k).into());
             }
             let rec = crate::image::register_image(&dir.join("images"), &name, &rootfs, kernel)?;
             db.put_image(&rec)?;

@@ -21,6 +21,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent
 
 use banger_api::{CreateVm, SpecDefaults, VmInfo, VmState, VmmChoice};
 
+use crate::not_found::NotFound;
 use crate::store::now_secs;
 use crate::vm::actor::{ProgressTx, Reply, VmActor, VmArgs, VmEnv, VmError, VmMsg};
 use crate::vm::model::{self, VmRecord};
@@ -176,18 +177,16 @@ impl VmSupervisor {
                     "no image given and no default_image configured: pass --image, or register one with `banger image register`".into(),
                 )
             })?;
-        let image = store.get_image(&image_name)?.ok_or_else(|| {
-            VmError::NotFound(format!("image {image_name} (see `banger image list`)"))
-        })?;
+        let image = store
+            .get_image(&image_name)?
+            .ok_or_else(|| NotFound::image(&image_name))?;
         let kernel_name = req.kernel.clone().or(image.kernel.clone()).ok_or_else(|| {
             VmError::Invalid(format!(
                 "image {image_name} names no kernel: pass --kernel (see `banger kernel list`)"
             ))
         })?;
         let Some(kernel) = store.get_kernel(&kernel_name)? else {
-            return Err(VmError::NotFound(format!(
-                "kernel {kernel_name} (see `banger kernel list`)"
-            )));
+            return Err(NotFound::kernel(kernel_name).into());
         };
         let vmm = state.vmm_for(req.vmm);
         if vmm.vmm == banger_api::VmmKind::Firecracker {
@@ -312,7 +311,7 @@ impl Actor for VmSupervisor {
                         .get(&rec.id)
                         .cloned()
                         .ok_or_else(|| VmError::Gone(rec.name)),
-                    Ok(None) => Err(VmError::NotFound(vm)),
+                    Ok(None) => Err(NotFound::vm(vm).into()),
                     Err(e) => Err(e.into()),
                 };
                 let _ = reply.send(result);

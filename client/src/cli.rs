@@ -54,7 +54,7 @@ pub enum Command {
         #[arg(long)]
         check: bool,
         /// Install this version (e.g. v0.3.1); allows going back to an older one.
-        #[arg(long, value_name = "vX.Y.Z")]
+        #[arg(long, value_name = "vX.Y.Z", value_parser = parse_version)]
         to: Option<String>,
         /// Download, verify and stage it, run its migration check, then stop.
         #[arg(long)]
@@ -193,7 +193,7 @@ pub struct SizeArgs {
     #[arg(long)]
     pub vcpu: Option<u32>,
     /// Memory, e.g. 2G or 512M.
-    #[arg(long, value_parser = parse_size)]
+    #[arg(long, value_parser = parse_memory)]
     pub memory: Option<u64>,
     /// Size of the work disk mounted at /root, e.g. 8G (sparse: costs only what is used).
     #[arg(long = "disk-size", value_parser = parse_size)]
@@ -202,6 +202,46 @@ pub struct SizeArgs {
 
 fn parse_size(s: &str) -> Result<u64, String> {
     crate::commands::vm::parse_size(s)
+}
+
+/// `--to`: a release version, `[v]MAJOR.MINOR.PATCH[-pre]`, checked before anything is
+/// fetched (`--to 1.2` was looked up in the release manifest first).
+fn parse_version(s: &str) -> Result<String, String> {
+    let bare = s.strip_prefix('v').unwrap_or(s);
+    let (core, pre) = match bare.split_once('-') {
+        Some((core, pre)) => (core, Some(pre)),
+        None => (bare, None),
+    };
+    let parts: Vec<&str> = core.split('.').collect();
+    let numbers = parts.len() == 3
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+    let pre_ok = pre.is_none_or(|p| {
+        !p.is_empty()
+            && p.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+    });
+    if numbers && pre_ok {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "{s:?} is not a release version: use MAJOR.MINOR.PATCH, e.g. v0.3.1 (`banger update --check` shows the latest)"
+        ))
+    }
+}
+
+/// Memory goes to the daemon in whole MiB: a size that is not one (`--memory 1` is one
+/// byte, which would arrive as 0 MiB) is refused here, in the user's units.
+fn parse_memory(s: &str) -> Result<u64, String> {
+    let bytes = parse_size(s)?;
+    if bytes % (1 << 20) != 0 {
+        return Err(format!(
+            "{s:?} is {}, not a whole number of MiB: give a unit, e.g. 2G or 512M",
+            crate::commands::vm::bytes(bytes)
+        ));
+    }
+    Ok(bytes)
 }
 
 #[derive(Debug, Subcommand)]
@@ -388,7 +428,9 @@ pub enum VmCmd {
     /// ssh into a running VM as root (banger's key and known_hosts, over the VM's vsock:
     /// works without a network); with `-- cmd`, run it and exit with its status.
     #[command(
-        after_help = "Examples:\n  banger vm ssh dev\n  banger vm ssh dev -- uname -a\n\nFor plain `ssh dev.vm`, scp and rsync: `banger ssh-config`."
+        after_help = "Examples:\n  banger vm ssh dev\n  banger vm ssh dev -- uname -a\n\nFor plain `ssh dev.vm`, scp and rsync: `banger ssh-config`.",
+        // What lima (`limactl shell`) users type.
+        alias = "shell"
     )]
     Ssh {
         vm: String,
@@ -481,6 +523,7 @@ pub enum ImageCmd {
     )]
     Pull {
         /// A catalog name or an OCI reference.
+        #[arg(value_parser = clap::builder::NonEmptyStringValueParser::new())]
         source: String,
         /// The image's name (default: the catalog name, or `<repo>-<tag>`).
         #[arg(long)]
@@ -661,4 +704,30 @@ pub enum KernelCmd {
     },
     /// Remove a kernel no VM uses.
     Rm { name: String },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn update_to_takes_release_versions_only() {
+        for ok in ["v0.3.1", "0.3.1", "v1.0.0-rc.1", "10.20.30"] {
+            assert_eq!(parse_version(ok).as_deref(), Ok(ok), "{ok}");
+        }
+        for bad in [
+            "1.2", "v1", "", "v", "1.2.x", "1.2.3.4", "v1.2.3-", "latest", "1..2",
+        ] {
+            let e = parse_version(bad).unwrap_err();
+            assert!(e.contains("MAJOR.MINOR.PATCH"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn memory_is_whole_mib() {
+        assert_eq!(parse_memory("2G"), Ok(2 << 30));
+        assert_eq!(parse_memory("512M"), Ok(512 << 20));
+        let e = parse_memory("1").unwrap_err();
+        assert!(e.contains("1 B, not a whole number of MiB"), "{e}");
+    }
 }

@@ -123,15 +123,15 @@ async fn connect_once(target: &Target) -> Result<Client, Handshake> {
                 socket: target.display(),
             }));
         }
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            return Err(Handshake::Other(CliError::SocketDenied {
+                socket: target.display(),
+            }));
+        }
         Err(e) => {
-            let message = if e.kind() == std::io::ErrorKind::PermissionDenied {
-                format!("{e}; you need to be the owner, root, or in group `banger`")
-            } else {
-                e.to_string()
-            };
             return Err(Handshake::Other(CliError::Connect {
                 socket: target.display(),
-                message,
+                message: e.to_string(),
             }));
         }
     };
@@ -212,7 +212,7 @@ async fn start(target: &Target) -> Result<Client, CliError> {
         .spawn()
         .map_err(|e| CliError::StartFailed {
             message: format!("cannot run {}: {e}", bin.display()),
-            log: "(none: it did not start)".into(),
+            log: None,
         })?;
     let mut stderr = child.stderr.take().expect("piped");
     let collector = std::thread::spawn(move || {
@@ -235,10 +235,8 @@ async fn start(target: &Target) -> Result<Client, CliError> {
                 .find(|l| !l.trim().is_empty())
                 .map(|l| l.trim_start_matches("bangerd: ").to_owned())
                 .unwrap_or_else(|| format!("it exited with {status}"));
-            return Err(CliError::StartFailed {
-                message,
-                log: "the message above (it stopped before logging started)".into(),
-            });
+            // It stopped before logging anything: its message is all there is.
+            return Err(CliError::StartFailed { message, log: None });
         }
         if Instant::now() > deadline {
             return Err(CliError::StartFailed {
@@ -246,7 +244,7 @@ async fn start(target: &Target) -> Result<Client, CliError> {
                     "it did not answer on {} within {START_TIMEOUT:?}",
                     target.display()
                 ),
-                log: "bangerd.log under $XDG_STATE_HOME/banger".into(),
+                log: Some("bangerd.log under $XDG_STATE_HOME/banger".into()),
             });
         }
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -9,6 +9,7 @@
 //! | 4 | the named object does not exist |
 //! | 5 | permission denied |
 //! | 6 | conflict: exists already, or in the wrong state |
+//! | 141 | stdout was closed by its reader (`banger ps \| head -1`): nothing is said |
 //!
 //! `banger vm run -- cmd` and `banger vm exec` exit with the command's own status.
 
@@ -22,6 +23,8 @@ pub const UNAVAILABLE: u8 = 3;
 pub const NOT_FOUND: u8 = 4;
 pub const PERMISSION: u8 = 5;
 pub const CONFLICT: u8 = 6;
+/// 128 + SIGPIPE: what a shell reports for a writer whose reader went away.
+pub const BROKEN_PIPE: u8 = 141;
 
 /// Errors of the CLI.
 #[derive(Debug, thiserror::Error)]
@@ -30,8 +33,16 @@ pub enum CliError {
     NotRunning { socket: String },
     #[error("cannot reach bangerd at {socket}: {message}")]
     Connect { socket: String, message: String },
+    /// The kernel refused to let us open the socket (its mode and group decide).
+    #[error("permission denied: this user may not use bangerd's socket {socket}")]
+    SocketDenied { socket: String },
+    /// `log`: where to read more, when it wrote a log (not when it stopped before that,
+    /// e.g. on a config it refused: then `message` is its own last word).
     #[error("bangerd failed to start: {message}")]
-    StartFailed { message: String, log: String },
+    StartFailed {
+        message: String,
+        log: Option<String>,
+    },
     #[error("{message}")]
     Rpc { code: i32, message: String },
     #[error("{0}")]
@@ -58,7 +69,7 @@ impl CliError {
                 _ => FAILURE,
             },
             CliError::Usage(_) => USAGE,
-            CliError::Permission(_) => PERMISSION,
+            CliError::Permission(_) | CliError::SocketDenied { .. } => PERMISSION,
             CliError::Other(_) => FAILURE,
         }
     }
@@ -69,7 +80,12 @@ impl CliError {
             CliError::NotRunning { .. } => {
                 Some("start it with `banger daemon start` (other commands start it for you)".into())
             }
-            CliError::StartFailed { log, .. } => Some(format!("see the daemon log: {log}")),
+            CliError::SocketDenied { .. } => Some(
+                "its owner, root and members of its group (`banger` for the system service) may use it: `sudo usermod -aG banger $USER`, then log in again".into(),
+            ),
+            CliError::StartFailed { log: Some(log), .. } => {
+                Some(format!("see the daemon log: {log}"))
+            }
             CliError::Connect { .. } => Some(
                 "check `banger daemon status`; a stale socket is replaced when bangerd starts"
                     .into(),

@@ -1,11 +1,13 @@
 //! `banger`: parse, call the daemon, render. Exit statuses are listed in [`exit`].
-#![allow(clippy::print_stdout, clippy::print_stderr)]
+#![allow(clippy::print_stderr)]
 
+// First: its `outln!`/`out!` macros are used by the modules below.
+#[macro_use]
+mod render;
 mod cli;
 mod commands;
 mod connect;
 mod exit;
-mod render;
 mod systemd;
 
 use std::process::ExitCode;

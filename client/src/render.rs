@@ -1,13 +1,70 @@
-//! Rendering helpers shared by commands.
+//! Rendering helpers shared by commands, and the only way the CLI writes to stdout.
+//!
+//! `println!` panics when stdout is gone (`banger ps | head -1`: the reader exited, the
+//! write fails with EPIPE) — exit 101 and a backtrace. Every line goes through [`outln!`]
+//! / [`out!`] / [`stdout_bytes`] instead, which end the process quietly when the reader has
+//! gone: no message, status [`exit::BROKEN_PIPE`] (141, what a shell reports for a
+//! program killed by SIGPIPE, as coreutils, git, docker and gh are). Killing ourselves
+//! with SIGPIPE itself would need `unsafe` (restoring the signal's default disposition,
+//! which Rust's runtime sets to ignore), which this crate forbids; to a shell, and to
+//! `set -o pipefail`, the two look the same. Any other write error (a full disk behind a
+//! redirect) is said on stderr and exits 1. `clippy::print_stdout` is on for the crate so
+//! a new `println!` is caught.
+
+use std::io::Write;
 
 use serde::Serialize;
 
-use crate::exit::CliError;
+use crate::exit::{self, CliError};
+
+/// `println!` that ends the process quietly when stdout's reader has gone.
+macro_rules! outln {
+    () => {
+        $crate::render::stdout_fmt(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::render::stdout_fmt(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `print!` that ends the process quietly when stdout's reader has gone.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::render::stdout_fmt(format_args!($($arg)*))
+    };
+}
+
+/// Write formatted text to stdout and flush it (see the module docs for errors).
+pub fn stdout_fmt(args: std::fmt::Arguments<'_>) {
+    let mut out = std::io::stdout().lock();
+    let result = out.write_fmt(args).and_then(|()| out.flush());
+    if let Err(e) = result {
+        stdout_failed(e);
+    }
+}
+
+/// Write bytes to stdout and flush them (see the module docs for errors).
+pub fn stdout_bytes(bytes: &[u8]) {
+    let mut out = std::io::stdout().lock();
+    let result = out.write_all(bytes).and_then(|()| out.flush());
+    if let Err(e) = result {
+        stdout_failed(e);
+    }
+}
+
+/// Stdout cannot be written: end the process (quietly when its reader has gone).
+fn stdout_failed(e: std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(i32::from(exit::BROKEN_PIPE));
+    }
+    let _ = writeln!(std::io::stderr(), "banger: cannot write to stdout: {e}");
+    std::process::exit(i32::from(exit::FAILURE));
+}
 
 /// Print `value` as pretty JSON on stdout.
 pub fn json<T: Serialize>(value: &T) -> Result<(), CliError> {
     let text = serde_json::to_string_pretty(value).map_err(|e| CliError::Other(e.to_string()))?;
-    println!("{text}");
+    outln!("{text}");
     Ok(())
 }
 

@@ -164,6 +164,35 @@ fn completion_scripts() {
     assert_eq!(out.status.code(), Some(2), "unknown shell is a usage error");
 }
 
+/// `banger ps | head -1`: once the reader has gone, writing fails with EPIPE. The CLI
+/// ends quietly with 141 (what a shell shows for SIGPIPE), never a panic (101 and a
+/// backtrace). The pipe's read end is closed before the command starts, so its first
+/// write fails.
+#[test]
+fn a_closed_stdout_ends_the_cli_quietly() {
+    let home = Home::new();
+    let closed_pipe = || {
+        let (read, write) = nix::unistd::pipe().unwrap();
+        drop(read);
+        std::process::Stdio::from(write)
+    };
+    for args in [
+        &["completion", "bash"][..],
+        &["version"],
+        &["ps"],
+        &["ps", "--json"],
+        &["vm", "ls", "--json"],
+    ] {
+        let mut cmd = Command::new(banger_bin());
+        home.env(&mut cmd);
+        let out = cmd.args(args).stdout(closed_pipe()).output().unwrap();
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(141), "{args:?}: {err}");
+        assert_eq!(err, "", "{args:?} says nothing");
+    }
+    home.banger(&["daemon", "stop"]);
+}
+
 #[test]
 fn help_has_examples() {
     let home = Home::new();
@@ -345,6 +374,20 @@ fn a_bad_config_is_reported_before_anything_starts() {
     assert!(
         !home.store().exists(),
         "no store created for a daemon that never started"
+    );
+
+    // A wrong type names the key, the file and its line, and the CLI sends nobody to a
+    // log the daemon never wrote.
+    std::fs::write(cfg.join("config.toml"), "# mine\nlog_level = 5\n").unwrap();
+    let out = home.banger(&["ps"]);
+    assert_eq!(out.status.code(), Some(3));
+    let err = text(&out.stderr);
+    assert_eq!(
+        err,
+        format!(
+            "banger: bangerd failed to start: invalid config file {}, line 2, key `log_level`: invalid type: integer `5`, expected a string\n",
+            cfg.join("config.toml").display()
+        )
     );
 
     std::fs::write(cfg.join("config.toml"), "log_level = \"debug\"\n").unwrap();
@@ -534,6 +577,160 @@ fn doctor_fails_when_the_configured_vmm_is_not_installed() {
     home.banger(&["daemon", "stop"]);
 }
 
+/// Without a daemon, doctor reads the config bangerd would read: one that bangerd
+/// refuses (so every command exits 3) fails doctor, naming the key and line, and a
+/// configured VMM that is not installed fails it too. (It once said "warn daemon not
+/// running → it starts on first use" and exited 0 for both.) Doctor starts no daemon.
+#[test]
+fn doctor_without_a_daemon_checks_the_config_it_would_start_with() {
+    let home = Home::new();
+    let cfg = home.path().join("config/banger");
+    std::fs::create_dir_all(&cfg).unwrap();
+    let get = |checks: &serde_json::Value, name: &str| {
+        checks
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} check: {checks}"))
+            .clone()
+    };
+
+    std::fs::write(cfg.join("config.toml"), "[vm_defaults]\nvcpu = \"x\"\n").unwrap();
+    assert_eq!(
+        home.banger(&["ps"]).status.code(),
+        Some(3),
+        "bangerd refuses it"
+    );
+    let out = home.banger(&["doctor", "--json"]);
+    let checks = json(&out);
+    assert_eq!(out.status.code(), Some(1), "{checks}");
+    let config = get(&checks, "config");
+    assert_eq!(config["status"], "fail", "{config}");
+    let detail = config["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("config.toml, line 2, key `vm_defaults.vcpu`"),
+        "{detail}"
+    );
+    let daemon = get(&checks, "daemon");
+    assert_eq!(daemon["status"], "fail", "{daemon}");
+    assert!(
+        daemon["detail"].as_str().unwrap().contains("cannot start"),
+        "{daemon}"
+    );
+
+    std::fs::write(cfg.join("config.toml"), "default_vmm = \"firecracker\"\n").unwrap();
+    let out = home.banger(&["doctor", "--json"]);
+    let checks = json(&out);
+    assert_eq!(get(&checks, "config")["status"], "ok", "{checks}");
+    assert!(
+        get(&checks, "vmm")["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("new VMs get firecracker"),
+        "{checks}"
+    );
+    let installed = Command::new("sh")
+        .args(["-c", "command -v firecracker"])
+        .output()
+        .unwrap()
+        .status
+        .success();
+    if !installed {
+        assert_eq!(out.status.code(), Some(1), "{checks}");
+        assert_eq!(get(&checks, "firecracker")["status"], "fail", "{checks}");
+    }
+
+    // Binaries are the config's: a QEMU that is not where it says fails.
+    std::fs::write(
+        cfg.join("config.toml"),
+        "default_vmm = \"qemu\"\n[qemu]\nbinary = \"/nonexistent/qemu\"\n",
+    )
+    .unwrap();
+    let out = home.banger(&["doctor", "--json"]);
+    let checks = json(&out);
+    assert_eq!(out.status.code(), Some(1), "{checks}");
+    let qemu = get(&checks, "qemu");
+    assert_eq!(qemu["status"], "fail", "{qemu}");
+    assert!(
+        qemu["detail"]
+            .as_str()
+            .unwrap()
+            .contains("/nonexistent/qemu"),
+        "{qemu}"
+    );
+    assert!(!home.socket().exists(), "doctor started no daemon");
+}
+
+/// `ssh-config --uninstall` leaves nothing behind: a `~/.ssh/config` that held only
+/// banger's Include (one `ssh-config` created) is removed, not left empty; one with the
+/// user's own lines keeps exactly those.
+#[test]
+fn ssh_config_uninstall_leaves_no_empty_config() {
+    let home = Home::new();
+    let user_config = home.path().join(".ssh/config");
+    let out = home.banger(&["ssh-config"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        std::fs::read_to_string(&user_config)
+            .unwrap()
+            .contains("Include")
+    );
+    let out = home.banger(&["ssh-config", "--uninstall"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        !user_config.exists(),
+        "{} is left behind",
+        user_config.display()
+    );
+
+    let mine = "Host foo\n    User me\n";
+    std::fs::write(&user_config, mine).unwrap();
+    assert!(home.banger(&["ssh-config"]).status.success());
+    assert!(home.banger(&["ssh-config", "--uninstall"]).status.success());
+    assert_eq!(std::fs::read_to_string(&user_config).unwrap(), mine);
+    home.banger(&["daemon", "stop"]);
+}
+
+/// Small things a new user met: `vm shell` (lima's word) is `vm ssh`; an empty image
+/// reference and an `update --to` that is no version are usage errors, before the
+/// daemon or the network is asked anything.
+#[test]
+fn small_usage_errors_and_aliases() {
+    let home = Home::new();
+    let out = home.banger(&["vm", "shell", "--help"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("ssh into a running VM"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    let out = home.banger(&["image", "pull", ""]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        !text(&out.stderr).contains("catalog"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let mut cmd = Command::new(banger_bin());
+    home.env(&mut cmd);
+    // Nothing listens here: a fetch would fail with a connection error instead.
+    let out = cmd
+        .env(
+            "BANGER_TEST_UPDATE_MANIFEST_URL",
+            "http://127.0.0.1:9/manifest.json",
+        )
+        .args(["update", "--to", "1.2"])
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("MAJOR.MINOR.PATCH"), "{err}");
+    assert!(!home.socket().exists(), "no daemon was started");
+}
+
 #[test]
 fn no_autostart_when_asked() {
     let home = Home::new();
@@ -576,16 +773,16 @@ fn root_a_uid_that_is_not_allowed_is_refused() {
     ] {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
-    // With the socket at 0660, the kernel already refuses the connect.
+    // With the socket at 0660, the kernel already refuses the connect: a permission
+    // error (5) that says who may use it, not "unavailable" (3) with a stale-socket hint.
     let out = as_nobody(&home, &["daemon", "status"]);
-    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{err}");
     assert!(
-        text(&out.stderr)
-            .to_lowercase()
-            .contains("permission denied"),
-        "{}",
-        text(&out.stderr)
+        err.contains("permission denied") && err.contains("group"),
+        "{err}"
     );
+    assert!(!err.contains("stale"), "{err}");
 
     // Loosen the socket: now the SO_PEERCRED check is the only wall, and it holds, with
     // a JSON-RPC error (exit 5), not a hang.
@@ -677,6 +874,201 @@ fn vm_commands_fail_clearly_without_images() {
     assert_eq!(json(&out), serde_json::json!([]));
     let out = home.banger(&["ps"]);
     assert!(text(&out.stdout).starts_with("NAME"));
+    home.banger(&["daemon", "stop"]);
+}
+
+/// A name that names nothing reads the same whatever its kind and whichever command
+/// met it: `no <kind> named <name>; see \`banger <kind> list\``, exit 4. (It once read
+/// "no vm named image nope (see `banger image list`); see `banger vm list`", and
+/// `vm rm nope` said "nope: no vm named nope".)
+/// Kernel `k` (the host's) and image `img` (an empty 16 MiB ext4) in `home`'s daemon.
+fn import_k_and_register_img(home: &Home) {
+    let work = home.path().join("work");
+    std::fs::create_dir_all(work.join("kernel")).unwrap();
+    std::fs::copy(host_kernel(), work.join("kernel/vmlinuz")).unwrap();
+    let rootfs = work.join("rootfs.ext4");
+    let mkfs = Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(&rootfs)
+        .arg("16M")
+        .output()
+        .unwrap();
+    assert!(mkfs.status.success(), "{}", text(&mkfs.stderr));
+    let kernel_dir = work.join("kernel");
+    for args in [
+        &[
+            "kernel",
+            "import",
+            "k",
+            "--from",
+            kernel_dir.to_str().unwrap(),
+        ][..],
+        &[
+            "image",
+            "register",
+            "img",
+            rootfs.to_str().unwrap(),
+            "--kernel",
+            "k",
+        ],
+    ] {
+        let out = home.banger(args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+    }
+}
+
+#[test]
+fn a_missing_name_has_one_message_shape() {
+    let home = Home::new();
+    import_k_and_register_img(&home);
+    let vm = "no vm named nope; see `banger vm list`";
+    let image = "no image named nope; see `banger image list`";
+    let kernel = "no kernel named nope; see `banger kernel list`";
+    for (args, said) in [
+        (
+            &["vm", "create", "--image", "nope", "--no-start"][..],
+            image,
+        ),
+        (
+            &[
+                "vm",
+                "create",
+                "--image",
+                "img",
+                "--kernel",
+                "nope",
+                "--no-start",
+            ],
+            kernel,
+        ),
+        (&["vm", "rm", "nope"], vm),
+        // No `stop` stage before the error.
+        (&["vm", "restart", "nope"], vm),
+        (&["vm", "show", "nope"], vm),
+        (&["vm", "stop", "nope"], vm),
+        (&["image", "show", "nope"], image),
+        (&["image", "delete", "nope"], image),
+        (&["kernel", "show", "nope"], kernel),
+        (&["kernel", "rm", "nope"], kernel),
+    ] {
+        let out = home.banger(args);
+        assert_eq!(
+            out.status.code(),
+            Some(4),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+        assert_eq!(text(&out.stderr), format!("banger: {said}\n"), "{args:?}");
+    }
+    home.banger(&["daemon", "stop"]);
+}
+
+/// Sizes in errors are in the user's units, and a size no VM can have is refused before
+/// the default image is pulled for it. (`--memory 1` said "not 0 MiB", `--disk-size 100T`
+/// gave bytes, `vm set --disk-size 1G` "8589934592 bytes … asked for 1073741824".)
+#[test]
+fn sizes_in_errors_are_in_human_units() {
+    let home = Home::new();
+    for (args, said) in [
+        (
+            &["vm", "create", "--memory", "1", "--no-start"][..],
+            "\"1\" is 1 B, not a whole number of MiB: give a unit, e.g. 2G or 512M",
+        ),
+        (
+            &["vm", "create", "--memory", "64M", "--no-start"],
+            "banger: memory must be 128 MiB to 1 TiB, not 64 MiB\n",
+        ),
+        (
+            &["vm", "create", "--disk-size", "100T", "--no-start"],
+            "banger: disk must be 256 MiB to 16 TiB, not 100 TiB\n",
+        ),
+    ] {
+        let out = home.banger(args);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(said), "{args:?}: {err}");
+        assert!(!err.contains("pull"), "refused before any pull: {err}");
+    }
+    import_k_and_register_img(&home);
+    let out = home.banger(&[
+        "vm",
+        "create",
+        "--name",
+        "a",
+        "--image",
+        "img",
+        "--no-start",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = home.banger(&["vm", "set", "a", "--disk-size", "1G"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stderr),
+        "banger: the work disk is 8 GiB; it can only grow (asked for 1 GiB)\n"
+    );
+    home.banger(&["daemon", "stop"]);
+}
+
+/// What does not exist is "not found" (4) and says so: a `kernel import --from`
+/// directory that is missing (it was a usage error saying the directory had no vmlinux),
+/// a rootfs to register that is missing (it was 1), and a kernel to register with that
+/// was never imported (it was accepted).
+#[test]
+fn a_missing_path_or_kernel_to_import_or_register_is_not_found() {
+    let home = Home::new();
+    let work = home.path().join("work");
+    std::fs::create_dir_all(work.join("empty")).unwrap();
+    let rootfs = work.join("rootfs.ext4");
+    let mkfs = Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(&rootfs)
+        .arg("16M")
+        .output()
+        .unwrap();
+    assert!(mkfs.status.success(), "{}", text(&mkfs.stderr));
+    let missing = work.join("nope");
+    let missing = missing.to_str().unwrap();
+    let empty = work.join("empty");
+    for (args, code, said) in [
+        (
+            &["kernel", "import", "k", "--from", missing][..],
+            4,
+            format!("banger: the kernel directory {missing} does not exist\n"),
+        ),
+        (
+            &["kernel", "import", "k", "--from", empty.to_str().unwrap()],
+            2,
+            format!("banger: {} has no vmlinux or vmlinuz\n", empty.display()),
+        ),
+        (
+            &["image", "register", "i", missing],
+            4,
+            format!("banger: the rootfs {missing} does not exist\n"),
+        ),
+        (
+            &[
+                "image",
+                "register",
+                "i",
+                rootfs.to_str().unwrap(),
+                "--kernel",
+                "nope",
+            ],
+            4,
+            "banger: no kernel named nope; see `banger kernel list`\n".into(),
+        ),
+    ] {
+        let out = home.banger(args);
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+        assert_eq!(text(&out.stderr), said, "{args:?}");
+    }
+    let out = home.banger(&["image", "ls", "--json"]);
+    assert_eq!(json(&out), serde_json::json!([]), "nothing was registered");
     home.banger(&["daemon", "stop"]);
 }
 

@@ -175,6 +175,7 @@ impl FileSync {
         let bad = |message: String| ConfigError::Invalid {
             key: "file_sync",
             message: format!("entry {}: {message}", i + 1),
+            from: None,
         };
         let dotdot = |p: &str| p.split('/').any(|c| c == "..");
         if !self.host.is_absolute() {
@@ -312,8 +313,16 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("invalid config file {path}: {message}")]
-    Parse { path: PathBuf, message: String },
+    /// The file is not TOML, or a key in it is unknown or has a value of the wrong type.
+    #[error("invalid config file {}: {message}", at(path, *line, key.as_deref()))]
+    Parse {
+        path: PathBuf,
+        /// Where in the file (1-based), when the parser says.
+        line: Option<usize>,
+        /// The key, dotted (`vm_defaults.vcpu`), when the error is about one.
+        key: Option<String>,
+        message: String,
+    },
     #[error("invalid setting from the environment: {message}")]
     Env { message: String },
     #[error(
@@ -324,8 +333,97 @@ pub enum ConfigError {
         nearest: String,
         key: String,
     },
-    #[error("invalid `{key}`: {message}")]
-    Invalid { key: &'static str, message: String },
+    /// A value of the right type that is still wrong; `from` says where it was set (the
+    /// file and line, or the variable), once [`Config::load`] knows.
+    #[error("invalid `{key}`{}: {message}", from.as_ref().map(|f| format!(" ({f})")).unwrap_or_default())]
+    Invalid {
+        key: &'static str,
+        message: String,
+        from: Option<String>,
+    },
+}
+
+/// `/x/config.toml, line 3, key `vm_defaults.vcpu``.
+fn at(path: &Path, line: Option<usize>, key: Option<&str>) -> String {
+    let mut out = path.display().to_string();
+    if let Some(line) = line {
+        out.push_str(&format!(", line {line}"));
+    }
+    if let Some(key) = key {
+        out.push_str(&format!(", key `{key}`"));
+    }
+    out
+}
+
+/// The 1-based line of byte `offset` in `text`.
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|b| **b == b'\n')
+        .count()
+        + 1
+}
+
+/// The dotted key whose key or value holds `span` in the document `text` (the deepest
+/// one), e.g. `vm_defaults.vcpu` for the `"x"` of `vcpu = "x"` under `[vm_defaults]`.
+/// Arrays of tables add no index: the line tells the entries apart.
+fn key_at(text: &str, span: &std::ops::Range<usize>) -> Option<String> {
+    use toml::de::{DeTable, DeValue};
+    // The spans of a table made by a `[header]` cover the header alone, so every table is
+    // searched; a leaf matches by its own key's or value's span, a table by its own when
+    // none of its keys does (a missing field is reported on the table).
+    fn walk(table: &DeTable<'_>, span: &std::ops::Range<usize>, path: &mut Vec<String>) -> bool {
+        let holds = |s: std::ops::Range<usize>| s.start <= span.start && span.end <= s.end;
+        for (k, v) in table.iter() {
+            path.push(k.get_ref().to_string());
+            let inner = match v.get_ref() {
+                DeValue::Table(t) => walk(t, span, path),
+                DeValue::Array(items) => items.iter().any(|item| match item.get_ref() {
+                    DeValue::Table(t) => walk(t, span, path),
+                    _ => false,
+                }),
+                _ => false,
+            };
+            if inner || holds(k.span()) || holds(v.span()) {
+                return true;
+            }
+            path.pop();
+        }
+        false
+    }
+    let doc = DeTable::parse(text).ok()?;
+    let mut path = Vec::new();
+    walk(doc.get_ref(), span, &mut path).then(|| path.join("."))
+}
+
+/// The line where the dotted `key` is set in the document `text`, if it is.
+fn line_of_key(text: &str, key: &str) -> Option<usize> {
+    use toml::de::{DeTable, DeValue};
+    let doc = DeTable::parse(text).ok()?;
+    let mut table = doc.get_ref();
+    let mut parts = key.split('.').peekable();
+    while let Some(part) = parts.next() {
+        let (k, v) = table.iter().find(|(k, _)| k.get_ref().as_ref() == part)?;
+        if parts.peek().is_none() {
+            return Some(line_of(text, k.span().start));
+        }
+        table = match v.get_ref() {
+            DeValue::Table(t) => t,
+            _ => return None,
+        };
+    }
+    None
+}
+
+/// A parse error of the file `text` at `path`, with its line and key.
+fn parse_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
+    let span = e.span();
+    ConfigError::Parse {
+        path: path.to_owned(),
+        line: span.as_ref().map(|s| line_of(text, s.start)),
+        key: span.as_ref().and_then(|s| key_at(text, s)),
+        message: e.message().trim_end().to_owned(),
+    }
 }
 
 impl Config {
@@ -336,15 +434,10 @@ impl Config {
         required: bool,
         vars: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
-        let mut table = match path {
+        let text = match path {
             Some(path) => match std::fs::read_to_string(path) {
-                Ok(text) => toml::Table::from_str(&text).map_err(|e| ConfigError::Parse {
-                    path: path.to_owned(),
-                    message: e.message().to_owned(),
-                })?,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
-                    toml::Table::new()
-                }
+                Ok(text) => Some(text),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => None,
                 Err(source) => {
                     return Err(ConfigError::Read {
                         path: path.to_owned(),
@@ -352,16 +445,14 @@ impl Config {
                     });
                 }
             },
-            None => toml::Table::new(),
+            None => None,
         };
-        // Check the file alone first, so an error names the file and not the environment.
-        if let Some(path) = path {
-            Config::deserialize(toml::Value::Table(table.clone())).map_err(|e| {
-                ConfigError::Parse {
-                    path: path.to_owned(),
-                    message: e.message().to_owned(),
-                }
-            })?;
+        let mut table = toml::Table::new();
+        if let (Some(path), Some(text)) = (path, &text) {
+            table = toml::Table::from_str(text).map_err(|e| parse_error(path, text, &e))?;
+            // The file alone first, from its text (so errors carry its spans): an error
+            // names the file, the line and the key, not the environment.
+            toml::from_str::<Config>(text).map_err(|e| parse_error(path, text, &e))?;
         }
         let keys = env_keys();
         let mut overridden = Vec::new();
@@ -384,7 +475,22 @@ impl Config {
             Config::deserialize(toml::Value::Table(table)).map_err(|e| ConfigError::Env {
                 message: format!("{} (set by {})", e.message(), overridden.join(", ")),
             })?;
-        config.validate()?;
+        config.validate().map_err(|e| match e {
+            // Say where the wrong value was set: by a variable, or on a line of the file.
+            ConfigError::Invalid { key, message, .. } => {
+                let var = keys
+                    .iter()
+                    .filter(|k| k.key() == key || k.key().starts_with(&format!("{key}.")))
+                    .find(|k| overridden.contains(&k.var));
+                let from = match (var, path, &text) {
+                    (Some(k), _, _) => Some(format!("set by {}", k.var)),
+                    (None, Some(path), Some(text)) => Some(at(path, line_of_key(text, key), None)),
+                    _ => None,
+                };
+                ConfigError::Invalid { key, message, from }
+            }
+            other => other,
+        })?;
         Ok(config)
     }
 
@@ -403,6 +509,7 @@ impl Config {
                 return Err(ConfigError::Invalid {
                     key,
                     message: format!("{} is not an absolute path", dir.display()),
+                    from: None,
                 });
             }
         }
@@ -411,11 +518,13 @@ impl Config {
             .map_err(|message| ConfigError::Invalid {
                 key: "default_vmm",
                 message,
+                from: None,
             })?;
         if !matches!(self.qemu.accel.as_str(), "auto" | "kvm" | "tcg") {
             return Err(ConfigError::Invalid {
                 key: "qemu.accel",
                 message: format!("{:?}: use auto, kvm or tcg", self.qemu.accel),
+                from: None,
             });
         }
         for (key, v) in [
@@ -423,8 +532,11 @@ impl Config {
             ("vm_defaults.disk", &self.vm_defaults.disk),
         ] {
             if let Some(v) = v {
-                banger_actors::vm::spec::parse_size(v)
-                    .map_err(|message| ConfigError::Invalid { key, message })?;
+                banger_actors::vm::spec::parse_size(v).map_err(|message| ConfigError::Invalid {
+                    key,
+                    message,
+                    from: None,
+                })?;
             }
         }
         let d = self.vm_spec_defaults();
@@ -439,6 +551,7 @@ impl Config {
         banger_actors::vm::spec::validate(&probe.spec).map_err(|message| ConfigError::Invalid {
             key: "vm_defaults",
             message,
+            from: None,
         })?;
         if !self.dns_listen.is_empty() {
             self.dns_listen
@@ -449,6 +562,7 @@ impl Config {
                         "{:?}: {e} (use host:port, or \"\" to turn it off)",
                         self.dns_listen
                     ),
+                    from: None,
                 })?;
         }
         self.network
@@ -457,6 +571,7 @@ impl Config {
             .map_err(|message| ConfigError::Invalid {
                 key: "network.subnet",
                 message,
+                from: None,
             })?;
         let bridge = &self.network.bridge;
         if bridge.is_empty()
@@ -472,12 +587,14 @@ impl Config {
                     "{bridge:?} is not a usable interface name (1-15 of [A-Za-z0-9_-], not starting with {})",
                     banger_policy::TAP_PREFIX
                 ),
+                from: None,
             });
         }
         if self.stop_timeout_secs == 0 {
             return Err(ConfigError::Invalid {
                 key: "stop_timeout_secs",
                 message: "must be at least 1".into(),
+                from: None,
             });
         }
         for (key, p) in [
@@ -491,6 +608,7 @@ impl Config {
                 return Err(ConfigError::Invalid {
                     key,
                     message: format!("{} is not an absolute path", p.display()),
+                    from: None,
                 });
             }
         }
@@ -500,6 +618,7 @@ impl Config {
                 return Err(ConfigError::Invalid {
                     key: "images.insecure_registries",
                     message: format!("{r:?}: use host or host:port"),
+                    from: None,
                 });
             }
         }
@@ -510,6 +629,7 @@ impl Config {
             return Err(ConfigError::Invalid {
                 key: "socket_group",
                 message: "must not be empty".into(),
+                from: None,
             });
         }
         Ok(())
@@ -540,6 +660,7 @@ fn validate_log_level(value: &str) -> Result<(), ConfigError> {
     let bad = |message: String| ConfigError::Invalid {
         key: "log_level",
         message,
+        from: None,
     };
     for directive in value.split(',') {
         let level = directive
@@ -566,7 +687,23 @@ impl Config {
         .map_err(|e| ConfigError::Invalid {
             key: "images.catalog",
             message: banger_actors::vm::actor::error_chain(&e),
+            from: None,
         })
+    }
+
+    /// `[qemu] accel` as the driver takes it (validated: `auto`, `kvm` or `tcg`).
+    pub fn qemu_accel(&self) -> banger_actors::vmm::qemu::Accel {
+        use banger_actors::vmm::qemu::Accel;
+        match self.qemu.accel.as_str() {
+            "kvm" => Accel::Kvm,
+            "tcg" => Accel::Tcg,
+            _ => Accel::Auto,
+        }
+    }
+
+    /// `default_vmm` (validated when loaded).
+    pub fn vmm_choice(&self) -> banger_api::VmmChoice {
+        self.default_vmm.parse().unwrap_or_default()
     }
 
     /// `[vm_defaults]` as the actors take it (sizes already validated).
@@ -770,6 +907,56 @@ mod tests {
         assert!(
             msg.contains("config.toml") && msg.contains("log_lvl"),
             "{msg}"
+        );
+    }
+
+    /// A wrong type once read `invalid type: integer 5, expected a string`, with neither
+    /// key nor line: every file error now names the file, the line and the key.
+    #[test]
+    fn errors_in_the_file_name_the_key_and_the_line() {
+        for (text, says) in [
+            (
+                "log_level = 5\n",
+                "config.toml, line 1, key `log_level`: invalid type: integer `5`, expected a string",
+            ),
+            (
+                "# sizes\n[vm_defaults]\nvcpu = \"x\"\n",
+                "config.toml, line 3, key `vm_defaults.vcpu`: invalid type: string \"x\", expected u32",
+            ),
+            (
+                "vm_defaults.vcpu = \"x\"\n",
+                "line 1, key `vm_defaults.vcpu`: invalid type",
+            ),
+            (
+                "[vm_defaults]\ncpus = 2\n",
+                "line 2, key `vm_defaults.cpus`: unknown field `cpus`",
+            ),
+            (
+                "[[file_sync]]\nhost = \"/a\"\nguest = \"~/a\"\n[[file_sync]]\nhost = \"/b\"\nguest = \"~/b\"\nmode = \"x\"\n",
+                "line 7, key `file_sync.mode`: invalid type",
+            ),
+            ("\nthis is not toml\n", "config.toml, line 2: "),
+            // Right type, wrong value: the key, then where it was set.
+            ("\n\ndefault_vmm = \"xen\"\n", "invalid `default_vmm` ("),
+            (
+                "\n\ndefault_vmm = \"xen\"\n",
+                "config.toml, line 3): unknown vmm",
+            ),
+        ] {
+            let (_d, path) = write(text);
+            let e = Config::load(Some(&path), true, vec![])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(says), "{text:?}: {e}");
+            assert!(e.contains(&path.display().to_string()), "{text:?}: {e}");
+        }
+        // Set by a variable: the variable is named instead.
+        let e = Config::load(None, false, vars(&[("BANGER_VM_DEFAULTS__MEMORY", "lots")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("invalid `vm_defaults.memory` (set by BANGER_VM_DEFAULTS__MEMORY): "),
+            "{e}"
         );
     }
 

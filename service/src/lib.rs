@@ -146,11 +146,7 @@ fn vm_config(
     use banger_actors::vm_supervisor::VmSettings;
     use banger_actors::vmm::{VmmConfig, firecracker::FirecrackerConfig, qemu};
     let c = &settings.config;
-    let accel = match c.qemu.accel.as_str() {
-        "kvm" => qemu::Accel::Kvm,
-        "tcg" => qemu::Accel::Tcg,
-        _ => qemu::Accel::Auto,
-    };
+    let accel = c.qemu_accel();
     let catalogs = std::sync::Arc::new(c.catalogs()?);
     Ok(banger_actors::root::VmConfig {
         data_dir: settings.paths.data_dir.clone(),
@@ -195,7 +191,7 @@ fn vm_config(
         settings: VmSettings {
             defaults: c.vm_spec_defaults(),
             host: Host::detect(),
-            default_vmm: c.default_vmm.parse().unwrap_or_default(),
+            default_vmm: c.vmm_choice(),
             vmm_probe: std::sync::Arc::new(banger_actors::vmm::choose::RealProbe {
                 firecracker: c.firecracker.binary.clone(),
                 jailer: c.firecracker.jailer.clone(),

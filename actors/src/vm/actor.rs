@@ -54,8 +54,9 @@ pub struct VmEnv {
 /// Errors of VM operations, each mapped to an RPC code by [`VmError::code`].
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
-    #[error("no vm named {0}; see `banger vm list`")]
-    NotFound(String),
+    /// A VM, or the image or kernel a create names, does not exist.
+    #[error(transparent)]
+    NotFound(#[from] crate::not_found::NotFound),
     #[error("{0}")]
     Conflict(String),
     #[error("{0}")]

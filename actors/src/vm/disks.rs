@@ -7,6 +7,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use banger_api::units::human_bytes;
+
 use super::cmdline::{OVERLAY_LABEL, WORK_LABEL};
 
 /// Size of the overlay disk: sparse, so it costs only what the guest writes to `/`.
@@ -27,7 +29,11 @@ pub enum DiskError {
         path: PathBuf,
         output: String,
     },
-    #[error("the work disk is {current} bytes; it can only grow (asked for {asked})")]
+    #[error(
+        "the work disk is {}; it can only grow (asked for {})",
+        human_bytes(*current),
+        human_bytes(*asked)
+    )]
     Shrink { current: u64, asked: u64 },
 }
 

@@ -91,19 +91,36 @@ pub fn resolve(
 
 /// Limits: 1–32 vCPUs (Firecracker's maximum), 128 MiB–1 TiB memory, 256 MiB–16 TiB disk.
 pub fn validate(s: &VmSpec) -> Result<(), String> {
-    if !(1..=32).contains(&s.vcpu) {
-        return Err(format!("vcpu must be 1 to 32, not {}", s.vcpu));
+    validate_given(Some(s.vcpu), Some(s.memory_mib), Some(s.disk_bytes))
+}
+
+/// [`validate`] for the values a request gives (the others are defaults, valid already),
+/// so a create can be refused before anything is pulled for it. Sizes are said in the
+/// user's units (`not 64 MiB`, `not 100 TiB`).
+pub fn validate_given(
+    vcpu: Option<u32>,
+    memory_mib: Option<u32>,
+    disk_bytes: Option<u64>,
+) -> Result<(), String> {
+    if let Some(vcpu) = vcpu
+        && !(1..=32).contains(&vcpu)
+    {
+        return Err(format!("vcpu must be 1 to 32, not {vcpu}"));
     }
-    if !(128..=1 << 20).contains(&s.memory_mib) {
+    if let Some(mib) = memory_mib
+        && !(128..=1 << 20).contains(&mib)
+    {
         return Err(format!(
-            "memory must be 128 MiB to 1 TiB, not {} MiB",
-            s.memory_mib
+            "memory must be 128 MiB to 1 TiB, not {}",
+            human_bytes(u64::from(mib) << 20)
         ));
     }
-    if !((256 << 20)..=(16u64 << 40)).contains(&s.disk_bytes) {
+    if let Some(bytes) = disk_bytes
+        && !((256 << 20)..=(16u64 << 40)).contains(&bytes)
+    {
         return Err(format!(
-            "disk must be 256 MiB to 16 TiB, not {} bytes",
-            s.disk_bytes
+            "disk must be 256 MiB to 16 TiB, not {}",
+            human_bytes(bytes)
         ));
     }
     Ok(())
@@ -114,6 +131,34 @@ pub use banger_api::units::{human_bytes, parse_size};
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Sizes in refusals are in the user's units (they read "not 0 MiB" for `--memory 1`
+    /// and raw bytes for `--disk-size 100T`).
+    #[test]
+    fn refused_sizes_are_said_in_human_units() {
+        assert_eq!(
+            validate_given(None, Some(64), None).unwrap_err(),
+            "memory must be 128 MiB to 1 TiB, not 64 MiB"
+        );
+        assert_eq!(
+            validate_given(None, None, Some(100 << 40)).unwrap_err(),
+            "disk must be 256 MiB to 16 TiB, not 100 TiB"
+        );
+        assert_eq!(
+            validate_given(Some(33), None, None).unwrap_err(),
+            "vcpu must be 1 to 32, not 33"
+        );
+        assert!(validate_given(None, None, None).is_ok());
+        assert!(validate_given(Some(2), Some(2048), Some(8 << 30)).is_ok());
+        let shrink = crate::vm::disks::DiskError::Shrink {
+            current: 8 << 30,
+            asked: 1 << 30,
+        };
+        assert_eq!(
+            shrink.to_string(),
+            "the work disk is 8 GiB; it can only grow (asked for 1 GiB)"
+        );
+    }
 
     const HOST: Host = Host {
         cpus: Some(16),

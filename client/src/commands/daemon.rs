@@ -15,9 +15,11 @@ pub async fn run(target: &Target, cmd: DaemonCmd) -> Result<u8, CliError> {
         DaemonCmd::Start => {
             let client = connect::connect_or_start(target).await?;
             let s = client.status().await?;
-            println!(
+            outln!(
                 "bangerd {} is running (pid {}, socket {})",
-                s.version, s.pid, s.socket
+                s.version,
+                s.pid,
+                s.socket
             );
             Ok(exit::OK)
         }
@@ -31,7 +33,7 @@ pub async fn run(target: &Target, cmd: DaemonCmd) -> Result<u8, CliError> {
             if json {
                 render::json(&serde_json::json!({ "socket": path, "system": target.system }))?;
             } else {
-                println!("{path}");
+                outln!("{path}");
             }
             Ok(exit::OK)
         }
@@ -45,7 +47,7 @@ async fn status(target: &Target, json: bool) -> Result<u8, CliError> {
             if json {
                 render::json(&serde_json::json!({ "running": false, "socket": socket }))?;
             } else {
-                println!(
+                outln!(
                     "bangerd is not running (socket {socket}); it starts on first use, or with `banger daemon start`"
                 );
             }
@@ -60,24 +62,29 @@ async fn status(target: &Target, json: bool) -> Result<u8, CliError> {
         render::json(&v)?;
         return Ok(exit::OK);
     }
-    println!(
+    outln!(
         "bangerd {} (commit {}, built {}) is running",
-        s.version, s.commit, s.build_time
+        s.version,
+        s.commit,
+        s.build_time
     );
-    println!("  pid:     {}", s.pid);
-    println!(
+    outln!("  pid:     {}", s.pid);
+    outln!(
         "  mode:    {}",
         serde_json::to_value(s.mode)
             .ok()
             .and_then(|v| v.as_str().map(str::to_owned))
             .unwrap_or_default()
     );
-    println!("  socket:  {}", s.socket);
-    println!("  log:     {}", s.log_path);
-    println!("  uptime:  {}", render::duration(s.uptime_secs));
-    println!(
+    outln!("  socket:  {}", s.socket);
+    outln!("  log:     {}", s.log_path);
+    outln!("  uptime:  {}", render::duration(s.uptime_secs));
+    outln!(
         "  store:   {} (schema v{}, id {}, {} starts)",
-        s.store.path, s.store.schema_version, s.store.instance_id, s.store.starts
+        s.store.path,
+        s.store.schema_version,
+        s.store.instance_id,
+        s.store.starts
     );
     Ok(exit::OK)
 }
@@ -86,7 +93,7 @@ async fn stop(target: &Target) -> Result<u8, CliError> {
     let client = match connect::connect(target).await {
         Ok(c) => c,
         Err(CliError::NotRunning { .. }) => {
-            println!("bangerd is not running");
+            outln!("bangerd is not running");
             return Ok(exit::OK);
         }
         Err(e) => return Err(e),
@@ -110,7 +117,7 @@ async fn stop(target: &Target) -> Result<u8, CliError> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    println!("bangerd (pid {pid}) stopped");
+    outln!("bangerd (pid {pid}) stopped");
     Ok(exit::OK)
 }
 

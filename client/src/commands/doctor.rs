@@ -6,8 +6,14 @@
 //! a check fails — among them a missing binary of the VMM new VMs get (a configured
 //! `default_vmm = "firecracker"` without Firecracker installed fails). The other VMM's
 //! binaries are listed, and not needed. The VMM is the daemon's answer when it runs; else
-//! what a daemon started now with `default_vmm = "auto"` would pick (doctor does not read
-//! the daemon's config). Checks of parts banger does not have yet are not listed.
+//! what a daemon started now would pick.
+//!
+//! Doctor loads the daemon's config itself, with bangerd's own loader
+//! (`bangerd::config::Config::load`: the same file, `BANGER_CONFIG` and `BANGER_*`
+//! overrides as the daemon the CLI would start; `/etc/banger/config.toml` for the system
+//! service): a config bangerd would refuse fails (every command that needs the daemon
+//! exits 3 on it), and without a daemon the VMM, its binaries and accelerator come from it.
+//! Checks of parts banger does not have yet are not listed.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -16,6 +22,8 @@ use std::time::Duration;
 use banger_actors::vmm::choose::{self, Decision, Jailing, Kvm};
 use banger_api::{DaemonRpcClient, SpecDefaults, SpecSource, VmRpcClient, VmState, VmmKind};
 use serde::Serialize;
+
+use bangerd::config::Config;
 
 use crate::connect::{self, Target};
 use crate::exit::{self, CliError};
@@ -137,10 +145,11 @@ impl VmmView {
         }
     }
 
-    /// Without a daemon: what one started now by this user with `default_vmm = "auto"`
-    /// would pick (started as root, it has the helper, given the jailer when installed).
-    fn local() -> VmmView {
-        let (fc, jailer) = (Path::new("firecracker"), Path::new("jailer"));
+    /// Without a daemon: what one started now by this user with `config` would pick
+    /// (started as root, it has the helper, given the jailer when installed). A config
+    /// that does not load counts as the defaults (its own check fails).
+    fn local(config: &Config) -> VmmView {
+        let (fc, jailer) = (&config.firecracker.binary, &config.firecracker.jailer);
         let jailing = if !nix::unistd::geteuid().is_root() {
             Jailing::NoHelper
         } else if choose::find_program(fc).is_some() && choose::find_program(jailer).is_some() {
@@ -149,24 +158,29 @@ impl VmmView {
             Jailing::HelperWithoutJailer
         };
         let probe = choose::RealProbe {
-            firecracker: fc.into(),
-            jailer: jailer.into(),
+            firecracker: fc.clone(),
+            jailer: jailer.clone(),
             jailing,
         };
         VmmView {
-            decision: choose::decide(
-                banger_api::VmmChoice::Auto,
-                banger_actors::vmm::qemu::Accel::Auto,
-                &probe,
-            ),
-            from: "the daemon is not running: what it would pick with default_vmm = auto",
+            decision: choose::decide(config.vmm_choice(), config.qemu_accel(), &probe),
+            from: if config.default_vmm == "auto" {
+                "the daemon is not running: what it would pick with default_vmm = auto"
+            } else {
+                "the daemon is not running: its config's default_vmm"
+            },
         }
     }
 }
 
-/// The VMM check and one check per VMM binary: those of the VMM new VMs get must be
-/// installed (fail), the other VMM's are listed and not needed. `find` locates a program.
-pub fn vmm_checks(view: &VmmView, find: &dyn Fn(&str) -> Option<PathBuf>) -> Vec<Check> {
+/// The VMM check and one check per VMM binary (as `config` names them): those of the VMM
+/// new VMs get must be installed (fail), the other VMM's are listed and not needed. `find`
+/// locates a program.
+pub fn vmm_checks(
+    view: &VmmView,
+    config: &Config,
+    find: &dyn Fn(&str) -> Option<PathBuf>,
+) -> Vec<Check> {
     let d = &view.decision;
     let mut out = vec![if d.emulated {
         check(
@@ -195,33 +209,34 @@ pub fn vmm_checks(view: &VmmView, find: &dyn Fn(&str) -> Option<PathBuf>) -> Vec
             None,
         )
     }];
+    let path = |p: &Path| p.to_string_lossy().into_owned();
     for (name, bin, vmm, hint) in [
         (
             "firecracker",
-            "firecracker",
+            path(&config.firecracker.binary),
             VmmKind::Firecracker,
             "install Firecracker's release (firecracker and jailer, github.com/firecracker-microvm/firecracker/releases), or set default_vmm = \"auto\"",
         ),
         (
             "jailer",
-            "jailer",
+            path(&config.firecracker.jailer),
             VmmKind::Firecracker,
             "the jailer ships with Firecracker's release tarball",
         ),
         (
             "qemu",
-            "qemu-system-x86_64",
+            path(&config.qemu.binary),
             VmmKind::Qemu,
             "install QEMU (`apt-get install qemu-system-x86`)",
         ),
         (
             "vhost-device-vsock",
-            "vhost-device-vsock",
+            path(&config.qemu.vhost_vsock),
             VmmKind::Qemu,
             "`cargo install --locked vhost-device-vsock` (QEMU VMs need it for the agent)",
         ),
     ] {
-        out.push(match find(bin) {
+        out.push(match find(&bin) {
             Some(p) => check(
                 name,
                 Level::Ok,
@@ -500,11 +515,68 @@ fn firecracker_checks(status: &banger_api::DaemonStatus) -> Vec<Check> {
     out
 }
 
-/// Daemon and VM checks, and the daemon's VM defaults when it answers.
-async fn daemon_checks(target: &Target) -> (Vec<Check>, Option<SpecDefaults>) {
+/// The config file a daemon serving `target` reads, or would read if the CLI started it
+/// now: `BANGER_CONFIG` (then it must exist), else the mode's default file.
+fn config_path(target: &Target) -> (Option<PathBuf>, bool) {
+    use banger_api::DaemonMode;
+    let env = |k: &str| std::env::var(k).ok();
+    if target.system {
+        // systemd starts it with `--system` and an environment of its own.
+        return (bangerd::paths::config_file(DaemonMode::System, &env), false);
+    }
+    match std::env::var_os("BANGER_CONFIG") {
+        Some(p) => (Some(PathBuf::from(p)), true),
+        None => (bangerd::paths::config_file(DaemonMode::User, &env), false),
+    }
+}
+
+/// The daemon's config, loaded as bangerd loads it (the system service's without our
+/// environment), and its check. A config bangerd refuses fails.
+fn config_check(target: &Target) -> (Check, Option<Config>) {
+    let (path, required) = config_path(target);
+    let vars: Vec<(String, String)> = if target.system {
+        Vec::new()
+    } else {
+        std::env::vars().collect()
+    };
+    match Config::load(path.as_deref(), required, vars) {
+        Ok(config) => {
+            let detail = match &path {
+                Some(p) if p.exists() => format!("{} loads", p.display()),
+                Some(p) => format!("no {}: the defaults apply", p.display()),
+                None => "no config file (no HOME): the defaults apply".into(),
+            };
+            (check("config", Level::Ok, detail, None), Some(config))
+        }
+        Err(e) => (
+            check(
+                "config",
+                Level::Fail,
+                e.to_string(),
+                Some(
+                    "fix it: bangerd refuses to start on it, so every command that needs the daemon fails (exit 3)",
+                ),
+            ),
+            None,
+        ),
+    }
+}
+
+/// Daemon and VM checks, and the daemon's VM defaults when it answers. `config_ok`: the
+/// config loads, so a daemon can be started.
+async fn daemon_checks(target: &Target, config_ok: bool) -> (Vec<Check>, Option<SpecDefaults>) {
     let mut out = Vec::new();
     let client = match connect::connect(target).await {
         Ok(c) => c,
+        Err(CliError::NotRunning { socket }) if !config_ok => {
+            out.push(check(
+                "daemon",
+                Level::Fail,
+                format!("not running (socket {socket}), and it cannot start: its config is refused (see config)"),
+                Some("fix the config; then it starts on first use, or `banger daemon start`"),
+            ));
+            return (out, None);
+        }
         Err(CliError::NotRunning { socket }) => {
             out.push(check(
                 "daemon",
@@ -687,14 +759,17 @@ async fn daemon_checks(target: &Target) -> (Vec<Check>, Option<SpecDefaults>) {
 }
 
 pub async fn run(target: &Target, json: bool) -> Result<u8, CliError> {
-    let (daemon, defaults) = daemon_checks(target).await;
+    let (config_check, config) = config_check(target);
+    let (daemon, defaults) = daemon_checks(target, config.is_some()).await;
+    let config = config.unwrap_or_default();
     let view = match &defaults {
         Some(d) => VmmView::of_daemon(d),
-        None => VmmView::local(),
+        None => VmmView::local(&config),
     };
     let mut checks = host_checks();
-    checks.extend(vmm_checks(&view, &which));
+    checks.extend(vmm_checks(&view, &config, &which));
     checks.extend(tool_checks());
+    checks.push(config_check);
     checks.extend(daemon);
     checks.push(super::system::doctor_check(
         &super::system::Layout::new(None),
@@ -710,9 +785,9 @@ pub async fn run(target: &Target, json: bool) -> Result<u8, CliError> {
                 Level::Warn => "warn",
                 Level::Fail => "FAIL",
             };
-            println!("{tag}  {:<18} {}", c.name, c.detail);
+            outln!("{tag}  {:<18} {}", c.name, c.detail);
             if let Some(h) = &c.hint {
-                println!("      {:<18} → {h}", "");
+                outln!("      {:<18} → {h}", "");
             }
         }
     }
@@ -794,7 +869,11 @@ mod tests {
     #[test]
     fn a_missing_binary_of_the_chosen_vmm_fails_and_the_other_vmm_is_not_needed() {
         let find = only(&["qemu-system-x86_64"]);
-        let c = vmm_checks(&view(VmmKind::Firecracker, false), &find);
+        let c = vmm_checks(
+            &view(VmmKind::Firecracker, false),
+            &Config::default(),
+            &find,
+        );
         assert_eq!(status(&c, "firecracker").status, Level::Fail);
         assert_eq!(status(&c, "jailer").status, Level::Fail);
         assert!(
@@ -809,7 +888,7 @@ mod tests {
         assert_eq!(vsock.status, Level::Ok, "not needed for firecracker");
         assert!(vsock.detail.contains("not needed"), "{}", vsock.detail);
 
-        let c = vmm_checks(&view(VmmKind::Qemu, false), &find);
+        let c = vmm_checks(&view(VmmKind::Qemu, false), &Config::default(), &find);
         assert_eq!(status(&c, "firecracker").status, Level::Ok);
         assert_eq!(status(&c, "qemu").status, Level::Ok);
         assert_eq!(status(&c, "vhost-device-vsock").status, Level::Fail);
@@ -819,7 +898,7 @@ mod tests {
     #[test]
     fn an_emulated_vmm_is_a_warning_that_says_why() {
         let find = only(&["qemu-system-x86_64", "vhost-device-vsock"]);
-        let c = vmm_checks(&view(VmmKind::Qemu, true), &find);
+        let c = vmm_checks(&view(VmmKind::Qemu, true), &Config::default(), &find);
         let vmm = status(&c, "vmm");
         assert_eq!(vmm.status, Level::Warn);
         assert!(

@@ -11,7 +11,7 @@ use banger_guest::proto::{self, ExecRequest, ExitStatus, Kind, Request, SignalMs
 use jsonrpsee::async_client::Client;
 use tokio::io::AsyncReadExt;
 
-use crate::exit::CliError;
+use crate::exit::{self, CliError};
 
 fn agent_err(vm: &str, e: impl std::fmt::Display) -> CliError {
     CliError::Other(format!(
@@ -174,8 +174,13 @@ pub async fn run(
             .map_err(|e| agent_err(vm, e))?;
         match frame.kind {
             Kind::Stdout => {
-                let _ = out.write_all(&frame.payload);
-                let _ = out.flush();
+                let written = out.write_all(&frame.payload).and_then(|()| out.flush());
+                if written.is_err_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) {
+                    // Our reader went away (`vm exec dev -- cat big | head`): end quietly,
+                    // as a local command killed by SIGPIPE would (see `render`).
+                    drop(raw);
+                    return Ok(exit::BROKEN_PIPE);
+                }
             }
             Kind::Stderr => {
                 let _ = err.write_all(&frame.payload);

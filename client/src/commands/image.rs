@@ -27,7 +27,7 @@ fn print_image(event: PullEvent, json: bool) -> Result<(), CliError> {
         if json {
             render::json(&image)?;
         } else {
-            println!("{}", image.name);
+            outln!("{}", image.name);
         }
     }
     Ok(())
@@ -129,9 +129,12 @@ fn print_catalog(entries: &[CatalogEntry], json: bool) -> Result<(), CliError> {
     if json {
         return render::json(&entries);
     }
-    println!(
+    outln!(
         "{:<24} {:<14} {:>9} {:<16} DESCRIPTION",
-        "NAME", "FROM", "SIZE", "KERNEL"
+        "NAME",
+        "FROM",
+        "SIZE",
+        "KERNEL"
     );
     for e in entries {
         let from = match (&e.bundle, &e.recipe) {
@@ -150,9 +153,13 @@ fn print_catalog(entries: &[CatalogEntry], json: bool) -> Result<(), CliError> {
             (None, Some(_)) => "(built)".into(),
             (None, None) => "-".into(),
         };
-        println!(
+        outln!(
             "{:<24} {:<14} {:>9} {:<16} {}",
-            e.name, from, size, kernel, e.description
+            e.name,
+            from,
+            size,
+            kernel,
+            e.description
         );
     }
     Ok(())
@@ -232,9 +239,9 @@ pub async fn image(target: &Target, cmd: ImageCmd) -> Result<u8, CliError> {
             if json {
                 render::json(&all)?;
             } else {
-                println!("{:<71} {:>9}  USED", "DIGEST", "SIZE");
+                outln!("{:<71} {:>9}  USED", "DIGEST", "SIZE");
                 for b in all {
-                    println!(
+                    outln!(
                         "{:<71} {:>9}  {} ago",
                         b.digest,
                         bytes(b.size_bytes),
@@ -251,7 +258,7 @@ pub async fn image(target: &Target, cmd: ImageCmd) -> Result<u8, CliError> {
         }
         ImageCmd::Cache(CacheCmd::Prune) => {
             let p = client.cache_prune().await?;
-            println!(
+            outln!(
                 "removed {} blobs, {} freed",
                 p.removed.len(),
                 bytes(p.freed_bytes)
@@ -270,16 +277,16 @@ pub async fn image(target: &Target, cmd: ImageCmd) -> Result<u8, CliError> {
                     kernel,
                 })
                 .await?;
-            println!("{}", i.name);
+            outln!("{}", i.name);
         }
         ImageCmd::List { json, .. } => {
             let all = ImageRpcClient::list(&client).await?;
             if json {
                 render::json(&all)?;
             } else {
-                println!("{:<24} {:>9} {:<16}", "NAME", "SIZE", "KERNEL");
+                outln!("{:<24} {:>9} {:<16}", "NAME", "SIZE", "KERNEL");
                 for i in all {
-                    println!(
+                    outln!(
                         "{:<24} {:>9} {:<16}",
                         i.name,
                         bytes(i.size_bytes),
@@ -293,7 +300,7 @@ pub async fn image(target: &Target, cmd: ImageCmd) -> Result<u8, CliError> {
             if json {
                 render::json(&i)?;
             } else {
-                println!(
+                outln!(
                     "name:    {}\nrootfs:  {}\nsize:    {}\nkernel:  {}",
                     i.name,
                     i.rootfs,
@@ -304,7 +311,7 @@ pub async fn image(target: &Target, cmd: ImageCmd) -> Result<u8, CliError> {
         }
         ImageCmd::Delete { name } => {
             let i = ImageRpcClient::delete(&client, name).await?;
-            println!("{}", i.name);
+            outln!("{}", i.name);
         }
     }
     Ok(exit::OK)
@@ -316,7 +323,7 @@ pub async fn kernel(target: &Target, cmd: KernelCmd) -> Result<u8, CliError> {
         KernelCmd::Import { name, from } => {
             let from = absolute(&from)?;
             let k = client.import(ImportKernel { name, from }).await?;
-            println!("{}", k.name);
+            outln!("{}", k.name);
         }
         KernelCmd::Pull { name, json } => {
             let sub = KernelRpcClient::pull(&client, PullKernel { name }).await?;
@@ -324,7 +331,7 @@ pub async fn kernel(target: &Target, cmd: KernelCmd) -> Result<u8, CliError> {
                 if json {
                     render::json(&kernel)?;
                 } else {
-                    println!("{}", kernel.name);
+                    outln!("{}", kernel.name);
                 }
             }
         }
@@ -340,9 +347,9 @@ pub async fn kernel(target: &Target, cmd: KernelCmd) -> Result<u8, CliError> {
             if json {
                 render::json(&all)?;
             } else {
-                println!("{:<24} {:<7} {:<8}", "NAME", "INITRD", "MODULES");
+                outln!("{:<24} {:<7} {:<8}", "NAME", "INITRD", "MODULES");
                 for k in all {
-                    println!(
+                    outln!(
                         "{:<24} {:<7} {:<8}",
                         k.name,
                         if k.initrd.is_some() { "yes" } else { "no" },
@@ -356,12 +363,12 @@ pub async fn kernel(target: &Target, cmd: KernelCmd) -> Result<u8, CliError> {
             if json {
                 render::json(&k)?;
             } else {
-                print!("{}", kernel_text(&k));
+                out!("{}", kernel_text(&k));
             }
         }
         KernelCmd::Rm { name } => {
             let k = client.rm(name).await?;
-            println!("{}", k.name);
+            outln!("{}", k.name);
         }
     }
     Ok(exit::OK)

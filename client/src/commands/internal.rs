@@ -48,7 +48,7 @@ pub async fn run(cmd: InternalCmd) -> Result<u8, CliError> {
                     "path": made.path, "size": made.size, "sha256": made.sha256
                 }))?;
             } else {
-                println!(
+                outln!(
                     "{}\nsha256: {}\nsize:   {}",
                     made.path.display(),
                     made.sha256,

@@ -106,7 +106,10 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
         }
         Command::Completion { shell } => {
             let mut cmd = Cli::command();
-            clap_complete::generate(shell, &mut cmd, "banger", &mut std::io::stdout());
+            // Into memory first: clap_complete panics when its writer fails (`| head -1`).
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "banger", &mut script);
+            crate::render::stdout_bytes(&script);
             Ok(exit::OK)
         }
     }

@@ -15,7 +15,8 @@
 //! - **ssh-config.** `banger ssh-config` writes `$XDG_STATE_HOME/banger/ssh/config` (a
 //!   `Host *.vm` block) and puts ONE `Include` of it (with a comment line above) at the
 //!   top of `~/.ssh/config` — at the top, because an `Include` after a `Host` block would
-//!   only apply inside it. Running it again changes nothing; `--uninstall` removes both.
+//!   only apply inside it. Running it again changes nothing; `--uninstall` removes both,
+//!   and `~/.ssh/config` itself when nothing else is left in it.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -362,8 +363,17 @@ pub async fn ssh_config(
     let existing = std::fs::read_to_string(&user_config).unwrap_or_default();
     if uninstall {
         if let Some(text) = without_include(&existing, &include) {
-            std::fs::write(&user_config, text).map_err(|e| io_err(user_config.display(), e))?;
-            eprintln!("removed banger's Include from {}", user_config.display());
+            if text.trim().is_empty() {
+                // Nothing but our lines (typically a file `ssh-config` created): gone.
+                std::fs::remove_file(&user_config).map_err(|e| io_err(user_config.display(), e))?;
+                eprintln!(
+                    "removed {} (it held only banger's Include)",
+                    user_config.display()
+                );
+            } else {
+                std::fs::write(&user_config, text).map_err(|e| io_err(user_config.display(), e))?;
+                eprintln!("removed banger's Include from {}", user_config.display());
+            }
         } else {
             eprintln!("{} has no banger Include", user_config.display());
         }

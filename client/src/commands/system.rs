@@ -505,29 +505,29 @@ pub async fn run(cmd: crate::cli::SystemCmd) -> Result<u8, CliError> {
                 render::json(&done)?;
             } else {
                 for b in &done.binaries {
-                    println!("installed {b}");
+                    outln!("installed {b}");
                 }
                 for b in &done.guest_binaries {
-                    println!("installed {b} (from {})", done.guest_binaries_from);
+                    outln!("installed {b} (from {})", done.guest_binaries_from);
                 }
                 if done.guest_binaries.is_empty() {
-                    println!(
+                    outln!(
                         "guest binaries: using those in {}",
                         done.guest_binaries_from
                     );
                 }
-                println!("installed {} (owner {})", done.unit, done.owner);
+                outln!("installed {} (owner {})", done.unit, done.owner);
                 if done.group_created {
-                    println!(
+                    outln!(
                         "created the group `banger`: add users with `sudo usermod -aG banger <user>`"
                     );
                 }
                 if done.started {
-                    println!(
+                    outln!(
                         "bangerd.service is enabled and running; check it with `banger system status`"
                     );
                 } else {
-                    println!(
+                    outln!(
                         "bangerd.service is enabled in {} (not started: offline root)",
                         layout.root.display()
                     );
@@ -546,15 +546,15 @@ pub async fn run(cmd: crate::cli::SystemCmd) -> Result<u8, CliError> {
                 render::json(&done)?;
             } else {
                 if done.removed.is_empty() {
-                    println!("the system service was not installed; nothing removed");
+                    outln!("the system service was not installed; nothing removed");
                 }
                 for r in &done.removed {
-                    println!("removed {r}");
+                    outln!("removed {r}");
                 }
                 if !done.kept.is_empty() {
-                    println!("kept your data; delete it by hand if you no longer want it:");
+                    outln!("kept your data; delete it by hand if you no longer want it:");
                     for (what, path) in &done.kept {
-                        println!("  {path:<24} {what}");
+                        outln!("  {path:<24} {what}");
                     }
                 }
             }
@@ -568,12 +568,12 @@ pub async fn run(cmd: crate::cli::SystemCmd) -> Result<u8, CliError> {
                 render::json(&s)?;
             } else {
                 if !s.installed {
-                    println!(
+                    outln!(
                         "the system service is not installed; install it with `sudo banger system install`"
                     );
                     return Ok(exit::UNAVAILABLE);
                 }
-                println!(
+                outln!(
                     "unit:    {}{}",
                     s.unit,
                     if s.unit_current {
@@ -582,10 +582,10 @@ pub async fn run(cmd: crate::cli::SystemCmd) -> Result<u8, CliError> {
                         " (differs from this banger's: re-run `sudo banger system install`)"
                     }
                 );
-                println!("owner:   {}", s.owner.as_deref().unwrap_or("(none)"));
-                println!("state:   {}, {}", s.enabled, s.active);
-                println!("bangerd: {}", s.bangerd.as_deref().unwrap_or("(missing)"));
-                println!(
+                outln!("owner:   {}", s.owner.as_deref().unwrap_or("(none)"));
+                outln!("state:   {}, {}", s.enabled, s.active);
+                outln!("bangerd: {}", s.bangerd.as_deref().unwrap_or("(missing)"));
+                outln!(
                     "socket:  {}{}",
                     s.socket,
                     if s.socket_present { "" } else { " (absent)" }
@@ -613,9 +613,10 @@ pub async fn run(cmd: crate::cli::SystemCmd) -> Result<u8, CliError> {
                 if let Ok(c) = crate::connect::connect(&target).await
                     && let Ok(s) = banger_api::DaemonRpcClient::status(&c).await
                 {
-                    println!(
+                    outln!(
                         "bangerd.service restarted: bangerd {} (pid {}) answers",
-                        s.version, s.pid
+                        s.version,
+                        s.pid
                     );
                     return Ok(exit::OK);
                 }

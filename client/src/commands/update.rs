@@ -117,7 +117,7 @@ pub async fn run(target: &Target, opts: Opts) -> Result<u8, CliError> {
         if opts.json {
             render::json(&out)?;
         } else if available {
-            println!(
+            outln!(
                 "banger {} is available (this is {} commit {}); install it with `banger update`{}",
                 release.version,
                 cur.version,
@@ -125,9 +125,10 @@ pub async fn run(target: &Target, opts: Opts) -> Result<u8, CliError> {
                 if target.system { " under sudo" } else { "" }
             );
         } else {
-            println!(
+            outln!(
                 "banger {} (commit {}) is up to date",
-                cur.version, cur.commit
+                cur.version,
+                cur.commit
             );
         }
         return Ok(exit::OK);
@@ -184,9 +185,10 @@ pub async fn run(target: &Target, opts: Opts) -> Result<u8, CliError> {
                 "installed": false,
             }))?;
         } else {
-            println!(
+            outln!(
                 "banger {}: signature and SHA-256 verified ({}), staged, migration check passed ({migrations}); nothing installed (--dry-run)",
-                release.version, staged.sha256
+                release.version,
+                staged.sha256
             );
         }
         return Ok(exit::OK);
@@ -212,7 +214,7 @@ pub async fn run(target: &Target, opts: Opts) -> Result<u8, CliError> {
             "installed": true,
         }))?;
     } else {
-        println!(
+        outln!(
             "updated banger {} -> {} in {}{}",
             cur.version,
             release.version,

@@ -65,29 +65,33 @@ pub async fn run(target: &Target, json: bool) -> Result<u8, CliError> {
         render::json(&v)?;
         return Ok(exit::OK);
     }
-    println!(
+    outln!(
         "banger  {} (commit {}, built {})",
-        v.client.version, v.client.commit, v.client.build_time
+        v.client.version,
+        v.client.commit,
+        v.client.build_time
     );
     match &v.daemon {
         Some(d) if d.version == v.client.version && d.commit == v.client.commit => {
-            println!("bangerd same build (running)");
+            outln!("bangerd same build (running)");
         }
         Some(d) => {
-            println!(
+            outln!(
                 "bangerd {} (commit {}, built {})",
-                d.version, d.commit, d.build_time
+                d.version,
+                d.commit,
+                d.build_time
             );
             let how = if target.system {
                 "`sudo banger system restart`"
             } else {
                 "`banger daemon stop` (it restarts on next use)"
             };
-            println!(
+            outln!(
                 "note: the running daemon is another build than this CLI; restart it with {how}"
             );
         }
-        None => println!("bangerd not running"),
+        None => outln!("bangerd not running"),
     }
     Ok(exit::OK)
 }

@@ -1,6 +1,6 @@
 //! `banger vm …` and `banger ps`.
 
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::time::Instant;
 
 use banger_api::{
@@ -102,12 +102,19 @@ async fn follow_progress(mut sub: Subscription<Progress>, quiet: bool) -> Result
 }
 
 fn print_table(vms: &[VmInfo]) {
-    println!(
+    outln!(
         "{:<20} {:<9} {:<11} {:>4} {:>9} {:>9} {:<14} {:>8}",
-        "NAME", "STATE", "VMM", "VCPU", "MEMORY", "DISK", "IMAGE", "PID"
+        "NAME",
+        "STATE",
+        "VMM",
+        "VCPU",
+        "MEMORY",
+        "DISK",
+        "IMAGE",
+        "PID"
     );
     for v in vms {
-        println!(
+        outln!(
             "{:<20} {:<9} {:<11} {:>4} {:>9} {:>9} {:<14} {:>8}",
             v.name,
             v.state.as_str(),
@@ -122,27 +129,27 @@ fn print_table(vms: &[VmInfo]) {
 }
 
 fn print_vm(v: &VmInfo) {
-    println!("name:     {}", v.name);
-    println!("id:       {}", v.id);
-    println!("state:    {}", v.state.as_str());
+    outln!("name:     {}", v.name);
+    outln!("id:       {}", v.id);
+    outln!("state:    {}", v.state.as_str());
     if let Some(e) = &v.error {
-        println!("error:    {e}");
+        outln!("error:    {e}");
     }
-    println!("vmm:      {}", v.vmm.as_str());
-    println!("spec:     {}", spec_line(&v.spec));
-    println!("image:    {}", v.image);
-    println!("kernel:   {}", v.kernel);
-    println!("nat:      {}", if v.nat { "on" } else { "off" });
+    outln!("vmm:      {}", v.vmm.as_str());
+    outln!("spec:     {}", spec_line(&v.spec));
+    outln!("image:    {}", v.image);
+    outln!("kernel:   {}", v.kernel);
+    outln!("nat:      {}", if v.nat { "on" } else { "off" });
     if let Some(pid) = v.pid {
-        println!("pid:      {pid}");
+        outln!("pid:      {pid}");
     }
     if let Some(i) = &v.isolation {
-        println!("isolation: {i}");
+        outln!("isolation: {i}");
     }
-    println!("dir:      {}", v.dir);
-    println!("console:  {}", v.console_log);
+    outln!("dir:      {}", v.dir);
+    outln!("console:  {}", v.console_log);
     if let Some(c) = &v.cmdline {
-        println!("cmdline:  {c}");
+        outln!("cmdline:  {c}");
     }
 }
 
@@ -192,7 +199,7 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
             if json {
                 render::json(&vm)?;
             } else {
-                println!("{}", vm.name);
+                outln!("{}", vm.name);
             }
         }
         VmCmd::Run {
@@ -264,10 +271,15 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
             let mut failed = None;
             for vm in vms {
                 match client.delete(vm.clone(), force).await {
-                    Ok(info) => println!("{}", info.name),
+                    Ok(info) => outln!("{}", info.name),
                     Err(e) => {
                         let e = CliError::from(e);
-                        eprintln!("banger: {vm}: {e}");
+                        // The daemon's messages name the VM; say which one when not.
+                        if e.to_string().contains(vm.as_str()) {
+                            eprintln!("banger: {e}");
+                        } else {
+                            eprintln!("banger: vm {vm}: {e}");
+                        }
                         failed = Some(e.exit_code());
                     }
                 }
@@ -327,24 +339,24 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
             if json {
                 render::json(&s)?;
             } else {
-                println!("vm:           {} ({})", s.vm, s.state.as_str());
+                outln!("vm:           {} ({})", s.vm, s.state.as_str());
                 if let Some(pid) = s.pid {
-                    println!("vmm pid:      {pid}");
+                    outln!("vmm pid:      {pid}");
                 }
                 if let Some(rss) = s.vmm_rss_bytes {
-                    println!("vmm memory:   {} resident", bytes(rss));
+                    outln!("vmm memory:   {} resident", bytes(rss));
                 }
                 if let Some(cpu) = s.vmm_cpu_ms {
-                    println!("vmm cpu:      {:.1}s", cpu as f64 / 1000.0);
+                    outln!("vmm cpu:      {:.1}s", cpu as f64 / 1000.0);
                 }
                 if let Some(up) = s.uptime_secs {
-                    println!("uptime:       {}", render::duration(up));
+                    outln!("uptime:       {}", render::duration(up));
                 }
-                println!(
+                outln!(
                     "overlay disk: {} used on the host",
                     bytes(s.overlay_allocated_bytes)
                 );
-                println!(
+                outln!(
                     "work disk:    {} used on the host",
                     bytes(s.work_allocated_bytes)
                 );
@@ -367,31 +379,27 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
             if json {
                 render::json(&ports)?;
             } else {
-                println!("{:<5} {:<28} {:>6}  PROCESS", "PROTO", "ADDRESS", "PORT");
+                outln!("{:<5} {:<28} {:>6}  PROCESS", "PROTO", "ADDRESS", "PORT");
                 for p in ports {
                     let who = match (p.process, p.pid) {
                         (Some(n), Some(pid)) => format!("{n} ({pid})"),
                         _ => "-".into(),
                     };
-                    println!("{:<5} {:<28} {:>6}  {who}", p.proto, p.address, p.port);
+                    outln!("{:<5} {:<28} {:>6}  {who}", p.proto, p.address, p.port);
                 }
             }
         }
         VmCmd::Logs { vm, follow, tail } => {
             if !follow {
                 let text = client.logs(vm, tail).await?;
-                print!("{text}");
-                let _ = std::io::stdout().flush();
+                out!("{text}");
                 return Ok(exit::OK);
             }
             let mut sub = client.logs_follow(vm).await?;
-            let mut out = std::io::stdout();
             while let Some(ev) = sub.next().await {
                 match ev.map_err(|e| CliError::Other(format!("lost the console stream: {e}")))? {
-                    LogEvent::Data { text } => {
-                        let _ = out.write_all(text.as_bytes());
-                        let _ = out.flush();
-                    }
+                    // `vm logs -f dev | grep -m1 login:` ends when grep does.
+                    LogEvent::Data { text } => render::stdout_bytes(text.as_bytes()),
                     LogEvent::End { state } => {
                         eprintln!("\n[banger: the vm is {}]", state.as_str());
                         break;
@@ -422,7 +430,7 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
             }
             let done = client.prune(false).await?;
             for name in done.deleted {
-                println!("{name}");
+                outln!("{name}");
             }
         }
     }

@@ -502,12 +502,7 @@ pub async fn run_export(client: &Client, vm: &str, out: Option<&Path>) -> Result
     };
     match out {
         Some(p) => std::fs::write(p, &diff).map_err(|e| io_err(p.display(), e))?,
-        None => {
-            let mut o = std::io::stdout();
-            o.write_all(&diff)
-                .and_then(|()| o.flush())
-                .map_err(|e| io_err("stdout", e))?;
-        }
+        None => crate::render::stdout_bytes(&diff),
     }
     Ok(())
 }

@@ -8,7 +8,7 @@ use jsonrpsee::types::ErrorObjectOwned;
 use jsonrpsee::{PendingSubscriptionSink, RpcModule};
 use tokio::sync::mpsc;
 
-use banger_actors::TreeError;
+use banger_actors::{NotFound, TreeError};
 use banger_api::{
     BuildImage, CachePruned, CachedBlob, CatalogEntry, ImageInfo, ImageRpcServer, ImportKernel,
     KernelInfo, KernelRpcServer, PromoteImage, PullEvent, PullImage, PullKernel, RegisterImage,
@@ -184,9 +184,7 @@ impl ImageRpcServer for ImageApi {
             .map_err(RpcError::from)?
         {
             Some(rec) => Ok((&rec).into()),
-            None => Err(
-                RpcError::NotFound(format!("image named {name}; see `banger image list`")).into(),
-            ),
+            None => Err(RpcError::from(NotFound::image(name)).into()),
         }
     }
 
@@ -200,9 +198,7 @@ impl ImageRpcServer for ImageApi {
             .map_err(RpcError::from)?
         {
             Some(rec) => Ok((&rec).into()),
-            None => Err(
-                RpcError::NotFound(format!("image named {name}; see `banger image list`")).into(),
-            ),
+            None => Err(RpcError::from(NotFound::image(name)).into()),
         }
     }
 }
@@ -260,10 +256,7 @@ impl KernelRpcServer for KernelApi {
             .map_err(RpcError::from)?
         {
             Some(rec) => Ok((&rec).into()),
-            None => Err(RpcError::NotFound(format!(
-                "kernel named {name}; see `banger kernel list`"
-            ))
-            .into()),
+            None => Err(RpcError::from(NotFound::kernel(name)).into()),
         }
     }
 
@@ -277,10 +270,7 @@ impl KernelRpcServer for KernelApi {
             .map_err(RpcError::from)?
         {
             Some(rec) => Ok((&rec).into()),
-            None => Err(RpcError::NotFound(format!(
-                "kernel named {name}; see `banger kernel list`"
-            ))
-            .into()),
+            None => Err(RpcError::from(NotFound::kernel(name)).into()),
         }
     }
 }

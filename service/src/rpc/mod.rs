@@ -48,8 +48,8 @@ pub enum RpcError {
     Tree(#[from] TreeError),
     #[error("the daemon is shutting down")]
     ShuttingDown,
-    #[error("no {0}")]
-    NotFound(String),
+    #[error(transparent)]
+    NotFound(#[from] banger_actors::NotFound),
     #[error("{0}")]
     Invalid(String),
 }
@@ -73,6 +73,16 @@ impl From<RpcError> for ErrorObjectOwned {
             | RpcError::Tree(TreeError::Image(banger_actors::image::ImageError::Format(
                 banger_actors::kernel_format::KernelFormatError::Refused { .. },
             ))) => codes::INVALID_ARGUMENT,
+            RpcError::Tree(TreeError::Image(banger_actors::image::ImageError::Missing {
+                ..
+            }))
+            | RpcError::Tree(TreeError::NotFound(_)) => codes::NOT_FOUND,
+            RpcError::Tree(TreeError::Image(banger_actors::image::ImageError::Read {
+                source,
+                ..
+            })) if source.kind() == std::io::ErrorKind::PermissionDenied => {
+                codes::PERMISSION_DENIED
+            }
             RpcError::Tree(TreeError::Image(_)) => codes::INTERNAL_ERROR,
             RpcError::Tree(TreeError::Updater(UpdaterError::Busy(_))) => codes::CONFLICT,
             RpcError::Tree(TreeError::Updater(_)) => codes::INTERNAL_ERROR,

@@ -113,12 +113,13 @@ impl VmRpcServer for VmApi {
     async fn restart(&self, pending: PendingSubscriptionSink, vm: String) -> SubscriptionResult {
         let ctx = Arc::clone(&self.ctx);
         progress_stream(pending, |tx| async move {
-            let _ = tx.send(Progress::Stage {
-                stage: "stop".into(),
-                detail: None,
-            });
+            // The VM first: an unknown one is an error with no stage before it.
             let info = ctx.tree.ask_vm(&vm, VmMsg::Info).await?;
             if banger_actors::vm::model::is_active(info.state) {
+                let _ = tx.send(Progress::Stage {
+                    stage: "stop".into(),
+                    detail: None,
+                });
                 ctx.tree
                     .ask_vm(&vm, |reply| VmMsg::Stop {
                         timeout: None,
