@@ -11,6 +11,7 @@
 
 use std::process::ExitCode;
 
+use banger_actors::vmm::firecracker::double;
 use banger_actors::vmm::firecracker::double::process::{self, Invocation};
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -26,8 +27,20 @@ fn main() -> ExitCode {
         },
         Err(_) => Vec::new(),
     };
+    let release = std::env::var(process::RELEASE_ENV).unwrap_or_else(|_| "oldest".into());
+    let Some(release) = double::Release::parse(&release) else {
+        eprintln!(
+            "{}: {release:?} is neither `oldest` nor `newest`",
+            process::RELEASE_ENV
+        );
+        return ExitCode::from(2);
+    };
+    let options = double::Options {
+        release,
+        guest_agent: std::env::var(process::GUEST_ENV).is_ok_and(|v| v == "1"),
+    };
     let args: Vec<String> = std::env::args().skip(1).collect();
-    match run(&args, &faults) {
+    match run(&args, &faults, options) {
         Ok(code) => ExitCode::from(code),
         Err(error) => {
             eprintln!("{}", chain(&error));
@@ -36,7 +49,11 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: &[String], faults: &[process::Fault]) -> Result<u8, process::ProcessError> {
+fn run(
+    args: &[String],
+    faults: &[process::Fault],
+    options: double::Options,
+) -> Result<u8, process::ProcessError> {
     let jailer = match process::parse_jailer_args(args)? {
         Invocation::Print(text) => {
             print!("{text}");
@@ -52,8 +69,19 @@ fn run(args: &[String], faults: &[process::Fault]) -> Result<u8, process::Proces
         .map_err(process::ProcessError::Console)?;
     runtime.block_on(async {
         let shutdown = shutdown_signal().map_err(process::ProcessError::Console)?;
+        // SIGUSR1: `poweroff` typed in the guest.
+        let poweroff =
+            signal(SignalKind::user_defined1()).map_err(process::ProcessError::Console)?;
         let mut stdout = std::io::stdout();
-        let outcome = process::serve(&jail, faults, &mut stdout, shutdown).await?;
+        let outcome = process::serve(
+            &jail,
+            faults,
+            options,
+            &mut stdout,
+            shutdown,
+            Some(poweroff),
+        )
+        .await?;
         Ok(outcome.exit_code())
     })
 }
