@@ -117,12 +117,7 @@ mod tests {
         assert!(!c.contains("root="), "firecracker adds root= itself: {c}");
         // Firecracker's own default line's i8042 parameters, all of them.
         let words: Vec<&str> = c.split_whitespace().collect();
-        for p in [
-            "i8042.noaux",
-            "i8042.nomux",
-            "i8042.nopnp",
-            "i8042.dumbkbd",
-        ] {
+        for p in ["i8042.noaux", "i8042.nomux", "i8042.nopnp", "i8042.dumbkbd"] {
             assert!(words.contains(&p), "{p} missing: {c}");
         }
         assert!(!c.contains("tsc_early_khz"), "{c}");
