@@ -201,6 +201,16 @@ async fn launch_and_shut_down(initrd: bool, tap: bool) {
         body("/machine-config"),
         json!({"vcpu_count": rig.plan.spec.vcpu, "mem_size_mib": rig.plan.spec.memory_mib, "smt": false})
     );
+    // Writable drives flush to the host (`Writeback`); the read-only root needs not.
+    assert_eq!(body("/drives/overlay")["cache_type"], "Writeback");
+    assert_eq!(body("/drives/work")["cache_type"], "Writeback");
+    assert_eq!(body("/drives/rootfs").get("cache_type"), None);
+    // Ctrl+Alt+Del rebooted the guest, which is what ends Firecracker.
+    assert!(
+        rig.console().contains("reboot: Restarting system"),
+        "{}",
+        rig.console()
+    );
     let boot = body("/boot-source");
     assert_eq!(boot["boot_args"], rig.plan.cmdline.as_str());
     assert_eq!(boot.get("initrd_path").is_some(), initrd, "{boot}");

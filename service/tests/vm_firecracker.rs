@@ -37,18 +37,27 @@ async fn setup_with(
     fail: Option<&str>,
     agent_timeout_secs: u64,
 ) -> (support::TestDaemon, Client, tempfile::TempDir) {
-    setup_in(fail, agent_timeout_secs, None).await
+    let env = fail.map(|fault| format!("BANGER_FC_DOUBLE_FAIL='{fault}'"));
+    setup_in(env.as_deref(), agent_timeout_secs, None).await
 }
 
 /// The exec name every jail is made under: the file `firecracker` links to, as a release
 /// is installed (`firecracker -> firecracker-v1.13.1-x86_64`), and as the jailer names it.
 const EXEC_NAME: &str = "firecracker-v1.13.1-x86_64";
 
+/// A double whose guest runs a banger agent (`Health`, `Shutdown`), waited for at start.
+async fn setup_with_agent() -> (support::TestDaemon, Client, tempfile::TempDir) {
+    setup_in(Some("BANGER_FC_DOUBLE_GUEST_AGENT=1"), 10, None).await
+}
+
 /// Without a helper (`netns` None) Firecracker runs unjailed: `firecracker` is the double
 /// itself (a hard link, under Firecracker's name). With one, the double is the jailer and
 /// `firecracker` only the exec file it copies into each jail (empty: the double is 150 MB).
+/// `env`: environment assignments for the double (`NAME='value' ...`), set through a
+/// wrapper script (as Firecracker, or as the jailer) since the daemon's environment is not
+/// the test's to change.
 async fn setup_in(
-    fail: Option<&str>,
+    env: Option<&str>,
     agent_timeout_secs: u64,
     netns: Option<&str>,
 ) -> (support::TestDaemon, Client, tempfile::TempDir) {
@@ -62,22 +71,34 @@ async fn setup_in(
         std::fs::copy(double_bin(), &versioned).unwrap();
     }
     std::os::unix::fs::symlink(&versioned, f.join("firecracker")).unwrap();
-    let firecracker = match fail {
-        None => f.join("firecracker"),
-        Some(fault) => {
-            // Run as Firecracker (its name in argv[0]) with the fault in its environment.
-            let script = f.join("firecracker-with-fault");
-            std::fs::write(
-                &script,
+    let script = |name: &str, text: String| {
+        let script = f.join(name);
+        std::fs::write(&script, text).unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        script
+    };
+    let (jailer, firecracker) = match (env, netns) {
+        (None, _) => (double_bin(), f.join("firecracker")),
+        // Run as Firecracker (its name in argv[0]) with `env` in its environment.
+        (Some(env), None) => (
+            double_bin(),
+            script(
+                "firecracker-with-env",
                 format!(
-                    "#!/bin/bash\nBANGER_FC_DOUBLE_FAIL='{fault}' exec -a \"$0\" {} \"$@\"\n",
+                    "#!/bin/bash\n{env} exec -a \"$0\" {} \"$@\"\n",
                     versioned.display()
                 ),
-            )
-            .unwrap();
-            std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-            script
-        }
+            ),
+        ),
+        // The jailer clears the environment before exec: the double reads `env` as the
+        // jailer, at its start.
+        (Some(env), Some(_)) => (
+            script(
+                "jailer",
+                format!("#!/bin/sh\n{env} exec {} \"$@\"\n", double_bin().display()),
+            ),
+            f.join("firecracker"),
+        ),
     };
     std::fs::create_dir_all(f.join("kernel")).unwrap();
     std::fs::write(f.join("kernel/vmlinux"), minimal_elf(4096)).unwrap();
@@ -95,7 +116,7 @@ async fn setup_in(
             .success()
     );
     let mut config = support::test_config();
-    config.firecracker.jailer = double_bin();
+    config.firecracker.jailer = jailer;
     config.firecracker.binary = firecracker;
     config.stop_timeout_secs = 5;
     // The double has no guest, hence no agent: 0 does not wait for one.
@@ -509,6 +530,75 @@ async fn a_vm_waiting_for_its_agent_can_be_stopped_and_the_create_says_why() {
     assert_eq!(stopped.state, VmState::Stopped);
     let err = create.await.unwrap().unwrap_err();
     assert!(err.1.contains("exited while it was booting"), "{}", err.1);
+    drop(c);
+    d.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_ends_firecracker_by_a_guest_reboot_not_a_kill() {
+    // Firecracker lives on after a guest power-off and exits only on a guest reboot: a
+    // stop that asked the agent to power off would wait out stop_timeout and SIGKILL.
+    let (d, c, _files) = setup_with_agent().await;
+    create(
+        &c,
+        CreateVm {
+            name: Some("rb".into()),
+            image: Some("img".into()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let vm = VmRpcClient::show(&c, "rb".into()).await.unwrap();
+    assert_eq!(vm.state, VmState::Running);
+    assert_eq!(vm.error, None, "the double's agent answered");
+    let stopped = c.stop("rb".into(), None).await.unwrap();
+    assert_eq!(stopped.state, VmState::Stopped);
+    // The guest rebooted (so the process exited by itself), it never powered off.
+    let log = c.logs("rb".into(), None).await.unwrap();
+    assert!(log.contains("reboot: Restarting system"), "{log}");
+    assert!(!log.contains("reboot: Power down"), "{log}");
+    drop(c);
+    d.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poweroff_in_the_guest_is_noticed_although_firecracker_lives_on() {
+    let (d, c, _files) = setup_with_agent().await;
+    create(
+        &c,
+        CreateVm {
+            name: Some("po".into()),
+            image: Some("img".into()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let vm = VmRpcClient::show(&c, "po".into()).await.unwrap();
+    let pid = vm.pid.expect("running");
+    // SIGUSR1 is the double's `poweroff` typed in the guest: the guest halts, the process
+    // stays.
+    c.kill("po".into(), Some("SIGUSR1".into())).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let vm = loop {
+        let vm = VmRpcClient::show(&c, "po".into()).await.unwrap();
+        if vm.state != VmState::Running {
+            break vm;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a halted guest is still shown as running"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(vm.state, VmState::Stopped);
+    assert_eq!(
+        vm.pid, None,
+        "the halted VM's firecracker (pid {pid}) was ended"
+    );
+    let log = c.logs("po".into(), None).await.unwrap();
+    assert!(log.contains("reboot: Power down"), "{log}");
     drop(c);
     d.shutdown().await;
 }

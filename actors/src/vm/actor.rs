@@ -172,6 +172,11 @@ pub enum VmMsg {
     Exited {
         generation: u64,
     },
+    /// The guest's kernel said it powered off or halted, under a VMM that lives on after
+    /// that (Firecracker): end the process.
+    GuestHalted {
+        generation: u64,
+    },
     AgentReady {
         generation: u64,
         result: Result<(), String>,
@@ -426,11 +431,17 @@ impl VmActor {
         });
     }
 
-    /// Start following console.log from its current end.
-    fn start_console(state: &mut VmActorState) {
+    /// Start following console.log from its current end. Under a VMM that outlives its
+    /// guest's power-off (Firecracker), the follower also watches for the kernel's
+    /// power-off line ([`crate::vmm::GUEST_HALTED`]) and tells the actor
+    /// ([`VmMsg::GuestHalted`]), which ends the process: else a guest `poweroff` would
+    /// leave a halted VM shown as running.
+    fn start_console(myself: &ActorRef<VmMsg>, state: &mut VmActorState) {
         if state.console.stop.is_some() {
             return;
         }
+        let halt_watch =
+            (!state.driver().guest_halt_ends_vmm()).then(|| (myself.clone(), state.generation));
         let path = state.dir.console();
         let old = state.dir.console_old();
         let start = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
@@ -439,15 +450,35 @@ impl VmActor {
         state.console.stop = Some(stop_tx);
         let (tx, offset) = (state.console.tx.clone(), Arc::clone(&state.console.offset));
         tokio::spawn(async move {
-            let drain = |final_state: Option<VmState>| {
+            // The end of the last read that was not a whole line yet, so a halt line split
+            // across two reads is still seen.
+            let mut partial = String::new();
+            let mut halted = false;
+            let mut drain = |final_state: Option<VmState>| {
                 let mut off = offset.lock().expect("console lock");
                 if let Ok(bytes) = read_from(&path, *off)
                     && !bytes.is_empty()
                 {
                     *off += bytes.len() as u64;
-                    let _ = tx.send(LogEvent::Data {
-                        text: String::from_utf8_lossy(&bytes).into_owned(),
-                    });
+                    let text = String::from_utf8_lossy(&bytes).into_owned();
+                    if let Some((me, generation)) = &halt_watch
+                        && !halted
+                    {
+                        partial.push_str(&text);
+                        if crate::vmm::GUEST_HALTED.iter().any(|l| partial.contains(l)) {
+                            halted = true;
+                            let _ = me.cast(VmMsg::GuestHalted {
+                                generation: *generation,
+                            });
+                        }
+                        // Keep only the unfinished last line (bounded).
+                        let keep = partial.rfind('\n').map_or(0, |i| i + 1);
+                        partial.drain(..keep);
+                        if partial.len() > 256 {
+                            partial.clear();
+                        }
+                    }
+                    let _ = tx.send(LogEvent::Data { text });
                 }
                 // Keep the console bounded: a chatty guest must not fill the disk.
                 if disks::rotate_console(&path, &old, disks::CONSOLE_MAX).unwrap_or(false) {
@@ -629,7 +660,7 @@ impl Actor for VmActor {
                 state.rec.state = VmState::Running;
                 state.persist().await?;
                 Self::watch_exit(&myself, &state);
-                Self::start_console(&mut state);
+                Self::start_console(&myself, &mut state);
             } else {
                 tracing::info!(vm = %state.rec.name, "the vm's process is gone; marking it stopped");
                 let rt = state.rec.runtime.take();
@@ -719,7 +750,7 @@ impl Actor for VmActor {
                         state.rec.cmdline = Some(cmdline);
                         state.persist().await?;
                         Self::watch_exit(&myself, state);
-                        Self::start_console(state);
+                        Self::start_console(&myself, state);
                         let timeout = state.env.agent_timeout;
                         if timeout.is_zero() {
                             Self::now_running(state, None).await?;
@@ -863,12 +894,15 @@ impl Actor for VmActor {
                 let timeout = timeout.unwrap_or(state.env.stop_timeout);
                 let name = state.rec.name.clone();
                 let host = state.env.net.clone();
+                // A VMM that outlives its guest's power-off (Firecracker) is stopped by a
+                // guest reboot, which ends it (see `Driver::guest_halt_ends_vmm`).
+                let reboot = !driver.guest_halt_ends_vmm();
                 tokio::spawn(async move {
-                    // The agent first (a clean power-off from inside, for any image), then
+                    // The agent first (a clean shutdown from inside, for any image), then
                     // the VMM's own way (Ctrl-Alt-Del, or the ACPI power button).
                     let via_agent = banger_guest::host::call(
                         std::path::Path::new(&rt.vsock_socket),
-                        &banger_guest::proto::Request::Shutdown { reboot: false },
+                        &banger_guest::proto::Request::Shutdown { reboot },
                         Duration::from_secs(3),
                     )
                     .await
@@ -1060,6 +1094,14 @@ impl Actor for VmActor {
             VmMsg::Exited { generation } => {
                 if generation == state.generation && state.rec.runtime.is_some() {
                     Self::on_exited(&myself, state).await?;
+                }
+            }
+            VmMsg::GuestHalted { generation } => {
+                if generation == state.generation && state.rec.runtime.is_some() {
+                    // Nothing is lost: the guest synced and halted; only the process is
+                    // left, and it would never exit by itself.
+                    tracing::info!(vm = %state.rec.name, "the guest powered off; ending its VMM, which outlives a guest power-off");
+                    Self::kill_now(state, nix::sys::signal::Signal::SIGKILL).await;
                 }
             }
         }

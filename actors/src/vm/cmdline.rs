@@ -41,9 +41,24 @@ pub fn build(i: &CmdlineInputs<'_>) -> String {
     let mut p: Vec<String> = vec!["console=ttyS0".into(), "panic=1".into()];
     match i.vmm {
         // Firecracker adds `root=/dev/vda ro` itself for the root drive, and exits on a
-        // guest reboot; `reboot=k` reboots through the keyboard controller it emulates.
+        // guest reboot; `reboot=k` reboots through the keyboard controller it emulates. The
+        // i8042 parameters are those of Firecracker's own default command line
+        // (`DEFAULT_KERNEL_CMDLINE`, `vmm_config/boot_source.rs`): its i8042 has no aux
+        // port, no multiplexer, no PnP and no real keyboard, and without them the guest
+        // driver spends boot time probing for them (`docs/api_requests/actions.md`). The
+        // driver is what `SendCtrlAltDel` reaches the guest through.
         VmmKind::Firecracker => {
-            p.extend(["reboot=k".into(), "pci=off".into(), "i8042.noaux".into()]);
+            p.extend(
+                [
+                    "reboot=k",
+                    "pci=off",
+                    "i8042.noaux",
+                    "i8042.nomux",
+                    "i8042.nopnp",
+                    "i8042.dumbkbd",
+                ]
+                .map(String::from),
+            );
         }
         // microvm: `reboot=t` (triple fault) with `-no-reboot` makes a guest reboot exit QEMU.
         VmmKind::Qemu => {
@@ -100,6 +115,11 @@ mod tests {
             "{c}"
         );
         assert!(!c.contains("root="), "firecracker adds root= itself: {c}");
+        // Firecracker's own default line's i8042 parameters, all of them.
+        let words: Vec<&str> = c.split_whitespace().collect();
+        for p in ["i8042.noaux", "i8042.nomux", "i8042.nopnp", "i8042.dumbkbd"] {
+            assert!(words.contains(&p), "{p} missing: {c}");
+        }
         assert!(!c.contains("tsc_early_khz"), "{c}");
         assert_eq!(param(&c, "init"), Some(INIT_PATH));
         assert_eq!(param(&c, "banger.id"), Some("0123456789ab"));

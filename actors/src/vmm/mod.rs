@@ -85,6 +85,11 @@ pub enum VmmError {
     Setup(String),
 }
 
+/// The console lines of a Linux kernel that has powered off or halted (`kernel/reboot.c`:
+/// `kernel_power_off` and `kernel_halt` print them at KERN_EMERG, so `quiet` keeps them):
+/// the guest is gone, whether or not its VMM process is.
+pub const GUEST_HALTED: [&str; 2] = ["reboot: Power down", "reboot: System halted"];
+
 /// The driver of one VMM kind.
 #[derive(Debug, Clone)]
 pub enum Driver {
@@ -115,6 +120,19 @@ impl Driver {
     }
 
     /// Ask the guest to shut down (Ctrl-Alt-Del); the caller waits and kills on timeout.
+    /// Whether the VMM process ends when its guest powers off or halts. QEMU's does (ACPI
+    /// power-off). Firecracker's does not: it has no power-management device, and a guest
+    /// that powers off halts its vCPUs while the process "lives on" (Firecracker's
+    /// `FAQ.md`); only a guest reboot (`reboot=k`) ends it. So a Firecracker VM is stopped
+    /// by asking its guest to reboot, and a guest that halted by itself is ended by the VM
+    /// actor once the kernel says so on the console (see [`GUEST_HALTED`]).
+    pub fn guest_halt_ends_vmm(&self) -> bool {
+        match self {
+            Driver::Firecracker(_) => false,
+            Driver::Qemu(_) => true,
+        }
+    }
+
     pub async fn request_shutdown(&self, rt: &Runtime) -> Result<(), VmmError> {
         match self {
             Driver::Firecracker(_) => firecracker::request_shutdown(rt).await,

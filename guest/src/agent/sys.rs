@@ -193,20 +193,20 @@ pub fn host_keys() -> Vec<String> {
     keys
 }
 
-/// Ask PID 1 to power off (or reboot): systemd understands SIGRTMIN+4 (poweroff.target)
-/// and SIGINT (ctrl-alt-del.target); banger-init SIGTERM and SIGINT.
+/// Ask PID 1 to power off (or reboot): under systemd, `systemctl poweroff`/`reboot` (not
+/// SIGINT, whose ctrl-alt-del.target an image may mask); banger-init takes SIGTERM and
+/// SIGINT (and reboots for both: see banger-init). The daemon asks for a reboot under
+/// Firecracker, which exits on a guest reboot but not on a power-off.
 pub fn shutdown(reboot: bool) {
     nix::unistd::sync();
     let init_is_systemd =
         std::fs::read_to_string("/proc/1/comm").is_ok_and(|c| c.trim() == "systemd");
     let pid1 = nix::unistd::Pid::from_raw(1);
-    if reboot {
+    if init_is_systemd {
+        let verb = if reboot { "reboot" } else { "poweroff" };
+        let _ = std::process::Command::new("systemctl").arg(verb).status();
+    } else if reboot {
         let _ = nix::sys::signal::kill(pid1, nix::sys::signal::Signal::SIGINT);
-    } else if init_is_systemd {
-        // systemd's poweroff signal is SIGRTMIN+4, which nix has no safe constant for.
-        let _ = std::process::Command::new("systemctl")
-            .arg("poweroff")
-            .status();
     } else {
         let _ = nix::sys::signal::kill(pid1, nix::sys::signal::Signal::SIGTERM);
     }

@@ -18,11 +18,18 @@
 //!    disk; promoted images ship without host keys);
 //! 8. execs the image's init (`/sbin/init`, systemd) if it has one; otherwise it stays PID
 //!    1: it starts `sshd -D` and restarts it (and the agent) when they die, reaps
-//!    orphans, turns Ctrl-Alt-Del (SIGINT, how both VMMs ask for a shutdown) into a reboot
-//!    (which makes the VMM exit) and SIGTERM/SIGPWR into a power-off.
+//!    orphans, and shuts the guest down on Ctrl-Alt-Del (SIGINT, how both VMMs ask for a
+//!    shutdown), SIGTERM and SIGPWR.
 //!
 //! It says what it does on the console, prefixed `banger-init:`. A failure in steps 1–5
-//! is reported and the guest is powered off rather than left half set up.
+//! is reported and the guest is shut down rather than left half set up.
+//!
+//! Shutting down is always a **reboot**: both VMMs banger runs exit when their guest
+//! reboots (Firecracker with `reboot=k`, QEMU with `-no-reboot`), but Firecracker has no
+//! power-management device, so a guest that powers off halts while the Firecracker process
+//! lives on (Firecracker's `FAQ.md`, which recommends `reboot` to shut a guest down). A
+//! power-off that bypasses banger-init (`poweroff -f`, or an image's own init) is noticed
+//! by the daemon from the kernel's `reboot: Power down` console line.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 use std::ffi::CString;
@@ -416,6 +423,12 @@ fn power(action: nix::sys::reboot::RebootMode) -> ! {
     }
 }
 
+/// End the guest, so that its VMM exits: a reboot (see the module docs for why not a
+/// power-off).
+fn shut_down() -> ! {
+    power(nix::sys::reboot::RebootMode::RB_AUTOBOOT)
+}
+
 /// Input devices named "Power Button" (the ACPI button driver's).
 fn power_buttons() -> Vec<std::path::PathBuf> {
     let Ok(dir) = std::fs::read_dir("/sys/class/input") else {
@@ -505,12 +518,12 @@ fn supervise(mut agent: Option<i32>, mut sshd: Option<i32>) -> ! {
                 }
             }
             Ok(Signal::SIGINT) => {
-                say("ctrl-alt-del: rebooting (the VMM exits)");
-                power(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
+                say("ctrl-alt-del: shutting down (rebooting: the VMM exits)");
+                shut_down();
             }
             Ok(_) => {
-                say("powering off");
-                power(nix::sys::reboot::RebootMode::RB_POWER_OFF);
+                say("shutting down (rebooting: the VMM exits)");
+                shut_down();
             }
             Err(_) => {}
         }
@@ -536,8 +549,8 @@ fn main() {
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     say(format!("starting (banger {})", env!("CARGO_PKG_VERSION")));
     if let Err(e) = setup(&cmdline) {
-        say(format!("setup failed: {e}; powering off"));
-        power(nix::sys::reboot::RebootMode::RB_POWER_OFF);
+        say(format!("setup failed: {e}; shutting down"));
+        shut_down();
     }
     let agent = spawn_agent();
     let inits = ["/sbin/init", "/usr/sbin/init", "/lib/systemd/systemd"];

@@ -29,9 +29,19 @@
 //! outlives a daemon restart like a daemonized one would.
 //!
 //! API sequence (each answered 204 by Firecracker): logger, metrics, machine-config,
-//! boot-source, drives (rootfs read-only as root device, overlay, work), network interface
+//! boot-source, drives (rootfs read-only as root device, overlay and work with
+//! `cache_type: Writeback` so that a guest fsync reaches the host's disk), network interface
 //! (when the VM has a tap), vsock (hybrid, `vsock.sock` in the jail), then InstanceStart.
-//! Shutdown is `SendCtrlAltDel`; Firecracker exits when the guest reboots.
+//!
+//! Stopping: Firecracker exits only when its guest **reboots** (`reboot=k` on the command
+//! line; the CPU reset ends the process). A guest that powers off or halts leaves the
+//! process running with its vCPUs halted (Firecracker's `FAQ.md`: it "lives on"), since
+//! it has no power-management device. So the VM actor asks the guest agent to *reboot*
+//! (`Driver::guest_halt_ends_vmm` is false here), banger-init turns every shutdown into a
+//! reboot, [`request_shutdown`] (when the agent cannot be reached) is `SendCtrlAltDel`,
+//! which the guest answers with a reboot (x86-64 only: it needs the guest's i8042 driver),
+//! and a guest that powers off anyway (an image's own `poweroff`) is ended by the actor
+//! when the kernel prints its power-off line on the console.
 
 #[cfg(feature = "test-double")]
 pub mod double;
@@ -189,13 +199,20 @@ pub fn api_sequence(plan: &LaunchPlan) -> Vec<(&'static str, String, Value)> {
     if plan.initrd.is_some() {
         boot["initrd_path"] = json!("initrd");
     }
+    // Writable drives (overlay, work) are `Writeback`: the default `Unsafe` does not
+    // advertise VirtIO flush, so a guest fsync would never reach the host's disk
+    // (`docs/api_requests/block-caching.md`). The read-only root has nothing to flush.
     let drive = |id: &str, file: &str, root: bool, ro: bool| {
-        json!({
+        let mut d = json!({
             "drive_id": id,
             "path_on_host": file,
             "is_root_device": root,
             "is_read_only": ro,
-        })
+        });
+        if !ro {
+            d["cache_type"] = json!("Writeback");
+        }
+        d
     };
     let mut seq = vec![
         (
@@ -536,7 +553,6 @@ mod tests {
 
     #[test]
     fn every_request_of_a_launch_conforms_to_the_published_spec() {
-        let spec = double::Spec::load();
         let dir = tempfile::tempdir().unwrap();
         let seq = api_sequence(&plan(dir.path()));
         assert_eq!(
@@ -544,9 +560,57 @@ mod tests {
             "/actions",
             "InstanceStart comes last"
         );
-        for (method, path, body) in &seq {
-            spec.validate(method, path, Some(body))
+        // The newest spec and that of the oldest release banger supports.
+        for spec in [double::Spec::load(), double::Spec::oldest()] {
+            for (method, path, body) in &seq {
+                spec.validate(method, path, Some(body))
+                    .unwrap_or_else(|e| panic!("v{}: {method} {path}: {e}", spec.version()));
+            }
+        }
+    }
+
+    /// The whole launch sequence against the double answering as the oldest supported
+    /// release: all accepted, and the writable drives advertise flush (`Writeback`), so a
+    /// guest fsync on them reaches the host's disk.
+    #[tokio::test]
+    async fn a_launch_passes_the_oldest_release_and_writable_drives_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        std::fs::write(
+            root.join("vmlinux"),
+            crate::kernel_format::fixture::minimal_elf(4096),
+        )
+        .unwrap();
+        for f in [
+            "rootfs.ext4",
+            "overlay.ext4",
+            "work.ext4",
+            "firecracker.log",
+            "metrics.json",
+        ] {
+            std::fs::write(root.join(f), b"").unwrap();
+        }
+        let socket = dir.path().join("api.sock");
+        let options = double::Options {
+            release: double::Release::Oldest,
+            ..Default::default()
+        };
+        let fc = double::FirecrackerDouble::start_with(&socket, Some(&root), options)
+            .await
+            .unwrap();
+        assert_eq!(fc.version(), double::OLDEST_SUPPORTED);
+        let mut api = Api::connect(&socket).await.unwrap();
+        for (method, path, body) in api_sequence(&plan(dir.path())) {
+            api.call(method, &path, Some(&body))
+                .await
                 .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
         }
+        assert_eq!(fc.violations(), Vec::<String>::new());
+        assert_eq!(fc.state(), double::DoubleState::Running);
+        assert_eq!(fc.flush_advertised("overlay"), Some(true));
+        assert_eq!(fc.flush_advertised("work"), Some(true));
+        assert_eq!(fc.flush_advertised("rootfs"), Some(false), "read-only");
+        fc.shutdown().await;
     }
 }

@@ -12,6 +12,7 @@
 
 use std::process::ExitCode;
 
+use banger_actors::vmm::firecracker::double;
 use banger_actors::vmm::firecracker::double::process::{self, Invocation};
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -27,12 +28,24 @@ fn main() -> ExitCode {
         },
         Err(_) => Vec::new(),
     };
+    let release = std::env::var(process::RELEASE_ENV).unwrap_or_else(|_| "oldest".into());
+    let Some(release) = double::Release::parse(&release) else {
+        eprintln!(
+            "{}: {release:?} is neither `oldest` nor `newest`",
+            process::RELEASE_ENV
+        );
+        return ExitCode::from(2);
+    };
+    let options = double::Options {
+        release,
+        guest_agent: std::env::var(process::GUEST_ENV).is_ok_and(|v| v == "1"),
+    };
     let argv0 = std::env::args().next().unwrap_or_default();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = if process::runs_as_firecracker(&argv0) {
-        run_alone(&args, &faults)
+        run_alone(&args, &faults, options)
     } else {
-        run(&args, &faults)
+        run(&args, &faults, options)
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -43,7 +56,11 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: &[String], faults: &[process::Fault]) -> Result<u8, process::ProcessError> {
+fn run(
+    args: &[String],
+    faults: &[process::Fault],
+    options: double::Options,
+) -> Result<u8, process::ProcessError> {
     let jailer = match process::parse_jailer_args(args)? {
         Invocation::Print(text) => {
             print!("{text}");
@@ -55,25 +72,44 @@ fn run(args: &[String], faults: &[process::Fault]) -> Result<u8, process::Proces
     process::isolate(&jailer, &jail, std::path::Path::new("/proc/mounts"))?;
     process::drop_privileges(&jailer)?;
     process::open_kvm(&jail)?;
-    serve(&jail, faults)
+    serve(&jail, faults, options)
 }
 
 /// Firecracker without the jailer: serve in the working directory.
-fn run_alone(args: &[String], faults: &[process::Fault]) -> Result<u8, process::ProcessError> {
+fn run_alone(
+    args: &[String],
+    faults: &[process::Fault],
+    options: double::Options,
+) -> Result<u8, process::ProcessError> {
     let cwd = std::env::current_dir().map_err(process::ProcessError::Console)?;
     let jail = process::firecracker_alone(args, &cwd)?;
-    serve(&jail, faults)
+    serve(&jail, faults, options)
 }
 
-fn serve(jail: &process::Jail, faults: &[process::Fault]) -> Result<u8, process::ProcessError> {
+fn serve(
+    jail: &process::Jail,
+    faults: &[process::Fault],
+    options: double::Options,
+) -> Result<u8, process::ProcessError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(process::ProcessError::Console)?;
     runtime.block_on(async {
         let shutdown = shutdown_signal().map_err(process::ProcessError::Console)?;
+        // SIGUSR1: `poweroff` typed in the guest.
+        let poweroff =
+            signal(SignalKind::user_defined1()).map_err(process::ProcessError::Console)?;
         let mut stdout = std::io::stdout();
-        let outcome = process::serve(jail, faults, &mut stdout, shutdown).await?;
+        let outcome = process::serve(
+            jail,
+            faults,
+            options,
+            &mut stdout,
+            shutdown,
+            Some(poweroff),
+        )
+        .await?;
         Ok(outcome.exit_code())
     })
 }

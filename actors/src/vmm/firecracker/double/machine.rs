@@ -8,21 +8,20 @@
 //! here sends what the real one accepts.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Instant;
 
 use serde_json::{Map, Value, json};
-use tokio::io::AsyncReadExt;
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixListener;
 use tokio::task::JoinHandle;
 
+use super::guest::{self, Guest};
 use super::spec::{RouteError, Spec};
 use super::{DoubleState, Recorded};
 
 const APP_NAME: &str = "Firecracker";
 /// Firecracker's id when the jailer gives none (`--id`).
 const INSTANCE_ID: &str = "anonymous-instance";
-/// How long a vsock connection may take to write its `CONNECT <port>\n` before it is closed.
-const VSOCK_HANDSHAKE: Duration = Duration::from_secs(5);
 
 const POST_BOOT: &str = "The requested operation is not supported after starting the microVM.";
 const PRE_BOOT: &str = "The requested operation is not supported before starting the microVM.";
@@ -96,8 +95,6 @@ pub(crate) enum Effect {
     None,
     /// `InstanceStart` was accepted; it arrived at this instant.
     Started(Instant),
-    /// The guest will shut down (Ctrl+Alt+Del reached a running guest): the process exits.
-    Halt,
 }
 
 /// The answer to one request.
@@ -226,14 +223,15 @@ pub(crate) struct Vmm {
     faults: Vec<Fault>,
     resources: Resources,
     vsock: Option<VsockSocket>,
-    /// Ctrl+Alt+Del reached a paused guest: it shuts down once resumed.
-    halt_on_resume: bool,
+    guest: Arc<Guest>,
+    /// Ctrl+Alt+Del reached a paused guest: it reboots once resumed.
+    reboot_on_resume: bool,
 }
 
 impl Vmm {
-    pub(crate) fn new(root: Option<&Path>) -> Vmm {
+    pub(crate) fn new(root: Option<&Path>, spec: &'static Spec, guest: Arc<Guest>) -> Vmm {
         Vmm {
-            spec: Spec::shared(),
+            spec,
             root: root.map(Path::to_owned),
             state: DoubleState::NotStarted,
             requests: Vec::new(),
@@ -241,8 +239,24 @@ impl Vmm {
             faults: Vec::new(),
             resources: Resources::default(),
             vsock: None,
-            halt_on_resume: false,
+            guest,
+            reboot_on_resume: false,
         }
+    }
+
+    /// Whether the drive advertises VirtIO flush to the guest, so that a guest fsync
+    /// reaches the host's disk: only with `cache_type: Writeback`; the default, `Unsafe`,
+    /// does not (`docs/api_requests/block-caching.md`). `None` for an unknown drive.
+    pub(crate) fn flush_advertised(&self, drive_id: &str) -> Option<bool> {
+        self.resources
+            .drives
+            .iter()
+            .find(|d| d["drive_id"] == drive_id)
+            .map(|d| d["cache_type"] == "Writeback")
+    }
+
+    pub(crate) fn version(&self) -> &str {
+        self.spec.version()
     }
 
     pub(crate) fn fail_next(&mut self, path_prefix: &str, status: u16, message: &str) {
@@ -623,11 +637,10 @@ impl Vmm {
                 }
                 _ => {
                     self.state = DoubleState::Running;
-                    let mut answer = Answer::empty();
-                    if std::mem::take(&mut self.halt_on_resume) {
-                        answer.effect = Effect::Halt;
+                    if std::mem::take(&mut self.reboot_on_resume) {
+                        self.guest.reboot();
                     }
-                    Ok(answer)
+                    Ok(Answer::empty())
                 }
             },
             _ => Err(format!("the double does not implement {method} {template}")),
@@ -650,18 +663,22 @@ impl Vmm {
                     )
                 })?;
                 self.state = DoubleState::Running;
+                self.guest.boot();
                 let mut answer = Answer::empty();
                 answer.effect = Effect::Started(at);
                 Ok(answer)
             }
+            // The guest turns Ctrl+Alt+Del into a reboot, which ends the process; a guest
+            // that has halted sees nothing (`Guest::reboot` does nothing then).
             "SendCtrlAltDel" => {
-                let mut answer = Answer::empty();
                 match self.state {
-                    DoubleState::Running => answer.effect = Effect::Halt,
+                    DoubleState::Running => {
+                        self.guest.reboot();
+                    }
                     // A paused guest sees the keystroke only once resumed.
-                    _ => self.halt_on_resume = true,
+                    _ => self.reboot_on_resume = true,
                 }
-                Ok(answer)
+                Ok(Answer::empty())
             }
             // `METRICS.write()`: nothing to flush without a metrics file, and that is fine.
             "FlushMetrics" => Ok(Answer::empty()),
@@ -764,9 +781,10 @@ impl Vmm {
         let listener = UnixListener::bind(&path).map_err(|e| {
             format!("Vsock config error: Cannot create backend for vsock device: UnixBind({e:?})")
         })?;
+        let guest = self.guest.clone();
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                tokio::spawn(no_guest_listening(stream));
+                tokio::spawn(guest::host_connection(guest.clone(), stream));
             }
         });
         self.vsock = Some(VsockSocket { path, task });
@@ -807,6 +825,7 @@ impl Vmm {
         } else {
             DoubleState::Paused
         };
+        self.guest.boot();
         Ok(Answer::empty())
     }
 
@@ -916,23 +935,6 @@ fn load_elf_kernel(kernel: &Path) -> Result<(), &'static str> {
     f.read_exact(&mut phdrs)
         .map_err(|_| "Unable to read program header")?;
     Ok(())
-}
-
-/// A host-initiated vsock connection: read `CONNECT <port>\n`, then close, since no guest
-/// listens behind it.
-async fn no_guest_listening(mut stream: UnixStream) {
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    let read_line = async {
-        while let Ok(1) = stream.read(&mut byte).await {
-            if byte[0] == b'\n' {
-                break;
-            }
-            line.push(byte[0]);
-        }
-    };
-    let _ = tokio::time::timeout(VSOCK_HANDSHAKE, read_line).await;
-    tracing::debug!(request = %String::from_utf8_lossy(&line), "vsock connection closed: no guest");
 }
 
 /// Firecracker's `checked_id`.

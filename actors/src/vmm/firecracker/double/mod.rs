@@ -5,15 +5,23 @@
 //! keep-alive on the API Unix socket, records every request, and lists every request it
 //! refused in [`FirecrackerDouble::violations`]: a correct driver causes none.
 //!
-//! There is no VM behind it. `InstanceStart` reads the kernel as Firecracker's x86-64
-//! loader does and answers 400 with Firecracker's message to a file that is not an ELF
-//! vmlinux (a bzImage gets `Invalid Elf magic number`), else moves it to Running; `SendCtrlAltDel` to a
-//! running guest makes it exit shortly after, as a guest that shuts down would: the API
-//! socket stops accepting and is removed. The vsock device's host socket is bound at
-//! `PUT /vsock`, as Firecracker does; a connection to it is read (`CONNECT <port>\n`) and
-//! closed, since no guest listens.
+//! It answers as one Firecracker release ([`Options::release`]): the newest vendored spec,
+//! or that of the oldest release banger supports ([`spec::OLDEST_SUPPORTED`]), which
+//! refuses fields added since.
 //!
-//! Not modelled: the guest, tap devices (`host_dev_name` is not checked against the host),
+//! There is no VM behind it, only a model of the guest ([`guest`]). `InstanceStart` reads
+//! the kernel as Firecracker's x86-64 loader does and answers 400 with Firecracker's
+//! message to a file that is not an ELF vmlinux (a bzImage gets `Invalid Elf magic
+//! number`), else moves it to Running and boots the guest. A guest reboot
+//! (`SendCtrlAltDel` to a running guest, or the guest agent asked to reboot) makes the
+//! process exit shortly after: the API socket stops accepting and is removed. A guest
+//! power-off (the agent asked to power off, or [`FirecrackerDouble::guest_poweroff`])
+//! leaves the process running, as Firecracker does. The vsock device's host socket is
+//! bound at `PUT /vsock`, as Firecracker does; a connection to it is read
+//! (`CONNECT <port>\n`) and answered `OK <port>\n` when the guest listens on that port
+//! (its agent, when [`Options::guest_agent`]), else closed.
+//!
+//! Not modelled: the guest's software beyond that, tap devices (`host_dev_name` is not checked against the host),
 //! rate limiting, snapshot contents (`/snapshot/create` writes empty files), MMDS over the
 //! network, and the MMDS `ipv4_address` format.
 //!
@@ -22,13 +30,15 @@
 //! cgroups and device nodes for real, and fails unprivileged as the jailer does; run under
 //! a name containing `firecracker` it is Firecracker alone (the driver's unjailed mode).
 
+mod guest;
 mod machine;
 pub mod process;
 mod spec;
 #[cfg(test)]
 mod tests;
 
-pub use spec::Spec;
+pub use guest::GuestPower;
+pub use spec::{OLDEST_SUPPORTED, Release, Spec};
 
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
@@ -46,10 +56,21 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 
+use guest::Guest;
 use machine::{Effect, Vmm};
 
-/// How long a guest takes to shut down after Ctrl+Alt+Del.
+/// How long a guest takes to reboot (and the process to exit) once it decided to.
 const GUEST_SHUTDOWN: Duration = Duration::from_millis(50);
+
+/// How the double behaves.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Options {
+    /// The Firecracker release whose API it answers as.
+    pub release: Release,
+    /// The guest runs a banger agent on vsock port [`banger_guest::proto::AGENT_PORT`]
+    /// (once booted), answering `Health` and `Shutdown`.
+    pub guest_agent: bool,
+}
 
 /// One request as the double received it, with the status it answered.
 #[derive(Debug, Clone, PartialEq)]
@@ -86,6 +107,7 @@ enum Stop {
 struct Shared {
     api_socket: PathBuf,
     vmm: Mutex<Vmm>,
+    guest: Arc<Guest>,
     started: watch::Sender<Option<Instant>>,
     stop: watch::Sender<Option<Stop>>,
 }
@@ -110,12 +132,23 @@ impl FirecrackerDouble {
     /// directory relative to which paths in bodies are resolved (the jail's chroot); `None`
     /// uses paths as given.
     pub async fn start(api_socket: &Path, root: Option<&Path>) -> std::io::Result<Self> {
+        Self::start_with(api_socket, root, Options::default()).await
+    }
+
+    /// [`FirecrackerDouble::start`], behaving as `options` say.
+    pub async fn start_with(
+        api_socket: &Path,
+        root: Option<&Path>,
+        options: Options,
+    ) -> std::io::Result<Self> {
         let listener = UnixListener::bind(api_socket)?;
         let (started, _) = watch::channel(None);
         let (stop, stop_rx) = watch::channel(None);
+        let guest = Guest::new(options.guest_agent);
         let shared = Arc::new(Shared {
             api_socket: api_socket.to_owned(),
-            vmm: Mutex::new(Vmm::new(root)),
+            vmm: Mutex::new(Vmm::new(root, options.release.spec(), guest.clone())),
+            guest,
             started,
             stop,
         });
@@ -139,6 +172,28 @@ impl FirecrackerDouble {
 
     pub fn state(&self) -> DoubleState {
         self.shared.vmm().state
+    }
+
+    /// The guest's power state.
+    pub fn guest_power(&self) -> GuestPower {
+        self.shared.guest.power()
+    }
+
+    /// The guest powers off by itself (`poweroff` typed in it): it halts, and the process
+    /// lives on. Nothing happens unless the guest is up.
+    pub fn guest_poweroff(&self) {
+        self.shared.guest.halt();
+    }
+
+    /// The version of the spec the double answers as.
+    pub fn version(&self) -> String {
+        self.shared.vmm().version().to_owned()
+    }
+
+    /// Whether drive `drive_id` advertises flush to the guest (`cache_type: Writeback`);
+    /// `None` if there is no such drive.
+    pub fn flush_advertised(&self, drive_id: &str) -> Option<bool> {
+        self.shared.vmm().flush_advertised(drive_id)
     }
 
     /// Make the next request whose path starts with `path_prefix` fail with `status` and
@@ -191,8 +246,25 @@ async fn serve(
     mut stop: watch::Receiver<Option<Stop>>,
 ) {
     let mut connections = JoinSet::new();
+    let mut power = shared.guest.subscribe();
+    let mut exiting = false;
     let reason = loop {
         tokio::select! {
+            // The guest rebooted: Firecracker exits on the reset.
+            Ok(()) = power.changed(), if !exiting => {
+                if *power.borrow_and_update() == GuestPower::Rebooting {
+                    exiting = true;
+                    let shared = shared.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(GUEST_SHUTDOWN).await;
+                        shared.stop.send_if_modified(|stop| {
+                            let first = stop.is_none();
+                            stop.get_or_insert(Stop::Exit);
+                            first
+                        });
+                    });
+                }
+            }
             changed = stop.changed() => {
                 break match changed {
                     Ok(()) => (*stop.borrow()).unwrap_or(Stop::Shutdown),
@@ -254,17 +326,6 @@ async fn answer(shared: &Arc<Shared>, request: Request<Incoming>) -> Response<Fu
         Effect::None => {}
         Effect::Started(at) => {
             shared.started.send_replace(Some(at));
-        }
-        Effect::Halt => {
-            let shared = shared.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(GUEST_SHUTDOWN).await;
-                shared.stop.send_if_modified(|stop| {
-                    let first = stop.is_none();
-                    stop.get_or_insert(Stop::Exit);
-                    first
-                });
-            });
         }
     }
     respond(answer.status, answer.body.as_ref())

@@ -39,9 +39,13 @@
 //! isolated.
 //!
 //! The guest: once `InstanceStart` is accepted, a few serial console lines go to stdout,
-//! the last being [`GUEST_RUNNING`]. The process exits 0 when the double has Exited (after
-//! `SendCtrlAltDel`), or `128 + signal` on SIGTERM/SIGINT. Before exiting it writes the
-//! requests and violations to `<root>/`[`RECORD_FILE`].
+//! the last being [`GUEST_RUNNING`]. When the guest powers off, the kernel's
+//! `reboot: Power down` line follows and the process lives on (as Firecracker does); when
+//! it reboots, `reboot: Restarting system`, and the process exits 0 (Firecracker exits on
+//! the reset). SIGUSR1 is `poweroff` typed in the guest. SIGTERM/SIGINT end the process
+//! with `128 + signal`. Before exiting it writes the requests and violations to
+//! `<root>/`[`RECORD_FILE`]. [`GUEST_ENV`] gives the guest an agent, [`RELEASE_ENV`] picks
+//! the Firecracker release it answers as (by default the oldest banger supports).
 //!
 //! Exit codes: 1 for the jailer's errors (the real jailer returns 1 for argument errors
 //! and panics on the others), 153 for Firecracker's argument errors
@@ -56,7 +60,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::{DoubleState, FirecrackerDouble, Spec};
+use super::{DoubleState, FirecrackerDouble, GuestPower, Spec};
 
 /// Where the record of requests and violations is written, in the jail root.
 pub const RECORD_FILE: &str = "double-record.json";
@@ -65,6 +69,16 @@ pub const RECORD_FILE: &str = "double-record.json";
 pub const FAIL_ENV: &str = "BANGER_FC_DOUBLE_FAIL";
 /// The last console line of a booted guest.
 pub const GUEST_RUNNING: &str = "banger-fc-double: guest running";
+/// The environment variable that gives the guest a banger agent when `1`
+/// ([`super::Options::guest_agent`]).
+pub const GUEST_ENV: &str = "BANGER_FC_DOUBLE_GUEST_AGENT";
+/// The environment variable naming the Firecracker release the process answers as:
+/// `oldest` (the default: [`super::OLDEST_SUPPORTED`]) or `newest`.
+pub const RELEASE_ENV: &str = "BANGER_FC_DOUBLE_RELEASE";
+/// The kernel's console line when the guest powers off.
+pub const GUEST_POWER_DOWN: &str = "reboot: Power down";
+/// The kernel's console line when the guest reboots.
+pub const GUEST_RESTARTING: &str = "reboot: Restarting system";
 
 /// The jailer's exit code for its errors.
 const JAILER_ERROR: u8 = 1;
@@ -980,14 +994,17 @@ impl Outcome {
 
 /// Serve the API in the jail until the guest exits or `shutdown` resolves (to a signal
 /// number), writing the guest's console to `console`; then write the record.
+/// `poweroff`: each signal it receives is a `poweroff` typed in the guest.
 pub async fn serve(
     jail: &Jail,
     faults: &[Fault],
+    options: super::Options,
     console: &mut dyn Write,
     shutdown: impl Future<Output = i32>,
+    poweroff: Option<tokio::signal::unix::Signal>,
 ) -> Result<Outcome, ProcessError> {
     let began = Instant::now();
-    let double = FirecrackerDouble::start(&jail.api_socket, Some(&jail.root))
+    let double = FirecrackerDouble::start_with(&jail.api_socket, Some(&jail.root), options)
         .await
         .map_err(|e| ProcessError::ApiSocket(jail.api_socket.clone(), e))?;
     for fault in faults {
@@ -995,7 +1012,7 @@ pub async fn serve(
     }
     let outcome = tokio::select! {
         signal = shutdown => Ok(Outcome::Signalled(signal)),
-        guest = guest(&double, console) => guest.map(|()| Outcome::GuestExited),
+        guest = guest(&double, console, poweroff) => guest.map(|()| Outcome::GuestExited),
     };
     let record = record(&double, began);
     double.shutdown().await;
@@ -1008,7 +1025,11 @@ pub async fn serve(
 }
 
 /// The guest: boots when `InstanceStart` is accepted, runs until the double exits.
-async fn guest(double: &FirecrackerDouble, console: &mut dyn Write) -> Result<(), ProcessError> {
+async fn guest(
+    double: &FirecrackerDouble,
+    console: &mut dyn Write,
+    mut poweroff: Option<tokio::signal::unix::Signal>,
+) -> Result<(), ProcessError> {
     double.instance_started().await;
     let requests = double.requests();
     let body_of = |path: &str| {
@@ -1037,10 +1058,35 @@ async fn guest(double: &FirecrackerDouble, console: &mut dyn Write) -> Result<()
         writeln!(console, "{line}").map_err(ProcessError::Console)?;
     }
     console.flush().map_err(ProcessError::Console)?;
-    while double.state() != DoubleState::Exited {
-        tokio::time::sleep(EXIT_POLL).await;
+    let mut said = GuestPower::Up;
+    loop {
+        let power = double.guest_power();
+        if power != said {
+            let line = match power {
+                GuestPower::Halted => Some(GUEST_POWER_DOWN),
+                GuestPower::Rebooting => Some(GUEST_RESTARTING),
+                GuestPower::Off | GuestPower::Up => None,
+            };
+            if let Some(line) = line {
+                writeln!(console, "[    1.000000] {line}").map_err(ProcessError::Console)?;
+                console.flush().map_err(ProcessError::Console)?;
+            }
+            said = power;
+        }
+        if double.state() == DoubleState::Exited {
+            return Ok(());
+        }
+        let signalled = async {
+            match poweroff.as_mut() {
+                Some(signal) => signal.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = tokio::time::sleep(EXIT_POLL) => {}
+            Some(()) = signalled => double.guest_poweroff(),
+        }
     }
-    Ok(())
 }
 
 /// The record: state, requests (with milliseconds since the process began serving), and

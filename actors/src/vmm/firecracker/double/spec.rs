@@ -16,8 +16,46 @@ use std::sync::OnceLock;
 use serde::Deserialize;
 use serde_json::Value;
 
-/// The vendored spec; `Spec::load` panics if this stops parsing.
+/// The vendored spec (Firecracker's main branch); `Spec::load` panics if this stops
+/// parsing.
 const SPEC_YAML: &str = include_str!("../firecracker-api.yaml");
+/// The spec of the oldest Firecracker release banger supports,
+/// `src/firecracker/swagger/firecracker.yaml` at tag `v1.10.0`, unchanged. A request the
+/// driver sends must conform to both: a field newer than v1.10.0 is refused by a v1.10
+/// Firecracker (`deny_unknown_fields`), which the double emulating it catches.
+const OLDEST_YAML: &str = include_str!("../firecracker-api-v1.10.0.yaml");
+
+/// The oldest Firecracker release banger supports.
+pub const OLDEST_SUPPORTED: &str = "1.10.0";
+
+/// Which Firecracker release's API the double answers as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Release {
+    /// [`OLDEST_SUPPORTED`].
+    Oldest,
+    /// The newest vendored spec.
+    #[default]
+    Newest,
+}
+
+impl Release {
+    /// `oldest` or `newest` (also the version numbers they stand for).
+    pub fn parse(text: &str) -> Option<Release> {
+        match text {
+            "oldest" | OLDEST_SUPPORTED => Some(Release::Oldest),
+            "newest" => Some(Release::Newest),
+            other if other == Spec::shared().version() => Some(Release::Newest),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn spec(self) -> &'static Spec {
+        match self {
+            Release::Oldest => Spec::shared_oldest(),
+            Release::Newest => Spec::shared(),
+        }
+    }
+}
 
 /// Firecracker's published API, parsed from the vendored swagger file.
 #[derive(Debug, Clone)]
@@ -135,6 +173,7 @@ struct RawResponse {
 }
 
 static LOADED: OnceLock<Spec> = OnceLock::new();
+static OLDEST: OnceLock<Spec> = OnceLock::new();
 
 impl Spec {
     /// Parse the vendored YAML. Panics only if the vendored file is broken.
@@ -142,10 +181,22 @@ impl Spec {
         Spec::shared().clone()
     }
 
+    /// The spec of the oldest supported release ([`OLDEST_SUPPORTED`]).
+    pub fn oldest() -> Spec {
+        Spec::shared_oldest().clone()
+    }
+
     /// The parsed spec, parsed once per process.
     pub(crate) fn shared() -> &'static Spec {
         LOADED.get_or_init(|| {
             Spec::parse(SPEC_YAML).expect("the vendored firecracker-api.yaml does not parse")
+        })
+    }
+
+    pub(crate) fn shared_oldest() -> &'static Spec {
+        OLDEST.get_or_init(|| {
+            Spec::parse(OLDEST_YAML)
+                .expect("the vendored firecracker-api-v1.10.0.yaml does not parse")
         })
     }
 
@@ -543,6 +594,26 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn the_oldest_release_parses_and_lacks_newer_fields() {
+        let oldest = Spec::oldest();
+        assert_eq!(oldest.version(), OLDEST_SUPPORTED);
+        // `free_page_hinting` came after v1.10.0: v1.10 refuses it (deny_unknown_fields),
+        // the newest accepts it.
+        let balloon = json!({"amount_mib": 0, "deflate_on_oom": false, "free_page_hinting": true});
+        let err = oldest
+            .validate("PUT", "/balloon", Some(&balloon))
+            .unwrap_err();
+        assert!(err.contains("free_page_hinting"), "{err}");
+        Spec::load()
+            .validate("PUT", "/balloon", Some(&balloon))
+            .unwrap();
+        assert!(oldest.validate("PUT", "/serial", Some(&json!({}))).is_err());
+        assert_eq!(Release::parse("1.10.0"), Some(Release::Oldest));
+        assert_eq!(Release::parse("newest"), Some(Release::Newest));
+        assert_eq!(Release::parse("0.9"), None);
+    }
 
     #[test]
     fn spec_parses_and_knows_the_paths() {

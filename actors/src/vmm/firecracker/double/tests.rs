@@ -22,6 +22,10 @@ struct Jail {
 }
 
 async fn jail() -> Jail {
+    jail_with(Options::default()).await
+}
+
+async fn jail_with(options: Options) -> Jail {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root");
     std::fs::create_dir(&root).unwrap();
@@ -34,7 +38,7 @@ async fn jail() -> Jail {
         std::fs::write(root.join(file), b"").unwrap();
     }
     let socket = dir.path().join("api.sock");
-    let double = FirecrackerDouble::start(&socket, Some(&root))
+    let double = FirecrackerDouble::start_with(&socket, Some(&root), options)
         .await
         .unwrap();
     Jail {
@@ -715,4 +719,181 @@ async fn shutdown_stops_serving_and_removes_the_socket() {
     // Firecracker will not start on a socket path that exists; neither does the double.
     std::fs::write(&socket, b"").unwrap();
     assert!(FirecrackerDouble::start(&socket, None).await.is_err());
+}
+
+/// `CONNECT <port>` on the vsock socket: the answer line, or `None` if it was closed.
+async fn vsock_connect(socket: &Path, port: u32) -> Option<String> {
+    let mut stream = BufReader::new(UnixStream::connect(socket).await.unwrap());
+    stream
+        .get_mut()
+        .write_all(format!("CONNECT {port}\n").as_bytes())
+        .await
+        .unwrap();
+    let mut line = String::new();
+    let n = tokio::time::timeout(WAIT, stream.read_line(&mut line))
+        .await
+        .expect("the vsock socket answers or closes")
+        .unwrap_or(0);
+    (n > 0).then_some(line)
+}
+
+fn with_agent() -> Options {
+    Options {
+        guest_agent: true,
+        ..Options::default()
+    }
+}
+
+#[tokio::test]
+async fn vsock_answers_ok_where_the_guest_listens_and_closes_elsewhere() {
+    use banger_guest::proto::{AGENT_PORT, Request, Response};
+    let jail = jail_with(with_agent()).await;
+    let mut client = Client::connect(&jail.socket).await;
+    configure(&mut client).await;
+    let vsock = jail.root.join("v.sock");
+    // Before boot nothing in the guest listens.
+    assert_eq!(vsock_connect(&vsock, AGENT_PORT).await, None);
+    let (status, _) = client
+        .send(
+            "PUT",
+            "/actions",
+            Some(json!({"action_type": "InstanceStart"})),
+        )
+        .await;
+    assert_eq!(status, 204);
+    // Firecracker's muxer numbers host-side ports from 2^30.
+    assert_eq!(
+        vsock_connect(&vsock, AGENT_PORT).await.as_deref(),
+        Some("OK 1073741824\n")
+    );
+    assert_eq!(
+        vsock_connect(&vsock, AGENT_PORT).await.as_deref(),
+        Some("OK 1073741825\n")
+    );
+    assert_eq!(
+        vsock_connect(&vsock, 52).await,
+        None,
+        "nothing listens on 52"
+    );
+    let health = banger_guest::host::call(&vsock, &Request::Health, WAIT)
+        .await
+        .unwrap();
+    assert!(matches!(health, Response::Health { .. }), "{health:?}");
+    // Without an agent, nothing listens at all.
+    let bare = jail_with(Options::default()).await;
+    let _client = boot(&bare).await;
+    assert_eq!(
+        vsock_connect(&bare.root.join("v.sock"), AGENT_PORT).await,
+        None
+    );
+    assert_eq!(jail.double.violations(), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn a_guest_poweroff_leaves_the_process_alive_and_a_reboot_ends_it() {
+    use banger_guest::proto::{AGENT_PORT, Request, Response};
+    let jail = jail_with(with_agent()).await;
+    let mut client = boot(&jail).await;
+    let vsock = jail.root.join("v.sock");
+    let answer = banger_guest::host::call(&vsock, &Request::Shutdown { reboot: false }, WAIT)
+        .await
+        .unwrap();
+    assert_eq!(answer, Response::ShuttingDown);
+    assert_eq!(jail.double.guest_power(), GuestPower::Halted);
+    // Firecracker "lives on": its API answers, the guest is gone from vsock, and
+    // Ctrl+Alt+Del reaches no one.
+    let (status, info) = client.send("GET", "/", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(info.unwrap()["state"], "Running");
+    assert_eq!(vsock_connect(&vsock, AGENT_PORT).await, None);
+    let (status, _) = client
+        .send(
+            "PUT",
+            "/actions",
+            Some(json!({"action_type": "SendCtrlAltDel"})),
+        )
+        .await;
+    assert_eq!(status, 204);
+    assert_eq!(jail.double.guest_power(), GuestPower::Halted);
+    assert_ne!(jail.double.state(), DoubleState::Exited);
+    assert!(jail.socket.exists());
+
+    // A reboot asked of the agent ends the process.
+    let jail = jail_with(with_agent()).await;
+    let _client = boot(&jail).await;
+    let vsock = jail.root.join("v.sock");
+    let answer = banger_guest::host::call(&vsock, &Request::Shutdown { reboot: true }, WAIT)
+        .await
+        .unwrap();
+    assert_eq!(answer, Response::ShuttingDown);
+    wait_until("the double exits", || {
+        jail.double.state() == DoubleState::Exited
+    })
+    .await;
+    assert!(!jail.socket.exists(), "the api socket is still there");
+
+    // So does a power-off typed in the guest not.
+    let jail = jail_with(with_agent()).await;
+    let _client = boot(&jail).await;
+    jail.double.guest_poweroff();
+    assert_eq!(jail.double.guest_power(), GuestPower::Halted);
+    assert_eq!(jail.double.violations(), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn the_oldest_release_refuses_a_field_added_since() {
+    let balloon = json!({"amount_mib": 0, "deflate_on_oom": false, "free_page_hinting": true});
+    let oldest = jail_with(Options {
+        release: Release::Oldest,
+        ..Options::default()
+    })
+    .await;
+    let (status, version) = call(&oldest.socket, "GET", "/version", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(version.unwrap()["firecracker_version"], OLDEST_SUPPORTED);
+    let (status, body) = call(&oldest.socket, "PUT", "/balloon", Some(balloon.clone())).await;
+    assert_eq!(status, 400);
+    assert!(fault(&body).contains("free_page_hinting"), "{body:?}");
+    assert_eq!(oldest.double.violations().len(), 1);
+    let newest = jail().await;
+    let (status, body) = call(&newest.socket, "PUT", "/balloon", Some(balloon)).await;
+    assert_eq!(status, 204, "{body:?}");
+}
+
+#[tokio::test]
+async fn drives_advertise_flush_only_with_writeback() {
+    let jail = jail().await;
+    for (id, cache) in [
+        ("rootfs", None),
+        ("data", Some("Writeback")),
+        ("fast", Some("Unsafe")),
+    ] {
+        let file = if id == "rootfs" {
+            "/rootfs.ext4"
+        } else {
+            "/data.ext4"
+        };
+        let mut drive = json!({"drive_id": id, "path_on_host": file, "is_root_device": id == "rootfs", "is_read_only": false});
+        if let Some(cache) = cache {
+            drive["cache_type"] = json!(cache);
+        }
+        let (status, body) = call(&jail.socket, "PUT", &format!("/drives/{id}"), Some(drive)).await;
+        assert_eq!(status, 204, "{body:?}");
+    }
+    assert_eq!(
+        jail.double.flush_advertised("rootfs"),
+        Some(false),
+        "Unsafe is the default"
+    );
+    assert_eq!(jail.double.flush_advertised("data"), Some(true));
+    assert_eq!(jail.double.flush_advertised("fast"), Some(false));
+    assert_eq!(jail.double.flush_advertised("none"), None);
+    let (status, body) = call(
+        &jail.socket,
+        "PUT",
+        "/drives/bad",
+        Some(json!({"drive_id": "bad", "path_on_host": "/data.ext4", "is_root_device": false, "is_read_only": false, "cache_type": "Writethrough"})),
+    )
+    .await;
+    assert_eq!(status, 400, "{body:?}");
 }
