@@ -101,15 +101,8 @@ fn serve(
         let poweroff =
             signal(SignalKind::user_defined1()).map_err(process::ProcessError::Console)?;
         let mut stdout = std::io::stdout();
-        let outcome = process::serve(
-            jail,
-            faults,
-            options,
-            &mut stdout,
-            shutdown,
-            Some(poweroff),
-        )
-        .await?;
+        let outcome =
+            process::serve(jail, faults, options, &mut stdout, shutdown, Some(poweroff)).await?;
         Ok(outcome.exit_code())
     })
 }
