@@ -927,7 +927,8 @@ fn image_variant(dir: &Path, name: &str, cmds: &[String]) -> PathBuf {
 }
 
 #[test]
-fn root_rig_an_image_without_sshd_gets_it_installed_once_on_first_boot() {
+fn root_rig_an_image_without_sshd_gets_it_installed_once_on_first_boot_and_dockers_state_is_on_ext4()
+ {
     let home = Home::new();
     // A container-like image: no sshd, and an apt-get that stands in for the package
     // manager and its mirror (no mirror is reachable from the test's namespaces): it logs
@@ -944,6 +945,10 @@ esac
 "#,
     )
     .unwrap();
+    // It also has docker installed (its daemon binary is what counts): its state dir must
+    // not be on the root's overlayfs, where docker's own overlays cannot nest.
+    let dockerd = files.path().join("dockerd");
+    std::fs::write(&dockerd, b"").unwrap();
     let img = image_variant(
         files.path(),
         "bare.ext4",
@@ -952,6 +957,7 @@ esac
             "rm /usr/bin/apt-get".into(),
             format!("write {} /usr/bin/apt-get", apt.display()),
             "sif /usr/bin/apt-get mode 0100755".into(),
+            format!("write {} /usr/sbin/dockerd", dockerd.display()),
         ],
     );
     home.ok(&[
@@ -983,12 +989,31 @@ esac
         "-f",
         "/var/lib/banger/firstboot-sshd",
     ]);
+    let fs_of = |p: &str| home.ok(&["vm", "exec", "fb", "--", "stat", "-f", "-c", "%T", p]);
+    assert_eq!(fs_of("/"), "overlayfs\n");
+    assert_eq!(
+        fs_of("/var/lib/docker"),
+        "ext2/ext3\n",
+        "{}",
+        home.ok(&["vm", "logs", "fb"])
+    );
+    home.ok(&["vm", "exec", "fb", "--", "touch", "/var/lib/docker/kept"]);
     // Once: a second boot finds the marker (on the overlay) and does nothing.
     home.ok(&["vm", "stop", "fb"]);
     home.ok(&["vm", "start", "fb"]);
     home.ok(&["vm", "exec", "fb", "--", "true"]);
     let out = home.ok(&["vm", "exec", "fb", "--", "cat", "/root/apt.log"]);
     assert_eq!(out.lines().count(), 2, "{out}");
+    // docker's state is the VM's, kept across boots like the rest of its writes.
+    home.ok(&[
+        "vm",
+        "exec",
+        "fb",
+        "--",
+        "test",
+        "-f",
+        "/var/lib/docker/kept",
+    ]);
     let log = home.ok(&["vm", "logs", "fb"]);
     assert_eq!(
         log.matches("first boot: this image has no sshd").count(),

@@ -9,6 +9,9 @@
 //!    builds an overlayfs with the read-only root as its lower layer, then switches into it
 //!    (move the mount onto `/`, chroot), so writes to `/` land on the overlay disk and the
 //!    image stays untouched;
+//!    the state directories of installed container engines (`/var/lib/docker`,
+//!    `/var/lib/containerd`, `/var/lib/containers`) are bound to directories of the overlay
+//!    disk itself, since their engines' own overlays cannot nest in an overlayfs;
 //! 4. mounts the work disk (`banger.work=LABEL=bg-work`) at /root;
 //! 5. sets the hostname from `banger.name`;
 //! 6. starts banger-agent (`/usr/lib/banger/banger-agent`, vsock);
@@ -35,7 +38,7 @@
 use std::ffi::CString;
 use std::path::Path;
 
-use banger_guest::init::{find_device, load_order, param, parse_modules_dep};
+use banger_guest::init::{container_state_dirs, find_device, load_order, param, parse_modules_dep};
 use nix::mount::{MsFlags, mount};
 use nix::sys::signal::{SigSet, Signal};
 
@@ -174,6 +177,31 @@ fn setup(cmdline: &str) -> Result<(), String> {
         "root: the image, read-only, under an overlay on {}",
         overlay_dev.display()
     ));
+    // Container engines nest overlays under their state directory, which overlayfs
+    // refuses on an overlayfs: give each installed engine's a directory of the overlay disk
+    // (ext4; kept with the VM's other writes to `/`). Moved with the new root below.
+    for dir in container_state_dirs(Path::new(newroot)) {
+        let (src, dst) = (format!("{disk}/state/{dir}"), format!("{newroot}/{dir}"));
+        let bound = std::fs::create_dir_all(&src)
+            .and_then(|()| std::fs::create_dir_all(&dst))
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                mount(
+                    Some(src.as_str()),
+                    dst.as_str(),
+                    None::<&str>,
+                    MsFlags::MS_BIND,
+                    None::<&str>,
+                )
+                .map_err(|e| e.to_string())
+            });
+        match bound {
+            Ok(()) => say(format!(
+                "/{dir}: on the overlay disk (a container engine's overlays cannot nest in /'s)"
+            )),
+            Err(e) => say(format!("/{dir} stays on the overlay: {e}")),
+        }
+    }
     for m in ["/proc", "/sys", "/dev"] {
         let target = format!("{newroot}{m}");
         let _ = std::fs::create_dir_all(&target);

@@ -87,9 +87,54 @@ pub fn load_order(deps: &HashMap<String, Vec<String>>, wanted: &[&str]) -> Vec<S
     out
 }
 
+/// Container engines that keep overlay mounts of their own under a state directory
+/// (docker's overlay2, containerd's overlayfs snapshotter, podman's overlay driver): the
+/// daemon binary that says the engine is installed, and its state directory, relative to
+/// the root.
+const CONTAINER_ENGINES: &[(&str, &str)] = &[
+    ("dockerd", "var/lib/docker"),
+    ("containerd", "var/lib/containerd"),
+    ("podman", "var/lib/containers"),
+];
+
+/// The state directories (relative) of the container engines installed under `root`.
+///
+/// The guest's `/` is an overlayfs, and overlayfs refuses an upper directory on an
+/// overlayfs, so docker inside a sandbox failed (`failed to mount overlay: invalid
+/// argument`) until these are given a real filesystem: banger-init binds a directory of the
+/// overlay disk (ext4) over each.
+pub fn container_state_dirs(root: &Path) -> Vec<&'static str> {
+    CONTAINER_ENGINES
+        .iter()
+        .filter(|(bin, _)| {
+            ["usr/bin", "usr/sbin", "bin", "sbin"]
+                .iter()
+                .any(|d| root.join(d).join(bin).exists())
+        })
+        .map(|(_, dir)| *dir)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn container_engines_are_found_by_their_daemon_binary() {
+        let root = tempfile::tempdir().unwrap();
+        assert!(container_state_dirs(root.path()).is_empty());
+        std::fs::create_dir_all(root.path().join("usr/sbin")).unwrap();
+        std::fs::create_dir_all(root.path().join("usr/bin")).unwrap();
+        // Debian's docker.io installs /usr/sbin/dockerd; containerd is in /usr/bin.
+        std::fs::write(root.path().join("usr/sbin/dockerd"), b"").unwrap();
+        assert_eq!(container_state_dirs(root.path()), ["var/lib/docker"]);
+        std::fs::write(root.path().join("usr/bin/containerd"), b"").unwrap();
+        std::fs::write(root.path().join("usr/bin/podman"), b"").unwrap();
+        assert_eq!(
+            container_state_dirs(root.path()),
+            ["var/lib/docker", "var/lib/containerd", "var/lib/containers"]
+        );
+    }
 
     #[test]
     fn params() {
