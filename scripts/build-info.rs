@@ -26,21 +26,12 @@ fn build_info() {
         });
     println!("cargo:rustc-env=BANGER_COMMIT={commit}");
     println!("cargo:rustc-env=BANGER_BUILD_TIME={}", rfc3339(secs));
-    if let Some(git_dir) = Command::new("git")
-        .args(["-C", &manifest, "rev-parse", "--absolute-git-dir"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-    {
-        let git_dir = git_dir.trim();
-        // HEAD, and (below) only the checked-out branch's ref: watching all of refs/heads
-        // rebuilt (and re-linked, with LTO: minutes) both binaries whenever any other
-        // branch moved, so a second quick start was not quick.
-        println!("cargo:rerun-if-changed={git_dir}/HEAD");
-    }
-    // In a worktree, branch refs live in the common dir, not in the worktree's git dir:
-    // watch the checked-out branch's ref there, so a commit refreshes BANGER_COMMIT.
+    // What moves when HEAD does: HEAD itself (a checkout), HEAD's reflog (every commit,
+    // reset or checkout appends to it), and the checked-out branch's ref, loose or packed.
+    // Only paths that exist are watched: cargo treats a missing one as always stale, so
+    // watching `packed-refs` in a repository without one re-ran this script, and re-linked
+    // both binaries (minutes with LTO), on every build. Nothing else under refs/ is
+    // watched, so another branch moving (a worktree's commit) rebuilds nothing.
     let git = |args: &[&str]| {
         Command::new("git")
             .args(["-C", &manifest])
@@ -51,12 +42,22 @@ fn build_info() {
             .and_then(|o| String::from_utf8(o.stdout).ok())
             .map(|s| s.trim().to_owned())
     };
-    if let (Some(common), Some(head)) = (
-        git(&["rev-parse", "--path-format=absolute", "--git-common-dir"]),
-        git(&["symbolic-ref", "-q", "HEAD"]),
-    ) {
-        println!("cargo:rerun-if-changed={common}/{head}");
-        println!("cargo:rerun-if-changed={common}/packed-refs");
+    let mut watch = Vec::new();
+    if let Some(git_dir) = git(&["rev-parse", "--absolute-git-dir"]) {
+        watch.push(format!("{git_dir}/HEAD"));
+        watch.push(format!("{git_dir}/logs/HEAD"));
+    }
+    // In a worktree, branch refs live in the common dir, not in the worktree's git dir.
+    if let Some(common) = git(&["rev-parse", "--path-format=absolute", "--git-common-dir"]) {
+        if let Some(head) = git(&["symbolic-ref", "-q", "HEAD"]) {
+            watch.push(format!("{common}/{head}"));
+        }
+        watch.push(format!("{common}/packed-refs"));
+    }
+    for path in watch {
+        if std::path::Path::new(&path).exists() {
+            println!("cargo:rerun-if-changed={path}");
+        }
     }
     println!("cargo:rerun-if-env-changed=BANGER_COMMIT");
     println!("cargo:rerun-if-env-changed=SOURCE_DATE_EPOCH");

@@ -56,6 +56,19 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 phase "rustfmt" cargo fmt --all -- --check
 phase "clippy" cargo clippy --workspace --all-targets --locked -- -D warnings
 phase "build tests" cargo test --workspace --locked --no-run
+# A second build of the binaries must do nothing: a path a build script watches that is
+# always stale (a missing file) re-links banger and bangerd on every build, and made a
+# second quick start take minutes.
+second_build_is_fresh() {
+    cargo build --locked -p banger -p bangerd
+    local out
+    out=$(cargo build --locked -p banger -p bangerd -v 2>&1)
+    if grep -E '^ *(Dirty|Compiling) banger(d)? ' <<<"$out"; then
+        echo "a second build of banger/bangerd was not fresh (above: what cargo found changed)" >&2
+        return 1
+    fi
+}
+phase "fresh rebuild" second_build_is_fresh
 TEST_LOG=$(mktemp /tmp/banger-test.XXXXXX.log)
 run_tests() {
     cargo test --workspace --locked --no-fail-fast -- --test-threads="${BANGER_TEST_THREADS:-4}" 2>&1 |
