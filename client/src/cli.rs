@@ -318,8 +318,8 @@ pub enum VmCmd {
         /// Ship the whole directory (ignored files and submodules included).
         #[arg(long)]
         full_copy: bool,
-        /// Print how long each stage took (create, boot to agent ready, ship, command,
-        /// delete) to stderr; also BANGER_TIMINGS=1. Takes an optional value:
+        /// Print how long each stage took (create, boot to agent ready, ship, services,
+        /// command, delete) to stderr; also BANGER_TIMINGS=1. Takes an optional value:
         /// `--timings=no`; 1/0, yes/no, true/false and on/off are all understood.
         #[arg(
             long,
@@ -333,6 +333,11 @@ pub enum VmCmd {
             hide_possible_values = true
         )]
         timings: bool,
+        /// Run the command (or open the shell) as soon as the guest agent answers, without
+        /// waiting for the guest's services to start (systemd's start-up jobs): seconds
+        /// sooner, in a half-booted machine.
+        #[arg(long)]
+        no_boot_wait: bool,
         /// The command and its arguments (after `--`); none: an interactive shell.
         #[arg(last = true)]
         cmd: Vec<String>,

@@ -267,6 +267,43 @@ pub enum Request {
     TcpConnect {
         port: u16,
     },
+    /// Wait until the guest has finished booting, at most `timeout_secs`: banger-init has
+    /// handed over to the image's init, and systemd (when that is the init) has finished
+    /// its start-up jobs (`systemctl is-system-running --wait`). The agent answers as soon
+    /// as banger-init has started it, well before the image's services run, so `vm run`
+    /// asks this before running a command. Answers `Boot`. Added within protocol version 1:
+    /// an older agent answers `Error` (unknown op), which the host takes as "booted".
+    Boot {
+        timeout_secs: u32,
+    },
+}
+
+/// Where banger-init says which init runs the guest once it has set up (in the guest's
+/// `/run`): [`BOOT_INIT_SYSTEMD`], [`BOOT_INIT_BANGER`], or `other <path>`.
+pub const BOOT_INIT_MARKER: &str = "/run/banger/init";
+/// [`BOOT_INIT_MARKER`] when banger-init has exec'd systemd.
+pub const BOOT_INIT_SYSTEMD: &str = "systemd";
+/// [`BOOT_INIT_MARKER`] when banger-init stays PID 1 (an image without an init).
+pub const BOOT_INIT_BANGER: &str = "banger-init";
+
+/// How far the guest's boot is (`Response::Boot`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootState {
+    /// `systemd`, `banger-init` (no init of the image's own), or the path of another init.
+    pub init: String,
+    /// systemd's system state (`running`, `degraded`, `starting`, ...); `running` for
+    /// banger-init; `unknown` for another init; `starting` when the wait timed out.
+    pub state: String,
+    /// Failed units, when `degraded`.
+    #[serde(default)]
+    pub failed: Vec<String>,
+}
+
+impl BootState {
+    /// Boot has finished (whether or not every unit started).
+    pub fn finished(&self) -> bool {
+        matches!(self.state.as_str(), "running" | "degraded" | "unknown")
+    }
 }
 
 /// `exec`.
@@ -344,6 +381,7 @@ pub enum Response {
     Written { bytes: u64 },
     FileInfo { size: u64, mode: u32 },
     Connected,
+    Boot { boot: BootState },
 }
 
 /// The host side of the handshake on a connected stream.

@@ -14,8 +14,18 @@
 //! `--timings` (or `BANGER_TIMINGS=1`) prints the stages to stderr: `image` (only when the
 //! image had to be pulled or built first), `create` (the control
 //! plane: from the request to the VMM launched, i.e. the daemon's `agent` stage), `boot`
-//! (from there until the agent answers: the guest's own boot), `ship`, `command`,
-//! `delete`, and the total.
+//! (from there until the agent answers: the guest's own boot), `ship`, `services` (until the
+//! guest's init has finished starting its services, see below), `command`, `delete`, and
+//! the total.
+//!
+//! **The command runs on a booted machine.** The agent answers as soon as banger-init has
+//! started it, before systemd has started the image's services; a command run then sees a
+//! half-booted machine (`systemctl` refuses, sshd or dockerd not up yet). So `vm run` asks
+//! the agent to wait for the boot to finish (`systemctl is-system-running --wait`; at most
+//! 5 minutes, then it warns and goes on) before it runs the command or opens the shell, as
+//! `limactl start` waits for its guest to be ready. `--no-boot-wait` runs at once (seconds
+//! sooner, in an early environment). `vm exec` does not wait: it runs in whatever state
+//! the VM is in, which is what one wants when looking into a boot that hangs.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -41,6 +51,9 @@ pub struct Opts {
     pub rm: bool,
     pub full_copy: bool,
     pub timings: bool,
+    /// Wait for the guest's boot to finish before the command or shell (`--no-boot-wait`
+    /// turns it off).
+    pub boot_wait: bool,
     pub cmd: Vec<String>,
 }
 
@@ -186,6 +199,55 @@ pub async fn run(client: &Client, target: &Target, o: Opts) -> Result<u8, CliErr
     result
 }
 
+/// How long `vm run` waits for the guest's boot to finish before it goes on anyway.
+const BOOT_WAIT: Duration = Duration::from_secs(300);
+
+/// Wait until the guest has finished booting (the agent's `Boot`: systemd's start-up jobs
+/// done), so the command or the shell sees the machine with its services up, not half
+/// booted. A boot that does not finish in [`BOOT_WAIT`], or finishes `degraded`, is said
+/// on stderr and the command runs anyway; an agent older than `Boot` is not waited for.
+async fn wait_boot(vm: &banger_api::VmInfo) -> Result<(), CliError> {
+    use banger_guest::host::{self, HostError};
+    use banger_guest::proto::{ProtoError, Request, Response};
+    let name = &vm.name;
+    let Some(sock) = &vm.vsock_socket else {
+        return Ok(());
+    };
+    let req = Request::Boot {
+        timeout_secs: BOOT_WAIT.as_secs() as u32,
+    };
+    let boot = match host::call(
+        std::path::Path::new(sock),
+        &req,
+        BOOT_WAIT + Duration::from_secs(10),
+    )
+    .await
+    {
+        Ok(Response::Boot { boot }) => boot,
+        // An agent that predates `Boot`.
+        Ok(_) | Err(HostError::Proto(ProtoError::Remote(_))) => return Ok(()),
+        Err(e) => {
+            return Err(CliError::Other(format!(
+                "cannot reach vm {name}'s guest agent: {e}; check `banger vm logs {name}`"
+            )));
+        }
+    };
+    if !boot.finished() {
+        eprintln!(
+            "banger: warning: vm {name} has not finished booting after {} s ({} is {}): going on anyway; see `banger vm logs {name}`",
+            BOOT_WAIT.as_secs(),
+            boot.init,
+            boot.state
+        );
+    } else if boot.state == "degraded" {
+        eprintln!(
+            "banger: warning: vm {name} booted with failed units: {} (see `banger vm exec {name} -- systemctl --failed`)",
+            boot.failed.join(", ")
+        );
+    }
+    Ok(())
+}
+
 async fn session(
     client: &Client,
     target: &Target,
@@ -210,6 +272,11 @@ async fn session(
         workspace::prepare(name, std::path::Path::new(&sock), path, &opts).await?;
         t.0.push(("ship", t1.elapsed()));
         workdir = Some(GUEST_REPO.to_owned());
+    }
+    if o.boot_wait {
+        let t1 = Instant::now();
+        wait_boot(vm).await?;
+        t.0.push(("services", t1.elapsed()));
     }
     let t1 = Instant::now();
     let status = if o.cmd.is_empty() {

@@ -213,6 +213,7 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
             rm,
             full_copy,
             timings,
+            no_boot_wait,
             cmd,
         } => {
             let opts = super::run::Opts {
@@ -226,6 +227,7 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
                 rm,
                 full_copy,
                 timings,
+                boot_wait: !no_boot_wait,
                 cmd,
             };
             return super::run::run(&client, target, opts).await;

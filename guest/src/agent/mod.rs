@@ -8,6 +8,7 @@
 //! most). With `tty`, the command runs on a pseudo-terminal as a session leader (see
 //! [`tty`]): one output stream, `Resize` sets the window size.
 
+pub mod boot;
 pub mod files;
 pub mod sys;
 mod tty;
@@ -93,6 +94,9 @@ pub fn serve<C: Conn>(mut conn: C) -> Result<(), ProtoError> {
             return files::tar_out(&mut conn, &dir, &opts);
         }
         Request::TcpConnect { port } => return tcp_connect(conn, port),
+        Request::Boot { timeout_secs } => Ok(Response::Boot {
+            boot: boot::Probe::default().wait(std::time::Duration::from_secs(timeout_secs.into())),
+        }),
         Request::Shutdown { reboot } => {
             proto::write_json(&mut conn, Kind::Response, &Response::ShuttingDown)?;
             sys::shutdown(reboot);

@@ -19,7 +19,9 @@
 //!    key only: `PermitRootLogin prohibit-password`, no password or keyboard-interactive),
 //!    and makes an ed25519 host key if it has none (once per VM: it lands on the overlay
 //!    disk; promoted images ship without host keys);
-//! 8. execs the image's init (`/sbin/init`, systemd) if it has one; otherwise it stays PID
+//! 8. says which init runs the guest in `/run/banger/init` (the agent's `Boot` waits for
+//!    it, and then for systemd's start-up jobs), then
+//!    execs the image's init (`/sbin/init`, systemd) if it has one; otherwise it stays PID
 //!    1: it starts `sshd -D` and restarts it (and the agent) when they die, reaps
 //!    orphans, and shuts the guest down on Ctrl-Alt-Del (SIGINT, how both VMMs ask for a
 //!    shutdown), SIGTERM and SIGPWR.
@@ -558,6 +560,18 @@ fn supervise(mut agent: Option<i32>, mut sshd: Option<i32>) -> ! {
     }
 }
 
+/// Say which init runs the guest from here on (`None`: this one), for the agent's `Boot`
+/// (see [`banger_guest::agent::boot`]).
+fn boot_marker(init: Option<&Path>) {
+    let marker = Path::new(banger_guest::proto::BOOT_INIT_MARKER);
+    if let Some(dir) = marker.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    if let Err(e) = std::fs::write(marker, banger_guest::agent::boot::marker_for(init)) {
+        say(format!("cannot write {}: {e}", marker.display()));
+    }
+}
+
 fn main() {
     if nix::unistd::getpid().as_raw() != 1 {
         eprintln!("banger-init: must run as PID 1 (init=/usr/lib/banger/banger-init)");
@@ -599,12 +613,14 @@ fn main() {
             && std::fs::canonicalize(p).ok().as_deref() != std::env::current_exe().ok().as_deref()
         {
             say(format!("exec {init}"));
+            boot_marker(Some(p));
             let prog = CString::new(init).expect("static path");
             let err = nix::unistd::execv(&prog, std::slice::from_ref(&prog));
             say(format!("exec {init} failed: {err:?}; staying as init"));
             break;
         }
     }
+    boot_marker(None);
     let sshd = if prepare_sshd() { spawn_sshd() } else { None };
     supervise(agent, sshd);
 }

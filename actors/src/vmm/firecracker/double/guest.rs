@@ -189,6 +189,17 @@ async fn agent(guest: &Guest, stream: &mut UnixStream) -> Result<(), ProtoError>
             }
             Ok(())
         }
+        Request::Boot { .. } => {
+            // The double's guest has no init of its own: booted once it runs.
+            let boot = Response::Boot {
+                boot: proto::BootState {
+                    init: proto::BOOT_INIT_BANGER.into(),
+                    state: "running".into(),
+                    failed: Vec::new(),
+                },
+            };
+            host::write_json(stream, Kind::Response, &boot).await
+        }
         other => {
             let message = format!("the firecracker double's agent does not implement {other:?}");
             host::write_json(stream, Kind::Error, &ErrorMsg { message }).await
