@@ -1002,11 +1002,11 @@ mod tests {
         let daemon = serde_json::to_value(bangerd::config::Config::default()).unwrap();
         let view: Config = serde_json::from_value(daemon).unwrap();
         assert_eq!(view, Config::default());
-        let mut set = bangerd::config::Config::default();
-        set.default_vmm = "qemu".into();
-        set.qemu.accel = "tcg".into();
-        set.firecracker.jailer = "/opt/fc/jailer".into();
-        let view: Config = serde_json::from_value(serde_json::to_value(&set).unwrap()).unwrap();
+        let mut set = serde_json::to_value(bangerd::config::Config::default()).unwrap();
+        set["default_vmm"] = "qemu".into();
+        set["qemu"]["accel"] = "tcg".into();
+        set["firecracker"]["jailer"] = "/opt/fc/jailer".into();
+        let view: Config = serde_json::from_value(set).unwrap();
         assert_eq!(view.vmm_choice(), banger_api::VmmChoice::Qemu);
         assert_eq!(view.qemu_accel(), Accel::Tcg);
         assert_eq!(view.firecracker.jailer, PathBuf::from("/opt/fc/jailer"));

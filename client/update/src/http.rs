@@ -215,3 +215,91 @@ pub fn hex(bytes: &[u8]) -> String {
             s
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader, Write};
+
+    /// A plain HTTP/1.1 server on 127.0.0.1: `/r/N` redirects to `/r/N-1`, `/r/0` and
+    /// `/small` answer 2 bytes, `/big` 4096, anything else 404.
+    fn serve() -> std::net::SocketAddr {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(conn.try_clone().unwrap());
+                    let mut line = String::new();
+                    let _ = reader.read_line(&mut line);
+                    loop {
+                        let mut h = String::new();
+                        if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                            break;
+                        }
+                    }
+                    let path = line.split(' ').nth(1).unwrap_or("/").to_owned();
+                    let (status, extra, body) = match path.strip_prefix("/r/") {
+                        Some("0") => ("200 OK", String::new(), vec![b'o'; 2]),
+                        Some(n) => {
+                            let n: u32 = n.parse().unwrap();
+                            ("302 Found", format!("location: /r/{}\r\n", n - 1), vec![])
+                        }
+                        None if path == "/small" => ("200 OK", String::new(), vec![b's'; 2]),
+                        None if path == "/big" => ("200 OK", String::new(), vec![b'b'; 4096]),
+                        None => ("404 Not Found", String::new(), vec![]),
+                    };
+                    let mut conn = conn;
+                    let _ = write!(
+                        conn,
+                        "HTTP/1.1 {status}\r\n{extra}content-length: {}\r\nconnection: close\r\n\r\n",
+                        body.len()
+                    );
+                    let _ = conn.write_all(&body);
+                });
+            }
+        });
+        addr
+    }
+
+    fn url(addr: std::net::SocketAddr, path: &str) -> url::Url {
+        url::Url::parse(&format!("http://{addr}{path}")).unwrap()
+    }
+
+    #[tokio::test]
+    async fn redirects_are_followed_up_to_the_limit() {
+        let addr = serve();
+        let five = url(addr, &format!("/r/{MAX_REDIRECTS}"));
+        assert_eq!(get_bytes(&five, 16).await.unwrap(), b"oo");
+        let six = url(addr, &format!("/r/{}", MAX_REDIRECTS + 1));
+        let err = get_bytes(&six, 16).await.unwrap_err();
+        assert!(matches!(err, HttpError::Redirect { .. }), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn bodies_are_capped_statuses_checked_and_failed_downloads_removed() {
+        let addr = serve();
+        let err = get_bytes(&url(addr, "/big"), 1024).await.unwrap_err();
+        assert!(
+            matches!(err, HttpError::TooLarge { limit: 1024, .. }),
+            "{err:?}"
+        );
+        let err = get_bytes(&url(addr, "/nothing"), 1024).await.unwrap_err();
+        assert!(
+            matches!(err, HttpError::Status { status: 404, .. }),
+            "{err:?}"
+        );
+        let err = get_bytes(&url::Url::parse("ftp://x/y").unwrap(), 1).await;
+        assert!(matches!(err, Err(HttpError::Scheme { .. })));
+
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("f");
+        let err = download(&url(addr, "/big"), &dest, 1024).await.unwrap_err();
+        assert!(matches!(err, HttpError::TooLarge { .. }), "{err:?}");
+        assert!(!dest.exists(), "a failed download leaves nothing");
+        let (len, sha) = download(&url(addr, "/small"), &dest, 1024).await.unwrap();
+        assert_eq!(len, 2);
+        assert_eq!(sha, hex(&Sha256::digest(b"ss")));
+        assert_eq!(std::fs::read(&dest).unwrap(), b"ss");
+    }
+}
