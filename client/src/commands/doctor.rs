@@ -631,6 +631,20 @@ fn config_check(target: &Target) -> (Check, Option<Config>) {
     };
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
+        if stderr.contains("unexpected argument '--check-config'") {
+            return (
+                check(
+                    "config",
+                    Level::Warn,
+                    format!(
+                        "{} is older than this banger and cannot check the config",
+                        bin.display()
+                    ),
+                    Some("install the bangerd of the same release beside banger (`banger update`)"),
+                ),
+                None,
+            );
+        }
         let reason = stderr
             .lines()
             .rfind(|l| !l.trim().is_empty())

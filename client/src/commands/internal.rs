@@ -32,6 +32,12 @@ async fn make_bundle(
         })?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
+        if stderr.contains("unexpected argument") {
+            return Err(CliError::Other(format!(
+                "{} is older than this banger (it cannot make bundles): install the bangerd of the same release beside banger",
+                bin.display()
+            )));
+        }
         let reason = stderr
             .lines()
             .rfind(|l| !l.trim().is_empty())
