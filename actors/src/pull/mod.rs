@@ -784,18 +784,15 @@ async fn download_bundle(
             resp.status()
         )));
     }
-    let (tx, rx) = mpsc::channel::<Result<bytes::Bytes, String>>(16);
-    let pump = tokio::spawn(async move {
-        use futures::StreamExt;
-        let mut body = resp.bytes_stream();
-        while let Some(chunk) = body.next().await {
-            let item = chunk.map_err(|e| crate::vm::actor::error_chain(&e));
-            let stop = item.is_err();
-            if tx.send(item).await.is_err() || stop {
-                break;
-            }
-        }
-    });
+    // The body as a blocking reader for the unpacker on the blocking pool.
+    let body = {
+        use futures::TryStreamExt;
+        tokio_util::io::StreamReader::new(
+            resp.bytes_stream()
+                .map_err(|e| std::io::Error::other(crate::vm::actor::error_chain(&e))),
+        )
+    };
+    let reader = tokio_util::io::SyncIoBridge::new(body);
     let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let _ticker = rep.ticker(Arc::clone(&counter), Some(entry.size));
     let expected = Expected {
@@ -803,37 +800,7 @@ async fn download_bundle(
         size: entry.size,
         sha256: entry.sha256.clone(),
     };
-    let result = blocking(move || {
-        let reader = ChannelReader {
-            rx,
-            cur: bytes::Bytes::new(),
-        };
-        bundle::unpack(kind, reader, &staging, &expected, Some(counter))
-    })
-    .await;
-    pump.abort();
-    result
-}
-
-/// A blocking reader over chunks sent by an async task.
-struct ChannelReader {
-    rx: mpsc::Receiver<Result<bytes::Bytes, String>>,
-    cur: bytes::Bytes,
-}
-
-impl std::io::Read for ChannelReader {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        while self.cur.is_empty() {
-            match self.rx.blocking_recv() {
-                Some(Ok(b)) => self.cur = b,
-                Some(Err(e)) => return Err(std::io::Error::other(e)),
-                None => return Ok(0),
-            }
-        }
-        let n = buf.len().min(self.cur.len());
-        buf[..n].copy_from_slice(&self.cur.split_to(n));
-        Ok(n)
-    }
+    blocking(move || bundle::unpack(kind, reader, &staging, &expected, Some(counter))).await
 }
 
 async fn pull_catalog_image(

@@ -16,6 +16,7 @@ pub mod codes;
 pub mod daemon;
 pub mod image;
 pub mod socket;
+pub mod tools;
 pub mod units;
 pub mod update;
 pub mod vm;
