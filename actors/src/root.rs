@@ -15,7 +15,7 @@ use crate::net::host::{
     HelperActor, HelperMsg, HostNet, NatActor, NatMsg, NetActor, NetMsg, SharedHelper,
 };
 use crate::pull::{PullActor, PullConfig, PullEnv, PullError, PullMsg};
-use crate::store::{Store, StoreActor, StoreError, StoreInfo, StoreMsg};
+use crate::store::{Named, Store, StoreActor, StoreError, StoreInfo, StoreMsg};
 use crate::updater::actor::{UpdaterActor, UpdaterError, UpdaterMsg};
 use crate::vm::actor::{ProgressTx, VmEnv, VmError, VmMsg};
 use crate::vm_supervisor::{VmSettings, VmSupervisor, VmSupervisorArgs, VmSupervisorMsg};
@@ -726,27 +726,25 @@ impl Tree {
             .expect("store work does not panic")
     }
 
-    /// Register a local ext4 file as an image.
+    /// Register a local ext4 file as an image (under a reservation of its name: see
+    /// [`crate::store::Reservation`]).
     pub async fn register_image(
         &self,
         name: String,
         rootfs: std::path::PathBuf,
         kernel: Option<String>,
     ) -> Result<ImageRecord, TreeError> {
-        self.blocking(move |db, dir| {
+        let db = Arc::clone(&self.db);
+        self.blocking(move |_, dir| {
             crate::image::validate_name(&name)?;
-            if db.get_image(&name)?.is_some() {
-                return Err(
-                    StoreError::Conflict(format!("an image named {name} exists already")).into(),
-                );
-            }
+            let reservation = db.reserve(Named::Image, &name, "being registered")?;
             if let Some(k) = &kernel
                 && db.get_kernel(k)?.is_none()
             {
                 return Err(crate::not_found::NotFound::kernel(k).into());
             }
             let rec = crate::image::register_image(&dir.join("images"), &name, &rootfs, kernel)?;
-            db.put_image(&rec)?;
+            reservation.publish_image(&rec)?;
             Ok(rec)
         })
         .await
@@ -760,47 +758,34 @@ impl Tree {
         self.blocking(move |db, _| Ok(db.get_image(&name)?)).await
     }
 
-    /// Delete an image no VM uses.
+    /// Delete an image no VM uses: the check and the delete are one store transaction, so a
+    /// `vm create` naming it either is seen (and the delete refused, naming the VMs) or is
+    /// refused itself.
     pub async fn delete_image(&self, name: String) -> Result<Option<ImageRecord>, TreeError> {
-        self.blocking(move |db, dir| {
-            let Some(rec) = db.get_image(&name)? else {
+        let db = Arc::clone(&self.db);
+        self.blocking(move |_, dir| {
+            let Some((rec, deleting)) = db.delete_image_unused(&name)? else {
                 return Ok(None);
             };
-            let users: Vec<String> = db
-                .list_vms()?
-                .into_iter()
-                .filter(|v| v.image == name)
-                .map(|v| v.name)
-                .collect();
-            if !users.is_empty() {
-                return Err(StoreError::Conflict(format!(
-                    "image {name} is used by vm {}; delete those first",
-                    users.join(", ")
-                ))
-                .into());
-            }
-            db.delete_image(&name)?;
             let _ = std::fs::remove_dir_all(dir.join("images").join(&name));
+            drop(deleting);
             Ok(Some(rec))
         })
         .await
     }
 
-    /// Import a kernel from a directory.
+    /// Import a kernel from a directory (under a reservation of its name).
     pub async fn import_kernel(
         &self,
         name: String,
         from: std::path::PathBuf,
     ) -> Result<KernelRecord, TreeError> {
-        self.blocking(move |db, dir| {
+        let db = Arc::clone(&self.db);
+        self.blocking(move |_, dir| {
             crate::image::validate_name(&name)?;
-            if db.get_kernel(&name)?.is_some() {
-                return Err(
-                    StoreError::Conflict(format!("a kernel named {name} exists already")).into(),
-                );
-            }
+            let reservation = db.reserve(Named::Kernel, &name, "being imported")?;
             let rec = crate::image::import_kernel(&dir.join("kernels"), &name, &from)?;
-            db.put_kernel(&rec)?;
+            reservation.publish_kernel(&rec)?;
             Ok(rec)
         })
         .await
@@ -814,27 +799,15 @@ impl Tree {
         self.blocking(move |db, _| Ok(db.get_kernel(&name)?)).await
     }
 
-    /// Remove a kernel no VM uses.
+    /// Remove a kernel no VM uses (check and delete in one transaction, as for images).
     pub async fn remove_kernel(&self, name: String) -> Result<Option<KernelRecord>, TreeError> {
-        self.blocking(move |db, dir| {
-            let Some(rec) = db.get_kernel(&name)? else {
+        let db = Arc::clone(&self.db);
+        self.blocking(move |_, dir| {
+            let Some((rec, deleting)) = db.delete_kernel_unused(&name)? else {
                 return Ok(None);
             };
-            let users: Vec<String> = db
-                .list_vms()?
-                .into_iter()
-                .filter(|v| v.kernel == name)
-                .map(|v| v.name)
-                .collect();
-            if !users.is_empty() {
-                return Err(StoreError::Conflict(format!(
-                    "kernel {name} is used by vm {}; delete those first",
-                    users.join(", ")
-                ))
-                .into());
-            }
-            db.delete_kernel(&name)?;
             let _ = std::fs::remove_dir_all(dir.join("kernels").join(&name));
+            drop(deleting);
             Ok(Some(rec))
         })
         .await
@@ -917,6 +890,9 @@ pub fn test_vm_config(dir: &std::path::Path) -> VmConfig {
         },
     }
 }
+
+#[cfg(test)]
+mod race_tests;
 
 #[cfg(test)]
 mod tests {

@@ -333,7 +333,9 @@ impl Actor for VmSupervisor {
                 };
                 let store = Arc::clone(&state.env.store);
                 let to_store = rec.clone();
-                if let Err(e) = tokio::task::spawn_blocking(move || store.put_vm(&to_store)).await?
+                // The checks again, and the write, in one transaction (see the module docs).
+                if let Err(e) =
+                    tokio::task::spawn_blocking(move || store.create_vm(&to_store)).await?
                 {
                     let _ = reply.send(Err(e.into()));
                     return Ok(());

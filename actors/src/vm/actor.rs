@@ -102,8 +102,7 @@ impl VmError {
             VmError::NotFound(_) => codes::NOT_FOUND,
             VmError::Conflict(_) | VmError::StoppedWhileStarting(_) => codes::CONFLICT,
             VmError::Invalid(_) => codes::INVALID_ARGUMENT,
-            VmError::Store(StoreError::Conflict(_)) => codes::CONFLICT,
-            VmError::Store(_) => codes::STORE,
+            VmError::Store(e) => e.code(),
             VmError::Disk(DiskError::Shrink { .. }) => codes::INVALID_ARGUMENT,
             VmError::Disk(_)
             | VmError::Start { .. }
