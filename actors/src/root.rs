@@ -921,4 +921,84 @@ mod tests {
         assert_eq!(tree.vm_count().await.unwrap(), 0);
         tree.stop();
     }
+
+    fn stored_vm(id: &str, name: &str, created_at: u64) -> crate::vm::model::VmRecord {
+        crate::vm::model::VmRecord {
+            id: id.into(),
+            name: name.into(),
+            image: "img".into(),
+            kernel: "k".into(),
+            vmm: banger_api::VmmKind::Qemu,
+            spec: banger_api::VmSpec {
+                vcpu: 1,
+                memory_mib: 256,
+                disk_bytes: 1 << 30,
+            },
+            nat: false,
+            state: banger_api::VmState::Created,
+            error: None,
+            created_at,
+            started_at: None,
+            cmdline: None,
+            runtime: None,
+            ip: None,
+        }
+    }
+
+    /// A VM whose actor does not answer (held busy by a test message, as a long operation
+    /// would) is listed from the store with `busy`, and the update gate counts it as in
+    /// flight; once it answers again it is listed from its actor and the gate opens.
+    /// (Before: it was left out of `vm list`, so the gate let an update through.)
+    #[tokio::test]
+    async fn a_vm_that_does_not_answer_is_listed_busy_and_holds_the_update_gate() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.redb")).unwrap();
+        store.put_vm(&stored_vm("aaa", "slow", 1)).unwrap();
+        store.put_vm(&stored_vm("bbb", "idle", 2)).unwrap();
+        let (tree, _join) = Tree::start(store, test_vm_config(dir.path()), None)
+            .await
+            .unwrap();
+        let (release, hold) = tokio::sync::oneshot::channel::<()>();
+        tree.vm("slow")
+            .await
+            .unwrap()
+            .cast(VmMsg::TestHold(hold))
+            .unwrap();
+        // The held actor never answers while `release` lives, so any timeout ends the wait.
+        tree.vms()
+            .cast(VmSupervisorMsg::TestInfoTimeout(Duration::from_millis(50)))
+            .unwrap();
+        let vms = tree.list_vms().await.unwrap();
+        let seen: Vec<_> = vms
+            .iter()
+            .map(|v| (v.name.as_str(), v.state, v.busy))
+            .collect();
+        use banger_api::VmState::Created;
+        assert_eq!(seen, [("slow", Created, true), ("idle", Created, false)]);
+
+        let e = tree.update_gate("9.9.9".into(), false).await.unwrap_err();
+        assert!(
+            matches!(&e, TreeError::Updater(UpdaterError::Busy(m)) if m.contains("slow busy") && !m.contains("idle")),
+            "{e}"
+        );
+        assert_eq!(
+            tree.update_gate("9.9.9".into(), true).await.unwrap(),
+            ["slow busy (last stored state created)"]
+        );
+
+        drop(release);
+        tree.vms()
+            .cast(VmSupervisorMsg::TestInfoTimeout(CALL_TIMEOUT))
+            .unwrap();
+        let vms = tree.list_vms().await.unwrap();
+        assert!(vms.iter().all(|v| !v.busy), "{vms:?}");
+        assert_eq!(vms.len(), 2);
+        assert!(
+            tree.update_gate("9.9.9".into(), false)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        tree.stop();
+    }
 }
