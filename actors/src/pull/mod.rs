@@ -10,6 +10,15 @@
 //! fetched once per digest however many pulls want them (see [`oci`]), so two references
 //! that resolve to the same image also share their downloads.
 //!
+//! Different keys for one name (two sources into one image name, a pull and a build or a
+//! promote of one name, two builds making one kernel) are different images, so they are
+//! never merged: the first to start reserves the name in the store
+//! ([`crate::store::Store::reserve`], in the same transaction that checks no record has
+//! it), the second is refused with a conflict that names what holds it (`image x is being
+//! pulled from debian:bookworm right now; wait for that to finish, or choose another
+//! name`). Nothing is written under `images/<name>/` or `kernels/<name>/` without that
+//! reservation, and the record is published with it; a failed pull drops it.
+//!
 //! The actor itself only keeps the table of pulls in flight; downloading, hashing,
 //! unpacking and mkfs run in a task (blocking parts on tokio's blocking pool), which
 //! reports back with [`PullMsg::Done`]. A pull that fails leaves nothing behind: its staging

@@ -165,6 +165,9 @@ impl Reservation {
 }
 
 impl Drop for Reservation {
+    /// Give the name back, synchronously, so a retry right after a failure finds it free.
+    /// One small transaction without fsync (it may wait for a write in progress); normal
+    /// ends are publishes, so this runs on failures and cancellations.
     fn drop(&mut self) {
         if self.open
             && let Err(e) = self.store.release(self.kind, &self.name, &self.token)
