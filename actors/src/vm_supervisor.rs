@@ -18,8 +18,8 @@
 //! delete` cannot slip in between. `vm list` is every VM in the store: each VM's actor is
 //! asked (all at once, each for at most [`INFO_TIMEOUT`]); a VM whose actor does not answer
 //! is listed from its stored record with `busy: true`, never left out (the update gate
-//! counts it as in flight); a VM left without an actor (it failed too often) is listed from
-//! its record too, not busy.
+//! counts it as in flight, `vm prune` leaves it alone); so is a VM left without an actor
+//! (it failed too often), which answers nothing either.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -261,7 +261,7 @@ impl VmSupervisor {
 }
 
 /// `vm list` (see the module docs): every stored VM, from its actor when it answers within
-/// `timeout`, else from the store with `busy` set.
+/// `timeout`, else (no answer, or no actor) from the store with `busy` set.
 async fn list(
     env: &Arc<VmEnv>,
     actors: HashMap<String, ActorRef<VmMsg>>,
@@ -281,19 +281,15 @@ async fn list(
                     .and_then(Result::ok),
                 None => None,
             };
-            (rec, actor.is_some(), answer)
+            (rec.id, answer)
         }
     });
     let mut out = Vec::new();
     let mut busy = Vec::new();
-    for (rec, has_actor, answer) in futures::future::join_all(asks).await {
+    for (id, answer) in futures::future::join_all(asks).await {
         match answer {
             Some(info) => out.push(info),
-            None if has_actor => busy.push(rec.id),
-            None => out.push(crate::vm::actor::info_of(
-                &rec,
-                &crate::vm::disks::VmDir::new(&env.vms_dir, &rec.id),
-            )),
+            None => busy.push(id),
         }
     }
     if !busy.is_empty() {
