@@ -226,11 +226,42 @@ fn put_kernel(db: &Arc<Store>, rec: &KernelRecord) {
         .unwrap();
 }
 
-/// `image delete` and a `vm create` naming that image, at once: either the VM exists and
-/// the image too (the delete refused, naming the VM), or the image is gone and no VM names
-/// it (the create refused: no such image). Never a VM whose image was deleted under it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn image_delete_and_a_vm_create_of_it_never_leave_a_vm_without_its_image() {
+fn kernel_rec(name: &str) -> KernelRecord {
+    KernelRecord {
+        name: name.into(),
+        kernel: PathBuf::from("/nonexistent/vmlinux"),
+        initrd: None,
+        modules: None,
+        registered_at: 1,
+        vmlinux: None,
+        format: None,
+        config: None,
+        options: Default::default(),
+    }
+}
+
+fn image_rec(name: &str) -> ImageRecord {
+    ImageRecord {
+        name: name.into(),
+        rootfs: PathBuf::from("/nonexistent/rootfs.ext4"),
+        size_bytes: 1 << 20,
+        kernel: None,
+        registered_at: 1,
+    }
+}
+
+/// What a round deletes while a VM naming it is created.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Deleted {
+    Image,
+    Kernel,
+}
+
+/// `image delete` (or `kernel rm`) and a `vm create` naming that image (kernel), at once:
+/// either the VM exists and so does what it names (the delete refused, naming the VM), or
+/// that is gone and no VM names it (the create refused: not found). Never a VM whose image
+/// or kernel was deleted under it.
+async fn delete_and_create_at_once(what: Deleted) {
     let dir = tempfile::tempdir().unwrap();
     // VM disks are never made (no mkfs per round): `vms` is a file, so a create that got
     // its record in fails right after, at its disks; the record is what is checked.
@@ -240,40 +271,28 @@ async fn image_delete_and_a_vm_create_of_it_never_leave_a_vm_without_its_image()
         .await
         .unwrap();
     let db = Arc::clone(&tree.db);
-    put_kernel(
-        &db,
-        &KernelRecord {
-            name: "k".into(),
-            kernel: PathBuf::from("/nonexistent/vmlinux"),
-            initrd: None,
-            modules: None,
-            registered_at: 1,
-            vmlinux: None,
-            format: None,
-            config: None,
-            options: Default::default(),
-        },
-    );
+    match what {
+        Deleted::Image => put_kernel(&db, &kernel_rec("k")),
+        Deleted::Kernel => put_image(&db, &image_rec("img")),
+    }
     let mut orphans = Vec::new();
     for round in 0..ROUNDS {
-        let (image, vm) = (format!("img-{round}"), format!("vm-{round}"));
-        put_image(
-            &db,
-            &ImageRecord {
-                name: image.clone(),
-                rootfs: PathBuf::from("/nonexistent/rootfs.ext4"),
-                size_bytes: 1 << 20,
-                kernel: Some("k".into()),
-                registered_at: 1,
-            },
-        );
+        let vm = format!("vm-{round}");
+        let (image, kernel) = match what {
+            Deleted::Image => (format!("img-{round}"), "k".to_owned()),
+            Deleted::Kernel => ("img".to_owned(), format!("k-{round}")),
+        };
+        match what {
+            Deleted::Image => put_image(&db, &image_rec(&image)),
+            Deleted::Kernel => put_kernel(&db, &kernel_rec(&kernel)),
+        }
         let create = {
             let (tree, req) = (
                 tree.clone(),
                 CreateVm {
                     name: Some(vm.clone()),
                     image: Some(image.clone()),
-                    kernel: Some("k".into()),
+                    kernel: Some(kernel.clone()),
                     network: Some(false),
                     no_start: true,
                     ..Default::default()
@@ -282,13 +301,21 @@ async fn image_delete_and_a_vm_create_of_it_never_leave_a_vm_without_its_image()
             tokio::spawn(async move { tree.create_vm(req, None).await })
         };
         let delete = {
-            let (tree, image) = (tree.clone(), image.clone());
-            tokio::spawn(async move { tree.delete_image(image).await })
+            let (tree, image, kernel) = (tree.clone(), image.clone(), kernel.clone());
+            tokio::spawn(async move {
+                match what {
+                    Deleted::Image => tree.delete_image(image).await.map(|r| r.is_some()),
+                    Deleted::Kernel => tree.remove_kernel(kernel).await.map(|r| r.is_some()),
+                }
+            })
         };
         let (created, deleted) = (create.await.unwrap(), delete.await.unwrap());
         let rec = db.find_vm(&vm).unwrap();
-        let img = db.get_image(&image).unwrap();
-        if rec.is_some() && img.is_none() {
+        let there = match what {
+            Deleted::Image => db.get_image(&image).unwrap().is_some(),
+            Deleted::Kernel => db.get_kernel(&kernel).unwrap().is_some(),
+        };
+        if rec.is_some() && !there {
             orphans.push(round);
             continue;
         }
@@ -300,7 +327,7 @@ async fn image_delete_and_a_vm_create_of_it_never_leave_a_vm_without_its_image()
                     "round {round}: names the vm: {e}"
                 );
             }
-            (None, Ok(Some(_))) => {
+            (None, Ok(true)) => {
                 let e = created.expect_err("no vm, so its create failed");
                 assert_eq!(code_of(&e), codes::NOT_FOUND, "round {round}: {e}");
             }
@@ -309,9 +336,19 @@ async fn image_delete_and_a_vm_create_of_it_never_leave_a_vm_without_its_image()
     }
     assert!(
         orphans.is_empty(),
-        "a vm was left naming a deleted image in {} of {ROUNDS} rounds: {:?}",
+        "a vm was left naming a deleted {what:?} in {} of {ROUNDS} rounds: {:?}",
         orphans.len(),
         orphans
     );
     tree.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_delete_and_a_vm_create_of_it_never_leave_a_vm_without_its_image() {
+    delete_and_create_at_once(Deleted::Image).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kernel_rm_and_a_vm_create_of_it_never_leave_a_vm_without_its_kernel() {
+    delete_and_create_at_once(Deleted::Kernel).await;
 }
