@@ -102,8 +102,7 @@ impl VmError {
             VmError::NotFound(_) => codes::NOT_FOUND,
             VmError::Conflict(_) | VmError::StoppedWhileStarting(_) => codes::CONFLICT,
             VmError::Invalid(_) => codes::INVALID_ARGUMENT,
-            VmError::Store(StoreError::Conflict(_)) => codes::CONFLICT,
-            VmError::Store(_) => codes::STORE,
+            VmError::Store(e) => e.code(),
             VmError::Disk(DiskError::Shrink { .. }) => codes::INVALID_ARGUMENT,
             VmError::Disk(_)
             | VmError::Start { .. }
@@ -183,6 +182,10 @@ pub enum VmMsg {
     },
     /// Listening ports, from the agent.
     Ports(Reply<Vec<banger_api::Port>>),
+    /// Tests: keep the mailbox busy until the sender answers or goes (an operation that
+    /// takes long, without a guest).
+    #[cfg(test)]
+    TestHold(tokio::sync::oneshot::Receiver<()>),
 }
 
 /// Arguments: the VM's id and the shared environment.
@@ -260,6 +263,7 @@ pub fn info_of(rec: &VmRecord, dir: &VmDir) -> VmInfo {
         vsock_socket: rec.runtime.as_ref().map(|r| r.vsock_socket.clone()),
         ip: rec.ip.clone(),
         isolation: rec.runtime.as_ref().and_then(|r| r.isolation.clone()),
+        busy: false,
     }
 }
 
@@ -1060,6 +1064,10 @@ impl Actor for VmActor {
                 if generation == state.generation && state.rec.state == VmState::Starting {
                     Self::now_running(state, result.err()).await?;
                 }
+            }
+            #[cfg(test)]
+            VmMsg::TestHold(release) => {
+                let _ = release.await;
             }
             VmMsg::Ports(reply) => {
                 let running = state.rec.state == VmState::Running;
