@@ -442,6 +442,93 @@ fn banger_timings_works_with_an_autostarted_daemon() {
     home.banger(&["daemon", "stop"]);
 }
 
+/// A 16 MiB ext4 at `path` with banger's guest side in place (`/usr/lib/banger/banger-init`
+/// and `banger-agent`, stand-ins: the tests that use it never boot a guest's userland), so
+/// `image register` takes it as it is.
+fn banger_rootfs(path: &Path) {
+    let tree = tempfile::tempdir().unwrap();
+    let dir = tree.path().join("usr/lib/banger");
+    std::fs::create_dir_all(&dir).unwrap();
+    for b in ["banger-init", "banger-agent"] {
+        std::fs::write(dir.join(b), b"stand-in").unwrap();
+    }
+    let mkfs = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(tree.path())
+        .arg(path)
+        .arg("16M")
+        .output()
+        .unwrap();
+    assert!(mkfs.status.success(), "{}", text(&mkfs.stderr));
+}
+
+/// A boot that QEMU itself refuses says what QEMU said, in the error and in `vm logs`: the
+/// kernel here is an ELF header banger accepts (x86-64) with nothing QEMU can load behind
+/// it, so QEMU prints its reason on stderr and exits at once. The error once was only
+/// "talking to QMP: Connection reset by peer" (QEMU closing its QMP socket as it exited),
+/// and `vm logs` printed nothing, because QEMU's stderr went to a file in the VM's run
+/// directory that the failed start removed. Real QEMU, under TCG, no network, no root.
+#[test]
+fn a_boot_qemu_refuses_says_what_qemu_said() {
+    let home = Home::new();
+    let cfg = home.path().join("config/banger");
+    std::fs::create_dir_all(&cfg).unwrap();
+    std::fs::write(
+        cfg.join("config.toml"),
+        "default_vmm = \"qemu\"\n[qemu]\naccel = \"tcg\"\n",
+    )
+    .unwrap();
+    let work = home.path().join("work");
+    std::fs::create_dir_all(work.join("kernel")).unwrap();
+    let mut elf = b"\x7fELF\x02\x01\x01\x00".to_vec();
+    elf.resize(16, 0);
+    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    elf.extend_from_slice(&62u16.to_le_bytes()); // EM_X86_64
+    elf.resize(4096, 0);
+    std::fs::write(work.join("kernel/vmlinux"), elf).unwrap();
+    let rootfs = work.join("rootfs.ext4");
+    banger_rootfs(&rootfs);
+    for args in [
+        &[
+            "kernel",
+            "import",
+            "k",
+            "--from",
+            work.join("kernel").to_str().unwrap(),
+        ][..],
+        &[
+            "image",
+            "register",
+            "img",
+            rootfs.to_str().unwrap(),
+            "--kernel",
+            "k",
+        ],
+    ] {
+        let out = home.banger(args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+    }
+    let out = home.banger(&["vm", "create", "--name", "a", "--image", "img"]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let (_, said) = err
+        .split_once("qemu exited during start-up: ")
+        .unwrap_or_else(|| panic!("the error says QEMU exited: {err}"));
+    let said = said.trim();
+    assert!(
+        said.starts_with("qemu-system-x86_64: ") && !err.contains("QMP"),
+        "QEMU's own words, not its socket's: {err}"
+    );
+    let logs = home.banger(&["vm", "logs", "a"]);
+    assert!(logs.status.success(), "{}", text(&logs.stderr));
+    assert!(
+        text(&logs.stdout).contains(said),
+        "vm logs shows what QEMU said ({said}): {}",
+        text(&logs.stdout)
+    );
+    home.banger(&["daemon", "stop"]);
+}
+
 /// The first `/boot/vmlinuz-*` (the rig installs linux-image-cloud-amd64).
 fn host_kernel() -> PathBuf {
     std::fs::read_dir("/boot")
