@@ -733,6 +733,7 @@ impl Tree {
         rootfs: std::path::PathBuf,
         kernel: Option<String>,
     ) -> Result<ImageRecord, TreeError> {
+        let guest_dir = self.pull_env.config.guest_binaries_dir.clone();
         self.blocking(move |db, dir| {
             crate::image::validate_name(&name)?;
             if db.get_image(&name)?.is_some() {
@@ -745,7 +746,13 @@ impl Tree {
             {
                 return Err(crate::not_found::NotFound::kernel(k).into());
             }
-            let rec = crate::image::register_image(&dir.join("images"), &name, &rootfs, kernel)?;
+            let rec = crate::image::register_image(
+                &dir.join("images"),
+                &name,
+                &rootfs,
+                kernel,
+                &guest_dir,
+            )?;
             db.put_image(&rec)?;
             Ok(rec)
         })

@@ -60,14 +60,7 @@ fn main() {
             .unwrap()
             .set_len(16 << 20)
             .unwrap();
-        assert!(
-            std::process::Command::new("mkfs.ext4")
-                .args(["-q", "-F"])
-                .arg(&rootfs)
-                .status()
-                .unwrap()
-                .success()
-        );
+        support::banger_rootfs(&rootfs);
 
         let mut config = support::test_config();
         config.firecracker.jailer = double_bin();

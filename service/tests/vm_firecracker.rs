@@ -107,14 +107,7 @@ async fn setup_in(
         .unwrap()
         .set_len(16 << 20)
         .unwrap();
-    assert!(
-        std::process::Command::new("mkfs.ext4")
-            .args(["-q", "-F"])
-            .arg(&rootfs)
-            .status()
-            .unwrap()
-            .success()
-    );
+    support::banger_rootfs(&rootfs);
     let mut config = support::test_config();
     config.firecracker.jailer = jailer;
     config.firecracker.binary = firecracker;
@@ -1023,14 +1016,7 @@ async fn root_a_bangerd_dropped_to_its_owner_runs_firecracker_vms_through_the_la
         .unwrap()
         .set_len(16 << 20)
         .unwrap();
-    assert!(
-        std::process::Command::new("mkfs.ext4")
-            .args(["-q", "-F"])
-            .arg(&rootfs)
-            .status()
-            .unwrap()
-            .success()
-    );
+    support::banger_rootfs(&rootfs);
     for p in [
         &files,
         &files.join("kernel"),
@@ -1266,14 +1252,7 @@ async fn root_a_user_bangerd_runs_firecracker_unjailed_without_the_helper() {
         .unwrap()
         .set_len(16 << 20)
         .unwrap();
-    assert!(
-        std::process::Command::new("mkfs.ext4")
-            .args(["-q", "-F"])
-            .arg(&rootfs)
-            .status()
-            .unwrap()
-            .success()
-    );
+    support::banger_rootfs(&rootfs);
     for p in [
         &files,
         &files.join("kernel"),

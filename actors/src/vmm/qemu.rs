@@ -301,7 +301,11 @@ fn qemu_said(console: &Path, from: u64) -> String {
         let _ = f.take(64 << 10).read_to_end(&mut text);
     }
     let text = String::from_utf8_lossy(&text);
-    let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
     if lines.is_empty() {
         return "it printed nothing".into();
     }
