@@ -137,7 +137,9 @@ pub enum DaemonCmd {
     Install(InstallArgs),
     /// Same as `banger system uninstall`.
     Uninstall(RootArgs),
-    /// Same as `banger system restart`.
+    /// Restart the daemon that serves: the system service through systemd (as `banger
+    /// system restart`), a user daemon by stopping and starting it, none by starting one.
+    /// Running VMs keep running.
     Restart,
 }
 

@@ -125,6 +125,51 @@ fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// `daemon restart` restarts the daemon that serves, here a user daemon: a new process
+/// answers on the same socket. (It ran `systemctl restart bangerd.service` whatever
+/// served, which fails for a user daemon, or restarts another daemon than the one in use.)
+/// With none running it starts one.
+#[test]
+fn daemon_restart_restarts_the_user_daemon_that_serves() {
+    let home = Home::new();
+    let pid = |home: &Home| {
+        let out = home.banger(&["daemon", "status", "--json"]);
+        assert!(out.status.success(), "{}", text(&out.stdout));
+        json(&out)["pid"].as_i64().unwrap() as i32
+    };
+    let out = home.banger(&["daemon", "restart"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("was not running"),
+        "{}",
+        text(&out.stdout)
+    );
+    let first = pid(&home);
+    let out = home.banger(&["daemon", "restart"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let second = pid(&home);
+    assert_ne!(first, second, "a new daemon");
+    // Gone, or a zombie its parent (long exited; reparented) has not reaped yet.
+    let state = std::fs::read_to_string(format!("/proc/{first}/stat"))
+        .map(|s| {
+            s.rsplit_once(") ")
+                .map(|(_, r)| r[..1].to_owned())
+                .unwrap_or_default()
+        })
+        .unwrap_or_default();
+    assert!(
+        matches!(state.as_str(), "" | "Z" | "X"),
+        "the old one is gone: {state}"
+    );
+    assert!(is_bangerd(second));
+    assert!(
+        text(&out.stdout).contains(&format!("pid {first} stopped")),
+        "{}",
+        text(&out.stdout)
+    );
+    home.banger(&["daemon", "stop"]);
+}
+
 #[test]
 fn version_flag_and_command() {
     let home = Home::new();
