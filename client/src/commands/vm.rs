@@ -102,30 +102,31 @@ async fn follow_progress(mut sub: Subscription<Progress>, quiet: bool) -> Result
 }
 
 fn print_table(vms: &[VmInfo]) {
-    outln!(
-        "{:<20} {:<9} {:<11} {:>4} {:>9} {:>9} {:<14} {:>8}",
-        "NAME",
-        "STATE",
-        "VMM",
-        "VCPU",
-        "MEMORY",
-        "DISK",
-        "IMAGE",
-        "PID"
+    let rows: Vec<Vec<String>> = vms
+        .iter()
+        .map(|v| {
+            vec![
+                v.name.clone(),
+                v.state.as_str().to_owned(),
+                v.vmm.as_str().to_owned(),
+                v.spec.vcpu.to_string(),
+                bytes(u64::from(v.spec.memory_mib) << 20),
+                bytes(v.spec.disk_bytes),
+                v.image.clone(),
+                v.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    out!(
+        "{}",
+        render::table(
+            &[
+                "NAME", "STATE", "VMM", "VCPU", "MEMORY", "DISK", "IMAGE", "PID"
+            ],
+            &[false, false, false, true, true, true, false, true],
+            &rows,
+        )
     );
-    for v in vms {
-        outln!(
-            "{:<20} {:<9} {:<11} {:>4} {:>9} {:>9} {:<14} {:>8}",
-            v.name,
-            v.state.as_str(),
-            v.vmm.as_str(),
-            v.spec.vcpu,
-            bytes(u64::from(v.spec.memory_mib) << 20),
-            bytes(v.spec.disk_bytes),
-            v.image,
-            v.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into())
-        );
-    }
 }
 
 fn print_vm(v: &VmInfo) {
