@@ -238,6 +238,40 @@ fn a_closed_stdout_ends_the_cli_quietly() {
     home.banger(&["daemon", "stop"]);
 }
 
+/// `banger help` is a command like the others: `banger help --help` works (clap's
+/// built-in one refused it), `banger help vm run` is `banger vm run --help`, aliases
+/// included, and a command that does not exist is a usage error. The top-level examples
+/// start with `vm run`.
+#[test]
+fn help_is_a_command_that_takes_help() {
+    let home = Home::new();
+    let out = home.banger(&["help", "--help"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("Usage: banger help"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = home.banger(&["help", "vm", "run"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let direct = home.banger(&["vm", "run", "--help"]);
+    assert_eq!(text(&out.stdout).trim(), text(&direct.stdout).trim());
+    let out = home.banger(&["help", "vm", "rm"]);
+    assert!(
+        text(&out.stdout).contains("Usage: banger vm delete"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = home.banger(&["help", "vm", "nope"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("no command `banger vm nope`"));
+    let top = text(&home.banger(&["--help"]).stdout);
+    let examples = top.split_once("Examples:").unwrap().1;
+    assert!(examples.trim_start().starts_with("banger vm run"), "{top}");
+    assert!(top.contains("Global options:\n      --socket"), "{top}");
+    assert!(!home.socket().exists(), "help starts no daemon");
+}
+
 #[test]
 fn help_has_examples() {
     let home = Home::new();

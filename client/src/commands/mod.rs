@@ -104,6 +104,7 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
             let client = crate::connect::connect_or_start(&target).await?;
             ssh::proxy(&client, &host).await
         }
+        Command::Help { command } => help(&command),
         Command::Completion { shell } => {
             let mut cmd = Cli::command();
             // Into memory first: clap_complete panics when its writer fails (`| head -1`).
@@ -113,4 +114,27 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
             Ok(exit::OK)
         }
     }
+}
+
+/// `banger help [COMMAND…]`: the help of banger or of the command named (aliases
+/// work: `banger help vm rm`). A command of its own rather than clap's built-in one, which
+/// takes no flags (`banger help --help` was an error).
+fn help(path: &[String]) -> Result<u8, CliError> {
+    let mut cmd = Cli::command();
+    cmd.build();
+    let mut cur = &mut cmd;
+    for (i, name) in path.iter().enumerate() {
+        let known = cur.get_subcommands().any(|c| {
+            !c.is_hide_set() && (c.get_name() == name || c.get_all_aliases().any(|a| a == name))
+        });
+        if !known {
+            return Err(CliError::Usage(format!(
+                "no command `banger {}`; see `banger --help`",
+                path[..=i].join(" ")
+            )));
+        }
+        cur = cur.find_subcommand_mut(name).expect("just found");
+    }
+    out!("{}", cur.render_help());
+    Ok(exit::OK)
 }
