@@ -196,17 +196,133 @@ fn version_flag_and_command() {
 #[test]
 fn completion_scripts() {
     let home = Home::new();
-    for shell in ["bash", "zsh", "fish"] {
+    // bash and fish ask `banger __complete` (see `completion_is_live_in_bash`); zsh's is
+    // clap's static script.
+    for shell in ["bash", "fish"] {
         let out = home.banger(&["completion", shell]);
         assert!(out.status.success(), "{shell}");
         let s = text(&out.stdout);
-        assert!(
-            s.contains("banger") && s.contains("daemon") && s.contains("status"),
-            "{shell}: {s}"
-        );
+        assert!(s.contains("banger __complete"), "{shell}: {s}");
     }
+    let out = home.banger(&["completion", "zsh"]);
+    assert!(out.status.success());
+    let s = text(&out.stdout);
+    assert!(
+        s.contains("banger") && s.contains("daemon") && s.contains("status"),
+        "{s}"
+    );
     let out = home.banger(&["completion", "tcsh"]);
     assert_eq!(out.status.code(), Some(2), "unknown shell is a usage error");
+}
+
+/// `banger completion bash` completes from the daemon: bash itself runs the script's
+/// completion function, as it does on TAB (COMP_WORDS/COMP_CWORD set, `_banger` called,
+/// COMPREPLY read), with `banger` on its PATH. VM, image and kernel names come from the
+/// running daemon; hidden commands are never offered; with the daemon stopped a
+/// completion is silent and starts nothing.
+#[test]
+fn completion_is_live_in_bash() {
+    let home = Home::new();
+    let work = home.path().join("work");
+    std::fs::create_dir_all(work.join("kernel")).unwrap();
+    std::fs::write(
+        work.join("kernel/vmlinux"),
+        banger_actors::kernel_format::fixture::minimal_elf(4096),
+    )
+    .unwrap();
+    let rootfs = work.join("rootfs.ext4");
+    banger_rootfs(&rootfs);
+    for args in [
+        &[
+            "kernel",
+            "import",
+            "cloud",
+            "--from",
+            work.join("kernel").to_str().unwrap(),
+        ][..],
+        &[
+            "image",
+            "register",
+            "deb",
+            rootfs.to_str().unwrap(),
+            "--kernel",
+            "cloud",
+        ],
+        &[
+            "vm",
+            "create",
+            "--name",
+            "dev",
+            "--image",
+            "deb",
+            "--no-start",
+        ],
+        &[
+            "vm",
+            "create",
+            "--name",
+            "db",
+            "--image",
+            "deb",
+            "--no-start",
+        ],
+    ] {
+        let out = home.banger(args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+    }
+    let script = work.join("banger.bash");
+    std::fs::write(&script, home.banger(&["completion", "bash"]).stdout).unwrap();
+    let complete = |words: &[&str]| -> (Vec<String>, String) {
+        let quoted: Vec<String> = words.iter().map(|w| format!("'{w}'")).collect();
+        let mut cmd = Command::new("bash");
+        home.env(&mut cmd);
+        let path = format!(
+            "{}:{}",
+            banger_bin().parent().unwrap().display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let out = cmd
+            .env("PATH", path)
+            .arg("-c")
+            .arg(format!(
+                "source {}; COMP_WORDS=(banger {}); COMP_CWORD={}; _banger; printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+                script.display(),
+                quoted.join(" "),
+                words.len()
+            ))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{words:?}: {}", text(&out.stderr));
+        let got = text(&out.stdout)
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect();
+        (got, text(&out.stderr))
+    };
+    assert_eq!(complete(&["vm", "start", ""]).0, ["db", "dev"]);
+    assert_eq!(complete(&["vm", "start", "de"]).0, ["dev"]);
+    assert_eq!(complete(&["vm", "create", "--image", ""]).0, ["deb"]);
+    assert_eq!(complete(&["kernel", "show", ""]).0, ["cloud"]);
+    let (top, _) = complete(&[""]);
+    assert!(
+        top.contains(&"vm".to_owned()) && top.contains(&"ps".to_owned()),
+        "{top:?}"
+    );
+    for hidden in ["internal", "__ssh-proxy", "__complete"] {
+        assert!(
+            !top.iter().any(|c| c == hidden),
+            "{hidden} offered: {top:?}"
+        );
+    }
+
+    // No daemon: nothing offered, nothing said, nothing started.
+    assert!(home.banger(&["daemon", "stop"]).status.success());
+    let (got, err) = complete(&["vm", "start", ""]);
+    assert!(got.is_empty() && err.is_empty(), "{got:?} {err}");
+    let out = home.banger(&["__complete", "vm", "start", ""]);
+    assert!(out.status.success() && out.stdout.is_empty() && out.stderr.is_empty());
+    assert!(!home.socket().exists(), "no daemon was started");
 }
 
 /// `banger ps | head -1`: once the reader has gone, writing fails with EPIPE. The CLI

@@ -1,5 +1,6 @@
 //! One module per command group; each turns parsed arguments into calls and output.
 
+pub mod complete;
 pub mod daemon;
 pub mod doctor;
 pub mod exec;
@@ -106,6 +107,18 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
         }
         Command::Help { command } => help(&command),
         Command::Completion { shell } => {
+            // bash and fish ask `banger __complete` (names from the daemon); see `complete`.
+            match shell {
+                clap_complete::Shell::Bash => {
+                    crate::render::stdout_bytes(complete::BASH.as_bytes());
+                    return Ok(exit::OK);
+                }
+                clap_complete::Shell::Fish => {
+                    crate::render::stdout_bytes(complete::FISH.as_bytes());
+                    return Ok(exit::OK);
+                }
+                _ => {}
+            }
             let mut cmd = Cli::command();
             // Into memory first: clap_complete panics when its writer fails (`| head -1`).
             let mut script = Vec::new();
