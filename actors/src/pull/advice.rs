@@ -197,7 +197,7 @@ mod tests {
         assert!(a.unwrap().contains("no such repository or tag"));
 
         let locked = http_server("401 Unauthorized");
-        let (c, a) = pull_err(&format!("{locked}/x/y:1"), &[locked.clone()]).await;
+        let (c, a) = pull_err(&format!("{locked}/x/y:1"), std::slice::from_ref(&locked)).await;
         assert_eq!(c, Cause::Status(401), "{a:?}");
         assert!(a.unwrap().contains("anonymous"));
     }
