@@ -135,6 +135,18 @@ pub enum ImageError {
         #[source]
         source: std::io::Error,
     },
+    /// A rootfs without banger's guest side, which the daemon cannot add.
+    #[error(
+        "{path} has no /usr/lib/banger/banger-init (banger's guest side), and the daemon cannot add it"
+    )]
+    NoGuestSide {
+        path: PathBuf,
+        #[source]
+        source: crate::pull::guest::GuestBinaryError,
+    },
+    /// debugfs could not read or edit the image's ext4.
+    #[error("cannot give {path} banger's guest binaries: {detail}")]
+    GuestSide { path: PathBuf, detail: String },
 }
 
 /// Image and kernel names: `[a-z0-9][a-z0-9._-]{0,62}`.
@@ -194,12 +206,20 @@ pub fn copy_sparse(from: &Path, to: &Path) -> Result<(), ImageError> {
     })
 }
 
-/// Register `rootfs` as image `name` under `images_dir` (blocking).
+/// Register `rootfs` as image `name` under `images_dir` (blocking). The image is banger's
+/// own copy of the file; when the rootfs lacks banger's guest side (`banger-init`, which
+/// the kernel runs as PID 1, and `banger-agent`, in `/usr/lib/banger`), the copy is given
+/// them from `guest_dir` ([`give_guest_side`]), as pulled and built images are, so any
+/// ext4 of a Linux userland (a debootstrap tree, a container's filesystem) boots. The
+/// user's file is never changed. Without usable guest binaries such a rootfs is refused
+/// ([`ImageError::NoGuestSide`], saying how to get them) rather than registered to hang at
+/// boot.
 pub fn register_image(
     images_dir: &Path,
     name: &str,
     rootfs: &Path,
     kernel: Option<String>,
+    guest_dir: &Path,
 ) -> Result<ImageRecord, ImageError> {
     validate_name(name)?;
     if !rootfs.exists() {
@@ -219,7 +239,21 @@ pub fn register_image(
         source,
     })?;
     let dest = dir.join("rootfs.ext4");
+    let missing = missing_guest_side(rootfs)?;
+    if !missing.is_empty() {
+        crate::pull::guest::check_dir(guest_dir).map_err(|source| ImageError::NoGuestSide {
+            path: rootfs.to_owned(),
+            source,
+        })?;
+    }
     copy_sparse(rootfs, &dest)?;
+    if !missing.is_empty() {
+        if let Err(e) = give_guest_side(&dest, guest_dir, &missing) {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+        tracing::info!(image = name, added = ?missing, "gave the image banger's guest binaries");
+    }
     let size_bytes = std::fs::metadata(&dest)
         .map_err(|source| ImageError::Read {
             path: dest.clone(),
@@ -233,6 +267,148 @@ pub fn register_image(
         kernel,
         registered_at: crate::store::now_secs(),
     })
+}
+
+/// Where banger's guest binaries live in an image (see [`crate::pull::oci::GUEST_DIR`]).
+const GUEST_SIDE: &str = "/usr/lib/banger";
+
+fn debugfs(image: &Path, write: bool, script: &str) -> Result<(String, String), ImageError> {
+    use std::io::Write;
+    let fail = |detail: String| ImageError::GuestSide {
+        path: image.to_owned(),
+        detail,
+    };
+    let mut f = tempfile::NamedTempFile::new().map_err(|e| fail(e.to_string()))?;
+    f.write_all(script.as_bytes())
+        .map_err(|e| fail(e.to_string()))?;
+    let mut cmd = std::process::Command::new("debugfs");
+    if write {
+        cmd.arg("-w");
+    }
+    let o = cmd
+        .arg("-f")
+        .arg(f.path())
+        .arg(image)
+        .output()
+        .map_err(|e| fail(format!("cannot run debugfs (install e2fsprogs): {e}")))?;
+    if !o.status.success() {
+        return Err(fail(String::from_utf8_lossy(&o.stderr).trim().to_owned()));
+    }
+    Ok((
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    ))
+}
+
+/// Which of banger's guest binaries the ext4 `image` lacks (as regular files in
+/// `/usr/lib/banger`), read with debugfs without mounting it. Blocking.
+pub fn missing_guest_side(image: &Path) -> Result<Vec<&'static str>, ImageError> {
+    let names = crate::pull::guest::NAMES;
+    let script: String = names
+        .iter()
+        .map(|n| format!("stat {GUEST_SIDE}/{n}\n"))
+        .collect();
+    let (out, _) = debugfs(image, false, &script)?;
+    // One `Inode: … Type: regular` block per file found, in the order asked; a missing
+    // one prints only its error (on stderr).
+    let found = |n: &str| {
+        out.split("debugfs: stat ")
+            .any(|b| b.starts_with(&format!("{GUEST_SIDE}/{n}\n")) && b.contains("Type: regular"))
+    };
+    Ok(names.into_iter().filter(|n| !found(n)).collect())
+}
+
+/// Write the guest binaries `names` from `guest_dir` into the ext4 `image` (banger's own
+/// copy) at `/usr/lib/banger`, mode 0755, owned by root, with debugfs; the filesystem is
+/// grown first when it has no room for them. Blocking.
+pub fn give_guest_side(image: &Path, guest_dir: &Path, names: &[&str]) -> Result<(), ImageError> {
+    let fail = |detail: String| ImageError::GuestSide {
+        path: image.to_owned(),
+        detail,
+    };
+    let mut need = 4u64 << 20;
+    for n in names {
+        need += std::fs::metadata(guest_dir.join(n))
+            .map_err(|source| ImageError::Read {
+                path: guest_dir.join(n),
+                source,
+            })?
+            .len();
+    }
+    if free_bytes(image)? < need {
+        let len = std::fs::metadata(image)
+            .map_err(|source| ImageError::Read {
+                path: image.to_owned(),
+                source,
+            })?
+            .len();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(image)
+            .map_err(|source| ImageError::Write {
+                path: image.to_owned(),
+                source,
+            })?;
+        f.set_len(len + need + (16 << 20))
+            .map_err(|source| ImageError::Write {
+                path: image.to_owned(),
+                source,
+            })?;
+        let o = std::process::Command::new("resize2fs")
+            .arg("-f")
+            .arg(image)
+            .output()
+            .map_err(|e| fail(format!("cannot run resize2fs (install e2fsprogs): {e}")))?;
+        if !o.status.success() {
+            return Err(fail(format!(
+                "resize2fs: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            )));
+        }
+    }
+    let mut script = String::new();
+    // mkdir of a directory that exists fails harmlessly; each level, as debugfs has no -p.
+    for d in ["/usr", "/usr/lib", GUEST_SIDE] {
+        script.push_str(&format!("mkdir {d}\n"));
+    }
+    script.push_str(&format!("cd {GUEST_SIDE}\n"));
+    for n in names {
+        let from = guest_dir.join(n);
+        let from = from
+            .to_str()
+            .filter(|p| !p.contains(['"', '\n']))
+            .ok_or_else(|| fail(format!("{} cannot be named to debugfs", from.display())))?;
+        script.push_str(&format!(
+            "rm {n}\nwrite \"{from}\" {n}\nsif {n} mode 0100755\nsif {n} uid 0\nsif {n} gid 0\n"
+        ));
+    }
+    debugfs(image, true, &script)?;
+    // debugfs exits 0 whatever its commands did: read the result back.
+    let still = missing_guest_side(image)?;
+    if !still.is_empty() {
+        return Err(fail(format!(
+            "{} still missing after writing",
+            still.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+/// Free bytes of the ext4 `image` (its superblock's free blocks × block size).
+fn free_bytes(image: &Path) -> Result<u64, ImageError> {
+    let (out, _) = debugfs(image, false, "stats\n")?;
+    let field = |name: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim_start_matches(':').trim().parse::<u64>().ok())
+    };
+    match (field("Free blocks"), field("Block size")) {
+        (Some(free), Some(size)) => Ok(free * size),
+        _ => Err(ImageError::GuestSide {
+            path: image.to_owned(),
+            detail: "debugfs did not say how much room it has".into(),
+        }),
+    }
 }
 
 /// The files a kernel is made of, wherever they are: a `kernel import` directory, or the

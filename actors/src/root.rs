@@ -735,6 +735,7 @@ impl Tree {
         kernel: Option<String>,
     ) -> Result<ImageRecord, TreeError> {
         let db = Arc::clone(&self.db);
+        let guest_dir = self.pull_env.config.guest_binaries_dir.clone();
         self.blocking(move |_, dir| {
             crate::image::validate_name(&name)?;
             let reservation = db.reserve(Named::Image, &name, "being registered")?;
@@ -743,7 +744,13 @@ impl Tree {
             {
                 return Err(crate::not_found::NotFound::kernel(k).into());
             }
-            let rec = crate::image::register_image(&dir.join("images"), &name, &rootfs, kernel)?;
+            let rec = crate::image::register_image(
+                &dir.join("images"),
+                &name,
+                &rootfs,
+                kernel,
+                &guest_dir,
+            )?;
             reservation.publish_image(&rec)?;
             Ok(rec)
         })

@@ -10,12 +10,19 @@ use clap::{Parser, Subcommand};
     name = "banger",
     version = crate::commands::version::SHORT,
     about,
-    after_help = "Examples:\n  banger daemon status          is the daemon up? (pid, socket, log, uptime)\n  banger version --json         versions of this CLI and of the daemon\n  banger completion bash > ~/.local/share/bash-completion/completions/banger"
+    disable_help_subcommand = true,
+    after_help = "Examples:\n  banger vm run --rm -- uname -a  boot a VM, run a command in it, delete it\n  banger vm run --name dev        a VM to keep, and a shell in it\n  banger ps                       the VMs\n  banger daemon status            is the daemon up? (pid, socket, log)\n  banger version --json           versions of this CLI and of the daemon\n  banger completion bash > ~/.local/share/bash-completion/completions/banger"
 )]
 pub struct Cli {
     /// The daemon's socket (default: /run/banger/bangerd.sock when the system service is
     /// installed, else $XDG_RUNTIME_DIR/banger/bangerd.sock).
-    #[arg(long, global = true, env = "BANGER_SOCKET", value_name = "PATH")]
+    #[arg(
+        long,
+        global = true,
+        env = "BANGER_SOCKET",
+        value_name = "PATH",
+        help_heading = "Global options"
+    )]
     pub socket: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
@@ -100,6 +107,11 @@ pub enum Command {
         /// `<vm>` or `<vm>.vm`.
         host: String,
     },
+    /// Print the help of banger or of one of its commands (`banger help vm run`).
+    Help {
+        /// The command, e.g. `vm run` (none: banger's own help).
+        command: Vec<String>,
+    },
     /// Print a shell completion script.
     #[command(
         after_help = "Examples:\n  banger completion bash > ~/.local/share/bash-completion/completions/banger\n  banger completion zsh > \"${fpath[1]}/_banger\"\n  banger completion fish > ~/.config/fish/completions/banger.fish"
@@ -137,7 +149,9 @@ pub enum DaemonCmd {
     Install(InstallArgs),
     /// Same as `banger system uninstall`.
     Uninstall(RootArgs),
-    /// Same as `banger system restart`.
+    /// Restart the daemon that serves: the system service through systemd (as `banger
+    /// system restart`), a user daemon by stopping and starting it, none by starting one.
+    /// Running VMs keep running.
     Restart,
 }
 
@@ -171,7 +185,7 @@ pub struct RootArgs {
 pub enum SystemCmd {
     /// Install banger and bangerd to /usr/local/bin and enable bangerd.service.
     #[command(
-        after_help = "Examples:\n  sudo banger system install\n  sudo banger system install --owner alice\n\nIt copies the banger and bangerd beside this executable, writes\n/etc/systemd/system/bangerd.service (+ bangerd.service.d/owner.conf), creates the group\n`banger` (its members may use the socket /run/banger/bangerd.sock), and starts the service."
+        after_help = "Examples:\n  sudo banger system install\n  sudo banger system install --owner alice\n\nIt copies the banger and bangerd beside this executable, writes\n/etc/systemd/system/bangerd.service (+ bangerd.service.d/owner.conf), creates\nthe group `banger` (its members may use the socket /run/banger/bangerd.sock),\nand starts the service."
     )]
     Install(InstallArgs),
     /// Show whether the service is installed, enabled and running.
@@ -184,7 +198,7 @@ pub enum SystemCmd {
     Uninstall(RootArgs),
 }
 
-const UPDATE_HELP: &str = "Examples:\n  banger update --check\n  sudo banger update                 (the system service)\n  banger update --to v0.3.1 --dry-run\n\nReleases come from the URL built into banger and must carry a valid signature by\nbanger's release key; the tarball's SHA-256 must match the signed SHA256SUMS. The\nbinaries beside this banger are replaced (rename), the daemon restarted and checked\n(version, doctor); if that fails the previous binaries are put back.";
+const UPDATE_HELP: &str = "Examples:\n  banger update --check\n  sudo banger update                 (the system service)\n  banger update --to v0.3.1 --dry-run\n\nReleases come from the URL built into banger and must carry a valid signature by\nbanger's release key; the tarball's SHA-256 must match the signed SHA256SUMS.\nThe binaries beside this banger are replaced (rename), the daemon restarted and\nchecked (version, doctor); if that fails the previous binaries are put back.";
 
 /// Size flags shared by `vm create` and `vm set`.
 #[derive(Debug, clap::Args)]
@@ -347,21 +361,30 @@ pub enum VmCmd {
     Workspace(WorkspaceCmd),
     /// Start a stopped VM.
     #[command(after_help = "Examples:\n  banger vm start dev")]
-    Start { vm: String },
+    Start {
+        /// The VM's name.
+        vm: String,
+    },
     /// Stop a VM gracefully (Ctrl-Alt-Del, then SIGKILL after the timeout). Disks are kept.
     #[command(after_help = "Examples:\n  banger vm stop dev\n  banger vm stop dev --timeout 5")]
     Stop {
+        /// The VM's name.
         vm: String,
         /// Seconds to wait for the guest before killing it (default: config stop_timeout_secs).
         #[arg(long)]
         timeout: Option<u64>,
     },
     /// Stop (if running) and start a VM.
-    Restart { vm: String },
+    Restart {
+        /// The VM's name.
+        vm: String,
+    },
     /// Send a signal to a VM's VMM process (default KILL).
     #[command(after_help = "Examples:\n  banger vm kill dev\n  banger vm kill dev --signal TERM")]
     Kill {
+        /// The VM's name.
         vm: String,
+        /// The signal: a name (KILL, TERM, INT, …, with or without SIG) or a number.
         #[arg(long, short = 's', default_value = "KILL")]
         signal: String,
     },
@@ -371,6 +394,7 @@ pub enum VmCmd {
         after_help = "Examples:\n  banger vm rm dev\n  banger vm rm -f dev other"
     )]
     Delete {
+        /// The VMs' names.
         #[arg(required = true)]
         vms: Vec<String>,
         /// Kill running VMs first.
@@ -382,11 +406,14 @@ pub enum VmCmd {
         after_help = "Examples:\n  banger vm set dev --vcpu 4 --memory 4G\n  banger vm set dev --disk-size 20G"
     )]
     Set {
+        /// The VM's name.
         vm: String,
         #[command(flatten)]
         size: SizeArgs,
+        /// Give the VM outbound network access through NAT.
         #[arg(long, overrides_with = "no_nat")]
         nat: bool,
+        /// Take away its NAT (outbound access).
         #[arg(long)]
         no_nat: bool,
     },
@@ -396,18 +423,23 @@ pub enum VmCmd {
         after_help = "Examples:\n  banger vm ls\n  banger vm ls --json | jq -r '.[].name'"
     )]
     List {
+        /// Print JSON.
         #[arg(long)]
         json: bool,
     },
     /// Show one VM.
     Show {
+        /// The VM's name.
         vm: String,
+        /// Print JSON.
         #[arg(long)]
         json: bool,
     },
     /// Resource use of a VM (host-side VMM figures).
     Stats {
+        /// The VM's name.
         vm: String,
+        /// Print JSON.
         #[arg(long)]
         json: bool,
     },
@@ -416,6 +448,7 @@ pub enum VmCmd {
         after_help = "Examples:\n  banger vm exec dev -- uname -a\n  echo hi | banger vm exec dev -- cat\n  banger vm exec dev -w /root -e FOO=bar -- sh -c 'echo $FOO'"
     )]
     Exec {
+        /// The VM's name.
         vm: String,
         /// Allocate a terminal (interactive programs).
         #[arg(short = 't', long)]
@@ -438,6 +471,7 @@ pub enum VmCmd {
         alias = "shell"
     )]
     Ssh {
+        /// The VM's name.
         vm: String,
         /// The command and its arguments (after `--`).
         #[arg(last = true)]
@@ -445,14 +479,18 @@ pub enum VmCmd {
     },
     /// Listening TCP/UDP ports in a running VM, with their processes.
     Ports {
+        /// The VM's name.
         vm: String,
+        /// Print JSON.
         #[arg(long)]
         json: bool,
     },
     /// Print a VM's console log; -f follows it until the VM stops.
     #[command(after_help = "Examples:\n  banger vm logs dev\n  banger vm logs -f dev")]
     Logs {
+        /// The VM's name.
         vm: String,
+        /// Keep printing new output until the VM stops (Ctrl-C ends it).
         #[arg(long, short)]
         follow: bool,
         /// Only the last N bytes.
@@ -470,7 +508,7 @@ pub enum VmCmd {
     },
 }
 
-const RUN_HELP: &str = "Examples:\n  banger vm run --rm -- uname -a          boot, run, exit with its status, delete\n  banger vm run --rm . -- make test       ship this repo to /root/repo and test it there\n  banger vm run --name dev                an interactive shell in a new VM\n  banger vm run --timings --rm -- true    how long each stage takes\n\nIf the guest never becomes reachable the VM is kept (even with --rm): see `banger vm logs <name>`.";
+const RUN_HELP: &str = "Examples:\n  banger vm run --rm -- uname -a        boot, run, exit with its status, delete\n  banger vm run --rm . -- make test     ship this repo to /root/repo, test there\n  banger vm run --name dev              an interactive shell in a new VM\n  banger vm run --timings --rm -- true  how long each stage takes\n\nIf the guest never becomes reachable the VM is kept (even with --rm): see\n`banger vm logs <name>`.";
 
 /// `banger vm workspace …`.
 #[derive(Debug, Subcommand)]
@@ -481,7 +519,9 @@ pub enum WorkspaceCmd {
         after_help = "Examples:\n  banger vm workspace prepare dev .\n  banger vm workspace prepare dev ~/src/app --from v1.2 --branch try-fix\n  banger vm workspace prepare dev . --full-copy"
     )]
     Prepare {
+        /// The VM's name.
         vm: String,
+        /// The git repo (a directory) to ship.
         path: PathBuf,
         /// Check out a new branch of this name at the shipped ref in the guest.
         #[arg(long)]
@@ -499,6 +539,7 @@ pub enum WorkspaceCmd {
         after_help = "Examples:\n  banger vm workspace export dev > changes.diff\n  banger vm workspace export dev --out changes.diff && git apply changes.diff"
     )]
     Export {
+        /// The VM's name.
         vm: String,
         /// Write the diff here instead of stdout.
         #[arg(long, short)]
@@ -515,7 +556,9 @@ pub enum ImageCmd {
         after_help = "Examples:\n  banger image register debian ./rootfs.ext4 --kernel cloud"
     )]
     Register {
+        /// The image's name.
         name: String,
+        /// The ext4 file to register (banger keeps its own copy).
         rootfs: PathBuf,
         /// The kernel VMs of this image boot by default.
         #[arg(long)]
@@ -524,7 +567,7 @@ pub enum ImageCmd {
     /// Pull an image from the catalog or from an OCI registry, with a progress bar on a
     /// terminal.
     #[command(
-        after_help = "Examples:\n  banger image pull debian-bookworm              a catalog image (see `banger image list --available`)\n  banger image pull debian:bookworm --name deb    Docker Hub (docker.io/library/debian:bookworm)\n  banger image pull ghcr.io/org/app@sha256:…      any registry, by digest\n  banger image pull 127.0.0.1:5000/dev:1 --size 2G --kernel-ref cloud\n\nPlain-HTTP registries must be listed in the daemon's config: [images] insecure_registries = [\"127.0.0.1:5000\"]."
+        after_help = "Examples:\n  banger image pull debian-bookworm            a catalog image (ls --available)\n  banger image pull debian:bookworm --name deb  Docker Hub (library/debian)\n  banger image pull ghcr.io/org/app@sha256:…    any registry, by digest\n  banger image pull 127.0.0.1:5000/dev:1 --size 2G --kernel-ref cloud\n\nPlain-HTTP registries must be listed in the daemon's config: [images]\ninsecure_registries = [\"127.0.0.1:5000\"]."
     )]
     Pull {
         /// A catalog name or an OCI reference.
@@ -550,7 +593,7 @@ pub enum ImageCmd {
     /// Build an image and its kernel from a Debian-family mirror with mmdebstrap
     /// (unprivileged; packages are cached across builds).
     #[command(
-        after_help = "Examples:\n  banger image build deb                         bookworm with banger's guest packages and the cloud kernel\n  banger image build dev --include git,build-essential,curl --size 4G\n  banger image build trixie --suite trixie --mirror http://deb.debian.org/debian\n\nThe mirror: --mirror, else [images] mirror, else the host's apt sources on Debian, else\nhttp://deb.debian.org/debian. The kernel the package installs becomes a kernel record named\nafter the image (--kernel to name it), and its modules stay in the image. Needs mmdebstrap\nand uidmap, and a subordinate id range (/etc/subuid, /etc/subgid) for bangerd's user."
+        after_help = "Examples:\n  banger image build deb    bookworm, banger's guest packages, the cloud kernel\n  banger image build dev --include git,build-essential,curl --size 4G\n  banger image build trixie --suite trixie --mirror http://deb.debian.org/debian\n\nThe mirror: --mirror, else [images] mirror, else the host's apt sources on\nDebian, else http://deb.debian.org/debian. The kernel the package installs\nbecomes a kernel record named after the image (--kernel to name it), and its\nmodules stay in the image. Needs mmdebstrap and uidmap, and a subordinate id\nrange (/etc/subuid, /etc/subgid) for bangerd's user."
     )]
     Build {
         /// The image's name.
@@ -580,7 +623,7 @@ pub enum ImageCmd {
     /// Make a running VM's root filesystem a new image (like `docker commit`); VMs made
     /// from it boot the VM's kernel.
     #[command(
-        after_help = "Examples:\n  banger image promote dev dev-tools              dev's / as the image dev-tools\n  banger vm create --name dev2 --image dev-tools\n  banger image promote dev snap --size 4G --json\n\nThe VM must be running: its guest agent packs /. Left out: the contents of /proc, /sys,\n/dev, /run, /tmp, /lost+found and /root (the VM's work disk: new VMs get their own), other\nmounted filesystems, and per-VM identity (ssh host keys, /etc/machine-id, the VM's name)."
+        after_help = "Examples:\n  banger image promote dev dev-tools              dev's / as the image dev-tools\n  banger vm create --name dev2 --image dev-tools\n  banger image promote dev snap --size 4G --json\n\nThe VM must be running: its guest agent packs /. Left out: the contents of\n/proc, /sys, /dev, /run, /tmp, /lost+found and /root (the VM's work disk: new\nVMs get their own), other mounted filesystems, and per-VM identity (ssh host\nkeys, /etc/machine-id, the VM's name)."
     )]
     Promote {
         /// The running VM.
@@ -597,6 +640,7 @@ pub enum ImageCmd {
     /// List images (`--available`: the catalog).
     #[command(visible_alias = "ls")]
     List {
+        /// Print JSON.
         #[arg(long)]
         json: bool,
         /// List the catalog instead of the images here.
@@ -608,13 +652,18 @@ pub enum ImageCmd {
     Cache(CacheCmd),
     /// Show an image.
     Show {
+        /// The image's name.
         name: String,
+        /// Print JSON.
         #[arg(long)]
         json: bool,
     },
     /// Delete an image no VM uses.
     #[command(visible_alias = "rm")]
-    Delete { name: String },
+    Delete {
+        /// The image's name.
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -662,6 +711,7 @@ pub enum CacheCmd {
     /// Layer blobs in the cache, most recently used first.
     #[command(visible_alias = "ls")]
     List {
+        /// Print JSON.
         #[arg(long)]
         json: bool,
     },
@@ -676,7 +726,9 @@ pub enum KernelCmd {
         after_help = "Examples:\n  banger kernel pull cloud-6.1\n  banger kernel list --available"
     )]
     Pull {
+        /// The kernel's name.
         name: String,
+        /// Print JSON.
         #[arg(long)]
         json: bool,
     },
@@ -688,13 +740,16 @@ pub enum KernelCmd {
     /// /boot/config-<version>) lets `kernel show` say which VMMs the kernel suits.
     #[command(after_help = "Examples:\n  banger kernel import cloud --from ./kernel-dir")]
     Import {
+        /// The kernel's name.
         name: String,
+        /// The directory holding vmlinux or vmlinuz (and optionally initrd, modules/, config).
         #[arg(long)]
         from: PathBuf,
     },
     /// List kernels (`--available`: the catalog).
     #[command(visible_alias = "ls")]
     List {
+        /// Print JSON.
         #[arg(long)]
         json: bool,
         /// List the catalog instead of the kernels here.
@@ -703,12 +758,17 @@ pub enum KernelCmd {
     },
     /// Show a kernel: its files, and which VMMs it suits and why (from its config).
     Show {
+        /// The kernel's name.
         name: String,
+        /// Print JSON.
         #[arg(long)]
         json: bool,
     },
     /// Remove a kernel no VM uses.
-    Rm { name: String },
+    Rm {
+        /// The kernel's name.
+        name: String,
+    },
 }
 
 #[cfg(test)]
@@ -734,5 +794,52 @@ mod tests {
         assert_eq!(parse_memory("512M"), Ok(512 << 20));
         let e = parse_memory("1").unwrap_err();
         assert!(e.contains("1 B, not a whole number of MiB"), "{e}");
+    }
+
+    /// Every command, argument and flag of the whole tree says what it is for (clap's own
+    /// `--help`/`--version` aside), and every example line fits 80 columns. (`<VM>`,
+    /// `--json`, `--nat/--no-nat`, `logs -f`, `--signal`, `--from` had no help.)
+    #[test]
+    fn every_command_and_argument_is_described_and_examples_fit() {
+        use clap::CommandFactory;
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            if cmd.is_hide_set() {
+                return;
+            }
+            if cmd.get_about().is_none() {
+                missing.push(format!("{path}: the command"));
+            }
+            for a in cmd.get_arguments() {
+                let id = a.get_id().as_str();
+                if id == "help" || id == "version" || a.is_hide_set() {
+                    continue;
+                }
+                if a.get_help().is_none_or(|h| h.to_string().trim().is_empty()) {
+                    missing.push(format!("{path}: {id}"));
+                }
+            }
+            if let Some(after) = cmd.get_after_help() {
+                for line in after.to_string().lines() {
+                    if line.chars().count() > 80 {
+                        missing.push(format!("{path}: a help line over 80 columns: {line}"));
+                    }
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "banger", &mut missing);
+        // Global options are grouped apart from each command's own.
+        for a in Cli::command().get_arguments().filter(|a| a.is_global_set()) {
+            if a.get_help_heading() != Some("Global options") {
+                missing.push(format!(
+                    "banger: {} is not under Global options",
+                    a.get_id()
+                ));
+            }
+        }
+        assert!(missing.is_empty(), "undescribed:\n{}", missing.join("\n"));
     }
 }

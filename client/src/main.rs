@@ -23,6 +23,14 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::FAILURE);
         }
     };
+    // Shell completion (the scripts of `banger completion` call it): before clap, which
+    // would parse the words being completed as banger's own.
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("__complete") {
+        runtime.block_on(commands::complete::run(&args[2..]));
+        runtime.shutdown_background();
+        return ExitCode::from(exit::OK);
+    }
     let cli = runtime.block_on(commands::parse());
     let code = match runtime.block_on(commands::run(cli)) {
         Ok(code) => ExitCode::from(code),

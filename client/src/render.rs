@@ -92,3 +92,83 @@ mod tests {
         assert_eq!(duration(90_061), "1d 1h 1m");
     }
 }
+
+/// A table with each column as wide as its widest cell (header included), two spaces
+/// apart, no trailing spaces; columns whose `right` is true are right-aligned (numbers).
+/// Lines end with a newline.
+pub fn table(head: &[&str], right: &[bool], rows: &[Vec<String>]) -> String {
+    let mut width: Vec<usize> = head.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
+        for (w, c) in width.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let last = cells.len().saturating_sub(1);
+        let mut l = String::new();
+        for (i, c) in cells.into_iter().enumerate() {
+            let pad = width[i].saturating_sub(c.chars().count());
+            if i > 0 {
+                l.push_str("  ");
+            }
+            if right.get(i).copied().unwrap_or(false) {
+                l.extend(std::iter::repeat_n(' ', pad));
+                l.push_str(c);
+            } else {
+                l.push_str(c);
+                if i < last {
+                    l.extend(std::iter::repeat_n(' ', pad));
+                }
+            }
+        }
+        l.push('\n');
+        l
+    };
+    let mut out = line(head.to_vec());
+    for r in rows {
+        out.push_str(&line(r.iter().map(String::as_str).collect()));
+    }
+    out
+}
+
+#[cfg(test)]
+mod table_tests {
+    use super::table;
+
+    /// Columns fit their content: a long name widens its column, short ones do not pad
+    /// to a fixed 20; numbers line up on the right; nothing trails.
+    #[test]
+    fn columns_are_sized_to_their_content() {
+        let rows = vec![
+            vec![
+                "a".to_owned(),
+                "running".to_owned(),
+                "2".to_owned(),
+                "img".to_owned(),
+            ],
+            vec![
+                "a-much-longer-vm-name-than-twenty".to_owned(),
+                "stopped".to_owned(),
+                "16".to_owned(),
+                "debian-bookworm".to_owned(),
+            ],
+        ];
+        let t = table(
+            &["NAME", "STATE", "VCPU", "IMAGE"],
+            &[false, false, true, false],
+            &rows,
+        );
+        assert_eq!(
+            t,
+            "NAME                               STATE    VCPU  IMAGE\n\
+             a                                  running     2  img\n\
+             a-much-longer-vm-name-than-twenty  stopped    16  debian-bookworm\n"
+        );
+        let t = table(
+            &["NAME", "STATE"],
+            &[false, false],
+            &[vec!["a".into(), "x".into()]],
+        );
+        assert_eq!(t, "NAME  STATE\na     x\n");
+    }
+}

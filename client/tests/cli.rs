@@ -125,6 +125,51 @@ fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// `daemon restart` restarts the daemon that serves, here a user daemon: a new process
+/// answers on the same socket. (It ran `systemctl restart bangerd.service` whatever
+/// served, which fails for a user daemon, or restarts another daemon than the one in use.)
+/// With none running it starts one.
+#[test]
+fn daemon_restart_restarts_the_user_daemon_that_serves() {
+    let home = Home::new();
+    let pid = |home: &Home| {
+        let out = home.banger(&["daemon", "status", "--json"]);
+        assert!(out.status.success(), "{}", text(&out.stdout));
+        json(&out)["pid"].as_i64().unwrap() as i32
+    };
+    let out = home.banger(&["daemon", "restart"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("was not running"),
+        "{}",
+        text(&out.stdout)
+    );
+    let first = pid(&home);
+    let out = home.banger(&["daemon", "restart"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let second = pid(&home);
+    assert_ne!(first, second, "a new daemon");
+    // Gone, or a zombie its parent (long exited; reparented) has not reaped yet.
+    let state = std::fs::read_to_string(format!("/proc/{first}/stat"))
+        .map(|s| {
+            s.rsplit_once(") ")
+                .map(|(_, r)| r[..1].to_owned())
+                .unwrap_or_default()
+        })
+        .unwrap_or_default();
+    assert!(
+        matches!(state.as_str(), "" | "Z" | "X"),
+        "the old one is gone: {state}"
+    );
+    assert!(is_bangerd(second));
+    assert!(
+        text(&out.stdout).contains(&format!("pid {first} stopped")),
+        "{}",
+        text(&out.stdout)
+    );
+    home.banger(&["daemon", "stop"]);
+}
+
 #[test]
 fn version_flag_and_command() {
     let home = Home::new();
@@ -151,17 +196,133 @@ fn version_flag_and_command() {
 #[test]
 fn completion_scripts() {
     let home = Home::new();
-    for shell in ["bash", "zsh", "fish"] {
+    // bash and fish ask `banger __complete` (see `completion_is_live_in_bash`); zsh's is
+    // clap's static script.
+    for shell in ["bash", "fish"] {
         let out = home.banger(&["completion", shell]);
         assert!(out.status.success(), "{shell}");
         let s = text(&out.stdout);
-        assert!(
-            s.contains("banger") && s.contains("daemon") && s.contains("status"),
-            "{shell}: {s}"
-        );
+        assert!(s.contains("banger __complete"), "{shell}: {s}");
     }
+    let out = home.banger(&["completion", "zsh"]);
+    assert!(out.status.success());
+    let s = text(&out.stdout);
+    assert!(
+        s.contains("banger") && s.contains("daemon") && s.contains("status"),
+        "{s}"
+    );
     let out = home.banger(&["completion", "tcsh"]);
     assert_eq!(out.status.code(), Some(2), "unknown shell is a usage error");
+}
+
+/// `banger completion bash` completes from the daemon: bash itself runs the script's
+/// completion function, as it does on TAB (COMP_WORDS/COMP_CWORD set, `_banger` called,
+/// COMPREPLY read), with `banger` on its PATH. VM, image and kernel names come from the
+/// running daemon; hidden commands are never offered; with the daemon stopped a
+/// completion is silent and starts nothing.
+#[test]
+fn completion_is_live_in_bash() {
+    let home = Home::new();
+    let work = home.path().join("work");
+    std::fs::create_dir_all(work.join("kernel")).unwrap();
+    std::fs::write(
+        work.join("kernel/vmlinux"),
+        banger_actors::kernel_format::fixture::minimal_elf(4096),
+    )
+    .unwrap();
+    let rootfs = work.join("rootfs.ext4");
+    banger_rootfs(&rootfs);
+    for args in [
+        &[
+            "kernel",
+            "import",
+            "cloud",
+            "--from",
+            work.join("kernel").to_str().unwrap(),
+        ][..],
+        &[
+            "image",
+            "register",
+            "deb",
+            rootfs.to_str().unwrap(),
+            "--kernel",
+            "cloud",
+        ],
+        &[
+            "vm",
+            "create",
+            "--name",
+            "dev",
+            "--image",
+            "deb",
+            "--no-start",
+        ],
+        &[
+            "vm",
+            "create",
+            "--name",
+            "db",
+            "--image",
+            "deb",
+            "--no-start",
+        ],
+    ] {
+        let out = home.banger(args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+    }
+    let script = work.join("banger.bash");
+    std::fs::write(&script, home.banger(&["completion", "bash"]).stdout).unwrap();
+    let complete = |words: &[&str]| -> (Vec<String>, String) {
+        let quoted: Vec<String> = words.iter().map(|w| format!("'{w}'")).collect();
+        let mut cmd = Command::new("bash");
+        home.env(&mut cmd);
+        let path = format!(
+            "{}:{}",
+            banger_bin().parent().unwrap().display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let out = cmd
+            .env("PATH", path)
+            .arg("-c")
+            .arg(format!(
+                "source {}; COMP_WORDS=(banger {}); COMP_CWORD={}; _banger; printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+                script.display(),
+                quoted.join(" "),
+                words.len()
+            ))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{words:?}: {}", text(&out.stderr));
+        let got = text(&out.stdout)
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect();
+        (got, text(&out.stderr))
+    };
+    assert_eq!(complete(&["vm", "start", ""]).0, ["db", "dev"]);
+    assert_eq!(complete(&["vm", "start", "de"]).0, ["dev"]);
+    assert_eq!(complete(&["vm", "create", "--image", ""]).0, ["deb"]);
+    assert_eq!(complete(&["kernel", "show", ""]).0, ["cloud"]);
+    let (top, _) = complete(&[""]);
+    assert!(
+        top.contains(&"vm".to_owned()) && top.contains(&"ps".to_owned()),
+        "{top:?}"
+    );
+    for hidden in ["internal", "__ssh-proxy", "__complete"] {
+        assert!(
+            !top.iter().any(|c| c == hidden),
+            "{hidden} offered: {top:?}"
+        );
+    }
+
+    // No daemon: nothing offered, nothing said, nothing started.
+    assert!(home.banger(&["daemon", "stop"]).status.success());
+    let (got, err) = complete(&["vm", "start", ""]);
+    assert!(got.is_empty() && err.is_empty(), "{got:?} {err}");
+    let out = home.banger(&["__complete", "vm", "start", ""]);
+    assert!(out.status.success() && out.stdout.is_empty() && out.stderr.is_empty());
+    assert!(!home.socket().exists(), "no daemon was started");
 }
 
 /// `banger ps | head -1`: once the reader has gone, writing fails with EPIPE. The CLI
@@ -191,6 +352,40 @@ fn a_closed_stdout_ends_the_cli_quietly() {
         assert_eq!(err, "", "{args:?} says nothing");
     }
     home.banger(&["daemon", "stop"]);
+}
+
+/// `banger help` is a command like the others: `banger help --help` works (clap's
+/// built-in one refused it), `banger help vm run` is `banger vm run --help`, aliases
+/// included, and a command that does not exist is a usage error. The top-level examples
+/// start with `vm run`.
+#[test]
+fn help_is_a_command_that_takes_help() {
+    let home = Home::new();
+    let out = home.banger(&["help", "--help"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("Usage: banger help"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = home.banger(&["help", "vm", "run"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let direct = home.banger(&["vm", "run", "--help"]);
+    assert_eq!(text(&out.stdout).trim(), text(&direct.stdout).trim());
+    let out = home.banger(&["help", "vm", "rm"]);
+    assert!(
+        text(&out.stdout).contains("Usage: banger vm delete"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = home.banger(&["help", "vm", "nope"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("no command `banger vm nope`"));
+    let top = text(&home.banger(&["--help"]).stdout);
+    let examples = top.split_once("Examples:").unwrap().1;
+    assert!(examples.trim_start().starts_with("banger vm run"), "{top}");
+    assert!(top.contains("Global options:\n      --socket"), "{top}");
+    assert!(!home.socket().exists(), "help starts no daemon");
 }
 
 #[test]
@@ -442,6 +637,304 @@ fn banger_timings_works_with_an_autostarted_daemon() {
     home.banger(&["daemon", "stop"]);
 }
 
+/// A 16 MiB ext4 at `path` with banger's guest side in place (`/usr/lib/banger/banger-init`
+/// and `banger-agent`, stand-ins: the tests that use it never boot a guest's userland), so
+/// `image register` takes it as it is.
+fn banger_rootfs(path: &Path) {
+    let tree = tempfile::tempdir().unwrap();
+    let dir = tree.path().join("usr/lib/banger");
+    std::fs::create_dir_all(&dir).unwrap();
+    for b in ["banger-init", "banger-agent"] {
+        std::fs::write(dir.join(b), b"stand-in").unwrap();
+    }
+    let mkfs = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(tree.path())
+        .arg(path)
+        .arg("16M")
+        .output()
+        .unwrap();
+    assert!(mkfs.status.success(), "{}", text(&mkfs.stderr));
+}
+
+/// A boot that QEMU itself refuses says what QEMU said, in the error and in `vm logs`: the
+/// kernel here is an ELF header banger accepts (x86-64) with nothing QEMU can load behind
+/// it, so QEMU prints its reason on stderr and exits at once. The error once was only
+/// "talking to QMP: Connection reset by peer" (QEMU closing its QMP socket as it exited),
+/// and `vm logs` printed nothing, because QEMU's stderr went to a file in the VM's run
+/// directory that the failed start removed. Real QEMU, under TCG, no network, no root.
+#[test]
+fn a_boot_qemu_refuses_says_what_qemu_said() {
+    let home = Home::new();
+    let cfg = home.path().join("config/banger");
+    std::fs::create_dir_all(&cfg).unwrap();
+    std::fs::write(
+        cfg.join("config.toml"),
+        "default_vmm = \"qemu\"\n[qemu]\naccel = \"tcg\"\n",
+    )
+    .unwrap();
+    let work = home.path().join("work");
+    std::fs::create_dir_all(work.join("kernel")).unwrap();
+    let mut elf = b"\x7fELF\x02\x01\x01\x00".to_vec();
+    elf.resize(16, 0);
+    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    elf.extend_from_slice(&62u16.to_le_bytes()); // EM_X86_64
+    elf.resize(4096, 0);
+    std::fs::write(work.join("kernel/vmlinux"), elf).unwrap();
+    let rootfs = work.join("rootfs.ext4");
+    banger_rootfs(&rootfs);
+    for args in [
+        &[
+            "kernel",
+            "import",
+            "k",
+            "--from",
+            work.join("kernel").to_str().unwrap(),
+        ][..],
+        &[
+            "image",
+            "register",
+            "img",
+            rootfs.to_str().unwrap(),
+            "--kernel",
+            "k",
+        ],
+    ] {
+        let out = home.banger(args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+    }
+    let out = home.banger(&["vm", "create", "--name", "a", "--image", "img"]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let (_, said) = err
+        .split_once("qemu exited during start-up: ")
+        .unwrap_or_else(|| panic!("the error says QEMU exited: {err}"));
+    let said = said.trim();
+    assert!(
+        said.starts_with("qemu-system-x86_64: ") && !err.contains("QMP"),
+        "QEMU's own words, not its socket's: {err}"
+    );
+    let logs = home.banger(&["vm", "logs", "a"]);
+    assert!(logs.status.success(), "{}", text(&logs.stderr));
+    assert!(
+        text(&logs.stdout).contains(said),
+        "vm logs shows what QEMU said ({said}): {}",
+        text(&logs.stdout)
+    );
+    home.banger(&["daemon", "stop"]);
+}
+
+/// `debugfs -R <request> <image>`'s stdout.
+fn debugfs(image: &Path, request: &str) -> String {
+    let out = Command::new("debugfs")
+        .arg("-R")
+        .arg(request)
+        .arg(image)
+        .output()
+        .unwrap();
+    text(&out.stdout)
+}
+
+/// `image register` of a rootfs without banger's guest side (a plain ext4, as a
+/// debootstrap tree made into one is) gives banger's copy the daemon's guest binaries,
+/// growing a full filesystem to fit them, and leaves the user's file as it was; a daemon
+/// that has no usable guest binaries refuses such a rootfs saying how to get them. (It
+/// was registered as it was, and every VM of it waited out the agent timeout.)
+#[test]
+fn image_register_gives_a_plain_rootfs_bangers_guest_side() {
+    let home = Home::new();
+    let work = home.path().join("work");
+    let guest = work.join("guest");
+    std::fs::create_dir_all(&guest).unwrap();
+    // Static ELF executables, as the daemon's check wants (no interpreter).
+    let init = banger_actors::kernel_format::fixture::minimal_elf(4096);
+    let agent = banger_actors::kernel_format::fixture::minimal_elf(8192);
+    std::fs::write(guest.join("banger-init"), &init).unwrap();
+    std::fs::write(guest.join("banger-agent"), &agent).unwrap();
+    let cfg = home.path().join("config/banger");
+    std::fs::create_dir_all(&cfg).unwrap();
+    std::fs::write(
+        cfg.join("config.toml"),
+        format!("[images]\nguest_binaries_dir = \"{}\"\n", guest.display()),
+    )
+    .unwrap();
+    let tree = work.join("tree");
+    std::fs::create_dir_all(tree.join("etc")).unwrap();
+    std::fs::write(tree.join("etc/hostname"), "plain\n").unwrap();
+    // Plain, and too full for the guest binaries: 6 of its 8 MiB taken.
+    std::fs::write(tree.join("filler"), vec![0x5a; 6 << 20]).unwrap();
+    let rootfs = work.join("plain.ext4");
+    let mkfs = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&tree)
+        .arg(&rootfs)
+        .arg("8M")
+        .output()
+        .unwrap();
+    assert!(mkfs.status.success(), "{}", text(&mkfs.stderr));
+    let before = std::fs::read(&rootfs).unwrap();
+
+    let out = home.banger(&["image", "register", "plain", rootfs.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let copy = home.path().join("data/banger/images/plain/rootfs.ext4");
+    for (name, bytes) in [("banger-init", &init), ("banger-agent", &agent)] {
+        let path = format!("/usr/lib/banger/{name}");
+        let stat = debugfs(&copy, &format!("stat {path}"));
+        assert!(
+            stat.contains("Type: regular") && stat.contains("Mode:  0755"),
+            "{path} in banger's copy: {stat}"
+        );
+        assert!(
+            stat.contains("User:     0") && stat.contains("Group:     0"),
+            "{path} is root's: {stat}"
+        );
+        let dump = work.join(format!("{name}.dump"));
+        debugfs(&copy, &format!("dump {path} {}", dump.display()));
+        assert_eq!(
+            &std::fs::read(&dump).unwrap(),
+            bytes,
+            "{path} is the daemon's"
+        );
+    }
+    assert!(
+        std::fs::metadata(&copy).unwrap().len() > 8 << 20,
+        "the full filesystem was grown to fit them"
+    );
+    assert!(
+        debugfs(&copy, "cat /etc/hostname").contains("plain"),
+        "the rootfs's own files are kept"
+    );
+    assert_eq!(
+        std::fs::read(&rootfs).unwrap(),
+        before,
+        "the user's file is not changed"
+    );
+
+    // A daemon without guest binaries refuses, saying how to get them.
+    let bare = Home::new();
+    let cfg = bare.path().join("config/banger");
+    std::fs::create_dir_all(&cfg).unwrap();
+    let empty = bare.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    std::fs::write(
+        cfg.join("config.toml"),
+        format!("[images]\nguest_binaries_dir = \"{}\"\n", empty.display()),
+    )
+    .unwrap();
+    let out = bare.banger(&["image", "register", "plain", rootfs.to_str().unwrap()]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "{} has no /usr/lib/banger/banger-init (banger's guest side)",
+            rootfs.display()
+        )) && err.contains("scripts/build-guest.sh"),
+        "{err}"
+    );
+    let out = bare.banger(&["image", "ls", "--json"]);
+    assert_eq!(json(&out), serde_json::json!([]), "nothing was registered");
+    home.banger(&["daemon", "stop"]);
+    bare.banger(&["daemon", "stop"]);
+}
+
+/// A stand-in for `qemu-system-x86_64` whose guest boots an initramfs that cannot find
+/// banger-init: it serves QMP as QEMU does (greeting, `return` answers, `running`) and,
+/// once asked for its status, writes initramfs-tools' lines to the console file QEMU
+/// would (`-chardev file,...,path=`), then waits as the rescue shell does. (No kernel is
+/// needed; `root_rig_*` tests in vm_qemu.rs boot real guests.)
+const QEMU_WITHOUT_INIT: &str = r#"#!/usr/bin/env python3
+import json, socket, sys
+args = sys.argv[1:]
+console = qmp = None
+for i, a in enumerate(args):
+    if a == "-chardev" and args[i + 1].startswith("file,"):
+        console = dict(kv.split("=", 1) for kv in args[i + 1].split(",")[1:])["path"]
+    if a == "-qmp":
+        qmp = args[i + 1].split(",")[0][len("unix:"):]
+s = socket.socket(socket.AF_UNIX)
+s.bind(qmp)
+s.listen(4)
+while True:
+    c, _ = s.accept()
+    f = c.makefile("rw")
+    f.write('{"QMP": {"version": {}, "capabilities": []}}\n')
+    f.flush()
+    for line in f:
+        cmd = json.loads(line).get("execute")
+        f.write(json.dumps({"return": {"status": "running"} if cmd == "query-status" else {}}) + "\n")
+        f.flush()
+        if cmd == "query-status":
+            with open(console, "a") as out:
+                out.write("Begin: Running /scripts/init-bottom ... done.\r\n")
+                out.write("run-init: can't execute '/usr/lib/banger/banger-init': No such file or directory\r\n")
+                out.write("Target filesystem doesn't have requested /usr/lib/banger/banger-init.\r\n")
+    c.close()
+"#;
+
+/// A guest whose console says banger-init is missing fails its start at once, quoting the
+/// line, and is not left running. (It waited out the whole agent timeout, two minutes by
+/// default, and the error said "the VM is kept" twice.) The agent timeout here is the
+/// default, so a start that waited for the agent would not end within the test's run.
+#[test]
+fn a_start_fails_as_soon_as_the_console_says_the_init_is_missing() {
+    let home = Home::new();
+    let work = home.path().join("work");
+    std::fs::create_dir_all(work.join("kernel")).unwrap();
+    let qemu = work.join("qemu");
+    std::fs::write(&qemu, QEMU_WITHOUT_INIT).unwrap();
+    std::fs::set_permissions(&qemu, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let cfg = home.path().join("config/banger");
+    std::fs::create_dir_all(&cfg).unwrap();
+    std::fs::write(
+        cfg.join("config.toml"),
+        format!(
+            "default_vmm = \"qemu\"\n[qemu]\naccel = \"tcg\"\nbinary = \"{}\"\n",
+            qemu.display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        work.join("kernel/vmlinux"),
+        banger_actors::kernel_format::fixture::minimal_elf(4096),
+    )
+    .unwrap();
+    let rootfs = work.join("rootfs.ext4");
+    banger_rootfs(&rootfs);
+    for args in [
+        &[
+            "kernel",
+            "import",
+            "k",
+            "--from",
+            work.join("kernel").to_str().unwrap(),
+        ][..],
+        &[
+            "image",
+            "register",
+            "img",
+            rootfs.to_str().unwrap(),
+            "--kernel",
+            "k",
+        ],
+    ] {
+        let out = home.banger(args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+    }
+    let out = home.banger(&[
+        "vm", "run", "--name", "a", "--image", "img", "--rm", "--", "true",
+    ]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("vm a cannot boot: its image has no banger init (the console says \"run-init: can't execute '/usr/lib/banger/banger-init': No such file or directory\")"),
+        "{err}"
+    );
+    assert_eq!(err.matches("kept").count(), 1, "said once: {err}");
+    let vm = json(&home.banger(&["vm", "show", "a", "--json"]));
+    assert_eq!(vm["state"], "stopped", "its VMM was ended: {vm}");
+    home.banger(&["daemon", "stop"]);
+}
+
 /// The first `/boot/vmlinuz-*` (the rig installs linux-image-cloud-amd64).
 fn host_kernel() -> PathBuf {
     std::fs::read_dir("/boot")
@@ -469,13 +962,7 @@ fn vm_create_without_a_vmm_resolves_auto_for_this_host() {
     std::fs::create_dir_all(work.join("kernel")).unwrap();
     std::fs::copy(host_kernel(), work.join("kernel/vmlinuz")).unwrap();
     let rootfs = work.join("rootfs.ext4");
-    let mkfs = Command::new("mkfs.ext4")
-        .args(["-q", "-F"])
-        .arg(&rootfs)
-        .arg("16M")
-        .output()
-        .unwrap();
-    assert!(mkfs.status.success(), "{}", text(&mkfs.stderr));
+    banger_rootfs(&rootfs);
     let ok = |args: &[&str]| {
         let out = home.banger(args);
         assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
@@ -881,19 +1368,14 @@ fn vm_commands_fail_clearly_without_images() {
 /// met it: `no <kind> named <name>; see \`banger <kind> list\``, exit 4. (It once read
 /// "no vm named image nope (see `banger image list`); see `banger vm list`", and
 /// `vm rm nope` said "nope: no vm named nope".)
-/// Kernel `k` (the host's) and image `img` (an empty 16 MiB ext4) in `home`'s daemon.
+/// Kernel `k` (the host's) and image `img` (a 16 MiB ext4 with stand-in guest binaries)
+/// in `home`'s daemon.
 fn import_k_and_register_img(home: &Home) {
     let work = home.path().join("work");
     std::fs::create_dir_all(work.join("kernel")).unwrap();
     std::fs::copy(host_kernel(), work.join("kernel/vmlinuz")).unwrap();
     let rootfs = work.join("rootfs.ext4");
-    let mkfs = Command::new("mkfs.ext4")
-        .args(["-q", "-F"])
-        .arg(&rootfs)
-        .arg("16M")
-        .output()
-        .unwrap();
-    assert!(mkfs.status.success(), "{}", text(&mkfs.stderr));
+    banger_rootfs(&rootfs);
     let kernel_dir = work.join("kernel");
     for args in [
         &[

@@ -1742,3 +1742,50 @@ fn root_rig_image_promote_makes_a_running_guests_root_an_image_that_boots() {
     home.ok(&["vm", "rm", "-f", "src"]);
     home.ok(&["image", "rm", "promoted"]);
 }
+
+/// A plain rootfs (the rig's debootstrap tree: no banger-init, no agent) registered as it
+/// is boots and runs a command: `image register` gave banger's copy the daemon's guest
+/// binaries. With banger-init taken out of that copy again (an image registered before
+/// banger did this), a start fails as soon as the console says the init is missing,
+/// quoting the line, and the VM is stopped: the agent timeout here is 600 s, so a start
+/// that waited for the agent (as it did) would outlast the test's own waits.
+#[test]
+fn root_rig_a_plain_rootfs_gets_bangers_guest_side_and_a_missing_init_fails_at_once() {
+    let guest_dir = repo().join("target/guest");
+    let home = Home::with_config(
+        None,
+        "agent_timeout_secs = 600\n",
+        &format!(
+            "[images]\nguest_binaries_dir = \"{}\"\n",
+            guest_dir.display()
+        ),
+    );
+    let plain = rig()["BANGER_RIG_ROOTFS"].clone();
+    home.ok(&["image", "register", "plain", &plain, "--kernel", "rig"]);
+    home.ok(&["vm", "run", "--image", "plain", "--rm", "--", "true"]);
+
+    let copy = home.dir.path().join("data/banger/images/plain/rootfs.ext4");
+    let out = Command::new("debugfs")
+        .args(["-w", "-R", "rm /usr/lib/banger/banger-init"])
+        .arg(&copy)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = home.run(&[
+        "vm", "run", "--image", "plain", "--name", "noinit", "--", "true",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(code(&out), Some(1), "{err}");
+    assert!(
+        err.contains("vm noinit cannot boot: its image has no banger init (the console says \"")
+            && err.contains("/usr/lib/banger/banger-init"),
+        "{err}"
+    );
+    assert_eq!(err.matches("kept").count(), 1, "{err}");
+    let vm = home.json(&["vm", "show", "noinit", "--json"]);
+    assert_eq!(vm["state"], "stopped", "{vm}");
+}

@@ -29,6 +29,7 @@
 //! (their callers get "the pull actor did not answer") and their staging directories are
 //! swept on start.
 
+pub mod advice;
 pub mod build;
 pub mod bundle;
 pub mod catalog;

@@ -287,13 +287,12 @@ pub async fn pull(
         .map_err(|e| {
             let mut err = registry_err(&reference, &e);
             let registry = reference.resolve_registry();
+            // Advice from the real cause (see `super::advice`).
             if let PullError::Registry { detail, .. } = &mut err
-                && detail.contains("Connect")
-                && !env.config.insecure_registries.iter().any(|r| r == registry)
+                && let Some(a) =
+                    super::advice::advice(&e, registry, &env.config.insecure_registries)
             {
-                detail.push_str(&format!(
-                    " (a registry served over plain HTTP must be listed in the daemon's config: [images] insecure_registries = [\"{registry}\"])"
-                ));
+                detail.push_str(&format!(" ({a})"));
             }
             err
         })?;

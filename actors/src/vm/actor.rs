@@ -75,13 +75,18 @@ pub enum VmError {
     #[error("vm {0} was stopped while it was starting")]
     StoppedWhileStarting(String),
     #[error(
-        "vm {vm} runs, but its guest agent did not answer within {secs}s ({reason}); the VM is kept: see `banger vm logs {vm}`"
+        "vm {vm} runs, but its guest agent did not answer within {secs}s ({reason}); it is left running: see `banger vm logs {vm}`"
     )]
     AgentUnreachable {
         vm: String,
         secs: u64,
         reason: String,
     },
+    /// The guest's console says it has no banger-init.
+    #[error(
+        "vm {vm} cannot boot: its image has no banger init (the console says \"{line}\"); register the rootfs again with `banger image register`, which adds banger's guest binaries, or use an image from `banger image pull`"
+    )]
+    NoInit { vm: String, line: String },
     #[error("vm {vm} exited while it was booting; see `banger vm logs {vm}`")]
     ExitedDuringBoot { vm: String },
     #[error("vm {vm}: the guest agent: {reason}")]
@@ -109,6 +114,7 @@ impl VmError {
             | VmError::Gone(_)
             | VmError::AgentUnreachable { .. }
             | VmError::ExitedDuringBoot { .. }
+            | VmError::NoInit { .. }
             | VmError::Agent { .. } => codes::INTERNAL_ERROR,
             VmError::Net {
                 source: crate::net::host::NetError::Unprivileged(_),
@@ -173,6 +179,12 @@ pub enum VmMsg {
     },
     /// The guest's kernel said it powered off or halted, under a VMM that lives on after
     /// that (Firecracker): end the process.
+    /// The console says the guest has no banger-init (see
+    /// [`super::cmdline::init_missing`]): a start of this generation fails now.
+    InitMissing {
+        generation: u64,
+        line: String,
+    },
     GuestHalted {
         generation: u64,
     },
@@ -206,6 +218,8 @@ struct Console {
     /// gets each byte exactly once (from the backlog or from the stream).
     offset: Arc<Mutex<u64>>,
     stop: Option<watch::Sender<Option<VmState>>>,
+    /// Where console.log ended when the current start began: its boot's first byte.
+    boot_from: u64,
 }
 
 #[derive(Debug)]
@@ -218,6 +232,8 @@ pub struct VmActorState {
     stop_waiters: Vec<Reply<VmInfo>>,
     delete_after_exit: Option<Reply<VmInfo>>,
     console: Console,
+    /// Why the boot being ended failed (its start waiters get it once the VMM is gone).
+    boot_failure: Option<VmError>,
 }
 
 impl VmActorState {
@@ -446,10 +462,26 @@ impl VmActor {
         }
         let halt_watch =
             (!state.driver().guest_halt_ends_vmm()).then(|| (myself.clone(), state.generation));
+        // While it boots: a guest without banger-init never answers; say so at once.
+        let init_watch =
+            (state.rec.state == VmState::Starting).then(|| (myself.clone(), state.generation));
         let path = state.dir.console();
         let old = state.dir.console_old();
         let start = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         *state.console.offset.lock().expect("console lock") = start;
+        // What this boot printed before the follower started (a fast initramfs, or the
+        // VMM's own words) is read first.
+        let mut init_told = false;
+        if let Some((me, generation)) = &init_watch {
+            let early = read_range(&path, state.console.boot_from.min(start), start);
+            if let Some(line) = missing_init_line(&early) {
+                init_told = true;
+                let _ = me.cast(VmMsg::InitMissing {
+                    generation: *generation,
+                    line,
+                });
+            }
+        }
         let (stop_tx, mut stop_rx) = watch::channel(None);
         state.console.stop = Some(stop_tx);
         let (tx, offset) = (state.console.tx.clone(), Arc::clone(&state.console.offset));
@@ -465,11 +497,14 @@ impl VmActor {
                 {
                     *off += bytes.len() as u64;
                     let text = String::from_utf8_lossy(&bytes).into_owned();
-                    if let Some((me, generation)) = &halt_watch
-                        && !halted
-                    {
+                    let halt_open = halt_watch.is_some() && !halted;
+                    let init_open = init_watch.is_some() && !init_told;
+                    if halt_open || init_open {
                         partial.push_str(&text);
-                        if crate::vmm::GUEST_HALTED.iter().any(|l| partial.contains(l)) {
+                        if let Some((me, generation)) = &halt_watch
+                            && !halted
+                            && crate::vmm::GUEST_HALTED.iter().any(|l| partial.contains(l))
+                        {
                             halted = true;
                             let _ = me.cast(VmMsg::GuestHalted {
                                 generation: *generation,
@@ -477,6 +512,16 @@ impl VmActor {
                         }
                         // Keep only the unfinished last line (bounded).
                         let keep = partial.rfind('\n').map_or(0, |i| i + 1);
+                        if let Some((me, generation)) = &init_watch
+                            && !init_told
+                            && let Some(line) = missing_init_line(&partial[..keep])
+                        {
+                            init_told = true;
+                            let _ = me.cast(VmMsg::InitMissing {
+                                generation: *generation,
+                                line,
+                            });
+                        }
                         partial.drain(..keep);
                         if partial.len() > 256 {
                             partial.clear();
@@ -528,10 +573,13 @@ impl VmActor {
         state.persist().await?;
         Self::stop_console(state);
         let info = state.info();
+        let mut failure = state.boot_failure.take();
         for (reply, _) in state.start_waiters.drain(..) {
-            let _ = reply.send(Err(VmError::ExitedDuringBoot {
-                vm: info.name.clone(),
-            }));
+            let _ = reply.send(Err(failure.take().unwrap_or_else(|| {
+                VmError::ExitedDuringBoot {
+                    vm: info.name.clone(),
+                }
+            })));
         }
         for w in state.stop_waiters.drain(..) {
             let _ = w.send(Ok(info.clone()));
@@ -646,10 +694,12 @@ impl Actor for VmActor {
             start_waiters: Vec::new(),
             stop_waiters: Vec::new(),
             delete_after_exit: None,
+            boot_failure: None,
             console: Console {
                 tx: broadcast::channel(256).0,
                 offset: Arc::new(Mutex::new(0)),
                 stop: None,
+                boot_from: 0,
             },
         };
         // Re-adopt a VM that was running when the daemon stopped, or release what it left.
@@ -695,6 +745,8 @@ impl Actor for VmActor {
                 state.generation += 1;
                 state.rec.state = VmState::Starting;
                 state.rec.error = None;
+                state.console.boot_from =
+                    std::fs::metadata(state.dir.console()).map_or(0, |m| m.len());
                 state.persist().await?;
                 let generation = state.generation;
                 let senders: Vec<ProgressTx> = progress.iter().cloned().collect();
@@ -1104,6 +1156,23 @@ impl Actor for VmActor {
                     Self::on_exited(&myself, state).await?;
                 }
             }
+            VmMsg::InitMissing { generation, line } => {
+                if generation == state.generation
+                    && state.rec.state == VmState::Starting
+                    && state.rec.runtime.is_some()
+                {
+                    let e = VmError::NoInit {
+                        vm: state.rec.name.clone(),
+                        line,
+                    };
+                    tracing::warn!(vm = %state.rec.name, error = %e, "start failed");
+                    state.rec.error = Some(e.to_string());
+                    // It would wait in a rescue shell forever: end it. The start's callers
+                    // are answered once it is gone (`on_exited`), so they find it stopped.
+                    state.boot_failure = Some(e);
+                    Self::kill_now(state, nix::sys::signal::Signal::SIGKILL).await;
+                }
+            }
             VmMsg::GuestHalted { generation } => {
                 if generation == state.generation && state.rec.runtime.is_some() {
                     // Nothing is lost: the guest synced and halted; only the process is
@@ -1115,6 +1184,14 @@ impl Actor for VmActor {
         }
         Ok(())
     }
+}
+
+/// The first whole line of console `text` that says the init is missing, if any.
+fn missing_init_line(text: &str) -> Option<String> {
+    text.lines()
+        .map(|l| l.trim_matches(['\r', ' ']))
+        .find(|l| super::cmdline::init_missing(l))
+        .map(str::to_owned)
 }
 
 fn read_range(path: &std::path::Path, from: u64, to: u64) -> String {

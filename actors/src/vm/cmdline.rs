@@ -10,6 +10,27 @@ use banger_api::VmmKind;
 
 /// Where banger-init lives in every image.
 pub const INIT_PATH: &str = "/usr/lib/banger/banger-init";
+/// The console line saying the guest has no banger-init, if `line` is one: the kernel, or
+/// the image's initramfs, looked for [`INIT_PATH`] and did not find or could not run it.
+/// Such a guest never runs banger's agent, so its start fails at once, quoting the line,
+/// instead of waiting out the agent timeout. The ones seen in the wild:
+/// - initramfs-tools' `run-init` (klibc): `run-init: can't execute '/usr/lib/banger/banger-init': No such file or directory`,
+///   then its `init`: `Target filesystem doesn't have requested /usr/lib/banger/banger-init.`
+///   (and a rescue shell that waits forever);
+/// - the kernel without an initramfs (`init/main.c`): `Kernel panic - not syncing:
+///   Requested init /usr/lib/banger/banger-init failed (error -2).`
+///
+/// The kernel's echo of its command line (`init=/usr/lib/banger/banger-init`) is not one.
+pub fn init_missing(line: &str) -> bool {
+    const SAID: [&str; 4] = [
+        "can't execute",
+        "doesn't have requested",
+        "Requested init",
+        "No such file or directory",
+    ];
+    line.contains(INIT_PATH) && SAID.iter().any(|s| line.contains(s))
+}
+
 /// Filesystem labels of the per-VM disks.
 pub const OVERLAY_LABEL: &str = "bg-overlay";
 pub const WORK_LABEL: &str = "bg-work";
@@ -151,5 +172,23 @@ mod tests {
         assert!(c.ends_with("loglevel=4"), "{c}");
         assert_eq!(param(&c, "banger.name"), Some("dev"));
         assert_eq!(param(&c, "nope"), None);
+    }
+
+    #[test]
+    fn a_missing_init_is_told_from_the_console_and_the_command_line_is_not() {
+        for line in [
+            "run-init: can't execute '/usr/lib/banger/banger-init': No such file or directory",
+            "Target filesystem doesn't have requested /usr/lib/banger/banger-init.",
+            "[    2.5] Kernel panic - not syncing: Requested init /usr/lib/banger/banger-init failed (error -2).",
+        ] {
+            assert!(init_missing(line), "{line}");
+        }
+        for line in [
+            "[    0.0] Kernel command line: console=ttyS0 panic=1 init=/usr/lib/banger/banger-init",
+            "banger-init: mounting the overlay",
+            "run-init: can't execute '/sbin/init': No such file or directory",
+        ] {
+            assert!(!init_missing(line), "{line}");
+        }
     }
 }

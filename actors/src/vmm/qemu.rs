@@ -214,8 +214,9 @@ pub async fn launch(
         kill_vhost();
         return Err(e);
     }
-    let qemu_log = run.join("qemu.log");
-    let (out, err) = log_file(&qemu_log)?;
+    // What QEMU says lands in the console log; from here on it is this launch's.
+    let said_from = std::fs::metadata(&plan.console).map_or(0, |m| m.len());
+    let (out, err) = log_file(&plan.console)?;
     let spawned = proc::spawn(
         Command::new(&c.qemu)
             .args(qemu_args(c, plan))
@@ -239,7 +240,7 @@ pub async fn launch(
             "qemu",
             Duration::from_secs(10),
             || proc::alive(pid, start),
-            || tail(&qemu_log, 3),
+            || qemu_said(&plan.console, said_from),
         )
         .await?;
         stage("boot");
@@ -259,9 +260,20 @@ pub async fn launch(
     }
     .await;
     if let Err(e) = result {
+        // A QMP socket that closes, or a guest that is not running, is most often QEMU on
+        // its way out after an error it printed: let it finish (briefly), then say what it
+        // said rather than how its socket went away.
+        let exited = proc::wait_gone(pid, start, Duration::from_secs(2)).await;
         proc::signal(pid, start, nix::sys::signal::Signal::SIGKILL);
         kill_vhost();
-        return Err(e);
+        return Err(match e {
+            VmmError::Died { .. } => e,
+            _ if exited => VmmError::Died {
+                what: "qemu".into(),
+                detail: qemu_said(&plan.console, said_from),
+            },
+            e => e,
+        });
     }
     Ok(Runtime {
         pid,
@@ -271,6 +283,28 @@ pub async fn launch(
         vsock_socket: run.join("vsock.sock").display().to_string(),
         isolation: None,
     })
+}
+
+/// The last lines QEMU wrote to the console log since `from` (its own messages: a launch
+/// that fails before the guest runs has no guest output), for an error message.
+fn qemu_said(console: &Path, from: u64) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut text = Vec::new();
+    if let Ok(mut f) = std::fs::File::open(console)
+        && f.seek(SeekFrom::Start(from)).is_ok()
+    {
+        let _ = f.take(64 << 10).read_to_end(&mut text);
+    }
+    let text = String::from_utf8_lossy(&text);
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    if lines.is_empty() {
+        return "it printed nothing".into();
+    }
+    lines[lines.len().saturating_sub(5)..].join(" | ")
 }
 
 /// Press the ACPI power button (`system_powerdown`). microvm has no keyboard controller,

@@ -27,7 +27,7 @@ pub async fn run(target: &Target, cmd: DaemonCmd) -> Result<u8, CliError> {
         // `banger daemon install|uninstall|restart` are `banger system …`.
         DaemonCmd::Install(a) => super::system::run(SystemCmd::Install(a)).await,
         DaemonCmd::Uninstall(a) => super::system::run(SystemCmd::Uninstall(a)).await,
-        DaemonCmd::Restart => super::system::run(SystemCmd::Restart).await,
+        DaemonCmd::Restart => restart(target).await,
         DaemonCmd::Socket { json } => {
             let path = target.socket.display().to_string();
             if json {
@@ -89,13 +89,54 @@ async fn status(target: &Target, json: bool) -> Result<u8, CliError> {
     Ok(exit::OK)
 }
 
+/// `banger daemon restart`: whichever daemon serves the socket. The system service is
+/// restarted through systemd (`banger system restart`); a user daemon is stopped and
+/// started again as on first use; with none running, one is started (as `systemctl
+/// restart` starts a stopped unit).
+async fn restart(target: &Target) -> Result<u8, CliError> {
+    if target.system {
+        return super::system::run(SystemCmd::Restart).await;
+    }
+    let old = match connect::connect(target).await {
+        Ok(c) => Some(c.status().await?.pid),
+        Err(CliError::NotRunning { .. }) => None,
+        Err(e) => return Err(e),
+    };
+    if old.is_some() {
+        stop_quietly(target).await?;
+    }
+    let client = connect::connect_or_start(target).await?;
+    let s = client.status().await?;
+    match old {
+        Some(old) => outln!(
+            "bangerd restarted: pid {old} stopped, bangerd {} (pid {}) answers on {}",
+            s.version,
+            s.pid,
+            s.socket
+        ),
+        None => outln!(
+            "bangerd was not running; bangerd {} (pid {}) answers on {}",
+            s.version,
+            s.pid,
+            s.socket
+        ),
+    }
+    Ok(exit::OK)
+}
+
 async fn stop(target: &Target) -> Result<u8, CliError> {
+    match stop_quietly(target).await? {
+        Some(pid) => outln!("bangerd (pid {pid}) stopped"),
+        None => outln!("bangerd is not running"),
+    }
+    Ok(exit::OK)
+}
+
+/// Stop the daemon on `target` and wait until it is gone; its pid, or None when none ran.
+async fn stop_quietly(target: &Target) -> Result<Option<u32>, CliError> {
     let client = match connect::connect(target).await {
         Ok(c) => c,
-        Err(CliError::NotRunning { .. }) => {
-            outln!("bangerd is not running");
-            return Ok(exit::OK);
-        }
+        Err(CliError::NotRunning { .. }) => return Ok(None),
         Err(e) => return Err(e),
     };
     // Its pid first: a daemon that stops may close the connection before its answer to
@@ -117,8 +158,7 @@ async fn stop(target: &Target) -> Result<u8, CliError> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    outln!("bangerd (pid {pid}) stopped");
-    Ok(exit::OK)
+    Ok(Some(pid))
 }
 
 /// Whether `pid` is a live process (a zombie waiting to be reaped counts as gone).

@@ -1,5 +1,6 @@
 //! One module per command group; each turns parsed arguments into calls and output.
 
+pub mod complete;
 pub mod daemon;
 pub mod doctor;
 pub mod exec;
@@ -104,7 +105,20 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
             let client = crate::connect::connect_or_start(&target).await?;
             ssh::proxy(&client, &host).await
         }
+        Command::Help { command } => help(&command),
         Command::Completion { shell } => {
+            // bash and fish ask `banger __complete` (names from the daemon); see `complete`.
+            match shell {
+                clap_complete::Shell::Bash => {
+                    crate::render::stdout_bytes(complete::BASH.as_bytes());
+                    return Ok(exit::OK);
+                }
+                clap_complete::Shell::Fish => {
+                    crate::render::stdout_bytes(complete::FISH.as_bytes());
+                    return Ok(exit::OK);
+                }
+                _ => {}
+            }
             let mut cmd = Cli::command();
             // Into memory first: clap_complete panics when its writer fails (`| head -1`).
             let mut script = Vec::new();
@@ -113,4 +127,27 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
             Ok(exit::OK)
         }
     }
+}
+
+/// `banger help [COMMAND…]`: the help of banger or of the command named (aliases
+/// work: `banger help vm rm`). A command of its own rather than clap's built-in one, which
+/// takes no flags (`banger help --help` was an error).
+fn help(path: &[String]) -> Result<u8, CliError> {
+    let mut cmd = Cli::command();
+    cmd.build();
+    let mut cur = &mut cmd;
+    for (i, name) in path.iter().enumerate() {
+        let known = cur.get_subcommands().any(|c| {
+            !c.is_hide_set() && (c.get_name() == name || c.get_all_aliases().any(|a| a == name))
+        });
+        if !known {
+            return Err(CliError::Usage(format!(
+                "no command `banger {}`; see `banger --help`",
+                path[..=i].join(" ")
+            )));
+        }
+        cur = cur.find_subcommand_mut(name).expect("just found");
+    }
+    out!("{}", cur.render_help());
+    Ok(exit::OK)
 }

@@ -140,6 +140,20 @@ fn pull_line(stage: &str, detail: Option<&str>) -> Option<String> {
     (stage == "pull").then(|| format!("banger: {}", detail.unwrap_or("pulling the image")))
 }
 
+/// The error of a `vm run` whose VM was created but never became reachable: the cause
+/// (the daemon's words, which name the VM), where to look when it does not say, and that
+/// the VM is kept even with `--rm`, each said once.
+fn kept(name: &str, cause: &str) -> String {
+    let logs = if cause.contains("banger vm logs") {
+        String::new()
+    } else {
+        format!("; see `banger vm logs {name}`")
+    };
+    format!(
+        "{cause}{logs}; the VM is kept (even with --rm): remove it with `banger vm rm -f {name}`"
+    )
+}
+
 /// `banger vm run`.
 pub async fn run(client: &Client, target: &Target, o: Opts) -> Result<u8, CliError> {
     let start = Instant::now();
@@ -167,18 +181,14 @@ pub async fn run(client: &Client, target: &Target, o: Opts) -> Result<u8, CliErr
     }
     let vm = match create(client, req, &mut t).await {
         Ok(vm) => vm,
-        Err((Some(name), e)) => {
-            return Err(CliError::Other(format!(
-                "vm {name} did not become reachable: {e}; it is kept (even with --rm): see `banger vm logs {name}`, then `banger vm rm -f {name}`"
-            )));
-        }
+        Err((Some(name), e)) => return Err(CliError::Other(kept(&name, &e.to_string()))),
         Err((None, e)) => return Err(e),
     };
     if let Some(e) = &vm.error {
         // Running, but the agent never answered within agent_timeout_secs.
-        let name = &vm.name;
-        return Err(CliError::Other(format!(
-            "vm {name} did not become reachable ({e}); it is kept (even with --rm): see `banger vm logs {name}`, then `banger vm rm -f {name}`"
+        return Err(CliError::Other(kept(
+            &vm.name,
+            &format!("vm {} did not become reachable: {e}", vm.name),
         )));
     }
     let name = vm.name.clone();
@@ -296,6 +306,27 @@ async fn session(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unreachable_vm_is_said_kept_once() {
+        // The daemon's words for an agent that never answered, as it sends them.
+        let agent = "vm dev runs, but its guest agent did not answer within 120s (timed out); it is left running: see `banger vm logs dev`";
+        let m = kept("dev", agent);
+        assert_eq!(m.matches("kept").count(), 1, "{m}");
+        assert_eq!(m.matches("banger vm logs").count(), 1, "{m}");
+        assert!(
+            m.starts_with(agent) && m.ends_with("`banger vm rm -f dev`"),
+            "{m}"
+        );
+        let m = kept(
+            "dev",
+            "vm dev failed to start: qemu exited during start-up: boom",
+        );
+        assert!(
+            m.contains("; see `banger vm logs dev`; the VM is kept"),
+            "{m}"
+        );
+    }
 
     #[test]
     fn the_images_pull_and_build_stages_are_said_and_the_others_are_not() {

@@ -102,35 +102,35 @@ async fn follow_progress(mut sub: Subscription<Progress>, quiet: bool) -> Result
 }
 
 fn print_table(vms: &[VmInfo]) {
-    outln!(
-        "{:<20} {:<9} {:<11} {:>4} {:>9} {:>9} {:<14} {:>8}",
-        "NAME",
-        "STATE",
-        "VMM",
-        "VCPU",
-        "MEMORY",
-        "DISK",
-        "IMAGE",
-        "PID"
+    let rows: Vec<Vec<String>> = vms
+        .iter()
+        .map(|v| {
+            vec![
+                v.name.clone(),
+                // A busy VM's state is its last stored one (its actor did not answer).
+                match v.busy {
+                    true => format!("{}*", v.state.as_str()),
+                    false => v.state.as_str().to_owned(),
+                },
+                v.vmm.as_str().to_owned(),
+                v.spec.vcpu.to_string(),
+                bytes(u64::from(v.spec.memory_mib) << 20),
+                bytes(v.spec.disk_bytes),
+                v.image.clone(),
+                v.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    out!(
+        "{}",
+        render::table(
+            &[
+                "NAME", "STATE", "VMM", "VCPU", "MEMORY", "DISK", "IMAGE", "PID"
+            ],
+            &[false, false, false, true, true, true, false, true],
+            &rows,
+        )
     );
-    for v in vms {
-        // A busy VM's state is its last stored one (its actor did not answer).
-        let state = match v.busy {
-            true => format!("{}*", v.state.as_str()),
-            false => v.state.as_str().to_owned(),
-        };
-        outln!(
-            "{:<20} {:<9} {:<11} {:>4} {:>9} {:>9} {:<14} {:>8}",
-            v.name,
-            state,
-            v.vmm.as_str(),
-            v.spec.vcpu,
-            bytes(u64::from(v.spec.memory_mib) << 20),
-            bytes(v.spec.disk_bytes),
-            v.image,
-            v.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into())
-        );
-    }
     if vms.iter().any(|v| v.busy) {
         outln!("* busy: the VM did not answer in time; its state is the last one stored");
     }

@@ -75,6 +75,27 @@ pub fn test_config() -> Config {
     c
 }
 
+/// Make the file `rootfs` (sized already) an ext4 with banger's guest side in place
+/// (`/usr/lib/banger/banger-init` and `banger-agent`, stand-ins: the Firecracker double
+/// boots no userland), so `image register` takes it as it is rather than adding the
+/// daemon's guest binaries.
+pub fn banger_rootfs(rootfs: &Path) {
+    let tree = tempfile::tempdir().expect("tempdir");
+    let dir = tree.path().join("usr/lib/banger");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    for b in ["banger-init", "banger-agent"] {
+        std::fs::write(dir.join(b), b"stand-in").expect("write");
+    }
+    let ok = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(tree.path())
+        .arg(rootfs)
+        .status()
+        .expect("mkfs.ext4")
+        .success();
+    assert!(ok, "mkfs.ext4 {}", rootfs.display());
+}
+
 /// Paths all under `root`.
 pub fn paths_in(root: &Path) -> Paths {
     Paths {
