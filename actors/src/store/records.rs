@@ -208,6 +208,7 @@ mod tests {
             cmdline: None,
             runtime: None,
             ip: None,
+            publish: Vec::new(),
         }
     }
 
