@@ -1287,6 +1287,17 @@ fn published_port_specs_and_taken_host_ports_are_refused_with_what_is_wrong() {
             "refused before the daemon is asked"
         );
     }
+    let out = home.banger(&["vm", "run", "--rm", "-p", "abc", "--", "true"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("bad port spec \"abc\""),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(
+        !home.socket().exists(),
+        "refused before the daemon is asked"
+    );
     import_k_and_register_img(&home);
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
