@@ -4,7 +4,8 @@
 //! RootSupervisor                       restarts a failed child (see below); stops the
 //!  │                                   daemon when a child fails too often
 //!  ├─ StoreActor                       the redb store; restarted with the same open
-//!  │                                   database handle, which the root keeps
+//!  │                                   database handle, which the root keeps (every
+//!  │                                   check-and-write is one transaction of `Store`)
 //!  ├─ VmSupervisor                     restarted empty; it rebuilds its VmActors from
 //!  │   └─ VmActor × N                  the store and from the host (pid + start time)
 //!  ├─ DnsActor                         the `.vm` resolver; restarted with the same name

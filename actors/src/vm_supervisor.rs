@@ -12,10 +12,18 @@
 //! with `auto` decided for this host by [`crate::vmm::choose::decide`] at that moment and
 //! the concrete VMM written into the record. An emulated VM (QEMU under TCG) gets one
 //! `warning` stage on the create's progress stream and a warning in the daemon log.
+//!
+//! A create's checks are repeated by [`crate::store::Store::create_vm`] in the transaction
+//! that writes the record (name and address free, image and kernel there), so an `image
+//! delete` cannot slip in between. `vm list` is every VM in the store: each VM's actor is
+//! asked (all at once, each for at most [`INFO_TIMEOUT`]); a VM whose actor does not answer
+//! is listed from its stored record with `busy: true`, never left out (the update gate
+//! counts it as in flight, `vm prune` leaves it alone); so is a VM left without an actor
+//! (it failed too often), which answers nothing either.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 
@@ -29,6 +37,9 @@ use crate::vm::spec;
 
 /// Restarts allowed per VM actor within the window.
 pub const MAX_RESTARTS: usize = 3;
+
+/// How long `vm list` waits for a VM's actor before listing the VM as busy.
+pub const INFO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Messages of the VmSupervisor.
 #[derive(Debug)]
@@ -47,6 +58,9 @@ pub enum VmSupervisorMsg {
     Defaults(RpcReplyPort<SpecDefaults>),
     /// Number of VM actors alive.
     Count(RpcReplyPort<usize>),
+    /// Tests: how long `List` waits for each VM's actor.
+    #[cfg(test)]
+    TestInfoTimeout(Duration),
 }
 
 /// Settings of VM creation.
@@ -85,6 +99,8 @@ pub struct VmSupervisorState {
     dns: crate::net::dns::Table,
     /// VM id → (name, address), to update `dns` when a VM goes.
     names: HashMap<String, String>,
+    /// [`INFO_TIMEOUT`], except in tests.
+    info_timeout: Duration,
 }
 
 impl VmSupervisorState {
@@ -247,6 +263,61 @@ impl VmSupervisor {
     }
 }
 
+/// `vm list` (see the module docs): every stored VM, from its actor when it answers within
+/// `timeout`, else (no answer, or no actor) from the store with `busy` set.
+async fn list(
+    env: &Arc<VmEnv>,
+    actors: HashMap<String, ActorRef<VmMsg>>,
+    timeout: Duration,
+) -> Result<Vec<VmInfo>, VmError> {
+    let store = Arc::clone(&env.store);
+    let recs = tokio::task::spawn_blocking(move || store.list_vms())
+        .await
+        .expect("store reads do not panic")?;
+    let ms = timeout.as_millis() as u64;
+    let asks = recs.into_iter().map(|rec| {
+        let actor = actors.get(&rec.id).cloned();
+        async move {
+            let answer = match &actor {
+                Some(a) => ractor::call_t!(a, VmMsg::Info, ms)
+                    .ok()
+                    .and_then(Result::ok),
+                None => None,
+            };
+            (rec.id, answer)
+        }
+    });
+    let mut out = Vec::new();
+    let mut busy = Vec::new();
+    for (id, answer) in futures::future::join_all(asks).await {
+        match answer {
+            Some(info) => out.push(info),
+            None => busy.push(id),
+        }
+    }
+    if !busy.is_empty() {
+        // The latest stored record of each; one deleted meanwhile is gone, not busy.
+        let store = Arc::clone(&env.store);
+        let recs = tokio::task::spawn_blocking(move || {
+            busy.iter()
+                .filter_map(|id| store.find_vm(id).transpose())
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .expect("store reads do not panic")?;
+        for rec in recs {
+            tracing::info!(vm = %rec.name, "vm list: its actor did not answer; listed as busy");
+            let dir = crate::vm::disks::VmDir::new(&env.vms_dir, &rec.id);
+            out.push(VmInfo {
+                busy: true,
+                ..crate::vm::actor::info_of(&rec, &dir)
+            });
+        }
+    }
+    out.sort_by(|a: &VmInfo, b: &VmInfo| (a.created_at, &a.name).cmp(&(b.created_at, &b.name)));
+    Ok(out)
+}
+
 impl Actor for VmSupervisor {
     type Msg = VmSupervisorMsg;
     type State = VmSupervisorState;
@@ -264,6 +335,7 @@ impl Actor for VmSupervisor {
             restarts: HashMap::new(),
             dns: args.dns,
             names: HashMap::new(),
+            info_timeout: INFO_TIMEOUT,
         };
         let store = Arc::clone(&state.env.store);
         let vms = tokio::task::spawn_blocking(move || store.list_vms()).await??;
@@ -290,20 +362,15 @@ impl Actor for VmSupervisor {
                 let _ = reply.send(state.defaults());
             }
             VmSupervisorMsg::List(reply) => {
-                let actors: Vec<_> = state.actors.values().cloned().collect();
+                let actors = state.actors.clone();
+                let env = Arc::clone(&state.env);
+                let timeout = state.info_timeout;
                 tokio::spawn(async move {
-                    let mut out = Vec::new();
-                    for a in actors {
-                        if let Ok(Ok(info)) = ractor::call_t!(a, VmMsg::Info, 10_000) {
-                            out.push(info);
-                        }
-                    }
-                    out.sort_by(|a: &VmInfo, b: &VmInfo| {
-                        (a.created_at, &a.name).cmp(&(b.created_at, &b.name))
-                    });
-                    let _ = reply.send(Ok(out));
+                    let _ = reply.send(list(&env, actors, timeout).await);
                 });
             }
+            #[cfg(test)]
+            VmSupervisorMsg::TestInfoTimeout(t) => state.info_timeout = t,
             VmSupervisorMsg::Get { vm, reply } => {
                 let store = Arc::clone(&state.env.store);
                 let key = vm.clone();
@@ -336,7 +403,9 @@ impl Actor for VmSupervisor {
                 };
                 let store = Arc::clone(&state.env.store);
                 let to_store = rec.clone();
-                if let Err(e) = tokio::task::spawn_blocking(move || store.put_vm(&to_store)).await?
+                // The checks again, and the write, in one transaction (see the module docs).
+                if let Err(e) =
+                    tokio::task::spawn_blocking(move || store.create_vm(&to_store)).await?
                 {
                     let _ = reply.send(Err(e.into()));
                     return Ok(());

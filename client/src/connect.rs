@@ -187,7 +187,7 @@ fn daemon_command(bin: &Path, socket: &Path) -> Command {
     cmd
 }
 
-fn bangerd_path() -> PathBuf {
+pub(crate) fn bangerd_path() -> PathBuf {
     if let Some(p) = std::env::var_os("BANGER_BANGERD") {
         return PathBuf::from(p);
     }

@@ -8,6 +8,9 @@
 //!   vsock).
 
 pub mod agent;
+/// The check that guest binaries are static (for the daemon's pulls and `system install`).
+#[cfg(feature = "host")]
+pub mod binaries;
 #[cfg(feature = "host")]
 pub mod host;
 pub mod init;

@@ -13,30 +13,9 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::path::PathBuf;
 use std::time::Instant;
 
-use banger_api::{
-    CreateVm, ImageRpcClient, ImportKernel, KernelRpcClient, Progress, RegisterImage, VmRpcClient,
-};
-
-fn double_bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let target = exe
-        .ancestors()
-        .find(|p| p.join("debug").is_dir() || p.join("release").is_dir())
-        .unwrap()
-        .to_owned();
-    for profile in ["release", "debug"] {
-        let p = target.join(profile).join("banger-fc-double");
-        if p.exists() {
-            return p;
-        }
-    }
-    panic!(
-        "build the double first: cargo build -p banger-actors --features test-double --bin banger-fc-double"
-    );
-}
+use banger_api::{CreateVm, Progress, VmRpcClient};
 
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -46,48 +25,17 @@ fn main() {
     rt.block_on(async {
         let dir = tempfile::tempdir().unwrap();
         let files = dir.path().join("files");
-        std::fs::create_dir_all(files.join("kernel")).unwrap();
-        // The double loads the kernel at InstanceStart as Firecracker does: a real (tiny) ELF.
-        std::fs::write(
-            files.join("kernel/vmlinux"),
-            banger_actors::kernel_format::fixture::minimal_elf(4096),
-        )
-        .unwrap();
-        let fc = files.join("firecracker");
-        std::fs::write(&fc, b"#!/bin/false\n").unwrap();
-        let rootfs = files.join("rootfs.ext4");
-        std::fs::File::create(&rootfs)
-            .unwrap()
-            .set_len(16 << 20)
-            .unwrap();
-        assert!(
-            std::process::Command::new("mkfs.ext4")
-                .args(["-q", "-F"])
-                .arg(&rootfs)
-                .status()
-                .unwrap()
-                .success()
-        );
-
+        std::fs::create_dir_all(&files).unwrap();
+        // No helper in this process: Firecracker runs unjailed, so `firecracker` is the
+        // double itself, under Firecracker's release name.
+        let fx = support::fc::Files::new(&files, support::fc::Exec::Double);
         let mut config = support::test_config();
-        config.firecracker.jailer = double_bin();
-        config.firecracker.binary = fc;
+        config.firecracker.jailer = support::fc::double_bin();
+        config.firecracker.binary = fx.firecracker.clone();
         config.agent_timeout_secs = 0;
         let d = support::TestDaemon::start_with(dir, config).await;
         let c = d.client().await;
-        c.import(ImportKernel {
-            name: "k".into(),
-            from: files.join("kernel").display().to_string(),
-        })
-        .await
-        .unwrap();
-        c.register(RegisterImage {
-            name: "img".into(),
-            rootfs: rootfs.display().to_string(),
-            kernel: Some("k".into()),
-        })
-        .await
-        .unwrap();
+        fx.register(&c).await;
 
         let n = 40;
         let mut lat = Vec::new();

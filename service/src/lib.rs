@@ -14,6 +14,7 @@ pub mod paths;
 pub mod privilege;
 pub mod rpc;
 pub mod server;
+pub mod tools;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};

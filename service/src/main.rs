@@ -31,6 +31,11 @@ struct Args {
     /// 0 when it can, 1 when it cannot (e.g. the store was written by a newer banger).
     #[arg(long)]
     check_migrations: bool,
+    /// Load and check the config as the daemon would (the file, then `BANGER_*`), print
+    /// it as JSON with the file it came from, then exit: 0 when bangerd would start on it,
+    /// 1 when it refuses it (the reason on stderr). `banger doctor` runs this.
+    #[arg(long)]
+    check_config: bool,
     /// Started by the CLI: leave the terminal's session, and stop writing to stderr once
     /// serving (everything goes to bangerd.log).
     #[arg(long, hide = true)]
@@ -56,6 +61,10 @@ fn main() -> ExitCode {
         Some(banger_policy::helper::SELFTEST_ARG) => {
             let config = argv.next().unwrap_or_default();
             return banger_policy::helper::selftest(&config, &argv.next().unwrap_or_default());
+        }
+        // `banger internal make-bundle` runs this (see bangerd::tools).
+        Some(banger_api::tools::MAKE_BUNDLE_ARG) => {
+            return bangerd::tools::make_bundle(&argv.next().unwrap_or_default());
         }
         _ => {}
     }
@@ -89,6 +98,11 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         args.config.is_some(),
         std::env::vars(),
     )?;
+    if args.check_config {
+        bangerd::tools::print_config(config_path.as_deref(), &config)
+            .context("cannot print the config")?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let paths = Paths::resolve(mode, &config, args.socket.as_deref(), &env)?;
 
     if args.check_migrations {

@@ -4,7 +4,6 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use banger_actors::kernel_format::fixture::{bzimage, lz4_legacy, minimal_elf};
@@ -15,17 +14,7 @@ use banger_api::{
 use jsonrpsee::async_client::Client;
 use jsonrpsee::core::client::Error as ClientError;
 
-fn double_bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap();
-    let p = dir.join("banger-fc-double");
-    assert!(
-        p.exists(),
-        "{} is missing: run the workspace's tests (cargo test --workspace builds it)",
-        p.display()
-    );
-    p
-}
+use support::fc::{EXEC_NAME, Exec, double_bin};
 
 async fn setup() -> (support::TestDaemon, Client, tempfile::TempDir) {
     setup_with(None, 0).await
@@ -40,10 +29,6 @@ async fn setup_with(
     let env = fail.map(|fault| format!("BANGER_FC_DOUBLE_FAIL='{fault}'"));
     setup_in(env.as_deref(), agent_timeout_secs, None).await
 }
-
-/// The exec name every jail is made under: the file `firecracker` links to, as a release
-/// is installed (`firecracker -> firecracker-v1.13.1-x86_64`), and as the jailer names it.
-const EXEC_NAME: &str = "firecracker-v1.13.1-x86_64";
 
 /// A double whose guest runs a banger agent (`Health`, `Shutdown`), waited for at start.
 async fn setup_with_agent() -> (support::TestDaemon, Client, tempfile::TempDir) {
@@ -64,13 +49,13 @@ async fn setup_in(
     use std::os::unix::fs::PermissionsExt;
     let files = tempfile::tempdir().unwrap();
     let f = files.path();
-    let versioned = f.join(EXEC_NAME);
-    if netns.is_some() {
-        std::fs::write(&versioned, b"").unwrap();
-    } else if std::fs::hard_link(double_bin(), &versioned).is_err() {
-        std::fs::copy(double_bin(), &versioned).unwrap();
-    }
-    std::os::unix::fs::symlink(&versioned, f.join("firecracker")).unwrap();
+    let exec = if netns.is_some() {
+        Exec::Empty
+    } else {
+        Exec::Double
+    };
+    let fx = support::fc::Files::new(f, exec);
+    let versioned = fx.versioned.clone();
     let script = |name: &str, text: String| {
         let script = f.join(name);
         std::fs::write(&script, text).unwrap();
@@ -78,7 +63,7 @@ async fn setup_in(
         script
     };
     let (jailer, firecracker) = match (env, netns) {
-        (None, _) => (double_bin(), f.join("firecracker")),
+        (None, _) => (double_bin(), fx.firecracker.clone()),
         // Run as Firecracker (its name in argv[0]) with `env` in its environment.
         (Some(env), None) => (
             double_bin(),
@@ -97,24 +82,9 @@ async fn setup_in(
                 "jailer",
                 format!("#!/bin/sh\n{env} exec {} \"$@\"\n", double_bin().display()),
             ),
-            f.join("firecracker"),
+            fx.firecracker.clone(),
         ),
     };
-    std::fs::create_dir_all(f.join("kernel")).unwrap();
-    std::fs::write(f.join("kernel/vmlinux"), minimal_elf(4096)).unwrap();
-    let rootfs = f.join("rootfs.ext4");
-    std::fs::File::create(&rootfs)
-        .unwrap()
-        .set_len(16 << 20)
-        .unwrap();
-    assert!(
-        std::process::Command::new("mkfs.ext4")
-            .args(["-q", "-F"])
-            .arg(&rootfs)
-            .status()
-            .unwrap()
-            .success()
-    );
     let mut config = support::test_config();
     config.firecracker.jailer = jailer;
     config.firecracker.binary = firecracker;
@@ -129,19 +99,7 @@ async fn setup_in(
         }
     };
     let c = d.client().await;
-    c.import(ImportKernel {
-        name: "k".into(),
-        from: f.join("kernel").display().to_string(),
-    })
-    .await
-    .unwrap();
-    c.register(RegisterImage {
-        name: "img".into(),
-        rootfs: rootfs.display().to_string(),
-        kernel: Some("k".into()),
-    })
-    .await
-    .unwrap();
+    fx.register(&c).await;
     (d, c, files)
 }
 
@@ -1008,80 +966,31 @@ fn proc_status(pid: u32, name: &str) -> String {
 /// each jail the jailer made as root is removed through the helper.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn root_a_bangerd_dropped_to_its_owner_runs_firecracker_vms_through_the_launcher() {
-    use std::os::unix::fs::{PermissionsExt, chown};
     const OWNER: u32 = 65534;
     let ns = support::Netns::new("fcown");
     let home = tempfile::tempdir().unwrap();
     let h = home.path();
-    std::fs::set_permissions(h, std::fs::Permissions::from_mode(0o755)).unwrap();
     let files = h.join("files");
-    std::fs::create_dir_all(files.join("kernel")).unwrap();
-    std::fs::write(files.join("kernel/vmlinux"), minimal_elf(4096)).unwrap();
-    std::fs::write(files.join("firecracker"), b"").unwrap();
-    let rootfs = files.join("rootfs.ext4");
-    std::fs::File::create(&rootfs)
-        .unwrap()
-        .set_len(16 << 20)
-        .unwrap();
-    assert!(
-        std::process::Command::new("mkfs.ext4")
-            .args(["-q", "-F"])
-            .arg(&rootfs)
-            .status()
-            .unwrap()
-            .success()
+    std::fs::create_dir_all(&files).unwrap();
+    let fx = support::fc::Files::new(&files, Exec::Empty);
+    fx.chown(OWNER);
+    let config = format!(
+        "owner = \"{OWNER}\"\ndefault_vmm = \"firecracker\"\nagent_timeout_secs = 0\n\
+         stop_timeout_secs = 5\ndns_listen = \"127.0.0.1:0\"\n\
+         [firecracker]\njailer = \"{}\"\nbinary = \"{}\"\n[vm_defaults]\nnetwork = true\n",
+        double_bin().display(),
+        fx.firecracker.display()
     );
-    for p in [
-        &files,
-        &files.join("kernel"),
-        &files.join("kernel/vmlinux"),
-        &rootfs,
-    ] {
-        chown(p, Some(OWNER), Some(OWNER)).unwrap();
-    }
     // The owner's own XDG directories, as in a user's home.
-    for d in ["run", "data", "state", "cache", "config"] {
-        std::fs::create_dir_all(h.join(d)).unwrap();
-        chown(h.join(d), Some(OWNER), Some(OWNER)).unwrap();
-    }
-    std::fs::create_dir_all(h.join("config/banger")).unwrap();
-    std::fs::write(
-        h.join("config/banger/config.toml"),
-        format!(
-            "owner = \"{OWNER}\"\ndefault_vmm = \"firecracker\"\nagent_timeout_secs = 0\n\
-             stop_timeout_secs = 5\ndns_listen = \"127.0.0.1:0\"\n\
-             [firecracker]\njailer = \"{}\"\nbinary = \"{}\"\n[vm_defaults]\nnetwork = true\n",
-            double_bin().display(),
-            files.join("firecracker").display()
-        ),
-    )
-    .unwrap();
-    let mut daemon = std::process::Command::new("ip")
-        .args(["netns", "exec", &ns.0, env!("CARGO_BIN_EXE_bangerd")])
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("HOME", h)
-        .env("XDG_RUNTIME_DIR", h.join("run"))
-        .env("XDG_DATA_HOME", h.join("data"))
-        .env("XDG_STATE_HOME", h.join("state"))
-        .env("XDG_CACHE_HOME", h.join("cache"))
-        .env("XDG_CONFIG_HOME", h.join("config"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(h.join("bangerd.err")).unwrap())
-        .spawn()
-        .unwrap();
-    let socket = h.join("run/banger/bangerd.sock");
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !socket.exists() {
-        assert!(
-            std::time::Instant::now() < deadline && daemon.try_wait().unwrap().is_none(),
-            "bangerd did not start: {}",
-            std::fs::read_to_string(h.join("bangerd.err")).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let home_dirs = support::fc::Home::new(h, OWNER, &config);
+    let mut cmd = std::process::Command::new("ip");
+    cmd.args(["netns", "exec", &ns.0, env!("CARGO_BIN_EXE_bangerd")]);
+    let daemon = home_dirs
+        .spawn(cmd, &std::env::var_os("PATH").unwrap_or_default())
+        .await;
+    let socket = home_dirs.socket();
     // `ip netns exec` execs in place: the child is bangerd, now the owner with nothing.
-    let pid = daemon.id();
+    let pid = daemon.pid();
     assert_eq!(
         proc_status(pid, "Uid").split_whitespace().next(),
         Some("65534")
@@ -1093,19 +1002,7 @@ async fn root_a_bangerd_dropped_to_its_owner_runs_firecracker_vms_through_the_la
     assert_eq!(proc_status(pid, "CapPrm"), "0000000000000000");
 
     let c = support::client_for(&socket).await;
-    c.import(ImportKernel {
-        name: "k".into(),
-        from: files.join("kernel").display().to_string(),
-    })
-    .await
-    .unwrap();
-    c.register(RegisterImage {
-        name: "img".into(),
-        rootfs: rootfs.display().to_string(),
-        kernel: Some("k".into()),
-    })
-    .await
-    .unwrap();
+    fx.register(&c).await;
     let req = |name: &str| CreateVm {
         name: Some(name.into()),
         image: Some("img".into()),
@@ -1132,7 +1029,7 @@ async fn root_a_bangerd_dropped_to_its_owner_runs_firecracker_vms_through_the_la
     );
     let links = ns.sh("ip -o link show master banger0");
     assert!(links.contains(&format!("bg-{}", a.id)), "{links}");
-    let jail = |id: &str| h.join("data/banger/jail/firecracker").join(id);
+    let jail = |id: &str| h.join("data/banger/jail").join(EXEC_NAME).join(id);
     assert!(jail(&a.id).join("root/api.sock").exists());
 
     // Graceful stop, then the jail (made by the jailer as root) is gone.
@@ -1153,12 +1050,7 @@ async fn root_a_bangerd_dropped_to_its_owner_runs_firecracker_vms_through_the_la
     let links = ns.sh("ip -o link");
     assert!(!links.contains("bg-"), "{links}");
     drop(c);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    assert!(daemon.wait().unwrap().success());
+    daemon.stop();
 }
 
 /// Not a test: `vm create` through the RPC until it is answered `done` (the double has
@@ -1248,107 +1140,31 @@ async fn root_bench_vm_create_control_plane() {
 /// it is unjailed. Stop and delete leave nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn root_a_user_bangerd_runs_firecracker_unjailed_without_the_helper() {
-    use std::os::unix::fs::{PermissionsExt, chown};
     const USER: u32 = 65534;
     let home = tempfile::tempdir().unwrap();
     let h = home.path();
-    std::fs::set_permissions(h, std::fs::Permissions::from_mode(0o755)).unwrap();
     let files = h.join("files");
-    std::fs::create_dir_all(files.join("kernel")).unwrap();
-    std::fs::write(files.join("kernel/vmlinux"), minimal_elf(4096)).unwrap();
-    let versioned = files.join(EXEC_NAME);
-    if std::fs::hard_link(double_bin(), &versioned).is_err() {
-        std::fs::copy(double_bin(), &versioned).unwrap();
-    }
-    std::os::unix::fs::symlink(&versioned, files.join("firecracker")).unwrap();
-    let rootfs = files.join("rootfs.ext4");
-    std::fs::File::create(&rootfs)
-        .unwrap()
-        .set_len(16 << 20)
-        .unwrap();
-    assert!(
-        std::process::Command::new("mkfs.ext4")
-            .args(["-q", "-F"])
-            .arg(&rootfs)
-            .status()
-            .unwrap()
-            .success()
+    std::fs::create_dir_all(&files).unwrap();
+    let fx = support::fc::Files::new(&files, Exec::Double);
+    fx.chown(USER);
+    let config = format!(
+        "default_vmm = \"firecracker\"\nagent_timeout_secs = 0\nstop_timeout_secs = 5\n\
+         dns_listen = \"127.0.0.1:0\"\n[firecracker]\njailer = \"{}\"\nbinary = \"{}\"\n\
+         [vm_defaults]\nnetwork = false\n",
+        double_bin().display(),
+        fx.firecracker.display()
     );
-    for p in [
-        &files,
-        &files.join("kernel"),
-        &files.join("kernel/vmlinux"),
-        &rootfs,
-    ] {
-        chown(p, Some(USER), Some(USER)).unwrap();
-    }
-    for d in ["run", "data", "state", "cache", "config"] {
-        std::fs::create_dir_all(h.join(d)).unwrap();
-        chown(h.join(d), Some(USER), Some(USER)).unwrap();
-    }
-    std::fs::create_dir_all(h.join("config/banger")).unwrap();
-    std::fs::write(
-        h.join("config/banger/config.toml"),
-        format!(
-            "default_vmm = \"firecracker\"\nagent_timeout_secs = 0\nstop_timeout_secs = 5\n\
-             dns_listen = \"127.0.0.1:0\"\n[firecracker]\njailer = \"{}\"\nbinary = \"{}\"\n\
-             [vm_defaults]\nnetwork = false\n",
-            double_bin().display(),
-            files.join("firecracker").display()
-        ),
-    )
-    .unwrap();
+    let home_dirs = support::fc::Home::new(h, USER, &config);
     // setpriv execs bangerd in place as the user, supplementary groups cleared.
-    let daemon = std::process::Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-        .arg(env!("CARGO_BIN_EXE_bangerd"))
-        .env_clear()
-        .env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
-        .env("HOME", h)
-        .env("XDG_RUNTIME_DIR", h.join("run"))
-        .env("XDG_DATA_HOME", h.join("data"))
-        .env("XDG_STATE_HOME", h.join("state"))
-        .env("XDG_CACHE_HOME", h.join("cache"))
-        .env("XDG_CONFIG_HOME", h.join("config"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(h.join("bangerd.err")).unwrap())
-        .spawn()
-        .unwrap();
-    // A failing assertion must not leave the daemon running (a reaped one is left alone).
-    struct Reap(std::process::Child);
-    impl Drop for Reap {
-        fn drop(&mut self) {
-            if let Ok(None) = self.0.try_wait() {
-                let _ = self.0.kill();
-                let _ = self.0.wait();
-            }
-        }
-    }
-    let mut daemon = Reap(daemon);
-    let socket = h.join("run/banger/bangerd.sock");
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !socket.exists() {
-        assert!(
-            std::time::Instant::now() < deadline && daemon.0.try_wait().unwrap().is_none(),
-            "bangerd did not start: {}",
-            std::fs::read_to_string(h.join("bangerd.err")).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let mut cmd = std::process::Command::new("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(env!("CARGO_BIN_EXE_bangerd"));
+    let daemon = home_dirs
+        .spawn(cmd, "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin".as_ref())
+        .await;
+    let socket = home_dirs.socket();
     let c = support::client_for(&socket).await;
-    c.import(ImportKernel {
-        name: "k".into(),
-        from: files.join("kernel").display().to_string(),
-    })
-    .await
-    .unwrap();
-    c.register(RegisterImage {
-        name: "img".into(),
-        rootfs: rootfs.display().to_string(),
-        kernel: Some("k".into()),
-    })
-    .await
-    .unwrap();
+    fx.register(&c).await;
     create(
         &c,
         CreateVm {
@@ -1368,7 +1184,7 @@ async fn root_a_user_bangerd_runs_firecracker_unjailed_without_the_helper() {
     );
     let pid = vm.pid.unwrap() as u32;
     // Firecracker itself (the double under Firecracker's name), bangerd's child, as the user.
-    assert_eq!(proc_status(pid, "PPid"), daemon.0.id().to_string());
+    assert_eq!(proc_status(pid, "PPid"), daemon.pid().to_string());
     assert_eq!(
         proc_status(pid, "Uid").split_whitespace().next(),
         Some("65534")
@@ -1383,10 +1199,5 @@ async fn root_a_user_bangerd_runs_firecracker_unjailed_without_the_helper() {
     );
     VmRpcClient::delete(&c, "u".into(), true).await.unwrap();
     drop(c);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(daemon.0.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    assert!(daemon.0.wait().unwrap().success());
+    daemon.stop();
 }

@@ -73,6 +73,7 @@ use super::layers::{Owners, Replay};
 use super::oci::{GUEST_BINARIES, GUEST_DIR};
 use super::{PullConfig, PullEnv, PullError, Reporter, Staging, blocking};
 use crate::image::{ImageRecord, KernelRecord};
+use crate::store::{Named, Reservation};
 
 /// The suite built when none is given.
 pub const DEFAULT_SUITE: &str = "bookworm";
@@ -727,22 +728,24 @@ pub async fn build(
             return Err(PullError::GuestBinaries { path: p });
         }
     }
-    let store = Arc::clone(&env.store);
     let (name, kname) = (plan.name.clone(), plan.kernel_name.clone());
-    blocking(move || {
-        if store.get_image(&name)?.is_some() {
-            return Err(PullError::Exists(format!(
-                "an image named {name} exists already; choose another name, or delete it with `banger image delete {name}`"
-            )));
-        }
-        if store.get_kernel(&kname)?.is_some() {
-            return Err(PullError::Exists(format!(
-                "a kernel named {kname} exists already; pass --kernel NAME, or remove it with `banger kernel rm {kname}`"
-            )));
-        }
-        check_unprivileged(Path::new("/etc")).map_err(PullError::from)
-    })
+    let image_res = super::reserve(
+        env,
+        Named::Image,
+        &name,
+        "being built".into(),
+        format!("choose another name, or delete it with `banger image delete {name}`"),
+    )
     .await?;
+    let kernel_res = super::reserve(
+        env,
+        Named::Kernel,
+        &kname,
+        format!("being built with image {name}"),
+        format!("pass --kernel NAME, or remove it with `banger kernel rm {kname}`"),
+    )
+    .await?;
+    blocking(move || check_unprivileged(Path::new("/etc")).map_err(PullError::from)).await?;
     rep.stage(
         "build",
         Some(format!(
@@ -754,7 +757,6 @@ pub async fn build(
     let debs = env.config.debs_dir();
     let rep2 = rep.clone();
     let kernels = env.config.kernels_dir();
-    let store = Arc::clone(&env.store);
     blocking(move || {
         let rep = rep2;
         let staging = Staging::new(&images, &plan.name)?;
@@ -889,15 +891,16 @@ pub async fn build(
         std::fs::write(&mpath, serde_json::to_vec_pretty(&manifest).expect("json"))
             .map_err(PullError::io(&mpath))?;
         rep.stage("publish", Some(format!("image {}, kernel {}", plan.name, plan.kernel_name)));
-        publish(&store, &images, &kernels, staging, &kdir, &plan, size)
+        let reserved = (image_res, kernel_res);
+        publish(reserved, &images, &kernels, staging, &kdir, &plan, size)
     })
     .await
 }
 
-/// Import the kernel, move the image into place, record both; undo the kernel if the
-/// image cannot be published.
+/// Import the kernel, move the image into place, record both (one transaction); undo the
+/// files if they cannot be recorded.
 fn publish(
-    store: &crate::store::Store,
+    (image_res, kernel_res): (Reservation, Reservation),
     images: &Path,
     kernels: &Path,
     staging: Staging,
@@ -905,23 +908,8 @@ fn publish(
     plan: &BuildPlan,
     size: u64,
 ) -> Result<ImageRecord, PullError> {
-    if store.get_image(&plan.name)?.is_some() {
-        return Err(PullError::Exists(format!(
-            "an image named {} exists already",
-            plan.name
-        )));
-    }
-    if store.get_kernel(&plan.kernel_name)?.is_some() {
-        return Err(PullError::Exists(format!(
-            "a kernel named {} exists already",
-            plan.kernel_name
-        )));
-    }
     std::fs::create_dir_all(kernels).map_err(PullError::io(kernels))?;
     let krec: KernelRecord = crate::image::import_kernel(kernels, &plan.kernel_name, kdir)?;
-    let undo_kernel = || {
-        let _ = std::fs::remove_dir_all(kernels.join(&plan.kernel_name));
-    };
     let dest = images.join(&plan.name);
     let result = (|| {
         let _ = std::fs::remove_dir_all(kdir);
@@ -933,16 +921,14 @@ fn publish(
             kernel: Some(plan.kernel_name.clone()),
             registered_at: crate::store::now_secs(),
         };
-        store.put_kernel(&krec)?;
-        if let Err(e) = store.put_image(&rec) {
-            let _ = store.delete_kernel(&plan.kernel_name);
+        if let Err(e) = image_res.publish_image_and_kernel(&rec, kernel_res, &krec) {
             let _ = std::fs::remove_dir_all(&dest);
             return Err(e.into());
         }
         Ok(rec)
     })();
     if result.is_err() {
-        undo_kernel();
+        let _ = std::fs::remove_dir_all(kernels.join(&plan.kernel_name));
     }
     result
 }

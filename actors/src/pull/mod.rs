@@ -10,6 +10,15 @@
 //! fetched once per digest however many pulls want them (see [`oci`]), so two references
 //! that resolve to the same image also share their downloads.
 //!
+//! Different keys for one name (two sources into one image name, a pull and a build or a
+//! promote of one name, two builds making one kernel) are different images, so they are
+//! never merged: the first to start reserves the name in the store
+//! ([`crate::store::Store::reserve`], in the same transaction that checks no record has
+//! it), the second is refused with a conflict that names what holds it (`image x is being
+//! pulled from debian:bookworm right now; wait for that to finish, or choose another
+//! name`). Nothing is written under `images/<name>/` or `kernels/<name>/` without that
+//! reservation, and the record is published with it; a failed pull drops it.
+//!
 //! The actor itself only keeps the table of pulls in flight; downloading, hashing,
 //! unpacking and mkfs run in a task (blocking parts on tokio's blocking pool), which
 //! reports back with [`PullMsg::Done`]. A pull that fails leaves nothing behind: its staging
@@ -41,7 +50,7 @@ use tokio::sync::mpsc;
 use banger_api::{BuildImage, CatalogEntry, PullEvent, PullImage, codes};
 
 use crate::image::{ImageError, ImageRecord, KernelRecord};
-use crate::store::{Store, StoreError};
+use crate::store::{Named, Reservation, Store, StoreError};
 use bundle::{BundleKind, Expected};
 use catalog::Catalogs;
 
@@ -127,12 +136,12 @@ impl PullError {
     pub fn code(&self) -> i32 {
         match self {
             PullError::UnknownName { .. } => codes::NOT_FOUND,
-            PullError::Exists(_) | PullError::Store(StoreError::Conflict(_)) => codes::CONFLICT,
+            PullError::Exists(_) => codes::CONFLICT,
             PullError::Reference { .. } | PullError::Name(_) | PullError::Size(_) => {
                 codes::INVALID_ARGUMENT
             }
             PullError::Recipe(e) if e.is_invalid_argument() => codes::INVALID_ARGUMENT,
-            PullError::Store(_) => codes::STORE,
+            PullError::Store(e) => e.code(),
             _ => codes::INTERNAL_ERROR,
         }
     }
@@ -736,22 +745,50 @@ async fn pull_image(
     plan: ImagePlan,
     rep: &Reporter,
 ) -> Result<ImageRecord, PullError> {
-    let store = Arc::clone(&env.store);
+    let doing = match &plan.source {
+        ImageSource::Catalog(e) => format!("being pulled from the catalog's {}", e.name),
+        ImageSource::Oci(r) => format!("being pulled from {}", r.whole()),
+        // A build reserves its image and its kernel itself.
+        ImageSource::Recipe(b) => return build::build(env, (**b).clone(), rep).await,
+    };
     let name = plan.name.clone();
-    blocking(move || {
-        if store.get_image(&name)?.is_some() {
-            return Err(PullError::Exists(format!(
-                "an image named {name} exists already; pass --name, or delete it with `banger image delete {name}`"
-            )));
-        }
-        Ok(())
-    })
+    let reservation = reserve(
+        env,
+        Named::Image,
+        &name,
+        doing,
+        format!("pass --name, or delete it with `banger image delete {name}`"),
+    )
     .await?;
     match plan.source.clone() {
-        ImageSource::Catalog(entry) => pull_catalog_image(env, &plan, entry, rep).await,
-        ImageSource::Oci(reference) => oci::pull(env, &plan, reference, rep).await,
-        ImageSource::Recipe(b) => build::build(env, *b, rep).await,
+        ImageSource::Catalog(entry) => {
+            pull_catalog_image(env, &plan, entry, rep, reservation).await
+        }
+        ImageSource::Oci(reference) => oci::pull(env, &plan, reference, rep, reservation).await,
+        ImageSource::Recipe(_) => unreachable!("handled above"),
     }
+}
+
+/// Reserve `name` for the pull, build or promote about to make it (see
+/// [`crate::store::Reservation`]): a record of that name is [`PullError::Exists`] with
+/// `hint` after the message; a name something else is making is a conflict that says what.
+/// `doing` is that clause for others (`being pulled from debian:bookworm`).
+pub async fn reserve(
+    env: &PullEnv,
+    kind: Named,
+    name: &str,
+    doing: String,
+    hint: String,
+) -> Result<Reservation, PullError> {
+    let store = Arc::clone(&env.store);
+    let name = name.to_owned();
+    blocking(move || {
+        store.reserve(kind, &name, &doing).map_err(|e| match e {
+            e @ StoreError::Exists { .. } => PullError::Exists(format!("{e}; {hint}")),
+            e => e.into(),
+        })
+    })
+    .await
 }
 
 /// Stream `url` into `unpack` on the blocking pool: the body passes once through sha256,
@@ -784,18 +821,15 @@ async fn download_bundle(
             resp.status()
         )));
     }
-    let (tx, rx) = mpsc::channel::<Result<bytes::Bytes, String>>(16);
-    let pump = tokio::spawn(async move {
-        use futures::StreamExt;
-        let mut body = resp.bytes_stream();
-        while let Some(chunk) = body.next().await {
-            let item = chunk.map_err(|e| crate::vm::actor::error_chain(&e));
-            let stop = item.is_err();
-            if tx.send(item).await.is_err() || stop {
-                break;
-            }
-        }
-    });
+    // The body as a blocking reader for the unpacker on the blocking pool.
+    let body = {
+        use futures::TryStreamExt;
+        tokio_util::io::StreamReader::new(
+            resp.bytes_stream()
+                .map_err(|e| std::io::Error::other(crate::vm::actor::error_chain(&e))),
+        )
+    };
+    let reader = tokio_util::io::SyncIoBridge::new(body);
     let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let _ticker = rep.ticker(Arc::clone(&counter), Some(entry.size));
     let expected = Expected {
@@ -803,37 +837,7 @@ async fn download_bundle(
         size: entry.size,
         sha256: entry.sha256.clone(),
     };
-    let result = blocking(move || {
-        let reader = ChannelReader {
-            rx,
-            cur: bytes::Bytes::new(),
-        };
-        bundle::unpack(kind, reader, &staging, &expected, Some(counter))
-    })
-    .await;
-    pump.abort();
-    result
-}
-
-/// A blocking reader over chunks sent by an async task.
-struct ChannelReader {
-    rx: mpsc::Receiver<Result<bytes::Bytes, String>>,
-    cur: bytes::Bytes,
-}
-
-impl std::io::Read for ChannelReader {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        while self.cur.is_empty() {
-            match self.rx.blocking_recv() {
-                Some(Ok(b)) => self.cur = b,
-                Some(Err(e)) => return Err(std::io::Error::other(e)),
-                None => return Ok(0),
-            }
-        }
-        let n = buf.len().min(self.cur.len());
-        buf[..n].copy_from_slice(&self.cur.split_to(n));
-        Ok(n)
-    }
+    blocking(move || bundle::unpack(kind, reader, &staging, &expected, Some(counter))).await
 }
 
 async fn pull_catalog_image(
@@ -841,6 +845,7 @@ async fn pull_catalog_image(
     plan: &ImagePlan,
     entry: CatalogEntry,
     rep: &Reporter,
+    reservation: Reservation,
 ) -> Result<ImageRecord, PullError> {
     let images = env.config.images_dir();
     let name = plan.name.clone();
@@ -858,16 +863,10 @@ async fn pull_catalog_image(
     )
     .await?;
     rep.stage("publish", Some(plan.name.clone()));
-    let store = Arc::clone(&env.store);
     let name = plan.name.clone();
     let kernel = plan.kernel_ref.clone().or(unpacked.kernel_ref);
     blocking(move || {
         let dest = images.join(&name);
-        if store.get_image(&name)?.is_some() {
-            return Err(PullError::Exists(format!(
-                "an image named {name} exists already"
-            )));
-        }
         staging.publish(&dest)?;
         let rootfs = dest.join("rootfs.ext4");
         let size_bytes = std::fs::metadata(&rootfs)
@@ -880,7 +879,7 @@ async fn pull_catalog_image(
             kernel,
             registered_at: crate::store::now_secs(),
         };
-        store.put_image(&rec)?;
+        reservation.publish_image(&rec)?;
         Ok(rec)
     })
     .await
@@ -892,18 +891,18 @@ async fn pull_kernel(
     rep: &Reporter,
 ) -> Result<KernelRecord, PullError> {
     let kernels = env.config.kernels_dir();
-    let store = Arc::clone(&env.store);
     let name = entry.name.clone();
+    let reservation = reserve(
+        env,
+        Named::Kernel,
+        &name,
+        "being pulled from the kernel catalog".into(),
+        format!("remove it with `banger kernel rm {name}` to pull it again"),
+    )
+    .await?;
     let staging = blocking({
         let kernels = kernels.clone();
-        move || {
-            if store.get_kernel(&name)?.is_some() {
-                return Err(PullError::Exists(format!(
-                    "a kernel named {name} exists already; remove it with `banger kernel rm {name}` to pull it again"
-                )));
-            }
-            Staging::new(&kernels, &name)
-        }
+        move || Staging::new(&kernels, &name)
     })
     .await?;
     let unpacked = download_bundle(
@@ -915,7 +914,6 @@ async fn pull_kernel(
     )
     .await?;
     rep.stage("publish", Some(entry.name.clone()));
-    let store = Arc::clone(&env.store);
     let name = entry.name.clone();
     blocking(move || {
         let dest = kernels.join(&name);
@@ -938,7 +936,7 @@ async fn pull_kernel(
             config,
             options,
         };
-        store.put_kernel(&rec)?;
+        reservation.publish_kernel(&rec)?;
         Ok(rec)
     })
     .await

@@ -32,6 +32,7 @@ use banger_api::{CachePruned, CachedBlob};
 use super::layers::{Owners, Replay};
 use super::{ImagePlan, PullEnv, PullError, Reporter, Staging, blocking};
 use crate::image::ImageRecord;
+use crate::store::Reservation;
 
 /// Where banger's guest binaries go inside an OCI image.
 pub const GUEST_DIR: &str = "usr/lib/banger";
@@ -264,12 +265,13 @@ pub fn client(insecure: &[String]) -> Client {
     })
 }
 
-/// Pull `reference` and build image `plan.name` from it.
+/// Pull `reference` and build image `plan.name` from it, into the name `reservation` holds.
 pub async fn pull(
     env: &Arc<PullEnv>,
     plan: &ImagePlan,
     reference: Reference,
     rep: &Reporter,
+    reservation: Reservation,
 ) -> Result<ImageRecord, PullError> {
     let guest_dir = env.config.guest_binaries_dir.clone();
     {
@@ -335,7 +337,6 @@ pub async fn pull(
     let owners = Owners::detect();
     let rep2 = rep.clone();
     let kernel = plan.kernel_ref.clone();
-    let store = Arc::clone(&env.store);
     let layer_digests: Vec<String> = layers.iter().map(|(_, d)| d.clone()).collect();
     blocking(move || {
         let staging = Staging::new(&images, &name)?;
@@ -357,11 +358,6 @@ pub async fn pull(
         std::fs::write(&mpath, serde_json::to_vec_pretty(&manifest).expect("json"))
             .map_err(PullError::io(&mpath))?;
         rep2.stage("publish", Some(name.clone()));
-        if store.get_image(&name)?.is_some() {
-            return Err(PullError::Exists(format!(
-                "an image named {name} exists already"
-            )));
-        }
         let dest = images.join(&name);
         staging.publish(&dest)?;
         let rootfs = dest.join("rootfs.ext4");
@@ -372,7 +368,7 @@ pub async fn pull(
             kernel,
             registered_at: crate::store::now_secs(),
         };
-        store.put_image(&rec)?;
+        reservation.publish_image(&rec)?;
         Ok(rec)
     })
     .await

@@ -53,6 +53,7 @@ use super::layers::{Owners, Replay};
 use super::oci::{GUEST_BINARIES, GUEST_DIR};
 use super::{PullEnv, PullError, Reporter, Staging, blocking};
 use crate::image::ImageRecord;
+use crate::store::Named;
 
 /// Directories of the guest's root whose contents are not part of an image.
 pub const EXCLUDE: [&str; 7] = [
@@ -305,18 +306,17 @@ pub async fn promote(
     plan: PromotePlan,
     rep: &Reporter,
 ) -> Result<ImageRecord, PullError> {
-    let store = Arc::clone(&env.store);
     let images = env.config.images_dir();
     let name = plan.name.clone();
-    let staging = blocking(move || {
-        if store.get_image(&name)?.is_some() {
-            return Err(PullError::Exists(format!(
-                "an image named {name} exists already; choose another name, or delete it with `banger image delete {name}`"
-            )));
-        }
-        Staging::new(&images, &name)
-    })
+    let reservation = super::reserve(
+        env,
+        Named::Image,
+        &name,
+        format!("being promoted from vm {}", plan.vm),
+        format!("choose another name, or delete it with `banger image delete {name}`"),
+    )
     .await?;
+    let staging = blocking(move || Staging::new(&images, &name)).await?;
     let guest_dir = env.config.guest_binaries_dir.clone();
     // Only static ones replace the VM's own (see `super::guest`); else the VM's are kept.
     let checked = {
@@ -353,7 +353,6 @@ pub async fn promote(
             return Err(e);
         }
     };
-    let store = Arc::clone(&env.store);
     let images = env.config.images_dir();
     let rep2 = rep.clone();
     blocking(move || {
@@ -371,12 +370,6 @@ pub async fn promote(
         std::fs::write(&mpath, serde_json::to_vec_pretty(&manifest).expect("json"))
             .map_err(PullError::io(&mpath))?;
         rep2.stage("publish", Some(plan.name.clone()));
-        if store.get_image(&plan.name)?.is_some() {
-            return Err(PullError::Exists(format!(
-                "an image named {} exists already",
-                plan.name
-            )));
-        }
         let dest = images.join(&plan.name);
         staging.publish(&dest)?;
         let rec = ImageRecord {
@@ -386,7 +379,7 @@ pub async fn promote(
             kernel: Some(plan.kernel),
             registered_at: crate::store::now_secs(),
         };
-        store.put_image(&rec)?;
+        reservation.publish_image(&rec)?;
         Ok(rec)
     })
     .await

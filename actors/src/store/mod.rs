@@ -1,6 +1,12 @@
 //! The store: an embedded redb database with a schema version and forward-only migrations,
 //! and the StoreActor that serialises access to it from the tree.
 //!
+//! The store is the owner of the records: every write that depends on a check (a name is
+//! free, an image exists, no VM uses a kernel) is one method here that checks and writes in
+//! one redb write transaction, and there is no other way to write those records; name
+//! reservations keep a name while its files are made (see [`Reservation`] and `records.rs`
+//! for the list and the rules).
+//!
 //! Why redb and not sled: sled 0.34 has had no release since 2021 and warns about space
 //! use and reliability; redb is ACID with a stable file format, which the forward-only
 //! schema promise below needs.
@@ -17,6 +23,7 @@ mod records;
 
 pub use actor::{StoreActor, StoreMsg};
 pub use migrations::SCHEMA_VERSION;
+pub use records::{Named, Reservation};
 
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -70,8 +77,26 @@ pub enum StoreError {
     Db(#[source] redb::Error),
     #[error("the store actor is not running")]
     Unavailable,
+    /// The operation conflicts with the state: a name being made, an image in use, ...
     #[error("{0}")]
     Conflict(String),
+    /// A record of that name exists already (the caller adds its own hint).
+    #[error("{} named {name} exists already", kind.article())]
+    Exists { kind: Named, name: String },
+    /// A record a write depends on is not there (a VM's image or kernel).
+    #[error(transparent)]
+    NotFound(crate::not_found::NotFound),
+}
+
+impl StoreError {
+    /// The JSON-RPC code of this error.
+    pub fn code(&self) -> i32 {
+        match self {
+            StoreError::Conflict(_) | StoreError::Exists { .. } => banger_api::codes::CONFLICT,
+            StoreError::NotFound(_) => banger_api::codes::NOT_FOUND,
+            _ => banger_api::codes::STORE,
+        }
+    }
 }
 
 impl<E: Into<redb::Error>> From<E> for StoreError {
@@ -138,6 +163,7 @@ impl Store {
             path: path.to_owned(),
         };
         migrations::migrate(&store.db, &store.path)?;
+        store.clear_reservations()?;
         Ok(store)
     }
 

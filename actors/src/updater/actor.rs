@@ -3,8 +3,9 @@
 //! The download, verification, staging and swap run in the `banger update` process (see
 //! the module docs of [`super`]: they must outlive the daemon's restart); before it
 //! touches anything, that process asks this actor for the **update gate**: the actor
-//! lists the VMs whose operation is in flight (starting or stopping) and refuses while
-//! there are any, unless forced. (It is also where a future daemon-side scheduler of
+//! lists the VMs whose operation is in flight (starting, stopping, or busy: a VM whose
+//! actor did not answer `vm list` is listed from the store as busy, and counts) and
+//! refuses while there are any, unless forced. (It is also where a future daemon-side scheduler of
 //! update checks would live.)
 //!
 //! Restart policy: one-for-one under the root, state rebuilt empty (nothing in it is
@@ -55,11 +56,15 @@ pub struct UpdaterState {
     last_gate: Option<String>,
 }
 
-/// VMs whose operation is in flight.
+/// VMs whose operation is in flight: starting, stopping, or busy (its actor did not
+/// answer `vm list`, so whatever it is doing may be an operation).
 pub fn in_flight(vms: &[VmInfo]) -> Vec<String> {
     vms.iter()
-        .filter(|v| matches!(v.state, VmState::Starting | VmState::Stopping))
-        .map(|v| format!("{} {}", v.name, v.state.as_str()))
+        .filter(|v| v.busy || matches!(v.state, VmState::Starting | VmState::Stopping))
+        .map(|v| match v.busy {
+            true => format!("{} busy (last stored state {})", v.name, v.state.as_str()),
+            false => format!("{} {}", v.name, v.state.as_str()),
+        })
         .collect()
 }
 
@@ -114,5 +119,50 @@ impl Actor for UpdaterActor {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn busy_vms_are_in_flight_whatever_their_stored_state() {
+        let vm = |name: &str, state, busy| VmInfo {
+            id: name.into(),
+            name: name.into(),
+            state,
+            error: None,
+            vmm: banger_api::VmmKind::Qemu,
+            spec: banger_api::VmSpec {
+                vcpu: 1,
+                memory_mib: 256,
+                disk_bytes: 1 << 30,
+            },
+            image: "i".into(),
+            kernel: "k".into(),
+            nat: false,
+            created_at: 1,
+            started_at: None,
+            pid: None,
+            dir: "/d".into(),
+            console_log: "/d/c".into(),
+            cmdline: None,
+            vsock_socket: None,
+            ip: None,
+            isolation: None,
+            busy,
+            published: Vec::new(),
+        };
+        let vms = [
+            vm("a", VmState::Running, false),
+            vm("b", VmState::Starting, false),
+            vm("c", VmState::Running, true),
+            vm("d", VmState::Stopped, false),
+        ];
+        assert_eq!(
+            in_flight(&vms),
+            ["b starting", "c busy (last stored state running)"]
+        );
     }
 }

@@ -102,8 +102,7 @@ impl VmError {
             VmError::NotFound(_) => codes::NOT_FOUND,
             VmError::Conflict(_) | VmError::StoppedWhileStarting(_) => codes::CONFLICT,
             VmError::Invalid(_) => codes::INVALID_ARGUMENT,
-            VmError::Store(StoreError::Conflict(_)) => codes::CONFLICT,
-            VmError::Store(_) => codes::STORE,
+            VmError::Store(e) => e.code(),
             VmError::Disk(DiskError::Shrink { .. }) => codes::INVALID_ARGUMENT,
             VmError::Disk(_)
             | VmError::Start { .. }
@@ -188,6 +187,10 @@ pub enum VmMsg {
         op: super::publish::PortOp,
         reply: Reply<super::publish::PortAnswer>,
     },
+    /// Tests: keep the mailbox busy until the sender answers or goes (an operation that
+    /// takes long, without a guest).
+    #[cfg(test)]
+    TestHold(tokio::sync::oneshot::Receiver<()>),
 }
 
 /// Arguments: the VM's id and the shared environment.
@@ -271,6 +274,7 @@ pub fn info_of(rec: &VmRecord, dir: &VmDir) -> VmInfo {
         ip: rec.ip.clone(),
         isolation: rec.runtime.as_ref().and_then(|r| r.isolation.clone()),
         published: super::publish::unbound(&rec.publish),
+        busy: false,
     }
 }
 
@@ -1086,6 +1090,10 @@ impl Actor for VmActor {
                 if generation == state.generation && state.rec.state == VmState::Starting {
                     Self::now_running(state, result.err()).await?;
                 }
+            }
+            #[cfg(test)]
+            VmMsg::TestHold(release) => {
+                let _ = release.await;
             }
             VmMsg::Ports(reply) => {
                 let running = state.rec.state == VmState::Running;

@@ -22,13 +22,8 @@ use super::{LaunchPlan, VmmError, tail, wait_for_path};
 use crate::vm::model::Runtime;
 use crate::vm::proc;
 
-/// How QEMU accelerates the guest.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Accel {
-    Auto,
-    Kvm,
-    Tcg,
-}
+/// How QEMU accelerates the guest (defined beside the VMM choice, which weighs it).
+pub use super::choose::Accel;
 
 /// QEMU settings.
 #[derive(Debug, Clone, PartialEq, Eq)]

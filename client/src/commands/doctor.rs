@@ -1,33 +1,105 @@
 //! `banger doctor`: one line per check — ok, warn or fail — with what to do. Checks the
 //! host (architecture, KVM and whether it is nested PVM, tools), the VMM new VMs get and
 //! why (`default_vmm = "auto"` resolved by the same rule as the daemon's,
-//! `banger_actors::vmm::choose`), the daemon (running, version drift, store schema, socket
+//! `banger_host::choose`), the daemon (running, version drift, store schema, socket
 //! permissions, VM defaults and where they come from) and running VMs' agents. Exits 1 when
 //! a check fails — among them a missing binary of the VMM new VMs get (a configured
 //! `default_vmm = "firecracker"` without Firecracker installed fails). The other VMM's
 //! binaries are listed, and not needed. The VMM is the daemon's answer when it runs; else
 //! what a daemon started now would pick.
 //!
-//! Doctor loads the daemon's config itself, with bangerd's own loader
-//! (`bangerd::config::Config::load`: the same file, `BANGER_CONFIG` and `BANGER_*`
-//! overrides as the daemon the CLI would start; `/etc/banger/config.toml` for the system
-//! service): a config bangerd would refuse fails (every command that needs the daemon
-//! exits 3 on it), and without a daemon the VMM, its binaries and accelerator come from it.
+//! Doctor has the daemon's config checked by the daemon's own binary (`bangerd
+//! --check-config`, the bangerd the CLI would start, with the environment it would give
+//! it: the same file, `BANGER_CONFIG` and `BANGER_*` overrides; `--system` and no
+//! environment for the system service; the CLI links none of the daemon): a config bangerd
+//! would refuse fails (every command that needs the daemon exits 3 on it), and without a
+//! daemon the VMM, its binaries and accelerator come from it.
 //! Checks of parts banger does not have yet are not listed.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use banger_actors::vmm::choose::{self, Decision, Jailing, Kvm};
 use banger_api::{DaemonRpcClient, SpecDefaults, SpecSource, VmRpcClient, VmState, VmmKind};
-use serde::Serialize;
-
-use bangerd::config::Config;
+use banger_host::choose::{self, Accel, Decision, Jailing, Kvm};
+use serde::{Deserialize, Serialize};
 
 use crate::connect::{self, Target};
 use crate::exit::{self, CliError};
 use crate::render;
+
+/// The part of bangerd's config doctor looks at, from `bangerd --check-config` (which
+/// prints all of it; the rest is ignored here). Its defaults are bangerd's (a test holds
+/// them to the daemon's).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    pub default_vmm: String,
+    pub firecracker: FirecrackerBins,
+    pub qemu: QemuBins,
+}
+
+/// `[firecracker]`, the binaries.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct FirecrackerBins {
+    pub binary: PathBuf,
+    pub jailer: PathBuf,
+}
+
+/// `[qemu]`, the binaries and the accelerator.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct QemuBins {
+    pub binary: PathBuf,
+    pub vhost_vsock: PathBuf,
+    pub accel: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            default_vmm: "auto".into(),
+            firecracker: FirecrackerBins::default(),
+            qemu: QemuBins::default(),
+        }
+    }
+}
+
+impl Default for FirecrackerBins {
+    fn default() -> Self {
+        FirecrackerBins {
+            binary: "firecracker".into(),
+            jailer: "jailer".into(),
+        }
+    }
+}
+
+impl Default for QemuBins {
+    fn default() -> Self {
+        QemuBins {
+            binary: "qemu-system-x86_64".into(),
+            vhost_vsock: "vhost-device-vsock".into(),
+            accel: "auto".into(),
+        }
+    }
+}
+
+impl Config {
+    /// `default_vmm` (bangerd validated it).
+    fn vmm_choice(&self) -> banger_api::VmmChoice {
+        self.default_vmm.parse().unwrap_or_default()
+    }
+
+    /// `[qemu] accel` (bangerd validated it: `auto`, `kvm` or `tcg`).
+    fn qemu_accel(&self) -> Accel {
+        match self.qemu.accel.as_str() {
+            "kvm" => Accel::Kvm,
+            "tcg" => Accel::Tcg,
+            _ => Accel::Auto,
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -515,51 +587,93 @@ fn firecracker_checks(status: &banger_api::DaemonStatus) -> Vec<Check> {
     out
 }
 
-/// The config file a daemon serving `target` reads, or would read if the CLI started it
-/// now: `BANGER_CONFIG` (then it must exist), else the mode's default file.
-fn config_path(target: &Target) -> (Option<PathBuf>, bool) {
-    use banger_api::DaemonMode;
-    let env = |k: &str| std::env::var(k).ok();
+/// The daemon's config, loaded and checked by `bangerd --check-config` as the daemon
+/// serving `target` would load it (the system service's with `--system` and without our
+/// environment; a user daemon's with the environment the CLI starts it with), and its
+/// check. A config bangerd refuses fails.
+fn config_check(target: &Target) -> (Check, Option<Config>) {
+    let bin = connect::bangerd_path();
+    let mut cmd = std::process::Command::new(&bin);
+    cmd.arg("--check-config");
     if target.system {
         // systemd starts it with `--system` and an environment of its own.
-        return (bangerd::paths::config_file(DaemonMode::System, &env), false);
-    }
-    match std::env::var_os("BANGER_CONFIG") {
-        Some(p) => (Some(PathBuf::from(p)), true),
-        None => (bangerd::paths::config_file(DaemonMode::User, &env), false),
-    }
-}
-
-/// The daemon's config, loaded as bangerd loads it (the system service's without our
-/// environment), and its check. A config bangerd refuses fails.
-fn config_check(target: &Target) -> (Check, Option<Config>) {
-    let (path, required) = config_path(target);
-    let vars: Vec<(String, String)> = if target.system {
-        Vec::new()
+        cmd.arg("--system").env_clear();
     } else {
-        std::env::vars().collect()
-    };
-    match Config::load(path.as_deref(), required, vars) {
-        Ok(config) => {
-            let detail = match &path {
-                Some(p) if p.exists() => format!("{} loads", p.display()),
-                Some(p) => format!("no {}: the defaults apply", p.display()),
-                None => "no config file (no HOME): the defaults apply".into(),
-            };
-            (check("config", Level::Ok, detail, None), Some(config))
+        for v in connect::CLI_ONLY_VARS {
+            cmd.env_remove(v);
         }
-        Err(e) => (
-            check(
-                "config",
-                Level::Fail,
-                e.to_string(),
-                Some(
-                    "fix it: bangerd refuses to start on it, so every command that needs the daemon fails (exit 3)",
-                ),
-            ),
-            None,
-        ),
     }
+    let refused = |detail: String| {
+        check(
+            "config",
+            Level::Fail,
+            detail,
+            Some(
+                "fix it: bangerd refuses to start on it, so every command that needs the daemon fails (exit 3)",
+            ),
+        )
+    };
+    let out = match cmd.stdin(std::process::Stdio::null()).output() {
+        Ok(out) => out,
+        Err(e) => {
+            return (
+                check(
+                    "config",
+                    Level::Fail,
+                    format!("cannot run {} to check the config: {e}", bin.display()),
+                    Some(
+                        "install bangerd beside banger (scripts/install.sh), or set BANGER_BANGERD",
+                    ),
+                ),
+                None,
+            );
+        }
+    };
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if stderr.contains("unexpected argument '--check-config'") {
+            return (
+                check(
+                    "config",
+                    Level::Warn,
+                    format!(
+                        "{} is older than this banger and cannot check the config",
+                        bin.display()
+                    ),
+                    Some("install the bangerd of the same release beside banger (`banger update`)"),
+                ),
+                None,
+            );
+        }
+        let reason = stderr
+            .lines()
+            .rfind(|l| !l.trim().is_empty())
+            .map(|l| l.trim_start_matches("bangerd: ").to_owned())
+            .unwrap_or_else(|| format!("{} --check-config failed ({})", bin.display(), out.status));
+        return (refused(reason), None);
+    }
+    let checked: banger_api::tools::CheckedConfig = match serde_json::from_slice(&out.stdout) {
+        Ok(c) => c,
+        Err(e) => {
+            return (
+                refused(format!(
+                    "{} --check-config answered no config ({e}): is it an older bangerd?",
+                    bin.display()
+                )),
+                None,
+            );
+        }
+    };
+    let config = match serde_json::from_value::<Config>(checked.config) {
+        Ok(c) => c,
+        Err(e) => return (refused(format!("bangerd's config: {e}")), None),
+    };
+    let detail = match &checked.file {
+        Some(p) if checked.file_exists => format!("{} loads", p.display()),
+        Some(p) => format!("no {}: the defaults apply", p.display()),
+        None => "no config file (no HOME): the defaults apply".into(),
+    };
+    (check("config", Level::Ok, detail, None), Some(config))
 }
 
 /// Daemon and VM checks, and the daemon's VM defaults when it answers. `config_ok`: the
@@ -893,6 +1007,23 @@ mod tests {
         assert_eq!(status(&c, "qemu").status, Level::Ok);
         assert_eq!(status(&c, "vhost-device-vsock").status, Level::Fail);
         assert_eq!(status(&c, "vmm").status, Level::Ok);
+    }
+
+    /// Doctor's view of the config starts from the daemon's defaults (it uses them when
+    /// the config is refused), and reads what `bangerd --check-config` prints.
+    #[test]
+    fn the_config_view_has_the_daemons_defaults_and_reads_its_output() {
+        let daemon = serde_json::to_value(bangerd::config::Config::default()).unwrap();
+        let view: Config = serde_json::from_value(daemon).unwrap();
+        assert_eq!(view, Config::default());
+        let mut set = serde_json::to_value(bangerd::config::Config::default()).unwrap();
+        set["default_vmm"] = "qemu".into();
+        set["qemu"]["accel"] = "tcg".into();
+        set["firecracker"]["jailer"] = "/opt/fc/jailer".into();
+        let view: Config = serde_json::from_value(set).unwrap();
+        assert_eq!(view.vmm_choice(), banger_api::VmmChoice::Qemu);
+        assert_eq!(view.qemu_accel(), Accel::Tcg);
+        assert_eq!(view.firecracker.jailer, PathBuf::from("/opt/fc/jailer"));
     }
 
     #[test]

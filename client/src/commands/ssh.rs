@@ -250,21 +250,10 @@ pub async fn run_ssh(mut c: std::process::Command) -> Result<u8, CliError> {
 }
 
 /// Quote `argv` for the remote shell, so each argument arrives as given (plain ssh joins
-/// them with spaces: `ssh h sh -c 'exit 3'` would run `sh -c exit 3`).
+/// them with spaces: `ssh h sh -c 'exit 3'` would run `sh -c exit 3`). POSIX quoting by
+/// `shlex`; an argument cannot hold a NUL (argv never does), so quoting cannot fail.
 pub fn shell_join(argv: &[String]) -> String {
-    argv.iter()
-        .map(|a| {
-            let safe = !a.is_empty()
-                && a.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b));
-            if safe {
-                a.clone()
-            } else {
-                format!("'{}'", a.replace('\'', "'\\''"))
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
+    shlex::try_join(argv.iter().map(String::as_str)).expect("argv holds no NUL byte")
 }
 
 /// `banger vm ssh <vm> [-- cmd]`.
@@ -432,8 +421,29 @@ mod tests {
 
     #[test]
     fn remote_arguments_are_quoted_for_the_shell() {
-        let argv: Vec<String> = ["sh", "-c", "exit 3", "it's", ""].map(String::from).into();
-        assert_eq!(shell_join(&argv), r#"sh -c 'exit 3' 'it'\''s' ''"#);
+        let argv: Vec<String> = ["sh", "-c", "exit 3", "it's", "", r#"$HOME `x` \ "q" * ~"#]
+            .map(String::from)
+            .into();
+        let joined = shell_join(&argv);
+        assert!(
+            joined.starts_with("sh -c "),
+            "plain words stay plain: {joined}"
+        );
+        // What a remote shell makes of the line: the same words, read back by a real `sh`.
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("for a in {joined}; do printf '%s\\0' \"$a\"; done"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let words: Vec<String> = out
+            .stdout
+            .strip_suffix(&[0])
+            .unwrap()
+            .split(|b| *b == 0)
+            .map(|w| String::from_utf8(w.to_vec()).unwrap())
+            .collect();
+        assert_eq!(words, argv, "{joined}");
     }
 
     #[test]

@@ -35,7 +35,7 @@ pub const UNIT_TEXT: &str = include_str!("../../../systemd/bangerd.service");
 /// Binaries installed, in order.
 pub const BINARIES: &[&str] = &["bangerd", "banger"];
 /// The guest binaries, installed beside the host ones' `../lib/banger`.
-pub const GUEST_BINARIES: [&str; 2] = banger_actors::pull::guest::NAMES;
+pub const GUEST_BINARIES: [&str; 2] = banger_guest::binaries::NAMES;
 
 /// Where an install puts things, under `root`.
 #[derive(Debug, Clone)]
@@ -110,7 +110,7 @@ pub enum SystemError {
     )]
     NoGuestBinaries { looked: String },
     #[error("{0}")]
-    GuestBinary(#[from] banger_actors::pull::guest::GuestBinaryError),
+    GuestBinary(#[from] banger_guest::binaries::GuestBinaryError),
     #[error("cannot {what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -207,7 +207,7 @@ fn ensure_group(layout: &Layout) -> Result<bool, SystemError> {
 /// `cargo build` leaves dynamically linked ones beside banger: those are skipped, never
 /// installed.
 pub fn find_guest_binaries(from: &Path, given: Option<&Path>) -> Result<PathBuf, SystemError> {
-    use banger_actors::pull::guest;
+    use banger_guest::binaries as guest;
     if let Some(d) = given {
         guest::check_dir(d)?;
         return Ok(d.to_owned());
@@ -263,8 +263,7 @@ pub fn install(
     let guest_from = match find_guest_binaries(from, guest_from) {
         Ok(d) => Some(d),
         Err(SystemError::NoGuestBinaries { .. })
-            if guest_from.is_none()
-                && banger_actors::pull::guest::check_dir(&system_guest).is_ok() =>
+            if guest_from.is_none() && banger_guest::binaries::check_dir(&system_guest).is_ok() =>
         {
             None
         }

@@ -1,7 +1,7 @@
 //! `banger update [--check] [--to vX.Y.Z] [--dry-run] [--force]`.
 //!
 //! The steps (manifest, signature, hash, staging, `--check-migrations`, swap, restart,
-//! check, rollback) are `banger_actors::updater`'s; this module picks the release channel,
+//! check, rollback) are the `banger-update` crate's (`client/update/`); this module picks the release channel,
 //! asks the daemon's UpdaterActor for the gate (no VM operation in flight), and provides
 //! the restart and the post-restart check for the two kinds of daemon:
 //! - the **system service** (the system socket exists): `systemctl restart bangerd.service`;
@@ -25,8 +25,8 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use banger_actors::updater::{self, Choice, Current, Release, ServiceControl, Source};
 use banger_api::{DaemonRpcClient, UpdateGate, UpdateRpcClient};
+use banger_update::{self as updater, Choice, Current, Release, ServiceControl, Source};
 use serde::Serialize;
 
 use crate::connect::{self, Target};
@@ -61,8 +61,20 @@ fn source() -> Result<Source, CliError> {
     Source::new(&url, &key).map_err(CliError::Other)
 }
 
+/// `e` and each of its causes, `: `-separated.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cur = c.source();
+    }
+    out
+}
+
 fn err(e: updater::UpdateError) -> CliError {
-    let text = banger_actors::vm::actor::error_chain(&e);
+    let text = error_chain(&e);
     match e {
         updater::UpdateError::Downgrade { .. } | updater::UpdateError::NoSuchVersion(_) => {
             CliError::Usage(text)

@@ -114,10 +114,15 @@ fn print_table(vms: &[VmInfo]) {
         "PID"
     );
     for v in vms {
+        // A busy VM's state is its last stored one (its actor did not answer).
+        let state = match v.busy {
+            true => format!("{}*", v.state.as_str()),
+            false => v.state.as_str().to_owned(),
+        };
         outln!(
             "{:<20} {:<9} {:<11} {:>4} {:>9} {:>9} {:<14} {:>8}  {}",
             v.name,
-            v.state.as_str(),
+            state,
             v.vmm.as_str(),
             v.spec.vcpu,
             bytes(u64::from(v.spec.memory_mib) << 20),
@@ -126,6 +131,9 @@ fn print_table(vms: &[VmInfo]) {
             v.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
             ports_cell(v)
         );
+    }
+    if vms.iter().any(|v| v.busy) {
+        outln!("* busy: the VM did not answer in time; its state is the last one stored");
     }
 }
 

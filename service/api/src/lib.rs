@@ -17,6 +17,7 @@ pub mod daemon;
 pub mod image;
 pub mod publish;
 pub mod socket;
+pub mod tools;
 pub mod units;
 pub mod update;
 pub mod vm;

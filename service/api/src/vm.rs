@@ -253,6 +253,11 @@ pub struct VmInfo {
     /// Published ports, with the host port bound while the VM runs.
     #[serde(default)]
     pub published: Vec<crate::PublishedPort>,
+    /// The VM's actor did not answer in time (it is busy with an operation): the fields
+    /// above are the VM's last stored record, so `state` may be behind, and the update gate
+    /// counts the VM as in flight. False from daemons that predate the field.
+    #[serde(default)]
+    pub busy: bool,
 }
 
 /// Host-side figures of a VM (`vm.stats`); guest figures come from the agent.
@@ -425,3 +430,24 @@ mod rpc {
 pub use rpc::VmRpcClient;
 #[cfg(feature = "server")]
 pub use rpc::VmRpcServer;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_info_from_a_daemon_without_busy_parses_as_not_busy() {
+        let old = serde_json::json!({
+            "id": "a", "name": "n", "state": "running", "error": null, "vmm": "qemu",
+            "spec": {"vcpu": 1, "memory_mib": 256, "disk_bytes": 1073741824u64},
+            "image": "i", "kernel": "k", "nat": false, "created_at": 1, "started_at": null,
+            "pid": null, "dir": "/d", "console_log": "/d/console.log", "cmdline": null
+        });
+        let info: VmInfo = serde_json::from_value(old).unwrap();
+        assert!(!info.busy);
+        let mut busy = info.clone();
+        busy.busy = true;
+        let back: VmInfo = serde_json::from_value(serde_json::to_value(&busy).unwrap()).unwrap();
+        assert!(back.busy);
+    }
+}

@@ -18,7 +18,7 @@ use jsonrpsee::types::ErrorObjectOwned;
 use tokio::sync::Notify;
 
 use banger_actors::updater::actor::UpdaterError;
-use banger_actors::{StoreError, Tree, TreeError};
+use banger_actors::{Tree, TreeError};
 use banger_api::codes;
 
 use crate::paths::Paths;
@@ -87,8 +87,7 @@ impl From<RpcError> for ErrorObjectOwned {
             RpcError::Tree(TreeError::Updater(UpdaterError::Busy(_))) => codes::CONFLICT,
             RpcError::Tree(TreeError::Updater(_)) => codes::INTERNAL_ERROR,
             RpcError::Tree(TreeError::Pull(e)) => e.code(),
-            RpcError::Tree(TreeError::Store(StoreError::Conflict(_))) => codes::CONFLICT,
-            RpcError::Tree(TreeError::Store(_)) => codes::STORE,
+            RpcError::Tree(TreeError::Store(e)) => e.code(),
             RpcError::NotFound(_) => codes::NOT_FOUND,
             RpcError::Invalid(_) => codes::INVALID_ARGUMENT,
             RpcError::Tree(TreeError::Call(_)) | RpcError::Tree(TreeError::Spawn(_)) => {

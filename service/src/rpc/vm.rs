@@ -326,9 +326,10 @@ impl VmRpcServer for VmApi {
     async fn prune(&self, dry_run: bool) -> RpcResult<Pruned> {
         let vms = self.ctx.tree.list_vms().await.map_err(RpcError::from)?;
         let mut deleted = Vec::new();
+        // A busy VM's state is only its last stored one: leave it alone.
         for vm in vms
             .into_iter()
-            .filter(|v| !banger_actors::vm::model::is_active(v.state))
+            .filter(|v| !v.busy && !banger_actors::vm::model::is_active(v.state))
         {
             if !dry_run {
                 self.ctx

@@ -2,6 +2,8 @@
 //! Shared by the integration tests and the benchmarks (`#[path]`-included).
 #![allow(dead_code)]
 
+pub mod fc;
+
 use std::path::{Path, PathBuf};
 
 use banger_api::DaemonMode;
@@ -19,6 +21,45 @@ pub struct TestDaemon {
     pub paths: Paths,
     stop: Option<oneshot::Sender<()>>,
     pub task: Option<tokio::task::JoinHandle<Result<(), bangerd::ServiceError>>>,
+    _reaper: Reaper,
+}
+
+/// Ends, when a test panics, the processes its daemon started (VMMs outlive their daemon by
+/// design, so a failed assertion would otherwise leave them running): every process whose
+/// command line names the daemon's directory (the double as jailer: `--chroot-base-dir
+/// <dir>/data/jail`; as Firecracker: `--api-sock <dir>/...`).
+struct Reaper(PathBuf);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            kill_processes_naming(&self.0);
+        }
+    }
+}
+
+/// SIGKILL every process (other than this one) whose command line contains `dir`.
+pub fn kill_processes_naming(dir: &Path) {
+    let needle = dir.as_os_str().as_encoded_bytes();
+    let me = std::process::id();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for p in procs.flatten() {
+        let Ok(pid) = p.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let cmdline = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+        if cmdline.windows(needle.len()).any(|w| w == needle) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
 }
 
 /// The default config, with the `.vm` resolver on a free port (tests run many daemons).
@@ -103,6 +144,7 @@ impl TestDaemon {
         TestDaemon {
             socket: paths.socket.clone(),
             paths,
+            _reaper: Reaper(dir.path().to_owned()),
             dir,
             stop: Some(tx),
             task: Some(task),

@@ -2,7 +2,7 @@
 //! signature check, hash check, unpack — the part of `banger update` that scales with the
 //! release's size.
 //!
-//! Run: `cargo bench -p banger-actors --bench update_stage`. Prints the time per stage and
+//! Run: `cargo bench -p banger-update --bench update_stage`. Prints the time per stage and
 //! MB/s for a 64 MiB release (two 32 MiB "binaries", gzip level 1).
 
 #![allow(clippy::print_stdout)]
@@ -15,7 +15,7 @@ use p256::ecdsa::{Signature, SigningKey, signature::Signer};
 use p256::pkcs8::{EncodePublicKey, LineEnding};
 use sha2::{Digest, Sha256};
 
-use banger_actors::updater::{self, Release};
+use banger_update::{self as updater, Release};
 
 fn serve(root: std::path::PathBuf) -> std::net::SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
