@@ -949,6 +949,7 @@ mod tests {
             cmdline: None,
             runtime: None,
             ip: None,
+            publish: Vec::new(),
         }
     }
 

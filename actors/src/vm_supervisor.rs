@@ -217,6 +217,8 @@ impl VmSupervisor {
             req.disk_bytes,
         )
         .map_err(VmError::Invalid)?;
+        // A taken host port is refused before anything is created.
+        crate::vm::publish::probe(&name, &req.publish)?;
         let network = req.network.unwrap_or(state.settings.network);
         if req.nat && !network {
             return Err(VmError::Invalid(
@@ -255,6 +257,7 @@ impl VmSupervisor {
             cmdline: None,
             runtime: None,
             ip,
+            publish: crate::vm::publish::records(&req.publish),
         };
         Ok((record, vmm))
     }

@@ -294,6 +294,8 @@ pub enum VmCmd {
         /// Only create it (disks included); start it later with `banger vm start`.
         #[arg(long)]
         no_start: bool,
+        #[command(flatten)]
+        publish: PublishArgs,
         /// Print the VM as JSON when done.
         #[arg(long)]
         json: bool,
@@ -326,6 +328,8 @@ pub enum VmCmd {
         /// No network at all (vsock still works, so commands and shells do too).
         #[arg(long, conflicts_with = "nat")]
         no_network: bool,
+        #[command(flatten)]
+        publish: PublishArgs,
         /// Delete the VM when the command or session ends, whatever its status.
         #[arg(long)]
         rm: bool,
@@ -477,6 +481,9 @@ pub enum VmCmd {
         #[arg(last = true)]
         cmd: Vec<String>,
     },
+    /// Publish guest ports on the host (`vm port add|rm|list`).
+    #[command(subcommand)]
+    Port(PortCmd),
     /// Listening TCP/UDP ports in a running VM, with their processes.
     Ports {
         /// The VM's name.
@@ -509,6 +516,55 @@ pub enum VmCmd {
 }
 
 const RUN_HELP: &str = "Examples:\n  banger vm run --rm -- uname -a        boot, run, exit with its status, delete\n  banger vm run --rm . -- make test     ship this repo to /root/repo, test there\n  banger vm run --name dev              an interactive shell in a new VM\n  banger vm run --timings --rm -- true  how long each stage takes\n\nIf the guest never becomes reachable the VM is kept (even with --rm): see\n`banger vm logs <name>`.";
+
+/// `--publish`, shared by `vm create` and `vm run`.
+#[derive(Debug, clap::Args)]
+pub struct PublishArgs {
+    /// Publish a guest TCP port on the host (repeatable): bangerd listens on HOSTIP
+    /// (default 127.0.0.1) and splices each connection to GUESTPORT in the guest through
+    /// its agent (no root, works with --no-network). HOSTPORT 0 picks a free port
+    /// (`banger vm port list` shows it).
+    #[arg(
+        long = "publish",
+        short = 'p',
+        value_name = "[HOSTIP:]HOSTPORT:GUESTPORT[/tcp]"
+    )]
+    pub publish: Vec<banger_api::PortSpec>,
+}
+
+/// `banger vm port …`.
+#[derive(Debug, Subcommand)]
+pub enum PortCmd {
+    /// Publish a guest TCP port on the host: now if the VM runs, else when it starts.
+    #[command(
+        after_help = "Examples:\n  banger vm port add dev 8080:80             127.0.0.1:8080 -> port 80 in dev\n  banger vm port add dev 0:8000              any free host port (printed)\n  banger vm port add dev 0.0.0.0:8080:80     reachable from other hosts too"
+    )]
+    Add {
+        vm: String,
+        #[arg(value_name = "[HOSTIP:]HOSTPORT:GUESTPORT[/tcp]")]
+        spec: banger_api::PortSpec,
+        /// Print the port as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop publishing a port: by host port (the one bound for 0 too) or by its spec.
+    #[command(
+        visible_alias = "remove",
+        after_help = "Examples:\n  banger vm port rm dev 8080\n  banger vm port rm dev 0:8000"
+    )]
+    Rm {
+        vm: String,
+        #[arg(value_name = "HOSTPORT|SPEC")]
+        port: String,
+    },
+    /// The VM's published ports, with the host port bound while it runs.
+    #[command(visible_alias = "ls")]
+    List {
+        vm: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
 
 /// `banger vm workspace …`.
 #[derive(Debug, Subcommand)]

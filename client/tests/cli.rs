@@ -1740,3 +1740,121 @@ fn root_a_root_daemon_changes_no_network_until_a_vm_needs_one() {
     let mut out = out;
     let _ = out.wait();
 }
+
+/// `--publish` specs and taken host ports, without a guest: a bad spec is refused by the CLI
+/// with the spec named (before anything is asked of the daemon, so before any pull), a
+/// taken host port is refused by the daemon naming address and port, and nothing is
+/// created for it; `vm port add|rm|list` keep the VM's record. (Forwarding itself is
+/// tested against the real agent code in `banger_actors::vm::publish` and on a real guest
+/// in `vm_qemu.rs`.)
+#[test]
+fn published_port_specs_and_taken_host_ports_are_refused_with_what_is_wrong() {
+    let home = Home::new();
+    for (spec, why) in [
+        ("70000:80", "the host port 70000 is out of range (0-65535)"),
+        ("abc", "it needs a host port and a guest port"),
+        ("1.2.3:80:80", "\"1.2.3\" is not an IPv4 address"),
+        (
+            "8080:80/udp",
+            "only tcp ports can be published for now, not udp",
+        ),
+    ] {
+        let out = home.banger(&["vm", "create", "--no-start", "--publish", spec]);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{spec}: {err}");
+        assert!(err.contains(&format!("bad port spec \"{spec}\"")), "{err}");
+        assert!(err.contains(why), "{spec}: {err}");
+        assert!(
+            !home.socket().exists(),
+            "refused before the daemon is asked"
+        );
+    }
+    let out = home.banger(&["vm", "run", "--rm", "-p", "abc", "--", "true"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("bad port spec \"abc\""),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(
+        !home.socket().exists(),
+        "refused before the daemon is asked"
+    );
+    import_k_and_register_img(&home);
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let in_use = format!("host port 127.0.0.1:{port} is already in use");
+    let spec = format!("{port}:80");
+    let out = home.banger(&[
+        "vm",
+        "create",
+        "--name",
+        "a",
+        "--image",
+        "img",
+        "--no-start",
+        "-p",
+        "0:22",
+        "-p",
+        &spec,
+    ]);
+    assert_eq!(out.status.code(), Some(6), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains(&in_use), "{}", text(&out.stderr));
+    let out = home.banger(&["vm", "ls", "--json"]);
+    assert_eq!(json(&out), serde_json::json!([]), "nothing was created");
+
+    let out = home.banger(&[
+        "vm",
+        "create",
+        "--name",
+        "b",
+        "--image",
+        "img",
+        "--no-start",
+        "-p",
+        "0:8000",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = home.banger(&["vm", "port", "add", "b", &spec]);
+    assert_eq!(out.status.code(), Some(6), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains(&in_use), "{}", text(&out.stderr));
+    let out = home.banger(&["vm", "port", "add", "b", "0:8000"]);
+    assert!(
+        text(&out.stderr).contains("clashes with"),
+        "{}",
+        text(&out.stderr)
+    );
+    drop(taken);
+    let out = home.banger(&["vm", "port", "add", "b", &spec, "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(json(&out)["host_port"], port);
+    let out = home.banger(&["vm", "port", "list", "b", "--json"]);
+    let list = json(&out);
+    assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
+    assert_eq!(list[0]["guest_port"], 8000);
+    assert_eq!(list[0]["host_ip"], "127.0.0.1");
+    assert_eq!(
+        list[0]["bound_port"],
+        serde_json::Value::Null,
+        "not running"
+    );
+    let ps = text(&home.banger(&["ps"]).stdout);
+    assert!(ps.contains("PORTS"), "{ps}");
+    assert!(ps.contains(&format!("127.0.0.1:{port}->80/tcp")), "{ps}");
+    let out = home.banger(&["vm", "port", "rm", "b", &port.to_string()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = home.banger(&["vm", "port", "rm", "b", "9"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("vm b publishes no port matching 9"),
+        "{}",
+        text(&out.stderr)
+    );
+    let show = json(&home.banger(&["vm", "show", "b", "--json"]));
+    assert_eq!(show["published"].as_array().unwrap().len(), 1, "{show}");
+    assert!(
+        text(&home.banger(&["vm", "show", "b"]).stdout)
+            .contains("127.0.0.1:0->8000/tcp (not bound)")
+    );
+    home.banger(&["daemon", "stop"]);
+}

@@ -1789,3 +1789,131 @@ fn root_rig_a_plain_rootfs_gets_bangers_guest_side_and_a_missing_init_fails_at_o
     let vm = home.json(&["vm", "show", "noinit", "--json"]);
     assert_eq!(vm["state"], "stopped", "{vm}");
 }
+
+/// One request to a published port: `GET /<n>` as one line, the whole answer (the guest's
+/// server closes after it, and that close must come through).
+fn published_get(port: u16, n: usize) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(GUEST_WAIT))?;
+    s.write_all(format!("GET /{n}\n").as_bytes())?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer)?;
+    Ok(answer)
+}
+
+fn published_port(home: &Home, vm: &str, guest: u16) -> Option<u16> {
+    let list = home.json(&["vm", "port", "list", vm, "--json"]);
+    list.as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["guest_port"] == guest && p["host_ip"] == "127.0.0.1")
+        .and_then(|p| p["bound_port"].as_u64())
+        .map(|p| p as u16)
+}
+
+/// `--publish 0:8000` to a server in a real guest (socat, started with `vm exec`): 50
+/// concurrent connections all answered through the agent; the daemon killed with SIGKILL
+/// and restarted re-binds the same host port, which answers again; `vm port add|rm` on the
+/// running VM bind and unbind at once; a taken host port is an error naming it; after a
+/// stop the port is closed. One boot.
+#[test]
+fn root_rig_published_ports_reach_a_guest_server_across_a_daemon_sigkill() {
+    let home = Home::new();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_port = taken.local_addr().unwrap().port();
+    let in_use = format!("host port 127.0.0.1:{taken_port} is already in use");
+    home.ok(&["vm", "create", "--name", "web", "--publish", "0:8000"]);
+    let vm = home.json(&["vm", "show", "web", "--json"]);
+    let port = vm["published"][0]["bound_port"].as_u64().expect("bound") as u16;
+    assert_eq!(published_port(&home, "web", 8000), Some(port));
+    // A server that reads one line and answers it, then closes.
+    home.ok(&[
+        "vm",
+        "exec",
+        "web",
+        "--",
+        "sh",
+        "-c",
+        "setsid socat TCP-LISTEN:8000,fork,reuseaddr 'SYSTEM:read l; echo HTTP/1.0 200 OK; echo; echo got $l' </dev/null >/dev/null 2>&1 &",
+    ]);
+    let t0 = Instant::now();
+    loop {
+        let ports = home.json(&["vm", "ports", "web", "--json"]);
+        if ports
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["port"] == 8000 && p["proto"] == "tcp")
+        {
+            break;
+        }
+        assert!(t0.elapsed() < GUEST_WAIT, "socat never listened: {ports}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    guests::guest_wait(&guests::test_name(), "socat-listening", t0.elapsed());
+
+    let t0 = Instant::now();
+    let clients: Vec<_> = (0..50)
+        .map(|n| std::thread::spawn(move || (n, published_get(port, n))))
+        .collect();
+    for c in clients {
+        let (n, answer) = c.join().unwrap();
+        let answer = answer.unwrap_or_else(|e| panic!("connection {n}: {e}"));
+        assert!(answer.starts_with("HTTP/1.0 200 OK\n"), "{n}: {answer:?}");
+        assert!(answer.contains(&format!("got GET /{n}")), "{n}: {answer:?}");
+    }
+    eprintln!(
+        "50 concurrent requests through a published port: {:?}",
+        t0.elapsed()
+    );
+
+    // The daemon dies; the guest and its server live on. The next command starts a new
+    // daemon, which re-adopts the VM and re-binds the port it had.
+    let daemon = home.daemon_pid();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive(i64::from(daemon)) {
+        assert!(Instant::now() < deadline, "bangerd did not die");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        published_port(&home, "web", 8000),
+        Some(port),
+        "the same port"
+    );
+    assert_ne!(home.daemon_pid(), daemon);
+    let answer = published_get(port, 51).unwrap();
+    assert!(answer.contains("got GET /51"), "{answer:?}");
+
+    // Added on the running VM: bound at once; a taken port is named; removed: closed.
+    let out = home.run(&["vm", "port", "add", "web", &format!("{taken_port}:8000")]);
+    assert_eq!(code(&out), Some(6));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&in_use),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(taken);
+    let fixed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    home.ok(&["vm", "port", "add", "web", &format!("{fixed}:8000")]);
+    assert!(published_get(fixed, 52).unwrap().contains("got GET /52"));
+    home.ok(&["vm", "port", "rm", "web", &fixed.to_string()]);
+    assert!(
+        published_get(fixed, 53).is_err(),
+        "removed: nothing listens"
+    );
+
+    // Stopped: the port is closed, and shown as not bound.
+    home.ok(&["vm", "stop", "web", "--timeout", "3"]);
+    assert!(published_get(port, 54).is_err(), "stopped: nothing listens");
+    assert_eq!(published_port(&home, "web", 8000), None);
+    home.ok(&["vm", "rm", "web"]);
+}

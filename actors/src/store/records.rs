@@ -564,6 +564,7 @@ mod tests {
             cmdline: None,
             runtime: None,
             ip: None,
+            publish: Vec::new(),
         }
     }
 

@@ -152,6 +152,7 @@ mod tests {
             ip: None,
             isolation: None,
             busy,
+            published: Vec::new(),
         };
         let vms = [
             vm("a", VmState::Running, false),

@@ -194,6 +194,11 @@ pub enum VmMsg {
     },
     /// Listening ports, from the agent.
     Ports(Reply<Vec<banger_api::Port>>),
+    /// `vm port add|rm|list` (see [`super::publish`]).
+    Port {
+        op: super::publish::PortOp,
+        reply: Reply<super::publish::PortAnswer>,
+    },
     /// Tests: keep the mailbox busy until the sender answers or goes (an operation that
     /// takes long, without a guest).
     #[cfg(test)]
@@ -234,6 +239,8 @@ pub struct VmActorState {
     console: Console,
     /// Why the boot being ended failed (its start waiters get it once the VMM is gone).
     boot_failure: Option<VmError>,
+    /// Listeners of the published ports, while the VM runs.
+    published: super::publish::Published,
 }
 
 impl VmActorState {
@@ -242,7 +249,10 @@ impl VmActorState {
     }
 
     fn info(&self) -> VmInfo {
-        info_of(&self.rec, &self.dir)
+        VmInfo {
+            published: self.published.view(&self.rec.publish),
+            ..info_of(&self.rec, &self.dir)
+        }
     }
 
     async fn persist(&self) -> Result<(), VmError> {
@@ -279,6 +289,7 @@ pub fn info_of(rec: &VmRecord, dir: &VmDir) -> VmInfo {
         vsock_socket: rec.runtime.as_ref().map(|r| r.vsock_socket.clone()),
         ip: rec.ip.clone(),
         isolation: rec.runtime.as_ref().and_then(|r| r.isolation.clone()),
+        published: super::publish::unbound(&rec.publish),
         busy: false,
     }
 }
@@ -562,6 +573,7 @@ impl VmActor {
         state: &mut VmActorState,
     ) -> Result<(), ActorProcessingErr> {
         let rt = state.rec.runtime.take();
+        state.published.unbind_all().await;
         release_vmm(state, rt).await;
         release_net(&state.env, &state.rec).await;
         let was = state.rec.state;
@@ -686,6 +698,7 @@ impl Actor for VmActor {
             .await??
             .ok_or_else(|| format!("vm {} is not in the store", args.id))?;
         let dir = VmDir::new(&args.env.vms_dir, &rec.id);
+        let published = super::publish::Published::new(&rec.name);
         let mut state = VmActorState {
             rec,
             env: args.env,
@@ -701,6 +714,7 @@ impl Actor for VmActor {
                 stop: None,
                 boot_from: 0,
             },
+            published,
         };
         // Re-adopt a VM that was running when the daemon stopped, or release what it left.
         if model::is_active(state.rec.state) {
@@ -712,6 +726,9 @@ impl Actor for VmActor {
             if adopted {
                 tracing::info!(vm = %state.rec.name, pid = state.rec.runtime.as_ref().map(|r| r.pid), "re-adopted a running vm");
                 state.rec.state = VmState::Running;
+                state.published.rebind_all(&mut state.rec.publish).await;
+                let sock = state.rec.runtime.as_ref().map(|r| r.vsock_socket.clone());
+                state.published.set_target(sock.map(PathBuf::from));
                 state.persist().await?;
                 Self::watch_exit(&myself, &state);
                 Self::start_console(&myself, &mut state);
@@ -740,6 +757,11 @@ impl Actor for VmActor {
             VmMsg::Start { progress, reply } => {
                 if let Err(e) = state.check(Op::Start) {
                     let _ = reply.send(Err(e));
+                    return Ok(());
+                }
+                // Published ports first: a taken one fails the start before anything runs.
+                if let Err(e) = state.published.bind_all(&mut state.rec.publish).await {
+                    let _ = reply.send(Err(e.into()));
                     return Ok(());
                 }
                 state.generation += 1;
@@ -802,6 +824,9 @@ impl Actor for VmActor {
                 }
                 match (state.rec.state, result) {
                     (VmState::Starting, Ok((rt, cmdline))) => {
+                        state
+                            .published
+                            .set_target(Some(PathBuf::from(&rt.vsock_socket)));
                         state.rec.runtime = Some(rt);
                         state.rec.cmdline = Some(cmdline);
                         state.persist().await?;
@@ -884,6 +909,7 @@ impl Actor for VmActor {
                         };
                         state.rec.error = (!stopped).then(|| error_chain(&e));
                         state.generation += 1;
+                        state.published.unbind_all().await;
                         release_vmm(state, None).await;
                         state.persist().await?;
                         tracing::warn!(vm = %state.rec.name, error = %error_chain(&e), "start failed");
@@ -1150,6 +1176,17 @@ impl Actor for VmActor {
                         }),
                     });
                 });
+            }
+            VmMsg::Port { op, reply } => {
+                let result = state.published.apply(&mut state.rec.publish, op).await;
+                if matches!(
+                    result,
+                    Ok(super::publish::PortAnswer::Added(_)
+                        | super::publish::PortAnswer::Removed(_))
+                ) {
+                    state.persist().await?;
+                }
+                let _ = reply.send(result.map_err(VmError::from));
             }
             VmMsg::Exited { generation } => {
                 if generation == state.generation && state.rec.runtime.is_some() {

@@ -6,5 +6,6 @@ pub mod cmdline;
 pub mod disks;
 pub mod model;
 pub mod proc;
+pub mod publish;
 pub mod spec;
 pub mod sshkey;

@@ -37,6 +37,9 @@ pub struct VmRecord {
     /// The VM's IPv4 lease (see `net::lease`); it lives and dies with the record.
     #[serde(default)]
     pub ip: Option<String>,
+    /// Published ports (see `vm::publish`); records older than the field have none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub publish: Vec<super::publish::Publish>,
 }
 
 /// Host processes and sockets of a running VM.

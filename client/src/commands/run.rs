@@ -48,6 +48,8 @@ pub struct Opts {
     pub vmm: Option<banger_api::VmmChoice>,
     pub nat: bool,
     pub no_network: bool,
+    /// `--publish`.
+    pub publish: Vec<banger_api::PortSpec>,
     pub rm: bool,
     pub full_copy: bool,
     pub timings: bool,
@@ -169,6 +171,7 @@ pub async fn run(client: &Client, target: &Target, o: Opts) -> Result<u8, CliErr
         nat: o.nat,
         network: o.no_network.then_some(false),
         no_start: false,
+        publish: o.publish.clone(),
     };
     // Check the path before creating anything.
     if let Some(p) = &o.path

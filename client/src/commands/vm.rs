@@ -8,7 +8,7 @@ use banger_api::{
 };
 use jsonrpsee::core::client::Subscription;
 
-use crate::cli::{SizeArgs, VmCmd, WorkspaceCmd};
+use crate::cli::{PortCmd, SizeArgs, VmCmd, WorkspaceCmd};
 use crate::connect::{self, Target};
 use crate::exit::{self, CliError};
 use crate::render;
@@ -118,6 +118,7 @@ fn print_table(vms: &[VmInfo]) {
                 bytes(v.spec.disk_bytes),
                 v.image.clone(),
                 v.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                ports_cell(v),
             ]
         })
         .collect();
@@ -125,9 +126,9 @@ fn print_table(vms: &[VmInfo]) {
         "{}",
         render::table(
             &[
-                "NAME", "STATE", "VMM", "VCPU", "MEMORY", "DISK", "IMAGE", "PID"
+                "NAME", "STATE", "VMM", "VCPU", "MEMORY", "DISK", "IMAGE", "PID", "PORTS"
             ],
-            &[false, false, false, true, true, true, false, true],
+            &[false, false, false, true, true, true, false, true, false],
             &rows,
         )
     );
@@ -159,6 +160,73 @@ fn print_vm(v: &VmInfo) {
     if let Some(c) = &v.cmdline {
         outln!("cmdline:  {c}");
     }
+    for (i, p) in v.published.iter().enumerate() {
+        let label = if i == 0 { "ports:" } else { "" };
+        outln!("{label:<9} {}", port_line(p));
+    }
+}
+
+/// `127.0.0.1:41234->8000/tcp`, or what is asked and `(not bound)` while it is not.
+fn port_line(p: &banger_api::PublishedPort) -> String {
+    match p.bound_port {
+        Some(_) => p.arrow(),
+        None => format!("{} (not bound)", p.arrow()),
+    }
+}
+
+/// The PORTS column of `ps`: the bound ports, docker's way.
+fn ports_cell(v: &VmInfo) -> String {
+    if v.published.is_empty() {
+        return "-".into();
+    }
+    v.published
+        .iter()
+        .map(|p| p.arrow())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// `banger vm port add|rm|list`.
+async fn port(client: &jsonrpsee::async_client::Client, cmd: PortCmd) -> Result<u8, CliError> {
+    match cmd {
+        PortCmd::Add { vm, spec, json } => {
+            let p = client.port_add(vm, spec).await?;
+            if json {
+                render::json(&p)?;
+            } else {
+                outln!("{}", port_line(&p));
+            }
+        }
+        PortCmd::Rm { vm, port } => {
+            for p in client.port_rm(vm, port).await? {
+                outln!("{}", p.arrow());
+            }
+        }
+        PortCmd::List { vm, json } => {
+            let ports = client.port_list(vm).await?;
+            if json {
+                render::json(&ports)?;
+            } else {
+                outln!("{:<28} {:<12} {:<8}", "HOST", "GUEST", "STATE");
+                for p in ports {
+                    let host = match p.bound_port {
+                        Some(b) => std::net::SocketAddr::new(p.spec.host_ip, b).to_string(),
+                        None => {
+                            std::net::SocketAddr::new(p.spec.host_ip, p.spec.host_port).to_string()
+                        }
+                    };
+                    let guest = format!("{}/{}", p.spec.guest_port, p.spec.proto.as_str());
+                    let state = if p.bound_port.is_some() {
+                        "bound"
+                    } else {
+                        "not bound"
+                    };
+                    outln!("{host:<28} {guest:<12} {state}");
+                }
+            }
+        }
+    }
+    Ok(exit::OK)
 }
 
 fn size_req(s: &SizeArgs) -> (Option<u32>, Option<u32>, Option<u64>) {
@@ -182,6 +250,7 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
             no_network,
             network,
             no_start,
+            publish,
             json,
         } => {
             let (vcpu, memory_mib, disk_bytes) = size_req(&size);
@@ -201,6 +270,7 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
                 nat,
                 network,
                 no_start,
+                publish: publish.publish,
             };
             let sub = client.create(req).await?;
             let vm = follow_progress(sub, json).await?;
@@ -218,6 +288,7 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
             vmm,
             nat,
             no_network,
+            publish,
             rm,
             full_copy,
             timings,
@@ -232,6 +303,7 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
                 vmm,
                 nat,
                 no_network,
+                publish: publish.publish,
                 rm,
                 full_copy,
                 timings,
@@ -384,6 +456,7 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
         VmCmd::Ssh { vm, cmd } => {
             return super::ssh::vm_ssh(&client, target, &vm, &cmd).await;
         }
+        VmCmd::Port(cmd) => return port(&client, cmd).await,
         VmCmd::Ports { vm, json } => {
             let ports = client.ports(vm).await?;
             if json {

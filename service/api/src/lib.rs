@@ -15,6 +15,7 @@
 pub mod codes;
 pub mod daemon;
 pub mod image;
+pub mod publish;
 pub mod socket;
 pub mod tools;
 pub mod units;
@@ -23,5 +24,6 @@ pub mod vm;
 
 pub use daemon::*;
 pub use image::*;
+pub use publish::{PortProto, PortRef, PortSpec, PublishedPort};
 pub use update::*;
 pub use vm::*;

@@ -194,6 +194,11 @@ pub struct CreateVm {
     /// Create only, do not start (`vm create --no-start`).
     #[serde(default)]
     pub no_start: bool,
+    /// Published ports (`--publish`): host listeners spliced to guest ports, bound while
+    /// the VM runs (see [`crate::publish`]). Left out when empty, so such a request reads
+    /// as before to an older daemon.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub publish: Vec<crate::PortSpec>,
 }
 
 /// Request of `vm.set` (only while stopped, except `nat`).
@@ -245,6 +250,9 @@ pub struct VmInfo {
     /// `unjailed: <why>`. None for QEMU and for a VM that is not running.
     #[serde(default)]
     pub isolation: Option<String>,
+    /// Published ports, with the host port bound while the VM runs.
+    #[serde(default)]
+    pub published: Vec<crate::PublishedPort>,
     /// The VM's actor did not answer in time (it is busy with an operation): the fields
     /// above are the VM's last stored record, so `state` may be behind, and the update gate
     /// counts the VM as in flight. False from daemons that predate the field.
@@ -390,6 +398,31 @@ mod rpc {
         /// Delete every stopped (or created, or failed) VM; `dry_run` only lists them.
         #[method(name = "prune")]
         async fn prune(&self, dry_run: bool) -> jsonrpsee::core::RpcResult<Pruned>;
+
+        /// Publish a port (bound now if the VM runs, else when it starts); answers it, with
+        /// the host port bound.
+        #[method(name = "port_add")]
+        async fn port_add(
+            &self,
+            vm: String,
+            spec: crate::PortSpec,
+        ) -> jsonrpsee::core::RpcResult<crate::PublishedPort>;
+
+        /// Unpublish the ports `port` names (`HOSTPORT` or a spec, see
+        /// [`crate::PortRef`]); answers what was removed.
+        #[method(name = "port_rm")]
+        async fn port_rm(
+            &self,
+            vm: String,
+            port: String,
+        ) -> jsonrpsee::core::RpcResult<Vec<crate::PublishedPort>>;
+
+        /// The VM's published ports.
+        #[method(name = "port_list")]
+        async fn port_list(
+            &self,
+            vm: String,
+        ) -> jsonrpsee::core::RpcResult<Vec<crate::PublishedPort>>;
     }
 }
 

@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 use banger_actors::TreeError;
 use banger_actors::vm::actor::{VmError, VmMsg};
 use banger_actors::vm::proc::parse_signal;
+use banger_actors::vm::publish::{PortAnswer, PortOp};
 use banger_api::{
     CreateVm, LogEvent, Progress, Pruned, SetVm, SpecDefaults, VmInfo, VmRpcServer, VmState,
     VmStats,
@@ -69,6 +70,15 @@ where
 }
 
 impl VmApi {
+    /// `vm port …`: one message to the VM's actor.
+    async fn port(&self, vm: &str, op: PortOp) -> Result<PortAnswer, RpcError> {
+        Ok(self
+            .ctx
+            .tree
+            .ask_vm(vm, |reply| VmMsg::Port { op, reply })
+            .await?)
+    }
+
     async fn start_vm(
         ctx: &Ctx,
         vm: &str,
@@ -283,6 +293,33 @@ impl VmRpcServer for VmApi {
             }
         }
         Ok(())
+    }
+
+    #[tracing::instrument(skip(self))]
+    async fn port_add(
+        &self,
+        vm: String,
+        spec: banger_api::PortSpec,
+    ) -> RpcResult<banger_api::PublishedPort> {
+        match self.port(&vm, PortOp::Add(spec)).await? {
+            PortAnswer::Added(p) => Ok(p),
+            _ => Err(RpcError::from(TreeError::Call("vm")).into()),
+        }
+    }
+
+    #[tracing::instrument(skip(self))]
+    async fn port_rm(&self, vm: String, port: String) -> RpcResult<Vec<banger_api::PublishedPort>> {
+        match self.port(&vm, PortOp::Remove(port)).await? {
+            PortAnswer::Removed(p) => Ok(p),
+            _ => Err(RpcError::from(TreeError::Call("vm")).into()),
+        }
+    }
+
+    async fn port_list(&self, vm: String) -> RpcResult<Vec<banger_api::PublishedPort>> {
+        match self.port(&vm, PortOp::List).await? {
+            PortAnswer::List(p) => Ok(p),
+            _ => Err(RpcError::from(TreeError::Call("vm")).into()),
+        }
     }
 
     #[tracing::instrument(skip(self))]
