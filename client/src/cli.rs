@@ -540,7 +540,10 @@ pub enum PortCmd {
         after_help = "Examples:\n  banger vm port add dev 8080:80             127.0.0.1:8080 -> port 80 in dev\n  banger vm port add dev 0:8000              any free host port (printed)\n  banger vm port add dev 0.0.0.0:8080:80     reachable from other hosts too"
     )]
     Add {
+        /// The VM's name.
         vm: String,
+        /// What to publish: host address (default 127.0.0.1), host port (0: any free
+        /// one), guest port; tcp only.
         #[arg(value_name = "[HOSTIP:]HOSTPORT:GUESTPORT[/tcp]")]
         spec: banger_api::PortSpec,
         /// Print the port as JSON.
@@ -553,14 +556,18 @@ pub enum PortCmd {
         after_help = "Examples:\n  banger vm port rm dev 8080\n  banger vm port rm dev 0:8000"
     )]
     Rm {
+        /// The VM's name.
         vm: String,
+        /// The host port (the bound one, for a spec with port 0) or the spec as added.
         #[arg(value_name = "HOSTPORT|SPEC")]
         port: String,
     },
     /// The VM's published ports, with the host port bound while it runs.
     #[command(visible_alias = "ls")]
     List {
+        /// The VM's name.
         vm: String,
+        /// Print the ports as JSON.
         #[arg(long)]
         json: bool,
     },
