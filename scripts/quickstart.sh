@@ -87,10 +87,12 @@ fi
 say "building banger (release; the first build takes several minutes)"
 quiet as_user "$CARGO" build --release --locked -p banger -p bangerd
 quiet as_user env -u CARGO_TARGET_DIR PATH="$(dirname "$CARGO"):$PATH" scripts/build-guest.sh release
+CHANGED=0
 install_if_changed() { # src dst mode
     if ! cmp -s "$1" "$2"; then
         install -D -m "$3" "$1" "$2.new" && mv -f "$2.new" "$2"
         echo "  installed $2"
+        CHANGED=1
     fi
 }
 for b in banger bangerd; do install_if_changed "${CARGO_TARGET_DIR:-target}/release/$b" "/usr/local/bin/$b" 0755; done
@@ -122,9 +124,15 @@ done
 if [ -d /run/systemd/system ] && [ "$(cat /proc/1/comm 2>/dev/null)" = systemd ]; then
     say "installing the system service for $OWNER"
     quiet "$BANGER" system install --owner "$OWNER"
-elif [ -S /run/banger/bangerd.sock ] && "$BANGER" daemon status >/dev/null 2>&1; then
+elif [ -S /run/banger/bangerd.sock ] && "$BANGER" daemon status >/dev/null 2>&1 && [ "$CHANGED" = 0 ]; then
     say "systemd is not PID 1 here: the background bangerd --system is already running"
 else
+    if [ -S /run/banger/bangerd.sock ] && "$BANGER" daemon status >/dev/null 2>&1; then
+        # A new build: the running daemon is the old one (its VMs keep running and are
+        # re-adopted by the new one).
+        say "restarting the background bangerd --system (banger was updated)"
+        quiet "$BANGER" daemon stop
+    fi
     say "systemd is not PID 1 here (a container?): starting bangerd --system as root in the background instead (log: /var/log/banger/bangerd.log)"
     mkdir -p /run/banger /var/lib/banger /var/cache/banger /var/log/banger /etc/banger
     chmod 0755 /run/banger
