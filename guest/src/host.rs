@@ -27,6 +27,8 @@ pub enum HostError {
     Refused(u32),
     #[error("timed out talking to the guest agent")]
     Timeout,
+    #[error("unexpected answer from the guest agent: {0}")]
+    Unexpected(String),
     #[error(transparent)]
     Proto(#[from] ProtoError),
 }
@@ -81,6 +83,18 @@ pub async fn connect(socket: &Path) -> Result<AgentConn, HostError> {
         .into());
     }
     Ok(AgentConn { stream, agent })
+}
+
+/// The agent's `TcpConnect`: a stream spliced to `127.0.0.1:port` in the guest. Bytes the
+/// guest sent right after `Connected` may already sit in the returned reader's buffer.
+pub async fn tcp_connect(socket: &Path, port: u16) -> Result<BufReader<UnixStream>, HostError> {
+    let mut c = connect(socket).await?;
+    write_json(&mut c.stream, Kind::Request, &Request::TcpConnect { port }).await?;
+    let frame = read_frame(&mut c.stream).await?;
+    match proto::expect_json::<Response>(&frame, Kind::Response)? {
+        Response::Connected => Ok(c.stream),
+        other => Err(HostError::Unexpected(format!("{other:?}"))),
+    }
 }
 
 /// Read one frame.

@@ -177,14 +177,14 @@ pub enum VmMsg {
     Exited {
         generation: u64,
     },
-    /// The guest's kernel said it powered off or halted, under a VMM that lives on after
-    /// that (Firecracker): end the process.
     /// The console says the guest has no banger-init (see
     /// [`super::cmdline::init_missing`]): a start of this generation fails now.
     InitMissing {
         generation: u64,
         line: String,
     },
+    /// The guest's kernel said it powered off or halted, under a VMM that lives on after
+    /// that (Firecracker): end the process.
     GuestHalted {
         generation: u64,
     },

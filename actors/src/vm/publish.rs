@@ -42,7 +42,6 @@ use std::time::Duration;
 
 use banger_api::{PortRef, PortSpec, PublishedPort};
 use banger_guest::host;
-use banger_guest::proto::{self, Kind, Request, Response};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -407,8 +406,6 @@ pub enum ForwardError {
     Agent(#[from] host::HostError),
     #[error("the guest agent did not answer within {0:?}")]
     Timeout(Duration),
-    #[error("unexpected answer from the guest agent: {0}")]
-    Unexpected(String),
     #[error("i/o")]
     Io(#[from] std::io::Error),
 }
@@ -419,25 +416,9 @@ pub async fn forward(
     sock: &std::path::Path,
     guest_port: u16,
 ) -> Result<(), ForwardError> {
-    let agent = tokio::time::timeout(CONNECT_TIMEOUT, async {
-        let mut c = host::connect(sock).await?;
-        host::write_json(
-            &mut c.stream,
-            Kind::Request,
-            &Request::TcpConnect { port: guest_port },
-        )
+    let agent = tokio::time::timeout(CONNECT_TIMEOUT, host::tcp_connect(sock, guest_port))
         .await
-        .map_err(host::HostError::from)?;
-        let f = host::read_frame(&mut c.stream)
-            .await
-            .map_err(host::HostError::from)?;
-        match proto::expect_json::<Response>(&f, Kind::Response).map_err(host::HostError::from)? {
-            Response::Connected => Ok(c.stream),
-            other => Err(ForwardError::Unexpected(format!("{other:?}"))),
-        }
-    })
-    .await
-    .map_err(|_| ForwardError::Timeout(CONNECT_TIMEOUT))??;
+        .map_err(|_| ForwardError::Timeout(CONNECT_TIMEOUT))??;
     // What the guest sent right after `Connected` may be in the read buffer already.
     let early = agent.buffer().to_vec();
     let mut unix = agent.into_inner();
@@ -465,7 +446,7 @@ mod tests {
                     let mut reader = std::io::BufReader::new(conn.try_clone().unwrap());
                     let mut line = String::new();
                     reader.read_line(&mut line).unwrap();
-                    if line.trim() != format!("CONNECT {}", proto::AGENT_PORT) {
+                    if line.trim() != format!("CONNECT {}", banger_guest::proto::AGENT_PORT) {
                         return;
                     }
                     conn.try_clone()

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use banger_api::DaemonRpcClient;
 use banger_guest::host;
-use banger_guest::proto::{self, Kind, Request, Response};
+use banger_guest::proto::{Request, Response};
 use jsonrpsee::async_client::Client;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -121,27 +121,9 @@ pub async fn proxy(client: &Client, host_arg: &str) -> Result<u8, CliError> {
         let attempt: Result<_, String> = match keys {
             Ok(keys) if !keys.is_empty() => {
                 write_known_hosts(&alias, &keys)?;
-                match host::connect(&sock).await {
-                    Ok(mut c) => {
-                        let r = async {
-                            host::write_json(
-                                &mut c.stream,
-                                Kind::Request,
-                                &Request::TcpConnect { port: 22 },
-                            )
-                            .await?;
-                            let f = host::read_frame(&mut c.stream).await?;
-                            proto::expect_json::<Response>(&f, Kind::Response)
-                        }
-                        .await;
-                        match r {
-                            Ok(Response::Connected) => Ok(c.stream),
-                            Ok(other) => Err(format!("unexpected answer {other:?}")),
-                            Err(e) => Err(e.to_string()),
-                        }
-                    }
-                    Err(e) => Err(e.to_string()),
-                }
+                host::tcp_connect(&sock, 22)
+                    .await
+                    .map_err(|e| e.to_string())
             }
             Ok(_) => {
                 Err("the guest has no ssh host key yet (is openssh-server in the image?)".into())
