@@ -207,22 +207,26 @@ async fn port(client: &jsonrpsee::async_client::Client, cmd: PortCmd) -> Result<
             if json {
                 render::json(&ports)?;
             } else {
-                outln!("{:<28} {:<12} {:<8}", "HOST", "GUEST", "STATE");
-                for p in ports {
-                    let host = match p.bound_port {
-                        Some(b) => std::net::SocketAddr::new(p.spec.host_ip, b).to_string(),
-                        None => {
-                            std::net::SocketAddr::new(p.spec.host_ip, p.spec.host_port).to_string()
-                        }
-                    };
-                    let guest = format!("{}/{}", p.spec.guest_port, p.spec.proto.as_str());
-                    let state = if p.bound_port.is_some() {
-                        "bound"
-                    } else {
-                        "not bound"
-                    };
-                    outln!("{host:<28} {guest:<12} {state}");
-                }
+                let rows: Vec<Vec<String>> = ports
+                    .iter()
+                    .map(|p| {
+                        let port = p.bound_port.unwrap_or(p.spec.host_port);
+                        let state = if p.bound_port.is_some() {
+                            "bound"
+                        } else {
+                            "not bound"
+                        };
+                        vec![
+                            std::net::SocketAddr::new(p.spec.host_ip, port).to_string(),
+                            format!("{}/{}", p.spec.guest_port, p.spec.proto.as_str()),
+                            state.to_owned(),
+                        ]
+                    })
+                    .collect();
+                out!(
+                    "{}",
+                    render::table(&["HOST", "GUEST", "STATE"], &[false; 3], &rows)
+                );
             }
         }
     }
