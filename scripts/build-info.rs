@@ -5,16 +5,20 @@ use std::process::Command;
 
 fn build_info() {
     let manifest = std::env::var("CARGO_MANIFEST_DIR").unwrap_or_default();
-    let commit = std::env::var("BANGER_COMMIT").ok().unwrap_or_else(|| {
+    let git = |args: &[&str]| {
         Command::new("git")
-            .args(["-C", &manifest, "rev-parse", "--short=12", "HEAD"])
+            .args(["-C", &manifest])
+            .args(args)
             .output()
             .ok()
             .filter(|o| o.status.success())
             .and_then(|o| String::from_utf8(o.stdout).ok())
             .map(|s| s.trim().to_owned())
-            .unwrap_or_else(|| "unknown".into())
-    });
+    };
+    let commit = std::env::var("BANGER_COMMIT")
+        .ok()
+        .or_else(|| git(&["rev-parse", "--short=12", "HEAD"]))
+        .unwrap_or_else(|| "unknown".into());
     let secs = std::env::var("SOURCE_DATE_EPOCH")
         .ok()
         .and_then(|s| s.parse::<u64>().ok())
@@ -32,16 +36,6 @@ fn build_info() {
     // watching `packed-refs` in a repository without one re-ran this script, and re-linked
     // both binaries (minutes with LTO), on every build. Nothing else under refs/ is
     // watched, so another branch moving (a worktree's commit) rebuilds nothing.
-    let git = |args: &[&str]| {
-        Command::new("git")
-            .args(["-C", &manifest])
-            .args(args)
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .and_then(|o| String::from_utf8(o.stdout).ok())
-            .map(|s| s.trim().to_owned())
-    };
     let mut watch = Vec::new();
     if let Some(git_dir) = git(&["rev-parse", "--absolute-git-dir"]) {
         watch.push(format!("{git_dir}/HEAD"));
