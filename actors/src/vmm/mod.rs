@@ -213,8 +213,25 @@ where
 
 /// The last lines of a log file, for error messages.
 pub(crate) fn tail(path: &std::path::Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let all: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    tail_since(path, 0, lines)
+}
+
+/// The last non-empty lines (trimmed) of what a log file holds from byte `from` on (what
+/// one launch wrote to a log that outlives it), joined by ` | `; empty if none.
+pub(crate) fn tail_since(path: &std::path::Path, from: u64, lines: usize) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut bytes = Vec::new();
+    if let Ok(mut f) = std::fs::File::open(path)
+        && f.seek(SeekFrom::Start(from)).is_ok()
+    {
+        let _ = f.read_to_end(&mut bytes);
+    }
+    let text = String::from_utf8_lossy(&bytes);
+    let all: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
     all[all.len().saturating_sub(lines)..].join(" | ")
 }
 

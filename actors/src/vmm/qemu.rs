@@ -288,23 +288,12 @@ pub async fn launch(
 /// The last lines QEMU wrote to the console log since `from` (its own messages: a launch
 /// that fails before the guest runs has no guest output), for an error message.
 fn qemu_said(console: &Path, from: u64) -> String {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut text = Vec::new();
-    if let Ok(mut f) = std::fs::File::open(console)
-        && f.seek(SeekFrom::Start(from)).is_ok()
-    {
-        let _ = f.take(64 << 10).read_to_end(&mut text);
+    let said = super::tail_since(console, from, 5);
+    if said.is_empty() {
+        "it printed nothing".into()
+    } else {
+        said
     }
-    let text = String::from_utf8_lossy(&text);
-    let lines: Vec<&str> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect();
-    if lines.is_empty() {
-        return "it printed nothing".into();
-    }
-    lines[lines.len().saturating_sub(5)..].join(" | ")
 }
 
 /// Press the ACPI power button (`system_powerdown`). microvm has no keyboard controller,
