@@ -209,7 +209,7 @@ impl RootSupervisor {
                     agent_timeout: vm.agent_timeout,
                     net: state.args.net.clone(),
                     subnet: vm.settings.subnet,
-                    qemu_tap_uid: nix::unistd::geteuid().as_raw(),
+                    own_uid: nix::unistd::geteuid().as_raw(),
                     ssh_key: vm
                         .ssh_key
                         .clone()
@@ -853,8 +853,11 @@ pub fn test_vm_config(dir: &std::path::Path) -> VmConfig {
                 jailer: "jailer".into(),
                 firecracker: "firecracker".into(),
                 chroot_base: dir.join("jail"),
-                uid: 0,
-                gid: 0,
+                vm_uids: banger_policy::UidRange {
+                    first: 2_000_000_000,
+                    count: 65536,
+                },
+                socket_gid: None,
             },
             qemu: QemuConfig {
                 qemu: "qemu-system-x86_64".into(),
@@ -950,6 +953,7 @@ mod tests {
             runtime: None,
             ip: None,
             publish: Vec::new(),
+            uid: None,
         }
     }
 
