@@ -38,6 +38,10 @@
 //! ([`firecracker_alone`]), paths are relative to its working directory, nothing is
 //! isolated.
 //!
+//! A jailed double opens each network interface's tap through the jail's `/dev/net/tun`
+//! at `PUT /network-interfaces`, as the VM user, as Firecracker does: a tap that does not
+//! exist or belongs to another uid is refused with Firecracker's `Open tap device failed`.
+//!
 //! The guest: once `InstanceStart` is accepted, a few serial console lines go to stdout,
 //! the last being [`GUEST_RUNNING`]. When the guest powers off, the kernel's
 //! `reboot: Power down` line follows and the process lives on (as Firecracker does); when
