@@ -357,7 +357,7 @@ fn wait_and_expose_api(
                 API_WAIT.as_secs()
             ));
         }
-        std::thread::sleep(std::time::Duration::from_millis(5));
+        std::thread::sleep(std::time::Duration::from_millis(1));
     }
 }
 
