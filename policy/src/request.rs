@@ -57,7 +57,8 @@ pub struct JailerConfig {
     pub owner_uid: u32,
     pub owner_gid: u32,
     /// The uids VMs run as, one of its own each (the jailer's `--uid`, `--gid` the same
-    /// number). Never 0, never the owner's.
+    /// number). Never 0, never the owner's. banger's alone: a live process running as one
+    /// of them is taken for a jailed Firecracker of banger's (`signal`).
     pub vm_uids: UidRange,
     /// The group of the sockets exposed outside the jail (mode 0660): the daemon's socket
     /// group when it exists, else the owner's, so whoever bangerd serves reaches the agent.
@@ -484,6 +485,20 @@ fn banger_vmm_process(cfg: &HelperConfig, pid: i32, start_time: u64) -> Result<(
         .map(|a| String::from_utf8_lossy(a).into_owned())
         .collect();
     match uid {
+        // A VM uid of the range: a jailed Firecracker, whose command line is Firecracker's
+        // own after the jailer's exec in the chroot (`/<exec name> --id <id> ...
+        // --api-sock /api.sock`, no banger path) and whose executable the helper may not
+        // read. The range is banger's alone (see `JailerConfig::vm_uids`), and the start
+        // time was checked above.
+        Some(uid)
+            if uid != 0
+                && cfg
+                    .jailer
+                    .as_ref()
+                    .is_some_and(|j| j.vm_uids.contains(uid) && uid != j.owner_uid) =>
+        {
+            return Ok(());
+        }
         Some(uid) if cfg.vm_user(uid) => {}
         // The jailer runs as root until it execs Firecracker as the VM user; a launch that
         // fails in between must still be stoppable. Only root can start a root process

@@ -779,6 +779,74 @@ fn root_the_launcher_starts_the_jailer_confined_and_cleans_its_jail() {
     }
 }
 
+/// A jailed Firecracker runs as its VM's uid with Firecracker's own command line (the
+/// jailer execs `/<exec name> --id <id> ... --api-sock /api.sock` in the chroot), which
+/// names no banger path: the helper recognises it by its uid, one of banger's VM uids, so
+/// `vm kill` and a stop's SIGKILL reach it. A process of another uid with the same command
+/// line is refused.
+#[test]
+fn root_the_helper_signals_a_jailed_firecracker_by_its_vm_uid() {
+    use std::os::unix::process::CommandExt;
+    let ns = Netns::new("sigvm");
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.jailer = Some(banger_policy::JailerConfig {
+        jailer: double_bin(),
+        firecracker: "/bin/sh".into(),
+        owner_uid: 1000,
+        owner_gid: 1000,
+        vm_uids: banger_policy::UidRange {
+            first: 2_000_000_000,
+            count: 100,
+        },
+        socket_gid: 1000,
+    });
+    let mut h = ns.helper(&cfg);
+    /// Killed when dropped, so a failed assertion leaves no process behind.
+    struct Child(std::process::Child);
+    impl Drop for Child {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let firecracker_like = |uid: u32| {
+        Child(
+            Command::new("/bin/sh")
+                .args(["-c", "while :; do sleep 1; done", "--id", "0123456789ab"])
+                .uid(uid)
+                .gid(uid)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let stranger = firecracker_like(4242);
+    let pid = stranger.0.id() as i32;
+    let r = refused(
+        &mut h,
+        Request::Signal {
+            pid,
+            start_time: start_time(pid),
+            signal: 9,
+        },
+    );
+    assert!(r.contains("not as a VM user"), "{r}");
+    let mut vmm = firecracker_like(2_000_000_042);
+    let vpid = vmm.0.id() as i32;
+    done(
+        &mut h,
+        Request::Signal {
+            pid: vpid,
+            start_time: start_time(vpid),
+            signal: 9,
+        },
+    );
+    assert!(vmm.0.wait().unwrap().code().is_none(), "killed by a signal");
+    drop(stranger);
+}
+
 /// A jail base on a `nodev` mount cannot hold the jailer's /dev/kvm and /dev/net/tun:
 /// the launcher refuses to start the jailer, naming the path and what to do, before any
 /// process runs. (The mount is a tmpfs of the test's, unmounted on drop.)
