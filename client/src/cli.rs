@@ -1021,6 +1021,80 @@ mod tests {
         }
     }
 
+    fn parse(args: &[&str]) -> Cli {
+        use clap::Parser;
+        Cli::try_parse_from(std::iter::once("banger").chain(args.iter().copied()))
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    }
+
+    /// `banger run|exec|ssh|cp|logs|start|stop|rm` are `banger vm …`; `exec` and `ssh`
+    /// take the command without `--`; `vm create NAME`; several VMs for start/stop/kill/rm.
+    #[test]
+    fn docker_shaped_command_lines() {
+        match parse(&["exec", "dev", "ls", "-la"]).command {
+            Command::Exec(a) => assert_eq!((a.vm.as_str(), a.cmd), ("dev", vec!["ls".to_owned(), "-la".to_owned()])),
+            other => panic!("{other:?}"),
+        }
+        match parse(&["vm", "exec", "-e", "A=1", "dev", "--", "sh", "-c", "x"]).command {
+            Command::Vm(VmCmd::Exec(a)) => {
+                assert_eq!(a.cmd, ["sh", "-c", "x"]);
+                assert_eq!(a.env, ["A=1"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        match parse(&["ssh", "dev", "uname", "-a"]).command {
+            Command::Ssh(a) => assert_eq!(a.cmd, ["uname", "-a"]),
+            other => panic!("{other:?}"),
+        }
+        match parse(&["run", "-d", "-e", "K=V", "-w", "/tmp", "--name", "x", "--", "sleep", "9"]).command {
+            Command::Run(a) => {
+                assert!(a.detach);
+                assert_eq!((a.env, a.workdir.as_deref()), (vec!["K=V".to_owned()], Some("/tmp")));
+                assert_eq!(a.cmd, ["sleep", "9"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        match parse(&["vm", "create", "dev", "--no-start"]).command {
+            Command::Vm(VmCmd::Create { name_arg, name, .. }) => {
+                assert_eq!((name_arg.as_deref(), name), (Some("dev"), None))
+            }
+            other => panic!("{other:?}"),
+        }
+        match parse(&["stop", "a", "b", "--json"]).command {
+            Command::Stop(a) => assert_eq!(a.vms, ["a", "b"]),
+            other => panic!("{other:?}"),
+        }
+        match parse(&["vm", "kill", "a", "b"]).command {
+            Command::Vm(VmCmd::Kill { vms, .. }) => assert_eq!(vms, ["a", "b"]),
+            other => panic!("{other:?}"),
+        }
+        match parse(&["start", "a", "b"]).command {
+            Command::Start(a) => assert_eq!(a.vms, ["a", "b"]),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(parse(&["rm", "-f", "a", "b"]).command, Command::Rm(a) if a.force && a.vms.len() == 2));
+        assert!(matches!(parse(&["logs", "--tail", "3", "dev"]).command, Command::Logs(a) if a.tail == Some(3)));
+        assert!(matches!(parse(&["cp", "./x", "dev:/root"]).command, Command::Cp(_)));
+        assert!(matches!(parse(&["ps", "-aq"]).command, Command::Ps(a) if a.all && a.quiet));
+        // One verb per action: rm and delete on vm, image and kernel alike; --kernel on
+        // pull as everywhere.
+        for args in [
+            &["vm", "delete", "a"][..],
+            &["vm", "rm", "a"],
+            &["image", "rm", "a"],
+            &["image", "delete", "a"],
+            &["kernel", "rm", "a"],
+            &["kernel", "delete", "a"],
+            &["image", "pull", "x", "--kernel", "k"],
+            &["image", "pull", "x", "--kernel-ref", "k"],
+            &["image", "register", "a", "f", "--json"],
+            &["kernel", "import", "a", "--from", "d", "--json"],
+            &["daemon", "logs", "-f", "-n", "5"],
+        ] {
+            parse(args);
+        }
+    }
+
     #[test]
     fn memory_is_whole_mib() {
         assert_eq!(parse_memory("2G"), Ok(2 << 30));

@@ -811,6 +811,97 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
 mod tests {
     use super::*;
 
+    fn vm(id: &str, name: &str, state: banger_api::VmState) -> VmInfo {
+        VmInfo {
+            id: id.into(),
+            name: name.into(),
+            state,
+            error: None,
+            vmm: banger_api::VmmKind::Firecracker,
+            spec: VmSpec {
+                vcpu: 2,
+                memory_mib: 1024,
+                disk_bytes: 8 << 30,
+            },
+            image: "img".into(),
+            kernel: "k".into(),
+            nat: false,
+            created_at: 1000,
+            started_at: Some(1900),
+            pid: None,
+            dir: "/d".into(),
+            console_log: "/d/console.log".into(),
+            cmdline: None,
+            vsock_socket: None,
+            ip: Some("10.0.0.2".into()),
+            isolation: None,
+            published: Vec::new(),
+            busy: false,
+        }
+    }
+
+    /// An ID prefix names the one VM whose ID it begins; a name or whole ID is kept; a
+    /// prefix of several is a usage error naming them (docker's rules).
+    #[test]
+    fn unique_id_prefixes_name_a_vm() {
+        use banger_api::VmState::Running;
+        let vms = [vm("abc123000000", "one", Running), vm("abd999000000", "two", Running)];
+        assert_eq!(pick(&vms, "abc".into()).unwrap(), "one");
+        assert_eq!(pick(&vms, "abd9".into()).unwrap(), "two");
+        assert_eq!(pick(&vms, "abc123000000".into()).unwrap(), "abc123000000");
+        assert_eq!(pick(&vms, "ff".into()).unwrap(), "ff", "left to the daemon");
+        let e = pick(&vms, "ab".into()).unwrap_err();
+        assert_eq!(e.exit_code(), exit::USAGE);
+        assert!(e.to_string().contains("one (abc123000000), two (abd999000000)"), "{e}");
+        // A VM named like a prefix of another's ID wins, as a name.
+        let vms = [vm("beef00000000", "one", Running), vm("123456789abc", "beef", Running)];
+        assert_eq!(pick(&vms, "beef".into()).unwrap(), "beef");
+    }
+
+    /// `ps --format`: Go-template-like (`{{.Name}}`, `\t`, `table ` adds a header and
+    /// lines columns up) or a list of columns; an unknown field is a usage error.
+    #[test]
+    fn ps_format_templates_and_field_lists() {
+        use banger_api::VmState::{Running, Stopped};
+        let vms = [vm("abc123000000", "one", Running), vm("def456000000", "two", Stopped)];
+        assert_eq!(
+            format_vms(&vms, "{{.Name}} {{ .State }}", 2000).unwrap(),
+            "one running\ntwo stopped\n"
+        );
+        assert_eq!(
+            format_vms(&vms, "{{.ID}}\\t{{.IP}}", 2000).unwrap(),
+            "abc123000000\t10.0.0.2\ndef456000000\t10.0.0.2\n"
+        );
+        assert_eq!(
+            format_vms(&vms, "table {{.Name}}\\t{{.Uptime}}", 2000).unwrap(),
+            "NAME  UPTIME\none   1m 40s\ntwo   -\n"
+        );
+        assert_eq!(
+            format_vms(&vms, "name,state,created", 2000).unwrap(),
+            "NAME  STATE    CREATED\none   running  16m 40s ago\ntwo   stopped  16m 40s ago\n"
+        );
+        for bad in ["{{.Nope}}", "name,nope", "{{.Name"] {
+            let e = format_vms(&vms, bad, 0).unwrap_err();
+            assert_eq!(e.exit_code(), exit::USAGE, "{bad}");
+        }
+        // The default table: docker's columns.
+        let t = columns(&vms, TABLE, 2000);
+        assert!(
+            t.starts_with("ID            NAME  STATE    IMAGE  IP        VMM          CREATED      UPTIME  PORTS\n"),
+            "{t}"
+        );
+    }
+
+    /// `--tail N` counts lines, the last one with or without its newline.
+    #[test]
+    fn tail_counts_lines() {
+        assert_eq!(last_lines("a\nb\nc\n", 2), "b\nc\n");
+        assert_eq!(last_lines("a\nb\nc", 2), "b\nc");
+        assert_eq!(last_lines("a\nb\n", 5), "a\nb\n");
+        assert_eq!(last_lines("a\nb\n", 0), "");
+        assert_eq!(last_lines("", 3), "");
+    }
+
     #[test]
     fn spec_line_reads_like_the_issue() {
         let s = VmSpec {
