@@ -568,7 +568,11 @@ pub struct SshArgs {
     /// The VM's name or ID (a unique prefix will do).
     pub vm: String,
     /// A command to run instead of a shell, and its arguments (`--` before it optional).
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "COMMAND")]
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "COMMAND"
+    )]
     pub cmd: Vec<String>,
 }
 
@@ -671,7 +675,8 @@ const START_HELP: &str = "Examples:\n  banger vm start dev\n  banger vm start de
 
 const STOP_HELP: &str = "Examples:\n  banger vm stop dev\n  banger vm stop dev other --timeout 5";
 
-const RM_HELP: &str = "Examples:\n  banger vm rm dev\n  banger vm rm -f dev other\n  banger rm -f $(banger ps -aq)";
+const RM_HELP: &str =
+    "Examples:\n  banger vm rm dev\n  banger vm rm -f dev other\n  banger rm -f $(banger ps -aq)";
 
 /// `--publish`, shared by `vm create` and `vm run`.
 #[derive(Debug, clap::Args)]
@@ -1032,7 +1037,22 @@ mod tests {
     #[test]
     fn docker_shaped_command_lines() {
         match parse(&["exec", "dev", "ls", "-la"]).command {
-            Command::Exec(a) => assert_eq!((a.vm.as_str(), a.cmd), ("dev", vec!["ls".to_owned(), "-la".to_owned()])),
+            Command::Exec(a) => assert_eq!(
+                (a.vm.as_str(), a.cmd),
+                ("dev", vec!["ls".to_owned(), "-la".to_owned()])
+            ),
+            other => panic!("{other:?}"),
+        }
+        // banger's flags before the command; from its first word on, all is the command's.
+        match parse(&["exec", "dev", "-t", "top"]).command {
+            Command::Exec(a) => assert_eq!((a.tty, a.cmd), (true, vec!["top".to_owned()])),
+            other => panic!("{other:?}"),
+        }
+        match parse(&["exec", "dev", "ls", "-t"]).command {
+            Command::Exec(a) => assert_eq!(
+                (a.tty, a.cmd),
+                (false, vec!["ls".to_owned(), "-t".to_owned()])
+            ),
             other => panic!("{other:?}"),
         }
         match parse(&["vm", "exec", "-e", "A=1", "dev", "--", "sh", "-c", "x"]).command {
@@ -1046,10 +1066,17 @@ mod tests {
             Command::Ssh(a) => assert_eq!(a.cmd, ["uname", "-a"]),
             other => panic!("{other:?}"),
         }
-        match parse(&["run", "-d", "-e", "K=V", "-w", "/tmp", "--name", "x", "--", "sleep", "9"]).command {
+        match parse(&[
+            "run", "-d", "-e", "K=V", "-w", "/tmp", "--name", "x", "--", "sleep", "9",
+        ])
+        .command
+        {
             Command::Run(a) => {
                 assert!(a.detach);
-                assert_eq!((a.env, a.workdir.as_deref()), (vec!["K=V".to_owned()], Some("/tmp")));
+                assert_eq!(
+                    (a.env, a.workdir.as_deref()),
+                    (vec!["K=V".to_owned()], Some("/tmp"))
+                );
                 assert_eq!(a.cmd, ["sleep", "9"]);
             }
             other => panic!("{other:?}"),
@@ -1072,9 +1099,16 @@ mod tests {
             Command::Start(a) => assert_eq!(a.vms, ["a", "b"]),
             other => panic!("{other:?}"),
         }
-        assert!(matches!(parse(&["rm", "-f", "a", "b"]).command, Command::Rm(a) if a.force && a.vms.len() == 2));
-        assert!(matches!(parse(&["logs", "--tail", "3", "dev"]).command, Command::Logs(a) if a.tail == Some(3)));
-        assert!(matches!(parse(&["cp", "./x", "dev:/root"]).command, Command::Cp(_)));
+        assert!(
+            matches!(parse(&["rm", "-f", "a", "b"]).command, Command::Rm(a) if a.force && a.vms.len() == 2)
+        );
+        assert!(
+            matches!(parse(&["logs", "--tail", "3", "dev"]).command, Command::Logs(a) if a.tail == Some(3))
+        );
+        assert!(matches!(
+            parse(&["cp", "./x", "dev:/root"]).command,
+            Command::Cp(_)
+        ));
         assert!(matches!(parse(&["ps", "-aq"]).command, Command::Ps(a) if a.all && a.quiet));
         // One verb per action: rm and delete on vm, image and kernel alike; --kernel on
         // pull as everywhere.

@@ -1963,7 +1963,10 @@ fn docker_conventions_on_double_vms() {
     );
     let table = text(&ok(&["ps"]).stdout);
     assert!(table.starts_with("ID "), "{table}");
-    assert!(table.contains("UPTIME") && !table.contains("created"), "{table}");
+    assert!(
+        table.contains("UPTIME") && !table.contains("created"),
+        "{table}"
+    );
 
     // c by the shortest prefix of its ID that no other ID shares (at least 3 characters,
     // so it is no VM's name).
@@ -1977,7 +1980,11 @@ fn docker_conventions_on_double_vms() {
     // Several at once; one that does not exist fails alone, and says so.
     let out = home.banger(&["stop", "a", "nope", "b"]);
     assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
-    assert!(text(&out.stderr).contains("no vm named nope"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("no vm named nope"),
+        "{}",
+        text(&out.stderr)
+    );
     assert_eq!(state("a"), "stopped");
     assert_eq!(state("b"), "stopped");
     let started = json(&ok(&["vm", "start", "a", "b", "--json"]));
@@ -1988,7 +1995,13 @@ fn docker_conventions_on_double_vms() {
         .map(|v| v["name"].as_str().unwrap())
         .collect();
     assert_eq!(names, ["a", "b"]);
-    assert!(started.as_array().unwrap().iter().all(|v| v["state"] == "running"));
+    assert!(
+        started
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|v| v["state"] == "running")
+    );
     let killed = json(&ok(&["vm", "kill", "a", "b", "--json"]));
     assert_eq!(killed.as_array().unwrap().len(), 2, "{killed}");
     for vm in ["a", "b"] {
@@ -2029,11 +2042,21 @@ fn docker_conventions_on_double_vms() {
         .as_str()
         .unwrap()
         .to_owned();
-    let mut f = std::fs::OpenOptions::new().append(true).create(true).open(&console).unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(&console)
+        .unwrap();
     std::io::Write::write_all(&mut f, b"\nline 1\nline 2\nline 3\n").unwrap();
     drop(f);
-    assert_eq!(text(&ok(&["logs", "--tail", "2", "a"]).stdout), "line 2\nline 3\n");
-    assert_eq!(text(&ok(&["vm", "logs", "a", "--bytes", "7"]).stdout), "line 3\n");
+    assert_eq!(
+        text(&ok(&["logs", "--tail", "2", "a"]).stdout),
+        "line 2\nline 3\n"
+    );
+    assert_eq!(
+        text(&ok(&["vm", "logs", "a", "--bytes", "7"]).stdout),
+        "line 3\n"
+    );
 
     let gone = json(&ok(&["rm", "-f", "a", "b", "c", "--json"]));
     assert_eq!(gone.as_array().unwrap().len(), 3, "{gone}");
@@ -2041,7 +2064,10 @@ fn docker_conventions_on_double_vms() {
     let out = home.banger(&["rm", "x1", "x2"]);
     assert_eq!(out.status.code(), Some(4));
     let err = text(&out.stderr);
-    assert!(err.contains("x1") && err.contains("x2"), "each failure said: {err}");
+    assert!(
+        err.contains("x1") && err.contains("x2"),
+        "each failure said: {err}"
+    );
     assert_eq!(json(&ok(&["image", "rm", "img", "--json"]))["name"], "img");
     assert_eq!(json(&ok(&["kernel", "delete", "k", "--json"]))["name"], "k");
     home.banger(&["daemon", "stop"]);

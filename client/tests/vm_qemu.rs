@@ -1942,7 +1942,10 @@ fn root_rig_vm_cp_run_detached_and_exec_without_dashes() {
         "echo $GREETING $(pwd) > /root/detached.txt; exec sleep 1000",
     ]);
     assert_eq!(name.trim(), "cp");
-    assert_eq!(home.json(&["vm", "show", "cp", "--json"])["state"], "running");
+    assert_eq!(
+        home.json(&["vm", "show", "cp", "--json"])["state"],
+        "running"
+    );
     // The background command writes its file soon after; wait for it (bounded).
     let deadline = Instant::now() + GUEST_WAIT;
     let detached = loop {
@@ -1955,15 +1958,21 @@ fn root_rig_vm_cp_run_detached_and_exec_without_dashes() {
     };
     assert_eq!(detached, "hi /tmp\n");
     // exec without `--`, flags of the command included.
-    assert!(home.ok(&["exec", "cp", "ls", "-la", "/root"]).contains("detached.txt"));
+    assert!(
+        home.ok(&["exec", "cp", "ls", "-la", "/root"])
+            .contains("detached.txt")
+    );
 
     let host = tempfile::tempdir().unwrap();
     let app = host.path().join("app");
     std::fs::create_dir_all(app.join("bin")).unwrap();
     std::fs::write(app.join("a.txt"), "A\n").unwrap();
     std::fs::write(app.join("bin/run.sh"), "#!/bin/sh\n").unwrap();
-    std::fs::set_permissions(app.join("bin/run.sh"), std::fs::Permissions::from_mode(0o750))
-        .unwrap();
+    std::fs::set_permissions(
+        app.join("bin/run.sh"),
+        std::fs::Permissions::from_mode(0o750),
+    )
+    .unwrap();
     let app_s = app.to_str().unwrap();
     // Into a directory: /root/app.
     home.ok(&["cp", app_s, "cp:/root/"]);
@@ -1973,7 +1982,12 @@ fn root_rig_vm_cp_run_detached_and_exec_without_dashes() {
         "750\n"
     );
     // A file under a new name; a directory's content into a new directory.
-    home.ok(&["vm", "cp", app.join("a.txt").to_str().unwrap(), "cp:/root/b.txt"]);
+    home.ok(&[
+        "vm",
+        "cp",
+        app.join("a.txt").to_str().unwrap(),
+        "cp:/root/b.txt",
+    ]);
     assert_eq!(home.ok(&["exec", "cp", "cat", "/root/b.txt"]), "A\n");
     home.ok(&["cp", &format!("{app_s}/."), "cp:/root/flat"]);
     assert_eq!(home.ok(&["exec", "cp", "cat", "/root/flat/a.txt"]), "A\n");
@@ -1982,18 +1996,32 @@ fn root_rig_vm_cp_run_detached_and_exec_without_dashes() {
     let out = host.path().join("out");
     std::fs::create_dir_all(&out).unwrap();
     home.ok(&["cp", "cp:/root/app", out.to_str().unwrap()]);
-    assert_eq!(std::fs::read_to_string(out.join("app/a.txt")).unwrap(), "A\n");
+    assert_eq!(
+        std::fs::read_to_string(out.join("app/a.txt")).unwrap(),
+        "A\n"
+    );
     let mode = std::fs::metadata(out.join("app/bin/run.sh"))
         .unwrap()
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o750);
-    home.ok(&["cp", "cp:/root/detached.txt", out.join("d.txt").to_str().unwrap()]);
-    assert_eq!(std::fs::read_to_string(out.join("d.txt")).unwrap(), "hi /tmp\n");
+    home.ok(&[
+        "cp",
+        "cp:/root/detached.txt",
+        out.join("d.txt").to_str().unwrap(),
+    ]);
+    assert_eq!(
+        std::fs::read_to_string(out.join("d.txt")).unwrap(),
+        "hi /tmp\n"
+    );
 
     // `-`: a tar on stdout, under SRC's name; a tar on stdin, unpacked into DST.
     let tar_out = home.cmd(&["cp", "cp:/root/app", "-"]).output().unwrap();
-    assert!(tar_out.status.success(), "{}", String::from_utf8_lossy(&tar_out.stderr));
+    assert!(
+        tar_out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&tar_out.stderr)
+    );
     let mut names: Vec<String> = tar::Archive::new(tar_out.stdout.as_slice())
         .entries()
         .unwrap()
@@ -2019,6 +2047,11 @@ fn root_rig_vm_cp_run_detached_and_exec_without_dashes() {
     assert_eq!(home.ok(&["exec", "cp", "cat", "/root/in/x/y.txt"]), "yes");
 
     let missing = home.run(&["cp", "cp:/nope", out.to_str().unwrap()]);
-    assert_eq!(code(&missing), Some(4), "{}", String::from_utf8_lossy(&missing.stderr));
+    assert_eq!(
+        code(&missing),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&missing.stderr)
+    );
     home.ok(&["rm", "-f", "cp"]);
 }

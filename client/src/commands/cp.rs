@@ -28,7 +28,10 @@ pub enum Side {
     Host(PathBuf),
     /// `-`: a tar stream on stdin (SRC) or stdout (DST).
     Stdio,
-    Guest { vm: String, path: String },
+    Guest {
+        vm: String,
+        path: String,
+    },
 }
 
 /// `VM:PATH` is a guest path when the part before the first `:` is a plausible VM name or
@@ -176,7 +179,9 @@ enum GuestKind {
 /// Ask the guest what `path` is (an exec of `sh -c 'test …'`).
 async fn guest_kind(vm: &str, sock: &Path, path: &str) -> Result<GuestKind, CliError> {
     let script = "if [ -d \"$1\" ]; then exit 10; elif [ -e \"$1\" ] || [ -L \"$1\" ]; then exit 11; else exit 12; fi";
-    let argv = ["sh", "-c", script, "banger-cp", path].map(String::from).to_vec();
+    let argv = ["sh", "-c", script, "banger-cp", path]
+        .map(String::from)
+        .to_vec();
     let mut c = host::connect(sock).await.map_err(|e| agent_err(vm, e))?;
     host::write_json(
         &mut c.stream,

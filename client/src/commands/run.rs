@@ -89,7 +89,10 @@ pub fn shell_command(dir: Option<&str>, env: &[(String, String)]) -> Option<Stri
     }
     let mut line = String::new();
     if let Some(dir) = dir {
-        line.push_str(&format!("cd {} && ", shlex::try_quote(dir).unwrap_or_default()));
+        line.push_str(&format!(
+            "cd {} && ",
+            shlex::try_quote(dir).unwrap_or_default()
+        ));
     }
     line.push_str("exec ");
     if !env.is_empty() {
@@ -347,7 +350,8 @@ async fn session(
     let status = if o.detach {
         if !o.cmd.is_empty() {
             let argv = detached(&o.cmd);
-            let status = super::exec::run(client, name, false, o.env.clone(), workdir, argv).await?;
+            let status =
+                super::exec::run(client, name, false, o.env.clone(), workdir, argv).await?;
             if status != 0 {
                 return Ok(status);
             }

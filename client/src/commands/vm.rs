@@ -194,7 +194,10 @@ pub fn format_vms(vms: &[VmInfo], format: &str, now: u64) -> Result<String, CliE
         if fields.is_empty() {
             return Err(CliError::Usage("--format: no fields given".into()));
         }
-        if let Some(f) = fields.iter().find(|f| !FIELDS.contains(&f.to_ascii_lowercase().as_str())) {
+        if let Some(f) = fields
+            .iter()
+            .find(|f| !FIELDS.contains(&f.to_ascii_lowercase().as_str()))
+        {
             return Err(unknown(f));
         }
         let fields: Vec<String> = fields.iter().map(|f| f.to_ascii_lowercase()).collect();
@@ -250,7 +253,12 @@ pub fn format_vms(vms: &[VmInfo], format: &str, now: u64) -> Result<String, CliE
 }
 
 /// `banger ps`/`vm list`'s output for `vms`.
-fn print_list(vms: &[VmInfo], quiet: bool, format: Option<&str>, json: bool) -> Result<(), CliError> {
+fn print_list(
+    vms: &[VmInfo],
+    quiet: bool,
+    format: Option<&str>,
+    json: bool,
+) -> Result<(), CliError> {
     if json {
         render::json(&vms)?;
     } else if quiet {
@@ -268,7 +276,10 @@ fn print_list(vms: &[VmInfo], quiet: bool, format: Option<&str>, json: bool) -> 
 /// What a VM argument names: a VM's name or ID as given (the daemon knows both), or, as
 /// docker takes them, a prefix of exactly one VM's ID (IDs are hex, so only a hex word is
 /// looked up). A prefix of several is a usage error naming them.
-pub async fn resolve(client: &jsonrpsee::async_client::Client, vm: String) -> Result<String, CliError> {
+pub async fn resolve(
+    client: &jsonrpsee::async_client::Client,
+    vm: String,
+) -> Result<String, CliError> {
     if vm.is_empty() || !vm.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Ok(vm);
     }
@@ -845,16 +856,26 @@ mod tests {
     #[test]
     fn unique_id_prefixes_name_a_vm() {
         use banger_api::VmState::Running;
-        let vms = [vm("abc123000000", "one", Running), vm("abd999000000", "two", Running)];
+        let vms = [
+            vm("abc123000000", "one", Running),
+            vm("abd999000000", "two", Running),
+        ];
         assert_eq!(pick(&vms, "abc".into()).unwrap(), "one");
         assert_eq!(pick(&vms, "abd9".into()).unwrap(), "two");
         assert_eq!(pick(&vms, "abc123000000".into()).unwrap(), "abc123000000");
         assert_eq!(pick(&vms, "ff".into()).unwrap(), "ff", "left to the daemon");
         let e = pick(&vms, "ab".into()).unwrap_err();
         assert_eq!(e.exit_code(), exit::USAGE);
-        assert!(e.to_string().contains("one (abc123000000), two (abd999000000)"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("one (abc123000000), two (abd999000000)"),
+            "{e}"
+        );
         // A VM named like a prefix of another's ID wins, as a name.
-        let vms = [vm("beef00000000", "one", Running), vm("123456789abc", "beef", Running)];
+        let vms = [
+            vm("beef00000000", "one", Running),
+            vm("123456789abc", "beef", Running),
+        ];
         assert_eq!(pick(&vms, "beef".into()).unwrap(), "beef");
     }
 
@@ -863,7 +884,10 @@ mod tests {
     #[test]
     fn ps_format_templates_and_field_lists() {
         use banger_api::VmState::{Running, Stopped};
-        let vms = [vm("abc123000000", "one", Running), vm("def456000000", "two", Stopped)];
+        let vms = [
+            vm("abc123000000", "one", Running),
+            vm("def456000000", "two", Stopped),
+        ];
         assert_eq!(
             format_vms(&vms, "{{.Name}} {{ .State }}", 2000).unwrap(),
             "one running\ntwo stopped\n"
