@@ -2072,3 +2072,28 @@ fn docker_conventions_on_double_vms() {
     assert_eq!(json(&ok(&["kernel", "delete", "k", "--json"]))["name"], "k");
     home.banger(&["daemon", "stop"]);
 }
+
+/// `banger daemon logs`: bangerd's log, `--tail N` its last N lines (JSON lines); with no
+/// log yet, not found (4), and nothing is started to ask.
+#[test]
+fn daemon_logs_prints_bangerds_log() {
+    let home = Home::new();
+    let out = home.banger(&["daemon", "logs"]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("no daemon log yet"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!home.socket().exists(), "daemon logs starts no daemon");
+    assert!(home.banger(&["daemon", "start"]).status.success());
+    let out = home.banger(&["daemon", "logs", "--tail", "1"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let last = text(&out.stdout);
+    assert_eq!(last.lines().count(), 1, "{last}");
+    let line: serde_json::Value = serde_json::from_str(last.trim()).unwrap();
+    assert!(line["level"].is_string(), "{line}");
+    let all = text(&home.banger(&["daemon", "logs"]).stdout);
+    assert!(all.lines().count() >= 1 && all.ends_with(&last), "{all}");
+    home.banger(&["daemon", "stop"]);
+}

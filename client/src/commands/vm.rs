@@ -284,7 +284,7 @@ pub async fn resolve(
         return Ok(vm);
     }
     let vms = client.list().await?;
-    Ok(pick(&vms, vm)?)
+    pick(&vms, vm)
 }
 
 /// [`resolve`]'s choice among `vms`. Pure.
