@@ -310,6 +310,17 @@ mod tests {
         assert_eq!(want(&["kernel", "rm", ""]), Want::Names(Names::Kernels));
         assert_eq!(want(&["image", "register", ""]), Want::Nothing);
         assert_eq!(want(&["vm", "logs", "-f", ""]), Want::Names(Names::Vms));
+        // The top-level shortcuts, several VMs, and the command after an `exec` VM.
+        assert_eq!(want(&["rm", "-f", "a", ""]), Want::Names(Names::Vms));
+        assert_eq!(want(&["stop", "a", ""]), Want::Names(Names::Vms));
+        assert_eq!(want(&["exec", ""]), Want::Names(Names::Vms));
+        assert_eq!(want(&["exec", "dev", ""]), Want::Nothing);
+        assert_eq!(want(&["logs", "--tail", "3", ""]), Want::Names(Names::Vms));
+        assert_eq!(
+            want(&["image", "pull", "x", "--kernel", ""]),
+            Want::Names(Names::Kernels)
+        );
+        assert_eq!(want(&["kernel", "rm", ""]), Want::Names(Names::Kernels));
     }
 
     #[test]
