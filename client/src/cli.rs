@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
     version = crate::commands::version::SHORT,
     about,
     disable_help_subcommand = true,
-    after_help = "Examples:\n  banger vm run --rm -- uname -a  boot a VM, run a command in it, delete it\n  banger vm run --name dev        a VM to keep, and a shell in it\n  banger ps                       the VMs\n  banger daemon status            is the daemon up? (pid, socket, log)\n  banger version --json           versions of this CLI and of the daemon\n  banger completion bash > ~/.local/share/bash-completion/completions/banger"
+    after_help = "Examples:\n  banger run --rm -- uname -a     boot a VM, run a command in it, delete it\n  banger run --name dev           a VM to keep, and a shell in it\n  banger exec dev uname -a        a command in a running VM\n  banger cp ./src dev:/root/      copy into (or out of) a VM\n  banger ps -a                    the VMs (running ones without -a)\n  banger daemon status            is the daemon up? (pid, socket, log)\n  banger version --json           versions of this CLI and of the daemon\n  banger completion bash > ~/.local/share/bash-completion/completions/banger"
 )]
 pub struct Cli {
     /// The daemon's socket (default: /run/banger/bangerd.sock when the system service is
@@ -33,12 +33,33 @@ pub enum Command {
     /// Create, run and manage VMs.
     #[command(subcommand)]
     Vm(VmCmd),
-    /// List VMs (same as `banger vm list`).
-    Ps {
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    /// List running VMs (`-a`: all of them), as `docker ps`.
+    #[command(after_help = PS_HELP)]
+    Ps(PsArgs),
+    /// Boot a VM and run a command or a shell in it (= `banger vm run`).
+    #[command(after_help = RUN_HELP)]
+    Run(RunArgs),
+    /// Run a command in a running VM (= `banger vm exec`).
+    #[command(after_help = EXEC_HELP)]
+    Exec(ExecArgs),
+    /// ssh into a running VM (= `banger vm ssh`).
+    #[command(after_help = SSH_HELP, alias = "shell")]
+    Ssh(SshArgs),
+    /// Copy files between the host and a VM (= `banger vm cp`).
+    #[command(after_help = CP_HELP)]
+    Cp(CpArgs),
+    /// Print a VM's console log (= `banger vm logs`).
+    #[command(after_help = LOGS_HELP)]
+    Logs(LogsArgs),
+    /// Start stopped VMs (= `banger vm start`).
+    #[command(after_help = START_HELP)]
+    Start(StartArgs),
+    /// Stop VMs gracefully (= `banger vm stop`).
+    #[command(after_help = STOP_HELP)]
+    Stop(StopArgs),
+    /// Delete VMs and their disks (= `banger vm rm`).
+    #[command(after_help = RM_HELP)]
+    Rm(RmArgs),
     /// Manage images (root filesystems).
     #[command(subcommand)]
     Image(ImageCmd),
@@ -149,6 +170,18 @@ pub enum DaemonCmd {
     Install(InstallArgs),
     /// Same as `banger system uninstall`.
     Uninstall(RootArgs),
+    /// Print bangerd's log (JSON lines); -f follows it.
+    #[command(
+        after_help = "Examples:\n  banger daemon logs --tail 20\n  banger daemon logs -f | jq -r .fields.message"
+    )]
+    Logs {
+        /// Keep printing new lines as bangerd writes them (Ctrl-C ends it).
+        #[arg(long, short)]
+        follow: bool,
+        /// Only the last N lines.
+        #[arg(long, short = 'n', value_name = "N")]
+        tail: Option<usize>,
+    },
     /// Restart the daemon that serves: the system service through systemd (as `banger
     /// system restart`), a user daemon by stopping and starting it, none by starting one.
     /// Running VMs keep running.
@@ -263,6 +296,9 @@ pub enum VmCmd {
     /// Create a VM and start it (its size: flags, else [vm_defaults], else host-derived).
     #[command(after_help = CREATE_HELP)]
     Create {
+        /// Name (a-z, 0-9, '-'); generated when absent. Same as --name.
+        #[arg(value_name = "NAME", conflicts_with = "name")]
+        name_arg: Option<String>,
         /// Name (a-z, 0-9, '-'); generated when absent.
         #[arg(long)]
         name: Option<String>,
@@ -303,114 +339,48 @@ pub enum VmCmd {
     /// Create and boot a VM, then run a command in it (exits with its status), or open an
     /// interactive shell; with a path, that repo is shipped to /root/repo first.
     #[command(after_help = RUN_HELP)]
-    Run {
-        /// A directory (a git repo: tracked and untracked-not-ignored files plus .git) to
-        /// ship to /root/repo; the command then runs there.
-        path: Option<PathBuf>,
-        /// Name (a-z, 0-9, '-'); generated when absent.
-        #[arg(long)]
-        name: Option<String>,
-        /// Image (default: the config's default_image_name).
-        #[arg(long)]
-        image: Option<String>,
-        #[command(flatten)]
-        size: SizeArgs,
-        /// VMM: auto, firecracker or qemu (default: the config's default_vmm, itself
-        /// `auto` unless set). `auto` picks Firecracker when it and its jailer are installed,
-        /// /dev/kvm runs stock guests and bangerd has its privileged helper; else QEMU with
-        /// KVM; else QEMU under TCG (emulated, slow). Decided when the VM is created; the VM
-        /// keeps it.
-        #[arg(long, value_name = "VMM")]
-        vmm: Option<banger_api::VmmChoice>,
-        /// Give the VM outbound network access through NAT.
-        #[arg(long)]
-        nat: bool,
-        /// No network at all (vsock still works, so commands and shells do too).
-        #[arg(long, conflicts_with = "nat")]
-        no_network: bool,
-        #[command(flatten)]
-        publish: PublishArgs,
-        /// Delete the VM when the command or session ends, whatever its status.
-        #[arg(long)]
-        rm: bool,
-        /// Ship the whole directory (ignored files and submodules included).
-        #[arg(long)]
-        full_copy: bool,
-        /// Print how long each stage took (create, boot to agent ready, ship, services,
-        /// command, delete) to stderr; also BANGER_TIMINGS=1. Takes an optional value:
-        /// `--timings=no`; 1/0, yes/no, true/false and on/off are all understood.
-        #[arg(
-            long,
-            env = "BANGER_TIMINGS",
-            value_name = "BOOL",
-            num_args = 0..=1,
-            require_equals = true,
-            default_missing_value = "true",
-            default_value = "false",
-            value_parser = clap::builder::BoolishValueParser::new(),
-            hide_possible_values = true
-        )]
-        timings: bool,
-        /// Run the command (or open the shell) as soon as the guest agent answers, without
-        /// waiting for the guest's services to start (systemd's start-up jobs): seconds
-        /// sooner, in a half-booted machine.
-        #[arg(long)]
-        no_boot_wait: bool,
-        /// The command and its arguments (after `--`); none: an interactive shell.
-        #[arg(last = true)]
-        cmd: Vec<String>,
-    },
+    Run(RunArgs),
     /// Ship a git repo into a VM, or export what changed in it there.
     #[command(subcommand)]
     Workspace(WorkspaceCmd),
-    /// Start a stopped VM.
-    #[command(after_help = "Examples:\n  banger vm start dev")]
-    Start {
-        /// The VM's name.
-        vm: String,
-    },
-    /// Stop a VM gracefully (Ctrl-Alt-Del, then SIGKILL after the timeout). Disks are kept.
-    #[command(after_help = "Examples:\n  banger vm stop dev\n  banger vm stop dev --timeout 5")]
-    Stop {
-        /// The VM's name.
-        vm: String,
-        /// Seconds to wait for the guest before killing it (default: config stop_timeout_secs).
-        #[arg(long)]
-        timeout: Option<u64>,
-    },
+    /// Start stopped VMs (each in turn; every failure is reported, exit non-zero if any).
+    #[command(after_help = START_HELP)]
+    Start(StartArgs),
+    /// Stop VMs gracefully (Ctrl-Alt-Del, then SIGKILL after the timeout). Disks are kept.
+    #[command(after_help = STOP_HELP)]
+    Stop(StopArgs),
     /// Stop (if running) and start a VM.
     Restart {
-        /// The VM's name.
+        /// The VM's name or ID (a unique prefix will do).
         vm: String,
+        /// Print the VM as JSON when done.
+        #[arg(long)]
+        json: bool,
     },
-    /// Send a signal to a VM's VMM process (default KILL).
-    #[command(after_help = "Examples:\n  banger vm kill dev\n  banger vm kill dev --signal TERM")]
+    /// Send a signal to VMs' VMM processes (default KILL).
+    #[command(
+        after_help = "Examples:\n  banger vm kill dev\n  banger vm kill dev other --signal TERM"
+    )]
     Kill {
-        /// The VM's name.
-        vm: String,
+        /// The VMs' names or IDs (a unique prefix will do).
+        #[arg(required = true, value_name = "VM")]
+        vms: Vec<String>,
         /// The signal: a name (KILL, TERM, INT, …, with or without SIG) or a number.
         #[arg(long, short = 's', default_value = "KILL")]
         signal: String,
+        /// Print the VMs as JSON (an array) when done.
+        #[arg(long)]
+        json: bool,
     },
     /// Delete VMs and their disks.
-    #[command(
-        visible_alias = "rm",
-        after_help = "Examples:\n  banger vm rm dev\n  banger vm rm -f dev other"
-    )]
-    Delete {
-        /// The VMs' names.
-        #[arg(required = true)]
-        vms: Vec<String>,
-        /// Kill running VMs first.
-        #[arg(long, short)]
-        force: bool,
-    },
+    #[command(visible_alias = "rm", after_help = RM_HELP)]
+    Delete(RmArgs),
     /// Change a stopped VM's size (the work disk only grows), or its NAT.
     #[command(
         after_help = "Examples:\n  banger vm set dev --vcpu 4 --memory 4G\n  banger vm set dev --disk-size 20G"
     )]
     Set {
-        /// The VM's name.
+        /// The VM's name or ID (a unique prefix will do).
         vm: String,
         #[command(flatten)]
         size: SizeArgs,
@@ -420,20 +390,29 @@ pub enum VmCmd {
         /// Take away its NAT (outbound access).
         #[arg(long)]
         no_nat: bool,
+        /// Print the VM as JSON when done.
+        #[arg(long)]
+        json: bool,
     },
-    /// List VMs.
+    /// List all VMs (`banger ps` without -a: the running ones).
     #[command(
         visible_alias = "ls",
-        after_help = "Examples:\n  banger vm ls\n  banger vm ls --json | jq -r '.[].name'"
+        after_help = "Examples:\n  banger vm ls\n  banger vm ls --json | jq -r '.[].name'\n  banger vm ls -q"
     )]
     List {
+        /// Only the VMs' IDs, one a line.
+        #[arg(short = 'q', long, conflicts_with_all = ["json", "format"])]
+        quiet: bool,
+        /// A Go-template-like line per VM or a list of columns (see `banger ps --help`).
+        #[arg(long, value_name = "FORMAT", conflicts_with = "json")]
+        format: Option<String>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
     },
     /// Show one VM.
     Show {
-        /// The VM's name.
+        /// The VM's name or ID (a unique prefix will do).
         vm: String,
         /// Print JSON.
         #[arg(long)]
@@ -441,69 +420,40 @@ pub enum VmCmd {
     },
     /// Resource use of a VM (host-side VMM figures).
     Stats {
-        /// The VM's name.
+        /// The VM's name or ID (a unique prefix will do).
         vm: String,
         /// Print JSON.
         #[arg(long)]
         json: bool,
     },
     /// Run a command in a running VM through its guest agent; exits with its status.
-    #[command(
-        after_help = "Examples:\n  banger vm exec dev -- uname -a\n  echo hi | banger vm exec dev -- cat\n  banger vm exec dev -w /root -e FOO=bar -- sh -c 'echo $FOO'"
-    )]
-    Exec {
-        /// The VM's name.
-        vm: String,
-        /// Allocate a terminal (interactive programs).
-        #[arg(short = 't', long)]
-        tty: bool,
-        /// Environment variable for the command (repeatable).
-        #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
-        env: Vec<String>,
-        /// Working directory in the guest.
-        #[arg(short = 'w', long)]
-        workdir: Option<String>,
-        /// The command and its arguments (after `--`).
-        #[arg(last = true, required = true)]
-        cmd: Vec<String>,
-    },
+    #[command(after_help = EXEC_HELP)]
+    Exec(ExecArgs),
     /// ssh into a running VM as root (banger's key and known_hosts, over the VM's vsock:
-    /// works without a network); with `-- cmd`, run it and exit with its status.
+    /// works without a network); with a command, run it and exit with its status.
     #[command(
-        after_help = "Examples:\n  banger vm ssh dev\n  banger vm ssh dev -- uname -a\n\nFor plain `ssh dev.vm`, scp and rsync: `banger ssh-config`.",
+        after_help = SSH_HELP,
         // What lima (`limactl shell`) users type.
         alias = "shell"
     )]
-    Ssh {
-        /// The VM's name.
-        vm: String,
-        /// The command and its arguments (after `--`).
-        #[arg(last = true)]
-        cmd: Vec<String>,
-    },
+    Ssh(SshArgs),
+    /// Copy files or directories between the host and a VM, as `docker cp` does.
+    #[command(after_help = CP_HELP)]
+    Cp(CpArgs),
     /// Publish guest ports on the host (`vm port add|rm|list`).
     #[command(subcommand)]
     Port(PortCmd),
     /// Listening TCP/UDP ports in a running VM, with their processes.
     Ports {
-        /// The VM's name.
+        /// The VM's name or ID (a unique prefix will do).
         vm: String,
         /// Print JSON.
         #[arg(long)]
         json: bool,
     },
     /// Print a VM's console log; -f follows it until the VM stops.
-    #[command(after_help = "Examples:\n  banger vm logs dev\n  banger vm logs -f dev")]
-    Logs {
-        /// The VM's name.
-        vm: String,
-        /// Keep printing new output until the VM stops (Ctrl-C ends it).
-        #[arg(long, short)]
-        follow: bool,
-        /// Only the last N bytes.
-        #[arg(long)]
-        tail: Option<u64>,
-    },
+    #[command(after_help = LOGS_HELP)]
+    Logs(LogsArgs),
     /// Delete all VMs that are not running.
     #[command(
         after_help = "Examples:\n  banger vm prune        list what would be deleted, and ask\n  banger vm prune -f     delete without asking"
@@ -515,7 +465,218 @@ pub enum VmCmd {
     },
 }
 
-const RUN_HELP: &str = "Examples:\n  banger vm run --rm -- uname -a        boot, run, exit with its status, delete\n  banger vm run --rm . -- make test     ship this repo to /root/repo, test there\n  banger vm run --name dev              an interactive shell in a new VM\n  banger vm run --timings --rm -- true  how long each stage takes\n\nIf the guest never becomes reachable the VM is kept (even with --rm): see\n`banger vm logs <name>`.";
+const RUN_HELP: &str = "Examples:\n  banger vm run --rm -- uname -a        boot, run, exit with its status, delete\n  banger vm run -d --name web -p 8000:8000 -- python3 -m http.server\n  banger vm run --rm . -- make test     ship this repo to /root/repo, test there\n  banger vm run --name dev              an interactive shell in a new VM\n  banger vm run --timings --rm -- true  how long each stage takes\n\nIf the guest never becomes reachable the VM is kept (even with --rm): see\n`banger vm logs <name>`.";
+
+/// `vm run` and `banger run`.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// A directory (a git repo: tracked and untracked-not-ignored files plus .git) to
+    /// ship to /root/repo; the command then runs there.
+    pub path: Option<PathBuf>,
+    /// Name (a-z, 0-9, '-'); generated when absent.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Image (default: the config's default_image_name).
+    #[arg(long)]
+    pub image: Option<String>,
+    #[command(flatten)]
+    pub size: SizeArgs,
+    /// VMM: auto, firecracker or qemu (default: the config's default_vmm, itself
+    /// `auto` unless set). `auto` picks Firecracker when it and its jailer are installed,
+    /// /dev/kvm runs stock guests and bangerd has its privileged helper; else QEMU with
+    /// KVM; else QEMU under TCG (emulated, slow). Decided when the VM is created; the VM
+    /// keeps it.
+    #[arg(long, value_name = "VMM")]
+    pub vmm: Option<banger_api::VmmChoice>,
+    /// Give the VM outbound network access through NAT.
+    #[arg(long)]
+    pub nat: bool,
+    /// No network at all (vsock still works, so commands and shells do too).
+    #[arg(long, conflicts_with = "nat")]
+    pub no_network: bool,
+    #[command(flatten)]
+    pub publish: PublishArgs,
+    /// Delete the VM when the command or session ends, whatever its status.
+    #[arg(long)]
+    pub rm: bool,
+    /// Ship the whole directory (ignored files and submodules included).
+    #[arg(long)]
+    pub full_copy: bool,
+    /// Print how long each stage took (create, boot to agent ready, ship, services,
+    /// command, delete) to stderr; also BANGER_TIMINGS=1. Takes an optional value:
+    /// `--timings=no`; 1/0, yes/no, true/false and on/off are all understood.
+    #[arg(
+        long,
+        env = "BANGER_TIMINGS",
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        default_value = "false",
+        value_parser = clap::builder::BoolishValueParser::new(),
+        hide_possible_values = true
+    )]
+    pub timings: bool,
+    /// Run the command (or open the shell) as soon as the guest agent answers, without
+    /// waiting for the guest's services to start (systemd's start-up jobs): seconds
+    /// sooner, in a half-booted machine.
+    #[arg(long)]
+    pub no_boot_wait: bool,
+    /// Start it and return (print its name): no shell; a command runs in the
+    /// background in the guest, its output in /root/.banger-run.log.
+    #[arg(short = 'd', long, conflicts_with = "rm")]
+    pub detach: bool,
+    /// Environment variable for the command or shell (repeatable).
+    #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Working directory in the guest (default: /root/repo with a path, else root's home).
+    #[arg(short = 'w', long)]
+    pub workdir: Option<String>,
+    /// The command and its arguments (after `--`); none: an interactive shell.
+    #[arg(last = true)]
+    pub cmd: Vec<String>,
+}
+
+/// `vm exec` and `banger exec`.
+#[derive(Debug, clap::Args)]
+pub struct ExecArgs {
+    /// The VM's name or ID (a unique prefix will do).
+    pub vm: String,
+    /// Allocate a terminal (interactive programs).
+    #[arg(short = 't', long)]
+    pub tty: bool,
+    /// Environment variable for the command (repeatable).
+    #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Working directory in the guest.
+    #[arg(short = 'w', long)]
+    pub workdir: Option<String>,
+    /// The command and its arguments (`--` before them is optional; banger's own flags go
+    /// before the VM's name).
+    #[arg(
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "COMMAND"
+    )]
+    pub cmd: Vec<String>,
+}
+
+/// `vm ssh` and `banger ssh`.
+#[derive(Debug, clap::Args)]
+pub struct SshArgs {
+    /// The VM's name or ID (a unique prefix will do).
+    pub vm: String,
+    /// A command to run instead of a shell, and its arguments (`--` before it optional).
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "COMMAND"
+    )]
+    pub cmd: Vec<String>,
+}
+
+/// `vm cp` and `banger cp`.
+#[derive(Debug, clap::Args)]
+pub struct CpArgs {
+    /// What to copy: a host path, `VM:PATH` in a VM, or `-` (a tar stream on stdin).
+    #[arg(value_name = "SRC")]
+    pub src: String,
+    /// Where to: a host path, `VM:PATH` in a VM, or `-` (a tar stream on stdout).
+    #[arg(value_name = "DST")]
+    pub dst: String,
+}
+
+/// `vm logs` and `banger logs`.
+#[derive(Debug, clap::Args)]
+pub struct LogsArgs {
+    /// The VM's name or ID (a unique prefix will do).
+    pub vm: String,
+    /// Keep printing new output until the VM stops (Ctrl-C ends it).
+    #[arg(long, short)]
+    pub follow: bool,
+    /// Only the last N lines.
+    #[arg(long, short = 'n', value_name = "N", conflicts_with = "bytes")]
+    pub tail: Option<usize>,
+    /// Only the last N bytes.
+    #[arg(long, value_name = "N")]
+    pub bytes: Option<u64>,
+}
+
+/// `vm start` and `banger start`.
+#[derive(Debug, clap::Args)]
+pub struct StartArgs {
+    /// The VMs' names or IDs (a unique prefix will do).
+    #[arg(required = true, value_name = "VM")]
+    pub vms: Vec<String>,
+    /// Print the VMs as JSON (an array) when done.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `vm stop` and `banger stop`.
+#[derive(Debug, clap::Args)]
+pub struct StopArgs {
+    /// The VMs' names or IDs (a unique prefix will do).
+    #[arg(required = true, value_name = "VM")]
+    pub vms: Vec<String>,
+    /// Seconds to wait for the guest before killing it (default: config stop_timeout_secs).
+    #[arg(long)]
+    pub timeout: Option<u64>,
+    /// Print the VMs as JSON (an array) when done.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `vm rm` and `banger rm`.
+#[derive(Debug, clap::Args)]
+pub struct RmArgs {
+    /// The VMs' names or IDs (a unique prefix will do).
+    #[arg(required = true, value_name = "VM")]
+    pub vms: Vec<String>,
+    /// Kill running VMs first.
+    #[arg(long, short)]
+    pub force: bool,
+    /// Print the deleted VMs as JSON (an array).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `banger ps` (and `vm list`'s flags).
+#[derive(Debug, clap::Args)]
+pub struct PsArgs {
+    /// All VMs, not only the running ones.
+    #[arg(short = 'a', long)]
+    pub all: bool,
+    /// Only the VMs' IDs, one a line.
+    #[arg(short = 'q', long, conflicts_with_all = ["json", "format"])]
+    pub quiet: bool,
+    /// A Go-template-like line per VM (`{{.Name}} {{.State}}`; `table ...` adds a header)
+    /// or a list of columns (`name,state,ip`). Fields: id, name, state, image, kernel,
+    /// ip, vmm, vcpu, memory, disk, pid, ports, created, uptime.
+    #[arg(long, value_name = "FORMAT", conflicts_with = "json")]
+    pub format: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+const PS_HELP: &str = "Examples:\n  banger ps                         running VMs\n  banger ps -a                      all of them\n  banger rm -f $(banger ps -aq)     delete every VM\n  banger ps -a --format name,state,ip\n  banger ps --format '{{.Name}}\\t{{.IP}}'";
+
+const EXEC_HELP: &str = "Examples:\n  banger vm exec dev uname -a\n  echo hi | banger vm exec dev cat\n  banger vm exec dev -- ls -la      `--` when the command could be taken\n                                    for banger's flags\n  banger vm exec -w /root -e FOO=bar dev sh -c 'echo $FOO'";
+
+const SSH_HELP: &str = "Examples:\n  banger vm ssh dev\n  banger vm ssh dev uname -a\n\nFor plain `ssh dev.vm`, scp and rsync: `banger ssh-config`.";
+
+const CP_HELP: &str = "Examples:\n  banger vm cp ./app dev:/root/         into /root/app in dev\n  banger vm cp dev:/etc/os-release .    out of dev, into this directory\n  banger vm cp ./a.txt dev:/root/b.txt  a file under a new name\n  tar -c . | banger vm cp - dev:/root/src\n  banger vm cp dev:/var/log - | tar -t\n\nAs `docker cp`: a DST that is a directory receives SRC inside it, else SRC is\ncopied as DST (its parent must exist); `SRC/.` copies a directory's content.\nThe VM must be running (its agent packs and unpacks; owners and modes kept).";
+
+const LOGS_HELP: &str = "Examples:\n  banger vm logs dev\n  banger vm logs --tail 20 dev\n  banger vm logs -f -n 0 dev     only what comes next";
+
+const START_HELP: &str = "Examples:\n  banger vm start dev\n  banger vm start dev other --json";
+
+const STOP_HELP: &str = "Examples:\n  banger vm stop dev\n  banger vm stop dev other --timeout 5";
+
+const RM_HELP: &str =
+    "Examples:\n  banger vm rm dev\n  banger vm rm -f dev other\n  banger rm -f $(banger ps -aq)";
 
 /// `--publish`, shared by `vm create` and `vm run`.
 #[derive(Debug, clap::Args)]
@@ -540,7 +701,7 @@ pub enum PortCmd {
         after_help = "Examples:\n  banger vm port add dev 8080:80             127.0.0.1:8080 -> port 80 in dev\n  banger vm port add dev 0:8000              any free host port (printed)\n  banger vm port add dev 0.0.0.0:8080:80     reachable from other hosts too"
     )]
     Add {
-        /// The VM's name.
+        /// The VM's name or ID (a unique prefix will do).
         vm: String,
         /// What to publish: host address (default 127.0.0.1), host port (0: any free
         /// one), guest port; tcp only.
@@ -556,7 +717,7 @@ pub enum PortCmd {
         after_help = "Examples:\n  banger vm port rm dev 8080\n  banger vm port rm dev 0:8000"
     )]
     Rm {
-        /// The VM's name.
+        /// The VM's name or ID (a unique prefix will do).
         vm: String,
         /// The host port (the bound one, for a spec with port 0) or the spec as added.
         #[arg(value_name = "HOSTPORT|SPEC")]
@@ -565,7 +726,7 @@ pub enum PortCmd {
     /// The VM's published ports, with the host port bound while it runs.
     #[command(visible_alias = "ls")]
     List {
-        /// The VM's name.
+        /// The VM's name or ID (a unique prefix will do).
         vm: String,
         /// Print the ports as JSON.
         #[arg(long)]
@@ -582,7 +743,7 @@ pub enum WorkspaceCmd {
         after_help = "Examples:\n  banger vm workspace prepare dev .\n  banger vm workspace prepare dev ~/src/app --from v1.2 --branch try-fix\n  banger vm workspace prepare dev . --full-copy"
     )]
     Prepare {
-        /// The VM's name.
+        /// The VM's name or ID (a unique prefix will do).
         vm: String,
         /// The git repo (a directory) to ship.
         path: PathBuf,
@@ -602,7 +763,7 @@ pub enum WorkspaceCmd {
         after_help = "Examples:\n  banger vm workspace export dev > changes.diff\n  banger vm workspace export dev --out changes.diff && git apply changes.diff"
     )]
     Export {
-        /// The VM's name.
+        /// The VM's name or ID (a unique prefix will do).
         vm: String,
         /// Write the diff here instead of stdout.
         #[arg(long, short)]
@@ -610,7 +771,7 @@ pub enum WorkspaceCmd {
     },
 }
 
-const CREATE_HELP: &str = "Examples:\n  banger vm create --name dev\n  banger vm create --name big --vcpu 4 --memory 8G --disk-size 50G\n  banger vm create --vmm qemu --image debian";
+const CREATE_HELP: &str = "Examples:\n  banger vm create dev\n  banger vm create --name big --vcpu 4 --memory 8G --disk-size 50G\n  banger vm create --vmm qemu --image debian";
 
 #[derive(Debug, Subcommand)]
 pub enum ImageCmd {
@@ -626,11 +787,14 @@ pub enum ImageCmd {
         /// The kernel VMs of this image boot by default.
         #[arg(long)]
         kernel: Option<String>,
+        /// Print the image as JSON when done.
+        #[arg(long)]
+        json: bool,
     },
     /// Pull an image from the catalog or from an OCI registry, with a progress bar on a
     /// terminal.
     #[command(
-        after_help = "Examples:\n  banger image pull debian-bookworm            a catalog image (ls --available)\n  banger image pull debian:bookworm --name deb  Docker Hub (library/debian)\n  banger image pull ghcr.io/org/app@sha256:…    any registry, by digest\n  banger image pull 127.0.0.1:5000/dev:1 --size 2G --kernel-ref cloud\n\nPlain-HTTP registries must be listed in the daemon's config: [images]\ninsecure_registries = [\"127.0.0.1:5000\"]."
+        after_help = "Examples:\n  banger image pull debian-bookworm            a catalog image (ls --available)\n  banger image pull debian:bookworm --name deb  Docker Hub (library/debian)\n  banger image pull ghcr.io/org/app@sha256:…    any registry, by digest\n  banger image pull 127.0.0.1:5000/dev:1 --size 2G --kernel cloud\n\nPlain-HTTP registries must be listed in the daemon's config: [images]\ninsecure_registries = [\"127.0.0.1:5000\"]."
     )]
     Pull {
         /// A catalog name or an OCI reference.
@@ -639,9 +803,10 @@ pub enum ImageCmd {
         /// The image's name (default: the catalog name, or `<repo>-<tag>`).
         #[arg(long)]
         name: Option<String>,
-        /// The kernel VMs of this image boot by default.
-        #[arg(long = "kernel-ref")]
-        kernel_ref: Option<String>,
+        /// The kernel VMs of this image boot by default (`--kernel-ref`, its old name, works
+        /// too).
+        #[arg(long = "kernel", alias = "kernel-ref", value_name = "KERNEL")]
+        kernel: Option<String>,
         /// Size of the ext4 built from an OCI image or a recipe (default: the content plus
         /// headroom).
         #[arg(long, value_parser = parse_size)]
@@ -726,6 +891,9 @@ pub enum ImageCmd {
     Delete {
         /// The image's name.
         name: String,
+        /// Print the deleted image as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -808,6 +976,9 @@ pub enum KernelCmd {
         /// The directory holding vmlinux or vmlinuz (and optionally initrd, modules/, config).
         #[arg(long)]
         from: PathBuf,
+        /// Print the kernel as JSON when done.
+        #[arg(long)]
+        json: bool,
     },
     /// List kernels (`--available`: the catalog).
     #[command(visible_alias = "ls")]
@@ -827,10 +998,14 @@ pub enum KernelCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Remove a kernel no VM uses.
+    /// Delete a kernel no VM uses.
+    #[command(visible_alias = "delete")]
     Rm {
         /// The kernel's name.
         name: String,
+        /// Print the deleted kernel as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -848,6 +1023,109 @@ mod tests {
         ] {
             let e = parse_version(bad).unwrap_err();
             assert!(e.contains("MAJOR.MINOR.PATCH"), "{bad}: {e}");
+        }
+    }
+
+    fn parse(args: &[&str]) -> Cli {
+        use clap::Parser;
+        Cli::try_parse_from(std::iter::once("banger").chain(args.iter().copied()))
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    }
+
+    /// `banger run|exec|ssh|cp|logs|start|stop|rm` are `banger vm …`; `exec` and `ssh`
+    /// take the command without `--`; `vm create NAME`; several VMs for start/stop/kill/rm.
+    #[test]
+    fn docker_shaped_command_lines() {
+        match parse(&["exec", "dev", "ls", "-la"]).command {
+            Command::Exec(a) => assert_eq!(
+                (a.vm.as_str(), a.cmd),
+                ("dev", vec!["ls".to_owned(), "-la".to_owned()])
+            ),
+            other => panic!("{other:?}"),
+        }
+        // banger's flags before the command; from its first word on, all is the command's.
+        match parse(&["exec", "dev", "-t", "top"]).command {
+            Command::Exec(a) => assert_eq!((a.tty, a.cmd), (true, vec!["top".to_owned()])),
+            other => panic!("{other:?}"),
+        }
+        match parse(&["exec", "dev", "ls", "-t"]).command {
+            Command::Exec(a) => assert_eq!(
+                (a.tty, a.cmd),
+                (false, vec!["ls".to_owned(), "-t".to_owned()])
+            ),
+            other => panic!("{other:?}"),
+        }
+        match parse(&["vm", "exec", "-e", "A=1", "dev", "--", "sh", "-c", "x"]).command {
+            Command::Vm(VmCmd::Exec(a)) => {
+                assert_eq!(a.cmd, ["sh", "-c", "x"]);
+                assert_eq!(a.env, ["A=1"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        match parse(&["ssh", "dev", "uname", "-a"]).command {
+            Command::Ssh(a) => assert_eq!(a.cmd, ["uname", "-a"]),
+            other => panic!("{other:?}"),
+        }
+        match parse(&[
+            "run", "-d", "-e", "K=V", "-w", "/tmp", "--name", "x", "--", "sleep", "9",
+        ])
+        .command
+        {
+            Command::Run(a) => {
+                assert!(a.detach);
+                assert_eq!(
+                    (a.env, a.workdir.as_deref()),
+                    (vec!["K=V".to_owned()], Some("/tmp"))
+                );
+                assert_eq!(a.cmd, ["sleep", "9"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        match parse(&["vm", "create", "dev", "--no-start"]).command {
+            Command::Vm(VmCmd::Create { name_arg, name, .. }) => {
+                assert_eq!((name_arg.as_deref(), name), (Some("dev"), None))
+            }
+            other => panic!("{other:?}"),
+        }
+        match parse(&["stop", "a", "b", "--json"]).command {
+            Command::Stop(a) => assert_eq!(a.vms, ["a", "b"]),
+            other => panic!("{other:?}"),
+        }
+        match parse(&["vm", "kill", "a", "b"]).command {
+            Command::Vm(VmCmd::Kill { vms, .. }) => assert_eq!(vms, ["a", "b"]),
+            other => panic!("{other:?}"),
+        }
+        match parse(&["start", "a", "b"]).command {
+            Command::Start(a) => assert_eq!(a.vms, ["a", "b"]),
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            matches!(parse(&["rm", "-f", "a", "b"]).command, Command::Rm(a) if a.force && a.vms.len() == 2)
+        );
+        assert!(
+            matches!(parse(&["logs", "--tail", "3", "dev"]).command, Command::Logs(a) if a.tail == Some(3))
+        );
+        assert!(matches!(
+            parse(&["cp", "./x", "dev:/root"]).command,
+            Command::Cp(_)
+        ));
+        assert!(matches!(parse(&["ps", "-aq"]).command, Command::Ps(a) if a.all && a.quiet));
+        // One verb per action: rm and delete on vm, image and kernel alike; --kernel on
+        // pull as everywhere.
+        for args in [
+            &["vm", "delete", "a"][..],
+            &["vm", "rm", "a"],
+            &["image", "rm", "a"],
+            &["image", "delete", "a"],
+            &["kernel", "rm", "a"],
+            &["kernel", "delete", "a"],
+            &["image", "pull", "x", "--kernel", "k"],
+            &["image", "pull", "x", "--kernel-ref", "k"],
+            &["image", "register", "a", "f", "--json"],
+            &["kernel", "import", "a", "--from", "d", "--json"],
+            &["daemon", "logs", "-f", "-n", "5"],
+        ] {
+            parse(args);
         }
     }
 

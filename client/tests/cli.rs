@@ -196,21 +196,16 @@ fn version_flag_and_command() {
 #[test]
 fn completion_scripts() {
     let home = Home::new();
-    // bash and fish ask `banger __complete` (see `completion_is_live_in_bash`); zsh's is
-    // clap's static script.
-    for shell in ["bash", "fish"] {
+    // bash, zsh and fish ask `banger __complete` (see `completion_is_live_in_bash`, and
+    // `docker_conventions_on_double_vms` for zsh).
+    for shell in ["bash", "zsh", "fish"] {
         let out = home.banger(&["completion", shell]);
         assert!(out.status.success(), "{shell}");
         let s = text(&out.stdout);
         assert!(s.contains("banger __complete"), "{shell}: {s}");
     }
-    let out = home.banger(&["completion", "zsh"]);
-    assert!(out.status.success());
-    let s = text(&out.stdout);
-    assert!(
-        s.contains("banger") && s.contains("daemon") && s.contains("status"),
-        "{s}"
-    );
+    let s = text(&home.banger(&["completion", "zsh"]).stdout);
+    assert!(s.starts_with("#compdef banger\n"), "{s}");
     let out = home.banger(&["completion", "tcsh"]);
     assert_eq!(out.status.code(), Some(2), "unknown shell is a usage error");
 }
@@ -383,7 +378,9 @@ fn help_is_a_command_that_takes_help() {
     assert!(text(&out.stderr).contains("no command `banger vm nope`"));
     let top = text(&home.banger(&["--help"]).stdout);
     let examples = top.split_once("Examples:").unwrap().1;
-    assert!(examples.trim_start().starts_with("banger vm run"), "{top}");
+    // `banger run` is `banger vm run` (the top-level shortcuts are listed too).
+    assert!(examples.trim_start().starts_with("banger run"), "{top}");
+    assert!(top.contains("(= `banger vm run`)"), "{top}");
     assert!(top.contains("Global options:\n      --socket"), "{top}");
     assert!(!home.socket().exists(), "help starts no daemon");
 }
@@ -1360,7 +1357,7 @@ fn vm_commands_fail_clearly_without_images() {
     let out = home.banger(&["vm", "ls", "--json"]);
     assert_eq!(json(&out), serde_json::json!([]));
     let out = home.banger(&["ps"]);
-    assert!(text(&out.stdout).starts_with("NAME"));
+    assert!(text(&out.stdout).starts_with("ID"));
     home.banger(&["daemon", "stop"]);
 }
 
@@ -1587,7 +1584,7 @@ fn doctor_tells_the_truth_about_this_host() {
             "{vmm}"
         );
     }
-    assert_eq!(get("daemon")["status"], "ok");
+    assert_eq!(get("daemon")["status"], "ok", "{}", get("daemon"));
     assert_eq!(get("version drift")["status"], "ok");
     assert_eq!(get("dns")["status"], "ok");
     // No `banger ssh-config` in this HOME yet: a warning that says what to run.
@@ -1838,7 +1835,7 @@ fn published_port_specs_and_taken_host_ports_are_refused_with_what_is_wrong() {
         serde_json::Value::Null,
         "not running"
     );
-    let ps = text(&home.banger(&["ps"]).stdout);
+    let ps = text(&home.banger(&["ps", "-a"]).stdout);
     assert!(ps.contains("PORTS"), "{ps}");
     assert!(ps.contains(&format!("127.0.0.1:{port}->80/tcp")), "{ps}");
     let out = home.banger(&["vm", "port", "rm", "b", &port.to_string()]);
@@ -1856,5 +1853,247 @@ fn published_port_specs_and_taken_host_ports_are_refused_with_what_is_wrong() {
         text(&home.banger(&["vm", "show", "b"]).stdout)
             .contains("127.0.0.1:0->8000/tcp (not bound)")
     );
+    home.banger(&["daemon", "stop"]);
+}
+
+/// A home whose daemon runs Firecracker VMs on the test double (`banger-fc-double`, as
+/// jailer and as Firecracker): they start and stop at once, with no guest to boot (no
+/// agent: `agent_timeout_secs = 0`). Kernel `k` and image `img` are registered through the
+/// CLI, with `--json`.
+fn double_home() -> Home {
+    let home = Home::new();
+    let exe = banger_bin();
+    let double = exe.with_file_name("banger-fc-double");
+    assert!(
+        double.exists(),
+        "{} is missing: cargo build -p banger-actors --features test-double --bin banger-fc-double",
+        double.display()
+    );
+    let work = home.path().join("work");
+    std::fs::create_dir_all(work.join("kernel")).unwrap();
+    std::fs::write(
+        work.join("kernel/vmlinux"),
+        banger_actors::kernel_format::fixture::minimal_elf(4096),
+    )
+    .unwrap();
+    let versioned = work.join("firecracker-v1.13.1-x86_64");
+    if std::fs::hard_link(&double, &versioned).is_err() {
+        std::fs::copy(&double, &versioned).unwrap();
+    }
+    std::os::unix::fs::symlink(&versioned, work.join("firecracker")).unwrap();
+    let rootfs = work.join("rootfs.ext4");
+    banger_rootfs(&rootfs);
+    let cfg = home.path().join("config/banger");
+    std::fs::create_dir_all(&cfg).unwrap();
+    std::fs::write(
+        cfg.join("config.toml"),
+        format!(
+            "default_vmm = \"firecracker\"\nagent_timeout_secs = 0\nstop_timeout_secs = 5\n\
+             [firecracker]\njailer = \"{}\"\nbinary = \"{}\"\n",
+            double.display(),
+            work.join("firecracker").display()
+        ),
+    )
+    .unwrap();
+    let out = home.banger(&[
+        "kernel",
+        "import",
+        "k",
+        "--from",
+        work.join("kernel").to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(json(&out)["name"], "k", "kernel import --json");
+    let out = home.banger(&[
+        "image",
+        "register",
+        "img",
+        rootfs.to_str().unwrap(),
+        "--kernel",
+        "k",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(json(&out)["name"], "img", "image register --json");
+    home
+}
+
+/// The docker/lima conventions of issue 21 on VMs of the Firecracker double: `vm create
+/// NAME`; `ps` lists running VMs and `-a` all, `-q` IDs, `--format` fields; a unique ID
+/// prefix names a VM; `start`/`stop`/`kill`/`rm` take several VMs, act on each, report
+/// each failure and exit non-zero if any failed, `--json` an array; `logs --tail N` counts
+/// lines; zsh completion offers the daemon's VM names.
+#[test]
+fn docker_conventions_on_double_vms() {
+    let home = double_home();
+    let ok = |args: &[&str]| {
+        let out = home.banger(args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+        out
+    };
+    ok(&["vm", "create", "a", "--image", "img"]);
+    ok(&["vm", "create", "--name", "b", "--image", "img"]);
+    ok(&["vm", "create", "c", "--image", "img", "--no-start"]);
+    let state = |vm: &str| json(&ok(&["vm", "show", vm, "--json"]))["state"].clone();
+    assert_eq!(state("a"), "running");
+    let ids: Vec<String> = ["a", "b", "c"]
+        .iter()
+        .map(|vm| {
+            json(&ok(&["vm", "show", vm, "--json"]))["id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    let lines = |out: &Output| -> Vec<String> {
+        let mut l: Vec<String> = text(&out.stdout).lines().map(str::to_owned).collect();
+        l.sort();
+        l
+    };
+    let mut running = vec![ids[0].clone(), ids[1].clone()];
+    running.sort();
+    assert_eq!(lines(&ok(&["ps", "-q"])), running, "ps: running VMs only");
+    let mut all = ids.clone();
+    all.sort();
+    assert_eq!(lines(&ok(&["ps", "-aq"])), all, "ps -a: all");
+    assert_eq!(
+        text(&ok(&["ps", "-a", "--format", "{{.Name}}:{{.State}}"]).stdout),
+        "a:running\nb:running\nc:created\n"
+    );
+    let table = text(&ok(&["ps"]).stdout);
+    assert!(table.starts_with("ID "), "{table}");
+    assert!(
+        table.contains("UPTIME") && !table.contains("created"),
+        "{table}"
+    );
+
+    // c by the shortest prefix of its ID that no other ID shares (at least 3 characters,
+    // so it is no VM's name).
+    let len = (3..=12)
+        .find(|&n| ids[..2].iter().all(|o| !o.starts_with(&ids[2][..n])))
+        .unwrap();
+    let prefix = &ids[2][..len];
+    ok(&["start", prefix]);
+    assert_eq!(state("c"), "running", "started by its ID prefix {prefix}");
+
+    // Several at once; one that does not exist fails alone, and says so.
+    let out = home.banger(&["stop", "a", "nope", "b"]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("no vm named nope"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(state("a"), "stopped");
+    assert_eq!(state("b"), "stopped");
+    let started = json(&ok(&["vm", "start", "a", "b", "--json"]));
+    let names: Vec<&str> = started
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["a", "b"]);
+    assert!(
+        started
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|v| v["state"] == "running")
+    );
+    let killed = json(&ok(&["vm", "kill", "a", "b", "--json"]));
+    assert_eq!(killed.as_array().unwrap().len(), 2, "{killed}");
+    for vm in ["a", "b"] {
+        assert_ne!(state(vm), "running", "{vm} was killed");
+    }
+
+    // zsh: the script of `banger completion zsh`, run by zsh with compadd and compdef
+    // standing in for its completion system, offers the daemon's VMs.
+    let script = home.path().join("_banger");
+    std::fs::write(&script, ok(&["completion", "zsh"]).stdout).unwrap();
+    let bin_dir = banger_bin().parent().unwrap().to_owned();
+    let mut zsh = Command::new("zsh");
+    home.env(&mut zsh);
+    let out = zsh
+        .env(
+            "PATH",
+            format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap()),
+        )
+        .args(["-f", "-c"])
+        .arg(format!(
+            "compdef() {{ :; }}; compadd() {{ print -rl -- \"${{(@P)2}}\"; }}; _files() {{ print FILES; }}\n\
+             source {}\nwords=(banger vm start ''); CURRENT=4; _banger\n\
+             words=(banger vm create --image ''); CURRENT=5; _banger\n\
+             words=(banger image register ''); CURRENT=4; _banger",
+            script.display()
+        ))
+        .output()
+        .expect("zsh (apt-get install zsh)");
+    assert_eq!(
+        text(&out.stdout),
+        "a\nb\nc\nimg\nFILES\n",
+        "VMs, images, then files for a new image's name: {}",
+        text(&out.stderr)
+    );
+
+    // logs --tail counts lines (the console's last lines here are the test's).
+    let console = json(&ok(&["vm", "show", "a", "--json"]))["console_log"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(&console)
+        .unwrap();
+    std::io::Write::write_all(&mut f, b"\nline 1\nline 2\nline 3\n").unwrap();
+    drop(f);
+    assert_eq!(
+        text(&ok(&["logs", "--tail", "2", "a"]).stdout),
+        "line 2\nline 3\n"
+    );
+    assert_eq!(
+        text(&ok(&["vm", "logs", "a", "--bytes", "7"]).stdout),
+        "line 3\n"
+    );
+
+    let gone = json(&ok(&["rm", "-f", "a", "b", "c", "--json"]));
+    assert_eq!(gone.as_array().unwrap().len(), 3, "{gone}");
+    assert!(text(&ok(&["ps", "-aq"]).stdout).is_empty());
+    let out = home.banger(&["rm", "x1", "x2"]);
+    assert_eq!(out.status.code(), Some(4));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("x1") && err.contains("x2"),
+        "each failure said: {err}"
+    );
+    assert_eq!(json(&ok(&["image", "rm", "img", "--json"]))["name"], "img");
+    assert_eq!(json(&ok(&["kernel", "delete", "k", "--json"]))["name"], "k");
+    home.banger(&["daemon", "stop"]);
+}
+
+/// `banger daemon logs`: bangerd's log, `--tail N` its last N lines (JSON lines); with no
+/// log yet, not found (4), and nothing is started to ask.
+#[test]
+fn daemon_logs_prints_bangerds_log() {
+    let home = Home::new();
+    let out = home.banger(&["daemon", "logs"]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("no daemon log yet"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!home.socket().exists(), "daemon logs starts no daemon");
+    assert!(home.banger(&["daemon", "start"]).status.success());
+    let out = home.banger(&["daemon", "logs", "--tail", "1"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let last = text(&out.stdout);
+    assert_eq!(last.lines().count(), 1, "{last}");
+    let line: serde_json::Value = serde_json::from_str(last.trim()).unwrap();
+    assert!(line["level"].is_string(), "{line}");
+    let all = text(&home.banger(&["daemon", "logs"]).stdout);
+    assert!(all.lines().count() >= 1 && all.ends_with(&last), "{all}");
     home.banger(&["daemon", "stop"]);
 }

@@ -1917,3 +1917,141 @@ fn root_rig_published_ports_reach_a_guest_server_across_a_daemon_sigkill() {
     assert_eq!(published_port(&home, "web", 8000), None);
     home.ok(&["vm", "rm", "web"]);
 }
+
+/// On one real guest: `run -d` boots a VM and returns, its command running in the
+/// background with `-e` and `-w`; `exec` takes the command without `--`; `cp` follows
+/// `docker cp`: a directory DST receives SRC inside it, another DST is SRC's new name,
+/// `SRC/.` copies a directory's content, `-` is a tar stream on stdin or stdout, modes are
+/// kept, and a missing guest path is not found (4).
+#[test]
+fn root_rig_vm_cp_run_detached_and_exec_without_dashes() {
+    use std::os::unix::fs::PermissionsExt;
+    let home = Home::new();
+    let name = home.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "cp",
+        "-e",
+        "GREETING=hi",
+        "-w",
+        "/tmp",
+        "--",
+        "sh",
+        "-c",
+        "echo $GREETING $(pwd) > /root/detached.txt; exec sleep 1000",
+    ]);
+    assert_eq!(name.trim(), "cp");
+    assert_eq!(
+        home.json(&["vm", "show", "cp", "--json"])["state"],
+        "running"
+    );
+    // The background command writes its file soon after; wait for it (bounded).
+    let deadline = Instant::now() + GUEST_WAIT;
+    let detached = loop {
+        let out = home.run(&["exec", "cp", "cat", "/root/detached.txt"]);
+        if out.status.success() {
+            break String::from_utf8_lossy(&out.stdout).into_owned();
+        }
+        assert!(Instant::now() < deadline, "the detached command never ran");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(detached, "hi /tmp\n");
+    // exec without `--`, flags of the command included.
+    assert!(
+        home.ok(&["exec", "cp", "ls", "-la", "/root"])
+            .contains("detached.txt")
+    );
+
+    let host = tempfile::tempdir().unwrap();
+    let app = host.path().join("app");
+    std::fs::create_dir_all(app.join("bin")).unwrap();
+    std::fs::write(app.join("a.txt"), "A\n").unwrap();
+    std::fs::write(app.join("bin/run.sh"), "#!/bin/sh\n").unwrap();
+    std::fs::set_permissions(
+        app.join("bin/run.sh"),
+        std::fs::Permissions::from_mode(0o750),
+    )
+    .unwrap();
+    let app_s = app.to_str().unwrap();
+    // Into a directory: /root/app.
+    home.ok(&["cp", app_s, "cp:/root/"]);
+    assert_eq!(home.ok(&["exec", "cp", "cat", "/root/app/a.txt"]), "A\n");
+    assert_eq!(
+        home.ok(&["exec", "cp", "stat", "-c", "%a", "/root/app/bin/run.sh"]),
+        "750\n"
+    );
+    // A file under a new name; a directory's content into a new directory.
+    home.ok(&[
+        "vm",
+        "cp",
+        app.join("a.txt").to_str().unwrap(),
+        "cp:/root/b.txt",
+    ]);
+    assert_eq!(home.ok(&["exec", "cp", "cat", "/root/b.txt"]), "A\n");
+    home.ok(&["cp", &format!("{app_s}/."), "cp:/root/flat"]);
+    assert_eq!(home.ok(&["exec", "cp", "cat", "/root/flat/a.txt"]), "A\n");
+
+    // Out of the guest: a directory into an existing one, a file under a new name.
+    let out = host.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    home.ok(&["cp", "cp:/root/app", out.to_str().unwrap()]);
+    assert_eq!(
+        std::fs::read_to_string(out.join("app/a.txt")).unwrap(),
+        "A\n"
+    );
+    let mode = std::fs::metadata(out.join("app/bin/run.sh"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o750);
+    home.ok(&[
+        "cp",
+        "cp:/root/detached.txt",
+        out.join("d.txt").to_str().unwrap(),
+    ]);
+    assert_eq!(
+        std::fs::read_to_string(out.join("d.txt")).unwrap(),
+        "hi /tmp\n"
+    );
+
+    // `-`: a tar on stdout, under SRC's name; a tar on stdin, unpacked into DST.
+    let tar_out = home.cmd(&["cp", "cp:/root/app", "-"]).output().unwrap();
+    assert!(
+        tar_out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&tar_out.stderr)
+    );
+    let mut names: Vec<String> = tar::Archive::new(tar_out.stdout.as_slice())
+        .entries()
+        .unwrap()
+        .map(|e| e.unwrap().path().unwrap().display().to_string())
+        .collect();
+    names.sort();
+    assert!(names.contains(&"app/a.txt".to_owned()), "{names:?}");
+    assert!(names.contains(&"app/bin/run.sh".to_owned()), "{names:?}");
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(3);
+    h.set_mode(0o644);
+    b.append_data(&mut h, "x/y.txt", &b"yes"[..]).unwrap();
+    let tarball = b.into_inner().unwrap();
+    let mut child = home
+        .cmd(&["cp", "-", "cp:/root/in"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), &tarball).unwrap();
+    drop(child.stdin.take());
+    assert!(child.wait().unwrap().success());
+    assert_eq!(home.ok(&["exec", "cp", "cat", "/root/in/x/y.txt"]), "yes");
+
+    let missing = home.run(&["cp", "cp:/nope", out.to_str().unwrap()]);
+    assert_eq!(
+        code(&missing),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&missing.stderr)
+    );
+    home.ok(&["rm", "-f", "cp"]);
+}

@@ -1,6 +1,6 @@
 //! Shell completion that knows the daemon's names, the way `docker`, `gh` and `kubectl`
 //! complete (cobra's hidden `__complete` command): the script `banger completion bash`
-//! (or `fish`) prints is a few lines that call `banger __complete <words…>` with the words
+//! (or `zsh`, `fish`) prints is a few lines that call `banger __complete <words…>` with the words
 //! typed so far (the last one being the word under the cursor) and offer what it prints,
 //! one candidate a line. The candidates come from the clap tree itself (subcommands,
 //! flags, possible values) and, where a VM, image or kernel is named, from the daemon:
@@ -13,7 +13,7 @@
 //! never offered. When nothing is printed, the bash script falls back to file names (as
 //! for `vm run PATH` or `image register NAME ROOTFS`).
 //!
-//! zsh keeps clap's static script (commands and flags, no names from the daemon).
+//! zsh's script does the same through `compadd` (falling back to `_files`).
 //! (banger has no snapshot names yet: there is no snapshot API to ask.)
 
 use std::time::Duration;
@@ -78,6 +78,25 @@ _banger() {
     COMPREPLY=($(banger __complete "${COMP_WORDS[@]:1:COMP_CWORD}" 2>/dev/null))
 }
 complete -o default -F _banger banger
+"#;
+
+/// The zsh script: `#compdef` for a file in `$fpath`, `compdef` when sourced.
+pub const ZSH: &str = r#"#compdef banger
+# zsh completion for banger (from `banger completion zsh`)
+_banger() {
+    local -a candidates
+    candidates=("${(@f)$(banger __complete "${(@)words[2,CURRENT]}" 2>/dev/null)}")
+    if (( ${#candidates} )) && [[ -n ${candidates[1]} ]]; then
+        compadd -a candidates
+    else
+        _files
+    fi
+}
+if [[ ${zsh_eval_context[-1]} == loadautofunc ]]; then
+    _banger "$@"
+else
+    compdef _banger banger
+fi
 "#;
 
 /// The fish script.
@@ -291,6 +310,17 @@ mod tests {
         assert_eq!(want(&["kernel", "rm", ""]), Want::Names(Names::Kernels));
         assert_eq!(want(&["image", "register", ""]), Want::Nothing);
         assert_eq!(want(&["vm", "logs", "-f", ""]), Want::Names(Names::Vms));
+        // The top-level shortcuts, several VMs, and the command after an `exec` VM.
+        assert_eq!(want(&["rm", "-f", "a", ""]), Want::Names(Names::Vms));
+        assert_eq!(want(&["stop", "a", ""]), Want::Names(Names::Vms));
+        assert_eq!(want(&["exec", ""]), Want::Names(Names::Vms));
+        assert_eq!(want(&["exec", "dev", ""]), Want::Nothing);
+        assert_eq!(want(&["logs", "--tail", "3", ""]), Want::Names(Names::Vms));
+        assert_eq!(
+            want(&["image", "pull", "x", "--kernel", ""]),
+            Want::Names(Names::Kernels)
+        );
+        assert_eq!(want(&["kernel", "rm", ""]), Want::Names(Names::Kernels));
     }
 
     #[test]

@@ -28,6 +28,7 @@ pub async fn run(target: &Target, cmd: DaemonCmd) -> Result<u8, CliError> {
         DaemonCmd::Install(a) => super::system::run(SystemCmd::Install(a)).await,
         DaemonCmd::Uninstall(a) => super::system::run(SystemCmd::Uninstall(a)).await,
         DaemonCmd::Restart => restart(target).await,
+        DaemonCmd::Logs { follow, tail } => logs(target, follow, tail).await,
         DaemonCmd::Socket { json } => {
             let path = target.socket.display().to_string();
             if json {
@@ -167,4 +168,74 @@ fn alive(pid: u32) -> bool {
         stat.rsplit_once(") ")
             .is_some_and(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X'))
     })
+}
+
+/// Where bangerd writes its log: as the running daemon says (its `log_dir` may be
+/// configured), else the default for this target (none is started to ask).
+async fn log_path(target: &Target) -> std::path::PathBuf {
+    if let Ok(client) = connect::connect(target).await
+        && let Ok(s) = client.status().await
+    {
+        return s.log_path.into();
+    }
+    if target.system {
+        return "/var/log/banger/bangerd.log".into();
+    }
+    let state = std::env::var_os("XDG_STATE_HOME")
+        .map(std::path::PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".local/state")))
+        .unwrap_or_else(|| "/tmp".into());
+    state.join("banger/bangerd.log")
+}
+
+/// `banger daemon logs [-f] [--tail N]`: bangerd's log file, as `tail [-f] -n N` would.
+async fn logs(target: &Target, follow: bool, tail: Option<usize>) -> Result<u8, CliError> {
+    use std::io::{Read, Seek, SeekFrom};
+    let path = log_path(target).await;
+    let mut file = std::fs::File::open(&path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            CliError::Rpc {
+                code: banger_api::codes::NOT_FOUND,
+                message: format!(
+                    "{}: no daemon log yet (bangerd writes it once it starts)",
+                    path.display()
+                ),
+            }
+        } else {
+            CliError::Other(format!("{}: {e}", path.display()))
+        }
+    })?;
+    let mut text = Vec::new();
+    file.read_to_end(&mut text)
+        .map_err(|e| CliError::Other(format!("{}: {e}", path.display())))?;
+    let text = String::from_utf8_lossy(&text);
+    match tail {
+        Some(n) => out!("{}", super::vm::last_lines(&text, n)),
+        None => out!("{text}"),
+    }
+    if !follow {
+        return Ok(exit::OK);
+    }
+    let mut pos = file.stream_position().unwrap_or(0);
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        // Polled, as `tail -f` does without inotify: a rotated or truncated log is read
+        // again from its start.
+        let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        if len < pos {
+            if let Ok(f) = std::fs::File::open(&path) {
+                file = f;
+            }
+            pos = 0;
+        }
+        let _ = file.seek(SeekFrom::Start(pos));
+        match file.read(&mut buf) {
+            Ok(0) | Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+            Ok(n) => {
+                pos += n as u64;
+                render::stdout_bytes(&buf[..n]);
+            }
+        }
+    }
 }

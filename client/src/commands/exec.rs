@@ -46,6 +46,16 @@ impl Drop for RawMode {
     }
 }
 
+/// `-e KEY=VALUE` flags as pairs; one without `=` is a usage error.
+pub fn parse_env(env: &[String]) -> Result<Vec<(String, String)>, CliError> {
+    env.iter()
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) => Ok((k.to_owned(), v.to_owned())),
+            None => Err(CliError::Usage(format!("--env {kv}: use KEY=VALUE"))),
+        })
+        .collect()
+}
+
 /// Run `cmd` in `vm`; the result is the command's exit status (128+N for a signal).
 pub async fn run(
     client: &Client,
@@ -55,13 +65,7 @@ pub async fn run(
     workdir: Option<String>,
     cmd: Vec<String>,
 ) -> Result<u8, CliError> {
-    let env = env
-        .into_iter()
-        .map(|kv| match kv.split_once('=') {
-            Some((k, v)) => Ok((k.to_owned(), v.to_owned())),
-            None => Err(CliError::Usage(format!("--env {kv}: use KEY=VALUE"))),
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let env = parse_env(&env)?;
     let info = client.show(vm.to_owned()).await?;
     if info.state != VmState::Running {
         return Err(CliError::Rpc {

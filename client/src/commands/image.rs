@@ -129,39 +129,36 @@ fn print_catalog(entries: &[CatalogEntry], json: bool) -> Result<(), CliError> {
     if json {
         return render::json(&entries);
     }
-    outln!(
-        "{:<24} {:<14} {:>9} {:<16} DESCRIPTION",
-        "NAME",
-        "FROM",
-        "SIZE",
-        "KERNEL"
+    let rows: Vec<Vec<String>> = entries
+        .iter()
+        .map(|e| {
+            let from = match (&e.bundle, &e.recipe) {
+                (Some(_), Some(_)) => "bundle,recipe".to_owned(),
+                (Some(_), None) => "bundle".to_owned(),
+                (None, Some(r)) => format!("recipe:{}", r.suite),
+                (None, None) => "-".to_owned(),
+            };
+            let size = e
+                .bundle
+                .as_ref()
+                .map(|b| bytes(b.size))
+                .unwrap_or("-".into());
+            let kernel = match (&e.kernel_ref, &e.recipe) {
+                (Some(k), _) => k.clone(),
+                (None, Some(_)) => "(built)".into(),
+                (None, None) => "-".into(),
+            };
+            vec![e.name.clone(), from, size, kernel, e.description.clone()]
+        })
+        .collect();
+    out!(
+        "{}",
+        render::table(
+            &["NAME", "FROM", "SIZE", "KERNEL", "DESCRIPTION"],
+            &[false, false, true, false, false],
+            &rows
+        )
     );
-    for e in entries {
-        let from = match (&e.bundle, &e.recipe) {
-            (Some(_), Some(_)) => "bundle,recipe".to_owned(),
-            (Some(_), None) => "bundle".to_owned(),
-            (None, Some(r)) => format!("recipe:{}", r.suite),
-            (None, None) => "-".to_owned(),
-        };
-        let size = e
-            .bundle
-            .as_ref()
-            .map(|b| bytes(b.size))
-            .unwrap_or("-".into());
-        let kernel = match (&e.kernel_ref, &e.recipe) {
-            (Some(k), _) => k.clone(),
-            (None, Some(_)) => "(built)".into(),
-            (None, None) => "-".into(),
-        };
-        outln!(
-            "{:<24} {:<14} {:>9} {:<16} {}",
-            e.name,
-            from,
-            size,
-            kernel,
-            e.description
-        );
-    }
     Ok(())
 }
 
@@ -171,7 +168,7 @@ pub async fn image(target: &Target, cmd: ImageCmd) -> Result<u8, CliError> {
         ImageCmd::Pull {
             source,
             name,
-            kernel_ref,
+            kernel,
             size,
             build,
             json,
@@ -181,7 +178,7 @@ pub async fn image(target: &Target, cmd: ImageCmd) -> Result<u8, CliError> {
                 PullImage {
                     source,
                     name,
-                    kernel_ref,
+                    kernel_ref: kernel,
                     size_bytes: size,
                     build,
                 },
@@ -218,6 +215,7 @@ pub async fn image(target: &Target, cmd: ImageCmd) -> Result<u8, CliError> {
             size,
             json,
         } => {
+            let vm = super::vm::resolve(&client, vm).await?;
             let sub = client
                 .promote(PromoteImage {
                     vm,
@@ -239,21 +237,24 @@ pub async fn image(target: &Target, cmd: ImageCmd) -> Result<u8, CliError> {
             if json {
                 render::json(&all)?;
             } else {
-                outln!("{:<71} {:>9}  USED", "DIGEST", "SIZE");
-                for b in all {
-                    outln!(
-                        "{:<71} {:>9}  {} ago",
-                        b.digest,
-                        bytes(b.size_bytes),
-                        render::duration(
-                            std::time::SystemTime::now()
-                                .duration_since(std::time::UNIX_EPOCH)
-                                .map(|d| d.as_secs())
-                                .unwrap_or(0)
-                                .saturating_sub(b.used_at)
-                        )
-                    );
-                }
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                let rows: Vec<Vec<String>> = all
+                    .iter()
+                    .map(|b| {
+                        vec![
+                            b.digest.clone(),
+                            bytes(b.size_bytes),
+                            format!("{} ago", render::duration(now.saturating_sub(b.used_at))),
+                        ]
+                    })
+                    .collect();
+                out!(
+                    "{}",
+                    render::table(&["DIGEST", "SIZE", "USED"], &[false, true, false], &rows)
+                );
             }
         }
         ImageCmd::Cache(CacheCmd::Prune) => {
@@ -268,6 +269,7 @@ pub async fn image(target: &Target, cmd: ImageCmd) -> Result<u8, CliError> {
             name,
             rootfs,
             kernel,
+            json,
         } => {
             let rootfs = absolute(&rootfs)?;
             let i = client
@@ -277,22 +279,31 @@ pub async fn image(target: &Target, cmd: ImageCmd) -> Result<u8, CliError> {
                     kernel,
                 })
                 .await?;
-            outln!("{}", i.name);
+            if json {
+                render::json(&i)?;
+            } else {
+                outln!("{}", i.name);
+            }
         }
         ImageCmd::List { json, .. } => {
             let all = ImageRpcClient::list(&client).await?;
             if json {
                 render::json(&all)?;
             } else {
-                outln!("{:<24} {:>9} {:<16}", "NAME", "SIZE", "KERNEL");
-                for i in all {
-                    outln!(
-                        "{:<24} {:>9} {:<16}",
-                        i.name,
-                        bytes(i.size_bytes),
-                        i.kernel.as_deref().unwrap_or("-")
-                    );
-                }
+                let rows: Vec<Vec<String>> = all
+                    .iter()
+                    .map(|i| {
+                        vec![
+                            i.name.clone(),
+                            bytes(i.size_bytes),
+                            i.kernel.clone().unwrap_or_else(|| "-".into()),
+                        ]
+                    })
+                    .collect();
+                out!(
+                    "{}",
+                    render::table(&["NAME", "SIZE", "KERNEL"], &[false, true, false], &rows)
+                );
             }
         }
         ImageCmd::Show { name, json } => {
@@ -309,9 +320,13 @@ pub async fn image(target: &Target, cmd: ImageCmd) -> Result<u8, CliError> {
                 );
             }
         }
-        ImageCmd::Delete { name } => {
+        ImageCmd::Delete { name, json } => {
             let i = ImageRpcClient::delete(&client, name).await?;
-            outln!("{}", i.name);
+            if json {
+                render::json(&i)?;
+            } else {
+                outln!("{}", i.name);
+            }
         }
     }
     Ok(exit::OK)
@@ -320,10 +335,14 @@ pub async fn image(target: &Target, cmd: ImageCmd) -> Result<u8, CliError> {
 pub async fn kernel(target: &Target, cmd: KernelCmd) -> Result<u8, CliError> {
     let client = connect::connect_or_start(target).await?;
     match cmd {
-        KernelCmd::Import { name, from } => {
+        KernelCmd::Import { name, from, json } => {
             let from = absolute(&from)?;
             let k = client.import(ImportKernel { name, from }).await?;
-            outln!("{}", k.name);
+            if json {
+                render::json(&k)?;
+            } else {
+                outln!("{}", k.name);
+            }
         }
         KernelCmd::Pull { name, json } => {
             let sub = KernelRpcClient::pull(&client, PullKernel { name }).await?;
@@ -347,15 +366,21 @@ pub async fn kernel(target: &Target, cmd: KernelCmd) -> Result<u8, CliError> {
             if json {
                 render::json(&all)?;
             } else {
-                outln!("{:<24} {:<7} {:<8}", "NAME", "INITRD", "MODULES");
-                for k in all {
-                    outln!(
-                        "{:<24} {:<7} {:<8}",
-                        k.name,
-                        if k.initrd.is_some() { "yes" } else { "no" },
-                        if k.modules.is_some() { "yes" } else { "no" }
-                    );
-                }
+                let yes = |b: bool| if b { "yes" } else { "no" }.to_owned();
+                let rows: Vec<Vec<String>> = all
+                    .iter()
+                    .map(|k| {
+                        vec![
+                            k.name.clone(),
+                            yes(k.initrd.is_some()),
+                            yes(k.modules.is_some()),
+                        ]
+                    })
+                    .collect();
+                out!(
+                    "{}",
+                    render::table(&["NAME", "INITRD", "MODULES"], &[false; 3], &rows)
+                );
             }
         }
         KernelCmd::Show { name, json } => {
@@ -366,9 +391,13 @@ pub async fn kernel(target: &Target, cmd: KernelCmd) -> Result<u8, CliError> {
                 out!("{}", kernel_text(&k));
             }
         }
-        KernelCmd::Rm { name } => {
+        KernelCmd::Rm { name, json } => {
             let k = client.rm(name).await?;
-            outln!("{}", k.name);
+            if json {
+                render::json(&k)?;
+            } else {
+                outln!("{}", k.name);
+            }
         }
     }
     Ok(exit::OK)

@@ -1,6 +1,7 @@
 //! One module per command group; each turns parsed arguments into calls and output.
 
 pub mod complete;
+pub mod cp;
 pub mod daemon;
 pub mod doctor;
 pub mod exec;
@@ -16,7 +17,7 @@ pub mod workspace;
 
 use clap::CommandFactory;
 
-use crate::cli::{Cli, Command};
+use crate::cli::{Cli, Command, VmCmd};
 use crate::connect::Target;
 use crate::exit::{self, CliError};
 
@@ -87,7 +88,16 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
             .await
         }
         Command::Vm(cmd) => vm::run(&target, cmd).await,
-        Command::Ps { json } => vm::ps(&target, json).await,
+        Command::Ps(args) => vm::ps(&target, args).await,
+        // The everyday verbs at the top, as `docker run` and `docker exec` are.
+        Command::Run(a) => vm::run(&target, VmCmd::Run(a)).await,
+        Command::Exec(a) => vm::run(&target, VmCmd::Exec(a)).await,
+        Command::Ssh(a) => vm::run(&target, VmCmd::Ssh(a)).await,
+        Command::Cp(a) => vm::run(&target, VmCmd::Cp(a)).await,
+        Command::Logs(a) => vm::run(&target, VmCmd::Logs(a)).await,
+        Command::Start(a) => vm::run(&target, VmCmd::Start(a)).await,
+        Command::Stop(a) => vm::run(&target, VmCmd::Stop(a)).await,
+        Command::Rm(a) => vm::run(&target, VmCmd::Delete(a)).await,
         Command::Image(cmd) => image::image(&target, cmd).await,
         Command::Kernel(cmd) => image::kernel(&target, cmd).await,
         Command::Internal(cmd) => internal::run(cmd).await,
@@ -107,10 +117,14 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
         }
         Command::Help { command } => help(&command),
         Command::Completion { shell } => {
-            // bash and fish ask `banger __complete` (names from the daemon); see `complete`.
+            // bash, zsh and fish ask `banger __complete` (names from the daemon); see `complete`.
             match shell {
                 clap_complete::Shell::Bash => {
                     crate::render::stdout_bytes(complete::BASH.as_bytes());
+                    return Ok(exit::OK);
+                }
+                clap_complete::Shell::Zsh => {
+                    crate::render::stdout_bytes(complete::ZSH.as_bytes());
                     return Ok(exit::OK);
                 }
                 clap_complete::Shell::Fish => {

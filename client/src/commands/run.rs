@@ -56,7 +56,56 @@ pub struct Opts {
     /// Wait for the guest's boot to finish before the command or shell (`--no-boot-wait`
     /// turns it off).
     pub boot_wait: bool,
+    /// `-d`: start it and return; a command runs in the background (see [`DETACHED_LOG`]).
+    pub detach: bool,
+    /// `-e KEY=VALUE`, for the command or the shell.
+    pub env: Vec<String>,
+    /// `-w DIR` (default: the shipped repo, if any).
+    pub workdir: Option<String>,
     pub cmd: Vec<String>,
+}
+
+/// Where a command started with `vm run -d` writes its output, in the guest.
+pub const DETACHED_LOG: &str = "/root/.banger-run.log";
+
+/// The guest command that starts `cmd` in the background, its output in
+/// [`DETACHED_LOG`], and returns at once (the agent's exec ends with its `sh`).
+pub fn detached(cmd: &[String]) -> Vec<String> {
+    let mut argv = vec![
+        "sh".to_owned(),
+        "-c".to_owned(),
+        format!("nohup \"$@\" </dev/null >>{DETACHED_LOG} 2>&1 &"),
+        "banger-run".to_owned(),
+    ];
+    argv.extend(cmd.iter().cloned());
+    argv
+}
+
+/// The remote command of a `vm run` shell: a login shell, in `dir` and with `env` when
+/// given; None for plain `ssh`'s own.
+pub fn shell_command(dir: Option<&str>, env: &[(String, String)]) -> Option<String> {
+    if dir.is_none() && env.is_empty() {
+        return None;
+    }
+    let mut line = String::new();
+    if let Some(dir) = dir {
+        line.push_str(&format!(
+            "cd {} && ",
+            shlex::try_quote(dir).unwrap_or_default()
+        ));
+    }
+    line.push_str("exec ");
+    if !env.is_empty() {
+        line.push_str("env");
+        for (k, v) in env {
+            let kv = format!("{k}={v}");
+            line.push(' ');
+            line.push_str(&shlex::try_quote(&kv).unwrap_or_default());
+        }
+        line.push(' ');
+    }
+    line.push_str("\"${SHELL:-/bin/sh}\" -l");
+    Some(line)
 }
 
 #[derive(Default)]
@@ -159,6 +208,8 @@ fn kept(name: &str, cause: &str) -> String {
 /// `banger vm run`.
 pub async fn run(client: &Client, target: &Target, o: Opts) -> Result<u8, CliError> {
     let start = Instant::now();
+    // Checked before anything is created.
+    let env = super::exec::parse_env(&o.env)?;
     let mut t = Timings::default();
     let req = CreateVm {
         name: o.name.clone(),
@@ -195,7 +246,7 @@ pub async fn run(client: &Client, target: &Target, o: Opts) -> Result<u8, CliErr
         )));
     }
     let name = vm.name.clone();
-    let result = session(client, target, &o, &vm, &mut t).await;
+    let result = session(client, target, &o, &env, &vm, &mut t).await;
     if o.rm {
         let t1 = Instant::now();
         match client.delete(name.clone(), true).await {
@@ -265,6 +316,7 @@ async fn session(
     client: &Client,
     target: &Target,
     o: &Opts,
+    env: &[(String, String)],
     vm: &banger_api::VmInfo,
     t: &mut Timings,
 ) -> Result<u8, CliError> {
@@ -291,16 +343,29 @@ async fn session(
         wait_boot(vm).await?;
         t.0.push(("services", t1.elapsed()));
     }
+    if o.workdir.is_some() {
+        workdir = o.workdir.clone();
+    }
     let t1 = Instant::now();
-    let status = if o.cmd.is_empty() {
+    let status = if o.detach {
+        if !o.cmd.is_empty() {
+            let argv = detached(&o.cmd);
+            let status =
+                super::exec::run(client, name, false, o.env.clone(), workdir, argv).await?;
+            if status != 0 {
+                return Ok(status);
+            }
+            eprintln!("banger: the command runs in {name}; its output: {DETACHED_LOG}");
+        }
+        outln!("{name}");
+        0
+    } else if o.cmd.is_empty() {
         // Interactive: ssh (through the agent's vsock, so no network is needed).
-        let remote = workdir
-            .as_ref()
-            .map(|dir| format!("cd {dir} && exec \"${{SHELL:-/bin/sh}}\" -l"));
+        let remote = shell_command(workdir.as_deref(), env);
         let c = super::ssh::ssh_command(client, target, name, remote.as_deref(), true).await?;
         super::ssh::run_ssh(c).await?
     } else {
-        super::exec::run(client, name, false, Vec::new(), workdir, o.cmd.clone()).await?
+        super::exec::run(client, name, false, o.env.clone(), workdir, o.cmd.clone()).await?
     };
     t.0.push(("command", t1.elapsed()));
     Ok(status)

@@ -8,7 +8,7 @@ use banger_api::{
 };
 use jsonrpsee::core::client::Subscription;
 
-use crate::cli::{PortCmd, SizeArgs, VmCmd, WorkspaceCmd};
+use crate::cli::{PortCmd, PsArgs, SizeArgs, VmCmd, WorkspaceCmd};
 use crate::connect::{self, Target};
 use crate::exit::{self, CliError};
 use crate::render;
@@ -101,39 +101,246 @@ async fn follow_progress(mut sub: Subscription<Progress>, quiet: bool) -> Result
     ))
 }
 
+/// Seconds since the epoch, now.
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The fields of a VM that `ps --format` knows, by name, as the table shows them.
+pub const FIELDS: &[&str] = &[
+    "id", "name", "state", "image", "kernel", "ip", "vmm", "vcpu", "memory", "disk", "pid",
+    "ports", "created", "uptime",
+];
+
+/// The value of `field` (one of [`FIELDS`], any case) for `v`; None for an unknown field.
+pub fn field(v: &VmInfo, field: &str, now: u64) -> Option<String> {
+    Some(match field.to_ascii_lowercase().as_str() {
+        "id" => v.id.clone(),
+        "name" => v.name.clone(),
+        // A busy VM's state is its last stored one (its actor did not answer).
+        "state" => match v.busy {
+            true => format!("{}*", v.state.as_str()),
+            false => v.state.as_str().to_owned(),
+        },
+        "image" => v.image.clone(),
+        "kernel" => v.kernel.clone(),
+        "ip" => v.ip.clone().unwrap_or_else(|| "-".into()),
+        "vmm" => v.vmm.as_str().to_owned(),
+        "vcpu" => v.spec.vcpu.to_string(),
+        "memory" => bytes(u64::from(v.spec.memory_mib) << 20),
+        "disk" => bytes(v.spec.disk_bytes),
+        "pid" => v.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+        "ports" => ports_cell(v),
+        "created" => format!("{} ago", render::duration(now.saturating_sub(v.created_at))),
+        "uptime" => match (v.state, v.started_at) {
+            (banger_api::VmState::Running, Some(t)) => render::duration(now.saturating_sub(t)),
+            _ => "-".into(),
+        },
+        _ => return None,
+    })
+}
+
+const TABLE: &[&str] = &[
+    "id", "name", "state", "image", "ip", "vmm", "created", "uptime", "ports",
+];
+
 fn print_table(vms: &[VmInfo]) {
+    let now = now_secs();
+    out!("{}", columns(vms, TABLE, now));
+    if vms.iter().any(|v| v.busy) {
+        outln!("* busy: the VM did not answer in time; its state is the last one stored");
+    }
+}
+
+/// A table of `fields` (known ones: see [`field`]), headers in capitals.
+fn columns(vms: &[VmInfo], fields: &[&str], now: u64) -> String {
+    let head: Vec<String> = fields.iter().map(|f| f.to_ascii_uppercase()).collect();
+    let head: Vec<&str> = head.iter().map(String::as_str).collect();
+    let right: Vec<bool> = fields
+        .iter()
+        .map(|f| matches!(*f, "vcpu" | "memory" | "disk" | "pid"))
+        .collect();
     let rows: Vec<Vec<String>> = vms
         .iter()
         .map(|v| {
-            vec![
-                v.name.clone(),
-                // A busy VM's state is its last stored one (its actor did not answer).
-                match v.busy {
-                    true => format!("{}*", v.state.as_str()),
-                    false => v.state.as_str().to_owned(),
-                },
-                v.vmm.as_str().to_owned(),
-                v.spec.vcpu.to_string(),
-                bytes(u64::from(v.spec.memory_mib) << 20),
-                bytes(v.spec.disk_bytes),
-                v.image.clone(),
-                v.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
-                ports_cell(v),
-            ]
+            fields
+                .iter()
+                .map(|f| field(v, f, now).unwrap_or_default())
+                .collect()
         })
         .collect();
-    out!(
-        "{}",
-        render::table(
-            &[
-                "NAME", "STATE", "VMM", "VCPU", "MEMORY", "DISK", "IMAGE", "PID", "PORTS"
-            ],
-            &[false, false, false, true, true, true, false, true, false],
-            &rows,
-        )
-    );
-    if vms.iter().any(|v| v.busy) {
-        outln!("* busy: the VM did not answer in time; its state is the last one stored");
+    render::table(&head, &right, &rows)
+}
+
+/// `--format`: a template with `{{.Field}}` (`\t` and `\n` as escapes; `table ` first
+/// adds a header line and lines the columns up), or a comma-separated list of fields (a
+/// table). Unknown fields are a usage error naming the known ones.
+pub fn format_vms(vms: &[VmInfo], format: &str, now: u64) -> Result<String, CliError> {
+    let unknown = |f: &str| {
+        CliError::Usage(format!(
+            "--format: no field {f:?}; the fields are {}",
+            FIELDS.join(", ")
+        ))
+    };
+    if !format.contains("{{") {
+        let fields: Vec<&str> = format
+            .split(',')
+            .map(str::trim)
+            .filter(|f| !f.is_empty())
+            .collect();
+        if fields.is_empty() {
+            return Err(CliError::Usage("--format: no fields given".into()));
+        }
+        if let Some(f) = fields
+            .iter()
+            .find(|f| !FIELDS.contains(&f.to_ascii_lowercase().as_str()))
+        {
+            return Err(unknown(f));
+        }
+        let fields: Vec<String> = fields.iter().map(|f| f.to_ascii_lowercase()).collect();
+        let fields: Vec<&str> = fields.iter().map(String::as_str).collect();
+        return Ok(columns(vms, &fields, now));
+    }
+    let (table, template) = match format.strip_prefix("table ") {
+        Some(t) => (true, t),
+        None => (false, format),
+    };
+    let template = template.replace("\\t", "\t").replace("\\n", "\n");
+    // Split into literal text and fields once, checking every field.
+    let mut parts: Vec<(bool, String)> = Vec::new();
+    let mut rest = template.as_str();
+    while let Some(open) = rest.find("{{") {
+        let close = rest[open..]
+            .find("}}")
+            .map(|c| open + c)
+            .ok_or_else(|| CliError::Usage(format!("--format: {{{{ without }}}} in {format:?}")))?;
+        parts.push((false, rest[..open].to_owned()));
+        let inner = rest[open + 2..close].trim();
+        let name = inner.strip_prefix('.').unwrap_or(inner);
+        if !FIELDS.contains(&name.to_ascii_lowercase().as_str()) {
+            return Err(unknown(name));
+        }
+        parts.push((true, name.to_ascii_lowercase()));
+        rest = &rest[close + 2..];
+    }
+    parts.push((false, rest.to_owned()));
+    let line = |value: &dyn Fn(&str) -> String| {
+        parts
+            .iter()
+            .map(|(is_field, t)| if *is_field { value(t) } else { t.clone() })
+            .collect::<String>()
+    };
+    let mut lines: Vec<String> = Vec::new();
+    if table {
+        lines.push(line(&|f| f.to_ascii_uppercase()));
+    }
+    for v in vms {
+        lines.push(line(&|f| field(v, f, now).unwrap_or_default()));
+    }
+    if table {
+        // Line the tab-separated columns up, as docker's tabwriter does.
+        let rows: Vec<Vec<String>> = lines
+            .iter()
+            .map(|l| l.split('\t').map(str::to_owned).collect())
+            .collect();
+        let head: Vec<&str> = rows[0].iter().map(String::as_str).collect();
+        return Ok(render::table(&head, &[], &rows[1..]));
+    }
+    Ok(lines.into_iter().map(|l| l + "\n").collect())
+}
+
+/// `banger ps`/`vm list`'s output for `vms`.
+fn print_list(
+    vms: &[VmInfo],
+    quiet: bool,
+    format: Option<&str>,
+    json: bool,
+) -> Result<(), CliError> {
+    if json {
+        render::json(&vms)?;
+    } else if quiet {
+        for v in vms {
+            outln!("{}", v.id);
+        }
+    } else if let Some(f) = format {
+        out!("{}", format_vms(vms, f, now_secs())?);
+    } else {
+        print_table(vms);
+    }
+    Ok(())
+}
+
+/// What a VM argument names: a VM's name or ID as given (the daemon knows both), or, as
+/// docker takes them, a prefix of exactly one VM's ID (IDs are hex, so only a hex word is
+/// looked up). A prefix of several is a usage error naming them.
+pub async fn resolve(
+    client: &jsonrpsee::async_client::Client,
+    vm: String,
+) -> Result<String, CliError> {
+    if vm.is_empty() || !vm.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Ok(vm);
+    }
+    let vms = client.list().await?;
+    pick(&vms, vm)
+}
+
+/// [`resolve`]'s choice among `vms`. Pure.
+fn pick(vms: &[VmInfo], vm: String) -> Result<String, CliError> {
+    if vms.iter().any(|v| v.name == vm || v.id == vm) {
+        return Ok(vm);
+    }
+    let hits: Vec<&VmInfo> = vms.iter().filter(|v| v.id.starts_with(&vm)).collect();
+    match hits.as_slice() {
+        [one] => Ok(one.name.clone()),
+        [] => Ok(vm),
+        many => Err(CliError::Usage(format!(
+            "{vm} is a prefix of several VMs' IDs: {}; give more of the ID, or the name",
+            many.iter()
+                .map(|v| format!("{} ({})", v.name, v.id))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
+}
+
+/// Act on each VM in turn, as `docker stop a b` does: every failure is said on stderr
+/// (naming its VM) and the others still go ahead; the status is that of the last failure
+/// (0 when none failed). `ok` gets each success.
+async fn each<T, F, Fut>(vms: Vec<String>, mut act: F, mut ok: impl FnMut(T)) -> u8
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = Result<T, CliError>>,
+{
+    let mut status = exit::OK;
+    for vm in vms {
+        match act(vm.clone()).await {
+            Ok(t) => ok(t),
+            Err(e) => {
+                // The daemon's messages name the VM; say which one when not.
+                if e.to_string().contains(vm.as_str()) {
+                    eprintln!("banger: {e}");
+                } else {
+                    eprintln!("banger: vm {vm}: {e}");
+                }
+                status = e.exit_code();
+            }
+        }
+    }
+    status
+}
+
+/// The last `n` lines of `text` (a last line without its newline counts).
+pub fn last_lines(text: &str, n: usize) -> &str {
+    if n == 0 {
+        return "";
+    }
+    let body = text.strip_suffix('\n').unwrap_or(text);
+    match body.rmatch_indices('\n').nth(n - 1) {
+        Some((i, _)) => &text[i + 1..],
+        None => text,
     }
 }
 
@@ -190,6 +397,7 @@ fn ports_cell(v: &VmInfo) -> String {
 async fn port(client: &jsonrpsee::async_client::Client, cmd: PortCmd) -> Result<u8, CliError> {
     match cmd {
         PortCmd::Add { vm, spec, json } => {
+            let vm = resolve(client, vm).await?;
             let p = client.port_add(vm, spec).await?;
             if json {
                 render::json(&p)?;
@@ -198,11 +406,13 @@ async fn port(client: &jsonrpsee::async_client::Client, cmd: PortCmd) -> Result<
             }
         }
         PortCmd::Rm { vm, port } => {
+            let vm = resolve(client, vm).await?;
             for p in client.port_rm(vm, port).await? {
                 outln!("{}", p.arrow());
             }
         }
         PortCmd::List { vm, json } => {
+            let vm = resolve(client, vm).await?;
             let ports = client.port_list(vm).await?;
             if json {
                 render::json(&ports)?;
@@ -237,14 +447,22 @@ fn size_req(s: &SizeArgs) -> (Option<u32>, Option<u32>, Option<u64>) {
     (s.vcpu, s.memory.map(|m| (m >> 20) as u32), s.disk_size)
 }
 
-pub async fn ps(target: &Target, json: bool) -> Result<u8, CliError> {
-    run(target, VmCmd::List { json }).await
+/// `banger ps`: running VMs, as `docker ps`; all of them with `-a`.
+pub async fn ps(target: &Target, a: PsArgs) -> Result<u8, CliError> {
+    let client = connect::connect_or_start(target).await?;
+    let mut vms = client.list().await?;
+    if !a.all {
+        vms.retain(|v| v.state == banger_api::VmState::Running);
+    }
+    print_list(&vms, a.quiet, a.format.as_deref(), a.json)?;
+    Ok(exit::OK)
 }
 
 pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
     let client = connect::connect_or_start(target).await?;
     match cmd {
         VmCmd::Create {
+            name_arg,
             name,
             image,
             kernel,
@@ -264,7 +482,7 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
                 _ => None,
             };
             let req = CreateVm {
-                name,
+                name: name.or(name_arg),
                 image,
                 kernel,
                 vcpu,
@@ -284,35 +502,24 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
                 outln!("{}", vm.name);
             }
         }
-        VmCmd::Run {
-            path,
-            name,
-            image,
-            size,
-            vmm,
-            nat,
-            no_network,
-            publish,
-            rm,
-            full_copy,
-            timings,
-            no_boot_wait,
-            cmd,
-        } => {
+        VmCmd::Run(a) => {
             let opts = super::run::Opts {
-                path,
-                name,
-                image,
-                size,
-                vmm,
-                nat,
-                no_network,
-                publish: publish.publish,
-                rm,
-                full_copy,
-                timings,
-                boot_wait: !no_boot_wait,
-                cmd,
+                path: a.path,
+                name: a.name,
+                image: a.image,
+                size: a.size,
+                vmm: a.vmm,
+                nat: a.nat,
+                no_network: a.no_network,
+                publish: a.publish.publish,
+                rm: a.rm,
+                full_copy: a.full_copy,
+                timings: a.timings,
+                boot_wait: !a.no_boot_wait,
+                detach: a.detach,
+                env: a.env,
+                workdir: a.workdir,
+                cmd: a.cmd,
             };
             return super::run::run(&client, target, opts).await;
         }
@@ -328,58 +535,121 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
                 from,
                 full_copy,
             };
+            let vm = resolve(&client, vm).await?;
             super::workspace::run_prepare(&client, &vm, &path, &opts).await?;
         }
         VmCmd::Workspace(WorkspaceCmd::Export { vm, out }) => {
+            let vm = resolve(&client, vm).await?;
             super::workspace::run_export(&client, &vm, out.as_deref()).await?;
         }
-        VmCmd::Start { vm } => {
-            follow_progress(client.start(vm).await?, false).await?;
+        VmCmd::Start(a) => {
+            let mut done = Vec::new();
+            let c = &client;
+            let status = each(
+                a.vms,
+                |vm| async move {
+                    let vm = resolve(c, vm).await?;
+                    follow_progress(c.start(vm).await?, a.json).await
+                },
+                |info| done.push(info),
+            )
+            .await;
+            if a.json {
+                render::json(&done)?;
+            }
+            return Ok(status);
         }
-        VmCmd::Restart { vm } => {
-            follow_progress(client.restart(vm).await?, false).await?;
+        VmCmd::Restart { vm, json } => {
+            let vm = resolve(&client, vm).await?;
+            let info = follow_progress(client.restart(vm).await?, json).await?;
+            if json {
+                render::json(&info)?;
+            }
         }
-        VmCmd::Stop { vm, timeout } => {
-            let t0 = Instant::now();
-            let info = client.stop(vm, timeout).await?;
-            eprintln!(
-                "{} is {} ({:.1}s)",
-                info.name,
-                info.state.as_str(),
-                t0.elapsed().as_secs_f64()
-            );
-        }
-        VmCmd::Kill { vm, signal } => {
-            let info = client.kill(vm, Some(signal)).await?;
-            eprintln!("{} is {}", info.name, info.state.as_str());
-        }
-        VmCmd::Delete { vms, force } => {
-            let mut failed = None;
-            for vm in vms {
-                match client.delete(vm.clone(), force).await {
-                    Ok(info) => outln!("{}", info.name),
-                    Err(e) => {
-                        let e = CliError::from(e);
-                        // The daemon's messages name the VM; say which one when not.
-                        if e.to_string().contains(vm.as_str()) {
-                            eprintln!("banger: {e}");
-                        } else {
-                            eprintln!("banger: vm {vm}: {e}");
-                        }
-                        failed = Some(e.exit_code());
+        VmCmd::Stop(a) => {
+            let mut done = Vec::new();
+            let c = &client;
+            let timeout = a.timeout;
+            let json = a.json;
+            let status = each(
+                a.vms,
+                |vm| async move {
+                    let vm = resolve(c, vm).await?;
+                    let t0 = Instant::now();
+                    let info = c.stop(vm, timeout).await?;
+                    if !json {
+                        eprintln!(
+                            "{} is {} ({:.1}s)",
+                            info.name,
+                            info.state.as_str(),
+                            t0.elapsed().as_secs_f64()
+                        );
                     }
-                }
+                    Ok(info)
+                },
+                |info| done.push(info),
+            )
+            .await;
+            if json {
+                render::json(&done)?;
             }
-            if let Some(code) = failed {
-                return Ok(code);
+            return Ok(status);
+        }
+        VmCmd::Kill { vms, signal, json } => {
+            let mut done = Vec::new();
+            let c = &client;
+            let signal = &signal;
+            let status = each(
+                vms,
+                |vm| async move {
+                    let vm = resolve(c, vm).await?;
+                    Ok(c.kill(vm, Some(signal.clone())).await?)
+                },
+                |info| {
+                    if !json {
+                        eprintln!("{} is {}", info.name, info.state.as_str());
+                    }
+                    done.push(info)
+                },
+            )
+            .await;
+            if json {
+                render::json(&done)?;
             }
+            return Ok(status);
+        }
+        VmCmd::Delete(a) => {
+            let mut done = Vec::new();
+            let c = &client;
+            let force = a.force;
+            let json = a.json;
+            let status = each(
+                a.vms,
+                |vm| async move {
+                    let vm = resolve(c, vm).await?;
+                    Ok(c.delete(vm, force).await?)
+                },
+                |info| {
+                    if !json {
+                        outln!("{}", info.name);
+                    }
+                    done.push(info)
+                },
+            )
+            .await;
+            if json {
+                render::json(&done)?;
+            }
+            return Ok(status);
         }
         VmCmd::Set {
             vm,
             size,
             nat,
             no_nat,
+            json,
         } => {
+            let vm = resolve(&client, vm).await?;
             let (vcpu, memory_mib, disk_bytes) = size_req(&size);
             let nat = if nat {
                 Some(true)
@@ -402,17 +672,22 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
                     nat,
                 })
                 .await?;
-            eprintln!("{}: {}", info.name, spec_line(&info.spec));
-        }
-        VmCmd::List { json } => {
-            let vms = client.list().await?;
             if json {
-                render::json(&vms)?;
+                render::json(&info)?;
             } else {
-                print_table(&vms);
+                eprintln!("{}: {}", info.name, spec_line(&info.spec));
             }
         }
+        VmCmd::List {
+            quiet,
+            format,
+            json,
+        } => {
+            let vms = client.list().await?;
+            print_list(&vms, quiet, format.as_deref(), json)?;
+        }
         VmCmd::Show { vm, json } => {
+            let vm = resolve(&client, vm).await?;
             let info = client.show(vm).await?;
             if json {
                 render::json(&info)?;
@@ -421,6 +696,7 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
             }
         }
         VmCmd::Stats { vm, json } => {
+            let vm = resolve(&client, vm).await?;
             let s = client.stats(vm).await?;
             if json {
                 render::json(&s)?;
@@ -448,20 +724,18 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
                 );
             }
         }
-        VmCmd::Exec {
-            vm,
-            tty,
-            env,
-            workdir,
-            cmd,
-        } => {
-            return super::exec::run(&client, &vm, tty, env, workdir, cmd).await;
+        VmCmd::Exec(a) => {
+            let vm = resolve(&client, a.vm).await?;
+            return super::exec::run(&client, &vm, a.tty, a.env, a.workdir, a.cmd).await;
         }
-        VmCmd::Ssh { vm, cmd } => {
-            return super::ssh::vm_ssh(&client, target, &vm, &cmd).await;
+        VmCmd::Ssh(a) => {
+            let vm = resolve(&client, a.vm).await?;
+            return super::ssh::vm_ssh(&client, target, &vm, &a.cmd).await;
         }
+        VmCmd::Cp(a) => return super::cp::run(&client, &a.src, &a.dst).await,
         VmCmd::Port(cmd) => return port(&client, cmd).await,
         VmCmd::Ports { vm, json } => {
+            let vm = resolve(&client, vm).await?;
             let ports = client.ports(vm).await?;
             if json {
                 render::json(&ports)?;
@@ -476,16 +750,36 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
                 }
             }
         }
-        VmCmd::Logs { vm, follow, tail } => {
-            if !follow {
-                let text = client.logs(vm, tail).await?;
-                out!("{text}");
+        VmCmd::Logs(a) => {
+            let vm = resolve(&client, a.vm).await?;
+            if !a.follow {
+                let text = client.logs(vm, a.bytes).await?;
+                match a.tail {
+                    Some(n) => out!("{}", last_lines(&text, n)),
+                    None => out!("{text}"),
+                }
                 return Ok(exit::OK);
             }
             let mut sub = client.logs_follow(vm).await?;
+            // The first data is the log so far: --tail cuts that, as `docker logs -f -n`.
+            let mut backlog = true;
             while let Some(ev) = sub.next().await {
                 match ev.map_err(|e| CliError::Other(format!("lost the console stream: {e}")))? {
                     // `vm logs -f dev | grep -m1 login:` ends when grep does.
+                    LogEvent::Data { text } if std::mem::take(&mut backlog) => {
+                        let text = match (a.tail, a.bytes) {
+                            (Some(n), _) => last_lines(&text, n),
+                            (_, Some(n)) => {
+                                let mut from = text.len().saturating_sub(n as usize);
+                                while !text.is_char_boundary(from) {
+                                    from += 1;
+                                }
+                                &text[from..]
+                            }
+                            _ => &text,
+                        };
+                        render::stdout_bytes(text.as_bytes());
+                    }
                     LogEvent::Data { text } => render::stdout_bytes(text.as_bytes()),
                     LogEvent::End { state } => {
                         eprintln!("\n[banger: the vm is {}]", state.as_str());
@@ -527,6 +821,110 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn vm(id: &str, name: &str, state: banger_api::VmState) -> VmInfo {
+        VmInfo {
+            id: id.into(),
+            name: name.into(),
+            state,
+            error: None,
+            vmm: banger_api::VmmKind::Firecracker,
+            spec: VmSpec {
+                vcpu: 2,
+                memory_mib: 1024,
+                disk_bytes: 8 << 30,
+            },
+            image: "img".into(),
+            kernel: "k".into(),
+            nat: false,
+            created_at: 1000,
+            started_at: Some(1900),
+            pid: None,
+            dir: "/d".into(),
+            console_log: "/d/console.log".into(),
+            cmdline: None,
+            vsock_socket: None,
+            ip: Some("10.0.0.2".into()),
+            isolation: None,
+            published: Vec::new(),
+            busy: false,
+        }
+    }
+
+    /// An ID prefix names the one VM whose ID it begins; a name or whole ID is kept; a
+    /// prefix of several is a usage error naming them (docker's rules).
+    #[test]
+    fn unique_id_prefixes_name_a_vm() {
+        use banger_api::VmState::Running;
+        let vms = [
+            vm("abc123000000", "one", Running),
+            vm("abd999000000", "two", Running),
+        ];
+        assert_eq!(pick(&vms, "abc".into()).unwrap(), "one");
+        assert_eq!(pick(&vms, "abd9".into()).unwrap(), "two");
+        assert_eq!(pick(&vms, "abc123000000".into()).unwrap(), "abc123000000");
+        assert_eq!(pick(&vms, "ff".into()).unwrap(), "ff", "left to the daemon");
+        let e = pick(&vms, "ab".into()).unwrap_err();
+        assert_eq!(e.exit_code(), exit::USAGE);
+        assert!(
+            e.to_string()
+                .contains("one (abc123000000), two (abd999000000)"),
+            "{e}"
+        );
+        // A VM named like a prefix of another's ID wins, as a name.
+        let vms = [
+            vm("beef00000000", "one", Running),
+            vm("123456789abc", "beef", Running),
+        ];
+        assert_eq!(pick(&vms, "beef".into()).unwrap(), "beef");
+    }
+
+    /// `ps --format`: Go-template-like (`{{.Name}}`, `\t`, `table ` adds a header and
+    /// lines columns up) or a list of columns; an unknown field is a usage error.
+    #[test]
+    fn ps_format_templates_and_field_lists() {
+        use banger_api::VmState::{Running, Stopped};
+        let vms = [
+            vm("abc123000000", "one", Running),
+            vm("def456000000", "two", Stopped),
+        ];
+        assert_eq!(
+            format_vms(&vms, "{{.Name}} {{ .State }}", 2000).unwrap(),
+            "one running\ntwo stopped\n"
+        );
+        assert_eq!(
+            format_vms(&vms, "{{.ID}}\\t{{.IP}}", 2000).unwrap(),
+            "abc123000000\t10.0.0.2\ndef456000000\t10.0.0.2\n"
+        );
+        assert_eq!(
+            format_vms(&vms, "table {{.Name}}\\t{{.Uptime}}", 2000).unwrap(),
+            "NAME  UPTIME\none   1m 40s\ntwo   -\n"
+        );
+        assert_eq!(
+            format_vms(&vms, "name,state,created", 2000).unwrap(),
+            "NAME  STATE    CREATED\none   running  16m 40s ago\ntwo   stopped  16m 40s ago\n"
+        );
+        for bad in ["{{.Nope}}", "name,nope", "{{.Name"] {
+            let e = format_vms(&vms, bad, 0).unwrap_err();
+            assert_eq!(e.exit_code(), exit::USAGE, "{bad}");
+        }
+        // The default table: docker's columns.
+        let t = columns(&vms, TABLE, 2000);
+        assert!(
+            t.starts_with("ID            NAME  STATE    IMAGE  IP        VMM          CREATED      UPTIME  PORTS\n"),
+            "{t}"
+        );
+    }
+
+    /// `--tail N` counts lines, the last one with or without its newline.
+    #[test]
+    fn tail_counts_lines() {
+        assert_eq!(last_lines("a\nb\nc\n", 2), "b\nc\n");
+        assert_eq!(last_lines("a\nb\nc", 2), "b\nc");
+        assert_eq!(last_lines("a\nb\n", 5), "a\nb\n");
+        assert_eq!(last_lines("a\nb\n", 0), "");
+        assert_eq!(last_lines("", 3), "");
+    }
 
     #[test]
     fn spec_line_reads_like_the_issue() {
