@@ -15,6 +15,7 @@ command -v perl >/dev/null || need_apt+=(perl-base)
 command -v openssl >/dev/null || need_apt+=(openssl)
 [ -f /etc/ssl/certs/ca-certificates.crt ] || need_apt+=(ca-certificates)   # https update test
 command -v curl >/dev/null || need_apt+=(curl)                             # install.sh
+command -v zsh >/dev/null || need_apt+=(zsh)                               # zsh completion test
 # Image pulls (issue 5): a real registry, image assembly and push, ext4 build and checks.
 command -v docker-registry >/dev/null || need_apt+=(docker-registry)
 command -v umoci >/dev/null || need_apt+=(umoci)
