@@ -35,7 +35,7 @@ async fn download_bundle(
         .get(&entry.url)
         .send()
         .await
-        .map_err(|e| download_err(crate::vm::actor::error_chain(&e)))?;
+        .map_err(|e| download_err(banger_error::error_chain(&e)))?;
     if !resp.status().is_success() {
         return Err(download_err(format!(
             "the server answered {}",
@@ -47,7 +47,7 @@ async fn download_bundle(
         use futures::TryStreamExt;
         tokio_util::io::StreamReader::new(
             resp.bytes_stream()
-                .map_err(|e| std::io::Error::other(crate::vm::actor::error_chain(&e))),
+                .map_err(|e| std::io::Error::other(banger_error::error_chain(&e))),
         )
     };
     let reader = tokio_util::io::SyncIoBridge::new(body);

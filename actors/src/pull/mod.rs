@@ -256,7 +256,7 @@ impl Actor for PullActor {
                 match &result {
                     Ok(_) => tracing::info!(key, waiters = f.waiters.len(), "pull done"),
                     Err(e) => {
-                        tracing::warn!(key, error = %crate::vm::actor::error_chain(&**e), "pull failed")
+                        tracing::warn!(key, error = %banger_error::error_chain(&**e), "pull failed")
                     }
                 }
                 for w in f.waiters {

@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use banger_api::{CatalogEntry, CreateVm, PullImage, codes};
 
-use super::{Tree, TreeError};
 use super::fixtures::test_vm_config;
+use super::{Tree, TreeError};
 use crate::image::{ImageRecord, KernelRecord};
 use crate::store::{Named, Store};
 
