@@ -84,5 +84,5 @@ pub async fn blocking<T: Send + 'static>(
 ) -> Result<T, PullError> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| PullError::Task(e.to_string()))?
+        .map_err(PullError::Join)?
 }

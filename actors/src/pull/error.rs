@@ -32,6 +32,13 @@ pub enum PullError {
     Size(String),
     #[error("download of {url} failed: {detail}")]
     Download { url: String, detail: String },
+    /// The request itself failed (no connection, TLS, a timeout): the cause is kept.
+    #[error("download of {url} failed")]
+    Request {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
     #[error(
         "download of {url} was cut short: {got} of {expected} bytes ({cause}); nothing was kept, try again"
     )]
@@ -77,6 +84,9 @@ pub enum PullError {
     Store(#[from] StoreError),
     #[error("the pull task failed: {0}")]
     Task(String),
+    /// The task panicked or was cancelled.
+    #[error("the pull task failed")]
+    Join(#[source] tokio::task::JoinError),
     #[error("vm {vm}: cannot read its root filesystem through the guest agent: {detail}")]
     Guest { vm: String, detail: String },
     #[error(transparent)]
@@ -103,5 +113,47 @@ impl PullError {
             path: path.to_owned(),
             source,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error;
+
+    use super::*;
+
+    /// A failed request and a failed task keep their causes (before: flattened into the
+    /// message), and the chain reads as the message did.
+    #[tokio::test]
+    async fn request_and_task_failures_keep_their_causes() {
+        let url = "http://127.0.0.1:1/bundle.tar.zst";
+        let e = reqwest::Client::new().get(url).send().await.unwrap_err();
+        let flat = format!(
+            "download of {url} failed: {}",
+            banger_error::error_chain(&e)
+        );
+        let e = PullError::Request {
+            url: url.into(),
+            source: e,
+        };
+        assert!(
+            e.source()
+                .unwrap()
+                .downcast_ref::<reqwest::Error>()
+                .is_some()
+        );
+        assert_eq!(banger_error::error_chain(&e), flat);
+
+        let join = tokio::spawn(async { panic!("boom") }).await.unwrap_err();
+        let flat = format!("the pull task failed: {join}");
+        let e = PullError::Join(join);
+        assert!(
+            e.source()
+                .unwrap()
+                .downcast_ref::<tokio::task::JoinError>()
+                .is_some()
+        );
+        assert_eq!(banger_error::error_chain(&e), flat);
+        assert!(flat.contains("panicked"), "{flat}");
     }
 }

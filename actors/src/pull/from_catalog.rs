@@ -35,7 +35,10 @@ async fn download_bundle(
         .get(&entry.url)
         .send()
         .await
-        .map_err(|e| download_err(banger_error::error_chain(&e)))?;
+        .map_err(|source| PullError::Request {
+            url: entry.url.clone(),
+            source,
+        })?;
     if !resp.status().is_success() {
         return Err(download_err(format!(
             "the server answered {}",

@@ -167,7 +167,7 @@ impl PullState {
             // A panic in the work is an error of this pull, not of the actor.
             let result = match tokio::spawn(fut).await {
                 Ok(r) => r.map_err(Arc::new),
-                Err(e) => Err(Arc::new(PullError::Task(e.to_string()))),
+                Err(e) => Err(Arc::new(PullError::Join(e))),
             };
             let _ = me.cast(PullMsg::Done { key: k, result });
         });
