@@ -242,6 +242,20 @@ impl VmSupervisor {
         } else {
             None
         };
+        let uid = if vmm.vmm == banger_api::VmmKind::Firecracker {
+            let used: std::collections::HashSet<u32> =
+                store.list_vms()?.iter().filter_map(|v| v.uid).collect();
+            let range = state.env.vmm.firecracker.vm_uids;
+            Some(
+                crate::vmm::firecracker::allocate_uid(range, &id, &used).ok_or_else(|| {
+                    VmError::Conflict(format!(
+                        "every VM uid of {range} is taken; delete some VMs, or configure a larger [firecracker] vm_uids"
+                    ))
+                })?,
+            )
+        } else {
+            None
+        };
         let record = VmRecord {
             id,
             name,
@@ -258,6 +272,7 @@ impl VmSupervisor {
             runtime: None,
             ip,
             publish: crate::vm::publish::records(&req.publish),
+            uid,
         };
         Ok((record, vmm))
     }

@@ -206,9 +206,13 @@ fn serve(
         ) {
             (Err(refusal), _, _) => Reply::Refused { reason: refusal.0 },
             // The jailer's work needs the launcher's confinement, not the helper's.
-            (Ok(()), Request::SpawnJailer { .. } | Request::CleanJail { .. }, Some(l)) => {
-                l.call(env.id, &env.request)
-            }
+            (
+                Ok(()),
+                Request::SpawnJailer { .. }
+                | Request::CleanJail { .. }
+                | Request::ExposeVsock { .. },
+                Some(l),
+            ) => l.call(env.id, &env.request),
             (Ok(()), _, _) => run_in_worker(cfg, &env.request, crate::ops::execute),
         };
         if write_frame(sock, &Message::Answer { id: env.id, reply }).is_err() {

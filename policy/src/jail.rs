@@ -20,6 +20,19 @@ use crate::cgroup::{Layout, Limits};
 
 /// The API socket inside the jail.
 pub const API_SOCK: &str = "api.sock";
+/// The hybrid vsock socket inside the jail.
+pub const VSOCK_SOCK: &str = "vsock.sock";
+/// The files in the jail Firecracker writes: they become the VM uid's for the VM's run
+/// and the owner's again when the jail is cleaned.
+pub const WRITABLE: [&str; 4] = [
+    "overlay.ext4",
+    "work.ext4",
+    "firecracker.log",
+    "metrics.json",
+];
+/// The files in the jail every VM of an image or kernel shares (hard links to banger's
+/// own copy): the VM uid must not be able to write them.
+pub const SHARED: [&str; 3] = ["vmlinux", "initrd", "rootfs.ext4"];
 
 /// The Firecracker executable's file name as the jailer sees it: the last component of
 /// its canonical path (`firecracker` if it cannot be resolved, which the jailer refuses).
@@ -66,6 +79,117 @@ pub fn nodev_problem(dir: &Path) -> Option<String> {
                 dir.display()
             )
         })
+}
+
+/// Ownership of a jailed VM, done by root (the launcher) around the jailer's run.
+///
+/// The jailer makes `root/` mode 0700 and the VM uid's, so nothing outside the VM uid
+/// can reach into it. Before the jailer runs, [`hand_over`] gives the VM uid the files it
+/// writes ([`WRITABLE`]) and checks that it cannot write the shared ones ([`SHARED`]);
+/// after Firecracker made a socket in `root/`, [`expose`] hard-links it to the instance
+/// directory beside `root/` (a socket is reached through any of its links, and its
+/// inode's mode is what `connect` checks), owned by the owner and the socket group, mode
+/// 0660: bangerd and the users it serves connect there, nobody else can. [`give_back`]
+/// returns the writable files to the owner when the jail is cleaned. Every path is
+/// checked with `lstat` and changed without following symlinks: the jail is the VM uid's
+/// and a compromised VMM may have replaced what is in it.
+pub mod owner {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+    use std::path::Path;
+
+    fn regular(path: &Path) -> Result<Option<std::fs::Metadata>, String> {
+        match std::fs::symlink_metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(format!("{}: {e}", path.display())),
+            Ok(m) if m.file_type().is_file() => Ok(Some(m)),
+            Ok(_) => Err(format!("{} is not a regular file", path.display())),
+        }
+    }
+
+    /// Give `uid` the writable files in `root`; refuse a shared file it could write.
+    pub fn hand_over(root: &Path, uid: u32) -> Result<(), String> {
+        for name in super::SHARED {
+            let path = root.join(name);
+            if let Some(m) = regular(&path)?
+                && (m.uid() == uid
+                    || m.mode() & 0o002 != 0
+                    || (m.gid() == uid && m.mode() & 0o020 != 0))
+            {
+                return Err(format!(
+                    "{} is writable by the VM's uid {uid}: banger keeps images and kernels read-only to VMs (chmod o-w it)",
+                    path.display()
+                ));
+            }
+        }
+        for name in super::WRITABLE {
+            let path = root.join(name);
+            if regular(&path)?.is_some() {
+                std::os::unix::fs::lchown(&path, Some(uid), Some(uid))
+                    .map_err(|e| format!("cannot give {} to uid {uid}: {e}", path.display()))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Give the writable files in `root` that belong to a VM uid back to the owner.
+    pub fn give_back(
+        root: &Path,
+        is_vm_uid: impl Fn(u32) -> bool,
+        owner: (u32, u32),
+    ) -> Result<(), String> {
+        for name in super::WRITABLE {
+            let path = root.join(name);
+            match regular(&path) {
+                Ok(Some(m)) if is_vm_uid(m.uid()) => {
+                    std::os::unix::fs::lchown(&path, Some(owner.0), Some(owner.1)).map_err(|e| {
+                        format!("cannot give {} back to the owner: {e}", path.display())
+                    })?
+                }
+                // Not the VM's (never handed over, or already back), gone, or replaced
+                // by something that is not a file: nothing of the owner's to restore.
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Hard-link the socket `name` in `<instance>/root` to `<instance>/<name>`, give it to
+    /// `owner` and `gid`, mode 0660. False while the socket does not exist yet.
+    pub fn expose(instance: &Path, name: &str, owner: u32, gid: u32) -> Result<bool, String> {
+        let inside = instance.join("root").join(name);
+        let outside = instance.join(name);
+        match std::fs::symlink_metadata(&inside) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(format!("{}: {e}", inside.display())),
+            Ok(_) => {}
+        }
+        let _ = std::fs::remove_file(&outside);
+        // std's hard_link is linkat(2) without AT_SYMLINK_FOLLOW: a symlink planted in
+        // the jail is linked as itself, and refused below.
+        std::fs::hard_link(&inside, &outside)
+            .map_err(|e| format!("cannot link {} out of the jail: {e}", inside.display()))?;
+        let fail = |why: String| {
+            let _ = std::fs::remove_file(&outside);
+            Err(why)
+        };
+        match std::fs::symlink_metadata(&outside) {
+            Ok(m) if m.file_type().is_socket() => {}
+            Ok(_) => return fail(format!("{} is not a socket", inside.display())),
+            Err(e) => return fail(format!("{}: {e}", outside.display())),
+        }
+        if let Err(e) = std::os::unix::fs::lchown(&outside, Some(owner), Some(gid)) {
+            return fail(format!(
+                "cannot give {} to the owner: {e}",
+                outside.display()
+            ));
+        }
+        // Not a symlink (checked above, and the link is in a directory the VM cannot
+        // reach), so this changes the socket itself.
+        if let Err(e) = std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o660)) {
+            return fail(format!("cannot chmod {}: {e}", outside.display()));
+        }
+        Ok(true)
+    }
 }
 
 /// The jailer's arguments (after argv[0]) for VM `id`: `cgroups` is the host's layout

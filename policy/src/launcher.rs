@@ -11,7 +11,7 @@
 //! and the `launcher` seccomp filter (the helper's deny-list minus the mount family). No
 //! landlock, on purpose and said so in `banger doctor`.
 //!
-//! It takes only `spawn_jailer` and `clean_jail`, forwarded by the helper after validation
+//! It takes only `spawn_jailer`, `expose_vsock` and `clean_jail`, forwarded by the helper after validation
 //! and validated again here. The command line comes from the helper's config, the VM id,
 //! the VM's limits and the host's cgroup layout as the launcher sees it at each launch
 //! ([`crate::jail::jailer_args`], [`crate::cgroup`]); the request names only the VM, its
@@ -24,8 +24,15 @@
 //! survives the worker, the helper and bangerd, like a daemonised jailer would, and
 //! nothing killing the worker's group reaches it), points stdout and stderr at the console
 //! and execs the jailer with an empty environment. A close-on-exec pipe reports a failed
-//! exec; the reply is the pid and its start time. The worker then exits, so the jailer is
-//! reparented to init, which reaps it.
+//! exec. The worker then waits (up to [`API_WAIT`]) for Firecracker's API socket and
+//! exposes it outside the jail ([`crate::jail::owner`]), killing the jailer if it never
+//! comes; the reply is the pid and its start time. The worker then exits, so the jailer
+//! is reparented to init, which reaps it.
+//!
+//! Each VM runs as a uid of its own from the configured range (the request names it and
+//! validation checks it): before the exec the VM's writable files in the jail are given
+//! to it and the shared ones (rootfs, kernel, initrd) checked to be unwritable by it;
+//! `clean_jail` gives the writable ones back to the owner before it removes the jail.
 
 #![allow(unsafe_code)]
 
@@ -144,9 +151,9 @@ fn serve(cfg: &HelperConfig, mut sock: UnixStream) -> i32 {
         let reply = match env.request.validate(cfg) {
             Err(r) => Reply::Refused { reason: r.0 },
             Ok(()) => match &env.request {
-                Request::SpawnJailer { .. } | Request::CleanJail { .. } => {
-                    run_in_worker(cfg, &env.request, execute)
-                }
+                Request::SpawnJailer { .. }
+                | Request::CleanJail { .. }
+                | Request::ExposeVsock { .. } => run_in_worker(cfg, &env.request, execute),
                 other => Reply::Refused {
                     reason: format!("the launcher does not do {}", other.op()),
                 },
@@ -171,12 +178,30 @@ pub fn execute(cfg: &HelperConfig, req: &Request) -> Reply {
             console,
             vcpu,
             memory_mib,
+            uid,
         } => {
             let limits = crate::cgroup::Limits {
                 vcpu: *vcpu,
                 memory_mib: *memory_mib,
             };
-            spawn(cfg, j, vm, console, limits)
+            spawn(cfg, j, vm, console, limits, *uid)
+        }
+        Request::ExposeVsock { vm } => {
+            let instance = crate::jail::instance_dir(&cfg.jail_base, &j.firecracker, vm);
+            match crate::jail::owner::expose(
+                &instance,
+                crate::jail::VSOCK_SOCK,
+                j.owner_uid,
+                j.socket_gid,
+            ) {
+                Ok(true) => Ok(Reply::Done),
+                Ok(false) => Err(format!(
+                    "Firecracker made no {} in the jail {}",
+                    crate::jail::VSOCK_SOCK,
+                    instance.display()
+                )),
+                Err(e) => Err(e),
+            }
         }
         Request::CleanJail { vm } => clean(cfg, j, vm).map(|()| Reply::Done),
         other => Err(format!("the launcher does not do {}", other.op())),
@@ -190,7 +215,7 @@ fn open_console(j: &JailerConfig, console: &Path) -> Result<OwnedFd, String> {
         nix::unistd::setfsgid(Gid::from_raw(gid));
         nix::unistd::setfsuid(Uid::from_raw(uid));
     };
-    as_owner(j.uid, j.gid);
+    as_owner(j.owner_uid, j.owner_gid);
     let file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -212,11 +237,14 @@ fn spawn(
     vm: &str,
     console: &Path,
     limits: crate::cgroup::Limits,
+    uid: u32,
 ) -> Result<Reply, String> {
     if let Some(problem) = crate::jail::nodev_problem(&cfg.jail_base) {
         return Err(problem);
     }
     let console = open_console(j, console)?;
+    let instance = crate::jail::instance_dir(&cfg.jail_base, &j.firecracker, vm);
+    crate::jail::owner::hand_over(&instance.join("root"), uid)?;
     // Looked up at each launch, in the launcher's mount namespace (the jailer's).
     let cgroups = crate::cgroup::detect_host();
     let prog = CString::new(j.jailer.as_os_str().as_encoded_bytes())
@@ -224,8 +252,8 @@ fn spawn(
     let mut argv = vec![prog.clone()];
     for a in crate::jail::jailer_args(
         &j.firecracker,
-        j.uid,
-        j.gid,
+        uid,
+        uid,
         &cfg.jail_base,
         vm,
         &cgroups,
@@ -273,11 +301,63 @@ fn spawn(
             }
             let start_time = start_time(child.as_raw())
                 .ok_or_else(|| format!("the jailer (pid {child}) exited at once"))?;
+            wait_and_expose_api(j, &instance, child)?;
             Ok(Reply::Spawned {
                 pid: child.as_raw(),
                 start_time,
             })
         }
+    }
+}
+
+/// How long the launcher waits for Firecracker's API socket after the exec.
+pub const API_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Wait for the API socket of the jailer `child` and expose it outside the jail. The
+/// jailer is ended (and reaped) if it exits first, the wait times out or the socket
+/// cannot be exposed: nothing is left running that bangerd could not reach.
+fn wait_and_expose_api(
+    j: &JailerConfig,
+    instance: &Path,
+    child: nix::unistd::Pid,
+) -> Result<(), String> {
+    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+    let end = |why: String| {
+        let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
+        let _ = waitpid(child, None);
+        Err(why)
+    };
+    let started = std::time::Instant::now();
+    loop {
+        match crate::jail::owner::expose(instance, crate::jail::API_SOCK, j.owner_uid, j.socket_gid)
+        {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => return end(e),
+        }
+        match waitpid(child, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) => {}
+            Ok(WaitStatus::Exited(_, code)) => {
+                return Err(format!(
+                    "the jailer exited with status {code} before Firecracker's API was up (its output is in the VM's console log)"
+                ));
+            }
+            Ok(WaitStatus::Signaled(_, sig, _)) => {
+                return Err(format!(
+                    "the jailer was killed by {sig} before Firecracker's API was up"
+                ));
+            }
+            Ok(_) => {}
+            Err(e) => return end(format!("waiting for the jailer: {e}")),
+        }
+        if started.elapsed() > API_WAIT {
+            return end(format!(
+                "Firecracker made no API socket in {} within {}s",
+                instance.join("root").display(),
+                API_WAIT.as_secs()
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
     }
 }
 
@@ -291,10 +371,16 @@ fn start_time(pid: i32) -> Option<u64> {
         .ok()
 }
 
-/// Remove the VM's jail (device nodes and folders the jailer made as root included), under
-/// whatever exec name it was made, and the cgroup the jailer left behind. Absent is fine.
-fn clean(cfg: &HelperConfig, _j: &JailerConfig, vm: &str) -> Result<(), String> {
+/// Give the VM's writable files back to the owner, then remove the VM's jail (device nodes
+/// and folders the jailer made as root included), under whatever exec name it was made,
+/// and the cgroup the jailer left behind. Absent is fine.
+fn clean(cfg: &HelperConfig, j: &JailerConfig, vm: &str) -> Result<(), String> {
     for dir in crate::jail::instance_dirs(&cfg.jail_base, vm) {
+        crate::jail::owner::give_back(
+            &dir.join("root"),
+            |uid| j.vm_uids.contains(uid) && uid != 0,
+            (j.owner_uid, j.owner_gid),
+        )?;
         crate::ops::remove_jail_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     }
     crate::cgroup::remove_vm_dirs(&crate::cgroup::detect_host().vm_dirs(vm))

@@ -22,7 +22,7 @@ pub mod request;
 pub mod wire;
 
 pub use client::{Helper, HelperError};
-pub use request::{Confinement, HelperConfig, JailerConfig, Refusal, Reply, Request};
+pub use request::{Confinement, HelperConfig, JailerConfig, Refusal, Reply, Request, UidRange};
 
 /// Prefix of every tap device banger creates (`bg-<vmid>`), within IFNAMSIZ.
 pub const TAP_PREFIX: &str = "bg-";

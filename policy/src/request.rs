@@ -26,7 +26,8 @@ pub struct HelperConfig {
     /// Where jails live (`<jail_base>/<exec name>/<vm-id>`, see [`crate::jail`]); under a
     /// state dir.
     pub jail_base: PathBuf,
-    /// The uids a tap may be given to (the owner user, the jailer's uid).
+    /// The uids a tap may be given to besides the VM uids of [`JailerConfig::vm_uids`]
+    /// (the owner user, whose QEMU opens its taps).
     pub tap_uids: Vec<u32>,
     /// The VMM executables a signalled process must be running (absolute paths).
     pub vmm_binaries: Vec<PathBuf>,
@@ -50,10 +51,78 @@ pub struct JailerConfig {
     pub jailer: PathBuf,
     /// The Firecracker executable the jailer copies into the jail (absolute).
     pub firecracker: PathBuf,
-    /// The uid/gid the jailer runs Firecracker as: bangerd's owner, which must reach the
-    /// API socket inside the jail (the jailer makes the jail private to this uid).
-    pub uid: u32,
-    pub gid: u32,
+    /// bangerd's owner: the console is opened as this user, the VM's writable files are
+    /// given back to it when the jail is cleaned, and the sockets exposed outside the jail
+    /// are its.
+    pub owner_uid: u32,
+    pub owner_gid: u32,
+    /// The uids VMs run as, one of its own each (the jailer's `--uid`, `--gid` the same
+    /// number). Never 0, never the owner's.
+    pub vm_uids: UidRange,
+    /// The group of the sockets exposed outside the jail (mode 0660): the daemon's socket
+    /// group when it exists, else the owner's, so whoever bangerd serves reaches the agent.
+    pub socket_gid: u32,
+}
+
+/// `count` uids from `first`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UidRange {
+    pub first: u32,
+    pub count: u32,
+}
+
+impl UidRange {
+    pub fn contains(&self, uid: u32) -> bool {
+        uid >= self.first && uid - self.first < self.count
+    }
+
+    /// The last uid of the range.
+    pub fn last(&self) -> u32 {
+        self.first.saturating_add(self.count.saturating_sub(1))
+    }
+}
+
+impl std::fmt::Display for UidRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.first, self.last())
+    }
+}
+
+impl std::str::FromStr for UidRange {
+    type Err = String;
+    /// `FIRST-LAST` (inclusive). Refuses 0 and an empty or overflowing range.
+    fn from_str(s: &str) -> Result<UidRange, String> {
+        let bad = || format!("{s:?} is not a uid range like 2000000000-2000065535");
+        let (a, b) = s.split_once('-').ok_or_else(bad)?;
+        let first: u32 = a.trim().parse().map_err(|_| bad())?;
+        let last: u32 = b.trim().parse().map_err(|_| bad())?;
+        if last < first {
+            return Err(bad());
+        }
+        if first == 0 {
+            return Err(format!(
+                "{s:?} includes uid 0: a VM's Firecracker never runs as root"
+            ));
+        }
+        Ok(UidRange {
+            first,
+            count: last - first + 1,
+        })
+    }
+}
+
+impl JailerConfig {
+    /// May a VM run as `uid`?
+    pub fn vm_uid(&self, uid: u32) -> Result<(), Refusal> {
+        if uid == 0 || uid == self.owner_uid || !self.vm_uids.contains(uid) {
+            return Err(Refusal(format!(
+                "uid {uid} is not a VM uid (allowed: {})",
+                self.vm_uids
+            )));
+        }
+        Ok(())
+    }
 }
 
 impl HelperConfig {
@@ -108,14 +177,26 @@ impl HelperConfig {
             )));
         }
         if let Some(j) = &self.jailer
-            && !self.tap_uids.contains(&j.uid)
+            && (j.vm_uids.count == 0
+                || j.vm_uids.contains(0)
+                || j.vm_uids.contains(j.owner_uid)
+                || j.vm_uids.first.checked_add(j.vm_uids.count - 1).is_none())
         {
             return Err(Refusal(format!(
-                "the jailer's uid {} is not a VM user (allowed: {:?})",
-                j.uid, self.tap_uids
+                "the VM uids {} must be a non-empty range without 0 or the owner's uid {}",
+                j.vm_uids, j.owner_uid
             )));
         }
         Ok(())
+    }
+
+    /// May a tap (or a signalled VMM) belong to `uid`: the owner's, or a VM uid.
+    pub fn vm_user(&self, uid: u32) -> bool {
+        self.tap_uids.contains(&uid)
+            || self
+                .jailer
+                .as_ref()
+                .is_some_and(|j| uid != 0 && j.vm_uids.contains(uid))
     }
 }
 
@@ -142,18 +223,26 @@ pub enum Request {
         start_time: u64,
         signal: i32,
     },
-    /// Remove a VM's jail directory (and the cgroup the jailer made for it).
+    /// Remove a VM's jail directory (and the cgroup the jailer made for it), after giving
+    /// its writable disks back to the owner.
     CleanJail { vm: String },
+    /// Make the jailed Firecracker's hybrid vsock socket reachable outside the jail, as
+    /// [`SpawnJailer`](Request::SpawnJailer) does the API socket (see
+    /// [`crate::launcher`]); sent once `PUT /vsock` has made it.
+    ExposeVsock { vm: String },
     /// Start the jailer for a VM (its jail prepared by bangerd under `jail_base`), with
     /// stdout and stderr appended to `console`, a file under a state directory opened with
     /// the owner's permissions, and the VM's cgroup limited to `vcpu` CPUs and
     /// `memory_mib` of guest RAM (see [`crate::cgroup::Limits`]). Answered with
-    /// [`Reply::Spawned`].
+    /// [`Reply::Spawned`] once the API socket is reachable outside the jail. Firecracker
+    /// runs as `uid` (one of [`JailerConfig::vm_uids`]), which gets the VM's writable
+    /// files in the jail.
     SpawnJailer {
         vm: String,
         console: PathBuf,
         vcpu: u32,
         memory_mib: u32,
+        uid: u32,
     },
     /// Point systemd-resolved at banger's resolver for `.vm` names on the bridge.
     ResolvedRoute { port: u16 },
@@ -173,6 +262,7 @@ impl Request {
             Request::NatRemove { .. } => "nat_remove",
             Request::Signal { .. } => "signal",
             Request::CleanJail { .. } => "clean_jail",
+            Request::ExposeVsock { .. } => "expose_vsock",
             Request::SpawnJailer { .. } => "spawn_jailer",
             Request::ResolvedRoute { .. } => "resolved_route",
             Request::Status => "status",
@@ -186,10 +276,14 @@ impl Request {
             Request::EnsureBridge | Request::Status => Ok(()),
             Request::CreateTap { name, uid } => {
                 tap(name)?;
-                if !cfg.tap_uids.contains(uid) {
+                if !cfg.vm_user(*uid) {
                     return Err(Refusal(format!(
-                        "uid {uid} may not own a tap (allowed: {:?})",
-                        cfg.tap_uids
+                        "uid {uid} may not own a tap (allowed: {:?}{})",
+                        cfg.tap_uids,
+                        cfg.jailer
+                            .as_ref()
+                            .map(|j| format!(" and the VM uids {}", j.vm_uids))
+                            .unwrap_or_default()
                     )));
                 }
                 Ok(())
@@ -210,11 +304,16 @@ impl Request {
                 Ok(())
             }
             Request::NatRemove { vm } | Request::CleanJail { vm } => vm_id(vm),
+            Request::ExposeVsock { vm } => {
+                vm_id(vm)?;
+                jailer(cfg).map(drop)
+            }
             Request::SpawnJailer {
                 vm,
                 console,
                 vcpu,
                 memory_mib,
+                uid,
             } => {
                 vm_id(vm)?;
                 // Firecracker's own bounds: 1 to 32 vCPUs; memory at least 1 MiB, and no
@@ -224,11 +323,7 @@ impl Request {
                         "{vcpu} vCPUs and {memory_mib} MiB are not limits of a VM"
                     )));
                 }
-                if cfg.jailer.is_none() {
-                    return Err(Refusal(
-                        "bangerd found no Firecracker jailer when it started (`[firecracker] jailer` and `binary`): install Firecracker's release (jailer included) and restart bangerd, or use `--vmm qemu`".into(),
-                    ));
-                }
+                jailer(cfg)?.vm_uid(*uid)?;
                 under_state_dir(cfg, console)
             }
             Request::Signal {
@@ -254,6 +349,15 @@ impl Request {
             }
         }
     }
+}
+
+/// The jailer's config, or the refusal of a request that needs it.
+fn jailer(cfg: &HelperConfig) -> Result<&JailerConfig, Refusal> {
+    cfg.jailer.as_ref().ok_or_else(|| {
+        Refusal(
+            "bangerd found no Firecracker jailer when it started (`[firecracker] jailer` and `binary`): install Firecracker's release (jailer included) and restart bangerd, or use `--vmm qemu`".into(),
+        )
+    })
 }
 
 /// Why the helper refused a request (validation), as opposed to failing at it.
@@ -349,8 +453,8 @@ fn valid_ifname(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
-/// A pid is banger's when it is alive with that start time, runs as one of the VM uids
-/// (the owner, the jailer's uid), its command line names a path under a state directory
+/// A pid is banger's when it is alive with that start time, runs as a VM user (the owner,
+/// whose QEMU and unjailed Firecracker run as it, or a VM uid of the range), its command line names a path under a state directory
 /// (its VM's sockets and disks live there), and, where the helper may read it (it keeps
 /// no CAP_SYS_PTRACE, so only for its own uid), its executable is a configured VMM.
 fn banger_vmm_process(cfg: &HelperConfig, pid: i32, start_time: u64) -> Result<(), Refusal> {
@@ -380,7 +484,7 @@ fn banger_vmm_process(cfg: &HelperConfig, pid: i32, start_time: u64) -> Result<(
         .map(|a| String::from_utf8_lossy(a).into_owned())
         .collect();
     match uid {
-        Some(uid) if cfg.tap_uids.contains(&uid) => {}
+        Some(uid) if cfg.vm_user(uid) => {}
         // The jailer runs as root until it execs Firecracker as the VM user; a launch that
         // fails in between must still be stoppable. Only root can start a root process
         // whose command line is the configured jailer on banger's jail base.
@@ -569,6 +673,7 @@ mod tests {
             console: console.into(),
             vcpu: 2,
             memory_mib: 512,
+            uid: 2_000_000_001,
         };
         let ok = spawn(
             "0123456789ab",
@@ -580,12 +685,7 @@ mod tests {
                 .0
                 .contains("found no Firecracker jailer")
         );
-        cfg.jailer = Some(JailerConfig {
-            jailer: "/usr/bin/jailer".into(),
-            firecracker: "/usr/bin/firecracker".into(),
-            uid: 1000,
-            gid: 1000,
-        });
+        cfg.jailer = Some(jailer_config());
         assert_eq!(ok.validate(&cfg), Ok(()));
         for bad in [
             "/etc/passwd",
@@ -608,15 +708,82 @@ mod tests {
                 console: "/var/lib/banger/c".into(),
                 vcpu,
                 memory_mib,
+                uid: 2_000_000_001,
             }
             .validate(&cfg)
             .unwrap_err()
             .0;
             assert!(r.contains("not limits of a VM"), "{r}");
         }
-        // The jailer's uid must be one a VM may run as.
-        cfg.jailer.as_mut().unwrap().uid = 4242;
-        assert!(cfg.validate().unwrap_err().0.contains("not a VM user"));
+        // Firecracker runs as a VM uid of the range: never root, the owner, or outside.
+        for uid in [0, 1000, 4242, 2_000_000_000 + 65536] {
+            let r = Request::SpawnJailer {
+                vm: "0123456789ab".into(),
+                console: "/var/lib/banger/c".into(),
+                vcpu: 1,
+                memory_mib: 128,
+                uid,
+            }
+            .validate(&cfg)
+            .unwrap_err()
+            .0;
+            assert!(r.contains("is not a VM uid"), "{uid}: {r}");
+        }
+        // A range holding 0 or the owner is refused with the config.
+        for (first, count) in [(0, 10), (995, 10), (1, 0)] {
+            cfg.jailer.as_mut().unwrap().vm_uids = UidRange { first, count };
+            let r = cfg.validate().unwrap_err().0;
+            assert!(r.contains("non-empty range"), "{first}+{count}: {r}");
+        }
+    }
+
+    fn jailer_config() -> JailerConfig {
+        JailerConfig {
+            jailer: "/usr/bin/jailer".into(),
+            firecracker: "/usr/bin/firecracker".into(),
+            owner_uid: 1000,
+            owner_gid: 1000,
+            vm_uids: UidRange {
+                first: 2_000_000_000,
+                count: 65536,
+            },
+            socket_gid: 1000,
+        }
+    }
+
+    #[test]
+    fn uid_ranges_parse_and_refuse_root() {
+        let r: UidRange = "2000000000-2000065535".parse().unwrap();
+        assert_eq!((r.first, r.count), (2_000_000_000, 65536));
+        assert_eq!(r.to_string(), "2000000000-2000065535");
+        assert!(r.contains(2_000_065_535) && !r.contains(2_000_065_536));
+        assert!("0-100".parse::<UidRange>().unwrap_err().contains("uid 0"));
+        for bad in ["", "5", "9-5", "a-b", "1-99999999999"] {
+            assert!(bad.parse::<UidRange>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn taps_may_belong_to_vm_uids_of_the_range() {
+        let mut cfg = config(Path::new("/var/lib/banger"));
+        let tap = |uid| Request::CreateTap {
+            name: "bg-0123456789ab".into(),
+            uid,
+        };
+        assert!(tap(2_000_000_005).validate(&cfg).is_err(), "no jailer");
+        cfg.jailer = Some(jailer_config());
+        assert_eq!(tap(2_000_000_005).validate(&cfg), Ok(()));
+        assert_eq!(tap(1000).validate(&cfg), Ok(()), "the owner's QEMU");
+        assert!(tap(0).validate(&cfg).is_err());
+        assert!(tap(1_999_999_999).validate(&cfg).is_err());
+        let expose = Request::ExposeVsock { vm: "../x".into() };
+        assert!(
+            expose
+                .validate(&cfg)
+                .unwrap_err()
+                .0
+                .contains("not a banger vm id")
+        );
     }
 
     #[test]
@@ -631,12 +798,7 @@ mod tests {
             "/var/lib/banger/jail",
         ]);
         assert!(!is_our_jailer(&cfg, &jailer), "no jailer configured");
-        cfg.jailer = Some(JailerConfig {
-            jailer: "/usr/bin/jailer".into(),
-            firecracker: "/usr/bin/firecracker".into(),
-            uid: 1000,
-            gid: 1000,
-        });
+        cfg.jailer = Some(jailer_config());
         assert!(is_our_jailer(&cfg, &jailer));
         let mut other_base = jailer.clone();
         other_base[4] = "/srv/jailer".into();

@@ -242,9 +242,27 @@ impl Default for NetworkSection {
 pub struct FirecrackerSection {
     pub binary: PathBuf,
     pub jailer: PathBuf,
-    /// uid/gid the jailer runs Firecracker as (default: the daemon's owner).
+    /// The uids jailed VMs run as, `FIRST-LAST`: each VM gets one of its own (the
+    /// jailer's `--uid` and `--gid`). Never 0, never the owner's.
+    pub vm_uids: String,
+    /// Replaced by `vm_uids` (a single uid shared by every VM); refused with a pointer.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub uid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub gid: Option<u32>,
+}
+
+/// `[firecracker] vm_uids` by default: far above the uids of users, systemd's dynamic and
+/// container ranges (`UIDS-GIDS.md`: containers use 524288–1879048191).
+pub const DEFAULT_VM_UIDS: &str = "2000000000-2000065535";
+
+impl FirecrackerSection {
+    /// The parsed `vm_uids` (checked by [`Config::validate`]).
+    pub fn vm_uids(&self) -> banger_policy::UidRange {
+        self.vm_uids
+            .parse()
+            .expect("validated when the config was loaded")
+    }
 }
 
 impl Default for FirecrackerSection {
@@ -252,6 +270,7 @@ impl Default for FirecrackerSection {
         FirecrackerSection {
             binary: "firecracker".into(),
             jailer: "jailer".into(),
+            vm_uids: DEFAULT_VM_UIDS.into(),
             uid: None,
             gid: None,
         }
@@ -632,6 +651,28 @@ impl Config {
                 from: None,
             });
         }
+        for (key, set) in [
+            ("firecracker.uid", self.firecracker.uid.is_some()),
+            ("firecracker.gid", self.firecracker.gid.is_some()),
+        ] {
+            if set {
+                return Err(ConfigError::Invalid {
+                    key,
+                    message: format!(
+                        "one uid for every VM was replaced by a uid of its own for each: drop it, or set `vm_uids = \"FIRST-LAST\"` under [firecracker] (default {DEFAULT_VM_UIDS})"
+                    ),
+                    from: None,
+                });
+            }
+        }
+        self.firecracker
+            .vm_uids
+            .parse::<banger_policy::UidRange>()
+            .map_err(|message| ConfigError::Invalid {
+                key: "firecracker.vm_uids",
+                message,
+                from: None,
+            })?;
         Ok(())
     }
 }
@@ -1028,6 +1069,30 @@ mod tests {
         }
     }
 
+    /// One uid for every VM is refused with what replaced it; a range with uid 0 too.
+    #[test]
+    fn vm_uids_replace_the_shared_firecracker_uid() {
+        let parse = |text: &str| {
+            let c: Config = toml::from_str(text).unwrap();
+            c.validate().map(|()| c)
+        };
+        let c = parse("").unwrap();
+        assert_eq!(c.firecracker.vm_uids().to_string(), DEFAULT_VM_UIDS);
+        let e = parse("[firecracker]\nuid = 1000\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("firecracker.uid") && e.contains("vm_uids"),
+            "{e}"
+        );
+        let e = parse("[firecracker]\nvm_uids = \"0-10\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("uid 0"), "{e}");
+        let c = parse("[firecracker]\nvm_uids = \"300000-300009\"\n").unwrap();
+        assert_eq!(c.firecracker.vm_uids().count, 10);
+    }
+
     #[test]
     fn the_env_table_is_every_leaf_of_the_config() {
         let keys = env_keys();
@@ -1039,7 +1104,7 @@ mod tests {
             "BANGER_SSH_KEY_PATH",
             "BANGER_NETWORK__BRIDGE",
             "BANGER_VM_DEFAULTS__MEMORY",
-            "BANGER_FIRECRACKER__UID",
+            "BANGER_FIRECRACKER__VM_UIDS",
             "BANGER_QEMU__VHOST_VSOCK",
             "BANGER_IMAGES__GUEST_BINARIES_DIR",
         ] {

@@ -156,14 +156,11 @@ fn vm_config(
                 jailer: c.firecracker.jailer.clone(),
                 firecracker: c.firecracker.binary.clone(),
                 chroot_base: settings.paths.data_dir.join("jail"),
-                uid: c
-                    .firecracker
-                    .uid
-                    .unwrap_or_else(|| nix::unistd::geteuid().as_raw()),
-                gid: c
-                    .firecracker
-                    .gid
-                    .unwrap_or_else(|| nix::unistd::getegid().as_raw()),
+                vm_uids: c.firecracker.vm_uids(),
+                socket_gid: nix::unistd::Group::from_name(&c.socket_group)
+                    .ok()
+                    .flatten()
+                    .map(|g| g.gid.as_raw()),
             },
             qemu: qemu::QemuConfig {
                 qemu: c.qemu.binary.clone(),

@@ -105,11 +105,7 @@ pub fn helper_config(config: &Config, paths: &Paths, owner: Owner) -> HelperConf
         .subnet
         .parse()
         .expect("validated when the config was loaded");
-    let fc_uid = config.firecracker.uid.unwrap_or(owner.uid.as_raw());
-    let mut tap_uids = vec![owner.uid.as_raw()];
-    if fc_uid != owner.uid.as_raw() {
-        tap_uids.push(fc_uid);
-    }
+    let tap_uids = vec![owner.uid.as_raw()];
     let vmm_binaries = [
         &config.firecracker.binary,
         &config.qemu.binary,
@@ -122,8 +118,8 @@ pub fn helper_config(config: &Config, paths: &Paths, owner: Owner) -> HelperConf
         .exists()
         .then(|| find_program(Path::new("resolvectl")))
         .flatten();
-    // The launcher runs the jailer as root; Firecracker then runs as the owner (or the
-    // configured uid), which must be able to reach the API socket bangerd talks to.
+    // The launcher runs the jailer as root; Firecracker then runs as the VM's own uid, and
+    // the launcher exposes its sockets to the owner and the socket group.
     let jailer = match (
         find_program(&config.firecracker.jailer),
         find_program(&config.firecracker.binary),
@@ -131,8 +127,13 @@ pub fn helper_config(config: &Config, paths: &Paths, owner: Owner) -> HelperConf
         (Some(jailer), Some(firecracker)) => Some(banger_policy::JailerConfig {
             jailer,
             firecracker,
-            uid: fc_uid,
-            gid: config.firecracker.gid.unwrap_or(owner.gid.as_raw()),
+            owner_uid: owner.uid.as_raw(),
+            owner_gid: owner.gid.as_raw(),
+            vm_uids: config.firecracker.vm_uids(),
+            socket_gid: nix::unistd::Group::from_name(&config.socket_group)
+                .ok()
+                .flatten()
+                .map_or(owner.gid.as_raw(), |g| g.gid.as_raw()),
         }),
         _ => None,
     };

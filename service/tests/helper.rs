@@ -360,6 +360,72 @@ fn root_a_dead_worker_fails_only_its_request() {
     done(&mut h, Request::EnsureBridge);
 }
 
+/// Permission bits, uid and gid of `path` (not following a symlink).
+fn mode_owner(path: &Path) -> (u32, u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    (m.mode() & 0o7777, m.uid(), m.gid())
+}
+
+/// Connect to the Unix socket `path` as `uid`/`gid` (no supplementary groups): this test
+/// binary's [`connect_probe`] run as that user, so that the kernel checks the path as it
+/// would for that user (this test runs as root, which it would not check).
+fn connect_as(path: &Path, uid: u32, gid: u32) -> Result<(), nix::errno::Errno> {
+    use std::os::unix::process::CommandExt;
+    let status = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "connect_probe",
+            "--ignored",
+            "--test-threads=1",
+            "-q",
+        ])
+        .env(PROBE_ENV, path)
+        .uid(uid)
+        .gid(gid)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    match status.code() {
+        Some(0) => Ok(()),
+        Some(PROBE_FAILED) | None => panic!("the connect probe did not run as {uid}: {status}"),
+        Some(errno) => Err(nix::errno::Errno::from_raw(errno)),
+    }
+}
+
+const PROBE_ENV: &str = "BANGER_TEST_CONNECT_PROBE";
+const PROBE_FAILED: i32 = 255;
+
+/// Not a test: what [`connect_as`] runs as another user. Exits 0 when it could connect
+/// to the socket named by `BANGER_TEST_CONNECT_PROBE`, else with the errno.
+#[test]
+#[ignore = "run by connect_as as another uid"]
+fn connect_probe() {
+    let Some(path) = std::env::var_os(PROBE_ENV) else {
+        std::process::exit(PROBE_FAILED);
+    };
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => std::process::exit(0),
+        Err(e) => std::process::exit(e.raw_os_error().unwrap_or(PROBE_FAILED)),
+    }
+}
+
+/// One HTTP/1.1 PUT with a JSON body over the Unix socket `path`: the raw answer.
+fn http_put(path: &Path, uri: &str, body: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(path).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "PUT {uri} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut buf = [0u8; 4096];
+    let n = s.read(&mut buf).unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
 fn double_bin() -> std::path::PathBuf {
     let exe = std::env::current_exe().unwrap();
     let p = exe
@@ -383,7 +449,9 @@ fn double_bin() -> std::path::PathBuf {
 #[test]
 fn root_the_launcher_starts_the_jailer_confined_and_cleans_its_jail() {
     use std::os::unix::fs::PermissionsExt;
-    const VM_UID: u32 = 65534;
+    // bangerd's owner (and the socket group: nogroup), and the VM's own uid.
+    const OWNER: u32 = 65534;
+    const VM_UID: u32 = 2_000_000_007;
     let ns = Netns::new("jail");
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
@@ -391,7 +459,7 @@ fn root_the_launcher_starts_the_jailer_confined_and_cleans_its_jail() {
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let vm_dir = state.join("vms/0123456789ab");
     std::fs::create_dir_all(&vm_dir).unwrap();
-    std::os::unix::fs::chown(&vm_dir, Some(VM_UID), Some(VM_UID)).unwrap();
+    std::os::unix::fs::chown(&vm_dir, Some(OWNER), Some(OWNER)).unwrap();
     // Installed as a release is: a versioned file, and `firecracker` linking to it. The
     // jailer names the jail after the link's target.
     let firecracker = state.join("bin/firecracker");
@@ -399,13 +467,29 @@ fn root_the_launcher_starts_the_jailer_confined_and_cleans_its_jail() {
     std::fs::write(state.join("bin/firecracker-v1.13.1-x86_64"), b"").unwrap();
     std::os::unix::fs::symlink("firecracker-v1.13.1-x86_64", &firecracker).unwrap();
     std::fs::create_dir_all(state.join("jail")).unwrap();
+    // The jail as bangerd prepares it (as the owner): a writable disk and the shared rootfs
+    // hard-linked from the VM's and the image's files.
+    let jail = state.join("jail/firecracker-v1.13.1-x86_64/0123456789ab");
+    std::fs::create_dir_all(jail.join("root")).unwrap();
+    let (overlay, rootfs) = (vm_dir.join("overlay.ext4"), state.join("rootfs.ext4"));
+    for f in [&overlay, &rootfs] {
+        std::fs::write(f, b"disk").unwrap();
+        std::os::unix::fs::chown(f, Some(OWNER), Some(OWNER)).unwrap();
+    }
+    std::fs::hard_link(&overlay, jail.join("root/overlay.ext4")).unwrap();
+    std::fs::hard_link(&rootfs, jail.join("root/rootfs.ext4")).unwrap();
     let mut cfg = config(&state);
-    cfg.tap_uids = vec![VM_UID];
+    cfg.tap_uids = vec![OWNER];
     cfg.jailer = Some(banger_policy::JailerConfig {
         jailer: double_bin(),
         firecracker: firecracker.clone(),
-        uid: VM_UID,
-        gid: VM_UID,
+        owner_uid: OWNER,
+        owner_gid: OWNER,
+        vm_uids: banger_policy::UidRange {
+            first: 2_000_000_000,
+            count: 100,
+        },
+        socket_gid: OWNER,
     });
     let mut h = ns.helper(&cfg);
     let console = vm_dir.join("console.log");
@@ -434,6 +518,7 @@ fn root_the_launcher_starts_the_jailer_confined_and_cleans_its_jail() {
             console: console.clone(),
             vcpu: 2,
             memory_mib: 256,
+            uid: VM_UID,
         })
         .unwrap();
     let Reply::Spawned {
@@ -441,24 +526,66 @@ fn root_the_launcher_starts_the_jailer_confined_and_cleans_its_jail() {
         start_time: started,
     } = reply
     else {
-        panic!("not spawned: {reply:?}");
+        panic!(
+            "not spawned: {reply:?}; console: {:?}",
+            std::fs::read_to_string(&console)
+        );
     };
     assert_eq!(start_time(pid), started);
-    let jail = state.join("jail/firecracker-v1.13.1-x86_64/0123456789ab");
     assert!(
         !state.join("jail/firecracker").exists(),
         "not named after the link"
     );
-    let api = jail.join("root/api.sock");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !api.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "no API socket; console: {:?}",
-            std::fs::read_to_string(&console)
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    // Answered once the API socket is exposed beside the jail's private root/.
+    assert_eq!(mode_owner(&jail.join("root")), (0o700, VM_UID, VM_UID));
+    let api = jail.join("api.sock");
+    assert_eq!(mode_owner(&api), (0o660, OWNER, OWNER));
+    assert!(jail.join("root/api.sock").exists());
+    // The owner reaches the API through the link (the jail's root/ is closed to it); a
+    // uid outside the socket group is refused.
+    assert_eq!(
+        connect_as(&jail.join("root/api.sock"), OWNER, OWNER),
+        Err(nix::errno::Errno::EACCES)
+    );
+    assert_eq!(connect_as(&api, OWNER, OWNER), Ok(()));
+    assert_eq!(
+        connect_as(&api, 4242, OWNER),
+        Ok(()),
+        "a member of the socket group"
+    );
+    assert_eq!(connect_as(&api, 4242, 4242), Err(nix::errno::Errno::EACCES));
+    // The VM's disk is its uid's; the shared rootfs stays the owner's, unwritable to it.
+    assert_eq!(std::fs::metadata(&overlay).unwrap().uid(), VM_UID);
+    assert_eq!(mode_owner(&rootfs), (0o644, OWNER, OWNER));
+    // The vsock socket is Firecracker's once `PUT /vsock` bound it: not before.
+    let r = h
+        .call(&Request::ExposeVsock {
+            vm: "0123456789ab".into(),
+        })
+        .unwrap();
+    assert!(
+        matches!(&r, Reply::Failed { reason } if reason.contains("made no vsock.sock")),
+        "{r:?}"
+    );
+    let answer = http_put(&api, "/vsock", r#"{"guest_cid":3,"uds_path":"vsock.sock"}"#);
+    assert!(answer.starts_with("HTTP/1.1 204"), "{answer}");
+    done(
+        &mut h,
+        Request::ExposeVsock {
+            vm: "0123456789ab".into(),
+        },
+    );
+    let vsock = jail.join("vsock.sock");
+    assert_eq!(mode_owner(&vsock), (0o660, OWNER, OWNER));
+    assert_eq!(
+        connect_as(&vsock, 4242, OWNER),
+        Ok(()),
+        "the agent, for a group member"
+    );
+    assert_eq!(
+        connect_as(&vsock, 4242, 4242),
+        Err(nix::errno::Errno::EACCES)
+    );
     let pid_u = pid as u32;
     // Read from /proc: what the jailer (then Firecracker) inherited from the launcher.
     assert_eq!(status_field(pid_u, "Seccomp"), "2", "seccomp filter mode");
@@ -472,8 +599,8 @@ fn root_the_launcher_starts_the_jailer_confined_and_cleans_its_jail() {
     assert_eq!(bounding, want, "bounding set of the jailer: {bounding:x}");
     assert_eq!(
         status_field(pid_u, "Uid").split_whitespace().next(),
-        Some("65534"),
-        "Firecracker runs as the VM user"
+        Some(VM_UID.to_string().as_str()),
+        "Firecracker runs as the VM's own uid"
     );
     assert_eq!(status_field(pid_u, "CapEff"), "0000000000000000");
     let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
@@ -530,8 +657,8 @@ fn root_the_launcher_starts_the_jailer_confined_and_cleans_its_jail() {
     use std::os::unix::fs::MetadataExt;
     assert_eq!(
         std::fs::metadata(&console).unwrap().uid(),
-        VM_UID,
-        "console made as the VM user"
+        OWNER,
+        "console made as the owner"
     );
 
     // A console the VM user may not open, one outside the state dirs, a bad id.
@@ -544,6 +671,7 @@ fn root_the_launcher_starts_the_jailer_confined_and_cleans_its_jail() {
             console: foreign.join("console.log"),
             vcpu: 1,
             memory_mib: 128,
+            uid: VM_UID + 1,
         })
         .unwrap()
     {
@@ -564,6 +692,7 @@ fn root_the_launcher_starts_the_jailer_confined_and_cleans_its_jail() {
             console: "/etc/banger-console".into(),
             vcpu: 1,
             memory_mib: 128,
+            uid: VM_UID,
         },
     );
     assert!(r.contains("not a path under banger's state"), "{r}");
@@ -574,9 +703,52 @@ fn root_the_launcher_starts_the_jailer_confined_and_cleans_its_jail() {
             console: console.clone(),
             vcpu: 1,
             memory_mib: 128,
+            uid: VM_UID,
         },
     );
     assert!(r.contains("not a banger vm id"), "{r}");
+    // Never as root or the owner.
+    for uid in [0, OWNER] {
+        let r = refused(
+            &mut h,
+            Request::SpawnJailer {
+                vm: "0123456789ad".into(),
+                console: console.clone(),
+                vcpu: 1,
+                memory_mib: 128,
+                uid,
+            },
+        );
+        assert!(r.contains("is not a VM uid"), "{uid}: {r}");
+    }
+    // A shared file the VM's uid could write is refused before any process runs.
+    let other = state.join("jail/firecracker-v1.13.1-x86_64/0123456789ae/root");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::hard_link(&rootfs, other.join("rootfs.ext4")).unwrap();
+    std::fs::set_permissions(&rootfs, std::fs::Permissions::from_mode(0o666)).unwrap();
+    match h
+        .call(&Request::SpawnJailer {
+            vm: "0123456789ae".into(),
+            console: console.clone(),
+            vcpu: 1,
+            memory_mib: 128,
+            uid: VM_UID + 2,
+        })
+        .unwrap()
+    {
+        Reply::Failed { reason } => {
+            assert!(reason.contains("is writable by the VM's uid"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    std::fs::set_permissions(&rootfs, std::fs::Permissions::from_mode(0o644)).unwrap();
+    assert!(!other.join("api.sock").exists(), "no jailer ran");
+    done(
+        &mut h,
+        Request::CleanJail {
+            vm: "0123456789ae".into(),
+        },
+    );
 
     // Stopped through the helper, then its jail (made by the jailer as root) is removed.
     done(
@@ -600,6 +772,8 @@ fn root_the_launcher_starts_the_jailer_confined_and_cleans_its_jail() {
         },
     );
     assert!(!jail.exists(), "the jail is gone");
+    // Its disk is the owner's again.
+    assert_eq!(std::fs::metadata(&overlay).unwrap().uid(), OWNER);
     for d in &dirs {
         assert!(!d.exists(), "the VM's cgroup {} is gone", d.display());
     }
@@ -638,8 +812,13 @@ fn root_the_launcher_refuses_a_jail_base_on_a_nodev_mount() {
     cfg.jailer = Some(banger_policy::JailerConfig {
         jailer: double_bin(),
         firecracker,
-        uid,
-        gid: uid,
+        owner_uid: uid,
+        owner_gid: uid,
+        vm_uids: banger_policy::UidRange {
+            first: 2_000_000_000,
+            count: 100,
+        },
+        socket_gid: uid,
     });
     let mut h = ns.helper(&cfg);
     let console = state.join("console.log");
@@ -649,6 +828,7 @@ fn root_the_launcher_refuses_a_jail_base_on_a_nodev_mount() {
             console: console.clone(),
             vcpu: 1,
             memory_mib: 128,
+            uid: 2_000_000_001,
         })
         .unwrap()
     {

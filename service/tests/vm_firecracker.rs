@@ -822,7 +822,10 @@ async fn root_taps_and_nat_follow_twenty_concurrent_vms_in_a_netns() {
     let mut vm_cgroups = Vec::new();
     for v in &vms {
         let isolation = v.isolation.clone().unwrap_or_default();
-        assert!(isolation.starts_with("jailed"), "{isolation}");
+        assert!(
+            isolation.starts_with("jailed by the helper's launcher as uid 2000"),
+            "{isolation}"
+        );
         for dir in cgroups.vm_dirs(&v.id) {
             let procs = std::fs::read_to_string(dir.join("tasks"))
                 .or_else(|_| std::fs::read_to_string(dir.join("cgroup.procs")))
@@ -1023,24 +1026,77 @@ async fn root_a_bangerd_dropped_to_its_owner_runs_firecracker_vms_through_the_la
         want
     );
     assert_eq!(proc_status(vm_pid, "Seccomp"), "2");
-    assert_eq!(
-        proc_status(vm_pid, "Uid").split_whitespace().next(),
-        Some("65534")
+    // Firecracker runs as the VM's own uid from the range: not root, not the owner.
+    let vm_uid: u32 = proc_status(vm_pid, "Uid")
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (2_000_000_000..=2_000_065_535).contains(&vm_uid),
+        "{vm_uid}"
     );
     let links = ns.sh("ip -o link show master banger0");
     assert!(links.contains(&format!("bg-{}", a.id)), "{links}");
     let jail = |id: &str| h.join("data/banger/jail").join(EXEC_NAME).join(id);
     assert!(jail(&a.id).join("root/api.sock").exists());
+    // The jail's root/ is the VM uid's alone; bangerd (the owner, so the kernel checks)
+    // reaches Firecracker through the sockets exposed beside it, 0660 to the owner.
+    use std::os::unix::fs::MetadataExt;
+    let meta = |p: &std::path::Path| std::fs::symlink_metadata(p).unwrap();
+    let root = meta(&jail(&a.id).join("root"));
+    assert_eq!((root.mode() & 0o777, root.uid()), (0o700, vm_uid));
+    for s in ["api.sock", "vsock.sock"] {
+        let m = meta(&jail(&a.id).join(s));
+        assert_eq!((m.mode() & 0o777, m.uid()), (0o660, OWNER), "{s}");
+    }
+    assert_eq!(
+        a.vsock_socket.as_deref(),
+        Some(jail(&a.id).join("vsock.sock").to_str().unwrap())
+    );
+    // Its writable disks are its uid's while it runs; the image's rootfs stays the
+    // owner's and unwritable to it.
+    let vm_dir = h.join("data/banger/vms").join(&a.id);
+    assert_eq!(meta(&vm_dir.join("overlay.ext4")).uid(), vm_uid);
+    let rootfs = meta(&jail(&a.id).join("root/rootfs.ext4"));
+    assert_eq!((rootfs.uid(), rootfs.mode() & 0o022), (OWNER, 0));
 
     // Graceful stop, then the jail (made by the jailer as root) is gone.
     let stopped = c.stop("a".into(), None).await.unwrap();
     assert_eq!(stopped.state, VmState::Stopped);
     assert!(!jail(&a.id).exists(), "jail left after stop");
+    // The disks are the owner's again once the jail is gone.
+    assert_eq!(meta(&vm_dir.join("overlay.ext4")).uid(), OWNER);
+    assert_eq!(meta(&vm_dir.join("work.ext4")).uid(), OWNER);
 
     // Another one killed, then both deleted: nothing left.
     create(&c, req("b")).await.unwrap();
     let b = VmRpcClient::show(&c, "b".into()).await.unwrap();
     assert_eq!(b.state, VmState::Running, "{:?}", b.error);
+    let b_uid = proc_status(b.pid.unwrap() as u32, "Uid");
+    assert_ne!(
+        b_uid.split_whitespace().next(),
+        Some(vm_uid.to_string().as_str()),
+        "each VM has a uid of its own"
+    );
+    // A stopped VM started again is jailed afresh (its old jail was cleared by the helper).
+    let mut sub = c.start("a".into()).await.unwrap();
+    loop {
+        match sub.next().await.unwrap().unwrap() {
+            Progress::Done { vm } => {
+                assert_eq!(vm.state, VmState::Running, "{:?}", vm.error);
+                break;
+            }
+            Progress::Failed { message, .. } => panic!("restart of a: {message}"),
+            _ => {}
+        }
+    }
+    assert_eq!(
+        meta(&vm_dir.join("overlay.ext4")).uid(),
+        vm_uid,
+        "the same uid"
+    );
     let killed = c.kill("b".into(), None).await.unwrap();
     assert_eq!(killed.state, VmState::Stopped);
     assert!(!jail(&b.id).exists(), "jail left after kill");

@@ -361,12 +361,14 @@ impl HostNet {
         console: &std::path::Path,
         vcpu: u32,
         memory_mib: u32,
+        uid: u32,
     ) -> Result<(i32, u64), NetError> {
         let request = Request::SpawnJailer {
             vm: vm.to_owned(),
             console: console.to_owned(),
             vcpu,
             memory_mib,
+            uid,
         };
         match helper_reply(&self.helper, request).await? {
             Reply::Spawned { pid, start_time } => Ok((pid, start_time)),
@@ -375,6 +377,12 @@ impl HostNet {
                 reason: format!("unexpected answer {other:?}"),
             }),
         }
+    }
+
+    /// Make a jailed Firecracker's vsock socket reachable outside its jail (see
+    /// `banger_policy::jail::owner`), once `PUT /vsock` has made it.
+    pub async fn expose_vsock(&self, vm: &str) -> Result<(), NetError> {
+        helper_call(&self.helper, Request::ExposeVsock { vm: vm.to_owned() }).await
     }
 
     /// Remove a Firecracker VM's jail and cgroup through the helper (a no-op without one:

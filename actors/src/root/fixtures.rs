@@ -21,8 +21,11 @@ pub(super) fn test_vm_config(dir: &std::path::Path) -> VmConfig {
                 jailer: "jailer".into(),
                 firecracker: "firecracker".into(),
                 chroot_base: dir.join("jail"),
-                uid: 0,
-                gid: 0,
+                vm_uids: banger_policy::UidRange {
+                    first: 2_000_000_000,
+                    count: 65536,
+                },
+                socket_gid: None,
             },
             qemu: QemuConfig {
                 qemu: "qemu-system-x86_64".into(),
@@ -88,5 +91,6 @@ pub(super) fn stored_vm(id: &str, name: &str, created_at: u64) -> crate::vm::mod
         runtime: None,
         ip: None,
         publish: Vec::new(),
+        uid: None,
     }
 }

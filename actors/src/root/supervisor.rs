@@ -141,7 +141,7 @@ impl RootSupervisor {
                     agent_timeout: vm.agent_timeout,
                     net: state.args.net.clone(),
                     subnet: vm.settings.subnet,
-                    qemu_tap_uid: nix::unistd::geteuid().as_raw(),
+                    own_uid: nix::unistd::geteuid().as_raw(),
                     ssh_key: vm
                         .ssh_key
                         .clone()

@@ -328,13 +328,23 @@ impl Store {
                     vm.id
                 )));
             }
-            if let Some(ip) = &vm.ip {
+            if vm.ip.is_some() || vm.uid.is_some() {
                 for entry in vms.iter()? {
                     let (_, v) = entry?;
                     let other: VmRecord = decode(self, "vms", v.value())?;
-                    if other.ip.as_ref() == Some(ip) {
+                    if let Some(ip) = &vm.ip
+                        && other.ip.as_ref() == Some(ip)
+                    {
                         return Err(StoreError::Conflict(format!(
                             "the address {ip} is taken by vm {}",
+                            other.name
+                        )));
+                    }
+                    if let Some(uid) = vm.uid
+                        && other.uid == Some(uid)
+                    {
+                        return Err(StoreError::Conflict(format!(
+                            "the uid {uid} is taken by vm {}",
                             other.name
                         )));
                     }
@@ -565,6 +575,7 @@ mod tests {
             runtime: None,
             ip: None,
             publish: Vec::new(),
+            uid: None,
         }
     }
 

@@ -44,8 +44,9 @@ pub struct VmEnv {
     /// Taps and NAT, through the privileged helper.
     pub net: crate::net::host::HostNet,
     pub subnet: crate::net::lease::Subnet,
-    /// Who owns a QEMU VM's tap: the daemon's own uid (QEMU runs as the daemon).
-    pub qemu_tap_uid: u32,
+    /// The daemon's own uid: who owns the tap of a VMM that runs as the daemon (QEMU, an
+    /// unjailed Firecracker).
+    pub own_uid: u32,
     /// banger's ssh key, put into each guest's authorized_keys once its agent answers.
     pub ssh_key: Option<Arc<super::sshkey::SshKey>>,
     /// `[[file_sync]]`, copied into /root at a VM's first boot.
@@ -359,6 +360,7 @@ fn plan(
                 .and_then(|ip| ip.parse().ok())
                 .map(crate::net::lease::mac_for),
         ),
+        uid: rec.uid,
     })
 }
 
@@ -368,6 +370,31 @@ fn ensure_disks(dir: &VmDir, work_bytes: u64) -> Result<(), VmError> {
         return Ok(());
     }
     disks::create(dir, work_bytes)?;
+    Ok(())
+}
+
+/// Give a Firecracker VM created before VMs had uids of their own one (at create, the
+/// VM supervisor allocates it with the record).
+async fn ensure_uid(env: &Arc<VmEnv>, rec: &mut VmRecord) -> Result<(), VmError> {
+    if rec.vmm != banger_api::VmmKind::Firecracker || rec.uid.is_some() {
+        return Ok(());
+    }
+    let store = Arc::clone(&env.store);
+    let used: std::collections::HashSet<u32> =
+        tokio::task::spawn_blocking(move || store.list_vms())
+            .await
+            .map_err(|e| VmError::Invalid(e.to_string()))??
+            .iter()
+            .filter_map(|v| v.uid)
+            .collect();
+    let range = env.vmm.firecracker.vm_uids;
+    rec.uid = Some(
+        crate::vmm::firecracker::allocate_uid(range, &rec.id, &used).ok_or_else(|| {
+            VmError::Conflict(format!(
+                "every VM uid of {range} is taken; delete some VMs, or configure a larger [firecracker] vm_uids"
+            ))
+        })?,
+    );
     Ok(())
 }
 
@@ -381,9 +408,10 @@ async fn setup_net(
         return Ok(None);
     };
     send_stage(progress, "network");
-    let uid = match rec.vmm {
-        banger_api::VmmKind::Firecracker => env.vmm.firecracker.uid,
-        banger_api::VmmKind::Qemu => env.qemu_tap_uid,
+    // A jailed Firecracker opens its tap as the VM's own uid.
+    let uid = match (rec.vmm, rec.uid) {
+        (banger_api::VmmKind::Firecracker, Some(uid)) if env.net.privileged().await => uid,
+        _ => env.own_uid,
     };
     let net_err = |source| VmError::Net {
         vm: rec.name.clone(),
@@ -763,6 +791,10 @@ impl Actor for VmActor {
                 // Published ports first: a taken one fails the start before anything runs.
                 if let Err(e) = state.published.bind_all(&mut state.rec.publish).await {
                     let _ = reply.send(Err(e.into()));
+                    return Ok(());
+                }
+                if let Err(e) = ensure_uid(&state.env, &mut state.rec).await {
+                    let _ = reply.send(Err(e));
                     return Ok(());
                 }
                 state.generation += 1;

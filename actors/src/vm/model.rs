@@ -40,6 +40,12 @@ pub struct VmRecord {
     /// Published ports (see `vm::publish`); records older than the field have none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub publish: Vec<super::publish::Publish>,
+    /// The uid a jailed Firecracker of this VM runs as, its own from `[firecracker]
+    /// vm_uids` (see `vmm::firecracker::allocate_uid`); like the lease it lives and dies
+    /// with the record. None for QEMU VMs (and Firecracker records older than the field
+    /// until their next start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
 }
 
 /// Host processes and sockets of a running VM.

@@ -44,6 +44,8 @@ pub struct LaunchPlan {
     pub run_dir: PathBuf,
     /// Tap device and guest MAC, when the VM has a network.
     pub tap: Option<(String, String)>,
+    /// The uid a jailed Firecracker runs as (the VM record's); None for QEMU.
+    pub uid: Option<u32>,
 }
 
 /// Driver settings, resolved from config.

@@ -397,6 +397,7 @@ mod tests {
             console: "/v/console.log".into(),
             run_dir: "/v/run".into(),
             tap: None,
+            uid: None,
         }
     }
 

@@ -22,7 +22,9 @@ pub fn execute(cfg: &HelperConfig, req: &Request) -> Reply {
         Request::Signal { pid, signal, .. } => signal_vm(*pid, *signal),
         Request::CleanJail { vm } => clean_jail(cfg, vm),
         // Forwarded to the launcher by the helper; never run in a helper worker.
-        Request::SpawnJailer { .. } => Err(io::Error::other("spawn_jailer is the launcher's")),
+        Request::SpawnJailer { .. } | Request::ExposeVsock { .. } => {
+            Err(io::Error::other(format!("{} is the launcher's", req.op())))
+        }
         Request::ResolvedRoute { port } => resolved_route(cfg, *port),
         Request::Status => return Reply::Status(crate::confine::report()),
     };

@@ -26,9 +26,7 @@ nix::ioctl_write_ptr!(tun_set_iff, b'T', 202, libc::c_int);
 nix::ioctl_write_int!(tun_set_persist, b'T', 203);
 nix::ioctl_write_int!(tun_set_owner, b'T', 204);
 
-/// Create a persistent tap `name` owned by `uid`. EBUSY/EEXIST-style errors when a
-/// different device has that name.
-pub fn create(name: &str, uid: u32) -> io::Result<()> {
+fn ifreq(name: &str) -> io::Result<IfReq> {
     let mut req = IfReq {
         name: [0; libc::IFNAMSIZ],
         // Same flags Firecracker and QEMU open it with, so their TUNSETIFF matches.
@@ -40,6 +38,26 @@ pub fn create(name: &str, uid: u32) -> io::Result<()> {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "bad tap name"));
     }
     req.name[..bytes.len()].copy_from_slice(bytes);
+    Ok(req)
+}
+
+/// Open the existing tap `name` through the tun device at `tun`, as a VMM does (the
+/// Firecracker double, to fail where Firecracker would): refused unless the caller owns
+/// the tap (or is privileged); EBUSY when another process holds it.
+pub fn open(tun: &std::path::Path, name: &str) -> io::Result<std::fs::File> {
+    let mut req = ifreq(name)?;
+    let file = OpenOptions::new().read(true).write(true).open(tun)?;
+    // SAFETY: `file` is an open tun device; `req` is a live, properly sized ifreq the
+    // kernel reads (and writes the final name into) during the call only.
+    unsafe { tun_set_iff(file.as_raw_fd(), (&raw mut req).cast::<libc::c_int>()) }
+        .map_err(io::Error::from)?;
+    Ok(file)
+}
+
+/// Create a persistent tap `name` owned by `uid`. EBUSY/EEXIST-style errors when a
+/// different device has that name.
+pub fn create(name: &str, uid: u32) -> io::Result<()> {
+    let mut req = ifreq(name)?;
     let tun = OpenOptions::new()
         .read(true)
         .write(true)

@@ -36,7 +36,7 @@ impl DaemonRpcServer for DaemonApi {
         let firecracker = banger_api::FirecrackerStatus {
             jailed: self.ctx.jailing == Jailing::Ready,
             isolation: match self.ctx.jailing {
-                Jailing::Ready => fc::jailed(&cgroups),
+                Jailing::Ready => fc::jailed(&cgroups, None),
                 Jailing::NoHelper => fc::UNJAILED.to_owned(),
                 Jailing::HelperWithoutJailer => "none: the helper found no jailer when bangerd started, so Firecracker VMs are refused; install Firecracker's release (jailer included) and restart bangerd".to_owned(),
             },

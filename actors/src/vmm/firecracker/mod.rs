@@ -65,7 +65,7 @@ pub const GUEST_CID: u32 = 3;
 /// The API socket inside the jail.
 pub const API_SOCK: &str = banger_policy::jail::API_SOCK;
 /// The hybrid vsock socket inside the jail.
-pub const VSOCK_SOCK: &str = "vsock.sock";
+pub const VSOCK_SOCK: &str = banger_policy::jail::VSOCK_SOCK;
 
 /// Firecracker settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,9 +74,29 @@ pub struct FirecrackerConfig {
     pub firecracker: PathBuf,
     /// `--chroot-base-dir` (under banger's data dir).
     pub chroot_base: PathBuf,
-    /// uid/gid the jailer drops Firecracker to.
-    pub uid: u32,
-    pub gid: u32,
+    /// The uids jailed VMs run as, one of its own each (`[firecracker] vm_uids`; the
+    /// jailer's `--uid` and `--gid`): see [`allocate_uid`].
+    pub vm_uids: banger_policy::UidRange,
+    /// The group of the sockets exposed outside the jail (the daemon's socket group), when
+    /// it exists. The launcher applies it to jailed VMs; an unjailed VM's are given it
+    /// when bangerd is a member.
+    pub socket_gid: Option<u32>,
+}
+
+/// A uid of `range` for VM `id` that no VM in `used` has: chosen from a hash of the id and
+/// probed forward, like the IPv4 lease (`net::lease`). None when every uid is taken.
+pub fn allocate_uid(
+    range: banger_policy::UidRange,
+    id: &str,
+    used: &std::collections::HashSet<u32>,
+) -> Option<u32> {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    id.hash(&mut h);
+    let start = (h.finish() % u64::from(range.count.max(1))) as u32;
+    (0..range.count)
+        .map(|i| range.first + (start + i) % range.count)
+        .find(|uid| !used.contains(uid))
 }
 
 /// The Firecracker binary: a bare name looked up on PATH (then /usr/sbin, /sbin), a path
@@ -88,7 +108,14 @@ pub fn firecracker_binary(c: &FirecrackerConfig) -> PathBuf {
 /// `<chroot_base>/<exec name>/<id>/root`, where the jailer makes it (the exec name of the
 /// canonicalised binary).
 pub fn jail_root(c: &FirecrackerConfig, id: &str) -> PathBuf {
-    banger_policy::jail::instance_dir(&c.chroot_base, &firecracker_binary(c), id).join("root")
+    jail_instance(c, id).join("root")
+}
+
+/// `<chroot_base>/<exec name>/<id>`: the jail's `root/` and, beside it, the links to the
+/// API and vsock sockets bangerd and its users connect to (see
+/// [`banger_policy::jail::owner`]).
+pub fn jail_instance(c: &FirecrackerConfig, id: &str) -> PathBuf {
+    banger_policy::jail::instance_dir(&c.chroot_base, &firecracker_binary(c), id)
 }
 
 /// The jailer's command line for a VM limited to `limits`, on a host with `cgroups` (the
@@ -96,13 +123,14 @@ pub fn jail_root(c: &FirecrackerConfig, id: &str) -> PathBuf {
 pub fn jailer_args(
     c: &FirecrackerConfig,
     id: &str,
+    uid: u32,
     cgroups: &banger_policy::cgroup::Layout,
     limits: banger_policy::cgroup::Limits,
 ) -> Vec<String> {
     banger_policy::jail::jailer_args(
         &firecracker_binary(c),
-        c.uid,
-        c.gid,
+        uid,
+        uid,
         &c.chroot_base,
         id,
         cgroups,
@@ -113,9 +141,14 @@ pub fn jailer_args(
 /// What `vm show` says of a Firecracker VM run without the jailer.
 pub const UNJAILED: &str = "unjailed: no privileged helper (Firecracker runs as a plain child of bangerd: no chroot, no cgroup of its own, bangerd's uid)";
 
-/// What `vm show` says of a jailed Firecracker VM on a host with `cgroups`.
-pub fn jailed(cgroups: &banger_policy::cgroup::Layout) -> String {
-    format!("jailed by the helper's launcher; {}", cgroups.describe())
+/// What `vm show` says of a jailed Firecracker VM on a host with `cgroups`; `doctor` too.
+/// `uid`: the VM's own, when the text is for one VM.
+pub fn jailed(cgroups: &banger_policy::cgroup::Layout, uid: Option<u32>) -> String {
+    let uid = uid.map(|u| format!(" as uid {u}")).unwrap_or_default();
+    format!(
+        "jailed by the helper's launcher{uid}; {}",
+        cgroups.describe()
+    )
 }
 
 fn setup(e: impl std::fmt::Display) -> VmmError {
@@ -173,21 +206,33 @@ pub fn prepare_jail(c: &FirecrackerConfig, plan: &LaunchPlan) -> Result<PathBuf,
     for f in ["firecracker.log", "metrics.json"] {
         std::fs::File::create(root.join(f)).map_err(setup)?;
     }
-    if nix::unistd::geteuid().is_root() {
-        let (uid, gid) = (
-            Some(nix::unistd::Uid::from_raw(c.uid)),
-            Some(nix::unistd::Gid::from_raw(c.gid)),
-        );
-        for f in [
-            "overlay.ext4",
-            "work.ext4",
-            "firecracker.log",
-            "metrics.json",
-        ] {
-            nix::unistd::chown(&root.join(f), uid, gid).map_err(setup)?;
-        }
-    }
+    // The VM's writable files become its uid's in the launcher (`jail::owner::hand_over`),
+    // which also refuses shared files the VM could write.
     Ok(root)
+}
+
+/// Expose an unjailed Firecracker's socket `name` beside `root/` as the launcher does a
+/// jailed one's: 0660, the socket group when bangerd is in it, else its own.
+fn expose_unjailed(c: &FirecrackerConfig, id: &str, name: &str) -> Result<(), VmmError> {
+    let instance = jail_instance(c, id);
+    let uid = nix::unistd::geteuid().as_raw();
+    let own = nix::unistd::getegid().as_raw();
+    let exposed = c
+        .socket_gid
+        .and_then(|gid| banger_policy::jail::owner::expose(&instance, name, uid, gid).ok())
+        .map_or_else(
+            || banger_policy::jail::owner::expose(&instance, name, uid, own),
+            Ok,
+        )
+        .map_err(setup)?;
+    if exposed {
+        Ok(())
+    } else {
+        Err(setup(format!(
+            "Firecracker made no {name} in {}",
+            instance.display()
+        )))
+    }
 }
 
 /// The API requests of a launch, in order: (method, path, body).
@@ -354,6 +399,11 @@ pub async fn launch(
     stage: &(dyn Fn(&str) + Send + Sync),
 ) -> Result<Runtime, VmmError> {
     stage("jail");
+    let privileged = host.privileged().await;
+    if privileged {
+        // A jail left by an earlier run is the VM uid's: only the helper can clear it.
+        host.clean_jail(&plan.id).await.map_err(setup)?;
+    }
     let root = {
         let (c, plan) = (c.clone(), plan.clone());
         tokio::task::spawn_blocking(move || prepare_jail(&c, &plan))
@@ -361,26 +411,34 @@ pub async fn launch(
             .map_err(setup)??
     };
     stage("launch");
-    let privileged = host.privileged().await;
     let isolation = if privileged {
         // The launcher checks too; here the error reaches the user before any process.
         if let Some(problem) = banger_policy::jail::nodev_problem(&c.chroot_base) {
             return Err(setup(problem));
         }
-        jailed(&banger_policy::cgroup::detect_host())
+        jailed(&banger_policy::cgroup::detect_host(), plan.uid)
     } else {
         UNJAILED.to_owned()
     };
+    let instance = jail_instance(c, &plan.id);
     let (pid, start) = if privileged {
+        let uid = plan
+            .uid
+            .ok_or_else(|| setup("the VM has no uid of its own to run as"))?;
         host.spawn_jailer(
             &plan.id,
             &plan.console,
             plan.spec.vcpu,
             plan.spec.memory_mib,
+            uid,
         )
         .await
         .map_err(|e| VmmError::Spawn {
-            what: format!("the jailer {}", c.jailer.display()),
+            what: format!(
+                "the jailer {} ({})",
+                c.jailer.display(),
+                super::tail(&plan.console, 5)
+            ),
             source: std::io::Error::other(e),
         })?
     } else {
@@ -406,16 +464,21 @@ pub async fn launch(
             source,
         })?
     };
-    let api_sock = root.join(API_SOCK);
+    // Jailed, the launcher exposed the API socket before it answered; unjailed, the same
+    // is done here once Firecracker has made it.
+    let api_sock = instance.join(API_SOCK);
     let result = async {
-        wait_for_path(
-            &api_sock,
-            "the firecracker API socket",
-            Duration::from_secs(10),
-            || proc::alive(pid, start),
-            || tail(&plan.console, 5),
-        )
-        .await?;
+        if !privileged {
+            wait_for_path(
+                &root.join(API_SOCK),
+                "the firecracker API socket",
+                Duration::from_secs(10),
+                || proc::alive(pid, start),
+                || tail(&plan.console, 5),
+            )
+            .await?;
+            expose_unjailed(c, &plan.id, API_SOCK)?;
+        }
         stage("configure");
         let mut api = super::connect_when_listening(
             Duration::from_secs(10),
@@ -428,6 +491,14 @@ pub async fn launch(
                 stage("boot");
             }
             api.call(method, &path, Some(&body)).await?;
+            if path == "/vsock" {
+                // Bound by `PUT /vsock`; reached from outside the jail like the API.
+                if privileged {
+                    host.expose_vsock(&plan.id).await.map_err(setup)?;
+                } else {
+                    expose_unjailed(c, &plan.id, VSOCK_SOCK)?;
+                }
+            }
         }
         Ok(())
     }
@@ -444,7 +515,7 @@ pub async fn launch(
         start_time: start,
         helpers: Vec::new(),
         control_socket: api_sock.display().to_string(),
-        vsock_socket: root.join(VSOCK_SOCK).display().to_string(),
+        vsock_socket: instance.join(VSOCK_SOCK).display().to_string(),
         isolation: Some(isolation),
     })
 }
@@ -491,7 +562,30 @@ mod tests {
             console: dir.join("console.log"),
             run_dir: dir.join("run"),
             tap: Some(("bg-0123456789ab".into(), "06:00:ac:1e:00:05".into())),
+            uid: Some(2_000_000_001),
         }
+    }
+
+    /// VM uids come from the range, one per VM, spread by id and probed past the taken.
+    #[test]
+    fn each_vm_gets_a_uid_of_its_own_from_the_range() {
+        let range = banger_policy::UidRange {
+            first: 5000,
+            count: 3,
+        };
+        let mut used = std::collections::HashSet::new();
+        for id in ["a", "b", "c"] {
+            let uid = allocate_uid(range, id, &used).unwrap();
+            assert!(range.contains(uid), "{uid}");
+            assert!(used.insert(uid), "{uid} given twice");
+        }
+        assert_eq!(allocate_uid(range, "d", &used), None, "all taken");
+        // The same id gets the same uid while it is free.
+        let empty = std::collections::HashSet::new();
+        assert_eq!(
+            allocate_uid(range, "a", &empty),
+            allocate_uid(range, "a", &empty)
+        );
     }
 
     #[test]
@@ -500,18 +594,21 @@ mod tests {
             jailer: "/usr/bin/jailer".into(),
             firecracker: "/usr/bin/firecracker".into(),
             chroot_base: "/var/lib/banger/jail".into(),
-            uid: 900,
-            gid: 901,
+            vm_uids: banger_policy::UidRange {
+                first: 900,
+                count: 10,
+            },
+            socket_gid: None,
         };
         let none = banger_policy::cgroup::Layout::None { why: "x".into() };
         let limits = banger_policy::cgroup::Limits {
             vcpu: 1,
             memory_mib: 128,
         };
-        let args = jailer_args(&c, "abc", &none, limits);
+        let args = jailer_args(&c, "abc", 905, &none, limits);
         assert_eq!(
             args.join(" "),
-            "--id abc --exec-file /usr/bin/firecracker --uid 900 --gid 901 --chroot-base-dir /var/lib/banger/jail -- --api-sock /api.sock"
+            "--id abc --exec-file /usr/bin/firecracker --uid 905 --gid 905 --chroot-base-dir /var/lib/banger/jail -- --api-sock /api.sock"
         );
         assert_eq!(
             jail_root(&c, "abc"),
@@ -528,8 +625,8 @@ mod tests {
             jailer: "/usr/bin/jailer".into(),
             firecracker: "sh".into(),
             chroot_base: "/j".into(),
-            uid: 1,
-            gid: 1,
+            vm_uids: banger_policy::UidRange { first: 1, count: 1 },
+            socket_gid: None,
         };
         let resolved = firecracker_binary(&c);
         assert!(
@@ -541,7 +638,7 @@ mod tests {
             vcpu: 1,
             memory_mib: 128,
         };
-        let args = jailer_args(&c, "abc", &none, limits);
+        let args = jailer_args(&c, "abc", 1, &none, limits);
         assert_eq!(args[3], resolved.display().to_string(), "{args:?}");
         // The jail is named after what the name resolves to (sh may link to dash).
         let name = banger_policy::jail::exec_name(&resolved);

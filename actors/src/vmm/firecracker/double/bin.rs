@@ -70,6 +70,7 @@ fn run(
     };
     let jail = process::enter_jail(&jailer)?;
     process::isolate(&jailer, &jail, std::path::Path::new("/proc/mounts"))?;
+    let jail = process::enter_root(&jail)?;
     process::drop_privileges(&jailer)?;
     process::open_kvm(&jail)?;
     serve(&jail, faults, options)

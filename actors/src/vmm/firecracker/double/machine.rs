@@ -223,6 +223,9 @@ pub(crate) struct Vmm {
     faults: Vec<Fault>,
     resources: Resources,
     vsock: Option<VsockSocket>,
+    /// Taps opened at `PUT /network-interfaces` by a jailed double, held as Firecracker
+    /// holds them, by interface id.
+    taps: std::collections::HashMap<String, std::fs::File>,
     guest: Arc<Guest>,
     /// Ctrl+Alt+Del reached a paused guest: it reboots once resumed.
     reboot_on_resume: bool,
@@ -239,6 +242,7 @@ impl Vmm {
             faults: Vec::new(),
             resources: Resources::default(),
             vsock: None,
+            taps: std::collections::HashMap::new(),
             guest,
             reboot_on_resume: false,
         }
@@ -762,6 +766,21 @@ impl Vmm {
                 ));
             }
         }
+        // Firecracker opens the tap when the device is configured (`Tap::open_named`), as
+        // the VM user: a tap that does not exist, or is another uid's, fails here. Only a
+        // jailed double does (its jail has the /dev/net/tun the jailer made); others run
+        // without taps.
+        let tun = self.host_path("dev/net/tun");
+        if self.root.is_some() && tun.exists() {
+            let name = body["host_dev_name"].as_str().unwrap_or_default();
+            let tap = banger_policy::ops::tap::open(&tun, name).map_err(|e| {
+                format!(
+                    "Network config error: Could not create the network device: Open tap device failed: Error while creating ifreq structure: {e}. Invalid TUN/TAP Backend provided by {name}. Check our documentation on setting up the network devices."
+                )
+            })?;
+            self.taps.insert(id.to_owned(), tap);
+        }
+        let r = &mut self.resources;
         upsert(&mut r.net, "iface_id", body);
         r.boot_path = true;
         Ok(())

@@ -23,11 +23,11 @@
 //! `CgroupHierarchyMissing`), then `unshare(CLONE_NEWNS)`, which fails unprivileged with
 //! the jailer's `Failed to unshare into new mount namespace: Operation not permitted`, then
 //! `/dev/net/tun` and `/dev/kvm` mknod'ed in the jail for the VM user. It then becomes
-//! `--uid`/`--gid` before "exec'ing" Firecracker, so the API is served, the drives opened
+//! `--uid`/`--gid` (after a `chroot` into the jail standing in for its `pivot_root`, see
+//! [`enter_root`]) before "exec'ing" Firecracker, so the API is served, the drives opened
 //! and the socket made as that user, as with the real thing, and opens the jail's
 //! `/dev/kvm` as Firecracker does, which fails on a `nodev` mount. Not modelled: the bind
-//! mount and `pivot_root` (every path is resolved under the jail root instead, as the
-//! jailed process would see it), rlimits and the network namespace (their arguments are
+//! mount (the `chroot` gives the same view of the files), rlimits and the network namespace (their arguments are
 //! checked, not applied). Refused with a message: `--daemonize` and `--new-pid-ns` (they
 //! change which process the caller must track) and the Firecracker arguments that
 //! configure the VM outside the API (`--config-file`, `--no-api`, `--metadata`,
@@ -37,6 +37,10 @@
 //! runs Firecracker without the jailer), it is Firecracker alone: its arguments are parsed
 //! ([`firecracker_alone`]), paths are relative to its working directory, nothing is
 //! isolated.
+//!
+//! A jailed double opens each network interface's tap through the jail's `/dev/net/tun`
+//! at `PUT /network-interfaces`, as the VM user, as Firecracker does: a tap that does not
+//! exist or belongs to another uid is refused with Firecracker's `Open tap device failed`.
 //!
 //! The guest: once `InstanceStart` is accepted, a few serial console lines go to stdout,
 //! the last being [`GUEST_RUNNING`]. When the guest powers off, the kernel's
@@ -159,6 +163,8 @@ pub enum ProcessError {
     ChangeFileOwner(PathBuf, #[source] std::io::Error),
     #[error("Failed to write to {}", .0.display())]
     Write(PathBuf, #[source] std::io::Error),
+    #[error("Failed to pivot root into {}", .0.display())]
+    Chroot(PathBuf, #[source] std::io::Error),
     #[error("Failed to open the API socket at {}", .0.display())]
     ApiSocket(PathBuf, #[source] std::io::Error),
     #[error("banger-fc-double does not model {0}")]
@@ -699,6 +705,29 @@ pub fn isolate(
             .map_err(|e| ProcessError::ChangeFileOwner(PathBuf::from(&name), e.into()))?;
     }
     Ok(made)
+}
+
+/// The jailer's `pivot_root` into the jail, as a `chroot` (the double has no mount of its
+/// own to pivot): from here on the process sees only the jail, so the VM user needs no
+/// access to the directories above it (banger's data directory is private to its owner),
+/// and every path it resolves is the jailed one. Done only as root, as the real jailer
+/// does unconditionally; the jail returned is the one the process sees.
+pub fn enter_root(jail: &Jail) -> Result<Jail, ProcessError> {
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(jail.clone());
+    }
+    nix::unistd::chroot(&jail.root)
+        .and_then(|()| nix::unistd::chdir("/"))
+        .map_err(|e| ProcessError::Chroot(jail.root.clone(), e.into()))?;
+    let inside = Path::new("/");
+    Ok(Jail {
+        api_socket: inside.join(
+            jail.api_socket
+                .strip_prefix(&jail.root)
+                .unwrap_or(&jail.api_socket),
+        ),
+        root: inside.to_owned(),
+    })
 }
 
 /// What Firecracker does with its jail's `/dev/kvm`: open it. On a `nodev` mount the node
