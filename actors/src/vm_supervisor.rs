@@ -208,7 +208,7 @@ impl VmSupervisor {
         if vmm.vmm == banger_api::VmmKind::Firecracker {
             kernel
                 .firecracker_kernel()
-                .map_err(|e| VmError::Invalid(crate::vm::actor::error_chain(&e)))?;
+                .map_err(|e| VmError::Invalid(banger_error::error_chain(&e)))?;
         }
         let spec = spec::resolve(
             &spec::defaults(&state.settings.defaults, &state.settings.host, vmm.vmm),

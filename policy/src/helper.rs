@@ -18,6 +18,8 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{ForkResult, fork};
 use serde::{Deserialize, Serialize};
 
+use banger_error::error_chain;
+
 use crate::launcher::Launcher;
 use crate::request::{Confinement, HelperConfig, Reply, Request};
 use crate::wire::{read_frame, write_frame};
@@ -288,15 +290,4 @@ pub(crate) fn run_in_worker(
             }
         }
     }
-}
-
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
 }

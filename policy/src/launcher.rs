@@ -135,7 +135,7 @@ impl Launcher {
 /// The launcher's life: confine, then serve until the helper closes the socket.
 fn serve(cfg: &HelperConfig, mut sock: UnixStream) -> i32 {
     if let Err(e) = crate::confine::apply_launcher(sock.as_raw_fd()) {
-        let reason = format!("the jailer launcher: {}", crate::helper::error_chain(&e));
+        let reason = format!("the jailer launcher: {}", banger_error::error_chain(&e));
         let _ = write_frame(&mut sock, &Reply::Failed { reason });
         return 1;
     }

@@ -727,7 +727,7 @@ impl Config {
         )
         .map_err(|e| ConfigError::Invalid {
             key: "images.catalog",
-            message: banger_actors::vm::actor::error_chain(&e),
+            message: banger_error::error_chain(&e),
             from: None,
         })
     }

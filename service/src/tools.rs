@@ -59,6 +59,6 @@ pub fn make_bundle(request: &str) -> ExitCode {
                 Err(e) => fail(format!("cannot write the answer: {e}")),
             }
         }
-        Err(e) => fail(banger_actors::vm::actor::error_chain(&e)),
+        Err(e) => fail(banger_error::error_chain(&e)),
     }
 }

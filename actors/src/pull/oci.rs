@@ -151,7 +151,7 @@ impl BlobCache {
                     url: format!("{} blob {}", reference.whole(), desc.digest),
                     detail: format!(
                         "{} (try again: the layers already fetched are kept)",
-                        crate::vm::actor::error_chain(&e)
+                        banger_error::error_chain(&e)
                     ),
                 })?;
                 hasher.update(&chunk);
@@ -244,7 +244,7 @@ impl BlobCache {
 fn registry_err(reference: &Reference, e: &oci_client::errors::OciDistributionError) -> PullError {
     PullError::Registry {
         reference: reference.whole(),
-        detail: crate::vm::actor::error_chain(e),
+        detail: banger_error::error_chain(e),
     }
 }
 

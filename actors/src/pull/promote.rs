@@ -207,7 +207,7 @@ impl<R: tokio::io::AsyncRead + Unpin> Read for BlockingReader<R> {
 }
 
 fn guest_err(vm: &str, e: &HostError) -> PullError {
-    let mut detail = crate::vm::actor::error_chain(e);
+    let mut detail = banger_error::error_chain(e);
     if detail.contains("unknown field") {
         detail.push_str(
             "; the VM's banger-agent predates image promote: it comes from its image, so make the VM from an image pulled or registered with this banger",

@@ -10,8 +10,10 @@ use std::sync::Arc;
 
 use banger_api::{CatalogEntry, CreateVm, PullImage, codes};
 
-use super::*;
-use crate::store::Named;
+use super::fixtures::test_vm_config;
+use super::{Tree, TreeError};
+use crate::image::{ImageRecord, KernelRecord};
+use crate::store::{Named, Store};
 
 const ROUNDS: usize = 200;
 

@@ -19,6 +19,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::{broadcast, mpsc, watch};
 
 use banger_api::{LogEvent, Progress, SetVm, VmInfo, VmState, VmStats, codes};
+use banger_error::error_chain;
 
 use super::cmdline::{self, CmdlineInputs};
 use super::disks::{self, DiskError, VmDir};
@@ -1267,16 +1268,4 @@ fn read_range(path: &std::path::Path, from: u64, to: u64) -> String {
     let bytes = read_from(path, from).unwrap_or_default();
     let n = (to.saturating_sub(from) as usize).min(bytes.len());
     String::from_utf8_lossy(&bytes[..n]).into_owned()
-}
-
-/// `err: cause: cause…`.
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        out.push_str(": ");
-        out.push_str(&e.to_string());
-        cur = e.source();
-    }
-    out
 }

@@ -114,7 +114,7 @@ pub enum PublishError {
 
 impl From<PublishError> for VmError {
     fn from(e: PublishError) -> VmError {
-        let message = super::actor::error_chain(&e);
+        let message = banger_error::error_chain(&e);
         match e {
             PublishError::InUse { .. } | PublishError::Clash { .. } => VmError::Conflict(message),
             PublishError::Invalid(_) => VmError::Invalid(message),
@@ -277,7 +277,7 @@ impl Published {
             match self.bind(p).await {
                 Ok(b) => self.bound.push(b),
                 Err(e) => {
-                    tracing::warn!(vm = %self.vm, spec = %p.spec, error = %super::actor::error_chain(&e), "cannot re-bind a published port")
+                    tracing::warn!(vm = %self.vm, spec = %p.spec, error = %banger_error::error_chain(&e), "cannot re-bind a published port")
                 }
             }
         }

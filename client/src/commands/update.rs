@@ -26,6 +26,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use banger_api::{DaemonRpcClient, UpdateGate, UpdateRpcClient};
+use banger_error::error_chain;
 use banger_update::{self as updater, Choice, Current, Release, ServiceControl, Source};
 use serde::Serialize;
 
@@ -59,18 +60,6 @@ fn source() -> Result<Source, CliError> {
         }
     }
     Source::new(&url, &key).map_err(CliError::Other)
-}
-
-/// `e` and each of its causes, `: `-separated.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cur = c.source();
-    }
-    out
 }
 
 fn err(e: updater::UpdateError) -> CliError {

@@ -102,7 +102,7 @@ impl From<RpcError> for ErrorObjectOwned {
     }
 }
 
-pub use banger_actors::vm::actor::error_chain;
+pub use banger_error::error_chain;
 
 /// Methods that take no parameters; a call that sends some is refused with
 /// `INVALID_PARAMS` (see [`crate::auth::Gate`]). Checked against the module by a test.

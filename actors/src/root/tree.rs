@@ -1,0 +1,319 @@
+//! [`Tree`]: the handle the RPC layer uses to reach the actors, and [`TreeError`]. This
+//! file has the tree's start and its store, VM and update-gate calls; the image and kernel
+//! calls are in `images.rs`, the image and kernel pulled for a `vm create` in
+//! `auto_pull.rs`.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use ractor::{Actor, ActorCell, ActorRef};
+
+use banger_api::{CreateVm, SpecDefaults, VmInfo};
+
+use super::VmConfig;
+use super::supervisor::{RootArgs, RootMsg, RootSupervisor, Slot, live};
+use crate::image::ImageError;
+use crate::net::dns::DnsMsg;
+use crate::net::host::{HelperMsg, HostNet, NatMsg, NetMsg};
+use crate::pull::{PullEnv, PullError, PullMsg};
+use crate::store::{Store, StoreError, StoreInfo, StoreMsg};
+use crate::updater::actor::{UpdaterError, UpdaterMsg};
+use crate::vm::actor::{ProgressTx, VmError, VmMsg};
+use crate::vm_supervisor::VmSupervisorMsg;
+
+/// How long a caller waits for an actor's answer before giving up.
+pub(super) const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+pub(super) const CALL_MS: u64 = 30_000;
+
+/// Errors reaching the tree.
+#[derive(Debug, thiserror::Error)]
+pub enum TreeError {
+    #[error("failed to start the supervision tree")]
+    Spawn(#[source] ractor::SpawnErr),
+    #[error("the {0} actor did not answer")]
+    Call(&'static str),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    /// A name given with a request names nothing (`image register --kernel nope`).
+    #[error(transparent)]
+    NotFound(#[from] crate::not_found::NotFound),
+    #[error(transparent)]
+    Updater(#[from] UpdaterError),
+    #[error(transparent)]
+    Pull(#[from] Arc<PullError>),
+}
+
+/// Current references to the tree's actors. A restart replaces the reference in place,
+/// so holders of a `Tree` always reach the live actor.
+#[derive(Debug, Clone)]
+pub struct Tree {
+    root: ActorRef<RootMsg>,
+    pub(super) db: Arc<Store>,
+    pub(super) data_dir: std::path::PathBuf,
+    store: Slot<StoreMsg>,
+    vms: Slot<VmSupervisorMsg>,
+    dns: Slot<DnsMsg>,
+    net: HostNet,
+    updater: Slot<UpdaterMsg>,
+    pub(super) pulls: Slot<PullMsg>,
+    pub(super) pull_env: Arc<PullEnv>,
+    pub(super) default_image: Option<String>,
+}
+
+impl Tree {
+    /// Start the tree on an open store. Returns the tree handle and the root's join handle
+    /// (which completes when the tree stops).
+    pub async fn start(
+        store: Store,
+        vm: VmConfig,
+        helper: Option<banger_policy::Helper>,
+    ) -> Result<(Tree, tokio::task::JoinHandle<()>), TreeError> {
+        let net = HostNet {
+            net: Arc::new(RwLock::new(None::<ActorRef<NetMsg>>)),
+            nat: Arc::new(RwLock::new(None::<ActorRef<NatMsg>>)),
+            helper: Arc::new(RwLock::new(None::<ActorRef<HelperMsg>>)),
+        };
+        let store_ref = Arc::new(RwLock::new(None));
+        let vms_ref = Arc::new(RwLock::new(None));
+        let dns_ref = Arc::new(RwLock::new(None));
+        let updater_ref = Arc::new(RwLock::new(None));
+        let pull_ref = Arc::new(RwLock::new(None));
+        let db = Arc::new(store);
+        let data_dir = vm.data_dir.clone();
+        let default_image = vm.settings.default_image.clone();
+        let pull_env = PullEnv::new(vm.pull.clone(), Arc::clone(&db));
+        let args = RootArgs {
+            store: Arc::clone(&db),
+            vm,
+            store_ref: Arc::clone(&store_ref),
+            vms_ref: Arc::clone(&vms_ref),
+            dns_ref: Arc::clone(&dns_ref),
+            net: net.clone(),
+            helper: Arc::new(std::sync::Mutex::new(helper)),
+            updater_ref: Arc::clone(&updater_ref),
+            pull_ref: Arc::clone(&pull_ref),
+            pull_env: Arc::clone(&pull_env),
+            dns_table: Default::default(),
+        };
+        let (root, join) = Actor::spawn(None, RootSupervisor, args)
+            .await
+            .map_err(TreeError::Spawn)?;
+        let tree = Tree {
+            root,
+            db,
+            data_dir,
+            store: store_ref,
+            vms: vms_ref,
+            dns: dns_ref,
+            net,
+            updater: updater_ref,
+            pulls: pull_ref,
+            pull_env,
+            default_image,
+        };
+        Ok((tree, join))
+    }
+
+    fn store(&self) -> ActorRef<StoreMsg> {
+        live(&self.store)
+    }
+
+    /// The store's metadata.
+    pub async fn store_info(&self) -> Result<StoreInfo, TreeError> {
+        ractor::call_t!(
+            self.store(),
+            StoreMsg::Info,
+            CALL_TIMEOUT.as_millis() as u64
+        )
+        .map_err(|_| TreeError::Call("store"))?
+        .map_err(TreeError::Store)
+    }
+
+    /// Count a daemon start on the store.
+    pub async fn record_start(&self) -> Result<u64, TreeError> {
+        ractor::call_t!(
+            self.store(),
+            StoreMsg::RecordStart,
+            CALL_TIMEOUT.as_millis() as u64
+        )
+        .map_err(|_| TreeError::Call("store"))?
+        .map_err(TreeError::Store)
+    }
+
+    /// Number of VM actors alive.
+    pub async fn vm_count(&self) -> Result<usize, TreeError> {
+        let vms = live(&self.vms);
+        ractor::call_t!(vms, VmSupervisorMsg::Count, CALL_TIMEOUT.as_millis() as u64)
+            .map_err(|_| TreeError::Call("vm-supervisor"))
+    }
+
+    /// Where the `.vm` resolver listens, if it does.
+    pub async fn dns_addr(&self) -> Option<std::net::SocketAddr> {
+        ractor::call_t!(live(&self.dns), DnsMsg::Addr, CALL_MS)
+            .ok()
+            .flatten()
+    }
+
+    /// The privileged helper's confinement, when bangerd has a helper.
+    pub async fn helper_confinement(&self) -> Option<banger_policy::Confinement> {
+        self.net.confinement().await
+    }
+
+    /// The update gate: may `banger update` to `version` proceed now? Refused while a VM
+    /// operation is in flight unless `force`; answers the VMs that were in flight.
+    pub async fn update_gate(
+        &self,
+        version: String,
+        force: bool,
+    ) -> Result<Vec<String>, TreeError> {
+        ractor::call!(live(&self.updater), |reply| UpdaterMsg::Gate {
+            version,
+            force,
+            reply
+        })
+        .map_err(|_| TreeError::Call("updater"))?
+        .map_err(TreeError::Updater)
+    }
+
+    fn vms(&self) -> ActorRef<VmSupervisorMsg> {
+        live(&self.vms)
+    }
+
+    /// Defaults a new VM would get.
+    pub async fn vm_defaults(&self) -> Result<SpecDefaults, TreeError> {
+        ractor::call_t!(self.vms(), VmSupervisorMsg::Defaults, CALL_MS)
+            .map_err(|_| TreeError::Call("vm-supervisor"))
+    }
+
+    /// Create (and start) a VM; progress goes to `progress` while it boots. A missing image
+    /// that the catalog has (the default image, typically) is pulled first, and then the
+    /// kernel its record names if that is missing and in the kernel catalog: both show as a
+    /// `pull` stage.
+    pub async fn create_vm(
+        &self,
+        req: CreateVm,
+        progress: Option<ProgressTx>,
+    ) -> Result<VmInfo, TreeError> {
+        // A size the VM could never have is refused before minutes of pulling for it.
+        crate::vm::spec::validate_given(req.vcpu, req.memory_mib, req.disk_bytes)
+            .map_err(VmError::Invalid)?;
+        self.auto_pull(&req, progress.as_ref()).await?;
+        ractor::call!(self.vms(), |reply| VmSupervisorMsg::Create {
+            req,
+            progress,
+            reply
+        })
+        .map_err(|_| TreeError::Call("vm-supervisor"))?
+        .map_err(TreeError::Vm)
+    }
+
+    /// The actor of a VM.
+    pub async fn vm(&self, name: &str) -> Result<ActorRef<VmMsg>, TreeError> {
+        let vm = name.to_owned();
+        ractor::call_t!(
+            self.vms(),
+            |reply| VmSupervisorMsg::Get { vm, reply },
+            CALL_MS
+        )
+        .map_err(|_| TreeError::Call("vm-supervisor"))?
+        .map_err(TreeError::Vm)
+    }
+
+    /// Ask a VM something and wait for the answer (no timeout: a start or stop can be long).
+    pub async fn ask_vm<T>(
+        &self,
+        name: &str,
+        msg: impl FnOnce(ractor::RpcReplyPort<Result<T, VmError>>) -> VmMsg,
+    ) -> Result<T, TreeError>
+    where
+        T: Send + 'static,
+    {
+        let actor = self.vm(name).await?;
+        ractor::call!(actor, msg)
+            .map_err(|_| TreeError::Vm(VmError::Gone(name.into())))?
+            .map_err(TreeError::Vm)
+    }
+
+    pub async fn list_vms(&self) -> Result<Vec<VmInfo>, TreeError> {
+        ractor::call!(self.vms(), VmSupervisorMsg::List)
+            .map_err(|_| TreeError::Call("vm-supervisor"))?
+            .map_err(TreeError::Vm)
+    }
+
+    /// Stop the whole tree (children first, by ractor's linking).
+    pub fn stop(&self) {
+        self.root.stop(Some("daemon shutting down".into()));
+    }
+
+    #[doc(hidden)]
+    /// Test support: the live StoreActor's cell, to make it fail.
+    pub fn store_cell(&self) -> ActorCell {
+        self.store().get_cell()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::fixtures::{stored_vm, test_vm_config};
+    use super::*;
+
+    /// would) is listed from the store with `busy`, and the update gate counts it as in
+    /// flight; once it answers again it is listed from its actor and the gate opens.
+    /// (Before: it was left out of `vm list`, so the gate let an update through.)
+    #[tokio::test]
+    async fn a_vm_that_does_not_answer_is_listed_busy_and_holds_the_update_gate() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.redb")).unwrap();
+        store.put_vm(&stored_vm("aaa", "slow", 1)).unwrap();
+        store.put_vm(&stored_vm("bbb", "idle", 2)).unwrap();
+        let (tree, _join) = Tree::start(store, test_vm_config(dir.path()), None)
+            .await
+            .unwrap();
+        let (release, hold) = tokio::sync::oneshot::channel::<()>();
+        tree.vm("slow")
+            .await
+            .unwrap()
+            .cast(VmMsg::TestHold(hold))
+            .unwrap();
+        // The held actor never answers while `release` lives, so any timeout ends the wait.
+        tree.vms()
+            .cast(VmSupervisorMsg::TestInfoTimeout(Duration::from_millis(50)))
+            .unwrap();
+        let vms = tree.list_vms().await.unwrap();
+        let seen: Vec<_> = vms
+            .iter()
+            .map(|v| (v.name.as_str(), v.state, v.busy))
+            .collect();
+        use banger_api::VmState::Created;
+        assert_eq!(seen, [("slow", Created, true), ("idle", Created, false)]);
+
+        let e = tree.update_gate("9.9.9".into(), false).await.unwrap_err();
+        assert!(
+            matches!(&e, TreeError::Updater(UpdaterError::Busy(m)) if m.contains("slow busy") && !m.contains("idle")),
+            "{e}"
+        );
+        assert_eq!(
+            tree.update_gate("9.9.9".into(), true).await.unwrap(),
+            ["slow busy (last stored state created)"]
+        );
+
+        drop(release);
+        tree.vms()
+            .cast(VmSupervisorMsg::TestInfoTimeout(CALL_TIMEOUT))
+            .unwrap();
+        let vms = tree.list_vms().await.unwrap();
+        assert!(vms.iter().all(|v| !v.busy), "{vms:?}");
+        assert_eq!(vms.len(), 2);
+        assert!(
+            tree.update_gate("9.9.9".into(), false)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        tree.stop();
+    }
+}
