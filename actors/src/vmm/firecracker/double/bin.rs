@@ -50,7 +50,8 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(error) => {
-            eprintln!("{}", chain(&error));
+            // `: `-separated, as the jailer prints an error and its cause.
+            eprintln!("{}", banger_error::error_chain(&error));
             ExitCode::from(error.exit_code())
         }
     }
@@ -119,16 +120,4 @@ fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = i32>> 
             _ = int.recv() => SignalKind::interrupt().as_raw_value(),
         }
     })
-}
-
-/// The error and its causes, `: `-separated, as the jailer prints an error and its cause.
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
