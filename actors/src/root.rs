@@ -231,6 +231,10 @@ impl RootSupervisor {
                     state.args.vm.dns_listen,
                     Arc::clone(&state.args.dns_table),
                     state.args.vm.guest_dns.clone(),
+                    Arc::clone(&state.args.net.egress),
+                    Some(Arc::new(crate::net::egress::HelperVouch {
+                        helper: Arc::clone(&state.args.net.helper),
+                    }) as Arc<dyn crate::net::dns::Vouch>),
                 );
                 let (r, _) = Actor::spawn_linked(None, DnsActor, args, myself.get_cell()).await?;
                 *state.args.dns_ref.write().expect("tree lock") = Some(r.clone());
@@ -351,6 +355,7 @@ impl Tree {
             net: Arc::new(RwLock::new(None::<ActorRef<NetMsg>>)),
             nat: Arc::new(RwLock::new(None::<ActorRef<NatMsg>>)),
             helper: Arc::new(RwLock::new(None::<ActorRef<HelperMsg>>)),
+            egress: Default::default(),
         };
         let store_ref = Arc::new(RwLock::new(None));
         let vms_ref = Arc::new(RwLock::new(None));
@@ -950,6 +955,8 @@ mod tests {
             runtime: None,
             ip: None,
             publish: Vec::new(),
+            egress: Default::default(),
+            isolate: false,
         }
     }
 

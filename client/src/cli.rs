@@ -296,6 +296,8 @@ pub enum VmCmd {
         no_start: bool,
         #[command(flatten)]
         publish: PublishArgs,
+        #[command(flatten)]
+        egress: EgressArgs,
         /// Print the VM as JSON when done.
         #[arg(long)]
         json: bool,
@@ -330,6 +332,8 @@ pub enum VmCmd {
         no_network: bool,
         #[command(flatten)]
         publish: PublishArgs,
+        #[command(flatten)]
+        egress: EgressArgs,
         /// Delete the VM when the command or session ends, whatever its status.
         #[arg(long)]
         rm: bool,
@@ -420,6 +424,16 @@ pub enum VmCmd {
         /// Take away its NAT (outbound access).
         #[arg(long)]
         no_nat: bool,
+        /// A new egress policy (none, all, subnet, allow=RULE,…); applied at once to a
+        /// running VM.
+        #[arg(long, value_name = "POLICY", conflicts_with_all = ["nat", "no_nat"])]
+        egress: Option<banger_api::Egress>,
+        /// Cut the VM off from the other VMs (at once when it runs).
+        #[arg(long, overrides_with = "no_isolate")]
+        isolate: bool,
+        /// Let it reach the other VMs again.
+        #[arg(long)]
+        no_isolate: bool,
     },
     /// List VMs.
     #[command(
@@ -516,6 +530,24 @@ pub enum VmCmd {
 }
 
 const RUN_HELP: &str = "Examples:\n  banger vm run --rm -- uname -a        boot, run, exit with its status, delete\n  banger vm run --rm . -- make test     ship this repo to /root/repo, test there\n  banger vm run --name dev              an interactive shell in a new VM\n  banger vm run --timings --rm -- true  how long each stage takes\n\nIf the guest never becomes reachable the VM is kept (even with --rm): see\n`banger vm logs <name>`.";
+
+/// `--egress` and `--isolate`, shared by `vm create` and `vm run`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct EgressArgs {
+    /// What the VM may reach: `subnet` (the default: the bridge subnet, no NAT), `all`
+    /// (what --nat means), `none` (only the bridge resolver, which then answers only
+    /// `.vm`), or `allow=RULE,…` where a rule is a CIDR (10.0.0.0/8), ADDRESS:PORT
+    /// (192.0.2.7:443) or a domain (example.org, *.example.org): NAT, the subnet, DNS to the
+    /// bridge resolver and what the rules allow; domains are answered by the resolver only
+    /// when allowed and their addresses are reachable for their TTL. Drops are counted
+    /// (`banger vm stats`).
+    #[arg(long, value_name = "POLICY", conflicts_with = "nat")]
+    pub egress: Option<banger_api::Egress>,
+    /// Cut the VM off from the other VMs on the bridge, both ways (by default VMs reach
+    /// each other); DNS, the host and published ports keep working.
+    #[arg(long)]
+    pub isolate: bool,
+}
 
 /// `--publish`, shared by `vm create` and `vm run`.
 #[derive(Debug, clap::Args)]

@@ -565,6 +565,8 @@ mod tests {
             runtime: None,
             ip: None,
             publish: Vec::new(),
+            egress: Default::default(),
+            isolate: false,
         }
     }
 

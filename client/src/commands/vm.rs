@@ -149,6 +149,17 @@ fn print_vm(v: &VmInfo) {
     outln!("image:    {}", v.image);
     outln!("kernel:   {}", v.kernel);
     outln!("nat:      {}", if v.nat { "on" } else { "off" });
+    outln!(
+        "egress:   {}{}",
+        v.egress,
+        if v.isolate { " (isolated from other VMs)" } else { "" }
+    );
+    if let Some(n) = v.egress_dropped {
+        outln!("dropped:  {n} packets by the egress policy");
+    }
+    if let Some(n) = v.dns_refused {
+        outln!("refused:  {n} DNS queries by the egress policy");
+    }
     if let Some(pid) = v.pid {
         outln!("pid:      {pid}");
     }
@@ -255,6 +266,7 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
             network,
             no_start,
             publish,
+            egress,
             json,
         } => {
             let (vcpu, memory_mib, disk_bytes) = size_req(&size);
@@ -275,6 +287,8 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
                 network,
                 no_start,
                 publish: publish.publish,
+                egress: egress.egress,
+                isolate: egress.isolate,
             };
             let sub = client.create(req).await?;
             let vm = follow_progress(sub, json).await?;
@@ -293,6 +307,7 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
             nat,
             no_network,
             publish,
+            egress,
             rm,
             full_copy,
             timings,
@@ -308,6 +323,7 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
                 nat,
                 no_network,
                 publish: publish.publish,
+                egress,
                 rm,
                 full_copy,
                 timings,
@@ -379,8 +395,16 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
             size,
             nat,
             no_nat,
+            egress,
+            isolate,
+            no_isolate,
         } => {
             let (vcpu, memory_mib, disk_bytes) = size_req(&size);
+            let isolate = match (isolate, no_isolate) {
+                (true, _) => Some(true),
+                (_, true) => Some(false),
+                _ => None,
+            };
             let nat = if nat {
                 Some(true)
             } else if no_nat {
@@ -388,9 +412,15 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
             } else {
                 None
             };
-            if vcpu.is_none() && memory_mib.is_none() && disk_bytes.is_none() && nat.is_none() {
+            if vcpu.is_none()
+                && memory_mib.is_none()
+                && disk_bytes.is_none()
+                && nat.is_none()
+                && egress.is_none()
+                && isolate.is_none()
+            {
                 return Err(CliError::Usage(
-                    "nothing to set: pass --vcpu, --memory, --disk-size, --nat or --no-nat".into(),
+                    "nothing to set: pass --vcpu, --memory, --disk-size, --nat, --no-nat, --egress, --isolate or --no-isolate".into(),
                 ));
             }
             let info = client
@@ -400,6 +430,8 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
                     memory_mib,
                     disk_bytes,
                     nat,
+                    egress,
+                    isolate,
                 })
                 .await?;
             eprintln!("{}: {}", info.name, spec_line(&info.spec));
@@ -446,6 +478,12 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
                     "work disk:    {} used on the host",
                     bytes(s.work_allocated_bytes)
                 );
+                if let Some(n) = s.egress_dropped {
+                    outln!("egress drops: {n} packets");
+                }
+                if let Some(n) = s.dns_refused {
+                    outln!("dns refused:  {n} queries");
+                }
             }
         }
         VmCmd::Exec {
