@@ -91,8 +91,7 @@ pub fn validate_set(
     if let Some((addr, _)) = filter.ports.iter().find(|(_, p)| *p == 0) {
         return Err(Refusal(format!("{addr}:0 names no port")));
     }
-    if !filter.restrict && (filter.subnet || !filter.nets.is_empty() || !filter.ports.is_empty())
-    {
+    if !filter.restrict && (filter.subnet || !filter.nets.is_empty() || !filter.ports.is_empty()) {
         return Err(Refusal(
             "an unrestricted filter carries no rules".to_owned(),
         ));
@@ -173,7 +172,10 @@ mod tests {
             ([192, 0, 2, 1], 0),
             ([192, 0, 2, 1], MAX_TTL + 1),
         ] {
-            assert!(validate_vouch(vm, &[(addr.into(), ttl)]).is_err(), "{addr:?} {ttl}");
+            assert!(
+                validate_vouch(vm, &[(addr.into(), ttl)]).is_err(),
+                "{addr:?} {ttl}"
+            );
         }
         assert!(validate_vouch(vm, &[]).is_err());
         assert!(validate_vouch("nope", &[([192, 0, 2, 1].into(), 30)]).is_err());

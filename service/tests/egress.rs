@@ -92,7 +92,11 @@ fn dns_server(sock: UdpSocket) {
         r.add_query(query.clone());
         match addr {
             Some(a) if query.query_type() == RecordType::A => {
-                r.add_answer(Record::from_rdata(query.name().clone(), ttl, RData::A(A(a))));
+                r.add_answer(Record::from_rdata(
+                    query.name().clone(),
+                    ttl,
+                    RData::A(A(a)),
+                ));
             }
             Some(_) => {}
             None => r.metadata.response_code = ResponseCode::NXDomain,
@@ -120,7 +124,10 @@ fn guest_dns(ns: &str, server: Ipv4Addr, name: &str) -> Option<(ResponseCode, Ve
         let mut q = Message::query();
         q.metadata.id = 77;
         q.metadata.recursion_desired = true;
-        q.add_query(Query::query(Name::from_ascii(&name).unwrap(), RecordType::A));
+        q.add_query(Query::query(
+            Name::from_ascii(&name).unwrap(),
+            RecordType::A,
+        ));
         s.send_to(&q.to_vec().unwrap(), (server, 53)).unwrap();
         let mut buf = [0u8; 1500];
         let n = s.recv(&mut buf).ok()?;

@@ -66,7 +66,8 @@ pub type Policies = Arc<RwLock<HashMap<Ipv4Addr, Arc<GuestPolicy>>>>;
 pub const REFUSAL_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Future of a [`Vouch`].
-pub type VouchFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>;
+pub type VouchFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>;
 
 /// Makes the addresses of an allowed answer reachable for a VM, each for its TTL (seconds).
 pub trait Vouch: Send + Sync + std::fmt::Debug {
@@ -154,7 +155,12 @@ impl GuestResolver {
 
     /// Vouch for the addresses of `reply` for `policy`'s VM; SERVFAIL when that fails (the
     /// guest could not reach them).
-    async fn vouched(&self, policy: &GuestPolicy, packet: &[u8], reply: Vec<u8>) -> Option<Vec<u8>> {
+    async fn vouched(
+        &self,
+        policy: &GuestPolicy,
+        packet: &[u8],
+        reply: Vec<u8>,
+    ) -> Option<Vec<u8>> {
         let addrs = answer_addrs(&reply);
         if addrs.is_empty() {
             return Some(reply);
@@ -622,6 +628,103 @@ mod tests {
         let r = ask("example.com.").await;
         assert_eq!(r.answers[0].data, RData::A(A(Ipv4Addr::new(192, 0, 2, 2))));
         assert_eq!(r.metadata.id, 9);
+    }
+
+    /// One vouch: the VM and its (address, TTL)s.
+    type Vouched = (String, Vec<(Ipv4Addr, u32)>);
+
+    /// Records what it is asked to vouch for.
+    #[derive(Debug, Default)]
+    struct Recorder(std::sync::Mutex<Vec<Vouched>>);
+
+    impl Vouch for Recorder {
+        fn vouch(&self, vm: &str, addrs: Vec<(Ipv4Addr, u32)>) -> VouchFuture {
+            self.0.lock().unwrap().push((vm.to_owned(), addrs));
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_filtered_guest_gets_only_allowed_names_and_their_addresses_are_vouched_for() {
+        // An upstream that answers every A query with 192.0.2.1, TTL 60.
+        let up = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let up_addr = up.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            while let Ok((n, from)) = up.recv_from(&mut buf).await {
+                let q = Message::from_vec(&buf[..n]).unwrap();
+                let mut r = Message::response(q.metadata.id, OpCode::Query);
+                r.add_query(q.queries[0].clone());
+                r.add_answer(Record::from_rdata(
+                    q.queries[0].name().clone(),
+                    60,
+                    RData::A(A(Ipv4Addr::new(192, 0, 2, 1))),
+                ));
+                let _ = up.send_to(&r.to_vec().unwrap(), from).await;
+            }
+        });
+        let recorder = Arc::new(Recorder::default());
+        let mut r = resolver(vec![up_addr]);
+        r.vouch = Some(Arc::clone(&recorder) as Arc<dyn Vouch>);
+        let egress: banger_api::Egress = "allow=allowed.test,*.svc.test".parse().unwrap();
+        r.policies.write().unwrap().insert(
+            Ipv4Addr::LOCALHOST,
+            Arc::new(GuestPolicy::new("0123456789ab", "g", egress)),
+        );
+        let ask = |name: &str| {
+            let mut q = Message::query();
+            q.metadata.id = 5;
+            q.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+            q.to_vec().unwrap()
+        };
+        let guest: SocketAddr = "127.0.0.1:5353".parse().unwrap();
+        let other: SocketAddr = "127.0.0.2:5353".parse().unwrap();
+        let code = |reply: Option<Vec<u8>>| {
+            Message::from_vec(&reply.unwrap())
+                .unwrap()
+                .metadata
+                .response_code
+        };
+        assert_eq!(
+            code(r.resolve(ask("denied.test."), guest, false).await),
+            ResponseCode::Refused
+        );
+        assert!(recorder.0.lock().unwrap().is_empty());
+        assert_eq!(
+            code(r.resolve(ask("web.vm."), guest, false).await),
+            ResponseCode::NoError,
+            ".vm names are always answered"
+        );
+        for name in ["allowed.test.", "a.svc.test."] {
+            assert_eq!(
+                code(r.resolve(ask(name), guest, false).await),
+                ResponseCode::NoError
+            );
+        }
+        assert_eq!(
+            *recorder.0.lock().unwrap(),
+            vec![
+                (
+                    "0123456789ab".to_owned(),
+                    vec![(Ipv4Addr::new(192, 0, 2, 1), 60)]
+                );
+                2
+            ]
+        );
+        let p = Arc::clone(
+            r.policies
+                .read()
+                .unwrap()
+                .get(&Ipv4Addr::LOCALHOST)
+                .unwrap(),
+        );
+        assert_eq!(p.refused.load(std::sync::atomic::Ordering::Relaxed), 1);
+        // A guest without a filtered policy is forwarded as before, with nothing vouched.
+        assert_eq!(
+            code(r.resolve(ask("denied.test."), other, false).await),
+            ResponseCode::NoError
+        );
+        assert_eq!(recorder.0.lock().unwrap().len(), 2);
     }
 
     #[test]

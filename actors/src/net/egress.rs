@@ -55,12 +55,9 @@ impl Vouch for HelperVouch {
     fn vouch(&self, vm: &str, addrs: Vec<(Ipv4Addr, u32)>) -> VouchFuture {
         let (helper, vm) = (Arc::clone(&self.helper), vm.to_owned());
         Box::pin(async move {
-            super::host::helper_call(
-                &helper,
-                banger_policy::Request::EgressVouch { vm, addrs },
-            )
-            .await
-            .map_err(|e| e.to_string())
+            super::host::helper_call(&helper, banger_policy::Request::EgressVouch { vm, addrs })
+                .await
+                .map_err(|e| e.to_string())
         })
     }
 }
@@ -76,7 +73,9 @@ mod tests {
         assert!(needs_rules(&Egress::All, true));
         let f = filter(&Egress::None, false);
         assert!(f.restrict && !f.subnet && !f.domains);
-        let e: Egress = "allow=10.0.0.0/8,192.0.2.1:443,example.org".parse().unwrap();
+        let e: Egress = "allow=10.0.0.0/8,192.0.2.1:443,example.org"
+            .parse()
+            .unwrap();
         let f = filter(&e, true);
         assert!(f.restrict && f.subnet && f.domains && f.isolate);
         assert_eq!(f.nets, vec![([10, 0, 0, 0].into(), 8)]);

@@ -103,9 +103,9 @@ fn call(shared: &SharedHelper, request: &Request) -> Result<Reply, NetError> {
         return Err(NetError::Unprivileged(describe(request)));
     };
     match helper.call(request) {
-        Ok(r @ (Reply::Done | Reply::Status(_) | Reply::Spawned { .. } | Reply::Counter { .. })) => {
-            Ok(r)
-        }
+        Ok(
+            r @ (Reply::Done | Reply::Status(_) | Reply::Spawned { .. } | Reply::Counter { .. }),
+        ) => Ok(r),
         Ok(Reply::Refused { reason }) => Err(NetError::Refused { op, reason }),
         Ok(Reply::Failed { reason }) => Err(NetError::Failed { op, reason }),
         Ok(Reply::WorkerDied { reason }) => Err(NetError::WorkerDied { op, reason }),

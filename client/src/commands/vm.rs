@@ -152,7 +152,11 @@ fn print_vm(v: &VmInfo) {
     outln!(
         "egress:   {}{}",
         v.egress,
-        if v.isolate { " (isolated from other VMs)" } else { "" }
+        if v.isolate {
+            " (isolated from other VMs)"
+        } else {
+            ""
+        }
     );
     if let Some(n) = v.egress_dropped {
         outln!("dropped:  {n} packets by the egress policy");

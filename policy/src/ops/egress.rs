@@ -129,9 +129,11 @@ impl Egress<'_> {
         for o in v["nftables"].as_array().into_iter().flatten() {
             let name = |k: &str| o[k]["name"].as_str().map(str::to_owned);
             if let Some(r) = o.get("rule") {
-                if let (Some(c), Some(h), Some(t)) =
-                    (r["chain"].as_str(), r["handle"].as_u64(), r["comment"].as_str())
-                {
+                if let (Some(c), Some(h), Some(t)) = (
+                    r["chain"].as_str(),
+                    r["handle"].as_u64(),
+                    r["comment"].as_str(),
+                ) {
                     l.tagged.push((c.to_owned(), h, t.to_owned()));
                 }
             } else if let Some(n) = name("chain") {
@@ -157,7 +159,8 @@ impl Egress<'_> {
     }
 
     fn rule(chain: &str, expr: Vec<Value>, comment: Option<&str>) -> Value {
-        let mut r = json!({"rule": {"family": FAMILY, "table": NFT_TABLE, "chain": chain, "expr": expr}});
+        let mut r =
+            json!({"rule": {"family": FAMILY, "table": NFT_TABLE, "chain": chain, "expr": expr}});
         if let Some(c) = comment {
             r["rule"]["comment"] = json!(c);
         }
@@ -221,7 +224,10 @@ impl Egress<'_> {
             );
         }
         if f.domains {
-            rules.push(vec![daddr_is(json!(format!("@{}", set_name(vm)))), accept()]);
+            rules.push(vec![
+                daddr_is(json!(format!("@{}", set_name(vm)))),
+                accept(),
+            ]);
         }
         rules.push(counted_drop());
         rules
@@ -305,9 +311,7 @@ impl Egress<'_> {
                 cmds.push(json!({"delete": {"rule": {"family": FAMILY, "table": NFT_TABLE, "chain": c, "handle": handle}}}));
             }
         }
-        let obj = |kind: &str, name: String| {
-            json!({"delete": {kind: {"family": FAMILY, "table": NFT_TABLE, "name": name}}})
-        };
+        let obj = |kind: &str, name: String| json!({"delete": {kind: {"family": FAMILY, "table": NFT_TABLE, "name": name}}});
         if l.chains.contains(&chain(vm)) {
             cmds.push(obj("chain", chain(vm)));
         }
@@ -351,9 +355,7 @@ impl Egress<'_> {
             let t = ttls.entry(*a).or_insert(*ttl);
             *t = (*t).max(*ttl);
         }
-        let set = |elems: Vec<Value>| {
-            json!({"element": {"family": FAMILY, "table": NFT_TABLE, "name": set_name(vm), "elem": elems}})
-        };
+        let set = |elems: Vec<Value>| json!({"element": {"family": FAMILY, "table": NFT_TABLE, "name": set_name(vm), "elem": elems}});
         let mut cmds = Vec::new();
         let again: Vec<Value> = ttls
             .keys()

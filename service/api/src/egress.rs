@@ -304,7 +304,10 @@ mod tests {
     #[test]
     fn bad_rules_are_named() {
         for (text, why) in [
-            ("allow=300.1.1.1/8", "\"300.1.1.1/8\": \"300.1.1.1\" is not an IPv4"),
+            (
+                "allow=300.1.1.1/8",
+                "\"300.1.1.1/8\": \"300.1.1.1\" is not an IPv4",
+            ),
             ("allow=10.1.0.0/8", "host bits set"),
             ("allow=10.0.0.0/33", "prefix /33"),
             ("allow=", "empty domain"),
@@ -327,7 +330,12 @@ mod tests {
     #[test]
     fn names_match_exactly_or_below_a_wildcard() {
         let e: Egress = "allow=allowed.test,*.svc.example".parse().unwrap();
-        for yes in ["allowed.test", "ALLOWED.test.", "a.svc.example", "a.b.svc.example"] {
+        for yes in [
+            "allowed.test",
+            "ALLOWED.test.",
+            "a.svc.example",
+            "a.b.svc.example",
+        ] {
             assert!(e.resolves(yes), "{yes}");
         }
         for no in [
