@@ -1865,7 +1865,10 @@ fn bad_egress_rules_are_refused_with_the_rule_named_before_any_daemon() {
     for (policy, says) in [
         ("allow=300.1.1.1/8", "bad egress rule \"300.1.1.1/8\""),
         ("allow=example.org,,x.org", "empty domain"),
-        ("allow=foo.*.example.org", "\"foo.*.example.org\": a wildcard only"),
+        (
+            "allow=foo.*.example.org",
+            "\"foo.*.example.org\": a wildcard only",
+        ),
         ("everything", "bad egress policy \"everything\""),
     ] {
         for cmd in [&["vm", "create"][..], &["vm", "run"][..]] {

@@ -790,6 +790,21 @@ impl Actor for VmActor {
                 state.published.rebind_all(&mut state.rec.publish).await;
                 let sock = state.rec.runtime.as_ref().map(|r| r.vsock_socket.clone());
                 state.published.set_target(sock.map(PathBuf::from));
+                // Its filter lives on in nftables; the resolver learns its policy again.
+                if let Some(ip) = state.rec.ip.as_deref().and_then(|ip| ip.parse().ok()) {
+                    let policy = crate::net::dns::GuestPolicy::new(
+                        &state.rec.id,
+                        &state.rec.name,
+                        state.rec.egress(),
+                    );
+                    state
+                        .env
+                        .net
+                        .egress
+                        .write()
+                        .expect("egress policies lock")
+                        .insert(ip, Arc::new(policy));
+                }
                 state.persist().await?;
                 Self::watch_exit(&myself, &state);
                 Self::start_console(&myself, &mut state);
