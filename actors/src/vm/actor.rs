@@ -414,7 +414,7 @@ async fn setup_net(
         let _ = env.net.detach(&rec.id).await;
         return Err(net_err(e));
     }
-    if let Err(e) = apply_egress(env, rec, ip).await {
+    if let Err(e) = apply_egress(env, rec, ip, false).await {
         let _ = env.net.detach(&rec.id).await;
         if rec.nat {
             let _ = env.net.nat(&rec.id, None).await;
@@ -424,18 +424,19 @@ async fn setup_net(
     Ok(Some(tap))
 }
 
-/// Put the VM's egress filter and isolation on its tap (or take them off when its policy
-/// needs none), and tell the guests' resolver the VM's policy.
+/// Put the VM's egress filter and isolation on its tap (or take them off, when it `had`
+/// some and its policy needs none), and tell the guests' resolver the VM's policy.
 async fn apply_egress(
     env: &VmEnv,
     rec: &VmRecord,
     ip: std::net::Ipv4Addr,
+    had: bool,
 ) -> Result<(), crate::net::host::NetError> {
     let egress = rec.egress();
     if crate::net::egress::needs_rules(&egress, rec.isolate) {
         let filter = crate::net::egress::filter(&egress, rec.isolate);
         env.net.egress_set(&rec.id, ip, filter).await?;
-    } else {
+    } else if had {
         env.net.egress_remove(&rec.id).await?;
     }
     let policy = crate::net::dns::GuestPolicy::new(&rec.id, &rec.name, egress);
@@ -1186,7 +1187,11 @@ impl Actor for VmActor {
                             next.egress = egress.clone();
                             next.nat = egress.nat();
                             next.isolate = isolate;
-                            apply_egress(&state.env, &next, ip)
+                            let had = crate::net::egress::needs_rules(
+                                &old_egress,
+                                state.rec.isolate,
+                            );
+                            apply_egress(&state.env, &next, ip, had)
                                 .await
                                 .map_err(net_err)?;
                         }
