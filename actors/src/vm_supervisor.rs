@@ -225,6 +225,27 @@ impl VmSupervisor {
                 "--nat needs a network: drop --no-network".into(),
             ));
         }
+        let egress = match (&req.egress, req.nat) {
+            (None, nat) => {
+                if nat {
+                    banger_api::Egress::All
+                } else {
+                    banger_api::Egress::Subnet
+                }
+            }
+            (Some(e), false) => e.clone(),
+            (Some(banger_api::Egress::All), true) => banger_api::Egress::All,
+            (Some(e), true) => {
+                return Err(VmError::Invalid(format!(
+                    "--nat is --egress all, and this VM asks for --egress {e}: drop one"
+                )));
+            }
+        };
+        if (egress != banger_api::Egress::Subnet || req.isolate) && !network {
+            return Err(VmError::Invalid(
+                "--egress and --isolate need a network: drop --no-network".into(),
+            ));
+        }
         let ip = if network {
             let used: std::collections::HashSet<std::net::Ipv4Addr> = store
                 .list_vms()?
@@ -263,7 +284,7 @@ impl VmSupervisor {
             kernel: kernel_name,
             vmm: vmm.vmm,
             spec,
-            nat: req.nat,
+            nat: egress.nat(),
             state: VmState::Created,
             error: None,
             created_at: now_secs(),
@@ -273,6 +294,8 @@ impl VmSupervisor {
             ip,
             publish: crate::vm::publish::records(&req.publish),
             uid,
+            egress,
+            isolate: req.isolate,
         };
         Ok((record, vmm))
     }

@@ -332,6 +332,8 @@ pub enum VmCmd {
         no_start: bool,
         #[command(flatten)]
         publish: PublishArgs,
+        #[command(flatten)]
+        egress: EgressArgs,
         /// Print the VM as JSON when done.
         #[arg(long)]
         json: bool,
@@ -393,6 +395,16 @@ pub enum VmCmd {
         /// Print the VM as JSON when done.
         #[arg(long)]
         json: bool,
+        /// A new egress policy (none, all, subnet, allow=RULE,…); applied at once to a
+        /// running VM.
+        #[arg(long, value_name = "POLICY", conflicts_with_all = ["nat", "no_nat"])]
+        egress: Option<banger_api::Egress>,
+        /// Cut the VM off from the other VMs (at once when it runs).
+        #[arg(long, overrides_with = "no_isolate")]
+        isolate: bool,
+        /// Let it reach the other VMs again.
+        #[arg(long)]
+        no_isolate: bool,
     },
     /// List all VMs (`banger ps` without -a: the running ones).
     #[command(
@@ -496,6 +508,8 @@ pub struct RunArgs {
     pub no_network: bool,
     #[command(flatten)]
     pub publish: PublishArgs,
+    #[command(flatten)]
+    pub egress: EgressArgs,
     /// Delete the VM when the command or session ends, whatever its status.
     #[arg(long)]
     pub rm: bool,
@@ -677,6 +691,24 @@ const STOP_HELP: &str = "Examples:\n  banger vm stop dev\n  banger vm stop dev o
 
 const RM_HELP: &str =
     "Examples:\n  banger vm rm dev\n  banger vm rm -f dev other\n  banger rm -f $(banger ps -aq)";
+
+/// `--egress` and `--isolate`, shared by `vm create` and `vm run`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct EgressArgs {
+    /// What the VM may reach: `subnet` (the default: the bridge subnet, no NAT), `all`
+    /// (what --nat means), `none` (only the bridge resolver, which then answers only
+    /// `.vm`), or `allow=RULE,…` where a rule is a CIDR (10.0.0.0/8), ADDRESS:PORT
+    /// (192.0.2.7:443) or a domain (example.org, *.example.org): NAT, the subnet, DNS to the
+    /// bridge resolver and what the rules allow; domains are answered by the resolver only
+    /// when allowed and their addresses are reachable for their TTL. Drops are counted
+    /// (`banger vm stats`).
+    #[arg(long, value_name = "POLICY", conflicts_with = "nat")]
+    pub egress: Option<banger_api::Egress>,
+    /// Cut the VM off from the other VMs on the bridge, both ways (by default VMs reach
+    /// each other); DNS, the host and published ports keep working.
+    #[arg(long)]
+    pub isolate: bool,
+}
 
 /// `--publish`, shared by `vm create` and `vm run`.
 #[derive(Debug, clap::Args)]

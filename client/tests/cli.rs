@@ -2097,3 +2097,31 @@ fn daemon_logs_prints_bangerds_log() {
     assert!(all.lines().count() >= 1 && all.ends_with(&last), "{all}");
     home.banger(&["daemon", "stop"]);
 }
+
+#[test]
+fn bad_egress_rules_are_refused_with_the_rule_named_before_any_daemon() {
+    let home = Home::new();
+    for (policy, says) in [
+        ("allow=300.1.1.1/8", "bad egress rule \"300.1.1.1/8\""),
+        ("allow=example.org,,x.org", "empty domain"),
+        (
+            "allow=foo.*.example.org",
+            "\"foo.*.example.org\": a wildcard only",
+        ),
+        ("everything", "bad egress policy \"everything\""),
+    ] {
+        for cmd in [&["vm", "create"][..], &["vm", "run"][..]] {
+            let mut args = cmd.to_vec();
+            args.extend(["--egress", policy]);
+            let out = home.banger(&args);
+            let err = text(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+            assert!(err.contains(says), "{args:?}: {err}");
+        }
+    }
+    let out = home.banger(&["vm", "set", "x", "--egress", "allow=10.1.0.0/8"]);
+    assert!(text(&out.stderr).contains("host bits set"));
+    let out = home.banger(&["vm", "create", "--nat", "--egress", "none"]);
+    assert_eq!(out.status.code(), Some(2), "--nat is --egress all");
+    assert!(home.daemon_pid().is_none(), "no daemon was started");
+}

@@ -14,6 +14,7 @@
 pub mod cgroup;
 pub mod client;
 pub mod confine;
+pub mod egress;
 pub mod helper;
 pub mod jail;
 pub mod launcher;

@@ -249,6 +249,24 @@ pub enum Request {
     ResolvedRoute { port: u16 },
     /// The helper's confinement as the kernel reports it (for `banger doctor`).
     Status,
+    /// Set one VM's egress filter and isolation on its tap, for its lease `ip` (replacing
+    /// what it had; see [`crate::egress`]).
+    EgressSet {
+        vm: String,
+        ip: Ipv4Addr,
+        filter: crate::egress::EgressFilter,
+    },
+    /// Let the VM reach addresses the bridge resolver answered, each for its record's TTL
+    /// in seconds (the element's timeout; a repeated address gets the new TTL).
+    EgressVouch {
+        vm: String,
+        addrs: Vec<(Ipv4Addr, u32)>,
+    },
+    /// Remove the VM's filter, isolation, set and counter (absent is fine); the table goes
+    /// with the last VM's.
+    EgressRemove { vm: String },
+    /// The VM's dropped-packet counter, answered with [`Reply::Counter`].
+    EgressCounter { vm: String },
 }
 
 impl Request {
@@ -267,6 +285,10 @@ impl Request {
             Request::SpawnJailer { .. } => "spawn_jailer",
             Request::ResolvedRoute { .. } => "resolved_route",
             Request::Status => "status",
+            Request::EgressSet { .. } => "egress_set",
+            Request::EgressVouch { .. } => "egress_vouch",
+            Request::EgressRemove { .. } => "egress_remove",
+            Request::EgressCounter { .. } => "egress_counter",
         }
     }
 
@@ -292,18 +314,13 @@ impl Request {
             Request::AttachTap { name } | Request::DeleteTap { name } => tap(name),
             Request::NatAdd { vm, ip } => {
                 vm_id(vm)?;
-                let host = u32::from(*ip);
-                let net = u32::from(cfg.network());
-                let last = net | (u32::MAX >> cfg.prefix);
-                if host <= net || host >= last || *ip == cfg.gateway {
-                    return Err(Refusal(format!(
-                        "{ip} is not a VM address in {}/{}",
-                        cfg.network(),
-                        cfg.prefix
-                    )));
-                }
-                Ok(())
+                crate::egress::vm_address(cfg, *ip)
             }
+            Request::EgressSet { vm, ip, filter } => {
+                crate::egress::validate_set(cfg, vm, *ip, filter)
+            }
+            Request::EgressVouch { vm, addrs } => crate::egress::validate_vouch(vm, addrs),
+            Request::EgressRemove { vm } | Request::EgressCounter { vm } => vm_id(vm),
             Request::NatRemove { vm } | Request::CleanJail { vm } => vm_id(vm),
             Request::ExposeVsock { vm } => {
                 vm_id(vm)?;
@@ -389,6 +406,10 @@ pub enum Reply {
     Spawned {
         pid: i32,
         start_time: u64,
+    },
+    /// `egress_counter`: packets dropped (None: the VM has no counter).
+    Counter {
+        packets: Option<u64>,
     },
 }
 
@@ -540,7 +561,7 @@ fn is_our_jailer(cfg: &HelperConfig, argv: &[String]) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn config(dir: &Path) -> HelperConfig {

@@ -1257,3 +1257,88 @@ async fn root_a_user_bangerd_runs_firecracker_unjailed_without_the_helper() {
     drop(c);
     daemon.stop();
 }
+
+/// As root, in a namespace: a VM's egress policy and isolation go through the daemon and
+/// its helper into `bridge banger`, change on the running VM, and leave nothing on delete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_an_egress_policy_follows_the_vm_through_the_daemon() {
+    let ns = support::Netns::new("fceg");
+    let (d, c, _files) = setup_in(None, 0, Some(&ns.0)).await;
+    let egress: banger_api::Egress = "allow=allowed.test,10.0.0.0/8".parse().unwrap();
+    create(
+        &c,
+        CreateVm {
+            name: Some("eg".into()),
+            image: Some("img".into()),
+            egress: Some(egress.clone()),
+            isolate: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let v = VmRpcClient::show(&c, "eg".into()).await.unwrap();
+    assert_eq!((v.egress.clone(), v.isolate, v.nat), (egress, true, true));
+    assert_eq!(v.egress_dropped, Some(0));
+    assert_eq!(v.dns_refused, Some(0));
+    let table = ns.sh("nft list table bridge banger");
+    let tap = format!("bg-{}", v.id);
+    assert!(table.contains(&format!("chain vm-{}", v.id)), "{table}");
+    assert!(table.contains("ip daddr 10.0.0.0/8 accept"), "{table}");
+    assert!(
+        table.contains(&format!("ip daddr @d-{} accept", v.id)),
+        "{table}"
+    );
+    assert!(
+        table.contains(&format!("oifname \"{tap}\"")),
+        "isolated: {table}"
+    );
+    assert!(ns.sh("nft list table ip banger").contains("masquerade"));
+
+    // `vm set --egress none` on the running VM: no NAT, a filter with no rule of its own.
+    VmRpcClient::set(
+        &c,
+        banger_api::SetVm {
+            vm: "eg".into(),
+            egress: Some(banger_api::Egress::None),
+            isolate: Some(false),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let table = ns.sh("nft list table bridge banger");
+    assert!(
+        !table.contains("10.0.0.0/8") && !table.contains("oifname"),
+        "{table}"
+    );
+    assert!(!ns.sh("nft list ruleset").contains("masquerade"));
+    // `all`: NAT, nothing filtered.
+    let v = VmRpcClient::set(
+        &c,
+        banger_api::SetVm {
+            vm: "eg".into(),
+            egress: Some(banger_api::Egress::All),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert!(v.nat);
+    assert!(!ns.sh("nft list ruleset").contains("bridge banger"));
+    VmRpcClient::set(
+        &c,
+        banger_api::SetVm {
+            vm: "eg".into(),
+            isolate: Some(true),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert!(ns.sh("nft list ruleset").contains(&tap));
+    VmRpcClient::delete(&c, "eg".into(), true).await.unwrap();
+    assert_eq!(ns.sh("nft list ruleset").trim(), "", "nothing left");
+    drop(c);
+    d.shutdown().await;
+}

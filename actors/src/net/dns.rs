@@ -4,6 +4,13 @@
 //! their header is readable and are dropped otherwise; nothing a client sends can stop the
 //! loop. (The guest-facing listener on the bridge, which also forwards other names
 //! upstream, comes with the bridge.)
+//!
+//! Egress policy: a guest whose VM has a filtered policy (`--egress none|allow=…`, see
+//! [`banger_api::egress`]) gets answers only for `.vm` names and the domains its policy
+//! allows; any other name is REFUSED, counted and logged (at most one line per VM every
+//! [`REFUSAL_LOG_EVERY`]). The addresses in an allowed answer are handed to a [`Vouch`]
+//! (the helper's per-VM nftables set, each with its record's TTL as the timeout) before the
+//! answer goes back, so the guest's connection right after the lookup already passes.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -15,6 +22,183 @@ use hickory_proto::rr::{RData, Record, RecordType};
 
 /// Names → addresses, shared by the VM supervisor (writer) and the resolver (reader).
 pub type Table = Arc<RwLock<HashMap<String, Ipv4Addr>>>;
+
+/// A running VM's egress policy as the guest resolver applies it.
+#[derive(Debug)]
+pub struct GuestPolicy {
+    /// The VM's id (names its nftables set) and its name (for logs).
+    pub vm: String,
+    pub name: String,
+    pub egress: banger_api::Egress,
+    /// Queries refused for the policy.
+    pub refused: std::sync::atomic::AtomicU64,
+    last_log: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl GuestPolicy {
+    pub fn new(vm: &str, name: &str, egress: banger_api::Egress) -> GuestPolicy {
+        GuestPolicy {
+            vm: vm.to_owned(),
+            name: name.to_owned(),
+            egress,
+            refused: Default::default(),
+            last_log: Default::default(),
+        }
+    }
+
+    fn refuse(&self, qname: &str) {
+        let n = self
+            .refused
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        let mut last = self.last_log.lock().expect("refusal log lock");
+        if last.is_none_or(|t| t.elapsed() >= REFUSAL_LOG_EVERY) {
+            *last = Some(std::time::Instant::now());
+            tracing::info!(vm = %self.name, name = %qname, refused = n, policy = %self.egress, "dns query refused by the egress policy");
+        }
+    }
+}
+
+/// Egress policies of running VMs by their lease, written by the VM actors.
+pub type Policies = Arc<RwLock<HashMap<Ipv4Addr, Arc<GuestPolicy>>>>;
+
+/// At most one refusal line per VM this often.
+pub const REFUSAL_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Future of a [`Vouch`].
+pub type VouchFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>;
+
+/// Makes the addresses of an allowed answer reachable for a VM, each for its TTL (seconds).
+pub trait Vouch: Send + Sync + std::fmt::Debug {
+    fn vouch(&self, vm: &str, addrs: Vec<(Ipv4Addr, u32)>) -> VouchFuture;
+}
+
+/// What the guests' resolver answers from: the `.vm` table, the upstreams, the policies.
+#[derive(Debug, Clone)]
+pub struct GuestResolver {
+    pub table: Table,
+    pub upstreams: Arc<Vec<SocketAddr>>,
+    pub policies: Policies,
+    /// None: no helper; allowed answers vouch for nothing (the filter needs the helper too).
+    pub vouch: Option<Arc<dyn Vouch>>,
+}
+
+/// An answer of `code` to `packet` (None when unreadable).
+fn reply_code(packet: &[u8], code: ResponseCode) -> Option<Vec<u8>> {
+    let q = Message::from_vec(packet).ok()?;
+    let mut resp = Message::response(q.metadata.id, q.metadata.op_code);
+    resp.metadata.recursion_desired = q.metadata.recursion_desired;
+    resp.metadata.recursion_available = true;
+    resp.metadata.response_code = code;
+    for query in q.queries {
+        resp.add_query(query);
+    }
+    resp.to_vec().ok()
+}
+
+/// The question's name, lower case without the trailing dot.
+fn qname(packet: &[u8]) -> Option<String> {
+    let m = Message::from_vec(packet).ok()?;
+    let q = m.queries.first()?;
+    Some(
+        q.name()
+            .to_ascii()
+            .trim_end_matches('.')
+            .to_ascii_lowercase(),
+    )
+}
+
+/// The A records of an answer, with TTLs clamped to what the helper takes.
+pub fn answer_addrs(reply: &[u8]) -> Vec<(Ipv4Addr, u32)> {
+    let Ok(m) = Message::from_vec(reply) else {
+        return Vec::new();
+    };
+    m.answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::A(A(ip)) => Some((*ip, r.ttl.clamp(1, banger_policy::egress::MAX_TTL))),
+            _ => None,
+        })
+        .collect()
+}
+
+/// What the policy says of a query not in `.vm` from `from`: None to forward it as is,
+/// Some(refusal) to answer REFUSED, or the policy to forward under (then vouch).
+enum Verdict {
+    Forward,
+    Refuse(Option<Vec<u8>>),
+    Vouch(Arc<GuestPolicy>),
+}
+
+impl GuestResolver {
+    fn verdict(&self, packet: &[u8], from: SocketAddr) -> Verdict {
+        let std::net::IpAddr::V4(src) = from.ip() else {
+            return Verdict::Forward;
+        };
+        let policy = self
+            .policies
+            .read()
+            .expect("dns policies lock")
+            .get(&src)
+            .cloned();
+        let Some(policy) = policy.filter(|p| p.egress.filtered()) else {
+            return Verdict::Forward;
+        };
+        let name = qname(packet).unwrap_or_default();
+        if !policy.egress.resolves(&name) {
+            policy.refuse(&name);
+            return Verdict::Refuse(reply_code(packet, ResponseCode::Refused));
+        }
+        Verdict::Vouch(policy)
+    }
+
+    /// Vouch for the addresses of `reply` for `policy`'s VM; SERVFAIL when that fails (the
+    /// guest could not reach them).
+    async fn vouched(
+        &self,
+        policy: &GuestPolicy,
+        packet: &[u8],
+        reply: Vec<u8>,
+    ) -> Option<Vec<u8>> {
+        let addrs = answer_addrs(&reply);
+        if addrs.is_empty() {
+            return Some(reply);
+        }
+        let Some(vouch) = &self.vouch else {
+            return Some(reply);
+        };
+        match vouch.vouch(&policy.vm, addrs).await {
+            Ok(()) => Some(reply),
+            Err(e) => {
+                tracing::warn!(vm = %policy.name, error = %e, "allowing the addresses of an answer");
+                reply_code(packet, ResponseCode::ServFail)
+            }
+        }
+    }
+
+    /// The answer to a guest's query over UDP or TCP (`tcp`: forward over TCP).
+    pub async fn resolve(&self, packet: Vec<u8>, from: SocketAddr, tcp: bool) -> Option<Vec<u8>> {
+        if asks_vm_zone(&packet) != Some(false) {
+            let t = self.table.read().expect("dns table lock");
+            return answer(&packet, &t);
+        }
+        let policy = match self.verdict(&packet, from) {
+            Verdict::Refuse(r) => return r,
+            Verdict::Forward => None,
+            Verdict::Vouch(p) => Some(p),
+        };
+        let reply = if tcp {
+            forward_tcp(packet.clone(), &self.upstreams).await?
+        } else {
+            forward(packet.clone(), &self.upstreams).await?
+        };
+        match policy {
+            Some(p) => self.vouched(&p, &packet, reply).await,
+            None => Some(reply),
+        }
+    }
+}
 
 /// TTL of answers: short, VMs come and go.
 pub const TTL: u32 = 5;
@@ -136,10 +320,9 @@ async fn forward(packet: Vec<u8>, upstreams: &[SocketAddr]) -> Option<Vec<u8>> {
 }
 
 /// The guests' resolver (on the bridge address, port 53): `.vm` from the table, every
-/// other name forwarded to the host's upstream resolvers.
-pub async fn serve_guests(socket: tokio::net::UdpSocket, table: Table, upstreams: Vec<SocketAddr>) {
+/// other name forwarded to the host's upstream resolvers, under each VM's egress policy.
+pub async fn serve_guests(socket: tokio::net::UdpSocket, resolver: GuestResolver) {
     let socket = std::sync::Arc::new(socket);
-    let upstreams = std::sync::Arc::new(upstreams);
     let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(FORWARD_MAX));
     let mut buf = vec![0u8; 4096];
     loop {
@@ -150,31 +333,27 @@ pub async fn serve_guests(socket: tokio::net::UdpSocket, table: Table, upstreams
                 continue;
             }
         };
-        let packet = &buf[..n];
-        if asks_vm_zone(packet) == Some(false) {
-            let Ok(permit) = std::sync::Arc::clone(&permits).try_acquire_owned() else {
-                continue;
+        let packet = buf[..n].to_vec();
+        if asks_vm_zone(&packet) != Some(false) {
+            let reply = {
+                let t = resolver.table.read().expect("dns table lock");
+                answer(&packet, &t)
             };
-            let (socket, upstreams, packet) = (
-                std::sync::Arc::clone(&socket),
-                std::sync::Arc::clone(&upstreams),
-                packet.to_vec(),
-            );
-            tokio::spawn(async move {
-                if let Some(reply) = forward(packet, &upstreams).await {
-                    let _ = socket.send_to(&reply, from).await;
-                }
-                drop(permit);
-            });
+            if let Some(reply) = reply {
+                let _ = socket.send_to(&reply, from).await;
+            }
             continue;
         }
-        let reply = {
-            let t = table.read().expect("dns table lock");
-            answer(packet, &t)
+        let Ok(permit) = std::sync::Arc::clone(&permits).try_acquire_owned() else {
+            continue;
         };
-        if let Some(reply) = reply {
-            let _ = socket.send_to(&reply, from).await;
-        }
+        let (socket, resolver) = (std::sync::Arc::clone(&socket), resolver.clone());
+        tokio::spawn(async move {
+            if let Some(reply) = resolver.resolve(packet, from, false).await {
+                let _ = socket.send_to(&reply, from).await;
+            }
+            drop(permit);
+        });
     }
 }
 
@@ -223,35 +402,25 @@ async fn forward_tcp(packet: Vec<u8>, upstreams: &[SocketAddr]) -> Option<Vec<u8
 /// The guests' resolver over TCP (same address and port as over UDP): `.vm` from the
 /// table, the rest forwarded to the upstreams over TCP. Several queries may follow on one
 /// connection; an idle or malformed connection is closed, the listener goes on.
-pub async fn serve_guests_tcp(
-    listener: tokio::net::TcpListener,
-    table: Table,
-    upstreams: Vec<SocketAddr>,
-) {
-    let upstreams = std::sync::Arc::new(upstreams);
+pub async fn serve_guests_tcp(listener: tokio::net::TcpListener, resolver: GuestResolver) {
     let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(TCP_MAX));
     loop {
         let Ok(permit) = std::sync::Arc::clone(&permits).acquire_owned().await else {
             return;
         };
-        let mut conn = match listener.accept().await {
-            Ok((c, _)) => c,
+        let (mut conn, from) = match listener.accept().await {
+            Ok(c) => c,
             Err(e) => {
                 tracing::debug!(error = %e, "guest dns accept");
                 continue;
             }
         };
-        let (table, upstreams) = (Arc::clone(&table), std::sync::Arc::clone(&upstreams));
+        let resolver = resolver.clone();
         tokio::spawn(async move {
             while let Ok(Ok(packet)) =
                 tokio::time::timeout(TCP_IDLE, read_tcp_message(&mut conn)).await
             {
-                let reply = if asks_vm_zone(&packet) == Some(false) {
-                    forward_tcp(packet, &upstreams).await
-                } else {
-                    let t = table.read().expect("dns table lock");
-                    answer(&packet, &t)
-                };
+                let reply = resolver.resolve(packet, from, true).await;
                 let Some(reply) = reply else {
                     break;
                 };
@@ -293,6 +462,15 @@ mod tests {
 
     fn table() -> HashMap<String, Ipv4Addr> {
         HashMap::from([("web".to_owned(), Ipv4Addr::new(172, 30, 0, 7))])
+    }
+
+    fn resolver(upstreams: Vec<SocketAddr>) -> GuestResolver {
+        GuestResolver {
+            table: Arc::new(RwLock::new(table())),
+            upstreams: Arc::new(upstreams),
+            policies: Default::default(),
+            vouch: None,
+        }
     }
 
     fn ask(name: &str, ty: RecordType) -> Message {
@@ -362,8 +540,7 @@ mod tests {
         });
         let guest = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let guest_addr = guest.local_addr().unwrap();
-        let t: Table = Arc::new(RwLock::new(table()));
-        tokio::spawn(serve_guests(guest, t, vec![up_addr]));
+        tokio::spawn(serve_guests(guest, resolver(vec![up_addr])));
         let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let ask = |name: &'static str| {
             let client = &client;
@@ -422,8 +599,7 @@ mod tests {
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let t: Table = Arc::new(RwLock::new(table()));
-        tokio::spawn(serve_guests_tcp(listener, t, vec![up_addr]));
+        tokio::spawn(serve_guests_tcp(listener, resolver(vec![up_addr])));
 
         // Garbage first: a length with nothing behind it, then a closed connection.
         {
@@ -452,6 +628,103 @@ mod tests {
         let r = ask("example.com.").await;
         assert_eq!(r.answers[0].data, RData::A(A(Ipv4Addr::new(192, 0, 2, 2))));
         assert_eq!(r.metadata.id, 9);
+    }
+
+    /// One vouch: the VM and its (address, TTL)s.
+    type Vouched = (String, Vec<(Ipv4Addr, u32)>);
+
+    /// Records what it is asked to vouch for.
+    #[derive(Debug, Default)]
+    struct Recorder(std::sync::Mutex<Vec<Vouched>>);
+
+    impl Vouch for Recorder {
+        fn vouch(&self, vm: &str, addrs: Vec<(Ipv4Addr, u32)>) -> VouchFuture {
+            self.0.lock().unwrap().push((vm.to_owned(), addrs));
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_filtered_guest_gets_only_allowed_names_and_their_addresses_are_vouched_for() {
+        // An upstream that answers every A query with 192.0.2.1, TTL 60.
+        let up = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let up_addr = up.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            while let Ok((n, from)) = up.recv_from(&mut buf).await {
+                let q = Message::from_vec(&buf[..n]).unwrap();
+                let mut r = Message::response(q.metadata.id, OpCode::Query);
+                r.add_query(q.queries[0].clone());
+                r.add_answer(Record::from_rdata(
+                    q.queries[0].name().clone(),
+                    60,
+                    RData::A(A(Ipv4Addr::new(192, 0, 2, 1))),
+                ));
+                let _ = up.send_to(&r.to_vec().unwrap(), from).await;
+            }
+        });
+        let recorder = Arc::new(Recorder::default());
+        let mut r = resolver(vec![up_addr]);
+        r.vouch = Some(Arc::clone(&recorder) as Arc<dyn Vouch>);
+        let egress: banger_api::Egress = "allow=allowed.test,*.svc.test".parse().unwrap();
+        r.policies.write().unwrap().insert(
+            Ipv4Addr::LOCALHOST,
+            Arc::new(GuestPolicy::new("0123456789ab", "g", egress)),
+        );
+        let ask = |name: &str| {
+            let mut q = Message::query();
+            q.metadata.id = 5;
+            q.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+            q.to_vec().unwrap()
+        };
+        let guest: SocketAddr = "127.0.0.1:5353".parse().unwrap();
+        let other: SocketAddr = "127.0.0.2:5353".parse().unwrap();
+        let code = |reply: Option<Vec<u8>>| {
+            Message::from_vec(&reply.unwrap())
+                .unwrap()
+                .metadata
+                .response_code
+        };
+        assert_eq!(
+            code(r.resolve(ask("denied.test."), guest, false).await),
+            ResponseCode::Refused
+        );
+        assert!(recorder.0.lock().unwrap().is_empty());
+        assert_eq!(
+            code(r.resolve(ask("web.vm."), guest, false).await),
+            ResponseCode::NoError,
+            ".vm names are always answered"
+        );
+        for name in ["allowed.test.", "a.svc.test."] {
+            assert_eq!(
+                code(r.resolve(ask(name), guest, false).await),
+                ResponseCode::NoError
+            );
+        }
+        assert_eq!(
+            *recorder.0.lock().unwrap(),
+            vec![
+                (
+                    "0123456789ab".to_owned(),
+                    vec![(Ipv4Addr::new(192, 0, 2, 1), 60)]
+                );
+                2
+            ]
+        );
+        let p = Arc::clone(
+            r.policies
+                .read()
+                .unwrap()
+                .get(&Ipv4Addr::LOCALHOST)
+                .unwrap(),
+        );
+        assert_eq!(p.refused.load(std::sync::atomic::Ordering::Relaxed), 1);
+        // A guest without a filtered policy is forwarded as before, with nothing vouched.
+        assert_eq!(
+            code(r.resolve(ask("denied.test."), other, false).await),
+            ResponseCode::NoError
+        );
+        assert_eq!(recorder.0.lock().unwrap().len(), 2);
     }
 
     #[test]
@@ -516,7 +789,12 @@ pub struct GuestDns {
     pub upstreams: Vec<SocketAddr>,
 }
 
-fn start_guest(guest: Option<&GuestDns>, table: &Table) -> Option<tokio::task::JoinHandle<()>> {
+fn start_guest(
+    guest: Option<&GuestDns>,
+    table: &Table,
+    policies: Policies,
+    vouch: Option<Arc<dyn Vouch>>,
+) -> Option<tokio::task::JoinHandle<()>> {
     let g = guest?;
     let tcp = g.tcp.as_ref().and_then(|l| {
         l.try_clone()
@@ -537,16 +815,21 @@ fn start_guest(guest: Option<&GuestDns>, table: &Table) -> Option<tokio::task::J
         .map_err(|e| tracing::error!(error = %e, "guest dns socket"))
         .ok()?;
     tracing::info!(addr = ?sock.local_addr().ok(), tcp = tcp.is_some(), upstreams = ?g.upstreams, "dns resolver for guests listening");
-    let (table, upstreams) = (Arc::clone(table), g.upstreams.clone());
+    let resolver = GuestResolver {
+        table: Arc::clone(table),
+        upstreams: Arc::new(g.upstreams.clone()),
+        policies,
+        vouch,
+    };
     Some(tokio::spawn(async move {
         match tcp {
             Some(l) => {
                 tokio::join!(
-                    serve_guests(sock, Arc::clone(&table), upstreams.clone()),
-                    serve_guests_tcp(l, table, upstreams)
+                    serve_guests(sock, resolver.clone()),
+                    serve_guests_tcp(l, resolver)
                 );
             }
-            None => serve_guests(sock, table, upstreams).await,
+            None => serve_guests(sock, resolver).await,
         }
     }))
 }
@@ -554,15 +837,22 @@ fn start_guest(guest: Option<&GuestDns>, table: &Table) -> Option<tokio::task::J
 impl ractor::Actor for DnsActor {
     type Msg = DnsMsg;
     type State = DnsState;
-    /// Where to listen (None: disabled), the table to answer from, the guests' listener.
-    type Arguments = (Option<SocketAddr>, Table, Option<GuestDns>);
+    /// Where to listen (None: disabled), the table to answer from, the guests' listener,
+    /// the running VMs' egress policies and where allowed answers' addresses go.
+    type Arguments = (
+        Option<SocketAddr>,
+        Table,
+        Option<GuestDns>,
+        Policies,
+        Option<Arc<dyn Vouch>>,
+    );
 
     async fn pre_start(
         &self,
         _myself: ractor::ActorRef<DnsMsg>,
-        (listen, table, guest): Self::Arguments,
+        (listen, table, guest, policies, vouch): Self::Arguments,
     ) -> Result<DnsState, ractor::ActorProcessingErr> {
-        let guest_task = start_guest(guest.as_ref(), &table);
+        let guest_task = start_guest(guest.as_ref(), &table, policies, vouch);
         let Some(listen) = listen else {
             return Ok(DnsState {
                 addr: None,

@@ -103,7 +103,9 @@ fn call(shared: &SharedHelper, request: &Request) -> Result<Reply, NetError> {
         return Err(NetError::Unprivileged(describe(request)));
     };
     match helper.call(request) {
-        Ok(r @ (Reply::Done | Reply::Status(_) | Reply::Spawned { .. })) => Ok(r),
+        Ok(
+            r @ (Reply::Done | Reply::Status(_) | Reply::Spawned { .. } | Reply::Counter { .. }),
+        ) => Ok(r),
         Ok(Reply::Refused { reason }) => Err(NetError::Refused { op, reason }),
         Ok(Reply::Failed { reason }) => Err(NetError::Failed { op, reason }),
         Ok(Reply::WorkerDied { reason }) => Err(NetError::WorkerDied { op, reason }),
@@ -128,6 +130,9 @@ fn describe(request: &Request) -> String {
         Request::DeleteTap { .. } => "removing a tap".into(),
         Request::NatAdd { .. } | Request::NatRemove { .. } => "NAT (--nat)".into(),
         Request::SpawnJailer { .. } => "starting Firecracker's jailer".into(),
+        Request::EgressSet { .. } | Request::EgressVouch { .. } | Request::EgressRemove { .. } => {
+            "an egress policy or --isolate".into()
+        }
         other => other.op().replace('_', " "),
     }
 }
@@ -139,7 +144,7 @@ fn live<M>(slot: &Slot<M>) -> Option<ActorRef<M>> {
     slot.read().expect("slot lock").clone()
 }
 
-async fn helper_call(slot: &Slot<HelperMsg>, request: Request) -> Result<(), NetError> {
+pub(crate) async fn helper_call(slot: &Slot<HelperMsg>, request: Request) -> Result<(), NetError> {
     helper_reply(slot, request).await.map(drop)
 }
 
@@ -313,9 +318,39 @@ pub struct HostNet {
     pub net: Slot<NetMsg>,
     pub nat: Slot<NatMsg>,
     pub helper: Slot<HelperMsg>,
+    /// Running VMs' egress policies, by lease, for the guests' resolver.
+    pub egress: super::dns::Policies,
 }
 
 impl HostNet {
+    /// Give the VM (lease `ip`) its egress filter and isolation, replacing what it had.
+    pub async fn egress_set(
+        &self,
+        vm: &str,
+        ip: Ipv4Addr,
+        filter: banger_policy::egress::EgressFilter,
+    ) -> Result<(), NetError> {
+        let request = Request::EgressSet {
+            vm: vm.to_owned(),
+            ip,
+            filter,
+        };
+        helper_call(&self.helper, request).await
+    }
+
+    /// Remove the VM's filter, isolation, set and counter.
+    pub async fn egress_remove(&self, vm: &str) -> Result<(), NetError> {
+        helper_call(&self.helper, Request::EgressRemove { vm: vm.to_owned() }).await
+    }
+
+    /// Packets the VM's filter dropped (None: no filter, or no helper).
+    pub async fn egress_dropped(&self, vm: &str) -> Option<u64> {
+        match helper_reply(&self.helper, Request::EgressCounter { vm: vm.to_owned() }).await {
+            Ok(Reply::Counter { packets }) => packets,
+            _ => None,
+        }
+    }
+
     /// Make and attach the VM's tap; its name.
     pub async fn attach(&self, vm: &str, uid: u32) -> Result<String, NetError> {
         let net = live(&self.net).ok_or(NetError::Call("net"))?;

@@ -2,5 +2,6 @@
 //! Bridge, taps and NAT go through the privileged helper: [`host`].
 
 pub mod dns;
+pub mod egress;
 pub mod host;
 pub mod lease;

@@ -91,6 +91,8 @@ pub(super) fn stored_vm(id: &str, name: &str, created_at: u64) -> crate::vm::mod
         runtime: None,
         ip: None,
         publish: Vec::new(),
+        egress: Default::default(),
+        isolate: false,
         uid: None,
     }
 }

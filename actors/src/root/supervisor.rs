@@ -163,6 +163,10 @@ impl RootSupervisor {
                     state.args.vm.dns_listen,
                     Arc::clone(&state.args.dns_table),
                     state.args.vm.guest_dns.clone(),
+                    Arc::clone(&state.args.net.egress),
+                    Some(Arc::new(crate::net::egress::HelperVouch {
+                        helper: Arc::clone(&state.args.net.helper),
+                    }) as Arc<dyn crate::net::dns::Vouch>),
                 );
                 let (r, _) = Actor::spawn_linked(None, DnsActor, args, myself.get_cell()).await?;
                 *state.args.dns_ref.write().expect("tree lock") = Some(r.clone());

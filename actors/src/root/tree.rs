@@ -76,6 +76,7 @@ impl Tree {
             net: Arc::new(RwLock::new(None::<ActorRef<NetMsg>>)),
             nat: Arc::new(RwLock::new(None::<ActorRef<NatMsg>>)),
             helper: Arc::new(RwLock::new(None::<ActorRef<HelperMsg>>)),
+            egress: Default::default(),
         };
         let store_ref = Arc::new(RwLock::new(None));
         let vms_ref = Arc::new(RwLock::new(None));

@@ -576,6 +576,8 @@ mod tests {
             ip: None,
             publish: Vec::new(),
             uid: None,
+            egress: Default::default(),
+            isolate: false,
         }
     }
 

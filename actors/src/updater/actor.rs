@@ -153,6 +153,10 @@ mod tests {
             isolation: None,
             busy,
             published: Vec::new(),
+            egress: Default::default(),
+            isolate: false,
+            egress_dropped: None,
+            dns_refused: None,
         };
         let vms = [
             vm("a", VmState::Running, false),

@@ -265,6 +265,21 @@ impl VmActorState {
         Ok(())
     }
 
+    /// The lease of a running VM whose egress is filtered or isolated (counters to read).
+    fn running_policy_ip(&self) -> Option<std::net::Ipv4Addr> {
+        let filtered = crate::net::egress::needs_rules(&self.rec.egress(), self.rec.isolate);
+        (filtered && self.rec.runtime.is_some())
+            .then(|| self.rec.ip.as_deref()?.parse().ok())
+            .flatten()
+    }
+
+    /// DNS queries the guests' resolver refused for this VM since it started.
+    fn dns_refused(&self, ip: std::net::Ipv4Addr) -> Option<u64> {
+        let policies = self.env.net.egress.read().expect("egress policies lock");
+        let p = policies.get(&ip).filter(|p| p.vm == self.rec.id)?;
+        Some(p.refused.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
     fn check(&self, op: Op) -> Result<(), VmError> {
         Ok(model::check(&self.rec.name, self.rec.state, op)?)
     }
@@ -292,6 +307,10 @@ pub fn info_of(rec: &VmRecord, dir: &VmDir) -> VmInfo {
         ip: rec.ip.clone(),
         isolation: rec.runtime.as_ref().and_then(|r| r.isolation.clone()),
         published: super::publish::unbound(&rec.publish),
+        egress: rec.egress(),
+        isolate: rec.isolate,
+        egress_dropped: None,
+        dns_refused: None,
         busy: false,
     }
 }
@@ -424,7 +443,38 @@ async fn setup_net(
         let _ = env.net.detach(&rec.id).await;
         return Err(net_err(e));
     }
+    if let Err(e) = apply_egress(env, rec, ip, false).await {
+        let _ = env.net.detach(&rec.id).await;
+        if rec.nat {
+            let _ = env.net.nat(&rec.id, None).await;
+        }
+        return Err(net_err(e));
+    }
     Ok(Some(tap))
+}
+
+/// Put the VM's egress filter and isolation on its tap (or take them off, when it `had`
+/// some and its policy needs none), and tell the guests' resolver the VM's policy.
+async fn apply_egress(
+    env: &VmEnv,
+    rec: &VmRecord,
+    ip: std::net::Ipv4Addr,
+    had: bool,
+) -> Result<(), crate::net::host::NetError> {
+    let egress = rec.egress();
+    if crate::net::egress::needs_rules(&egress, rec.isolate) {
+        let filter = crate::net::egress::filter(&egress, rec.isolate);
+        env.net.egress_set(&rec.id, ip, filter).await?;
+    } else if had {
+        env.net.egress_remove(&rec.id).await?;
+    }
+    let policy = crate::net::dns::GuestPolicy::new(&rec.id, &rec.name, egress);
+    env.net
+        .egress
+        .write()
+        .expect("egress policies lock")
+        .insert(ip, Arc::new(policy));
+    Ok(())
 }
 
 /// Remove the VM's tap and NAT (after its VMM is gone). Failures are logged: a tap left
@@ -440,6 +490,18 @@ async fn release_net(env: &VmEnv, rec: &VmRecord) {
         && let Err(e) = env.net.nat(&rec.id, None).await
     {
         tracing::warn!(vm = %rec.name, error = %error_chain(&e), "removing NAT");
+    }
+    if let Some(ip) = rec.ip.as_deref().and_then(|ip| ip.parse().ok()) {
+        env.net
+            .egress
+            .write()
+            .expect("egress policies lock")
+            .remove(&ip);
+    }
+    if crate::net::egress::needs_rules(&rec.egress(), rec.isolate)
+        && let Err(e) = env.net.egress_remove(&rec.id).await
+    {
+        tracing::warn!(vm = %rec.name, error = %error_chain(&e), "removing the egress filter");
     }
 }
 
@@ -758,6 +820,21 @@ impl Actor for VmActor {
                 state.published.rebind_all(&mut state.rec.publish).await;
                 let sock = state.rec.runtime.as_ref().map(|r| r.vsock_socket.clone());
                 state.published.set_target(sock.map(PathBuf::from));
+                // Its filter lives on in nftables; the resolver learns its policy again.
+                if let Some(ip) = state.rec.ip.as_deref().and_then(|ip| ip.parse().ok()) {
+                    let policy = crate::net::dns::GuestPolicy::new(
+                        &state.rec.id,
+                        &state.rec.name,
+                        state.rec.egress(),
+                    );
+                    state
+                        .env
+                        .net
+                        .egress
+                        .write()
+                        .expect("egress policies lock")
+                        .insert(ip, Arc::new(policy));
+                }
                 state.persist().await?;
                 Self::watch_exit(&myself, &state);
                 Self::start_console(&myself, &mut state);
@@ -781,7 +858,17 @@ impl Actor for VmActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             VmMsg::Info(reply) => {
-                let _ = reply.send(Ok(state.info()));
+                let mut info = state.info();
+                let Some(ip) = state.running_policy_ip() else {
+                    let _ = reply.send(Ok(info));
+                    return Ok(());
+                };
+                info.dns_refused = state.dns_refused(ip);
+                let (net, id) = (state.env.net.clone(), state.rec.id.clone());
+                tokio::spawn(async move {
+                    info.egress_dropped = net.egress_dropped(&id).await;
+                    let _ = reply.send(Ok(info));
+                });
             }
             VmMsg::Start { progress, reply } => {
                 if let Err(e) = state.check(Op::Start) {
@@ -1093,29 +1180,57 @@ impl Actor for VmActor {
                             .expect("resize does not panic")?;
                     }
                     state.rec.spec = spec;
-                    if let Some(nat) = req.nat
-                        && nat != state.rec.nat
-                    {
-                        let ip = state.rec.ip.as_deref().and_then(|ip| ip.parse().ok());
-                        if nat && ip.is_none() {
+                    let old_egress = state.rec.egress();
+                    let egress = match (&req.egress, req.nat) {
+                        (Some(e), _) => e.clone(),
+                        (None, Some(true)) => banger_api::Egress::All,
+                        (None, Some(false)) if old_egress.nat() => banger_api::Egress::Subnet,
+                        (None, _) => old_egress.clone(),
+                    };
+                    let isolate = req.isolate.unwrap_or(state.rec.isolate);
+                    if egress != old_egress || isolate != state.rec.isolate {
+                        let ip: Option<std::net::Ipv4Addr> =
+                            state.rec.ip.as_deref().and_then(|ip| ip.parse().ok());
+                        let Some(ip) = ip else {
+                            if egress == banger_api::Egress::Subnet && !isolate {
+                                state.rec.egress = egress;
+                                state.rec.nat = false;
+                                state.rec.isolate = false;
+                                state.persist().await?;
+                                return Ok(state.info());
+                            }
                             return Err(VmError::Invalid(format!(
-                                "vm {} has no network (created with --no-network), so no NAT",
+                                "vm {} has no network (created with --no-network), so no NAT, egress policy or isolation",
                                 state.rec.name
                             )));
-                        }
+                        };
+                        let net_err = |source| VmError::Net {
+                            vm: state.rec.name.clone(),
+                            source,
+                        };
                         // Running (or starting): change the rules now; stopped: at start.
                         if state.rec.runtime.is_some() {
-                            state
-                                .env
-                                .net
-                                .nat(&state.rec.id, if nat { ip } else { None })
+                            let net = state.env.net.clone();
+                            if egress.nat() != old_egress.nat() {
+                                net.nat(&state.rec.id, egress.nat().then_some(ip))
+                                    .await
+                                    .map_err(net_err)?;
+                            }
+                            let mut next = state.rec.clone();
+                            next.egress = egress.clone();
+                            next.nat = egress.nat();
+                            next.isolate = isolate;
+                            let had = crate::net::egress::needs_rules(
+                                &old_egress,
+                                state.rec.isolate,
+                            );
+                            apply_egress(&state.env, &next, ip, had)
                                 .await
-                                .map_err(|source| VmError::Net {
-                                    vm: state.rec.name.clone(),
-                                    source,
-                                })?;
+                                .map_err(net_err)?;
                         }
-                        state.rec.nat = nat;
+                        state.rec.nat = egress.nat();
+                        state.rec.egress = egress;
+                        state.rec.isolate = isolate;
                     }
                     state.persist().await?;
                     Ok(state.info())
@@ -1141,8 +1256,17 @@ impl Actor for VmActor {
                     overlay_allocated_bytes: disks::allocated(&state.dir.overlay()),
                     work_allocated_bytes: disks::allocated(&state.dir.work()),
                     guest: None,
+                    egress_dropped: None,
+                    dns_refused: None,
                 };
+                let counters = state.running_policy_ip().map(|ip| {
+                    stats.dns_refused = state.dns_refused(ip);
+                    (state.env.net.clone(), state.rec.id.clone())
+                });
                 tokio::spawn(async move {
+                    if let Some((net, id)) = counters {
+                        stats.egress_dropped = net.egress_dropped(&id).await;
+                    }
                     if let Some(sock) = sock
                         && let Ok(banger_guest::proto::Response::Stats { stats: g }) =
                             banger_guest::host::call(

@@ -46,6 +46,27 @@ pub struct VmRecord {
     /// until their next start).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uid: Option<u32>,
+    /// The egress policy (see `net::egress`); `nat` is kept equal to its `nat()`. Records
+    /// older than the field have `subnet`, read as `all` when `nat` (see [`Self::egress`]).
+    #[serde(default, skip_serializing_if = "is_subnet")]
+    pub egress: banger_api::Egress,
+    /// Cut off from the other VMs on the bridge (`--isolate`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub isolate: bool,
+}
+
+fn is_subnet(e: &banger_api::Egress) -> bool {
+    *e == banger_api::Egress::Subnet
+}
+
+impl VmRecord {
+    /// The VM's egress policy in force (`--nat` from before the field is `all`).
+    pub fn egress(&self) -> banger_api::Egress {
+        match (&self.egress, self.nat) {
+            (banger_api::Egress::Subnet, true) => banger_api::Egress::All,
+            (e, _) => e.clone(),
+        }
+    }
 }
 
 /// Host processes and sockets of a running VM.

@@ -50,6 +50,8 @@ pub struct Opts {
     pub no_network: bool,
     /// `--publish`.
     pub publish: Vec<banger_api::PortSpec>,
+    /// `--egress`, `--isolate`.
+    pub egress: crate::cli::EgressArgs,
     pub rm: bool,
     pub full_copy: bool,
     pub timings: bool,
@@ -223,6 +225,8 @@ pub async fn run(client: &Client, target: &Target, o: Opts) -> Result<u8, CliErr
         network: o.no_network.then_some(false),
         no_start: false,
         publish: o.publish.clone(),
+        egress: o.egress.egress.clone(),
+        isolate: o.egress.isolate,
     };
     // Check the path before creating anything.
     if let Some(p) = &o.path

@@ -356,6 +356,21 @@ fn print_vm(v: &VmInfo) {
     outln!("image:    {}", v.image);
     outln!("kernel:   {}", v.kernel);
     outln!("nat:      {}", if v.nat { "on" } else { "off" });
+    outln!(
+        "egress:   {}{}",
+        v.egress,
+        if v.isolate {
+            " (isolated from other VMs)"
+        } else {
+            ""
+        }
+    );
+    if let Some(n) = v.egress_dropped {
+        outln!("dropped:  {n} packets by the egress policy");
+    }
+    if let Some(n) = v.dns_refused {
+        outln!("refused:  {n} DNS queries by the egress policy");
+    }
     if let Some(pid) = v.pid {
         outln!("pid:      {pid}");
     }
@@ -473,6 +488,7 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
             network,
             no_start,
             publish,
+            egress,
             json,
         } => {
             let (vcpu, memory_mib, disk_bytes) = size_req(&size);
@@ -493,6 +509,8 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
                 network,
                 no_start,
                 publish: publish.publish,
+                egress: egress.egress,
+                isolate: egress.isolate,
             };
             let sub = client.create(req).await?;
             let vm = follow_progress(sub, json).await?;
@@ -512,6 +530,7 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
                 nat: a.nat,
                 no_network: a.no_network,
                 publish: a.publish.publish,
+                egress: a.egress,
                 rm: a.rm,
                 full_copy: a.full_copy,
                 timings: a.timings,
@@ -648,9 +667,17 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
             nat,
             no_nat,
             json,
+            egress,
+            isolate,
+            no_isolate,
         } => {
             let vm = resolve(&client, vm).await?;
             let (vcpu, memory_mib, disk_bytes) = size_req(&size);
+            let isolate = match (isolate, no_isolate) {
+                (true, _) => Some(true),
+                (_, true) => Some(false),
+                _ => None,
+            };
             let nat = if nat {
                 Some(true)
             } else if no_nat {
@@ -658,9 +685,15 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
             } else {
                 None
             };
-            if vcpu.is_none() && memory_mib.is_none() && disk_bytes.is_none() && nat.is_none() {
+            if vcpu.is_none()
+                && memory_mib.is_none()
+                && disk_bytes.is_none()
+                && nat.is_none()
+                && egress.is_none()
+                && isolate.is_none()
+            {
                 return Err(CliError::Usage(
-                    "nothing to set: pass --vcpu, --memory, --disk-size, --nat or --no-nat".into(),
+                    "nothing to set: pass --vcpu, --memory, --disk-size, --nat, --no-nat, --egress, --isolate or --no-isolate".into(),
                 ));
             }
             let info = client
@@ -670,6 +703,8 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
                     memory_mib,
                     disk_bytes,
                     nat,
+                    egress,
+                    isolate,
                 })
                 .await?;
             if json {
@@ -722,6 +757,12 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
                     "work disk:    {} used on the host",
                     bytes(s.work_allocated_bytes)
                 );
+                if let Some(n) = s.egress_dropped {
+                    outln!("egress drops: {n} packets");
+                }
+                if let Some(n) = s.dns_refused {
+                    outln!("dns refused:  {n} queries");
+                }
             }
         }
         VmCmd::Exec(a) => {
@@ -847,6 +888,10 @@ mod tests {
             ip: Some("10.0.0.2".into()),
             isolation: None,
             published: Vec::new(),
+            egress: banger_api::Egress::Subnet,
+            isolate: false,
+            egress_dropped: None,
+            dns_refused: None,
             busy: false,
         }
     }

@@ -1,6 +1,7 @@
 //! The privileged operations, one per [`Request`] variant. Each runs only after
 //! [`Request::validate`] accepted the request.
 
+pub mod egress;
 pub mod link;
 pub mod nat;
 pub mod tap;
@@ -27,6 +28,17 @@ pub fn execute(cfg: &HelperConfig, req: &Request) -> Reply {
         }
         Request::ResolvedRoute { port } => resolved_route(cfg, *port),
         Request::Status => return Reply::Status(crate::confine::report()),
+        Request::EgressSet { vm, ip, filter } => egress(cfg).set(vm, *ip, filter),
+        Request::EgressVouch { vm, addrs } => egress(cfg).vouch(vm, addrs),
+        Request::EgressRemove { vm } => egress(cfg).remove(vm),
+        Request::EgressCounter { vm } => {
+            return match egress(cfg).counter(vm) {
+                Ok(packets) => Reply::Counter { packets },
+                Err(e) => Reply::Failed {
+                    reason: e.to_string(),
+                },
+            };
+        }
     };
     match result {
         Ok(()) => Reply::Done,
@@ -40,6 +52,15 @@ fn nat(cfg: &HelperConfig) -> nat::Nat<'_> {
     nat::Nat {
         nft: &cfg.nft,
         marker: cfg.state_dirs[0].join("nat-enabled-forwarding"),
+    }
+}
+
+fn egress(cfg: &HelperConfig) -> egress::Egress<'_> {
+    egress::Egress {
+        nft: &cfg.nft,
+        gateway: cfg.gateway,
+        network: cfg.network(),
+        prefix: cfg.prefix,
     }
 }
 

@@ -14,6 +14,7 @@
 
 pub mod codes;
 pub mod daemon;
+pub mod egress;
 pub mod image;
 pub mod publish;
 pub mod socket;
@@ -23,6 +24,7 @@ pub mod update;
 pub mod vm;
 
 pub use daemon::*;
+pub use egress::{Egress, EgressRule};
 pub use image::*;
 pub use publish::{PortProto, PortRef, PortSpec, PublishedPort};
 pub use update::*;

@@ -199,6 +199,13 @@ pub struct CreateVm {
     /// as before to an older daemon.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub publish: Vec<crate::PortSpec>,
+    /// The egress policy (`--egress`, see [`crate::egress`]): `all` when `nat`, else
+    /// `subnet`, when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<crate::Egress>,
+    /// Cut the VM off from the other VMs on the bridge (`--isolate`); DNS and the host stay.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub isolate: bool,
 }
 
 /// Request of `vm.set` (only while stopped, except `nat`).
@@ -215,6 +222,11 @@ pub struct SetVm {
     pub disk_bytes: Option<u64>,
     #[serde(default)]
     pub nat: Option<bool>,
+    /// A new egress policy (applied at once to a running VM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<crate::Egress>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub isolate: Option<bool>,
 }
 
 /// A VM as the daemon reports it.
@@ -253,6 +265,18 @@ pub struct VmInfo {
     /// Published ports, with the host port bound while the VM runs.
     #[serde(default)]
     pub published: Vec<crate::PublishedPort>,
+    /// The egress policy (`subnet` from daemons that predate the field).
+    #[serde(default)]
+    pub egress: crate::Egress,
+    /// Cut off from the other VMs on the bridge.
+    #[serde(default)]
+    pub isolate: bool,
+    /// Packets the egress policy dropped while the VM runs (None: no filter, or unknown).
+    #[serde(default)]
+    pub egress_dropped: Option<u64>,
+    /// DNS queries the bridge resolver refused for the policy since the VM started.
+    #[serde(default)]
+    pub dns_refused: Option<u64>,
     /// The VM's actor did not answer in time (it is busy with an operation): the fields
     /// above are the VM's last stored record, so `state` may be behind, and the update gate
     /// counts the VM as in flight. False from daemons that predate the field.
@@ -277,6 +301,12 @@ pub struct VmStats {
     /// The guest's own figures, from its agent (absent when it does not answer).
     #[serde(default)]
     pub guest: Option<GuestStats>,
+    /// Packets the egress policy dropped (None: no filter, or not running).
+    #[serde(default)]
+    pub egress_dropped: Option<u64>,
+    /// DNS queries the bridge resolver refused for the policy since the VM started.
+    #[serde(default)]
+    pub dns_refused: Option<u64>,
 }
 
 /// A progress event of `vm.create`, `vm.start` and `vm.restart` (subscriptions). The stream
