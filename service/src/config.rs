@@ -263,7 +263,10 @@ impl Default for FirecrackerSection {
 #[serde(deny_unknown_fields, default)]
 pub struct QemuSection {
     pub binary: PathBuf,
-    pub vhost_vsock: PathBuf,
+    /// Ignored: QEMU's agent channel no longer needs vhost-device-vsock (a virtio-serial
+    /// port behind bangerd's own proxy). Still accepted, so configs that name it load.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vhost_vsock: Option<PathBuf>,
     /// `auto` (KVM when usable, else TCG), `kvm` or `tcg`.
     pub accel: String,
 }
@@ -272,7 +275,7 @@ impl Default for QemuSection {
     fn default() -> Self {
         QemuSection {
             binary: "qemu-system-x86_64".into(),
-            vhost_vsock: "vhost-device-vsock".into(),
+            vhost_vsock: None,
             accel: "auto".into(),
         }
     }

@@ -110,14 +110,10 @@ pub fn helper_config(config: &Config, paths: &Paths, owner: Owner) -> HelperConf
     if fc_uid != owner.uid.as_raw() {
         tap_uids.push(fc_uid);
     }
-    let vmm_binaries = [
-        &config.firecracker.binary,
-        &config.qemu.binary,
-        &config.qemu.vhost_vsock,
-    ]
-    .into_iter()
-    .filter_map(|b| find_program(b))
-    .collect();
+    let vmm_binaries = [&config.firecracker.binary, &config.qemu.binary]
+        .into_iter()
+        .filter_map(|b| find_program(b))
+        .collect();
     let resolvectl = Path::new("/run/systemd/resolve")
         .exists()
         .then(|| find_program(Path::new("resolvectl")))
