@@ -1043,7 +1043,7 @@ mod tests {
             "BANGER_NETWORK__BRIDGE",
             "BANGER_VM_DEFAULTS__MEMORY",
             "BANGER_FIRECRACKER__UID",
-            "BANGER_QEMU__VHOST_VSOCK",
+            "BANGER_QEMU__ACCEL",
             "BANGER_IMAGES__GUEST_BINARIES_DIR",
         ] {
             assert!(vars.contains(&v), "{v} missing from {vars:?}");
