@@ -5,8 +5,8 @@
 #
 # 1. installs the host packages with apt: QEMU (unless Firecracker and its jailer are
 #    installed), mmdebstrap + uidmap (the default image is built locally from Debian's
-#    packages), e2fsprogs, nftables, iproute2, openssh-client, and vhost-device-vsock (QEMU's
-#    agent channel; `cargo install`);
+#    packages), e2fsprogs, nftables, iproute2 and openssh-client (QEMU's agent channel is
+#    bangerd's own proxy: nothing more to install);
 # 2. builds banger from this checkout (release) and installs `banger` and `bangerd` in
 #    /usr/local/bin, and the static guest binaries in /usr/lib/banger;
 # 3. runs the daemon as the system service for the invoking user (`banger system install`);
@@ -22,7 +22,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 HERE=$(pwd)
-VHOST_VSOCK_VERSION=0.3.0
 RUN=1
 USER_NAME=${SUDO_USER:-root}
 while [ $# -gt 0 ]; do
@@ -72,16 +71,6 @@ fi
 CARGO=$(as_user bash -lc 'command -v cargo' 2>/dev/null || true)
 [ -n "$CARGO" ] || CARGO=$(command -v cargo || true)
 [ -n "$CARGO" ] || die "cargo not found: install Rust (https://rustup.rs) as $USER_NAME, then re-run"
-# The daemon runs with a system PATH as an unprivileged owner: a copy in a user's own cargo
-# bin (say /root/.cargo/bin) is neither on it nor readable, so it goes to /usr/local/bin.
-if command -v qemu-system-x86_64 >/dev/null && [ ! -x /usr/local/bin/vhost-device-vsock ] &&
-    [ -x "$(command -v vhost-device-vsock || true)" ]; then
-    install -m 0755 "$(command -v vhost-device-vsock)" /usr/local/bin/vhost-device-vsock
-fi
-if command -v qemu-system-x86_64 >/dev/null && [ ! -x /usr/local/bin/vhost-device-vsock ]; then
-    say "cargo install vhost-device-vsock $VHOST_VSOCK_VERSION (QEMU's vsock channel; about a minute)"
-    quiet "$CARGO" install --locked --quiet --root /usr/local vhost-device-vsock --version "$VHOST_VSOCK_VERSION"
-fi
 
 # --- 2. build and install banger -----------------------------------------------------------
 say "building banger (release; the first build takes several minutes)"

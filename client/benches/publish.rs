@@ -101,8 +101,8 @@ fn setup() -> Home {
     std::fs::write(
         cfg.join("config.toml"),
         format!(
-            "default_vmm = \"qemu\"\ndefault_image_name = \"rig\"\ndns_listen = \"127.0.0.1:0\"\n[qemu]\naccel = \"tcg\"\nbinary = \"{}\"\nvhost_vsock = \"{}\"\n[vm_defaults]\nvcpu = 1\nmemory = \"512M\"\ndisk = \"2G\"\nnetwork = false\n",
-            rig["BANGER_RIG_QEMU"], rig["BANGER_RIG_VHOST_DEVICE_VSOCK"]
+            "default_vmm = \"qemu\"\ndefault_image_name = \"rig\"\ndns_listen = \"127.0.0.1:0\"\n[qemu]\naccel = \"tcg\"\nbinary = \"{}\"\n[vm_defaults]\nvcpu = 1\nmemory = \"512M\"\ndisk = \"2G\"\nnetwork = false\n",
+            rig["BANGER_RIG_QEMU"]
         ),
     )
     .unwrap();

@@ -155,10 +155,6 @@ impl Home {
         for d in ["run", "data", "state"] {
             std::os::unix::fs::chown(dir.path().join(d), Some(uid), Some(gid)).unwrap();
         }
-        // The rig's vhost-device-vsock lives under /root, which the build user cannot
-        // reach: a copy it can run.
-        let vsock = dir.path().join("bin/vhost-device-vsock");
-        std::fs::copy(&rig()["BANGER_RIG_VHOST_DEVICE_VSOCK"], &vsock).unwrap();
         let guest = repo().join("target/guest");
         for b in ["banger-init", "banger-agent"] {
             assert!(
@@ -170,9 +166,8 @@ impl Home {
         std::fs::write(
             dir.path().join("config/banger/config.toml"),
             format!(
-                "owner = \"{BUILD_USER}\"\ndefault_vmm = \"qemu\"\nagent_timeout_secs = 300\nstop_timeout_secs = 30\ndns_listen = \"127.0.0.1:0\"\n[qemu]\naccel = \"tcg\"\nbinary = \"{}\"\nvhost_vsock = \"{}\"\n[vm_defaults]\nvcpu = 1\nmemory = \"512M\"\ndisk = \"2G\"\nnetwork = false\n[images]\nguest_binaries_dir = \"{}\"\n{extra}",
+                "owner = \"{BUILD_USER}\"\ndefault_vmm = \"qemu\"\nagent_timeout_secs = 300\nstop_timeout_secs = 30\ndns_listen = \"127.0.0.1:0\"\n[qemu]\naccel = \"tcg\"\nbinary = \"{}\"\n[vm_defaults]\nvcpu = 1\nmemory = \"512M\"\ndisk = \"2G\"\nnetwork = false\n[images]\nguest_binaries_dir = \"{}\"\n{extra}",
                 rig()["BANGER_RIG_QEMU"],
-                vsock.display(),
                 guest.display(),
             ),
         )

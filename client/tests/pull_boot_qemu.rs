@@ -144,9 +144,8 @@ fn root_a_pulled_oci_image_boots_and_its_agent_answers() {
     std::fs::write(
         cfg.join("config.toml"),
         format!(
-            "default_vmm = \"qemu\"\nstop_timeout_secs = 30\ndns_listen = \"127.0.0.1:0\"\n[qemu]\naccel = \"tcg\"\nbinary = \"{}\"\nvhost_vsock = \"{}\"\n[vm_defaults]\nvcpu = 1\nmemory = \"512M\"\ndisk = \"2G\"\nnetwork = false\n[images]\ninsecure_registries = [\"{}\"]\nguest_binaries_dir = \"{}\"\n",
+            "default_vmm = \"qemu\"\nstop_timeout_secs = 30\ndns_listen = \"127.0.0.1:0\"\n[qemu]\naccel = \"tcg\"\nbinary = \"{}\"\n[vm_defaults]\nvcpu = 1\nmemory = \"512M\"\ndisk = \"2G\"\nnetwork = false\n[images]\ninsecure_registries = [\"{}\"]\nguest_binaries_dir = \"{}\"\n",
             rig("BANGER_RIG_QEMU"),
-            rig("BANGER_RIG_VHOST_DEVICE_VSOCK"),
             reg.addr,
             guest.display()
         ),

@@ -119,9 +119,8 @@ impl Home {
         std::fs::write(
             cfg.join("config.toml"),
             format!(
-                "{top}default_vmm = \"qemu\"\ndefault_image_name = \"rig\"\nstop_timeout_secs = 30\ndns_listen = \"127.0.0.1:0\"\n[qemu]\naccel = \"tcg\"\nbinary = \"{}\"\nvhost_vsock = \"{}\"\n[vm_defaults]\nvcpu = 1\nmemory = \"512M\"\ndisk = \"2G\"\nnetwork = {network}\n{extra}",
+                "{top}default_vmm = \"qemu\"\ndefault_image_name = \"rig\"\nstop_timeout_secs = 30\ndns_listen = \"127.0.0.1:0\"\n[qemu]\naccel = \"tcg\"\nbinary = \"{}\"\n[vm_defaults]\nvcpu = 1\nmemory = \"512M\"\ndisk = \"2G\"\nnetwork = {network}\n{extra}",
                 rig()["BANGER_RIG_QEMU"],
-                rig()["BANGER_RIG_VHOST_DEVICE_VSOCK"]
             ),
         )
         .unwrap();
@@ -614,23 +613,8 @@ fn root_rig_vm_lifecycle_on_a_real_guest() {
     followed_out.wait_for("banger-init: ready");
 
     // stop → stopped; every process is gone.
-    let vhost: Vec<i64> = String::from_utf8_lossy(
-        &Command::new("pgrep")
-            .args([
-                "-f",
-                &format!(
-                    "^[^ ]*vhost-device-vsock .*{}/run/vhu.sock",
-                    vm["dir"].as_str().unwrap()
-                ),
-            ])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .split_whitespace()
-    .filter_map(|p| p.parse().ok())
-    .collect();
-    assert_eq!(vhost.len(), 1, "one vhost-device-vsock for the vm");
+    let proxy = agent_proxies(vm["dir"].as_str().unwrap());
+    assert_eq!(proxy.len(), 1, "one agent proxy for the vm");
     let out = home.run(&["vm", "stop", "t", "--timeout", "3"]);
     assert!(
         out.status.success(),
@@ -642,7 +626,7 @@ fn root_rig_vm_lifecycle_on_a_real_guest() {
         "stopped"
     );
     assert!(!alive(pid), "qemu is gone");
-    assert!(!alive(vhost[0]), "vhost-device-vsock is gone");
+    assert!(!alive(proxy[0]), "the agent proxy is gone");
     assert!(follower.wait().unwrap().success());
     assert!(followed_out.finish().contains("banger-init: ready"));
     let followed_err = followed_err.finish();
@@ -709,15 +693,74 @@ fn root_rig_vm_lifecycle_on_a_real_guest() {
     );
 }
 
+/// The pids of the agent proxies (`bangerd --internal-agent-proxy`) of the VM in `dir`.
+fn agent_proxies(dir: &str) -> Vec<i64> {
+    String::from_utf8_lossy(
+        &Command::new("pgrep")
+            .args([
+                "-f",
+                &format!("^[^ ]*bangerd --internal-agent-proxy {dir}/run/agent.sock "),
+            ])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .split_whitespace()
+    .filter_map(|p| p.parse().ok())
+    .collect()
+}
+
+/// `n` `vm exec`s of one VM at once, each its own stream on the agent channel; each echoes
+/// its own index after a moment, so all are open together.
+fn concurrent_execs(home: &Home, vm: &str, n: usize) {
+    let children: Vec<_> = (0..n)
+        .map(|i| {
+            home.cmd(&[
+                "vm",
+                "exec",
+                vm,
+                "--",
+                "sh",
+                "-c",
+                &format!("sleep 1; echo {i}"),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+        })
+        .collect();
+    for (i, c) in children.into_iter().enumerate() {
+        let out = c.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "exec {i}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{i}\n"));
+    }
+}
+
 #[test]
 fn root_rig_a_vm_survives_a_daemon_sigkill() {
     let home = Home::new();
     home.ok(&["vm", "create", "--name", "keep"]);
-    let pid = home.json(&["vm", "show", "keep", "--json"])["pid"]
-        .as_i64()
-        .unwrap();
+    let shown = home.json(&["vm", "show", "keep", "--json"]);
+    let pid = shown["pid"].as_i64().unwrap();
+    let dir = shown["dir"].as_str().unwrap().to_owned();
     home.wait_console("keep", "banger-init: ready");
+    // Twenty exec streams at once over QEMU's agent channel (one virtio-serial port).
+    concurrent_execs(&home, "keep", 20);
 
+    // The agent proxy dies with the daemon (SIGKILL both): the restarted daemon starts a
+    // new proxy when it re-adopts the VM, and the guest's agent takes the new session.
+    let proxy = agent_proxies(&dir);
+    assert_eq!(proxy.len(), 1, "one agent proxy: {proxy:?}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(proxy[0] as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
     let daemon = home.daemon_pid();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(daemon),
@@ -739,6 +782,17 @@ fn root_rig_a_vm_survives_a_daemon_sigkill() {
     // Its console is still captured.
     let before = home.ok(&["vm", "logs", "keep"]).len();
     assert!(before > 0);
+    let now = agent_proxies(&dir);
+    assert!(
+        now.len() == 1 && now[0] != proxy[0],
+        "a new agent proxy: {now:?}, was {proxy:?}"
+    );
+    assert!(!alive(proxy[0]));
+    assert_eq!(
+        home.ok(&["vm", "exec", "keep", "--", "echo", "back"]),
+        "back\n",
+        "exec works again through the new proxy"
+    );
     let out = home.run(&["vm", "stop", "keep", "--timeout", "3"]);
     assert!(
         out.status.success(),

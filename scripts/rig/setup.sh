@@ -20,7 +20,6 @@ ROOTFS_SIZE=1G
 # ssh), CA roots (https from the guest), ping (network tests), ps/kill (debugging and exec
 # tests), socat (an AF_VSOCK listener/client inside the guest before banger-agent exists).
 ROOTFS_INCLUDE=iproute2,kmod,openssh-server,ca-certificates,iputils-ping,procps,socat
-VHOST_VSOCK_VERSION=0.3.0
 
 HOST_PACKAGES=(linux-image-cloud-amd64 debootstrap e2fsprogs iproute2 nftables
                busybox-static tmux openssh-client dnsutils)
@@ -96,16 +95,6 @@ if [ "${#missing[@]}" -gt 0 ]; then
     done_step
 fi
 
-# --- vhost-device-vsock (hybrid vsock over Unix sockets) --------------------------------
-if ! command -v vhost-device-vsock >/dev/null; then
-    command -v cargo >/dev/null || { echo "cargo not found (install rustup first)" >&2; exit 1; }
-    step "cargo install --locked vhost-device-vsock@$VHOST_VSOCK_VERSION"
-    quiet cargo install --locked --quiet vhost-device-vsock --version "$VHOST_VSOCK_VERSION"
-    hash -r
-    done_step
-fi
-VHOST_VSOCK=$(command -v vhost-device-vsock)
-
 # --- cached kernel ----------------------------------------------------------------------
 # The newest installed Debian cloud kernel.
 KVER=$(cd /boot && ls vmlinuz-*-cloud-amd64 2>/dev/null | sed 's/^vmlinuz-//' | sort -V | tail -n 1)
@@ -180,7 +169,6 @@ BANGER_RIG_INITRD=$RIG/kernel/initrd
 BANGER_RIG_KERNEL_VERSION=$KVER
 BANGER_RIG_MODULES=$RIG/kernel/modules
 BANGER_RIG_ROOTFS=$RIG/rootfs/base.ext4
-BANGER_RIG_VHOST_DEVICE_VSOCK=$VHOST_VSOCK
 BANGER_RIG_TSC_KHZ=$TSC_KHZ
 EOF
 chmod 644 "$env_tmp"
@@ -192,6 +180,5 @@ if [ "${BANGER_RIG_QUIET:-0}" != 1 ]; then
     echo "  qemu               $QEMU ($QEMU_VERSION, package $QEMU_PACKAGE)"
     echo "  kernel             $RIG/kernel/vmlinuz, initrd, modules/ ($KVER)"
     echo "  rootfs             $RIG/rootfs/base.ext4 ($(du -h --apparent-size "$RIG/rootfs/base.ext4" | cut -f1), $(du -h "$RIG/rootfs/base.ext4" | cut -f1) used)"
-    echo "  vhost-device-vsock $VHOST_VSOCK ($("$VHOST_VSOCK" --version 2>/dev/null | head -n 1))"
     echo "  host tsc khz       ${TSC_KHZ:-unknown}"
 fi

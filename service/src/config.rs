@@ -282,7 +282,10 @@ impl Default for FirecrackerSection {
 #[serde(deny_unknown_fields, default)]
 pub struct QemuSection {
     pub binary: PathBuf,
-    pub vhost_vsock: PathBuf,
+    /// Ignored: QEMU's agent channel no longer needs vhost-device-vsock (a virtio-serial
+    /// port behind bangerd's own proxy). Still accepted, so configs that name it load.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vhost_vsock: Option<PathBuf>,
     /// `auto` (KVM when usable, else TCG), `kvm` or `tcg`.
     pub accel: String,
 }
@@ -291,7 +294,7 @@ impl Default for QemuSection {
     fn default() -> Self {
         QemuSection {
             binary: "qemu-system-x86_64".into(),
-            vhost_vsock: "vhost-device-vsock".into(),
+            vhost_vsock: None,
             accel: "auto".into(),
         }
     }
@@ -1105,7 +1108,7 @@ mod tests {
             "BANGER_NETWORK__BRIDGE",
             "BANGER_VM_DEFAULTS__MEMORY",
             "BANGER_FIRECRACKER__VM_UIDS",
-            "BANGER_QEMU__VHOST_VSOCK",
+            "BANGER_QEMU__ACCEL",
             "BANGER_IMAGES__GUEST_BINARIES_DIR",
         ] {
             assert!(vars.contains(&v), "{v} missing from {vars:?}");

@@ -164,7 +164,8 @@ fn vm_config(
             },
             qemu: qemu::QemuConfig {
                 qemu: c.qemu.binary.clone(),
-                vhost_vsock: c.qemu.vhost_vsock.clone(),
+                // The agent proxy is this very binary (see banger_guest::mux).
+                agent_proxy: std::env::current_exe().unwrap_or_else(|_| "bangerd".into()),
                 accel,
             },
         },
@@ -354,6 +355,35 @@ impl Daemon {
             return Err(ServiceError::TreeStopped);
         }
         Ok(())
+    }
+}
+
+/// `bangerd --internal-agent-proxy <serial socket> <vsock socket>`: a QEMU VM's agent
+/// proxy (see [`banger_guest::mux`]), spawned by the QEMU driver in its own process group
+/// so it outlives a daemon restart, as QEMU does. One thread: it carries a few streams.
+/// Exits when QEMU is gone; its stderr is the VM's `run/agent-proxy.log`.
+#[allow(clippy::print_stderr)]
+pub fn agent_proxy(serial: &std::path::Path, listen: &std::path::Path) -> std::process::ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("bangerd agent proxy: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(banger_guest::mux::host::main(serial, listen)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!(
+                "bangerd agent proxy ({} to {}): {e}",
+                listen.display(),
+                serial.display()
+            );
+            std::process::ExitCode::FAILURE
+        }
     }
 }
 

@@ -62,6 +62,12 @@ fn main() -> ExitCode {
             let config = argv.next().unwrap_or_default();
             return banger_policy::helper::selftest(&config, &argv.next().unwrap_or_default());
         }
+        // A QEMU VM's agent proxy (see banger_guest::mux), spawned by the QEMU driver.
+        Some(banger_guest::mux::PROXY_ARG) => {
+            let serial = PathBuf::from(argv.next().unwrap_or_default());
+            let listen = PathBuf::from(argv.next().unwrap_or_default());
+            return bangerd::agent_proxy(&serial, &listen);
+        }
         // `banger internal make-bundle` runs this (see bangerd::tools).
         Some(banger_api::tools::MAKE_BUNDLE_ARG) => {
             return bangerd::tools::make_bundle(&argv.next().unwrap_or_default());

@@ -106,14 +106,10 @@ pub fn helper_config(config: &Config, paths: &Paths, owner: Owner) -> HelperConf
         .parse()
         .expect("validated when the config was loaded");
     let tap_uids = vec![owner.uid.as_raw()];
-    let vmm_binaries = [
-        &config.firecracker.binary,
-        &config.qemu.binary,
-        &config.qemu.vhost_vsock,
-    ]
-    .into_iter()
-    .filter_map(|b| find_program(b))
-    .collect();
+    let vmm_binaries = [&config.firecracker.binary, &config.qemu.binary]
+        .into_iter()
+        .filter_map(|b| find_program(b))
+        .collect();
     let resolvectl = Path::new("/run/systemd/resolve")
         .exists()
         .then(|| find_program(Path::new("resolvectl")))

@@ -29,7 +29,7 @@ pub(super) fn test_vm_config(dir: &std::path::Path) -> VmConfig {
             },
             qemu: QemuConfig {
                 qemu: "qemu-system-x86_64".into(),
-                vhost_vsock: "vhost-device-vsock".into(),
+                agent_proxy: "bangerd".into(),
                 accel: Accel::Tcg,
             },
         },

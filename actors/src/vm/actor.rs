@@ -816,6 +816,19 @@ impl Actor for VmActor {
                 .is_some_and(|rt| proc::alive(rt.pid, rt.start_time));
             if adopted {
                 tracing::info!(vm = %state.rec.name, pid = state.rec.runtime.as_ref().map(|r| r.pid), "re-adopted a running vm");
+                let driver = state.driver();
+                if let Some(rt) = state.rec.runtime.as_mut() {
+                    match driver.readopt(rt).await {
+                        Ok(true) => {
+                            tracing::info!(vm = %state.rec.name, helpers = ?rt.helpers, "restarted the vm's agent proxy");
+                        }
+                        Ok(false) => {}
+                        // The VM runs; its agent is unreachable until it is restarted.
+                        Err(e) => {
+                            tracing::warn!(vm = %state.rec.name, error = %e, "cannot restart the vm's agent proxy");
+                        }
+                    }
+                }
                 state.rec.state = VmState::Running;
                 state.published.rebind_all(&mut state.rec.publish).await;
                 let sock = state.rec.runtime.as_ref().map(|r| r.vsock_socket.clone());

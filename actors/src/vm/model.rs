@@ -77,7 +77,7 @@ pub struct Runtime {
     /// Its start time in clock ticks since boot (/proc/<pid>/stat field 22): with the pid,
     /// it identifies the process even if the pid is reused later.
     pub start_time: u64,
-    /// Helper processes of the VM (vhost-device-vsock for QEMU), same identity rule.
+    /// Helper processes of the VM (QEMU's agent proxy), same identity rule.
     pub helpers: Vec<(i32, u64)>,
     /// The VMM control socket (Firecracker API, or QMP).
     pub control_socket: String,

@@ -7,8 +7,9 @@
 //!   test double of the jailer+firecracker process that checks every request against
 //!   Firecracker's published API spec.
 //! - [`qemu`]: `qemu-system-x86_64 -M microvm` (KVM when usable, TCG otherwise), virtio
-//!   block and net devices, vhost-user-vsock through `vhost-device-vsock` (which exposes the
-//!   same hybrid vsock Unix socket as Firecracker), controlled through QMP.
+//!   block and net devices, the agent on a virtio-serial port behind a per-VM proxy
+//!   (`bangerd --internal-agent-proxy`, which exposes the same hybrid vsock Unix socket as
+//!   Firecracker), controlled through QMP.
 //!
 //! Which of the two a new VM gets is [`choose`]'s rule (`default_vmm = "auto"`: Firecracker
 //! where it can run jailed on real KVM, else QEMU with KVM, else QEMU under TCG), resolved
@@ -139,6 +140,15 @@ impl Driver {
         match self {
             Driver::Firecracker(_) => firecracker::request_shutdown(rt).await,
             Driver::Qemu(_) => qemu::request_shutdown(rt).await,
+        }
+    }
+
+    /// What a re-adopted VM needs restarted beside its VMM: QEMU's agent proxy when it is
+    /// gone. Ok(true) when `rt` changed (to be persisted).
+    pub async fn readopt(&self, rt: &mut Runtime) -> Result<bool, VmmError> {
+        match self {
+            Driver::Firecracker(_) => Ok(false),
+            Driver::Qemu(c) => qemu::ensure_proxy(c, rt).await,
         }
     }
 

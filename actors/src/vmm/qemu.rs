@@ -1,10 +1,17 @@
 //! The QEMU microvm driver, for hosts without Firecracker and for the test rig.
 //!
-//! Processes per VM: `vhost-device-vsock` (the vhost-user vsock backend; it exposes the
-//! guest's vsock as a hybrid Unix socket, `CONNECT <port>\n`, exactly like Firecracker's),
-//! then `qemu-system-x86_64 -M microvm`. Both run in their own process group. The serial
-//! console is appended to the VM's `console.log` by QEMU itself (a file chardev), so it
-//! survives a daemon restart. QMP (`run/qmp.sock`) is used for status and shutdown.
+//! Processes per VM: `qemu-system-x86_64 -M microvm`, then the agent proxy (`bangerd
+//! --internal-agent-proxy`, see [`banger_guest::mux`]), each in its own process group. The
+//! agent's channel is a virtio-serial port (`banger.agent`) whose host end is a Unix
+//! socket QEMU listens on (`run/agent.sock`); the proxy runs a yamux session over it and
+//! exposes the guest as a hybrid vsock Unix socket (`run/vsock.sock`, `CONNECT <port>\n`),
+//! exactly like Firecracker's. (vhost-user-vsock, the earlier channel, cannot be migrated,
+//! so a VM with it could never be saved.) The proxy outlives a daemon restart as QEMU does;
+//! a daemon that re-adopts the VM starts a new one when it is gone ([`ensure_proxy`]).
+//!
+//! The serial console is appended to the VM's `console.log` by QEMU itself (a file
+//! chardev), so it survives a daemon restart. QMP (`run/qmp.sock`) is used for status and
+//! shutdown.
 //!
 //! Acceleration: KVM when `/dev/kvm` opens and is not PVM, TCG otherwise; `qemu_accel` in
 //! the config forces one. (On a PVM host, /dev/kvm answers but a stock guest kernel dies
@@ -29,7 +36,9 @@ pub use super::choose::Accel;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QemuConfig {
     pub qemu: PathBuf,
-    pub vhost_vsock: PathBuf,
+    /// The agent proxy's program (the daemon's own binary, which runs it with
+    /// [`banger_guest::mux::PROXY_ARG`]).
+    pub agent_proxy: PathBuf,
     pub accel: Accel,
 }
 
@@ -134,32 +143,93 @@ pub fn qemu_args(c: &QemuConfig, plan: &LaunchPlan) -> Vec<String> {
             format!("virtio-net-device,netdev=n0,mac={mac}"),
         ]);
     }
-    // vhost-user needs guest memory shared with the backend.
+    // The agent's channel: a virtio-serial port whose host end QEMU serves on a Unix
+    // socket (without waiting for a client), for the agent proxy to connect to.
     a.extend([
-        "-object".into(),
-        format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
-        "-numa".into(),
-        "node,memdev=mem".into(),
-        "-chardev".into(),
-        format!("socket,id=vsock,path={}", run.join("vhu.sock").display()),
         "-device".into(),
-        "vhost-user-vsock-device,chardev=vsock".into(),
+        "virtio-serial-device,max_ports=2".into(),
+        "-chardev".into(),
+        format!(
+            "socket,id=agent,path={},server=on,wait=off",
+            run.join(AGENT_SERIAL).display()
+        ),
+        "-device".into(),
+        format!(
+            "virtserialport,chardev=agent,name={}",
+            banger_guest::mux::PORT_NAME
+        ),
         "-qmp".into(),
         format!("unix:{},server=on,wait=off", run.join("qmp.sock").display()),
     ]);
     a
 }
 
-/// The vhost-device-vsock command line.
-pub fn vhost_args(plan: &LaunchPlan) -> Vec<String> {
+/// The host end of the agent's virtio-serial port, in the run directory.
+pub const AGENT_SERIAL: &str = "agent.sock";
+/// The hybrid vsock socket the agent proxy serves, in the run directory.
+pub const VSOCK: &str = "vsock.sock";
+/// The agent proxy's log, in the run directory.
+const PROXY_LOG: &str = "agent-proxy.log";
+
+/// The agent proxy's command line (after the program).
+pub fn proxy_args(run_dir: &Path) -> Vec<String> {
     vec![
-        "--guest-cid".into(),
-        "3".into(),
-        "--socket".into(),
-        plan.run_dir.join("vhu.sock").display().to_string(),
-        "--uds-path".into(),
-        plan.run_dir.join("vsock.sock").display().to_string(),
+        banger_guest::mux::PROXY_ARG.into(),
+        run_dir.join(AGENT_SERIAL).display().to_string(),
+        run_dir.join(VSOCK).display().to_string(),
     ]
+}
+
+/// Start the agent proxy of the VM whose run directory is `run_dir`, and wait until it
+/// serves the hybrid vsock socket.
+async fn spawn_proxy(c: &QemuConfig, run_dir: &Path) -> Result<(i32, u64), VmmError> {
+    let vsock = run_dir.join(VSOCK);
+    let _ = std::fs::remove_file(&vsock);
+    let log = run_dir.join(PROXY_LOG);
+    let (out, err) = log_file(&log)?;
+    let (pid, start) = proc::spawn(
+        Command::new(&c.agent_proxy)
+            .args(proxy_args(run_dir))
+            .stdout(out)
+            .stderr(err),
+    )
+    .map_err(|source| VmmError::Spawn {
+        what: format!("the agent proxy ({})", c.agent_proxy.display()),
+        source,
+    })?;
+    if let Err(e) = wait_for_path(
+        &vsock,
+        "the agent proxy",
+        Duration::from_secs(10),
+        || proc::alive(pid, start),
+        || tail(&log, 3),
+    )
+    .await
+    {
+        proc::signal(pid, start, nix::sys::signal::Signal::SIGKILL);
+        return Err(e);
+    }
+    Ok((pid, start))
+}
+
+/// A re-adopted VM's agent proxy: start a new one when it is gone (killed while the daemon
+/// was down), so the hybrid vsock socket answers again. Ok(true) when it started one and
+/// `rt.helpers` changed. A VM of an older banger (vhost-device-vsock, no serial socket) is
+/// left as it is.
+pub async fn ensure_proxy(c: &QemuConfig, rt: &mut Runtime) -> Result<bool, VmmError> {
+    let Some(run_dir) = Path::new(&rt.vsock_socket).parent().map(Path::to_owned) else {
+        return Ok(false);
+    };
+    if !run_dir.join(AGENT_SERIAL).exists()
+        || rt
+            .helpers
+            .iter()
+            .any(|&(pid, start)| proc::alive(pid, start))
+    {
+        return Ok(false);
+    }
+    rt.helpers = vec![spawn_proxy(c, &run_dir).await?];
+    Ok(true)
 }
 
 fn setup(e: impl std::fmt::Display) -> VmmError {
@@ -176,7 +246,7 @@ fn log_file(path: &Path) -> Result<(Stdio, Stdio), VmmError> {
     Ok((Stdio::from(f), Stdio::from(g)))
 }
 
-/// Launch vhost-device-vsock and QEMU, wait for QMP, check the guest runs.
+/// Launch QEMU, wait for QMP, check the guest runs, then start the agent proxy.
 pub async fn launch(
     c: &QemuConfig,
     plan: &LaunchPlan,
@@ -186,34 +256,6 @@ pub async fn launch(
     let run = &plan.run_dir;
     let _ = std::fs::remove_dir_all(run);
     std::fs::create_dir_all(run).map_err(setup)?;
-    let vhost_log = run.join("vhost-vsock.log");
-    let (out, err) = log_file(&vhost_log)?;
-    let (vpid, vstart) = proc::spawn(
-        Command::new(&c.vhost_vsock)
-            .args(vhost_args(plan))
-            .stdout(out)
-            .stderr(err),
-    )
-    .map_err(|source| VmmError::Spawn {
-        what: format!(
-            "{} (install it with `cargo install --locked vhost-device-vsock`)",
-            c.vhost_vsock.display()
-        ),
-        source,
-    })?;
-    let kill_vhost = || proc::signal(vpid, vstart, nix::sys::signal::Signal::SIGKILL);
-    if let Err(e) = wait_for_path(
-        &run.join("vhu.sock"),
-        "vhost-device-vsock",
-        Duration::from_secs(10),
-        || proc::alive(vpid, vstart),
-        || tail(&vhost_log, 3),
-    )
-    .await
-    {
-        kill_vhost();
-        return Err(e);
-    }
     // What QEMU says lands in the console log; from here on it is this launch's.
     let said_from = std::fs::metadata(&plan.console).map_or(0, |m| m.len());
     let (out, err) = log_file(&plan.console)?;
@@ -226,7 +268,6 @@ pub async fn launch(
     let (pid, start) = match spawned {
         Ok(p) => p,
         Err(source) => {
-            kill_vhost();
             return Err(VmmError::Spawn {
                 what: c.qemu.display().to_string(),
                 source,
@@ -256,31 +297,34 @@ pub async fn launch(
             other => Err(VmmError::Qmp(format!(
                 "the guest is not running: {other:?}"
             ))),
-        }
+        }?;
+        spawn_proxy(c, run).await
     }
     .await;
-    if let Err(e) = result {
-        // A QMP socket that closes, or a guest that is not running, is most often QEMU on
-        // its way out after an error it printed: let it finish (briefly), then say what it
-        // said rather than how its socket went away.
-        let exited = proc::wait_gone(pid, start, Duration::from_secs(2)).await;
-        proc::signal(pid, start, nix::sys::signal::Signal::SIGKILL);
-        kill_vhost();
-        return Err(match e {
-            VmmError::Died { .. } => e,
-            _ if exited => VmmError::Died {
-                what: "qemu".into(),
-                detail: qemu_said(&plan.console, said_from),
-            },
-            e => e,
-        });
-    }
+    let proxy = match result {
+        Ok(p) => p,
+        Err(e) => {
+            // A QMP socket that closes, or a guest that is not running, is most often QEMU on
+            // its way out after an error it printed: let it finish (briefly), then say what it
+            // said rather than how its socket went away.
+            let exited = proc::wait_gone(pid, start, Duration::from_secs(2)).await;
+            proc::signal(pid, start, nix::sys::signal::Signal::SIGKILL);
+            return Err(match e {
+                VmmError::Died { .. } => e,
+                _ if exited => VmmError::Died {
+                    what: "qemu".into(),
+                    detail: qemu_said(&plan.console, said_from),
+                },
+                e => e,
+            });
+        }
+    };
     Ok(Runtime {
         pid,
         start_time: start,
-        helpers: vec![(vpid, vstart)],
+        helpers: vec![proxy],
         control_socket: run.join("qmp.sock").display().to_string(),
-        vsock_socket: run.join("vsock.sock").display().to_string(),
+        vsock_socket: run.join(VSOCK).display().to_string(),
         isolation: None,
     })
 }
@@ -404,7 +448,7 @@ mod tests {
     fn cfg(accel: Accel) -> QemuConfig {
         QemuConfig {
             qemu: "qemu-system-x86_64".into(),
-            vhost_vsock: "vhost-device-vsock".into(),
+            agent_proxy: "bangerd".into(),
             accel,
         }
     }
@@ -422,9 +466,9 @@ mod tests {
             "file,id=console,path=/v/console.log,append=on",
             "id=rootfs,file=/i/rootfs.ext4,format=raw,if=none,readonly=on",
             "id=work,file=/v/work.ext4,format=raw,if=none,readonly=off",
-            "memory-backend-memfd,id=mem,size=512M,share=on",
-            "socket,id=vsock,path=/v/run/vhu.sock",
-            "vhost-user-vsock-device,chardev=vsock",
+            "-device virtio-serial-device,max_ports=2",
+            "socket,id=agent,path=/v/run/agent.sock,server=on,wait=off",
+            "virtserialport,chardev=agent,name=banger.agent",
             "unix:/v/run/qmp.sock,server=on,wait=off",
         ] {
             assert!(a.contains(part), "missing {part:?} in {a}");
@@ -441,11 +485,14 @@ mod tests {
     }
 
     #[test]
-    fn vhost_command_line() {
+    fn proxy_command_line() {
         assert_eq!(
-            vhost_args(&plan()).join(" "),
-            "--guest-cid 3 --socket /v/run/vhu.sock --uds-path /v/run/vsock.sock"
+            proxy_args(Path::new("/v/run")).join(" "),
+            "--internal-agent-proxy /v/run/agent.sock /v/run/vsock.sock"
         );
+        // No vhost-user: guest memory is QEMU's own (and migratable).
+        let a = qemu_args(&cfg(Accel::Tcg), &plan()).join(" ");
+        assert!(!a.contains("vhost") && !a.contains("memory-backend"), "{a}");
     }
 
     #[test]

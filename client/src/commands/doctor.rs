@@ -52,7 +52,6 @@ pub struct FirecrackerBins {
 #[serde(default)]
 pub struct QemuBins {
     pub binary: PathBuf,
-    pub vhost_vsock: PathBuf,
     pub accel: String,
 }
 
@@ -79,7 +78,6 @@ impl Default for QemuBins {
     fn default() -> Self {
         QemuBins {
             binary: "qemu-system-x86_64".into(),
-            vhost_vsock: "vhost-device-vsock".into(),
             accel: "auto".into(),
         }
     }
@@ -300,12 +298,6 @@ pub fn vmm_checks(
             path(&config.qemu.binary),
             VmmKind::Qemu,
             "install QEMU (`apt-get install qemu-system-x86`)",
-        ),
-        (
-            "vhost-device-vsock",
-            path(&config.qemu.vhost_vsock),
-            VmmKind::Qemu,
-            "`cargo install --locked vhost-device-vsock` (QEMU VMs need it for the agent)",
         ),
     ] {
         out.push(match find(&bin) {
@@ -998,14 +990,12 @@ mod tests {
                 .contains("auto")
         );
         assert_eq!(status(&c, "qemu").status, Level::Ok);
-        let vsock = status(&c, "vhost-device-vsock");
-        assert_eq!(vsock.status, Level::Ok, "not needed for firecracker");
-        assert!(vsock.detail.contains("not needed"), "{}", vsock.detail);
 
         let c = vmm_checks(&view(VmmKind::Qemu, false), &Config::default(), &find);
         assert_eq!(status(&c, "firecracker").status, Level::Ok);
         assert_eq!(status(&c, "qemu").status, Level::Ok);
-        assert_eq!(status(&c, "vhost-device-vsock").status, Level::Fail);
+        // QEMU's agent channel is bangerd's own proxy: nothing else to install.
+        assert!(c.iter().all(|c| !c.name.contains("vhost")), "{c:?}");
         assert_eq!(status(&c, "vmm").status, Level::Ok);
     }
 
@@ -1028,7 +1018,7 @@ mod tests {
 
     #[test]
     fn an_emulated_vmm_is_a_warning_that_says_why() {
-        let find = only(&["qemu-system-x86_64", "vhost-device-vsock"]);
+        let find = only(&["qemu-system-x86_64"]);
         let c = vmm_checks(&view(VmmKind::Qemu, true), &Config::default(), &find);
         let vmm = status(&c, "vmm");
         assert_eq!(vmm.status, Level::Warn);

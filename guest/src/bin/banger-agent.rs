@@ -1,6 +1,8 @@
 //! banger-agent: the guest side of `vm exec`, `vm ports`, `vm stats` and graceful
-//! shutdown. Listens on AF_VSOCK port [`AGENT_PORT`](banger_guest::proto::AGENT_PORT); one
-//! thread per connection. Started (and restarted) by banger-init.
+//! shutdown. Listens on AF_VSOCK port [`AGENT_PORT`](banger_guest::proto::AGENT_PORT)
+//! (Firecracker), and on the virtio-serial port `banger.agent` when the VM has one (QEMU:
+//! see [`banger_guest::mux`]); one thread per connection. Started (and restarted) by
+//! banger-init.
 #![allow(clippy::print_stderr)]
 
 use std::io::{Read, Write};
@@ -51,7 +53,73 @@ fn own(fd: std::os::fd::RawFd) -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
+/// How long the agent waits for the `banger.agent` port to appear once the VM has a
+/// virtio console device (the host announces its ports just after the driver loads).
+const PORT_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Serve the virtio-serial port in a thread of its own when the VM has one.
+fn spawn_serial() -> Option<std::thread::JoinHandle<()>> {
+    use banger_guest::mux::guest;
+    let sys = std::path::Path::new("/sys");
+    if !guest::has_console_device(sys) {
+        return None;
+    }
+    let handle = std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + PORT_WAIT;
+        let port = loop {
+            if let Some(p) = guest::find_port(sys, std::path::Path::new("/dev")) {
+                break p;
+            }
+            if std::time::Instant::now() >= deadline {
+                eprintln!(
+                    "banger-agent: no virtio-serial port named {}",
+                    banger_guest::mux::PORT_NAME
+                );
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("banger-agent: {e}");
+                return;
+            }
+        };
+        let listen: guest::Listen = std::sync::Arc::new(|port| {
+            if port != AGENT_PORT {
+                return None;
+            }
+            let (ours, theirs) = std::os::unix::net::UnixStream::pair().ok()?;
+            std::thread::spawn(move || {
+                if let Err(e) = agent::serve(ours) {
+                    eprintln!("banger-agent: connection: {e}");
+                }
+            });
+            Some(theirs)
+        });
+        eprintln!(
+            "banger-agent: {} listening on {} port {AGENT_PORT}",
+            agent::software(),
+            port.display()
+        );
+        if let Err(e) = runtime.block_on(guest::serve_port(&port, listen)) {
+            eprintln!("banger-agent: {}: {e}", port.display());
+        }
+    });
+    Some(handle)
+}
+
 fn main() {
+    let serial = spawn_serial();
+    if let Some(serial) = serial {
+        // QEMU: no vsock device, so the port is the only channel.
+        let _ = serial.join();
+        std::process::exit(1);
+    }
     const VMADDR_CID_ANY: u32 = u32::MAX;
     let listener: OwnedFd = match socket(
         AddressFamily::Vsock,

@@ -4,7 +4,7 @@
 //! root filesystem read-only at `/`. banger-init then:
 //! 1. mounts /proc, /sys, /dev (when the initrd has not), and a tmpfs at /run;
 //! 2. loads the modules it needs that are not built in (overlay, virtio_net, the virtio
-//!    vsock transport) from the image's /lib/modules, dependencies first;
+//!    vsock transport, virtio_console) from the image's /lib/modules, dependencies first;
 //! 3. mounts the VM's overlay disk (found by label, `banger.overlay=LABEL=bg-overlay`) and
 //!    builds an overlayfs with the read-only root as its lower layer, then switches into it
 //!    (move the mount onto `/`, chroot), so writes to `/` land on the overlay disk and the
@@ -142,11 +142,13 @@ fn setup(cmdline: &str) -> Result<(), String> {
     )?;
 
     // `button`: the ACPI power button, how QEMU microvm (no keyboard controller) asks for
-    // a shutdown.
+    // a shutdown. `virtio_console`: QEMU's agent channel, a virtio-serial port (a module in
+    // Debian's kernels, as the vsock transport is; built-in kernels need nothing loaded).
     load_modules(&[
         "overlay",
         "virtio_net",
         "vmw_vsock_virtio_transport",
+        "virtio_console",
         "button",
     ]);
 
