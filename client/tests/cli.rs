@@ -848,6 +848,12 @@ for i, a in enumerate(args):
         console = dict(kv.split("=", 1) for kv in args[i + 1].split(",")[1:])["path"]
     if a == "-qmp":
         qmp = args[i + 1].split(",")[0][len("unix:"):]
+    # The agent's virtio-serial port: QEMU listens on it from the start (server=on,wait=off).
+    if a == "-chardev" and args[i + 1].startswith("socket,") and "server=on" in args[i + 1]:
+        port = dict(kv.split("=", 1) for kv in args[i + 1].split(",")[1:] if "=" in kv)["path"]
+        agent = socket.socket(socket.AF_UNIX)
+        agent.bind(port)
+        agent.listen(4)
 s = socket.socket(socket.AF_UNIX)
 s.bind(qmp)
 s.listen(4)

@@ -277,6 +277,7 @@ pub mod host {
 
     /// The proxy process: bind `listen` (replacing a stale socket a killed proxy left),
     /// then serve it with sessions over QEMU's `serial` socket until QEMU is gone.
+    #[allow(clippy::print_stderr)]
     pub async fn main(serial: &Path, listen: &Path) -> io::Result<()> {
         let _ = std::fs::remove_file(listen);
         let listener = UnixListener::bind(listen)?;
@@ -291,6 +292,11 @@ pub mod host {
                     io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
                 ) =>
             {
+                // Said in the proxy's log, which a failed start quotes.
+                eprintln!(
+                    "QEMU's agent port {} is gone ({e}): the agent proxy exits",
+                    serial.display()
+                );
                 Ok(())
             }
             r => r,
