@@ -126,6 +126,9 @@ mod tests {
     /// message), and the chain reads as the message did.
     #[tokio::test]
     async fn request_and_task_failures_keep_their_causes() {
+        // reqwest's rustls has no provider of its own: without this the test passed only
+        // when another test of the binary had installed it first.
+        crate::pull::env::install_crypto_provider();
         let url = "http://127.0.0.1:1/bundle.tar.zst";
         let e = reqwest::Client::new().get(url).send().await.unwrap_err();
         let flat = format!(
