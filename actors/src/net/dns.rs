@@ -519,9 +519,8 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn guests_get_vm_names_and_everything_else_forwarded_upstream() {
-        // A real upstream on loopback that answers every A query with 192.0.2.1.
+    /// A real upstream on loopback that answers every A query with 192.0.2.1, TTL 60.
+    async fn fixed_upstream() -> std::net::SocketAddr {
         let up = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let up_addr = up.local_addr().unwrap();
         tokio::spawn(async move {
@@ -538,6 +537,12 @@ mod tests {
                 let _ = up.send_to(&r.to_vec().unwrap(), from).await;
             }
         });
+        up_addr
+    }
+
+    #[tokio::test]
+    async fn guests_get_vm_names_and_everything_else_forwarded_upstream() {
+        let up_addr = fixed_upstream().await;
         let guest = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let guest_addr = guest.local_addr().unwrap();
         tokio::spawn(serve_guests(guest, resolver(vec![up_addr])));
@@ -646,23 +651,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_filtered_guest_gets_only_allowed_names_and_their_addresses_are_vouched_for() {
-        // An upstream that answers every A query with 192.0.2.1, TTL 60.
-        let up = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let up_addr = up.local_addr().unwrap();
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            while let Ok((n, from)) = up.recv_from(&mut buf).await {
-                let q = Message::from_vec(&buf[..n]).unwrap();
-                let mut r = Message::response(q.metadata.id, OpCode::Query);
-                r.add_query(q.queries[0].clone());
-                r.add_answer(Record::from_rdata(
-                    q.queries[0].name().clone(),
-                    60,
-                    RData::A(A(Ipv4Addr::new(192, 0, 2, 1))),
-                ));
-                let _ = up.send_to(&r.to_vec().unwrap(), from).await;
-            }
-        });
+        let up_addr = fixed_upstream().await;
         let recorder = Arc::new(Recorder::default());
         let mut r = resolver(vec![up_addr]);
         r.vouch = Some(Arc::clone(&recorder) as Arc<dyn Vouch>);
