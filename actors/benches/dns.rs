@@ -7,7 +7,10 @@
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+#[path = "support/dns_load.rs"]
+mod dns_load;
 
 use banger_actors::net::dns;
 use hickory_proto::op::{Message, Query};
@@ -33,37 +36,11 @@ fn main() {
         ));
         let packet = q.to_vec().unwrap();
         let run = Duration::from_secs(3);
-        let t0 = Instant::now();
-        let mut tasks = Vec::new();
-        for _ in 0..4 {
-            let packet = packet.clone();
-            tasks.push(tokio::spawn(async move {
-                let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-                s.connect(addr).await.unwrap();
-                let mut buf = [0u8; 512];
-                let mut answered = 0u64;
-                for _ in 0..16 {
-                    s.send(&packet).await.unwrap();
-                }
-                while t0.elapsed() < run {
-                    if let Ok(Ok(_)) =
-                        tokio::time::timeout(Duration::from_millis(200), s.recv(&mut buf)).await
-                    {
-                        answered += 1;
-                    }
-                    s.send(&packet).await.unwrap();
-                }
-                answered
-            }));
-        }
-        let mut total = 0;
-        for t in tasks {
-            total += t.await.unwrap();
-        }
+        let (total, took) = dns_load::answers(addr, packet, run).await;
         println!(
             "dns: {total} answers in {:?}: {:.0} queries/s",
-            t0.elapsed(),
-            total as f64 / t0.elapsed().as_secs_f64()
+            took,
+            total as f64 / took.as_secs_f64()
         );
     });
 }

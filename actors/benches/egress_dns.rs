@@ -9,7 +9,10 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+#[path = "support/dns_load.rs"]
+mod dns_load;
 
 use banger_actors::net::dns::{self, GuestPolicy, GuestResolver, Vouch, VouchFuture};
 use hickory_proto::op::{Message, OpCode, Query};
@@ -45,7 +48,7 @@ async fn upstream() -> SocketAddr {
     addr
 }
 
-/// Answers/s over `run` from 4 sockets with 16 queries each in flight.
+/// Answers/s over `run` under [`dns_load::answers`]'s load.
 async fn measure(policy: Option<banger_api::Egress>, run: Duration) -> f64 {
     let resolver = GuestResolver {
         table: Default::default(),
@@ -68,35 +71,9 @@ async fn measure(policy: Option<banger_api::Egress>, run: Duration) -> f64 {
         RecordType::A,
     ));
     let packet = q.to_vec().unwrap();
-    let t0 = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..4 {
-        let packet = packet.clone();
-        tasks.push(tokio::spawn(async move {
-            let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-            s.connect(addr).await.unwrap();
-            let mut buf = [0u8; 512];
-            let mut answered = 0u64;
-            for _ in 0..16 {
-                s.send(&packet).await.unwrap();
-            }
-            while t0.elapsed() < run {
-                if let Ok(Ok(_)) =
-                    tokio::time::timeout(Duration::from_millis(200), s.recv(&mut buf)).await
-                {
-                    answered += 1;
-                }
-                s.send(&packet).await.unwrap();
-            }
-            answered
-        }));
-    }
-    let mut total = 0;
-    for t in tasks {
-        total += t.await.unwrap();
-    }
+    let (total, took) = dns_load::answers(addr, packet, run).await;
     task.abort();
-    total as f64 / t0.elapsed().as_secs_f64()
+    total as f64 / took.as_secs_f64()
 }
 
 fn main() {
