@@ -394,6 +394,81 @@ pub fn give_guest_side(image: &Path, guest_dir: &Path, names: &[&str]) -> Result
     Ok(())
 }
 
+/// The guest binary `name` as the ext4 `image` holds it (`/usr/lib/banger/<name>`), read
+/// with debugfs without mounting it; None when the image has none. Blocking.
+pub fn guest_binary_in(image: &Path, name: &str) -> Result<Option<Vec<u8>>, ImageError> {
+    let dir = tempfile::tempdir().map_err(|source| ImageError::Write {
+        path: std::env::temp_dir(),
+        source,
+    })?;
+    let out = dir.path().join(name);
+    let to = out
+        .to_str()
+        .filter(|p| !p.contains(['"', '\n']))
+        .ok_or_else(|| ImageError::GuestSide {
+            path: image.to_owned(),
+            detail: format!("{} cannot be named to debugfs", out.display()),
+        })?;
+    debugfs(
+        image,
+        false,
+        &format!("dump {GUEST_SIDE}/{name} \"{to}\"\n"),
+    )?;
+    match std::fs::read(&out) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(ImageError::Read { path: out, source }),
+    }
+}
+
+/// Bring the guest binaries of the image file `rootfs` up to this banger's (`guest_dir`):
+/// an image pulled, built or registered by an older banger carries that banger's
+/// banger-init and banger-agent, which may not speak this daemon's agent channel. When
+/// they differ, a copy of the image gets the current ones and is renamed over `rootfs`:
+/// VMs running from the image keep the inode they opened (or hard-linked into their jail),
+/// and only VMs started from now on see the new file. Whether it was refreshed. Blocking.
+pub fn refresh_guest_side(rootfs: &Path, guest_dir: &Path) -> Result<bool, ImageError> {
+    let mut stale = Vec::new();
+    for name in crate::pull::guest::NAMES {
+        let ours = std::fs::read(guest_dir.join(name)).map_err(|source| ImageError::Read {
+            path: guest_dir.join(name),
+            source,
+        })?;
+        if guest_binary_in(rootfs, name)?.as_deref() != Some(ours.as_slice()) {
+            stale.push(name);
+        }
+    }
+    if stale.is_empty() {
+        return Ok(false);
+    }
+    let file_name = rootfs
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    // One name per refresh (copy_sparse's own `.partial` derives from it), so two VMs
+    // starting from the image at once do not share a temporary file.
+    let tmp = rootfs.with_file_name(format!(
+        ".{}-refresh-{}-{}.ext4",
+        file_name.replace('.', "_"),
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    ));
+    let result = copy_sparse(rootfs, &tmp)
+        .and_then(|()| give_guest_side(&tmp, guest_dir, &stale))
+        .and_then(|()| {
+            std::fs::rename(&tmp, rootfs).map_err(|source| ImageError::Write {
+                path: rootfs.to_owned(),
+                source,
+            })
+        });
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map(|()| true)
+}
+
 /// Free bytes of the ext4 `image` (its superblock's free blocks × block size).
 fn free_bytes(image: &Path) -> Result<u64, ImageError> {
     let (out, _) = debugfs(image, false, "stats\n")?;
@@ -571,6 +646,72 @@ mod tests {
 
     /// What an image build hands over: `/boot/vmlinuz-<v>`, its initrd, `/boot/config-<v>`
     /// and `/lib/modules/<v>`, names and all.
+    /// An ext4 with banger's guest side as `init` and `agent` (the contents of each).
+    fn image_with_guest_side(path: &Path, init: &[u8], agent: &[u8]) {
+        let tree = tempfile::tempdir().unwrap();
+        let dir = tree.path().join("usr/lib/banger");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("banger-init"), init).unwrap();
+        std::fs::write(dir.join("banger-agent"), agent).unwrap();
+        std::fs::File::create(path)
+            .unwrap()
+            .set_len(16 << 20)
+            .unwrap();
+        let ok = std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-d"])
+            .arg(tree.path())
+            .arg(path)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mkfs.ext4");
+    }
+
+    /// An image with an older banger's guest binaries gets this banger's, as a new file
+    /// renamed over the image: a VM running from the old one (a hard link in its jail, or
+    /// an open file) keeps what it booted; an image already current is left alone.
+    #[test]
+    fn an_image_with_older_guest_binaries_gets_ours_and_running_vms_keep_theirs() {
+        let dir = tempfile::tempdir().unwrap();
+        let rootfs = dir.path().join("rootfs.ext4");
+        image_with_guest_side(&rootfs, b"old init", b"old agent");
+        let running = dir.path().join("jail-rootfs.ext4");
+        std::fs::hard_link(&rootfs, &running).unwrap();
+        let guest = dir.path().join("guest");
+        std::fs::create_dir(&guest).unwrap();
+        std::fs::write(guest.join("banger-init"), b"new init").unwrap();
+        std::fs::write(
+            guest.join("banger-agent"),
+            b"new agent, longer than the old",
+        )
+        .unwrap();
+
+        assert!(refresh_guest_side(&rootfs, &guest).unwrap(), "refreshed");
+        let got = |image: &Path, name: &str| guest_binary_in(image, name).unwrap().unwrap();
+        assert_eq!(got(&rootfs, "banger-init"), b"new init");
+        assert_eq!(
+            got(&rootfs, "banger-agent"),
+            b"new agent, longer than the old"
+        );
+        assert_eq!(
+            got(&running, "banger-agent"),
+            b"old agent",
+            "the running VM's file"
+        );
+        assert!(
+            !refresh_guest_side(&rootfs, &guest).unwrap(),
+            "current: left alone"
+        );
+        // Nothing left beside the image but it and the running VM's link.
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["guest", "jail-rootfs.ext4", "rootfs.ext4"]);
+        assert_eq!(guest_binary_in(&rootfs, "nope").unwrap(), None);
+    }
+
     #[test]
     fn a_kernel_from_a_built_tree_is_converted_and_its_config_read() {
         let t = tempfile::tempdir().unwrap();

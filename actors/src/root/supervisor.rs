@@ -147,6 +147,8 @@ impl RootSupervisor {
                         .clone()
                         .map(|p| Arc::new(crate::vm::sshkey::SshKey::new(p))),
                     file_sync: vm.file_sync.clone(),
+                    guest_dir: Some(vm.pull.guest_binaries_dir.clone()),
+                    guest_current: Default::default(),
                 });
                 let args = VmSupervisorArgs {
                     env,

@@ -51,6 +51,58 @@ pub struct VmEnv {
     pub ssh_key: Option<Arc<super::sshkey::SshKey>>,
     /// `[[file_sync]]`, copied into /root at a VM's first boot.
     pub file_sync: Vec<super::sshkey::FileSync>,
+    /// This banger's guest binaries: an image whose banger-init or banger-agent differ is
+    /// given them before a VM starts from it ([`crate::image::refresh_guest_side`]).
+    pub guest_dir: Option<PathBuf>,
+    /// Images (file identity and the guest binaries' mtimes) found current already.
+    pub guest_current: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+/// Give the image file `rootfs` this banger's guest binaries if it has others (see
+/// [`VmEnv::guest_dir`]); checked once per image file. A failure is logged and the VM
+/// starts with the image as it is. Blocking.
+fn refresh_guest_side(env: &VmEnv, image: &str, rootfs: &std::path::Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Some(dir) = &env.guest_dir else { return };
+    if crate::pull::guest::check_dir(dir).is_err() {
+        return;
+    }
+    let key = |rootfs: &std::path::Path| -> Option<String> {
+        let m = std::fs::metadata(rootfs).ok()?;
+        let mut key = format!("{}:{}:{}", m.dev(), m.ino(), m.mtime_nsec());
+        for n in crate::pull::guest::NAMES {
+            key.push_str(&format!(
+                ":{}",
+                std::fs::metadata(dir.join(n)).ok()?.mtime_nsec()
+            ));
+        }
+        Some(key)
+    };
+    let Some(before) = key(rootfs) else { return };
+    if env
+        .guest_current
+        .lock()
+        .expect("guest lock")
+        .contains(&before)
+    {
+        return;
+    }
+    match crate::image::refresh_guest_side(rootfs, dir) {
+        Ok(refreshed) => {
+            if refreshed {
+                tracing::info!(
+                    image,
+                    "gave the image this banger's guest binaries (it had older ones)"
+                );
+            }
+            if let Some(after) = key(rootfs) {
+                env.guest_current.lock().expect("guest lock").insert(after);
+            }
+        }
+        Err(e) => {
+            tracing::warn!(image, error = %banger_error::error_chain(&e), "cannot refresh the image's guest binaries; starting with them as they are")
+        }
+    }
 }
 
 /// Errors of VM operations, each mapped to an RPC code by [`VmError::code`].
@@ -340,6 +392,7 @@ fn plan(
             rec.image, rec.name
         ))
     })?;
+    refresh_guest_side(env, &rec.image, &image.rootfs);
     let kernel = env.store.get_kernel(&rec.kernel)?.ok_or_else(|| {
         VmError::Invalid(format!(
             "the kernel {} of vm {} is gone",
