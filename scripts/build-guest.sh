@@ -22,6 +22,10 @@ for bin in banger-init banger-agent; do
         echo "build-guest: $dir/$bin is dynamically linked; it must be static" >&2
         exit 1
     fi
+    if ! grep -qa 'banger-guest-revision=' "$dir/$bin"; then
+        echo "build-guest: $dir/$bin lacks its revision mark (banger_guest::REVISION_MARK)" >&2
+        exit 1
+    fi
     cp "$dir/$bin" "target/guest/$bin.tmp" && mv "target/guest/$bin.tmp" "target/guest/$bin"
 done
 realpath target/guest

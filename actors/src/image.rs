@@ -424,9 +424,11 @@ pub fn guest_binary_in(image: &Path, name: &str) -> Result<Option<Vec<u8>>, Imag
 /// Bring the guest binaries of the image file `rootfs` up to this banger's (`guest_dir`):
 /// an image pulled, built or registered by an older banger carries that banger's
 /// banger-init and banger-agent, which may not speak this daemon's agent channel. When
-/// they differ, a copy of the image gets the current ones and is renamed over `rootfs`:
-/// VMs running from the image keep the inode they opened (or hard-linked into their jail),
-/// and only VMs started from now on see the new file. Whether it was refreshed. Blocking.
+/// one is of an older revision ([`banger_guest::revision_of`]) than ours, a copy of the
+/// image gets the current ones and is renamed over `rootfs`: VMs running from the image
+/// keep the inode they opened (or hard-linked into their jail), and only VMs started from
+/// now on see the new file. A binary the image lacks is not added. Never a downgrade: binaries of our revision or a newer one
+/// (a daemon older than the image) are left alone. Whether it was refreshed. Blocking.
 pub fn refresh_guest_side(rootfs: &Path, guest_dir: &Path) -> Result<bool, ImageError> {
     let mut stale = Vec::new();
     for name in crate::pull::guest::NAMES {
@@ -434,7 +436,10 @@ pub fn refresh_guest_side(rootfs: &Path, guest_dir: &Path) -> Result<bool, Image
             path: guest_dir.join(name),
             source,
         })?;
-        if guest_binary_in(rootfs, name)?.as_deref() != Some(ours.as_slice()) {
+        let ours = banger_guest::revision_of(&ours);
+        // One the image lacks stays missing: its start fails and says so, as before.
+        let theirs = guest_binary_in(rootfs, name)?.map(|b| banger_guest::revision_of(&b));
+        if theirs.is_some_and(|theirs| theirs < ours) {
             stale.push(name);
         }
     }
@@ -644,8 +649,6 @@ mod tests {
     use super::*;
     use crate::kernel_format::fixture::{bzimage, lz4_legacy, minimal_elf};
 
-    /// What an image build hands over: `/boot/vmlinuz-<v>`, its initrd, `/boot/config-<v>`
-    /// and `/lib/modules/<v>`, names and all.
     /// An ext4 with banger's guest side as `init` and `agent` (the contents of each).
     fn image_with_guest_side(path: &Path, init: &[u8], agent: &[u8]) {
         let tree = tempfile::tempdir().unwrap();
@@ -674,25 +677,21 @@ mod tests {
     fn an_image_with_older_guest_binaries_gets_ours_and_running_vms_keep_theirs() {
         let dir = tempfile::tempdir().unwrap();
         let rootfs = dir.path().join("rootfs.ext4");
+        // Binaries without a mark: revision 1, from before marks.
         image_with_guest_side(&rootfs, b"old init", b"old agent");
         let running = dir.path().join("jail-rootfs.ext4");
         std::fs::hard_link(&rootfs, &running).unwrap();
         let guest = dir.path().join("guest");
         std::fs::create_dir(&guest).unwrap();
-        std::fs::write(guest.join("banger-init"), b"new init").unwrap();
-        std::fs::write(
-            guest.join("banger-agent"),
-            b"new agent, longer than the old",
-        )
-        .unwrap();
+        let new_init = marked(b"new init");
+        let new_agent = marked(b"new agent, longer than the old");
+        std::fs::write(guest.join("banger-init"), &new_init).unwrap();
+        std::fs::write(guest.join("banger-agent"), &new_agent).unwrap();
 
         assert!(refresh_guest_side(&rootfs, &guest).unwrap(), "refreshed");
         let got = |image: &Path, name: &str| guest_binary_in(image, name).unwrap().unwrap();
-        assert_eq!(got(&rootfs, "banger-init"), b"new init");
-        assert_eq!(
-            got(&rootfs, "banger-agent"),
-            b"new agent, longer than the old"
-        );
+        assert_eq!(got(&rootfs, "banger-init"), new_init);
+        assert_eq!(got(&rootfs, "banger-agent"), new_agent);
         assert_eq!(
             got(&running, "banger-agent"),
             b"old agent",
@@ -712,6 +711,48 @@ mod tests {
         assert_eq!(guest_binary_in(&rootfs, "nope").unwrap(), None);
     }
 
+    /// `bytes` with this banger's guest revision mark, as the guest binaries carry it.
+    fn marked(bytes: &[u8]) -> Vec<u8> {
+        [bytes, banger_guest::REVISION_MARK.as_bytes()].concat()
+    }
+
+    /// A daemon whose guest binaries are older than an image's (or of the same revision,
+    /// built differently) leaves the image as it is: a refresh never downgrades.
+    #[test]
+    fn an_image_with_newer_or_same_revision_guest_binaries_is_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let rootfs = dir.path().join("rootfs.ext4");
+        let (init, agent) = (marked(b"image init"), marked(b"image agent"));
+        image_with_guest_side(&rootfs, &init, &agent);
+        let before = std::fs::metadata(&rootfs).unwrap();
+        let guest = dir.path().join("guest");
+        std::fs::create_dir(&guest).unwrap();
+        for (daemon, what) in [
+            (
+                [b"old init".to_vec(), b"old agent".to_vec()],
+                "older daemon",
+            ),
+            (
+                [marked(b"other init"), marked(b"other agent")],
+                "same revision",
+            ),
+        ] {
+            std::fs::write(guest.join("banger-init"), &daemon[0]).unwrap();
+            std::fs::write(guest.join("banger-agent"), &daemon[1]).unwrap();
+            assert!(!refresh_guest_side(&rootfs, &guest).unwrap(), "{what}");
+        }
+        let got = |name: &str| guest_binary_in(&rootfs, name).unwrap().unwrap();
+        assert_eq!((got("banger-init"), got("banger-agent")), (init, agent));
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(
+            std::fs::metadata(&rootfs).unwrap().ino(),
+            before.ino(),
+            "not rewritten"
+        );
+    }
+
+    /// What an image build hands over: `/boot/vmlinuz-<v>`, its initrd, `/boot/config-<v>`
+    /// and `/lib/modules/<v>`, names and all.
     #[test]
     fn a_kernel_from_a_built_tree_is_converted_and_its_config_read() {
         let t = tempfile::tempdir().unwrap();

@@ -959,6 +959,11 @@ fn copy_and_edit(src: &Path, img: &Path, cmds: &[String]) {
             .unwrap()
             .success()
     );
+    edit_image(img, cmds);
+}
+
+/// Change the ext4 image `img` with debugfs commands (as root, no mount).
+fn edit_image(img: &Path, cmds: &[String]) {
     for cmd in cmds {
         let out = Command::new("debugfs")
             .args(["-w", "-R", cmd])
@@ -1804,7 +1809,8 @@ fn root_rig_image_promote_makes_a_running_guests_root_an_image_that_boots() {
 /// quoting the line, and the VM is stopped: the agent timeout here is 600 s, so a start
 /// that waited for the agent (as it did) would outlast the test's own waits.
 #[test]
-fn root_rig_a_plain_rootfs_gets_bangers_guest_side_and_a_missing_init_fails_at_once() {
+fn root_rig_a_plain_rootfs_gets_bangers_guest_side_an_old_agent_is_replaced_and_a_missing_init_fails_at_once()
+ {
     let guest_dir = repo().join("target/guest");
     let home = Home::with_config(
         None,
@@ -1817,8 +1823,37 @@ fn root_rig_a_plain_rootfs_gets_bangers_guest_side_and_a_missing_init_fails_at_o
     let plain = rig()["BANGER_RIG_ROOTFS"].clone();
     home.ok(&["image", "register", "plain", &plain, "--kernel", "rig"]);
     home.ok(&["vm", "run", "--image", "plain", "--rm", "--", "true"]);
-
     let copy = home.dir.path().join("data/banger/images/plain/rootfs.ext4");
+
+    // An image an older banger made: its agent has no revision mark (it listened on vsock
+    // only, which QEMU VMs do not have). The next start gives it this banger's agent.
+    let old_agent = home.dir.path().join("old-agent");
+    std::fs::copy("/bin/true", &old_agent).unwrap();
+    edit_image(
+        &copy,
+        &[
+            "rm /usr/lib/banger/banger-agent".into(),
+            format!("write {} /usr/lib/banger/banger-agent", old_agent.display()),
+            "sif /usr/lib/banger/banger-agent mode 0100755".into(),
+        ],
+    );
+    home.ok(&["vm", "run", "--image", "plain", "--rm", "--", "true"]);
+    let agent = home.dir.path().join("agent-now");
+    debugfs(
+        copy.to_str().unwrap(),
+        &format!("dump /usr/lib/banger/banger-agent {}", agent.display()),
+    );
+    assert_eq!(
+        std::fs::read(&agent).unwrap(),
+        std::fs::read(guest_dir.join("banger-agent")).unwrap(),
+        "the image has this banger's agent"
+    );
+    let log = std::fs::read_to_string(home.dir.path().join("state/banger/bangerd.log")).unwrap();
+    assert!(
+        log.contains("gave the image this banger's guest binaries"),
+        "{log}"
+    );
+
     let out = Command::new("debugfs")
         .args(["-w", "-R", "rm /usr/lib/banger/banger-init"])
         .arg(&copy)

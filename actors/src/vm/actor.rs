@@ -51,8 +51,8 @@ pub struct VmEnv {
     pub ssh_key: Option<Arc<super::sshkey::SshKey>>,
     /// `[[file_sync]]`, copied into /root at a VM's first boot.
     pub file_sync: Vec<super::sshkey::FileSync>,
-    /// This banger's guest binaries: an image whose banger-init or banger-agent differ is
-    /// given them before a VM starts from it ([`crate::image::refresh_guest_side`]).
+    /// This banger's guest binaries: an image whose banger-init or banger-agent are of an
+    /// older revision is given them before a VM starts from it ([`crate::image::refresh_guest_side`]).
     pub guest_dir: Option<PathBuf>,
     /// Images (file identity and the guest binaries' mtimes) found current already.
     pub guest_current: std::sync::Mutex<std::collections::HashSet<String>>,

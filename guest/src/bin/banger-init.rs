@@ -575,6 +575,8 @@ fn boot_marker(init: Option<&Path>) {
 }
 
 fn main() {
+    // Kept in the binary: the host reads the guest side's revision from an image.
+    std::hint::black_box(banger_guest::REVISION_MARK);
     if nix::unistd::getpid().as_raw() != 1 {
         eprintln!("banger-init: must run as PID 1 (init=/usr/lib/banger/banger-init)");
         std::process::exit(2);
