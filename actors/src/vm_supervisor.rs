@@ -296,6 +296,10 @@ impl VmSupervisor {
             uid,
             egress,
             isolate: req.isolate,
+            expires: req.ttl.map(|t| banger_api::Expiry {
+                at: now_secs().saturating_add(t.secs),
+                delete: t.delete,
+            }),
         };
         Ok((record, vmm))
     }

@@ -291,6 +291,50 @@ fn parse_memory(s: &str) -> Result<u64, String> {
     Ok(bytes)
 }
 
+/// `--ttl`: a duration as whole numbers with units, `1h30m`, `90s`, `10m`, `2d` (a bare
+/// number is seconds); more than zero.
+pub fn parse_ttl(s: &str) -> Result<u64, String> {
+    let bad = || format!("{s:?} is not a duration: write it as 90s, 10m, 1h30m or 2d");
+    let (mut total, mut digits) = (0u64, String::new());
+    for c in s.trim().chars() {
+        if c.is_ascii_digit() {
+            digits.push(c);
+            continue;
+        }
+        let unit = match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86400,
+            _ => return Err(bad()),
+        };
+        let n: u64 = digits.parse().map_err(|_| bad())?;
+        total = n
+            .checked_mul(unit)
+            .and_then(|n| total.checked_add(n))
+            .ok_or_else(bad)?;
+        digits.clear();
+    }
+    if !digits.is_empty() {
+        total = digits
+            .parse::<u64>()
+            .ok()
+            .and_then(|n| total.checked_add(n))
+            .ok_or_else(bad)?;
+    }
+    if total == 0 {
+        return Err(format!(
+            "--ttl {s:?} is no time at all: give it at least 1s"
+        ));
+    }
+    Ok(total)
+}
+
+/// `vm set --ttl`: a duration as [`parse_ttl`], or `none` (0: no deadline).
+pub fn parse_ttl_or_none(s: &str) -> Result<u64, String> {
+    if s == "none" { Ok(0) } else { parse_ttl(s) }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum VmCmd {
     /// Create a VM and start it (its size: flags, else [vm_defaults], else host-derived).
@@ -330,6 +374,10 @@ pub enum VmCmd {
         /// Only create it (disks included); start it later with `banger vm start`.
         #[arg(long)]
         no_start: bool,
+        /// Stop the VM this long after its create (90s, 10m, 1h30m, 2d; E2B's timeout);
+        /// `banger vm set --ttl` moves the deadline.
+        #[arg(long, value_name = "DURATION", value_parser = parse_ttl)]
+        ttl: Option<u64>,
         #[command(flatten)]
         publish: PublishArgs,
         #[command(flatten)]
@@ -377,9 +425,10 @@ pub enum VmCmd {
     /// Delete VMs and their disks.
     #[command(visible_alias = "rm", after_help = RM_HELP)]
     Delete(RmArgs),
-    /// Change a stopped VM's size (the work disk only grows), or its NAT.
+    /// Change a stopped VM's size (the work disk only grows), its network policy, or
+    /// its deadline.
     #[command(
-        after_help = "Examples:\n  banger vm set dev --vcpu 4 --memory 4G\n  banger vm set dev --disk-size 20G"
+        after_help = "Examples:\n  banger vm set dev --vcpu 4 --memory 4G\n  banger vm set dev --disk-size 20G\n  banger vm set dev --ttl 2h"
     )]
     Set {
         /// The VM's name or ID (a unique prefix will do).
@@ -405,6 +454,10 @@ pub enum VmCmd {
         /// Let it reach the other VMs again.
         #[arg(long)]
         no_isolate: bool,
+        /// A new deadline this long from now (90s, 10m, 1h30m, 2d), or `none` to remove
+        /// it; what happens then (stop, or delete after `vm run --rm`) stays as it was.
+        #[arg(long, value_name = "DURATION", value_parser = parse_ttl_or_none)]
+        ttl: Option<u64>,
     },
     /// List all VMs (`banger ps` without -a: the running ones).
     #[command(
@@ -513,6 +566,10 @@ pub struct RunArgs {
     /// Delete the VM when the command or session ends, whatever its status.
     #[arg(long)]
     pub rm: bool,
+    /// Stop the VM this long after its create (90s, 10m, 1h30m, 2d), ending the command
+    /// or session; with --rm it is deleted then (also after -d).
+    #[arg(long, value_name = "DURATION", value_parser = parse_ttl)]
+    pub ttl: Option<u64>,
     /// Ship the whole directory (ignored files and submodules included).
     #[arg(long)]
     pub full_copy: bool,
@@ -1056,6 +1113,34 @@ mod tests {
             let e = parse_version(bad).unwrap_err();
             assert!(e.contains("MAJOR.MINOR.PATCH"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn ttl_durations() {
+        for (text, secs) in [
+            ("90", 90),
+            ("90s", 90),
+            ("10m", 600),
+            ("1h30m", 5400),
+            ("2d", 172_800),
+            ("1h5", 3605),
+        ] {
+            assert_eq!(parse_ttl(text), Ok(secs), "{text}");
+        }
+        for bad in [
+            "",
+            "0",
+            "0s",
+            "1x",
+            "h",
+            "1.5h",
+            "-1m",
+            "99999999999999999999d",
+        ] {
+            assert!(parse_ttl(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_ttl_or_none("none"), Ok(0));
+        assert!(parse_ttl("none").is_err(), "a create's --ttl is a time");
     }
 
     fn parse(args: &[&str]) -> Cli {

@@ -1930,6 +1930,71 @@ fn double_home() -> Home {
 /// prefix names a VM; `start`/`stop`/`kill`/`rm` take several VMs, act on each, report
 /// each failure and exit non-zero if any failed, `--json` an array; `logs --tail N` counts
 /// lines; zsh completion offers the daemon's VM names.
+/// `--ttl`: the daemon stops the VM when its time is up, `vm show` says when, `vm set
+/// --ttl` moves or removes the deadline, and a deadline outlives a daemon restart (the new
+/// daemon arms it again from the record).
+#[test]
+fn a_ttl_stops_the_vm_and_vm_set_moves_it_across_a_daemon_restart() {
+    let home = double_home();
+    let ok = |args: &[&str]| {
+        let out = home.banger(args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+        out
+    };
+    let show = |vm: &str| json(&ok(&["vm", "show", vm, "--json"]));
+    let bad = home.banger(&["vm", "create", "x", "--image", "img", "--ttl", "soon"]);
+    assert_eq!(bad.status.code(), Some(2), "{}", text(&bad.stderr));
+    assert!(
+        text(&bad.stderr).contains("90s, 10m, 1h30m"),
+        "{}",
+        text(&bad.stderr)
+    );
+
+    ok(&["vm", "create", "short", "--image", "img", "--ttl", "1s"]);
+    ok(&["vm", "create", "long", "--image", "img", "--ttl", "1h"]);
+    let long = show("long");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let at = long["expires"]["at"].as_u64().unwrap();
+    assert!((now + 3590..=now + 3600).contains(&at), "{long}");
+    assert!(long["expires"].get("delete").is_none(), "{long}");
+    let shown = text(&ok(&["vm", "show", "long"]).stdout);
+    assert!(
+        (shown.contains("expires:  in 1h 0m 0s") || shown.contains("expires:  in 59m"))
+            && shown.contains("(stopped then)"),
+        "{shown}"
+    );
+
+    wait_until("the short VM's ttl", || show("short")["state"] == "stopped");
+    assert!(
+        show("short").get("expires").is_none(),
+        "fired once: {}",
+        show("short")
+    );
+    assert_eq!(show("long")["state"], "running");
+    // Started again, it runs without a deadline.
+    ok(&["vm", "start", "short"]);
+    assert!(show("short").get("expires").is_none());
+
+    // `none` removes a deadline; a new one is armed at once.
+    ok(&["vm", "set", "short", "--ttl", "1h"]);
+    assert!(show("short")["expires"]["at"].as_u64().is_some());
+    ok(&["vm", "set", "short", "--ttl", "none"]);
+    assert!(show("short").get("expires").is_none());
+    ok(&["vm", "set", "long", "--ttl", "2s"]);
+    // The daemon goes away before the deadline (the VMs run on); the next one fires it.
+    assert!(home.banger(&["daemon", "stop"]).status.success());
+    ok(&["daemon", "start"]);
+    wait_until("the long VM's moved ttl", || {
+        show("long")["state"] == "stopped"
+    });
+    assert_eq!(show("short")["state"], "running", "no deadline any more");
+    ok(&["rm", "-f", "short", "long"]);
+    home.banger(&["daemon", "stop"]);
+}
+
 #[test]
 fn docker_conventions_on_double_vms() {
     let home = double_home();

@@ -561,6 +561,50 @@ async fn a_poweroff_in_the_guest_is_noticed_although_firecracker_lives_on() {
     d.shutdown().await;
 }
 
+/// `vm run --rm --ttl`: when the time is up the daemon deletes the VM (its process, its
+/// directory, its record), as E2B ends a sandbox at its timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ttl_with_delete_removes_the_vm_when_it_is_up() {
+    let (d, c, _files) = setup().await;
+    create(
+        &c,
+        CreateVm {
+            name: Some("brief".into()),
+            image: Some("img".into()),
+            ttl: Some(banger_api::Ttl {
+                secs: 1,
+                delete: true,
+            }),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let vm = VmRpcClient::show(&c, "brief".into()).await.unwrap();
+    assert_eq!(vm.expires.map(|e| e.delete), Some(true), "{vm:?}");
+    let pid = vm.pid.expect("running");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !VmRpcClient::list(&c).await.unwrap().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the VM outlived its ttl"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        !std::path::Path::new(&vm.dir).exists(),
+        "its directory is gone"
+    );
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists()
+            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|s| s.contains(") Z ")),
+        "its firecracker (pid {pid}) is gone"
+    );
+    drop(c);
+    d.shutdown().await;
+}
+
 /// `dig` against the daemon's resolver: (status, answer addresses).
 fn dig(port: u16, name: &str) -> (String, Vec<String>) {
     let out = std::process::Command::new("dig")

@@ -155,6 +155,7 @@ mod tests {
             published: Vec::new(),
             egress: Default::default(),
             isolate: false,
+            expires: None,
             egress_dropped: None,
             dns_refused: None,
         };

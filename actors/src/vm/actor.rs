@@ -215,6 +215,11 @@ pub enum VmMsg {
         req: SetVm,
         reply: Reply<VmInfo>,
     },
+    /// The deadline `at` (see [`banger_api::Expiry`]) is reached; ignored when the VM's
+    /// deadline has changed since.
+    Expired {
+        at: u64,
+    },
     Info(Reply<VmInfo>),
     Stats(Reply<VmStats>),
     /// The console so far (last 64 KiB) and, while the VM runs, a live stream.
@@ -295,6 +300,19 @@ pub struct VmActorState {
     boot_failure: Option<VmError>,
     /// Listeners of the published ports, while the VM runs.
     published: super::publish::Published,
+    /// The timer of the VM's deadline (`--ttl`), while it has one.
+    expiry: Option<ExpiryTimer>,
+}
+
+/// The task that sends [`VmMsg::Expired`] at the VM's deadline; aborted when replaced, or
+/// when the actor (and so its state) goes.
+#[derive(Debug)]
+struct ExpiryTimer(tokio::task::AbortHandle);
+
+impl Drop for ExpiryTimer {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl VmActorState {
@@ -364,6 +382,7 @@ pub fn info_of(rec: &VmRecord, dir: &VmDir) -> VmInfo {
         egress_dropped: None,
         dns_refused: None,
         busy: false,
+        expires: rec.expires,
     }
 }
 
@@ -803,6 +822,21 @@ impl VmActor {
         Ok(())
     }
 
+    /// (Re)start the timer of the VM's deadline, or drop it when the VM has none.
+    fn arm_expiry(myself: &ActorRef<VmMsg>, state: &mut VmActorState) {
+        state.expiry = state.rec.expires.map(|e| {
+            let me = myself.clone();
+            let wait = Duration::from_secs(e.at.saturating_sub(now_secs()));
+            ExpiryTimer(
+                tokio::spawn(async move {
+                    tokio::time::sleep(wait).await;
+                    let _ = me.cast(VmMsg::Expired { at: e.at });
+                })
+                .abort_handle(),
+            )
+        });
+    }
+
     async fn kill_now(state: &VmActorState, signal: nix::sys::signal::Signal) {
         if let Some(rt) = &state.rec.runtime {
             state.env.net.signal(rt.pid, rt.start_time, signal).await;
@@ -859,6 +893,7 @@ impl Actor for VmActor {
                 boot_from: 0,
             },
             published,
+            expiry: None,
         };
         // Re-adopt a VM that was running when the daemon stopped, or release what it left.
         if model::is_active(state.rec.state) {
@@ -913,6 +948,8 @@ impl Actor for VmActor {
                 state.persist().await?;
             }
         }
+        // A deadline that passed while the daemon was down fires at once.
+        Self::arm_expiry(&myself, &mut state);
         Ok(state)
     }
 
@@ -1225,7 +1262,49 @@ impl Actor for VmActor {
                 }
                 Self::delete_now(&myself, state, reply).await?;
             }
+            VmMsg::Expired { at } => {
+                let Some(expiry) = state.rec.expires.filter(|e| e.at == at) else {
+                    return Ok(());
+                };
+                // Once: a VM started again afterwards runs without a deadline.
+                state.rec.expires = None;
+                state.expiry = None;
+                state.persist().await?;
+                let (tx, rx) = ractor::concurrency::oneshot();
+                let (what, msg) = if expiry.delete {
+                    let msg = VmMsg::Delete {
+                        force: true,
+                        reply: tx.into(),
+                    };
+                    ("deleting", msg)
+                } else if model::is_active(state.rec.state) {
+                    let msg = VmMsg::Stop {
+                        timeout: None,
+                        reply: tx.into(),
+                    };
+                    ("stopping", msg)
+                } else {
+                    tracing::info!(vm = %state.rec.name, "its ttl is up; it is not running");
+                    return Ok(());
+                };
+                tracing::info!(vm = %state.rec.name, "its ttl is up; {what} it");
+                let _ = myself.cast(msg);
+                let name = state.rec.name.clone();
+                tokio::spawn(async move {
+                    if let Ok(Err(e)) = rx.await {
+                        tracing::warn!(vm = %name, error = %error_chain(&e), "{what} the vm at the end of its ttl");
+                    }
+                });
+            }
             VmMsg::Set { req, reply } => {
+                // Persisted with the rest of the change below, or put back if it fails.
+                let expires_before = state.rec.expires;
+                if let Some(secs) = req.ttl_secs {
+                    state.rec.expires = (secs > 0).then(|| banger_api::Expiry {
+                        at: now_secs().saturating_add(secs),
+                        delete: state.rec.expires.is_some_and(|e| e.delete),
+                    });
+                }
                 let result = async {
                     let resizing =
                         req.vcpu.is_some() || req.memory_mib.is_some() || req.disk_bytes.is_some();
@@ -1302,6 +1381,11 @@ impl Actor for VmActor {
                     Ok(state.info())
                 }
                 .await;
+                if result.is_err() {
+                    state.rec.expires = expires_before;
+                } else if req.ttl_secs.is_some() {
+                    Self::arm_expiry(&myself, state);
+                }
                 let _ = reply.send(result);
             }
             VmMsg::Stats(reply) => {

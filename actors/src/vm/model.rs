@@ -53,6 +53,9 @@ pub struct VmRecord {
     /// Cut off from the other VMs on the bridge (`--isolate`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub isolate: bool,
+    /// The VM's deadline (`--ttl`), armed by its actor; cleared when it fires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<banger_api::Expiry>,
 }
 
 fn is_subnet(e: &banger_api::Egress) -> bool {

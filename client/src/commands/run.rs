@@ -53,6 +53,8 @@ pub struct Opts {
     /// `--egress`, `--isolate`.
     pub egress: crate::cli::EgressArgs,
     pub rm: bool,
+    /// `--ttl` (seconds): the daemon stops the VM then, or deletes it with `--rm`.
+    pub ttl: Option<u64>,
     pub full_copy: bool,
     pub timings: bool,
     /// Wait for the guest's boot to finish before the command or shell (`--no-boot-wait`
@@ -227,6 +229,7 @@ pub async fn run(client: &Client, target: &Target, o: Opts) -> Result<u8, CliErr
         publish: o.publish.clone(),
         egress: o.egress.egress.clone(),
         isolate: o.egress.isolate,
+        ttl: o.ttl.map(|secs| banger_api::Ttl { secs, delete: o.rm }),
     };
     // Check the path before creating anything.
     if let Some(p) = &o.path
@@ -255,6 +258,12 @@ pub async fn run(client: &Client, target: &Target, o: Opts) -> Result<u8, CliErr
         let t1 = Instant::now();
         match client.delete(name.clone(), true).await {
             Ok(_) => t.0.push(("delete", t1.elapsed())),
+            // Its --ttl ran out first and the daemon deleted it.
+            Err(jsonrpsee::core::client::Error::Call(e))
+                if o.ttl.is_some() && e.code() == banger_api::codes::NOT_FOUND =>
+            {
+                eprintln!("banger: vm {name} was deleted at the end of its --ttl");
+            }
             Err(e) => eprintln!(
                 "banger: deleting vm {name}: {}; remove it with `banger vm rm -f {name}`",
                 CliError::from(e)

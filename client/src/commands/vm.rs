@@ -371,6 +371,18 @@ fn print_vm(v: &VmInfo) {
     if let Some(n) = v.dns_refused {
         outln!("refused:  {n} DNS queries by the egress policy");
     }
+    if let Some(e) = v.expires {
+        let left = e.at.saturating_sub(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        );
+        let then = if e.delete { "deleted" } else { "stopped" };
+        outln!(
+            "expires:  in {} ({then} then)",
+            crate::render::duration(left)
+        );
+    }
     if let Some(pid) = v.pid {
         outln!("pid:      {pid}");
     }
@@ -487,6 +499,7 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
             no_network,
             network,
             no_start,
+            ttl,
             publish,
             egress,
             json,
@@ -511,6 +524,10 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
                 publish: publish.publish,
                 egress: egress.egress,
                 isolate: egress.isolate,
+                ttl: ttl.map(|secs| banger_api::Ttl {
+                    secs,
+                    delete: false,
+                }),
             };
             let sub = client.create(req).await?;
             let vm = follow_progress(sub, json).await?;
@@ -532,6 +549,7 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
                 publish: a.publish.publish,
                 egress: a.egress,
                 rm: a.rm,
+                ttl: a.ttl,
                 full_copy: a.full_copy,
                 timings: a.timings,
                 boot_wait: !a.no_boot_wait,
@@ -670,6 +688,7 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
             egress,
             isolate,
             no_isolate,
+            ttl,
         } => {
             let vm = resolve(&client, vm).await?;
             let (vcpu, memory_mib, disk_bytes) = size_req(&size);
@@ -691,9 +710,10 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
                 && nat.is_none()
                 && egress.is_none()
                 && isolate.is_none()
+                && ttl.is_none()
             {
                 return Err(CliError::Usage(
-                    "nothing to set: pass --vcpu, --memory, --disk-size, --nat, --no-nat, --egress, --isolate or --no-isolate".into(),
+                    "nothing to set: pass --vcpu, --memory, --disk-size, --nat, --no-nat, --egress, --isolate, --no-isolate or --ttl".into(),
                 ));
             }
             let info = client
@@ -705,6 +725,7 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
                     nat,
                     egress,
                     isolate,
+                    ttl_secs: ttl,
                 })
                 .await?;
             if json {
@@ -893,6 +914,7 @@ mod tests {
             egress_dropped: None,
             dns_refused: None,
             busy: false,
+            expires: None,
         }
     }
 

@@ -206,6 +206,27 @@ pub struct CreateVm {
     /// Cut the VM off from the other VMs on the bridge (`--isolate`); DNS and the host stay.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub isolate: bool,
+    /// A deadline (`--ttl`): the VM is stopped (or deleted) that long after its create.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<Ttl>,
+}
+
+/// `--ttl`: how long a VM may live, and what happens when that time is up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ttl {
+    pub secs: u64,
+    /// Delete the VM (`vm run --rm --ttl`), not only stop it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub delete: bool,
+}
+
+/// A VM's deadline: at `at` (Unix seconds) the daemon stops it, or deletes it when
+/// `delete`. It fires once: a VM started again after it runs without one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Expiry {
+    pub at: u64,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub delete: bool,
 }
 
 /// Request of `vm.set` (only while stopped, except `nat`).
@@ -227,6 +248,10 @@ pub struct SetVm {
     pub egress: Option<crate::Egress>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub isolate: Option<bool>,
+    /// A new deadline that many seconds from now (`vm set --ttl`; what happens then stays
+    /// as it was, a stop by default); 0 removes the deadline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_secs: Option<u64>,
 }
 
 /// A VM as the daemon reports it.
@@ -282,6 +307,9 @@ pub struct VmInfo {
     /// counts the VM as in flight. False from daemons that predate the field.
     #[serde(default)]
     pub busy: bool,
+    /// When the VM is stopped or deleted (`--ttl`), if it has a deadline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<Expiry>,
 }
 
 /// Host-side figures of a VM (`vm.stats`); guest figures come from the agent.
