@@ -487,7 +487,71 @@ async fn a_vm_waiting_for_its_agent_can_be_stopped_and_the_create_says_why() {
         .unwrap();
     assert_eq!(stopped.state, VmState::Stopped);
     let err = create.await.unwrap().unwrap_err();
-    assert!(err.1.contains("exited while it was booting"), "{}", err.1);
+    assert!(
+        err.1.contains("vm slow was stopped while it was starting") && err.0 == codes::CONFLICT,
+        "{err:?}"
+    );
+    drop(c);
+    d.shutdown().await;
+}
+
+/// A VMM that dies while its guest boots (here SIGKILLed, as the OOM killer would): the
+/// create says so with the console's last lines (the guest's, or the VMM's own stderr),
+/// not only "see the logs".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vmm_that_dies_while_booting_fails_the_create_with_the_consoles_last_lines() {
+    let (d, c, _files) = setup_with(None, 60).await;
+    let c2 = d.client().await;
+    let create = tokio::spawn(async move {
+        create(
+            &c2,
+            CreateVm {
+                name: Some("dies".into()),
+                image: Some("img".into()),
+                ..Default::default()
+            },
+        )
+        .await
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let pid = loop {
+        if let Ok(vm) = VmRpcClient::show(&c, "dies".into()).await
+            && vm.state == VmState::Starting
+            && let Some(pid) = vm.pid
+        {
+            break pid;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never reached `starting` with a VMM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // The double has booted its guest model when it says so on the console
+    // (`double::process::GUEST_RUNNING`).
+    const GUEST_RUNNING: &str = "banger-fc-double: guest running";
+    let vm = VmRpcClient::show(&c, "dies".into()).await.unwrap();
+    let console = std::path::PathBuf::from(&vm.console_log);
+    while !std::fs::read_to_string(&console)
+        .unwrap_or_default()
+        .contains(GUEST_RUNNING)
+    {
+        assert!(std::time::Instant::now() < deadline, "the guest never ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let err = create.await.unwrap().unwrap_err();
+    assert!(
+        err.1
+            .contains("vm dies exited while it was booting (the console's last lines: ")
+            && err.1.contains(GUEST_RUNNING),
+        "{}",
+        err.1
+    );
     drop(c);
     d.shutdown().await;
 }

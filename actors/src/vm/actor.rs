@@ -141,8 +141,10 @@ pub enum VmError {
         "vm {vm} cannot boot: its image has no banger init (the console says \"{line}\"); register the rootfs again with `banger image register`, which adds banger's guest binaries, or use an image from `banger image pull`"
     )]
     NoInit { vm: String, line: String },
-    #[error("vm {vm} exited while it was booting; see `banger vm logs {vm}`")]
-    ExitedDuringBoot { vm: String },
+    /// `said`: the console's last lines of this boot (the guest kernel's, or the VMM's own
+    /// stderr).
+    #[error("vm {vm} exited while it was booting ({said}); see `banger vm logs {vm}`")]
+    ExitedDuringBoot { vm: String, said: String },
     #[error("vm {vm}: the guest agent: {reason}")]
     Agent { vm: String, reason: String },
     #[error("the vm actor for {0} is gone")]
@@ -749,12 +751,25 @@ impl VmActor {
         Self::stop_console(state);
         let info = state.info();
         let mut failure = state.boot_failure.take();
-        for (reply, _) in state.start_waiters.drain(..) {
-            let _ = reply.send(Err(failure.take().unwrap_or_else(|| {
-                VmError::ExitedDuringBoot {
-                    vm: info.name.clone(),
-                }
-            })));
+        if !state.start_waiters.is_empty() {
+            let said = crate::vmm::tail_since(&state.dir.console(), state.console.boot_from, 5);
+            let said = if said.is_empty() {
+                "its console is empty".to_owned()
+            } else {
+                format!("the console's last lines: {said}")
+            };
+            for (reply, _) in state.start_waiters.drain(..) {
+                let _ = reply.send(Err(failure.take().unwrap_or_else(|| {
+                    if was == VmState::Stopping {
+                        VmError::StoppedWhileStarting(info.name.clone())
+                    } else {
+                        VmError::ExitedDuringBoot {
+                            vm: info.name.clone(),
+                            said: said.clone(),
+                        }
+                    }
+                })));
+            }
         }
         for w in state.stop_waiters.drain(..) {
             let _ = w.send(Ok(info.clone()));
