@@ -947,6 +947,239 @@ fn root_rig_guests_get_addresses_names_and_nat_only_when_asked() {
     assert_eq!(in_ns(&topo.host, "nft list ruleset").trim(), "");
 }
 
+/// Servers on threads inside a network namespace, until dropped.
+struct NsServers {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl NsServers {
+    fn new() -> NsServers {
+        NsServers {
+            stop: Default::default(),
+            threads: Vec::new(),
+        }
+    }
+
+    /// Run `serve` on a thread in namespace `ns`; it must return soon after `stop` is set.
+    fn spawn(
+        &mut self,
+        ns: &str,
+        serve: impl FnOnce(&std::sync::atomic::AtomicBool) + Send + 'static,
+    ) {
+        use std::os::fd::AsFd;
+        let (path, stop) = (format!("/run/netns/{ns}"), self.stop.clone());
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        self.threads.push(std::thread::spawn(move || {
+            let file = std::fs::File::open(&path).unwrap();
+            nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            ready_tx.send(()).unwrap();
+            serve(&stop)
+        }));
+        ready_rx.recv().unwrap();
+    }
+}
+
+impl Drop for NsServers {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A DNS server on `addr`:53 (UDP, and TCP connections accepted and closed) answering
+/// each name of `names` with its address (TTL 300), NXDOMAIN otherwise.
+fn outside_dns(
+    servers: &mut NsServers,
+    ns: &str,
+    addr: &str,
+    names: &'static [(&'static str, std::net::Ipv4Addr)],
+) {
+    use hickory_proto::op::{Message, OpCode, ResponseCode};
+    use hickory_proto::rr::{RData, Record, RecordType, rdata::A};
+    let addr = addr.to_owned();
+    let tcp_addr = addr.clone();
+    servers.spawn(ns, move |stop| {
+        let sock = std::net::UdpSocket::bind((addr.as_str(), 53)).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut buf = [0u8; 1500];
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let Ok((n, from)) = sock.recv_from(&mut buf) else {
+                continue;
+            };
+            let Ok(q) = Message::from_vec(&buf[..n]) else {
+                continue;
+            };
+            let Some(query) = q.queries.first().cloned() else {
+                continue;
+            };
+            let mut r = Message::response(q.metadata.id, OpCode::Query);
+            r.metadata.recursion_available = true;
+            r.add_query(query.clone());
+            let name = query.name().to_ascii().to_ascii_lowercase();
+            match names.iter().find(|(n, _)| *n == name.trim_end_matches('.')) {
+                Some((_, a)) if query.query_type() == RecordType::A => {
+                    r.add_answer(Record::from_rdata(
+                        query.name().clone(),
+                        300,
+                        RData::A(A(*a)),
+                    ));
+                }
+                Some(_) => {}
+                None => r.metadata.response_code = ResponseCode::NXDomain,
+            }
+            let _ = sock.send_to(&r.to_vec().unwrap(), from);
+        }
+    });
+    servers.spawn(ns, move |stop| accept_loop(&tcp_addr, 53, stop, |_| {}));
+}
+
+/// Accept connections on `addr`:`port` until `stop`, handing each to `each`.
+fn accept_loop(
+    addr: &str,
+    port: u16,
+    stop: &std::sync::atomic::AtomicBool,
+    each: impl Fn(std::net::TcpStream),
+) {
+    let l = std::net::TcpListener::bind((addr, port)).unwrap();
+    l.set_nonblocking(true).unwrap();
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        match l.accept() {
+            Ok((c, _)) => {
+                c.set_nonblocking(false).unwrap();
+                each(c)
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// An HTTP-like server on `addr`:80 that answers every request with `body`.
+fn outside_http(servers: &mut NsServers, ns: &str, addr: &str, body: &'static str) {
+    let addr = addr.to_owned();
+    servers.spawn(ns, move |stop| {
+        accept_loop(&addr, 80, stop, |mut c| {
+            use std::io::{Read, Write};
+            let mut buf = [0u8; 512];
+            let _ = c.read(&mut buf);
+            let _ = c.write_all(format!("HTTP/1.0 200 OK\r\n\r\n{body}").as_bytes());
+        })
+    });
+}
+
+/// `/etc/netns/<ns>/resolv.conf`, which `ip netns exec` mounts over /etc/resolv.conf for
+/// what it runs in `ns` (bangerd's upstream resolvers); removed when dropped.
+struct NsResolvConf(PathBuf);
+
+impl NsResolvConf {
+    fn new(ns: &str, nameserver: &str) -> NsResolvConf {
+        let dir = PathBuf::from(format!("/etc/netns/{ns}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("resolv.conf"),
+            format!("nameserver {nameserver}\n"),
+        )
+        .unwrap();
+        NsResolvConf(dir)
+    }
+}
+
+impl Drop for NsResolvConf {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `--egress allow=allowed.test` on a real guest, against an "outside" namespace with a
+/// DNS server (allowed.test, denied.test) and an HTTP server on each answer's address: the
+/// guest resolves and fetches the allowed name, the denied name is refused, the denied
+/// address and the outside DNS server are unreachable directly; `vm set --egress all`
+/// opens everything at once; after `vm rm` banger's tables hold nothing of the VM.
+#[test]
+fn root_rig_a_guests_egress_policy_allows_only_its_names() {
+    const ALLOWED: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 99, 0, 3);
+    const DENIED: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 99, 0, 4);
+    let topo = Topology::new();
+    in_ns(
+        &topo.outside,
+        "ip addr add 10.99.0.3/24 dev up1 && ip addr add 10.99.0.4/24 dev up1",
+    );
+    let mut servers = NsServers::new();
+    outside_dns(
+        &mut servers,
+        &topo.outside,
+        "10.99.0.1",
+        &[("allowed.test", ALLOWED), ("denied.test", DENIED)],
+    );
+    outside_http(&mut servers, &topo.outside, "10.99.0.3", "allowed");
+    outside_http(&mut servers, &topo.outside, "10.99.0.4", "denied");
+    let _resolv = NsResolvConf::new(&topo.host, "10.99.0.1");
+    let home = Home::with_guests(1, Some(&topo.host), "", "");
+    home.ok(&[
+        "vm",
+        "create",
+        "--name",
+        "eg",
+        "--egress",
+        "allow=allowed.test",
+    ]);
+    let sh = |cmd: &str| home.run(&["vm", "exec", "eg", "--", "bash", "-c", cmd]);
+    let fetch = |addr: &str| {
+        sh(&format!(
+            "exec 3<>/dev/tcp/{addr}/80 && printf 'GET / HTTP/1.0\\r\\n\\r\\n' >&3 && timeout 5 cat <&3"
+        ))
+    };
+    let reach = |addr: &str, port: u16| {
+        code(&sh(&format!(
+            "timeout 3 bash -c 'exec 3<>/dev/tcp/{addr}/{port}'"
+        ))) == Some(0)
+    };
+    let out = sh("getent hosts allowed.test");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next(),
+        Some("10.99.0.3"),
+        "{out:?}"
+    );
+    let got = fetch("10.99.0.3");
+    assert!(
+        String::from_utf8_lossy(&got.stdout).ends_with("allowed"),
+        "{got:?}"
+    );
+    let out = sh("getent hosts denied.test");
+    assert_ne!(code(&out), Some(0), "denied.test resolved: {out:?}");
+    assert!(!reach("10.99.0.4", 80), "the denied address is reachable");
+    assert!(
+        !reach("10.99.0.1", 53),
+        "the outside DNS server is reachable directly"
+    );
+    let shown = home.json(&["vm", "show", "eg", "--json"]);
+    assert!(shown["dns_refused"].as_u64() >= Some(1), "{shown}");
+    assert!(shown["egress_dropped"].as_u64() >= Some(1), "{shown}");
+
+    home.ok(&["vm", "set", "eg", "--egress", "all"]);
+    let out = sh("getent hosts denied.test");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("10.99.0.4"),
+        "{out:?}"
+    );
+    let got = fetch("10.99.0.4");
+    assert!(
+        String::from_utf8_lossy(&got.stdout).ends_with("denied"),
+        "{got:?}"
+    );
+    assert!(reach("10.99.0.1", 53), "--egress all reaches any server");
+
+    let ip = shown["ip"].as_str().unwrap().to_owned();
+    home.ok(&["vm", "rm", "-f", "eg"]);
+    let rules = in_ns(&topo.host, "nft list ruleset");
+    assert!(!rules.contains(&ip) && !rules.contains("bg-"), "{rules}");
+}
+
 /// Copy the ext4 image `src` to `img` (sparse) and change the copy with debugfs commands
 /// (as root, no mount).
 fn copy_and_edit(src: &Path, img: &Path, cmds: &[String]) {
