@@ -620,9 +620,7 @@ impl VmActor {
         let generation = state.generation;
         let me = myself.clone();
         tokio::spawn(async move {
-            while proc::alive(rt.pid, rt.start_time) {
-                tokio::time::sleep(Duration::from_millis(25)).await;
-            }
+            super::watch::exited(rt.pid, rt.start_time).await;
             let _ = me.cast(VmMsg::Exited { generation });
         });
     }
@@ -662,6 +660,8 @@ impl VmActor {
         state.console.stop = Some(stop_tx);
         let (tx, offset) = (state.console.tx.clone(), Arc::clone(&state.console.offset));
         tokio::spawn(async move {
+            // Woken by the console's writes (inotify), not a timer.
+            let mut watch = super::watch::FileWatch::new(&path);
             // The end of the last read that was not a whole line yet, so a halt line split
             // across two reads is still seen.
             let mut partial = String::new();
@@ -720,7 +720,7 @@ impl VmActor {
                         drain(Some(end.unwrap_or(VmState::Stopped)));
                         break;
                     }
-                    () = tokio::time::sleep(Duration::from_millis(50)) => drain(None),
+                    _ = watch.changed() => drain(None),
                 }
             }
         });

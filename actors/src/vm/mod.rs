@@ -9,3 +9,4 @@ pub mod proc;
 pub mod publish;
 pub mod spec;
 pub mod sshkey;
+pub mod watch;
