@@ -292,7 +292,10 @@ async fn pause_and_resume_are_patch_vm_and_the_state_is_read_from_get_root() {
     // A paused guest sees Ctrl+Alt+Del only once it runs again: then it reboots, which
     // ends Firecracker.
     firecracker::request_shutdown(&rt).await.unwrap();
-    assert!(proc::alive(rt.pid, rt.start_time), "paused: nothing happened");
+    assert!(
+        proc::alive(rt.pid, rt.start_time),
+        "paused: nothing happened"
+    );
     driver.resume(&rt).await.unwrap();
     assert!(proc::wait_gone(rt.pid, rt.start_time, WAIT).await);
 

@@ -2129,8 +2129,7 @@ fn uptime_and_count(home: &Home, vm: &str) -> (f64, u64) {
 }
 
 #[test]
-fn root_rig_a_paused_guest_stands_still_refuses_exec_stays_paused_across_a_restart_and_resumes()
-{
+fn root_rig_a_paused_guest_stands_still_refuses_exec_stays_paused_across_a_restart_and_resumes() {
     let home = Home::new();
     home.ok(&["vm", "create", "--name", "pz"]);
     home.wait_console("pz", "banger-init: ready");
@@ -2160,7 +2159,11 @@ fn root_rig_a_paused_guest_stands_still_refuses_exec_stays_paused_across_a_resta
     let window = Instant::now();
     let (up1, n1) = uptime_and_count(&home, "pz");
     let out = home.run(&["vm", "pause", "pz"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(String::from_utf8_lossy(&out.stderr), "pz is paused\n");
     let paused_at = Instant::now();
     // A no-op when paused already.
@@ -2184,10 +2187,18 @@ fn root_rig_a_paused_guest_stands_still_refuses_exec_stays_paused_across_a_resta
         let out = home.run(args);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(code(&out), Some(6), "{args:?}: {err}");
-        assert!(err.contains("vm pz is paused; `banger vm resume pz`"), "{args:?}: {err}");
+        assert!(
+            err.contains("vm pz is paused; `banger vm resume pz`"),
+            "{args:?}: {err}"
+        );
     }
     let out = home.run(&["vm", "start", "pz"]);
-    assert_eq!(code(&out), Some(6), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        code(&out),
+        Some(6),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // A daemon restart asks QEMU (query-status) and finds it paused.
     let daemon = home.daemon_pid();
@@ -2200,7 +2211,11 @@ fn root_rig_a_paused_guest_stands_still_refuses_exec_stays_paused_across_a_resta
     std::thread::sleep(rest); // the pause being measured, not a wait for anything
     let resumed_at = Instant::now();
     let out = home.run(&["resume", "pz"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(String::from_utf8_lossy(&out.stderr), "pz is running\n");
     let paused = resumed_at - paused_at;
     let (up2, n2) = uptime_and_count(&home, "pz");
@@ -2229,12 +2244,19 @@ fn root_rig_a_paused_guest_stands_still_refuses_exec_stays_paused_across_a_resta
     while uptime_and_count(&home, "pz").1 <= n2 {
         assert!(t0.elapsed() < GUEST_WAIT, "the counter stopped for good");
     }
-    assert_eq!(home.ok(&["vm", "exec", "pz", "--", "echo", "back"]), "back\n");
+    assert_eq!(
+        home.ok(&["vm", "exec", "pz", "--", "echo", "back"]),
+        "back\n"
+    );
 
     // Stop of a paused VM: resumed, then shut down from inside (not killed).
     home.ok(&["pause", "pz"]);
     let out = home.run(&["vm", "stop", "pz", "--json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stopped: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(stopped[0]["state"], "stopped");
     let log = home.ok(&["vm", "logs", "pz"]);

@@ -609,17 +609,30 @@ async fn pause_freezes_the_guest_through_patch_vm_survives_a_daemon_restart_and_
     let e = c.pause("idle".into()).await.unwrap_err();
     let ClientError::Call(o) = e else { panic!() };
     assert_eq!(o.code(), codes::CONFLICT);
-    assert!(o.message().contains("is not running (created)"), "{}", o.message());
-    assert_eq!(code(c.resume("idle".into()).await.unwrap_err()), codes::CONFLICT);
+    assert!(
+        o.message().contains("is not running (created)"),
+        "{}",
+        o.message()
+    );
+    assert_eq!(
+        code(c.resume("idle".into()).await.unwrap_err()),
+        codes::CONFLICT
+    );
     // A resume of a running VM changes nothing.
     assert_eq!(c.resume("pz".into()).await.unwrap().state, VmState::Running);
 
     let vm = c.pause("pz".into()).await.unwrap();
     assert_eq!(vm.state, VmState::Paused);
     assert_eq!(instance_state(&vm).await, "Paused", "Firecracker paused it");
-    assert_eq!(VmRpcClient::show(&c, "pz".into()).await.unwrap().state, VmState::Paused);
+    assert_eq!(
+        VmRpcClient::show(&c, "pz".into()).await.unwrap().state,
+        VmState::Paused
+    );
     let listed = VmRpcClient::list(&c).await.unwrap();
-    assert_eq!(listed.iter().find(|v| v.name == "pz").unwrap().state, VmState::Paused);
+    assert_eq!(
+        listed.iter().find(|v| v.name == "pz").unwrap().state,
+        VmState::Paused
+    );
     // Again: a no-op success.
     assert_eq!(c.pause("pz".into()).await.unwrap().state, VmState::Paused);
     // The frozen guest's agent does not answer: Firecracker's muxer drops the connection.
@@ -640,7 +653,14 @@ async fn pause_freezes_the_guest_through_patch_vm_survives_a_daemon_restart_and_
         }
         other => panic!("a paused VM started: {other:?}"),
     }
-    assert_eq!(code(VmRpcClient::delete(&c, "pz".into(), false).await.unwrap_err()), codes::CONFLICT);
+    assert_eq!(
+        code(
+            VmRpcClient::delete(&c, "pz".into(), false)
+                .await
+                .unwrap_err()
+        ),
+        codes::CONFLICT
+    );
 
     // A restarted daemon asks Firecracker: still paused, the same process.
     drop(c);
@@ -657,9 +677,13 @@ async fn pause_freezes_the_guest_through_patch_vm_survives_a_daemon_restart_and_
     let mut api = banger_actors::vmm::firecracker::Api::connect(&api_socket(&vm))
         .await
         .unwrap();
-    api.call("PATCH", "/vm", Some(&serde_json::json!({"state": "Resumed"})))
-        .await
-        .unwrap();
+    api.call(
+        "PATCH",
+        "/vm",
+        Some(&serde_json::json!({"state": "Resumed"})),
+    )
+    .await
+    .unwrap();
     let d = support::TestDaemon::start_with(dir, config).await;
     let c = d.client().await;
     let vm = VmRpcClient::show(&c, "pz".into()).await.unwrap();

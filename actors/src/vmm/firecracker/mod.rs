@@ -548,7 +548,11 @@ pub async fn set_paused(rt: &Runtime, paused: bool) -> Result<(), VmmError> {
 pub async fn is_paused(rt: &Runtime) -> Result<bool, VmmError> {
     let mut api = Api::connect(Path::new(&rt.control_socket)).await?;
     let info = api.call("GET", "/", None).await?;
-    Ok(info.as_ref().and_then(|i| i.get("state")).and_then(Value::as_str) == Some("Paused"))
+    Ok(info
+        .as_ref()
+        .and_then(|i| i.get("state"))
+        .and_then(Value::as_str)
+        == Some("Paused"))
 }
 
 /// Remove the VM's jail, under whatever exec name it was made (what this uid can: a jail

@@ -121,7 +121,8 @@ impl Guest {
 
     /// The VMM paused or resumed the vCPUs.
     pub(crate) fn set_paused(&self, paused: bool) {
-        self.paused.send_if_modified(|p| std::mem::replace(p, paused) != paused);
+        self.paused
+            .send_if_modified(|p| std::mem::replace(p, paused) != paused);
     }
 
     /// Until the vCPUs run (at once when they do).
