@@ -713,7 +713,7 @@ const START_HELP: &str = "Examples:\n  banger vm start dev\n  banger vm start de
 
 const STOP_HELP: &str = "Examples:\n  banger vm stop dev\n  banger vm stop dev other --timeout 5";
 
-const PAUSE_HELP: &str = "Examples:\n  banger vm pause dev\n  banger pause dev other --json\n\nThe guest does not run while paused: its clock and processes stand still, exec,\nssh and cp say it is paused (exit 6), connections to its published ports wait.\n`vm stop` of a paused VM resumes it and shuts it down; `vm kill` and `vm rm -f`\nend it as it is. A daemon restart keeps it paused.";
+const PAUSE_HELP: &str = "Examples:\n  banger vm pause dev\n  banger pause dev other --json\n\nThe guest does not run while paused: its clock and processes stand still, exec,\nssh and cp say it is paused (exit 6), its published ports get no answer.\n`vm stop` of a paused VM resumes it and shuts it down; `vm kill` and `vm rm -f`\nend it as it is. A daemon restart keeps it paused.";
 
 const RESUME_HELP: &str = "Examples:\n  banger vm resume dev\n  banger resume dev other --json";
 
