@@ -279,6 +279,55 @@ async fn sigterm_stops_firecracker_and_leaves_the_record() {
 }
 
 #[tokio::test]
+async fn pause_and_resume_are_patch_vm_and_the_state_is_read_from_get_root() {
+    let rig = rig(false, false);
+    let rt = firecracker::launch(&rig.config, &rig.plan, &HostNet::default(), &|_| {})
+        .await
+        .unwrap();
+    let driver = banger_actors::vmm::Driver::Firecracker(rig.config.clone());
+    assert!(!driver.is_paused(&rt).await.unwrap());
+    driver.pause(&rt).await.unwrap();
+    driver.pause(&rt).await.unwrap();
+    assert!(driver.is_paused(&rt).await.unwrap(), "GET / says Paused");
+    // A paused guest sees Ctrl+Alt+Del only once it runs again: then it reboots, which
+    // ends Firecracker.
+    firecracker::request_shutdown(&rt).await.unwrap();
+    assert!(
+        proc::alive(rt.pid, rt.start_time),
+        "paused: nothing happened"
+    );
+    driver.resume(&rt).await.unwrap();
+    assert!(proc::wait_gone(rt.pid, rt.start_time, WAIT).await);
+
+    let record: Value =
+        serde_json::from_str(&std::fs::read_to_string(rig.root().join(RECORD_FILE)).unwrap())
+            .unwrap();
+    assert_eq!(record["violations"], json!([]), "{record:#}");
+    let requests = record["requests"].as_array().unwrap();
+    let patches: Vec<(&Value, &Value)> = requests
+        .iter()
+        .filter(|r| r["method"] == "PATCH")
+        .map(|r| (&r["path"], &r["body"]["state"]))
+        .collect();
+    let vm = json!("/vm");
+    assert_eq!(
+        patches,
+        [
+            (&vm, &json!("Paused")),
+            (&vm, &json!("Paused")),
+            (&vm, &json!("Resumed"))
+        ]
+    );
+    let gets: Vec<&Value> = requests
+        .iter()
+        .filter(|r| r["method"] == "GET" && r["path"] == "/")
+        .map(|r| &r["status"])
+        .collect();
+    assert_eq!(gets, [&json!(200), &json!(200)]);
+    firecracker::cleanup(&rig.config, &rig.plan.id);
+}
+
+#[tokio::test]
 async fn a_refused_api_request_fails_the_launch_and_kills_firecracker() {
     let mut rig = rig(false, true);
     rig.firecracker_with_env(FAIL_ENV, "/drives/work:400:Drive error");

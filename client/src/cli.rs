@@ -60,6 +60,12 @@ pub enum Command {
     /// Delete VMs and their disks (= `banger vm rm`).
     #[command(after_help = RM_HELP)]
     Rm(RmArgs),
+    /// Freeze running VMs in memory (= `banger vm pause`).
+    #[command(after_help = PAUSE_HELP)]
+    Pause(PauseArgs),
+    /// Let paused VMs run again (= `banger vm resume`).
+    #[command(after_help = RESUME_HELP)]
+    Resume(PauseArgs),
     /// Manage images (root filesystems).
     #[command(subcommand)]
     Image(ImageCmd),
@@ -399,6 +405,13 @@ pub enum VmCmd {
     /// Stop VMs gracefully (Ctrl-Alt-Del, then SIGKILL after the timeout). Disks are kept.
     #[command(after_help = STOP_HELP)]
     Stop(StopArgs),
+    /// Freeze running VMs in memory: their vCPUs stop, the VMM and the guest's memory stay
+    /// (exec, ssh and cp are refused until `vm resume`). A paused VM is left as it is.
+    #[command(after_help = PAUSE_HELP)]
+    Pause(PauseArgs),
+    /// Let paused VMs run again where they were. A running VM is left as it is.
+    #[command(after_help = RESUME_HELP)]
+    Resume(PauseArgs),
     /// Stop (if running) and start a VM.
     Restart {
         /// The VM's name or ID (a unique prefix will do).
@@ -699,6 +712,17 @@ pub struct StopArgs {
     pub json: bool,
 }
 
+/// `vm pause|resume` and `banger pause|resume`.
+#[derive(Debug, clap::Args)]
+pub struct PauseArgs {
+    /// The VMs' names or IDs (a unique prefix will do).
+    #[arg(required = true, value_name = "VM")]
+    pub vms: Vec<String>,
+    /// Print the VMs as JSON (an array) when done.
+    #[arg(long)]
+    pub json: bool,
+}
+
 /// `vm rm` and `banger rm`.
 #[derive(Debug, clap::Args)]
 pub struct RmArgs {
@@ -745,6 +769,10 @@ const LOGS_HELP: &str = "Examples:\n  banger vm logs dev\n  banger vm logs --tai
 const START_HELP: &str = "Examples:\n  banger vm start dev\n  banger vm start dev other --json";
 
 const STOP_HELP: &str = "Examples:\n  banger vm stop dev\n  banger vm stop dev other --timeout 5";
+
+const PAUSE_HELP: &str = "Examples:\n  banger vm pause dev\n  banger pause dev other --json\n\nThe guest does not run while paused: its clock and processes stand still, exec,\nssh and cp say it is paused (exit 6), its published ports get no answer.\n`vm stop` of a paused VM resumes it and shuts it down; `vm kill` and `vm rm -f`\nend it as it is. A daemon restart keeps it paused.";
+
+const RESUME_HELP: &str = "Examples:\n  banger vm resume dev\n  banger resume dev other --json";
 
 const RM_HELP: &str =
     "Examples:\n  banger vm rm dev\n  banger vm rm -f dev other\n  banger rm -f $(banger ps -aq)";
@@ -1214,6 +1242,14 @@ mod tests {
         }
         match parse(&["start", "a", "b"]).command {
             Command::Start(a) => assert_eq!(a.vms, ["a", "b"]),
+            other => panic!("{other:?}"),
+        }
+        match parse(&["pause", "a", "b", "--json"]).command {
+            Command::Pause(a) => assert!(a.json && a.vms == ["a", "b"]),
+            other => panic!("{other:?}"),
+        }
+        match parse(&["vm", "resume", "a"]).command {
+            Command::Vm(VmCmd::Resume(a)) => assert_eq!(a.vms, ["a"]),
             other => panic!("{other:?}"),
         }
         assert!(

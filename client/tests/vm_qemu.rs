@@ -2377,3 +2377,165 @@ fn root_rig_vm_cp_run_detached_and_exec_without_dashes() {
     );
     home.ok(&["rm", "-f", "cp"]);
 }
+
+/// The guest's uptime (seconds, its own clock) and the counter its loop keeps in
+/// /tmp/count, read in one exec.
+fn uptime_and_count(home: &Home, vm: &str) -> (f64, u64) {
+    let out = home.ok(&[
+        "vm",
+        "exec",
+        vm,
+        "--",
+        "sh",
+        "-c",
+        "cat /proc/uptime; cat /tmp/count 2>/dev/null || echo 0",
+    ]);
+    let mut lines = out.lines();
+    let uptime = lines.next().and_then(|l| l.split(' ').next()).unwrap();
+    let count = lines.next().unwrap_or("0").trim();
+    (uptime.parse().unwrap(), count.parse().unwrap())
+}
+
+#[test]
+fn root_rig_a_paused_guest_stands_still_refuses_exec_stays_paused_across_a_restart_and_resumes() {
+    let home = Home::new();
+    home.ok(&["vm", "create", "--name", "pz"]);
+    home.wait_console("pz", "banger-init: ready");
+    let pid = home.json(&["vm", "show", "pz", "--json"])["pid"]
+        .as_i64()
+        .unwrap();
+    // A guest-side counter: a loop that counts (and writes the count) on its own.
+    home.ok(&[
+        "vm",
+        "exec",
+        "pz",
+        "--",
+        "sh",
+        "-c",
+        "setsid -f sh -c 'n=0; while :; do n=$((n+1)); echo $n > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.1; done' </dev/null >/dev/null 2>&1",
+    ]);
+    let t0 = Instant::now();
+    while uptime_and_count(&home, "pz").1 == 0 {
+        assert!(t0.elapsed() < GUEST_WAIT, "the counter never counted");
+    }
+
+    // The guest's clock across a window in which it is paused for at least PAUSED (on
+    // the host's clock), against the host's clock over the same window: paused, the
+    // guest's clock (QEMU's virtual clock, its TSC) stands still, so the guest sees at
+    // most the window minus the pause. Unpaused it would see all of it.
+    const PAUSED: Duration = Duration::from_secs(6);
+    let window = Instant::now();
+    let (up1, n1) = uptime_and_count(&home, "pz");
+    let out = home.run(&["vm", "pause", "pz"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "pz is paused\n");
+    let paused_at = Instant::now();
+    // A no-op when paused already.
+    home.ok(&["vm", "pause", "pz"]);
+    let shown = home.json(&["vm", "show", "pz", "--json"]);
+    assert_eq!(shown["state"], "paused");
+    let ps = home.ok(&["ps", "--format", "name,state"]);
+    assert!(
+        ps.lines()
+            .any(|l| l.split_whitespace().eq(["pz", "paused"])),
+        "`banger ps` lists it paused: {ps}"
+    );
+
+    // What needs the guest says it is paused, with the conflict status.
+    for args in [
+        &["vm", "exec", "pz", "--", "true"][..],
+        &["exec", "pz", "true"],
+        &["vm", "ssh", "pz", "true"],
+        &["vm", "cp", "pz:/etc/hostname", "-"],
+    ] {
+        let out = home.run(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(code(&out), Some(6), "{args:?}: {err}");
+        assert!(
+            err.contains("vm pz is paused; `banger vm resume pz`"),
+            "{args:?}: {err}"
+        );
+    }
+    let out = home.run(&["vm", "start", "pz"]);
+    assert_eq!(
+        code(&out),
+        Some(6),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A daemon restart asks QEMU (query-status) and finds it paused.
+    let daemon = home.daemon_pid();
+    home.ok(&["daemon", "stop"]);
+    let shown = home.json(&["vm", "show", "pz", "--json"]);
+    assert_ne!(home.daemon_pid(), daemon, "a new daemon");
+    assert_eq!(shown["state"], "paused");
+    assert_eq!(shown["pid"].as_i64(), Some(pid), "the same QEMU");
+    let rest = PAUSED.saturating_sub(paused_at.elapsed());
+    std::thread::sleep(rest); // the pause being measured, not a wait for anything
+    let resumed_at = Instant::now();
+    let out = home.run(&["resume", "pz"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "pz is running\n");
+    let paused = resumed_at - paused_at;
+    let (up2, n2) = uptime_and_count(&home, "pz");
+    let host = window.elapsed().as_secs_f64();
+    let guest = up2 - up1;
+    eprintln!(
+        "host {host:.2}s, paused {:.2}s, guest {guest:.2}s, counter +{}",
+        paused.as_secs_f64(),
+        n2 - n1
+    );
+    // A whole second of slack for /proc/uptime's rounding and the clocks' rates.
+    assert!(
+        guest < host - paused.as_secs_f64() + 1.0,
+        "the guest's clock ran while paused: {guest:.2}s of {host:.2}s, paused {:.2}s",
+        paused.as_secs_f64()
+    );
+    // The counter sleeps 0.1 s (of the guest's time) a round: it counted only while the
+    // guest ran.
+    assert!(
+        (n2 - n1) as f64 <= guest / 0.1 + 2.0,
+        "the counter ran while paused: +{} in {guest:.2}s of guest time",
+        n2 - n1
+    );
+    // Resumed, the counter goes on, and exec works again.
+    let t0 = Instant::now();
+    while uptime_and_count(&home, "pz").1 <= n2 {
+        assert!(t0.elapsed() < GUEST_WAIT, "the counter stopped for good");
+    }
+    assert_eq!(
+        home.ok(&["vm", "exec", "pz", "--", "echo", "back"]),
+        "back\n"
+    );
+
+    // Stop of a paused VM: resumed, then shut down from inside (not killed).
+    home.ok(&["pause", "pz"]);
+    let out = home.run(&["vm", "stop", "pz", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stopped: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(stopped[0]["state"], "stopped");
+    let log = home.ok(&["vm", "logs", "pz"]);
+    assert!(
+        log.contains("banger-init: shutting down"),
+        "the guest shut down from inside: {}",
+        &log[log.len().saturating_sub(3000)..]
+    );
+    assert!(!alive(pid));
+    let out = home.run(&["vm", "pause", "pz"]);
+    assert_eq!(code(&out), Some(6));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not running (stopped)"));
+    home.ok(&["vm", "rm", "pz"]);
+}

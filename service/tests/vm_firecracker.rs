@@ -669,6 +669,158 @@ async fn a_ttl_with_delete_removes_the_vm_when_it_is_up() {
     d.shutdown().await;
 }
 
+/// The Firecracker API socket of a running VM (beside its vsock socket, in its root).
+fn api_socket(vm: &banger_api::VmInfo) -> std::path::PathBuf {
+    let vsock = std::path::Path::new(vm.vsock_socket.as_deref().expect("running"));
+    vsock.with_file_name(banger_actors::vmm::firecracker::API_SOCK)
+}
+
+/// `GET /`'s `state`: what Firecracker itself says.
+async fn instance_state(vm: &banger_api::VmInfo) -> String {
+    let mut api = banger_actors::vmm::firecracker::Api::connect(&api_socket(vm))
+        .await
+        .unwrap();
+    let info = api.call("GET", "/", None).await.unwrap().unwrap();
+    info["state"].as_str().unwrap().to_owned()
+}
+
+async fn agent_health(vm: &banger_api::VmInfo) -> Result<(), String> {
+    let sock = std::path::Path::new(vm.vsock_socket.as_deref().expect("running"));
+    banger_guest::host::call(
+        sock,
+        &banger_guest::proto::Request::Health,
+        Duration::from_secs(60),
+    )
+    .await
+    .map(drop)
+    .map_err(|e| e.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_freezes_the_guest_through_patch_vm_survives_a_daemon_restart_and_resume_brings_it_back()
+ {
+    let (d, c, _files) = setup_with_agent().await;
+    for (name, no_start) in [("pz", false), ("idle", true)] {
+        create(
+            &c,
+            CreateVm {
+                name: Some(name.into()),
+                image: Some("img".into()),
+                no_start,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    }
+    // Only a running VM pauses.
+    let e = c.pause("idle".into()).await.unwrap_err();
+    let ClientError::Call(o) = e else { panic!() };
+    assert_eq!(o.code(), codes::CONFLICT);
+    assert!(
+        o.message().contains("is not running (created)"),
+        "{}",
+        o.message()
+    );
+    assert_eq!(
+        code(c.resume("idle".into()).await.unwrap_err()),
+        codes::CONFLICT
+    );
+    // A resume of a running VM changes nothing.
+    assert_eq!(c.resume("pz".into()).await.unwrap().state, VmState::Running);
+
+    let vm = c.pause("pz".into()).await.unwrap();
+    assert_eq!(vm.state, VmState::Paused);
+    assert_eq!(instance_state(&vm).await, "Paused", "Firecracker paused it");
+    assert_eq!(
+        VmRpcClient::show(&c, "pz".into()).await.unwrap().state,
+        VmState::Paused
+    );
+    let listed = VmRpcClient::list(&c).await.unwrap();
+    assert_eq!(
+        listed.iter().find(|v| v.name == "pz").unwrap().state,
+        VmState::Paused
+    );
+    // Again: a no-op success.
+    assert_eq!(c.pause("pz".into()).await.unwrap().state, VmState::Paused);
+    // The frozen guest's agent does not answer: Firecracker's muxer drops the connection.
+    let e = agent_health(&vm).await.unwrap_err();
+    assert!(e.contains("refused"), "{e}");
+    // What needs the guest says it is paused and how to get it back.
+    let e = c.ports("pz".into()).await.unwrap_err();
+    let ClientError::Call(o) = e else { panic!() };
+    assert_eq!(
+        (o.code(), o.message()),
+        (codes::CONFLICT, "vm pz is paused; `banger vm resume pz`")
+    );
+    let mut start = c.start("pz".into()).await.unwrap();
+    match start.next().await.unwrap().unwrap() {
+        Progress::Failed { code, message } => {
+            assert_eq!(code, codes::CONFLICT);
+            assert!(message.contains("`banger vm resume pz`"), "{message}");
+        }
+        other => panic!("a paused VM started: {other:?}"),
+    }
+    assert_eq!(
+        code(
+            VmRpcClient::delete(&c, "pz".into(), false)
+                .await
+                .unwrap_err()
+        ),
+        codes::CONFLICT
+    );
+
+    // A restarted daemon asks Firecracker: still paused, the same process.
+    drop(c);
+    let d = d.restart().await;
+    let c = d.client().await;
+    let again = VmRpcClient::show(&c, "pz".into()).await.unwrap();
+    assert_eq!((again.state, again.pid), (VmState::Paused, vm.pid));
+
+    // Resumed behind the daemon's back while it is down: it takes Firecracker's word, not
+    // its record's.
+    drop(c);
+    let config = d.config();
+    let dir = d.shutdown_released().await;
+    let mut api = banger_actors::vmm::firecracker::Api::connect(&api_socket(&vm))
+        .await
+        .unwrap();
+    api.call(
+        "PATCH",
+        "/vm",
+        Some(&serde_json::json!({"state": "Resumed"})),
+    )
+    .await
+    .unwrap();
+    let d = support::TestDaemon::start_with(dir, config).await;
+    let c = d.client().await;
+    let vm = VmRpcClient::show(&c, "pz".into()).await.unwrap();
+    assert_eq!(vm.state, VmState::Running);
+    agent_health(&vm).await.expect("the resumed guest answers");
+
+    // Paused, then stopped: resumed first, so the guest reboots (Firecracker's way out)
+    // instead of waiting out stop_timeout for a kill.
+    c.pause("pz".into()).await.unwrap();
+    let stopped = c.stop("pz".into(), Some(60)).await.unwrap();
+    assert_eq!(stopped.state, VmState::Stopped);
+    let log = c.logs("pz".into(), None).await.unwrap();
+    assert!(log.contains("reboot: Restarting system"), "{log}");
+    // A paused VM is killed as it is.
+    let mut start = c.start("pz".into()).await.unwrap();
+    loop {
+        match start.next().await.unwrap().unwrap() {
+            Progress::Done { vm } => break assert_eq!(vm.state, VmState::Running),
+            Progress::Failed { message, .. } => panic!("{message}"),
+            _ => {}
+        }
+    }
+    c.pause("pz".into()).await.unwrap();
+    let deleted = VmRpcClient::delete(&c, "pz".into(), true).await.unwrap();
+    assert_eq!(deleted.name, "pz");
+    drop(c);
+    d.shutdown().await;
+}
+
 /// `dig` against the daemon's resolver: (status, answer addresses).
 fn dig(port: u16, name: &str) -> (String, Vec<String>) {
     let out = std::process::Command::new("dig")

@@ -51,6 +51,12 @@ impl Tree {
         let info = self.ask_vm(&req.vm, VmMsg::Info).await?;
         let socket = match (info.state, info.vsock_socket) {
             (banger_api::VmState::Running, Some(s)) => s,
+            (banger_api::VmState::Paused, _) => {
+                return Err(TreeError::Vm(VmError::Conflict(format!(
+                    "{}: promote reads the running guest's root filesystem",
+                    banger_api::paused_refusal(&info.name)
+                ))));
+            }
             (state, _) => {
                 return Err(TreeError::Vm(VmError::Conflict(format!(
                     "vm {vm} is {state}: promote reads the running guest's root filesystem; start it with `banger vm start {vm}`",

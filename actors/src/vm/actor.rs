@@ -149,6 +149,13 @@ pub enum VmError {
     Agent { vm: String, reason: String },
     #[error("the vm actor for {0} is gone")]
     Gone(String),
+    #[error("vm {vm}: cannot {what} it")]
+    PauseResume {
+        vm: String,
+        what: &'static str,
+        #[source]
+        source: VmmError,
+    },
     #[error("vm {vm}: {source}")]
     Net {
         vm: String,
@@ -168,6 +175,7 @@ impl VmError {
             VmError::Disk(_)
             | VmError::Start { .. }
             | VmError::Gone(_)
+            | VmError::PauseResume { .. }
             | VmError::AgentUnreachable { .. }
             | VmError::ExitedDuringBoot { .. }
             | VmError::NoInit { .. }
@@ -207,6 +215,13 @@ pub enum VmMsg {
     },
     Kill {
         signal: nix::sys::signal::Signal,
+        reply: Reply<VmInfo>,
+    },
+    /// Freeze a running VM's vCPUs (see [`Self::Resume`] and `model::transition`).
+    Pause {
+        reply: Reply<VmInfo>,
+    },
+    Resume {
         reply: Reply<VmInfo>,
     },
     Delete {
@@ -859,6 +874,70 @@ impl VmActor {
     }
 }
 
+// Pause and resume (`vm pause`, `vm resume`).
+impl VmActor {
+    /// Pause or resume through the VMM, inline: the VMM answers in milliseconds (bounded
+    /// by the driver), and a stop, kill or delete queued behind it then sees the VM as it
+    /// really is. The record follows only a VMM that said yes.
+    async fn pause_resume(state: &mut VmActorState, op: Op) -> Result<VmInfo, VmError> {
+        let name = state.rec.name.clone();
+        if model::transition(&name, state.rec.state, op)? == model::Transition::AlreadyThere {
+            return Ok(state.info());
+        }
+        let rt = state
+            .rec
+            .runtime
+            .clone()
+            .ok_or_else(|| VmError::Conflict(format!("vm {name} has no VMM process")))?;
+        let driver = state.driver();
+        let (result, next) = match op {
+            Op::Pause => (driver.pause(&rt).await, VmState::Paused),
+            _ => (driver.resume(&rt).await, VmState::Running),
+        };
+        result.map_err(|source| VmError::PauseResume {
+            vm: name.clone(),
+            what: if op == Op::Pause { "pause" } else { "resume" },
+            source,
+        })?;
+        state.rec.state = next;
+        state.persist().await?;
+        tracing::info!(vm = %name, state = next.as_str(), "vcpus {}", if op == Op::Pause { "paused" } else { "resumed" });
+        Ok(state.info())
+    }
+
+    /// Resume a paused VM that is being stopped, so its guest can shut down. False when
+    /// the VMM would not: it is then killed (its stop waiters hear of it on exit).
+    async fn resume_to_stop(state: &VmActorState, rt: &Runtime) -> bool {
+        match state.driver().resume(rt).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(vm = %state.rec.name, error = %error_chain(&e), "cannot resume the paused vm to shut it down; killing it");
+                Self::kill_now(state, nix::sys::signal::Signal::SIGKILL).await;
+                false
+            }
+        }
+    }
+
+    /// The state of a re-adopted VMM: paused when the VMM says so, else running (a VMM
+    /// that does not answer is taken as running, as before pause existed).
+    async fn adopted_state(state: &VmActorState) -> VmState {
+        let Some(rt) = state.rec.runtime.as_ref() else {
+            return VmState::Running;
+        };
+        match state.driver().is_paused(rt).await {
+            Ok(true) => {
+                tracing::info!(vm = %state.rec.name, "the re-adopted vm is paused");
+                VmState::Paused
+            }
+            Ok(false) => VmState::Running,
+            Err(e) => {
+                tracing::warn!(vm = %state.rec.name, error = %error_chain(&e), "cannot ask the vmm whether it is paused; taking it as running");
+                VmState::Running
+            }
+        }
+    }
+}
+
 /// Bytes of `path` from `offset` to its end.
 fn read_from(path: &std::path::Path, offset: u64) -> std::io::Result<Vec<u8>> {
     use std::io::{Read, Seek, SeekFrom};
@@ -932,7 +1011,7 @@ impl Actor for VmActor {
                         }
                     }
                 }
-                state.rec.state = VmState::Running;
+                state.rec.state = Self::adopted_state(&state).await;
                 state.published.rebind_all(&mut state.rec.publish).await;
                 let sock = state.rec.runtime.as_ref().map(|r| r.vsock_socket.clone());
                 state.published.set_target(sock.map(PathBuf::from));
@@ -1210,6 +1289,11 @@ impl Actor for VmActor {
                 // Running, or launched and waiting for its agent: shut it down.
                 state.rec.state = VmState::Stopping;
                 state.persist().await?;
+                // A paused guest handles no shutdown request: let it run first, or, if the
+                // VMM will not, end it (nothing else can stop it).
+                if was == VmState::Paused && !Self::resume_to_stop(state, &rt).await {
+                    return Ok(());
+                }
                 let driver = state.driver();
                 let timeout = timeout.unwrap_or(state.env.stop_timeout);
                 let name = state.rec.name.clone();
@@ -1261,6 +1345,12 @@ impl Actor for VmActor {
                 } else {
                     let _ = reply.send(Ok(state.info()));
                 }
+            }
+            VmMsg::Pause { reply } => {
+                let _ = reply.send(Self::pause_resume(state, Op::Pause).await);
+            }
+            VmMsg::Resume { reply } => {
+                let _ = reply.send(Self::pause_resume(state, Op::Resume).await);
             }
             VmMsg::Delete { force, reply } => {
                 if let Err(e) = state.check(Op::Delete { force }) {
@@ -1472,10 +1562,14 @@ impl Actor for VmActor {
             VmMsg::Ports(reply) => {
                 let running = state.rec.state == VmState::Running;
                 let Some(rt) = state.rec.runtime.clone().filter(|_| running) else {
-                    let _ = reply.send(Err(VmError::Conflict(format!(
-                        "vm {} is not running",
-                        state.rec.name
-                    ))));
+                    let name = &state.rec.name;
+                    let _ = reply.send(Err(VmError::Conflict(
+                        if state.rec.state == VmState::Paused {
+                            banger_api::paused_refusal(name)
+                        } else {
+                            format!("vm {name} is not running")
+                        },
+                    )));
                     return Ok(());
                 };
                 let vm = state.rec.name.clone();

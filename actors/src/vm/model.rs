@@ -10,8 +10,15 @@
 //!    │                 │ start               │ start
 //!    └─────────────────┴─────────────────────┘ (back to starting)
 //! ```
-//! Delete is allowed from created, stopped and error; a starting/running/stopping VM needs
-//! `force` (it is killed first). `set` of vcpu/memory/disk only while not running.
+//! Pause and resume (vCPUs frozen in memory, the VMM process kept):
+//!
+//! ```text
+//!            pause               (pause of a paused VM: a no-op success)
+//! running ◀─────────▶ paused ──── stop: resumed, then shut down as from running
+//!            resume              kill / delete --force / vmm exited: as from running
+//! ```
+//! Delete is allowed from created, stopped and error; a starting/running/paused/stopping VM
+//! needs `force` (it is killed first). `set` of vcpu/memory/disk only while not running.
 
 use serde::{Deserialize, Serialize};
 
@@ -100,6 +107,18 @@ pub enum Op {
     Kill,
     Delete { force: bool },
     Set,
+    Pause,
+    Resume,
+}
+
+/// What a pause or resume asked in this state is: the VMM's work, or nothing to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    /// Ask the VMM.
+    Do,
+    /// Already there: answer the VM as it is (like `kill -STOP` twice, not docker's
+    /// "already paused" error, so scripts can pause a set of VMs without checking each).
+    AlreadyThere,
 }
 
 /// Why an operation is refused in the current state (a conflict for the caller).
@@ -115,12 +134,13 @@ pub fn check(name: &str, state: VmState, op: Op) -> Result<(), Refused> {
         (Op::Start, Created | Stopped | Error) => Ok(()),
         (Op::Start, Running) => refuse(format!("vm {name} is already running")),
         (Op::Start, Starting) => refuse(format!("vm {name} is already starting")),
+        (Op::Start, Paused) => refuse(banger_api::paused_refusal(name)),
         (Op::Start, Stopping) => refuse(format!(
             "vm {name} is stopping; wait for it, or `banger vm kill {name}`"
         )),
-        (Op::Stop, Starting | Running | Stopping) => Ok(()),
+        (Op::Stop, Starting | Running | Paused | Stopping) => Ok(()),
         (Op::Stop, _) => refuse(format!("vm {name} is not running ({})", state.as_str())),
-        (Op::Kill, Starting | Running | Stopping) => Ok(()),
+        (Op::Kill, Starting | Running | Paused | Stopping) => Ok(()),
         (Op::Kill, _) => refuse(format!("vm {name} is not running ({})", state.as_str())),
         (Op::Delete { .. }, Created | Stopped | Error) => Ok(()),
         (Op::Delete { force: true }, _) => Ok(()),
@@ -133,6 +153,25 @@ pub fn check(name: &str, state: VmState, op: Op) -> Result<(), Refused> {
             "vm {name} is {}; stop it to change its size",
             state.as_str()
         )),
+        (Op::Pause | Op::Resume, _) => transition(name, state, op).map(drop),
+    }
+}
+
+/// Whether a pause or resume in `state` is the VMM's work or a no-op, or refused.
+pub fn transition(name: &str, state: VmState, op: Op) -> Result<Transition, Refused> {
+    use VmState::*;
+    let refuse = |m: String| Err(Refused(m));
+    match (op, state) {
+        (Op::Pause, Running) | (Op::Resume, Paused) => Ok(Transition::Do),
+        (Op::Pause, Paused) | (Op::Resume, Running) => Ok(Transition::AlreadyThere),
+        (Op::Pause | Op::Resume, Starting) => refuse(format!(
+            "vm {name} is starting; wait until it runs (`banger vm start {name}` waits for it)"
+        )),
+        (Op::Pause | Op::Resume, _) => refuse(format!(
+            "vm {name} is not running ({}); start it with `banger vm start {name}`",
+            state.as_str()
+        )),
+        _ => unreachable!("transition is asked only of pause and resume"),
     }
 }
 
@@ -140,7 +179,7 @@ pub fn check(name: &str, state: VmState, op: Op) -> Result<(), Refused> {
 pub fn is_active(state: VmState) -> bool {
     matches!(
         state,
-        VmState::Starting | VmState::Running | VmState::Stopping
+        VmState::Starting | VmState::Running | VmState::Paused | VmState::Stopping
     )
 }
 
@@ -191,7 +230,7 @@ mod tests {
     use super::*;
     use VmState::*;
 
-    const ALL: [VmState; 6] = [Created, Starting, Running, Stopping, Stopped, Error];
+    const ALL: [VmState; 7] = [Created, Starting, Running, Paused, Stopping, Stopped, Error];
 
     #[test]
     fn start_only_from_rest() {
@@ -239,6 +278,33 @@ mod tests {
         for s in ALL {
             assert_eq!(check("t", s, Op::Set).is_ok(), !is_active(s), "{s:?}");
         }
+    }
+
+    #[test]
+    fn pause_only_a_running_vm_and_resume_only_a_paused_one() {
+        for s in ALL {
+            let pause = transition("t", s, Op::Pause);
+            let resume = transition("t", s, Op::Resume);
+            match s {
+                Running => {
+                    assert_eq!(pause, Ok(Transition::Do));
+                    assert_eq!(resume, Ok(Transition::AlreadyThere));
+                }
+                Paused => {
+                    assert_eq!(pause, Ok(Transition::AlreadyThere));
+                    assert_eq!(resume, Ok(Transition::Do));
+                }
+                _ => {
+                    assert!(pause.is_err() && resume.is_err(), "{s:?}");
+                    assert!(check("t", s, Op::Pause).is_err(), "{s:?}");
+                }
+            }
+        }
+        let msg = transition("t", Stopped, Op::Pause).unwrap_err().0;
+        assert!(msg.contains("not running (stopped)"), "{msg}");
+        // A paused VM is told how to get it back, not to start it.
+        let msg = check("t", Paused, Op::Start).unwrap_err().0;
+        assert_eq!(msg, "vm t is paused; `banger vm resume t`");
     }
 
     #[test]

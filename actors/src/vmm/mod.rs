@@ -170,6 +170,57 @@ impl Driver {
     }
 }
 
+/// How long a pause, resume or state query may take before the VMM counts as hung.
+const PAUSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+// Pause and resume: the vCPUs frozen in memory, the process and its devices kept.
+impl Driver {
+    /// Freeze the guest's vCPUs (QMP `stop`; Firecracker `PATCH /vm {"state":"Paused"}`).
+    /// Both are idempotent: pausing a paused VM succeeds.
+    pub async fn pause(&self, rt: &Runtime) -> Result<(), VmmError> {
+        let work = async {
+            match self {
+                Driver::Firecracker(_) => firecracker::set_paused(rt, true).await,
+                Driver::Qemu(_) => qemu::set_paused(rt, true).await,
+            }
+        };
+        bounded("pausing the vm", work).await
+    }
+
+    /// Let the vCPUs run again (QMP `cont`; Firecracker `PATCH /vm {"state":"Resumed"}`).
+    pub async fn resume(&self, rt: &Runtime) -> Result<(), VmmError> {
+        let work = async {
+            match self {
+                Driver::Firecracker(_) => firecracker::set_paused(rt, false).await,
+                Driver::Qemu(_) => qemu::set_paused(rt, false).await,
+            }
+        };
+        bounded("resuming the vm", work).await
+    }
+
+    /// Whether the VMM has the guest paused, as the VMM itself says (QMP `query-status`
+    /// "paused"; Firecracker `GET /` state "Paused"): a re-adopted VM takes its state
+    /// from here, not from the record.
+    pub async fn is_paused(&self, rt: &Runtime) -> Result<bool, VmmError> {
+        let work = async {
+            match self {
+                Driver::Firecracker(_) => firecracker::is_paused(rt).await,
+                Driver::Qemu(_) => qemu::is_paused(rt).await,
+            }
+        };
+        bounded("asking the vmm whether it is paused", work).await
+    }
+}
+
+async fn bounded<T>(
+    what: &str,
+    work: impl std::future::Future<Output = Result<T, VmmError>>,
+) -> Result<T, VmmError> {
+    tokio::time::timeout(PAUSE_TIMEOUT, work)
+        .await
+        .map_err(|_| VmmError::Timeout(format!("{what} (the vmm did not answer)")))?
+}
+
 /// Poll until `path` exists, `alive` stays true, up to `timeout`.
 pub(crate) async fn wait_for_path(
     path: &std::path::Path,

@@ -349,6 +349,23 @@ pub async fn request_shutdown(rt: &Runtime) -> Result<(), VmmError> {
     qmp.execute("system_powerdown", None).await.map(drop)
 }
 
+// Pause and resume (see `Driver::pause`).
+
+/// `stop` or `cont`. QEMU's `stop` of a stopped VM and `cont` of a running one succeed.
+pub async fn set_paused(rt: &Runtime, paused: bool) -> Result<(), VmmError> {
+    let mut qmp = Qmp::connect(Path::new(&rt.control_socket)).await?;
+    let cmd = if paused { "stop" } else { "cont" };
+    qmp.execute(cmd, None).await.map(drop)
+}
+
+/// `query-status` says `"status": "paused"` (a `stop`, not a guest shutdown or a
+/// migration, which have statuses of their own).
+pub async fn is_paused(rt: &Runtime) -> Result<bool, VmmError> {
+    let mut qmp = Qmp::connect(Path::new(&rt.control_socket)).await?;
+    let status = qmp.execute("query-status", None).await?;
+    Ok(status.get("status").and_then(Value::as_str) == Some("paused"))
+}
+
 /// A QMP session.
 #[derive(Debug)]
 pub struct Qmp {

@@ -154,13 +154,11 @@ async fn running(client: &Client, vm: String) -> Result<(String, PathBuf), CliEr
     let vm = super::vm::resolve(client, vm).await?;
     let info = client.show(vm.clone()).await?;
     if info.state != VmState::Running {
-        return Err(CliError::Rpc {
-            code: codes::CONFLICT,
-            message: format!(
-                "vm {vm} is {}; start it with `banger vm start {vm}` (cp needs its agent)",
-                info.state.as_str()
-            ),
-        });
+        return Err(super::exec::not_running(
+            &vm,
+            info.state,
+            " (cp needs its agent)",
+        ));
     }
     let sock = info
         .vsock_socket

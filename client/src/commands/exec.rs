@@ -56,6 +56,22 @@ pub fn parse_env(env: &[String]) -> Result<Vec<(String, String)>, CliError> {
         .collect()
 }
 
+/// Why the guest of `vm`, in `state` (not running), cannot be reached, with the way out;
+/// `note` is appended (e.g. " (cp needs its agent)"). The conflict exit status.
+pub fn not_running(vm: &str, state: VmState, note: &str) -> CliError {
+    let message = match state {
+        VmState::Paused => format!("{}{note}", banger_api::paused_refusal(vm)),
+        _ => format!(
+            "vm {vm} is {}; start it with `banger vm start {vm}`{note}",
+            state.as_str()
+        ),
+    };
+    CliError::Rpc {
+        code: codes::CONFLICT,
+        message,
+    }
+}
+
 /// Run `cmd` in `vm`; the result is the command's exit status (128+N for a signal).
 pub async fn run(
     client: &Client,
@@ -68,13 +84,7 @@ pub async fn run(
     let env = parse_env(&env)?;
     let info = client.show(vm.to_owned()).await?;
     if info.state != VmState::Running {
-        return Err(CliError::Rpc {
-            code: codes::CONFLICT,
-            message: format!(
-                "vm {vm} is {}; start it with `banger vm start {vm}`",
-                info.state.as_str()
-            ),
-        });
+        return Err(not_running(vm, info.state, ""));
     }
     let sock = info
         .vsock_socket

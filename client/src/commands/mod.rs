@@ -98,6 +98,8 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
         Command::Start(a) => vm::run(&target, VmCmd::Start(a)).await,
         Command::Stop(a) => vm::run(&target, VmCmd::Stop(a)).await,
         Command::Rm(a) => vm::run(&target, VmCmd::Delete(a)).await,
+        Command::Pause(a) => vm::run(&target, VmCmd::Pause(a)).await,
+        Command::Resume(a) => vm::run(&target, VmCmd::Resume(a)).await,
         Command::Image(cmd) => image::image(&target, cmd).await,
         Command::Kernel(cmd) => image::kernel(&target, cmd).await,
         Command::Internal(cmd) => internal::run(cmd).await,

@@ -470,6 +470,38 @@ async fn port(client: &jsonrpsee::async_client::Client, cmd: PortCmd) -> Result<
     Ok(exit::OK)
 }
 
+/// `vm pause|resume`: each VM in turn, every failure reported.
+async fn pause_resume(
+    client: &jsonrpsee::async_client::Client,
+    a: crate::cli::PauseArgs,
+    pause: bool,
+) -> Result<u8, CliError> {
+    let mut done = Vec::new();
+    let json = a.json;
+    let status = each(
+        a.vms,
+        |vm| async move {
+            let vm = resolve(client, vm).await?;
+            Ok(if pause {
+                client.pause(vm).await?
+            } else {
+                client.resume(vm).await?
+            })
+        },
+        |info| {
+            if !json {
+                eprintln!("{} is {}", info.name, info.state.as_str());
+            }
+            done.push(info)
+        },
+    )
+    .await;
+    if json {
+        render::json(&done)?;
+    }
+    Ok(status)
+}
+
 fn size_req(s: &SizeArgs) -> (Option<u32>, Option<u32>, Option<u64>) {
     (s.vcpu, s.memory.map(|m| (m >> 20) as u32), s.disk_size)
 }
@@ -479,7 +511,13 @@ pub async fn ps(target: &Target, a: PsArgs) -> Result<u8, CliError> {
     let client = connect::connect_or_start(target).await?;
     let mut vms = client.list().await?;
     if !a.all {
-        vms.retain(|v| v.state == banger_api::VmState::Running);
+        // As `docker ps` lists paused containers: a paused VM still has its VMM.
+        vms.retain(|v| {
+            matches!(
+                v.state,
+                banger_api::VmState::Running | banger_api::VmState::Paused
+            )
+        });
     }
     print_list(&vms, a.quiet, a.format.as_deref(), a.json)?;
     Ok(exit::OK)
@@ -632,6 +670,8 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
             }
             return Ok(status);
         }
+        VmCmd::Pause(a) => return pause_resume(&client, a, true).await,
+        VmCmd::Resume(a) => return pause_resume(&client, a, false).await,
         VmCmd::Kill { vms, signal, json } => {
             let mut done = Vec::new();
             let c = &client;

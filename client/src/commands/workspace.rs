@@ -30,7 +30,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use banger_api::{VmInfo, VmRpcClient, VmState, codes};
+use banger_api::{VmInfo, VmRpcClient, VmState};
 use banger_guest::host;
 use banger_guest::proto::{Request, Response};
 use jsonrpsee::async_client::Client;
@@ -367,13 +367,7 @@ pub async fn lock(info: &VmInfo) -> Result<nix::fcntl::Flock<std::fs::File>, Cli
 pub async fn agent_socket(client: &Client, vm: &str) -> Result<(VmInfo, PathBuf), CliError> {
     let info = client.show(vm.to_owned()).await?;
     if info.state != VmState::Running {
-        return Err(CliError::Rpc {
-            code: codes::CONFLICT,
-            message: format!(
-                "vm {vm} is {}; start it with `banger vm start {vm}`",
-                info.state.as_str()
-            ),
-        });
+        return Err(super::exec::not_running(vm, info.state, ""));
     }
     let sock = info.vsock_socket.clone().ok_or_else(|| {
         CliError::Other(format!(

@@ -14,6 +14,9 @@ pub enum VmState {
     /// The VMM is being launched and configured, the guest is booting.
     Starting,
     Running,
+    /// Its vCPUs are frozen in memory (`vm pause`): the VMM process lives, the guest does
+    /// not run, so its agent does not answer until `vm resume`.
+    Paused,
     /// Asked to shut down; waiting for the guest to exit.
     Stopping,
     Stopped,
@@ -27,11 +30,18 @@ impl VmState {
             VmState::Created => "created",
             VmState::Starting => "starting",
             VmState::Running => "running",
+            VmState::Paused => "paused",
             VmState::Stopping => "stopping",
             VmState::Stopped => "stopped",
             VmState::Error => "error",
         }
     }
+}
+
+/// Why the guest of a paused VM cannot be reached (`vm exec`, ssh, cp, ports…), with
+/// the way out.
+pub fn paused_refusal(vm: &str) -> String {
+    format!("vm {vm} is paused; `banger vm resume {vm}`")
 }
 
 /// Which VMM runs a VM.
@@ -412,6 +422,15 @@ mod rpc {
             vm: String,
             timeout_secs: Option<u64>,
         ) -> jsonrpsee::core::RpcResult<VmInfo>;
+
+        /// Freeze a running VM's vCPUs in memory (QMP `stop`, Firecracker `PATCH /vm`);
+        /// a paused VM is a no-op success.
+        #[method(name = "pause")]
+        async fn pause(&self, vm: String) -> jsonrpsee::core::RpcResult<VmInfo>;
+
+        /// Let a paused VM run again; a running VM is a no-op success.
+        #[method(name = "resume")]
+        async fn resume(&self, vm: String) -> jsonrpsee::core::RpcResult<VmInfo>;
 
         /// Send a signal (default SIGKILL) to the VMM.
         #[method(name = "kill")]

@@ -22,6 +22,8 @@ pub struct TestDaemon {
     stop: Option<oneshot::Sender<()>>,
     pub task: Option<tokio::task::JoinHandle<Result<(), bangerd::ServiceError>>>,
     _reaper: Reaper,
+    /// What it was started with, for [`TestDaemon::restart`].
+    config: Config,
 }
 
 /// Ends, when a test panics, the processes its daemon started (VMMs outlive their daemon by
@@ -146,7 +148,7 @@ impl TestDaemon {
                 Some(banger_policy::Helper::spawn(in_netns(ns), &cfg).expect("helper"));
             privileged.helper_jails = cfg.jailer.is_some();
         }
-        let settings = Settings::new(config, paths.clone());
+        let settings = Settings::new(config.clone(), paths.clone());
         let daemon = Daemon::start_with(settings, privileged)
             .await
             .expect("daemon starts");
@@ -169,6 +171,42 @@ impl TestDaemon {
             dir,
             stop: Some(tx),
             task: Some(task),
+            config,
+        }
+    }
+
+    /// The config it runs with.
+    pub fn config(&self) -> Config {
+        self.config.clone()
+    }
+
+    /// Shut down and start again on the same directory and config (without a helper):
+    /// the VMs it ran are re-adopted, as after `systemctl restart bangerd`.
+    pub async fn restart(self) -> TestDaemon {
+        let config = self.config.clone();
+        let dir = self.shutdown_released().await;
+        Self::start_with(dir, config).await
+    }
+
+    /// Shut down and wait until the store is free for the next daemon: the VM actors,
+    /// stopped with the tree, drop their hold of it a moment after the root has stopped.
+    pub async fn shutdown_released(self) -> tempfile::TempDir {
+        let store = self.paths.store_file();
+        let dir = self.shutdown().await;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            match banger_actors::store::Store::open(&store) {
+                Ok(s) => {
+                    drop(s);
+                    return dir;
+                }
+                Err(banger_actors::store::StoreError::Locked { .. })
+                    if std::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+                Err(e) => panic!("the store after shutdown: {e}"),
+            }
         }
     }
 

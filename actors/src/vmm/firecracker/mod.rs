@@ -532,6 +532,29 @@ pub async fn request_shutdown(rt: &Runtime) -> Result<(), VmmError> {
     .map(drop)
 }
 
+// Pause and resume (see `Driver::pause`; Firecracker's `docs/api_requests/patch-vm.md`).
+
+/// `PATCH /vm {"state": "Paused" | "Resumed"}`, allowed once the guest has started.
+/// Firecracker answers 204 to a pause of a paused VM and a resume of a running one.
+pub async fn set_paused(rt: &Runtime, paused: bool) -> Result<(), VmmError> {
+    let mut api = Api::connect(Path::new(&rt.control_socket)).await?;
+    let state = if paused { "Paused" } else { "Resumed" };
+    api.call("PATCH", "/vm", Some(&json!({ "state": state })))
+        .await
+        .map(drop)
+}
+
+/// `GET /` (InstanceInfo): `state` is "Not started", "Running" or "Paused".
+pub async fn is_paused(rt: &Runtime) -> Result<bool, VmmError> {
+    let mut api = Api::connect(Path::new(&rt.control_socket)).await?;
+    let info = api.call("GET", "/", None).await?;
+    Ok(info
+        .as_ref()
+        .and_then(|i| i.get("state"))
+        .and_then(Value::as_str)
+        == Some("Paused"))
+}
+
 /// Remove the VM's jail, under whatever exec name it was made (what this uid can: a jail
 /// the jailer made as root is the helper's to remove).
 pub fn cleanup(c: &FirecrackerConfig, id: &str) {

@@ -18,6 +18,13 @@
 //! `OK <host-side port>\n` (its muxer numbers host-side ports from 2^30 up) and the stream
 //! is the guest's; when nothing listens, it closes the connection.
 //!
+//! Paused (`PATCH /vm {"state":"Paused"}`): the vCPUs are frozen, so nothing in the guest
+//! answers. Firecracker's muxer (in the VMM thread, which runs) still takes a host
+//! connection and its `CONNECT` line and queues the request for the guest, which does not
+//! see it; after `CONN_REQUEST_TIMEOUT_MS` (2 s, `vsock/csm/connection.rs`) it drops the
+//! connection. A resume within that time lets the guest answer. Established connections
+//! stall: the agent answers nothing until the VM is resumed.
+//!
 //! Not modelled: guest-initiated connections (to `<uds_path>_<port>`), which banger does not
 //! use.
 
@@ -39,6 +46,9 @@ const VSOCK_HANDSHAKE: Duration = Duration::from_secs(5);
 /// The first host-side port Firecracker's muxer hands out (`local_port_last` starts at
 /// 2^30 - 1 and is incremented before use).
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
+/// How long Firecracker's muxer waits for the guest to answer a connection request
+/// (`CONN_REQUEST_TIMEOUT_MS`) before it drops the connection.
+const CONN_REQUEST_TIMEOUT: Duration = Duration::from_millis(2000);
 /// What the double's agent calls itself.
 const AGENT_SOFTWARE: &str = "banger-agent (firecracker double)";
 
@@ -59,6 +69,8 @@ pub enum GuestPower {
 pub(crate) struct Guest {
     agent: bool,
     power: watch::Sender<GuestPower>,
+    /// The vCPUs are frozen (the VMM is paused).
+    paused: watch::Sender<bool>,
     last_local_port: AtomicU32,
 }
 
@@ -67,6 +79,7 @@ impl Guest {
         Arc::new(Guest {
             agent,
             power: watch::channel(GuestPower::Off).0,
+            paused: watch::channel(false).0,
             last_local_port: AtomicU32::new(FIRST_LOCAL_PORT - 1),
         })
     }
@@ -106,6 +119,18 @@ impl Guest {
         });
     }
 
+    /// The VMM paused or resumed the vCPUs.
+    pub(crate) fn set_paused(&self, paused: bool) {
+        self.paused
+            .send_if_modified(|p| std::mem::replace(p, paused) != paused);
+    }
+
+    /// Until the vCPUs run (at once when they do).
+    async fn running(&self) {
+        let mut paused = self.paused.subscribe();
+        let _ = paused.wait_for(|p| !*p).await;
+    }
+
     fn listens(&self, port: u32) -> bool {
         self.agent && port == AGENT_PORT && self.power() == GuestPower::Up
     }
@@ -142,6 +167,14 @@ pub(crate) async fn host_connection(guest: Arc<Guest>, mut stream: UnixStream) {
     let port = text
         .strip_prefix("CONNECT ")
         .and_then(|p| p.trim().parse::<u32>().ok());
+    // A paused guest does not see the request; the muxer gives up on it in time.
+    if tokio::time::timeout(CONN_REQUEST_TIMEOUT, guest.running())
+        .await
+        .is_err()
+    {
+        tracing::debug!(request = %text, "vsock connection dropped: the guest is paused");
+        return;
+    }
     if !port.is_some_and(|p| complete && guest.listens(p)) {
         tracing::debug!(request = %text, "vsock connection closed: nothing listens in the guest");
         return;
@@ -170,8 +203,11 @@ async fn agent(guest: &Guest, stream: &mut UnixStream) -> Result<(), ProtoError>
         version: PROTOCOL_VERSION,
         software: AGENT_SOFTWARE.into(),
     };
+    guest.running().await;
     host::write_json(stream, Kind::Hello, &ours).await?;
     let request: Request = proto::expect_json(&host::read_frame(stream).await?, Kind::Request)?;
+    // A paused guest answers nothing until it is resumed.
+    guest.running().await;
     match request {
         Request::Health => {
             let health = Response::Health {

@@ -295,6 +295,8 @@ impl Vmm {
                     Answer::fault(400, &message)
                 }),
         };
+        // The guest runs exactly while the VMM is not paused (PATCH /vm, a snapshot load).
+        self.guest.set_paused(self.state == DoubleState::Paused);
         tracing::debug!(
             method,
             path,

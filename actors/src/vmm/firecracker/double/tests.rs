@@ -790,6 +790,41 @@ async fn vsock_answers_ok_where_the_guest_listens_and_closes_elsewhere() {
 }
 
 #[tokio::test]
+async fn a_paused_guest_answers_nothing_until_it_is_resumed() {
+    use banger_guest::host;
+    use banger_guest::proto::{AGENT_PORT, Kind, Request, Response};
+    let jail = jail_with(with_agent()).await;
+    let mut client = boot(&jail).await;
+    let vsock = jail.root.join("v.sock");
+    // A session opened while the guest runs, then the guest paused.
+    let mut open = host::connect(&vsock).await.unwrap();
+    let (status, _) = client
+        .send("PATCH", "/vm", Some(json!({"state": "Paused"})))
+        .await;
+    assert_eq!(status, 204);
+    // Its next request is not answered while paused...
+    let (tx, mut answered) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        host::write_json(&mut open.stream, Kind::Request, &Request::Health)
+            .await
+            .unwrap();
+        let _ = tx.send(host::read_frame(&mut open.stream).await.unwrap());
+    });
+    // ...and a new connection is dropped by the muxer without an OK (after its 2 s).
+    assert_eq!(vsock_connect(&vsock, AGENT_PORT).await, None);
+    assert!(answered.try_recv().is_err(), "a paused guest answered");
+    client
+        .send("PATCH", "/vm", Some(json!({"state": "Resumed"})))
+        .await;
+    // Resumed: the waiting request is answered, new connections are served.
+    let frame = tokio::time::timeout(WAIT, answered).await.unwrap().unwrap();
+    assert_eq!(frame.kind, Kind::Response);
+    let health = host::call(&vsock, &Request::Health, WAIT).await.unwrap();
+    assert!(matches!(health, Response::Health { .. }), "{health:?}");
+    assert_eq!(jail.double.violations(), Vec::<String>::new());
+}
+
+#[tokio::test]
 async fn a_guest_poweroff_leaves_the_process_alive_and_a_reboot_ends_it() {
     use banger_guest::proto::{AGENT_PORT, Request, Response};
     let jail = jail_with(with_agent()).await;
