@@ -57,6 +57,9 @@ pub enum Command {
     /// Stop VMs gracefully (= `banger vm stop`).
     #[command(after_help = STOP_HELP)]
     Stop(StopArgs),
+    /// Save running VMs to disk and stop their VMMs (= `banger vm suspend`).
+    #[command(after_help = SUSPEND_HELP)]
+    Suspend(SuspendArgs),
     /// Delete VMs and their disks (= `banger vm rm`).
     #[command(after_help = RM_HELP)]
     Rm(RmArgs),
@@ -349,8 +352,13 @@ pub enum VmCmd {
     #[command(after_help = START_HELP)]
     Start(StartArgs),
     /// Stop VMs gracefully (Ctrl-Alt-Del, then SIGKILL after the timeout). Disks are kept.
+    /// A suspended VM's saved state is discarded (its next start boots).
     #[command(after_help = STOP_HELP)]
     Stop(StopArgs),
+    /// Save running VMs to disk (memory and device state, in the VM's directory) and stop
+    /// their VMMs, freeing their memory; `vm start` restores each where it was.
+    #[command(after_help = SUSPEND_HELP)]
+    Suspend(SuspendArgs),
     /// Stop (if running) and start a VM.
     Restart {
         /// The VM's name or ID (a unique prefix will do).
@@ -642,6 +650,17 @@ pub struct StopArgs {
     pub json: bool,
 }
 
+/// `vm suspend` and `banger suspend`.
+#[derive(Debug, clap::Args)]
+pub struct SuspendArgs {
+    /// The VMs' names or IDs (a unique prefix will do).
+    #[arg(required = true, value_name = "VM")]
+    pub vms: Vec<String>,
+    /// Print the VMs as JSON (an array) when done.
+    #[arg(long)]
+    pub json: bool,
+}
+
 /// `vm rm` and `banger rm`.
 #[derive(Debug, clap::Args)]
 pub struct RmArgs {
@@ -688,6 +707,8 @@ const LOGS_HELP: &str = "Examples:\n  banger vm logs dev\n  banger vm logs --tai
 const START_HELP: &str = "Examples:\n  banger vm start dev\n  banger vm start dev other --json";
 
 const STOP_HELP: &str = "Examples:\n  banger vm stop dev\n  banger vm stop dev other --timeout 5";
+
+const SUSPEND_HELP: &str = "Examples:\n  banger vm suspend dev\n  banger vm start dev          restores it where it was\n  banger suspend dev other --json\n\nThe VM's processes, open files and tmpfs survive; its clock is set to the\nhost's and its random pool reseeded when it is restored. `banger vm stop` of a\nsuspended VM discards the saved state.";
 
 const RM_HELP: &str =
     "Examples:\n  banger vm rm dev\n  banger vm rm -f dev other\n  banger rm -f $(banger ps -aq)";
@@ -1121,6 +1142,17 @@ mod tests {
         }
         match parse(&["stop", "a", "b", "--json"]).command {
             Command::Stop(a) => assert_eq!(a.vms, ["a", "b"]),
+            other => panic!("{other:?}"),
+        }
+        match parse(&["suspend", "a", "b", "--json"]).command {
+            Command::Suspend(a) => assert_eq!(
+                (a.vms, a.json),
+                (vec!["a".to_owned(), "b".to_owned()], true)
+            ),
+            other => panic!("{other:?}"),
+        }
+        match parse(&["vm", "suspend", "a"]).command {
+            Command::Vm(VmCmd::Suspend(a)) => assert_eq!(a.vms, ["a"]),
             other => panic!("{other:?}"),
         }
         match parse(&["vm", "kill", "a", "b"]).command {

@@ -313,6 +313,8 @@ mod tests {
         // The top-level shortcuts, several VMs, and the command after an `exec` VM.
         assert_eq!(want(&["rm", "-f", "a", ""]), Want::Names(Names::Vms));
         assert_eq!(want(&["stop", "a", ""]), Want::Names(Names::Vms));
+        assert_eq!(want(&["suspend", "a", ""]), Want::Names(Names::Vms));
+        assert_eq!(want(&["vm", "suspend", ""]), Want::Names(Names::Vms));
         assert_eq!(want(&["exec", ""]), Want::Names(Names::Vms));
         assert_eq!(want(&["exec", "dev", ""]), Want::Nothing);
         assert_eq!(want(&["logs", "--tail", "3", ""]), Want::Names(Names::Vms));

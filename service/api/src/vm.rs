@@ -19,6 +19,9 @@ pub enum VmState {
     Stopped,
     /// Start failed or the VMM died unexpectedly; `error` says why.
     Error,
+    /// Saved to disk (`vm suspend`): memory and device state in the VM's directory, no
+    /// VMM process; `vm start` restores it where it was.
+    Suspended,
 }
 
 impl VmState {
@@ -30,6 +33,7 @@ impl VmState {
             VmState::Stopping => "stopping",
             VmState::Stopped => "stopped",
             VmState::Error => "error",
+            VmState::Suspended => "suspended",
         }
     }
 }
@@ -384,6 +388,11 @@ mod rpc {
             vm: String,
             timeout_secs: Option<u64>,
         ) -> jsonrpsee::core::RpcResult<VmInfo>;
+
+        /// Save a running VM to disk (memory and device state, in its directory), then stop
+        /// its VMM: it shows `suspended`, and `vm.start` restores it where it was.
+        #[method(name = "suspend")]
+        async fn suspend(&self, vm: String) -> jsonrpsee::core::RpcResult<VmInfo>;
 
         /// Send a signal (default SIGKILL) to the VMM.
         #[method(name = "kill")]
