@@ -529,6 +529,41 @@ async fn release_net(env: &VmEnv, rec: &VmRecord) {
     }
 }
 
+/// Tell a restored guest's agent the host's time and give it fresh entropy (its clock
+/// stood still while it was saved, and its RNG state is the saved one). Not fatal: an
+/// older agent without the op answers an error, which is logged.
+async fn after_restore(sock: &std::path::Path, vm: &str) {
+    use std::io::Read;
+    let mut entropy = vec![0u8; 64];
+    if let Err(e) = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut entropy))
+    {
+        tracing::warn!(vm, error = %e, "reading host entropy for the restored guest");
+        entropy.clear();
+    }
+    let unix_nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let req = banger_guest::proto::Request::Restored {
+        unix_nanos,
+        entropy,
+    };
+    match banger_guest::host::call(sock, &req, Duration::from_secs(10)).await {
+        Ok(banger_guest::proto::Response::Restored {
+            clock_step_ms,
+            reseeded,
+        }) => tracing::info!(
+            vm,
+            clock_step_ms,
+            reseeded,
+            "restored: the guest's clock stepped to the host's"
+        ),
+        Ok(other) => tracing::warn!(vm, answer = ?other, "unexpected answer to the restore notice"),
+        Err(e) => {
+            tracing::warn!(vm, error = %error_chain(&e), "the guest's agent did not take the restore notice (an older agent?): its clock and RNG are as saved")
+        }
+    }
+}
+
 async fn install_ssh_key(
     key: &Arc<super::sshkey::SshKey>,
     sock: &std::path::Path,
@@ -1139,6 +1174,7 @@ impl Actor for VmActor {
                             let me = myself.clone();
                             let ssh_key = state.env.ssh_key.clone();
                             let vm_name = state.rec.name.clone();
+                            let restored = state.restoring;
                             // started_at is set once running: None means the first boot.
                             let file_sync = if state.rec.started_at.is_none() {
                                 state.env.file_sync.clone()
@@ -1153,6 +1189,9 @@ impl Actor for VmActor {
                                 .await
                                 .map(drop)
                                 .map_err(|e| error_chain(&e));
+                                if result.is_ok() && restored {
+                                    after_restore(std::path::Path::new(&sock), &vm_name).await;
+                                }
                                 if result.is_ok()
                                     && let Some(key) = ssh_key
                                 {
