@@ -2265,6 +2265,48 @@ fn root_rig_suspend_and_start_restore_a_running_guest_where_it_was() {
         );
     }
 
+    // A restore that cannot load: a clear error, the VM left suspended with its state, no
+    // QEMU left behind; once the file is back it restores.
+    home.ok(&["vm", "suspend", "s"]);
+    let state = dir.join("state/vm.state");
+    let aside = dir.join("vm.state.aside");
+    std::fs::rename(&state, &aside).unwrap();
+    let out = home.run(&["vm", "start", "s"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("saved state") && err.contains("missing"),
+        "{err}"
+    );
+    let vm = home.json(&["vm", "show", "s", "--json"]);
+    assert_eq!(vm["state"], "suspended", "{vm}");
+    assert!(vm["pid"].is_null());
+    std::fs::rename(&aside, &state).unwrap();
+    // Truncated: QEMU refuses the load, and the start says what QEMU said.
+    let full = std::fs::read(&state).unwrap();
+    std::fs::write(&state, &full[..4096]).unwrap();
+    let out = home.run(&["vm", "start", "s"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("migration") || err.contains("QMP"), "{err}");
+    assert_eq!(
+        home.json(&["vm", "show", "s", "--json"])["state"],
+        "suspended"
+    );
+    assert!(
+        !home.ok(&["ps", "-a"]).contains("running"),
+        "no VMM runs after a failed load"
+    );
+    std::fs::write(&state, &full).unwrap();
+    drop(full);
+    let out = home.run(&["vm", "start", "s"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(ask_listener(&home, "s").0, listener, "restored after all");
+
     // stop of a suspended VM discards the saved state; the next start boots.
     home.ok(&["vm", "suspend", "s"]);
     let out = home.json(&["vm", "stop", "s", "--json"]);
