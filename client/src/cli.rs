@@ -57,6 +57,9 @@ pub enum Command {
     /// Stop VMs gracefully (= `banger vm stop`).
     #[command(after_help = STOP_HELP)]
     Stop(StopArgs),
+    /// Save running VMs to disk and stop their VMMs (= `banger vm suspend`).
+    #[command(after_help = SUSPEND_HELP)]
+    Suspend(SuspendArgs),
     /// Delete VMs and their disks (= `banger vm rm`).
     #[command(after_help = RM_HELP)]
     Rm(RmArgs),
@@ -403,6 +406,7 @@ pub enum VmCmd {
     #[command(after_help = START_HELP)]
     Start(StartArgs),
     /// Stop VMs gracefully (Ctrl-Alt-Del, then SIGKILL after the timeout). Disks are kept.
+    /// A suspended VM's saved state is discarded (its next start boots).
     #[command(after_help = STOP_HELP)]
     Stop(StopArgs),
     /// Freeze running VMs in memory: their vCPUs stop, the VMM and the guest's memory stay
@@ -412,6 +416,10 @@ pub enum VmCmd {
     /// Let paused VMs run again where they were. A running VM is left as it is.
     #[command(after_help = RESUME_HELP)]
     Resume(PauseArgs),
+    /// Save running VMs to disk (memory and device state, in the VM's directory) and stop
+    /// their VMMs, freeing their memory; `vm start` restores each where it was.
+    #[command(after_help = SUSPEND_HELP)]
+    Suspend(SuspendArgs),
     /// Stop (if running) and start a VM.
     Restart {
         /// The VM's name or ID (a unique prefix will do).
@@ -723,6 +731,9 @@ pub struct PauseArgs {
     pub json: bool,
 }
 
+/// `vm suspend` and `banger suspend`: the same arguments.
+pub type SuspendArgs = PauseArgs;
+
 /// `vm rm` and `banger rm`.
 #[derive(Debug, clap::Args)]
 pub struct RmArgs {
@@ -773,6 +784,8 @@ const STOP_HELP: &str = "Examples:\n  banger vm stop dev\n  banger vm stop dev o
 const PAUSE_HELP: &str = "Examples:\n  banger vm pause dev\n  banger pause dev other --json\n\nThe guest does not run while paused: its clock and processes stand still, exec,\nssh and cp say it is paused (exit 6), its published ports get no answer.\n`vm stop` of a paused VM resumes it and shuts it down; `vm kill` and `vm rm -f`\nend it as it is. A daemon restart keeps it paused.";
 
 const RESUME_HELP: &str = "Examples:\n  banger vm resume dev\n  banger resume dev other --json";
+
+const SUSPEND_HELP: &str = "Examples:\n  banger vm suspend dev\n  banger vm start dev          restores it where it was\n  banger suspend dev other --json\n\nThe VM's processes, open files and tmpfs survive; its clock is set to the\nhost's and its random pool reseeded when it is restored. `banger vm stop` of a\nsuspended VM discards the saved state.";
 
 const RM_HELP: &str =
     "Examples:\n  banger vm rm dev\n  banger vm rm -f dev other\n  banger rm -f $(banger ps -aq)";
@@ -1234,6 +1247,17 @@ mod tests {
         }
         match parse(&["stop", "a", "b", "--json"]).command {
             Command::Stop(a) => assert_eq!(a.vms, ["a", "b"]),
+            other => panic!("{other:?}"),
+        }
+        match parse(&["suspend", "a", "b", "--json"]).command {
+            Command::Suspend(a) => assert_eq!(
+                (a.vms, a.json),
+                (vec!["a".to_owned(), "b".to_owned()], true)
+            ),
+            other => panic!("{other:?}"),
+        }
+        match parse(&["vm", "suspend", "a"]).command {
+            Command::Vm(VmCmd::Suspend(a)) => assert_eq!(a.vms, ["a"]),
             other => panic!("{other:?}"),
         }
         match parse(&["vm", "kill", "a", "b"]).command {

@@ -118,7 +118,11 @@ pub mod host {
     use super::*;
 
     /// How often the host repeats its hello until the guest answers (the agent starts late
-    /// in the guest's boot, and an answer may have been lost to a stale session).
+    /// in the guest's boot, and an answer may have been lost to a stale session): soon at
+    /// first, then less often. After a restore the guest's agent still runs the session of
+    /// the proxy before, which reads the first hello as a broken yamux frame and ends; the
+    /// guest answers the next one (with a fixed 1 s, a restore waited a second for it).
+    const HELLO_FIRST: Duration = Duration::from_millis(25);
     const HELLO_EVERY: Duration = Duration::from_secs(1);
 
     type Open = oneshot::Sender<yamux::Result<yamux::Stream>>;
@@ -167,7 +171,9 @@ pub mod host {
             let mut line = Vec::new();
             let scan = next_marked_line(&mut rd, &mut line, &[READY]);
             tokio::pin!(scan);
-            let mut tick = tokio::time::interval(HELLO_EVERY);
+            let mut every = HELLO_FIRST;
+            let next = tokio::time::sleep(Duration::ZERO);
+            tokio::pin!(next);
             loop {
                 tokio::select! {
                     r = &mut scan => match r {
@@ -175,8 +181,12 @@ pub mod host {
                         // An answer to another proxy's hello, the stream's end, an error.
                         _ => return,
                     },
-                    _ = tick.tick() => if wr.write_all(&hello).await.is_err() {
-                        return;
+                    () = &mut next => {
+                        if wr.write_all(&hello).await.is_err() {
+                            return;
+                        }
+                        next.as_mut().reset(tokio::time::Instant::now() + every);
+                        every = (every * 2).min(HELLO_EVERY);
                     },
                 }
             }

@@ -276,6 +276,16 @@ pub enum Request {
     Boot {
         timeout_secs: u32,
     },
+    /// The guest was just restored from saved state (`vm start` of a suspended VM): step
+    /// the wall clock to the host's (`unix_nanos`, nanoseconds since the epoch when the
+    /// host sent this) and mix `entropy` (host random bytes) into the kernel's pool, then
+    /// reseed its CRNG (RNDADDENTROPY + RNDRESEEDCRNG: microvm has no VMGenID, so the
+    /// kernel cannot tell it was restored). Answers `Restored`. Added within protocol
+    /// version 1: an older agent answers `Error` (unknown op), which the host logs.
+    Restored {
+        unix_nanos: u64,
+        entropy: Vec<u8>,
+    },
 }
 
 /// Where banger-init says which init runs the guest once it has set up (in the guest's
@@ -373,15 +383,37 @@ pub struct GuestStats {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Response {
-    Health { software: String, uptime_secs: u64 },
-    Ports { ports: Vec<Port> },
-    Stats { stats: GuestStats },
-    HostKeys { keys: Vec<String> },
+    Health {
+        software: String,
+        uptime_secs: u64,
+    },
+    Ports {
+        ports: Vec<Port>,
+    },
+    Stats {
+        stats: GuestStats,
+    },
+    HostKeys {
+        keys: Vec<String>,
+    },
     ShuttingDown,
-    Written { bytes: u64 },
-    FileInfo { size: u64, mode: u32 },
+    Written {
+        bytes: u64,
+    },
+    FileInfo {
+        size: u64,
+        mode: u32,
+    },
     Connected,
-    Boot { boot: BootState },
+    Boot {
+        boot: BootState,
+    },
+    /// How far the clock was stepped (guest time after minus before, in ms) and whether
+    /// the entropy was credited and the CRNG reseeded.
+    Restored {
+        clock_step_ms: i64,
+        reseeded: bool,
+    },
 }
 
 /// The host side of the handshake on a connected stream.

@@ -1602,3 +1602,45 @@ async fn root_an_egress_policy_follows_the_vm_through_the_daemon() {
     drop(c);
     d.shutdown().await;
 }
+
+/// A save that fails leaves the VM running under the same VMM, with nothing saved (no
+/// `state/`, no `state.tmp/`); Firecracker's save is not implemented yet, so every save
+/// of one fails that way. A VM that is not running cannot be suspended (a conflict).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_suspend_leaves_the_vm_running_and_nothing_saved() {
+    let (d, c, _files) = setup().await;
+    create(
+        &c,
+        CreateVm {
+            name: Some("sus".into()),
+            image: Some("img".into()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let before = VmRpcClient::show(&c, "sus".into()).await.unwrap();
+    assert_eq!(before.state, VmState::Running);
+    let e = c.suspend("sus".into()).await.unwrap_err();
+    let ClientError::Call(o) = e else {
+        panic!("{e:?}")
+    };
+    assert!(
+        o.message()
+            .contains("saving its state failed, so it runs on")
+            && o.message().contains("not supported"),
+        "{}",
+        o.message()
+    );
+    let after = VmRpcClient::show(&c, "sus".into()).await.unwrap();
+    assert_eq!(after.state, VmState::Running);
+    assert_eq!(after.pid, before.pid, "the same VMM runs on");
+    let dir = std::path::Path::new(&after.dir);
+    assert!(!dir.join("state").exists() && !dir.join("state.tmp").exists());
+
+    c.stop("sus".into(), None).await.unwrap();
+    let e = c.suspend("sus".into()).await.unwrap_err();
+    assert_eq!(code(e), codes::CONFLICT);
+    drop(c);
+    d.shutdown().await;
+}

@@ -126,6 +126,13 @@ pub enum VmError {
         #[source]
         source: VmmError,
     },
+    /// A save (`vm suspend`) failed part-way: nothing was kept, the VM runs on.
+    #[error("vm {vm}: saving its state failed, so it runs on (nothing was saved)")]
+    Save {
+        vm: String,
+        #[source]
+        source: VmmError,
+    },
     #[error("vm {0} was stopped while it was starting")]
     StoppedWhileStarting(String),
     #[error(
@@ -174,6 +181,7 @@ impl VmError {
             VmError::Disk(DiskError::Shrink { .. }) => codes::INVALID_ARGUMENT,
             VmError::Disk(_)
             | VmError::Start { .. }
+            | VmError::Save { .. }
             | VmError::Gone(_)
             | VmError::PauseResume { .. }
             | VmError::AgentUnreachable { .. }
@@ -223,6 +231,16 @@ pub enum VmMsg {
     },
     Resume {
         reply: Reply<VmInfo>,
+    },
+    /// Save the running VM to its directory and end its VMM (`vm suspend`).
+    Suspend {
+        reply: Reply<VmInfo>,
+    },
+    /// Internal: the save of a suspend is done (its state is in place) or failed (the VM
+    /// runs on, nothing saved).
+    Saved {
+        generation: u64,
+        result: Result<(), VmError>,
     },
     Delete {
         force: bool,
@@ -312,6 +330,12 @@ pub struct VmActorState {
     start_waiters: Vec<(Reply<VmInfo>, Option<ProgressTx>)>,
     stop_waiters: Vec<Reply<VmInfo>>,
     delete_after_exit: Option<Reply<VmInfo>>,
+    /// The caller of a suspend in progress; with `suspend_saved`, once its state is saved
+    /// and the VMM is being ended (its exit makes the VM `suspended`).
+    suspend_waiter: Option<Reply<VmInfo>>,
+    suspend_saved: bool,
+    /// The start in progress restores saved state (a failure leaves the VM suspended).
+    restoring: bool,
     console: Console,
     /// Why the boot being ended failed (its start waiters get it once the VMM is gone).
     boot_failure: Option<VmError>,
@@ -594,6 +618,41 @@ async fn release_net(env: &VmEnv, rec: &VmRecord) {
     }
 }
 
+/// Tell a restored guest's agent the host's time and give it fresh entropy (its clock
+/// stood still while it was saved, and its RNG state is the saved one). Not fatal: an
+/// older agent without the op answers an error, which is logged.
+async fn after_restore(sock: &std::path::Path, vm: &str) {
+    use std::io::Read;
+    let mut entropy = vec![0u8; 64];
+    if let Err(e) = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut entropy))
+    {
+        tracing::warn!(vm, error = %e, "reading host entropy for the restored guest");
+        entropy.clear();
+    }
+    let unix_nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let req = banger_guest::proto::Request::Restored {
+        unix_nanos,
+        entropy,
+    };
+    match banger_guest::host::call(sock, &req, Duration::from_secs(10)).await {
+        Ok(banger_guest::proto::Response::Restored {
+            clock_step_ms,
+            reseeded,
+        }) => tracing::info!(
+            vm,
+            clock_step_ms,
+            reseeded,
+            "restored: the guest's clock stepped to the host's"
+        ),
+        Ok(other) => tracing::warn!(vm, answer = ?other, "unexpected answer to the restore notice"),
+        Err(e) => {
+            tracing::warn!(vm, error = %error_chain(&e), "the guest's agent did not take the restore notice (an older agent?): its clock and RNG are as saved")
+        }
+    }
+}
+
 async fn install_ssh_key(
     key: &Arc<super::sshkey::SshKey>,
     sock: &std::path::Path,
@@ -757,8 +816,15 @@ impl VmActor {
         release_vmm(state, rt).await;
         release_net(&state.env, &state.rec).await;
         let was = state.rec.state;
-        state.rec.state = VmState::Stopped;
-        if was == VmState::Running && state.stop_waiters.is_empty() {
+        let suspended = std::mem::take(&mut state.suspend_saved);
+        state.rec.state = if suspended {
+            VmState::Suspended
+        } else {
+            VmState::Stopped
+        };
+        if suspended {
+            tracing::info!(vm = %state.rec.name, "suspended");
+        } else if was == VmState::Running && state.stop_waiters.is_empty() {
             tracing::info!(vm = %state.rec.name, "the guest shut down");
         }
         state.generation += 1;
@@ -789,9 +855,102 @@ impl VmActor {
         for w in state.stop_waiters.drain(..) {
             let _ = w.send(Ok(info.clone()));
         }
+        if let Some(w) = state.suspend_waiter.take() {
+            let _ = w.send(if suspended {
+                Ok(info.clone())
+            } else {
+                Err(VmError::Conflict(format!(
+                    "vm {} exited while it was being suspended",
+                    info.name
+                )))
+            });
+        }
         if let Some(reply) = state.delete_after_exit.take() {
             Self::delete_now(myself, state, reply).await?;
         }
+        Ok(())
+    }
+
+    /// Check a suspend can start (running, not already saving, room for the state) and
+    /// start the save in a task that reports [`VmMsg::Saved`]; the mailbox stays free
+    /// (`vm show` answers while it runs).
+    fn begin_suspend(myself: &ActorRef<VmMsg>, state: &VmActorState) -> Result<(), VmError> {
+        state.check(Op::Suspend)?;
+        let name = &state.rec.name;
+        if state.suspend_waiter.is_some() {
+            return Err(VmError::Conflict(format!(
+                "vm {name} is already being suspended"
+            )));
+        }
+        let Some(rt) = state.rec.runtime.clone() else {
+            return Err(VmError::Conflict(format!("vm {name} is not running")));
+        };
+        // The state holds the guest's memory in use (zero pages are holes): at most its
+        // size, plus device state.
+        let need = (u64::from(state.rec.spec.memory_mib) << 20) + (16 << 20);
+        let free = disks::free_bytes(&state.dir.dir).map_err(|source| {
+            VmError::Disk(DiskError::Io {
+                path: state.dir.dir.clone(),
+                source,
+            })
+        })?;
+        if free < need {
+            return Err(VmError::Conflict(format!(
+                "not enough disk space to suspend vm {name}: its state needs up to {} MiB (its memory), {} has {} MiB free",
+                need >> 20,
+                state.dir.dir.display(),
+                free >> 20
+            )));
+        }
+        let (name, driver, dir, me, generation) = (
+            name.clone(),
+            state.driver(),
+            state.dir.clone(),
+            myself.clone(),
+            state.generation,
+        );
+        tracing::info!(vm = %name, "suspending");
+        let name = name.clone();
+        tokio::spawn(async move {
+            let tmp = dir.saved_state_tmp();
+            let result = async {
+                let d = dir.clone();
+                tokio::task::spawn_blocking(move || {
+                    discard_saved_state(&d);
+                    std::fs::create_dir_all(d.saved_state_tmp())
+                })
+                .await
+                .expect("mkdir does not panic")
+                .map_err(|source| DiskError::Io {
+                    path: tmp.clone(),
+                    source,
+                })?;
+                driver
+                    .save_state(&rt, &tmp)
+                    .await
+                    .map_err(|source| VmError::Save { vm: name, source })?;
+                let d = dir.clone();
+                tokio::task::spawn_blocking(move || {
+                    std::fs::rename(d.saved_state_tmp(), d.saved_state())
+                })
+                .await
+                .expect("rename does not panic")
+                .map_err(|source| DiskError::Io {
+                    path: dir.saved_state(),
+                    source,
+                })?;
+                Ok::<(), VmError>(())
+            }
+            .await;
+            if result.is_err() {
+                let d = dir.clone();
+                let _ = tokio::task::spawn_blocking(move || discard_saved_state(&d)).await;
+                if let Err(e) = driver.resume(&rt).await {
+                    tracing::warn!(error = %error_chain(&e), "resuming the vm after a failed save");
+                }
+            }
+            let _ = me.cast(VmMsg::Saved { generation, result });
+        });
         Ok(())
     }
 
@@ -938,6 +1097,17 @@ impl VmActor {
     }
 }
 
+/// Remove a VM's saved state, and what a save that did not finish left. Blocking.
+fn discard_saved_state(dir: &VmDir) {
+    for d in [dir.saved_state(), dir.saved_state_tmp()] {
+        match std::fs::remove_dir_all(&d) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(dir = %d.display(), error = %e, "removing saved state"),
+        }
+    }
+}
+
 /// Bytes of `path` from `offset` to its end.
 fn read_from(path: &std::path::Path, offset: u64) -> std::io::Result<Vec<u8>> {
     use std::io::{Read, Seek, SeekFrom};
@@ -979,6 +1149,9 @@ impl Actor for VmActor {
             start_waiters: Vec::new(),
             stop_waiters: Vec::new(),
             delete_after_exit: None,
+            suspend_waiter: None,
+            suspend_saved: false,
+            restoring: false,
             boot_failure: None,
             console: Console {
                 tx: broadcast::channel(256).0,
@@ -1082,6 +1255,8 @@ impl Actor for VmActor {
                     return Ok(());
                 }
                 state.generation += 1;
+                let restore = state.rec.state == VmState::Suspended;
+                state.restoring = restore;
                 state.rec.state = VmState::Starting;
                 state.rec.error = None;
                 state.console.boot_from =
@@ -1097,7 +1272,7 @@ impl Actor for VmActor {
                     myself.clone(),
                 );
                 let driver = state.driver();
-                tracing::info!(vm = %rec.name, vmm = rec.vmm.as_str(), "starting");
+                tracing::info!(vm = %rec.name, vmm = rec.vmm.as_str(), restore, "starting");
                 tokio::spawn(async move {
                     let result = async {
                         let tap = setup_net(&env, &rec, &senders).await?;
@@ -1106,21 +1281,36 @@ impl Actor for VmActor {
                             let (env, rec, dir) = (Arc::clone(&env), rec.clone(), dir.clone());
                             tokio::task::spawn_blocking(move || {
                                 ensure_disks(&dir, rec.spec.disk_bytes)?;
+                                if !restore {
+                                    // Left by a save the daemon did not finish: a cold boot
+                                    // moves the disks on, so it can never be restored.
+                                    discard_saved_state(&dir);
+                                }
                                 plan(&env, &rec, &dir, tap)
                             })
                             .await
                             .expect("plan does not panic")?
                         };
                         let stage = |s: &str| send_stage(&senders, s);
-                        let rt =
+                        let launched = if restore {
                             driver
-                                .launch(&plan, &env.net, &stage)
+                                .launch_restored(&plan, &dir.saved_state(), &env.net, &stage)
                                 .await
-                                .map_err(|source| VmError::Start {
-                                    vm: rec.name.clone(),
-                                    log: plan.console.display().to_string(),
-                                    source,
-                                })?;
+                        } else {
+                            driver.launch(&plan, &env.net, &stage).await
+                        };
+                        let rt = launched.map_err(|source| VmError::Start {
+                            vm: rec.name.clone(),
+                            log: plan.console.display().to_string(),
+                            source,
+                        })?;
+                        if restore {
+                            // The guest runs on from it and its disks move on: it can
+                            // never be loaded again.
+                            let dir = dir.clone();
+                            let _ = tokio::task::spawn_blocking(move || discard_saved_state(&dir))
+                                .await;
+                        }
                         Ok((rt, plan.cmdline))
                     }
                     .await;
@@ -1168,6 +1358,7 @@ impl Actor for VmActor {
                             let me = myself.clone();
                             let ssh_key = state.env.ssh_key.clone();
                             let vm_name = state.rec.name.clone();
+                            let restored = state.restoring;
                             // started_at is set once running: None means the first boot.
                             let file_sync = if state.rec.started_at.is_none() {
                                 state.env.file_sync.clone()
@@ -1182,6 +1373,9 @@ impl Actor for VmActor {
                                 .await
                                 .map(drop)
                                 .map_err(|e| error_chain(&e));
+                                if result.is_ok() && restored {
+                                    after_restore(std::path::Path::new(&sock), &vm_name).await;
+                                }
                                 if result.is_ok()
                                     && let Some(key) = ssh_key
                                 {
@@ -1221,9 +1415,18 @@ impl Actor for VmActor {
                         let stopped = was == VmState::Stopping;
                         state.rec.state = if stopped {
                             VmState::Stopped
+                        } else if state.restoring {
+                            // Its saved state is intact: it can be started again (or
+                            // stopped, which discards it).
+                            VmState::Suspended
                         } else {
                             VmState::Error
                         };
+                        if stopped && state.restoring {
+                            let dir = state.dir.clone();
+                            let _ = tokio::task::spawn_blocking(move || discard_saved_state(&dir))
+                                .await;
+                        }
                         state.rec.error = (!stopped).then(|| error_chain(&e));
                         state.generation += 1;
                         state.published.unbind_all().await;
@@ -1268,6 +1471,24 @@ impl Actor for VmActor {
             VmMsg::Stop { timeout, reply } => {
                 if let Err(e) = state.check(Op::Stop) {
                     let _ = reply.send(Err(e));
+                    return Ok(());
+                }
+                if state.rec.state == VmState::Suspended {
+                    // Nothing runs: the saved state is discarded (its next start boots).
+                    let dir = state.dir.clone();
+                    let _ = tokio::task::spawn_blocking(move || discard_saved_state(&dir)).await;
+                    state.rec.state = VmState::Stopped;
+                    state.rec.error = None;
+                    state.persist().await?;
+                    tracing::info!(vm = %state.rec.name, "stopped; its saved state is discarded");
+                    let _ = reply.send(Ok(state.info()));
+                    return Ok(());
+                }
+                if state.suspend_waiter.is_some() {
+                    let _ = reply.send(Err(VmError::Conflict(format!(
+                        "vm {} is being suspended; wait for it, or `banger vm kill {}`",
+                        state.rec.name, state.rec.name
+                    ))));
                     return Ok(());
                 }
                 state.stop_waiters.push(reply);
@@ -1326,6 +1547,39 @@ impl Actor for VmActor {
                     host.signal(rt.pid, rt.start_time, nix::sys::signal::Signal::SIGKILL)
                         .await;
                 });
+            }
+            VmMsg::Suspend { reply } => {
+                if let Err(e) = Self::begin_suspend(&myself, state) {
+                    let _ = reply.send(Err(e));
+                    return Ok(());
+                }
+                state.suspend_waiter = Some(reply);
+            }
+            VmMsg::Saved { generation, result } => {
+                if generation != state.generation || state.suspend_waiter.is_none() {
+                    // The VM exited during the save (its waiter was answered then): what
+                    // was saved is of a guest that is gone.
+                    if state.rec.state != VmState::Suspended {
+                        let dir = state.dir.clone();
+                        let _ =
+                            tokio::task::spawn_blocking(move || discard_saved_state(&dir)).await;
+                    }
+                    return Ok(());
+                }
+                match result {
+                    Ok(()) => {
+                        // Saved and its vCPUs stopped: end the VMM; its exit
+                        // (`on_exited`) makes the VM suspended and answers the caller.
+                        state.suspend_saved = true;
+                        Self::kill_now(state, nix::sys::signal::Signal::SIGKILL).await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(vm = %state.rec.name, error = %error_chain(&e), "suspend failed; the vm runs on");
+                        if let Some(w) = state.suspend_waiter.take() {
+                            let _ = w.send(Err(e));
+                        }
+                    }
+                }
             }
             VmMsg::Kill { signal, reply } => {
                 if let Err(e) = state.check(Op::Kill) {

@@ -62,6 +62,16 @@ impl VmDir {
     pub fn console_old(&self) -> PathBuf {
         self.dir.join("console.log.1")
     }
+    /// The saved state of a suspended VM (`vm suspend`): what the VMM wrote, restored and
+    /// then removed by the next `vm start`.
+    pub fn saved_state(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+    /// Where a save in progress writes; renamed to [`Self::saved_state`] once complete, so
+    /// a save that fails (or a daemon that dies mid-save) leaves no half-written state.
+    pub fn saved_state_tmp(&self) -> PathBuf {
+        self.dir.join("state.tmp")
+    }
     /// Runtime files (sockets, pid files) live in `run/`, emptied on every start.
     pub fn run_dir(&self) -> PathBuf {
         self.dir.join("run")
@@ -211,6 +221,12 @@ pub fn allocated(path: &Path) -> u64 {
 }
 
 /// Remove everything of a VM. Blocking.
+/// Bytes free for an unprivileged writer on the filesystem of `path`.
+pub fn free_bytes(path: &Path) -> std::io::Result<u64> {
+    let s = nix::sys::statvfs::statvfs(path).map_err(std::io::Error::from)?;
+    Ok(s.blocks_available() as u64 * s.fragment_size() as u64)
+}
+
 pub fn remove(vm: &VmDir) -> Result<(), DiskError> {
     match std::fs::remove_dir_all(&vm.dir) {
         Ok(()) => Ok(()),

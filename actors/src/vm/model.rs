@@ -17,8 +17,15 @@
 //! running ◀─────────▶ paused ──── stop: resumed, then shut down as from running
 //!            resume              kill / delete --force / vmm exited: as from running
 //! ```
-//! Delete is allowed from created, stopped and error; a starting/running/paused/stopping VM
-//! needs `force` (it is killed first). `set` of vcpu/memory/disk only while not running.
+//!
+//! `suspend` saves a running VM to disk and ends its VMM (running → suspended, no
+//! process); `start` of a suspended VM restores it (suspended → starting → running), and a
+//! restore that fails leaves it suspended with its saved state. `stop` of a suspended VM
+//! discards the saved state (→ stopped: its next start is a cold boot).
+//!
+//! Delete is allowed from created, stopped, suspended and error (the saved state goes with
+//! the VM's directory); a starting/running/paused/stopping VM needs `force` (it is killed
+//! first). `set` of vcpu/memory/disk only while not running.
 
 use serde::{Deserialize, Serialize};
 
@@ -109,6 +116,7 @@ pub enum Op {
     Set,
     Pause,
     Resume,
+    Suspend,
 }
 
 /// What a pause or resume asked in this state is: the VMM's work, or nothing to do.
@@ -131,26 +139,35 @@ pub fn check(name: &str, state: VmState, op: Op) -> Result<(), Refused> {
     use VmState::*;
     let refuse = |m: String| Err(Refused(m));
     match (op, state) {
-        (Op::Start, Created | Stopped | Error) => Ok(()),
+        (Op::Start, Created | Stopped | Error | Suspended) => Ok(()),
         (Op::Start, Running) => refuse(format!("vm {name} is already running")),
         (Op::Start, Starting) => refuse(format!("vm {name} is already starting")),
         (Op::Start, Paused) => refuse(banger_api::paused_refusal(name)),
         (Op::Start, Stopping) => refuse(format!(
             "vm {name} is stopping; wait for it, or `banger vm kill {name}`"
         )),
-        (Op::Stop, Starting | Running | Paused | Stopping) => Ok(()),
+        (Op::Stop, Starting | Running | Paused | Stopping | Suspended) => Ok(()),
         (Op::Stop, _) => refuse(format!("vm {name} is not running ({})", state.as_str())),
         (Op::Kill, Starting | Running | Paused | Stopping) => Ok(()),
         (Op::Kill, _) => refuse(format!("vm {name} is not running ({})", state.as_str())),
-        (Op::Delete { .. }, Created | Stopped | Error) => Ok(()),
+        (Op::Delete { .. }, Created | Stopped | Error | Suspended) => Ok(()),
         (Op::Delete { force: true }, _) => Ok(()),
         (Op::Delete { force: false }, _) => refuse(format!(
             "vm {name} is {}; stop it first, or delete it with --force",
             state.as_str()
         )),
         (Op::Set, Created | Stopped | Error) => Ok(()),
+        (Op::Set, Suspended) => refuse(format!(
+            "vm {name} is suspended (its saved memory is for its current size); start it, or `banger vm stop {name}` to discard the saved state"
+        )),
         (Op::Set, _) => refuse(format!(
             "vm {name} is {}; stop it to change its size",
+            state.as_str()
+        )),
+        (Op::Suspend, Running) => Ok(()),
+        (Op::Suspend, Suspended) => refuse(format!("vm {name} is already suspended")),
+        (Op::Suspend, _) => refuse(format!(
+            "vm {name} is {}; only a running vm can be suspended",
             state.as_str()
         )),
         (Op::Pause | Op::Resume, _) => transition(name, state, op).map(drop),
@@ -230,14 +247,16 @@ mod tests {
     use super::*;
     use VmState::*;
 
-    const ALL: [VmState; 7] = [Created, Starting, Running, Paused, Stopping, Stopped, Error];
+    const ALL: [VmState; 8] = [
+        Created, Starting, Running, Paused, Stopping, Stopped, Error, Suspended,
+    ];
 
     #[test]
     fn start_only_from_rest() {
         for s in ALL {
             assert_eq!(
                 check("t", s, Op::Start).is_ok(),
-                matches!(s, Created | Stopped | Error),
+                matches!(s, Created | Stopped | Error | Suspended),
                 "{s:?}"
             );
         }
@@ -252,7 +271,12 @@ mod tests {
     #[test]
     fn stop_and_kill_only_when_active() {
         for s in ALL {
-            assert_eq!(check("t", s, Op::Stop).is_ok(), is_active(s), "{s:?}");
+            // Stop of a suspended VM discards its saved state.
+            assert_eq!(
+                check("t", s, Op::Stop).is_ok(),
+                is_active(s) || s == Suspended,
+                "{s:?}"
+            );
             assert_eq!(check("t", s, Op::Kill).is_ok(), is_active(s), "{s:?}");
         }
     }
@@ -276,7 +300,11 @@ mod tests {
     #[test]
     fn set_only_while_not_running() {
         for s in ALL {
-            assert_eq!(check("t", s, Op::Set).is_ok(), !is_active(s), "{s:?}");
+            assert_eq!(
+                check("t", s, Op::Set).is_ok(),
+                !is_active(s) && s != Suspended,
+                "{s:?}"
+            );
         }
     }
 
@@ -305,6 +333,14 @@ mod tests {
         // A paused VM is told how to get it back, not to start it.
         let msg = check("t", Paused, Op::Start).unwrap_err().0;
         assert_eq!(msg, "vm t is paused; `banger vm resume t`");
+    }
+
+    #[test]
+    fn suspend_only_while_running() {
+        for s in ALL {
+            assert_eq!(check("t", s, Op::Suspend).is_ok(), s == Running, "{s:?}");
+        }
+        assert!(!is_active(Suspended), "a suspended vm has no VMM process");
     }
 
     #[test]

@@ -122,6 +122,36 @@ impl Driver {
         }
     }
 
+    /// Save the running VM's memory and device state into `dir` (an empty directory the
+    /// caller made, on the VM's filesystem), leaving its vCPUs stopped: the caller then
+    /// ends the VMM (`vm suspend`) or [`Self::resume`]s it (a failed save; a snapshot).
+    pub async fn save_state(&self, rt: &Runtime, dir: &std::path::Path) -> Result<(), VmmError> {
+        match self {
+            Driver::Firecracker(_) => Err(VmmError::Setup(
+                "saving a Firecracker VM's state is not supported yet".into(),
+            )),
+            Driver::Qemu(_) => qemu::save_state(rt, dir).await,
+        }
+    }
+
+    /// Launch the VMM for `plan` (the same VM, disks and devices as when it was saved) from
+    /// the state [`Self::save_state`] wrote into `dir`, instead of booting: the guest runs
+    /// on where it was. `dir` is left as it is (the caller decides what to keep).
+    pub async fn launch_restored(
+        &self,
+        plan: &LaunchPlan,
+        dir: &std::path::Path,
+        _host: &crate::net::host::HostNet,
+        stage: &(dyn Fn(&str) + Send + Sync),
+    ) -> Result<Runtime, VmmError> {
+        match self {
+            Driver::Firecracker(_) => Err(VmmError::Setup(
+                "restoring a Firecracker VM is not supported yet".into(),
+            )),
+            Driver::Qemu(c) => qemu::launch_restored(c, plan, dir, stage).await,
+        }
+    }
+
     /// Ask the guest to shut down (Ctrl-Alt-Del); the caller waits and kills on timeout.
     /// Whether the VMM process ends when its guest powers off or halts. QEMU's does (ACPI
     /// power-off). Firecracker's does not: it has no power-management device, and a guest

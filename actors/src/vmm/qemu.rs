@@ -252,6 +252,98 @@ pub async fn launch(
     plan: &LaunchPlan,
     stage: &(dyn Fn(&str) + Send + Sync),
 ) -> Result<Runtime, VmmError> {
+    launch_from(c, plan, None, stage).await
+}
+
+/// The file of a saved state in its directory (see [`save_state`]).
+pub const STATE_FILE: &str = "vm.state";
+
+/// The migration capabilities of a save and of its load (they must match): `mapped-ram`
+/// writes each RAM page at a fixed offset of the file (zero pages are left as holes, so
+/// the file is sparse and about as big as the memory in use) and loads with a few large
+/// reads. Measured here (512 MiB TCG guest, ~100 MiB in a tmpfs, 257 MiB of pages): a
+/// plain stream saves in 0.19-0.52 s and loads in 0.67-0.88 s; mapped-ram saves in
+/// 0.28-0.48 s and loads in 0.10-0.24 s; mapped-ram + multifd (2 channels, on this 2-core
+/// host) saves in 0.23-0.80 s and loads in 0.18-0.50 s. A load is what a `vm start` waits
+/// for, so mapped-ram alone.
+fn capabilities() -> Value {
+    json!([{ "capability": "mapped-ram", "state": true }])
+}
+
+/// Save the running VM's memory and device state into `dir` (which exists, and is empty):
+/// `stop`, then `migrate` to `file:<dir>/vm.state` with [`capabilities`], waiting for
+/// `query-migrate` to say completed. The guest is left stopped either way: the caller
+/// ends the VMM (a suspend), or [`resume`]s it (a failed save, a snapshot).
+pub async fn save_state(rt: &Runtime, dir: &Path) -> Result<(), VmmError> {
+    let mut qmp = Qmp::connect(Path::new(&rt.control_socket)).await?;
+    qmp.execute("stop", None).await?;
+    qmp.execute(
+        "migrate-set-capabilities",
+        Some(json!({ "capabilities": capabilities() })),
+    )
+    .await?;
+    // QEMU throttles a migration to 128 MiB/s by default; a file has no peer to spare.
+    qmp.execute(
+        "migrate-set-parameters",
+        Some(json!({ "max-bandwidth": 1u64 << 40 })),
+    )
+    .await?;
+    let uri = format!("file:{}", dir.join(STATE_FILE).display());
+    qmp.execute("migrate", Some(json!({ "uri": uri }))).await?;
+    wait_migration(&mut qmp, rt.pid, rt.start_time).await
+}
+
+/// Poll `query-migrate` until the migration (out or in) completes; its error if it fails.
+async fn wait_migration(qmp: &mut Qmp, pid: i32, start: u64) -> Result<(), VmmError> {
+    loop {
+        let r = qmp.execute("query-migrate", None).await?;
+        match r.get("status").and_then(Value::as_str) {
+            Some("completed") => return Ok(()),
+            Some(s @ ("failed" | "cancelled")) => {
+                let why = r
+                    .get("error-desc")
+                    .and_then(Value::as_str)
+                    .unwrap_or("no reason given");
+                return Err(VmmError::Qmp(format!("the migration {s}: {why}")));
+            }
+            _ if !proc::alive(pid, start) => {
+                return Err(VmmError::Died {
+                    what: "qemu".into(),
+                    detail: "it exited during the migration".into(),
+                });
+            }
+            _ => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    }
+}
+
+/// Launch QEMU with the VM's device line and load the state [`save_state`] wrote into
+/// `dir` (`-incoming defer`, then `migrate-incoming` with the same capabilities), let it
+/// run (`cont`), then start a fresh agent proxy: the guest's agent sees the port's host
+/// end close and open again and starts a new session with it (see
+/// [`banger_guest::mux`]).
+pub async fn launch_restored(
+    c: &QemuConfig,
+    plan: &LaunchPlan,
+    dir: &Path,
+    stage: &(dyn Fn(&str) + Send + Sync),
+) -> Result<Runtime, VmmError> {
+    let state = dir.join(STATE_FILE);
+    if !state.is_file() {
+        return Err(VmmError::Setup(format!(
+            "the saved state {} is missing",
+            state.display()
+        )));
+    }
+    launch_from(c, plan, Some(&state), stage).await
+}
+
+async fn launch_from(
+    c: &QemuConfig,
+    plan: &LaunchPlan,
+    incoming: Option<&Path>,
+    stage: &(dyn Fn(&str) + Send + Sync),
+) -> Result<Runtime, VmmError> {
     stage("launch");
     let run = &plan.run_dir;
     let _ = std::fs::remove_dir_all(run);
@@ -259,12 +351,11 @@ pub async fn launch(
     // What QEMU says lands in the console log; from here on it is this launch's.
     let said_from = std::fs::metadata(&plan.console).map_or(0, |m| m.len());
     let (out, err) = log_file(&plan.console)?;
-    let spawned = proc::spawn(
-        Command::new(&c.qemu)
-            .args(qemu_args(c, plan))
-            .stdout(out)
-            .stderr(err),
-    );
+    let mut args = qemu_args(c, plan);
+    if incoming.is_some() {
+        args.extend(["-incoming".into(), "defer".into()]);
+    }
+    let spawned = proc::spawn(Command::new(&c.qemu).args(args).stdout(out).stderr(err));
     let (pid, start) = match spawned {
         Ok(p) => p,
         Err(source) => {
@@ -284,13 +375,29 @@ pub async fn launch(
             || qemu_said(&plan.console, said_from),
         )
         .await?;
-        stage("boot");
+        stage(if incoming.is_some() {
+            "restore"
+        } else {
+            "boot"
+        });
         let mut qmp = super::connect_when_listening(
             Duration::from_secs(10),
             || proc::alive(pid, start),
             || Qmp::connect(&qmp_path),
         )
         .await?;
+        if let Some(state) = incoming {
+            qmp.execute(
+                "migrate-set-capabilities",
+                Some(json!({ "capabilities": capabilities() })),
+            )
+            .await?;
+            let uri = format!("file:{}", state.display());
+            qmp.execute("migrate-incoming", Some(json!({ "uri": uri })))
+                .await?;
+            wait_migration(&mut qmp, pid, start).await?;
+            qmp.execute("cont", None).await?;
+        }
         let status = qmp.execute("query-status", None).await?;
         match status.get("status").and_then(Value::as_str) {
             Some("running") => Ok(()),

@@ -315,6 +315,8 @@ mod tests {
         assert_eq!(want(&["stop", "a", ""]), Want::Names(Names::Vms));
         assert_eq!(want(&["pause", "a", ""]), Want::Names(Names::Vms));
         assert_eq!(want(&["vm", "resume", ""]), Want::Names(Names::Vms));
+        assert_eq!(want(&["suspend", "a", ""]), Want::Names(Names::Vms));
+        assert_eq!(want(&["vm", "suspend", ""]), Want::Names(Names::Vms));
         assert_eq!(want(&["exec", ""]), Want::Names(Names::Vms));
         assert_eq!(want(&["exec", "dev", ""]), Want::Nothing);
         assert_eq!(want(&["logs", "--tail", "3", ""]), Want::Names(Names::Vms));

@@ -97,6 +97,7 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
         Command::Logs(a) => vm::run(&target, VmCmd::Logs(a)).await,
         Command::Start(a) => vm::run(&target, VmCmd::Start(a)).await,
         Command::Stop(a) => vm::run(&target, VmCmd::Stop(a)).await,
+        Command::Suspend(a) => vm::run(&target, VmCmd::Suspend(a)).await,
         Command::Rm(a) => vm::run(&target, VmCmd::Delete(a)).await,
         Command::Pause(a) => vm::run(&target, VmCmd::Pause(a)).await,
         Command::Resume(a) => vm::run(&target, VmCmd::Resume(a)).await,

@@ -672,6 +672,34 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
         }
         VmCmd::Pause(a) => return pause_resume(&client, a, true).await,
         VmCmd::Resume(a) => return pause_resume(&client, a, false).await,
+        VmCmd::Suspend(a) => {
+            let mut done = Vec::new();
+            let c = &client;
+            let json = a.json;
+            let status = each(
+                a.vms,
+                |vm| async move {
+                    let vm = resolve(c, vm).await?;
+                    let t0 = Instant::now();
+                    let info = c.suspend(vm).await?;
+                    if !json {
+                        eprintln!(
+                            "{} is {} ({:.1}s)",
+                            info.name,
+                            info.state.as_str(),
+                            t0.elapsed().as_secs_f64()
+                        );
+                    }
+                    Ok(info)
+                },
+                |info| done.push(info),
+            )
+            .await;
+            if json {
+                render::json(&done)?;
+            }
+            return Ok(status);
+        }
         VmCmd::Kill { vms, signal, json } => {
             let mut done = Vec::new();
             let c = &client;

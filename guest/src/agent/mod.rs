@@ -97,6 +97,10 @@ pub fn serve<C: Conn>(mut conn: C) -> Result<(), ProtoError> {
         Request::Boot { timeout_secs } => Ok(Response::Boot {
             boot: boot::Probe::default().wait(std::time::Duration::from_secs(timeout_secs.into())),
         }),
+        Request::Restored {
+            unix_nanos,
+            entropy,
+        } => sys::restored(unix_nanos, &entropy),
         Request::Shutdown { reboot } => {
             proto::write_json(&mut conn, Kind::Response, &Response::ShuttingDown)?;
             sys::shutdown(reboot);

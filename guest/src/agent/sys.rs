@@ -232,3 +232,73 @@ mod tests {
         );
     }
 }
+
+/// `Restored`: step CLOCK_REALTIME to `unix_nanos` and feed `entropy` to the kernel's
+/// pool, crediting it, then reseed the CRNG.
+pub fn restored(unix_nanos: u64, entropy: &[u8]) -> Result<crate::proto::Response, String> {
+    use nix::time::{ClockId, clock_gettime, clock_settime};
+    let to = nix::sys::time::TimeSpec::new(
+        (unix_nanos / 1_000_000_000) as i64,
+        (unix_nanos % 1_000_000_000) as i64,
+    );
+    let before = clock_gettime(ClockId::CLOCK_REALTIME).map_err(|e| format!("clock: {e}"))?;
+    clock_settime(ClockId::CLOCK_REALTIME, to).map_err(|e| format!("setting the clock: {e}"))?;
+    let step = to - before;
+    let clock_step_ms = step.tv_sec() * 1000 + step.tv_nsec() / 1_000_000;
+    let reseeded = add_entropy(entropy)
+        .map_err(|e| format!("adding entropy: {e}"))
+        .is_ok_and(|()| reseed().is_ok());
+    Ok(crate::proto::Response::Restored {
+        clock_step_ms,
+        reseeded,
+    })
+}
+
+/// At most this many bytes of host entropy are taken.
+const ENTROPY_MAX: usize = 256;
+
+/// `struct rand_pool_info` of `<linux/random.h>` with its buffer inline.
+#[repr(C)]
+struct RandPoolInfo {
+    entropy_count: i32,
+    buf_size: i32,
+    buf: [u8; ENTROPY_MAX],
+}
+
+// RNDADDENTROPY is `_IOW('R', 0x03, int[2])`, RNDRESEEDCRNG `_IO('R', 0x07)`.
+nix::ioctl_write_ptr_bad!(
+    rnd_add_entropy,
+    nix::request_code_write!(b'R', 0x03, 2 * std::mem::size_of::<i32>()),
+    RandPoolInfo
+);
+nix::ioctl_none!(rnd_reseed_crng, b'R', 0x07);
+
+#[allow(unsafe_code)]
+fn add_entropy(bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let n = bytes.len().min(ENTROPY_MAX);
+    let mut info = RandPoolInfo {
+        entropy_count: (n * 8) as i32,
+        buf_size: n as i32,
+        buf: [0; ENTROPY_MAX],
+    };
+    info.buf[..n].copy_from_slice(&bytes[..n]);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/urandom")?;
+    // SAFETY: `f` is open for the call; `info` is a valid rand_pool_info whose buffer
+    // holds `buf_size` bytes, which the kernel only reads.
+    unsafe { rnd_add_entropy(f.as_raw_fd(), &info) }?;
+    Ok(())
+}
+
+#[allow(unsafe_code)]
+fn reseed() -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/urandom")?;
+    // SAFETY: `f` is open for the call; RNDRESEEDCRNG takes no argument.
+    unsafe { rnd_reseed_crng(f.as_raw_fd()) }?;
+    Ok(())
+}

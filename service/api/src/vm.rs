@@ -22,6 +22,9 @@ pub enum VmState {
     Stopped,
     /// Start failed or the VMM died unexpectedly; `error` says why.
     Error,
+    /// Saved to disk (`vm suspend`): memory and device state in the VM's directory, no
+    /// VMM process; `vm start` restores it where it was.
+    Suspended,
 }
 
 impl VmState {
@@ -34,6 +37,7 @@ impl VmState {
             VmState::Stopping => "stopping",
             VmState::Stopped => "stopped",
             VmState::Error => "error",
+            VmState::Suspended => "suspended",
         }
     }
 }
@@ -431,6 +435,11 @@ mod rpc {
         /// Let a paused VM run again; a running VM is a no-op success.
         #[method(name = "resume")]
         async fn resume(&self, vm: String) -> jsonrpsee::core::RpcResult<VmInfo>;
+
+        /// Save a running VM to disk (memory and device state, in its directory), then stop
+        /// its VMM: it shows `suspended`, and `vm.start` restores it where it was.
+        #[method(name = "suspend")]
+        async fn suspend(&self, vm: String) -> jsonrpsee::core::RpcResult<VmInfo>;
 
         /// Send a signal (default SIGKILL) to the VMM.
         #[method(name = "kill")]

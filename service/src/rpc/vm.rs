@@ -174,6 +174,16 @@ impl VmRpcServer for VmApi {
     }
 
     #[tracing::instrument(skip(self))]
+    async fn suspend(&self, vm: String) -> RpcResult<VmInfo> {
+        Ok(self
+            .ctx
+            .tree
+            .ask_vm(&vm, |reply| VmMsg::Suspend { reply })
+            .await
+            .map_err(RpcError::from)?)
+    }
+
+    #[tracing::instrument(skip(self))]
     async fn kill(&self, vm: String, signal: Option<String>) -> RpcResult<VmInfo> {
         let signal = match signal {
             Some(s) => parse_signal(&s).map_err(RpcError::Invalid)?,

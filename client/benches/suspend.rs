@@ -1,0 +1,205 @@
+//! Resume from suspend against a cold boot, on the same real guest in the same run: `vm
+//! start` of a stopped VM (a boot, to agent-ready: `vm start` answers once the agent
+//! does) and `vm start` of a suspended one (a restore, to agent-ready), interleaved, with
+//! the ratio (the target: a restore at most a tenth of a boot). Also `vm suspend`'s
+//! time and the saved state's allocated size.
+//!
+//! Needs root, the test rig (`scripts/rig/setup.sh`) and the static guest binaries
+//! (`scripts/build-guest.sh`), like `client/tests/vm_qemu.rs`; the guest runs under
+//! QEMU/TCG, so absolute figures are the emulator's; the ratio is the point.
+//! Run: `cargo build --release -p bangerd && cargo bench -p banger --bench suspend`
+//! (`BANGER_BENCH_RUNS`, default 3 of each).
+
+#![allow(clippy::print_stdout)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn bin(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_banger")).with_file_name(name)
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+fn rig() -> std::collections::HashMap<String, String> {
+    let dir = std::env::var("BANGER_RIG_DIR").unwrap_or_else(|_| "/var/cache/banger-rig".into());
+    std::fs::read_to_string(Path::new(&dir).join("rig.env"))
+        .unwrap_or_else(|e| panic!("the rig is not set up ({dir}/rig.env: {e})"))
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+struct Home(tempfile::TempDir);
+
+impl Home {
+    fn env(&self, cmd: &mut Command) {
+        for (k, _) in std::env::vars() {
+            if k.starts_with("BANGER_") || k.starts_with("XDG_") {
+                cmd.env_remove(k);
+            }
+        }
+        let p = self.0.path();
+        cmd.env("HOME", p)
+            .env("XDG_RUNTIME_DIR", p.join("run"))
+            .env("XDG_DATA_HOME", p.join("data"))
+            .env("XDG_STATE_HOME", p.join("state"))
+            .env("XDG_CACHE_HOME", p.join("cache"))
+            .env("XDG_CONFIG_HOME", p.join("config"))
+            .env("BANGER_SOCKET", p.join("run/banger/bangerd.sock"));
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let mut cmd = Command::new(bin("banger"));
+        self.env(&mut cmd);
+        let out = cmd.args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "banger {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Home {
+    fn drop(&mut self) {
+        let mut cmd = Command::new(bin("banger"));
+        self.env(&mut cmd);
+        let _ = cmd.args(["vm", "rm", "-f", "bench"]).output();
+        let mut cmd = Command::new(bin("banger"));
+        self.env(&mut cmd);
+        let _ = cmd.args(["daemon", "stop"]).output();
+    }
+}
+
+fn setup() -> Home {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "needs root, as the rig's tests"
+    );
+    let rig = rig();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::create_dir_all(dir.path().join("run")).unwrap();
+    let cfg = dir.path().join("config/banger");
+    std::fs::create_dir_all(&cfg).unwrap();
+    std::fs::write(
+        cfg.join("config.toml"),
+        format!(
+            "default_vmm = \"qemu\"\ndefault_image_name = \"rig\"\ndns_listen = \"127.0.0.1:0\"\n[qemu]\naccel = \"tcg\"\nbinary = \"{}\"\n[vm_defaults]\nvcpu = 1\nmemory = \"512M\"\ndisk = \"2G\"\nnetwork = false\n",
+            rig["BANGER_RIG_QEMU"]
+        ),
+    )
+    .unwrap();
+    // The rig's rootfs with banger-init and banger-agent injected (as vm_qemu.rs does).
+    let img = dir.path().join("rootfs.ext4");
+    assert!(
+        Command::new("cp")
+            .arg("--sparse=always")
+            .arg(&rig["BANGER_RIG_ROOTFS"])
+            .arg(&img)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let guest = repo().join("target/guest");
+    for cmd in [
+        "mkdir /usr/lib/banger".to_owned(),
+        format!(
+            "write {}/banger-init /usr/lib/banger/banger-init",
+            guest.display()
+        ),
+        "sif /usr/lib/banger/banger-init mode 0100755".to_owned(),
+        format!(
+            "write {}/banger-agent /usr/lib/banger/banger-agent",
+            guest.display()
+        ),
+        "sif /usr/lib/banger/banger-agent mode 0100755".to_owned(),
+    ] {
+        let out = Command::new("debugfs")
+            .args(["-w", "-R", &cmd])
+            .arg(&img)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "debugfs {cmd}");
+    }
+    let home = Home(dir);
+    let kernel_dir = Path::new(&rig["BANGER_RIG_KERNEL"])
+        .parent()
+        .unwrap()
+        .to_owned();
+    home.ok(&[
+        "kernel",
+        "import",
+        "rig",
+        "--from",
+        kernel_dir.to_str().unwrap(),
+    ]);
+    home.ok(&[
+        "image",
+        "register",
+        "rig",
+        img.to_str().unwrap(),
+        "--kernel",
+        "rig",
+    ]);
+    home
+}
+
+fn timed(home: &Home, args: &[&str]) -> Duration {
+    let t0 = Instant::now();
+    home.ok(args);
+    t0.elapsed()
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn main() {
+    let runs: usize = std::env::var("BANGER_BENCH_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    let home = setup();
+    home.ok(&["vm", "create", "--name", "bench", "--no-start"]);
+    let dir = PathBuf::from(
+        serde_json::from_str::<serde_json::Value>(&home.ok(&["vm", "show", "bench", "--json"]))
+            .unwrap()["dir"]
+            .as_str()
+            .unwrap(),
+    );
+    // The first boot does first-boot work (ssh host keys): not a steady cold start.
+    home.ok(&["vm", "start", "bench"]);
+    home.ok(&["vm", "stop", "bench"]);
+    let (mut cold, mut restore, mut suspend, mut state) = (vec![], vec![], vec![], 0u64);
+    for _ in 0..runs {
+        cold.push(timed(&home, &["vm", "start", "bench"]));
+        suspend.push(timed(&home, &["vm", "suspend", "bench"]));
+        let f = std::fs::metadata(dir.join("state/vm.state")).unwrap();
+        state = std::os::unix::fs::MetadataExt::blocks(&f) * 512;
+        restore.push(timed(&home, &["vm", "start", "bench"]));
+        home.ok(&["vm", "stop", "bench"]);
+    }
+    let (c, r, s) = (median(cold), median(restore), median(suspend));
+    println!("suspend/restore, 512 MiB guest under TCG, {runs} runs each (medians):");
+    println!("  cold vm start to agent-ready   {:8.3} s", c.as_secs_f64());
+    println!("  vm start of a suspended vm     {:8.3} s", r.as_secs_f64());
+    println!("  vm suspend                     {:8.3} s", s.as_secs_f64());
+    println!("  saved state allocated          {:8} MiB", state >> 20);
+    println!(
+        "  restore / cold boot            {:8.3}  (target <= 0.100)",
+        r.as_secs_f64() / c.as_secs_f64()
+    );
+}
