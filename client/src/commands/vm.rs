@@ -502,6 +502,46 @@ async fn pause_resume(
     Ok(status)
 }
 
+/// `op` on each VM in turn (its name or ID prefix resolved first), each said on stderr with
+/// the state it ends in and how long it took, or all as one JSON array (`vm stop`, `vm
+/// suspend`).
+async fn timed_each<F, Fut>(
+    client: &jsonrpsee::async_client::Client,
+    vms: Vec<String>,
+    json: bool,
+    op: F,
+) -> Result<u8, CliError>
+where
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = Result<VmInfo, CliError>>,
+{
+    let mut done = Vec::new();
+    let op = &op;
+    let status = each(
+        vms,
+        |vm| async move {
+            let vm = resolve(client, vm).await?;
+            let t0 = Instant::now();
+            let info = op(vm).await?;
+            if !json {
+                eprintln!(
+                    "{} is {} ({:.1}s)",
+                    info.name,
+                    info.state.as_str(),
+                    t0.elapsed().as_secs_f64()
+                );
+            }
+            Ok(info)
+        },
+        |info| done.push(info),
+    )
+    .await;
+    if json {
+        render::json(&done)?;
+    }
+    Ok(status)
+}
+
 fn size_req(s: &SizeArgs) -> (Option<u32>, Option<u32>, Option<u64>) {
     (s.vcpu, s.memory.map(|m| (m >> 20) as u32), s.disk_size)
 }
@@ -642,63 +682,23 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
             }
         }
         VmCmd::Stop(a) => {
-            let mut done = Vec::new();
-            let c = &client;
-            let timeout = a.timeout;
-            let json = a.json;
-            let status = each(
-                a.vms,
-                |vm| async move {
-                    let vm = resolve(c, vm).await?;
-                    let t0 = Instant::now();
-                    let info = c.stop(vm, timeout).await?;
-                    if !json {
-                        eprintln!(
-                            "{} is {} ({:.1}s)",
-                            info.name,
-                            info.state.as_str(),
-                            t0.elapsed().as_secs_f64()
-                        );
-                    }
-                    Ok(info)
-                },
-                |info| done.push(info),
-            )
+            let (c, timeout) = (&client, a.timeout);
+            return timed_each(c, a.vms, a.json, |vm| async move {
+                Ok(c.stop(vm, timeout).await?)
+            })
             .await;
-            if json {
-                render::json(&done)?;
-            }
-            return Ok(status);
         }
         VmCmd::Pause(a) => return pause_resume(&client, a, true).await,
         VmCmd::Resume(a) => return pause_resume(&client, a, false).await,
         VmCmd::Suspend(a) => {
-            let mut done = Vec::new();
             let c = &client;
-            let json = a.json;
-            let status = each(
+            return timed_each(
+                c,
                 a.vms,
-                |vm| async move {
-                    let vm = resolve(c, vm).await?;
-                    let t0 = Instant::now();
-                    let info = c.suspend(vm).await?;
-                    if !json {
-                        eprintln!(
-                            "{} is {} ({:.1}s)",
-                            info.name,
-                            info.state.as_str(),
-                            t0.elapsed().as_secs_f64()
-                        );
-                    }
-                    Ok(info)
-                },
-                |info| done.push(info),
+                a.json,
+                |vm| async move { Ok(c.suspend(vm).await?) },
             )
             .await;
-            if json {
-                render::json(&done)?;
-            }
-            return Ok(status);
         }
         VmCmd::Kill { vms, signal, json } => {
             let mut done = Vec::new();
