@@ -93,6 +93,7 @@ pub(super) fn stored_vm(id: &str, name: &str, created_at: u64) -> crate::vm::mod
         publish: Vec::new(),
         egress: Default::default(),
         isolate: false,
+        spawned: None,
         uid: None,
     }
 }

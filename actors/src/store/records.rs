@@ -578,6 +578,7 @@ mod tests {
             uid: None,
             egress: Default::default(),
             isolate: false,
+            spawned: None,
         }
     }
 

@@ -252,6 +252,17 @@ pub async fn launch(
     plan: &LaunchPlan,
     stage: &(dyn Fn(&str) + Send + Sync),
 ) -> Result<Runtime, VmmError> {
+    launch_with(c, plan, stage, &|_, _| {}).await
+}
+
+/// [`launch`], telling `spawned` QEMU's (pid, start time) as soon as it exists (see
+/// `firecracker::launch_with`). A failed launch returns once QEMU is gone.
+pub async fn launch_with(
+    c: &QemuConfig,
+    plan: &LaunchPlan,
+    stage: &(dyn Fn(&str) + Send + Sync),
+    on_spawn: &(dyn Fn(i32, u64) + Send + Sync),
+) -> Result<Runtime, VmmError> {
     stage("launch");
     let run = &plan.run_dir;
     let _ = std::fs::remove_dir_all(run);
@@ -274,6 +285,7 @@ pub async fn launch(
             });
         }
     };
+    on_spawn(pid, start);
     let result = async {
         let qmp_path = run.join("qmp.sock");
         wait_for_path(
@@ -309,6 +321,9 @@ pub async fn launch(
             // said rather than how its socket went away.
             let exited = proc::wait_gone(pid, start, Duration::from_secs(2)).await;
             proc::signal(pid, start, nix::sys::signal::Signal::SIGKILL);
+            if !proc::wait_gone(pid, start, Duration::from_secs(5)).await {
+                tracing::warn!(vm = %plan.id, pid, "the failed launch's qemu did not end");
+            }
             return Err(match e {
                 VmmError::Died { .. } => e,
                 _ if exited => VmmError::Died {
