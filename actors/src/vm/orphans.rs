@@ -14,6 +14,11 @@
 //!   names no banger path (`<base>/<exec name>/<id>/root`, possibly `(deleted)` once the
 //!   jail is removed).
 //!
+//! - or it is a cut-short launch's jailed Firecracker that bangerd cannot see into (its root
+//!   is another uid's): its command line is `--id <id>` of a record of ours in `starting`
+//!   without a runtime, and it runs as that record's own VM uid (both stored before the
+//!   spawn; ids are random, uids one per VM).
+//!
 //! The privileged helper itself (`bangerd __helper <config>`, whose config names the same
 //! directories) and its launcher are not VM processes and are left alone.
 //!
@@ -54,9 +59,30 @@ fn names(arg: &str, dir: &str) -> bool {
     })
 }
 
-/// The processes (other than this one) tied to `dirs` by their command line, or by their
-/// root under `jail_base`.
-pub fn census(dirs: &[PathBuf], jail_base: &Path) -> Vec<HostProc> {
+/// The (id, uid) of launches cut short: records in `starting` with a VM uid and no runtime.
+pub fn launches(records: &[VmRecord]) -> Vec<(String, u32)> {
+    records
+        .iter()
+        .filter(|r| r.state == banger_api::VmState::Starting && r.runtime.is_none())
+        .filter_map(|r| Some((r.id.clone(), r.uid?)))
+        .collect()
+}
+
+fn uid_of(pid: i32) -> Option<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// The processes (other than this one) tied to `dirs` by their command line, by their
+/// root under `jail_base`, or as the Firecracker of one of `launches` (see the module
+/// docs).
+pub fn census(dirs: &[PathBuf], jail_base: &Path, launches: &[(String, u32)]) -> Vec<HostProc> {
     let me = std::process::id() as i32;
     let dirs: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
     let base = jail_base.display().to_string();
@@ -89,7 +115,14 @@ pub fn census(dirs: &[PathBuf], jail_base: &Path) -> Vec<HostProc> {
         let by_root = !by_args
             && std::fs::read_link(e.path().join("root"))
                 .is_ok_and(|r| names(&r.display().to_string(), &base));
-        if !(by_args || by_root) {
+        let by_launch = !(by_args || by_root)
+            && args.windows(2).any(|w| {
+                w[0] == "--id"
+                    && launches
+                        .iter()
+                        .any(|(id, uid)| w[1] == *id && uid_of(pid) == Some(*uid))
+            });
+        if !(by_args || by_root || by_launch) {
             continue;
         }
         let Some(start_time) = proc::start_time(pid) else {
@@ -148,7 +181,8 @@ pub fn orphans(records: &[VmRecord], census: Vec<HostProc>) -> Vec<HostProc> {
 pub async fn reap(env: &super::actor::VmEnv, records: &[VmRecord]) -> usize {
     let dirs = vec![env.vms_dir.clone(), env.vmm.firecracker.chroot_base.clone()];
     let base = env.vmm.firecracker.chroot_base.clone();
-    let found = tokio::task::spawn_blocking(move || census(&dirs, &base))
+    let cut_short = launches(records);
+    let found = tokio::task::spawn_blocking(move || census(&dirs, &base, &cut_short))
         .await
         .unwrap_or_default();
     let orphans = orphans(records, found);
@@ -201,7 +235,7 @@ mod tests {
         let orphan = spawn(&ours.join("a/api.sock"));
         let adopted = spawn(&ours.join("b/api.sock"));
         let other = spawn(&theirs.join("a/api.sock"));
-        let found = census(std::slice::from_ref(&ours), &dir.path().join("jail"));
+        let found = census(std::slice::from_ref(&ours), &dir.path().join("jail"), &[]);
         let pids: Vec<i32> = found.iter().map(|p| p.pid).collect();
         assert!(
             pids.contains(&orphan.0) && pids.contains(&adopted.0),
@@ -247,7 +281,21 @@ mod tests {
             vec![orphan.0]
         );
         assert!(left[0].cmdline.contains("a/api.sock"), "{left:?}");
-        for (pid, start) in [orphan, adopted, other] {
+        // A cut-short launch's process, found by `--id <id>` and its VM uid (ours here).
+        let me = nix::unistd::geteuid().as_raw();
+        let launched = proc::spawn(
+            Command::new("sh")
+                .arg("-c")
+                .arg("sleep 30; : \"$0\"")
+                .args(["--id", "cccccccccccc"]),
+        )
+        .unwrap();
+        let jail = dir.path().join("jail");
+        let found = census(&[], &jail, &[("cccccccccccc".into(), me)]);
+        assert!(found.iter().any(|p| p.pid == launched.0), "{found:?}");
+        let found = census(&[], &jail, &[("cccccccccccc".into(), me + 1)]);
+        assert!(!found.iter().any(|p| p.pid == launched.0), "another uid's");
+        for (pid, start) in [orphan, adopted, other, launched] {
             proc::signal(pid, start, nix::sys::signal::Signal::SIGKILL);
             assert!(proc::wait_gone(pid, start, Duration::from_secs(5)).await);
         }
