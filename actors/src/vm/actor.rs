@@ -737,6 +737,28 @@ impl VmActor {
             let _ = reply.send(Err(e));
             return Ok(());
         }
+        // And its tap and NAT rule, whatever a start cut short by a daemon or helper kill
+        // left (idempotent): the record is kept while they cannot be removed.
+        if state.rec.ip.is_some() && state.env.net.privileged().await {
+            let net = &state.env.net;
+            let id = &state.rec.id;
+            let removed = async {
+                net.detach(id).await?;
+                net.nat(id, None).await?;
+                if crate::net::egress::needs_rules(&state.rec.egress(), state.rec.isolate) {
+                    net.egress_remove(id).await?;
+                }
+                Ok(())
+            }
+            .await;
+            if let Err(source) = removed {
+                let _ = reply.send(Err(VmError::Net {
+                    vm: state.rec.name.clone(),
+                    source,
+                }));
+                return Ok(());
+            }
+        }
         let (dir, store, id) = (
             state.dir.clone(),
             Arc::clone(&state.env.store),
