@@ -300,6 +300,7 @@ impl VmSupervisor {
                 at: now_secs().saturating_add(t.secs),
                 delete: t.delete,
             }),
+            spawned: None,
         };
         Ok((record, vmm))
     }
@@ -381,6 +382,8 @@ impl Actor for VmSupervisor {
         };
         let store = Arc::clone(&state.env.store);
         let vms = tokio::task::spawn_blocking(move || store.list_vms()).await??;
+        // Before any actor re-adopts or releases: no VM process without a record.
+        crate::vm::orphans::reap(&state.env, &vms).await;
         for vm in vms {
             state.publish(&vm);
             if let Err(e) = Self::spawn_vm(&myself, &mut state, &vm.id).await {

@@ -94,6 +94,7 @@ pub(super) fn stored_vm(id: &str, name: &str, created_at: u64) -> crate::vm::mod
         egress: Default::default(),
         isolate: false,
         expires: None,
+        spawned: None,
         uid: None,
     }
 }

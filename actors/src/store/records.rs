@@ -579,6 +579,7 @@ mod tests {
             egress: Default::default(),
             isolate: false,
             expires: None,
+            spawned: None,
         }
     }
 

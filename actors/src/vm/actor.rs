@@ -260,6 +260,12 @@ pub enum VmMsg {
     /// The console so far (last 64 KiB) and, while the VM runs, a live stream.
     Follow(RpcReplyPort<(String, Option<broadcast::Receiver<LogEvent>>)>),
     // Internal, from the actor's own tasks.
+    /// The launch's VMM process exists (stored before it is configured).
+    Spawned {
+        generation: u64,
+        pid: i32,
+        start_time: u64,
+    },
     Launched {
         generation: u64,
         result: Result<(Runtime, String), VmError>,
@@ -812,6 +818,7 @@ impl VmActor {
         state: &mut VmActorState,
     ) -> Result<(), ActorProcessingErr> {
         let rt = state.rec.runtime.take();
+        state.rec.spawned = None;
         state.published.unbind_all().await;
         release_vmm(state, rt).await;
         release_net(&state.env, &state.rec).await;
@@ -986,6 +993,33 @@ impl VmActor {
         state: &mut VmActorState,
         reply: Reply<VmInfo>,
     ) -> Result<(), ActorProcessingErr> {
+        // Kill before forgetting: no process of the VM outlives its record.
+        if let Err(e) = Self::ensure_gone(state).await {
+            let _ = reply.send(Err(e));
+            return Ok(());
+        }
+        // And its tap and NAT rule, whatever a start cut short by a daemon or helper kill
+        // left (idempotent): the record is kept while they cannot be removed.
+        if state.rec.ip.is_some() && state.env.net.privileged().await {
+            let net = &state.env.net;
+            let id = &state.rec.id;
+            let removed = async {
+                net.detach(id).await?;
+                net.nat(id, None).await?;
+                if crate::net::egress::needs_rules(&state.rec.egress(), state.rec.isolate) {
+                    net.egress_remove(id).await?;
+                }
+                Ok(())
+            }
+            .await;
+            if let Err(source) = removed {
+                let _ = reply.send(Err(VmError::Net {
+                    vm: state.rec.name.clone(),
+                    source,
+                }));
+                return Ok(());
+            }
+        }
         let (dir, store, id) = (
             state.dir.clone(),
             Arc::clone(&state.env.store),
@@ -1024,6 +1058,33 @@ impl VmActor {
                 .abort_handle(),
             )
         });
+    }
+
+    /// Make sure no process the record names still runs (a launch's VMM whose failure
+    /// left it behind, a helper process): each is killed and waited for.
+    async fn ensure_gone(state: &VmActorState) -> Result<(), VmError> {
+        let rt = state.rec.runtime.as_ref();
+        let procs: Vec<(i32, u64)> = rt
+            .map(|r| (r.pid, r.start_time))
+            .into_iter()
+            .chain(rt.map(|r| r.helpers.clone()).unwrap_or_default())
+            .chain(state.rec.spawned)
+            .filter(|(pid, start)| proc::alive(*pid, *start))
+            .collect();
+        for (pid, start) in &procs {
+            tracing::warn!(vm = %state.rec.name, pid, "killing a process of the vm before deleting it");
+            let sig = nix::sys::signal::Signal::SIGKILL;
+            state.env.net.signal(*pid, *start, sig).await;
+        }
+        for (pid, start) in procs {
+            if !proc::wait_gone(pid, start, Duration::from_secs(5)).await {
+                return Err(VmError::Conflict(format!(
+                    "vm {} still has a process (pid {pid}) that did not end on SIGKILL; it is kept until it does",
+                    state.rec.name
+                )));
+            }
+        }
+        Ok(())
     }
 
     async fn kill_now(state: &VmActorState, signal: nix::sys::signal::Signal) {
@@ -1209,6 +1270,8 @@ impl Actor for VmActor {
             } else {
                 tracing::info!(vm = %state.rec.name, "the vm's process is gone; marking it stopped");
                 let rt = state.rec.runtime.take();
+                // A launch cut short: its process was killed by the start-up census.
+                state.rec.spawned = None;
                 release_vmm(&state, rt).await;
                 release_net(&state.env, &state.rec).await;
                 state.rec.state = VmState::Stopped;
@@ -1292,12 +1355,23 @@ impl Actor for VmActor {
                             .expect("plan does not panic")?
                         };
                         let stage = |s: &str| send_stage(&senders, s);
-                        let launched = if restore {
+                        let spawned = |pid: i32, start_time: u64| {
+                            if super::orphans::fault("after-spawn") {
+                                tracing::error!(vm = %rec.name, pid, "fault injected: killed after the VMM's spawn");
+                                let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+                            }
+                            let _ = me.cast(VmMsg::Spawned {
+                                generation,
+                                pid,
+                                start_time,
+                            });
+                        };
+                                                let launched = if restore {
                             driver
-                                .launch_restored(&plan, &dir.saved_state(), &env.net, &stage)
+                                .launch_restored(&plan, &dir.saved_state(), &env.net, &stage, &spawned)
                                 .await
                         } else {
-                            driver.launch(&plan, &env.net, &stage).await
+                            driver.launch(&plan, &env.net, &stage, &spawned).await
                         };
                         let rt = launched.map_err(|source| VmError::Start {
                             vm: rec.name.clone(),
@@ -1320,6 +1394,16 @@ impl Actor for VmActor {
                     let _ = me.cast(VmMsg::Launched { generation, result });
                 });
             }
+            VmMsg::Spawned {
+                generation,
+                pid,
+                start_time,
+            } => {
+                if generation == state.generation && state.rec.runtime.is_none() {
+                    state.rec.spawned = Some((pid, start_time));
+                    state.persist().await?;
+                }
+            }
             VmMsg::Launched { generation, result } => {
                 if generation != state.generation {
                     // A stale launch: make sure its process does not outlive it.
@@ -1335,6 +1419,7 @@ impl Actor for VmActor {
                             .published
                             .set_target(Some(PathBuf::from(&rt.vsock_socket)));
                         state.rec.runtime = Some(rt);
+                        state.rec.spawned = None;
                         state.rec.cmdline = Some(cmdline);
                         state.persist().await?;
                         Self::watch_exit(&myself, state);
@@ -1403,6 +1488,7 @@ impl Actor for VmActor {
                     (VmState::Stopping, Ok((rt, cmdline))) => {
                         // Stopped while starting: it never ran for the caller.
                         state.rec.runtime = Some(rt);
+                        state.rec.spawned = None;
                         state.rec.cmdline = Some(cmdline);
                         Self::watch_exit(&myself, state);
                         Self::kill_now(state, nix::sys::signal::Signal::SIGKILL).await;
@@ -1428,6 +1514,11 @@ impl Actor for VmActor {
                                 .await;
                         }
                         state.rec.error = (!stopped).then(|| error_chain(&e));
+                        // The driver returns once a failed launch's process is gone.
+                        state.rec.spawned = state
+                            .rec
+                            .spawned
+                            .filter(|(pid, start)| proc::alive(*pid, *start));
                         state.generation += 1;
                         state.published.unbind_all().await;
                         release_vmm(state, None).await;

@@ -5,6 +5,7 @@ pub mod actor;
 pub mod cmdline;
 pub mod disks;
 pub mod model;
+pub mod orphans;
 pub mod proc;
 pub mod publish;
 pub mod spec;

@@ -70,6 +70,13 @@ pub struct VmRecord {
     /// The VM's deadline (`--ttl`), armed by its actor; cleared when it fires.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires: Option<banger_api::Expiry>,
+    /// The VMM process of a launch under way, (pid, start time), stored as soon as the
+    /// driver has spawned it and before it is configured, until `runtime` holds it or it
+    /// is gone. The launch's intent is the state `starting`, stored before the spawn: the
+    /// VM's id names its directory and its jail, where the start-up census
+    /// (`vm::orphans`) looks for a process whose pid was never stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spawned: Option<(i32, u64)>,
 }
 
 fn is_subnet(e: &banger_api::Egress) -> bool {

@@ -108,17 +108,20 @@ impl Driver {
         }
     }
 
-    /// Launch and configure the VMM, and start the guest. `stage` is told each step.
-    /// `host` starts the jailer through the privileged helper when there is one.
+    /// Launch and configure the VMM, and start the guest. `stage` is told each step,
+    /// `spawned` the VMM's (pid, start time) as soon as the process exists. `host` starts
+    /// the jailer through the privileged helper when there is one. A failed launch
+    /// returns once its process is gone.
     pub async fn launch(
         &self,
         plan: &LaunchPlan,
         host: &crate::net::host::HostNet,
         stage: &(dyn Fn(&str) + Send + Sync),
+        spawned: &(dyn Fn(i32, u64) + Send + Sync),
     ) -> Result<Runtime, VmmError> {
         match self {
-            Driver::Firecracker(c) => firecracker::launch(c, plan, host, stage).await,
-            Driver::Qemu(c) => qemu::launch(c, plan, stage).await,
+            Driver::Firecracker(c) => firecracker::launch_with(c, plan, host, stage, spawned).await,
+            Driver::Qemu(c) => qemu::launch_with(c, plan, stage, spawned).await,
         }
     }
 
@@ -143,12 +146,13 @@ impl Driver {
         dir: &std::path::Path,
         _host: &crate::net::host::HostNet,
         stage: &(dyn Fn(&str) + Send + Sync),
+        spawned: &(dyn Fn(i32, u64) + Send + Sync),
     ) -> Result<Runtime, VmmError> {
         match self {
             Driver::Firecracker(_) => Err(VmmError::Setup(
                 "restoring a Firecracker VM is not supported yet".into(),
             )),
-            Driver::Qemu(c) => qemu::launch_restored(c, plan, dir, stage).await,
+            Driver::Qemu(c) => qemu::launch_restored(c, plan, dir, stage, spawned).await,
         }
     }
 

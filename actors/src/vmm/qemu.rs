@@ -252,7 +252,18 @@ pub async fn launch(
     plan: &LaunchPlan,
     stage: &(dyn Fn(&str) + Send + Sync),
 ) -> Result<Runtime, VmmError> {
-    launch_from(c, plan, None, stage).await
+    launch_from(c, plan, None, stage, &|_, _| {}).await
+}
+
+/// [`launch`], telling `on_spawn` QEMU's (pid, start time) as soon as it exists (see
+/// `firecracker::launch_with`). A failed launch returns once QEMU is gone.
+pub async fn launch_with(
+    c: &QemuConfig,
+    plan: &LaunchPlan,
+    stage: &(dyn Fn(&str) + Send + Sync),
+    on_spawn: &(dyn Fn(i32, u64) + Send + Sync),
+) -> Result<Runtime, VmmError> {
+    launch_from(c, plan, None, stage, on_spawn).await
 }
 
 /// The file of a saved state in its directory (see [`save_state`]).
@@ -327,6 +338,7 @@ pub async fn launch_restored(
     plan: &LaunchPlan,
     dir: &Path,
     stage: &(dyn Fn(&str) + Send + Sync),
+    on_spawn: &(dyn Fn(i32, u64) + Send + Sync),
 ) -> Result<Runtime, VmmError> {
     let state = dir.join(STATE_FILE);
     if !state.is_file() {
@@ -335,7 +347,7 @@ pub async fn launch_restored(
             state.display()
         )));
     }
-    launch_from(c, plan, Some(&state), stage).await
+    launch_from(c, plan, Some(&state), stage, on_spawn).await
 }
 
 async fn launch_from(
@@ -343,6 +355,7 @@ async fn launch_from(
     plan: &LaunchPlan,
     incoming: Option<&Path>,
     stage: &(dyn Fn(&str) + Send + Sync),
+    on_spawn: &(dyn Fn(i32, u64) + Send + Sync),
 ) -> Result<Runtime, VmmError> {
     stage("launch");
     let run = &plan.run_dir;
@@ -365,6 +378,7 @@ async fn launch_from(
             });
         }
     };
+    on_spawn(pid, start);
     let result = async {
         let qmp_path = run.join("qmp.sock");
         wait_for_path(
@@ -416,6 +430,9 @@ async fn launch_from(
             // said rather than how its socket went away.
             let exited = proc::wait_gone(pid, start, Duration::from_secs(2)).await;
             proc::signal(pid, start, nix::sys::signal::Signal::SIGKILL);
+            if !proc::wait_gone(pid, start, Duration::from_secs(5)).await {
+                tracing::warn!(vm = %plan.id, pid, "the failed launch's qemu did not end");
+            }
             return Err(match e {
                 VmmError::Died { .. } => e,
                 _ if exited => VmmError::Died {

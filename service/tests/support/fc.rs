@@ -158,8 +158,8 @@ impl Home {
     }
 
     /// Run `cmd` (which execs `bangerd` in the end: `setpriv ... bangerd`, `ip netns exec
-    /// ... bangerd`) with this home's environment and nothing else but `path`, and wait for
-    /// its socket.
+    /// ... bangerd`) with this home's environment and nothing else but `path`, and wait until
+    /// its socket answers.
     pub async fn spawn(&self, mut cmd: Command, path: &std::ffi::OsStr) -> Daemon {
         let h = &self.dir;
         let err = h.join("bangerd.err");
@@ -182,7 +182,9 @@ impl Home {
         };
         let socket = self.socket();
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !socket.exists() {
+        // Answering, not merely bound (a daemon killed earlier leaves its socket file, and
+        // a connect between bind and listen is refused).
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
             assert!(
                 Instant::now() < deadline && daemon.child.try_wait().unwrap().is_none(),
                 "bangerd did not start: {}",

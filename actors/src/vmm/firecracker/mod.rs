@@ -398,6 +398,20 @@ pub async fn launch(
     host: &HostNet,
     stage: &(dyn Fn(&str) + Send + Sync),
 ) -> Result<Runtime, VmmError> {
+    launch_with(c, plan, host, stage, &|_, _| {}).await
+}
+
+/// [`launch`], telling `spawned` the process's (pid, start time) as soon as it exists,
+/// before it is configured (the VM actor stores it: a daemon killed during the launch
+/// leaves no process it does not know of). A failed launch returns once the process is
+/// gone.
+pub async fn launch_with(
+    c: &FirecrackerConfig,
+    plan: &LaunchPlan,
+    host: &HostNet,
+    stage: &(dyn Fn(&str) + Send + Sync),
+    spawned: &(dyn Fn(i32, u64) + Send + Sync),
+) -> Result<Runtime, VmmError> {
     stage("jail");
     let privileged = host.privileged().await;
     if privileged {
@@ -464,6 +478,7 @@ pub async fn launch(
             source,
         })?
     };
+    spawned(pid, start);
     // Jailed, the launcher exposed the API socket before it answered; unjailed, the same
     // is done here once Firecracker has made it.
     let api_sock = instance.join(API_SOCK);
@@ -508,6 +523,9 @@ pub async fn launch(
         // runs): `host` goes through the helper when our uid may not signal it.
         host.signal(pid, start, nix::sys::signal::Signal::SIGKILL)
             .await;
+        if !proc::wait_gone(pid, start, Duration::from_secs(5)).await {
+            tracing::warn!(vm = %plan.id, pid, "the failed launch's firecracker did not end");
+        }
         return Err(e);
     }
     Ok(Runtime {

@@ -1,0 +1,174 @@
+//! Crash consistency: a `bangerd` process killed in the middle of a VM's launch leaves no
+//! VMM process that no record claims. Root only (`root_*`): a real `bangerd` as root, in a
+//! network namespace this test makes, its helper's launcher starting the jailer (the
+//! Firecracker double), as `banger system install` runs it.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+
+use banger_api::{CreateVm, Progress, VmRpcClient, VmState};
+use jsonrpsee::async_client::Client;
+
+use support::fc::{EXEC_NAME, Exec, Home, double_bin};
+
+const OWNER: u32 = 65534;
+
+/// A root home: files registered as `img`, a config for jailed Firecracker VMs (the
+/// double) with networks.
+fn home(h: &Path) -> (Home, support::fc::Files) {
+    let files = h.join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    let fx = support::fc::Files::new(&files, Exec::Empty);
+    fx.chown(OWNER);
+    let config = format!(
+        "owner = \"{OWNER}\"\ndefault_vmm = \"firecracker\"\nagent_timeout_secs = 0\n\
+         stop_timeout_secs = 5\ndns_listen = \"127.0.0.1:0\"\n\
+         [firecracker]\njailer = \"{}\"\nbinary = \"{}\"\n[vm_defaults]\nnetwork = true\n",
+        double_bin().display(),
+        fx.firecracker.display()
+    );
+    (Home::new(h, OWNER, &config), fx)
+}
+
+/// `bangerd` in `ns`, with `env` added to its environment.
+async fn bangerd(home: &Home, ns: &str, env: &[&str]) -> support::fc::Daemon {
+    // A killed daemon leaves its socket file: wait for the new one's.
+    let _ = std::fs::remove_file(home.socket());
+    let mut cmd = std::process::Command::new("ip");
+    cmd.args(["netns", "exec", ns, "env"])
+        .args(env)
+        .arg(env!("CARGO_BIN_EXE_bangerd"));
+    home.spawn(cmd, &std::env::var_os("PATH").unwrap_or_default())
+        .await
+}
+
+/// The processes whose command line names `dir` (but for the helper's, whose config names
+/// it): (pid, command line).
+fn naming(dir: &Path) -> Vec<(i32, String)> {
+    let needle = dir.display().to_string();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let raw = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
+        let state = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        let zombie = state
+            .rsplit_once(") ")
+            .is_some_and(|(_, r)| r.starts_with('Z'));
+        if cmdline.contains(&needle) && !cmdline.contains(" __helper ") && !zombie {
+            out.push((pid, cmdline));
+        }
+    }
+    out
+}
+
+/// `bangerd.log` of the home (JSON lines).
+fn log_of(h: &Path) -> String {
+    let out = std::process::Command::new("find")
+        .arg(h)
+        .args(["-name", "bangerd.log"])
+        .output()
+        .unwrap();
+    let path = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .map(PathBuf::from)
+        .expect("a bangerd.log");
+    std::fs::read_to_string(path).unwrap()
+}
+
+async fn create(c: &Client, name: &str) -> Result<(), String> {
+    let req = CreateVm {
+        name: Some(name.into()),
+        image: Some("img".into()),
+        ..Default::default()
+    };
+    let mut sub = c.create(req).await.map_err(|e| e.to_string())?;
+    while let Some(ev) = sub.next().await {
+        match ev.map_err(|e| e.to_string())? {
+            Progress::Done { .. } => return Ok(()),
+            Progress::Failed { message, .. } => return Err(message),
+            _ => {}
+        }
+    }
+    Err("the create's stream ended without an answer".into())
+}
+
+/// `BANGER_FAULT=after-spawn` makes bangerd die (SIGKILL, as a crash or the OOM killer
+/// would) right after the helper's launcher spawned the jailer and before the VM's record
+/// holds its pid. The next bangerd finds that process by the jail base in its command line,
+/// kills it (through the helper: it runs as the VM's uid) and logs it with pid and command
+/// line; the VM is stopped, deletable, and nothing of it is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_a_vmm_spawned_before_its_record_is_found_and_killed_by_the_next_daemon() {
+    let ns = support::Netns::new("crash");
+    let tmp = tempfile::tempdir().unwrap();
+    let h = tmp.path();
+    let (home, fx) = home(h);
+    let jail_base = h.join("data/banger/jail");
+
+    let first = bangerd(&home, &ns.0, &[]).await;
+    let c = support::client_for(&home.socket()).await;
+    fx.register(&c).await;
+    drop(c);
+    first.stop();
+
+    let mut faulty = bangerd(&home, &ns.0, &["BANGER_FAULT=after-spawn"]).await;
+    let c = support::client_for(&home.socket()).await;
+    let answer = create(&c, "a").await;
+    assert!(answer.is_err(), "the daemon died during the create");
+    let status = faulty.child.wait().unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(9), "{status}");
+    drop(c);
+    // The jailer (the double) runs on, its pid in no record.
+    let orphans = naming(&jail_base);
+    let vmm: Vec<_> = orphans
+        .iter()
+        .filter(|(_, cmd)| cmd.contains("--chroot-base-dir"))
+        .collect();
+    assert_eq!(vmm.len(), 1, "{orphans:?}");
+    let (orphan, orphan_cmd) = vmm[0].clone();
+
+    let daemon = bangerd(&home, &ns.0, &[]).await;
+    let c = support::client_for(&home.socket()).await;
+    let vm = VmRpcClient::show(&c, "a".into()).await.unwrap();
+    assert_eq!(vm.state, VmState::Stopped, "{vm:?}");
+    assert_eq!(vm.pid, None);
+    assert!(
+        naming(&jail_base).iter().all(|(p, _)| *p != orphan),
+        "the orphan {orphan} still runs: {orphan_cmd}"
+    );
+    let log = log_of(h);
+    let line = log
+        .lines()
+        .find(|l| l.contains("orphaned VM process") && l.contains(&format!("\"pid\":{orphan}")))
+        .unwrap_or_else(|| panic!("no log line for pid {orphan}: {log}"));
+    assert!(line.contains("--chroot-base-dir"), "{line}");
+    assert!(
+        !jail_base.join(EXEC_NAME).join(&vm.id).exists(),
+        "jail left"
+    );
+
+    // The VM starts again and is deleted with nothing left.
+    let mut sub = c.start("a".into()).await.unwrap();
+    loop {
+        match sub.next().await.unwrap().unwrap() {
+            Progress::Done { vm } => {
+                assert_eq!(vm.state, VmState::Running, "{:?}", vm.error);
+                break;
+            }
+            Progress::Failed { message, .. } => panic!("start: {message}"),
+            _ => {}
+        }
+    }
+    VmRpcClient::delete(&c, "a".into(), true).await.unwrap();
+    assert_eq!(naming(&jail_base), Vec::new());
+    let links = ns.sh("ip -o link");
+    assert!(!links.contains("bg-"), "{links}");
+    drop(c);
+    daemon.stop();
+}
