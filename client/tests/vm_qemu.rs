@@ -170,11 +170,19 @@ impl Home {
             .arg("--socket")
             .arg(self.dir.path().join("run/banger/bangerd.sock"))
             .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        let child = daemon.spawn().unwrap();
+            .stderr(std::fs::File::create(self.dir.path().join("bangerd.stderr")).unwrap());
+        let mut child = daemon.spawn().unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
+        let said = || std::fs::read_to_string(self.dir.path().join("bangerd.stderr")).unwrap();
         while !self.dir.path().join("run/banger/bangerd.sock").exists() {
-            assert!(Instant::now() < deadline, "bangerd did not start in {ns}");
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("bangerd in {ns} exited with {status}: {}", said());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "bangerd did not start in {ns} within 20 s: {}",
+                said()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         child
@@ -825,11 +833,16 @@ struct Topology {
 }
 
 impl Topology {
+    /// Names are unique per topology, not only per test process: the tests of one binary
+    /// run on threads of one process, and two topologies named by the pid alone delete
+    /// each other's namespaces (CI saw a daemon fail to start and a guest lose its DNS).
     fn new() -> Topology {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let pid = std::process::id();
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let t = Topology {
-            host: format!("bgt-gh-{pid}"),
-            outside: format!("bgt-go-{pid}"),
+            host: format!("bgt-gh-{pid}-{n}"),
+            outside: format!("bgt-go-{pid}-{n}"),
         };
         for ns in [&t.host, &t.outside] {
             let _ = Command::new("ip")
