@@ -224,10 +224,13 @@ mod tests {
         let theirs = dir.path().join("vms-other");
         std::fs::create_dir_all(ours.join("a")).unwrap();
         let spawn = |path: &Path| {
+            // `exec -a`: the path in argv[0] of a process that never forks (a shell that
+            // forked its `sleep` would show a copy of its own command line to a census
+            // between the fork and the exec).
             proc::spawn(
-                Command::new("sh")
+                Command::new("bash")
                     .arg("-c")
-                    .arg("sleep 30; : \"$0\"")
+                    .arg("exec -a \"sleep $0\" sleep 30")
                     .arg(path),
             )
             .unwrap()
@@ -284,10 +287,14 @@ mod tests {
         assert!(left[0].cmdline.contains("a/api.sock"), "{left:?}");
         // A cut-short launch's process, found by `--id <id>` and its VM uid (ours here).
         let me = nix::unistd::geteuid().as_raw();
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
         let launched = proc::spawn(
-            Command::new("sh")
+            // A builtin `read` on a FIFO opened read-write blocks without forking, with
+            // `--id <id>` as two arguments of its own.
+            Command::new("bash")
                 .arg("-c")
-                .arg("sleep 30; : \"$0\"")
+                .arg(format!("read -t 30 <> {}", fifo.display()))
                 .args(["--id", "cccccccccccc"]),
         )
         .unwrap();
