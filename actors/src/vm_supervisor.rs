@@ -20,9 +20,20 @@
 //! is listed from its stored record with `busy: true`, never left out (the update gate
 //! counts it as in flight, `vm prune` leaves it alone); so is a VM left without an actor
 //! (it failed too often), which answers nothing either.
+//!
+//! Start-up: the supervisor lists the store once and spawns every VM's actor with its
+//! record, without waiting for any re-adoption: each actor re-adopts its VM in its own
+//! `post_start` (see [`crate::vm::actor::Adoption`]), at most [`ADOPT_CONCURRENCY`] at a
+//! time, so the daemon serves at once. Until a VM is re-adopted, `vm list` and `vm show`
+//! answer from its stored record with `adopting: true` (not asking its actor, whose
+//! mailbox waits behind the re-adoption), an operation on it waits in its own mailbox, and
+//! the update gate counts it as in flight. `adopting` is a flag on [`VmInfo`], not a
+//! [`VmState`]: the stored state (`running`, typically) is still what the VM is believed
+//! to be, and is shown with it.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
@@ -31,12 +42,20 @@ use banger_api::{CreateVm, SpecDefaults, VmInfo, VmState, VmmChoice};
 
 use crate::not_found::NotFound;
 use crate::store::now_secs;
-use crate::vm::actor::{ProgressTx, Reply, VmActor, VmArgs, VmEnv, VmError, VmMsg};
+use crate::vm::actor::{Adoption, ProgressTx, Reply, VmActor, VmArgs, VmEnv, VmError, VmMsg};
 use crate::vm::model::{self, VmRecord};
 use crate::vm::spec;
 
 /// Restarts allowed per VM actor within the window.
 pub const MAX_RESTARTS: usize = 3;
+
+/// How many VMs are re-adopted at once after the daemon's start. Re-adopting is mostly
+/// waiting on the host: a /proc read, a store write (redb commits one at a time anyway), for
+/// QEMU an agent proxy to spawn and answer, and published ports to bind; with a few at once
+/// the waits overlap, while hundreds at once would only queue on the store and the
+/// blocking pool, spawn a burst of proxies on a small host, and starve the RPC calls served
+/// meanwhile.
+pub const ADOPT_CONCURRENCY: usize = 16;
 
 /// How long `vm list` waits for a VM's actor before listing the VM as busy.
 pub const INFO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -55,6 +74,11 @@ pub enum VmSupervisorMsg {
         reply: RpcReplyPort<Result<ActorRef<VmMsg>, VmError>>,
     },
     List(Reply<Vec<VmInfo>>),
+    /// `vm show`: from the VM's actor, or from the store while it is being re-adopted.
+    Show {
+        vm: String,
+        reply: Reply<VmInfo>,
+    },
     Defaults(RpcReplyPort<SpecDefaults>),
     /// Number of VM actors alive.
     Count(RpcReplyPort<usize>),
@@ -76,6 +100,8 @@ pub struct VmSettings {
     pub subnet: crate::net::lease::Subnet,
     /// Whether VMs get a network unless the request says.
     pub network: bool,
+    /// The permits of re-adoption ([`ADOPT_CONCURRENCY`] in the daemon).
+    pub adopt_permits: Arc<tokio::sync::Semaphore>,
 }
 
 #[derive(Debug, Default)]
@@ -95,6 +121,8 @@ pub struct VmSupervisorState {
     settings: VmSettings,
     /// VM id → its actor.
     actors: HashMap<String, ActorRef<VmMsg>>,
+    /// VM id → set while its actor re-adopts it.
+    adopting: HashMap<String, Arc<AtomicBool>>,
     restarts: HashMap<String, VecDeque<Instant>>,
     dns: crate::net::dns::Table,
     /// VM id → (name, address), to update `dns` when a VM goes.
@@ -150,17 +178,31 @@ impl VmSupervisorState {
 }
 
 impl VmSupervisor {
+    /// Spawn the actor of VM `id` (its record `rec` if just read); `adopt`: a VM that was
+    /// there before, re-adopted by its actor after the spawn (see the module docs).
     async fn spawn_vm(
         myself: &ActorRef<VmSupervisorMsg>,
         state: &mut VmSupervisorState,
         id: &str,
+        rec: Option<VmRecord>,
+        adopt: bool,
     ) -> Result<ActorRef<VmMsg>, ActorProcessingErr> {
+        let adoption = adopt.then(|| Adoption {
+            permits: Arc::clone(&state.settings.adopt_permits),
+            adopting: Arc::new(AtomicBool::new(true)),
+        });
         let args = VmArgs {
             id: id.to_owned(),
             env: Arc::clone(&state.env),
+            rec,
+            adoption: adoption.clone(),
         };
         let (actor, _) = Actor::spawn_linked(None, VmActor, args, myself.get_cell()).await?;
         state.actors.insert(id.to_owned(), actor.clone());
+        match adoption {
+            Some(a) => state.adopting.insert(id.to_owned(), a.adopting),
+            None => state.adopting.remove(id),
+        };
         Ok(actor)
     }
 
@@ -306,11 +348,27 @@ impl VmSupervisor {
     }
 }
 
+/// Whether the VM `id` is being re-adopted.
+fn is_adopting(adopting: &HashMap<String, Arc<AtomicBool>>, id: &str) -> bool {
+    adopting.get(id).is_some_and(|a| a.load(Ordering::Acquire))
+}
+
+/// The wire view of a stored VM that is being re-adopted.
+fn adopting_info(env: &VmEnv, rec: &VmRecord) -> VmInfo {
+    let dir = crate::vm::disks::VmDir::new(&env.vms_dir, &rec.id);
+    VmInfo {
+        adopting: true,
+        ..crate::vm::actor::info_of(rec, &dir)
+    }
+}
+
 /// `vm list` (see the module docs): every stored VM, from its actor when it answers within
-/// `timeout`, else (no answer, or no actor) from the store with `busy` set.
+/// `timeout`, else (no answer, or no actor) from the store with `busy` set; one being
+/// re-adopted from the store with `adopting` set, without asking.
 async fn list(
     env: &Arc<VmEnv>,
     actors: HashMap<String, ActorRef<VmMsg>>,
+    adopting: HashMap<String, Arc<AtomicBool>>,
     timeout: Duration,
 ) -> Result<Vec<VmInfo>, VmError> {
     let store = Arc::clone(&env.store);
@@ -318,6 +376,11 @@ async fn list(
         .await
         .expect("store reads do not panic")?;
     let ms = timeout.as_millis() as u64;
+    let mut out = Vec::new();
+    let (adopting, recs): (Vec<_>, Vec<_>) = recs
+        .into_iter()
+        .partition(|rec| is_adopting(&adopting, &rec.id));
+    out.extend(adopting.iter().map(|rec| adopting_info(env, rec)));
     let asks = recs.into_iter().map(|rec| {
         let actor = actors.get(&rec.id).cloned();
         async move {
@@ -330,7 +393,6 @@ async fn list(
             (rec.id, answer)
         }
     });
-    let mut out = Vec::new();
     let mut busy = Vec::new();
     for (id, answer) in futures::future::join_all(asks).await {
         match answer {
@@ -375,6 +437,7 @@ impl Actor for VmSupervisor {
             env: args.env,
             settings: args.settings,
             actors: HashMap::new(),
+            adopting: HashMap::new(),
             restarts: HashMap::new(),
             dns: args.dns,
             names: HashMap::new(),
@@ -384,12 +447,20 @@ impl Actor for VmSupervisor {
         let vms = tokio::task::spawn_blocking(move || store.list_vms()).await??;
         // Before any actor re-adopts or releases: no VM process without a record.
         crate::vm::orphans::reap(&state.env, &vms).await;
+        let (count, t0) = (vms.len(), Instant::now());
         for vm in vms {
             state.publish(&vm);
-            if let Err(e) = Self::spawn_vm(&myself, &mut state, &vm.id).await {
-                tracing::error!(vm = %vm.name, error = %e, "cannot start the vm's actor");
+            let (id, name) = (vm.id.clone(), vm.name.clone());
+            if let Err(e) = Self::spawn_vm(&myself, &mut state, &id, Some(vm), true).await {
+                tracing::error!(vm = %name, error = %e, "cannot start the vm's actor");
             }
         }
+        tracing::info!(
+            vms = count,
+            concurrency = ADOPT_CONCURRENCY,
+            ms = t0.elapsed().as_millis() as u64,
+            "vm actors spawned; re-adopting the vms in the background"
+        );
         Ok(state)
     }
 
@@ -408,10 +479,40 @@ impl Actor for VmSupervisor {
             }
             VmSupervisorMsg::List(reply) => {
                 let actors = state.actors.clone();
+                let adopting = state.adopting.clone();
                 let env = Arc::clone(&state.env);
                 let timeout = state.info_timeout;
                 tokio::spawn(async move {
-                    let _ = reply.send(list(&env, actors, timeout).await);
+                    let _ = reply.send(list(&env, actors, adopting, timeout).await);
+                });
+            }
+            VmSupervisorMsg::Show { vm, reply } => {
+                let store = Arc::clone(&state.env.store);
+                let key = vm.clone();
+                let found = tokio::task::spawn_blocking(move || store.find_vm(&key)).await?;
+                let rec = match found {
+                    Ok(Some(rec)) => rec,
+                    Ok(None) => {
+                        let _ = reply.send(Err(NotFound::vm(vm).into()));
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e.into()));
+                        return Ok(());
+                    }
+                };
+                if is_adopting(&state.adopting, &rec.id) {
+                    let _ = reply.send(Ok(adopting_info(&state.env, &rec)));
+                    return Ok(());
+                }
+                let Some(actor) = state.actors.get(&rec.id).cloned() else {
+                    let _ = reply.send(Err(VmError::Gone(rec.name)));
+                    return Ok(());
+                };
+                tokio::spawn(async move {
+                    let answer = ractor::call!(actor, VmMsg::Info)
+                        .unwrap_or_else(|_| Err(VmError::Gone(rec.name)));
+                    let _ = reply.send(answer);
                 });
             }
             #[cfg(test)]
@@ -473,7 +574,8 @@ impl Actor for VmSupervisor {
                         });
                     }
                 }
-                let actor = Self::spawn_vm(&myself, state, &rec.id).await?;
+                let actor =
+                    Self::spawn_vm(&myself, state, &rec.id, Some(rec.clone()), false).await?;
                 let msg = if req.no_start {
                     VmMsg::Prepare { reply }
                 } else {
@@ -496,6 +598,7 @@ impl Actor for VmSupervisor {
                 // Deleted: forget it (never stop ourselves, as ractor's default would).
                 if let Some(id) = state.id_of(&cell) {
                     state.actors.remove(&id);
+                    state.adopting.remove(&id);
                     state.restarts.remove(&id);
                     state.unpublish(&id);
                 }
@@ -505,6 +608,7 @@ impl Actor for VmSupervisor {
                     return Ok(());
                 };
                 state.actors.remove(&id);
+                state.adopting.remove(&id);
                 let now = Instant::now();
                 let history = state.restarts.entry(id.clone()).or_default();
                 history.retain(|t| now.duration_since(*t) < crate::root::RESTART_WINDOW);
@@ -514,7 +618,8 @@ impl Actor for VmSupervisor {
                 }
                 history.push_back(now);
                 tracing::warn!(vm = %id, %reason, "vm actor failed; restarting it from the store");
-                Self::spawn_vm(&myself, state, &id).await?;
+                // Rebuilt from the store and the host: re-adopted as at the daemon's start.
+                Self::spawn_vm(&myself, state, &id, None, true).await?;
             }
             _ => {}
         }

@@ -208,6 +208,9 @@ fn vm_config(
                 .parse()
                 .expect("validated when the config was loaded"),
             network: c.vm_defaults.network.unwrap_or(true),
+            adopt_permits: std::sync::Arc::new(tokio::sync::Semaphore::new(
+                banger_actors::vm_supervisor::ADOPT_CONCURRENCY,
+            )),
         },
         pull: banger_actors::pull::PullConfig {
             data_dir: settings.paths.data_dir.clone(),

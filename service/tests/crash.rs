@@ -135,7 +135,19 @@ async fn root_a_vmm_spawned_before_its_record_is_found_and_killed_by_the_next_da
 
     let daemon = bangerd(&home, &ns.0, &[]).await;
     let c = support::client_for(&home.socket()).await;
-    let vm = VmRpcClient::show(&c, "a".into()).await.unwrap();
+    // The daemon answers before it has re-adopted its VMs (#20): wait for this one.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let vm = loop {
+        let vm = VmRpcClient::show(&c, "a".into()).await.unwrap();
+        if !vm.adopting {
+            break vm;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still adopting: {vm:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
     assert_eq!(vm.state, VmState::Stopped, "{vm:?}");
     assert_eq!(vm.pid, None);
     assert!(

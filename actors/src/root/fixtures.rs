@@ -54,6 +54,9 @@ pub(super) fn test_vm_config(dir: &std::path::Path) -> VmConfig {
             default_image: None,
             subnet: "172.30.0.0/24".parse().expect("valid subnet"),
             network: false,
+            adopt_permits: Arc::new(tokio::sync::Semaphore::new(
+                crate::vm_supervisor::ADOPT_CONCURRENCY,
+            )),
         },
         pull: PullConfig {
             data_dir: dir.to_owned(),

@@ -239,6 +239,15 @@ impl Tree {
             .map_err(TreeError::Vm)
     }
 
+    /// `vm show`: the VM's actor's view, or its stored record with `adopting` while the
+    /// daemon re-adopts it (without waiting for that).
+    pub async fn show_vm(&self, name: &str) -> Result<VmInfo, TreeError> {
+        let vm = name.to_owned();
+        ractor::call!(self.vms(), |reply| VmSupervisorMsg::Show { vm, reply })
+            .map_err(|_| TreeError::Call("vm-supervisor"))?
+            .map_err(TreeError::Vm)
+    }
+
     pub async fn list_vms(&self) -> Result<Vec<VmInfo>, TreeError> {
         ractor::call!(self.vms(), VmSupervisorMsg::List)
             .map_err(|_| TreeError::Call("vm-supervisor"))?
@@ -309,6 +318,86 @@ mod tests {
         let vms = tree.list_vms().await.unwrap();
         assert!(vms.iter().all(|v| !v.busy), "{vms:?}");
         assert_eq!(vms.len(), 2);
+        assert!(
+            tree.update_gate("9.9.9".into(), false)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        tree.stop();
+    }
+
+    /// The tree is up (and answers) while VMs are still being re-adopted: the re-adoption
+    /// is held here (no permits), and meanwhile `vm list`/`vm show` answer from the store
+    /// with `adopting`, the update gate counts the VM as in flight, another VM answers, and
+    /// an operation on the held VM waits for its actor, answering once its re-adoption is
+    /// done. (Before: `Tree::start` re-adopted every VM before it returned.)
+    #[tokio::test]
+    async fn the_tree_serves_while_vms_are_re_adopted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.redb")).unwrap();
+        // A VM recorded running whose process is gone: its re-adoption marks it stopped.
+        let mut gone = std::process::Command::new("true").spawn().unwrap();
+        gone.wait().unwrap();
+        let up = crate::vm::model::VmRecord {
+            state: banger_api::VmState::Running,
+            runtime: Some(crate::vm::model::Runtime {
+                pid: gone.id() as i32,
+                start_time: 1,
+                helpers: Vec::new(),
+                control_socket: dir.path().join("qmp").display().to_string(),
+                vsock_socket: dir.path().join("vsock").display().to_string(),
+                isolation: None,
+            }),
+            ..stored_vm("aaa", "up", 1)
+        };
+        store.put_vm(&up).unwrap();
+        store.put_vm(&stored_vm("bbb", "idle", 2)).unwrap();
+        let mut config = test_vm_config(dir.path());
+        let permits = Arc::new(tokio::sync::Semaphore::new(0));
+        config.settings.adopt_permits = Arc::clone(&permits);
+        let (tree, _join) = Tree::start(store, config, None).await.unwrap();
+
+        use banger_api::VmState::{Created, Running, Stopped};
+        let seen = |vms: Vec<VmInfo>| -> Vec<(String, banger_api::VmState, bool)> {
+            vms.into_iter()
+                .map(|v| (v.name, v.state, v.adopting))
+                .collect()
+        };
+        assert_eq!(
+            seen(tree.list_vms().await.unwrap()),
+            [
+                ("up".into(), Running, true),
+                ("idle".into(), Created, false)
+            ]
+        );
+        let shown = tree.show_vm("up").await.unwrap();
+        assert!(shown.adopting && shown.state == Running, "{shown:?}");
+        let e = tree.update_gate("9.9.9".into(), false).await.unwrap_err();
+        assert!(
+            matches!(&e, TreeError::Updater(UpdaterError::Busy(m)) if m == "up adopting (last stored state running)"),
+            "{e}"
+        );
+        // Another VM answers from its actor meanwhile.
+        let idle = tree.ask_vm("idle", VmMsg::Info).await.unwrap();
+        assert!(!idle.adopting && idle.state == Created, "{idle:?}");
+        // An operation on the held VM waits in its mailbox: it answers after the re-adoption.
+        let asked = {
+            let tree = tree.clone();
+            tokio::spawn(async move { tree.ask_vm("up", VmMsg::Info).await })
+        };
+
+        permits.add_permits(1);
+        let after = asked.await.unwrap().unwrap();
+        assert!(!after.adopting && after.state == Stopped, "{after:?}");
+        assert_eq!(
+            seen(tree.list_vms().await.unwrap()),
+            [
+                ("up".into(), Stopped, false),
+                ("idle".into(), Created, false)
+            ]
+        );
+        assert!(!tree.show_vm("up").await.unwrap().adopting);
         assert!(
             tree.update_gate("9.9.9".into(), false)
                 .await

@@ -118,9 +118,24 @@ pub struct StoreInfo {
 /// An open store. Cheap to share behind an `Arc`; redb serialises write transactions.
 #[derive(Debug)]
 pub struct Store {
-    db: Database,
+    db: std::sync::RwLock<Open>,
     path: PathBuf,
 }
+
+/// The open database and how many times it has been opened again.
+#[derive(Debug)]
+struct Open {
+    /// None only between closing a database that had an I/O error and opening it again
+    /// (see [`Store::begin_write`]).
+    db: Option<Database>,
+    generation: u64,
+}
+
+/// How many times [`Store::retry`] runs an operation that an I/O error cut short.
+const RETRIES: u32 = 4;
+
+/// How long opening the store again waits for the transactions of the closed database.
+const REOPEN_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The outcome of [`check_migrations`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -158,13 +173,118 @@ impl Store {
                 source,
             },
         })?;
+        migrations::migrate(&db, path)?;
         let store = Store {
-            db,
+            db: std::sync::RwLock::new(Open {
+                db: Some(db),
+                generation: 0,
+            }),
             path: path.to_owned(),
         };
-        migrations::migrate(&store.db, &store.path)?;
         store.clear_reservations()?;
         Ok(store)
+    }
+
+    /// A write transaction. After a write that failed on I/O (a full disk), redb refuses
+    /// every later transaction until the database is opened again: it is, here, so once
+    /// there is room again the daemon writes without a restart. (A failed commit leaves
+    /// the file as it was before it: redb's commit is atomic.)
+    pub(crate) fn begin_write(&self) -> Result<redb::WriteTransaction, StoreError> {
+        self.transaction(|db| db.begin_write().map_err(redb::Error::from))
+    }
+
+    /// A read transaction (the database opened again first if an I/O error closed it,
+    /// as for [`Store::begin_write`]).
+    pub(crate) fn begin_read(&self) -> Result<redb::ReadTransaction, StoreError> {
+        self.transaction(|db| db.begin_read().map_err(redb::Error::from))
+    }
+
+    /// Begin a transaction with `begin`; on redb's "a previous I/O error" refusal, open
+    /// the database again (once for all the callers that saw the same failure) and retry.
+    fn transaction<T>(
+        &self,
+        begin: impl Fn(&Database) -> Result<T, redb::Error>,
+    ) -> Result<T, StoreError> {
+        let seen = {
+            let open = self.db.read().expect("store lock");
+            match open.db.as_ref() {
+                Some(db) => match begin(db) {
+                    Err(redb::Error::PreviousIo) => open.generation,
+                    other => return Ok(other?),
+                },
+                None => open.generation,
+            }
+        };
+        self.reopen(seen)?;
+        let open = self.db.read().expect("store lock");
+        match open.db.as_ref() {
+            Some(db) => Ok(begin(db)?),
+            None => Err(StoreError::Db(redb::Error::PreviousIo)),
+        }
+    }
+
+    /// Run `op`, which begins and commits transactions of its own; if it failed because an
+    /// earlier I/O error closed the database, or because the database was opened again
+    /// under one of its transactions (redb ends a closed database's read transactions),
+    /// open it again if nobody has and run `op` again, up to [`RETRIES`] runs in all (on a
+    /// disk that is still full, another caller's failed write can close the database
+    /// again under the next run). Nothing was committed by a failed run: a commit that
+    /// fails leaves the file as it was.
+    pub(crate) fn retry<T>(
+        &self,
+        mut op: impl FnMut() -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut tries = 1;
+        loop {
+            let seen = self.db.read().expect("store lock").generation;
+            match op() {
+                Err(StoreError::Db(redb::Error::PreviousIo | redb::Error::DatabaseClosed))
+                    if tries < RETRIES =>
+                {
+                    tries += 1;
+                    self.reopen(seen)?;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Close the database and open it again, unless another caller already did since
+    /// `seen` (the generation in which this caller saw the failure): two callers that hit
+    /// the same I/O error must not close the database twice, the second time under the
+    /// first one's fresh transactions.
+    ///
+    /// redb keeps the file (and its lock) open while any transaction of the closed
+    /// database lives, so opening it again waits, briefly, for those to end.
+    fn reopen(&self, seen: u64) -> Result<(), StoreError> {
+        let mut open = self.db.write().expect("store lock");
+        if open.generation != seen && open.db.is_some() {
+            return Ok(());
+        }
+        if open.db.take().is_some() {
+            tracing::warn!(path = %self.path.display(), "the store had an I/O error; opening it again");
+        }
+        let deadline = std::time::Instant::now() + REOPEN_WAIT;
+        let db = loop {
+            match Database::create(&self.path) {
+                Ok(db) => break db,
+                Err(redb::DatabaseError::DatabaseAlreadyOpen)
+                    if std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Err(source) => {
+                    open.generation += 1;
+                    return Err(StoreError::Open {
+                        path: self.path.clone(),
+                        source,
+                    });
+                }
+            }
+        };
+        open.db = Some(db);
+        open.generation += 1;
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {
@@ -173,48 +293,52 @@ impl Store {
 
     /// Count one more daemon start on this store and return the new count.
     pub fn record_start(&self) -> Result<u64, StoreError> {
-        let txn = self.db.begin_write()?;
-        let starts = {
-            let mut meta = txn.open_table(META)?;
-            let starts = match meta.get(KEY_STARTS)? {
-                Some(v) => decode_u64(&self.path, KEY_STARTS, v.value())?,
-                None => 0,
-            } + 1;
-            meta.insert(KEY_STARTS, starts.to_le_bytes().as_slice())?;
-            starts
-        };
-        txn.commit()?;
-        Ok(starts)
+        self.retry(|| {
+            let txn = self.begin_write()?;
+            let starts = {
+                let mut meta = txn.open_table(META)?;
+                let starts = match meta.get(KEY_STARTS)? {
+                    Some(v) => decode_u64(&self.path, KEY_STARTS, v.value())?,
+                    None => 0,
+                } + 1;
+                meta.insert(KEY_STARTS, starts.to_le_bytes().as_slice())?;
+                starts
+            };
+            txn.commit()?;
+            Ok(starts)
+        })
     }
 
     /// Read the store's metadata.
     pub fn info(&self) -> Result<StoreInfo, StoreError> {
-        let txn = self.db.begin_read()?;
-        let meta = txn.open_table(META)?;
-        let get = |key: &str| -> Result<Vec<u8>, StoreError> {
-            meta.get(key)?
-                .map(|v| v.value().to_vec())
-                .ok_or_else(|| StoreError::Corrupt {
-                    path: self.path.clone(),
-                    detail: format!("meta key {key} missing"),
-                })
-        };
-        let schema = get(KEY_SCHEMA)?;
-        let instance = get(KEY_INSTANCE)?;
-        let created = get(KEY_CREATED)?;
-        let starts = match meta.get(KEY_STARTS)? {
-            Some(v) => decode_u64(&self.path, KEY_STARTS, v.value())?,
-            None => 0,
-        };
-        Ok(StoreInfo {
-            path: self.path.clone(),
-            schema_version: decode_u32(&self.path, KEY_SCHEMA, &schema)?,
-            instance_id: String::from_utf8(instance).map_err(|_| StoreError::Corrupt {
+        self.retry(|| {
+            let txn = self.begin_read()?;
+            let meta = txn.open_table(META)?;
+            let get = |key: &str| -> Result<Vec<u8>, StoreError> {
+                meta.get(key)?
+                    .map(|v| v.value().to_vec())
+                    .ok_or_else(|| StoreError::Corrupt {
+                        path: self.path.clone(),
+                        detail: format!("meta key {key} missing"),
+                    })
+            };
+            let schema = get(KEY_SCHEMA)?;
+            let instance = get(KEY_INSTANCE)?;
+            let created = get(KEY_CREATED)?;
+            let starts = match meta.get(KEY_STARTS)? {
+                Some(v) => decode_u64(&self.path, KEY_STARTS, v.value())?,
+                None => 0,
+            };
+            Ok(StoreInfo {
                 path: self.path.clone(),
-                detail: "instance id is not UTF-8".into(),
-            })?,
-            created_at: decode_u64(&self.path, KEY_CREATED, &created)?,
-            starts,
+                schema_version: decode_u32(&self.path, KEY_SCHEMA, &schema)?,
+                instance_id: String::from_utf8(instance).map_err(|_| StoreError::Corrupt {
+                    path: self.path.clone(),
+                    detail: "instance id is not UTF-8".into(),
+                })?,
+                created_at: decode_u64(&self.path, KEY_CREATED, &created)?,
+                starts,
+            })
         })
     }
 }

@@ -29,7 +29,7 @@
 
 use std::sync::Arc;
 
-use redb::{Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{Durability, ReadableTable, TableDefinition, WriteTransaction};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -192,17 +192,19 @@ impl Store {
     /// A write transaction that is not fsynced: for reservations, which die with the
     /// process anyway. (A later durable commit persists it all the same; harmless.)
     fn begin_light(&self) -> Result<WriteTransaction, StoreError> {
-        let mut txn = self.db.begin_write()?;
+        let mut txn = self.begin_write()?;
         txn.set_durability(Durability::None)?;
         Ok(txn)
     }
 
     /// Forget every reservation (a previous process's are void). Called by [`Store::open`].
     pub(crate) fn clear_reservations(&self) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
-        txn.delete_table(RESERVATIONS)?;
-        txn.commit()?;
-        Ok(())
+        self.retry(|| {
+            let txn = self.begin_write()?;
+            txn.delete_table(RESERVATIONS)?;
+            txn.commit()?;
+            Ok(())
+        })
     }
 
     /// Reserve `name` for an image or kernel about to be made (see the module docs).
@@ -214,92 +216,101 @@ impl Store {
         name: &str,
         doing: &str,
     ) -> Result<Reservation, StoreError> {
-        let token = uuid::Uuid::new_v4().simple().to_string();
-        let txn = self.begin_light()?;
-        {
-            if txn.open_table(kind.table())?.get(name)?.is_some() {
-                return Err(StoreError::Exists {
-                    kind,
-                    name: name.to_owned(),
-                });
+        self.retry(|| {
+            let token = uuid::Uuid::new_v4().simple().to_string();
+            let txn = self.begin_light()?;
+            {
+                if txn.open_table(kind.table())?.get(name)?.is_some() {
+                    return Err(StoreError::Exists {
+                        kind,
+                        name: name.to_owned(),
+                    });
+                }
+                let mut res = txn.open_table(RESERVATIONS)?;
+                let key = kind.key(name);
+                if let Some(held) = res.get(key.as_str())? {
+                    let held: Held = decode(self, "reservations", held.value())?;
+                    return Err(StoreError::Conflict(format!(
+                        "{kind} {name} is {} right now; wait for that to finish, or choose another name",
+                        held.doing
+                    )));
+                }
+                let held = Held {
+                    token: token.clone(),
+                    doing: doing.to_owned(),
+                };
+                res.insert(key.as_str(), encode(&held).as_slice())?;
             }
-            let mut res = txn.open_table(RESERVATIONS)?;
-            let key = kind.key(name);
-            if let Some(held) = res.get(key.as_str())? {
-                let held: Held = decode(self, "reservations", held.value())?;
-                return Err(StoreError::Conflict(format!(
-                    "{kind} {name} is {} right now; wait for that to finish, or choose another name",
-                    held.doing
-                )));
-            }
-            let held = Held {
-                token: token.clone(),
-                doing: doing.to_owned(),
-            };
-            res.insert(key.as_str(), encode(&held).as_slice())?;
-        }
-        txn.commit()?;
-        Ok(Reservation {
-            store: Arc::clone(self),
-            kind,
-            name: name.to_owned(),
-            token,
-            open: true,
+            txn.commit()?;
+            Ok(Reservation {
+                store: Arc::clone(self),
+                kind,
+                name: name.to_owned(),
+                token,
+                open: true,
+            })
+
         })
     }
 
     fn release(&self, kind: Named, name: &str, token: &str) -> Result<(), StoreError> {
-        let txn = self.begin_light()?;
-        {
-            let mut res = txn.open_table(RESERVATIONS)?;
-            let key = kind.key(name);
-            let ours = match res.get(key.as_str())? {
-                Some(h) => decode::<Held>(self, "reservations", h.value())?.token == token,
-                None => false,
-            };
-            if ours {
-                res.remove(key.as_str())?;
+        self.retry(|| {
+            let txn = self.begin_light()?;
+            {
+                let mut res = txn.open_table(RESERVATIONS)?;
+                let key = kind.key(name);
+                let ours = match res.get(key.as_str())? {
+                    Some(h) => decode::<Held>(self, "reservations", h.value())?.token == token,
+                    None => false,
+                };
+                if ours {
+                    res.remove(key.as_str())?;
+                }
             }
-        }
-        txn.commit()?;
-        Ok(())
+            txn.commit()?;
+            Ok(())
+        })
     }
 
     /// Write each record under its reservation and end the reservations, all in one
     /// transaction; on error nothing is written and the reservations stay (their drop
     /// releases them).
     fn publish(&self, items: &mut [(Reservation, Vec<u8>)]) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
-        {
-            let mut res = txn.open_table(RESERVATIONS)?;
-            for (r, value) in items.iter() {
-                let key = r.kind.key(&r.name);
-                let ours = match res.get(key.as_str())? {
-                    Some(h) => decode::<Held>(self, "reservations", h.value())?.token == r.token,
-                    None => false,
-                };
-                if !ours {
-                    return Err(StoreError::Conflict(format!(
-                        "the reservation of {} {} was lost; nothing was published",
-                        r.kind, r.name
-                    )));
+        self.retry(|| {
+            let txn = self.begin_write()?;
+            {
+                let mut res = txn.open_table(RESERVATIONS)?;
+                for (r, value) in items.iter() {
+                    let key = r.kind.key(&r.name);
+                    let ours = match res.get(key.as_str())? {
+                        Some(h) => {
+                            decode::<Held>(self, "reservations", h.value())?.token == r.token
+                        }
+                        None => false,
+                    };
+                    if !ours {
+                        return Err(StoreError::Conflict(format!(
+                            "the reservation of {} {} was lost; nothing was published",
+                            r.kind, r.name
+                        )));
+                    }
+                    let mut table = txn.open_table(r.kind.table())?;
+                    if table.get(r.name.as_str())?.is_some() {
+                        return Err(StoreError::Exists {
+                            kind: r.kind,
+                            name: r.name.clone(),
+                        });
+                    }
+                    table.insert(r.name.as_str(), value.as_slice())?;
+                    res.remove(key.as_str())?;
                 }
-                let mut table = txn.open_table(r.kind.table())?;
-                if table.get(r.name.as_str())?.is_some() {
-                    return Err(StoreError::Exists {
-                        kind: r.kind,
-                        name: r.name.clone(),
-                    });
-                }
-                table.insert(r.name.as_str(), value.as_slice())?;
-                res.remove(key.as_str())?;
             }
-        }
-        txn.commit()?;
-        for (r, _) in items.iter_mut() {
-            r.open = false;
-        }
-        Ok(())
+            txn.commit()?;
+            for (r, _) in items.iter_mut() {
+                r.open = false;
+            }
+            Ok(())
+        })
     }
 
     /// Record a new VM: its id and name must be new, its address free, and the image and
@@ -307,125 +318,136 @@ impl Store {
     /// `image delete` either sees this VM or runs before the check (and the create is
     /// refused with "no image named ...").
     pub fn create_vm(&self, vm: &VmRecord) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
-        {
-            let mut names = txn.open_table(VM_NAMES)?;
-            if names.get(vm.name.as_str())?.is_some() {
-                return Err(StoreError::Conflict(format!(
-                    "a vm named {name} exists already; pick another --name, or delete it with `banger vm delete {name}`",
-                    name = vm.name
-                )));
-            }
-            for (kind, name) in [(Named::Image, &vm.image), (Named::Kernel, &vm.kernel)] {
-                if txn.open_table(kind.table())?.get(name.as_str())?.is_none() {
-                    return Err(StoreError::NotFound(kind.not_found(name)));
+        self.retry(|| {
+            let txn = self.begin_write()?;
+            {
+                let mut names = txn.open_table(VM_NAMES)?;
+                if names.get(vm.name.as_str())?.is_some() {
+                    return Err(StoreError::Conflict(format!(
+                        "a vm named {name} exists already; pick another --name, or delete it with `banger vm delete {name}`",
+                        name = vm.name
+                    )));
                 }
-            }
-            let mut vms = txn.open_table(VMS)?;
-            if vms.get(vm.id.as_str())?.is_some() {
-                return Err(StoreError::Conflict(format!(
-                    "a vm with id {} exists already",
-                    vm.id
-                )));
-            }
-            if vm.ip.is_some() || vm.uid.is_some() {
-                for entry in vms.iter()? {
-                    let (_, v) = entry?;
-                    let other: VmRecord = decode(self, "vms", v.value())?;
-                    if let Some(ip) = &vm.ip
-                        && other.ip.as_ref() == Some(ip)
-                    {
-                        return Err(StoreError::Conflict(format!(
-                            "the address {ip} is taken by vm {}",
-                            other.name
-                        )));
-                    }
-                    if let Some(uid) = vm.uid
-                        && other.uid == Some(uid)
-                    {
-                        return Err(StoreError::Conflict(format!(
-                            "the uid {uid} is taken by vm {}",
-                            other.name
-                        )));
+                for (kind, name) in [(Named::Image, &vm.image), (Named::Kernel, &vm.kernel)] {
+                    if txn.open_table(kind.table())?.get(name.as_str())?.is_none() {
+                        return Err(StoreError::NotFound(kind.not_found(name)));
                     }
                 }
+                let mut vms = txn.open_table(VMS)?;
+                if vms.get(vm.id.as_str())?.is_some() {
+                    return Err(StoreError::Conflict(format!(
+                        "a vm with id {} exists already",
+                        vm.id
+                    )));
+                }
+                if vm.ip.is_some() || vm.uid.is_some() {
+                    for entry in vms.iter()? {
+                        let (_, v) = entry?;
+                        let other: VmRecord = decode(self, "vms", v.value())?;
+                        if let Some(ip) = &vm.ip
+                            && other.ip.as_ref() == Some(ip)
+                        {
+                            return Err(StoreError::Conflict(format!(
+                                "the address {ip} is taken by vm {}",
+                                other.name
+                            )));
+                        }
+                        if let Some(uid) = vm.uid
+                            && other.uid == Some(uid)
+                        {
+                            return Err(StoreError::Conflict(format!(
+                                "the uid {uid} is taken by vm {}",
+                                other.name
+                            )));
+                        }
+                    }
+                }
+                names.insert(vm.name.as_str(), vm.id.as_str())?;
+                vms.insert(vm.id.as_str(), encode(vm).as_slice())?;
             }
-            names.insert(vm.name.as_str(), vm.id.as_str())?;
-            vms.insert(vm.id.as_str(), encode(vm).as_slice())?;
-        }
-        txn.commit()?;
-        Ok(())
+            txn.commit()?;
+            Ok(())
+
+        })
     }
 
     /// Update a VM (its actor's writes). Its name must not belong to another VM.
     pub fn put_vm(&self, vm: &VmRecord) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
-        {
-            let mut names = txn.open_table(VM_NAMES)?;
-            if let Some(owner) = names.get(vm.name.as_str())?
-                && owner.value() != vm.id
+        self.retry(|| {
+            let txn = self.begin_write()?;
             {
-                return Err(StoreError::Conflict(format!(
-                    "a vm named {} exists already",
-                    vm.name
-                )));
+                let mut names = txn.open_table(VM_NAMES)?;
+                if let Some(owner) = names.get(vm.name.as_str())?
+                    && owner.value() != vm.id
+                {
+                    return Err(StoreError::Conflict(format!(
+                        "a vm named {} exists already",
+                        vm.name
+                    )));
+                }
+                let mut vms = txn.open_table(VMS)?;
+                let old_name = match vms.get(vm.id.as_str())? {
+                    Some(old) => Some(decode::<VmRecord>(self, "vms", old.value())?.name),
+                    None => None,
+                };
+                if let Some(old) = old_name.filter(|n| *n != vm.name) {
+                    names.remove(old.as_str())?;
+                }
+                names.insert(vm.name.as_str(), vm.id.as_str())?;
+                vms.insert(vm.id.as_str(), encode(vm).as_slice())?;
             }
-            let mut vms = txn.open_table(VMS)?;
-            let old_name = match vms.get(vm.id.as_str())? {
-                Some(old) => Some(decode::<VmRecord>(self, "vms", old.value())?.name),
-                None => None,
-            };
-            if let Some(old) = old_name.filter(|n| *n != vm.name) {
-                names.remove(old.as_str())?;
-            }
-            names.insert(vm.name.as_str(), vm.id.as_str())?;
-            vms.insert(vm.id.as_str(), encode(vm).as_slice())?;
-        }
-        txn.commit()?;
-        Ok(())
+            txn.commit()?;
+            Ok(())
+        })
     }
 
     /// Find a VM by name, or by id.
     pub fn find_vm(&self, name_or_id: &str) -> Result<Option<VmRecord>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let vms = txn.open_table(VMS)?;
-        let names = txn.open_table(VM_NAMES)?;
-        let id = match names.get(name_or_id)? {
-            Some(id) => id.value().to_owned(),
-            None => name_or_id.to_owned(),
-        };
-        match vms.get(id.as_str())? {
-            Some(v) => Ok(Some(decode(self, "vms", v.value())?)),
-            None => Ok(None),
-        }
+        self.retry(|| {
+            let txn = self.begin_read()?;
+            let vms = txn.open_table(VMS)?;
+            let names = txn.open_table(VM_NAMES)?;
+            let id = match names.get(name_or_id)? {
+                Some(id) => id.value().to_owned(),
+                None => name_or_id.to_owned(),
+            };
+            match vms.get(id.as_str())? {
+                Some(v) => Ok(Some(decode(self, "vms", v.value())?)),
+                None => Ok(None),
+            }
+        })
     }
 
     pub fn list_vms(&self) -> Result<Vec<VmRecord>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let vms = txn.open_table(VMS)?;
-        let mut out = Vec::new();
-        for entry in vms.iter()? {
-            let (_, v) = entry?;
-            out.push(decode::<VmRecord>(self, "vms", v.value())?);
-        }
-        out.sort_by(|a, b| (a.created_at, &a.name).cmp(&(b.created_at, &b.name)));
-        Ok(out)
+        self.retry(|| {
+            let txn = self.begin_read()?;
+            let vms = txn.open_table(VMS)?;
+            let mut out = Vec::new();
+            for entry in vms.iter()? {
+                let (_, v) = entry?;
+                out.push(decode::<VmRecord>(self, "vms", v.value())?);
+            }
+            out.sort_by(|a, b| (a.created_at, &a.name).cmp(&(b.created_at, &b.name)));
+            Ok(out)
+        })
     }
 
     pub fn delete_vm(&self, id: &str) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
-        {
-            let mut vms = txn.open_table(VMS)?;
-            let name = match vms.remove(id)? {
-                Some(v) => Some(decode::<VmRecord>(self, "vms", v.value())?.name),
-                None => None,
-            };
-            if let Some(name) = name {
-                txn.open_table(VM_NAMES)?.remove(name.as_str())?;
+        self.retry(|| {
+            let txn = self.begin_write()?;
+            {
+                let mut vms = txn.open_table(VMS)?;
+                let name = match vms.remove(id)? {
+                    Some(v) => Some(decode::<VmRecord>(self, "vms", v.value())?.name),
+                    None => None,
+                };
+                if let Some(name) = name {
+                    txn.open_table(VM_NAMES)?.remove(name.as_str())?;
+                }
             }
-        }
-        txn.commit()?;
-        Ok(())
+            txn.commit()?;
+            Ok(())
+        })
     }
 
     pub fn get_image(&self, name: &str) -> Result<Option<ImageRecord>, StoreError> {
@@ -469,54 +491,56 @@ impl Store {
         kind: Named,
         name: &str,
     ) -> Result<Option<(T, Reservation)>, StoreError> {
-        let token = uuid::Uuid::new_v4().simple().to_string();
-        let txn = self.db.begin_write()?;
-        let rec = {
-            let mut table = txn.open_table(kind.table())?;
-            let rec: T = match table.get(name)? {
-                Some(v) => decode(self, kind.as_str(), v.value())?,
-                None => return Ok(None),
-            };
-            let vms = txn.open_table(VMS)?;
-            let mut users = Vec::new();
-            for entry in vms.iter()? {
-                let (_, v) = entry?;
-                let vm: VmRecord = decode(self, "vms", v.value())?;
-                let uses = match kind {
-                    Named::Image => vm.image == name,
-                    Named::Kernel => vm.kernel == name,
+        self.retry(|| {
+            let token = uuid::Uuid::new_v4().simple().to_string();
+            let txn = self.begin_write()?;
+            let rec = {
+                let mut table = txn.open_table(kind.table())?;
+                let rec: T = match table.get(name)? {
+                    Some(v) => decode(self, kind.as_str(), v.value())?,
+                    None => return Ok(None),
                 };
-                if uses {
-                    users.push(vm.name);
+                let vms = txn.open_table(VMS)?;
+                let mut users = Vec::new();
+                for entry in vms.iter()? {
+                    let (_, v) = entry?;
+                    let vm: VmRecord = decode(self, "vms", v.value())?;
+                    let uses = match kind {
+                        Named::Image => vm.image == name,
+                        Named::Kernel => vm.kernel == name,
+                    };
+                    if uses {
+                        users.push(vm.name);
+                    }
                 }
-            }
-            if !users.is_empty() {
-                users.sort();
-                return Err(StoreError::Conflict(format!(
-                    "{kind} {name} is used by vm {}; delete those first",
-                    users.join(", ")
-                )));
-            }
-            table.remove(name)?;
-            let held = Held {
-                token: token.clone(),
-                doing: "being deleted".into(),
+                if !users.is_empty() {
+                    users.sort();
+                    return Err(StoreError::Conflict(format!(
+                        "{kind} {name} is used by vm {}; delete those first",
+                        users.join(", ")
+                    )));
+                }
+                table.remove(name)?;
+                let held = Held {
+                    token: token.clone(),
+                    doing: "being deleted".into(),
+                };
+                txn.open_table(RESERVATIONS)?
+                    .insert(kind.key(name).as_str(), encode(&held).as_slice())?;
+                rec
             };
-            txn.open_table(RESERVATIONS)?
-                .insert(kind.key(name).as_str(), encode(&held).as_slice())?;
-            rec
-        };
-        txn.commit()?;
-        Ok(Some((
-            rec,
-            Reservation {
-                store: Arc::clone(self),
-                kind,
-                name: name.to_owned(),
-                token,
-                open: true,
-            },
-        )))
+            txn.commit()?;
+            Ok(Some((
+                rec,
+                Reservation {
+                    store: Arc::clone(self),
+                    kind,
+                    name: name.to_owned(),
+                    token,
+                    open: true,
+                },
+            )))
+        })
     }
 
     fn get_json<T: DeserializeOwned>(
@@ -525,12 +549,14 @@ impl Store {
         name: &str,
         key: &str,
     ) -> Result<Option<T>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let t = txn.open_table(table)?;
-        match t.get(key)? {
-            Some(v) => Ok(Some(decode(self, name, v.value())?)),
-            None => Ok(None),
-        }
+        self.retry(|| {
+            let txn = self.begin_read()?;
+            let t = txn.open_table(table)?;
+            match t.get(key)? {
+                Some(v) => Ok(Some(decode(self, name, v.value())?)),
+                None => Ok(None),
+            }
+        })
     }
 
     fn list_json<T: DeserializeOwned>(
@@ -538,14 +564,16 @@ impl Store {
         table: TableDefinition<&str, &[u8]>,
         name: &str,
     ) -> Result<Vec<T>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let t = txn.open_table(table)?;
-        let mut out = Vec::new();
-        for entry in t.iter()? {
-            let (_, v) = entry?;
-            out.push(decode(self, name, v.value())?);
-        }
-        Ok(out)
+        self.retry(|| {
+            let txn = self.begin_read()?;
+            let t = txn.open_table(table)?;
+            let mut out = Vec::new();
+            for entry in t.iter()? {
+                let (_, v) = entry?;
+                out.push(decode(self, name, v.value())?);
+            }
+            Ok(out)
+        })
     }
 }
 

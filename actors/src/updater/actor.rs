@@ -4,7 +4,8 @@
 //! the module docs of [`super`]: they must outlive the daemon's restart); before it
 //! touches anything, that process asks this actor for the **update gate**: the actor
 //! lists the VMs whose operation is in flight (starting, stopping, or busy: a VM whose
-//! actor did not answer `vm list` is listed from the store as busy, and counts) and
+//! actor did not answer `vm list` is listed from the store as busy, and counts; so does a
+//! VM the daemon has not re-adopted yet since it started, listed as `adopting`) and
 //! refuses while there are any, unless forced. (It is also where a future daemon-side scheduler of
 //! update checks would live.)
 //!
@@ -56,14 +57,22 @@ pub struct UpdaterState {
     last_gate: Option<String>,
 }
 
-/// VMs whose operation is in flight: starting, stopping, or busy (its actor did not
-/// answer `vm list`, so whatever it is doing may be an operation).
+/// VMs whose operation is in flight: starting, stopping, busy (its actor did not answer
+/// `vm list`, so whatever it is doing may be an operation) or adopting (its re-adoption
+/// after the daemon's start is under way: an update now would cut it).
 pub fn in_flight(vms: &[VmInfo]) -> Vec<String> {
     vms.iter()
-        .filter(|v| v.busy || matches!(v.state, VmState::Starting | VmState::Stopping))
-        .map(|v| match v.busy {
-            true => format!("{} busy (last stored state {})", v.name, v.state.as_str()),
-            false => format!("{} {}", v.name, v.state.as_str()),
+        .filter(|v| {
+            v.busy || v.adopting || matches!(v.state, VmState::Starting | VmState::Stopping)
+        })
+        .map(|v| match (v.busy, v.adopting) {
+            (true, _) => format!("{} busy (last stored state {})", v.name, v.state.as_str()),
+            (false, true) => format!(
+                "{} adopting (last stored state {})",
+                v.name,
+                v.state.as_str()
+            ),
+            (false, false) => format!("{} {}", v.name, v.state.as_str()),
         })
         .collect()
 }
@@ -152,6 +161,7 @@ mod tests {
             ip: None,
             isolation: None,
             busy,
+            adopting: false,
             published: Vec::new(),
             egress: Default::default(),
             isolate: false,

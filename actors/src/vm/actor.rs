@@ -163,6 +163,10 @@ pub enum VmError {
         #[source]
         source: VmmError,
     },
+    /// The VM's actor failed while this operation was under way (a store write that
+    /// failed, typically); it is restarted from the VM's last stored record.
+    #[error("vm {vm}: {reason}; the vm is left as it was last recorded")]
+    Failed { vm: String, reason: String },
     #[error("vm {vm}: {source}")]
     Net {
         vm: String,
@@ -184,6 +188,7 @@ impl VmError {
             | VmError::Save { .. }
             | VmError::Gone(_)
             | VmError::PauseResume { .. }
+            | VmError::Failed { .. }
             | VmError::AgentUnreachable { .. }
             | VmError::ExitedDuringBoot { .. }
             | VmError::NoInit { .. }
@@ -310,6 +315,24 @@ pub enum VmMsg {
 pub struct VmArgs {
     pub id: String,
     pub env: Arc<VmEnv>,
+    /// The VM's record when the caller has just read it (the daemon's start lists them all
+    /// once); else it is read from the store.
+    pub rec: Option<VmRecord>,
+    /// Re-adoption after the daemon's start (see [`Adoption`]); None for a new VM.
+    pub adoption: Option<Adoption>,
+}
+
+/// Re-adoption of a VM that was there before the actor: it runs in the actor's
+/// `post_start`, after the actor is spawned, so the daemon serves while VMs are being
+/// re-adopted, and a caller of this VM waits in its mailbox (behind the re-adoption) while
+/// every other VM answers. At most as many VMs as `permits` has are re-adopted at once;
+/// `adopting` is set until this VM's re-adoption is done (`vm list`/`vm show` read it
+/// without waiting for the actor, and list the VM from its stored record with
+/// `adopting`).
+#[derive(Debug, Clone)]
+pub struct Adoption {
+    pub permits: Arc<tokio::sync::Semaphore>,
+    pub adopting: Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[derive(Debug, Default)]
@@ -318,7 +341,9 @@ pub struct VmActor;
 /// The console stream: a broadcast of new bytes and how far it has read.
 #[derive(Debug)]
 struct Console {
-    tx: broadcast::Sender<LogEvent>,
+    /// Made by the first follower: a VM nobody follows holds no buffer (256 slots for each
+    /// of 1000 VMs were a sixth of the daemon's memory).
+    tx: Arc<std::sync::OnceLock<broadcast::Sender<LogEvent>>>,
     /// Bytes of console.log already broadcast; locked while broadcasting so a new follower
     /// gets each byte exactly once (from the backlog or from the stream).
     offset: Arc<Mutex<u64>>,
@@ -349,6 +374,42 @@ pub struct VmActorState {
     published: super::publish::Published,
     /// The timer of the VM's deadline (`--ttl`), while it has one.
     expiry: Option<ExpiryTimer>,
+    /// Until `post_start` has re-adopted the VM.
+    adoption: Option<Adoption>,
+    /// The last store write that failed: what the waiters hear if the actor fails on it.
+    store_failure: Mutex<Option<String>>,
+}
+
+/// An actor that fails (a store write that failed, typically) answers whoever waits on it
+/// with why, rather than leaving them with a dropped reply.
+impl Drop for VmActorState {
+    fn drop(&mut self) {
+        if self.start_waiters.is_empty()
+            && self.stop_waiters.is_empty()
+            && self.delete_after_exit.is_none()
+        {
+            return;
+        }
+        let reason = self
+            .store_failure
+            .lock()
+            .expect("store failure lock")
+            .take()
+            .unwrap_or_else(|| "its actor failed (see the daemon log)".into());
+        let err = || VmError::Failed {
+            vm: self.rec.name.clone(),
+            reason: reason.clone(),
+        };
+        for (w, _) in self.start_waiters.drain(..) {
+            let _ = w.send(Err(err()));
+        }
+        for w in self.stop_waiters.drain(..) {
+            let _ = w.send(Err(err()));
+        }
+        if let Some(w) = self.delete_after_exit.take() {
+            let _ = w.send(Err(err()));
+        }
+    }
 }
 
 /// The task that sends [`VmMsg::Expired`] at the VM's deadline; aborted when replaced, or
@@ -376,10 +437,13 @@ impl VmActorState {
 
     async fn persist(&self) -> Result<(), VmError> {
         let (store, rec) = (Arc::clone(&self.env.store), self.rec.clone());
-        tokio::task::spawn_blocking(move || store.put_vm(&rec))
+        let written = tokio::task::spawn_blocking(move || store.put_vm(&rec))
             .await
-            .expect("store write does not panic")?;
-        Ok(())
+            .expect("store write does not panic");
+        if let Err(e) = &written {
+            *self.store_failure.lock().expect("store failure lock") = Some(error_chain(e));
+        }
+        Ok(written?)
     }
 
     /// The lease of a running VM whose egress is filtered or isolated (counters to read).
@@ -429,6 +493,7 @@ pub fn info_of(rec: &VmRecord, dir: &VmDir) -> VmInfo {
         egress_dropped: None,
         dns_refused: None,
         busy: false,
+        adopting: false,
         expires: rec.expires,
     }
 }
@@ -738,7 +803,10 @@ impl VmActor {
         }
         let (stop_tx, mut stop_rx) = watch::channel(None);
         state.console.stop = Some(stop_tx);
-        let (tx, offset) = (state.console.tx.clone(), Arc::clone(&state.console.offset));
+        let (tx, offset) = (
+            Arc::clone(&state.console.tx),
+            Arc::clone(&state.console.offset),
+        );
         tokio::spawn(async move {
             // Woken by the console's writes (inotify), not a timer.
             let mut watch = super::watch::FileWatch::new(&path);
@@ -783,13 +851,17 @@ impl VmActor {
                             partial.clear();
                         }
                     }
-                    let _ = tx.send(LogEvent::Data { text });
+                    if let Some(tx) = tx.get() {
+                        let _ = tx.send(LogEvent::Data { text });
+                    }
                 }
                 // Keep the console bounded: a chatty guest must not fill the disk.
                 if disks::rotate_console(&path, &old, disks::CONSOLE_MAX).unwrap_or(false) {
                     *off = 0;
                 }
-                if let Some(state) = final_state {
+                if let Some(state) = final_state
+                    && let Some(tx) = tx.get()
+                {
                     let _ = tx.send(LogEvent::End { state });
                 }
             };
@@ -1193,16 +1265,21 @@ impl Actor for VmActor {
 
     async fn pre_start(
         &self,
-        myself: ActorRef<VmMsg>,
+        _myself: ActorRef<VmMsg>,
         args: VmArgs,
     ) -> Result<VmActorState, ActorProcessingErr> {
-        let (store, id) = (Arc::clone(&args.env.store), args.id.clone());
-        let rec = tokio::task::spawn_blocking(move || store.find_vm(&id))
-            .await??
-            .ok_or_else(|| format!("vm {} is not in the store", args.id))?;
+        let rec = match args.rec {
+            Some(rec) => rec,
+            None => {
+                let (store, id) = (Arc::clone(&args.env.store), args.id.clone());
+                tokio::task::spawn_blocking(move || store.find_vm(&id))
+                    .await??
+                    .ok_or_else(|| format!("vm {} is not in the store", args.id))?
+            }
+        };
         let dir = VmDir::new(&args.env.vms_dir, &rec.id);
         let published = super::publish::Published::new(&rec.name);
-        let mut state = VmActorState {
+        Ok(VmActorState {
             rec,
             env: args.env,
             dir,
@@ -1215,13 +1292,40 @@ impl Actor for VmActor {
             restoring: false,
             boot_failure: None,
             console: Console {
-                tx: broadcast::channel(256).0,
+                tx: Arc::new(std::sync::OnceLock::new()),
                 offset: Arc::new(Mutex::new(0)),
                 stop: None,
                 boot_from: 0,
             },
             published,
             expiry: None,
+            adoption: args.adoption,
+            store_failure: Mutex::new(None),
+        })
+    }
+
+    /// Re-adoption (see [`Adoption`]): after the spawn, before the first message.
+    async fn post_start(
+        &self,
+        myself: ActorRef<VmMsg>,
+        state: &mut VmActorState,
+    ) -> Result<(), ActorProcessingErr> {
+        let Some(adoption) = state.adoption.take() else {
+            Self::arm_expiry(&myself, state);
+            return Ok(());
+        };
+        // Cleared however this ends: a failed re-adoption fails the actor, whose restart
+        // sets it again.
+        struct Done(Arc<std::sync::atomic::AtomicBool>);
+        impl Drop for Done {
+            fn drop(&mut self) {
+                self.0.store(false, std::sync::atomic::Ordering::Release);
+            }
+        }
+        let _done = Done(adoption.adopting);
+        let _permit = match model::is_active(state.rec.state) {
+            true => Some(adoption.permits.acquire_owned().await?),
+            false => None,
         };
         // Re-adopt a VM that was running when the daemon stopped, or release what it left.
         if model::is_active(state.rec.state) {
@@ -1231,6 +1335,7 @@ impl Actor for VmActor {
                 .as_ref()
                 .is_some_and(|rt| proc::alive(rt.pid, rt.start_time));
             if adopted {
+                let stored = state.rec.clone();
                 tracing::info!(vm = %state.rec.name, pid = state.rec.runtime.as_ref().map(|r| r.pid), "re-adopted a running vm");
                 let driver = state.driver();
                 if let Some(rt) = state.rec.runtime.as_mut() {
@@ -1245,7 +1350,7 @@ impl Actor for VmActor {
                         }
                     }
                 }
-                state.rec.state = Self::adopted_state(&state).await;
+                state.rec.state = Self::adopted_state(state).await;
                 state.published.rebind_all(&mut state.rec.publish).await;
                 let sock = state.rec.runtime.as_ref().map(|r| r.vsock_socket.clone());
                 state.published.set_target(sock.map(PathBuf::from));
@@ -1264,23 +1369,26 @@ impl Actor for VmActor {
                         .expect("egress policies lock")
                         .insert(ip, Arc::new(policy));
                 }
-                state.persist().await?;
-                Self::watch_exit(&myself, &state);
-                Self::start_console(&myself, &mut state);
+                // Written only if re-adopting changed it: 1000 VMs are not 1000 commits.
+                if state.rec != stored {
+                    state.persist().await?;
+                }
+                Self::watch_exit(&myself, state);
+                Self::start_console(&myself, state);
             } else {
                 tracing::info!(vm = %state.rec.name, "the vm's process is gone; marking it stopped");
                 let rt = state.rec.runtime.take();
                 // A launch cut short: its process was killed by the start-up census.
                 state.rec.spawned = None;
-                release_vmm(&state, rt).await;
+                release_vmm(state, rt).await;
                 release_net(&state.env, &state.rec).await;
                 state.rec.state = VmState::Stopped;
                 state.persist().await?;
             }
         }
         // A deadline that passed while the daemon was down fires at once.
-        Self::arm_expiry(&myself, &mut state);
-        Ok(state)
+        Self::arm_expiry(&myself, state);
+        Ok(())
     }
 
     async fn handle(
@@ -1318,13 +1426,23 @@ impl Actor for VmActor {
                     return Ok(());
                 }
                 state.generation += 1;
+                let (was, was_error) = (state.rec.state, state.rec.error.take());
                 let restore = state.rec.state == VmState::Suspended;
                 state.restoring = restore;
                 state.rec.state = VmState::Starting;
-                state.rec.error = None;
                 state.console.boot_from =
                     std::fs::metadata(state.dir.console()).map_or(0, |m| m.len());
-                state.persist().await?;
+                // A store that cannot write (a full disk) fails this start, not the actor:
+                // the VM stays as it was, and the caller hears why.
+                if let Err(e) = state.persist().await {
+                    state.rec.state = was;
+                    state.rec.error = was_error;
+                    state.restoring = false;
+                    state.published.unbind_all().await;
+                    tracing::warn!(vm = %state.rec.name, error = %error_chain(&e), "cannot record the start; the vm is left as it was");
+                    let _ = reply.send(Err(e));
+                    return Ok(());
+                }
                 let generation = state.generation;
                 let senders: Vec<ProgressTx> = progress.iter().cloned().collect();
                 state.start_waiters.push((reply, progress));
@@ -1885,7 +2003,11 @@ impl Actor for VmActor {
                 let path = state.dir.console();
                 if state.console.stop.is_some() {
                     let off = state.console.offset.lock().expect("console lock");
-                    let rx = state.console.tx.subscribe();
+                    let rx = state
+                        .console
+                        .tx
+                        .get_or_init(|| broadcast::channel(256).0)
+                        .subscribe();
                     let from = off.saturating_sub(BACKLOG);
                     let backlog = read_range(&path, from, *off);
                     drop(off);

@@ -121,10 +121,7 @@ pub fn field(v: &VmInfo, field: &str, now: u64) -> Option<String> {
         "id" => v.id.clone(),
         "name" => v.name.clone(),
         // A busy VM's state is its last stored one (its actor did not answer).
-        "state" => match v.busy {
-            true => format!("{}*", v.state.as_str()),
-            false => v.state.as_str().to_owned(),
-        },
+        "state" => state_cell(v),
         "image" => v.image.clone(),
         "kernel" => v.kernel.clone(),
         "ip" => v.ip.clone().unwrap_or_else(|| "-".into()),
@@ -152,6 +149,21 @@ fn print_table(vms: &[VmInfo]) {
     out!("{}", columns(vms, TABLE, now));
     if vms.iter().any(|v| v.busy) {
         outln!("* busy: the VM did not answer in time; its state is the last one stored");
+    }
+    if vms.iter().any(|v| v.adopting) {
+        outln!(
+            "(adopting): the daemon is still re-adopting the VM after its start; its state is the last one stored"
+        );
+    }
+}
+
+/// A VM's state as `ps` and `vm show` print it: a busy VM's is its last stored one (its
+/// actor did not answer), marked `*`; so is an adopting VM's, marked `(adopting)`.
+fn state_cell(v: &VmInfo) -> String {
+    match (v.busy, v.adopting) {
+        (true, _) => format!("{}*", v.state.as_str()),
+        (false, true) => format!("{} (adopting)", v.state.as_str()),
+        (false, false) => v.state.as_str().to_owned(),
     }
 }
 
@@ -347,7 +359,7 @@ pub fn last_lines(text: &str, n: usize) -> &str {
 fn print_vm(v: &VmInfo) {
     outln!("name:     {}", v.name);
     outln!("id:       {}", v.id);
-    outln!("state:    {}", v.state.as_str());
+    outln!("state:    {}", state_cell(v));
     if let Some(e) = &v.error {
         outln!("error:    {e}");
     }
@@ -982,6 +994,7 @@ mod tests {
             egress_dropped: None,
             dns_refused: None,
             busy: false,
+            adopting: false,
             expires: None,
         }
     }

@@ -321,6 +321,13 @@ pub struct VmInfo {
     /// counts the VM as in flight. False from daemons that predate the field.
     #[serde(default)]
     pub busy: bool,
+    /// The daemon has not re-adopted the VM yet since it started (its VMM probed, its
+    /// agent proxy and published ports restored): the fields above are its last stored
+    /// record, operations on it wait until its re-adoption is done, and the update gate
+    /// counts it as in flight. A flag rather than a [`VmState`]: the stored state is still
+    /// what the VM was, and is shown with it. False from daemons that predate the field.
+    #[serde(default)]
+    pub adopting: bool,
     /// When the VM is stopped or deleted (`--ttl`), if it has a deadline.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires: Option<Expiry>,

@@ -95,11 +95,26 @@ impl From<RpcError> for ErrorObjectOwned {
             }
             RpcError::ShuttingDown => codes::SHUTTING_DOWN,
         };
-        if code == codes::INTERNAL_ERROR || code == codes::STORE {
-            tracing::error!(error = %error_chain(&err), "request failed");
+        let mut message = error_chain(&err);
+        if disk_full(&message) {
+            message.push_str(DISK_FULL_HINT);
         }
-        ErrorObjectOwned::owned(code, error_chain(&err), None::<()>)
+        if code == codes::INTERNAL_ERROR || code == codes::STORE {
+            tracing::error!(error = %message, "request failed");
+        }
+        ErrorObjectOwned::owned(code, message, None::<()>)
     }
+}
+
+/// Appended to the message of an error caused by a full disk (or quota).
+pub const DISK_FULL_HINT: &str = ": the disk is full: free space on the filesystem of banger's data dir (`banger vm prune`, `banger image cache prune`, or delete VMs and images you no longer need), then retry";
+
+/// Whether an error chain says a write found no space: ENOSPC or EDQUOT, from an I/O error
+/// of the daemon's own or in a tool's output (mkfs.ext4, cp).
+fn disk_full(chain: &str) -> bool {
+    ["No space left on device", "Disk quota exceeded"]
+        .iter()
+        .any(|s| chain.contains(s))
 }
 
 pub use banger_error::error_chain;

@@ -223,12 +223,7 @@ impl VmRpcServer for VmApi {
     }
 
     async fn show(&self, vm: String) -> RpcResult<VmInfo> {
-        Ok(self
-            .ctx
-            .tree
-            .ask_vm(&vm, VmMsg::Info)
-            .await
-            .map_err(RpcError::from)?)
+        Ok(self.ctx.tree.show_vm(&vm).await.map_err(RpcError::from)?)
     }
 
     async fn stats(&self, vm: String) -> RpcResult<VmStats> {
@@ -359,7 +354,7 @@ impl VmRpcServer for VmApi {
         // A busy VM's state is only its last stored one: leave it alone.
         for vm in vms
             .into_iter()
-            .filter(|v| !v.busy && !banger_actors::vm::model::is_active(v.state))
+            .filter(|v| !v.busy && !v.adopting && !banger_actors::vm::model::is_active(v.state))
         {
             if !dry_run {
                 self.ctx
