@@ -963,7 +963,11 @@ fn root_rig_a_daemon_killed_mid_create_or_delete_loses_no_vm_and_leaks_no_qemu()
         // Every QEMU of this home is the VMM of a listed VM.
         let pids: Vec<i64> = after.iter().filter_map(|v| v["pid"].as_i64()).collect();
         for (pid, cmd) in naming(home.dir.path()) {
-            if cmd.split(' ').next().is_some_and(|exe| exe.contains("qemu-system")) {
+            if cmd
+                .split(' ')
+                .next()
+                .is_some_and(|exe| exe.contains("qemu-system"))
+            {
                 assert!(
                     pids.contains(&pid),
                     "round {round} (seed {seed}): a QEMU no VM claims: {pid} {cmd}\n{after:?}"
