@@ -841,6 +841,7 @@ fn naming(dir: &Path) -> Vec<(i64, String)> {
 /// `BANGER_STORM_SEED` replays a run (the seed is printed), `BANGER_QEMU_STORM_ROUNDS` sets
 /// its length (6).
 #[test]
+#[allow(clippy::print_stdout)] // the seed and the census, for the note and a replay
 fn root_rig_a_daemon_killed_mid_create_or_delete_loses_no_vm_and_leaks_no_qemu() {
     let topo = Topology::new();
     let mut home = Home::with_guests(2, Some(&topo.host), "", "");
