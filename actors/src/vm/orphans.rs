@@ -227,13 +227,25 @@ mod tests {
             // `exec -a`: the path in argv[0] of a process that never forks (a shell that
             // forked its `sleep` would show a copy of its own command line to a census
             // between the fork and the exec).
-            proc::spawn(
+            let (pid, start) = proc::spawn(
                 Command::new("bash")
                     .arg("-c")
                     .arg("exec -a \"sleep $0\" sleep 30")
                     .arg(path),
             )
-            .unwrap()
+            .unwrap();
+            // Until bash's exec is done the command line is bash's (and empty during it).
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.starts_with(b"sleep "))
+            {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{pid} never became sleep"
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            (pid, start)
         };
         let orphan = spawn(&ours.join("a/api.sock"));
         let adopted = spawn(&ours.join("b/api.sock"));
@@ -298,9 +310,20 @@ mod tests {
                 .args(["--id", "cccccccccccc"]),
         )
         .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !std::fs::read_to_string(format!("/proc/{}/cmdline", launched.0))
+            .is_ok_and(|c| c.contains("--id\0cccccccccccc"))
+        {
+            assert!(std::time::Instant::now() < deadline, "bash never ran");
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let jail = dir.path().join("jail");
         let found = census(&[], &jail, &[("cccccccccccc".into(), me)]);
-        assert!(found.iter().any(|p| p.pid == launched.0), "{found:?}");
+        assert!(
+            found.iter().any(|p| p.pid == launched.0),
+            "{found:?}, {:?}",
+            std::fs::read_to_string(format!("/proc/{}/status", launched.0))
+        );
         let found = census(&[], &jail, &[("cccccccccccc".into(), me + 1)]);
         assert!(!found.iter().any(|p| p.pid == launched.0), "another uid's");
         for (pid, start) in [orphan, adopted, other, launched] {
