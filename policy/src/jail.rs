@@ -24,12 +24,26 @@ pub const API_SOCK: &str = "api.sock";
 pub const VSOCK_SOCK: &str = "vsock.sock";
 /// The files in the jail Firecracker writes: they become the VM uid's for the VM's run
 /// and the owner's again when the jail is cleaned.
-pub const WRITABLE: [&str; 4] = [
+pub const WRITABLE: [&str; 8] = [
     "overlay.ext4",
     "work.ext4",
     "firecracker.log",
     "metrics.json",
+    SAVE_STATE,
+    SAVE_MEMORY,
+    RESTORE_STATE,
+    RESTORE_MEMORY,
 ];
+/// Where a suspend's `PUT /snapshot/create` writes the VM state and the guest memory, in
+/// the jail: hard links, made before Firecracker starts, of empty files in the VM's run
+/// directory, so the files Firecracker fills are banger's to move (see the driver).
+pub const SAVE_STATE: &str = "vm.snap";
+pub const SAVE_MEMORY: &str = "vm.mem";
+/// What a restore's `PUT /snapshot/load` reads, in the jail: hard links of the saved
+/// state. Not the files a later suspend writes: Firecracker maps the memory file it
+/// restored from for as long as it runs, and truncating that would fault the guest.
+pub const RESTORE_STATE: &str = "restore.snap";
+pub const RESTORE_MEMORY: &str = "restore.mem";
 /// The files in the jail every VM of an image or kernel shares (hard links to banger's
 /// own copy): the VM uid must not be able to write them.
 pub const SHARED: [&str; 3] = ["vmlinux", "initrd", "rootfs.ext4"];

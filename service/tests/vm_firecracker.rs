@@ -120,6 +120,19 @@ async fn create(c: &Client, req: CreateVm) -> Result<Vec<Progress>, (i32, String
     Ok(events)
 }
 
+/// `vm start`, to its end: the VM as it ended, or the failure.
+async fn start(c: &Client, vm: &str) -> Result<banger_api::VmInfo, (i32, String)> {
+    let mut sub = c.start(vm.into()).await.unwrap();
+    while let Some(ev) = sub.next().await {
+        match ev.unwrap() {
+            Progress::Done { vm } => return Ok(vm),
+            Progress::Failed { code, message } => return Err((code, message)),
+            _ => {}
+        }
+    }
+    panic!("the start of {vm} ended without an answer")
+}
+
 fn code(e: ClientError) -> i32 {
     match e {
         ClientError::Call(o) => o.code(),
@@ -665,6 +678,53 @@ async fn a_ttl_with_delete_removes_the_vm_when_it_is_up() {
                 .is_ok_and(|s| s.contains(") Z ")),
         "its firecracker (pid {pid}) is gone"
     );
+    drop(c);
+    d.shutdown().await;
+}
+
+/// A deadline that passes while the VM is still starting (here: a guest whose agent never
+/// answers, waited for 2 s, and a ttl of 1 s) does not cut the start short: the start
+/// ends as it would have (running, with the agent's error), and the VM is stopped once it
+/// is up, the deadline spent. (Before, the create failed "stopped while it was starting".)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ttl_that_passes_during_the_start_stops_the_vm_once_it_is_up() {
+    let (d, c, _files) = setup_with(None, 2).await;
+    let t0 = std::time::Instant::now();
+    let (_, message) = create(
+        &c,
+        CreateVm {
+            name: Some("late".into()),
+            image: Some("img".into()),
+            ttl: Some(banger_api::Ttl {
+                secs: 1,
+                delete: false,
+            }),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        t0.elapsed() > Duration::from_secs(1),
+        "the start outlasted the ttl"
+    );
+    assert!(
+        message.contains("vm late runs, but its guest agent did not answer"),
+        "the start ends as without a ttl: {message}"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let vm = VmRpcClient::show(&c, "late".into()).await.unwrap();
+        if vm.state == VmState::Stopped {
+            assert!(vm.expires.is_none(), "spent: {vm:?}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not stopped after its ttl: {vm:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     drop(c);
     d.shutdown().await;
 }
@@ -1603,12 +1663,163 @@ async fn root_an_egress_policy_follows_the_vm_through_the_daemon() {
     d.shutdown().await;
 }
 
-/// A save that fails leaves the VM running under the same VMM, with nothing saved (no
-/// `state/`, no `state.tmp/`); Firecracker's save is not implemented yet, so every save
-/// of one fails that way. A VM that is not running cannot be suspended (a conflict).
+/// Suspend and restore through Firecracker's snapshot API (on the double, which keeps the
+/// guest's boot id in its snapshot): `vm suspend` pauses the VM, `PUT /snapshot/create`
+/// fills the files linked into its jail, which end up in the VM's `state/` (the memory
+/// file the guest's size, sparse) and the VMM is gone; `vm start` launches a new one that
+/// `PUT /snapshot/load`s them: the same guest runs on (its boot id, no boot), and
+/// `state/` is gone. A restore whose memory file was cut short fails saying so and leaves
+/// the VM suspended, with no VMM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suspend_and_start_restore_a_firecracker_vm_through_its_snapshot_api() {
+    let (d, c, _files) = setup().await;
+    create(
+        &c,
+        CreateVm {
+            name: Some("snap".into()),
+            image: Some("img".into()),
+            memory_mib: Some(256),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let before = VmRpcClient::show(&c, "snap".into()).await.unwrap();
+    let dir = std::path::PathBuf::from(&before.dir);
+    let console = || std::fs::read_to_string(dir.join("console.log")).unwrap();
+    let boot_id = console()
+        .lines()
+        .find_map(|l| l.strip_prefix("banger-fc-double: boot id "))
+        .expect("a boot id on the console")
+        .to_owned();
+
+    let saved = c.suspend("snap".into()).await.unwrap();
+    assert_eq!(saved.state, VmState::Suspended, "{saved:?}");
+    assert_eq!(saved.pid, None);
+    let pid = before.pid.unwrap();
+    assert!(
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| s.contains(") Z ")),
+        "the VMM is gone"
+    );
+    let memory = std::fs::metadata(dir.join("state/vm.mem")).unwrap();
+    assert_eq!(memory.len(), 256 << 20, "the guest's memory size");
+    assert!(dir.join("state/vm.snap").is_file() && !dir.join("state.tmp").exists());
+
+    let started = start(&c, "snap").await.unwrap();
+    assert_eq!(started.state, VmState::Running, "{started:?}");
+    assert_ne!(started.pid, before.pid, "a new VMM");
+    let text = console();
+    assert!(
+        text.contains(&format!(
+            "banger-fc-double: guest restored (boot {boot_id})"
+        )),
+        "the same guest runs on: {text}"
+    );
+    assert_eq!(
+        text.matches("banger-fc-double: boot id").count(),
+        1,
+        "no second boot: {text}"
+    );
+    assert!(!dir.join("state").exists(), "the saved state is spent");
+
+    // A memory file cut short: the restore fails, the VM stays suspended, no VMM runs.
+    c.suspend("snap".into()).await.unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("state/vm.mem"))
+        .unwrap()
+        .set_len(4096)
+        .unwrap();
+    let (_, message) = start(&c, "snap").await.unwrap_err();
+    assert!(
+        message.contains("holds 4096 bytes"),
+        "says what is wrong: {message}"
+    );
+    let vm = VmRpcClient::show(&c, "snap".into()).await.unwrap();
+    assert_eq!(vm.state, VmState::Suspended, "{vm:?}");
+    assert_eq!(vm.pid, None);
+    VmRpcClient::delete(&c, "snap".into(), true).await.unwrap();
+    assert!(!dir.exists());
+    drop(c);
+    d.shutdown().await;
+}
+
+/// As root, jailed (the helper in a namespace this test makes, the VM its own uid and a
+/// tap): Firecracker writes the snapshot as the VM's uid into files the driver linked into
+/// the jail before it started (it could not reach files made in the jail once it runs);
+/// after the suspend they are in `state/`, private; the restore links them into the new
+/// jail and the same guest runs on with its tap; deleting it leaves no tap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_a_jailed_firecracker_vm_suspends_and_restores() {
+    use std::os::unix::fs::MetadataExt;
+    let ns = support::Netns::new("fcsnap");
+    let (d, c, _files) = setup_in(None, 0, Some(&ns.0)).await;
+    create(
+        &c,
+        CreateVm {
+            name: Some("js".into()),
+            image: Some("img".into()),
+            memory_mib: Some(128),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let before = VmRpcClient::show(&c, "js".into()).await.unwrap();
+    let dir = std::path::PathBuf::from(&before.dir);
+    let vm_uid = std::fs::metadata(format!("/proc/{}", before.pid.unwrap()))
+        .unwrap()
+        .uid();
+    assert_ne!(vm_uid, 0, "jailed as the VM's own uid");
+    let console = || std::fs::read_to_string(dir.join("console.log")).unwrap();
+    let boot_id = console()
+        .lines()
+        .find_map(|l| l.strip_prefix("banger-fc-double: boot id "))
+        .expect("a boot id on the console")
+        .to_owned();
+
+    let saved = c.suspend("js".into()).await.unwrap();
+    assert_eq!(saved.state, VmState::Suspended, "{saved:?}");
+    // Written by Firecracker as the VM's uid into the files linked in before it started.
+    for name in ["vm.snap", "vm.mem"] {
+        let m = std::fs::metadata(dir.join("state").join(name)).unwrap();
+        assert!(m.len() > 0, "{name} was written");
+        assert_eq!(m.mode() & 0o077, 0, "{name} is private");
+    }
+    let started = start(&c, "js").await.unwrap();
+    assert_eq!(started.state, VmState::Running, "{started:?}");
+    assert!(
+        console().contains(&format!(
+            "banger-fc-double: guest restored (boot {boot_id})"
+        )),
+        "{}",
+        console()
+    );
+    let tap = started
+        .ip
+        .as_ref()
+        .map(|_| ns.sh("ip -o link show master banger0"));
+    assert!(
+        tap.as_deref().is_some_and(|t| t.contains("bg-")),
+        "its tap: {tap:?}"
+    );
+    VmRpcClient::delete(&c, "js".into(), true).await.unwrap();
+    assert!(!dir.exists());
+    assert!(!ns.sh("ip -o link").contains("bg-"), "no tap left");
+    drop(c);
+    d.shutdown().await;
+}
+
+/// A save that fails (Firecracker refuses `PUT /snapshot/create`) leaves the VM running
+/// under the same VMM, with nothing saved (no `state/`, no `state.tmp/`) and not paused.
+/// A VM that is not running cannot be suspended (a conflict).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_suspend_leaves_the_vm_running_and_nothing_saved() {
-    let (d, c, _files) = setup().await;
+    let (d, c, _files) = setup_with(
+        Some("/snapshot/create:400:Create snapshot error: Cannot save the microVM state: disk quota exceeded"),
+        0,
+    )
+    .await;
     create(
         &c,
         CreateVm {
@@ -1628,13 +1839,14 @@ async fn a_failed_suspend_leaves_the_vm_running_and_nothing_saved() {
     assert!(
         o.message()
             .contains("saving its state failed, so it runs on")
-            && o.message().contains("not supported"),
+            && o.message().contains("disk quota exceeded"),
         "{}",
         o.message()
     );
     let after = VmRpcClient::show(&c, "sus".into()).await.unwrap();
     assert_eq!(after.state, VmState::Running);
     assert_eq!(after.pid, before.pid, "the same VMM runs on");
+    assert_eq!(instance_state(&after).await, "Running", "resumed");
     let dir = std::path::Path::new(&after.dir);
     assert!(!dir.join("state").exists() && !dir.join("state.tmp").exists());
 

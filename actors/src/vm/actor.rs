@@ -412,6 +412,9 @@ impl Drop for VmActorState {
     }
 }
 
+/// How often a deadline that passed while the VM was starting looks again.
+const EXPIRY_RECHECK: Duration = Duration::from_millis(200);
+
 /// The task that sends [`VmMsg::Expired`] at the VM's deadline; aborted when replaced, or
 /// when the actor (and so its state) goes.
 #[derive(Debug)]
@@ -1005,7 +1008,7 @@ impl VmActor {
                     source,
                 })?;
                 driver
-                    .save_state(&rt, &tmp)
+                    .save_state(&rt, &dir.run_dir(), &tmp)
                     .await
                     .map_err(|source| VmError::Save { vm: name, source })?;
                 let d = dir.clone();
@@ -1834,6 +1837,21 @@ impl Actor for VmActor {
                 let Some(expiry) = state.rec.expires.filter(|e| e.at == at) else {
                     return Ok(());
                 };
+                // A deadline that passes while the VM starts waits for the start to end: a
+                // create or start never fails for its own ttl. The VM is stopped (or
+                // deleted) once it is up; a start that fails leaves it stopped, and the
+                // deadline is then spent below.
+                if state.rec.state == VmState::Starting {
+                    let me = myself.clone();
+                    state.expiry = Some(ExpiryTimer(
+                        tokio::spawn(async move {
+                            tokio::time::sleep(EXPIRY_RECHECK).await;
+                            let _ = me.cast(VmMsg::Expired { at });
+                        })
+                        .abort_handle(),
+                    ));
+                    return Ok(());
+                }
                 // Once: a VM started again afterwards runs without a deadline.
                 state.rec.expires = None;
                 state.expiry = None;

@@ -128,11 +128,16 @@ impl Driver {
     /// Save the running VM's memory and device state into `dir` (an empty directory the
     /// caller made, on the VM's filesystem), leaving its vCPUs stopped: the caller then
     /// ends the VMM (`vm suspend`) or [`Self::resume`]s it (a failed save; a snapshot).
-    pub async fn save_state(&self, rt: &Runtime, dir: &std::path::Path) -> Result<(), VmmError> {
+    /// `run_dir`: the VM's run directory (Firecracker's save files are made there at
+    /// launch, see [`firecracker::save_state`]).
+    pub async fn save_state(
+        &self,
+        rt: &Runtime,
+        run_dir: &std::path::Path,
+        dir: &std::path::Path,
+    ) -> Result<(), VmmError> {
         match self {
-            Driver::Firecracker(_) => Err(VmmError::Setup(
-                "saving a Firecracker VM's state is not supported yet".into(),
-            )),
+            Driver::Firecracker(_) => firecracker::save_state(rt, run_dir, dir).await,
             Driver::Qemu(_) => qemu::save_state(rt, dir).await,
         }
     }
@@ -144,14 +149,14 @@ impl Driver {
         &self,
         plan: &LaunchPlan,
         dir: &std::path::Path,
-        _host: &crate::net::host::HostNet,
+        host: &crate::net::host::HostNet,
         stage: &(dyn Fn(&str) + Send + Sync),
         spawned: &(dyn Fn(i32, u64) + Send + Sync),
     ) -> Result<Runtime, VmmError> {
         match self {
-            Driver::Firecracker(_) => Err(VmmError::Setup(
-                "restoring a Firecracker VM is not supported yet".into(),
-            )),
+            Driver::Firecracker(c) => {
+                firecracker::launch_restored(c, plan, dir, host, stage, spawned).await
+            }
             Driver::Qemu(c) => qemu::launch_restored(c, plan, dir, stage, spawned).await,
         }
     }

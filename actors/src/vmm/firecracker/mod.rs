@@ -46,8 +46,11 @@
 #[cfg(feature = "test-double")]
 pub mod double;
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+
+use banger_policy::jail::{RESTORE_MEMORY, RESTORE_STATE, SAVE_MEMORY, SAVE_STATE};
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Full};
@@ -187,8 +190,13 @@ pub fn check_kernel(kernel: &Path) -> Result<(), VmmError> {
     }
 }
 
-/// Make the jail and its files. Blocking.
-pub fn prepare_jail(c: &FirecrackerConfig, plan: &LaunchPlan) -> Result<PathBuf, VmmError> {
+/// Make the jail and its files. Blocking. `restore`: the directory of a saved state to
+/// restore from (see [`save_state`]).
+pub fn prepare_jail(
+    c: &FirecrackerConfig,
+    plan: &LaunchPlan,
+    restore: Option<&Path>,
+) -> Result<PathBuf, VmmError> {
     check_kernel(&plan.kernel)?;
     let root = jail_root(c, &plan.id);
     // A jail left from an earlier run is rebuilt from scratch.
@@ -205,6 +213,25 @@ pub fn prepare_jail(c: &FirecrackerConfig, plan: &LaunchPlan) -> Result<PathBuf,
     link_in(&root, &plan.work, "work.ext4")?;
     for f in ["firecracker.log", "metrics.json"] {
         std::fs::File::create(root.join(f)).map_err(setup)?;
+    }
+    // The files a suspend fills, made here: once Firecracker runs, its jail is the VM
+    // uid's. Private (guest memory); empty until a suspend.
+    std::fs::create_dir_all(&plan.run_dir)
+        .map_err(|e| setup(format!("{}: {e}", plan.run_dir.display())))?;
+    for name in [SAVE_STATE, SAVE_MEMORY] {
+        let file = plan.run_dir.join(name);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&file)
+            .map_err(|e| setup(format!("{}: {e}", file.display())))?;
+        link_in(&root, &file, name)?;
+    }
+    if let Some(saved) = restore {
+        link_in(&root, &saved.join(SAVE_STATE), RESTORE_STATE)?;
+        link_in(&root, &saved.join(SAVE_MEMORY), RESTORE_MEMORY)?;
     }
     // The VM's writable files become its uid's in the launcher (`jail::owner::hand_over`),
     // which also refuses shared files the VM could write.
@@ -312,6 +339,56 @@ pub fn api_sequence(plan: &LaunchPlan) -> Vec<(&'static str, String, Value)> {
     seq
 }
 
+/// The API requests of a restore from the saved state linked into the jail, in order:
+/// logger and metrics (allowed before a load), then `PUT /snapshot/load`, resuming the
+/// guest. Nothing else: the machine, drives, tap and vsock come from the snapshot, with
+/// the paths they had (the jail's layout does not change; the tap is the VM's own).
+pub fn restore_sequence(plan: &LaunchPlan) -> Vec<(&'static str, String, Value)> {
+    let mut seq: Vec<_> = api_sequence(plan)
+        .into_iter()
+        .filter(|(_, path, _)| path == "/logger" || path == "/metrics")
+        .collect();
+    seq.push((
+        "PUT",
+        "/snapshot/load".to_owned(),
+        json!({
+            "snapshot_path": RESTORE_STATE,
+            "mem_backend": {"backend_type": "File", "backend_path": RESTORE_MEMORY},
+            "resume_vm": true,
+        }),
+    ));
+    seq
+}
+
+/// Save a running VM (`vm suspend`): pause it, `PUT /snapshot/create` (a full snapshot)
+/// into the files [`prepare_jail`] linked into the jail, then move those from the VM's
+/// `run_dir` into `dir`. They are moved, never read: jailed, they are the VM uid's until
+/// the helper cleans the jail and gives them back to the owner. The VM stays paused; the
+/// caller ends it (or resumes it after a failure).
+pub async fn save_state(rt: &Runtime, run_dir: &Path, dir: &Path) -> Result<(), VmmError> {
+    set_paused(rt, true).await?;
+    let mut api = Api::connect(Path::new(&rt.control_socket)).await?;
+    api.call(
+        "PUT",
+        "/snapshot/create",
+        Some(&json!({
+            "snapshot_type": "Full",
+            "snapshot_path": SAVE_STATE,
+            "mem_file_path": SAVE_MEMORY,
+        })),
+    )
+    .await?;
+    for name in [SAVE_STATE, SAVE_MEMORY] {
+        std::fs::rename(run_dir.join(name), dir.join(name)).map_err(|e| {
+            setup(format!(
+                "cannot move the saved {name} into {}: {e}",
+                dir.display()
+            ))
+        })?;
+    }
+    Ok(())
+}
+
 /// A connection to Firecracker's API socket.
 pub struct Api {
     sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
@@ -412,6 +489,38 @@ pub async fn launch_with(
     stage: &(dyn Fn(&str) + Send + Sync),
     spawned: &(dyn Fn(i32, u64) + Send + Sync),
 ) -> Result<Runtime, VmmError> {
+    launch_from(c, plan, None, host, stage, spawned).await
+}
+
+/// [`launch_with`] from the state [`save_state`] wrote into `dir`: the same jail, then
+/// [`restore_sequence`] instead of the boot. Needs the Firecracker release that saved it.
+pub async fn launch_restored(
+    c: &FirecrackerConfig,
+    plan: &LaunchPlan,
+    dir: &Path,
+    host: &HostNet,
+    stage: &(dyn Fn(&str) + Send + Sync),
+    spawned: &(dyn Fn(i32, u64) + Send + Sync),
+) -> Result<Runtime, VmmError> {
+    for name in [SAVE_STATE, SAVE_MEMORY] {
+        if !dir.join(name).is_file() {
+            return Err(setup(format!(
+                "the saved state has no {name} (in {})",
+                dir.display()
+            )));
+        }
+    }
+    launch_from(c, plan, Some(dir), host, stage, spawned).await
+}
+
+async fn launch_from(
+    c: &FirecrackerConfig,
+    plan: &LaunchPlan,
+    restore: Option<&Path>,
+    host: &HostNet,
+    stage: &(dyn Fn(&str) + Send + Sync),
+    spawned: &(dyn Fn(i32, u64) + Send + Sync),
+) -> Result<Runtime, VmmError> {
     stage("jail");
     let privileged = host.privileged().await;
     if privileged {
@@ -419,8 +528,8 @@ pub async fn launch_with(
         host.clean_jail(&plan.id).await.map_err(setup)?;
     }
     let root = {
-        let (c, plan) = (c.clone(), plan.clone());
-        tokio::task::spawn_blocking(move || prepare_jail(&c, &plan))
+        let (c, plan, restore) = (c.clone(), plan.clone(), restore.map(Path::to_owned));
+        tokio::task::spawn_blocking(move || prepare_jail(&c, &plan, restore.as_deref()))
             .await
             .map_err(setup)??
     };
@@ -501,12 +610,18 @@ pub async fn launch_with(
             || Api::connect(&api_sock),
         )
         .await?;
-        for (method, path, body) in api_sequence(plan) {
-            if path == "/actions" {
-                stage("boot");
+        let sequence = match restore {
+            Some(_) => restore_sequence(plan),
+            None => api_sequence(plan),
+        };
+        for (method, path, body) in sequence {
+            match path.as_str() {
+                "/actions" => stage("boot"),
+                "/snapshot/load" => stage("restore"),
+                _ => {}
             }
             api.call(method, &path, Some(&body)).await?;
-            if path == "/vsock" {
+            if path == "/vsock" || path == "/snapshot/load" {
                 // Bound by `PUT /vsock`; reached from outside the jail like the API.
                 if privileged {
                     host.expose_vsock(&plan.id).await.map_err(setup)?;

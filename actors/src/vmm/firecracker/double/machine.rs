@@ -20,6 +20,8 @@ use super::spec::{RouteError, Spec};
 use super::{DoubleState, Recorded};
 
 const APP_NAME: &str = "Firecracker";
+/// The key that marks a state file the double wrote (`PUT /snapshot/create`).
+const SNAPSHOT_MAGIC: &str = "banger_fc_double_snapshot";
 /// Firecracker's id when the jailer gives none (`--id`).
 const INSTANCE_ID: &str = "anonymous-instance";
 
@@ -229,6 +231,10 @@ pub(crate) struct Vmm {
     guest: Arc<Guest>,
     /// Ctrl+Alt+Del reached a paused guest: it reboots once resumed.
     reboot_on_resume: bool,
+    /// Made at `InstanceStart`, kept in a snapshot: the same guest after a restore.
+    boot_id: Option<String>,
+    /// The guest came from `PUT /snapshot/load`.
+    restored: bool,
 }
 
 impl Vmm {
@@ -245,6 +251,8 @@ impl Vmm {
             taps: std::collections::HashMap::new(),
             guest,
             reboot_on_resume: false,
+            boot_id: None,
+            restored: false,
         }
     }
 
@@ -624,18 +632,10 @@ impl Vmm {
                 if self.state != DoubleState::Paused {
                     return Err("Create snapshot error: Cannot save the microVM state: the microVM is not paused.".into());
                 }
-                for key in ["snapshot_path", "mem_file_path"] {
-                    let path = self.host_path(body[key].as_str().unwrap_or_default());
-                    std::fs::write(&path, b"").map_err(|e| {
-                        format!(
-                            "Create snapshot error: Cannot write {}: {e}",
-                            path.display()
-                        )
-                    })?;
-                }
+                self.create_snapshot(&body)?;
                 Ok(Answer::empty())
             }
-            ("PUT", "/snapshot/load") => self.load_snapshot(&body),
+            ("PUT", "/snapshot/load") => self.load_snapshot(&body, at),
             ("PATCH", "/vm") => match body["state"].as_str() {
                 Some("Paused") => {
                     self.state = DoubleState::Paused;
@@ -669,6 +669,7 @@ impl Vmm {
                     )
                 })?;
                 self.state = DoubleState::Running;
+                self.boot_id = Some(new_boot_id());
                 self.guest.boot();
                 let mut answer = Answer::empty();
                 answer.effect = Effect::Started(at);
@@ -815,16 +816,78 @@ impl Vmm {
         Ok(())
     }
 
-    fn load_snapshot(&mut self, body: &Value) -> Result<Answer, String> {
+    /// `PUT /snapshot/create` of a paused VM: the state file holds what the double knows
+    /// of the VM (its configuration, as `GET /vm/config` shows it, the release that made
+    /// it and the guest's boot id), the memory file is the guest's memory size (sparse).
+    /// Both are opened as Firecracker opens them (`File::create`: created or truncated, so
+    /// an existing file keeps its inode, its owner and its mode).
+    fn create_snapshot(&mut self, body: &Value) -> Result<(), String> {
+        let mib = self.resources.machine["mem_size_mib"]
+            .as_u64()
+            .unwrap_or(128);
+        let state = json!({
+            SNAPSHOT_MAGIC: 1,
+            "firecracker": self.spec.version(),
+            "boot_id": self.boot_id,
+            "vm": self.full_config(),
+        });
+        let open = |path: &Path| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(path)
+        };
+        let snapshot = self.host_path(body["snapshot_path"].as_str().unwrap_or_default());
+        open(&snapshot)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, state.to_string().as_bytes()))
+            .map_err(|e| {
+                format!(
+                    "Create snapshot error: Cannot save the microVM state: {}: {e}",
+                    snapshot.display()
+                )
+            })?;
+        let memory = self.host_path(body["mem_file_path"].as_str().unwrap_or_default());
+        open(&memory)
+            .and_then(|f| f.set_len(mib << 20))
+            .map_err(|e| {
+                format!(
+                    "Create snapshot error: Cannot save the guest memory: {}: {e}",
+                    memory.display()
+                )
+            })?;
+        Ok(())
+    }
+
+    /// `PUT /snapshot/load` on a fresh process: the state file must be one a
+    /// `PUT /snapshot/create` of the same release wrote, the memory file at least the
+    /// guest's memory size; the devices come back as they were saved, so the drives' files
+    /// are opened again (where they were), the taps too (under `network_overrides`' names
+    /// where given), and the vsock socket is bound again (at `vsock_override`'s path where
+    /// given). The guest then runs on from where it was: same boot id, no boot.
+    fn load_snapshot(&mut self, body: &Value, at: Instant) -> Result<Answer, String> {
+        const E: &str = "Load snapshot error: Failed to restore from snapshot";
         if self.resources.boot_path {
             return Err("Load snapshot error: Loading a microVM snapshot not allowed after configuring boot-specific resources.".into());
         }
         let snapshot = body["snapshot_path"].as_str().unwrap_or_default();
-        self.existing(snapshot).map_err(|e| {
-            format!(
-                "Load snapshot error: Failed to restore from snapshot: Cannot open {snapshot}: {e}"
-            )
-        })?;
+        let path = self
+            .existing(snapshot)
+            .map_err(|e| format!("{E}: Cannot open {snapshot}: {e}"))?;
+        let saved: Value = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            .filter(|v| v[SNAPSHOT_MAGIC] == 1)
+            .ok_or_else(|| {
+                format!("{E}: Failed to get snapshot state from file: Failed to load snapshot state from file: {snapshot} is not a snapshot")
+            })?;
+        if saved["firecracker"] != self.spec.version() {
+            return Err(format!(
+                "{E}: Failed to get snapshot state from file: Failed to load snapshot state from file: the snapshot was made by Firecracker {}, this is {}",
+                saved["firecracker"],
+                self.spec.version()
+            ));
+        }
         let memory = match (
             body["mem_file_path"].as_str(),
             body["mem_backend"]["backend_path"].as_str(),
@@ -836,18 +899,71 @@ impl Vmm {
                 ));
             }
         };
-        self.existing(memory).map_err(|e| {
-            format!(
-                "Load snapshot error: Failed to restore from snapshot: Cannot open {memory}: {e}"
-            )
-        })?;
+        let mem = self
+            .existing(memory)
+            .map_err(|e| format!("{E}: Cannot open {memory}: {e}"))?;
+        let vm = &saved["vm"];
+        let mib = vm["machine-config"]["mem_size_mib"].as_u64().unwrap_or(128);
+        let len = std::fs::metadata(&mem).map_or(0, |m| m.len());
+        if len < mib << 20 {
+            return Err(format!(
+                "{E}: Failed to load guest memory: {memory} holds {len} bytes, the snapshot's guest has {mib} MiB"
+            ));
+        }
+        let drives: Vec<Value> = vm["drives"].as_array().cloned().unwrap_or_default();
+        for d in &drives {
+            let file = d["path_on_host"].as_str().unwrap_or_default();
+            self.openable(file, d["is_read_only"] != true)
+                .map_err(|e| {
+                    format!("{E}: Failed to build microVM from snapshot: Cannot restore devices: Block(BackingFile({e}, {file:?}))")
+                })?;
+        }
+        for n in vm["network-interfaces"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+        {
+            let id = n["iface_id"].as_str().unwrap_or_default().to_owned();
+            let mut n = n;
+            if let Some(o) = body["network_overrides"]
+                .as_array()
+                .and_then(|os| os.iter().find(|o| o["iface_id"] == id.as_str()))
+            {
+                n["host_dev_name"] = o["host_dev_name"].clone();
+            }
+            self.put_net(&id, n)
+                .map_err(|e| format!("{E}: Failed to build microVM from snapshot: {e}"))?;
+        }
+        if let Some(v) = vm.get("vsock").filter(|v| v.is_object()) {
+            let mut v = v.clone();
+            if let Some(uds) = body["vsock_override"]["uds_path"].as_str() {
+                v["uds_path"] = uds.into();
+            }
+            self.put_vsock(v)
+                .map_err(|e| format!("{E}: Failed to build microVM from snapshot: {e}"))?;
+        }
+        if let Some(Value::Object(machine)) = vm.get("machine-config") {
+            self.resources.machine = machine.clone();
+        }
+        self.resources.drives = drives;
+        self.resources.boot_source = vm.get("boot-source").cloned();
+        self.boot_id = saved["boot_id"].as_str().map(str::to_owned);
+        self.restored = true;
         self.state = if body["resume_vm"] == true {
             DoubleState::Running
         } else {
             DoubleState::Paused
         };
         self.guest.boot();
-        Ok(Answer::empty())
+        let mut answer = Answer::empty();
+        answer.effect = Effect::Started(at);
+        Ok(answer)
+    }
+
+    /// The guest's boot id (made at `InstanceStart`, carried by a snapshot) and whether
+    /// it was restored from one rather than booted.
+    pub(crate) fn boot(&self) -> (Option<String>, bool) {
+        (self.boot_id.clone(), self.restored)
     }
 
     fn instance_info(&self) -> Value {
@@ -917,6 +1033,14 @@ impl Vmm {
         std::fs::metadata(&host)?;
         Ok(host)
     }
+}
+
+/// A boot id: this process and the time, in hex.
+fn new_boot_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    format!("{:016x}", nanos ^ (u64::from(std::process::id()) << 40))
 }
 
 /// What Firecracker's x86-64 kernel loader checks before it copies a kernel into guest

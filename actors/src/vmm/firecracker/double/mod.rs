@@ -185,6 +185,12 @@ impl FirecrackerDouble {
         self.shared.guest.halt();
     }
 
+    /// The guest's boot id (made at `InstanceStart`, carried through a snapshot) and
+    /// whether the guest was restored from a snapshot rather than booted.
+    pub fn boot(&self) -> (Option<String>, bool) {
+        self.shared.vmm().boot()
+    }
+
     /// The version of the spec the double answers as.
     pub fn version(&self) -> String {
         self.shared.vmm().version().to_owned()

@@ -43,7 +43,8 @@
 //! exist or belongs to another uid is refused with Firecracker's `Open tap device failed`.
 //!
 //! The guest: once `InstanceStart` is accepted, a few serial console lines go to stdout,
-//! the last being [`GUEST_RUNNING`]. When the guest powers off, the kernel's
+//! among them [`GUEST_BOOT_ID`] and the last being [`GUEST_RUNNING`]; a guest restored by
+//! `PUT /snapshot/load` prints only [`GUEST_RESTORED`] with the boot id its snapshot kept. When the guest powers off, the kernel's
 //! `reboot: Power down` line follows and the process lives on (as Firecracker does); when
 //! it reboots, `reboot: Restarting system`, and the process exits 0 (Firecracker exits on
 //! the reset). SIGUSR1 is `poweroff` typed in the guest. SIGTERM/SIGINT end the process
@@ -71,6 +72,10 @@ pub const RECORD_FILE: &str = "double-record.json";
 /// The environment variable of injected API faults: `PATH_PREFIX:STATUS:MESSAGE`, several
 /// separated by `;` (each fails one request, see [`FirecrackerDouble::fail_next`]).
 pub const FAIL_ENV: &str = "BANGER_FC_DOUBLE_FAIL";
+/// The console line of a booted guest before [`GUEST_RUNNING`], followed by its boot id.
+pub const GUEST_BOOT_ID: &str = "banger-fc-double: boot id";
+/// The console line of a guest restored from a snapshot, followed by `(boot <id>)`.
+pub const GUEST_RESTORED: &str = "banger-fc-double: guest restored";
 /// The last console line of a booted guest.
 pub const GUEST_RUNNING: &str = "banger-fc-double: guest running";
 /// The environment variable that gives the guest a banger agent when `1`
@@ -1070,19 +1075,27 @@ async fn guest(
             .unwrap_or(Value::Null)
     };
     let (boot, machine) = (body_of("/boot-source"), body_of("/machine-config"));
-    let lines = [
-        "[    0.000000] Linux version (firecracker double)".to_owned(),
-        format!(
-            "[    0.000000] Command line: {}",
-            boot["boot_args"].as_str().unwrap_or_default()
-        ),
-        format!(
-            "[    0.000000] smpboot: {} CPUs, {} MiB",
-            machine["vcpu_count"].as_u64().unwrap_or(1),
-            machine["mem_size_mib"].as_u64().unwrap_or(128)
-        ),
-        GUEST_RUNNING.to_owned(),
-    ];
+    let (boot_id, restored) = double.boot();
+    let boot_id = boot_id.unwrap_or_default();
+    let lines = if restored {
+        // A restored guest runs on: no boot, one line of the double's own.
+        vec![format!("{GUEST_RESTORED} (boot {boot_id})")]
+    } else {
+        vec![
+            "[    0.000000] Linux version (firecracker double)".to_owned(),
+            format!(
+                "[    0.000000] Command line: {}",
+                boot["boot_args"].as_str().unwrap_or_default()
+            ),
+            format!(
+                "[    0.000000] smpboot: {} CPUs, {} MiB",
+                machine["vcpu_count"].as_u64().unwrap_or(1),
+                machine["mem_size_mib"].as_u64().unwrap_or(128)
+            ),
+            format!("{GUEST_BOOT_ID} {boot_id}"),
+            GUEST_RUNNING.to_owned(),
+        ]
+    };
     for line in lines {
         writeln!(console, "{line}").map_err(ProcessError::Console)?;
     }

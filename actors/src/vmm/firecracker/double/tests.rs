@@ -932,3 +932,107 @@ async fn drives_advertise_flush_only_with_writeback() {
     .await;
     assert_eq!(status, 400, "{body:?}");
 }
+
+/// Snapshots as Firecracker takes them: `PUT /snapshot/create` only of a paused VM, into
+/// files opened as `File::create` does (an existing file keeps its inode); the memory file
+/// is the guest's size. `PUT /snapshot/load` only on a fresh process: a later one refuses
+/// after boot resources, a state file the double did not write, or a memory file smaller
+/// than the guest; a good one brings the devices back (the vsock socket answers again)
+/// and the same guest (its boot id), without a boot.
+#[tokio::test]
+async fn snapshots_are_created_paused_and_load_only_fresh_and_whole() {
+    let first = jail().await;
+    let mut client = boot(&first).await;
+    let body =
+        json!({"snapshot_type": "Full", "snapshot_path": "vm.snap", "mem_file_path": "vm.mem"});
+    let (status, answer) = client
+        .send("PUT", "/snapshot/create", Some(body.clone()))
+        .await;
+    assert_eq!(status, 400, "running: {answer:?}");
+    assert!(fault(&answer).contains("not paused"), "{answer:?}");
+    std::fs::write(first.root.join("vm.mem"), b"old").unwrap();
+    let inode = |p: &Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
+    let before = inode(&first.root.join("vm.mem"));
+    let (status, _) = client
+        .send("PATCH", "/vm", Some(json!({"state": "Paused"})))
+        .await;
+    assert_eq!(status, 204);
+    let (status, answer) = client.send("PUT", "/snapshot/create", Some(body)).await;
+    assert_eq!(status, 204, "{answer:?}");
+    assert_eq!(
+        inode(&first.root.join("vm.mem")),
+        before,
+        "the same file, refilled"
+    );
+    assert_eq!(
+        std::fs::metadata(first.root.join("vm.mem")).unwrap().len(),
+        512 << 20
+    );
+    let (boot_id, restored) = first.double.boot();
+    assert!(boot_id.is_some() && !restored);
+
+    // Into fresh processes, the files copied into their roots.
+    let fresh = || async {
+        let j = jail().await;
+        for f in ["vm.snap", "vm.mem"] {
+            std::fs::copy(first.root.join(f), j.root.join(f)).unwrap();
+        }
+        j
+    };
+    let load = json!({"snapshot_path": "vm.snap", "mem_backend": {"backend_type": "File", "backend_path": "vm.mem"}, "resume_vm": true});
+    // After a boot resource.
+    let j = fresh().await;
+    let mut c = Client::connect(&j.socket).await;
+    let (status, _) = c
+        .send(
+            "PUT",
+            "/machine-config",
+            Some(json!({"vcpu_count": 1, "mem_size_mib": 128})),
+        )
+        .await;
+    assert_eq!(status, 204);
+    let (status, answer) = c.send("PUT", "/snapshot/load", Some(load.clone())).await;
+    assert_eq!(status, 400);
+    assert!(
+        fault(&answer).contains("not allowed after configuring boot-specific resources"),
+        "{answer:?}"
+    );
+    // Not a snapshot.
+    let j = fresh().await;
+    std::fs::write(j.root.join("vm.snap"), b"garbage").unwrap();
+    let (status, answer) = call(&j.socket, "PUT", "/snapshot/load", Some(load.clone())).await;
+    assert_eq!(status, 400);
+    assert!(
+        fault(&answer).contains("vm.snap is not a snapshot"),
+        "{answer:?}"
+    );
+    // A memory file cut short.
+    let j = fresh().await;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(j.root.join("vm.mem"))
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let (status, answer) = call(&j.socket, "PUT", "/snapshot/load", Some(load.clone())).await;
+    assert_eq!(status, 400);
+    assert!(fault(&answer).contains("holds 1048576 bytes"), "{answer:?}");
+    // A whole one: running, the same guest, its vsock socket bound again.
+    let j = fresh().await;
+    let (status, answer) = call(&j.socket, "PUT", "/snapshot/load", Some(load)).await;
+    assert_eq!(status, 204, "{answer:?}");
+    assert_eq!(j.double.state(), DoubleState::Running);
+    assert_eq!(j.double.boot(), (boot_id, true));
+    assert!(
+        j.root.join("v.sock").exists(),
+        "the vsock socket is bound again"
+    );
+    let (status, answer) = call(
+        &j.socket,
+        "PUT",
+        "/actions",
+        Some(json!({"action_type": "InstanceStart"})),
+    )
+    .await;
+    assert_eq!(status, 400, "a restored VM is started: {answer:?}");
+}
