@@ -2787,22 +2787,24 @@ fn guest_clock_offset(home: &Home, vm: &str) -> (f64, f64) {
 /// What the listener started before the first suspend says to a connection: its pid and
 /// how many connections it has served (its memory).
 fn ask_listener(home: &Home, vm: &str) -> (u32, u32) {
-    let out = home.ok(&[
-        "vm",
-        "exec",
+    ask_listener_with(
+        home,
         vm,
-        "--",
-        "perl",
-        "-MIO::Socket::INET",
-        "-e",
         "$c = IO::Socket::INET->new('127.0.0.1:7777') or die \"connect: $!\"; print scalar <$c>",
-    ]);
-    parse_listener(&out)
+    )
 }
 
 /// As [`ask_listener`], for a listener just started in the background: perl takes a moment
 /// to bind under TCG, so connecting is retried (in the guest, for up to 60 s).
 fn ask_new_listener(home: &Home, vm: &str) -> (u32, u32) {
+    ask_listener_with(
+        home,
+        vm,
+        "for (1..600) { $c = IO::Socket::INET->new('127.0.0.1:7777') and last; select(undef, undef, undef, 0.1) } $c or die \"connect: $!\"; print scalar <$c>",
+    )
+}
+
+fn ask_listener_with(home: &Home, vm: &str, script: &str) -> (u32, u32) {
     let out = home.ok(&[
         "vm",
         "exec",
@@ -2811,7 +2813,7 @@ fn ask_new_listener(home: &Home, vm: &str) -> (u32, u32) {
         "perl",
         "-MIO::Socket::INET",
         "-e",
-        "for (1..600) { $c = IO::Socket::INET->new('127.0.0.1:7777') and last; select(undef, undef, undef, 0.1) } $c or die \"connect: $!\"; print scalar <$c>",
+        script,
     ]);
     parse_listener(&out)
 }
@@ -2895,6 +2897,15 @@ fn root_rig_suspend_and_start_restore_a_running_guest_where_it_was() {
         assert!(dir.join("state").is_dir() && !dir.join("state.tmp").exists());
         let ps = home.ok(&["ps", "-a"]);
         assert!(ps.contains("suspended"), "{ps}");
+        let shown = home.ok(&["vm", "show", "s"]);
+        assert!(
+            shown.contains("saved:    ") && shown.contains("on disk"),
+            "{shown}"
+        );
+        assert!(
+            vm["saved_bytes"].as_u64().is_some_and(|b| b > 1 << 20),
+            "{vm}"
+        );
         if cycle == 2 {
             // A suspended VM is a record and files only: a new daemon finds it suspended.
             home.ok(&["daemon", "stop"]);

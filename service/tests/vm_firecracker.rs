@@ -1703,6 +1703,13 @@ async fn suspend_and_start_restore_a_firecracker_vm_through_its_snapshot_api() {
     );
     let memory = std::fs::metadata(dir.join("state/vm.mem")).unwrap();
     assert_eq!(memory.len(), 256 << 20, "the guest's memory size");
+    // What it costs on disk: allocated bytes (the double's memory file is all holes).
+    let shown = VmRpcClient::show(&c, "snap".into()).await.unwrap();
+    assert!(
+        shown.saved_bytes.is_some_and(|b| b > 0 && b < 256 << 20),
+        "{:?}",
+        shown.saved_bytes
+    );
     assert!(dir.join("state/vm.snap").is_file() && !dir.join("state.tmp").exists());
 
     let started = start(&c, "snap").await.unwrap();
@@ -1721,6 +1728,7 @@ async fn suspend_and_start_restore_a_firecracker_vm_through_its_snapshot_api() {
         "no second boot: {text}"
     );
     assert!(!dir.join("state").exists(), "the saved state is spent");
+    assert_eq!(started.saved_bytes, None);
 
     // A memory file cut short: the restore fails, the VM stays suspended, no VMM runs.
     c.suspend("snap".into()).await.unwrap();

@@ -166,6 +166,7 @@ mod tests {
             egress: Default::default(),
             isolate: false,
             expires: None,
+            saved_bytes: None,
             egress_dropped: None,
             dns_refused: None,
         };

@@ -469,6 +469,19 @@ impl VmActorState {
     }
 }
 
+/// The disk space the files in `dir` take (allocated, not apparent: a saved memory file
+/// is sparse).
+fn saved_bytes(dir: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.blocks() * 512)
+        .sum()
+}
+
 /// The wire view of a VM.
 pub fn info_of(rec: &VmRecord, dir: &VmDir) -> VmInfo {
     VmInfo {
@@ -498,6 +511,7 @@ pub fn info_of(rec: &VmRecord, dir: &VmDir) -> VmInfo {
         busy: false,
         adopting: false,
         expires: rec.expires,
+        saved_bytes: (rec.state == VmState::Suspended).then(|| saved_bytes(&dir.saved_state())),
     }
 }
 

@@ -395,6 +395,12 @@ fn print_vm(v: &VmInfo) {
             crate::render::duration(left)
         );
     }
+    if let Some(bytes) = v.saved_bytes {
+        outln!(
+            "saved:    {} on disk (its memory and device state; `vm start` resumes it, `vm stop` discards it)",
+            self::bytes(bytes)
+        );
+    }
     if let Some(pid) = v.pid {
         outln!("pid:      {pid}");
     }
@@ -996,6 +1002,7 @@ mod tests {
             busy: false,
             adopting: false,
             expires: None,
+            saved_bytes: None,
         }
     }
 

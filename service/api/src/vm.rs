@@ -331,6 +331,10 @@ pub struct VmInfo {
     /// When the VM is stopped or deleted (`--ttl`), if it has a deadline.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires: Option<Expiry>,
+    /// A suspended VM: the disk space its saved memory and device state take (allocated
+    /// bytes; the memory file is sparse), freed by `vm start` or `vm stop`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub saved_bytes: Option<u64>,
 }
 
 /// Host-side figures of a VM (`vm.stats`); guest figures come from the agent.
