@@ -280,6 +280,7 @@ pub fn vmm_checks(
         )
     }];
     let path = |p: &Path| p.to_string_lossy().into_owned();
+    let mut suspend = None;
     for (name, bin, vmm, hint) in [
         (
             "firecracker",
@@ -301,16 +302,22 @@ pub fn vmm_checks(
         ),
     ] {
         out.push(match find(&bin) {
-            Some(p) => check(
-                name,
-                Level::Ok,
-                format!(
-                    "{} ({})",
-                    version_of(&p).unwrap_or_else(|| "version unknown".into()),
-                    p.display()
-                ),
-                None,
-            ),
+            Some(p) => {
+                let version = version_of(&p);
+                if vmm == d.vmm && name != "jailer" {
+                    suspend = Some(suspend_check(vmm, version.as_deref()));
+                }
+                check(
+                    name,
+                    Level::Ok,
+                    format!(
+                        "{} ({})",
+                        version.unwrap_or_else(|| "version unknown".into()),
+                        p.display()
+                    ),
+                    None,
+                )
+            }
             None if vmm == d.vmm => check(
                 name,
                 Level::Fail,
@@ -328,7 +335,52 @@ pub fn vmm_checks(
             ),
         });
     }
+    out.extend(suspend);
     out
+}
+
+/// Whether `vm suspend` (and so a restore at `vm start`) works with the VMM new VMs get,
+/// from its `--version` line. QEMU saves with the `mapped-ram` migration capability, new in
+/// QEMU 9.0; every Firecracker banger supports has its snapshot API, but a snapshot loads
+/// only into the release that made it.
+pub fn suspend_check(vmm: VmmKind, version: Option<&str>) -> Check {
+    match vmm {
+        VmmKind::Firecracker => check(
+            "suspend",
+            Level::Ok,
+            "Firecracker's snapshot API (a suspended VM restores only under the Firecracker release that saved it)",
+            None,
+        ),
+        VmmKind::Qemu => {
+            // "QEMU emulator version 10.0.2 (Debian ...)".
+            let major = version
+                .and_then(|v| v.split("version ").nth(1))
+                .and_then(|v| v.split('.').next())
+                .and_then(|m| m.trim().parse::<u32>().ok());
+            match major {
+                Some(m) if m >= 9 => check(
+                    "suspend",
+                    Level::Ok,
+                    format!("QEMU {m} saves with mapped-ram"),
+                    None,
+                ),
+                Some(m) => check(
+                    "suspend",
+                    Level::Warn,
+                    format!(
+                        "QEMU {m} has no mapped-ram migration: `vm suspend` fails (the VM runs on)"
+                    ),
+                    Some("QEMU 9.0 or newer suspends VMs (Debian bookworm-backports has 10.0)"),
+                ),
+                None => check(
+                    "suspend",
+                    Level::Warn,
+                    "QEMU's version is unknown: `vm suspend` needs QEMU 9.0 or newer (mapped-ram)",
+                    None,
+                ),
+            }
+        }
+    }
 }
 
 /// Tools besides the VMMs.
@@ -997,6 +1049,21 @@ mod tests {
         // QEMU's agent channel is bangerd's own proxy: nothing else to install.
         assert!(c.iter().all(|c| !c.name.contains("vhost")), "{c:?}");
         assert_eq!(status(&c, "vmm").status, Level::Ok);
+    }
+
+    #[test]
+    fn suspend_needs_qemu_9_and_firecracker_always_has_it() {
+        let qemu = |v: &str| suspend_check(VmmKind::Qemu, Some(v));
+        let c = qemu("QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2+deb13u1~bpo12+1)");
+        assert_eq!(
+            (c.status, c.detail.as_str()),
+            (Level::Ok, "QEMU 10 saves with mapped-ram")
+        );
+        let c = qemu("QEMU emulator version 7.2.15 (Debian 1:7.2+dfsg-7+deb12u12)");
+        assert_eq!(c.status, Level::Warn);
+        assert!(c.detail.contains("fails") && c.hint.as_deref().unwrap().contains("9.0"));
+        assert_eq!(suspend_check(VmmKind::Qemu, None).status, Level::Warn);
+        assert_eq!(suspend_check(VmmKind::Firecracker, None).status, Level::Ok);
     }
 
     /// Doctor's view of the config starts from the daemon's defaults (it uses them when
