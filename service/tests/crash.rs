@@ -184,3 +184,97 @@ async fn root_a_vmm_spawned_before_its_record_is_found_and_killed_by_the_next_da
     drop(c);
     daemon.stop();
 }
+
+/// Until the VM `name` is re-adopted by the daemon `c` serves.
+async fn settled(c: &Client, name: &str) -> banger_api::VmInfo {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let vm = VmRpcClient::show(c, name.into()).await.unwrap();
+        if !vm.adopting {
+            return vm;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still adopting: {vm:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// A `vm suspend` cut by the daemon's death (`BANGER_FAULT`, SIGKILL): at `mid-save` (the
+/// VMM wrote its state into `state.tmp/`, not yet renamed) the next daemon discards the
+/// half save and re-adopts the VM paused under the same VMM, and `vm resume` runs it; at
+/// `after-save` (`state/` complete, the VMM not yet ended) it finishes the suspend: the
+/// VMM is ended, the VM is suspended, and `vm start` restores it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_a_suspend_cut_by_the_daemons_death_is_discarded_or_finished() {
+    let ns = support::Netns::new("cutsave");
+    let tmp = tempfile::tempdir().unwrap();
+    let h = tmp.path();
+    let (home, fx) = home(h);
+    let first = bangerd(&home, &ns.0, &[]).await;
+    let c = support::client_for(&home.socket()).await;
+    fx.register(&c).await;
+    drop(c);
+    first.stop();
+
+    for (point, vm) in [("mid-save", "m"), ("after-save", "s")] {
+        let mut faulty = bangerd(&home, &ns.0, &[&format!("BANGER_FAULT={point}")]).await;
+        let c = support::client_for(&home.socket()).await;
+        create(&c, vm).await.unwrap();
+        let before = VmRpcClient::show(&c, vm.into()).await.unwrap();
+        assert!(
+            c.suspend(vm.into()).await.is_err(),
+            "{point}: the daemon died"
+        );
+        let status = faulty.child.wait().unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(9), "{status}");
+        drop(c);
+
+        let daemon = bangerd(&home, &ns.0, &[]).await;
+        let c = support::client_for(&home.socket()).await;
+        let after = settled(&c, vm).await;
+        let dir = PathBuf::from(&after.dir);
+        if point == "mid-save" {
+            assert_eq!(after.state, VmState::Paused, "{after:?}");
+            assert_eq!(after.pid, before.pid, "the same VMM");
+            assert!(!dir.join("state.tmp").exists() && !dir.join("state").exists());
+            let resumed = c.resume(vm.into()).await.unwrap();
+            assert_eq!(resumed.state, VmState::Running);
+        } else {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            let after = loop {
+                let v = VmRpcClient::show(&c, vm.into()).await.unwrap();
+                if v.state == VmState::Suspended {
+                    break v;
+                }
+                assert!(std::time::Instant::now() < deadline, "not suspended: {v:?}");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            };
+            assert_eq!(after.pid, None);
+            assert!(dir.join("state/vm.mem").is_file());
+            let mut sub = c.start(vm.into()).await.unwrap();
+            loop {
+                match sub.next().await.unwrap().unwrap() {
+                    Progress::Done { vm } => {
+                        assert_eq!(vm.state, VmState::Running, "{:?}", vm.error);
+                        break;
+                    }
+                    Progress::Failed { message, .. } => panic!("start: {message}"),
+                    _ => {}
+                }
+            }
+            let console = std::fs::read_to_string(dir.join("console.log")).unwrap();
+            assert!(
+                console.contains("banger-fc-double: guest restored"),
+                "{console}"
+            );
+        }
+        VmRpcClient::delete(&c, vm.into(), true).await.unwrap();
+        drop(c);
+        daemon.stop();
+    }
+    let links = ns.sh("ip -o link");
+    assert!(!links.contains("bg-"), "{links}");
+}

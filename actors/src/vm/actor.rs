@@ -1025,6 +1025,7 @@ impl VmActor {
                     .save_state(&rt, &dir.run_dir(), &tmp)
                     .await
                     .map_err(|source| VmError::Save { vm: name, source })?;
+                die_at("mid-save");
                 let d = dir.clone();
                 tokio::task::spawn_blocking(move || {
                     std::fs::rename(d.saved_state_tmp(), d.saved_state())
@@ -1035,6 +1036,7 @@ impl VmActor {
                     path: dir.saved_state(),
                     source,
                 })?;
+                die_at("after-save");
                 Ok::<(), VmError>(())
             }
             .await;
@@ -1229,6 +1231,28 @@ impl VmActor {
 
     /// The state of a re-adopted VMM: paused when the VMM says so, else running (a VMM
     /// that does not answer is taken as running, as before pause existed).
+    /// A re-adopted VM whose `vm suspend` a daemon's death cut short. The save is renamed
+    /// to `state/` only once the VMM wrote all of it, so: with `state/` and the VM paused
+    /// (a save leaves the vCPUs stopped), the suspend is finished (the VMM ended, the VM
+    /// then `suspended`); a `state.tmp/` is a save that did not finish, discarded, and the
+    /// VM stays paused (`vm resume` it, or suspend it again). A `state/` beside a VM that
+    /// runs (a restore cut before it removed it) is stale: discarded, so that no later
+    /// start restores it.
+    async fn settle_cut_suspend(state: &mut VmActorState) {
+        let (saved, tmp) = (state.dir.saved_state(), state.dir.saved_state_tmp());
+        if saved.is_dir() && state.rec.state == VmState::Paused {
+            tracing::warn!(vm = %state.rec.name, "a suspend was cut short after its save was written: finishing it");
+            state.suspend_saved = true;
+            Self::kill_now(state, nix::sys::signal::Signal::SIGKILL).await;
+            return;
+        }
+        if saved.exists() || tmp.exists() {
+            tracing::warn!(vm = %state.rec.name, state = ?state.rec.state, "discarding a saved state a cut-short suspend or restore left");
+            let d = state.dir.clone();
+            let _ = tokio::task::spawn_blocking(move || discard_saved_state(&d)).await;
+        }
+    }
+
     async fn adopted_state(state: &VmActorState) -> VmState {
         let Some(rt) = state.rec.runtime.as_ref() else {
             return VmState::Running;
@@ -1244,6 +1268,15 @@ impl VmActor {
                 VmState::Running
             }
         }
+    }
+}
+
+/// The fault-injection points of a suspend (debug builds, `BANGER_FAULT`, see
+/// [`super::orphans::fault`]): bangerd SIGKILLs itself there.
+fn die_at(point: &str) {
+    if super::orphans::fault(point) {
+        tracing::error!(point, "fault injected: killed");
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
     }
 }
 
@@ -1392,6 +1425,7 @@ impl Actor for VmActor {
                 }
                 Self::watch_exit(&myself, state);
                 Self::start_console(&myself, state);
+                Self::settle_cut_suspend(state).await;
             } else {
                 tracing::info!(vm = %state.rec.name, "the vm's process is gone; marking it stopped");
                 let rt = state.rec.runtime.take();
