@@ -136,18 +136,7 @@ async fn root_a_vmm_spawned_before_its_record_is_found_and_killed_by_the_next_da
     let daemon = bangerd(&home, &ns.0, &[]).await;
     let c = support::client_for(&home.socket()).await;
     // The daemon answers before it has re-adopted its VMs (#20): wait for this one.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    let vm = loop {
-        let vm = VmRpcClient::show(&c, "a".into()).await.unwrap();
-        if !vm.adopting {
-            break vm;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "still adopting: {vm:?}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    };
+    let vm = settled(&c, "a").await;
     assert_eq!(vm.state, VmState::Stopped, "{vm:?}");
     assert_eq!(vm.pid, None);
     assert!(
@@ -166,7 +155,18 @@ async fn root_a_vmm_spawned_before_its_record_is_found_and_killed_by_the_next_da
     );
 
     // The VM starts again and is deleted with nothing left.
-    let mut sub = c.start("a".into()).await.unwrap();
+    start(&c, "a").await;
+    VmRpcClient::delete(&c, "a".into(), true).await.unwrap();
+    assert_eq!(naming(&jail_base), Vec::new());
+    let links = ns.sh("ip -o link");
+    assert!(!links.contains("bg-"), "{links}");
+    drop(c);
+    daemon.stop();
+}
+
+/// `vm start` of `name`, which must end running.
+async fn start(c: &Client, name: &str) {
+    let mut sub = c.start(name.into()).await.unwrap();
     loop {
         match sub.next().await.unwrap().unwrap() {
             Progress::Done { vm } => {
@@ -177,12 +177,6 @@ async fn root_a_vmm_spawned_before_its_record_is_found_and_killed_by_the_next_da
             _ => {}
         }
     }
-    VmRpcClient::delete(&c, "a".into(), true).await.unwrap();
-    assert_eq!(naming(&jail_base), Vec::new());
-    let links = ns.sh("ip -o link");
-    assert!(!links.contains("bg-"), "{links}");
-    drop(c);
-    daemon.stop();
 }
 
 /// Until the VM `name` is re-adopted by the daemon `c` serves.
@@ -254,17 +248,7 @@ async fn root_a_suspend_cut_by_the_daemons_death_is_discarded_or_finished() {
             };
             assert_eq!(after.pid, None);
             assert!(dir.join("state/vm.mem").is_file());
-            let mut sub = c.start(vm.into()).await.unwrap();
-            loop {
-                match sub.next().await.unwrap().unwrap() {
-                    Progress::Done { vm } => {
-                        assert_eq!(vm.state, VmState::Running, "{:?}", vm.error);
-                        break;
-                    }
-                    Progress::Failed { message, .. } => panic!("start: {message}"),
-                    _ => {}
-                }
-            }
+            start(&c, vm).await;
             let console = std::fs::read_to_string(dir.join("console.log")).unwrap();
             assert!(
                 console.contains("banger-fc-double: guest restored"),
