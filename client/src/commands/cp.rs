@@ -15,7 +15,7 @@
 
 use std::path::{Path, PathBuf};
 
-use banger_api::{VmRpcClient, VmState, codes};
+use banger_api::{VmState, codes};
 use banger_guest::host;
 use banger_guest::proto::{self, ExecRequest, ExitStatus, Kind, Request, Response};
 use jsonrpsee::async_client::Client;
@@ -152,7 +152,7 @@ pub async fn run(client: &Client, src: &str, dst: &str) -> Result<u8, CliError> 
 /// The VM (by name or ID prefix) and its agent socket; it must be running.
 async fn running(client: &Client, vm: String) -> Result<(String, PathBuf), CliError> {
     let vm = super::vm::resolve(client, vm).await?;
-    let info = client.show(vm.clone()).await?;
+    let info = super::exec::show_settled(client, &vm).await?;
     if info.state != VmState::Running {
         return Err(super::exec::not_running(
             &vm,
@@ -180,7 +180,7 @@ async fn guest_kind(vm: &str, sock: &Path, path: &str) -> Result<GuestKind, CliE
     let argv = ["sh", "-c", script, "banger-cp", path]
         .map(String::from)
         .to_vec();
-    let mut c = host::connect(sock).await.map_err(|e| agent_err(vm, e))?;
+    let mut c = super::exec::connect_agent(vm, sock).await?;
     host::write_json(
         &mut c.stream,
         Kind::Request,

@@ -56,6 +56,41 @@ pub fn parse_env(env: &[String]) -> Result<Vec<(String, String)>, CliError> {
         .collect()
 }
 
+/// `vm show`, waiting while the daemon has not re-adopted the VM yet (a daemon that just
+/// started answers at once and re-adopts its VMs behind, `adopting`): a command for the
+/// VM's guest waits for it, as it would for the daemon itself.
+pub async fn show_settled(client: &Client, vm: &str) -> Result<banger_api::VmInfo, CliError> {
+    let deadline = std::time::Instant::now() + ADOPTION_WAIT;
+    loop {
+        let info = client.show(vm.to_owned()).await?;
+        if !info.adopting || std::time::Instant::now() >= deadline {
+            return Ok(info);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// How long a command waits for a VM's re-adoption.
+const ADOPTION_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+/// How long a command retries a running guest whose agent refuses the connection: after
+/// a daemon restart re-adopted the VM, its guest's agent takes the new agent proxy's
+/// session within about a second.
+const AGENT_SETTLE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Connect to the agent of the running `vm` at `sock`, retrying a refusal for
+/// [`AGENT_SETTLE`].
+pub async fn connect_agent(vm: &str, sock: &std::path::Path) -> Result<host::AgentConn, CliError> {
+    let deadline = std::time::Instant::now() + AGENT_SETTLE;
+    loop {
+        match host::connect(sock).await {
+            Err(host::HostError::Refused(_)) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            other => return other.map_err(|e| agent_err(vm, e)),
+        }
+    }
+}
+
 /// Why the guest of `vm`, in `state` (not running), cannot be reached, with the way out;
 /// `note` is appended (e.g. " (cp needs its agent)"). The conflict exit status.
 pub fn not_running(vm: &str, state: VmState, note: &str) -> CliError {
@@ -82,16 +117,14 @@ pub async fn run(
     cmd: Vec<String>,
 ) -> Result<u8, CliError> {
     let env = parse_env(&env)?;
-    let info = client.show(vm.to_owned()).await?;
+    let info = show_settled(client, vm).await?;
     if info.state != VmState::Running {
         return Err(not_running(vm, info.state, ""));
     }
     let sock = info
         .vsock_socket
         .ok_or_else(|| agent_err(vm, "the vm has no vsock socket"))?;
-    let conn = host::connect(std::path::Path::new(&sock))
-        .await
-        .map_err(|e| agent_err(vm, e))?;
+    let conn = connect_agent(vm, std::path::Path::new(&sock)).await?;
     let mut stream = conn.stream;
     let size = if tty {
         terminal_size::terminal_size()

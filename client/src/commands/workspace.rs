@@ -30,7 +30,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use banger_api::{VmInfo, VmRpcClient, VmState};
+use banger_api::{VmInfo, VmState};
 use banger_guest::host;
 use banger_guest::proto::{Request, Response};
 use jsonrpsee::async_client::Client;
@@ -365,7 +365,7 @@ pub async fn lock(info: &VmInfo) -> Result<nix::fcntl::Flock<std::fs::File>, Cli
 
 /// The VM's agent socket, when it is running.
 pub async fn agent_socket(client: &Client, vm: &str) -> Result<(VmInfo, PathBuf), CliError> {
-    let info = client.show(vm.to_owned()).await?;
+    let info = super::exec::show_settled(client, vm).await?;
     if info.state != VmState::Running {
         return Err(super::exec::not_running(vm, info.state, ""));
     }
