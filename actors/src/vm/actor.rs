@@ -420,6 +420,19 @@ const EXPIRY_RECHECK: Duration = Duration::from_millis(200);
 #[derive(Debug)]
 struct ExpiryTimer(tokio::task::AbortHandle);
 
+impl ExpiryTimer {
+    /// Send `Expired { at }` to `me` after `wait`.
+    fn after(me: ActorRef<VmMsg>, wait: Duration, at: u64) -> ExpiryTimer {
+        ExpiryTimer(
+            tokio::spawn(async move {
+                tokio::time::sleep(wait).await;
+                let _ = me.cast(VmMsg::Expired { at });
+            })
+            .abort_handle(),
+        )
+    }
+}
+
 impl Drop for ExpiryTimer {
     fn drop(&mut self) {
         self.0.abort();
@@ -1139,15 +1152,8 @@ impl VmActor {
     /// (Re)start the timer of the VM's deadline, or drop it when the VM has none.
     fn arm_expiry(myself: &ActorRef<VmMsg>, state: &mut VmActorState) {
         state.expiry = state.rec.expires.map(|e| {
-            let me = myself.clone();
             let wait = Duration::from_secs(e.at.saturating_sub(now_secs()));
-            ExpiryTimer(
-                tokio::spawn(async move {
-                    tokio::time::sleep(wait).await;
-                    let _ = me.cast(VmMsg::Expired { at: e.at });
-                })
-                .abort_handle(),
-            )
+            ExpiryTimer::after(myself.clone(), wait, e.at)
         });
     }
 
@@ -1229,8 +1235,6 @@ impl VmActor {
         }
     }
 
-    /// The state of a re-adopted VMM: paused when the VMM says so, else running (a VMM
-    /// that does not answer is taken as running, as before pause existed).
     /// A re-adopted VM whose `vm suspend` a daemon's death cut short. The save is renamed
     /// to `state/` only once the VMM wrote all of it, so: with `state/` and the VM paused
     /// (a save leaves the vCPUs stopped), the suspend is finished (the VMM ended, the VM
@@ -1253,6 +1257,8 @@ impl VmActor {
         }
     }
 
+    /// The state of a re-adopted VMM: paused when the VMM says so, else running (a VMM
+    /// that does not answer is taken as running, as before pause existed).
     async fn adopted_state(state: &VmActorState) -> VmState {
         let Some(rt) = state.rec.runtime.as_ref() else {
             return VmState::Running;
@@ -1890,14 +1896,7 @@ impl Actor for VmActor {
                 // deleted) once it is up; a start that fails leaves it stopped, and the
                 // deadline is then spent below.
                 if state.rec.state == VmState::Starting {
-                    let me = myself.clone();
-                    state.expiry = Some(ExpiryTimer(
-                        tokio::spawn(async move {
-                            tokio::time::sleep(EXPIRY_RECHECK).await;
-                            let _ = me.cast(VmMsg::Expired { at });
-                        })
-                        .abort_handle(),
-                    ));
+                    state.expiry = Some(ExpiryTimer::after(myself.clone(), EXPIRY_RECHECK, at));
                     return Ok(());
                 }
                 // Once: a VM started again afterwards runs without a deadline.
