@@ -343,6 +343,7 @@ impl VmSupervisor {
                 delete: t.delete,
             }),
             spawned: None,
+            snapshots: Vec::new(),
         };
         Ok((record, vmm))
     }

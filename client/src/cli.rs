@@ -529,6 +529,22 @@ pub enum VmCmd {
     /// Publish guest ports on the host (`vm port add|rm|list`).
     #[command(subcommand)]
     Port(PortCmd),
+    /// Named snapshots of a running VM, memory included (`vm snapshot create|list|show|rm`);
+    /// `vm rollback` returns the VM to one.
+    #[command(subcommand, visible_alias = "snap")]
+    Snapshot(SnapshotCmd),
+    /// Put a VM back to one of its snapshots, memory included: its VMM (if it runs) is
+    /// ended, its disks replaced by the snapshot's, and it runs again from that moment.
+    #[command(after_help = ROLLBACK_HELP)]
+    Rollback {
+        /// The VM's name or ID (a unique prefix will do).
+        vm: String,
+        /// The snapshot's name or ID.
+        snapshot: String,
+        /// Print the VM as JSON when done.
+        #[arg(long)]
+        json: bool,
+    },
     /// Listening TCP/UDP ports in a running VM, with their processes.
     Ports {
         /// The VM's name or ID (a unique prefix will do).
@@ -859,6 +875,64 @@ pub enum PortCmd {
         /// The VM's name or ID (a unique prefix will do).
         vm: String,
         /// Print the ports as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+const ROLLBACK_HELP: &str = "Examples:\n  banger vm snapshot create dev before-upgrade\n  banger vm exec dev -- apt-get -y dist-upgrade\n  banger vm rollback dev before-upgrade     as it was, processes included\n\nWhat the guest did since the snapshot is gone: files, processes, memory. The\nsnapshot is kept, so a VM can go back to it again. Refused, with nothing\nchanged, when the VM's size, image or kernel or this host's VMM release is not\nwhat it was when the snapshot was taken.";
+
+/// `banger vm snapshot …`.
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCmd {
+    /// Snapshot a running (or paused) VM: its vCPUs stop while its memory and device
+    /// state are saved and its disks copied (sparse), then it runs on as it was.
+    #[command(
+        after_help = "Examples:\n  banger vm snapshot create dev                   named snap-1, snap-2, …\n  banger vm snapshot create dev before-upgrade\n  banger vm snapshot create dev --json\n\nIt takes about the guest's memory in use plus the data on its disks\n(`banger vm snapshot list` shows each one's size). Only `vm rollback` uses it;\nit is deleted with its VM."
+    )]
+    Create {
+        /// The VM's name or ID (a unique prefix will do).
+        vm: String,
+        /// The snapshot's name (a-z, 0-9, '-', '.', '_'); `snap-N` when absent.
+        name: Option<String>,
+        /// Print the snapshot as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The snapshots of a VM, or of every VM, oldest first.
+    #[command(
+        visible_alias = "ls",
+        after_help = "Examples:\n  banger vm snapshot ls dev\n  banger vm snapshot ls --json | jq -r '.[].name'"
+    )]
+    List {
+        /// The VM's name or ID (all VMs when absent).
+        vm: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One snapshot of a VM.
+    Show {
+        /// The VM's name or ID (a unique prefix will do).
+        vm: String,
+        /// The snapshot's name or ID.
+        snapshot: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete snapshots of a VM (their files); the VM is not touched.
+    #[command(
+        visible_alias = "remove",
+        after_help = "Examples:\n  banger vm snapshot rm dev before-upgrade\n  banger vm snapshot rm dev snap-1 snap-2"
+    )]
+    Rm {
+        /// The VM's name or ID (a unique prefix will do).
+        vm: String,
+        /// The snapshots' names or IDs.
+        #[arg(required = true, value_name = "SNAPSHOT")]
+        snapshots: Vec<String>,
+        /// Print the deleted snapshots as JSON (an array).
         #[arg(long)]
         json: bool,
     },
@@ -1258,6 +1332,34 @@ mod tests {
         }
         match parse(&["vm", "suspend", "a"]).command {
             Command::Vm(VmCmd::Suspend(a)) => assert_eq!(a.vms, ["a"]),
+            other => panic!("{other:?}"),
+        }
+        match parse(&["vm", "snapshot", "create", "a", "before", "--json"]).command {
+            Command::Vm(VmCmd::Snapshot(SnapshotCmd::Create { vm, name, json })) => {
+                assert_eq!(
+                    (vm.as_str(), name.as_deref(), json),
+                    ("a", Some("before"), true)
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        match parse(&["vm", "snap", "ls"]).command {
+            Command::Vm(VmCmd::Snapshot(SnapshotCmd::List {
+                vm: None,
+                json: false,
+            })) => {}
+            other => panic!("{other:?}"),
+        }
+        match parse(&["vm", "snapshot", "rm", "a", "s1", "s2"]).command {
+            Command::Vm(VmCmd::Snapshot(SnapshotCmd::Rm { snapshots, .. })) => {
+                assert_eq!(snapshots, ["s1", "s2"])
+            }
+            other => panic!("{other:?}"),
+        }
+        match parse(&["vm", "rollback", "a", "s1"]).command {
+            Command::Vm(VmCmd::Rollback { vm, snapshot, .. }) => {
+                assert_eq!((vm.as_str(), snapshot.as_str()), ("a", "s1"))
+            }
             other => panic!("{other:?}"),
         }
         match parse(&["vm", "kill", "a", "b"]).command {

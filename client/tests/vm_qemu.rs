@@ -3021,3 +3021,154 @@ fn root_rig_suspend_and_start_restore_a_running_guest_where_it_was() {
     home.ok(&["vm", "rm", "s"]);
     assert!(!dir.exists());
 }
+
+/// `vm snapshot create` of a running guest, then changes (a file on its disk and one in
+/// its tmpfs rewritten, a new file, the listener process killed), then `vm rollback`:
+/// everything is as at the snapshot, memory included (the same listener process with its
+/// count, the tmpfs file), its clock is the host's. The snapshot is kept, so a second
+/// rollback works too. The VM runs on during the snapshot (the same VMM, the listener
+/// answers). Bad input: a snapshot whose file was truncated is refused with what is wrong
+/// and the VM is left running as it was; an unknown snapshot is "not found" (exit 4).
+#[test]
+fn root_rig_rollback_puts_a_running_guest_back_to_its_snapshot_memory_included() {
+    let home = Home::new();
+    home.ok(&["vm", "create", "--name", "r"]);
+    home.ok(&[
+        "vm",
+        "exec",
+        "r",
+        "--",
+        "sh",
+        "-c",
+        "mkdir -p /run/t && echo then > /run/t/f && echo then > /root/file && sync \
+         && perl -MIO::Socket::INET -e '$s = IO::Socket::INET->new(LocalPort => 7777, Listen => 5, ReuseAddr => 1) or die; $n = 0; while ($c = $s->accept) { $n++; print $c \"$$ $n\\n\"; close $c }' >/dev/null 2>&1 &",
+    ]);
+    let (listener, served) = ask_new_listener(&home, "r");
+    assert_eq!(served, 1);
+    let pid = home.json(&["vm", "show", "r", "--json"])["pid"]
+        .as_i64()
+        .unwrap();
+
+    let t0 = Instant::now();
+    let snap = home.json(&["vm", "snapshot", "create", "r", "before", "--json"]);
+    let snapshot_s = t0.elapsed().as_secs_f64();
+    assert_eq!(snap["name"], "before", "{snap}");
+    assert_eq!(snap["vm"], "r");
+    assert_eq!(snap["vmm"], "qemu");
+    assert!(
+        snap["vmm_version"]
+            .as_str()
+            .is_some_and(|v| v.contains("QEMU")),
+        "{snap}"
+    );
+    assert!(
+        snap["bytes"].as_u64().is_some_and(|b| b > 1 << 20),
+        "{snap}"
+    );
+    let snap_dir = PathBuf::from(snap["dir"].as_str().unwrap());
+    assert!(snap_dir.join("state/vm.state").is_file());
+    // It ran on: the same VMM, the listener answers on.
+    let vm = home.json(&["vm", "show", "r", "--json"]);
+    assert_eq!(vm["state"], "running", "{vm}");
+    assert_eq!(vm["pid"].as_i64(), Some(pid), "the same VMM");
+    assert_eq!(ask_listener(&home, "r"), (listener, 2));
+    assert_eq!(vm["snapshots"][0]["name"], "before", "{vm}");
+    let listed = home.ok(&["vm", "snapshot", "ls", "r"]);
+    assert!(
+        listed.contains("before") && listed.contains("NAME"),
+        "{listed}"
+    );
+    let shown = home.ok(&["vm", "snapshot", "show", "r", "before"]);
+    assert!(shown.contains("vmm:      qemu (QEMU"), "{shown}");
+
+    // Everything changes.
+    home.ok(&[
+        "vm",
+        "exec",
+        "r",
+        "--",
+        "sh",
+        "-c",
+        &format!(
+            "echo later > /root/file && echo later > /run/t/f && touch /root/new && kill {listener} && sync"
+        ),
+    ]);
+
+    for round in 1..=2 {
+        let t0 = Instant::now();
+        let back = home.json(&["vm", "rollback", "r", "before", "--json"]);
+        let rollback_s = t0.elapsed().as_secs_f64();
+        assert_eq!(back["state"], "running", "{back}");
+        assert_ne!(back["pid"].as_i64(), Some(pid), "a new VMM");
+        eprintln!("snapshot {snapshot_s:.2}s, rollback {round} {rollback_s:.2}s");
+        // As at the snapshot: the same listener (which had served one), the files.
+        assert_eq!(ask_listener(&home, "r"), (listener, 2), "round {round}");
+        assert_eq!(
+            home.ok(&["vm", "exec", "r", "--", "cat", "/root/file"]),
+            "then\n"
+        );
+        assert_eq!(
+            home.ok(&["vm", "exec", "r", "--", "cat", "/run/t/f"]),
+            "then\n"
+        );
+        let new = home.run(&["vm", "exec", "r", "--", "test", "-e", "/root/new"]);
+        assert_eq!(code(&new), Some(1), "/root/new is from after the snapshot");
+        let (lo, hi) = guest_clock_offset(&home, "r");
+        assert!(
+            lo > -1.0 && hi < 1.0,
+            "the guest's clock is off the host's by {lo:.3}..{hi:.3} s"
+        );
+        assert!(
+            snap_dir.join("state/vm.state").is_file(),
+            "the snapshot is kept"
+        );
+        home.ok(&[
+            "vm",
+            "exec",
+            "r",
+            "--",
+            "sh",
+            "-c",
+            "echo later > /root/file && sync",
+        ]);
+    }
+
+    // A snapshot cut short on disk: refused before anything changes.
+    let pid = home.json(&["vm", "show", "r", "--json"])["pid"]
+        .as_i64()
+        .unwrap();
+    let state = snap_dir.join("state/vm.state");
+    let full = std::fs::read(&state).unwrap();
+    std::fs::write(&state, &full[..4096]).unwrap();
+    let out = home.run(&["vm", "rollback", "r", "before"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(code(&out), Some(6), "a conflict: {err}");
+    assert!(
+        err.contains("is 4096 bytes") && err.contains("left as it was"),
+        "{err}"
+    );
+    let vm = home.json(&["vm", "show", "r", "--json"]);
+    assert_eq!(
+        (vm["state"].as_str(), vm["pid"].as_i64()),
+        (Some("running"), Some(pid))
+    );
+    assert_eq!(
+        home.ok(&["vm", "exec", "r", "--", "cat", "/root/file"]),
+        "later\n"
+    );
+    let out = home.run(&["vm", "rollback", "r", "nope"]);
+    assert_eq!(
+        code(&out),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    home.ok(&["vm", "snapshot", "rm", "r", "before"]);
+    assert!(!snap_dir.exists());
+    assert_eq!(
+        home.json(&["vm", "snapshot", "ls", "--json"]),
+        serde_json::json!([])
+    );
+    home.ok(&["vm", "rm", "-f", "r"]);
+}

@@ -24,16 +24,18 @@ pub const API_SOCK: &str = "api.sock";
 pub const VSOCK_SOCK: &str = "vsock.sock";
 /// The files in the jail Firecracker writes: they become the VM uid's for the VM's run
 /// and the owner's again when the jail is cleaned.
-pub const WRITABLE: [&str; 8] = [
+pub const WRITABLE: [&str; 6] = [
     "overlay.ext4",
     "work.ext4",
     "firecracker.log",
     "metrics.json",
-    SAVE_STATE,
-    SAVE_MEMORY,
     RESTORE_STATE,
     RESTORE_MEMORY,
 ];
+/// The files a save fills ([`SAVE_STATE`], [`SAVE_MEMORY`]): they stay the owner's, and
+/// the VM's group (the jailer's `--gid`, the VM uid) may write them (mode 0660), so that
+/// bangerd can read a save of a VM that runs on (`vm snapshot create`) without root.
+pub const SAVED: [&str; 2] = [SAVE_STATE, SAVE_MEMORY];
 /// Where a suspend's `PUT /snapshot/create` writes the VM state and the guest memory, in
 /// the jail: hard links, made before Firecracker starts, of empty files in the VM's run
 /// directory, so the files Firecracker fills are banger's to move (see the driver).
@@ -142,6 +144,17 @@ pub mod owner {
                     .map_err(|e| format!("cannot give {} to uid {uid}: {e}", path.display()))?;
             }
         }
+        for name in super::SAVED {
+            let path = root.join(name);
+            if regular(&path)?.is_some() {
+                std::os::unix::fs::lchown(&path, None, Some(uid)).map_err(|e| {
+                    format!("cannot give {} to the group {uid}: {e}", path.display())
+                })?;
+                // A regular file (lstat above) in a jail the VM has not run in yet.
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660))
+                    .map_err(|e| format!("cannot chmod {}: {e}", path.display()))?;
+            }
+        }
         Ok(())
     }
 
@@ -237,6 +250,44 @@ pub fn jailer_args(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn root_hand_over_gives_the_vm_its_files_and_its_group_the_save_files() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        for name in WRITABLE.iter().chain(&SAVED).chain(&SHARED) {
+            std::fs::write(root.join(name), b"").unwrap();
+            std::fs::set_permissions(root.join(name), std::fs::Permissions::from_mode(0o600))
+                .unwrap();
+        }
+        let owner = nix::unistd::geteuid().as_raw();
+        owner::hand_over(root, 60_123).unwrap();
+        let meta = |name: &str| std::fs::metadata(root.join(name)).unwrap();
+        for name in WRITABLE {
+            assert_eq!(
+                (meta(name).uid(), meta(name).gid()),
+                (60_123, 60_123),
+                "{name}"
+            );
+        }
+        for name in SAVED {
+            let m = meta(name);
+            assert_eq!(
+                (m.uid(), m.gid(), m.mode() & 0o777),
+                (owner, 60_123, 0o660),
+                "{name}"
+            );
+        }
+        for name in SHARED {
+            assert_eq!(meta(name).uid(), owner, "{name}");
+        }
+        // Cleaned: the VM's files are the owner's again; the save files were never its.
+        owner::give_back(root, |u| u == 60_123, (owner, owner)).unwrap();
+        for name in WRITABLE.iter().chain(&SAVED) {
+            assert_eq!(meta(name).uid(), owner, "{name}");
+        }
+    }
 
     #[test]
     fn a_symlinked_binary_names_the_jail_after_its_target() {

@@ -19,7 +19,7 @@ const OWNER: u32 = 65534;
 fn home(h: &Path) -> (Home, support::fc::Files) {
     let files = h.join("files");
     std::fs::create_dir_all(&files).unwrap();
-    let fx = support::fc::Files::new(&files, Exec::Empty);
+    let fx = support::fc::Files::new(&files, Exec::Script);
     fx.chown(OWNER);
     let config = format!(
         "owner = \"{OWNER}\"\ndefault_vmm = \"firecracker\"\nagent_timeout_secs = 0\n\
@@ -259,6 +259,68 @@ async fn root_a_suspend_cut_by_the_daemons_death_is_discarded_or_finished() {
         drop(c);
         daemon.stop();
     }
+    let links = ns.sh("ip -o link");
+    assert!(!links.contains("bg-"), "{links}");
+}
+
+/// A `vm snapshot create` cut by the daemon's death after the snapshot's files were
+/// written and before it was recorded (`BANGER_FAULT=mid-snapshot`, the vCPUs still
+/// stopped by the save): the next daemon removes the files no snapshot names and lets
+/// the VM run again (it was running, not paused by its user), under the same VMM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_a_snapshot_cut_by_the_daemons_death_leaves_no_files_and_the_vm_running() {
+    let ns = support::Netns::new("cutsnap");
+    let tmp = tempfile::tempdir().unwrap();
+    let h = tmp.path();
+    let (home, fx) = home(h);
+    let first = bangerd(&home, &ns.0, &[]).await;
+    let c = support::client_for(&home.socket()).await;
+    fx.register(&c).await;
+    drop(c);
+    first.stop();
+
+    let mut faulty = bangerd(&home, &ns.0, &["BANGER_FAULT=mid-snapshot"]).await;
+    let c = support::client_for(&home.socket()).await;
+    create(&c, "cs").await.unwrap();
+    let before = VmRpcClient::show(&c, "cs".into()).await.unwrap();
+    assert!(
+        c.snapshot_create("cs".into(), Some("x".into()))
+            .await
+            .is_err(),
+        "the daemon died"
+    );
+    let status = faulty.child.wait().unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(9), "{status}");
+    drop(c);
+    let snapshots = PathBuf::from(&before.dir).join("snapshots");
+    let left = || -> Vec<String> {
+        std::fs::read_dir(&snapshots)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(left().len(), 1, "the cut snapshot's directory");
+
+    let daemon = bangerd(&home, &ns.0, &[]).await;
+    let c = support::client_for(&home.socket()).await;
+    let after = settled(&c, "cs").await;
+    assert_eq!(after.state, VmState::Running, "{after:?}");
+    assert_eq!(after.pid, before.pid, "the same VMM");
+    assert!(after.snapshots.is_empty(), "{:?}", after.snapshots);
+    assert!(left().is_empty(), "{:?}", left());
+    // And snapshots work on.
+    let s = c
+        .snapshot_create("cs".into(), Some("x".into()))
+        .await
+        .unwrap();
+    assert_eq!(s.name, "x");
+    VmRpcClient::delete(&c, "cs".into(), true).await.unwrap();
+    drop(c);
+    daemon.stop();
     let links = ns.sh("ip -o link");
     assert!(!links.contains("bg-"), "{links}");
 }

@@ -154,7 +154,7 @@ async fn root_storm_of_daemon_kills_during_creates_and_deletes_leaks_nothing() {
     let h = tmp.path();
     let files = h.join("files");
     std::fs::create_dir_all(&files).unwrap();
-    let fx = support::fc::Files::new(&files, Exec::Empty);
+    let fx = support::fc::Files::new(&files, Exec::Script);
     fx.chown(OWNER);
     let config = format!(
         "owner = \"{OWNER}\"\ndefault_vmm = \"firecracker\"\nagent_timeout_secs = 0\n\

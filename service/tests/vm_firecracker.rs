@@ -37,7 +37,7 @@ async fn setup_with_agent() -> (support::TestDaemon, Client, tempfile::TempDir) 
 
 /// Without a helper (`netns` None) Firecracker runs unjailed: `firecracker` is the double
 /// itself (a hard link, under Firecracker's name). With one, the double is the jailer and
-/// `firecracker` only the exec file it copies into each jail (empty: the double is 150 MB).
+/// `firecracker` only the exec file it copies into each jail (a script that runs the double, which is 150 MB).
 /// `env`: environment assignments for the double (`NAME='value' ...`), set through a
 /// wrapper script (as Firecracker, or as the jailer) since the daemon's environment is not
 /// the test's to change.
@@ -50,7 +50,7 @@ async fn setup_in(
     let files = tempfile::tempdir().unwrap();
     let f = files.path();
     let exec = if netns.is_some() {
-        Exec::Empty
+        Exec::Script
     } else {
         Exec::Double
     };
@@ -1295,7 +1295,7 @@ async fn root_a_bangerd_dropped_to_its_owner_runs_firecracker_vms_through_the_la
     let h = home.path();
     let files = h.join("files");
     std::fs::create_dir_all(&files).unwrap();
-    let fx = support::fc::Files::new(&files, Exec::Empty);
+    let fx = support::fc::Files::new(&files, Exec::Script);
     fx.chown(OWNER);
     let config = format!(
         "owner = \"{OWNER}\"\ndefault_vmm = \"firecracker\"\nagent_timeout_secs = 0\n\
@@ -1811,6 +1811,38 @@ async fn root_a_jailed_firecracker_vm_suspends_and_restores() {
         tap.as_deref().is_some_and(|t| t.contains("bg-")),
         "its tap: {tap:?}"
     );
+    // A snapshot of the restored VM: Firecracker (the VM's uid) writes the save files
+    // through their group (they stay the owner's), the VM runs on; a rollback loads it
+    // into a new jail.
+    let s = c
+        .snapshot_create("js".into(), Some("j1".into()))
+        .await
+        .unwrap();
+    let snap_dir = std::path::PathBuf::from(&s.dir);
+    for name in ["vm.snap", "vm.mem"] {
+        let m = std::fs::metadata(snap_dir.join("state").join(name)).unwrap();
+        assert!(m.len() > 0, "{name} was written");
+        assert_eq!(m.mode() & 0o077, 0, "{name} is private");
+        let saved = std::fs::metadata(dir.join("run").join(name)).unwrap();
+        assert_eq!(
+            (saved.uid(), saved.gid()),
+            (0, vm_uid),
+            "{name}: the owner's, the VM's group"
+        );
+    }
+    let vm = VmRpcClient::show(&c, "js".into()).await.unwrap();
+    assert_eq!((vm.state, vm.pid), (VmState::Running, started.pid));
+    let back = c.rollback("js".into(), "j1".into()).await.unwrap();
+    assert_eq!(back.state, VmState::Running, "{back:?}");
+    assert_ne!(back.pid, started.pid);
+    assert_eq!(
+        console()
+            .matches(&format!("guest restored (boot {boot_id})"))
+            .count(),
+        2,
+        "{}",
+        console()
+    );
     VmRpcClient::delete(&c, "js".into(), true).await.unwrap();
     assert!(!dir.exists());
     assert!(!ns.sh("ip -o link").contains("bg-"), "no tap left");
@@ -1861,6 +1893,236 @@ async fn a_failed_suspend_leaves_the_vm_running_and_nothing_saved() {
     c.stop("sus".into(), None).await.unwrap();
     let e = c.suspend("sus".into()).await.unwrap_err();
     assert_eq!(code(e), codes::CONFLICT);
+    drop(c);
+    d.shutdown().await;
+}
+
+fn message(e: ClientError) -> (i32, String) {
+    match e {
+        ClientError::Call(o) => (o.code(), o.message().to_owned()),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// `vm snapshot create` of a Firecracker VM (through `PATCH /vm` + `PUT /snapshot/create`,
+/// then resumed: the same VMM runs on, `Running`), a paused VM stays paused; `vm rollback`
+/// ends the VMM and loads the snapshot into a new one (the same guest's boot id, no boot)
+/// over disks put back as they were; the snapshot is kept for another rollback. Refused,
+/// with nothing changed: a snapshot of a stopped VM, a duplicate name, an unknown name
+/// (and another VM's, named), a memory file cut short, a VM whose size changed since.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_and_rollback_of_a_firecracker_vm() {
+    let (d, c, _files) = setup().await;
+    for name in ["sn", "other"] {
+        create(
+            &c,
+            CreateVm {
+                name: Some(name.into()),
+                image: Some("img".into()),
+                memory_mib: Some(256),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    }
+    let before = VmRpcClient::show(&c, "sn".into()).await.unwrap();
+    let dir = std::path::PathBuf::from(&before.dir);
+    let console = || std::fs::read_to_string(dir.join("console.log")).unwrap();
+    let boot_id = console()
+        .lines()
+        .find_map(|l| l.strip_prefix("banger-fc-double: boot id "))
+        .expect("a boot id on the console")
+        .to_owned();
+    let overlay = dir.join("overlay.ext4");
+    // The disk's first MiB (ext4's superblock is in it): the disk itself is 16 GiB sparse.
+    let head = |path: &std::path::Path| {
+        use std::io::Read;
+        let mut buf = Vec::new();
+        std::fs::File::open(path)
+            .unwrap()
+            .take(1 << 20)
+            .read_to_end(&mut buf)
+            .unwrap();
+        (buf, std::fs::metadata(path).unwrap().len())
+    };
+    let at_snapshot = head(&overlay);
+
+    let s = c
+        .snapshot_create("sn".into(), Some("one".into()))
+        .await
+        .unwrap();
+    assert_eq!((s.name.as_str(), s.vm.as_str()), ("one", "sn"));
+    assert_eq!(s.vmm, banger_api::VmmKind::Firecracker);
+    assert!(s.vmm_version.starts_with("Firecracker v"), "{s:?}");
+    assert_eq!(s.spec, before.spec);
+    let snap_dir = std::path::PathBuf::from(&s.dir);
+    let mem = std::fs::metadata(snap_dir.join("state/vm.mem")).unwrap();
+    assert_eq!(mem.len(), 256 << 20, "the guest's memory");
+    for f in ["state/vm.snap", "overlay.ext4", "work.ext4"] {
+        assert!(snap_dir.join(f).is_file(), "{f}");
+    }
+    let vm = VmRpcClient::show(&c, "sn".into()).await.unwrap();
+    assert_eq!(
+        (vm.state, vm.pid),
+        (VmState::Running, before.pid),
+        "the same VMM"
+    );
+    assert_eq!(
+        instance_state(&vm).await,
+        "Running",
+        "resumed after the save"
+    );
+    assert_eq!(vm.snapshots.len(), 1);
+    // Unnamed: snap-1; a name taken; the snapshot of a paused VM leaves it paused.
+    c.pause("sn".into()).await.unwrap();
+    let s2 = c.snapshot_create("sn".into(), None).await.unwrap();
+    assert_eq!(s2.name, "snap-1");
+    let vm = VmRpcClient::show(&c, "sn".into()).await.unwrap();
+    assert_eq!(vm.state, VmState::Paused);
+    assert_eq!(instance_state(&vm).await, "Paused");
+    c.resume("sn".into()).await.unwrap();
+    let (code_, m) = message(
+        c.snapshot_create("sn".into(), Some("one".into()))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code_, codes::CONFLICT, "{m}");
+    assert!(m.contains("has a snapshot named one already"), "{m}");
+    let (code_, m) = message(
+        c.snapshot_create("sn".into(), Some("Bad Name".into()))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code_, codes::INVALID_ARGUMENT, "{m}");
+    let theirs = c
+        .snapshot_create("other".into(), Some("theirs".into()))
+        .await
+        .unwrap();
+    let all = c.snapshot_list(None).await.unwrap();
+    assert_eq!(all.len(), 3, "{all:?}");
+    assert_eq!(c.snapshot_list(Some("sn".into())).await.unwrap().len(), 2);
+
+    // The guest's disk moves on; a rollback puts it back.
+    std::fs::write(&overlay, b"written after the snapshot").unwrap();
+    let back = c.rollback("sn".into(), "one".into()).await.unwrap();
+    assert_eq!(back.state, VmState::Running, "{back:?}");
+    assert_ne!(back.pid, before.pid, "a new VMM");
+    assert!(head(&overlay) == at_snapshot, "the disk as it was");
+    let text = console();
+    assert!(
+        text.contains(&format!(
+            "banger-fc-double: guest restored (boot {boot_id})"
+        )),
+        "the snapshot's guest runs on: {text}"
+    );
+    assert_eq!(
+        text.matches("banger-fc-double: boot id").count(),
+        1,
+        "no second boot: {text}"
+    );
+    assert!(!dir.join("state").exists(), "the restore spent its copy");
+    // Kept: a second rollback, from a stopped VM this time, runs it again.
+    c.stop("sn".into(), None).await.unwrap();
+    let back = c.rollback("sn".into(), "one".into()).await.unwrap();
+    assert_eq!(back.state, VmState::Running, "{back:?}");
+
+    // Bad input, the VM left as it was.
+    let running = back.pid;
+    let (code_, m) = message(c.rollback("sn".into(), "nope".into()).await.unwrap_err());
+    assert_eq!(code_, codes::NOT_FOUND, "{m}");
+    let (code_, m) = message(c.rollback("sn".into(), "theirs".into()).await.unwrap_err());
+    assert_eq!(code_, codes::NOT_FOUND, "{m}");
+    assert!(m.contains("vm other has one"), "says whose it is: {m}");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(snap_dir.join("state/vm.mem"))
+        .unwrap()
+        .set_len(4096)
+        .unwrap();
+    let (code_, m) = message(c.rollback("sn".into(), "one".into()).await.unwrap_err());
+    assert_eq!(code_, codes::CONFLICT, "{m}");
+    assert!(
+        m.contains("vm.mem is 4096 bytes") && m.contains("left as it was"),
+        "{m}"
+    );
+    let vm = VmRpcClient::show(&c, "sn".into()).await.unwrap();
+    assert_eq!((vm.state, vm.pid), (VmState::Running, running), "untouched");
+    // Resized since: named, with the way back.
+    c.stop("sn".into(), None).await.unwrap();
+    c.set(SetVm {
+        vm: "sn".into(),
+        memory_mib: Some(512),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let (code_, m) = message(c.rollback("sn".into(), "snap-1".into()).await.unwrap_err());
+    assert_eq!(code_, codes::CONFLICT, "{m}");
+    assert!(
+        m.contains("256 MiB, work disk 8 GiB then") && m.contains("512 MiB, work disk 8 GiB now"),
+        "{m}"
+    );
+    assert!(m.contains("`banger vm set sn` it back"), "{m}");
+    assert_eq!(
+        VmRpcClient::show(&c, "sn".into()).await.unwrap().state,
+        VmState::Stopped
+    );
+    // Only a running or paused VM has memory to snapshot.
+    let (code_, m) = message(c.snapshot_create("sn".into(), None).await.unwrap_err());
+    assert_eq!(code_, codes::CONFLICT, "{m}");
+    assert!(m.contains("only a running or paused vm"), "{m}");
+
+    // Removed: its files go, the VM stays.
+    let gone = c.snapshot_rm("sn".into(), "one".into()).await.unwrap();
+    assert_eq!(gone.name, "one");
+    assert!(!snap_dir.exists());
+    assert_eq!(c.snapshot_list(Some("sn".into())).await.unwrap().len(), 1);
+    // A VM's snapshots go with it.
+    let theirs_dir = std::path::PathBuf::from(&theirs.dir);
+    VmRpcClient::delete(&c, "other".into(), true).await.unwrap();
+    assert!(!theirs_dir.exists());
+    assert_eq!(c.snapshot_list(None).await.unwrap().len(), 1);
+    VmRpcClient::delete(&c, "sn".into(), true).await.unwrap();
+    assert!(!dir.exists());
+    drop(c);
+    d.shutdown().await;
+}
+
+/// A snapshot whose save fails (Firecracker refuses `PUT /snapshot/create`) leaves the VM
+/// running under the same VMM, resumed, with no snapshot recorded and no files left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_snapshot_leaves_the_vm_running_and_nothing_kept() {
+    let (d, c, _files) = setup_with(
+        Some("/snapshot/create:400:Create snapshot error: Cannot save the microVM state: disk quota exceeded"),
+        0,
+    )
+    .await;
+    create(
+        &c,
+        CreateVm {
+            name: Some("fs".into()),
+            image: Some("img".into()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let before = VmRpcClient::show(&c, "fs".into()).await.unwrap();
+    let (code_, m) = message(c.snapshot_create("fs".into(), None).await.unwrap_err());
+    assert!(
+        m.contains("disk quota exceeded") && m.contains("runs on"),
+        "{code_} {m}"
+    );
+    let after = VmRpcClient::show(&c, "fs".into()).await.unwrap();
+    assert_eq!((after.state, after.pid), (VmState::Running, before.pid));
+    assert_eq!(instance_state(&after).await, "Running", "resumed");
+    assert!(after.snapshots.is_empty());
+    let snaps = std::path::Path::new(&after.dir).join("snapshots");
+    let left: Vec<_> = std::fs::read_dir(&snaps)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
     drop(c);
     d.shutdown().await;
 }

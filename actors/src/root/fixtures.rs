@@ -98,6 +98,7 @@ pub(super) fn stored_vm(id: &str, name: &str, created_at: u64) -> crate::vm::mod
         isolate: false,
         expires: None,
         spawned: None,
+        snapshots: Vec::new(),
         uid: None,
     }
 }

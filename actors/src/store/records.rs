@@ -608,6 +608,7 @@ mod tests {
             isolate: false,
             expires: None,
             spawned: None,
+            snapshots: Vec::new(),
         }
     }
 

@@ -167,6 +167,7 @@ mod tests {
             isolate: false,
             expires: None,
             saved_bytes: None,
+            snapshots: Vec::new(),
             egress_dropped: None,
             dns_refused: None,
         };

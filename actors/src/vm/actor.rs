@@ -18,7 +18,7 @@ use std::time::Duration;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::{broadcast, mpsc, watch};
 
-use banger_api::{LogEvent, Progress, SetVm, VmInfo, VmState, VmStats, codes};
+use banger_api::{LogEvent, Progress, SetVm, SnapshotInfo, VmInfo, VmState, VmStats, codes};
 use banger_error::error_chain;
 
 use super::cmdline::{self, CmdlineInputs};
@@ -27,6 +27,8 @@ use super::model::{self, Op, Runtime, VmRecord};
 use super::proc;
 use crate::store::{Store, StoreError, now_secs};
 use crate::vmm::{Driver, LaunchPlan, VmmConfig, VmmError};
+
+mod snapshots;
 
 /// What every VM actor shares.
 #[derive(Debug)]
@@ -113,6 +115,13 @@ pub enum VmError {
     NotFound(#[from] crate::not_found::NotFound),
     #[error("{0}")]
     Conflict(String),
+    /// A snapshot name the VM does not have; `elsewhere`: the VM that has one by that name.
+    #[error("vm {vm} has no snapshot named {name}{}; see `banger vm snapshot list {vm}`", elsewhere.as_ref().map(|o| format!(" (vm {o} has one: a vm rolls back only to its own snapshots)")).unwrap_or_default())]
+    NoSnapshot {
+        vm: String,
+        name: String,
+        elsewhere: Option<String>,
+    },
     #[error("{0}")]
     Invalid(String),
     #[error(transparent)]
@@ -178,7 +187,7 @@ pub enum VmError {
 impl VmError {
     pub fn code(&self) -> i32 {
         match self {
-            VmError::NotFound(_) => codes::NOT_FOUND,
+            VmError::NotFound(_) | VmError::NoSnapshot { .. } => codes::NOT_FOUND,
             VmError::Conflict(_) | VmError::StoppedWhileStarting(_) => codes::CONFLICT,
             VmError::Invalid(_) => codes::INVALID_ARGUMENT,
             VmError::Store(e) => e.code(),
@@ -250,6 +259,34 @@ pub enum VmMsg {
     Delete {
         force: bool,
         reply: Reply<VmInfo>,
+    },
+    /// `vm snapshot create` (see [`super::snapshot`]): named, or `snap-N`.
+    SnapshotCreate {
+        name: Option<String>,
+        reply: Reply<SnapshotInfo>,
+    },
+    /// `vm snapshot rm`, by name or id.
+    SnapshotRemove {
+        snapshot: String,
+        reply: Reply<SnapshotInfo>,
+    },
+    /// `vm rollback`: answered once the VM runs again from the snapshot.
+    Rollback {
+        snapshot: String,
+        reply: Reply<VmInfo>,
+    },
+    /// Internal: a snapshot's save and copies are done (or failed, the VM running on).
+    Snapshotted {
+        generation: u64,
+        result: Result<super::model::SnapshotRecord, VmError>,
+    },
+    /// Internal: a rollback's checks are done.
+    RollbackChecked {
+        result: Result<(), VmError>,
+    },
+    /// Internal: a rollback's files are in place (or could not be).
+    RollbackPrepared {
+        result: Result<(), VmError>,
     },
     Set {
         req: SetVm,
@@ -367,6 +404,10 @@ pub struct VmActorState {
     suspend_saved: bool,
     /// The start in progress restores saved state (a failure leaves the VM suspended).
     restoring: bool,
+    /// The caller of a snapshot being taken.
+    snapshotting: Option<Reply<SnapshotInfo>>,
+    /// A rollback in progress (see [`snapshots`]).
+    rollback: Option<snapshots::PendingRollback>,
     console: Console,
     /// Why the boot being ended failed (its start waiters get it once the VMM is gone).
     boot_failure: Option<VmError>,
@@ -478,7 +519,28 @@ impl VmActorState {
     }
 
     fn check(&self, op: Op) -> Result<(), VmError> {
+        if !matches!(op, Op::Kill | Op::Delete { force: true })
+            && let Some(why) = self.busy()
+        {
+            return Err(VmError::Conflict(why));
+        }
         Ok(model::check(&self.rec.name, self.rec.state, op)?)
+    }
+
+    /// Why the VM takes no other change now: a snapshot or a rollback is under way.
+    fn busy(&self) -> Option<String> {
+        let name = &self.rec.name;
+        if self.snapshotting.is_some() {
+            Some(format!(
+                "vm {name} is being snapshotted; try again once that is done"
+            ))
+        } else if self.rollback.is_some() {
+            Some(format!(
+                "vm {name} is being rolled back; try again once that is done"
+            ))
+        } else {
+            None
+        }
     }
 }
 
@@ -525,6 +587,11 @@ pub fn info_of(rec: &VmRecord, dir: &VmDir) -> VmInfo {
         adopting: false,
         expires: rec.expires,
         saved_bytes: (rec.state == VmState::Suspended).then(|| saved_bytes(&dir.saved_state())),
+        snapshots: rec
+            .snapshots
+            .iter()
+            .map(|s| super::snapshot::info(rec, dir, s))
+            .collect(),
     }
 }
 
@@ -974,6 +1041,9 @@ impl VmActor {
                 )))
             });
         }
+        if state.rollback.as_ref().is_some_and(|r| r.after_exit) {
+            Self::rollback_after_exit(myself, state);
+        }
         if let Some(reply) = state.delete_after_exit.take() {
             Self::delete_now(myself, state, reply).await?;
         }
@@ -1035,7 +1105,7 @@ impl VmActor {
                     source,
                 })?;
                 driver
-                    .save_state(&rt, &dir.run_dir(), &tmp)
+                    .save_state(&rt, &dir.run_dir(), &tmp, false)
                     .await
                     .map_err(|source| VmError::Save { vm: name, source })?;
                 die_at("mid-save");
@@ -1197,6 +1267,9 @@ impl VmActor {
     /// by the driver), and a stop, kill or delete queued behind it then sees the VM as it
     /// really is. The record follows only a VMM that said yes.
     async fn pause_resume(state: &mut VmActorState, op: Op) -> Result<VmInfo, VmError> {
+        if let Some(why) = state.busy() {
+            return Err(VmError::Conflict(why));
+        }
         let name = state.rec.name.clone();
         if model::transition(&name, state.rec.state, op)? == model::Transition::AlreadyThere {
             return Ok(state.info());
@@ -1346,6 +1419,8 @@ impl Actor for VmActor {
             suspend_waiter: None,
             suspend_saved: false,
             restoring: false,
+            snapshotting: None,
+            rollback: None,
             boot_failure: None,
             console: Console {
                 tx: Arc::new(std::sync::OnceLock::new()),
@@ -1379,6 +1454,7 @@ impl Actor for VmActor {
             }
         }
         let _done = Done(adoption.adopting);
+        let snapshot_cut = Self::sweep_snapshots(state).await;
         let _permit = match model::is_active(state.rec.state) {
             true => Some(adoption.permits.acquire_owned().await?),
             false => None,
@@ -1407,6 +1483,9 @@ impl Actor for VmActor {
                     }
                 }
                 state.rec.state = Self::adopted_state(state).await;
+                if snapshot_cut {
+                    Self::resume_cut_snapshot(state, stored.state).await;
+                }
                 state.published.rebind_all(&mut state.rec.publish).await;
                 let sock = state.rec.runtime.as_ref().map(|r| r.vsock_socket.clone());
                 state.published.set_target(sock.map(PathBuf::from));
@@ -1886,6 +1965,24 @@ impl Actor for VmActor {
                     return Ok(());
                 }
                 Self::delete_now(&myself, state, reply).await?;
+            }
+            VmMsg::SnapshotCreate { name, reply } => {
+                Self::begin_snapshot(&myself, state, name, reply);
+            }
+            VmMsg::Snapshotted { generation, result } => {
+                Self::on_snapshotted(state, generation, result).await;
+            }
+            VmMsg::SnapshotRemove { snapshot, reply } => {
+                let _ = reply.send(Self::remove_snapshot(state, &snapshot).await);
+            }
+            VmMsg::Rollback { snapshot, reply } => {
+                Self::begin_rollback(&myself, state, &snapshot, reply);
+            }
+            VmMsg::RollbackChecked { result } => {
+                Self::on_rollback_checked(&myself, state, result).await;
+            }
+            VmMsg::RollbackPrepared { result } => {
+                Self::on_rollback_prepared(&myself, state, result).await;
             }
             VmMsg::Expired { at } => {
                 let Some(expiry) = state.rec.expires.filter(|e| e.at == at) else {

@@ -72,6 +72,14 @@ impl VmDir {
     pub fn saved_state_tmp(&self) -> PathBuf {
         self.dir.join("state.tmp")
     }
+    /// The VM's named snapshots (`vm snapshot create`), one directory each, named by the
+    /// snapshot's id (see [`super::snapshot`]).
+    pub fn snapshots(&self) -> PathBuf {
+        self.dir.join("snapshots")
+    }
+    pub fn snapshot(&self, id: &str) -> PathBuf {
+        self.snapshots().join(id)
+    }
     /// Runtime files (sockets, pid files) live in `run/`, emptied on every start.
     pub fn run_dir(&self) -> PathBuf {
         self.dir.join("run")
@@ -220,13 +228,72 @@ pub fn allocated(path: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-/// Remove everything of a VM. Blocking.
+/// Copy `from` to a new file `to` (mode `mode`) of the same length, copying only its
+/// data: the holes of a sparse file (a VM disk, a saved memory file) are found with
+/// `SEEK_DATA`/`SEEK_HOLE` and stay holes, and each data extent is copied in the kernel
+/// with `copy_file_range` (a reflink where the filesystem shares extents, an in-kernel
+/// copy otherwise). Never reads a hole. Blocking. Returns the bytes of data copied. A
+/// failed copy removes `to`.
+pub fn copy_sparse(from: &Path, to: &Path, mode: u32) -> std::io::Result<u64> {
+    use nix::unistd::{Whence, lseek};
+    use std::os::unix::fs::OpenOptionsExt;
+    let src = std::fs::File::open(from)?;
+    let len = src.metadata()?.len();
+    let dst = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(to)?;
+    let copy = || -> std::io::Result<u64> {
+        dst.set_len(len)?;
+        let (mut copied, mut pos) = (0u64, 0i64);
+        let end = len as i64;
+        while pos < end {
+            let data = match lseek(&src, pos, Whence::SeekData) {
+                Ok(d) => d,
+                // No data after pos: the rest is a hole.
+                Err(nix::errno::Errno::ENXIO) => break,
+                Err(e) => return Err(e.into()),
+            };
+            let hole = lseek(&src, data, Whence::SeekHole)?.min(end);
+            let (mut off_in, mut off_out) = (data, data);
+            while off_in < hole {
+                let want = usize::try_from(hole - off_in)
+                    .unwrap_or(usize::MAX)
+                    .min(1 << 30);
+                let n = nix::fcntl::copy_file_range(
+                    &src,
+                    Some(&mut off_in),
+                    &dst,
+                    Some(&mut off_out),
+                    want,
+                )?;
+                if n == 0 {
+                    // The source shrank under us.
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!("{} changed while it was copied", from.display()),
+                    ));
+                }
+                copied += n as u64;
+            }
+            pos = hole;
+        }
+        dst.sync_all()?;
+        Ok(copied)
+    };
+    copy().inspect_err(|_| {
+        let _ = std::fs::remove_file(to);
+    })
+}
+
 /// Bytes free for an unprivileged writer on the filesystem of `path`.
 pub fn free_bytes(path: &Path) -> std::io::Result<u64> {
     let s = nix::sys::statvfs::statvfs(path).map_err(std::io::Error::from)?;
     Ok(s.blocks_available() as u64 * s.fragment_size() as u64)
 }
 
+/// Remove everything of a VM. Blocking.
 pub fn remove(vm: &VmDir) -> Result<(), DiskError> {
     match std::fs::remove_dir_all(&vm.dir) {
         Ok(()) => Ok(()),
@@ -245,6 +312,44 @@ mod tests {
     fn label(path: &Path) -> String {
         let out = Command::new("e2label").arg(path).output().unwrap();
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    #[test]
+    fn a_sparse_copy_keeps_the_data_the_holes_and_the_length() {
+        use std::io::{Seek, SeekFrom, Write};
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let (from, to) = (tmp.path().join("a"), tmp.path().join("b"));
+        let mut f = std::fs::File::create(&from).unwrap();
+        f.set_len(64 << 20).unwrap();
+        f.write_all(b"head").unwrap();
+        f.seek(SeekFrom::Start(32 << 20)).unwrap();
+        f.write_all(&[7u8; 8192]).unwrap();
+        f.seek(SeekFrom::Start((64 << 20) - 3)).unwrap();
+        f.write_all(b"end").unwrap();
+        drop(f);
+        let copied = copy_sparse(&from, &to, 0o600).unwrap();
+        assert_eq!(std::fs::read(&from).unwrap(), std::fs::read(&to).unwrap());
+        // Only the extents with data: 3 of them, each at most a few blocks.
+        assert!(
+            (4 + 8192 + 3..=3 * (64 << 10)).contains(&copied),
+            "{copied}"
+        );
+        assert!(allocated(&to) <= 1 << 20, "{}", allocated(&to));
+        let meta = std::fs::metadata(&to).unwrap();
+        assert_eq!(meta.len(), 64 << 20);
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        // A file with no data at all: all hole.
+        let (empty, empty_copy) = (tmp.path().join("e"), tmp.path().join("f"));
+        std::fs::File::create(&empty)
+            .unwrap()
+            .set_len(1 << 30)
+            .unwrap();
+        assert_eq!(copy_sparse(&empty, &empty_copy, 0o600).unwrap(), 0);
+        assert_eq!(std::fs::metadata(&empty_copy).unwrap().len(), 1 << 30);
+        // An existing target is refused, not overwritten.
+        assert!(copy_sparse(&from, &to, 0o600).is_err());
+        assert_eq!(std::fs::read(&from).unwrap(), std::fs::read(&to).unwrap());
     }
 
     #[test]

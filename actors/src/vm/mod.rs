@@ -8,6 +8,7 @@ pub mod model;
 pub mod orphans;
 pub mod proc;
 pub mod publish;
+pub mod snapshot;
 pub mod spec;
 pub mod sshkey;
 pub mod watch;

@@ -77,6 +77,29 @@ pub struct VmRecord {
     /// (`vm::orphans`) looks for a process whose pid was never stored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spawned: Option<(i32, u64)>,
+    /// The VM's named snapshots, oldest first (see `vm::snapshot`): each a directory under
+    /// the VM's, gone with it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<SnapshotRecord>,
+}
+
+/// A named snapshot of a VM as stored: what `vm rollback` checks before it restores one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    /// 12 hex digits, its directory's name.
+    pub id: String,
+    pub name: String,
+    pub created_at: u64,
+    pub vmm: VmmKind,
+    /// The VMM's `--version` line when it was taken.
+    pub vmm_version: String,
+    /// `<name>@<registered_at>` of the VM's image and kernel.
+    pub image: String,
+    pub kernel: String,
+    pub spec: VmSpec,
+    /// Each file (its path under the snapshot's directory) with its length: a snapshot
+    /// whose files are gone or truncated is refused before anything is changed.
+    pub files: Vec<(String, u64)>,
 }
 
 fn is_subnet(e: &banger_api::Egress) -> bool {

@@ -290,6 +290,7 @@ mod tests {
             isolate: false,
             expires: None,
             spawned: None,
+            snapshots: Vec::new(),
         };
         let left = orphans(&[rec], found);
         assert_eq!(

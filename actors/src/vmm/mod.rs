@@ -129,16 +129,46 @@ impl Driver {
     /// caller made, on the VM's filesystem), leaving its vCPUs stopped: the caller then
     /// ends the VMM (`vm suspend`) or [`Self::resume`]s it (a failed save; a snapshot).
     /// `run_dir`: the VM's run directory (Firecracker's save files are made there at
-    /// launch, see [`firecracker::save_state`]).
+    /// launch, see [`firecracker::save_state`]). `run_on`: the VMM goes on running after
+    /// the save (a snapshot), so what it saved into must stay its own.
     pub async fn save_state(
         &self,
         rt: &Runtime,
         run_dir: &std::path::Path,
         dir: &std::path::Path,
+        run_on: bool,
     ) -> Result<(), VmmError> {
         match self {
-            Driver::Firecracker(_) => firecracker::save_state(rt, run_dir, dir).await,
+            Driver::Firecracker(_) => firecracker::save_state(rt, run_dir, dir, run_on).await,
             Driver::Qemu(_) => qemu::save_state(rt, dir).await,
+        }
+    }
+
+    /// The first line of the VMM's `--version` (`QEMU emulator version 10.0.2 (…)`,
+    /// `Firecracker v1.13.1`): a snapshot records it and restores only under the same.
+    pub async fn version(&self) -> Result<String, VmmError> {
+        let bin = match self {
+            Driver::Firecracker(c) => c.firecracker.clone(),
+            Driver::Qemu(c) => c.qemu.clone(),
+        };
+        let out = tokio::process::Command::new(&bin)
+            .arg("--version")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .await
+            .map_err(|source| VmmError::Io {
+                what: format!("{} --version", bin.display()),
+                source,
+            })?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        match text.lines().map(str::trim).find(|l| !l.is_empty()) {
+            Some(line) if out.status.success() => Ok(line.to_owned()),
+            _ => Err(VmmError::Setup(format!(
+                "{} --version said nothing ({}): {}",
+                bin.display(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))),
         }
     }
 

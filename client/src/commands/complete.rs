@@ -14,7 +14,8 @@
 //! for `vm run PATH` or `image register NAME ROOTFS`).
 //!
 //! zsh's script does the same through `compadd` (falling back to `_files`).
-//! (banger has no snapshot names yet: there is no snapshot API to ask.)
+//! Snapshot names (`vm rollback`, `vm snapshot show|rm`) are every VM's: the candidates do not
+//! depend on the VM named earlier on the line.
 
 use std::time::Duration;
 
@@ -32,6 +33,9 @@ pub enum Names {
     Vms,
     Images,
     Kernels,
+    /// The names of the VMs' snapshots (of every VM: the completion does not read which
+    /// VM the line names).
+    Snapshots,
 }
 
 /// `banger __complete <words…>`: print the candidates, one a line; never fails.
@@ -234,6 +238,7 @@ fn values_of(path: &[clap::Command], a: &clap::Arg) -> Want {
         "vm" | "vms" => Want::Names(Names::Vms),
         "image" => Want::Names(Names::Images),
         "kernel" => Want::Names(Names::Kernels),
+        "snapshot" | "snapshots" => Want::Names(Names::Snapshots),
         // VmmChoice parses from a string (no clap ValueEnum to list).
         "vmm" => Want::Static(["auto", "firecracker", "qemu"].map(String::from).to_vec()),
         // An existing image's or kernel's name (not a new one: register, pull, import).
@@ -269,6 +274,17 @@ async fn names(target: &Target, n: Names) -> Vec<String> {
                 .into_iter()
                 .map(|k| k.name)
                 .collect(),
+            Names::Snapshots => {
+                let mut all: Vec<String> = VmRpcClient::snapshot_list(&client, None)
+                    .await
+                    .ok()?
+                    .into_iter()
+                    .map(|s| s.name)
+                    .collect();
+                all.sort();
+                all.dedup();
+                all
+            }
         })
     })
     .await
@@ -317,6 +333,25 @@ mod tests {
         assert_eq!(want(&["vm", "resume", ""]), Want::Names(Names::Vms));
         assert_eq!(want(&["suspend", "a", ""]), Want::Names(Names::Vms));
         assert_eq!(want(&["vm", "suspend", ""]), Want::Names(Names::Vms));
+        assert_eq!(want(&["vm", "rollback", ""]), Want::Names(Names::Vms));
+        assert_eq!(
+            want(&["vm", "rollback", "a", ""]),
+            Want::Names(Names::Snapshots)
+        );
+        assert_eq!(
+            want(&["vm", "snapshot", "rm", "a", "s1", ""]),
+            Want::Names(Names::Snapshots)
+        );
+        assert_eq!(
+            want(&["vm", "snapshot", "show", "a", ""]),
+            Want::Names(Names::Snapshots)
+        );
+        assert_eq!(
+            want(&["vm", "snapshot", "create", ""]),
+            Want::Names(Names::Vms)
+        );
+        // A new snapshot's name is the user's.
+        assert_eq!(want(&["vm", "snapshot", "create", "a", ""]), Want::Nothing);
         assert_eq!(want(&["exec", ""]), Want::Names(Names::Vms));
         assert_eq!(want(&["exec", "dev", ""]), Want::Nothing);
         assert_eq!(want(&["logs", "--tail", "3", ""]), Want::Names(Names::Vms));

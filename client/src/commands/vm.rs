@@ -401,6 +401,14 @@ fn print_vm(v: &VmInfo) {
             self::bytes(bytes)
         );
     }
+    if !v.snapshots.is_empty() {
+        let names: Vec<String> = v
+            .snapshots
+            .iter()
+            .map(|s| format!("{} ({})", s.name, bytes(s.bytes)))
+            .collect();
+        outln!("snapshots: {}", names.join(", "));
+    }
     if let Some(pid) = v.pid {
         outln!("pid:      {pid}");
     }
@@ -486,6 +494,129 @@ async fn port(client: &jsonrpsee::async_client::Client, cmd: PortCmd) -> Result<
         }
     }
     Ok(exit::OK)
+}
+
+/// `vm snapshot …`.
+async fn snapshot(
+    client: &jsonrpsee::async_client::Client,
+    cmd: crate::cli::SnapshotCmd,
+) -> Result<u8, CliError> {
+    use crate::cli::SnapshotCmd;
+    match cmd {
+        SnapshotCmd::Create { vm, name, json } => {
+            let vm = resolve(client, vm).await?;
+            let t0 = Instant::now();
+            let s = client.snapshot_create(vm, name).await?;
+            if json {
+                render::json(&s)?;
+            } else {
+                eprintln!(
+                    "{} has snapshot {} ({} on disk, {:.1}s)",
+                    s.vm,
+                    s.name,
+                    bytes(s.bytes),
+                    t0.elapsed().as_secs_f64()
+                );
+            }
+        }
+        SnapshotCmd::List { vm, json } => {
+            let vm = match vm {
+                Some(vm) => Some(resolve(client, vm).await?),
+                None => None,
+            };
+            let all = client.snapshot_list(vm).await?;
+            if json {
+                render::json(&all)?;
+            } else {
+                out!("{}", snapshot_table(&all, now_secs()));
+            }
+        }
+        SnapshotCmd::Show { vm, snapshot, json } => {
+            let vm = resolve(client, vm).await?;
+            let info = client.show(vm.clone()).await?;
+            let Some(s) = info
+                .snapshots
+                .iter()
+                .find(|s| s.name == snapshot)
+                .or_else(|| info.snapshots.iter().find(|s| s.id == snapshot))
+            else {
+                return Err(CliError::Rpc {
+                    code: banger_api::codes::NOT_FOUND,
+                    message: format!(
+                        "vm {vm} has no snapshot named {snapshot}; see `banger vm snapshot list {vm}`"
+                    ),
+                });
+            };
+            if json {
+                render::json(s)?;
+            } else {
+                outln!("name:     {}", s.name);
+                outln!("id:       {}", s.id);
+                outln!("vm:       {}", s.vm);
+                outln!(
+                    "created:  {} ago",
+                    render::duration(now_secs().saturating_sub(s.created_at))
+                );
+                outln!("size:     {} on disk", bytes(s.bytes));
+                outln!("vmm:      {} ({})", s.vmm.as_str(), s.vmm_version);
+                outln!("image:    {}", s.image);
+                outln!("kernel:   {}", s.kernel);
+                outln!(
+                    "spec:     {} vCPU, {} memory, {} work disk",
+                    s.spec.vcpu,
+                    bytes(u64::from(s.spec.memory_mib) << 20),
+                    bytes(s.spec.disk_bytes)
+                );
+                outln!("dir:      {}", s.dir);
+            }
+        }
+        SnapshotCmd::Rm {
+            vm,
+            snapshots,
+            json,
+        } => {
+            let vm = resolve(client, vm).await?;
+            let mut done = Vec::new();
+            let (c, v) = (client, &vm);
+            let status = each(
+                snapshots,
+                |s| async move { Ok(c.snapshot_rm(v.clone(), s).await?) },
+                |s| {
+                    if !json {
+                        eprintln!("removed snapshot {} of {}", s.name, s.vm);
+                    }
+                    done.push(s)
+                },
+            )
+            .await;
+            if json {
+                render::json(&done)?;
+            }
+            return Ok(status);
+        }
+    }
+    Ok(exit::OK)
+}
+
+/// `vm snapshot list`'s table.
+fn snapshot_table(all: &[banger_api::SnapshotInfo], now: u64) -> String {
+    let rows: Vec<Vec<String>> = all
+        .iter()
+        .map(|s| {
+            vec![
+                s.vm.clone(),
+                s.name.clone(),
+                s.id.clone(),
+                format!("{} ago", render::duration(now.saturating_sub(s.created_at))),
+                bytes(s.bytes),
+            ]
+        })
+        .collect();
+    render::table(
+        &["VM", "NAME", "ID", "CREATED", "SIZE"],
+        &[false, false, false, false, true],
+        &rows,
+    )
 }
 
 /// `vm pause|resume`: each VM in turn, every failure reported.
@@ -882,6 +1013,22 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
         }
         VmCmd::Cp(a) => return super::cp::run(&client, &a.src, &a.dst).await,
         VmCmd::Port(cmd) => return port(&client, cmd).await,
+        VmCmd::Snapshot(cmd) => return snapshot(&client, cmd).await,
+        VmCmd::Rollback { vm, snapshot, json } => {
+            let vm = resolve(&client, vm).await?;
+            let t0 = Instant::now();
+            let info = client.rollback(vm, snapshot.clone()).await?;
+            if json {
+                render::json(&info)?;
+            } else {
+                eprintln!(
+                    "{} is back at snapshot {snapshot} and {} ({:.1}s)",
+                    info.name,
+                    info.state.as_str(),
+                    t0.elapsed().as_secs_f64()
+                );
+            }
+        }
         VmCmd::Ports { vm, json } => {
             let vm = resolve(&client, vm).await?;
             let ports = client.ports(vm).await?;
@@ -1003,6 +1150,7 @@ mod tests {
             adopting: false,
             expires: None,
             saved_bytes: None,
+            snapshots: Vec::new(),
         }
     }
 

@@ -335,6 +335,35 @@ pub struct VmInfo {
     /// bytes; the memory file is sparse), freed by `vm start` or `vm stop`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub saved_bytes: Option<u64>,
+    /// The VM's snapshots (`vm snapshot create`), oldest first. Empty from daemons that
+    /// predate them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<SnapshotInfo>,
+}
+
+/// A named snapshot of a VM (`vm snapshot create`): its memory and device state and a
+/// copy of its disks at one moment, to which `vm rollback` returns it. A snapshot belongs
+/// to its VM and is deleted with it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    pub id: String,
+    pub name: String,
+    /// The VM's name.
+    pub vm: String,
+    pub created_at: u64,
+    pub vmm: VmmKind,
+    /// The VMM's `--version` line when the snapshot was taken: a snapshot restores only
+    /// under the same one.
+    pub vmm_version: String,
+    /// The image and kernel as `<name>@<registered_at>`.
+    pub image: String,
+    pub kernel: String,
+    /// The VM's size when the snapshot was taken: its memory state is for that size.
+    pub spec: VmSpec,
+    /// Disk space the snapshot takes (allocated bytes).
+    pub bytes: u64,
+    /// The snapshot's directory.
+    pub dir: String,
 }
 
 /// Host-side figures of a VM (`vm.stats`); guest figures come from the agent.
@@ -513,6 +542,41 @@ mod rpc {
             vm: String,
             port: String,
         ) -> jsonrpsee::core::RpcResult<Vec<crate::PublishedPort>>;
+
+        /// Snapshot a running or paused VM under `name` (generated when None): it is
+        /// paused while its memory and device state are saved and its disks copied, then
+        /// runs on as it was.
+        #[method(name = "snapshot_create")]
+        async fn snapshot_create(
+            &self,
+            vm: String,
+            name: Option<String>,
+        ) -> jsonrpsee::core::RpcResult<SnapshotInfo>;
+
+        /// The snapshots of `vm`, or of every VM when None, oldest first.
+        #[method(name = "snapshot_list")]
+        async fn snapshot_list(
+            &self,
+            vm: Option<String>,
+        ) -> jsonrpsee::core::RpcResult<Vec<SnapshotInfo>>;
+
+        /// Delete a snapshot of `vm` (by name or id); answers what was deleted.
+        #[method(name = "snapshot_rm")]
+        async fn snapshot_rm(
+            &self,
+            vm: String,
+            snapshot: String,
+        ) -> jsonrpsee::core::RpcResult<SnapshotInfo>;
+
+        /// Put `vm` back to its snapshot `snapshot`, memory included: its VMM (if any) is
+        /// ended, its disks replaced by the snapshot's and its state restored; answers
+        /// the VM once its guest runs again.
+        #[method(name = "rollback")]
+        async fn rollback(
+            &self,
+            vm: String,
+            snapshot: String,
+        ) -> jsonrpsee::core::RpcResult<VmInfo>;
 
         /// The VM's published ports.
         #[method(name = "port_list")]

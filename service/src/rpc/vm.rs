@@ -13,14 +13,38 @@ use banger_actors::vm::actor::{VmError, VmMsg};
 use banger_actors::vm::proc::parse_signal;
 use banger_actors::vm::publish::{PortAnswer, PortOp};
 use banger_api::{
-    CreateVm, LogEvent, Progress, Pruned, SetVm, SpecDefaults, VmInfo, VmRpcServer, VmState,
-    VmStats,
+    CreateVm, LogEvent, Progress, Pruned, SetVm, SnapshotInfo, SpecDefaults, VmInfo, VmRpcServer,
+    VmState, VmStats,
 };
 
 use super::{Ctx, RpcError};
 
 struct VmApi {
     ctx: Arc<Ctx>,
+}
+
+impl VmApi {
+    /// A snapshot the VM does not have: say which VM has one by that name, if any (a
+    /// rollback to another VM's snapshot is the likely mistake).
+    async fn elsewhere<T>(&self, answer: Result<T, TreeError>, asked: &str) -> Result<T, RpcError> {
+        match answer {
+            Err(TreeError::Vm(VmError::NoSnapshot { vm, name, .. })) => {
+                let vms = self.ctx.tree.list_vms().await.unwrap_or_default();
+                let elsewhere = vms
+                    .into_iter()
+                    .find(|v| {
+                        v.name != vm && v.snapshots.iter().any(|s| s.name == asked || s.id == asked)
+                    })
+                    .map(|v| v.name);
+                Err(RpcError::from(TreeError::Vm(VmError::NoSnapshot {
+                    vm,
+                    name,
+                    elsewhere,
+                })))
+            }
+            other => other.map_err(RpcError::from),
+        }
+    }
 }
 
 pub(super) fn into_rpc(ctx: Arc<Ctx>) -> RpcModule<impl Send + Sync + 'static> {
@@ -330,6 +354,47 @@ impl VmRpcServer for VmApi {
             PortAnswer::Added(p) => Ok(p),
             _ => Err(RpcError::from(TreeError::Call("vm")).into()),
         }
+    }
+
+    #[tracing::instrument(skip(self))]
+    async fn snapshot_create(&self, vm: String, name: Option<String>) -> RpcResult<SnapshotInfo> {
+        Ok(self
+            .ctx
+            .tree
+            .ask_vm(&vm, |reply| VmMsg::SnapshotCreate { name, reply })
+            .await
+            .map_err(RpcError::from)?)
+    }
+
+    async fn snapshot_list(&self, vm: Option<String>) -> RpcResult<Vec<SnapshotInfo>> {
+        let tree = &self.ctx.tree;
+        let vms = match vm {
+            Some(vm) => vec![tree.show_vm(&vm).await.map_err(RpcError::from)?],
+            None => tree.list_vms().await.map_err(RpcError::from)?,
+        };
+        Ok(vms.into_iter().flat_map(|v| v.snapshots).collect())
+    }
+
+    #[tracing::instrument(skip(self))]
+    async fn snapshot_rm(&self, vm: String, snapshot: String) -> RpcResult<SnapshotInfo> {
+        let asked = snapshot.clone();
+        let answer = self
+            .ctx
+            .tree
+            .ask_vm(&vm, |reply| VmMsg::SnapshotRemove { snapshot, reply })
+            .await;
+        Ok(self.elsewhere(answer, &asked).await?)
+    }
+
+    #[tracing::instrument(skip(self))]
+    async fn rollback(&self, vm: String, snapshot: String) -> RpcResult<VmInfo> {
+        let asked = snapshot.clone();
+        let answer = self
+            .ctx
+            .tree
+            .ask_vm(&vm, |reply| VmMsg::Rollback { snapshot, reply })
+            .await;
+        Ok(self.elsewhere(answer, &asked).await?)
     }
 
     #[tracing::instrument(skip(self))]

@@ -45,8 +45,11 @@ pub fn double_bin() -> PathBuf {
 /// What `firecracker` is in a fixture.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Exec {
-    /// An empty file: only the exec file the jailer (the double) copies into each jail.
-    Empty,
+    /// A small script that runs the double as Firecracker (so `firecracker --version`
+    /// answers, as bangerd asks it for a snapshot's VMM version): only the exec file the
+    /// jailer (the double) copies into each jail, which is why it is not the double
+    /// itself (150 MB a jail).
+    Script,
     /// The double itself under Firecracker's release name (a hard link, else a copy): what
     /// runs when there is no jailer.
     Double,
@@ -76,7 +79,16 @@ impl Files {
         .unwrap();
         let versioned = dir.join(EXEC_NAME);
         match exec {
-            Exec::Empty => std::fs::write(&versioned, b"").unwrap(),
+            Exec::Script => {
+                use std::os::unix::fs::PermissionsExt;
+                let script = format!(
+                    "#!/bin/bash\nexec -a firecracker '{}' \"$@\"\n",
+                    double_bin().display()
+                );
+                std::fs::write(&versioned, script).unwrap();
+                std::fs::set_permissions(&versioned, std::fs::Permissions::from_mode(0o755))
+                    .unwrap();
+            }
             Exec::Double => {
                 if std::fs::hard_link(double_bin(), &versioned).is_err() {
                     std::fs::copy(double_bin(), &versioned).unwrap();

@@ -46,7 +46,7 @@
 #[cfg(feature = "test-double")]
 pub mod double;
 
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -362,10 +362,16 @@ pub fn restore_sequence(plan: &LaunchPlan) -> Vec<(&'static str, String, Value)>
 
 /// Save a running VM (`vm suspend`): pause it, `PUT /snapshot/create` (a full snapshot)
 /// into the files [`prepare_jail`] linked into the jail, then move those from the VM's
-/// `run_dir` into `dir`. They are moved, never read: jailed, they are the VM uid's until
-/// the helper cleans the jail and gives them back to the owner. The VM stays paused; the
-/// caller ends it (or resumes it after a failure).
-pub async fn save_state(rt: &Runtime, run_dir: &Path, dir: &Path) -> Result<(), VmmError> {
+/// `run_dir` into `dir` (a suspend: the VMM is ended next), or copy them when it `run_on`
+/// (a snapshot: its next save truncates the same files). Jailed, they stay the owner's
+/// and the VM's group writes them (`jail::SAVED`), so bangerd can read them without root.
+/// The VM stays paused; the caller ends it, or resumes it (a snapshot, a failure).
+pub async fn save_state(
+    rt: &Runtime,
+    run_dir: &Path,
+    dir: &Path,
+    run_on: bool,
+) -> Result<(), VmmError> {
     set_paused(rt, true).await?;
     let mut api = Api::connect(Path::new(&rt.control_socket)).await?;
     api.call(
@@ -379,9 +385,27 @@ pub async fn save_state(rt: &Runtime, run_dir: &Path, dir: &Path) -> Result<(), 
     )
     .await?;
     for name in [SAVE_STATE, SAVE_MEMORY] {
-        std::fs::rename(run_dir.join(name), dir.join(name)).map_err(|e| {
+        let (from, to) = (run_dir.join(name), dir.join(name));
+        // A VMM that runs on saves into the same jailed files next time (they are hard
+        // links in its jail, truncated by each save): copy, so this save stays as it is.
+        // One that ends is done with them: move.
+        let moved = if run_on {
+            let (f, t) = (from.clone(), to.clone());
+            tokio::task::spawn_blocking(move || {
+                crate::vm::disks::copy_sparse(&f, &t, 0o600).map(drop)
+            })
+            .await
+            .expect("a copy does not panic")
+        } else {
+            // Private again: jailed, the VM's group could write it (`jail::SAVED`).
+            std::fs::rename(&from, &to).and_then(|()| {
+                std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600))
+            })
+        };
+        moved.map_err(|e| {
             setup(format!(
-                "cannot move the saved {name} into {}: {e}",
+                "cannot {} the saved {name} into {}: {e}",
+                if run_on { "copy" } else { "move" },
                 dir.display()
             ))
         })?;

@@ -83,6 +83,10 @@ fn run_alone(
     faults: &[process::Fault],
     options: double::Options,
 ) -> Result<u8, process::ProcessError> {
+    if let Some(text) = process::firecracker_version(args) {
+        print!("{text}");
+        return Ok(0);
+    }
     let cwd = std::env::current_dir().map_err(process::ProcessError::Console)?;
     let jail = process::firecracker_alone(args, &cwd)?;
     serve(&jail, faults, options)
