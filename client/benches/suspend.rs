@@ -2,7 +2,8 @@
 //! start` of a stopped VM (a boot, to agent-ready: `vm start` answers once the agent
 //! does) and `vm start` of a suspended one (a restore, to agent-ready), interleaved, with
 //! the ratio (the target: a restore at most a tenth of a boot). Also `vm suspend`'s
-//! time and the saved state's allocated size.
+//! time and the saved state's allocated size, and `vm snapshot create` (time, size) and
+//! `vm rollback` of the running guest with ~100 MiB in use, against the same cold boot.
 //!
 //! Needs root, the test rig (`scripts/rig/setup.sh`) and the static guest binaries
 //! (`scripts/build-guest.sh`), like `client/tests/vm_qemu.rs`; the guest runs under
@@ -201,5 +202,45 @@ fn main() {
     println!(
         "  restore / cold boot            {:8.3}  (target <= 0.100)",
         r.as_secs_f64() / c.as_secs_f64()
+    );
+
+    // Named snapshots of the running guest with ~100 MiB in use (a tmpfs file of random
+    // bytes), and rollbacks to one: against the cold boot above, what a user without
+    // snapshots would do to get a clean machine back.
+    home.ok(&["vm", "start", "bench"]);
+    home.ok(&[
+        "vm",
+        "exec",
+        "bench",
+        "--",
+        "sh",
+        "-c",
+        "mkdir -p /run/fill && head -c 100M /dev/urandom > /run/fill/f",
+    ]);
+    let (mut snap, mut rollback, mut bytes) = (vec![], vec![], 0u64);
+    for i in 0..runs {
+        let name = format!("s{i}");
+        let t0 = Instant::now();
+        let out = home.ok(&["vm", "snapshot", "create", "bench", &name, "--json"]);
+        snap.push(t0.elapsed());
+        bytes = serde_json::from_str::<serde_json::Value>(&out).unwrap()["bytes"]
+            .as_u64()
+            .unwrap();
+        rollback.push(timed(&home, &["vm", "rollback", "bench", &name]));
+    }
+    let (sn, rb) = (median(snap), median(rollback));
+    println!("snapshots of the running 512 MiB guest, ~100 MiB in a tmpfs, {runs} runs (medians):");
+    println!(
+        "  vm snapshot create             {:8.3} s",
+        sn.as_secs_f64()
+    );
+    println!("  snapshot allocated             {:8} MiB", bytes >> 20);
+    println!(
+        "  vm rollback to agent-ready     {:8.3} s",
+        rb.as_secs_f64()
+    );
+    println!(
+        "  rollback / cold boot           {:8.3}",
+        rb.as_secs_f64() / c.as_secs_f64()
     );
 }

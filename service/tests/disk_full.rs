@@ -317,3 +317,55 @@ async fn root_a_pull_on_a_full_disk_leaves_nothing_and_says_so() {
     drop(c);
     d.shutdown().await;
 }
+
+/// A snapshot that would not fit (a 128 MiB guest, a 64 MiB filesystem): refused before
+/// anything is saved, saying how much it needs and what to do; the VM runs on, unpaused,
+/// and no snapshot file is left. (The check: the double's memory file is sparse, so the
+/// save itself would have "fit" and left a snapshot that cannot be whole.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_a_snapshot_that_does_not_fit_is_refused_and_the_vm_runs_on() {
+    let fs = Tmpfs::mount("64m");
+    let (d, c, _files) = setup(&fs).await;
+    let mut sub = c
+        .create(CreateVm {
+            name: Some("big".into()),
+            image: Some("img".into()),
+            memory_mib: Some(128),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    while let Some(ev) = sub.next().await {
+        match ev.unwrap() {
+            Progress::Done { .. } => break,
+            Progress::Failed { message, .. } => panic!("{message}"),
+            _ => {}
+        }
+    }
+    drop(sub);
+    let before = VmRpcClient::show(&c, "big".into()).await.unwrap();
+    let e = c.snapshot_create("big".into(), None).await.unwrap_err();
+    let jsonrpsee::core::client::Error::Call(o) = e else {
+        panic!("{e:?}")
+    };
+    assert_eq!(o.code(), codes::CONFLICT, "{}", o.message());
+    assert!(
+        o.message()
+            .contains("not enough disk space to snapshot vm big")
+            && o.message().contains("snapshot rm"),
+        "{}",
+        o.message()
+    );
+    let after = VmRpcClient::show(&c, "big".into()).await.unwrap();
+    assert_eq!(after.state, banger_api::VmState::Running);
+    assert_eq!(after.pid, before.pid);
+    assert!(after.snapshots.is_empty());
+    let left: Vec<_> = files_under(Path::new(&after.dir))
+        .into_iter()
+        .filter(|f| f.starts_with("snapshots"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    VmRpcClient::delete(&c, "big".into(), true).await.unwrap();
+    drop(c);
+    d.shutdown().await;
+}
