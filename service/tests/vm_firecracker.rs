@@ -735,6 +735,24 @@ fn api_socket(vm: &banger_api::VmInfo) -> std::path::PathBuf {
     vsock.with_file_name(banger_actors::vmm::firecracker::API_SOCK)
 }
 
+/// The VM once the daemon that just started has re-adopted it: until then `vm show`
+/// answers its stored record with `adopting` (the daemon serves before re-adoption), and
+/// the stored state is not what the VMM says (a VM resumed behind the daemon's back).
+async fn adopted(c: &Client, vm: &str) -> banger_api::VmInfo {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = VmRpcClient::show(c, vm.into()).await.unwrap();
+        if !v.adopting {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still adopting: {v:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// `GET /`'s `state`: what Firecracker itself says.
 async fn instance_state(vm: &banger_api::VmInfo) -> String {
     let mut api = banger_actors::vmm::firecracker::Api::connect(&api_socket(vm))
@@ -834,7 +852,7 @@ async fn pause_freezes_the_guest_through_patch_vm_survives_a_daemon_restart_and_
     drop(c);
     let d = d.restart().await;
     let c = d.client().await;
-    let again = VmRpcClient::show(&c, "pz".into()).await.unwrap();
+    let again = adopted(&c, "pz").await;
     assert_eq!((again.state, again.pid), (VmState::Paused, vm.pid));
 
     // Resumed behind the daemon's back while it is down: it takes Firecracker's word, not
@@ -854,7 +872,7 @@ async fn pause_freezes_the_guest_through_patch_vm_survives_a_daemon_restart_and_
     .unwrap();
     let d = support::TestDaemon::start_with(dir, config).await;
     let c = d.client().await;
-    let vm = VmRpcClient::show(&c, "pz".into()).await.unwrap();
+    let vm = adopted(&c, "pz").await;
     assert_eq!(vm.state, VmState::Running);
     agent_health(&vm).await.expect("the resumed guest answers");
 
