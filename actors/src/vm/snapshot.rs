@@ -251,12 +251,12 @@ pub fn mismatch(rec: &VmRecord, vm: &VmDir, s: &SnapshotRecord, now: &Current) -
 pub fn restore_files(vm: &VmDir, id: &str) -> std::io::Result<()> {
     let snap = vm.snapshot(id);
     let state_tmp = vm.saved_state_tmp();
-    for d in [vm.saved_state(), state_tmp.clone()] {
-        match std::fs::remove_dir_all(&d) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        }
-    }
+    let remove = |d: &Path| match std::fs::remove_dir_all(d) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    };
+    // A suspended VM's own saved state is replaced only once the copies are whole.
+    remove(&state_tmp)?;
     let staged: Vec<(PathBuf, PathBuf)> = DISKS
         .iter()
         .map(|d| (vm.dir.join(format!("{d}.rollback")), vm.dir.join(d)))
@@ -283,6 +283,7 @@ pub fn restore_files(vm: &VmDir, id: &str) -> std::io::Result<()> {
     for (tmp, disk) in &staged {
         std::fs::rename(tmp, disk)?;
     }
+    remove(&vm.saved_state())?;
     std::fs::rename(&state_tmp, vm.saved_state())
 }
 
@@ -389,11 +390,18 @@ mod tests {
         begin(&vm, "s1").unwrap();
         finish(&vm, "s1").unwrap();
         std::fs::write(vm.overlay(), b"overlay now").unwrap();
+        // Suspended: its own saved state must survive a rollback that fails.
+        std::fs::create_dir_all(vm.saved_state()).unwrap();
+        std::fs::write(vm.saved_state().join("vm.state"), b"its own").unwrap();
         // The snapshot's work disk is gone: the copy fails after the overlay's.
         std::fs::remove_file(vm.snapshot("s1").join("work.ext4")).unwrap();
         assert!(restore_files(&vm, "s1").is_err());
         assert_eq!(std::fs::read(vm.overlay()).unwrap(), b"overlay now");
-        assert!(!vm.saved_state().exists() && !vm.saved_state_tmp().exists());
+        assert_eq!(
+            std::fs::read(vm.saved_state().join("vm.state")).unwrap(),
+            b"its own"
+        );
+        assert!(!vm.saved_state_tmp().exists());
         let left: Vec<_> = std::fs::read_dir(&vm.dir)
             .unwrap()
             .flatten()
