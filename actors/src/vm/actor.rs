@@ -1064,9 +1064,7 @@ impl VmActor {
         let Some(rt) = state.rec.runtime.clone() else {
             return Err(VmError::Conflict(format!("vm {name} is not running")));
         };
-        // The state holds the guest's memory in use (zero pages are holes): at most its
-        // size, plus device state.
-        let need = (u64::from(state.rec.spec.memory_mib) << 20) + (16 << 20);
+        let need = super::snapshot::state_space(&state.rec);
         let free = disks::free_bytes(&state.dir.dir).map_err(|source| {
             VmError::Disk(DiskError::Io {
                 path: state.dir.dir.clone(),

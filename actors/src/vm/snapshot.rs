@@ -92,13 +92,17 @@ pub fn info(rec: &VmRecord, vm: &VmDir, s: &SnapshotRecord) -> SnapshotInfo {
     }
 }
 
-/// The disk space a snapshot of the VM may need: its memory (at most; zero pages are
-/// holes), the data of its disks, and room for device state.
+/// The disk space a VMM's save of the VM may need (a suspend's, a snapshot's `state/`):
+/// the guest's memory in use (zero pages are holes), so at most its size, plus device
+/// state.
+pub fn state_space(rec: &VmRecord) -> u64 {
+    (u64::from(rec.spec.memory_mib) << 20) + (16 << 20)
+}
+
+/// The disk space a snapshot of the VM may need: its [`state_space`] and the data of its
+/// disks.
 pub fn space_needed(rec: &VmRecord, vm: &VmDir) -> u64 {
-    (u64::from(rec.spec.memory_mib) << 20)
-        + disks::allocated(&vm.overlay())
-        + disks::allocated(&vm.work())
-        + (16 << 20)
+    state_space(rec) + disks::allocated(&vm.overlay()) + disks::allocated(&vm.work())
 }
 
 /// Make the snapshot's directory (as `<id>.tmp`) with its `state/` for the VMM to save

@@ -248,14 +248,10 @@ impl VmActor {
         let info = snapshot::info(&state.rec, &state.dir, &s);
         // The record first: a directory left by a removal that failed is swept at the
         // next re-adoption; a record without its files would be a snapshot that is not.
+        let before = state.rec.snapshots.clone();
         state.rec.snapshots.retain(|x| x.id != s.id);
         if let Err(e) = state.persist().await {
-            state.rec.snapshots = {
-                let mut all = state.rec.snapshots.clone();
-                all.push(s);
-                all.sort_by_key(|x| x.created_at);
-                all
-            };
+            state.rec.snapshots = before;
             return Err(e);
         }
         let (d, id) = (state.dir.clone(), s.id.clone());
