@@ -286,6 +286,31 @@ pub enum Request {
         unix_nanos: u64,
         entropy: Vec<u8>,
     },
+    /// Become another machine: a VM restored from another VM's saved state (a fork, a
+    /// create from a snapshot) runs that VM's guest, so before its network is attached it
+    /// takes its own identity (see [`crate::agent::identity`]): hostname `name` (and
+    /// `/etc/hostname`, its `/etc/hosts` line), a fresh `/etc/machine-id`, a new ssh host
+    /// key (sshd reloads it), and with `net` its NIC re-addressed. Sent after `Restored`,
+    /// so the machine id comes from a reseeded RNG. Answers `Identity`. Added within
+    /// protocol version 1: an older agent answers `Error` (unknown op), and the host then
+    /// refuses to run the clone.
+    Identity {
+        name: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        net: Option<IdentityNet>,
+    },
+}
+
+/// The network half of `Identity`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdentityNet {
+    /// The NIC's new MAC, `aa:bb:cc:dd:ee:ff`.
+    pub mac: String,
+    /// `<addr>/<prefix>` the guest has now (the source VM's), removed; and the new one.
+    pub old_address: Option<String>,
+    pub address: String,
+    pub gateway: Option<std::net::Ipv4Addr>,
+    pub dns: Option<std::net::Ipv4Addr>,
 }
 
 /// Where banger-init says which init runs the guest once it has set up (in the guest's
@@ -413,6 +438,11 @@ pub enum Response {
     Restored {
         clock_step_ms: i64,
         reseeded: bool,
+    },
+    /// The identity taken: the new machine id and ssh host public keys.
+    Identity {
+        machine_id: String,
+        host_keys: Vec<String>,
     },
 }
 

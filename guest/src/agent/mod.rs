@@ -10,6 +10,7 @@
 
 pub mod boot;
 pub mod files;
+pub mod identity;
 pub mod sys;
 mod tty;
 
@@ -101,6 +102,7 @@ pub fn serve<C: Conn>(mut conn: C) -> Result<(), ProtoError> {
             unix_nanos,
             entropy,
         } => sys::restored(unix_nanos, &entropy),
+        Request::Identity { name, net } => identity::take(&name, net.as_ref()),
         Request::Shutdown { reboot } => {
             proto::write_json(&mut conn, Kind::Response, &Response::ShuttingDown)?;
             sys::shutdown(reboot);
