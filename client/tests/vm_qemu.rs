@@ -2823,6 +2823,9 @@ fn parse_listener(out: &str) -> (u32, u32) {
     (it.next().unwrap(), it.next().unwrap())
 }
 
+/// The counter the guest's loop keeps in `/root/counter`: it writes each value to a new
+/// file and renames it into place, so a read never sees the file truncated and not yet
+/// written (CI saw `cat` read it empty when the loop wrote it in place).
 fn guest_counter(home: &Home, vm: &str) -> u64 {
     home.ok(&["vm", "exec", vm, "--", "cat", "/root/counter"])
         .trim()
@@ -2864,7 +2867,7 @@ fn root_rig_suspend_and_start_restore_a_running_guest_where_it_was() {
         "sh",
         "-c",
         "mkdir -p /run/t && echo in-tmpfs > /run/t/f \
-         && (i=0; while :; do i=$((i+1)); echo $i > /root/counter; sleep 0.05; done) >/dev/null 2>&1 & \
+         && (i=0; while :; do i=$((i+1)); echo $i > /root/counter.new; mv /root/counter.new /root/counter; sleep 0.05; done) >/dev/null 2>&1 & \
          perl -MIO::Socket::INET -e '$s = IO::Socket::INET->new(LocalPort => 7777, Listen => 5, ReuseAddr => 1) or die; $n = 0; while ($c = $s->accept) { $n++; print $c \"$$ $n\\n\"; close $c }' >/dev/null 2>&1 &",
     ]);
     let mut counter = counter_passes(&home, "s", 0);
