@@ -80,11 +80,36 @@ pub enum VmSupervisorMsg {
         reply: Reply<VmInfo>,
     },
     Defaults(RpcReplyPort<SpecDefaults>),
+    /// `vm fork`'s first step: `count` checked against `max_fork_count`, and an id and a
+    /// free name (`<prefix>-<n>`) for each clone; with the VMs' directory.
+    ForkPlan {
+        count: u32,
+        prefix: String,
+        reply: Reply<ForkPlan>,
+    },
+    /// Write the records of `vm fork`'s clones of `from` (their directories are made
+    /// already, see `vm::fork`) and spawn their actors, `suspended`: each `vm.start`s to
+    /// a restore. All or none.
+    CreateClones {
+        from: Box<crate::vm::fork::ForkSource>,
+        clones: Vec<(String, String)>,
+        network: Option<bool>,
+        nat: bool,
+        reply: Reply<Vec<VmInfo>>,
+    },
     /// Number of VM actors alive.
     Count(RpcReplyPort<usize>),
     /// Tests: how long `List` waits for each VM's actor.
     #[cfg(test)]
     TestInfoTimeout(Duration),
+}
+
+/// The answer of [`VmSupervisorMsg::ForkPlan`].
+#[derive(Debug, Clone)]
+pub struct ForkPlan {
+    /// (id, name) of each clone.
+    pub clones: Vec<(String, String)>,
+    pub vms_dir: std::path::PathBuf,
 }
 
 /// Settings of VM creation.
@@ -100,6 +125,8 @@ pub struct VmSettings {
     pub subnet: crate::net::lease::Subnet,
     /// Whether VMs get a network unless the request says.
     pub network: bool,
+    /// The most clones one `vm fork` makes (`[vm_defaults] max_fork_count`).
+    pub max_fork_count: u32,
     /// The permits of re-adoption ([`ADOPT_CONCURRENCY`] in the daemon).
     pub adopt_permits: Arc<tokio::sync::Semaphore>,
 }
@@ -204,6 +231,106 @@ impl VmSupervisor {
             None => state.adopting.remove(id),
         };
         Ok(actor)
+    }
+
+    /// The records of a fork's clones (blocking: reads the store): see
+    /// [`VmSupervisorMsg::CreateClones`] and `vm::fork` for what a clone inherits.
+    fn clone_records(
+        state: &VmSupervisorState,
+        from: &crate::vm::fork::ForkSource,
+        clones: &[(String, String)],
+        network: Option<bool>,
+        nat: bool,
+    ) -> Result<Vec<VmRecord>, VmError> {
+        let store = &state.env.store;
+        let src = &from.source;
+        let network = network.unwrap_or(src.ip.is_some());
+        if nat && !network {
+            return Err(VmError::Invalid(
+                "--nat needs a network: drop --no-network".into(),
+            ));
+        }
+        let existing = store.list_vms()?;
+        let mut ips: std::collections::HashSet<std::net::Ipv4Addr> = existing
+            .iter()
+            .filter_map(|v| v.ip.as_deref()?.parse().ok())
+            .collect();
+        let mut uids: std::collections::HashSet<u32> =
+            existing.iter().filter_map(|v| v.uid).collect();
+        let subnet = state.settings.subnet;
+        let address = src
+            .ip
+            .as_deref()
+            .map(|ip| format!("{ip}/{}", subnet.prefix));
+        let mut out = Vec::new();
+        for (id, name) in clones {
+            model::validate_name(name).map_err(VmError::Invalid)?;
+            if existing.iter().any(|v| &v.name == name) {
+                return Err(VmError::Conflict(format!(
+                    "a vm named {name} exists already; pick another --name for the clones"
+                )));
+            }
+            let ip = if network {
+                let ip = subnet.allocate(id, &ips).ok_or_else(|| {
+                    VmError::Conflict(format!(
+                        "no free address left in {subnet} for the clones ({} vms); delete some, or configure a larger [network] subnet",
+                        subnet.capacity()
+                    ))
+                })?;
+                ips.insert(ip);
+                Some(ip.to_string())
+            } else {
+                None
+            };
+            let uid = if from.snap.vmm == banger_api::VmmKind::Firecracker {
+                let range = state.env.vmm.firecracker.vm_uids;
+                let uid = crate::vmm::firecracker::allocate_uid(range, id, &uids).ok_or_else(
+                    || {
+                        VmError::Conflict(format!(
+                            "every VM uid of {range} is taken; delete some VMs, or configure a larger [firecracker] vm_uids"
+                        ))
+                    },
+                )?;
+                uids.insert(uid);
+                Some(uid)
+            } else {
+                None
+            };
+            let (egress, isolate) = match (network, nat) {
+                (false, _) => (banger_api::Egress::Subnet, false),
+                (true, true) => (banger_api::Egress::All, src.isolate),
+                (true, false) => (src.egress.clone(), src.isolate),
+            };
+            out.push(VmRecord {
+                id: id.clone(),
+                name: name.clone(),
+                image: src.image.clone(),
+                kernel: src.kernel.clone(),
+                vmm: from.snap.vmm,
+                spec: from.snap.spec,
+                nat: egress.nat(),
+                state: VmState::Suspended,
+                error: None,
+                created_at: now_secs(),
+                // Its guest has run (it has the source's files: no `file_sync`).
+                started_at: src.started_at,
+                cmdline: None,
+                runtime: None,
+                ip,
+                publish: Vec::new(),
+                uid,
+                egress,
+                isolate,
+                expires: None,
+                spawned: None,
+                snapshots: Vec::new(),
+                clone_of: Some(model::CloneOf {
+                    vm: src.name.clone(),
+                    address: address.clone(),
+                }),
+            });
+        }
+        Ok(out)
     }
 
     /// Validate a create request into a record (blocking: reads the store), with the
@@ -344,6 +471,7 @@ impl VmSupervisor {
             }),
             spawned: None,
             snapshots: Vec::new(),
+            clone_of: None,
         };
         Ok((record, vmm))
     }
@@ -448,6 +576,20 @@ impl Actor for VmSupervisor {
         let vms = tokio::task::spawn_blocking(move || store.list_vms()).await??;
         // Before any actor re-adopts or releases: no VM process without a record.
         crate::vm::orphans::reap(&state.env, &vms).await;
+        // And no VM directory without one (a fork's copies cut short by a daemon's death).
+        let (dir, known) = (
+            state.env.vms_dir.clone(),
+            vms.iter().map(|v| v.id.clone()).collect(),
+        );
+        let swept =
+            tokio::task::spawn_blocking(move || crate::vm::fork::sweep_unrecorded(&dir, &known))
+                .await?;
+        if !swept.is_empty() {
+            tracing::warn!(
+                ?swept,
+                "removed vm directories no record names (a fork cut short)"
+            );
+        }
         let (count, t0) = (vms.len(), Instant::now());
         for vm in vms {
             state.publish(&vm);
@@ -532,6 +674,84 @@ impl Actor for VmSupervisor {
                     Err(e) => Err(e.into()),
                 };
                 let _ = reply.send(result);
+            }
+            VmSupervisorMsg::ForkPlan {
+                count,
+                prefix,
+                reply,
+            } => {
+                let max = state.settings.max_fork_count;
+                if count == 0 || count > max {
+                    let _ = reply.send(Err(VmError::Invalid(format!(
+                        "--count {count}: a fork makes 1 to {max} clones ([vm_defaults] max_fork_count)"
+                    ))));
+                    return Ok(());
+                }
+                if let Err(e) = model::validate_name(&format!("{prefix}-{max}")) {
+                    let _ = reply.send(Err(VmError::Invalid(e)));
+                    return Ok(());
+                }
+                let store = Arc::clone(&state.env.store);
+                let taken = tokio::task::spawn_blocking(move || store.list_vms()).await?;
+                let taken: std::collections::HashSet<String> = match taken {
+                    Ok(vms) => vms.into_iter().map(|v| v.name).collect(),
+                    Err(e) => {
+                        let _ = reply.send(Err(e.into()));
+                        return Ok(());
+                    }
+                };
+                let clones = crate::vm::fork::names(&prefix, count, &taken)
+                    .into_iter()
+                    .map(|n| (model::new_id(), n))
+                    .collect();
+                let _ = reply.send(Ok(ForkPlan {
+                    clones,
+                    vms_dir: state.env.vms_dir.clone(),
+                }));
+            }
+            VmSupervisorMsg::CreateClones {
+                from,
+                clones,
+                network,
+                nat,
+                reply,
+            } => {
+                let recs = match Self::clone_records(state, &from, &clones, network, nat) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                        return Ok(());
+                    }
+                };
+                let store = Arc::clone(&state.env.store);
+                let to_store = recs.clone();
+                let written = tokio::task::spawn_blocking(move || {
+                    let mut done: Vec<String> = Vec::new();
+                    for rec in &to_store {
+                        if let Err(e) = store.create_vm(rec) {
+                            for id in &done {
+                                let _ = store.delete_vm(id);
+                            }
+                            return Err(e);
+                        }
+                        done.push(rec.id.clone());
+                    }
+                    Ok(())
+                })
+                .await?;
+                if let Err(e) = written {
+                    let _ = reply.send(Err(e.into()));
+                    return Ok(());
+                }
+                let mut infos = Vec::new();
+                for rec in recs {
+                    tracing::info!(vm = %rec.name, id = %rec.id, ip = rec.ip.as_deref(), from = %from.source.name, "created a clone");
+                    state.publish(&rec);
+                    let dir = crate::vm::disks::VmDir::new(&state.env.vms_dir, &rec.id);
+                    infos.push(crate::vm::actor::info_of(&rec, &dir));
+                    Self::spawn_vm(&myself, state, &rec.id.clone(), Some(rec), false).await?;
+                }
+                let _ = reply.send(Ok(infos));
             }
             VmSupervisorMsg::Create {
                 req,

@@ -80,6 +80,7 @@ fn rig(initrd: bool, tap: bool) -> Rig {
         run_dir: path.join("run"),
         tap: tap.then(|| ("bg-0123456789ab".into(), "06:00:ac:1e:00:05".into())),
         uid: Some(2_000_000_001),
+        clone: false,
     };
     Rig { dir, config, plan }
 }

@@ -545,6 +545,29 @@ pub enum VmCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Clone a running VM: N new VMs that run on from its memory and disks, each its own
+    /// machine (name, machine id, ssh host key, address, MAC).
+    #[command(after_help = FORK_HELP)]
+    Fork {
+        /// The VM's name or ID (a unique prefix will do).
+        vm: String,
+        /// How many clones.
+        #[arg(long, short = 'n', default_value_t = 1)]
+        count: u32,
+        /// Name the clones PREFIX-1 … PREFIX-N (the first free numbers); default: the
+        /// VM's name.
+        #[arg(long, value_name = "PREFIX")]
+        name: Option<String>,
+        /// Give the clones outbound network access through NAT (default: as the VM).
+        #[arg(long)]
+        nat: bool,
+        /// No network for the clones (vsock still works).
+        #[arg(long, conflicts_with = "nat")]
+        no_network: bool,
+        /// Print the clones as JSON (an array) when done.
+        #[arg(long)]
+        json: bool,
+    },
     /// Listening TCP/UDP ports in a running VM, with their processes.
     Ports {
         /// The VM's name or ID (a unique prefix will do).
@@ -879,6 +902,8 @@ pub enum PortCmd {
         json: bool,
     },
 }
+
+const FORK_HELP: &str = "Examples:\n  banger vm fork dev                  one clone, dev-1\n  banger vm fork dev -n 4 --name try  try-1 … try-4\n  banger vm fork dev --no-network --json\n\nThe VM is snapshotted (its vCPUs stop for the save, then it runs on) and each\nclone restored from that moment: its processes, files and memory are the VM's.\nBefore a clone's network is attached it takes its own hostname, machine id, ssh\nhost key, address and MAC. A clone gets the VM's egress policy unless --nat or\n--no-network say otherwise; it does not get its published ports, deadline or\nsnapshots. A clone that fails undoes the whole fork.";
 
 const ROLLBACK_HELP: &str = "Examples:\n  banger vm snapshot create dev before-upgrade\n  banger vm exec dev -- apt-get -y dist-upgrade\n  banger vm rollback dev before-upgrade     as it was, processes included\n\nWhat the guest did since the snapshot is gone: files, processes, memory. The\nsnapshot is kept, so a VM can go back to it again. Refused, with nothing\nchanged, when the VM's size, image or kernel or this host's VMM release is not\nwhat it was when the snapshot was taken.";
 
@@ -1360,6 +1385,20 @@ mod tests {
             Command::Vm(VmCmd::Rollback { vm, snapshot, .. }) => {
                 assert_eq!((vm.as_str(), snapshot.as_str()), ("a", "s1"))
             }
+            other => panic!("{other:?}"),
+        }
+        match parse(&["vm", "fork", "a", "-n", "3", "--name", "t", "--no-network"]).command {
+            Command::Vm(VmCmd::Fork {
+                vm,
+                count,
+                name,
+                no_network,
+                nat,
+                ..
+            }) => assert_eq!(
+                (vm.as_str(), count, name.as_deref(), no_network, nat),
+                ("a", 3, Some("t"), true, false)
+            ),
             other => panic!("{other:?}"),
         }
         match parse(&["vm", "kill", "a", "b"]).command {

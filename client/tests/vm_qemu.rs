@@ -3175,3 +3175,194 @@ fn root_rig_rollback_puts_a_running_guest_back_to_its_snapshot_memory_included()
     );
     home.ok(&["vm", "rm", "-f", "r"]);
 }
+
+/// `vm fork a --count 3` on real guests with networks (the daemon in a namespace of its
+/// own): four running VMs, each its own machine — distinct hostname, machine id, ssh host
+/// key (`vm ssh` with strict host-key checking passes for each), address and MAC (its
+/// lease's, on its NIC); all four reach each other by `.vm` name; a file written in `a`
+/// before the fork is in each clone, one written in a clone afterwards only there; a
+/// process that ran in `a` before the fork runs in each clone. The bridge never saw one
+/// address answered by two MACs (`ip monitor neigh` through the fork, and `ip neigh`
+/// after). The three clones are restored, not booted: the test holds two guest slots.
+#[test]
+fn root_rig_fork_makes_clones_that_are_each_their_own_machine() {
+    let topo = Topology::new();
+    let home = Home::with_guests(2, Some(&topo.host), "", "");
+    home.ok(&["vm", "create", "--name", "a"]);
+    let sh = |vm: &str, cmd: &str| home.ok(&["vm", "exec", vm, "--", "sh", "-c", cmd]);
+    sh(
+        "a",
+        "echo before > /root/before-fork && sync && (nohup sleep 777777 >/dev/null 2>&1 &)",
+    );
+    // `ip netns exec` execs `ip monitor` in place: the child is the monitor.
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &topo.host, "ip", "monitor", "neigh"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let seen = Collected::new(child.stdout.take().unwrap());
+    let monitor = KillOnDrop(child);
+
+    let t0 = std::time::Instant::now();
+    let clones = home.json(&["vm", "fork", "a", "--count", "3", "--json"]);
+    eprintln!("fork --count 3: {:.1}s", t0.elapsed().as_secs_f64());
+    let clones: Vec<String> = clones
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(clones, ["a-1", "a-2", "a-3"]);
+    let all: Vec<&str> = std::iter::once("a")
+        .chain(clones.iter().map(String::as_str))
+        .collect();
+
+    let mut facts: Vec<(String, String, String, String, String)> = Vec::new();
+    for vm in &all {
+        let shown = home.json(&["vm", "show", vm, "--json"]);
+        assert_eq!(shown["state"], "running", "{shown}");
+        let ip = shown["ip"].as_str().unwrap().to_owned();
+        let out = sh(
+            vm,
+            // The rig's image has an empty machine id: `a` may have none.
+            "hostname; echo id=$(cat /etc/machine-id 2>/dev/null); cat /etc/ssh/ssh_host_ed25519_key.pub | cut -d' ' -f2; \
+             cat /sys/class/net/eth0/address; ip -4 -o addr show eth0 | awk '{print $4}'",
+        );
+        let l: Vec<&str> = out.lines().collect();
+        assert_eq!(l.len(), 5, "{vm}: {out}");
+        assert_eq!(l[0], *vm, "{vm}'s hostname");
+        assert_eq!(
+            l[4],
+            format!("{ip}/24"),
+            "{vm}: its own lease, alone on eth0: {out}"
+        );
+        let o: Vec<u8> = ip.split('.').map(|x| x.parse().unwrap()).collect();
+        let mac = format!("06:00:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3]);
+        assert_eq!(l[3], mac, "{vm}: its lease's MAC");
+        facts.push((
+            l[0].into(),
+            l[1].into(),
+            l[2].into(),
+            l[3].into(),
+            ip.clone(),
+        ));
+        // What `a` had before the fork, and a process that ran then.
+        assert_eq!(sh(vm, "cat /root/before-fork"), "before\n", "{vm}");
+        assert!(
+            !sh(vm, "pgrep -f 'sleep 777777' || true").trim().is_empty(),
+            "{vm}: the process from before the fork runs"
+        );
+        // strict host-key checking against the key the agent reports passes.
+        assert_eq!(
+            home.ok(&["vm", "ssh", vm, "--", "hostname"]),
+            format!("{vm}\n")
+        );
+    }
+    for i in 0..facts.len() {
+        for j in i + 1..facts.len() {
+            let (a, b) = (&facts[i], &facts[j]);
+            assert!(
+                a.0 != b.0 && a.1 != b.1 && a.2 != b.2 && a.3 != b.3 && a.4 != b.4,
+                "{a:?} and {b:?} share an identity"
+            );
+        }
+    }
+    // Files written after the fork are each VM's own.
+    for vm in &clones {
+        sh(vm, &format!("echo {vm} > /root/after-{vm} && sync"));
+    }
+    for vm in &all {
+        let have = sh(vm, "ls /root | grep after- || true");
+        let want = if *vm == "a" {
+            String::new()
+        } else {
+            format!("after-{vm}\n")
+        };
+        assert_eq!(have, want, "{vm}");
+    }
+    // All four by name, each from each.
+    for vm in &all {
+        let others: Vec<String> = all
+            .iter()
+            .filter(|o| *o != vm)
+            .map(|o| format!("{o}.vm"))
+            .collect();
+        sh(
+            vm,
+            &format!(
+                "for h in {}; do ping -c 1 -W 5 $h >/dev/null || {{ echo no answer from $h; exit 1; }}; done",
+                others.join(" ")
+            ),
+        );
+    }
+    // One MAC per address on the bridge, the lease's: during the fork and after (the
+    // bridge's neighbour entries); and each guest's MAC learnt on one bridge port only,
+    // its own (the bridge's fdb events: a clone that sent with its source's MAC before
+    // taking its own would show it on a second port).
+    let neigh = in_ns(&topo.host, "ip neigh show dev banger0");
+    drop(monitor);
+    let monitored = seen.finish();
+    type Seen = std::collections::HashMap<String, std::collections::HashSet<String>>;
+    let (mut macs, mut ports): (Seen, Seen) = Default::default();
+    for line in monitored.lines().chain(neigh.lines()) {
+        let f: Vec<&str> = line
+            .split_whitespace()
+            .skip_while(|w| *w == "Deleted")
+            .collect();
+        let (Some(first), Some(mac)) = (
+            f.first(),
+            f.iter()
+                .position(|w| *w == "lladdr")
+                .and_then(|i| f.get(i + 1)),
+        ) else {
+            continue;
+        };
+        if line.contains("NOARP") || line.contains("PERMANENT") {
+            continue; // multicast, and the taps' own addresses
+        }
+        if first.parse::<std::net::IpAddr>().is_ok() {
+            macs.entry((*first).to_owned())
+                .or_default()
+                .insert((*mac).to_owned());
+        } else if *first == "dev"
+            && let Some(port) = f.get(1)
+        {
+            ports
+                .entry((*mac).to_owned())
+                .or_default()
+                .insert((*port).to_owned());
+        }
+    }
+    for (_, _, _, mac, ip) in &facts {
+        if let Some(seen) = macs.get(ip) {
+            assert_eq!(
+                seen.iter().collect::<Vec<_>>(),
+                vec![mac],
+                "{ip} was answered by {seen:?}:\n{monitored}"
+            );
+        }
+        let on = ports.get(mac).cloned().unwrap_or_default();
+        assert!(on.len() <= 1, "{mac} came from {on:?}:\n{monitored}");
+    }
+    for (addr, seen) in &macs {
+        assert_eq!(seen.len(), 1, "{addr} answered by {seen:?}:\n{monitored}");
+    }
+    assert!(
+        !ports.is_empty(),
+        "the bridge learnt the guests' MACs:\n{monitored}"
+    );
+    for vm in all.iter().rev() {
+        home.ok(&["vm", "rm", "-f", vm]);
+    }
+    assert!(!in_ns(&topo.host, "ip -o link").contains("bg-"));
+}
+
+/// A child process killed (and reaped) when dropped, whatever the test did.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

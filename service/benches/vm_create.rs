@@ -60,6 +60,7 @@ fn main() {
                     Progress::Stage { stage, .. } => stage.clone(),
                     Progress::Done { .. } => "running".to_owned(),
                     Progress::Failed { message, .. } => panic!("{message}"),
+                    other => panic!("not an event of vm.create: {other:?}"),
                 };
                 stages
                     .entry(format!("{} -> {next}", last.0))

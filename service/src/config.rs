@@ -215,6 +215,9 @@ pub struct VmDefaults {
     /// Whether new VMs get a network (a tap on the bridge, an address, `<vm>.vm`);
     /// default true. `vm create --no-network` / `--network` override it per VM.
     pub network: Option<bool>,
+    /// The most clones one `vm fork --count` makes (default 16): each is a whole VM, its
+    /// memory and disks copied.
+    pub max_fork_count: Option<u32>,
 }
 
 /// `[network]`.

@@ -208,6 +208,10 @@ fn vm_config(
                 .parse()
                 .expect("validated when the config was loaded"),
             network: c.vm_defaults.network.unwrap_or(true),
+            max_fork_count: c
+                .vm_defaults
+                .max_fork_count
+                .unwrap_or(banger_actors::vm::fork::MAX_FORK_COUNT),
             adopt_permits: std::sync::Arc::new(tokio::sync::Semaphore::new(
                 banger_actors::vm_supervisor::ADOPT_CONCURRENCY,
             )),

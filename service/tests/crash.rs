@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use banger_api::{CreateVm, Progress, VmRpcClient, VmState};
 use jsonrpsee::async_client::Client;
 
+use support::Streamed;
 use support::fc::{EXEC_NAME, Exec, Home, double_bin};
 
 const OWNER: u32 = 65534;
@@ -217,10 +218,7 @@ async fn root_a_suspend_cut_by_the_daemons_death_is_discarded_or_finished() {
         let c = support::client_for(&home.socket()).await;
         create(&c, vm).await.unwrap();
         let before = VmRpcClient::show(&c, vm.into()).await.unwrap();
-        assert!(
-            c.suspend(vm.into()).await.is_err(),
-            "{point}: the daemon died"
-        );
+        assert!(c.suspended(vm).await.is_err(), "{point}: the daemon died");
         let status = faulty.child.wait().unwrap();
         use std::os::unix::process::ExitStatusExt;
         assert_eq!(status.signal(), Some(9), "{status}");
@@ -284,9 +282,7 @@ async fn root_a_snapshot_cut_by_the_daemons_death_leaves_no_files_and_the_vm_run
     create(&c, "cs").await.unwrap();
     let before = VmRpcClient::show(&c, "cs".into()).await.unwrap();
     assert!(
-        c.snapshot_create("cs".into(), Some("x".into()))
-            .await
-            .is_err(),
+        c.snapshotted("cs", Some("x")).await.is_err(),
         "the daemon died"
     );
     let status = faulty.child.wait().unwrap();
@@ -313,10 +309,7 @@ async fn root_a_snapshot_cut_by_the_daemons_death_leaves_no_files_and_the_vm_run
     assert!(after.snapshots.is_empty(), "{:?}", after.snapshots);
     assert!(left().is_empty(), "{:?}", left());
     // And snapshots work on.
-    let s = c
-        .snapshot_create("cs".into(), Some("x".into()))
-        .await
-        .unwrap();
+    let s = c.snapshotted("cs", Some("x")).await.unwrap();
     assert_eq!(s.name, "x");
     VmRpcClient::delete(&c, "cs".into(), true).await.unwrap();
     drop(c);

@@ -12,6 +12,7 @@ use std::process::Command;
 
 use banger_api::{CreateVm, Progress, VmRpcClient, codes};
 use jsonrpsee::async_client::Client;
+use support::Streamed;
 
 /// A tmpfs of `size` mounted on a directory of its own; unmounted (and the directory
 /// removed) when dropped, whatever the test did.
@@ -344,7 +345,7 @@ async fn root_a_snapshot_that_does_not_fit_is_refused_and_the_vm_runs_on() {
     }
     drop(sub);
     let before = VmRpcClient::show(&c, "big".into()).await.unwrap();
-    let e = c.snapshot_create("big".into(), None).await.unwrap_err();
+    let e = c.snapshotted("big", None).await.unwrap_err();
     let jsonrpsee::core::client::Error::Call(o) = e else {
         panic!("{e:?}")
     };

@@ -14,6 +14,7 @@ use banger_api::{
 use jsonrpsee::async_client::Client;
 use jsonrpsee::core::client::Error as ClientError;
 
+use support::Streamed;
 use support::fc::{EXEC_NAME, Exec, double_bin};
 
 async fn setup() -> (support::TestDaemon, Client, tempfile::TempDir) {
@@ -1711,7 +1712,11 @@ async fn suspend_and_start_restore_a_firecracker_vm_through_its_snapshot_api() {
         .expect("a boot id on the console")
         .to_owned();
 
-    let saved = c.suspend("snap".into()).await.unwrap();
+    let (stages, last) = support::follow(c.suspend("snap".into()).await.unwrap()).await;
+    assert_eq!(stages, ["save", "stop"]);
+    let Ok(Progress::Done { vm: saved }) = last else {
+        panic!("{last:?}")
+    };
     assert_eq!(saved.state, VmState::Suspended, "{saved:?}");
     assert_eq!(saved.pid, None);
     let pid = before.pid.unwrap();
@@ -1749,7 +1754,7 @@ async fn suspend_and_start_restore_a_firecracker_vm_through_its_snapshot_api() {
     assert_eq!(started.saved_bytes, None);
 
     // A memory file cut short: the restore fails, the VM stays suspended, no VMM runs.
-    c.suspend("snap".into()).await.unwrap();
+    c.suspended("snap").await.unwrap();
     std::fs::OpenOptions::new()
         .write(true)
         .open(dir.join("state/vm.mem"))
@@ -1804,7 +1809,7 @@ async fn root_a_jailed_firecracker_vm_suspends_and_restores() {
         .expect("a boot id on the console")
         .to_owned();
 
-    let saved = c.suspend("js".into()).await.unwrap();
+    let saved = c.suspended("js").await.unwrap();
     assert_eq!(saved.state, VmState::Suspended, "{saved:?}");
     // Written by Firecracker as the VM's uid into the files linked in before it started.
     for name in ["vm.snap", "vm.mem"] {
@@ -1832,10 +1837,7 @@ async fn root_a_jailed_firecracker_vm_suspends_and_restores() {
     // A snapshot of the restored VM: Firecracker (the VM's uid) writes the save files
     // through their group (they stay the owner's), the VM runs on; a rollback loads it
     // into a new jail.
-    let s = c
-        .snapshot_create("js".into(), Some("j1".into()))
-        .await
-        .unwrap();
+    let s = c.snapshotted("js", Some("j1")).await.unwrap();
     let snap_dir = std::path::PathBuf::from(&s.dir);
     for name in ["vm.snap", "vm.mem"] {
         let m = std::fs::metadata(snap_dir.join("state").join(name)).unwrap();
@@ -1850,7 +1852,7 @@ async fn root_a_jailed_firecracker_vm_suspends_and_restores() {
     }
     let vm = VmRpcClient::show(&c, "js".into()).await.unwrap();
     assert_eq!((vm.state, vm.pid), (VmState::Running, started.pid));
-    let back = c.rollback("js".into(), "j1".into()).await.unwrap();
+    let back = c.rolled_back("js", "j1").await.unwrap();
     assert_eq!(back.state, VmState::Running, "{back:?}");
     assert_ne!(back.pid, started.pid);
     assert_eq!(
@@ -1890,7 +1892,7 @@ async fn a_failed_suspend_leaves_the_vm_running_and_nothing_saved() {
     .unwrap();
     let before = VmRpcClient::show(&c, "sus".into()).await.unwrap();
     assert_eq!(before.state, VmState::Running);
-    let e = c.suspend("sus".into()).await.unwrap_err();
+    let e = c.suspended("sus").await.unwrap_err();
     let ClientError::Call(o) = e else {
         panic!("{e:?}")
     };
@@ -1909,7 +1911,7 @@ async fn a_failed_suspend_leaves_the_vm_running_and_nothing_saved() {
     assert!(!dir.join("state").exists() && !dir.join("state.tmp").exists());
 
     c.stop("sus".into(), None).await.unwrap();
-    let e = c.suspend("sus".into()).await.unwrap_err();
+    let e = c.suspended("sus").await.unwrap_err();
     assert_eq!(code(e), codes::CONFLICT);
     drop(c);
     d.shutdown().await;
@@ -1966,10 +1968,17 @@ async fn snapshots_and_rollback_of_a_firecracker_vm() {
     };
     let at_snapshot = head(&overlay);
 
-    let s = c
-        .snapshot_create("sn".into(), Some("one".into()))
-        .await
-        .unwrap();
+    // The stream says what it does: the save, the copies, the VM running on.
+    let (stages, last) = support::follow(
+        c.snapshot_create("sn".into(), Some("one".into()))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(stages, ["save", "copy", "resume"]);
+    let Ok(Progress::Snapshot { snapshot: s }) = last else {
+        panic!("{last:?}")
+    };
     assert_eq!((s.name.as_str(), s.vm.as_str()), ("one", "sn"));
     assert_eq!(s.vmm, banger_api::VmmKind::Firecracker);
     assert!(s.vmm_version.starts_with("Firecracker v"), "{s:?}");
@@ -1994,36 +2003,38 @@ async fn snapshots_and_rollback_of_a_firecracker_vm() {
     assert_eq!(vm.snapshots.len(), 1);
     // Unnamed: snap-1; a name taken; the snapshot of a paused VM leaves it paused.
     c.pause("sn".into()).await.unwrap();
-    let s2 = c.snapshot_create("sn".into(), None).await.unwrap();
+    let (stages, last) = support::follow(c.snapshot_create("sn".into(), None).await.unwrap()).await;
+    assert_eq!(stages, ["save", "copy"], "a paused VM is not resumed");
+    let Ok(Progress::Snapshot { snapshot: s2 }) = last else {
+        panic!("{last:?}")
+    };
     assert_eq!(s2.name, "snap-1");
     let vm = VmRpcClient::show(&c, "sn".into()).await.unwrap();
     assert_eq!(vm.state, VmState::Paused);
     assert_eq!(instance_state(&vm).await, "Paused");
     c.resume("sn".into()).await.unwrap();
-    let (code_, m) = message(
-        c.snapshot_create("sn".into(), Some("one".into()))
-            .await
-            .unwrap_err(),
-    );
+    let (code_, m) = message(c.snapshotted("sn", Some("one")).await.unwrap_err());
     assert_eq!(code_, codes::CONFLICT, "{m}");
     assert!(m.contains("has a snapshot named one already"), "{m}");
-    let (code_, m) = message(
-        c.snapshot_create("sn".into(), Some("Bad Name".into()))
-            .await
-            .unwrap_err(),
-    );
+    let (code_, m) = message(c.snapshotted("sn", Some("Bad Name")).await.unwrap_err());
     assert_eq!(code_, codes::INVALID_ARGUMENT, "{m}");
-    let theirs = c
-        .snapshot_create("other".into(), Some("theirs".into()))
-        .await
-        .unwrap();
+    let theirs = c.snapshotted("other", Some("theirs")).await.unwrap();
     let all = c.snapshot_list(None).await.unwrap();
     assert_eq!(all.len(), 3, "{all:?}");
     assert_eq!(c.snapshot_list(Some("sn".into())).await.unwrap().len(), 2);
 
     // The guest's disk moves on; a rollback puts it back.
     std::fs::write(&overlay, b"written after the snapshot").unwrap();
-    let back = c.rollback("sn".into(), "one".into()).await.unwrap();
+    let (stages, last) =
+        support::follow(c.rollback("sn".into(), "one".into()).await.unwrap()).await;
+    assert_eq!(stages[..3], ["check", "stop", "copy"], "{stages:?}");
+    assert!(
+        stages.contains(&"restore".to_owned()) && !stages.contains(&"boot".to_owned()),
+        "then the start's stages, a restore: {stages:?}"
+    );
+    let Ok(Progress::Done { vm: back }) = last else {
+        panic!("{last:?}")
+    };
     assert_eq!(back.state, VmState::Running, "{back:?}");
     assert_ne!(back.pid, before.pid, "a new VMM");
     assert!(head(&overlay) == at_snapshot, "the disk as it was");
@@ -2042,14 +2053,14 @@ async fn snapshots_and_rollback_of_a_firecracker_vm() {
     assert!(!dir.join("state").exists(), "the restore spent its copy");
     // Kept: a second rollback, from a stopped VM this time, runs it again.
     c.stop("sn".into(), None).await.unwrap();
-    let back = c.rollback("sn".into(), "one".into()).await.unwrap();
+    let back = c.rolled_back("sn", "one").await.unwrap();
     assert_eq!(back.state, VmState::Running, "{back:?}");
 
     // Bad input, the VM left as it was.
     let running = back.pid;
-    let (code_, m) = message(c.rollback("sn".into(), "nope".into()).await.unwrap_err());
+    let (code_, m) = message(c.rolled_back("sn", "nope").await.unwrap_err());
     assert_eq!(code_, codes::NOT_FOUND, "{m}");
-    let (code_, m) = message(c.rollback("sn".into(), "theirs".into()).await.unwrap_err());
+    let (code_, m) = message(c.rolled_back("sn", "theirs").await.unwrap_err());
     assert_eq!(code_, codes::NOT_FOUND, "{m}");
     assert!(m.contains("vm other has one"), "says whose it is: {m}");
     std::fs::OpenOptions::new()
@@ -2058,7 +2069,7 @@ async fn snapshots_and_rollback_of_a_firecracker_vm() {
         .unwrap()
         .set_len(4096)
         .unwrap();
-    let (code_, m) = message(c.rollback("sn".into(), "one".into()).await.unwrap_err());
+    let (code_, m) = message(c.rolled_back("sn", "one").await.unwrap_err());
     assert_eq!(code_, codes::CONFLICT, "{m}");
     assert!(
         m.contains("vm.mem is 4096 bytes") && m.contains("left as it was"),
@@ -2075,7 +2086,7 @@ async fn snapshots_and_rollback_of_a_firecracker_vm() {
     })
     .await
     .unwrap();
-    let (code_, m) = message(c.rollback("sn".into(), "snap-1".into()).await.unwrap_err());
+    let (code_, m) = message(c.rolled_back("sn", "snap-1").await.unwrap_err());
     assert_eq!(code_, codes::CONFLICT, "{m}");
     assert!(
         m.contains("256 MiB, work disk 8 GiB then") && m.contains("512 MiB, work disk 8 GiB now"),
@@ -2087,7 +2098,7 @@ async fn snapshots_and_rollback_of_a_firecracker_vm() {
         VmState::Stopped
     );
     // Only a running or paused VM has memory to snapshot.
-    let (code_, m) = message(c.snapshot_create("sn".into(), None).await.unwrap_err());
+    let (code_, m) = message(c.snapshotted("sn", None).await.unwrap_err());
     assert_eq!(code_, codes::CONFLICT, "{m}");
     assert!(m.contains("only a running or paused vm"), "{m}");
 
@@ -2127,7 +2138,7 @@ async fn a_failed_snapshot_leaves_the_vm_running_and_nothing_kept() {
     .await
     .unwrap();
     let before = VmRpcClient::show(&c, "fs".into()).await.unwrap();
-    let (code_, m) = message(c.snapshot_create("fs".into(), None).await.unwrap_err());
+    let (code_, m) = message(c.snapshotted("fs", None).await.unwrap_err());
     assert!(
         m.contains("disk quota exceeded") && m.contains("runs on"),
         "{code_} {m}"
@@ -2141,6 +2152,269 @@ async fn a_failed_snapshot_leaves_the_vm_running_and_nothing_kept() {
         .map(|d| d.flatten().map(|e| e.file_name()).collect())
         .unwrap_or_default();
     assert!(left.is_empty(), "{left:?}");
+    drop(c);
+    d.shutdown().await;
+}
+
+/// The double as the newest release (forks need `network_overrides`, Firecracker 1.12)
+/// with a guest agent, which says on the console what identity it was given.
+const FORK_ENV: &str = "BANGER_FC_DOUBLE_GUEST_AGENT=1 BANGER_FC_DOUBLE_RELEASE=newest";
+/// The double's agent's console line for an identity (`double::GUEST_IDENTITY`).
+const IDENTITY: &str = "banger-fc-double: identity";
+
+fn console_of(vm: &banger_api::VmInfo) -> String {
+    std::fs::read_to_string(std::path::Path::new(&vm.dir).join("console.log")).unwrap()
+}
+
+fn boot_id_of(vm: &banger_api::VmInfo) -> String {
+    console_of(vm)
+        .lines()
+        .find_map(|l| l.strip_prefix("banger-fc-double: boot id "))
+        .expect("a boot id on the console")
+        .to_owned()
+}
+
+/// `vm fork` as root, jailed, with networks (the helper in a namespace this test makes):
+/// the source is snapshotted and runs on under the same VMM, keeping no snapshot; each
+/// clone is restored from that snapshot (the source's guest: its boot id, no boot of its
+/// own) into its own jail with its own tap (the double opens the tap the load names as
+/// the clone's uid: the source's, in use and another uid's, would fail), takes its own
+/// identity through the agent (its name, its lease and MAC, the source's address given
+/// up) and only then joins the bridge. Clones are VMs of their own (one deleted, the
+/// others run on). Bad input is refused with nothing made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_fork_restores_clones_each_with_its_own_identity_and_tap() {
+    let ns = support::Netns::new("fcfork");
+    let (d, c, _files) = setup_in(Some(FORK_ENV), 10, Some(&ns.0)).await;
+    create(
+        &c,
+        CreateVm {
+            name: Some("a".into()),
+            image: Some("img".into()),
+            memory_mib: Some(128),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let a = VmRpcClient::show(&c, "a".into()).await.unwrap();
+    let boot_id = boot_id_of(&a);
+    let req = |count: Option<u32>| banger_api::ForkVm {
+        vm: "a".into(),
+        count,
+        ..Default::default()
+    };
+
+    let (stages, last) = support::follow(c.fork(req(Some(2))).await.unwrap()).await;
+    assert_eq!(stages, ["save", "copy", "resume", "clone", "restore"]);
+    let Ok(Progress::Forked { vms }) = last else {
+        panic!("{last:?}")
+    };
+    let names: Vec<&str> = vms.iter().map(|v| v.name.as_str()).collect();
+    assert_eq!(names, ["a-1", "a-2"]);
+    let a_ip = a.ip.clone().unwrap();
+    let mut ips = vec![a_ip.clone()];
+    for v in &vms {
+        assert_eq!(v.state, VmState::Running, "{v:?}");
+        assert_ne!(v.pid, a.pid);
+        let ip = v.ip.clone().expect("a lease of its own");
+        assert!(!ips.contains(&ip), "{ip} is taken: {ips:?}");
+        ips.push(ip.clone());
+        let text = console_of(v);
+        assert!(
+            text.contains(&format!("guest restored (boot {boot_id})")) && !text.contains("boot id"),
+            "the source's guest runs on, not a boot: {text}"
+        );
+        let mac = banger_actors::net::lease::mac_for(ip.parse().unwrap());
+        assert!(
+            text.contains(&format!(
+                "{IDENTITY} {}: {ip}/24 (was {a_ip}/24) mac {mac}",
+                v.name
+            )),
+            "its own identity: {text}"
+        );
+        let tap = format!("bg-{}", v.id);
+        assert!(
+            ns.sh("ip -o link show master banger0").contains(&tap),
+            "{tap} on the bridge once it has its address"
+        );
+    }
+    let a_now = VmRpcClient::show(&c, "a".into()).await.unwrap();
+    assert_eq!(
+        (a_now.state, a_now.pid),
+        (VmState::Running, a.pid),
+        "a runs on"
+    );
+    assert!(a_now.snapshots.is_empty(), "the fork keeps no snapshot");
+    let left = std::fs::read_dir(std::path::Path::new(&a.dir).join("snapshots"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(left, 0, "nor its files");
+
+    // A clone of a clone: the next free name, and it gives up the clone's address.
+    let v1_ip = vms[0].ip.clone().unwrap();
+    let (_, last) = support::follow(
+        c.fork(banger_api::ForkVm {
+            vm: "a-1".into(),
+            name: Some("a".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap(),
+    )
+    .await;
+    let Ok(Progress::Forked { vms: again }) = last else {
+        panic!("{last:?}")
+    };
+    assert_eq!(again[0].name, "a-3");
+    assert!(
+        console_of(&again[0]).contains(&format!("(was {v1_ip}/24)")),
+        "{}",
+        console_of(&again[0])
+    );
+
+    // Each clone is a VM of its own.
+    VmRpcClient::delete(&c, "a-1".into(), true).await.unwrap();
+    let v2 = VmRpcClient::show(&c, "a-2".into()).await.unwrap();
+    assert_eq!(v2.state, VmState::Running);
+
+    // Bad input: nothing made.
+    let before = VmRpcClient::list(&c).await.unwrap().len();
+    for (count, want) in [(0, codes::INVALID_ARGUMENT), (17, codes::INVALID_ARGUMENT)] {
+        let (_, last) = support::follow(c.fork(req(Some(count))).await.unwrap()).await;
+        let (code_, m) = message(last.unwrap_err());
+        assert_eq!(code_, want, "--count {count}: {m}");
+        assert!(m.contains("max_fork_count"), "{m}");
+    }
+    let (_, last) = support::follow(
+        c.fork(banger_api::ForkVm {
+            vm: "nope".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(message(last.unwrap_err()).0, codes::NOT_FOUND);
+    c.stop("a-2".into(), None).await.unwrap();
+    let (_, last) = support::follow(
+        c.fork(banger_api::ForkVm {
+            vm: "a-2".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap(),
+    )
+    .await;
+    let (code_, m) = message(last.unwrap_err());
+    assert_eq!(code_, codes::CONFLICT, "{m}");
+    assert!(
+        m.contains("only a running or paused vm can be forked"),
+        "{m}"
+    );
+    assert_eq!(
+        VmRpcClient::list(&c).await.unwrap().len(),
+        before,
+        "nothing made"
+    );
+
+    for v in VmRpcClient::list(&c).await.unwrap() {
+        VmRpcClient::delete(&c, v.name, true).await.unwrap();
+    }
+    assert!(!ns.sh("ip -o link").contains("bg-"), "no tap left");
+    drop(c);
+    d.shutdown().await;
+}
+
+/// Without a network (no helper: Firecracker unjailed), a clone takes its name alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fork_without_a_network_names_the_clones() {
+    let (d, c, _files) = setup_in(Some(FORK_ENV), 10, None).await;
+    create(
+        &c,
+        CreateVm {
+            name: Some("b".into()),
+            image: Some("img".into()),
+            memory_mib: Some(128),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let (_, last) = support::follow(
+        c.fork(banger_api::ForkVm {
+            vm: "b".into(),
+            count: Some(3),
+            name: Some("try".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap(),
+    )
+    .await;
+    let Ok(Progress::Forked { vms }) = last else {
+        panic!("{last:?}")
+    };
+    for (v, n) in vms.iter().zip(["try-1", "try-2", "try-3"]) {
+        assert_eq!((v.name.as_str(), v.ip.as_deref()), (n, None));
+        assert!(
+            console_of(v).contains(&format!("{IDENTITY} {n}: no network")),
+            "{}",
+            console_of(v)
+        );
+    }
+    drop(c);
+    d.shutdown().await;
+}
+
+/// A clone that does not come up (every clone's Firecracker refuses its `PUT
+/// /snapshot/load`) fails the fork: no clone is left (record, directory, process), and the
+/// source runs on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fork_whose_clone_fails_leaves_no_clone() {
+    let env = format!(
+        "{FORK_ENV} BANGER_FC_DOUBLE_FAIL='/snapshot/load:400:Load snapshot error: Failed to restore from snapshot: Cannot restore devices'"
+    );
+    let (d, c, _files) = setup_in(Some(&env), 10, None).await;
+    create(
+        &c,
+        CreateVm {
+            name: Some("f".into()),
+            image: Some("img".into()),
+            memory_mib: Some(128),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let f = VmRpcClient::show(&c, "f".into()).await.unwrap();
+    let (_, last) = support::follow(
+        c.fork(banger_api::ForkVm {
+            vm: "f".into(),
+            count: Some(2),
+            ..Default::default()
+        })
+        .await
+        .unwrap(),
+    )
+    .await;
+    let (code_, m) = message(last.unwrap_err());
+    assert_eq!(code_, codes::CONFLICT, "{m}");
+    assert!(
+        m.contains("did not come up")
+            && m.contains("Cannot restore devices")
+            && m.contains("every clone was deleted"),
+        "{m}"
+    );
+    let vms = VmRpcClient::list(&c).await.unwrap();
+    assert_eq!(vms.len(), 1, "{vms:?}");
+    assert_eq!((vms[0].state, vms[0].pid), (VmState::Running, f.pid));
+    let vms_dir = std::path::Path::new(&f.dir).parent().unwrap();
+    assert_eq!(
+        std::fs::read_dir(vms_dir).unwrap().count(),
+        1,
+        "no clone directory left"
+    );
     drop(c);
     d.shutdown().await;
 }

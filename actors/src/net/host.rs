@@ -161,16 +161,39 @@ pub fn tap_name(vm_id: &str) -> String {
 
 #[derive(Debug)]
 pub enum NetMsg {
-    /// Make the VM's tap (owned by `uid`) and put it on the bridge; answers its name.
+    /// Make the VM's tap (owned by `uid`) and, when `bridge`, put it on the bridge;
+    /// answers its name.
     Attach {
         vm: String,
         uid: u32,
+        bridge: bool,
         reply: RpcReplyPort<Result<String, NetError>>,
+    },
+    /// Put a tap made without the bridge on it (a clone's, once its guest has its own
+    /// address).
+    Bridge {
+        vm: String,
+        reply: RpcReplyPort<Result<(), NetError>>,
     },
     Detach {
         vm: String,
         reply: RpcReplyPort<Result<(), NetError>>,
     },
+}
+
+/// Put tap `name` on the bridge (and up), making the bridge again if it went away under
+/// us (someone deleted it).
+async fn attach_tap(helper: &Slot<HelperMsg>, name: &str) -> Result<(), NetError> {
+    let attach = || Request::AttachTap {
+        name: name.to_owned(),
+    };
+    match helper_call(helper, attach()).await {
+        Err(NetError::Failed { .. }) => {
+            helper_call(helper, Request::EnsureBridge).await?;
+            helper_call(helper, attach()).await
+        }
+        other => other,
+    }
 }
 
 /// The bridge and the taps.
@@ -206,7 +229,12 @@ impl Actor for NetActor {
         state: &mut NetState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            NetMsg::Attach { vm, uid, reply } => {
+            NetMsg::Attach {
+                vm,
+                uid,
+                bridge,
+                reply,
+            } => {
                 let result = async {
                     if !state.bridge_ready {
                         helper_call(&state.helper, Request::EnsureBridge).await?;
@@ -230,18 +258,10 @@ impl Actor for NetActor {
                         },
                     )
                     .await?;
-                    let attached =
-                        helper_call(&state.helper, Request::AttachTap { name: name.clone() }).await;
-                    let attached = match attached {
-                        // The bridge went away under us (someone deleted it): once more.
-                        Err(NetError::Failed { .. }) => {
-                            helper_call(&state.helper, Request::EnsureBridge).await?;
-                            helper_call(&state.helper, Request::AttachTap { name: name.clone() })
-                                .await
-                        }
-                        other => other,
-                    };
-                    if let Err(e) = attached {
+                    if !bridge {
+                        return Ok(name);
+                    }
+                    if let Err(e) = attach_tap(&state.helper, &name).await {
                         let _ = helper_call(&state.helper, Request::DeleteTap { name }).await;
                         return Err(e);
                     }
@@ -249,6 +269,9 @@ impl Actor for NetActor {
                 }
                 .await;
                 let _ = reply.send(result);
+            }
+            NetMsg::Bridge { vm, reply } => {
+                let _ = reply.send(attach_tap(&state.helper, &tap_name(&vm)).await);
             }
             NetMsg::Detach { vm, reply } => {
                 let r = helper_call(
@@ -353,9 +376,32 @@ impl HostNet {
 
     /// Make and attach the VM's tap; its name.
     pub async fn attach(&self, vm: &str, uid: u32) -> Result<String, NetError> {
+        self.make_tap(vm, uid, true).await
+    }
+
+    /// Make the VM's tap, off the bridge: nothing the guest sends reaches another VM until
+    /// [`Self::bridge`] (a clone's, until its guest has its own address).
+    pub async fn detached(&self, vm: &str, uid: u32) -> Result<String, NetError> {
+        self.make_tap(vm, uid, false).await
+    }
+
+    async fn make_tap(&self, vm: &str, uid: u32, bridge: bool) -> Result<String, NetError> {
         let net = live(&self.net).ok_or(NetError::Call("net"))?;
         let vm = vm.to_owned();
-        ractor::call!(net, |reply| NetMsg::Attach { vm, uid, reply })
+        ractor::call!(net, |reply| NetMsg::Attach {
+            vm,
+            uid,
+            bridge,
+            reply
+        })
+        .map_err(|_| NetError::Call("net"))?
+    }
+
+    /// Put the tap [`Self::detached`] made on the bridge.
+    pub async fn bridge(&self, vm: &str) -> Result<(), NetError> {
+        let net = live(&self.net).ok_or(NetError::Call("net"))?;
+        let vm = vm.to_owned();
+        ractor::call!(net, |reply| NetMsg::Bridge { vm, reply })
             .map_err(|_| NetError::Call("net"))?
     }
 

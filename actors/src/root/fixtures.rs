@@ -54,6 +54,7 @@ pub(super) fn test_vm_config(dir: &std::path::Path) -> VmConfig {
             default_image: None,
             subnet: "172.30.0.0/24".parse().expect("valid subnet"),
             network: false,
+            max_fork_count: crate::vm::fork::MAX_FORK_COUNT,
             adopt_permits: Arc::new(tokio::sync::Semaphore::new(
                 crate::vm_supervisor::ADOPT_CONCURRENCY,
             )),
@@ -99,6 +100,7 @@ pub(super) fn stored_vm(id: &str, name: &str, created_at: u64) -> crate::vm::mod
         expires: None,
         spawned: None,
         snapshots: Vec::new(),
+        clone_of: None,
         uid: None,
     }
 }

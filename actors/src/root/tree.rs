@@ -212,6 +212,119 @@ impl Tree {
         .map_err(TreeError::Vm)
     }
 
+    /// `vm fork` (see [`crate::vm::fork`] for the steps): the clones once they all run.
+    /// Nothing of a fork that fails is left: its snapshot, copies, records and VMs go.
+    pub async fn fork_vm(
+        &self,
+        req: banger_api::ForkVm,
+        progress: Option<ProgressTx>,
+    ) -> Result<Vec<VmInfo>, TreeError> {
+        use crate::vm::disks::VmDir;
+        use crate::vm::fork;
+        let stage = |stage: &str, detail: String| {
+            if let Some(p) = &progress {
+                let _ = p.send(banger_api::Progress::Stage {
+                    stage: stage.into(),
+                    detail: Some(detail),
+                });
+            }
+        };
+        let count = req.count.unwrap_or(1);
+        let source = self.show_vm(&req.vm).await?;
+        let prefix = req.name.clone().unwrap_or_else(|| source.name.clone());
+        let plan = ractor::call!(self.vms(), |reply| VmSupervisorMsg::ForkPlan {
+            count,
+            prefix,
+            reply
+        })
+        .map_err(|_| TreeError::Call("vm-supervisor"))??;
+        let names: Vec<String> = plan.clones.iter().map(|(_, n)| n.clone()).collect();
+        let from = self
+            .ask_vm(&source.name, |reply| VmMsg::ForkSnapshot {
+                copies: count,
+                progress: progress.clone(),
+                reply,
+            })
+            .await?;
+        // Each clone's directory: copies of the snapshot, and the snapshot itself for the
+        // last.
+        stage(
+            "clone",
+            format!("{} from vm {}'s snapshot", names.join(", "), source.name),
+        );
+        let dirs: Vec<VmDir> = plan
+            .clones
+            .iter()
+            .map(|(id, _)| VmDir::new(&plan.vms_dir, id))
+            .collect();
+        let (snap_dir, to_fill) = (from.dir.clone(), dirs.clone());
+        let copied = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            let (last, rest) = to_fill.split_last().expect("at least one clone");
+            for d in rest {
+                fork::copy_into(&snap_dir, d)?;
+            }
+            fork::take_into(&snap_dir, last)
+        })
+        .await
+        .expect("copies do not panic");
+        let remove = |dirs: Vec<VmDir>, snap: std::path::PathBuf| async move {
+            let _ = tokio::task::spawn_blocking(move || {
+                for d in dirs {
+                    let _ = std::fs::remove_dir_all(&d.dir);
+                }
+                let _ = std::fs::remove_dir_all(snap);
+            })
+            .await;
+        };
+        if let Err(e) = copied {
+            remove(dirs, from.dir.clone()).await;
+            return Err(VmError::Disk(crate::vm::disks::DiskError::Io {
+                path: plan.vms_dir.clone(),
+                source: e,
+            })
+            .into());
+        }
+        let clones = plan.clones.clone();
+        let made = ractor::call!(self.vms(), |reply| VmSupervisorMsg::CreateClones {
+            from: Box::new(from.clone()),
+            clones,
+            network: req.network,
+            nat: req.nat,
+            reply
+        })
+        .map_err(|_| TreeError::Call("vm-supervisor"))?;
+        if let Err(e) = made {
+            remove(dirs, from.dir.clone()).await;
+            return Err(e.into());
+        }
+        stage("restore", names.join(", "));
+        let starts = names.iter().map(|n| {
+            self.ask_vm(n, |reply| VmMsg::Start {
+                progress: None,
+                reply,
+            })
+        });
+        let results = futures::future::join_all(starts).await;
+        if let Some((name, e)) = names.iter().zip(&results).find_map(|(n, r)| {
+            r.as_ref()
+                .err()
+                .map(|e| (n.clone(), banger_error::error_chain(e)))
+        }) {
+            tracing::warn!(vm = %source.name, clone = %name, error = %e, "a clone failed; undoing the fork");
+            for n in &names {
+                let _ = self
+                    .ask_vm(n, |reply| VmMsg::Delete { force: true, reply })
+                    .await;
+            }
+            return Err(VmError::Conflict(format!(
+                "forking vm {}: clone {name} did not come up ({e}); every clone was deleted, vm {} runs on",
+                source.name, source.name
+            ))
+            .into());
+        }
+        Ok(results.into_iter().map(|r| r.expect("checked")).collect())
+    }
+
     /// The actor of a VM.
     pub async fn vm(&self, name: &str) -> Result<ActorRef<VmMsg>, TreeError> {
         let vm = name.to_owned();

@@ -609,6 +609,7 @@ mod tests {
             expires: None,
             spawned: None,
             snapshots: Vec::new(),
+            clone_of: None,
         }
     }
 

@@ -248,6 +248,7 @@ pub enum VmMsg {
     },
     /// Save the running VM to its directory and end its VMM (`vm suspend`).
     Suspend {
+        progress: Option<ProgressTx>,
         reply: Reply<VmInfo>,
     },
     /// Internal: the save of a suspend is done (its state is in place) or failed (the VM
@@ -263,7 +264,14 @@ pub enum VmMsg {
     /// `vm snapshot create` (see [`super::snapshot`]): named, or `snap-N`.
     SnapshotCreate {
         name: Option<String>,
+        progress: Option<ProgressTx>,
         reply: Reply<SnapshotInfo>,
+    },
+    /// `vm fork`'s snapshot, of which `copies` clones will be made (see `vm::fork`).
+    ForkSnapshot {
+        copies: u32,
+        progress: Option<ProgressTx>,
+        reply: Reply<super::fork::ForkSource>,
     },
     /// `vm snapshot rm`, by name or id.
     SnapshotRemove {
@@ -273,6 +281,7 @@ pub enum VmMsg {
     /// `vm rollback`: answered once the VM runs again from the snapshot.
     Rollback {
         snapshot: String,
+        progress: Option<ProgressTx>,
         reply: Reply<VmInfo>,
     },
     /// Internal: a snapshot's save and copies are done (or failed, the VM running on).
@@ -405,7 +414,7 @@ pub struct VmActorState {
     /// The start in progress restores saved state (a failure leaves the VM suspended).
     restoring: bool,
     /// The caller of a snapshot being taken.
-    snapshotting: Option<Reply<SnapshotInfo>>,
+    snapshotting: Option<snapshots::SnapshotWaiter>,
     /// A rollback in progress (see [`snapshots`]).
     rollback: Option<snapshots::PendingRollback>,
     console: Console,
@@ -661,6 +670,7 @@ fn plan(
                 .map(crate::net::lease::mac_for),
         ),
         uid: rec.uid,
+        clone: false,
     })
 }
 
@@ -703,6 +713,7 @@ async fn setup_net(
     env: &VmEnv,
     rec: &VmRecord,
     progress: &[ProgressTx],
+    bridge: bool,
 ) -> Result<Option<String>, VmError> {
     let Some(ip) = rec.ip.as_deref().and_then(|ip| ip.parse().ok()) else {
         return Ok(None);
@@ -717,7 +728,12 @@ async fn setup_net(
         vm: rec.name.clone(),
         source,
     };
-    let tap = env.net.attach(&rec.id, uid).await.map_err(net_err)?;
+    let tap = if bridge {
+        env.net.attach(&rec.id, uid).await
+    } else {
+        env.net.detached(&rec.id, uid).await
+    }
+    .map_err(net_err)?;
     if rec.nat
         && let Err(e) = env.net.nat(&rec.id, Some(ip)).await
     {
@@ -789,6 +805,51 @@ async fn release_net(env: &VmEnv, rec: &VmRecord) {
 /// Tell a restored guest's agent the host's time and give it fresh entropy (its clock
 /// stood still while it was saved, and its RNG state is the saved one). Not fatal: an
 /// older agent without the op answers an error, which is logged.
+/// The `Identity` a restored clone's guest takes: the clone's name, and its own address
+/// and MAC in place of its source's.
+fn identity_request(
+    env: &VmEnv,
+    rec: &VmRecord,
+    from: &super::model::CloneOf,
+) -> banger_guest::proto::Request {
+    let net = guest_net(env, rec).and_then(|n| {
+        let ip: std::net::Ipv4Addr = rec.ip.as_deref()?.parse().ok()?;
+        Some(banger_guest::proto::IdentityNet {
+            mac: crate::net::lease::mac_for(ip),
+            old_address: from.address.clone(),
+            address: n.address_cidr,
+            gateway: n.gateway.parse().ok(),
+            dns: n.dns.parse().ok(),
+        })
+    });
+    banger_guest::proto::Request::Identity {
+        name: rec.name.clone(),
+        net,
+    }
+}
+
+/// Ask a restored clone's agent to take its identity (`req`). A refusal fails its start:
+/// a guest that answers for its source's address and host key must not join the bridge.
+async fn take_identity(
+    sock: &std::path::Path,
+    req: &banger_guest::proto::Request,
+    vm: &str,
+) -> Result<(), String> {
+    match banger_guest::host::call(sock, req, Duration::from_secs(30)).await {
+        Ok(banger_guest::proto::Response::Identity { machine_id, .. }) => {
+            tracing::info!(vm, %machine_id, "the clone took its own identity");
+            Ok(())
+        }
+        Ok(other) => Err(format!(
+            "the clone's agent answered {other:?} to its new identity"
+        )),
+        Err(e) => Err(format!(
+            "the clone's agent could not take its own identity (an agent older than forks?): {}",
+            error_chain(&e)
+        )),
+    }
+}
+
 async fn after_restore(sock: &std::path::Path, vm: &str) {
     use std::io::Read;
     let mut entropy = vec![0u8; 64];
@@ -841,6 +902,19 @@ async fn release_vmm(state: &VmActorState, rt: Option<Runtime>) {
     let _ = tokio::task::spawn_blocking(move || driver.cleanup(&id, rt.as_ref(), &run)).await;
     if firecracker && let Err(e) = state.env.net.clean_jail(&state.rec.id).await {
         tracing::warn!(vm = %state.rec.name, error = %e, "the helper did not clean the jail");
+    }
+}
+
+/// How long a restored clone's start waits for its agent when `agent_timeout_secs` is 0.
+const CLONE_AGENT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// One stage, with what it does, to a caller that follows the progress (if any).
+pub(super) fn tell(progress: &Option<ProgressTx>, stage: &str, detail: impl Into<String>) {
+    if let Some(tx) = progress {
+        let _ = tx.send(Progress::Stage {
+            stage: stage.into(),
+            detail: Some(detail.into()),
+        });
     }
 }
 
@@ -1050,10 +1124,132 @@ impl VmActor {
         Ok(())
     }
 
+    /// Start (or, for a suspended VM, restore) the VM: checks, then the launch in a task
+    /// that reports [`VmMsg::Launched`]; `reply` is answered once its guest runs.
+    pub(super) async fn begin_start(
+        myself: &ActorRef<VmMsg>,
+        state: &mut VmActorState,
+        progress: Option<ProgressTx>,
+        reply: Reply<VmInfo>,
+    ) -> Result<(), ActorProcessingErr> {
+        if let Err(e) = state.check(Op::Start) {
+            let _ = reply.send(Err(e));
+            return Ok(());
+        }
+        // Published ports first: a taken one fails the start before anything runs.
+        if let Err(e) = state.published.bind_all(&mut state.rec.publish).await {
+            let _ = reply.send(Err(e.into()));
+            return Ok(());
+        }
+        if let Err(e) = ensure_uid(&state.env, &mut state.rec).await {
+            let _ = reply.send(Err(e));
+            return Ok(());
+        }
+        state.generation += 1;
+        let (was, was_error) = (state.rec.state, state.rec.error.take());
+        let restore = state.rec.state == VmState::Suspended;
+        state.restoring = restore;
+        if !restore {
+            // A clone that boots (its saved state discarded) is its own machine from its
+            // command line on.
+            state.rec.clone_of = None;
+        }
+        let is_clone = state.rec.clone_of.is_some();
+        state.rec.state = VmState::Starting;
+        state.console.boot_from = std::fs::metadata(state.dir.console()).map_or(0, |m| m.len());
+        // A store that cannot write (a full disk) fails this start, not the actor:
+        // the VM stays as it was, and the caller hears why.
+        if let Err(e) = state.persist().await {
+            state.rec.state = was;
+            state.rec.error = was_error;
+            state.restoring = false;
+            state.published.unbind_all().await;
+            tracing::warn!(vm = %state.rec.name, error = %error_chain(&e), "cannot record the start; the vm is left as it was");
+            let _ = reply.send(Err(e));
+            return Ok(());
+        }
+        let generation = state.generation;
+        let senders: Vec<ProgressTx> = progress.iter().cloned().collect();
+        state.start_waiters.push((reply, progress));
+        let (env, rec, dir, me) = (
+            Arc::clone(&state.env),
+            state.rec.clone(),
+            state.dir.clone(),
+            myself.clone(),
+        );
+        let driver = state.driver();
+        tracing::info!(vm = %rec.name, vmm = rec.vmm.as_str(), restore, "starting");
+        tokio::spawn(async move {
+            let result = async {
+                // A clone's tap joins the bridge once its guest has its own address.
+                let tap = setup_net(&env, &rec, &senders, !is_clone).await?;
+                send_stage(&senders, "disks");
+                let plan = {
+                    let (env, rec, dir) = (Arc::clone(&env), rec.clone(), dir.clone());
+                    tokio::task::spawn_blocking(move || {
+                        ensure_disks(&dir, rec.spec.disk_bytes)?;
+                        if !restore {
+                            // Left by a save the daemon did not finish: a cold boot
+                            // moves the disks on, so it can never be restored.
+                            discard_saved_state(&dir);
+                        }
+                        let mut plan = plan(&env, &rec, &dir, tap)?;
+                        plan.clone = is_clone;
+                        Ok::<_, VmError>(plan)
+                    })
+                    .await
+                    .expect("plan does not panic")?
+                };
+                let stage = |s: &str| send_stage(&senders, s);
+                let spawned = |pid: i32, start_time: u64| {
+                    if super::orphans::fault("after-spawn") {
+                        tracing::error!(vm = %rec.name, pid, "fault injected: killed after the VMM's spawn");
+                        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+                    }
+                    let _ = me.cast(VmMsg::Spawned {
+                        generation,
+                        pid,
+                        start_time,
+                    });
+                };
+                                        let launched = if restore {
+                    driver
+                        .launch_restored(&plan, &dir.saved_state(), &env.net, &stage, &spawned)
+                        .await
+                } else {
+                    driver.launch(&plan, &env.net, &stage, &spawned).await
+                };
+                let rt = launched.map_err(|source| VmError::Start {
+                    vm: rec.name.clone(),
+                    log: plan.console.display().to_string(),
+                    source,
+                })?;
+                if restore {
+                    // The guest runs on from it and its disks move on: it can
+                    // never be loaded again.
+                    let dir = dir.clone();
+                    let _ = tokio::task::spawn_blocking(move || discard_saved_state(&dir))
+                        .await;
+                }
+                Ok((rt, plan.cmdline))
+            }
+            .await;
+            if result.is_err() {
+                release_net(&env, &rec).await;
+            }
+            let _ = me.cast(VmMsg::Launched { generation, result });
+        });
+        Ok(())
+    }
+
     /// Check a suspend can start (running, not already saving, room for the state) and
     /// start the save in a task that reports [`VmMsg::Saved`]; the mailbox stays free
     /// (`vm show` answers while it runs).
-    fn begin_suspend(myself: &ActorRef<VmMsg>, state: &VmActorState) -> Result<(), VmError> {
+    fn begin_suspend(
+        myself: &ActorRef<VmMsg>,
+        state: &VmActorState,
+        progress: Option<ProgressTx>,
+    ) -> Result<(), VmError> {
         state.check(Op::Suspend)?;
         let name = &state.rec.name;
         if state.suspend_waiter.is_some() {
@@ -1088,6 +1284,7 @@ impl VmActor {
         );
         tracing::info!(vm = %name, "suspending");
         let name = name.clone();
+        let memory = state.rec.spec.memory_mib;
         tokio::spawn(async move {
             let tmp = dir.saved_state_tmp();
             let result = async {
@@ -1102,6 +1299,11 @@ impl VmActor {
                     path: tmp.clone(),
                     source,
                 })?;
+                tell(
+                    &progress,
+                    "save",
+                    format!("memory ({memory} MiB) and device state"),
+                );
                 driver
                     .save_state(&rt, &dir.run_dir(), &tmp, false)
                     .await
@@ -1118,6 +1320,11 @@ impl VmActor {
                     source,
                 })?;
                 die_at("after-save");
+                tell(
+                    &progress,
+                    "stop",
+                    "saved; ending the VMM to free its memory",
+                );
                 Ok::<(), VmError>(())
             }
             .await;
@@ -1140,6 +1347,10 @@ impl VmActor {
     ) -> Result<(), ActorProcessingErr> {
         state.rec.state = VmState::Running;
         state.rec.started_at = Some(now_secs());
+        if agent_error.is_none() {
+            // A clone's guest has taken its own identity (see `take_identity`).
+            state.rec.clone_of = None;
+        }
         state.rec.error = agent_error
             .as_ref()
             .map(|e| format!("the guest agent did not answer: {e}"));
@@ -1546,105 +1757,7 @@ impl Actor for VmActor {
                 });
             }
             VmMsg::Start { progress, reply } => {
-                if let Err(e) = state.check(Op::Start) {
-                    let _ = reply.send(Err(e));
-                    return Ok(());
-                }
-                // Published ports first: a taken one fails the start before anything runs.
-                if let Err(e) = state.published.bind_all(&mut state.rec.publish).await {
-                    let _ = reply.send(Err(e.into()));
-                    return Ok(());
-                }
-                if let Err(e) = ensure_uid(&state.env, &mut state.rec).await {
-                    let _ = reply.send(Err(e));
-                    return Ok(());
-                }
-                state.generation += 1;
-                let (was, was_error) = (state.rec.state, state.rec.error.take());
-                let restore = state.rec.state == VmState::Suspended;
-                state.restoring = restore;
-                state.rec.state = VmState::Starting;
-                state.console.boot_from =
-                    std::fs::metadata(state.dir.console()).map_or(0, |m| m.len());
-                // A store that cannot write (a full disk) fails this start, not the actor:
-                // the VM stays as it was, and the caller hears why.
-                if let Err(e) = state.persist().await {
-                    state.rec.state = was;
-                    state.rec.error = was_error;
-                    state.restoring = false;
-                    state.published.unbind_all().await;
-                    tracing::warn!(vm = %state.rec.name, error = %error_chain(&e), "cannot record the start; the vm is left as it was");
-                    let _ = reply.send(Err(e));
-                    return Ok(());
-                }
-                let generation = state.generation;
-                let senders: Vec<ProgressTx> = progress.iter().cloned().collect();
-                state.start_waiters.push((reply, progress));
-                let (env, rec, dir, me) = (
-                    Arc::clone(&state.env),
-                    state.rec.clone(),
-                    state.dir.clone(),
-                    myself.clone(),
-                );
-                let driver = state.driver();
-                tracing::info!(vm = %rec.name, vmm = rec.vmm.as_str(), restore, "starting");
-                tokio::spawn(async move {
-                    let result = async {
-                        let tap = setup_net(&env, &rec, &senders).await?;
-                        send_stage(&senders, "disks");
-                        let plan = {
-                            let (env, rec, dir) = (Arc::clone(&env), rec.clone(), dir.clone());
-                            tokio::task::spawn_blocking(move || {
-                                ensure_disks(&dir, rec.spec.disk_bytes)?;
-                                if !restore {
-                                    // Left by a save the daemon did not finish: a cold boot
-                                    // moves the disks on, so it can never be restored.
-                                    discard_saved_state(&dir);
-                                }
-                                plan(&env, &rec, &dir, tap)
-                            })
-                            .await
-                            .expect("plan does not panic")?
-                        };
-                        let stage = |s: &str| send_stage(&senders, s);
-                        let spawned = |pid: i32, start_time: u64| {
-                            if super::orphans::fault("after-spawn") {
-                                tracing::error!(vm = %rec.name, pid, "fault injected: killed after the VMM's spawn");
-                                let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
-                            }
-                            let _ = me.cast(VmMsg::Spawned {
-                                generation,
-                                pid,
-                                start_time,
-                            });
-                        };
-                                                let launched = if restore {
-                            driver
-                                .launch_restored(&plan, &dir.saved_state(), &env.net, &stage, &spawned)
-                                .await
-                        } else {
-                            driver.launch(&plan, &env.net, &stage, &spawned).await
-                        };
-                        let rt = launched.map_err(|source| VmError::Start {
-                            vm: rec.name.clone(),
-                            log: plan.console.display().to_string(),
-                            source,
-                        })?;
-                        if restore {
-                            // The guest runs on from it and its disks move on: it can
-                            // never be loaded again.
-                            let dir = dir.clone();
-                            let _ = tokio::task::spawn_blocking(move || discard_saved_state(&dir))
-                                .await;
-                        }
-                        Ok((rt, plan.cmdline))
-                    }
-                    .await;
-                    if result.is_err() {
-                        release_net(&env, &rec).await;
-                    }
-                    let _ = me.cast(VmMsg::Launched { generation, result });
-                });
+                Self::begin_start(&myself, state, progress, reply).await?;
             }
             VmMsg::Spawned {
                 generation,
@@ -1676,7 +1789,12 @@ impl Actor for VmActor {
                         state.persist().await?;
                         Self::watch_exit(&myself, state);
                         Self::start_console(&myself, state);
-                        let timeout = state.env.agent_timeout;
+                        let mut timeout = state.env.agent_timeout;
+                        if timeout.is_zero() && state.restoring && state.rec.clone_of.is_some() {
+                            // A clone needs its agent for its identity (and its tap for
+                            // the bridge), whatever `agent_timeout_secs` says.
+                            timeout = CLONE_AGENT_TIMEOUT;
+                        }
                         if timeout.is_zero() {
                             Self::now_running(state, None).await?;
                         } else {
@@ -1696,8 +1814,18 @@ impl Actor for VmActor {
                             let ssh_key = state.env.ssh_key.clone();
                             let vm_name = state.rec.name.clone();
                             let restored = state.restoring;
-                            // started_at is set once running: None means the first boot.
-                            let file_sync = if state.rec.started_at.is_none() {
+                            // A restored clone takes its own identity, then joins the bridge.
+                            let identity = state
+                                .rec
+                                .clone_of
+                                .as_ref()
+                                .filter(|_| restored)
+                                .map(|c| identity_request(&state.env, &state.rec, c));
+                            let (net, id) = (state.env.net.clone(), state.rec.id.clone());
+                            let bridged = state.rec.ip.is_some();
+                            // started_at is set once running: None means the first boot (a
+                            // clone's is its source's: it has their files already).
+                            let file_sync = if state.rec.started_at.is_none() && !restored {
                                 state.env.file_sync.clone()
                             } else {
                                 Vec::new()
@@ -1713,6 +1841,29 @@ impl Actor for VmActor {
                                 if result.is_ok() && restored {
                                     after_restore(std::path::Path::new(&sock), &vm_name).await;
                                 }
+                                let result = match (result, identity) {
+                                    (Ok(()), Some(req)) => {
+                                        async {
+                                            take_identity(
+                                                std::path::Path::new(&sock),
+                                                &req,
+                                                &vm_name,
+                                            )
+                                            .await?;
+                                            if bridged {
+                                                net.bridge(&id).await.map_err(|e| {
+                                                    format!(
+                                                        "putting its tap on the bridge: {}",
+                                                        error_chain(&e)
+                                                    )
+                                                })?;
+                                            }
+                                            Ok::<(), String>(())
+                                        }
+                                        .await
+                                    }
+                                    (r, _) => r,
+                                };
                                 if result.is_ok()
                                     && let Some(key) = ssh_key
                                 {
@@ -1891,8 +2042,8 @@ impl Actor for VmActor {
                         .await;
                 });
             }
-            VmMsg::Suspend { reply } => {
-                if let Err(e) = Self::begin_suspend(&myself, state) {
+            VmMsg::Suspend { progress, reply } => {
+                if let Err(e) = Self::begin_suspend(&myself, state, progress) {
                     let _ = reply.send(Err(e));
                     return Ok(());
                 }
@@ -1964,8 +2115,21 @@ impl Actor for VmActor {
                 }
                 Self::delete_now(&myself, state, reply).await?;
             }
-            VmMsg::SnapshotCreate { name, reply } => {
-                Self::begin_snapshot(&myself, state, name, reply);
+            VmMsg::SnapshotCreate {
+                name,
+                progress,
+                reply,
+            } => {
+                let what = snapshots::SnapshotFor::Named { name, reply };
+                Self::begin_snapshot(&myself, state, what, progress);
+            }
+            VmMsg::ForkSnapshot {
+                copies,
+                progress,
+                reply,
+            } => {
+                let what = snapshots::SnapshotFor::Fork { copies, reply };
+                Self::begin_snapshot(&myself, state, what, progress);
             }
             VmMsg::Snapshotted { generation, result } => {
                 Self::on_snapshotted(state, generation, result).await;
@@ -1973,14 +2137,18 @@ impl Actor for VmActor {
             VmMsg::SnapshotRemove { snapshot, reply } => {
                 let _ = reply.send(Self::remove_snapshot(state, &snapshot).await);
             }
-            VmMsg::Rollback { snapshot, reply } => {
-                Self::begin_rollback(&myself, state, &snapshot, reply);
+            VmMsg::Rollback {
+                snapshot,
+                progress,
+                reply,
+            } => {
+                Self::begin_rollback(&myself, state, &snapshot, progress, reply);
             }
             VmMsg::RollbackChecked { result } => {
                 Self::on_rollback_checked(&myself, state, result).await;
             }
             VmMsg::RollbackPrepared { result } => {
-                Self::on_rollback_prepared(&myself, state, result).await;
+                Self::on_rollback_prepared(&myself, state, result).await?;
             }
             VmMsg::Expired { at } => {
                 let Some(expiry) = state.rec.expires.filter(|e| e.at == at) else {

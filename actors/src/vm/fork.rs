@@ -83,17 +83,36 @@ pub fn take_into(snapshot: &Path, clone: &VmDir) -> std::io::Result<()> {
     }
     std::fs::rename(snapshot, &clone.dir)?;
     for disk in super::snapshot::DISKS {
-        std::fs::set_permissions(
-            clone.dir.join(disk),
-            std::fs::Permissions::from_mode(0o644),
-        )?;
+        std::fs::set_permissions(clone.dir.join(disk), std::fs::Permissions::from_mode(0o644))?;
     }
     Ok(())
 }
 
-/// The disk space `count` clones of a VM take: each a copy of its snapshot.
+/// The disk space `count` clones of a VM take: each a copy of its snapshot (the last
+/// one the snapshot itself).
 pub fn space_needed(rec: &VmRecord, vm: &VmDir, count: u32) -> u64 {
-    super::snapshot::space_needed(rec, vm).saturating_mul(u64::from(count) + 1)
+    super::snapshot::space_needed(rec, vm).saturating_mul(u64::from(count))
+}
+
+/// Remove the VM directories under `vms_dir` that no record names (`known`): a fork's
+/// clones copied before a daemon's death cut it short, ahead of their records. Only
+/// names shaped like VM ids are touched. Blocking; answers what it removed.
+pub fn sweep_unrecorded(vms_dir: &Path, known: &HashSet<String>) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(vms_dir) else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let is_id = name.len() == 12
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if is_id && !known.contains(&name) && std::fs::remove_dir_all(e.path()).is_ok() {
+            removed.push(name);
+        }
+    }
+    removed
 }
 
 #[cfg(test)]
@@ -105,6 +124,24 @@ mod tests {
         let taken: HashSet<String> = ["a", "a-1", "a-3"].iter().map(|s| s.to_string()).collect();
         assert_eq!(names("a", 3, &taken), ["a-2", "a-4", "a-5"]);
         assert_eq!(names("b", 1, &taken), ["b-1"]);
+    }
+
+    #[test]
+    fn only_unrecorded_vm_directories_are_swept() {
+        let tmp = tempfile::tempdir().unwrap();
+        for d in [
+            "0123456789ab",
+            "ba9876543210",
+            "not-a-vm-dir",
+            "0123456789AB",
+        ] {
+            std::fs::create_dir_all(tmp.path().join(d).join("state")).unwrap();
+        }
+        let known: HashSet<String> = ["0123456789ab".to_owned()].into();
+        assert_eq!(sweep_unrecorded(tmp.path(), &known), ["ba9876543210"]);
+        for d in ["0123456789ab", "not-a-vm-dir", "0123456789AB"] {
+            assert!(tmp.path().join(d).exists(), "{d}");
+        }
     }
 
     #[test]

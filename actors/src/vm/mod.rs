@@ -4,6 +4,7 @@
 pub mod actor;
 pub mod cmdline;
 pub mod disks;
+pub mod fork;
 pub mod model;
 pub mod orphans;
 pub mod proc;

@@ -81,6 +81,20 @@ pub struct VmRecord {
     /// the VM's, gone with it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub snapshots: Vec<SnapshotRecord>,
+    /// Set on a VM made from another VM's saved state (`vm fork`): its guest is that VM's
+    /// until it takes its own identity, which its next restore does through the agent
+    /// before its tap joins the bridge (see `vm::fork`); cleared once it has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone_of: Option<CloneOf>,
+}
+
+/// The VM a clone's guest was when it was saved: its name, and the address the guest
+/// still has (which it gives up for the clone's own).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloneOf {
+    pub vm: String,
+    /// `<addr>/<prefix>`, when the source had a network.
+    pub address: Option<String>,
 }
 
 /// A named snapshot of a VM as stored: what `vm rollback` checks before it restores one.

@@ -291,6 +291,7 @@ mod tests {
             expires: None,
             spawned: None,
             snapshots: Vec::new(),
+            clone_of: None,
         };
         let left = orphans(&[rec], found);
         assert_eq!(

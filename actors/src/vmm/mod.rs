@@ -47,6 +47,10 @@ pub struct LaunchPlan {
     pub tap: Option<(String, String)>,
     /// The uid a jailed Firecracker runs as (the VM record's); None for QEMU.
     pub uid: Option<u32>,
+    /// The saved state a restore loads is another VM's (a fork's): its NIC's tap is this
+    /// VM's under another name (Firecracker: `network_overrides` on the load; QEMU opens
+    /// the tap its device line names anyway).
+    pub clone: bool,
 }
 
 /// Driver settings, resolved from config.

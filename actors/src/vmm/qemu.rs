@@ -583,6 +583,7 @@ mod tests {
             run_dir: "/v/run".into(),
             tap: None,
             uid: None,
+            clone: false,
         }
     }
 

@@ -339,8 +339,8 @@ pub fn vmm_checks(
     out
 }
 
-/// Whether `vm suspend` (and so a restore at `vm start`) works with the VMM new VMs get,
-/// from its `--version` line. QEMU saves with the `mapped-ram` migration capability, new in
+/// Whether `vm suspend` and `vm snapshot` (and so a restore at `vm start`, a `vm rollback`)
+/// work with the VMM new VMs get, from its `--version` line. QEMU saves with the `mapped-ram` migration capability, new in
 /// QEMU 9.0; every Firecracker banger supports has its snapshot API, but a snapshot loads
 /// only into the release that made it.
 pub fn suspend_check(vmm: VmmKind, version: Option<&str>) -> Check {
@@ -348,7 +348,7 @@ pub fn suspend_check(vmm: VmmKind, version: Option<&str>) -> Check {
         VmmKind::Firecracker => check(
             "suspend",
             Level::Ok,
-            "Firecracker's snapshot API (a suspended VM restores only under the Firecracker release that saved it)",
+            "Firecracker's snapshot API: `vm suspend` and `vm snapshot` work (a saved VM restores only under the Firecracker release that saved it)",
             None,
         ),
         VmmKind::Qemu => {
@@ -361,21 +361,21 @@ pub fn suspend_check(vmm: VmmKind, version: Option<&str>) -> Check {
                 Some(m) if m >= 9 => check(
                     "suspend",
                     Level::Ok,
-                    format!("QEMU {m} saves with mapped-ram"),
+                    format!("QEMU {m} saves with mapped-ram: `vm suspend` and `vm snapshot` work"),
                     None,
                 ),
                 Some(m) => check(
                     "suspend",
                     Level::Warn,
                     format!(
-                        "QEMU {m} has no mapped-ram migration: `vm suspend` fails (the VM runs on)"
+                        "QEMU {m} has no mapped-ram migration: `vm suspend` and `vm snapshot` fail (the VM runs on)"
                     ),
                     Some("QEMU 9.0 or newer suspends VMs (Debian bookworm-backports has 10.0)"),
                 ),
                 None => check(
                     "suspend",
                     Level::Warn,
-                    "QEMU's version is unknown: `vm suspend` needs QEMU 9.0 or newer (mapped-ram)",
+                    "QEMU's version is unknown: `vm suspend` and `vm snapshot` need QEMU 9.0 or newer (mapped-ram)",
                     None,
                 ),
             }
@@ -1057,11 +1057,16 @@ mod tests {
         let c = qemu("QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2+deb13u1~bpo12+1)");
         assert_eq!(
             (c.status, c.detail.as_str()),
-            (Level::Ok, "QEMU 10 saves with mapped-ram")
+            (
+                Level::Ok,
+                "QEMU 10 saves with mapped-ram: `vm suspend` and `vm snapshot` work"
+            )
         );
         let c = qemu("QEMU emulator version 7.2.15 (Debian 1:7.2+dfsg-7+deb12u12)");
         assert_eq!(c.status, Level::Warn);
-        assert!(c.detail.contains("fails") && c.hint.as_deref().unwrap().contains("9.0"));
+        assert!(
+            c.detail.contains("`vm snapshot` fail") && c.hint.as_deref().unwrap().contains("9.0")
+        );
         assert_eq!(suspend_check(VmmKind::Qemu, None).status, Level::Warn);
         assert_eq!(suspend_check(VmmKind::Firecracker, None).status, Level::Ok);
     }

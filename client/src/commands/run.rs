@@ -180,6 +180,8 @@ async fn create(
             Progress::Failed { code, message } => {
                 return Err((name, CliError::Rpc { code, message }));
             }
+            // Only `vm.snapshot_create` and `vm.fork` end with them.
+            Progress::Snapshot { .. } | Progress::Forked { .. } => {}
         }
     }
     Err((

@@ -53,8 +53,31 @@ pub fn defaults_help(d: &SpecDefaults) -> String {
     )
 }
 
-/// Follow a progress stream to its end, printing stages to stderr.
-async fn follow_progress(mut sub: Subscription<Progress>, quiet: bool) -> Result<VmInfo, CliError> {
+/// Follow a progress stream to its end, printing stages to stderr, and the VM's state
+/// once it is done.
+async fn follow_progress(sub: Subscription<Progress>, quiet: bool) -> Result<VmInfo, CliError> {
+    let t0 = Instant::now();
+    match follow_events(sub, quiet).await? {
+        Progress::Done { vm } => {
+            if !quiet {
+                eprintln!(
+                    "{} is {} ({:.1}s)",
+                    vm.name,
+                    vm.state.as_str(),
+                    t0.elapsed().as_secs_f64()
+                );
+            }
+            Ok(vm)
+        }
+        other => Err(CliError::Other(format!(
+            "the daemon ended the progress stream with {other:?}, not the vm"
+        ))),
+    }
+}
+
+/// Follow a progress stream, printing its stages to stderr, to its last event: `done` or
+/// `snapshot` (answered), `failed` (the error).
+async fn follow_events(mut sub: Subscription<Progress>, quiet: bool) -> Result<Progress, CliError> {
     let t0 = Instant::now();
     let tty = std::io::stderr().is_terminal();
     while let Some(item) = sub.next().await {
@@ -82,16 +105,9 @@ async fn follow_progress(mut sub: Subscription<Progress>, quiet: bool) -> Result
                     }
                 }
             }
-            Progress::Done { vm } => {
-                if !quiet {
-                    eprintln!(
-                        "{} is {} ({:.1}s)",
-                        vm.name,
-                        vm.state.as_str(),
-                        t0.elapsed().as_secs_f64()
-                    );
-                }
-                return Ok(vm);
+            last
+            @ (Progress::Done { .. } | Progress::Snapshot { .. } | Progress::Forked { .. }) => {
+                return Ok(last);
             }
             Progress::Failed { code, message } => return Err(CliError::Rpc { code, message }),
         }
@@ -506,7 +522,14 @@ async fn snapshot(
         SnapshotCmd::Create { vm, name, json } => {
             let vm = resolve(client, vm).await?;
             let t0 = Instant::now();
-            let s = client.snapshot_create(vm, name).await?;
+            let s = match follow_events(client.snapshot_create(vm, name).await?, json).await? {
+                Progress::Snapshot { snapshot } => snapshot,
+                other => {
+                    return Err(CliError::Other(format!(
+                        "the daemon ended the snapshot's progress with {other:?}, not the snapshot"
+                    )));
+                }
+            };
             if json {
                 render::json(&s)?;
             } else {
@@ -840,14 +863,21 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
         VmCmd::Pause(a) => return pause_resume(&client, a, true).await,
         VmCmd::Resume(a) => return pause_resume(&client, a, false).await,
         VmCmd::Suspend(a) => {
+            let mut done = Vec::new();
             let c = &client;
-            return timed_each(
-                c,
+            let status = each(
                 a.vms,
-                a.json,
-                |vm| async move { Ok(c.suspend(vm).await?) },
+                |vm| async move {
+                    let vm = resolve(c, vm).await?;
+                    follow_progress(c.suspend(vm).await?, a.json).await
+                },
+                |info| done.push(info),
             )
             .await;
+            if a.json {
+                render::json(&done)?;
+            }
+            return Ok(status);
         }
         VmCmd::Kill { vms, signal, json } => {
             let mut done = Vec::new();
@@ -1017,7 +1047,15 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
         VmCmd::Rollback { vm, snapshot, json } => {
             let vm = resolve(&client, vm).await?;
             let t0 = Instant::now();
-            let info = client.rollback(vm, snapshot.clone()).await?;
+            let sub = client.rollback(vm, snapshot.clone()).await?;
+            let info = match follow_events(sub, json).await? {
+                Progress::Done { vm } => vm,
+                other => {
+                    return Err(CliError::Other(format!(
+                        "the daemon ended the rollback's progress with {other:?}, not the vm"
+                    )));
+                }
+            };
             if json {
                 render::json(&info)?;
             } else {
@@ -1025,6 +1063,52 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
                     "{} is back at snapshot {snapshot} and {} ({:.1}s)",
                     info.name,
                     info.state.as_str(),
+                    t0.elapsed().as_secs_f64()
+                );
+            }
+        }
+        VmCmd::Fork {
+            vm,
+            count,
+            name,
+            nat,
+            no_network,
+            json,
+        } => {
+            let vm = resolve(&client, vm).await?;
+            let t0 = Instant::now();
+            let req = banger_api::ForkVm {
+                vm,
+                count: Some(count),
+                name,
+                nat,
+                network: no_network.then_some(false),
+            };
+            let vms = match follow_events(client.fork(req).await?, json).await? {
+                Progress::Forked { vms } => vms,
+                other => {
+                    return Err(CliError::Other(format!(
+                        "the daemon ended the fork's progress with {other:?}, not the clones"
+                    )));
+                }
+            };
+            if json {
+                render::json(&vms)?;
+            } else {
+                for v in &vms {
+                    eprintln!(
+                        "{} is {}{}",
+                        v.name,
+                        v.state.as_str(),
+                        v.ip.as_deref()
+                            .map(|ip| format!(" at {ip}"))
+                            .unwrap_or_default()
+                    );
+                }
+                eprintln!(
+                    "{} clone{} ({:.1}s)",
+                    vms.len(),
+                    if vms.len() == 1 { "" } else { "s" },
                     t0.elapsed().as_secs_f64()
                 );
             }

@@ -177,6 +177,27 @@ pub struct SpecDefaults {
     pub vmm_emulated: bool,
 }
 
+/// Request of `vm.fork`: `count` new VMs restored from one snapshot of the running (or
+/// paused) `vm`, each its own machine (see `docs/forks.md`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForkVm {
+    pub vm: String,
+    /// How many clones (default 1; at most `[vm_defaults] max_fork_count`).
+    #[serde(default)]
+    pub count: Option<u32>,
+    /// The clones are `<name>-1` … `<name>-N` (the first free numbers); default the
+    /// source's name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// NAT for the clones (`--nat`); default the source's egress (and isolation).
+    #[serde(default)]
+    pub nat: bool,
+    /// A network for the clones; default: what the source has.
+    #[serde(default)]
+    pub network: Option<bool>,
+}
+
 /// Request of `vm.create`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -391,8 +412,10 @@ pub struct VmStats {
     pub dns_refused: Option<u64>,
 }
 
-/// A progress event of `vm.create`, `vm.start` and `vm.restart` (subscriptions). The stream
-/// always ends with `done` or `failed`.
+/// A progress event of `vm.create`, `vm.start`, `vm.restart`, `vm.suspend`,
+/// `vm.snapshot_create`, `vm.rollback` and `vm.fork` (subscriptions). The stream always
+/// ends with `done` (`snapshot` for `vm.snapshot_create`, `forked` for `vm.fork`) or
+/// `failed`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "lowercase")]
 pub enum Progress {
@@ -407,6 +430,14 @@ pub enum Progress {
     },
     Done {
         vm: VmInfo,
+    },
+    /// The snapshot taken: the last event of `vm.snapshot_create` (in place of `done`).
+    Snapshot {
+        snapshot: SnapshotInfo,
+    },
+    /// The clones made, running: the last event of `vm.fork` (in place of `done`).
+    Forked {
+        vms: Vec<VmInfo>,
     },
     Failed {
         code: i32,
@@ -478,8 +509,9 @@ mod rpc {
 
         /// Save a running VM to disk (memory and device state, in its directory), then stop
         /// its VMM: it shows `suspended`, and `vm.start` restores it where it was.
-        #[method(name = "suspend")]
-        async fn suspend(&self, vm: String) -> jsonrpsee::core::RpcResult<VmInfo>;
+        /// Streams its stages (`save`, `stop`).
+        #[subscription(name = "suspend" => "suspend.progress", unsubscribe = "suspend.unsubscribe", item = Progress)]
+        async fn suspend(&self, vm: String) -> jsonrpsee::core::SubscriptionResult;
 
         /// Send a signal (default SIGKILL) to the VMM.
         #[method(name = "kill")]
@@ -545,13 +577,14 @@ mod rpc {
 
         /// Snapshot a running or paused VM under `name` (generated when None): it is
         /// paused while its memory and device state are saved and its disks copied, then
-        /// runs on as it was.
-        #[method(name = "snapshot_create")]
+        /// runs on as it was. Streams its stages (`save`, `copy`, `resume`) and ends with
+        /// `snapshot`.
+        #[subscription(name = "snapshot_create" => "snapshot_create.progress", unsubscribe = "snapshot_create.unsubscribe", item = Progress)]
         async fn snapshot_create(
             &self,
             vm: String,
             name: Option<String>,
-        ) -> jsonrpsee::core::RpcResult<SnapshotInfo>;
+        ) -> jsonrpsee::core::SubscriptionResult;
 
         /// The snapshots of `vm`, or of every VM when None, oldest first.
         #[method(name = "snapshot_list")]
@@ -569,14 +602,22 @@ mod rpc {
         ) -> jsonrpsee::core::RpcResult<SnapshotInfo>;
 
         /// Put `vm` back to its snapshot `snapshot`, memory included: its VMM (if any) is
-        /// ended, its disks replaced by the snapshot's and its state restored; answers
-        /// the VM once its guest runs again.
-        #[method(name = "rollback")]
+        /// ended, its disks replaced by the snapshot's and its state restored. Streams
+        /// its stages (`check`, `stop`, `copy`, then the restore's) and ends with `done`
+        /// once its guest runs again.
+        #[subscription(name = "rollback" => "rollback.progress", unsubscribe = "rollback.unsubscribe", item = Progress)]
         async fn rollback(
             &self,
             vm: String,
             snapshot: String,
-        ) -> jsonrpsee::core::RpcResult<VmInfo>;
+        ) -> jsonrpsee::core::SubscriptionResult;
+
+        /// Clone a running or paused VM `count` times: it is snapshotted (and runs on), and
+        /// each clone restored from the snapshot takes its own name, machine id, ssh host
+        /// key, address and MAC before its tap joins the bridge. Streams stages and ends
+        /// with `forked`; a clone that fails undoes the whole fork.
+        #[subscription(name = "fork" => "fork.progress", unsubscribe = "fork.unsubscribe", item = Progress)]
+        async fn fork(&self, req: ForkVm) -> jsonrpsee::core::SubscriptionResult;
 
         /// The VM's published ports.
         #[method(name = "port_list")]

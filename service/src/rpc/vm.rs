@@ -13,8 +13,8 @@ use banger_actors::vm::actor::{VmError, VmMsg};
 use banger_actors::vm::proc::parse_signal;
 use banger_actors::vm::publish::{PortAnswer, PortOp};
 use banger_api::{
-    CreateVm, LogEvent, Progress, Pruned, SetVm, SnapshotInfo, SpecDefaults, VmInfo, VmRpcServer,
-    VmState, VmStats,
+    CreateVm, ForkVm, LogEvent, Progress, Pruned, SetVm, SnapshotInfo, SpecDefaults, VmInfo,
+    VmRpcServer, VmState, VmStats,
 };
 
 use super::{Ctx, RpcError};
@@ -65,6 +65,22 @@ where
     F: FnOnce(mpsc::UnboundedSender<Progress>) -> Fut,
     Fut: std::future::Future<Output = Result<VmInfo, TreeError>>,
 {
+    stream(pending, |tx| async move {
+        op(tx)
+            .await
+            .map(|vm| Progress::Done { vm })
+            .map_err(RpcError::from)
+    })
+    .await
+}
+
+/// Run an operation, streaming its stages, and end the stream with the event it answers
+/// (`done`, or `snapshot` for `vm.snapshot_create`) or `failed`.
+async fn stream<F, Fut>(pending: PendingSubscriptionSink, op: F) -> SubscriptionResult
+where
+    F: FnOnce(mpsc::UnboundedSender<Progress>) -> Fut,
+    Fut: std::future::Future<Output = Result<Progress, RpcError>>,
+{
     let sink = pending.accept().await?;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let fut = op(tx);
@@ -80,9 +96,9 @@ where
         send(&sink, &ev).await;
     }
     let last = match result {
-        Ok(vm) => Progress::Done { vm },
+        Ok(last) => last,
         Err(e) => {
-            let obj: ErrorObjectOwned = RpcError::from(e).into();
+            let obj: ErrorObjectOwned = e.into();
             Progress::Failed {
                 code: obj.code(),
                 message: obj.message().to_owned(),
@@ -197,14 +213,18 @@ impl VmRpcServer for VmApi {
             .map_err(RpcError::from)?)
     }
 
-    #[tracing::instrument(skip(self))]
-    async fn suspend(&self, vm: String) -> RpcResult<VmInfo> {
-        Ok(self
-            .ctx
-            .tree
-            .ask_vm(&vm, |reply| VmMsg::Suspend { reply })
-            .await
-            .map_err(RpcError::from)?)
+    #[tracing::instrument(skip(self, pending))]
+    async fn suspend(&self, pending: PendingSubscriptionSink, vm: String) -> SubscriptionResult {
+        let ctx = Arc::clone(&self.ctx);
+        progress_stream(pending, |tx| async move {
+            ctx.tree
+                .ask_vm(&vm, |reply| VmMsg::Suspend {
+                    progress: Some(tx),
+                    reply,
+                })
+                .await
+        })
+        .await
     }
 
     #[tracing::instrument(skip(self))]
@@ -356,14 +376,26 @@ impl VmRpcServer for VmApi {
         }
     }
 
-    #[tracing::instrument(skip(self))]
-    async fn snapshot_create(&self, vm: String, name: Option<String>) -> RpcResult<SnapshotInfo> {
-        Ok(self
-            .ctx
-            .tree
-            .ask_vm(&vm, |reply| VmMsg::SnapshotCreate { name, reply })
-            .await
-            .map_err(RpcError::from)?)
+    #[tracing::instrument(skip(self, pending))]
+    async fn snapshot_create(
+        &self,
+        pending: PendingSubscriptionSink,
+        vm: String,
+        name: Option<String>,
+    ) -> SubscriptionResult {
+        let ctx = Arc::clone(&self.ctx);
+        stream(pending, |tx| async move {
+            ctx.tree
+                .ask_vm(&vm, |reply| VmMsg::SnapshotCreate {
+                    name,
+                    progress: Some(tx),
+                    reply,
+                })
+                .await
+                .map(|snapshot| Progress::Snapshot { snapshot })
+                .map_err(RpcError::from)
+        })
+        .await
     }
 
     async fn snapshot_list(&self, vm: Option<String>) -> RpcResult<Vec<SnapshotInfo>> {
@@ -386,15 +418,42 @@ impl VmRpcServer for VmApi {
         Ok(self.elsewhere(answer, &asked).await?)
     }
 
-    #[tracing::instrument(skip(self))]
-    async fn rollback(&self, vm: String, snapshot: String) -> RpcResult<VmInfo> {
+    #[tracing::instrument(skip(self, pending))]
+    async fn rollback(
+        &self,
+        pending: PendingSubscriptionSink,
+        vm: String,
+        snapshot: String,
+    ) -> SubscriptionResult {
         let asked = snapshot.clone();
-        let answer = self
-            .ctx
-            .tree
-            .ask_vm(&vm, |reply| VmMsg::Rollback { snapshot, reply })
-            .await;
-        Ok(self.elsewhere(answer, &asked).await?)
+        stream(pending, |tx| async move {
+            let answer = self
+                .ctx
+                .tree
+                .ask_vm(&vm, |reply| VmMsg::Rollback {
+                    snapshot,
+                    progress: Some(tx),
+                    reply,
+                })
+                .await;
+            self.elsewhere(answer, &asked)
+                .await
+                .map(|vm| Progress::Done { vm })
+        })
+        .await
+    }
+
+    #[tracing::instrument(skip(self, pending), fields(vm = %req.vm))]
+    async fn fork(&self, pending: PendingSubscriptionSink, req: ForkVm) -> SubscriptionResult {
+        let ctx = Arc::clone(&self.ctx);
+        stream(pending, |tx| async move {
+            ctx.tree
+                .fork_vm(req, Some(tx))
+                .await
+                .map(|vms| Progress::Forked { vms })
+                .map_err(RpcError::from)
+        })
+        .await
     }
 
     #[tracing::instrument(skip(self))]

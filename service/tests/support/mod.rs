@@ -317,3 +317,96 @@ impl Drop for Netns {
             .status();
     }
 }
+
+/// What a progress subscription said: the stages it went through, in order, and its last
+/// event (`done` or `snapshot`), or its `failed` as the call error a method would answer.
+pub async fn follow(
+    mut sub: jsonrpsee::core::client::Subscription<banger_api::Progress>,
+) -> (
+    Vec<String>,
+    Result<banger_api::Progress, jsonrpsee::core::client::Error>,
+) {
+    use banger_api::Progress;
+    let mut stages = Vec::new();
+    while let Some(ev) = sub.next().await {
+        match ev {
+            Ok(Progress::Stage { stage, .. }) => stages.push(stage),
+            Ok(Progress::Created { .. }) => {}
+            Ok(Progress::Failed { code, message }) => {
+                let e = jsonrpsee::types::ErrorObject::owned(code, message, None::<()>);
+                return (stages, Err(jsonrpsee::core::client::Error::Call(e)));
+            }
+            Ok(last) => return (stages, Ok(last)),
+            Err(e) => return (stages, Err(e.into())),
+        }
+    }
+    let e = jsonrpsee::core::client::Error::Custom("the progress stream ended early".into());
+    (stages, Err(e))
+}
+
+/// `vm.suspend`, `vm.snapshot_create` and `vm.rollback` followed to their answer, as
+/// methods: the streams' ends (see [`follow`]).
+#[allow(async_fn_in_trait)]
+pub trait Streamed {
+    async fn suspended(
+        &self,
+        vm: &str,
+    ) -> Result<banger_api::VmInfo, jsonrpsee::core::client::Error>;
+    async fn snapshotted(
+        &self,
+        vm: &str,
+        name: Option<&str>,
+    ) -> Result<banger_api::SnapshotInfo, jsonrpsee::core::client::Error>;
+    async fn rolled_back(
+        &self,
+        vm: &str,
+        snapshot: &str,
+    ) -> Result<banger_api::VmInfo, jsonrpsee::core::client::Error>;
+}
+
+fn end_vm(
+    last: Result<banger_api::Progress, jsonrpsee::core::client::Error>,
+) -> Result<banger_api::VmInfo, jsonrpsee::core::client::Error> {
+    match last? {
+        banger_api::Progress::Done { vm } => Ok(vm),
+        other => panic!("the stream ended with {other:?}"),
+    }
+}
+
+impl Streamed for Client {
+    async fn suspended(
+        &self,
+        vm: &str,
+    ) -> Result<banger_api::VmInfo, jsonrpsee::core::client::Error> {
+        use banger_api::VmRpcClient;
+        end_vm(follow(self.suspend(vm.into()).await?).await.1)
+    }
+
+    async fn snapshotted(
+        &self,
+        vm: &str,
+        name: Option<&str>,
+    ) -> Result<banger_api::SnapshotInfo, jsonrpsee::core::client::Error> {
+        use banger_api::VmRpcClient;
+        let sub = self
+            .snapshot_create(vm.into(), name.map(Into::into))
+            .await?;
+        match follow(sub).await.1? {
+            banger_api::Progress::Snapshot { snapshot } => Ok(snapshot),
+            other => panic!("the stream ended with {other:?}"),
+        }
+    }
+
+    async fn rolled_back(
+        &self,
+        vm: &str,
+        snapshot: &str,
+    ) -> Result<banger_api::VmInfo, jsonrpsee::core::client::Error> {
+        use banger_api::VmRpcClient;
+        end_vm(
+            follow(self.rollback(vm.into(), snapshot.into()).await?)
+                .await
+                .1,
+        )
+    }
+}

@@ -10,17 +10,40 @@ use banger_api::{SnapshotInfo, VmInfo, VmState};
 use banger_error::error_chain;
 use ractor::ActorRef;
 
-use super::{Reply, VmActor, VmActorState, VmError, VmMsg};
+use super::{ProgressTx, Reply, VmActor, VmActorState, VmError, VmMsg, tell};
 use crate::store::now_secs;
 use crate::vm::disks::{self, DiskError};
+use crate::vm::fork::{self, ForkSource};
 use crate::vm::model::{self, SnapshotRecord};
 use crate::vm::snapshot::{self, Current};
 
-/// A rollback under way: the snapshot, its caller, and whether it waits for the VMM it
-/// ended to be gone.
+/// What a snapshot being taken is for, with its caller: a named snapshot of the VM's, or
+/// a fork's (`copies` clones will be made of it; no record keeps it).
+#[derive(Debug)]
+pub(crate) enum SnapshotFor {
+    Named {
+        name: Option<String>,
+        reply: Reply<SnapshotInfo>,
+    },
+    Fork {
+        copies: u32,
+        reply: Reply<ForkSource>,
+    },
+}
+
+/// The caller of a snapshot under way (see [`SnapshotFor`]).
+#[derive(Debug)]
+pub(super) enum SnapshotWaiter {
+    Named(Reply<SnapshotInfo>),
+    Fork(Reply<ForkSource>),
+}
+
+/// A rollback under way: the snapshot, its caller (and its progress), and whether it
+/// waits for the VMM it ended to be gone.
 #[derive(Debug)]
 pub(super) struct PendingRollback {
     snap: SnapshotRecord,
+    progress: Option<ProgressTx>,
     reply: Reply<VmInfo>,
     pub(super) after_exit: bool,
 }
@@ -69,9 +92,13 @@ impl VmActor {
     pub(super) fn begin_snapshot(
         myself: &ActorRef<VmMsg>,
         state: &mut VmActorState,
-        name: Option<String>,
-        reply: Reply<SnapshotInfo>,
+        what: SnapshotFor,
+        progress: Option<ProgressTx>,
     ) {
+        let (name, copies) = match &what {
+            SnapshotFor::Named { name, .. } => (name.clone(), None),
+            SnapshotFor::Fork { copies, .. } => (None, Some(*copies)),
+        };
         let checked = (|| {
             let vm = &state.rec.name;
             if let Some(why) = state.busy() {
@@ -82,6 +109,12 @@ impl VmActor {
             }
             let rt = match (state.rec.state, state.rec.runtime.clone()) {
                 (VmState::Running | VmState::Paused, Some(rt)) => rt,
+                (s, _) if copies.is_some() => {
+                    return Err(VmError::Conflict(format!(
+                        "vm {vm} is {}: only a running or paused vm can be forked (its clones run on from its memory); start it with `banger vm start {vm}`",
+                        s.as_str()
+                    )));
+                }
                 (s, _) => {
                     return Err(VmError::Conflict(format!(
                         "vm {vm} is {}: only a running or paused vm can be snapshotted (its memory is part of the snapshot); start it with `banger vm start {vm}`",
@@ -90,6 +123,7 @@ impl VmActor {
                 }
             };
             let name = match name {
+                None if copies.is_some() => "fork".to_owned(),
                 Some(n) => {
                     snapshot::validate_name(&n).map_err(VmError::Invalid)?;
                     if state.rec.snapshots.iter().any(|s| s.name == n) {
@@ -101,9 +135,22 @@ impl VmActor {
                 }
                 None => snapshot::generated_name(&state.rec.snapshots),
             };
-            let need = snapshot::space_needed(&state.rec, &state.dir);
+            let need = match copies {
+                Some(n) => fork::space_needed(&state.rec, &state.dir, n),
+                None => snapshot::space_needed(&state.rec, &state.dir),
+            };
             let free =
                 disks::free_bytes(&state.dir.dir).map_err(disk_error(state.dir.dir.clone()))?;
+            if free < need
+                && let Some(n) = copies
+            {
+                return Err(VmError::Conflict(format!(
+                    "not enough disk space to fork vm {vm} {n} times: each clone is a copy of its memory and the data on its disks, up to {} MiB in all, and {} has {} MiB free",
+                    need >> 20,
+                    state.dir.dir.display(),
+                    free >> 20
+                )));
+            }
             if free < need {
                 return Err(VmError::Conflict(format!(
                     "not enough disk space to snapshot vm {vm}: it needs up to {} MiB (its memory and the data on its disks), {} has {} MiB free; remove old snapshots with `banger vm snapshot rm`",
@@ -114,14 +161,26 @@ impl VmActor {
             }
             Ok((rt, name))
         })();
+        let (waiter, refuse): (SnapshotWaiter, fn(SnapshotWaiter, VmError)) = match what {
+            SnapshotFor::Named { reply, .. } => (SnapshotWaiter::Named(reply), |w, e| {
+                if let SnapshotWaiter::Named(r) = w {
+                    let _ = r.send(Err(e));
+                }
+            }),
+            SnapshotFor::Fork { reply, .. } => (SnapshotWaiter::Fork(reply), |w, e| {
+                if let SnapshotWaiter::Fork(r) = w {
+                    let _ = r.send(Err(e));
+                }
+            }),
+        };
         let (rt, name) = match checked {
             Ok(v) => v,
             Err(e) => {
-                let _ = reply.send(Err(e));
+                refuse(waiter, e);
                 return;
             }
         };
-        state.snapshotting = Some(reply);
+        state.snapshotting = Some(waiter);
         let id = model::new_id();
         let paused = state.rec.state == VmState::Paused;
         let (driver, dir, me, generation) = (
@@ -131,6 +190,7 @@ impl VmActor {
             state.generation,
         );
         let (vm, vmm, spec) = (state.rec.name.clone(), state.rec.vmm, state.rec.spec);
+        let data = disks::allocated(&state.dir.overlay()) + disks::allocated(&state.dir.work());
         tracing::info!(vm = %vm, snapshot = %name, "taking a snapshot");
         // What it must match later, read before anything is stopped.
         let current = current(state);
@@ -143,6 +203,11 @@ impl VmActor {
                     .await
                     .expect("mkdir does not panic")
                     .map_err(disk_error(dir.snapshots()))?;
+                tell(
+                    &progress,
+                    "save",
+                    format!("memory ({} MiB) and device state", spec.memory_mib),
+                );
                 // Leaves the vCPUs stopped, whether it worked or not.
                 let saved = driver
                     .save_state(&rt, &dir.run_dir(), &state_dir, true)
@@ -153,6 +218,11 @@ impl VmActor {
                     });
                 let files = match saved {
                     Ok(()) => {
+                        tell(
+                            &progress,
+                            "copy",
+                            format!("the disks ({} MiB of data)", data.div_ceil(1 << 20)),
+                        );
                         let (d, i) = (dir.clone(), id.clone());
                         let files = tokio::task::spawn_blocking(move || snapshot::finish(&d, &i))
                             .await
@@ -164,6 +234,9 @@ impl VmActor {
                     Err(e) => Err(e),
                 };
                 let frozen = started.elapsed();
+                if !paused {
+                    tell(&progress, "resume", "the vm runs on");
+                }
                 if !paused && let Err(e) = driver.resume(&rt).await {
                     tracing::warn!(vm = %vm, error = %error_chain(&e), "cannot resume the vm after its snapshot");
                 }
@@ -196,10 +269,35 @@ impl VmActor {
         generation: u64,
         result: Result<SnapshotRecord, VmError>,
     ) {
-        let Some(reply) = state.snapshotting.take() else {
+        let Some(waiter) = state.snapshotting.take() else {
             return;
         };
         let vm = state.rec.name.clone();
+        let reply = match waiter {
+            SnapshotWaiter::Named(reply) => reply,
+            SnapshotWaiter::Fork(reply) => {
+                let result = match result {
+                    Ok(s) if generation != state.generation => {
+                        let (d, id) = (state.dir.clone(), s.id);
+                        let _ =
+                            tokio::task::spawn_blocking(move || snapshot::remove(&d, &id)).await;
+                        Err(VmError::Conflict(format!(
+                            "vm {vm} stopped while it was being snapshotted for its fork; nothing was made"
+                        )))
+                    }
+                    // Kept in no record: the fork removes it once its clones have their
+                    // copies (a daemon's death leaves it to the next re-adoption's sweep).
+                    Ok(snap) => Ok(ForkSource {
+                        source: state.rec.clone(),
+                        dir: state.dir.snapshot(&snap.id),
+                        snap,
+                    }),
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(result);
+                return;
+            }
+        };
         let result = match result {
             // The VM's VMM ended while it was taken: a snapshot of a guest that is gone
             // (its disks may have moved on since) is not kept.
@@ -271,6 +369,7 @@ impl VmActor {
         myself: &ActorRef<VmMsg>,
         state: &mut VmActorState,
         which: &str,
+        progress: Option<ProgressTx>,
         reply: Reply<VmInfo>,
     ) {
         let vm = state.rec.name.clone();
@@ -299,6 +398,14 @@ impl VmActor {
             return;
         };
         tracing::info!(vm = %vm, snapshot = %snap.name, "rolling back");
+        tell(
+            &progress,
+            "check",
+            format!(
+                "snapshot {}: its files, VMM release, image, kernel and spec",
+                snap.name
+            ),
+        );
         let (rec, dir, me, s) = (
             state.rec.clone(),
             state.dir.clone(),
@@ -326,6 +433,7 @@ impl VmActor {
         });
         state.rollback = Some(PendingRollback {
             snap,
+            progress,
             reply,
             after_exit: false,
         });
@@ -347,6 +455,11 @@ impl VmActor {
         if model::is_active(state.rec.state) {
             if let Some(p) = state.rollback.as_mut() {
                 p.after_exit = true;
+                tell(
+                    &p.progress,
+                    "stop",
+                    "killing the VMM: the guest's changes are undone",
+                );
             }
             // Whatever the guest does now is undone: no shutdown, a kill.
             Self::kill_now(state, nix::sys::signal::Signal::SIGKILL).await;
@@ -379,6 +492,15 @@ impl VmActor {
         let Some(p) = state.rollback.as_ref() else {
             return;
         };
+        let data: u64 = p.snap.files.iter().map(|(_, len)| len).sum();
+        tell(
+            &p.progress,
+            "copy",
+            format!(
+                "the snapshot's disks and state into place ({} MiB)",
+                data.div_ceil(1 << 20)
+            ),
+        );
         let (dir, id, me) = (state.dir.clone(), p.snap.id.clone(), myself.clone());
         tokio::spawn(async move {
             let d = dir.clone();
@@ -390,15 +512,17 @@ impl VmActor {
         });
     }
 
-    /// The files are in place: the VM is suspended at the snapshot's moment, and a start
-    /// restores it (and answers the rollback's caller once its guest runs).
+    /// The files are in place: the VM is suspended at the snapshot's moment, and is
+    /// restored at once (in this same message: nothing else gets in between, so a `vm
+    /// stop` cannot discard the state the rollback put there) and the rollback's caller
+    /// answered once its guest runs.
     pub(super) async fn on_rollback_prepared(
         myself: &ActorRef<VmMsg>,
         state: &mut VmActorState,
         result: Result<(), VmError>,
-    ) {
+    ) -> Result<(), ractor::ActorProcessingErr> {
         let Some(p) = state.rollback.take() else {
-            return;
+            return Ok(());
         };
         let vm = state.rec.name.clone();
         if let Err(e) = result {
@@ -409,19 +533,16 @@ impl VmActor {
                 error_chain(&e),
                 state.rec.state.as_str()
             ))));
-            return;
+            return Ok(());
         }
         state.rec.state = VmState::Suspended;
         state.rec.error = None;
         if let Err(e) = state.persist().await {
             let _ = p.reply.send(Err(e));
-            return;
+            return Ok(());
         }
         tracing::info!(vm = %vm, snapshot = %p.snap.name, "rolled back; restoring it");
-        let _ = myself.cast(VmMsg::Start {
-            progress: None,
-            reply: p.reply,
-        });
+        Self::begin_start(myself, state, p.progress, p.reply).await
     }
 
     /// Remove from the VM's `snapshots/` what its record does not name (a snapshot cut

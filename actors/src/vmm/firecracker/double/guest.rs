@@ -236,9 +236,44 @@ async fn agent(guest: &Guest, stream: &mut UnixStream) -> Result<(), ProtoError>
             };
             host::write_json(stream, Kind::Response, &boot).await
         }
+        Request::Identity { name, net } => {
+            // What a real agent changes is the guest's; the double says on its console
+            // what it was asked, for the host's tests.
+            let net = net.map_or("no network".to_owned(), |n| {
+                format!(
+                    "{} (was {}) mac {}",
+                    n.address,
+                    n.old_address.as_deref().unwrap_or("-"),
+                    n.mac
+                )
+            });
+            {
+                use std::io::Write;
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "{GUEST_IDENTITY} {name}: {net}");
+                let _ = out.flush();
+            }
+            let identity = Response::Identity {
+                machine_id: format!("{:032x}", rand_u128()),
+                host_keys: Vec::new(),
+            };
+            host::write_json(stream, Kind::Response, &identity).await
+        }
         other => {
             let message = format!("the firecracker double's agent does not implement {other:?}");
             host::write_json(stream, Kind::Error, &ErrorMsg { message }).await
         }
     }
+}
+
+/// The console line of the double's agent taking an identity (`vm fork`'s clones),
+/// followed by `<name>: <address> (was <old>) mac <mac>` or `<name>: no network`.
+pub const GUEST_IDENTITY: &str = "banger-fc-double: identity";
+
+/// A random number, from the kernel.
+fn rand_u128() -> u128 {
+    use std::io::Read;
+    let mut b = [0u8; 16];
+    let _ = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b));
+    u128::from_le_bytes(b)
 }

@@ -37,7 +37,7 @@ mod spec;
 #[cfg(test)]
 mod tests;
 
-pub use guest::GuestPower;
+pub use guest::{GUEST_IDENTITY, GuestPower};
 pub use spec::{OLDEST_SUPPORTED, Release, Spec};
 
 use std::convert::Infallible;
