@@ -81,10 +81,12 @@ pub enum VmSupervisorMsg {
     },
     Defaults(RpcReplyPort<SpecDefaults>),
     /// `vm fork`'s first step: `count` checked against `max_fork_count`, and an id and a
-    /// free name (`<prefix>-<n>`) for each clone; with the VMs' directory.
+    /// free name (`<prefix>-<n>`) for each clone; with the VMs' directory. `exact`: one
+    /// clone named `prefix` itself (generated when empty: `vm create --from-snapshot`).
     ForkPlan {
         count: u32,
         prefix: String,
+        exact: bool,
         reply: Reply<ForkPlan>,
     },
     /// Write the records of `vm fork`'s clones of `from` (their directories are made
@@ -678,6 +680,36 @@ impl Actor for VmSupervisor {
             VmSupervisorMsg::ForkPlan {
                 count,
                 prefix,
+                exact: true,
+                reply,
+            } => {
+                let id = model::new_id();
+                let name = if prefix.is_empty() {
+                    model::generated_name(&id)
+                } else {
+                    prefix
+                };
+                let store = Arc::clone(&state.env.store);
+                let key = name.clone();
+                let found = tokio::task::spawn_blocking(move || store.find_vm(&key)).await?;
+                let answer = match (model::validate_name(&name), found, count) {
+                    (_, _, n) if n != 1 => Err(VmError::Invalid("one vm at a time".into())),
+                    (Err(e), _, _) => Err(VmError::Invalid(e)),
+                    (_, Err(e), _) => Err(e.into()),
+                    (_, Ok(Some(_)), _) => Err(VmError::Conflict(format!(
+                        "a vm named {name} exists already; pick another --name, or delete it with `banger vm delete {name}`"
+                    ))),
+                    (Ok(()), Ok(None), _) => Ok(ForkPlan {
+                        clones: vec![(id, name)],
+                        vms_dir: state.env.vms_dir.clone(),
+                    }),
+                };
+                let _ = reply.send(answer);
+            }
+            VmSupervisorMsg::ForkPlan {
+                count,
+                prefix,
+                exact: false,
                 reply,
             } => {
                 let max = state.settings.max_fork_count;

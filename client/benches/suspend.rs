@@ -3,7 +3,8 @@
 //! does) and `vm start` of a suspended one (a restore, to agent-ready), interleaved, with
 //! the ratio (the target: a restore at most a tenth of a boot). Also `vm suspend`'s
 //! time and the saved state's allocated size, and `vm snapshot create` (time, size) and
-//! `vm rollback` of the running guest with ~100 MiB in use, against the same cold boot.
+//! `vm rollback` of the running guest with ~100 MiB in use, against the same cold boot;
+//! and `vm fork --count 4` of it against four `vm create`s.
 //!
 //! Needs root, the test rig (`scripts/rig/setup.sh`) and the static guest binaries
 //! (`scripts/build-guest.sh`), like `client/tests/vm_qemu.rs`; the guest runs under
@@ -77,6 +78,12 @@ impl Drop for Home {
         let mut cmd = Command::new(bin("banger"));
         self.env(&mut cmd);
         let _ = cmd.args(["vm", "rm", "-f", "bench"]).output();
+        // The fork's clones, if a run stopped half-way (their VMMs outlive the daemon).
+        for i in 1..=4 {
+            let mut cmd = Command::new(bin("banger"));
+            self.env(&mut cmd);
+            let _ = cmd.args(["vm", "rm", "-f", &format!("bench-{i}")]).output();
+        }
         let mut cmd = Command::new(bin("banger"));
         self.env(&mut cmd);
         let _ = cmd.args(["daemon", "stop"]).output();
@@ -242,5 +249,36 @@ fn main() {
     println!(
         "  rollback / cold boot           {:8.3}",
         rb.as_secs_f64() / c.as_secs_f64()
+    );
+
+    // `vm fork --count 4` of the running guest against what a user without forks does to
+    // get four machines: four `vm create`s, one after another (each a cold boot to
+    // agent-ready on a fresh disk).
+    let clones: Vec<String> = (1..=4).map(|i| format!("bench-{i}")).collect();
+    let (mut fork, mut creates) = (vec![], vec![]);
+    for _ in 0..runs {
+        fork.push(timed(&home, &["vm", "fork", "bench", "--count", "4"]));
+        for c in &clones {
+            home.ok(&["vm", "rm", "-f", c]);
+        }
+        let t0 = Instant::now();
+        for c in &clones {
+            home.ok(&["vm", "create", "--name", c]);
+        }
+        creates.push(t0.elapsed());
+        for c in &clones {
+            home.ok(&["vm", "rm", "-f", c]);
+        }
+    }
+    let (f, cr) = (median(fork), median(creates));
+    println!("forks of the running 512 MiB guest, ~100 MiB in a tmpfs, {runs} runs (medians):");
+    println!("  vm fork --count 4 to running   {:8.3} s", f.as_secs_f64());
+    println!(
+        "  4 x vm create (cold boots)     {:8.3} s",
+        cr.as_secs_f64()
+    );
+    println!(
+        "  fork / creates                 {:8.3}",
+        f.as_secs_f64() / cr.as_secs_f64()
     );
 }

@@ -383,6 +383,11 @@ pub enum VmCmd {
         /// Only create it (disks included); start it later with `banger vm start`.
         #[arg(long)]
         no_start: bool,
+        /// Restore the VM from a snapshot instead of booting it: `VM/SNAPSHOT` (see `banger
+        /// vm snapshot list`). It runs on from that moment as a machine of its own (a fork,
+        /// see `banger vm fork`), with the snapshot's image, kernel, size and VMM.
+        #[arg(long, value_name = "VM/SNAPSHOT", conflicts_with_all = ["image", "kernel", "vmm", "no_start"])]
+        from_snapshot: Option<String>,
         /// Stop the VM this long after its create (90s, 10m, 1h30m, 2d; E2B's timeout);
         /// `banger vm set --ttl` moves the deadline.
         #[arg(long, value_name = "DURATION", value_parser = parse_ttl)]
@@ -1386,6 +1391,23 @@ mod tests {
                 assert_eq!((vm.as_str(), snapshot.as_str()), ("a", "s1"))
             }
             other => panic!("{other:?}"),
+        }
+        match parse(&["vm", "create", "--from-snapshot", "a/s1", "--name", "c"]).command {
+            Command::Vm(VmCmd::Create {
+                from_snapshot,
+                name,
+                ..
+            }) => assert_eq!(
+                (from_snapshot.as_deref(), name.as_deref()),
+                (Some("a/s1"), Some("c"))
+            ),
+            other => panic!("{other:?}"),
+        }
+        // The snapshot's image, kernel and VMM: refused with it.
+        for flag in [["--image", "x"], ["--kernel", "x"], ["--vmm", "qemu"]] {
+            let mut args = vec!["banger", "vm", "create", "--from-snapshot", "a/s1"];
+            args.extend(flag);
+            assert!(Cli::try_parse_from(&args).is_err(), "{flag:?}");
         }
         match parse(&["vm", "fork", "a", "-n", "3", "--name", "t", "--no-network"]).command {
             Command::Vm(VmCmd::Fork {

@@ -2418,3 +2418,84 @@ async fn a_fork_whose_clone_fails_leaves_no_clone() {
     drop(c);
     d.shutdown().await;
 }
+
+/// `vm create --from-snapshot b/s1`: a new VM restored from a stored snapshot (the
+/// snapshot's guest runs on in it: its boot id, no boot), its own identity taken; the
+/// snapshot is kept for more. Refused with nothing made: a snapshot or VM that does not
+/// exist, a malformed source, a size or image given with it, a name taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_created_from_a_snapshot_runs_on_from_it() {
+    let (d, c, _files) = setup_in(Some(FORK_ENV), 10, None).await;
+    create(
+        &c,
+        CreateVm {
+            name: Some("b".into()),
+            image: Some("img".into()),
+            memory_mib: Some(128),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let b = VmRpcClient::show(&c, "b".into()).await.unwrap();
+    let boot_id = boot_id_of(&b);
+    c.snapshotted("b", Some("s1")).await.unwrap();
+    let from = |name: Option<&str>, snap: &str| CreateVm {
+        name: name.map(Into::into),
+        from_snapshot: Some(snap.into()),
+        ..Default::default()
+    };
+    let events = create(&c, from(Some("c"), "b/s1")).await.unwrap();
+    let Some(Progress::Done { vm: made }) = events.last() else {
+        panic!("{events:?}")
+    };
+    assert_eq!((made.name.as_str(), made.state), ("c", VmState::Running));
+    let text = console_of(made);
+    assert!(
+        text.contains(&format!("guest restored (boot {boot_id})")) && !text.contains("boot id"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("{IDENTITY} c: no network")),
+        "{text}"
+    );
+    // Kept: another from it, named by the daemon.
+    let events = create(&c, from(None, "b/s1")).await.unwrap();
+    assert!(
+        matches!(events.last(), Some(Progress::Done { .. })),
+        "{events:?}"
+    );
+    assert_eq!(c.snapshot_list(Some("b".into())).await.unwrap().len(), 1);
+
+    let before = VmRpcClient::list(&c).await.unwrap().len();
+    let (code_, m) = create(&c, from(None, "b/nope")).await.unwrap_err();
+    assert_eq!(code_, codes::NOT_FOUND, "{m}");
+    let (code_, m) = create(&c, from(None, "nope/s1")).await.unwrap_err();
+    assert_eq!(code_, codes::NOT_FOUND, "{m}");
+    let (code_, m) = create(&c, from(None, "b")).await.unwrap_err();
+    assert_eq!(code_, codes::INVALID_ARGUMENT, "{m}");
+    assert!(m.contains("<vm>/<snapshot>"), "{m}");
+    let (code_, m) = create(
+        &c,
+        CreateVm {
+            memory_mib: Some(256),
+            image: Some("img".into()),
+            ..from(None, "b/s1")
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(code_, codes::INVALID_ARGUMENT, "{m}");
+    assert!(m.contains("--image") && m.contains("--memory"), "{m}");
+    let (code_, m) = create(&c, from(Some("c"), "b/s1")).await.unwrap_err();
+    assert_eq!(code_, codes::CONFLICT, "{m}");
+    assert_eq!(
+        VmRpcClient::list(&c).await.unwrap().len(),
+        before,
+        "nothing made"
+    );
+    let vms_dir = std::path::Path::new(&b.dir).parent().unwrap();
+    assert_eq!(std::fs::read_dir(vms_dir).unwrap().count(), before);
+    drop(c);
+    d.shutdown().await;
+}

@@ -199,6 +199,9 @@ impl Tree {
         req: CreateVm,
         progress: Option<ProgressTx>,
     ) -> Result<VmInfo, TreeError> {
+        if req.from_snapshot.is_some() {
+            return self.create_from_snapshot(req, progress).await;
+        }
         // A size the VM could never have is refused before minutes of pulling for it.
         crate::vm::spec::validate_given(req.vcpu, req.memory_mib, req.disk_bytes)
             .map_err(VmError::Invalid)?;
@@ -219,6 +222,98 @@ impl Tree {
         req: banger_api::ForkVm,
         progress: Option<ProgressTx>,
     ) -> Result<Vec<VmInfo>, TreeError> {
+        let count = req.count.unwrap_or(1);
+        let source = self.show_vm(&req.vm).await?;
+        let prefix = req.name.clone().unwrap_or_else(|| source.name.clone());
+        let plan = ractor::call!(self.vms(), |reply| VmSupervisorMsg::ForkPlan {
+            count,
+            prefix,
+            exact: false,
+            reply
+        })
+        .map_err(|_| TreeError::Call("vm-supervisor"))??;
+        let from = self
+            .ask_vm(&source.name, |reply| VmMsg::ForkSnapshot {
+                copies: count,
+                progress: progress.clone(),
+                reply,
+            })
+            .await?;
+        self.clone_vms(from, plan, req.network, req.nat, false, progress)
+            .await
+    }
+
+    /// `vm create --from-snapshot <vm>/<snapshot>`: one clone of a stored snapshot (which
+    /// stays), running.
+    async fn create_from_snapshot(
+        &self,
+        req: CreateVm,
+        progress: Option<ProgressTx>,
+    ) -> Result<VmInfo, TreeError> {
+        let from = req.from_snapshot.clone().unwrap_or_default();
+        let Some((vm, snap)) = from
+            .split_once('/')
+            .filter(|(v, s)| !v.is_empty() && !s.is_empty())
+        else {
+            return Err(VmError::Invalid(format!(
+                "--from-snapshot {from}: expected <vm>/<snapshot> (see `banger vm snapshot list`)"
+            ))
+            .into());
+        };
+        let given: Vec<&str> = [
+            ("--image", req.image.is_some()),
+            ("--kernel", req.kernel.is_some()),
+            ("--vcpu", req.vcpu.is_some()),
+            ("--memory", req.memory_mib.is_some()),
+            ("--disk-size", req.disk_bytes.is_some()),
+            ("--vmm", req.vmm.is_some()),
+            ("--no-start", req.no_start),
+            ("--publish", !req.publish.is_empty()),
+            ("--egress", req.egress.is_some()),
+            ("--isolate", req.isolate),
+            ("--ttl", req.ttl.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(flag, set)| set.then_some(flag))
+        .collect();
+        if !given.is_empty() {
+            return Err(VmError::Invalid(format!(
+                "--from-snapshot takes the image, kernel, size, VMM and network policy of the snapshot's vm: drop {}",
+                given.join(", ")
+            ))
+            .into());
+        }
+        let source = self
+            .ask_vm(vm, |reply| VmMsg::SnapshotSource {
+                snapshot: snap.to_owned(),
+                reply,
+            })
+            .await?;
+        let plan = ractor::call!(self.vms(), |reply| VmSupervisorMsg::ForkPlan {
+            count: 1,
+            prefix: req.name.clone().unwrap_or_default(),
+            exact: true,
+            reply
+        })
+        .map_err(|_| TreeError::Call("vm-supervisor"))??;
+        let mut vms = self
+            .clone_vms(source, plan, req.network, req.nat, true, progress)
+            .await?;
+        Ok(vms.remove(0))
+    }
+
+    /// Make `plan`'s clones of `from` and start them (see [`crate::vm::fork`]): copies of
+    /// the snapshot (the last one takes the snapshot itself unless `keep`), their records,
+    /// their restores. A clone that fails deletes them all.
+    async fn clone_vms(
+        &self,
+        from: crate::vm::fork::ForkSource,
+        plan: crate::vm_supervisor::ForkPlan,
+        network: Option<bool>,
+        nat: bool,
+        keep: bool,
+        progress: Option<ProgressTx>,
+    ) -> Result<Vec<VmInfo>, TreeError> {
         use crate::vm::disks::VmDir;
         use crate::vm::fork;
         let stage = |stage: &str, detail: String| {
@@ -229,28 +324,17 @@ impl Tree {
                 });
             }
         };
-        let count = req.count.unwrap_or(1);
-        let source = self.show_vm(&req.vm).await?;
-        let prefix = req.name.clone().unwrap_or_else(|| source.name.clone());
-        let plan = ractor::call!(self.vms(), |reply| VmSupervisorMsg::ForkPlan {
-            count,
-            prefix,
-            reply
-        })
-        .map_err(|_| TreeError::Call("vm-supervisor"))??;
+        let source = from.source.name.clone();
         let names: Vec<String> = plan.clones.iter().map(|(_, n)| n.clone()).collect();
-        let from = self
-            .ask_vm(&source.name, |reply| VmMsg::ForkSnapshot {
-                copies: count,
-                progress: progress.clone(),
-                reply,
-            })
-            .await?;
-        // Each clone's directory: copies of the snapshot, and the snapshot itself for the
-        // last.
         stage(
             "clone",
-            format!("{} from vm {}'s snapshot", names.join(", "), source.name),
+            format!(
+                "{} from vm {source}'s snapshot {}",
+                names.join(", "),
+                if keep { from.snap.name.as_str() } else { "" }
+            )
+            .trim_end()
+            .to_owned(),
         );
         let dirs: Vec<VmDir> = plan
             .clones
@@ -263,21 +347,29 @@ impl Tree {
             for d in rest {
                 fork::copy_into(&snap_dir, d)?;
             }
-            fork::take_into(&snap_dir, last)
+            if keep {
+                fork::copy_into(&snap_dir, last)
+            } else {
+                fork::take_into(&snap_dir, last)
+            }
         })
         .await
         .expect("copies do not panic");
-        let remove = |dirs: Vec<VmDir>, snap: std::path::PathBuf| async move {
+        // What a failed fork leaves: no clone directory, and no fork snapshot.
+        let snapshot = (!keep).then(|| from.dir.clone());
+        let remove = |dirs: Vec<VmDir>| async move {
             let _ = tokio::task::spawn_blocking(move || {
                 for d in dirs {
                     let _ = std::fs::remove_dir_all(&d.dir);
                 }
-                let _ = std::fs::remove_dir_all(snap);
+                if let Some(s) = snapshot {
+                    let _ = std::fs::remove_dir_all(s);
+                }
             })
             .await;
         };
         if let Err(e) = copied {
-            remove(dirs, from.dir.clone()).await;
+            remove(dirs).await;
             return Err(VmError::Disk(crate::vm::disks::DiskError::Io {
                 path: plan.vms_dir.clone(),
                 source: e,
@@ -286,15 +378,15 @@ impl Tree {
         }
         let clones = plan.clones.clone();
         let made = ractor::call!(self.vms(), |reply| VmSupervisorMsg::CreateClones {
-            from: Box::new(from.clone()),
+            from: Box::new(from),
             clones,
-            network: req.network,
-            nat: req.nat,
+            network,
+            nat,
             reply
         })
         .map_err(|_| TreeError::Call("vm-supervisor"))?;
         if let Err(e) = made {
-            remove(dirs, from.dir.clone()).await;
+            remove(dirs).await;
             return Err(e.into());
         }
         stage("restore", names.join(", "));
@@ -310,16 +402,19 @@ impl Tree {
                 .err()
                 .map(|e| (n.clone(), banger_error::error_chain(e)))
         }) {
-            tracing::warn!(vm = %source.name, clone = %name, error = %e, "a clone failed; undoing the fork");
+            tracing::warn!(vm = %source, clone = %name, error = %e, "a clone failed; undoing it");
             for n in &names {
                 let _ = self
                     .ask_vm(n, |reply| VmMsg::Delete { force: true, reply })
                     .await;
             }
-            return Err(VmError::Conflict(format!(
-                "forking vm {}: clone {name} did not come up ({e}); every clone was deleted, vm {} runs on",
-                source.name, source.name
-            ))
+            return Err(VmError::Conflict(if keep {
+                format!("vm {name} from vm {source}'s snapshot did not come up ({e}); it was deleted")
+            } else {
+                format!(
+                    "forking vm {source}: clone {name} did not come up ({e}); every clone was deleted, vm {source} runs on"
+                )
+            })
             .into());
         }
         Ok(results.into_iter().map(|r| r.expect("checked")).collect())

@@ -273,6 +273,12 @@ pub enum VmMsg {
         progress: Option<ProgressTx>,
         reply: Reply<super::fork::ForkSource>,
     },
+    /// `vm create --from-snapshot`: one of this VM's snapshots (by name or id), checked,
+    /// as the source of a new VM (see `vm::fork`).
+    SnapshotSource {
+        snapshot: String,
+        reply: Reply<super::fork::ForkSource>,
+    },
     /// `vm snapshot rm`, by name or id.
     SnapshotRemove {
         snapshot: String,
@@ -2133,6 +2139,9 @@ impl Actor for VmActor {
             }
             VmMsg::Snapshotted { generation, result } => {
                 Self::on_snapshotted(state, generation, result).await;
+            }
+            VmMsg::SnapshotSource { snapshot, reply } => {
+                Self::snapshot_source(state, &snapshot, reply);
             }
             VmMsg::SnapshotRemove { snapshot, reply } => {
                 let _ = reply.send(Self::remove_snapshot(state, &snapshot).await);

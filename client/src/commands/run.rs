@@ -232,6 +232,7 @@ pub async fn run(client: &Client, target: &Target, o: Opts) -> Result<u8, CliErr
         egress: o.egress.egress.clone(),
         isolate: o.egress.isolate,
         ttl: o.ttl.map(|secs| banger_api::Ttl { secs, delete: o.rm }),
+        from_snapshot: None,
     };
     // Check the path before creating anything.
     if let Some(p) = &o.path

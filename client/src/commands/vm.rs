@@ -749,6 +749,7 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
             no_network,
             network,
             no_start,
+            from_snapshot,
             ttl,
             publish,
             egress,
@@ -778,6 +779,7 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
                     secs,
                     delete: false,
                 }),
+                from_snapshot,
             };
             let sub = client.create(req).await?;
             let vm = follow_progress(sub, json).await?;

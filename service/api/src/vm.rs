@@ -244,6 +244,12 @@ pub struct CreateVm {
     /// A deadline (`--ttl`): the VM is stopped (or deleted) that long after its create.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl: Option<Ttl>,
+    /// `<vm>/<snapshot>` (a name or id of one of that VM's snapshots): restore the new VM
+    /// from it instead of booting, as a clone of the moment it was taken (see
+    /// `docs/forks.md`). Its image, kernel, size and VMM are the snapshot's; only `name`,
+    /// `nat` and `network` may be given with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_snapshot: Option<String>,
 }
 
 /// `--ttl`: how long a VM may live, and what happens when that time is up.

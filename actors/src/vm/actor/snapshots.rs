@@ -329,6 +329,51 @@ impl VmActor {
         let _ = reply.send(result);
     }
 
+    /// `vm create --from-snapshot`: snapshot `which` of this VM as a new VM's source,
+    /// checked in a task as a rollback checks it (its files whole, this host's VMM
+    /// release, the image and kernel as they were; the size and VMM are the snapshot's,
+    /// whatever this VM's are now). It may be taken while the VM does anything else: it
+    /// is only read.
+    pub(super) fn snapshot_source(state: &VmActorState, which: &str, reply: Reply<ForkSource>) {
+        let vm = state.rec.name.clone();
+        let Some(snap) = snapshot::find(&state.rec, which).cloned() else {
+            let _ = reply.send(Err(VmError::NoSnapshot {
+                vm,
+                name: which.to_owned(),
+                elsewhere: None,
+            }));
+            return;
+        };
+        let (rec, dir) = (state.rec.clone(), state.dir.clone());
+        let now = current(state);
+        tokio::spawn(async move {
+            let result = async {
+                let now = now.await?;
+                let mut as_taken = rec.clone();
+                (as_taken.vmm, as_taken.spec) = (snap.vmm, snap.spec);
+                let (d, s) = (dir.clone(), snap.clone());
+                let why = tokio::task::spawn_blocking(move || {
+                    snapshot::mismatch(&as_taken, &d, &s, &now)
+                })
+                .await
+                .expect("checks do not panic");
+                match why {
+                    None => Ok(ForkSource {
+                        source: rec,
+                        dir: dir.snapshot(&snap.id),
+                        snap,
+                    }),
+                    Some(why) => Err(VmError::Conflict(format!(
+                        "cannot make a vm from snapshot {} of vm {vm}: {why}",
+                        snap.name
+                    ))),
+                }
+            }
+            .await;
+            let _ = reply.send(result);
+        });
+    }
+
     pub(super) async fn remove_snapshot(
         state: &mut VmActorState,
         which: &str,
