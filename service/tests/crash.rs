@@ -317,3 +317,57 @@ async fn root_a_snapshot_cut_by_the_daemons_death_leaves_no_files_and_the_vm_run
     let links = ns.sh("ip -o link");
     assert!(!links.contains("bg-"), "{links}");
 }
+
+/// A `vm fork` cut by the daemon's death once the clones' directories are copied and
+/// before any record names them (`BANGER_FAULT=mid-fork`): the next daemon removes the
+/// directories no record names, and the source runs on under the same VMM with no
+/// snapshot left (the fork's became the last clone's directory).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_a_fork_cut_by_the_daemons_death_leaves_no_clone() {
+    let ns = support::Netns::new("cutfork");
+    let tmp = tempfile::tempdir().unwrap();
+    let h = tmp.path();
+    let (home, fx) = home(h);
+    let first = bangerd(&home, &ns.0, &[]).await;
+    let c = support::client_for(&home.socket()).await;
+    fx.register(&c).await;
+    drop(c);
+    first.stop();
+
+    let mut faulty = bangerd(&home, &ns.0, &["BANGER_FAULT=mid-fork"]).await;
+    let c = support::client_for(&home.socket()).await;
+    create(&c, "cf").await.unwrap();
+    let before = VmRpcClient::show(&c, "cf".into()).await.unwrap();
+    let req = banger_api::ForkVm {
+        vm: "cf".into(),
+        count: Some(2),
+        ..Default::default()
+    };
+    let (_, last) = support::follow(c.fork(req).await.unwrap()).await;
+    assert!(last.is_err(), "the daemon died: {last:?}");
+    let status = faulty.child.wait().unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(9), "{status}");
+    drop(c);
+    let vms_dir = PathBuf::from(&before.dir).parent().unwrap().to_owned();
+    let dirs = || std::fs::read_dir(&vms_dir).unwrap().count();
+    assert_eq!(dirs(), 3, "the source's and the two clones' copies");
+
+    let daemon = bangerd(&home, &ns.0, &[]).await;
+    let c = support::client_for(&home.socket()).await;
+    let after = settled(&c, "cf").await;
+    assert_eq!((after.state, after.pid), (VmState::Running, before.pid));
+    assert_eq!(VmRpcClient::list(&c).await.unwrap().len(), 1);
+    assert_eq!(dirs(), 1, "no clone directory left");
+    let snaps = PathBuf::from(&before.dir).join("snapshots");
+    assert_eq!(
+        std::fs::read_dir(&snaps).map(|d| d.count()).unwrap_or(0),
+        0,
+        "no fork snapshot left"
+    );
+    VmRpcClient::delete(&c, "cf".into(), true).await.unwrap();
+    drop(c);
+    daemon.stop();
+    let links = ns.sh("ip -o link");
+    assert!(!links.contains("bg-"), "{links}");
+}

@@ -2318,9 +2318,7 @@ async fn root_fork_restores_clones_each_with_its_own_identity_and_tap() {
         "nothing made"
     );
 
-    for v in VmRpcClient::list(&c).await.unwrap() {
-        VmRpcClient::delete(&c, v.name, true).await.unwrap();
-    }
+    support::delete_all(&c).await;
     assert!(!ns.sh("ip -o link").contains("bg-"), "no tap left");
     drop(c);
     d.shutdown().await;
@@ -2363,6 +2361,7 @@ async fn fork_without_a_network_names_the_clones() {
             console_of(v)
         );
     }
+    support::delete_all(&c).await;
     drop(c);
     d.shutdown().await;
 }
@@ -2415,6 +2414,7 @@ async fn a_fork_whose_clone_fails_leaves_no_clone() {
         1,
         "no clone directory left"
     );
+    support::delete_all(&c).await;
     drop(c);
     d.shutdown().await;
 }
@@ -2496,6 +2496,7 @@ async fn a_vm_created_from_a_snapshot_runs_on_from_it() {
     );
     let vms_dir = std::path::Path::new(&b.dir).parent().unwrap();
     assert_eq!(std::fs::read_dir(vms_dir).unwrap().count(), before);
+    support::delete_all(&c).await;
     drop(c);
     d.shutdown().await;
 }

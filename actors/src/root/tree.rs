@@ -376,6 +376,11 @@ impl Tree {
             })
             .into());
         }
+        if crate::vm::orphans::fault("mid-fork") {
+            // Tests: the copies made, no record of the clones yet.
+            tracing::error!("fault injected: killed mid-fork");
+            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+        }
         let clones = plan.clones.clone();
         let made = ractor::call!(self.vms(), |reply| VmSupervisorMsg::CreateClones {
             from: Box::new(from),

@@ -410,3 +410,12 @@ impl Streamed for Client {
         )
     }
 }
+
+/// Delete every VM of the daemon (`vm rm -f`): their VMMs outlive the daemon by design, so
+/// a test that leaves one running leaks its process.
+pub async fn delete_all(c: &Client) {
+    use banger_api::VmRpcClient;
+    for v in VmRpcClient::list(c).await.unwrap() {
+        VmRpcClient::delete(c, v.name, true).await.unwrap();
+    }
+}
