@@ -121,9 +121,7 @@ async fn root_a_vmm_spawned_before_its_record_is_found_and_killed_by_the_next_da
     let c = support::client_for(&home.socket()).await;
     let answer = create(&c, "a").await;
     assert!(answer.is_err(), "the daemon died during the create");
-    let status = faulty.child.wait().unwrap();
-    use std::os::unix::process::ExitStatusExt;
-    assert_eq!(status.signal(), Some(9), "{status}");
+    killed(&mut faulty);
     drop(c);
     // The jailer (the double) runs on, its pid in no record.
     let orphans = naming(&jail_base);
@@ -219,9 +217,7 @@ async fn root_a_suspend_cut_by_the_daemons_death_is_discarded_or_finished() {
         create(&c, vm).await.unwrap();
         let before = VmRpcClient::show(&c, vm.into()).await.unwrap();
         assert!(c.suspended(vm).await.is_err(), "{point}: the daemon died");
-        let status = faulty.child.wait().unwrap();
-        use std::os::unix::process::ExitStatusExt;
-        assert_eq!(status.signal(), Some(9), "{status}");
+        killed(&mut faulty);
         drop(c);
 
         let daemon = bangerd(&home, &ns.0, &[]).await;
@@ -267,27 +263,19 @@ async fn root_a_suspend_cut_by_the_daemons_death_is_discarded_or_finished() {
 /// the VM run again (it was running, not paused by its user), under the same VMM.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn root_a_snapshot_cut_by_the_daemons_death_leaves_no_files_and_the_vm_running() {
-    let ns = support::Netns::new("cutsnap");
-    let tmp = tempfile::tempdir().unwrap();
-    let h = tmp.path();
-    let (home, fx) = home(h);
-    let first = bangerd(&home, &ns.0, &[]).await;
-    let c = support::client_for(&home.socket()).await;
-    fx.register(&c).await;
-    drop(c);
-    first.stop();
-
-    let mut faulty = bangerd(&home, &ns.0, &["BANGER_FAULT=mid-snapshot"]).await;
-    let c = support::client_for(&home.socket()).await;
-    create(&c, "cs").await.unwrap();
+    let Cut {
+        ns,
+        _tmp,
+        home,
+        mut faulty,
+        c,
+    } = cut_at("cutsnap", "mid-snapshot", "cs").await;
     let before = VmRpcClient::show(&c, "cs".into()).await.unwrap();
     assert!(
         c.snapshotted("cs", Some("x")).await.is_err(),
         "the daemon died"
     );
-    let status = faulty.child.wait().unwrap();
-    use std::os::unix::process::ExitStatusExt;
-    assert_eq!(status.signal(), Some(9), "{status}");
+    killed(&mut faulty);
     drop(c);
     let snapshots = PathBuf::from(&before.dir).join("snapshots");
     let left = || -> Vec<String> {
@@ -324,19 +312,13 @@ async fn root_a_snapshot_cut_by_the_daemons_death_leaves_no_files_and_the_vm_run
 /// snapshot left (the fork's became the last clone's directory).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn root_a_fork_cut_by_the_daemons_death_leaves_no_clone() {
-    let ns = support::Netns::new("cutfork");
-    let tmp = tempfile::tempdir().unwrap();
-    let h = tmp.path();
-    let (home, fx) = home(h);
-    let first = bangerd(&home, &ns.0, &[]).await;
-    let c = support::client_for(&home.socket()).await;
-    fx.register(&c).await;
-    drop(c);
-    first.stop();
-
-    let mut faulty = bangerd(&home, &ns.0, &["BANGER_FAULT=mid-fork"]).await;
-    let c = support::client_for(&home.socket()).await;
-    create(&c, "cf").await.unwrap();
+    let Cut {
+        ns,
+        _tmp,
+        home,
+        mut faulty,
+        c,
+    } = cut_at("cutfork", "mid-fork", "cf").await;
     let before = VmRpcClient::show(&c, "cf".into()).await.unwrap();
     let req = banger_api::ForkVm {
         vm: "cf".into(),
@@ -345,9 +327,7 @@ async fn root_a_fork_cut_by_the_daemons_death_leaves_no_clone() {
     };
     let (_, last) = support::follow(c.fork(req).await.unwrap()).await;
     assert!(last.is_err(), "the daemon died: {last:?}");
-    let status = faulty.child.wait().unwrap();
-    use std::os::unix::process::ExitStatusExt;
-    assert_eq!(status.signal(), Some(9), "{status}");
+    killed(&mut faulty);
     drop(c);
     let vms_dir = PathBuf::from(&before.dir).parent().unwrap().to_owned();
     let dirs = || std::fs::read_dir(&vms_dir).unwrap().count();
@@ -370,4 +350,42 @@ async fn root_a_fork_cut_by_the_daemons_death_leaves_no_clone() {
     daemon.stop();
     let links = ns.sh("ip -o link");
     assert!(!links.contains("bg-"), "{links}");
+}
+
+/// A daemon that dies at `BANGER_FAULT=fault`, with one VM `vm` created under it, in a
+/// namespace and home of their own (the image registered by a first, clean daemon).
+struct Cut {
+    ns: support::Netns,
+    _tmp: tempfile::TempDir,
+    home: Home,
+    faulty: support::fc::Daemon,
+    c: Client,
+}
+
+async fn cut_at(tag: &str, fault: &str, vm: &str) -> Cut {
+    let ns = support::Netns::new(tag);
+    let tmp = tempfile::tempdir().unwrap();
+    let (home, fx) = home(tmp.path());
+    let first = bangerd(&home, &ns.0, &[]).await;
+    let c = support::client_for(&home.socket()).await;
+    fx.register(&c).await;
+    drop(c);
+    first.stop();
+    let faulty = bangerd(&home, &ns.0, &[&format!("BANGER_FAULT={fault}")]).await;
+    let c = support::client_for(&home.socket()).await;
+    create(&c, vm).await.unwrap();
+    Cut {
+        ns,
+        _tmp: tmp,
+        home,
+        faulty,
+        c,
+    }
+}
+
+/// The daemon `d` ended by the SIGKILL its fault sent it.
+fn killed(d: &mut support::fc::Daemon) {
+    use std::os::unix::process::ExitStatusExt;
+    let status = d.child.wait().unwrap();
+    assert_eq!(status.signal(), Some(9), "{status}");
 }

@@ -2152,6 +2152,7 @@ async fn a_failed_snapshot_leaves_the_vm_running_and_nothing_kept() {
         .map(|d| d.flatten().map(|e| e.file_name()).collect())
         .unwrap_or_default();
     assert!(left.is_empty(), "{left:?}");
+    support::delete_all(&c).await;
     drop(c);
     d.shutdown().await;
 }
@@ -2186,17 +2187,7 @@ fn boot_id_of(vm: &banger_api::VmInfo) -> String {
 async fn root_fork_restores_clones_each_with_its_own_identity_and_tap() {
     let ns = support::Netns::new("fcfork");
     let (d, c, _files) = setup_in(Some(FORK_ENV), 10, Some(&ns.0)).await;
-    create(
-        &c,
-        CreateVm {
-            name: Some("a".into()),
-            image: Some("img".into()),
-            memory_mib: Some(128),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    small_vm(&c, "a").await;
     let a = VmRpcClient::show(&c, "a".into()).await.unwrap();
     let boot_id = boot_id_of(&a);
     let req = |count: Option<u32>| banger_api::ForkVm {
@@ -2205,7 +2196,7 @@ async fn root_fork_restores_clones_each_with_its_own_identity_and_tap() {
         ..Default::default()
     };
 
-    let (stages, last) = support::follow(c.fork(req(Some(2))).await.unwrap()).await;
+    let (stages, last) = forked(&c, req(Some(2))).await;
     assert_eq!(stages, ["save", "copy", "resume", "clone", "restore"]);
     let Ok(Progress::Forked { vms }) = last else {
         panic!("{last:?}")
@@ -2253,14 +2244,13 @@ async fn root_fork_restores_clones_each_with_its_own_identity_and_tap() {
 
     // A clone of a clone: the next free name, and it gives up the clone's address.
     let v1_ip = vms[0].ip.clone().unwrap();
-    let (_, last) = support::follow(
-        c.fork(banger_api::ForkVm {
+    let (_, last) = forked(
+        &c,
+        banger_api::ForkVm {
             vm: "a-1".into(),
             name: Some("a".into()),
             ..Default::default()
-        })
-        .await
-        .unwrap(),
+        },
     )
     .await;
     let Ok(Progress::Forked { vms: again }) = last else {
@@ -2281,29 +2271,27 @@ async fn root_fork_restores_clones_each_with_its_own_identity_and_tap() {
     // Bad input: nothing made.
     let before = VmRpcClient::list(&c).await.unwrap().len();
     for (count, want) in [(0, codes::INVALID_ARGUMENT), (17, codes::INVALID_ARGUMENT)] {
-        let (_, last) = support::follow(c.fork(req(Some(count))).await.unwrap()).await;
+        let (_, last) = forked(&c, req(Some(count))).await;
         let (code_, m) = message(last.unwrap_err());
         assert_eq!(code_, want, "--count {count}: {m}");
         assert!(m.contains("max_fork_count"), "{m}");
     }
-    let (_, last) = support::follow(
-        c.fork(banger_api::ForkVm {
+    let (_, last) = forked(
+        &c,
+        banger_api::ForkVm {
             vm: "nope".into(),
             ..Default::default()
-        })
-        .await
-        .unwrap(),
+        },
     )
     .await;
     assert_eq!(message(last.unwrap_err()).0, codes::NOT_FOUND);
     c.stop("a-2".into(), None).await.unwrap();
-    let (_, last) = support::follow(
-        c.fork(banger_api::ForkVm {
+    let (_, last) = forked(
+        &c,
+        banger_api::ForkVm {
             vm: "a-2".into(),
             ..Default::default()
-        })
-        .await
-        .unwrap(),
+        },
     )
     .await;
     let (code_, m) = message(last.unwrap_err());
@@ -2328,26 +2316,15 @@ async fn root_fork_restores_clones_each_with_its_own_identity_and_tap() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fork_without_a_network_names_the_clones() {
     let (d, c, _files) = setup_in(Some(FORK_ENV), 10, None).await;
-    create(
+    small_vm(&c, "b").await;
+    let (_, last) = forked(
         &c,
-        CreateVm {
-            name: Some("b".into()),
-            image: Some("img".into()),
-            memory_mib: Some(128),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-    let (_, last) = support::follow(
-        c.fork(banger_api::ForkVm {
+        banger_api::ForkVm {
             vm: "b".into(),
             count: Some(3),
             name: Some("try".into()),
             ..Default::default()
-        })
-        .await
-        .unwrap(),
+        },
     )
     .await;
     let Ok(Progress::Forked { vms }) = last else {
@@ -2375,26 +2352,15 @@ async fn a_fork_whose_clone_fails_leaves_no_clone() {
         "{FORK_ENV} BANGER_FC_DOUBLE_FAIL='/snapshot/load:400:Load snapshot error: Failed to restore from snapshot: Cannot restore devices'"
     );
     let (d, c, _files) = setup_in(Some(&env), 10, None).await;
-    create(
-        &c,
-        CreateVm {
-            name: Some("f".into()),
-            image: Some("img".into()),
-            memory_mib: Some(128),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    small_vm(&c, "f").await;
     let f = VmRpcClient::show(&c, "f".into()).await.unwrap();
-    let (_, last) = support::follow(
-        c.fork(banger_api::ForkVm {
+    let (_, last) = forked(
+        &c,
+        banger_api::ForkVm {
             vm: "f".into(),
             count: Some(2),
             ..Default::default()
-        })
-        .await
-        .unwrap(),
+        },
     )
     .await;
     let (code_, m) = message(last.unwrap_err());
@@ -2426,17 +2392,7 @@ async fn a_fork_whose_clone_fails_leaves_no_clone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vm_created_from_a_snapshot_runs_on_from_it() {
     let (d, c, _files) = setup_in(Some(FORK_ENV), 10, None).await;
-    create(
-        &c,
-        CreateVm {
-            name: Some("b".into()),
-            image: Some("img".into()),
-            memory_mib: Some(128),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    small_vm(&c, "b").await;
     let b = VmRpcClient::show(&c, "b".into()).await.unwrap();
     let boot_id = boot_id_of(&b);
     c.snapshotted("b", Some("s1")).await.unwrap();
@@ -2499,4 +2455,27 @@ async fn a_vm_created_from_a_snapshot_runs_on_from_it() {
     support::delete_all(&c).await;
     drop(c);
     d.shutdown().await;
+}
+
+/// A VM of 128 MiB from the registered image, running.
+async fn small_vm(c: &Client, name: &str) {
+    create(
+        c,
+        CreateVm {
+            name: Some(name.into()),
+            image: Some("img".into()),
+            memory_mib: Some(128),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+}
+
+/// `vm.fork`, followed to its end (see [`support::follow`]).
+async fn forked(
+    c: &Client,
+    req: banger_api::ForkVm,
+) -> (Vec<String>, Result<Progress, ClientError>) {
+    support::follow(c.fork(req).await.unwrap()).await
 }

@@ -119,19 +119,7 @@ fn new_host_key() -> Result<(), String> {
     if !had && !Path::new("/usr/sbin/sshd").exists() {
         return Ok(());
     }
-    let ok = std::process::Command::new("ssh-keygen")
-        .args([
-            "-q",
-            "-t",
-            "ed25519",
-            "-N",
-            "",
-            "-f",
-            "/etc/ssh/ssh_host_ed25519_key",
-        ])
-        .stdin(std::process::Stdio::null())
-        .status()
-        .map_err(|e| format!("running ssh-keygen: {e}"))?;
+    let ok = crate::init::make_host_key().map_err(|e| format!("running ssh-keygen: {e}"))?;
     if !ok.success() {
         return Err(format!("ssh-keygen failed ({ok})"));
     }

@@ -409,20 +409,7 @@ fn host_key() -> bool {
         })
     });
     if !has_key {
-        // ed25519 only: RSA key generation takes seconds on a slow (emulated) CPU.
-        let ok = std::process::Command::new("ssh-keygen")
-            .args([
-                "-q",
-                "-t",
-                "ed25519",
-                "-N",
-                "",
-                "-f",
-                "/etc/ssh/ssh_host_ed25519_key",
-            ])
-            .stdin(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
+        let ok = banger_guest::init::make_host_key().is_ok_and(|s| s.success());
         if !ok {
             say("ssh: cannot make a host key (ssh-keygen failed); sshd not started");
             return false;

@@ -7,6 +7,24 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 /// Read a `key=value` parameter of the kernel command line.
+/// Make `/etc/ssh/ssh_host_ed25519_key` with `ssh-keygen`: ed25519 only, since RSA key
+/// generation takes seconds on a slow (emulated) CPU. Used by banger-init for an image
+/// without a host key and by the agent for a clone's new one. Whether it worked.
+pub fn make_host_key() -> std::io::Result<std::process::ExitStatus> {
+    std::process::Command::new("ssh-keygen")
+        .args([
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-f",
+            "/etc/ssh/ssh_host_ed25519_key",
+        ])
+        .stdin(std::process::Stdio::null())
+        .status()
+}
+
 pub fn param<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
     cmdline
         .split_whitespace()

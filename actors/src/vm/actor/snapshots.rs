@@ -82,6 +82,17 @@ fn current(
     }
 }
 
+/// The VM's snapshot `which` (a name or an id), or the error that says it has none.
+fn find(state: &VmActorState, which: &str) -> Result<SnapshotRecord, VmError> {
+    snapshot::find(&state.rec, which)
+        .cloned()
+        .ok_or_else(|| VmError::NoSnapshot {
+            vm: state.rec.name.clone(),
+            name: which.to_owned(),
+            elsewhere: None,
+        })
+}
+
 fn disk_error(path: std::path::PathBuf) -> impl FnOnce(std::io::Error) -> VmError {
     move |source| VmError::Disk(DiskError::Io { path, source })
 }
@@ -336,13 +347,12 @@ impl VmActor {
     /// is only read.
     pub(super) fn snapshot_source(state: &VmActorState, which: &str, reply: Reply<ForkSource>) {
         let vm = state.rec.name.clone();
-        let Some(snap) = snapshot::find(&state.rec, which).cloned() else {
-            let _ = reply.send(Err(VmError::NoSnapshot {
-                vm,
-                name: which.to_owned(),
-                elsewhere: None,
-            }));
-            return;
+        let snap = match find(state, which) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
         };
         let (rec, dir) = (state.rec.clone(), state.dir.clone());
         let now = current(state);
@@ -381,13 +391,7 @@ impl VmActor {
         if let Some(why) = state.busy() {
             return Err(VmError::Conflict(why));
         }
-        let Some(s) = snapshot::find(&state.rec, which).cloned() else {
-            return Err(VmError::NoSnapshot {
-                vm: state.rec.name.clone(),
-                name: which.to_owned(),
-                elsewhere: None,
-            });
-        };
+        let s = find(state, which)?;
         let info = snapshot::info(&state.rec, &state.dir, &s);
         // The record first: a directory left by a removal that failed is swept at the
         // next re-adoption; a record without its files would be a snapshot that is not.
@@ -434,13 +438,12 @@ impl VmActor {
             let _ = reply.send(Err(e));
             return;
         }
-        let Some(snap) = snapshot::find(&state.rec, which).cloned() else {
-            let _ = reply.send(Err(VmError::NoSnapshot {
-                vm,
-                name: which.to_owned(),
-                elsewhere: None,
-            }));
-            return;
+        let snap = match find(state, which) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
         };
         tracing::info!(vm = %vm, snapshot = %snap.name, "rolling back");
         tell(
