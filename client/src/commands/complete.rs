@@ -15,7 +15,8 @@
 //!
 //! zsh's script does the same through `compadd` (falling back to `_files`).
 //! Snapshot names (`vm rollback`, `vm snapshot show|rm`) are every VM's: the candidates do not
-//! depend on the VM named earlier on the line.
+//! depend on the VM named earlier on the line; `vm create --from-snapshot` gets every
+//! snapshot as `<vm>/<snapshot>`.
 
 use std::time::Duration;
 
@@ -36,6 +37,8 @@ pub enum Names {
     /// The names of the VMs' snapshots (of every VM: the completion does not read which
     /// VM the line names).
     Snapshots,
+    /// Every snapshot as `<vm>/<snapshot>` (`vm create --from-snapshot`).
+    SnapshotRefs,
 }
 
 /// `banger __complete <words…>`: print the candidates, one a line; never fails.
@@ -239,6 +242,7 @@ fn values_of(path: &[clap::Command], a: &clap::Arg) -> Want {
         "image" => Want::Names(Names::Images),
         "kernel" => Want::Names(Names::Kernels),
         "snapshot" | "snapshots" => Want::Names(Names::Snapshots),
+        "from_snapshot" => Want::Names(Names::SnapshotRefs),
         // VmmChoice parses from a string (no clap ValueEnum to list).
         "vmm" => Want::Static(["auto", "firecracker", "qemu"].map(String::from).to_vec()),
         // An existing image's or kernel's name (not a new one: register, pull, import).
@@ -285,6 +289,12 @@ async fn names(target: &Target, n: Names) -> Vec<String> {
                 all.dedup();
                 all
             }
+            Names::SnapshotRefs => VmRpcClient::snapshot_list(&client, None)
+                .await
+                .ok()?
+                .into_iter()
+                .map(|s| format!("{}/{}", s.vm, s.name))
+                .collect(),
         })
     })
     .await
@@ -352,6 +362,12 @@ mod tests {
         );
         // A new snapshot's name is the user's.
         assert_eq!(want(&["vm", "snapshot", "create", "a", ""]), Want::Nothing);
+        assert_eq!(want(&["vm", "fork", ""]), Want::Names(Names::Vms));
+        assert_eq!(want(&["vm", "fork", "a", "--name", ""]), Want::Nothing);
+        assert_eq!(
+            want(&["vm", "create", "--from-snapshot", ""]),
+            Want::Names(Names::SnapshotRefs)
+        );
         assert_eq!(want(&["exec", ""]), Want::Names(Names::Vms));
         assert_eq!(want(&["exec", "dev", ""]), Want::Nothing);
         assert_eq!(want(&["logs", "--tail", "3", ""]), Want::Names(Names::Vms));
