@@ -246,7 +246,20 @@ impl VmSupervisor {
     ) -> Result<Vec<VmRecord>, VmError> {
         let store = &state.env.store;
         let src = &from.source;
-        let network = network.unwrap_or(src.ip.is_some());
+        let has = src.ip.is_some();
+        let network = network.unwrap_or(has);
+        // The clone restores its source's devices: a NIC the saved state has needs a tap,
+        // and one it lacks cannot be added (QEMU refuses a device line that differs from
+        // the state's; microvm has no hotplug).
+        if network != has {
+            return Err(VmError::Invalid(format!(
+                "vm {} has {}: its clones restore its devices, so they have {} too; drop {}",
+                src.name,
+                if has { "a network" } else { "no network" },
+                if has { "one" } else { "none" },
+                if has { "--no-network" } else { "--network" },
+            )));
+        }
         if nat && !network {
             return Err(VmError::Invalid(
                 "--nat needs a network: drop --no-network".into(),

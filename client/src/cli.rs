@@ -566,9 +566,6 @@ pub enum VmCmd {
         /// Give the clones outbound network access through NAT (default: as the VM).
         #[arg(long)]
         nat: bool,
-        /// No network for the clones (vsock still works).
-        #[arg(long, conflicts_with = "nat")]
-        no_network: bool,
         /// Print the clones as JSON (an array) when done.
         #[arg(long)]
         json: bool,
@@ -908,7 +905,7 @@ pub enum PortCmd {
     },
 }
 
-const FORK_HELP: &str = "Examples:\n  banger vm fork dev                  one clone, dev-1\n  banger vm fork dev -n 4 --name try  try-1 … try-4\n  banger vm fork dev --no-network --json\n\nThe VM is snapshotted (its vCPUs stop for the save, then it runs on) and each\nclone restored from that moment: its processes, files and memory are the VM's.\nBefore a clone's network is attached it takes its own hostname, machine id, ssh\nhost key, address and MAC. A clone gets the VM's egress policy unless --nat or\n--no-network say otherwise; it does not get its published ports, deadline or\nsnapshots. A clone that fails undoes the whole fork.";
+const FORK_HELP: &str = "Examples:\n  banger vm fork dev                  one clone, dev-1\n  banger vm fork dev -n 4 --name try  try-1 … try-4\n  banger vm fork dev --nat --json\n\nThe VM is snapshotted (its vCPUs stop for the save, then it runs on) and each\nclone restored from that moment: its processes, files and memory are the VM's.\nBefore a clone's network is attached it takes its own hostname, machine id, ssh\nhost key, address and MAC. A clone has a network if the VM has one (it restores\nthe VM's NIC) and gets the VM's egress policy unless --nat says otherwise; it\ndoes not get its published ports, deadline or snapshots. A clone that fails\nundoes the whole fork.";
 
 const ROLLBACK_HELP: &str = "Examples:\n  banger vm snapshot create dev before-upgrade\n  banger vm exec dev -- apt-get -y dist-upgrade\n  banger vm rollback dev before-upgrade     as it was, processes included\n\nWhat the guest did since the snapshot is gone: files, processes, memory. The\nsnapshot is kept, so a VM can go back to it again. Refused, with nothing\nchanged, when the VM's size, image or kernel or this host's VMM release is not\nwhat it was when the snapshot was taken.";
 
@@ -1409,17 +1406,16 @@ mod tests {
             args.extend(flag);
             assert!(Cli::try_parse_from(&args).is_err(), "{flag:?}");
         }
-        match parse(&["vm", "fork", "a", "-n", "3", "--name", "t", "--no-network"]).command {
+        match parse(&["vm", "fork", "a", "-n", "3", "--name", "t", "--nat"]).command {
             Command::Vm(VmCmd::Fork {
                 vm,
                 count,
                 name,
-                no_network,
                 nat,
                 ..
             }) => assert_eq!(
-                (vm.as_str(), count, name.as_deref(), no_network, nat),
-                ("a", 3, Some("t"), true, false)
+                (vm.as_str(), count, name.as_deref(), nat),
+                ("a", 3, Some("t"), true)
             ),
             other => panic!("{other:?}"),
         }

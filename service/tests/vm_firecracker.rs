@@ -2285,6 +2285,19 @@ async fn root_fork_restores_clones_each_with_its_own_identity_and_tap() {
     )
     .await;
     assert_eq!(message(last.unwrap_err()).0, codes::NOT_FOUND);
+    // A clone restores its source's NIC: it cannot go without one.
+    let (_, last) = forked(
+        &c,
+        banger_api::ForkVm {
+            vm: "a-2".into(),
+            network: Some(false),
+            ..Default::default()
+        },
+    )
+    .await;
+    let (code_, m) = message(last.unwrap_err());
+    assert_eq!(code_, codes::INVALID_ARGUMENT, "{m}");
+    assert!(m.contains("drop --no-network"), "{m}");
     c.stop("a-2".into(), None).await.unwrap();
     let (_, last) = forked(
         &c,

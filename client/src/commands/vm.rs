@@ -1074,7 +1074,6 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
             count,
             name,
             nat,
-            no_network,
             json,
         } => {
             let vm = resolve(&client, vm).await?;
@@ -1084,7 +1083,7 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
                 count: Some(count),
                 name,
                 nat,
-                network: no_network.then_some(false),
+                network: None,
             };
             let vms = match follow_events(client.fork(req).await?, json).await? {
                 Progress::Forked { vms } => vms,

@@ -193,7 +193,8 @@ pub struct ForkVm {
     /// NAT for the clones (`--nat`); default the source's egress (and isolation).
     #[serde(default)]
     pub nat: bool,
-    /// A network for the clones; default: what the source has.
+    /// A network for the clones: they restore the source's devices, so it must be what
+    /// the source has (the default); anything else is refused.
     #[serde(default)]
     pub network: Option<bool>,
 }
