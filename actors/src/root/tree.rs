@@ -316,14 +316,7 @@ impl Tree {
     ) -> Result<Vec<VmInfo>, TreeError> {
         use crate::vm::disks::VmDir;
         use crate::vm::fork;
-        let stage = |stage: &str, detail: String| {
-            if let Some(p) = &progress {
-                let _ = p.send(banger_api::Progress::Stage {
-                    stage: stage.into(),
-                    detail: Some(detail),
-                });
-            }
-        };
+        let stage = |stage: &str, detail: String| crate::vm::actor::tell(&progress, stage, detail);
         let source = from.source.name.clone();
         let names: Vec<String> = plan.clones.iter().map(|(_, n)| n.clone()).collect();
         stage(
@@ -376,11 +369,8 @@ impl Tree {
             })
             .into());
         }
-        if crate::vm::orphans::fault("mid-fork") {
-            // Tests: the copies made, no record of the clones yet.
-            tracing::error!("fault injected: killed mid-fork");
-            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
-        }
+        // Tests: the copies made, no record of the clones yet.
+        crate::vm::actor::die_at("mid-fork");
         let clones = plan.clones.clone();
         let made = ractor::call!(self.vms(), |reply| VmSupervisorMsg::CreateClones {
             from: Box::new(from),

@@ -915,7 +915,7 @@ async fn release_vmm(state: &VmActorState, rt: Option<Runtime>) {
 const CLONE_AGENT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// One stage, with what it does, to a caller that follows the progress (if any).
-pub(super) fn tell(progress: &Option<ProgressTx>, stage: &str, detail: impl Into<String>) {
+pub(crate) fn tell(progress: &Option<ProgressTx>, stage: &str, detail: impl Into<String>) {
     if let Some(tx) = progress {
         let _ = tx.send(Progress::Stage {
             stage: stage.into(),
@@ -1565,9 +1565,9 @@ impl VmActor {
     }
 }
 
-/// The fault-injection points of a suspend (debug builds, `BANGER_FAULT`, see
-/// [`super::orphans::fault`]): bangerd SIGKILLs itself there.
-fn die_at(point: &str) {
+/// The fault-injection points of a suspend, a snapshot and a fork (debug builds,
+/// `BANGER_FAULT`, see [`super::orphans::fault`]): bangerd SIGKILLs itself there.
+pub(crate) fn die_at(point: &str) {
     if super::orphans::fault(point) {
         tracing::error!(point, "fault injected: killed");
         let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);

@@ -38,6 +38,23 @@ pub(super) enum SnapshotWaiter {
     Fork(Reply<ForkSource>),
 }
 
+impl SnapshotWaiter {
+    fn of(what: SnapshotFor) -> SnapshotWaiter {
+        match what {
+            SnapshotFor::Named { reply, .. } => SnapshotWaiter::Named(reply),
+            SnapshotFor::Fork { reply, .. } => SnapshotWaiter::Fork(reply),
+        }
+    }
+
+    /// Answer the caller with `e`.
+    fn refuse(self, e: VmError) {
+        match self {
+            SnapshotWaiter::Named(r) => drop(r.send(Err(e))),
+            SnapshotWaiter::Fork(r) => drop(r.send(Err(e))),
+        }
+    }
+}
+
 /// A rollback under way: the snapshot, its caller (and its progress), and whether it
 /// waits for the VMM it ended to be gone.
 #[derive(Debug)]
@@ -172,22 +189,11 @@ impl VmActor {
             }
             Ok((rt, name))
         })();
-        let (waiter, refuse): (SnapshotWaiter, fn(SnapshotWaiter, VmError)) = match what {
-            SnapshotFor::Named { reply, .. } => (SnapshotWaiter::Named(reply), |w, e| {
-                if let SnapshotWaiter::Named(r) = w {
-                    let _ = r.send(Err(e));
-                }
-            }),
-            SnapshotFor::Fork { reply, .. } => (SnapshotWaiter::Fork(reply), |w, e| {
-                if let SnapshotWaiter::Fork(r) = w {
-                    let _ = r.send(Err(e));
-                }
-            }),
-        };
+        let waiter = SnapshotWaiter::of(what);
         let (rt, name) = match checked {
             Ok(v) => v,
             Err(e) => {
-                refuse(waiter, e);
+                waiter.refuse(e);
                 return;
             }
         };
