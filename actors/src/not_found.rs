@@ -12,6 +12,8 @@ pub enum Kind {
     Vm,
     Image,
     Kernel,
+    /// A warm snapshot (`image warm`), by id or image name.
+    Warm,
 }
 
 impl Kind {
@@ -21,6 +23,17 @@ impl Kind {
             Kind::Vm => "vm",
             Kind::Image => "image",
             Kind::Kernel => "kernel",
+            Kind::Warm => "warm snapshot",
+        }
+    }
+
+    /// The command that lists them.
+    pub fn list_command(self) -> &'static str {
+        match self {
+            Kind::Vm => "vm list",
+            Kind::Image => "image list",
+            Kind::Kernel => "kernel list",
+            Kind::Warm => "image warm list",
         }
     }
 }
@@ -33,7 +46,7 @@ impl fmt::Display for Kind {
 
 /// `no image named nope; see \`banger image list\``.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("no {kind} named {}; see `banger {kind} list`", shown(name))]
+#[error("no {kind} named {}; see `banger {}`", shown(name), kind.list_command())]
 pub struct NotFound {
     pub kind: Kind,
     pub name: String,
@@ -43,6 +56,13 @@ impl NotFound {
     pub fn vm(name: impl Into<String>) -> NotFound {
         NotFound {
             kind: Kind::Vm,
+            name: name.into(),
+        }
+    }
+
+    pub fn warm(name: impl Into<String>) -> NotFound {
+        NotFound {
+            kind: Kind::Warm,
             name: name.into(),
         }
     }

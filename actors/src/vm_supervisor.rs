@@ -66,6 +66,8 @@ pub enum VmSupervisorMsg {
     Create {
         req: CreateVm,
         progress: Option<ProgressTx>,
+        /// A warm snapshot's maker (`image warm`, see `vm::warm`): never restored from one.
+        maker: bool,
         reply: Reply<VmInfo>,
     },
     /// The actor of a VM, by name or id.
@@ -129,6 +131,9 @@ pub struct VmSettings {
     pub network: bool,
     /// The most clones one `vm fork` makes (`[vm_defaults] max_fork_count`).
     pub max_fork_count: u32,
+    /// `[vm_defaults] auto_warm`: after a create boots an image cold, make the warm
+    /// snapshot of its image, kernel, size, VMM and network in the background.
+    pub auto_warm: bool,
     /// The permits of re-adoption ([`ADOPT_CONCURRENCY`] in the daemon).
     pub adopt_permits: Arc<tokio::sync::Semaphore>,
 }
@@ -343,9 +348,105 @@ impl VmSupervisor {
                     vm: src.name.clone(),
                     address: address.clone(),
                 }),
+                warm: None,
+                warm_maker: false,
             });
         }
         Ok(out)
+    }
+
+    /// The warm snapshot a new VM (`rec`, as created) restores from, if one matches (see
+    /// `vm::warm`), and the warnings of the ones that could not be used: damaged ones (their
+    /// files gone or cut) and ones another VMM release saved are removed.
+    async fn pick_warm(
+        state: &VmSupervisorState,
+        rec: &VmRecord,
+    ) -> (Option<crate::vm::warm::WarmRecord>, Vec<String>) {
+        use crate::vm::warm;
+        let (store, base, r) = (
+            Arc::clone(&state.env.store),
+            state.env.warm_dir.clone(),
+            rec.clone(),
+        );
+        let found = tokio::task::spawn_blocking(move || -> Result<_, crate::store::StoreError> {
+            let at = |n: &str, t: Option<u64>| t.map(|t| format!("{n}@{t}"));
+            let (Some(image), Some(kernel)) = (
+                at(
+                    &r.image,
+                    store.get_image(&r.image)?.map(|i| i.registered_at),
+                ),
+                at(
+                    &r.kernel,
+                    store.get_kernel(&r.kernel)?.map(|k| k.registered_at),
+                ),
+            ) else {
+                return Ok(Vec::new());
+            };
+            let key = warm::Key {
+                image,
+                kernel,
+                vmm: r.vmm,
+                spec: r.spec,
+                network: r.ip.is_some(),
+            };
+            Ok(store
+                .list_warm()?
+                .into_iter()
+                .rev()
+                .filter(|w| w.key() == key && w.banger == warm::banger_version())
+                .map(|w| {
+                    let damaged = warm::damaged(&base, &w);
+                    (w, damaged)
+                })
+                .collect::<Vec<_>>())
+        })
+        .await;
+        let candidates = match found {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %banger_error::error_chain(&e), "reading the warm snapshots; booting");
+                return (None, Vec::new());
+            }
+            Err(_) => return (None, Vec::new()),
+        };
+        if candidates.is_empty() {
+            return (None, Vec::new());
+        }
+        let version = crate::vmm::Driver::new(rec.vmm, &state.env.vmm)
+            .version()
+            .await
+            .ok();
+        let (mut pick, mut notes, mut gone) = (None, Vec::new(), Vec::new());
+        for (w, damaged) in candidates {
+            if let Some(why) = damaged {
+                notes.push(format!(
+                    "warm snapshot {} of image {} is damaged ({why}): removed it; booting instead",
+                    w.id,
+                    w.image_name()
+                ));
+                gone.push(w.id);
+            } else if version.as_deref() != Some(w.vmm_version.as_str()) {
+                tracing::info!(warm = %w.id, saved_by = %w.vmm_version, now = ?version, "removing a warm snapshot another VMM release saved");
+                gone.push(w.id);
+            } else if pick.is_none() {
+                pick = Some(w);
+            }
+        }
+        for n in &notes {
+            tracing::warn!(vm = %rec.name, "{n}");
+        }
+        if !gone.is_empty() {
+            let (store, base) = (Arc::clone(&state.env.store), state.env.warm_dir.clone());
+            let _ = tokio::task::spawn_blocking(move || {
+                for id in gone {
+                    if store.delete_warm(&id).is_ok() {
+                        let _ = std::fs::remove_dir_all(warm::dir(&base, &id));
+                    }
+                }
+            })
+            .await;
+        }
+        (pick, notes)
     }
 
     /// Validate a create request into a record (blocking: reads the store), with the
@@ -487,6 +588,8 @@ impl VmSupervisor {
             spawned: None,
             snapshots: Vec::new(),
             clone_of: None,
+            warm: None,
+            warm_maker: false,
         };
         Ok((record, vmm))
     }
@@ -605,12 +708,40 @@ impl Actor for VmSupervisor {
                 "removed vm directories no record names (a fork cut short)"
             );
         }
+        // Warm snapshots: no directory without a record (an `image warm` cut short), and
+        // no maker left running (a daemon's death cut its save short): deleted below.
+        let (store, base) = (Arc::clone(&state.env.store), state.env.warm_dir.clone());
+        let swept = tokio::task::spawn_blocking(
+            move || -> Result<Vec<String>, crate::store::StoreError> {
+                let known = store.list_warm()?.into_iter().map(|w| w.id).collect();
+                Ok(crate::vm::warm::sweep_unrecorded(&base, &known))
+            },
+        )
+        .await??;
+        if !swept.is_empty() {
+            tracing::warn!(?swept, "removed warm snapshot directories no record names");
+        }
+        let makers: Vec<String> = vms
+            .iter()
+            .filter(|v| v.warm_maker)
+            .map(|v| v.id.clone())
+            .collect();
         let (count, t0) = (vms.len(), Instant::now());
         for vm in vms {
             state.publish(&vm);
             let (id, name) = (vm.id.clone(), vm.name.clone());
             if let Err(e) = Self::spawn_vm(&myself, &mut state, &id, Some(vm), true).await {
                 tracing::error!(vm = %name, error = %e, "cannot start the vm's actor");
+            }
+        }
+        for id in makers {
+            if let Some(actor) = state.actors.get(&id) {
+                tracing::warn!(vm = %id, "deleting a warm snapshot's maker a daemon's death left");
+                let (tx, _rx) = tokio::sync::oneshot::channel();
+                let _ = actor.cast(VmMsg::Delete {
+                    force: true,
+                    reply: tx.into(),
+                });
             }
         }
         tracing::info!(
@@ -801,9 +932,10 @@ impl Actor for VmSupervisor {
             VmSupervisorMsg::Create {
                 req,
                 progress,
+                maker,
                 reply,
             } => {
-                let (rec, vmm) = {
+                let (mut rec, vmm) = {
                     // Reads only; quick. The supervisor's mailbox serialises name checks.
                     match Self::new_record(state, &req) {
                         Ok(r) => r,
@@ -813,6 +945,22 @@ impl Actor for VmSupervisor {
                         }
                     }
                 };
+                rec.warm_maker = maker;
+                let mut warm_notes = Vec::new();
+                if !maker && !req.cold && !req.no_start {
+                    let (warm, notes) = Self::pick_warm(state, &rec).await;
+                    warm_notes = notes;
+                    if let Some(w) = warm {
+                        // Restored, not booted: its start copies the snapshot's files and
+                        // the guest takes this VM's identity (see `vm::warm`).
+                        rec.state = VmState::Suspended;
+                        rec.clone_of = Some(model::CloneOf {
+                            vm: format!("warm-{}", w.id),
+                            address: w.address.clone(),
+                        });
+                        rec.warm = Some(w.id);
+                    }
+                }
                 let store = Arc::clone(&state.env.store);
                 let to_store = rec.clone();
                 // The checks again, and the write, in one transaction (see the module docs).
@@ -827,12 +975,28 @@ impl Actor for VmSupervisor {
                 if let Some(w) = &warning {
                     tracing::warn!(vm = %rec.name, "{w}");
                 }
-                state.publish(&rec);
+                if !maker {
+                    state.publish(&rec);
+                }
                 if let Some(p) = &progress {
                     let dir = crate::vm::disks::VmDir::new(&state.env.vms_dir, &rec.id);
                     let _ = p.send(banger_api::Progress::Created {
                         vm: crate::vm::actor::info_of(&rec, &dir),
                     });
+                    for w in &warm_notes {
+                        let _ = p.send(banger_api::Progress::Stage {
+                            stage: "warning".into(),
+                            detail: Some(w.clone()),
+                        });
+                    }
+                    if let Some(w) = &rec.warm {
+                        let _ = p.send(banger_api::Progress::Stage {
+                            stage: "warm".into(),
+                            detail: Some(format!(
+                                "restoring from warm snapshot {w} (--cold boots instead)"
+                            )),
+                        });
+                    }
                     if let Some(w) = warning {
                         let _ = p.send(banger_api::Progress::Stage {
                             stage: "warning".into(),

@@ -4,7 +4,9 @@
 //! the ratio (the target: a restore at most a tenth of a boot). Also `vm suspend`'s
 //! time and the saved state's allocated size, and `vm snapshot create` (time, size) and
 //! `vm rollback` of the running guest with ~100 MiB in use, against the same cold boot;
-//! and `vm fork --count 4` of it against four `vm create`s.
+//! and `vm fork --count 4` of it against four `vm create`s; and a warm `vm run --rm --
+//! true` (restored from the image's warm snapshot, `image warm`) against a cold one
+//! (`--cold`), interleaved.
 //!
 //! Needs root, the test rig (`scripts/rig/setup.sh`) and the static guest binaries
 //! (`scripts/build-guest.sh`), like `client/tests/vm_qemu.rs`; the guest runs under
@@ -280,5 +282,30 @@ fn main() {
     println!(
         "  fork / creates                 {:8.3}",
         f.as_secs_f64() / cr.as_secs_f64()
+    );
+    home.ok(&["vm", "rm", "-f", "bench"]);
+
+    // `vm run --rm -- true` as a user runs it: a cold one (a boot, waited for until the
+    // guest's services are up, the command, the delete) against a warm one (a restore of
+    // the image's warm snapshot, its identity taken, the command, the delete).
+    let t0 = Instant::now();
+    home.ok(&["image", "warm", "rig"]);
+    let made = t0.elapsed();
+    let (mut cold, mut warm) = (vec![], vec![]);
+    for _ in 0..runs {
+        cold.push(timed(&home, &["vm", "run", "--rm", "--cold", "--", "true"]));
+        warm.push(timed(&home, &["vm", "run", "--rm", "--", "true"]));
+    }
+    let (c, w) = (median(cold), median(warm));
+    println!("warm starts of the 512 MiB guest, {runs} runs each (medians):");
+    println!(
+        "  image warm (once)              {:8.3} s",
+        made.as_secs_f64()
+    );
+    println!("  vm run --rm --cold -- true     {:8.3} s", c.as_secs_f64());
+    println!("  vm run --rm -- true (warm)     {:8.3} s", w.as_secs_f64());
+    println!(
+        "  warm / cold                    {:8.3}",
+        w.as_secs_f64() / c.as_secs_f64()
     );
 }

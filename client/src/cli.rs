@@ -388,6 +388,10 @@ pub enum VmCmd {
         /// see `banger vm fork`), with the snapshot's image, kernel, size and VMM.
         #[arg(long, value_name = "VM/SNAPSHOT", conflicts_with_all = ["image", "kernel", "vmm", "no_start"])]
         from_snapshot: Option<String>,
+        /// Boot the VM even when a warm snapshot of its image, kernel, size and VMM could
+        /// restore it in a fraction of the time (see `banger image warm`).
+        #[arg(long, conflicts_with = "from_snapshot")]
+        cold: bool,
         /// Stop the VM this long after its create (90s, 10m, 1h30m, 2d; E2B's timeout);
         /// `banger vm set --ttl` moves the deadline.
         #[arg(long, value_name = "DURATION", value_parser = parse_ttl)]
@@ -621,6 +625,9 @@ pub struct RunArgs {
     /// No network at all (vsock still works, so commands and shells do too).
     #[arg(long, conflicts_with = "nat")]
     pub no_network: bool,
+    /// Boot the VM even when a warm snapshot could restore it (see `banger image warm`).
+    #[arg(long)]
+    pub cold: bool,
     #[command(flatten)]
     pub publish: PublishArgs,
     #[command(flatten)]
@@ -1109,6 +1116,10 @@ pub enum ImageCmd {
     /// The layer cache of OCI pulls.
     #[command(subcommand)]
     Cache(CacheCmd),
+    /// Warm snapshots: an image booted once and saved, so `vm run` / `vm create` with its
+    /// image, kernel, size, VMM and network restore in a fraction of a boot.
+    #[command(after_help = WARM_HELP, args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+    Warm(WarmArgs),
     /// Show an image.
     Show {
         /// The image's name.
@@ -1163,6 +1174,50 @@ pub enum InternalCmd {
         #[arg(long)]
         out: PathBuf,
         /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+const WARM_HELP: &str = "Examples:\n  banger image warm debian-bookworm          boot it once and save it (default size, VMM)\n  banger image warm debian-bookworm --memory 2G --vmm qemu\n  banger image warm list                     what is kept, and its size on disk\n  banger image warm rm debian-bookworm       remove an image's warm snapshots (or one, by id)\n\nA `vm run` or `vm create` whose image, kernel, size, VMM and network match one\nrestores it and takes its own name, address, machine id and ssh host key, as a fork's\nclone does; `--cold` boots instead. `[vm_defaults] auto_warm = true` makes one after\nthe first cold boot of each. Deleting or replacing the image or its kernel removes it.";
+
+/// `image warm [IMAGE] [flags] | list | rm`.
+#[derive(Debug, clap::Args)]
+pub struct WarmArgs {
+    #[command(subcommand)]
+    pub cmd: Option<WarmCmd>,
+    /// The image to warm (default: the config's default_image_name).
+    pub image: Option<String>,
+    /// Kernel (default: the image's).
+    #[arg(long)]
+    pub kernel: Option<String>,
+    #[command(flatten)]
+    pub size: SizeArgs,
+    /// VMM: auto, firecracker or qemu (default: the config's default_vmm), as `vm create`.
+    #[arg(long, value_name = "VMM")]
+    pub vmm: Option<banger_api::VmmChoice>,
+    /// For VMs without a network (`--no-network`): a restore brings back the devices saved.
+    #[arg(long)]
+    pub no_network: bool,
+    /// Print the warm snapshot as JSON when done.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WarmCmd {
+    /// The warm snapshots kept, with their size on disk.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a warm snapshot by id, or every one of an image by its name.
+    #[command(visible_alias = "delete")]
+    Rm {
+        /// An id (`image warm list`) or an image name.
+        which: String,
+        /// Print what was removed as JSON.
         #[arg(long)]
         json: bool,
     },

@@ -3366,3 +3366,79 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// Warm starts on a real guest with a network (the daemon in a namespace of its own):
+/// `image warm rig` boots the image once and saves it (its maker gone after); `vm run --rm`
+/// then restores it instead of booting (`--timings` says `restore`), and the guest is the
+/// new VM: its hostname and `/etc/hostname`, `/etc/hosts` without the maker's name, one
+/// address on eth0 (its own lease), no process naming the maker. A warm snapshot whose
+/// files were removed falls back to a cold boot with a warning, and is forgotten.
+#[test]
+fn root_rig_warm_vm_run_restores_and_is_its_own_machine() {
+    let topo = Topology::new();
+    let home = Home::with_guests(1, Some(&topo.host), "", "");
+    let w = home.json(&["image", "warm", "rig", "--json"]);
+    let dir = PathBuf::from(w["dir"].as_str().unwrap());
+    assert!(dir.join("state").is_dir(), "{w}");
+    assert_eq!(
+        home.json(&["vm", "ls", "--json"]),
+        serde_json::json!([]),
+        "the maker is gone"
+    );
+    let listed = home.json(&["image", "warm", "list", "--json"]);
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+
+    let out = home.run(&[
+        "vm",
+        "run",
+        "--rm",
+        "--timings",
+        "--name",
+        "fresh",
+        "--",
+        "sh",
+        "-c",
+        "cat /etc/hostname; hostname; ip -4 -o addr show eth0 | awk '{print $4}'; echo ==; cat /etc/hosts; echo ==; ps -eo args",
+    ]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(out.status.success(), "{stdout}{stderr}");
+    let l: Vec<&str> = stdout.lines().collect();
+    assert_eq!(&l[..2], ["fresh", "fresh"], "{stdout}");
+    assert!(
+        l[2].starts_with("172.") && l[3] == "==",
+        "one address on eth0, its own: {stdout}"
+    );
+    assert!(
+        !stdout.contains("warm-"),
+        "the maker's name is left: {stdout}"
+    );
+    let timings = stderr.lines().find(|l| l.starts_with("timings:")).unwrap();
+    assert!(
+        timings.contains(" restore ") && !timings.contains(" boot "),
+        "{timings}"
+    );
+
+    // Its memory gone: a cold boot, said, and the warm snapshot forgotten.
+    std::fs::remove_dir_all(dir.join("state")).unwrap();
+    let out = home.run(&["vm", "run", "--rm", "--timings", "--", "true"]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("warning: warm snapshot") && stderr.contains("damaged"),
+        "{stderr}"
+    );
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.starts_with("timings:") && l.contains(" boot ")),
+        "{stderr}"
+    );
+    assert_eq!(
+        home.json(&["image", "warm", "list", "--json"]),
+        serde_json::json!([])
+    );
+    assert!(!dir.exists());
+}

@@ -291,6 +291,8 @@ pub async fn tar_out_with<W: tokio::io::AsyncWrite + Unpin>(
 pub async fn wait_ready(socket: &Path, timeout: Duration) -> Result<Response, HostError> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut last = HostError::Timeout;
+    // Soon at first (a restored guest answers within milliseconds), then every 100 ms.
+    let mut pause = Duration::from_millis(5);
     while tokio::time::Instant::now() < deadline {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         match call(socket, &Request::Health, left.min(Duration::from_secs(5))).await {
@@ -299,7 +301,8 @@ pub async fn wait_ready(socket: &Path, timeout: Duration) -> Result<Response, Ho
             Err(HostError::Proto(e @ ProtoError::Version { .. })) => return Err(e.into()),
             Err(e) => last = e,
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(100));
     }
     Err(last)
 }

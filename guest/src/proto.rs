@@ -293,12 +293,31 @@ pub enum Request {
     /// key (sshd reloads it), and with `net` its NIC re-addressed. Sent after `Restored`,
     /// so the machine id comes from a reseeded RNG. Answers `Identity`. Added within
     /// protocol version 1: an older agent answers `Error` (unknown op), and the host then
-    /// refuses to run the clone.
+    /// refuses to run the clone. `host_key`: the new ed25519 host key, made by the host
+    /// (an `ssh-keygen` in an emulated guest costs a large part of a warm start); the agent
+    /// makes one itself without it.
     Identity {
         name: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         net: Option<IdentityNet>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        host_key: Option<HostKey>,
     },
+}
+
+/// An ssh host key pair in OpenSSH's formats (`ssh_host_ed25519_key` and its `.pub`).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostKey {
+    pub private: String,
+    pub public: String,
+}
+
+impl std::fmt::Debug for HostKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostKey")
+            .field("public", &self.public)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The network half of `Identity`.

@@ -218,6 +218,11 @@ pub struct VmDefaults {
     /// The most clones one `vm fork --count` makes (default 16): each is a whole VM, its
     /// memory and disks copied.
     pub max_fork_count: Option<u32>,
+    /// After a create boots an image cold, make its warm snapshot in the background, so
+    /// the next `vm run` with the same image, kernel, size, VMM and network restores
+    /// instead of booting (default false: it costs a boot and the guest's memory on disk;
+    /// `banger image warm` makes one by hand).
+    pub auto_warm: Option<bool>,
 }
 
 /// `[network]`.

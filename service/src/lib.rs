@@ -212,6 +212,7 @@ fn vm_config(
                 .vm_defaults
                 .max_fork_count
                 .unwrap_or(banger_actors::vm::fork::MAX_FORK_COUNT),
+            auto_warm: c.vm_defaults.auto_warm.unwrap_or(false),
             adopt_permits: std::sync::Arc::new(tokio::sync::Semaphore::new(
                 banger_actors::vm_supervisor::ADOPT_CONCURRENCY,
             )),

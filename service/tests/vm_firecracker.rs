@@ -2492,3 +2492,240 @@ async fn forked(
 ) -> (Vec<String>, Result<Progress, ClientError>) {
     support::follow(c.fork(req).await.unwrap()).await
 }
+
+/// `image.warm`, followed to its end: the warm snapshot made.
+async fn warmed(
+    c: &Client,
+    req: banger_api::WarmImage,
+) -> Result<banger_api::WarmInfo, ClientError> {
+    match support::follow(c.warm(req).await.unwrap()).await.1? {
+        Progress::Warmed { warm } => Ok(warm),
+        other => panic!("the warm-up ended with {other:?}"),
+    }
+}
+
+fn warm_img() -> banger_api::WarmImage {
+    banger_api::WarmImage {
+        image: Some("img".into()),
+        memory_mib: Some(128),
+        ..Default::default()
+    }
+}
+
+/// Warm starts on the double (unjailed, no network): `image warm` boots the image once in
+/// a maker VM, saves it and deletes the maker; a create with the same image, kernel, size
+/// and VMM restores it (the warm guest runs on: no boot of its own) and the guest takes
+/// the new VM's identity; `--cold`, another size, or a snapshot whose files are damaged
+/// (removed, with a warning) boot instead. Deleting the image removes its warm snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_snapshot_restores_new_vms_until_its_image_goes() {
+    let (d, c, _files) = setup_in(Some(FORK_ENV), 10, None).await;
+    let w = warmed(&c, warm_img()).await.unwrap();
+    assert_eq!((w.network, w.spec.memory_mib), (false, 128), "{w:?}");
+    assert!(w.image.starts_with("img@") && w.bytes > 0, "{w:?}");
+    assert!(w.vmm_version.contains("Firecracker"), "{w:?}");
+    assert!(
+        VmRpcClient::list(&c).await.unwrap().is_empty(),
+        "the maker is gone"
+    );
+    assert_eq!(c.warm_list().await.unwrap(), std::slice::from_ref(&w));
+
+    let vm = |name: &str, memory: u32, cold: bool| CreateVm {
+        name: Some(name.into()),
+        image: Some("img".into()),
+        memory_mib: Some(memory),
+        cold,
+        ..Default::default()
+    };
+    let stages = |events: &[Progress]| -> Vec<String> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                Progress::Stage { stage, .. } => Some(stage.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    let done = |events: &[Progress]| match events.last() {
+        Some(Progress::Done { vm }) => vm.clone(),
+        other => panic!("{other:?}"),
+    };
+    // Restored from it, twice (it stays for the next VM).
+    for name in ["w1", "w2"] {
+        let events = create(&c, vm(name, 128, false)).await.unwrap();
+        assert!(stages(&events).contains(&"warm".to_owned()), "{events:?}");
+        let made = done(&events);
+        assert_eq!(made.state, VmState::Running);
+        let text = console_of(&made);
+        assert!(
+            text.contains("guest restored") && !text.contains("boot id"),
+            "{name} is restored, not booted: {text}"
+        );
+        assert!(
+            text.contains(&format!("{IDENTITY} {name}: no network")),
+            "{text}"
+        );
+        let dir = std::path::Path::new(&made.dir);
+        assert!(!dir.join("state").exists(), "its saved state is spent");
+    }
+    // --cold, and another size: booted.
+    for (name, memory, cold) in [("c1", 128, true), ("c2", 256, false)] {
+        let events = create(&c, vm(name, memory, cold)).await.unwrap();
+        assert!(!stages(&events).contains(&"warm".to_owned()), "{events:?}");
+        assert!(
+            console_of(&done(&events)).contains("boot id"),
+            "{name} booted"
+        );
+    }
+    // Damaged (its memory file gone): removed, with a warning, and the VM boots.
+    let memory = std::fs::read_dir(std::path::Path::new(&w.dir).join("state"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().contains("mem"))
+        })
+        .expect("a memory file");
+    std::fs::remove_file(&memory).unwrap();
+    let mut sub = c.create(vm("d1", 128, false)).await.unwrap();
+    let mut warning = None;
+    while let Some(ev) = sub.next().await {
+        match ev.unwrap() {
+            Progress::Stage { stage, detail } if stage == "warning" => warning = detail,
+            Progress::Stage { stage, .. } => assert_ne!(stage, "warm"),
+            Progress::Done { vm } => {
+                assert!(console_of(&vm).contains("boot id"), "booted");
+                break;
+            }
+            Progress::Failed { message, .. } => panic!("{message}"),
+            _ => {}
+        }
+    }
+    let warning = warning.expect("a warning");
+    assert!(
+        warning.contains("damaged") && warning.contains(&w.id) && warning.contains("booting"),
+        "{warning}"
+    );
+    assert!(c.warm_list().await.unwrap().is_empty());
+    assert!(!std::path::Path::new(&w.dir).exists());
+
+    // Another, then the image goes: so does its warm snapshot.
+    let w = warmed(&c, warm_img()).await.unwrap();
+    let (code_, m) = message(c.warm_rm("nope".into()).await.unwrap_err());
+    assert_eq!(code_, codes::NOT_FOUND, "{m}");
+    assert!(m.contains("banger image warm list"), "{m}");
+    support::delete_all(&c).await;
+    ImageRpcClient::delete(&c, "img".into()).await.unwrap();
+    assert!(c.warm_list().await.unwrap().is_empty());
+    assert!(!std::path::Path::new(&w.dir).exists());
+    drop(c);
+    d.shutdown().await;
+}
+
+/// `[vm_defaults] auto_warm`: a create that boots makes the warm snapshot of its key in
+/// the background (its maker then deleted), and the next create restores from it;
+/// `image warm rm <image>` removes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_warm_makes_a_warm_snapshot_after_a_cold_boot() {
+    let (d, c, _files) = setup_in(Some(FORK_ENV), 10, None).await;
+    let mut config = d.config();
+    config.vm_defaults.auto_warm = Some(true);
+    drop(c);
+    let dir = d.shutdown_released().await;
+    let d = support::TestDaemon::start_with(dir, config).await;
+    let c = d.client().await;
+    small_vm(&c, "a").await;
+    let t0 = std::time::Instant::now();
+    let warm = loop {
+        let all = c.warm_list().await.unwrap();
+        if let [w] = all.as_slice() {
+            break w.clone();
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "no warm snapshot");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // Its maker goes once it is saved.
+    while VmRpcClient::list(&c).await.unwrap().len() > 1 {
+        assert!(t0.elapsed() < Duration::from_secs(60), "the maker stays");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let events = create(
+        &c,
+        CreateVm {
+            name: Some("b".into()),
+            image: Some("img".into()),
+            memory_mib: Some(128),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Progress::Stage { stage, .. } if stage == "warm")),
+        "{events:?}"
+    );
+    let gone = c.warm_rm("img".into()).await.unwrap();
+    assert_eq!(gone.iter().map(|w| &w.id).collect::<Vec<_>>(), [&warm.id]);
+    assert!(c.warm_list().await.unwrap().is_empty());
+    support::delete_all(&c).await;
+    drop(c);
+    d.shutdown().await;
+}
+
+/// What a daemon killed during `image warm` leaves is cleaned at the next start: its maker
+/// VM (a record marked so) is deleted, and a warm directory no record names is removed
+/// (only names shaped like ids: another file there is left alone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_warm_up_leaves_no_maker_and_no_directory() {
+    let (d, c, _files) = setup().await;
+    create(
+        &c,
+        CreateVm {
+            name: Some("warm-0123abcd".into()),
+            image: Some("img".into()),
+            no_start: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    small_vm(&c, "keep").await;
+    drop(c);
+    let config = d.config();
+    let store_file = d.paths.store_file();
+    let warm = d.paths.data_dir.join("warm");
+    let dir = d.shutdown_released().await;
+    {
+        let store = banger_actors::store::Store::open(&store_file).unwrap();
+        let mut maker = store.find_vm("warm-0123abcd").unwrap().unwrap();
+        maker.warm_maker = true;
+        store.put_vm(&maker).unwrap();
+    }
+    for d in ["0123456789ab", "not-an-id"] {
+        std::fs::create_dir_all(warm.join(d).join("state")).unwrap();
+    }
+    let d = support::TestDaemon::start_with(dir, config).await;
+    let c = d.client().await;
+    let t0 = std::time::Instant::now();
+    loop {
+        let names: Vec<String> = VmRpcClient::list(&c)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|v| v.name)
+            .collect();
+        if names == ["keep"] {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "{names:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!warm.join("0123456789ab").exists());
+    assert!(warm.join("not-an-id").exists());
+    support::delete_all(&c).await;
+    drop(c);
+    d.shutdown().await;
+}

@@ -55,6 +55,7 @@ pub(super) fn test_vm_config(dir: &std::path::Path) -> VmConfig {
             subnet: "172.30.0.0/24".parse().expect("valid subnet"),
             network: false,
             max_fork_count: crate::vm::fork::MAX_FORK_COUNT,
+            auto_warm: false,
             adopt_permits: Arc::new(tokio::sync::Semaphore::new(
                 crate::vm_supervisor::ADOPT_CONCURRENCY,
             )),
@@ -101,6 +102,8 @@ pub(super) fn stored_vm(id: &str, name: &str, created_at: u64) -> crate::vm::mod
         spawned: None,
         snapshots: Vec::new(),
         clone_of: None,
+        warm: None,
+        warm_maker: false,
         uid: None,
     }
 }

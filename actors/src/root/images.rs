@@ -199,6 +199,8 @@ impl Tree {
             };
             let _ = std::fs::remove_dir_all(dir.join("images").join(&name));
             drop(deleting);
+            // Its warm snapshots can never be restored again.
+            super::warm::prune_stale(&db, &dir.join("warm"));
             Ok(Some(rec))
         })
         .await
@@ -238,6 +240,8 @@ impl Tree {
             };
             let _ = std::fs::remove_dir_all(dir.join("kernels").join(&name));
             drop(deleting);
+            // Its warm snapshots can never be restored again.
+            super::warm::prune_stale(&db, &dir.join("warm"));
             Ok(Some(rec))
         })
         .await

@@ -7,6 +7,7 @@
 //! - `images.rs`: the image and kernel calls (pulls through the PullActor, the store-side
 //!   register/import/delete rules).
 //! - `auto_pull.rs`: what `vm create` pulls before the VM is made.
+//! - `warm.rs`: warm snapshots (`image warm`, `image warm list|rm`, `auto_warm`).
 //! - `config.rs`: [`VmConfig`], what the tree is started with.
 
 mod auto_pull;
@@ -14,6 +15,7 @@ mod config;
 mod images;
 mod supervisor;
 mod tree;
+mod warm;
 
 #[cfg(test)]
 mod fixtures;

@@ -62,6 +62,11 @@ pub struct Tree {
     pub(super) pulls: Slot<PullMsg>,
     pub(super) pull_env: Arc<PullEnv>,
     pub(super) default_image: Option<String>,
+    /// `[vm_defaults] auto_warm`: make a warm snapshot after a first cold boot.
+    pub(super) auto_warm: bool,
+    /// The keys whose warm snapshot `auto_warm` is making now.
+    pub(super) warming: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    pub(super) subnet_prefix: u8,
 }
 
 impl Tree {
@@ -86,6 +91,7 @@ impl Tree {
         let db = Arc::new(store);
         let data_dir = vm.data_dir.clone();
         let default_image = vm.settings.default_image.clone();
+        let (auto_warm, subnet_prefix) = (vm.settings.auto_warm, vm.settings.subnet.prefix);
         let pull_env = PullEnv::new(vm.pull.clone(), Arc::clone(&db));
         let args = RootArgs {
             store: Arc::clone(&db),
@@ -115,6 +121,9 @@ impl Tree {
             pulls: pull_ref,
             pull_env,
             default_image,
+            auto_warm,
+            warming: Default::default(),
+            subnet_prefix,
         };
         Ok((tree, join))
     }
@@ -180,7 +189,7 @@ impl Tree {
         .map_err(TreeError::Updater)
     }
 
-    fn vms(&self) -> ActorRef<VmSupervisorMsg> {
+    pub(super) fn vms(&self) -> ActorRef<VmSupervisorMsg> {
         live(&self.vms)
     }
 
@@ -206,13 +215,20 @@ impl Tree {
         crate::vm::spec::validate_given(req.vcpu, req.memory_mib, req.disk_bytes)
             .map_err(VmError::Invalid)?;
         self.auto_pull(&req, progress.as_ref()).await?;
-        ractor::call!(self.vms(), |reply| VmSupervisorMsg::Create {
+        let boots = !req.no_start;
+        let vm = ractor::call!(self.vms(), |reply| VmSupervisorMsg::Create {
             req,
             progress,
+            maker: false,
             reply
         })
         .map_err(|_| TreeError::Call("vm-supervisor"))?
-        .map_err(TreeError::Vm)
+        .map_err(TreeError::Vm)?;
+        if self.auto_warm && boots && vm.error.is_none() {
+            // Unless one exists (this VM may have been restored from it).
+            self.warm_later(&vm);
+        }
+        Ok(vm)
     }
 
     /// `vm fork` (see [`crate::vm::fork`] for the steps): the clones once they all run.

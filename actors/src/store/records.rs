@@ -37,6 +37,7 @@ use super::{Store, StoreError};
 use crate::image::{ImageRecord, KernelRecord};
 use crate::not_found::NotFound;
 use crate::vm::model::VmRecord;
+use crate::vm::warm::WarmRecord;
 
 pub(crate) const VMS: TableDefinition<&str, &[u8]> = TableDefinition::new("vms");
 pub(crate) const VM_NAMES: TableDefinition<&str, &str> = TableDefinition::new("vm_names");
@@ -45,6 +46,9 @@ pub(crate) const KERNELS: TableDefinition<&str, &[u8]> = TableDefinition::new("k
 /// `image/<name>` or `kernel/<name>` → [`Held`]. Only ever opened in write transactions
 /// (so it needs no migration: redb creates it on first use), and emptied on open.
 pub(crate) const RESERVATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("reservations");
+/// Warm snapshot id → [`WarmRecord`]. Made by its first write (no migration: a read of a
+/// store without it finds none).
+pub(crate) const WARM: TableDefinition<&str, &[u8]> = TableDefinition::new("warm");
 
 /// The kinds of names that are reserved while they are made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -450,6 +454,47 @@ impl Store {
         })
     }
 
+    /// Record a warm snapshot (its files are in place already).
+    pub fn put_warm(&self, w: &WarmRecord) -> Result<(), StoreError> {
+        self.retry(|| {
+            let txn = self.begin_write()?;
+            txn.open_table(WARM)?
+                .insert(w.id.as_str(), encode(w).as_slice())?;
+            txn.commit()?;
+            Ok(())
+        })
+    }
+
+    /// The warm snapshots, oldest first.
+    pub fn list_warm(&self) -> Result<Vec<WarmRecord>, StoreError> {
+        let mut out: Vec<WarmRecord> = self.retry(|| {
+            let txn = self.begin_read()?;
+            let t = match txn.open_table(WARM) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+                Err(e) => return Err(e.into()),
+            };
+            let mut out = Vec::new();
+            for entry in t.iter()? {
+                let (_, v) = entry?;
+                out.push(decode(self, "warm", v.value())?);
+            }
+            Ok(out)
+        })?;
+        out.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        Ok(out)
+    }
+
+    /// Forget a warm snapshot (the caller removes its files afterwards).
+    pub fn delete_warm(&self, id: &str) -> Result<(), StoreError> {
+        self.retry(|| {
+            let txn = self.begin_write()?;
+            txn.open_table(WARM)?.remove(id)?;
+            txn.commit()?;
+            Ok(())
+        })
+    }
+
     pub fn get_image(&self, name: &str) -> Result<Option<ImageRecord>, StoreError> {
         self.get_json(IMAGES, "images", name)
     }
@@ -610,6 +655,8 @@ mod tests {
             spawned: None,
             snapshots: Vec::new(),
             clone_of: None,
+            warm: None,
+            warm_maker: false,
         }
     }
 

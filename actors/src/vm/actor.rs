@@ -35,6 +35,8 @@ mod snapshots;
 pub struct VmEnv {
     pub store: Arc<Store>,
     pub vms_dir: PathBuf,
+    /// Where warm snapshots are kept (`<data>/warm`, see [`crate::vm::warm`]).
+    pub warm_dir: PathBuf,
     pub vmm: VmmConfig,
     /// How long `stop` waits for the guest before SIGKILL, unless the caller says.
     pub stop_timeout: Duration,
@@ -831,6 +833,8 @@ fn identity_request(
     banger_guest::proto::Request::Identity {
         name: rec.name.clone(),
         net,
+        // Made by the task that sends it (`sshkey::host_key_pair`).
+        host_key: None,
     }
 }
 
@@ -841,7 +845,26 @@ async fn take_identity(
     req: &banger_guest::proto::Request,
     vm: &str,
 ) -> Result<(), String> {
-    match banger_guest::host::call(sock, req, Duration::from_secs(30)).await {
+    let mut answer = banger_guest::host::call(sock, req, Duration::from_secs(30)).await;
+    if let (
+        Err(e),
+        banger_guest::proto::Request::Identity {
+            name,
+            net,
+            host_key: Some(_),
+        },
+    ) = (&answer, req)
+        && error_chain(e).contains("host_key")
+    {
+        // An agent from before host-made keys refuses the field: it makes its own.
+        let older = banger_guest::proto::Request::Identity {
+            name: name.clone(),
+            net: net.clone(),
+            host_key: None,
+        };
+        answer = banger_guest::host::call(sock, &older, Duration::from_secs(30)).await;
+    }
+    match answer {
         Ok(banger_guest::proto::Response::Identity { machine_id, .. }) => {
             tracing::info!(vm, %machine_id, "the clone took its own identity");
             Ok(())
@@ -1159,8 +1182,11 @@ impl VmActor {
             // A clone that boots (its saved state discarded) is its own machine from its
             // command line on.
             state.rec.clone_of = None;
+            state.rec.warm = None;
         }
         let is_clone = state.rec.clone_of.is_some();
+        // A warm snapshot's maker never joins the bridge (see `vm::warm`).
+        let bridge = !is_clone && !state.rec.warm_maker;
         state.rec.state = VmState::Starting;
         state.console.boot_from = std::fs::metadata(state.dir.console()).map_or(0, |m| m.len());
         // A store that cannot write (a full disk) fails this start, not the actor:
@@ -1188,11 +1214,32 @@ impl VmActor {
         tokio::spawn(async move {
             let result = async {
                 // A clone's tap joins the bridge once its guest has its own address.
-                let tap = setup_net(&env, &rec, &senders, !is_clone).await?;
+                let tap = setup_net(&env, &rec, &senders, bridge).await?;
                 send_stage(&senders, "disks");
-                let plan = {
+                let (plan, saved) = {
                     let (env, rec, dir) = (Arc::clone(&env), rec.clone(), dir.clone());
                     tokio::task::spawn_blocking(move || {
+                        let mut saved = dir.saved_state();
+                        if let Some(w) = rec.warm.as_deref().filter(|_| restore)
+                            && !saved.is_dir()
+                        {
+                            // A first start from a warm snapshot: its disks copied (the
+                            // snapshot stays for the next VM), and its saved state too for
+                            // Firecracker, whose memory file backs the guest's memory for
+                            // as long as it runs; QEMU reads it into the guest's own memory
+                            // as it loads, so it loads the snapshot's in place.
+                            let from = super::warm::dir(&env.warm_dir, w);
+                            let qemu = rec.vmm == banger_api::VmmKind::Qemu;
+                            super::warm::copy_into(&from, &dir, !qemu).map_err(|source| {
+                                VmError::Disk(super::disks::DiskError::Io {
+                                    path: from.clone(),
+                                    source,
+                                })
+                            })?;
+                            if qemu {
+                                saved = from.join(super::snapshot::STATE);
+                            }
+                        }
                         ensure_disks(&dir, rec.spec.disk_bytes)?;
                         if !restore {
                             // Left by a save the daemon did not finish: a cold boot
@@ -1201,7 +1248,7 @@ impl VmActor {
                         }
                         let mut plan = plan(&env, &rec, &dir, tap)?;
                         plan.clone = is_clone;
-                        Ok::<_, VmError>(plan)
+                        Ok::<_, VmError>((plan, saved))
                     })
                     .await
                     .expect("plan does not panic")?
@@ -1220,7 +1267,7 @@ impl VmActor {
                 };
                                         let launched = if restore {
                     driver
-                        .launch_restored(&plan, &dir.saved_state(), &env.net, &stage, &spawned)
+                        .launch_restored(&plan, &saved, &env.net, &stage, &spawned)
                         .await
                 } else {
                     driver.launch(&plan, &env.net, &stage, &spawned).await
@@ -1354,8 +1401,10 @@ impl VmActor {
         state.rec.state = VmState::Running;
         state.rec.started_at = Some(now_secs());
         if agent_error.is_none() {
-            // A clone's guest has taken its own identity (see `take_identity`).
+            // A clone's guest has taken its own identity (see `take_identity`), and a VM
+            // restored from a warm snapshot is its own from now on.
             state.rec.clone_of = None;
+            state.rec.warm = None;
         }
         state.rec.error = agent_error
             .as_ref()
@@ -1796,7 +1845,10 @@ impl Actor for VmActor {
                         Self::watch_exit(&myself, state);
                         Self::start_console(&myself, state);
                         let mut timeout = state.env.agent_timeout;
-                        if timeout.is_zero() && state.restoring && state.rec.clone_of.is_some() {
+                        if timeout.is_zero()
+                            && (state.rec.warm_maker
+                                || (state.restoring && state.rec.clone_of.is_some()))
+                        {
                             // A clone needs its agent for its identity (and its tap for
                             // the bridge), whatever `agent_timeout_secs` says.
                             timeout = CLONE_AGENT_TIMEOUT;
@@ -1829,13 +1881,16 @@ impl Actor for VmActor {
                                 .map(|c| identity_request(&state.env, &state.rec, c));
                             let (net, id) = (state.env.net.clone(), state.rec.id.clone());
                             let bridged = state.rec.ip.is_some();
-                            // started_at is set once running: None means the first boot (a
-                            // clone's is its source's: it has their files already).
-                            let file_sync = if state.rec.started_at.is_none() && !restored {
-                                state.env.file_sync.clone()
-                            } else {
-                                Vec::new()
-                            };
+                            // started_at is set once running: None means the first start, a
+                            // boot or a restore from a warm snapshot (a fork's clone has its
+                            // source's: it has their files already). A warm snapshot's maker
+                            // gets none: the VMs restored from it get theirs.
+                            let file_sync =
+                                if state.rec.started_at.is_none() && !state.rec.warm_maker {
+                                    state.env.file_sync.clone()
+                                } else {
+                                    Vec::new()
+                                };
                             tokio::spawn(async move {
                                 let result = banger_guest::host::wait_ready(
                                     std::path::Path::new(&sock),
@@ -1848,7 +1903,15 @@ impl Actor for VmActor {
                                     after_restore(std::path::Path::new(&sock), &vm_name).await;
                                 }
                                 let result = match (result, identity) {
-                                    (Ok(()), Some(req)) => {
+                                    (Ok(()), Some(mut req)) => {
+                                        if let banger_guest::proto::Request::Identity {
+                                            host_key,
+                                            ..
+                                        } = &mut req
+                                        {
+                                            *host_key =
+                                                super::sshkey::host_key_pair(&vm_name).await;
+                                        }
                                         async {
                                             take_identity(
                                                 std::path::Path::new(&sock),
@@ -1910,7 +1973,7 @@ impl Actor for VmActor {
                         let stopped = was == VmState::Stopping;
                         state.rec.state = if stopped {
                             VmState::Stopped
-                        } else if state.restoring {
+                        } else if state.restoring && state.dir.saved_state().is_dir() {
                             // Its saved state is intact: it can be started again (or
                             // stopped, which discards it).
                             VmState::Suspended

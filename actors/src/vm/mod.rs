@@ -12,4 +12,5 @@ pub mod publish;
 pub mod snapshot;
 pub mod spec;
 pub mod sshkey;
+pub mod warm;
 pub mod watch;

@@ -86,6 +86,15 @@ pub struct VmRecord {
     /// before its tap joins the bridge (see `vm::fork`); cleared once it has.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clone_of: Option<CloneOf>,
+    /// The warm snapshot (its id) this VM's first start restores from, instead of booting
+    /// (see `vm::warm`); set with `clone_of`, cleared once it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm: Option<String>,
+    /// This VM exists to be saved as a warm snapshot (`image warm`): its tap never joins
+    /// the bridge, it gets no `file_sync`, and it is deleted once saved (or, cut short by
+    /// a daemon's death, at the next start).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub warm_maker: bool,
 }
 
 /// The VM a clone's guest was when it was saved: its name, and the address the guest

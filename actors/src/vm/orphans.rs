@@ -292,6 +292,8 @@ mod tests {
             spawned: None,
             snapshots: Vec::new(),
             clone_of: None,
+            warm: None,
+            warm_maker: false,
         };
         let left = orphans(&[rec], found);
         assert_eq!(

@@ -99,6 +99,32 @@ impl SshKey {
     }
 }
 
+/// A new ed25519 ssh host key pair for a restored guest that takes its own identity (the
+/// host's `ssh-keygen`: one in an emulated guest takes hundreds of milliseconds), commented
+/// `root@<name>`. None when it cannot be made: the guest's agent then makes its own.
+pub async fn host_key_pair(name: &str) -> Option<banger_guest::proto::HostKey> {
+    let dir = tempfile::tempdir().ok()?;
+    let key = dir.path().join("key");
+    let out = tokio::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C"])
+        .arg(format!("root@{name}"))
+        .arg("-f")
+        .arg(&key)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .inspect_err(|e| tracing::warn!(error = %e, "ssh-keygen for a guest's host key"))
+        .ok()?;
+    if !out.status.success() {
+        tracing::warn!(stderr = %String::from_utf8_lossy(&out.stderr).trim(), "ssh-keygen for a guest's host key failed");
+        return None;
+    }
+    Some(banger_guest::proto::HostKey {
+        private: std::fs::read_to_string(&key).ok()?,
+        public: std::fs::read_to_string(key.with_extension("pub")).ok()?,
+    })
+}
+
 /// `authorized_keys` with `key` added when it is not there yet.
 pub fn with_key(existing: &str, key: &str) -> Option<String> {
     let blob = |l: &str| l.split_whitespace().nth(1).map(str::to_owned);

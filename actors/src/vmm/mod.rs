@@ -104,6 +104,31 @@ pub enum Driver {
     Qemu(qemu::QemuConfig),
 }
 
+/// What says a VMM binary is the file it was: its path on PATH, device, inode, length and
+/// change time. None when it cannot be found (then it is asked every time).
+fn version_stamp(bin: &std::path::Path) -> Option<(std::path::PathBuf, u64, u64, u64, i64, i64)> {
+    use std::os::unix::fs::MetadataExt;
+    let path = if bin.components().count() > 1 {
+        bin.to_owned()
+    } else {
+        std::env::split_paths(&std::env::var_os("PATH")?)
+            .map(|d| d.join(bin))
+            .find(|p| p.is_file())?
+    };
+    let m = std::fs::metadata(&path).ok()?;
+    Some((path, m.dev(), m.ino(), m.len(), m.ctime(), m.ctime_nsec()))
+}
+
+type VersionCache = std::collections::HashMap<
+    std::path::PathBuf,
+    ((std::path::PathBuf, u64, u64, u64, i64, i64), String),
+>;
+
+fn versions() -> &'static std::sync::Mutex<VersionCache> {
+    static CACHE: std::sync::OnceLock<std::sync::Mutex<VersionCache>> = std::sync::OnceLock::new();
+    CACHE.get_or_init(Default::default)
+}
+
 impl Driver {
     pub fn new(kind: VmmKind, config: &VmmConfig) -> Driver {
         match kind {
@@ -155,7 +180,27 @@ impl Driver {
             Driver::Firecracker(c) => c.firecracker.clone(),
             Driver::Qemu(c) => c.qemu.clone(),
         };
-        let out = tokio::process::Command::new(&bin)
+        // Asked on every create that a warm snapshot could serve: remembered per binary
+        // file, as long as it is the same file (an upgrade replaces it).
+        let stamp = version_stamp(&bin);
+        if let Some(stamp) = &stamp
+            && let Some((s, v)) = versions().lock().expect("version cache").get(&bin)
+            && s == stamp
+        {
+            return Ok(v.clone());
+        }
+        let line = Self::ask_version(&bin).await?;
+        if let Some(stamp) = stamp {
+            versions()
+                .lock()
+                .expect("version cache")
+                .insert(bin, (stamp, line.clone()));
+        }
+        Ok(line)
+    }
+
+    async fn ask_version(bin: &std::path::Path) -> Result<String, VmmError> {
+        let out = tokio::process::Command::new(bin)
             .arg("--version")
             .stdin(std::process::Stdio::null())
             .output()

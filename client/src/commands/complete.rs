@@ -39,6 +39,8 @@ pub enum Names {
     Snapshots,
     /// Every snapshot as `<vm>/<snapshot>` (`vm create --from-snapshot`).
     SnapshotRefs,
+    /// The warm snapshots' ids and their images' names (`image warm rm`).
+    Warm,
 }
 
 /// `banger __complete <words…>`: print the candidates, one a line; never fails.
@@ -243,6 +245,7 @@ fn values_of(path: &[clap::Command], a: &clap::Arg) -> Want {
         "kernel" => Want::Names(Names::Kernels),
         "snapshot" | "snapshots" => Want::Names(Names::Snapshots),
         "from_snapshot" => Want::Names(Names::SnapshotRefs),
+        "which" if group == "image" => Want::Names(Names::Warm),
         // VmmChoice parses from a string (no clap ValueEnum to list).
         "vmm" => Want::Static(["auto", "firecracker", "qemu"].map(String::from).to_vec()),
         // An existing image's or kernel's name (not a new one: register, pull, import).
@@ -295,6 +298,20 @@ async fn names(target: &Target, n: Names) -> Vec<String> {
                 .into_iter()
                 .map(|s| format!("{}/{}", s.vm, s.name))
                 .collect(),
+            Names::Warm => {
+                let mut all: Vec<String> = ImageRpcClient::warm_list(&client)
+                    .await
+                    .ok()?
+                    .into_iter()
+                    .flat_map(|w| {
+                        let image = w.image.rsplit_once('@').map_or(&*w.image, |(n, _)| n);
+                        [w.id.clone(), image.to_owned()]
+                    })
+                    .collect();
+                all.sort();
+                all.dedup();
+                all
+            }
         })
     })
     .await
@@ -376,6 +393,12 @@ mod tests {
             Want::Names(Names::Kernels)
         );
         assert_eq!(want(&["kernel", "rm", ""]), Want::Names(Names::Kernels));
+        assert_eq!(want(&["image", "warm", ""]), Want::Names(Names::Images));
+        assert_eq!(want(&["image", "warm", "rm", ""]), Want::Names(Names::Warm));
+        assert_eq!(
+            want(&["image", "warm", "x", "--kernel", ""]),
+            Want::Names(Names::Kernels)
+        );
     }
 
     #[test]

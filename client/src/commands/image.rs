@@ -9,7 +9,7 @@ use banger_api::{
 };
 use jsonrpsee::core::client::Subscription;
 
-use crate::cli::{CacheCmd, ImageCmd, KernelCmd};
+use crate::cli::{CacheCmd, ImageCmd, KernelCmd, WarmArgs, WarmCmd};
 use crate::commands::vm::bytes;
 use crate::connect::{self, Target};
 use crate::exit::{self, CliError};
@@ -257,6 +257,7 @@ pub async fn image(target: &Target, cmd: ImageCmd) -> Result<u8, CliError> {
                 );
             }
         }
+        ImageCmd::Warm(a) => warm(&client, a).await?,
         ImageCmd::Cache(CacheCmd::Prune) => {
             let p = client.cache_prune().await?;
             outln!(
@@ -434,6 +435,107 @@ fn kernel_text(k: &KernelInfo) -> String {
         ));
     }
     out
+}
+
+/// `banger image warm [IMAGE] | list | rm`.
+async fn warm(client: &jsonrpsee::async_client::Client, a: WarmArgs) -> Result<(), CliError> {
+    let rows = |all: &[banger_api::WarmInfo]| -> Vec<Vec<String>> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        all.iter()
+            .map(|w| {
+                vec![
+                    w.id.clone(),
+                    w.image
+                        .rsplit_once('@')
+                        .map_or(&*w.image, |(n, _)| n)
+                        .to_owned(),
+                    w.kernel
+                        .rsplit_once('@')
+                        .map_or(&*w.kernel, |(n, _)| n)
+                        .to_owned(),
+                    w.vmm.as_str().to_owned(),
+                    format!(
+                        "{} vCPU, {} MiB, {}",
+                        w.spec.vcpu,
+                        w.spec.memory_mib,
+                        bytes(w.spec.disk_bytes)
+                    ),
+                    if w.network { "yes" } else { "no" }.to_owned(),
+                    bytes(w.bytes),
+                    format!("{} ago", render::duration(now.saturating_sub(w.created_at))),
+                ]
+            })
+            .collect()
+    };
+    let table = |all: &[banger_api::WarmInfo]| {
+        render::table(
+            &[
+                "ID", "IMAGE", "KERNEL", "VMM", "SIZE", "NETWORK", "DISK", "MADE",
+            ],
+            &[false, false, false, false, false, false, true, false],
+            &rows(all),
+        )
+    };
+    match a.cmd {
+        Some(WarmCmd::List { json }) => {
+            let all = client.warm_list().await?;
+            if json {
+                render::json(&all)?;
+            } else if all.is_empty() {
+                eprintln!("no warm snapshots; make one with `banger image warm <image>`");
+            } else {
+                out!("{}", table(&all));
+            }
+        }
+        Some(WarmCmd::Rm { which, json }) => {
+            let gone = client.warm_rm(which).await?;
+            if json {
+                render::json(&gone)?;
+            } else {
+                for w in &gone {
+                    outln!("{}", w.id);
+                }
+            }
+        }
+        None => {
+            let t0 = Instant::now();
+            let (vcpu, memory_mib, disk_bytes) = crate::commands::vm::size_req(&a.size);
+            let req = banger_api::WarmImage {
+                image: a.image,
+                kernel: a.kernel,
+                vcpu,
+                memory_mib,
+                disk_bytes,
+                vmm: a.vmm,
+                network: a.no_network.then_some(false),
+            };
+            let sub = client.warm(req).await?;
+            let w = match crate::commands::vm::follow_events(sub, a.json).await? {
+                banger_api::Progress::Warmed { warm } => warm,
+                other => {
+                    return Err(CliError::Other(format!(
+                        "the daemon ended the warm-up with {other:?}, not the warm snapshot"
+                    )));
+                }
+            };
+            if a.json {
+                render::json(&w)?;
+            } else {
+                eprintln!(
+                    "warm snapshot {} of {} made ({}, {:.1}s): `banger vm run` with this image and size restores it",
+                    w.id,
+                    w.image.rsplit_once('@').map_or(&*w.image, |(n, _)| n),
+                    bytes(w.bytes),
+                    t0.elapsed().as_secs_f64()
+                );
+                outln!("{}", w.id);
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

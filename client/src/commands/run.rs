@@ -14,7 +14,8 @@
 //! `--timings` (or `BANGER_TIMINGS=1`) prints the stages to stderr: `image` (only when the
 //! image had to be pulled or built first), `create` (the control
 //! plane: from the request to the VMM launched, i.e. the daemon's `agent` stage), `boot`
-//! (from there until the agent answers: the guest's own boot), `ship`, `services` (until the
+//! (from there until the agent answers: the guest's own boot; `restore` instead when the VM
+//! was restored from a warm snapshot, see `banger image warm`), `ship`, `services` (until the
 //! guest's init has finished starting its services, see below), `command`, `delete`, and
 //! the total.
 //!
@@ -48,6 +49,8 @@ pub struct Opts {
     pub vmm: Option<banger_api::VmmChoice>,
     pub nat: bool,
     pub no_network: bool,
+    /// `--cold`: boot even when a warm snapshot could restore the VM.
+    pub cold: bool,
     /// `--publish`.
     pub publish: Vec<banger_api::PortSpec>,
     /// `--egress`, `--isolate`.
@@ -138,6 +141,8 @@ async fn create(
     let mut name = None;
     let mut launched = None;
     let mut pulling = false;
+    // Restored from a warm snapshot: the guest's part is a `restore`, not a `boot`.
+    let mut restored = false;
     while let Some(item) = sub.next().await {
         let item = item.map_err(|e| {
             (
@@ -164,6 +169,9 @@ async fn create(
                     // e.g. the VM is emulated (QEMU under TCG) and slow.
                     eprintln!("banger: warning: {}", detail.unwrap_or_default());
                 }
+                if stage == "warm" {
+                    restored = true;
+                }
                 if stage == "agent" {
                     launched = Some(Instant::now());
                     t.0.push(("create", t0.elapsed()));
@@ -171,7 +179,7 @@ async fn create(
             }
             Progress::Done { vm } => {
                 if let Some(l) = launched {
-                    t.0.push(("boot", l.elapsed()));
+                    t.0.push((if restored { "restore" } else { "boot" }, l.elapsed()));
                 } else {
                     t.0.push(("create", t0.elapsed()));
                 }
@@ -181,7 +189,7 @@ async fn create(
                 return Err((name, CliError::Rpc { code, message }));
             }
             // Only `vm.snapshot_create` and `vm.fork` end with them.
-            Progress::Snapshot { .. } | Progress::Forked { .. } => {}
+            Progress::Snapshot { .. } | Progress::Forked { .. } | Progress::Warmed { .. } => {}
         }
     }
     Err((
@@ -233,6 +241,7 @@ pub async fn run(client: &Client, target: &Target, o: Opts) -> Result<u8, CliErr
         isolate: o.egress.isolate,
         ttl: o.ttl.map(|secs| banger_api::Ttl { secs, delete: o.rm }),
         from_snapshot: None,
+        cold: o.cold,
     };
     // Check the path before creating anything.
     if let Some(p) = &o.path

@@ -77,7 +77,10 @@ async fn follow_progress(sub: Subscription<Progress>, quiet: bool) -> Result<VmI
 
 /// Follow a progress stream, printing its stages to stderr, to its last event: `done` or
 /// `snapshot` (answered), `failed` (the error).
-async fn follow_events(mut sub: Subscription<Progress>, quiet: bool) -> Result<Progress, CliError> {
+pub(crate) async fn follow_events(
+    mut sub: Subscription<Progress>,
+    quiet: bool,
+) -> Result<Progress, CliError> {
     let t0 = Instant::now();
     let tty = std::io::stderr().is_terminal();
     while let Some(item) = sub.next().await {
@@ -105,8 +108,10 @@ async fn follow_events(mut sub: Subscription<Progress>, quiet: bool) -> Result<P
                     }
                 }
             }
-            last
-            @ (Progress::Done { .. } | Progress::Snapshot { .. } | Progress::Forked { .. }) => {
+            last @ (Progress::Done { .. }
+            | Progress::Snapshot { .. }
+            | Progress::Forked { .. }
+            | Progress::Warmed { .. }) => {
                 return Ok(last);
             }
             Progress::Failed { code, message } => return Err(CliError::Rpc { code, message }),
@@ -714,7 +719,7 @@ where
     Ok(status)
 }
 
-fn size_req(s: &SizeArgs) -> (Option<u32>, Option<u32>, Option<u64>) {
+pub(crate) fn size_req(s: &SizeArgs) -> (Option<u32>, Option<u32>, Option<u64>) {
     (s.vcpu, s.memory.map(|m| (m >> 20) as u32), s.disk_size)
 }
 
@@ -750,6 +755,7 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
             network,
             no_start,
             from_snapshot,
+            cold,
             ttl,
             publish,
             egress,
@@ -780,6 +786,7 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
                     delete: false,
                 }),
                 from_snapshot,
+                cold,
             };
             let sub = client.create(req).await?;
             let vm = follow_progress(sub, json).await?;
@@ -798,6 +805,7 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
                 vmm: a.vmm,
                 nat: a.nat,
                 no_network: a.no_network,
+                cold: a.cold,
                 publish: a.publish.publish,
                 egress: a.egress,
                 rm: a.rm,

@@ -20,10 +20,14 @@
 use std::path::Path;
 
 use crate::init::net::{self, NetConfig};
-use crate::proto::{IdentityNet, Response};
+use crate::proto::{HostKey, IdentityNet, Response};
 
 /// Take `name` and `net` (see the module docs).
-pub fn take(name: &str, net_cfg: Option<&IdentityNet>) -> Result<Response, String> {
+pub fn take(
+    name: &str,
+    net_cfg: Option<&IdentityNet>,
+    host_key: Option<&HostKey>,
+) -> Result<Response, String> {
     let old = nix::unistd::gethostname()
         .ok()
         .and_then(|h| h.into_string().ok())
@@ -43,7 +47,7 @@ pub fn take(name: &str, net_cfg: Option<&IdentityNet>) -> Result<Response, Strin
         write("/var/lib/dbus/machine-id", &format!("{machine_id}\n"))?;
     }
 
-    new_host_key()?;
+    new_host_key(host_key)?;
     let host_keys = super::sys::host_keys();
 
     if let Some(n) = net_cfg {
@@ -102,7 +106,7 @@ fn new_machine_id() -> Result<String, String> {
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
-fn new_host_key() -> Result<(), String> {
+fn new_host_key(given: Option<&HostKey>) -> Result<(), String> {
     let dir = Path::new("/etc/ssh");
     if !dir.is_dir() {
         return Ok(());
@@ -119,9 +123,15 @@ fn new_host_key() -> Result<(), String> {
     if !had && !Path::new("/usr/sbin/sshd").exists() {
         return Ok(());
     }
-    let ok = crate::init::make_host_key().map_err(|e| format!("running ssh-keygen: {e}"))?;
-    if !ok.success() {
-        return Err(format!("ssh-keygen failed ({ok})"));
+    match given {
+        Some(k) => write_key(Path::new(HOST_KEY), k)?,
+        None => {
+            let ok =
+                crate::init::make_host_key().map_err(|e| format!("running ssh-keygen: {e}"))?;
+            if !ok.success() {
+                return Err(format!("ssh-keygen failed ({ok})"));
+            }
+        }
     }
     // sshd re-executes on SIGHUP and loads the new key; none running is fine.
     if let Some(pid) = std::fs::read_to_string("/run/sshd.pid")
@@ -132,6 +142,33 @@ fn new_host_key() -> Result<(), String> {
             nix::unistd::Pid::from_raw(pid),
             nix::sys::signal::Signal::SIGHUP,
         );
+    }
+    Ok(())
+}
+
+/// Where sshd finds its ed25519 host key (and `.pub` beside it).
+const HOST_KEY: &str = "/etc/ssh/ssh_host_ed25519_key";
+
+/// Write a given key pair: the private half 0600 (sshd refuses a readable one), the
+/// public 0644; each a new file renamed into place.
+fn write_key(private: &Path, k: &HostKey) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let public = private.with_extension("pub");
+    for (path, text, mode) in [(private, &k.private, 0o600), (&*public, &k.public, 0o644)] {
+        let tmp = path.with_extension("banger-tmp");
+        let _ = std::fs::remove_file(&tmp);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)
+            .and_then(|mut f| f.write_all(text.as_bytes()))
+            .and_then(|()| std::fs::rename(&tmp, path))
+            .map_err(|e| {
+                let _ = std::fs::remove_file(&tmp);
+                format!("writing {}: {e}", path.display())
+            })?;
     }
     Ok(())
 }
@@ -206,6 +243,32 @@ mod tests {
             hosts_renamed("127.0.1.1 ab\n", "a", "c"),
             "127.0.1.1 ab\n127.0.1.1\tc\n"
         );
+    }
+
+    #[test]
+    fn a_given_host_key_is_written_private_and_public_with_their_modes() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let private = tmp.path().join("ssh_host_ed25519_key");
+        std::fs::write(&private, "old").unwrap();
+        let k = HostKey {
+            private: "-----BEGIN OPENSSH PRIVATE KEY-----\n...\n".into(),
+            public: "ssh-ed25519 AAAA\n".into(),
+        };
+        write_key(&private, &k).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(std::fs::read_to_string(&private).unwrap(), k.private);
+        assert_eq!(mode(&private), 0o600);
+        let public = tmp.path().join("ssh_host_ed25519_key.pub");
+        assert_eq!(std::fs::read_to_string(&public).unwrap(), k.public);
+        assert_eq!(mode(&public), 0o644);
+        assert_eq!(
+            std::fs::read_dir(tmp.path()).unwrap().count(),
+            2,
+            "no temporary left"
+        );
+        // Its Debug never shows the private half.
+        assert!(!format!("{k:?}").contains("PRIVATE"));
     }
 
     #[test]

@@ -102,7 +102,11 @@ pub fn serve<C: Conn>(mut conn: C) -> Result<(), ProtoError> {
             unix_nanos,
             entropy,
         } => sys::restored(unix_nanos, &entropy),
-        Request::Identity { name, net } => identity::take(&name, net.as_ref()),
+        Request::Identity {
+            name,
+            net,
+            host_key,
+        } => identity::take(&name, net.as_ref(), host_key.as_ref()),
         Request::Shutdown { reboot } => {
             proto::write_json(&mut conn, Kind::Response, &Response::ShuttingDown)?;
             sys::shutdown(reboot);

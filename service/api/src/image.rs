@@ -296,6 +296,21 @@ mod rpc {
         /// Remove cached layer blobs (all of them; pulls in flight keep theirs).
         #[method(name = "cache_prune")]
         async fn cache_prune(&self) -> jsonrpsee::core::RpcResult<CachePruned>;
+
+        /// Make (or remake) the warm snapshot of an image for a size and VMM: it boots once
+        /// and is saved. Streams a VM's progress; ends with `warmed` or `failed`.
+        #[subscription(name = "warm" => "warm.progress", unsubscribe = "warm.unsubscribe", item = crate::Progress)]
+        async fn warm(&self, req: crate::WarmImage) -> jsonrpsee::core::SubscriptionResult;
+
+        /// The warm snapshots (stale ones, whose image or kernel went or changed, are
+        /// removed first).
+        #[method(name = "warm_list")]
+        async fn warm_list(&self) -> jsonrpsee::core::RpcResult<Vec<crate::WarmInfo>>;
+
+        /// Remove warm snapshots: one by id, or every one of an image (by name); answers
+        /// what went.
+        #[method(name = "warm_rm")]
+        async fn warm_rm(&self, which: String) -> jsonrpsee::core::RpcResult<Vec<crate::WarmInfo>>;
     }
 
     #[cfg_attr(

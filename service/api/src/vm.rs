@@ -251,6 +251,55 @@ pub struct CreateVm {
     /// `nat` and `network` may be given with it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from_snapshot: Option<String>,
+    /// Boot, even when a warm snapshot of this image, kernel, size and VMM could restore
+    /// the VM instead (`--cold`; see [`WarmInfo`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cold: bool,
+}
+
+/// Request of `image.warm`: make the warm snapshot that `vm create` / `vm run` with these
+/// settings restore from (the same defaults as a create's).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WarmImage {
+    /// Image name; the config's default image when absent.
+    #[serde(default)]
+    pub image: Option<String>,
+    #[serde(default)]
+    pub kernel: Option<String>,
+    #[serde(default)]
+    pub vcpu: Option<u32>,
+    #[serde(default)]
+    pub memory_mib: Option<u32>,
+    #[serde(default)]
+    pub disk_bytes: Option<u64>,
+    #[serde(default)]
+    pub vmm: Option<VmmChoice>,
+    /// For VMs with a network (the daemon's default when absent) or without one: a
+    /// restore brings back the devices that were saved, NIC included.
+    #[serde(default)]
+    pub network: Option<bool>,
+}
+
+/// A warm snapshot (`image warm list`): an image booted once, its agent ready, with no
+/// network on the bridge and a neutral identity, saved; a `vm create` or `vm run` whose
+/// image, kernel, size, VMM (and its release) and network match restores from it and
+/// takes its own identity, as a fork's clone does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WarmInfo {
+    /// 12 hex digits, its directory's name.
+    pub id: String,
+    /// The image and kernel as `<name>@<registered_at>`.
+    pub image: String,
+    pub kernel: String,
+    pub vmm: VmmKind,
+    pub vmm_version: String,
+    pub spec: VmSpec,
+    pub network: bool,
+    pub created_at: u64,
+    /// Disk space it takes (allocated bytes).
+    pub bytes: u64,
+    pub dir: String,
 }
 
 /// `--ttl`: how long a VM may live, and what happens when that time is up.
@@ -445,6 +494,10 @@ pub enum Progress {
     /// The clones made, running: the last event of `vm.fork` (in place of `done`).
     Forked {
         vms: Vec<VmInfo>,
+    },
+    /// The warm snapshot made: the last event of `image.warm` (in place of `done`).
+    Warmed {
+        warm: WarmInfo,
     },
     Failed {
         code: i32,

@@ -149,6 +149,32 @@ impl ImageRpcServer for ImageApi {
             .map_err(RpcError::from)?)
     }
 
+    #[tracing::instrument(skip(self, pending))]
+    async fn warm(
+        &self,
+        pending: PendingSubscriptionSink,
+        req: banger_api::WarmImage,
+    ) -> SubscriptionResult {
+        let ctx = Arc::clone(&self.ctx);
+        super::vm::stream(pending, |tx| async move {
+            ctx.tree
+                .warm_image(req, Some(tx))
+                .await
+                .map(|warm| banger_api::Progress::Warmed { warm })
+                .map_err(RpcError::from)
+        })
+        .await
+    }
+
+    async fn warm_list(&self) -> RpcResult<Vec<banger_api::WarmInfo>> {
+        Ok(self.ctx.tree.warm_list().await.map_err(RpcError::from)?)
+    }
+
+    #[tracing::instrument(skip(self))]
+    async fn warm_rm(&self, which: String) -> RpcResult<Vec<banger_api::WarmInfo>> {
+        Ok(self.ctx.tree.warm_rm(which).await.map_err(RpcError::from)?)
+    }
+
     #[tracing::instrument(skip(self))]
     async fn register(&self, req: RegisterImage) -> RpcResult<ImageInfo> {
         let rootfs = absolute(&req.rootfs)?;

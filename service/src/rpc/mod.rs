@@ -132,6 +132,7 @@ pub const NO_PARAMS: &[&str] = &[
     "image.available",
     "image.cache_list",
     "image.cache_prune",
+    "image.warm_list",
     "kernel.available",
 ];
 

@@ -76,7 +76,7 @@ where
 
 /// Run an operation, streaming its stages, and end the stream with the event it answers
 /// (`done`, or `snapshot` for `vm.snapshot_create`) or `failed`.
-async fn stream<F, Fut>(pending: PendingSubscriptionSink, op: F) -> SubscriptionResult
+pub(super) async fn stream<F, Fut>(pending: PendingSubscriptionSink, op: F) -> SubscriptionResult
 where
     F: FnOnce(mpsc::UnboundedSender<Progress>) -> Fut,
     Fut: std::future::Future<Output = Result<Progress, RpcError>>,

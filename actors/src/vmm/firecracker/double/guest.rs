@@ -236,7 +236,7 @@ async fn agent(guest: &Guest, stream: &mut UnixStream) -> Result<(), ProtoError>
             };
             host::write_json(stream, Kind::Response, &boot).await
         }
-        Request::Identity { name, net } => {
+        Request::Identity { name, net, .. } => {
             // What a real agent changes is the guest's; the double says on its console
             // what it was asked, for the host's tests.
             let net = net.map_or("no network".to_owned(), |n| {
