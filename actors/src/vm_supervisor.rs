@@ -412,10 +412,17 @@ impl VmSupervisor {
         if candidates.is_empty() {
             return (None, Vec::new());
         }
-        let version = crate::vmm::Driver::new(rec.vmm, &state.env.vmm)
+        let version = match crate::vmm::Driver::new(rec.vmm, &state.env.vmm)
             .version()
             .await
-            .ok();
+        {
+            Ok(v) => Some(v),
+            Err(e) => {
+                // Not a reason to remove any: the VM boots, and they wait.
+                tracing::warn!(error = %banger_error::error_chain(&e), "cannot tell the VMM's version; booting instead of a warm start");
+                return (None, Vec::new());
+            }
+        };
         let (mut pick, mut notes, mut gone) = (None, Vec::new(), Vec::new());
         for (w, damaged) in candidates {
             if let Some(why) = damaged {

@@ -289,16 +289,30 @@ pub async fn tar_out_with<W: tokio::io::AsyncWrite + Unpin>(
 
 /// Wait until the agent answers `health`, retrying while the guest boots.
 pub async fn wait_ready(socket: &Path, timeout: Duration) -> Result<Response, HostError> {
+    wait_answer(socket, timeout, || Request::Health).await
+}
+
+/// Wait until the agent answers the request `req` makes (made again for each try: one
+/// that carries the time is sent with the time it is sent), retrying while the guest
+/// boots or a restored guest's agent starts its new session.
+pub async fn wait_answer(
+    socket: &Path,
+    timeout: Duration,
+    req: impl Fn() -> Request,
+) -> Result<Response, HostError> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut last = HostError::Timeout;
     // Soon at first (a restored guest answers within milliseconds), then every 100 ms.
     let mut pause = Duration::from_millis(5);
     while tokio::time::Instant::now() < deadline {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        match call(socket, &Request::Health, left.min(Duration::from_secs(5))).await {
+        match call(socket, &req(), left.min(Duration::from_secs(5))).await {
             Ok(r) => return Ok(r),
-            // A version mismatch will not fix itself by waiting.
-            Err(HostError::Proto(e @ ProtoError::Version { .. })) => return Err(e.into()),
+            // A version mismatch will not fix itself by waiting, nor will a refusal: the
+            // agent is up and answered.
+            Err(HostError::Proto(e @ (ProtoError::Version { .. } | ProtoError::Remote(_)))) => {
+                return Err(e.into());
+            }
             Err(e) => last = e,
         }
         tokio::time::sleep(pause).await;

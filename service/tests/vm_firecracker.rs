@@ -2729,3 +2729,47 @@ async fn a_cut_warm_up_leaves_no_maker_and_no_directory() {
     drop(c);
     d.shutdown().await;
 }
+
+/// A clone re-adopted before it took its own identity (the daemon died between its
+/// restore and the identity: its record still says whose guest it runs, and `vm show`
+/// says its identity is pending) takes it once re-adopted, and then is its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clone_readopted_before_its_identity_takes_it() {
+    let (d, c, _files) = setup_in(Some(FORK_ENV), 10, None).await;
+    small_vm(&c, "a").await;
+    let a = VmRpcClient::show(&c, "a".into()).await.unwrap();
+    assert!(!console_of(&a).contains(IDENTITY));
+    drop(c);
+    let config = d.config();
+    let store_file = d.paths.store_file();
+    let dir = d.shutdown_released().await;
+    {
+        let store = banger_actors::store::Store::open(&store_file).unwrap();
+        let mut rec = store.find_vm("a").unwrap().unwrap();
+        rec.clone_of = Some(banger_actors::vm::model::CloneOf {
+            vm: "src".into(),
+            address: None,
+        });
+        store.put_vm(&rec).unwrap();
+    }
+    let d = support::TestDaemon::start_with(dir, config).await;
+    let c = d.client().await;
+    let t0 = std::time::Instant::now();
+    let shown = loop {
+        let shown = VmRpcClient::show(&c, "a".into()).await.unwrap();
+        if shown.clone_of.is_none() && !shown.adopting {
+            break shown;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "{shown:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!((shown.state, shown.pid), (VmState::Running, a.pid));
+    assert!(
+        console_of(&a).contains(&format!("{IDENTITY} a: no network")),
+        "{}",
+        console_of(&a)
+    );
+    support::delete_all(&c).await;
+    drop(c);
+    d.shutdown().await;
+}

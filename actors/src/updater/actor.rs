@@ -161,6 +161,7 @@ mod tests {
             ip: None,
             isolation: None,
             busy,
+            clone_of: None,
             adopting: false,
             published: Vec::new(),
             egress: Default::default(),

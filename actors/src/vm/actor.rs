@@ -351,6 +351,12 @@ pub enum VmMsg {
         generation: u64,
         result: Result<(), String>,
     },
+    /// A re-adopted clone whose identity the daemon's death cut short took it now (see
+    /// `VmActor::finish_identity`).
+    IdentityTaken {
+        generation: u64,
+        result: Result<(), String>,
+    },
     /// Listening ports, from the agent.
     Ports(Reply<Vec<banger_api::Port>>),
     /// `vm port add|rm|list` (see [`super::publish`]).
@@ -602,6 +608,7 @@ pub fn info_of(rec: &VmRecord, dir: &VmDir) -> VmInfo {
         dns_refused: None,
         busy: false,
         adopting: false,
+        clone_of: rec.clone_of.as_ref().map(|c| c.vm.clone()),
         expires: rec.expires,
         saved_bytes: (rec.state == VmState::Suspended).then(|| saved_bytes(&dir.saved_state())),
         snapshots: rec
@@ -879,7 +886,37 @@ async fn take_identity(
     }
 }
 
-async fn after_restore(sock: &std::path::Path, vm: &str) {
+/// A restored clone becomes its own machine: its identity (`req`, given a host key made
+/// here), then, for `bridge` (the VM's id), its tap on the bridge.
+async fn become_own(
+    sock: &std::path::Path,
+    mut req: banger_guest::proto::Request,
+    vm: &str,
+    net: &crate::net::host::HostNet,
+    bridge: Option<&str>,
+) -> Result<(), String> {
+    if let banger_guest::proto::Request::Identity { host_key, .. } = &mut req {
+        *host_key = super::sshkey::host_key_pair(vm).await;
+    }
+    take_identity(sock, &req, vm).await?;
+    if let Some(id) = bridge {
+        net.bridge(id)
+            .await
+            .map_err(|e| format!("putting its tap on the bridge: {}", error_chain(&e)))?;
+    }
+    Ok(())
+}
+
+/// Wait for a restored guest's agent with the restore notice itself (the host's time, as
+/// it is sent, and host entropy: one round trip less than a `health` first, which counts
+/// in a warm start): its clock is stepped and its RNG reseeded. An agent that answers but
+/// refuses the notice (older than it) is ready all the same; one that does not answer in
+/// `timeout` is the error.
+async fn wait_restored(
+    sock: &std::path::Path,
+    vm: &str,
+    timeout: Duration,
+) -> Result<(), banger_guest::host::HostError> {
     use std::io::Read;
     let mut entropy = vec![0u8; 64];
     if let Err(e) = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut entropy))
@@ -887,14 +924,16 @@ async fn after_restore(sock: &std::path::Path, vm: &str) {
         tracing::warn!(vm, error = %e, "reading host entropy for the restored guest");
         entropy.clear();
     }
-    let unix_nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    let req = banger_guest::proto::Request::Restored {
-        unix_nanos,
-        entropy,
+    let req = || {
+        let unix_nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        banger_guest::proto::Request::Restored {
+            unix_nanos,
+            entropy: entropy.clone(),
+        }
     };
-    match banger_guest::host::call(sock, &req, Duration::from_secs(10)).await {
+    match banger_guest::host::wait_answer(sock, timeout, req).await {
         Ok(banger_guest::proto::Response::Restored {
             clock_step_ms,
             reseeded,
@@ -905,10 +944,14 @@ async fn after_restore(sock: &std::path::Path, vm: &str) {
             "restored: the guest's clock stepped to the host's"
         ),
         Ok(other) => tracing::warn!(vm, answer = ?other, "unexpected answer to the restore notice"),
-        Err(e) => {
+        Err(
+            e @ banger_guest::host::HostError::Proto(banger_guest::proto::ProtoError::Remote(_)),
+        ) => {
             tracing::warn!(vm, error = %error_chain(&e), "the guest's agent did not take the restore notice (an older agent?): its clock and RNG are as saved")
         }
+        Err(e) => return Err(e),
     }
+    Ok(())
 }
 
 async fn install_ssh_key(
@@ -1594,6 +1637,34 @@ impl VmActor {
         }
     }
 
+    /// A clone re-adopted with its identity not taken (the daemon died between its restore
+    /// and `take_identity`): its guest still answers for its source, its tap off the
+    /// bridge. Take it now, in a task that reports [`VmMsg::IdentityTaken`]; until then
+    /// (and if it fails: logged) it stays off the bridge.
+    fn finish_identity(myself: &ActorRef<VmMsg>, state: &VmActorState) {
+        let (Some(from), Some(rt)) = (state.rec.clone_of.as_ref(), state.rec.runtime.as_ref())
+        else {
+            return;
+        };
+        tracing::warn!(vm = %state.rec.name, "a clone re-adopted before it took its own identity: taking it now");
+        let req = identity_request(&state.env, &state.rec, from);
+        let sock = PathBuf::from(&rt.vsock_socket);
+        let (net, id, name) = (
+            state.env.net.clone(),
+            state.rec.id.clone(),
+            state.rec.name.clone(),
+        );
+        let bridged = state.rec.ip.is_some();
+        let (me, generation) = (myself.clone(), state.generation);
+        tokio::spawn(async move {
+            let result = match banger_guest::host::wait_ready(&sock, CLONE_AGENT_TIMEOUT).await {
+                Ok(_) => become_own(&sock, req, &name, &net, bridged.then_some(id.as_str())).await,
+                Err(e) => Err(error_chain(&e)),
+            };
+            let _ = me.cast(VmMsg::IdentityTaken { generation, result });
+        });
+    }
+
     /// The state of a re-adopted VMM: paused when the VMM says so, else running (a VMM
     /// that does not answer is taken as running, as before pause existed).
     async fn adopted_state(state: &VmActorState) -> VmState {
@@ -1775,6 +1846,9 @@ impl Actor for VmActor {
                 Self::watch_exit(&myself, state);
                 Self::start_console(&myself, state);
                 Self::settle_cut_suspend(state).await;
+                if state.rec.clone_of.is_some() && state.rec.state == VmState::Running {
+                    Self::finish_identity(&myself, state);
+                }
             } else {
                 tracing::info!(vm = %state.rec.name, "the vm's process is gone; marking it stopped");
                 let rt = state.rec.runtime.take();
@@ -1892,63 +1966,45 @@ impl Actor for VmActor {
                                     Vec::new()
                                 };
                             tokio::spawn(async move {
-                                let result = banger_guest::host::wait_ready(
-                                    std::path::Path::new(&sock),
-                                    timeout,
-                                )
-                                .await
-                                .map(drop)
-                                .map_err(|e| error_chain(&e));
-                                if result.is_ok() && restored {
-                                    after_restore(std::path::Path::new(&sock), &vm_name).await;
-                                }
-                                let result = match (result, identity) {
-                                    (Ok(()), Some(mut req)) => {
-                                        if let banger_guest::proto::Request::Identity {
-                                            host_key,
-                                            ..
-                                        } = &mut req
-                                        {
-                                            *host_key =
-                                                super::sshkey::host_key_pair(&vm_name).await;
-                                        }
-                                        async {
-                                            take_identity(
-                                                std::path::Path::new(&sock),
-                                                &req,
-                                                &vm_name,
-                                            )
-                                            .await?;
-                                            if bridged {
-                                                net.bridge(&id).await.map_err(|e| {
-                                                    format!(
-                                                        "putting its tap on the bridge: {}",
-                                                        error_chain(&e)
-                                                    )
-                                                })?;
-                                            }
-                                            Ok::<(), String>(())
-                                        }
+                                let sock = std::path::Path::new(&sock);
+                                let ready = if restored {
+                                    wait_restored(sock, &vm_name, timeout).await
+                                } else {
+                                    banger_guest::host::wait_ready(sock, timeout)
                                         .await
-                                    }
-                                    (r, _) => r,
-                                };
-                                if result.is_ok()
-                                    && let Some(key) = ssh_key
-                                {
-                                    // Not fatal: the VM works without ssh (vm exec).
-                                    if let Err(e) =
-                                        install_ssh_key(&key, std::path::Path::new(&sock)).await
+                                        .map(drop)
+                                }
+                                .map_err(|e| error_chain(&e));
+                                // The ssh key goes in beside the identity (other files): a
+                                // round trip less for a clone's start.
+                                let key = async {
+                                    if let Some(key) = &ssh_key
+                                        // Not fatal: the VM works without ssh (vm exec).
+                                        && let Err(e) = install_ssh_key(key, sock).await
                                     {
                                         tracing::warn!(vm = %vm_name, error = %error_chain(&e), "installing the ssh key");
                                     }
-                                }
+                                };
+                                let result = match (ready, identity) {
+                                    (Ok(()), Some(req)) => {
+                                        let own = become_own(
+                                            sock,
+                                            req,
+                                            &vm_name,
+                                            &net,
+                                            bridged.then_some(id.as_str()),
+                                        );
+                                        tokio::join!(own, key).0
+                                    }
+                                    (Ok(()), None) => {
+                                        key.await;
+                                        Ok(())
+                                    }
+                                    (Err(e), _) => Err(e),
+                                };
                                 if result.is_ok() && !file_sync.is_empty() {
-                                    for (what, e) in super::sshkey::sync_files(
-                                        std::path::Path::new(&sock),
-                                        file_sync,
-                                    )
-                                    .await
+                                    for (what, e) in
+                                        super::sshkey::sync_files(sock, file_sync).await
                                     {
                                         tracing::warn!(vm = %vm_name, file = %what, error = %e, "file_sync");
                                     }
@@ -2015,6 +2071,22 @@ impl Actor for VmActor {
                     (_, Ok((rt, _))) => {
                         let sig = nix::sys::signal::Signal::SIGKILL;
                         state.env.net.signal(rt.pid, rt.start_time, sig).await;
+                    }
+                }
+            }
+            VmMsg::IdentityTaken { generation, result } => {
+                if generation != state.generation {
+                    return Ok(());
+                }
+                match result {
+                    Ok(()) => {
+                        state.rec.clone_of = None;
+                        state.rec.warm = None;
+                        state.persist().await?;
+                        tracing::info!(vm = %state.rec.name, "the re-adopted clone took its own identity");
+                    }
+                    Err(e) => {
+                        tracing::warn!(vm = %state.rec.name, error = %e, "the re-adopted clone could not take its own identity; it stays off the bridge");
                     }
                 }
             }

@@ -433,6 +433,9 @@ fn print_vm(v: &VmInfo) {
     if let Some(pid) = v.pid {
         outln!("pid:      {pid}");
     }
+    if let Some(c) = &v.clone_of {
+        outln!("identity:  pending (it still runs {c}'s guest, off the bridge)");
+    }
     if let Some(i) = &v.isolation {
         outln!("isolation: {i}");
     }
@@ -1240,6 +1243,7 @@ mod tests {
             egress_dropped: None,
             dns_refused: None,
             busy: false,
+            clone_of: None,
             adopting: false,
             expires: None,
             saved_bytes: None,

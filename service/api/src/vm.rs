@@ -398,6 +398,11 @@ pub struct VmInfo {
     /// counts the VM as in flight. False from daemons that predate the field.
     #[serde(default)]
     pub busy: bool,
+    /// Whose saved guest this VM runs until it takes its own identity (a fork's source, or
+    /// `warm-<id>` for a warm start): set only between its restore and its identity, which
+    /// its tap waits for before it joins the bridge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone_of: Option<String>,
     /// The daemon has not re-adopted the VM yet since it started (its VMM probed, its
     /// agent proxy and published ports restored): the fields above are its last stored
     /// record, operations on it wait until its re-adoption is done, and the update gate
