@@ -1179,7 +1179,7 @@ pub enum InternalCmd {
     },
 }
 
-const WARM_HELP: &str = "Examples:\n  banger image warm debian-bookworm          boot it once and save it (default size, VMM)\n  banger image warm debian-bookworm --memory 2G --vmm qemu\n  banger image warm list                     what is kept, and its size on disk\n  banger image warm rm debian-bookworm       remove an image's warm snapshots (or one, by id)\n\nA `vm run` or `vm create` whose image, kernel, size, VMM and network match one\nrestores it and takes its own name, address, machine id and ssh host key, as a fork's\nclone does; `--cold` boots instead. `[vm_defaults] auto_warm = true` makes one after\nthe first cold boot of each. Deleting or replacing the image or its kernel removes it.";
+const WARM_HELP: &str = "Examples:\n  banger image warm debian-bookworm     boot it once and save it\n  banger image warm debian-bookworm --memory 2G --vmm qemu\n  banger image warm list                what is kept, its size on disk\n  banger image warm rm debian-bookworm  remove its warm snapshots (or one: id)\n\nA `vm run` or `vm create` whose image, kernel, size, VMM and network match one\nrestores it and takes its own name, address, machine id and ssh host key, as a\nfork's clone does; `--cold` boots instead. With `[vm_defaults] auto_warm = true`\none is made after each first cold boot. Deleting or replacing the image or its\nkernel removes it.";
 
 /// `image warm [IMAGE] [flags] | list | rm`.
 #[derive(Debug, clap::Args)]

@@ -2825,12 +2825,22 @@ fn parse_listener(out: &str) -> (u32, u32) {
 
 /// The counter the guest's loop keeps in `/root/counter`: it writes each value to a new
 /// file and renames it into place, so a read never sees the file truncated and not yet
-/// written (CI saw `cat` read it empty when the loop wrote it in place).
+/// written (CI saw `cat` read it empty when the loop wrote it in place). 0 before the
+/// loop's first write (the loop is started in the background: CI saw the first read
+/// come before it).
 fn guest_counter(home: &Home, vm: &str) -> u64 {
-    home.ok(&["vm", "exec", vm, "--", "cat", "/root/counter"])
-        .trim()
-        .parse()
-        .unwrap()
+    home.ok(&[
+        "vm",
+        "exec",
+        vm,
+        "--",
+        "sh",
+        "-c",
+        "cat /root/counter 2>/dev/null || echo 0",
+    ])
+    .trim()
+    .parse()
+    .unwrap()
 }
 
 /// Wait until the guest's counter passes `past` (the process that writes it runs).

@@ -2694,20 +2694,16 @@ async fn a_cut_warm_up_leaves_no_maker_and_no_directory() {
     .unwrap();
     small_vm(&c, "keep").await;
     drop(c);
-    let config = d.config();
-    let store_file = d.paths.store_file();
     let warm = d.paths.data_dir.join("warm");
-    let dir = d.shutdown_released().await;
-    {
-        let store = banger_actors::store::Store::open(&store_file).unwrap();
+    let d = restarted_with(d, |store| {
         let mut maker = store.find_vm("warm-0123abcd").unwrap().unwrap();
         maker.warm_maker = true;
         store.put_vm(&maker).unwrap();
-    }
-    for d in ["0123456789ab", "not-an-id"] {
-        std::fs::create_dir_all(warm.join(d).join("state")).unwrap();
-    }
-    let d = support::TestDaemon::start_with(dir, config).await;
+        for d in ["0123456789ab", "not-an-id"] {
+            std::fs::create_dir_all(warm.join(d).join("state")).unwrap();
+        }
+    })
+    .await;
     let c = d.client().await;
     let t0 = std::time::Instant::now();
     loop {
@@ -2740,19 +2736,15 @@ async fn a_clone_readopted_before_its_identity_takes_it() {
     let a = VmRpcClient::show(&c, "a".into()).await.unwrap();
     assert!(!console_of(&a).contains(IDENTITY));
     drop(c);
-    let config = d.config();
-    let store_file = d.paths.store_file();
-    let dir = d.shutdown_released().await;
-    {
-        let store = banger_actors::store::Store::open(&store_file).unwrap();
+    let d = restarted_with(d, |store| {
         let mut rec = store.find_vm("a").unwrap().unwrap();
         rec.clone_of = Some(banger_actors::vm::model::CloneOf {
             vm: "src".into(),
             address: None,
         });
         store.put_vm(&rec).unwrap();
-    }
-    let d = support::TestDaemon::start_with(dir, config).await;
+    })
+    .await;
     let c = d.client().await;
     let t0 = std::time::Instant::now();
     let shown = loop {
@@ -2772,4 +2764,19 @@ async fn a_clone_readopted_before_its_identity_takes_it() {
     support::delete_all(&c).await;
     drop(c);
     d.shutdown().await;
+}
+
+/// `d` shut down, its store changed by `edit` (as a daemon's death would have left it),
+/// and started again on it.
+async fn restarted_with(
+    d: support::TestDaemon,
+    edit: impl FnOnce(&banger_actors::store::Store),
+) -> support::TestDaemon {
+    let (config, store_file) = (d.config(), d.paths.store_file());
+    let dir = d.shutdown_released().await;
+    {
+        let store = banger_actors::store::Store::open(&store_file).unwrap();
+        edit(&store);
+    }
+    support::TestDaemon::start_with(dir, config).await
 }

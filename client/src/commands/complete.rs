@@ -393,7 +393,11 @@ mod tests {
             Want::Names(Names::Kernels)
         );
         assert_eq!(want(&["kernel", "rm", ""]), Want::Names(Names::Kernels));
-        assert_eq!(want(&["image", "warm", ""]), Want::Names(Names::Images));
+        // Its subcommands first (the image is typed, or completed after a letter).
+        assert_eq!(
+            want(&["image", "warm", ""]),
+            Want::Static(vec!["list".into(), "rm".into()])
+        );
         assert_eq!(want(&["image", "warm", "rm", ""]), Want::Names(Names::Warm));
         assert_eq!(
             want(&["image", "warm", "x", "--kernel", ""]),
