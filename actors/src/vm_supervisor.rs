@@ -416,13 +416,21 @@ impl VmSupervisor {
             .version()
             .await
         {
-            Ok(v) => Some(v),
+            Ok(v) => v,
             Err(e) => {
                 // Not a reason to remove any: the VM boots, and they wait.
                 tracing::warn!(error = %banger_error::error_chain(&e), "cannot tell the VMM's version; booting instead of a warm start");
                 return (None, Vec::new());
             }
         };
+        if rec.vmm == banger_api::VmmKind::Firecracker
+            && rec.ip.is_some()
+            && !crate::vmm::firecracker::loads_network_overrides(&version)
+        {
+            // Its tap is not the maker's, and only `network_overrides` says so at the load.
+            tracing::info!(vm = %rec.name, %version, "no warm start: a VM with a network restores only under Firecracker 1.12 or newer");
+            return (None, Vec::new());
+        }
         let (mut pick, mut notes, mut gone) = (None, Vec::new(), Vec::new());
         for (w, damaged) in candidates {
             if let Some(why) = damaged {
@@ -432,7 +440,7 @@ impl VmSupervisor {
                     w.image_name()
                 ));
                 gone.push(w.id);
-            } else if version.as_deref() != Some(w.vmm_version.as_str()) {
+            } else if version != w.vmm_version {
                 tracing::info!(warm = %w.id, saved_by = %w.vmm_version, now = ?version, "removing a warm snapshot another VMM release saved");
                 gone.push(w.id);
             } else if pick.is_none() {

@@ -77,12 +77,23 @@ async fn setup_in(
             ),
         ),
         // The jailer clears the environment before exec: the double reads `env` as the
-        // jailer, at its start.
+        // jailer, at its start. The exec file gets it too, for what it says when run
+        // itself (`firecracker --version`: the release the double plays).
         (Some(env), Some(_)) => (
-            script(
-                "jailer",
-                format!("#!/bin/sh\n{env} exec {} \"$@\"\n", double_bin().display()),
-            ),
+            {
+                std::fs::write(
+                    &versioned,
+                    format!(
+                        "#!/bin/bash\n{env} exec -a firecracker '{}' \"$@\"\n",
+                        double_bin().display()
+                    ),
+                )
+                .unwrap();
+                script(
+                    "jailer",
+                    format!("#!/bin/sh\n{env} exec {} \"$@\"\n", double_bin().display()),
+                )
+            },
             fx.firecracker.clone(),
         ),
     };
@@ -2779,4 +2790,50 @@ async fn restarted_with(
         edit(&store);
     }
     support::TestDaemon::start_with(dir, config).await
+}
+
+/// Warm starts with networks, jailed, with taps (the helper in a namespace this test
+/// makes): under Firecracker 1.12 or newer the VM restores from the warm snapshot, its
+/// load renaming the maker's tap to its own, and takes its own lease before its tap joins
+/// the bridge; under the oldest release (no `network_overrides`) the same create boots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_warm_starts_with_networks_need_firecracker_1_12() {
+    for (env, restores) in [(FORK_ENV, true), ("BANGER_FC_DOUBLE_GUEST_AGENT=1", false)] {
+        let ns = support::Netns::new("fcwarm");
+        let (d, c, _files) = setup_in(Some(env), 10, Some(&ns.0)).await;
+        let w = warmed(&c, warm_img()).await.unwrap();
+        assert!(w.network, "{w:?}");
+        let events = create(
+            &c,
+            CreateVm {
+                name: Some("n1".into()),
+                image: Some("img".into()),
+                memory_mib: Some(128),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let warm = events
+            .iter()
+            .any(|e| matches!(e, Progress::Stage { stage, .. } if stage == "warm"));
+        let Some(Progress::Done { vm }) = events.last() else {
+            panic!("{events:?}")
+        };
+        let text = console_of(vm);
+        assert_eq!(warm, restores, "{env}: {events:?}");
+        if restores {
+            let ip = vm.ip.as_deref().unwrap();
+            assert!(
+                text.contains(&format!("{IDENTITY} n1: {ip}/24 (was ")),
+                "{text}"
+            );
+            assert!(!text.contains("boot id"), "{text}");
+        } else {
+            assert!(text.contains("boot id"), "{env} booted: {text}");
+        }
+        support::delete_all(&c).await;
+        drop(c);
+        d.shutdown().await;
+    }
 }

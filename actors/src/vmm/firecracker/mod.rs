@@ -339,6 +339,21 @@ pub fn api_sequence(plan: &LaunchPlan) -> Vec<(&'static str, String, Value)> {
     seq
 }
 
+/// Whether the Firecracker whose `--version` line is `line` (`Firecracker v1.13.1`) takes
+/// `network_overrides` at a snapshot load (1.12 and later), which a VM restored from
+/// another's saved state with a network needs (a warm start, a fork's clone).
+pub fn loads_network_overrides(line: &str) -> bool {
+    let v = line
+        .trim()
+        .strip_prefix("Firecracker v")
+        .unwrap_or_default();
+    let mut parts = v.split(['.', '-']).map(|p| p.parse::<u32>().ok());
+    match (parts.next().flatten(), parts.next().flatten()) {
+        (Some(major), Some(minor)) => (major, minor) >= (1, 12),
+        _ => false,
+    }
+}
+
 /// The API requests of a restore from the saved state linked into the jail, in order:
 /// logger and metrics (allowed before a load), then `PUT /snapshot/load`, resuming the
 /// guest. Nothing else: the machine, drives, tap and vsock come from the snapshot, with
@@ -727,6 +742,21 @@ pub fn cleanup(c: &FirecrackerConfig, id: &str) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn network_overrides_come_with_1_12() {
+        for (line, takes) in [
+            ("Firecracker v1.13.1", true),
+            ("Firecracker v1.12.0", true),
+            ("Firecracker v2.0.0-dev", true),
+            ("Firecracker v1.11.4", false),
+            ("Firecracker v1.10.0", false),
+            ("firecracker 1.13", false),
+            ("", false),
+        ] {
+            assert_eq!(loads_network_overrides(line), takes, "{line}");
+        }
+    }
+
     use super::*;
     use banger_api::VmSpec;
 

@@ -83,7 +83,7 @@ fn run_alone(
     faults: &[process::Fault],
     options: double::Options,
 ) -> Result<u8, process::ProcessError> {
-    if let Some(text) = process::firecracker_version(args) {
+    if let Some(text) = process::firecracker_version(args, options.release) {
         print!("{text}");
         return Ok(0);
     }

@@ -635,11 +635,12 @@ pub fn enter_jail(args: &JailerArgs) -> Result<Jail, ProcessError> {
 
 /// `firecracker --version` (anywhere on the line): what Firecracker prints first
 /// (`src/firecracker/src/main.rs`: `Firecracker v<version>`, a blank line, then the
-/// snapshot data format versions it supports, which the double leaves out).
-pub fn firecracker_version(args: &[String]) -> Option<String> {
+/// snapshot data format versions it supports, which the double leaves out), for the
+/// release the double plays (what its API takes: `network_overrides` only from 1.12).
+pub fn firecracker_version(args: &[String], release: super::Release) -> Option<String> {
     args.iter()
         .any(|a| a == "--version")
-        .then(|| format!("Firecracker v{}\n\n", Spec::shared().version()))
+        .then(|| format!("Firecracker v{}\n\n", release.spec().version()))
 }
 
 /// Firecracker started without the jailer (`firecracker --id <id> --api-sock <path>`, as
@@ -1475,12 +1476,30 @@ mod tests {
         let jail = firecracker_alone(&args("--api-sock api.sock"), Path::new("/vm")).unwrap();
         assert_eq!(jail.api_socket, PathBuf::from("/vm/api.sock"));
         assert!(firecracker_alone(&args("--id vm_1"), Path::new("/vm")).is_err());
-        let version = firecracker_version(&args("--version")).unwrap();
+        let version = firecracker_version(
+            &args("--version"),
+            crate::vmm::firecracker::double::Release::Newest,
+        )
+        .unwrap();
         assert_eq!(
             version,
             format!("Firecracker v{}\n\n", Spec::shared().version())
         );
-        assert_eq!(firecracker_version(&args("--id vm_1")), None);
+        assert_eq!(
+            firecracker_version(
+                &args("--version"),
+                crate::vmm::firecracker::double::Release::Oldest
+            )
+            .unwrap(),
+            "Firecracker v1.10.0\n\n"
+        );
+        assert_eq!(
+            firecracker_version(
+                &args("--id vm_1"),
+                crate::vmm::firecracker::double::Release::Newest
+            ),
+            None
+        );
     }
 
     #[test]
