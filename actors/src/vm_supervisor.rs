@@ -369,25 +369,10 @@ impl VmSupervisor {
             rec.clone(),
         );
         let found = tokio::task::spawn_blocking(move || -> Result<_, crate::store::StoreError> {
-            let at = |n: &str, t: Option<u64>| t.map(|t| format!("{n}@{t}"));
-            let (Some(image), Some(kernel)) = (
-                at(
-                    &r.image,
-                    store.get_image(&r.image)?.map(|i| i.registered_at),
-                ),
-                at(
-                    &r.kernel,
-                    store.get_kernel(&r.kernel)?.map(|k| k.registered_at),
-                ),
-            ) else {
+            let network = r.ip.is_some();
+            let Some(key) = warm::key_now(&store, &r.image, &r.kernel, r.vmm, r.spec, network)?
+            else {
                 return Ok(Vec::new());
-            };
-            let key = warm::Key {
-                image,
-                kernel,
-                vmm: r.vmm,
-                spec: r.spec,
-                network: r.ip.is_some(),
             };
             Ok(store
                 .list_warm()?
@@ -454,8 +439,8 @@ impl VmSupervisor {
             let (store, base) = (Arc::clone(&state.env.store), state.env.warm_dir.clone());
             let _ = tokio::task::spawn_blocking(move || {
                 for id in gone {
-                    if store.delete_warm(&id).is_ok() {
-                        let _ = std::fs::remove_dir_all(warm::dir(&base, &id));
+                    if let Err(e) = warm::remove(&store, &base, &id) {
+                        tracing::warn!(warm = %id, error = %banger_error::error_chain(&e), "removing a warm snapshot");
                     }
                 }
             })
@@ -729,7 +714,7 @@ impl Actor for VmSupervisor {
         let swept = tokio::task::spawn_blocking(
             move || -> Result<Vec<String>, crate::store::StoreError> {
                 let known = store.list_warm()?.into_iter().map(|w| w.id).collect();
-                Ok(crate::vm::warm::sweep_unrecorded(&base, &known))
+                Ok(crate::vm::fork::sweep_unrecorded(&base, &known))
             },
         )
         .await??;

@@ -200,7 +200,7 @@ impl Tree {
             let _ = std::fs::remove_dir_all(dir.join("images").join(&name));
             drop(deleting);
             // Its warm snapshots can never be restored again.
-            super::warm::prune_stale(&db, &dir.join("warm"));
+            super::warm::prune_stale(&db, &crate::vm::warm::base(dir));
             Ok(Some(rec))
         })
         .await
@@ -241,7 +241,7 @@ impl Tree {
             let _ = std::fs::remove_dir_all(dir.join("kernels").join(&name));
             drop(deleting);
             // Its warm snapshots can never be restored again.
-            super::warm::prune_stale(&db, &dir.join("warm"));
+            super::warm::prune_stale(&db, &crate::vm::warm::base(dir));
             Ok(Some(rec))
         })
         .await

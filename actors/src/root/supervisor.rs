@@ -134,7 +134,7 @@ impl RootSupervisor {
                 let env = Arc::new(VmEnv {
                     store: Arc::clone(&state.args.store),
                     vms_dir: vm.data_dir.join("vms"),
-                    warm_dir: vm.data_dir.join("warm"),
+                    warm_dir: crate::vm::warm::base(&vm.data_dir),
                     vmm: vm.vmm.clone(),
                     stop_timeout: vm.stop_timeout,
                     extra_cmdline: vm.extra_cmdline.clone(),

@@ -20,15 +20,10 @@ pub(super) fn prune_stale(db: &Store, base: &std::path::Path) -> Vec<WarmRecord>
     let run = || -> Result<Vec<WarmRecord>, crate::store::StoreError> {
         let mut gone = Vec::new();
         for w in db.list_warm()? {
-            let image = db
-                .get_image(w.image_name())?
-                .map(|i| format!("{}@{}", i.name, i.registered_at));
-            let kernel = db
-                .get_kernel(w.kernel_name())?
-                .map(|k| format!("{}@{}", k.name, k.registered_at));
+            let (image, kernel) = crate::vm::snapshot::stamps(db, w.image_name(), w.kernel_name())?;
             if let Some(why) = warm::stale(&w, image.as_deref(), kernel.as_deref()) {
                 tracing::info!(warm = %w.id, "removing a stale warm snapshot: {why}");
-                remove(db, base, &w.id)?;
+                warm::remove(db, base, &w.id)?;
                 gone.push(w);
             }
         }
@@ -40,21 +35,9 @@ pub(super) fn prune_stale(db: &Store, base: &std::path::Path) -> Vec<WarmRecord>
     })
 }
 
-/// Forget warm snapshot `id`, then remove its files.
-fn remove(db: &Store, base: &std::path::Path, id: &str) -> Result<(), crate::store::StoreError> {
-    db.delete_warm(id)?;
-    match std::fs::remove_dir_all(warm::dir(base, id)) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            tracing::warn!(warm = %id, error = %e, "removing a warm snapshot's files");
-        }
-        _ => {}
-    }
-    Ok(())
-}
-
 impl Tree {
     fn warm_base(&self) -> std::path::PathBuf {
-        self.data_dir.join("warm")
+        warm::base(&self.data_dir)
     }
 
     /// `image warm`: boot the image once in a maker VM (its tap off the bridge, named
@@ -126,13 +109,10 @@ impl Tree {
         let prefix = self.subnet_prefix;
         self.blocking(move |_, _| {
             let dir = warm::dir(&base, &id);
-            let moved = (|| {
-                std::fs::create_dir_all(&base)?;
-                std::fs::rename(&from.dir, &dir)?;
-                warm::files_of(&dir)
-            })();
-            let files = match moved {
-                Ok(f) => f,
+            // Its files are the fork snapshot's, which the record of it lists already.
+            let moved = std::fs::create_dir_all(&base).and_then(|()| std::fs::rename(&from.dir, &dir));
+            match moved {
+                Ok(()) => {}
                 Err(source) => {
                     let _ = std::fs::remove_dir_all(&dir);
                     let _ = std::fs::remove_dir_all(&from.dir);
@@ -142,7 +122,7 @@ impl Tree {
                     })
                     .into());
                 }
-            };
+            }
             let rec = WarmRecord {
                 id: id.clone(),
                 image: from.snap.image.clone(),
@@ -154,7 +134,7 @@ impl Tree {
                 address: from.source.ip.as_ref().map(|ip| format!("{ip}/{prefix}")),
                 banger: warm::banger_version(),
                 created_at: now_secs(),
-                files,
+                files: from.snap.files.clone(),
             };
             if let Err(e) = db.put_warm(&rec) {
                 let _ = std::fs::remove_dir_all(&dir);
@@ -163,7 +143,7 @@ impl Tree {
             // One warm snapshot per key: the older ones of it go.
             for old in db.list_warm()? {
                 if old.id != rec.id && old.key() == rec.key() {
-                    remove(&db, &base, &old.id)?;
+                    warm::remove(&db, &base, &old.id)?;
                 }
             }
             tracing::info!(warm = %rec.id, image = %rec.image, vmm = rec.vmm.as_str(), "warm snapshot made");
@@ -197,7 +177,7 @@ impl Tree {
             let mut gone = Vec::new();
             for w in chosen {
                 let info = w.info(&base);
-                remove(db, &base, &w.id)?;
+                warm::remove(db, &base, &w.id)?;
                 gone.push(info);
             }
             Ok(gone)
@@ -231,20 +211,11 @@ impl Tree {
             let base = tree.warm_base();
             let exists = tree
                 .blocking(move |db, _| {
-                    let at = |t: Option<u64>, n: &str| t.map(|t| format!("{n}@{t}"));
-                    let key = warm::Key {
-                        image: at(db.get_image(&i)?.map(|r| r.registered_at), &i)
-                            .unwrap_or_default(),
-                        kernel: at(db.get_kernel(&k)?.map(|r| r.registered_at), &k)
-                            .unwrap_or_default(),
-                        vmm: vm.vmm,
-                        spec,
-                        network,
-                    };
+                    let key = warm::key_now(db, &i, &k, vm.vmm, spec, network)?;
                     Ok(db
                         .list_warm()?
                         .iter()
-                        .any(|w| w.key() == key && warm::damaged(&base, w).is_none()))
+                        .any(|w| Some(w.key()) == key && warm::damaged(&base, w).is_none()))
                 })
                 .await
                 .unwrap_or(true);
@@ -255,10 +226,7 @@ impl Tree {
                     vcpu: Some(spec.vcpu),
                     memory_mib: Some(spec.memory_mib),
                     disk_bytes: Some(spec.disk_bytes),
-                    vmm: Some(match vm.vmm {
-                        banger_api::VmmKind::Firecracker => banger_api::VmmChoice::Firecracker,
-                        banger_api::VmmKind::Qemu => banger_api::VmmChoice::Qemu,
-                    }),
+                    vmm: Some(vm.vmm.into()),
                     network: Some(network),
                 };
                 match tree.warm_image(req, None).await {

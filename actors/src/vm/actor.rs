@@ -1273,7 +1273,7 @@ impl VmActor {
                             // as it loads, so it loads the snapshot's in place.
                             let from = super::warm::dir(&env.warm_dir, w);
                             let qemu = rec.vmm == banger_api::VmmKind::Qemu;
-                            super::warm::copy_into(&from, &dir, !qemu).map_err(|source| {
+                            super::snapshot::copy_in(&from, &dir, !qemu).map_err(|source| {
                                 VmError::Disk(super::disks::DiskError::Io {
                                     path: from.clone(),
                                     source,

@@ -30,7 +30,7 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use super::disks::{self, VmDir};
+use super::disks::VmDir;
 use super::model::{SnapshotRecord, VmRecord};
 
 /// The default of `[vm_defaults] max_fork_count`.
@@ -55,21 +55,10 @@ pub fn names(prefix: &str, count: u32, taken: &HashSet<String>) -> Vec<String> {
 }
 
 /// Copy a fork's snapshot into a clone's (new) directory: the disks, and the saved state
-/// where a suspended VM's is, so its start restores it. Sparse copies (never a read of a
-/// hole). A copy that fails removes the directory. Blocking.
+/// where a suspended VM's is, so its start restores it ([`super::snapshot::copy_in`]:
+/// sparse, never a read of a hole). A copy that fails removes the directory. Blocking.
 pub fn copy_into(snapshot: &Path, clone: &VmDir) -> std::io::Result<()> {
-    let copy = || -> std::io::Result<()> {
-        std::fs::create_dir_all(clone.saved_state())?;
-        for disk in super::snapshot::DISKS {
-            disks::copy_sparse(&snapshot.join(disk), &clone.dir.join(disk), 0o644)?;
-        }
-        for e in std::fs::read_dir(snapshot.join(super::snapshot::STATE))? {
-            let e = e?;
-            disks::copy_sparse(&e.path(), &clone.saved_state().join(e.file_name()), 0o600)?;
-        }
-        Ok(())
-    };
-    copy().inspect_err(|_| {
+    super::snapshot::copy_in(snapshot, clone, true).inspect_err(|_| {
         let _ = std::fs::remove_dir_all(&clone.dir);
     })
 }
@@ -95,8 +84,9 @@ pub fn space_needed(rec: &VmRecord, vm: &VmDir, count: u32) -> u64 {
 }
 
 /// Remove the VM directories under `vms_dir` that no record names (`known`): a fork's
-/// clones copied before a daemon's death cut it short, ahead of their records. Only
-/// names shaped like VM ids are touched. Blocking; answers what it removed.
+/// clones copied before a daemon's death cut it short, ahead of their records (and, under
+/// the warm snapshots' directory, an `image warm` cut short: `vm::warm`). Only names
+/// shaped like ids are touched. Blocking; answers what it removed.
 pub fn sweep_unrecorded(vms_dir: &Path, known: &HashSet<String>) -> Vec<String> {
     let Ok(entries) = std::fs::read_dir(vms_dir) else {
         return Vec::new();

@@ -83,13 +83,54 @@ pub fn info(rec: &VmRecord, vm: &VmDir, s: &SnapshotRecord) -> SnapshotInfo {
         image: s.image.clone(),
         kernel: s.kernel.clone(),
         spec: s.spec,
-        bytes: s
-            .files
-            .iter()
-            .map(|(f, _)| disks::allocated(&dir.join(f)))
-            .sum(),
+        bytes: allocated(&dir, &s.files),
         dir: dir.display().to_string(),
     }
+}
+
+/// The disk space `files` (paths under `dir`, as a record keeps them) take: allocated
+/// bytes. Blocking.
+pub fn allocated(dir: &Path, files: &[(String, u64)]) -> u64 {
+    files
+        .iter()
+        .map(|(f, _)| disks::allocated(&dir.join(f)))
+        .sum()
+}
+
+/// What is wrong with `files` (paths under `dir`, each with the length it had when saved):
+/// one line for each that is missing or of another length; none when they are whole.
+/// Blocking.
+pub fn damaged_files(dir: &Path, files: &[(String, u64)]) -> Vec<String> {
+    files
+        .iter()
+        .filter_map(|(file, len)| match std::fs::metadata(dir.join(file)) {
+            Ok(m) if m.len() == *len => None,
+            Ok(m) => Some(format!(
+                "its file {} is {} bytes, it was {len} when taken",
+                dir.join(file).display(),
+                m.len()
+            )),
+            Err(e) => Some(format!("its file {}: {e}", dir.join(file).display())),
+        })
+        .collect()
+}
+
+/// The image's and kernel's `<name>@<registered_at>` now, as a snapshot (or a warm
+/// snapshot) records them and must still match: a deleted and remade one has another.
+/// None for one that is gone. Blocking.
+pub fn stamps(
+    store: &crate::store::Store,
+    image: &str,
+    kernel: &str,
+) -> Result<(Option<String>, Option<String>), crate::store::StoreError> {
+    Ok((
+        store
+            .get_image(image)?
+            .map(|r| format!("{image}@{}", r.registered_at)),
+        store
+            .get_kernel(kernel)?
+            .map(|r| format!("{kernel}@{}", r.registered_at)),
+    ))
 }
 
 /// The disk space a VMM's save of the VM may need (a suspend's, a snapshot's `state/`):
@@ -233,47 +274,46 @@ pub fn mismatch(rec: &VmRecord, vm: &VmDir, s: &SnapshotRecord, now: &Current) -
             rec.name
         ));
     }
-    let dir = vm.snapshot(&s.id);
-    for (file, len) in &s.files {
-        match std::fs::metadata(dir.join(file)) {
-            Ok(m) if m.len() == *len => {}
-            Ok(m) => why.push(format!(
-                "its file {} is {} bytes, it was {len} when taken",
-                dir.join(file).display(),
-                m.len()
-            )),
-            Err(e) => why.push(format!("its file {}: {e}", dir.join(file).display())),
-        }
-    }
+    why.extend(damaged_files(&vm.snapshot(&s.id), &s.files));
     (!why.is_empty()).then(|| why.join("; "))
 }
 
 /// Put the snapshot's disks and saved state in the VM's place, as a suspended VM's (its
-/// next start restores it). Copies (the snapshot stays as it was), all into temporary
-/// names first and then renamed, so a copy that fails (a full disk) leaves the VM's files
-/// as they were. The VMM must be gone. Blocking.
+/// next start restores it): a rollback. See [`copy_in`]. Blocking.
 pub fn restore_files(vm: &VmDir, id: &str) -> std::io::Result<()> {
-    let snap = vm.snapshot(id);
+    copy_in(&vm.snapshot(id), vm, true)
+}
+
+/// Put the disks and, with `state`, the saved state of the snapshot directory `from` in
+/// the VM's place, as a suspended VM's: a rollback (its own snapshot), a fork's clone and a
+/// warm start (a new VM's directory, made here). Copies (`from` stays as it was), all into
+/// temporary names first and then renamed, the saved state last, so a copy that fails (a
+/// full disk, a daemon's death) leaves the VM's files as they were, and a saved state
+/// that is there is whole. The VMM must be gone. Blocking.
+pub fn copy_in(from: &Path, vm: &VmDir, state: bool) -> std::io::Result<()> {
     let state_tmp = vm.saved_state_tmp();
     let remove = |d: &Path| match std::fs::remove_dir_all(d) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
         _ => Ok(()),
     };
+    std::fs::create_dir_all(&vm.dir)?;
     // A suspended VM's own saved state is replaced only once the copies are whole.
     remove(&state_tmp)?;
     let staged: Vec<(PathBuf, PathBuf)> = DISKS
         .iter()
-        .map(|d| (vm.dir.join(format!("{d}.rollback")), vm.dir.join(d)))
+        .map(|d| (vm.dir.join(format!("{d}.incoming")), vm.dir.join(d)))
         .collect();
     let copy = || -> std::io::Result<()> {
-        std::fs::create_dir_all(&state_tmp)?;
-        for e in std::fs::read_dir(snap.join(STATE))? {
-            let e = e?;
-            disks::copy_sparse(&e.path(), &state_tmp.join(e.file_name()), 0o600)?;
+        if state {
+            std::fs::create_dir_all(&state_tmp)?;
+            for e in std::fs::read_dir(from.join(STATE))? {
+                let e = e?;
+                disks::copy_sparse(&e.path(), &state_tmp.join(e.file_name()), 0o600)?;
+            }
         }
         for (name, (tmp, _)) in DISKS.iter().zip(&staged) {
             let _ = std::fs::remove_file(tmp);
-            disks::copy_sparse(&snap.join(name), tmp, 0o644)?;
+            disks::copy_sparse(&from.join(name), tmp, 0o644)?;
         }
         Ok(())
     };
@@ -287,8 +327,11 @@ pub fn restore_files(vm: &VmDir, id: &str) -> std::io::Result<()> {
     for (tmp, disk) in &staged {
         std::fs::rename(tmp, disk)?;
     }
-    remove(&vm.saved_state())?;
-    std::fs::rename(&state_tmp, vm.saved_state())
+    if state {
+        remove(&vm.saved_state())?;
+        std::fs::rename(&state_tmp, vm.saved_state())?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -410,7 +453,7 @@ mod tests {
             .unwrap()
             .flatten()
             .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.ends_with(".rollback"))
+            .filter(|n| n.ends_with(".incoming"))
             .collect();
         assert!(left.is_empty(), "{left:?}");
     }

@@ -11,7 +11,7 @@
 //! has a new one), VMM, size and network ([`Key`]), this host's VMM release and this
 //! banger's version all match a warm snapshot's is written `suspended` with `warm` (the
 //! snapshot's id) and `clone_of` (the warm guest's address), and its start copies the
-//! snapshot's files into its directory ([`copy_into`]) and restores them: the guest then
+//! snapshot's files into its directory (`vm::snapshot::copy_in`) and restores them: the guest then
 //! takes the new VM's identity through its agent and only then does its tap join the
 //! bridge, exactly as for a fork's clone (`vm::fork`). Everything else of the create (its
 //! name, lease, egress, published ports, deadline, `file_sync` at its first start) is the
@@ -21,16 +21,14 @@
 //! cold, with a warning. One whose image or kernel is gone or was replaced is stale: it is
 //! removed when the image or kernel is deleted, and by any listing or lookup that finds it
 //! ([`stale`]). Directories no record names (a `image warm` cut short) are swept at the
-//! daemon's start ([`sweep_unrecorded`]).
+//! daemon's start (`vm::fork::sweep_unrecorded`).
 
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use banger_api::{VmSpec, VmmKind, WarmInfo};
 use serde::{Deserialize, Serialize};
 
-use super::disks::{self, VmDir};
-use super::snapshot::{DISKS, STATE};
+use super::snapshot;
 
 /// A stored warm snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -68,6 +66,31 @@ pub struct Key {
     pub network: bool,
 }
 
+/// Where a daemon with data directory `data_dir` keeps its warm snapshots.
+pub fn base(data_dir: &Path) -> PathBuf {
+    data_dir.join("warm")
+}
+
+/// The key a VM of `image`, `kernel`, `vmm`, `spec` and a network or not would ask for
+/// now; None when its image or kernel is gone. Blocking (it reads the store).
+pub fn key_now(
+    store: &crate::store::Store,
+    image: &str,
+    kernel: &str,
+    vmm: VmmKind,
+    spec: VmSpec,
+    network: bool,
+) -> Result<Option<Key>, crate::store::StoreError> {
+    let (image, kernel) = snapshot::stamps(store, image, kernel)?;
+    Ok(image.zip(kernel).map(|(image, kernel)| Key {
+        image,
+        kernel,
+        vmm,
+        spec,
+        network,
+    }))
+}
+
 /// The banger version a warm snapshot made now records.
 pub fn banger_version() -> String {
     env!("CARGO_PKG_VERSION").to_owned()
@@ -86,11 +109,11 @@ impl WarmRecord {
 
     /// The image's name (without its `@registered_at`).
     pub fn image_name(&self) -> &str {
-        name_of(&self.image)
+        banger_api::stamped_name(&self.image)
     }
 
     pub fn kernel_name(&self) -> &str {
-        name_of(&self.kernel)
+        banger_api::stamped_name(&self.kernel)
     }
 
     /// What `image warm list` shows. Blocking (it sizes the files).
@@ -105,18 +128,10 @@ impl WarmRecord {
             spec: self.spec,
             network: self.network,
             created_at: self.created_at,
-            bytes: self
-                .files
-                .iter()
-                .map(|(f, _)| disks::allocated(&d.join(f)))
-                .sum(),
+            bytes: snapshot::allocated(&d, &self.files),
             dir: d.display().to_string(),
         }
     }
-}
-
-fn name_of(at: &str) -> &str {
-    at.rsplit_once('@').map_or(at, |(n, _)| n)
 }
 
 /// The directory of warm snapshot `id`.
@@ -144,91 +159,34 @@ pub fn stale(
     }
 }
 
+/// Forget warm snapshot `id`, then remove its files.
+pub fn remove(
+    db: &crate::store::Store,
+    base: &std::path::Path,
+    id: &str,
+) -> Result<(), crate::store::StoreError> {
+    db.delete_warm(id)?;
+    match std::fs::remove_dir_all(dir(base, id)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            tracing::warn!(warm = %id, error = %e, "removing a warm snapshot's files");
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
 /// What is wrong with the warm snapshot's files (missing or not the length saved), None
 /// when they are whole. Blocking.
 pub fn damaged(base: &Path, rec: &WarmRecord) -> Option<String> {
-    let d = dir(base, &rec.id);
-    let why: Vec<String> = rec
-        .files
-        .iter()
-        .filter_map(|(f, len)| match std::fs::metadata(d.join(f)) {
-            Ok(m) if m.len() == *len => None,
-            Ok(m) => Some(format!(
-                "{} is {} bytes, it was {len}",
-                d.join(f).display(),
-                m.len()
-            )),
-            Err(e) => Some(format!("{}: {e}", d.join(f).display())),
-        })
-        .collect();
+    let why = snapshot::damaged_files(&dir(base, &rec.id), &rec.files);
     (!why.is_empty()).then(|| why.join("; "))
-}
-
-/// Copy warm snapshot `warm` (a directory) into a new VM's directory: its disks, and with
-/// `state` its saved state, each under a temporary name renamed into place, so a copy cut
-/// short (a full disk, a daemon's death) never leaves a disk half-copied or a saved state
-/// that looks whole: the saved state, renamed last, says the copy is complete. A copy that
-/// fails leaves none of the warm guest's files. Sparse copies. Blocking.
-pub fn copy_into(warm: &Path, vm: &VmDir, state: bool) -> std::io::Result<()> {
-    std::fs::create_dir_all(&vm.dir)?;
-    let tmp = vm.saved_state_tmp();
-    let copy = || -> std::io::Result<()> {
-        for disk in DISKS {
-            let part = vm.dir.join(format!("{disk}.warm-tmp"));
-            disks::copy_sparse(&warm.join(disk), &part, 0o644)?;
-            std::fs::rename(&part, vm.dir.join(disk))?;
-        }
-        if !state {
-            return Ok(());
-        }
-        match std::fs::remove_dir_all(&tmp) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        }
-        std::fs::create_dir_all(&tmp)?;
-        for e in std::fs::read_dir(warm.join(STATE))? {
-            let e = e?;
-            disks::copy_sparse(&e.path(), &tmp.join(e.file_name()), 0o600)?;
-        }
-        std::fs::rename(&tmp, vm.saved_state())
-    };
-    copy().inspect_err(|_| {
-        // Nothing of the warm guest is left: a later start boots on fresh disks.
-        let _ = std::fs::remove_dir_all(&tmp);
-        for disk in DISKS {
-            let _ = std::fs::remove_file(vm.dir.join(disk));
-            let _ = std::fs::remove_file(vm.dir.join(format!("{disk}.warm-tmp")));
-        }
-    })
-}
-
-/// The files of a warm snapshot's directory, with their lengths, as a record keeps them.
-/// Blocking.
-pub fn files_of(d: &Path) -> std::io::Result<Vec<(String, u64)>> {
-    let mut files = Vec::new();
-    for disk in DISKS {
-        files.push((disk.to_owned(), std::fs::metadata(d.join(disk))?.len()));
-    }
-    for e in std::fs::read_dir(d.join(STATE))? {
-        let e = e?;
-        files.push((
-            format!("{STATE}/{}", e.file_name().to_string_lossy()),
-            e.metadata()?.len(),
-        ));
-    }
-    files.sort();
-    Ok(files)
-}
-
-/// Remove the directories under `base` that no record names (`known`); only names shaped
-/// like ids are touched. Blocking; answers what it removed.
-pub fn sweep_unrecorded(base: &Path, known: &HashSet<String>) -> Vec<String> {
-    super::fork::sweep_unrecorded(base, known)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vm::disks::VmDir;
+    use crate::vm::snapshot::STATE;
 
     fn rec() -> WarmRecord {
         WarmRecord {
@@ -291,18 +249,12 @@ mod tests {
             std::fs::write(w.join(f), body).unwrap();
         }
         let mut r = rec();
-        r.files = files_of(&w).unwrap();
-        assert_eq!(
-            r.files,
-            [
-                ("overlay.ext4".to_owned(), 7),
-                ("state/vm.state".to_owned(), 6),
-                ("work.ext4".to_owned(), 4)
-            ]
-        );
+        r.files = [("overlay.ext4", 7), ("state/vm.state", 6), ("work.ext4", 4)]
+            .map(|(f, len)| (f.to_owned(), len))
+            .to_vec();
         assert_eq!(damaged(&base, &r), None);
         let vm = VmDir::new(&tmp.path().join("vms"), "ba9876543210");
-        copy_into(&w, &vm, true).unwrap();
+        snapshot::copy_in(&w, &vm, true).unwrap();
         assert_eq!(std::fs::read(vm.overlay()).unwrap(), b"overlay");
         assert_eq!(std::fs::read(vm.work()).unwrap(), b"work");
         assert_eq!(
@@ -314,7 +266,7 @@ mod tests {
         assert_eq!(damaged(&base, &r), None);
         // The disks alone (QEMU loads the snapshot's saved state in place).
         let disks_only = VmDir::new(&tmp.path().join("vms"), "bbbbbbbbbbbb");
-        copy_into(&w, &disks_only, false).unwrap();
+        snapshot::copy_in(&w, &disks_only, false).unwrap();
         assert_eq!(std::fs::read(disks_only.work()).unwrap(), b"work");
         assert!(!disks_only.saved_state().exists());
 
@@ -328,7 +280,7 @@ mod tests {
         );
         std::fs::remove_dir_all(w.join(STATE)).unwrap();
         let other = VmDir::new(&tmp.path().join("vms"), "aaaaaaaaaaaa");
-        assert!(copy_into(&w, &other, true).is_err());
+        assert!(snapshot::copy_in(&w, &other, true).is_err());
         assert!(!other.saved_state().exists() && !other.saved_state_tmp().exists());
         assert!(!other.overlay().exists() && !other.work().exists());
     }

@@ -303,10 +303,7 @@ async fn names(target: &Target, n: Names) -> Vec<String> {
                     .await
                     .ok()?
                     .into_iter()
-                    .flat_map(|w| {
-                        let image = w.image.rsplit_once('@').map_or(&*w.image, |(n, _)| n);
-                        [w.id.clone(), image.to_owned()]
-                    })
+                    .flat_map(|w| [w.id.clone(), w.image_name().to_owned()])
                     .collect();
                 all.sort();
                 all.dedup();

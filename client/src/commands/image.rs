@@ -448,14 +448,8 @@ async fn warm(client: &jsonrpsee::async_client::Client, a: WarmArgs) -> Result<(
             .map(|w| {
                 vec![
                     w.id.clone(),
-                    w.image
-                        .rsplit_once('@')
-                        .map_or(&*w.image, |(n, _)| n)
-                        .to_owned(),
-                    w.kernel
-                        .rsplit_once('@')
-                        .map_or(&*w.kernel, |(n, _)| n)
-                        .to_owned(),
+                    w.image_name().to_owned(),
+                    w.kernel_name().to_owned(),
                     w.vmm.as_str().to_owned(),
                     format!(
                         "{} vCPU, {} MiB, {}",
@@ -527,7 +521,7 @@ async fn warm(client: &jsonrpsee::async_client::Client, a: WarmArgs) -> Result<(
                 eprintln!(
                     "warm snapshot {} of {} made ({}, {:.1}s): `banger vm run` with this image and size restores it",
                     w.id,
-                    w.image.rsplit_once('@').map_or(&*w.image, |(n, _)| n),
+                    w.image_name(),
                     bytes(w.bytes),
                     t0.elapsed().as_secs_f64()
                 );

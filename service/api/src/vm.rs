@@ -302,6 +302,23 @@ pub struct WarmInfo {
     pub dir: String,
 }
 
+impl WarmInfo {
+    /// The image's name (without its `@registered_at`).
+    pub fn image_name(&self) -> &str {
+        stamped_name(&self.image)
+    }
+
+    pub fn kernel_name(&self) -> &str {
+        stamped_name(&self.kernel)
+    }
+}
+
+/// The name in a `<name>@<registered_at>` stamp (a snapshot's or warm snapshot's image or
+/// kernel).
+pub fn stamped_name(stamp: &str) -> &str {
+    stamp.rsplit_once('@').map_or(stamp, |(n, _)| n)
+}
+
 /// `--ttl`: how long a VM may live, and what happens when that time is up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ttl {

@@ -85,13 +85,11 @@ fn current(
             ))
         })?;
         tokio::task::spawn_blocking(move || -> Result<Current, VmError> {
-            let at = |t: Option<u64>| t.map_or("gone".to_owned(), |t| t.to_string());
-            let image_at = at(store.get_image(&image)?.map(|r| r.registered_at));
-            let kernel_at = at(store.get_kernel(&kernel)?.map(|r| r.registered_at));
+            let (image_at, kernel_at) = snapshot::stamps(&store, &image, &kernel)?;
             Ok(Current {
                 vmm_version,
-                image: format!("{image}@{image_at}"),
-                kernel: format!("{kernel}@{kernel_at}"),
+                image: image_at.unwrap_or_else(|| format!("{image}@gone")),
+                kernel: kernel_at.unwrap_or_else(|| format!("{kernel}@gone")),
             })
         })
         .await
