@@ -2837,3 +2837,31 @@ async fn root_warm_starts_with_networks_need_firecracker_1_12() {
         d.shutdown().await;
     }
 }
+
+/// A clone whose VMM died with the daemon before it took its identity (a restore cut
+/// short) is stopped when re-adopted, and nothing is pending for it: its next start boots
+/// it as its own machine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clone_whose_vmm_died_before_its_identity_is_stopped_and_pending_nothing() {
+    let (d, c, _files) = setup().await;
+    small_vm(&c, "a").await;
+    drop(c);
+    let d = restarted_with(d, |store| {
+        let mut rec = store.find_vm("a").unwrap().unwrap();
+        rec.clone_of = Some(banger_actors::vm::model::CloneOf {
+            vm: "src".into(),
+            address: None,
+        });
+        // Its VMM as gone (the real one, claimed by no record now, is the census's).
+        rec.runtime.as_mut().unwrap().pid = i32::MAX;
+        store.put_vm(&rec).unwrap();
+    })
+    .await;
+    let c = d.client().await;
+    let shown = adopted(&c, "a").await;
+    assert_eq!(shown.state, VmState::Stopped, "{shown:?}");
+    assert_eq!(shown.clone_of, None, "{shown:?}");
+    support::delete_all(&c).await;
+    drop(c);
+    d.shutdown().await;
+}

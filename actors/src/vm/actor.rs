@@ -1857,6 +1857,10 @@ impl Actor for VmActor {
                 release_vmm(state, rt).await;
                 release_net(&state.env, &state.rec).await;
                 state.rec.state = VmState::Stopped;
+                // A clone (or warm start) cut before its identity: its next start boots, so
+                // it is its own machine then; nothing is pending.
+                state.rec.clone_of = None;
+                state.rec.warm = None;
                 state.persist().await?;
             }
         }
