@@ -77,13 +77,16 @@ const ADOPTION_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 /// session within about a second.
 const AGENT_SETTLE: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Connect to the agent of the running `vm` at `sock`, retrying a refusal for
-/// [`AGENT_SETTLE`].
+/// Connect to the agent of the running `vm` at `sock`, retrying for [`AGENT_SETTLE`] a
+/// refusal, or a connection the proxy accepted and closed before the agent's hello (CI saw
+/// one right after a re-adoption: the stream opened on the session being handed over).
 pub async fn connect_agent(vm: &str, sock: &std::path::Path) -> Result<host::AgentConn, CliError> {
     let deadline = std::time::Instant::now() + AGENT_SETTLE;
     loop {
         match host::connect(sock).await {
-            Err(host::HostError::Refused(_)) if std::time::Instant::now() < deadline => {
+            Err(
+                host::HostError::Refused(_) | host::HostError::Proto(proto::ProtoError::Closed),
+            ) if std::time::Instant::now() < deadline => {
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             }
             other => return other.map_err(|e| agent_err(vm, e)),
