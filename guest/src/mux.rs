@@ -103,6 +103,31 @@ fn marked(prefix: &[u8], nonce: &str) -> Vec<u8> {
     v
 }
 
+/// Splice `a` and `b` both ways until each direction has ended, each on its own: a
+/// direction ends at its reader's end (then its writer is shut down, a half-close) or at an
+/// error, and the other goes on. `tokio::io::copy_bidirectional` returns at the first error
+/// of either, dropping what the other still had to carry: when the guest's agent sent
+/// `Exit` and shut its socket down while the host's `StdinEof` was on its way, the write of
+/// that frame failed (EPIPE) before the `Exit` waiting on the other side was read, and
+/// `vm exec` printed the output and then "the connection closed" (CI saw it).
+pub async fn splice<A, B>(a: A, b: B)
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut ar, mut aw) = tokio::io::split(a);
+    let (mut br, mut bw) = tokio::io::split(b);
+    let there = async {
+        let _ = tokio::io::copy(&mut ar, &mut bw).await;
+        let _ = bw.shutdown().await;
+    };
+    let back = async {
+        let _ = tokio::io::copy(&mut br, &mut aw).await;
+        let _ = aw.shutdown().await;
+    };
+    tokio::join!(there, back);
+}
+
 /// The host side: the proxy.
 pub mod host {
     use std::path::Path;
@@ -282,7 +307,7 @@ pub mod host {
         {
             return;
         }
-        let _ = tokio::io::copy_bidirectional(&mut client, &mut stream).await;
+        splice(client, stream).await;
     }
 
     /// The proxy process: bind `listen` (replacing a stale socket a killed proxy left),
@@ -324,8 +349,8 @@ pub mod guest {
     use std::task::{Context, Poll, ready};
     use std::time::Duration;
 
+    use tokio::io::ReadBuf;
     use tokio::io::unix::AsyncFd;
-    use tokio::io::{ReadBuf, copy_bidirectional};
     use tokio_util::compat::FuturesAsyncReadCompatExt;
 
     use super::*;
@@ -411,14 +436,14 @@ pub mod guest {
         let conn = conn
             .set_nonblocking(true)
             .and_then(|()| tokio::net::UnixStream::from_std(conn));
-        let Ok(mut conn) = conn else {
+        let Ok(conn) = conn else {
             let _ = stream.write_all(&[REFUSED]).await;
             return;
         };
         if stream.write_all(&[ACCEPTED]).await.is_err() {
             return;
         }
-        let _ = copy_bidirectional(&mut stream, &mut conn).await;
+        splice(stream, conn).await;
     }
 
     /// Serve the port at `path` for good: a session whenever the host end is connected,
@@ -527,5 +552,44 @@ pub mod guest {
         fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
             Poll::Ready(Ok(()))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::UnixStream;
+
+    /// The agent's end sent its last frame and shut its socket down both ways while the
+    /// host still had bytes on their way to it: the splice fails to deliver those (the
+    /// agent will not read them) but still carries the agent's last frame to the host, then
+    /// the end of the stream. (`copy_bidirectional` lost the frame: it tried the write
+    /// first, failed with EPIPE and returned.)
+    #[tokio::test]
+    async fn a_failed_write_one_way_does_not_drop_what_the_other_way_still_carries() {
+        let (agent, agent_side) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (mut host, host_side) = UnixStream::pair().unwrap();
+        // What the host sent late is already waiting, and the agent's exit frame too.
+        host.write_all(b"stdin-eof").await.unwrap();
+        std::io::Write::write_all(&mut &agent, b"exit-frame").unwrap();
+        agent.shutdown(std::net::Shutdown::Both).unwrap();
+        agent_side.set_nonblocking(true).unwrap();
+        let agent_side = UnixStream::from_std(agent_side).unwrap();
+        let spliced = tokio::spawn(splice(host_side, agent_side));
+        let mut got = Vec::new();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            host.read_to_end(&mut got),
+        )
+        .await
+        .expect("the stream ends")
+        .unwrap();
+        assert_eq!(got, b"exit-frame");
+        drop(host);
+        tokio::time::timeout(std::time::Duration::from_secs(10), spliced)
+            .await
+            .expect("the splice ends when both ways have")
+            .unwrap();
+        drop(agent);
     }
 }
