@@ -51,7 +51,11 @@ impl Probe {
         };
         // banger-init is still setting up until the marker exists.
         let marker = loop {
-            if let Ok(m) = std::fs::read_to_string(self.path(BOOT_INIT_MARKER)) {
+            // Empty: caught between its creation and its write (banger-init renames a
+            // whole one into place now; an older one wrote it in place).
+            if let Ok(m) = std::fs::read_to_string(self.path(BOOT_INIT_MARKER))
+                && !m.trim().is_empty()
+            {
                 break m.trim().to_owned();
             }
             if Instant::now() >= deadline {
@@ -198,6 +202,22 @@ mod tests {
         let b = p.wait(Duration::from_millis(120));
         assert_eq!(b.state, "starting");
         assert!(!b.finished());
+    }
+
+    /// A marker read between its creation and its write (empty) is not an answer: the
+    /// probe waits for its content (it said init "" and state "unknown").
+    #[test]
+    fn an_empty_marker_is_not_yet_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = probe(dir.path(), "exit 1");
+        write_marker(dir.path(), "");
+        let b = p.wait(Duration::from_millis(120));
+        assert_eq!(
+            (b.init.as_str(), b.state.as_str()),
+            ("banger-init", "starting")
+        );
+        write_marker(dir.path(), "banger-init");
+        assert_eq!(p.wait(Duration::from_secs(5)).state, "running");
     }
 
     #[test]

@@ -556,7 +556,11 @@ fn boot_marker(init: Option<&Path>) {
     if let Some(dir) = marker.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
-    if let Err(e) = std::fs::write(marker, banger_guest::agent::boot::marker_for(init)) {
+    // Whole or not at all: the agent may read it at any moment.
+    let tmp = marker.with_extension("tmp");
+    let written = std::fs::write(&tmp, banger_guest::agent::boot::marker_for(init))
+        .and_then(|()| std::fs::rename(&tmp, marker));
+    if let Err(e) = written {
         say(format!("cannot write {}: {e}", marker.display()));
     }
 }
