@@ -741,6 +741,13 @@ pub struct LogsArgs {
     /// Only the last N bytes.
     #[arg(long, value_name = "N")]
     pub bytes: Option<u64>,
+    /// What the VM's egress policy refused instead: names its resolver refused, and
+    /// flows the host dropped in the last hour (the latest first).
+    #[arg(long, conflicts_with_all = ["follow", "tail", "bytes"])]
+    pub egress: bool,
+    /// With --egress: print JSON.
+    #[arg(long, requires = "egress")]
+    pub json: bool,
 }
 
 /// `vm start` and `banger start`.
@@ -823,7 +830,7 @@ const SSH_HELP: &str = "Examples:\n  banger vm ssh dev\n  banger vm ssh dev unam
 
 const CP_HELP: &str = "Examples:\n  banger vm cp ./app dev:/root/         into /root/app in dev\n  banger vm cp dev:/etc/os-release .    out of dev, into this directory\n  banger vm cp ./a.txt dev:/root/b.txt  a file under a new name\n  tar -c . | banger vm cp - dev:/root/src\n  banger vm cp dev:/var/log - | tar -t\n\nAs `docker cp`: a DST that is a directory receives SRC inside it, else SRC is\ncopied as DST (its parent must exist); `SRC/.` copies a directory's content.\nThe VM must be running (its agent packs and unpacks; owners and modes kept).";
 
-const LOGS_HELP: &str = "Examples:\n  banger vm logs dev\n  banger vm logs --tail 20 dev\n  banger vm logs -f -n 0 dev     only what comes next";
+const LOGS_HELP: &str = "Examples:\n  banger vm logs dev\n  banger vm logs --tail 20 dev\n  banger vm logs -f -n 0 dev     only what comes next\n  banger vm logs --egress dev    what its egress policy refused";
 
 const START_HELP: &str = "Examples:\n  banger vm start dev\n  banger vm start dev other --json";
 

@@ -1385,6 +1385,28 @@ fn root_rig_a_guests_egress_policy_allows_only_its_names() {
     let shown = home.json(&["vm", "show", "eg", "--json"]);
     assert!(shown["dns_refused"].as_u64() >= Some(1), "{shown}");
     assert!(shown["egress_dropped"].as_u64() >= Some(1), "{shown}");
+    // What was refused, by name and by flow.
+    let log = home.json(&["vm", "logs", "eg", "--egress", "--json"]);
+    assert_eq!(log["egress"], "allow=allowed.test", "{log}");
+    let names = log["names"].as_array().unwrap();
+    assert!(
+        names.iter().any(|n| n["name"] == "denied.test"),
+        "the refused name: {log}"
+    );
+    let flows = log["flows"].as_array().unwrap();
+    for (addr, proto, port) in [("10.99.0.4", "tcp", 80), ("10.99.0.1", "tcp", 53)] {
+        assert!(
+            flows
+                .iter()
+                .any(|f| f["addr"] == addr && f["proto"] == proto && f["port"] == port),
+            "{addr} {proto} {port} dropped: {log}"
+        );
+    }
+    let text = home.ok(&["vm", "logs", "eg", "--egress"]);
+    assert!(
+        text.contains("denied.test") && text.contains("10.99.0.4"),
+        "{text}"
+    );
 
     home.ok(&["vm", "set", "eg", "--egress", "all"]);
     let out = sh("getent hosts denied.test");

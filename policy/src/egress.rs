@@ -9,6 +9,11 @@
 //!   resolver, …, see [`crate::ops::egress`]), everything else counted and dropped;
 //! - set `d-<vm>` (IPv4 addresses with timeouts): what the bridge resolver vouched for;
 //! - counter `drop-<vm>`: the packets dropped;
+//! - sets `r-<vm>` (address . protocol . port, TCP and UDP) and `ro-<vm>` (address .
+//!   protocol, the rest): the flows the filter refused lately, each with a packet counter,
+//!   added by the packet path and kept [`REFUSED_KEEP_SECS`] after a flow's last packet,
+//!   at most [`REFUSED_MAX`] each (a full set records no new flow; the drop does not
+//!   depend on it);
 //! - base chain `isolate` (hook forward, which sees only VM-to-VM frames): the VM's tap
 //!   in and out dropped, tagged, when the VM is isolated.
 //!
@@ -27,6 +32,26 @@ pub const MAX_RULES: usize = 1024;
 pub const MAX_VOUCH: usize = 256;
 /// Longest time an answer may keep an address reachable (a day).
 pub const MAX_TTL: u32 = 86_400;
+/// How long a refused flow is remembered after its last packet (an hour).
+pub const REFUSED_KEEP_SECS: u32 = 3600;
+/// Most refused flows remembered per VM in each of its two sets (so that an answer of
+/// both fits one helper frame).
+pub const REFUSED_MAX: u32 = 256;
+
+/// A flow the VM's filter refused lately (`egress_refused`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusedFlow {
+    /// Where the VM sent it.
+    pub addr: Ipv4Addr,
+    /// The IP protocol, by name where nft has one (`tcp`, `udp`, `icmp`), else its number.
+    pub proto: String,
+    /// The destination port (TCP and UDP).
+    pub port: Option<u16>,
+    /// Packets refused (since the flow was first remembered).
+    pub packets: u64,
+    /// Seconds since its last refused packet.
+    pub last_secs: u32,
+}
 
 /// What a VM's filter lets through, besides its ARP and DNS to the bridge resolver.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -267,6 +267,8 @@ pub enum Request {
     EgressRemove { vm: String },
     /// The VM's dropped-packet counter, answered with [`Reply::Counter`].
     EgressCounter { vm: String },
+    /// The flows the VM's filter refused lately, answered with [`Reply::RefusedFlows`].
+    EgressRefused { vm: String },
 }
 
 impl Request {
@@ -289,6 +291,7 @@ impl Request {
             Request::EgressVouch { .. } => "egress_vouch",
             Request::EgressRemove { .. } => "egress_remove",
             Request::EgressCounter { .. } => "egress_counter",
+            Request::EgressRefused { .. } => "egress_refused",
         }
     }
 
@@ -320,7 +323,9 @@ impl Request {
                 crate::egress::validate_set(cfg, vm, *ip, filter)
             }
             Request::EgressVouch { vm, addrs } => crate::egress::validate_vouch(vm, addrs),
-            Request::EgressRemove { vm } | Request::EgressCounter { vm } => vm_id(vm),
+            Request::EgressRemove { vm }
+            | Request::EgressCounter { vm }
+            | Request::EgressRefused { vm } => vm_id(vm),
             Request::NatRemove { vm } | Request::CleanJail { vm } => vm_id(vm),
             Request::ExposeVsock { vm } => {
                 vm_id(vm)?;
@@ -410,6 +415,10 @@ pub enum Reply {
     /// `egress_counter`: packets dropped (None: the VM has no counter).
     Counter {
         packets: Option<u64>,
+    },
+    /// `egress_refused`: the refused flows, the latest first (none: the VM has no filter).
+    RefusedFlows {
+        flows: Vec<crate::egress::RefusedFlow>,
     },
 }
 

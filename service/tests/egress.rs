@@ -189,6 +189,50 @@ fn counter(h: &Mutex<Helper>) -> u64 {
     }
 }
 
+fn refused(h: &Mutex<Helper>) -> Vec<banger_policy::egress::RefusedFlow> {
+    match h
+        .lock()
+        .unwrap()
+        .call(&Request::EgressRefused { vm: VM.into() })
+        .unwrap()
+    {
+        Reply::RefusedFlows { flows } => flows,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// One ICMP echo request from the guest to `to` (a raw socket: no ping binary needed).
+fn guest_ping(ns: &str, to: Ipv4Addr) {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockProtocol, SockType, SockaddrIn, sendto, socket,
+    };
+    in_ns(ns, move || {
+        let fd = socket(
+            AddressFamily::Inet,
+            SockType::Raw,
+            SockFlag::empty(),
+            SockProtocol::Icmp,
+        )
+        .unwrap();
+        // Echo request, id 1, seq 1; the checksum over the 8 bytes.
+        let mut pkt = [8u8, 0, 0, 0, 0, 1, 0, 1];
+        let sum: u32 = pkt
+            .chunks(2)
+            .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+            .sum();
+        let sum = !(((sum & 0xffff) + (sum >> 16)) as u16);
+        pkt[2..4].copy_from_slice(&sum.to_be_bytes());
+        let addr = SockaddrIn::from(std::net::SocketAddrV4::new(to, 0));
+        sendto(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            &pkt,
+            &addr,
+            nix::sys::socket::MsgFlags::empty(),
+        )
+        .unwrap();
+    });
+}
+
 fn set_policy(h: &Mutex<Helper>, policies: &dns::Policies, egress: &Egress) {
     let filter = banger_actors::net::egress::filter(egress, false);
     done(
@@ -296,6 +340,54 @@ fn root_egress_allows_only_the_policy_through_the_filter_and_the_resolver() {
     // So is DNS to any server but the bridge resolver, even at an allowed address.
     assert_eq!(guest_dns(g, ALLOWED, "allowed.test"), None);
     assert!(counter(&h) > after_direct);
+    // What was dropped is remembered per flow (`vm logs --egress`): the connection to the
+    // denied server, the DNS query to the outside server, a ping.
+    guest_ping(g, DENIED);
+    let flows = refused(&h);
+    let flow = |addr: Ipv4Addr, proto: &str, port: Option<u16>| {
+        flows
+            .iter()
+            .find(|f| f.addr == addr && f.proto == proto && f.port == port)
+            .unwrap_or_else(|| panic!("{addr} {proto} {port:?} in {flows:?}"))
+    };
+    assert!(flow(DENIED, "tcp", Some(80)).packets >= 1);
+    assert!(flow(ALLOWED, "udp", Some(53)).packets >= 1);
+    assert_eq!(flow(DENIED, "icmp", None).packets, 1);
+    assert!(flows.iter().all(|f| f.last_secs < 60), "{flows:?}");
+    // A guest that fills the remembered flows (more destinations than are kept) is still
+    // dropped: remembering is a rule of its own, and a full set does not skip the drop.
+    let keep = banger_policy::egress::REFUSED_MAX as u16;
+    in_ns(g, move || {
+        let s = UdpSocket::bind((GUEST, 0)).unwrap();
+        for port in 1000..1000 + keep + 20 {
+            s.send_to(b"x", (DENIED, port)).unwrap();
+        }
+    });
+    let flows = refused(&h);
+    let with_port = flows.iter().filter(|f| f.port.is_some()).count();
+    assert_eq!(with_port, usize::from(keep), "a full set keeps what it had");
+    // A new flow with the set full: dropped (a connection to a port nothing listens on
+    // that got through would be refused by the outside at once; dropped, it times out).
+    let before = counter(&h);
+    let e = in_ns(g, || {
+        TcpStream::connect_timeout(&SocketAddr::from((DENIED, 81)), Duration::from_secs(2))
+            .unwrap_err()
+            .kind()
+    });
+    assert_eq!(
+        e,
+        std::io::ErrorKind::TimedOut,
+        "still dropped with the set full"
+    );
+    assert!(counter(&h) > before);
+    // Setting the filter again (`vm set --egress` on the running VM) keeps what was
+    // remembered.
+    set_policy(&h, &policies, &allow);
+    assert!(
+        refused(&h)
+            .iter()
+            .any(|f| f.addr == DENIED && f.port == Some(80))
+    );
 
     // TTL: once the resolver's vouching runs out, allowed.test's address is dropped too.
     let set = format!("nft list set bridge banger d-{VM}");

@@ -1693,6 +1693,70 @@ async fn root_an_egress_policy_follows_the_vm_through_the_daemon() {
     d.shutdown().await;
 }
 
+/// As root, in a namespace: a `vm set --egress none` whose filter cannot be set (here banger's
+/// table holds a set of the VM's name and another type, so the helper's nft transaction
+/// fails) fails and leaves the running VM's network as it was: the NAT the change took
+/// away first is put back, and the record still says `all`. Once the table is mended the
+/// same change goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_a_vm_set_whose_filter_fails_puts_nat_back() {
+    let ns = support::Netns::new("fchf");
+    let (d, c, _files) = setup_in(None, 0, Some(&ns.0)).await;
+    create(
+        &c,
+        CreateVm {
+            name: Some("hf".into()),
+            image: Some("img".into()),
+            egress: Some(banger_api::Egress::All),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let v = VmRpcClient::show(&c, "hf".into()).await.unwrap();
+    assert!(v.nat);
+    let nat_rules = || ns.sh("nft list table ip banger");
+    assert!(nat_rules().contains("masquerade"), "{}", nat_rules());
+    ns.sh(&format!(
+        "nft add table bridge banger; nft add set bridge banger d-{} '{{ type ether_addr; }}'",
+        v.id
+    ));
+    // `none` has no NAT and a filter: the change takes NAT away, then sets the filter.
+    let none = banger_api::Egress::None;
+    let set = |egress: banger_api::Egress| {
+        VmRpcClient::set(
+            &c,
+            banger_api::SetVm {
+                vm: "hf".into(),
+                egress: Some(egress),
+                ..Default::default()
+            },
+        )
+    };
+    let e = set(none.clone()).await.unwrap_err();
+    assert!(e.to_string().contains("egress filter"), "{e}");
+    assert!(
+        nat_rules().contains("masquerade"),
+        "NAT put back: {}",
+        nat_rules()
+    );
+    let v = VmRpcClient::show(&c, "hf".into()).await.unwrap();
+    assert_eq!((v.egress, v.nat), (banger_api::Egress::All, true));
+
+    ns.sh(&format!("nft delete set bridge banger d-{}", v.id));
+    let v = set(none.clone()).await.unwrap();
+    assert_eq!((v.egress, v.nat), (none, false));
+    assert!(!ns.sh("nft list ruleset").contains("masquerade"));
+    assert!(
+        ns.sh("nft list table bridge banger")
+            .contains(&format!("chain vm-{}", v.id))
+    );
+    VmRpcClient::delete(&c, "hf".into(), true).await.unwrap();
+    assert_eq!(ns.sh("nft list ruleset").trim(), "", "nothing left");
+    drop(c);
+    d.shutdown().await;
+}
+
 /// Suspend and restore through Firecracker's snapshot API (on the double, which keeps the
 /// guest's boot id in its snapshot): `vm suspend` pauses the VM, `PUT /snapshot/create`
 /// fills the files linked into its jail, which end up in the VM's `state/` (the memory

@@ -33,7 +33,13 @@ pub struct GuestPolicy {
     /// Queries refused for the policy.
     pub refused: std::sync::atomic::AtomicU64,
     last_log: std::sync::Mutex<Option<std::time::Instant>>,
+    /// The names refused: queries and the last one's time, the newest [`REFUSED_NAMES`].
+    /// (queries, last time, the refusal count then: orders them exactly).
+    names: std::sync::Mutex<std::collections::HashMap<String, (u64, std::time::Instant, u64)>>,
 }
+
+/// Most refused names a VM's policy remembers (for `vm logs --egress`).
+pub const REFUSED_NAMES: usize = 256;
 
 impl GuestPolicy {
     pub fn new(vm: &str, name: &str, egress: banger_api::Egress) -> GuestPolicy {
@@ -43,7 +49,22 @@ impl GuestPolicy {
             egress,
             refused: Default::default(),
             last_log: Default::default(),
+            names: Default::default(),
         }
+    }
+
+    /// The names refused, the latest first.
+    pub fn refused_names(&self) -> Vec<banger_api::RefusedName> {
+        let names = self.names.lock().expect("refused names lock");
+        let mut out: Vec<_> = names.iter().collect();
+        out.sort_by_key(|(_, (_, _, seq))| std::cmp::Reverse(*seq));
+        out.into_iter()
+            .map(|(name, (queries, last, _))| banger_api::RefusedName {
+                name: name.clone(),
+                queries: *queries,
+                last_secs: last.elapsed().as_secs(),
+            })
+            .collect()
     }
 
     fn refuse(&self, qname: &str) {
@@ -51,6 +72,20 @@ impl GuestPolicy {
             .refused
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             + 1;
+        {
+            let mut names = self.names.lock().expect("refused names lock");
+            let now = std::time::Instant::now();
+            let entry = names.entry(qname.to_owned()).or_insert((0, now, n));
+            *entry = (entry.0 + 1, now, n);
+            if names.len() > REFUSED_NAMES
+                && let Some(oldest) = names
+                    .iter()
+                    .min_by_key(|(_, (_, _, seq))| *seq)
+                    .map(|(n, _)| n.clone())
+            {
+                names.remove(&oldest);
+            }
+        }
         let mut last = self.last_log.lock().expect("refusal log lock");
         if last.is_none_or(|t| t.elapsed() >= REFUSAL_LOG_EVERY) {
             *last = Some(std::time::Instant::now());
@@ -708,12 +743,38 @@ mod tests {
                 .unwrap(),
         );
         assert_eq!(p.refused.load(std::sync::atomic::Ordering::Relaxed), 1);
+        let names = p.refused_names();
+        assert_eq!(
+            names
+                .iter()
+                .map(|n| (n.name.as_str(), n.queries))
+                .collect::<Vec<_>>(),
+            [("denied.test", 1)],
+            "the refused name is remembered for `vm logs --egress`"
+        );
         // A guest without a filtered policy is forwarded as before, with nothing vouched.
         assert_eq!(
             code(r.resolve(ask("denied.test."), other, false).await),
             ResponseCode::NoError
         );
         assert_eq!(recorder.0.lock().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_policy_remembers_the_newest_refused_names_only() {
+        let p = GuestPolicy::new("0123456789ab", "g", banger_api::Egress::None);
+        for i in 0..REFUSED_NAMES + 10 {
+            p.refuse(&format!("n{i}.test"));
+        }
+        p.refuse("n20.test");
+        let names = p.refused_names();
+        assert_eq!(names.len(), REFUSED_NAMES);
+        assert!(
+            !names.iter().any(|n| n.name == "n0.test"),
+            "the oldest went"
+        );
+        let again = names.iter().find(|n| n.name == "n20.test").unwrap();
+        assert_eq!(again.queries, 2);
     }
 
     #[test]

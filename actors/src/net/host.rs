@@ -104,7 +104,11 @@ fn call(shared: &SharedHelper, request: &Request) -> Result<Reply, NetError> {
     };
     match helper.call(request) {
         Ok(
-            r @ (Reply::Done | Reply::Status(_) | Reply::Spawned { .. } | Reply::Counter { .. }),
+            r @ (Reply::Done
+            | Reply::Status(_)
+            | Reply::Spawned { .. }
+            | Reply::Counter { .. }
+            | Reply::RefusedFlows { .. }),
         ) => Ok(r),
         Ok(Reply::Refused { reason }) => Err(NetError::Refused { op, reason }),
         Ok(Reply::Failed { reason }) => Err(NetError::Failed { op, reason }),
@@ -371,6 +375,21 @@ impl HostNet {
         match helper_reply(&self.helper, Request::EgressCounter { vm: vm.to_owned() }).await {
             Ok(Reply::Counter { packets }) => packets,
             _ => None,
+        }
+    }
+
+    /// The flows the VM's filter dropped lately, the latest first (none: no filter).
+    pub async fn egress_refused(
+        &self,
+        vm: &str,
+    ) -> Result<Vec<banger_policy::egress::RefusedFlow>, NetError> {
+        let op = "egress_refused";
+        match helper_reply(&self.helper, Request::EgressRefused { vm: vm.to_owned() }).await? {
+            Reply::RefusedFlows { flows } => Ok(flows),
+            other => Err(NetError::Failed {
+                op: op.into(),
+                reason: format!("unexpected answer {other:?}"),
+            }),
         }
     }
 

@@ -316,6 +316,8 @@ pub enum VmMsg {
     },
     Info(Reply<VmInfo>),
     Stats(Reply<VmStats>),
+    /// What the VM's egress policy refused lately (`vm logs --egress`).
+    EgressLog(Reply<banger_api::EgressLog>),
     /// The console so far (last 64 KiB) and, while the VM runs, a live stream.
     Follow(RpcReplyPort<(String, Option<broadcast::Receiver<LogEvent>>)>),
     // Internal, from the actor's own tasks.
@@ -541,6 +543,16 @@ impl VmActorState {
         Some(p.refused.load(std::sync::atomic::Ordering::Relaxed))
     }
 
+    /// The names the guests' resolver refused for this VM, the latest first.
+    fn refused_names(&self, ip: std::net::Ipv4Addr) -> Vec<banger_api::RefusedName> {
+        let policies = self.env.net.egress.read().expect("egress policies lock");
+        policies
+            .get(&ip)
+            .filter(|p| p.vm == self.rec.id)
+            .map(|p| p.refused_names())
+            .unwrap_or_default()
+    }
+
     fn check(&self, op: Op) -> Result<(), VmError> {
         if !matches!(op, Op::Kill | Op::Delete { force: true })
             && let Some(why) = self.busy()
@@ -763,6 +775,34 @@ async fn setup_net(
         return Err(net_err(e));
     }
     Ok(Some(tap))
+}
+
+/// Change a running VM's NAT and egress rules from `from`'s to `to`'s (lease `ip`): NAT
+/// first, then the filter; when the filter cannot be set, NAT is put back as it was, so a
+/// failed `vm set` leaves the VM's network as it found it.
+async fn change_net(
+    env: &VmEnv,
+    from: &VmRecord,
+    to: &VmRecord,
+    ip: std::net::Ipv4Addr,
+) -> Result<(), crate::net::host::NetError> {
+    let nat_changes = from.egress().nat() != to.egress().nat();
+    if nat_changes {
+        env.net.nat(&to.id, to.egress().nat().then_some(ip)).await?;
+    }
+    let had = crate::net::egress::needs_rules(&from.egress(), from.isolate);
+    if let Err(e) = apply_egress(env, to, ip, had).await {
+        if nat_changes
+            && let Err(undo) = env
+                .net
+                .nat(&from.id, from.egress().nat().then_some(ip))
+                .await
+        {
+            tracing::warn!(vm = %from.name, error = %error_chain(&undo), "putting NAT back after a failed egress change");
+        }
+        return Err(e);
+    }
+    Ok(())
 }
 
 /// Put the VM's egress filter and isolation on its tap (or take them off, when it `had`
@@ -2360,15 +2400,6 @@ impl Actor for VmActor {
                     spec.memory_mib = req.memory_mib.unwrap_or(spec.memory_mib);
                     spec.disk_bytes = req.disk_bytes.unwrap_or(spec.disk_bytes);
                     super::spec::validate(&spec).map_err(VmError::Invalid)?;
-                    if let Some(bytes) = req.disk_bytes
-                        && state.dir.work().exists()
-                    {
-                        let dir = state.dir.clone();
-                        tokio::task::spawn_blocking(move || disks::grow_work(&dir, bytes))
-                            .await
-                            .expect("resize does not panic")?;
-                    }
-                    state.rec.spec = spec;
                     let old_egress = state.rec.egress();
                     let egress = match (&req.egress, req.nat) {
                         (Some(e), _) => e.clone(),
@@ -2377,50 +2408,47 @@ impl Actor for VmActor {
                         (None, _) => old_egress.clone(),
                     };
                     let isolate = req.isolate.unwrap_or(state.rec.isolate);
-                    if egress != old_egress || isolate != state.rec.isolate {
-                        let ip: Option<std::net::Ipv4Addr> =
-                            state.rec.ip.as_deref().and_then(|ip| ip.parse().ok());
-                        let Some(ip) = ip else {
-                            if egress == banger_api::Egress::Subnet && !isolate {
-                                state.rec.egress = egress;
-                                state.rec.nat = false;
-                                state.rec.isolate = false;
-                                state.persist().await?;
-                                return Ok(state.info());
-                            }
-                            return Err(VmError::Invalid(format!(
-                                "vm {} has no network (created with --no-network), so no NAT, egress policy or isolation",
-                                state.rec.name
-                            )));
-                        };
-                        let net_err = |source| VmError::Net {
-                            vm: state.rec.name.clone(),
-                            source,
-                        };
-                        // Running (or starting): change the rules now; stopped: at start.
-                        if state.rec.runtime.is_some() {
-                            let net = state.env.net.clone();
-                            if egress.nat() != old_egress.nat() {
-                                net.nat(&state.rec.id, egress.nat().then_some(ip))
-                                    .await
-                                    .map_err(net_err)?;
-                            }
-                            let mut next = state.rec.clone();
-                            next.egress = egress.clone();
-                            next.nat = egress.nat();
-                            next.isolate = isolate;
-                            let had = crate::net::egress::needs_rules(
-                                &old_egress,
-                                state.rec.isolate,
-                            );
-                            apply_egress(&state.env, &next, ip, had)
-                                .await
-                                .map_err(net_err)?;
-                        }
-                        state.rec.nat = egress.nat();
-                        state.rec.egress = egress;
-                        state.rec.isolate = isolate;
+                    let mut next = state.rec.clone();
+                    next.egress = egress.clone();
+                    next.nat = egress.nat();
+                    next.isolate = isolate;
+                    let ip: Option<std::net::Ipv4Addr> =
+                        state.rec.ip.as_deref().and_then(|ip| ip.parse().ok());
+                    let net_changes = egress != old_egress || isolate != state.rec.isolate;
+                    if net_changes && ip.is_none() && (egress != banger_api::Egress::Subnet || isolate)
+                    {
+                        return Err(VmError::Invalid(format!(
+                            "vm {} has no network (created with --no-network), so no NAT, egress policy or isolation",
+                            state.rec.name
+                        )));
                     }
+                    // A resize needs the VM stopped (Op::Set above), so the disk and a
+                    // running VM's rules never change in one call.
+                    if let Some(bytes) = req.disk_bytes
+                        && state.dir.work().exists()
+                    {
+                        let dir = state.dir.clone();
+                        tokio::task::spawn_blocking(move || disks::grow_work(&dir, bytes))
+                            .await
+                            .expect("resize does not panic")?;
+                    }
+                    // Running (or starting): the rules change now, all or nothing; stopped:
+                    // at start.
+                    if let Some(ip) = ip
+                        && net_changes
+                        && state.rec.runtime.is_some()
+                    {
+                        change_net(&state.env, &state.rec, &next, ip)
+                            .await
+                            .map_err(|source| VmError::Net {
+                                vm: state.rec.name.clone(),
+                                source,
+                            })?;
+                    }
+                    state.rec.spec = spec;
+                    state.rec.nat = next.nat;
+                    state.rec.egress = next.egress;
+                    state.rec.isolate = next.isolate;
                     state.persist().await?;
                     Ok(state.info())
                 }
@@ -2431,6 +2459,40 @@ impl Actor for VmActor {
                     Self::arm_expiry(&myself, state);
                 }
                 let _ = reply.send(result);
+            }
+            VmMsg::EgressLog(reply) => {
+                let mut log = banger_api::EgressLog {
+                    vm: state.rec.name.clone(),
+                    egress: state.rec.egress(),
+                    names: Vec::new(),
+                    flows: Vec::new(),
+                };
+                let Some(ip) = state.running_policy_ip() else {
+                    let _ = reply.send(Ok(log));
+                    return Ok(());
+                };
+                log.names = state.refused_names(ip);
+                let (net, vm) = (state.env.net.clone(), state.rec.name.clone());
+                let id = state.rec.id.clone();
+                tokio::spawn(async move {
+                    let flows = net
+                        .egress_refused(&id)
+                        .await
+                        .map_err(|source| VmError::Net { vm, source });
+                    let _ = reply.send(flows.map(|flows| {
+                        log.flows = flows
+                            .into_iter()
+                            .map(|f| banger_api::RefusedFlow {
+                                addr: f.addr.to_string(),
+                                proto: f.proto,
+                                port: f.port,
+                                packets: f.packets,
+                                last_secs: f.last_secs.into(),
+                            })
+                            .collect();
+                        log
+                    }));
+                });
             }
             VmMsg::Stats(reply) => {
                 let rt = state.rec.runtime.as_ref();

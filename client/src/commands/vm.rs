@@ -365,6 +365,42 @@ where
     status
 }
 
+/// `vm logs --egress`: what the VM's policy refused, names then flows.
+fn egress_log(log: &banger_api::EgressLog) {
+    outln!("policy: {}", log.egress);
+    if log.names.is_empty() && log.flows.is_empty() {
+        outln!("nothing refused (a VM's log starts when its policy is set, while it runs)");
+        return;
+    }
+    let ago = |s: u64| format!("{} ago", render::duration(s));
+    if !log.names.is_empty() {
+        outln!("{:<40} {:>8}  LAST", "REFUSED NAME", "QUERIES");
+        for n in &log.names {
+            outln!("{:<40} {:>8}  {}", n.name, n.queries, ago(n.last_secs));
+        }
+    }
+    if !log.flows.is_empty() {
+        outln!(
+            "{:<16} {:<5} {:>5} {:>8}  LAST",
+            "DROPPED TO",
+            "PROTO",
+            "PORT",
+            "PACKETS"
+        );
+        for f in &log.flows {
+            let port = f.port.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
+            outln!(
+                "{:<16} {:<5} {:>5} {:>8}  {}",
+                f.addr,
+                f.proto,
+                port,
+                f.packets,
+                ago(f.last_secs)
+            );
+        }
+    }
+}
+
 /// The last `n` lines of `text` (a last line without its newline counts).
 pub fn last_lines(text: &str, n: usize) -> &str {
     if n == 0 {
@@ -403,6 +439,9 @@ fn print_vm(v: &VmInfo) {
     }
     if let Some(n) = v.dns_refused {
         outln!("refused:  {n} DNS queries by the egress policy");
+    }
+    if v.egress_dropped.unwrap_or(0) + v.dns_refused.unwrap_or(0) > 0 {
+        outln!("          (what: `banger vm logs {} --egress`)", v.name);
     }
     if let Some(e) = v.expires {
         let left = e.at.saturating_sub(
@@ -1143,6 +1182,15 @@ pub async fn run(target: &Target, cmd: VmCmd) -> Result<u8, CliError> {
         }
         VmCmd::Logs(a) => {
             let vm = resolve(&client, a.vm).await?;
+            if a.egress {
+                let log = client.egress_log(vm).await?;
+                if a.json {
+                    render::json(&log)?;
+                } else {
+                    egress_log(&log);
+                }
+                return Ok(exit::OK);
+            }
             if !a.follow {
                 let text = client.logs(vm, a.bytes).await?;
                 match a.tail {

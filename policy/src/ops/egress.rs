@@ -16,7 +16,7 @@ use std::path::Path;
 use nftables::helper;
 use serde_json::{Value, json};
 
-use crate::egress::EgressFilter;
+use crate::egress::{EgressFilter, REFUSED_KEEP_SECS, REFUSED_MAX, RefusedFlow};
 use crate::{NFT_TABLE, TAP_PREFIX};
 
 const FAMILY: &str = "bridge";
@@ -36,6 +36,14 @@ pub fn set_name(vm: &str) -> String {
 /// The dropped-packet counter.
 pub fn counter_name(vm: &str) -> String {
     format!("drop-{vm}")
+}
+/// The refused TCP and UDP flows (address . protocol . port).
+pub fn refused_name(vm: &str) -> String {
+    format!("r-{vm}")
+}
+/// The refused packets of other protocols (address . protocol).
+pub fn refused_other_name(vm: &str) -> String {
+    format!("ro-{vm}")
 }
 
 fn err(what: &str, e: impl std::fmt::Display) -> io::Error {
@@ -96,7 +104,13 @@ struct Listing {
 
 impl Listing {
     fn has_objects_of_others(&self, vm: &str) -> bool {
-        let mine = [chain(vm), set_name(vm), counter_name(vm)];
+        let mine = [
+            chain(vm),
+            set_name(vm),
+            counter_name(vm),
+            refused_name(vm),
+            refused_other_name(vm),
+        ];
         self.chains
             .iter()
             .filter(|c| *c != EGRESS && *c != ISOLATE)
@@ -151,7 +165,15 @@ impl Egress<'_> {
         let payload = json!({ "nftables": cmds }).to_string();
         helper::apply_ruleset_raw(&payload, Some(self.nft), [""; 0])
             .map(|_| ())
-            .map_err(|e| err(what, e))
+            .map_err(|e| match e {
+                // What nft said is the useful part.
+                helper::NftablesError::NftFailed { ref stderr, .. }
+                    if !stderr.trim().is_empty() =>
+                {
+                    err(what, format!("{e}: {}", stderr.trim()))
+                }
+                e => err(what, e),
+            })
     }
 
     fn table() -> Value {
@@ -170,43 +192,78 @@ impl Egress<'_> {
     /// The rules of `vm-<vm>`, in order.
     fn filter_rules(&self, vm: &str, ip: Ipv4Addr, f: &EgressFilter) -> Vec<Vec<Value>> {
         let gw = json!(self.gateway.to_string());
-        let counted_drop = || vec![json!({"counter": counter_name(vm)}), drop()];
+        // What `when` matches is refused: remembered in the refused sets, each in a rule of
+        // its own (a set that is full breaks its rule, which must not skip the drop), then
+        // counted and dropped.
+        let refuse = |when: Vec<Value>| -> Vec<Vec<Value>> {
+            let l4 = json!({"set": ["tcp", "udp"]});
+            let remember = |op: &str, name: String, key: Vec<Value>| {
+                [
+                    when.clone(),
+                    vec![
+                        matches(op, meta("l4proto"), l4.clone()),
+                        json!({"set": {"op": "update", "elem": {"concat": key},
+                            "set": format!("@{name}")}}),
+                    ],
+                ]
+                .concat()
+            };
+            vec![
+                remember(
+                    "==",
+                    refused_name(vm),
+                    vec![
+                        payload("ip", "daddr"),
+                        meta("l4proto"),
+                        payload("th", "dport"),
+                    ],
+                ),
+                remember(
+                    "!=",
+                    refused_other_name(vm),
+                    vec![payload("ip", "daddr"), meta("l4proto")],
+                ),
+                [when, vec![json!({"counter": counter_name(vm)}), drop()]].concat(),
+            ]
+        };
         let mut rules = vec![
             // The guests have no IPv6 route through the host; dropped quietly (router
             // solicitations would fill the counter).
             vec![matches("==", meta("protocol"), json!("ip6")), drop()],
             // ARP and the like.
             vec![matches("!=", meta("protocol"), json!("ip")), accept()],
-            // Only the VM's own lease.
-            [
-                vec![matches("!=", payload("ip", "saddr"), json!(ip.to_string()))],
-                counted_drop(),
-            ]
-            .concat(),
-            // DNS to the bridge resolver, and to no other server.
+        ];
+        // Only the VM's own lease.
+        rules.extend(refuse(vec![matches(
+            "!=",
+            payload("ip", "saddr"),
+            json!(ip.to_string()),
+        )]));
+        // DNS to the bridge resolver, and to no other server.
+        rules.push(
             [
                 vec![daddr_is(gw.clone())],
                 tcp_or_udp_port(53).to_vec(),
                 vec![accept()],
             ]
             .concat(),
-            [tcp_or_udp_port(53).to_vec(), counted_drop()].concat(),
-            // Replies to connections the host opened, and pings of the bridge.
-            vec![
-                daddr_is(gw.clone()),
-                matches(
-                    "!=",
-                    json!({"&": [payload("tcp", "flags"), ["syn", "ack"]]}),
-                    json!("syn"),
-                ),
-                accept(),
-            ],
-            vec![
-                daddr_is(gw),
-                matches("==", payload("icmp", "type"), json!("echo-request")),
-                accept(),
-            ],
-        ];
+        );
+        rules.extend(refuse(tcp_or_udp_port(53).to_vec()));
+        // Replies to connections the host opened, and pings of the bridge.
+        rules.push(vec![
+            daddr_is(gw.clone()),
+            matches(
+                "!=",
+                json!({"&": [payload("tcp", "flags"), ["syn", "ack"]]}),
+                json!("syn"),
+            ),
+            accept(),
+        ]);
+        rules.push(vec![
+            daddr_is(gw),
+            matches("==", payload("icmp", "type"), json!("echo-request")),
+            accept(),
+        ]);
         if f.subnet {
             rules.push(vec![daddr_is(prefix(self.network, self.prefix)), accept()]);
         }
@@ -229,7 +286,7 @@ impl Egress<'_> {
                 accept(),
             ]);
         }
-        rules.push(counted_drop());
+        rules.extend(refuse(Vec::new()));
         rules
     }
 
@@ -252,6 +309,25 @@ impl Egress<'_> {
             json!({"add": {"set": {"family": FAMILY, "table": NFT_TABLE, "name": set_name(vm),
                 "type": "ipv4_addr", "flags": ["timeout"]}}}),
         ];
+        let refused = |name: String, key: Vec<&str>| {
+            json!({"add": {"set": {"family": FAMILY, "table": NFT_TABLE, "name": name,
+                "type": key, "flags": ["timeout"], "timeout": REFUSED_KEEP_SECS,
+                "size": REFUSED_MAX, "stmt": [{"counter": null}]}}})
+        };
+        // Added once: a set the filter's rules update is flagged dynamic by the kernel, and
+        // adding it again without that flag fails (nft 1.0.6's JSON takes no `dynamic`).
+        // Kept across filter changes, so what was refused stays listed.
+        for (name, key) in [
+            (
+                refused_name(vm),
+                vec!["ipv4_addr", "inet_proto", "inet_service"],
+            ),
+            (refused_other_name(vm), vec!["ipv4_addr", "inet_proto"]),
+        ] {
+            if !l.sets.contains(&name) {
+                cmds.push(refused(name, key));
+            }
+        }
         for (c, handle, t) in &l.tagged {
             if *t == tag {
                 cmds.push(json!({"delete": {"rule": {"family": FAMILY, "table": NFT_TABLE, "chain": c, "handle": handle}}}));
@@ -320,6 +396,11 @@ impl Egress<'_> {
         }
         if l.counters.contains(&counter_name(vm)) {
             cmds.push(obj("counter", counter_name(vm)));
+        }
+        for name in [refused_name(vm), refused_other_name(vm)] {
+            if l.sets.contains(&name) {
+                cmds.push(obj("set", name));
+            }
         }
         if cmds.is_empty() {
             return Ok(());
@@ -392,5 +473,84 @@ impl Egress<'_> {
             .into_iter()
             .flatten()
             .find_map(|o| o["counter"]["packets"].as_u64()))
+    }
+
+    /// The flows `vm`'s filter refused lately, the latest first (none: it has no filter,
+    /// or one from before the refused sets).
+    pub fn refused(&self, vm: &str) -> io::Result<Vec<RefusedFlow>> {
+        let mut flows = Vec::new();
+        for name in [refused_name(vm), refused_other_name(vm)] {
+            let out = helper::get_current_ruleset_raw(
+                Some(self.nft),
+                ["list", "set", FAMILY, NFT_TABLE, name.as_str()],
+            );
+            let text = match out {
+                Ok(t) => t,
+                Err(helper::NftablesError::NftFailed { .. }) => continue,
+                Err(e) => return Err(err("read the refused flows", e)),
+            };
+            let v: Value = serde_json::from_str(&text).map_err(|e| err("nft's listing", e))?;
+            for o in v["nftables"].as_array().into_iter().flatten() {
+                let keep = o["set"]["timeout"]
+                    .as_u64()
+                    .unwrap_or(REFUSED_KEEP_SECS.into());
+                for e in o["set"]["elem"].as_array().into_iter().flatten() {
+                    flows.extend(refused_flow(&e["elem"], keep));
+                }
+            }
+        }
+        flows.sort_by_key(|f| f.last_secs);
+        Ok(flows)
+    }
+}
+
+/// One element of a refused set as nft lists it: `{"val": {"concat": [addr, proto(,
+/// port)]}, "expires": s, "counter": {"packets": n, ..}}`, in a set whose timeout is
+/// `keep` (each refused packet resets an element's expiry to it).
+fn refused_flow(elem: &Value, keep: u64) -> Option<RefusedFlow> {
+    let key = elem["val"]["concat"].as_array()?;
+    let addr = key.first()?.as_str()?.parse().ok()?;
+    let proto = match key.get(1)? {
+        Value::String(s) => s.clone(),
+        Value::Number(n) => n.to_string(),
+        _ => return None,
+    };
+    let port = key
+        .get(2)
+        .and_then(Value::as_u64)
+        .and_then(|p| u16::try_from(p).ok());
+    let expires = elem["expires"].as_u64().unwrap_or(0);
+    Some(RefusedFlow {
+        addr,
+        proto,
+        port,
+        packets: elem["counter"]["packets"].as_u64().unwrap_or(0),
+        last_secs: u32::try_from(keep.saturating_sub(expires)).unwrap_or(u32::MAX),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refused_elements_as_nft_lists_them() {
+        let tcp = json!({"val": {"concat": ["198.51.100.9", "tcp", 443]}, "expires": 3590,
+            "counter": {"packets": 3, "bytes": 180}});
+        assert_eq!(
+            refused_flow(&tcp, 3600),
+            Some(RefusedFlow {
+                addr: [198, 51, 100, 9].into(),
+                proto: "tcp".into(),
+                port: Some(443),
+                packets: 3,
+                last_secs: 10,
+            })
+        );
+        let other = json!({"val": {"concat": ["192.0.2.1", 47]}, "expires": 3600,
+            "counter": {"packets": 1, "bytes": 60}});
+        let f = refused_flow(&other, 3600).unwrap();
+        assert_eq!((f.proto.as_str(), f.port, f.last_secs), ("47", None, 0));
+        assert_eq!(refused_flow(&json!({"val": "10.0.0.1"}), 3600), None);
     }
 }

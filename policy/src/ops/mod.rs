@@ -39,6 +39,14 @@ pub fn execute(cfg: &HelperConfig, req: &Request) -> Reply {
                 },
             };
         }
+        Request::EgressRefused { vm } => {
+            return match egress(cfg).refused(vm) {
+                Ok(flows) => Reply::RefusedFlows { flows },
+                Err(e) => Reply::Failed {
+                    reason: e.to_string(),
+                },
+            };
+        }
     };
     match result {
         Ok(()) => Reply::Done,

@@ -490,6 +490,42 @@ pub struct VmStats {
     pub dns_refused: Option<u64>,
 }
 
+/// What a VM's egress policy refused lately (`vm.egress_log`, `vm logs --egress`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EgressLog {
+    pub vm: String,
+    /// The policy in force.
+    pub egress: crate::Egress,
+    /// Names the bridge resolver refused since the policy was set, the latest first (the
+    /// newest 256).
+    pub names: Vec<RefusedName>,
+    /// Flows the host's filter dropped in the last hour, the latest first (the newest 256
+    /// TCP/UDP ones and 256 of other protocols).
+    pub flows: Vec<RefusedFlow>,
+}
+
+/// A name the resolver refused for the policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusedName {
+    pub name: String,
+    pub queries: u64,
+    /// Seconds since the last refused query.
+    pub last_secs: u64,
+}
+
+/// A flow the host's filter dropped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusedFlow {
+    pub addr: String,
+    /// `tcp`, `udp`, `icmp`, … (a number for a protocol without a name).
+    pub proto: String,
+    /// The destination port (TCP and UDP).
+    pub port: Option<u16>,
+    pub packets: u64,
+    /// Seconds since its last dropped packet.
+    pub last_secs: u64,
+}
+
 /// A progress event of `vm.create`, `vm.start`, `vm.restart`, `vm.suspend`,
 /// `vm.snapshot_create`, `vm.rollback` and `vm.fork` (subscriptions). The stream always
 /// ends with `done` (`snapshot` for `vm.snapshot_create`, `forked` for `vm.fork`) or
@@ -618,6 +654,10 @@ mod rpc {
 
         #[method(name = "stats")]
         async fn stats(&self, vm: String) -> jsonrpsee::core::RpcResult<VmStats>;
+
+        /// What the VM's egress policy refused lately: names and dropped flows.
+        #[method(name = "egress_log")]
+        async fn egress_log(&self, vm: String) -> jsonrpsee::core::RpcResult<EgressLog>;
 
         /// Listening TCP/UDP sockets in the guest, with their processes (from the agent).
         #[method(name = "ports")]

@@ -279,6 +279,15 @@ impl VmRpcServer for VmApi {
             .map_err(RpcError::from)?)
     }
 
+    async fn egress_log(&self, vm: String) -> RpcResult<banger_api::EgressLog> {
+        Ok(self
+            .ctx
+            .tree
+            .ask_vm(&vm, VmMsg::EgressLog)
+            .await
+            .map_err(RpcError::from)?)
+    }
+
     async fn ports(&self, vm: String) -> RpcResult<Vec<banger_api::Port>> {
         Ok(self
             .ctx
