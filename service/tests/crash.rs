@@ -352,6 +352,57 @@ async fn root_a_fork_cut_by_the_daemons_death_leaves_no_clone() {
     assert!(!links.contains("bg-"), "{links}");
 }
 
+/// A `vm set --disk-size` cut by the daemon's death after the work disk's file grew and
+/// before resize2fs ran (`BANGER_FAULT=mid-resize`): the next daemon finishes it, so the
+/// record, the file and the filesystem all have the new size (before, the record kept the
+/// old size, the filesystem too, and asking again for the new size did nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_a_disk_resize_cut_by_the_daemons_death_is_finished() {
+    let Cut {
+        ns,
+        _tmp,
+        home,
+        mut faulty,
+        c,
+    } = cut_at("cutrsz", "mid-resize", "rz").await;
+    let stopped = c.stop("rz".into(), None).await.unwrap();
+    assert_eq!(stopped.state, VmState::Stopped);
+    let work = PathBuf::from(&stopped.dir).join("work.ext4");
+    let fs_bytes = || banger_actors::vm::disks::fs_bytes(&work).unwrap();
+    let old = stopped.spec.disk_bytes;
+    assert_eq!(fs_bytes(), old);
+    let new = old + (256 << 20);
+    let cut = VmRpcClient::set(
+        &c,
+        banger_api::SetVm {
+            vm: "rz".into(),
+            disk_bytes: Some(new),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(cut.is_err(), "the daemon died: {cut:?}");
+    killed(&mut faulty);
+    drop(c);
+    assert_eq!(
+        std::fs::metadata(&work).unwrap().len(),
+        new,
+        "the file grew"
+    );
+    assert_eq!(fs_bytes(), old, "its filesystem did not yet");
+
+    let daemon = bangerd(&home, &ns.0, &[]).await;
+    let c = support::client_for(&home.socket()).await;
+    let after = settled(&c, "rz").await;
+    assert_eq!(after.spec.disk_bytes, new);
+    assert_eq!(fs_bytes(), new, "the resize was finished");
+    VmRpcClient::delete(&c, "rz".into(), true).await.unwrap();
+    drop(c);
+    daemon.stop();
+    let links = ns.sh("ip -o link");
+    assert!(!links.contains("bg-"), "{links}");
+}
+
 /// A daemon that dies at `BANGER_FAULT=fault`, with one VM `vm` created under it, in a
 /// namespace and home of their own (the image registered by a first, clean daemon).
 struct Cut {

@@ -1677,6 +1677,40 @@ impl VmActor {
         }
     }
 
+    /// A `vm set --disk-size` cut by the daemon's death (`mid-resize`): the work disk's
+    /// file is larger than the record says, its filesystem perhaps not grown yet. The
+    /// resize is finished (the VM is stopped: a resize needs it) and the record takes the
+    /// file's size, as the `vm set` that was cut would have; if it cannot be finished the
+    /// record keeps its size and a later `vm set` to the file's size finishes it.
+    async fn settle_cut_resize(state: &mut VmActorState) {
+        if model::is_active(state.rec.state) {
+            return;
+        }
+        let work = state.dir.work();
+        let Ok(len) = std::fs::metadata(&work).map(|m| m.len()) else {
+            return;
+        };
+        if len <= state.rec.spec.disk_bytes {
+            return;
+        }
+        tracing::warn!(vm = %state.rec.name, from = state.rec.spec.disk_bytes, to = len, "a disk resize was cut short: finishing it");
+        let dir = state.dir.clone();
+        let grown = tokio::task::spawn_blocking(move || disks::grow_work(&dir, len))
+            .await
+            .expect("resize does not panic");
+        match grown {
+            Ok(()) => {
+                state.rec.spec.disk_bytes = len;
+                if let Err(e) = state.persist().await {
+                    tracing::warn!(vm = %state.rec.name, error = %error_chain(&e), "recording the finished resize");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(vm = %state.rec.name, error = %error_chain(&e), "finishing a cut disk resize; `banger vm set --disk-size` again finishes it")
+            }
+        }
+    }
+
     /// A clone re-adopted with its identity not taken (the daemon died between its restore
     /// and `take_identity`): its guest still answers for its source, its tap off the
     /// bridge. Take it now, in a task that reports [`VmMsg::IdentityTaken`]; until then
@@ -1830,6 +1864,7 @@ impl Actor for VmActor {
         }
         let _done = Done(adoption.adopting);
         let snapshot_cut = Self::sweep_snapshots(state).await;
+        Self::settle_cut_resize(state).await;
         let _permit = match model::is_active(state.rec.state) {
             true => Some(adoption.permits.acquire_owned().await?),
             false => None,

@@ -175,7 +175,9 @@ pub fn grow_work(vm: &VmDir, bytes: u64) -> Result<(), DiskError> {
             asked: bytes,
         });
     }
-    if bytes == current {
+    // The same size is done only when the filesystem fills the file: a resize cut after
+    // the file grew (the daemon killed before resize2fs ended) is finished by asking again.
+    if bytes == current && fs_bytes(&path)? >= current {
         return Ok(());
     }
     // resize2fs insists on a freshly checked filesystem.
@@ -197,7 +199,33 @@ pub fn grow_work(vm: &VmDir, bytes: u64) -> Result<(), DiskError> {
         .open(&path)
         .and_then(|f| f.set_len(bytes))
         .map_err(io(&path))?;
+    super::actor::die_at("mid-resize");
     run("resize2fs", Command::new("resize2fs").arg(&path), &path)
+}
+
+/// The size of the ext4 filesystem on `path` (block count × block size, from its
+/// superblock as `dumpe2fs -h` prints it).
+pub fn fs_bytes(path: &Path) -> Result<u64, DiskError> {
+    let out = Command::new("dumpe2fs")
+        .arg("-h")
+        .arg(path)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .map_err(io(path))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    match (field("Block count:"), field("Block size:")) {
+        (Some(n), Some(size)) if out.status.success() => Ok(n * size),
+        _ => Err(DiskError::Tool {
+            tool: "dumpe2fs",
+            path: path.to_owned(),
+            output: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        }),
+    }
 }
 
 /// Largest console.log before it is rotated.
@@ -422,20 +450,21 @@ mod tests {
 
         grow_work(&vm, 3 << 30).unwrap();
         assert_eq!(std::fs::metadata(vm.work()).unwrap().len(), 3 << 30);
-        let out = Command::new("dumpe2fs")
-            .arg("-h")
-            .arg(vm.work())
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        let blocks: u64 = text
-            .lines()
-            .find_map(|l| l.strip_prefix("Block count:"))
+        assert_eq!(
+            fs_bytes(&vm.work()).unwrap(),
+            3 << 30,
+            "the filesystem grew too"
+        );
+        // A resize cut after the file grew: asking again for the file's size finishes it.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(vm.work())
             .unwrap()
-            .trim()
-            .parse()
+            .set_len(4 << 30)
             .unwrap();
-        assert_eq!(blocks * 4096, 3 << 30, "the filesystem grew too");
+        assert_eq!(fs_bytes(&vm.work()).unwrap(), 3 << 30);
+        grow_work(&vm, 4 << 30).unwrap();
+        assert_eq!(fs_bytes(&vm.work()).unwrap(), 4 << 30);
         assert!(matches!(
             grow_work(&vm, 1 << 30),
             Err(DiskError::Shrink { .. })
