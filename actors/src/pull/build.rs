@@ -792,6 +792,11 @@ pub async fn build(
             tool: "mmdebstrap",
             source,
         })?;
+        // For the sweep of a daemon that starts after this one died mid-build.
+        let pid = child.id() as i32;
+        if let Some(start) = crate::vm::proc::start_time(pid) {
+            let _ = staging.record_builder(pid, start);
+        }
         let stdout = child.stdout.take().expect("piped");
         let stderr = child.stderr.take().expect("piped");
         let said = Arc::new(Mutex::new(Said::default()));

@@ -1,6 +1,13 @@
 //! Where a pull writes before it publishes: the reservation of the name it makes, and a
 //! staging directory next to the destination that is removed unless published; leftovers
 //! of a crash are swept when the actor starts.
+//!
+//! A build's staging directory also names the process building into it
+//! ([`Staging::record_builder`]: mmdebstrap's pid and start time, written as soon as it is
+//! spawned): mmdebstrap outlives a daemon killed mid-build (measured: 30 s more of the
+//! build, until it writes its tar to the closed pipe, leaving a gpg home in /tmp behind).
+//! The sweep asks that process group to stop (SIGTERM, which mmdebstrap handles by
+//! cleaning up its namespace's tree), waits for it, and only then removes the directory.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -16,6 +23,10 @@ pub struct Staging {
 }
 
 pub const STAGING_PREFIX: &str = ".staging-";
+/// In a staging directory: "<pid> <start time>" of the process group building into it.
+const BUILDER: &str = "builder";
+/// How long the sweep waits for a builder to end on SIGTERM before SIGKILL.
+const BUILDER_GRACE: std::time::Duration = std::time::Duration::from_secs(20);
 
 impl Staging {
     /// A new empty staging directory in `parent`, for `name`.
@@ -31,6 +42,13 @@ impl Staging {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Record the process (the leader of its own process group) that builds into this
+    /// directory, for the sweep of a daemon that starts after this one died.
+    pub fn record_builder(&self, pid: i32, start_time: u64) -> Result<(), PullError> {
+        let path = self.path.join(BUILDER);
+        std::fs::write(&path, format!("{pid} {start_time}\n")).map_err(PullError::io(&path))
     }
 
     /// Rename to `dest` (replacing a leftover directory that no record points at).
@@ -61,9 +79,40 @@ pub fn sweep(dir: &Path) {
         let name = e.file_name();
         let name = name.to_string_lossy();
         if name.starts_with(STAGING_PREFIX) || name.ends_with(".partial") {
+            stop_builder(&e.path());
             tracing::info!(path = %e.path().display(), "removing a leftover of an interrupted pull");
             let _ = std::fs::remove_dir_all(e.path()).or_else(|_| std::fs::remove_file(e.path()));
         }
+    }
+}
+
+/// End the process group a staging directory names as its builder, if it still runs:
+/// SIGTERM to the group, then SIGKILL after [`BUILDER_GRACE`].
+fn stop_builder(staging: &Path) {
+    use nix::sys::signal::{Signal, killpg};
+    let Some((pid, start)) = std::fs::read_to_string(staging.join(BUILDER))
+        .ok()
+        .and_then(|t| {
+            let (p, s) = t.trim().split_once(' ')?;
+            Some((p.parse::<i32>().ok()?, s.parse::<u64>().ok()?))
+        })
+    else {
+        return;
+    };
+    if pid <= 1 || !crate::vm::proc::alive(pid, start) {
+        return;
+    }
+    tracing::warn!(pid, path = %staging.display(), "a build outlived the daemon that ran it: stopping it");
+    let group = nix::unistd::Pid::from_raw(pid);
+    let _ = killpg(group, Signal::SIGTERM);
+    let deadline = std::time::Instant::now() + BUILDER_GRACE;
+    while crate::vm::proc::alive(pid, start) {
+        if std::time::Instant::now() >= deadline {
+            tracing::warn!(pid, "the build did not end on SIGTERM: killing it");
+            let _ = killpg(group, Signal::SIGKILL);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
 
@@ -115,5 +164,51 @@ mod tests {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         assert_eq!(left, ["img"]);
+    }
+
+    /// A build that outlived its daemon (its process group recorded in the staging
+    /// directory) is stopped by the sweep before the directory goes: the group's leader
+    /// and what it started.
+    #[test]
+    fn the_sweep_stops_the_build_a_staging_directory_names() {
+        use std::os::unix::process::CommandExt;
+        let dir = tempfile::tempdir().unwrap();
+        let s = Staging::new(dir.path(), "img").unwrap();
+        let child_pid = s.path().join("child");
+        // A leader that ends on SIGTERM, with a child in its group that would not end on
+        // its own.
+        let script = format!(
+            "sleep 1000 & echo $! > {}; trap 'exit 0' TERM; while :; do sleep 0.05; done",
+            child_pid.display()
+        );
+        let mut cmd = std::process::Command::new("sh");
+        cmd.args(["-c", &script]).process_group(0);
+        let (pid, start) = crate::vm::proc::spawn(&mut cmd).unwrap();
+        s.record_builder(pid, start).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let child = loop {
+            if let Some(p) = std::fs::read_to_string(&child_pid)
+                .ok()
+                .and_then(|t| t.trim().parse::<i32>().ok())
+            {
+                break p;
+            }
+            assert!(std::time::Instant::now() < deadline);
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        let child_start = crate::vm::proc::start_time(child).unwrap();
+        let path = s.path().to_owned();
+        std::mem::forget(s); // what a daemon killed mid-build leaves
+        sweep(dir.path());
+        assert!(!path.exists());
+        assert!(!crate::vm::proc::alive(pid, start), "the builder ended");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while crate::vm::proc::alive(child, child_start) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "its group's sleep ended too"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 }
