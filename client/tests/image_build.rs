@@ -599,3 +599,90 @@ fn root_a_root_daemon_without_an_owner_refuses_to_build() {
     );
     home.assert_clean("root daemon");
 }
+
+/// (pid, parent pid, process group) of every process, by /proc/<pid>/stat.
+fn processes() -> Vec<(i32, i32, i32)> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // After the command's `(…) `: state, ppid, pgrp.
+        let rest: Vec<&str> = stat.rsplit(") ").next().unwrap_or("").split(' ').collect();
+        if let (Some(Ok(ppid)), Some(Ok(pgrp))) = (
+            rest.get(1).map(|s| s.parse()),
+            rest.get(2).map(|s| s.parse()),
+        ) {
+            v.push((pid, ppid, pgrp));
+        }
+    }
+    v
+}
+
+/// `daemon stop` during a build: its mmdebstrap (its whole process group) stops with the
+/// daemon instead of running on to the end of the build, and nothing is published (before,
+/// the daemon's exit waited for the build, which then published an image no one waited
+/// for). A daemon killed mid-build is the start-up sweep's (pull/staging.rs unit test).
+#[test]
+fn root_image_build_stops_with_its_daemon_and_publishes_nothing() {
+    let _serial = serial();
+    let home = Home::new(&persistent_cache(), "");
+    home.ok(&["image", "ls"]);
+    let daemon = home.json(&["daemon", "status", "--json"])["pid"]
+        .as_i64()
+        .unwrap() as i32;
+    let mut build = home
+        .cmd(&["image", "build", "stopped"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    let group = loop {
+        let mm = processes().into_iter().find(|&(pid, ppid, _)| {
+            ppid == daemon
+                && std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| c.contains("mmdebstrap"))
+        });
+        if let Some((pid, _, _)) = mm {
+            break pid;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no mmdebstrap started"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // Into its package installation (its namespace's processes started).
+    while processes().iter().filter(|p| p.2 == group).count() < 3 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "mmdebstrap did not get going"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    home.ok(&["daemon", "stop"]);
+    let _ = build.wait();
+    let stopped = Instant::now();
+    while processes().iter().any(|p| p.2 == group || p.0 == daemon) {
+        assert!(
+            stopped.elapsed() < Duration::from_secs(120),
+            "the build (or its daemon) ran on"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!(
+        "build and daemon gone {:?} after the stop",
+        stopped.elapsed()
+    );
+    assert!(
+        home.log_tail(20)
+            .contains("the daemon is stopping: stopping an image build"),
+        "{}",
+        home.log_tail(20)
+    );
+    home.assert_clean("a build stopped with its daemon");
+}

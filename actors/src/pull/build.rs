@@ -757,8 +757,10 @@ pub async fn build(
     let debs = env.config.debs_dir();
     let rep2 = rep.clone();
     let kernels = env.config.kernels_dir();
+    let env2 = Arc::clone(env);
     blocking(move || {
         let rep = rep2;
+        let builds = &env2.builds;
         let staging = Staging::new(&images, &plan.name)?;
         let tree = staging.path().join("tree");
         {
@@ -792,10 +794,15 @@ pub async fn build(
             tool: "mmdebstrap",
             source,
         })?;
-        // For the sweep of a daemon that starts after this one died mid-build.
+        // For the sweep of a daemon that starts after this one died mid-build, and for this
+        // one's stop.
         let pid = child.id() as i32;
         if let Some(start) = crate::vm::proc::start_time(pid) {
             let _ = staging.record_builder(pid, start);
+            builds.add(pid, start);
+            if builds.stopping() {
+                builds.stop_all();
+            }
         }
         let stdout = child.stdout.take().expect("piped");
         let stderr = child.stderr.take().expect("piped");
@@ -817,8 +824,13 @@ pub async fn build(
         // On a refused entry or a full disk the tar's pipe is closed above: mmdebstrap's
         // tar gets EPIPE and mmdebstrap removes its own tree. Not a kill: its namespace's
         // processes would outlive it, holding stderr open, with their tree left behind.
-        let status = child.wait().map_err(PullError::io(Path::new("mmdebstrap")))?;
+        let status = child.wait();
+        builds.remove(pid);
+        let status = status.map_err(PullError::io(Path::new("mmdebstrap")))?;
         let _ = follower.join();
+        if builds.stopping() {
+            return Err(cancelled());
+        }
         let said = said.lock().expect("said lock");
         match replayed {
             Err(d) if disk_full(&d) => return Err(BuildError::DiskFull { path: images.clone() }.into()),
@@ -895,11 +907,59 @@ pub async fn build(
         let mpath = staging.path().join("manifest.json");
         std::fs::write(&mpath, serde_json::to_vec_pretty(&manifest).expect("json"))
             .map_err(PullError::io(&mpath))?;
+        if builds.stopping() {
+            return Err(cancelled());
+        }
         rep.stage("publish", Some(format!("image {}, kernel {}", plan.name, plan.kernel_name)));
         let reserved = (image_res, kernel_res);
         publish(reserved, &images, &kernels, staging, &kdir, &plan, size)
     })
     .await
+}
+
+/// The builds of one daemon in flight: each one's mmdebstrap process group (pid, start
+/// time), and whether the daemon is stopping, after which no build publishes.
+#[derive(Debug, Default)]
+pub struct Builds {
+    running: std::sync::Mutex<Vec<(i32, u64)>>,
+    stopping: std::sync::atomic::AtomicBool,
+}
+
+impl Builds {
+    fn add(&self, pid: i32, start: u64) {
+        self.running.lock().expect("builds lock").push((pid, start));
+    }
+
+    fn remove(&self, pid: i32) {
+        self.running
+            .lock()
+            .expect("builds lock")
+            .retain(|(p, _)| *p != pid);
+    }
+
+    fn stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Stop every build: SIGTERM to each mmdebstrap's process group (it cleans up its tree
+    /// and exits), and no build publishes from here on.
+    pub fn stop_all(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::Release);
+        for &(pid, start) in self.running.lock().expect("builds lock").iter() {
+            if crate::vm::proc::alive(pid, start) {
+                tracing::info!(pid, "the daemon is stopping: stopping an image build");
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
+        }
+    }
+}
+
+fn cancelled() -> PullError {
+    PullError::Build("the daemon stopped during the build; nothing was published".into())
 }
 
 /// Import the kernel, move the image into place, record both (one transaction); undo the

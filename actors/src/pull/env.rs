@@ -51,6 +51,8 @@ pub struct PullEnv {
     pub store: Arc<Store>,
     pub http: reqwest::Client,
     pub blobs: oci::BlobCache,
+    /// The image builds running now (see [`super::build::Builds`]).
+    pub builds: super::build::Builds,
 }
 
 /// Install rustls' `ring` provider as the process default (once; reqwest and oci-client use
@@ -74,6 +76,7 @@ impl PullEnv {
             store,
             http,
             blobs,
+            builds: Default::default(),
         })
     }
 }

@@ -475,6 +475,9 @@ impl Tree {
 
     /// Stop the whole tree (children first, by ractor's linking).
     pub fn stop(&self) {
+        // Builds run in blocking tasks the runtime waits for at exit: stopped first, so
+        // the daemon's exit does not wait for the rest of an mmdebstrap run.
+        self.pull_env.builds.stop_all();
         self.root.stop(Some("daemon shutting down".into()));
     }
 
