@@ -947,12 +947,8 @@ impl Builds {
         self.stopping
             .store(true, std::sync::atomic::Ordering::Release);
         for &(pid, start) in self.running.lock().expect("builds lock").iter() {
-            if crate::vm::proc::alive(pid, start) {
+            if crate::vm::proc::signal_group(pid, start, nix::sys::signal::Signal::SIGTERM) {
                 tracing::info!(pid, "the daemon is stopping: stopping an image build");
-                let _ = nix::sys::signal::killpg(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGTERM,
-                );
             }
         }
     }

@@ -89,7 +89,8 @@ pub fn sweep(dir: &Path) {
 /// End the process group a staging directory names as its builder, if it still runs:
 /// SIGTERM to the group, then SIGKILL after [`BUILDER_GRACE`].
 fn stop_builder(staging: &Path) {
-    use nix::sys::signal::{Signal, killpg};
+    use crate::vm::proc;
+    use nix::sys::signal::Signal;
     let Some((pid, start)) = std::fs::read_to_string(staging.join(BUILDER))
         .ok()
         .and_then(|t| {
@@ -99,20 +100,13 @@ fn stop_builder(staging: &Path) {
     else {
         return;
     };
-    if pid <= 1 || !crate::vm::proc::alive(pid, start) {
+    if pid <= 1 || !proc::signal_group(pid, start, Signal::SIGTERM) {
         return;
     }
     tracing::warn!(pid, path = %staging.display(), "a build outlived the daemon that ran it: stopping it");
-    let group = nix::unistd::Pid::from_raw(pid);
-    let _ = killpg(group, Signal::SIGTERM);
-    let deadline = std::time::Instant::now() + BUILDER_GRACE;
-    while crate::vm::proc::alive(pid, start) {
-        if std::time::Instant::now() >= deadline {
-            tracing::warn!(pid, "the build did not end on SIGTERM: killing it");
-            let _ = killpg(group, Signal::SIGKILL);
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
+    if !proc::wait_gone_blocking(pid, start, BUILDER_GRACE) {
+        tracing::warn!(pid, "the build did not end on SIGTERM: killing it");
+        proc::signal_group(pid, start, Signal::SIGKILL);
     }
 }
 

@@ -209,7 +209,6 @@ pub fn fs_bytes(path: &Path) -> Result<u64, DiskError> {
     let out = Command::new("dumpe2fs")
         .arg("-h")
         .arg(path)
-        .stderr(std::process::Stdio::piped())
         .output()
         .map_err(io(path))?;
     let text = String::from_utf8_lossy(&out.stdout);

@@ -46,6 +46,26 @@ pub fn try_signal(
     }
 }
 
+/// Send `signal` to the process group `pid` leads, if its leader is still the process we
+/// started (an image build's mmdebstrap and what it started). False: the leader is gone.
+pub fn signal_group(pid: i32, start: u64, signal: nix::sys::signal::Signal) -> bool {
+    alive(pid, start) && nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), signal).is_ok()
+}
+
+/// [`wait_gone`] for a blocking thread.
+pub fn wait_gone_blocking(pid: i32, start: u64, timeout: Duration) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if !alive(pid, start) {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
 /// Wait (polling) until the process is gone, up to `timeout`. True if it is gone.
 pub async fn wait_gone(pid: i32, start: u64, timeout: Duration) -> bool {
     let deadline = tokio::time::Instant::now() + timeout;
